@@ -1,0 +1,6 @@
+//! tbot: a declarative machine & workload identity agent (see `../shared/DESIGN.md` for the map).
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod manifest;
+pub mod resource;

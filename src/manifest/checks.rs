@@ -1,0 +1,286 @@
+//! Checks across documents: duplicates, the single agent config, references between documents,
+//! and the trust domain. Each diagnostic names the location of every document involved.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use super::diagnostic::{Diagnostic, Location};
+use super::{Parsed, Sources};
+use crate::resource::agent::AgentConfig;
+use crate::resource::spiffe_id::TrustDomain;
+use crate::resource::{Document, Kind, ObjectRef, Problem, closest};
+
+pub(super) struct Outcome {
+    pub diagnostics: Vec<Diagnostic>,
+    /// Indexes of parsed documents that lost to an earlier one with the same `kind/name`.
+    pub shadowed: BTreeSet<usize>,
+}
+
+struct Ctx<'a> {
+    parsed: &'a [Parsed],
+    sources: &'a Sources,
+    out: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn location(&self, i: usize) -> Location {
+        let p = &self.parsed[i];
+        Location::at(&self.sources.paths[p.file], p.node.pos)
+    }
+
+    fn report(&mut self, i: usize, problem: Problem) -> &mut Diagnostic {
+        let p = &self.parsed[i];
+        let mut diagnostic = self.sources.diagnostic(p.file, &p.node, &problem);
+        let secret = problem.pointer == "/onboarding/token"
+            || (p.document.kind() == Kind::Token && problem.pointer == "/metadata/name");
+        if secret {
+            // Token names are secrets: do not quote the line that holds one.
+            diagnostic.snippet = None;
+        }
+        self.out.push(diagnostic);
+        self.out.last_mut().expect("just pushed")
+    }
+
+    fn names(&self, kind: Kind) -> BTreeSet<&str> {
+        self.parsed
+            .iter()
+            .filter(|p| p.document.kind() == kind)
+            .map(|p| p.document.name())
+            .collect()
+    }
+}
+
+/// Runs every cross-document check. `complete_dir` is the first input directory when the set must
+/// be complete: then a missing agent config is an error reported against it, and references must
+/// resolve. A set of loose files (`-f`) may refer to documents it does not hold.
+pub(super) fn run(parsed: &[Parsed], sources: &Sources, complete_dir: Option<&Path>) -> Outcome {
+    let mut ctx = Ctx {
+        parsed,
+        sources,
+        out: Vec::new(),
+    };
+    let shadowed = duplicates(&mut ctx);
+    singletons(&mut ctx, complete_dir);
+    if complete_dir.is_some() {
+        references(&mut ctx);
+    }
+    trust_domain(&mut ctx);
+    Outcome {
+        diagnostics: ctx.out,
+        shadowed,
+    }
+}
+
+fn duplicates(ctx: &mut Ctx) -> BTreeSet<usize> {
+    let mut first: BTreeMap<ObjectRef, usize> = BTreeMap::new();
+    let mut shadowed = BTreeSet::new();
+    for (i, p) in ctx.parsed.iter().enumerate() {
+        let object = p.document.object_ref();
+        if object.kind == Kind::AgentConfig {
+            continue;
+        }
+        match first.get(&object) {
+            None => {
+                first.insert(object, i);
+            }
+            Some(&earlier) => {
+                // A token's name is its secret: never print it.
+                let what = if object.kind == Kind::Token {
+                    "a token with the same name".to_owned()
+                } else {
+                    format!("`{object}`")
+                };
+                let note_at = ctx.location(earlier);
+                ctx.report(
+                    i,
+                    Problem::error("/metadata/name", format!("duplicate {what}"))
+                        .hint("rename one of them, or delete one"),
+                )
+                .notes
+                .push(super::Note {
+                    location: note_at,
+                    message: "first defined here".into(),
+                });
+                shadowed.insert(i);
+            }
+        }
+    }
+    shadowed
+}
+
+fn singletons(ctx: &mut Ctx, complete_dir: Option<&Path>) {
+    for kind in [Kind::AgentConfig, Kind::Cluster] {
+        let all: Vec<usize> = (0..ctx.parsed.len())
+            .filter(|&i| ctx.parsed[i].document.kind() == kind)
+            .collect();
+        let what = if kind == Kind::AgentConfig {
+            "agent config"
+        } else {
+            "`cluster` document"
+        };
+        for &extra in all.iter().skip(1) {
+            let first = ctx.location(all[0]);
+            let pointer = if kind == Kind::AgentConfig {
+                ""
+            } else {
+                "/metadata/name"
+            };
+            ctx.report(
+                extra,
+                Problem::error(pointer, format!("a second {what}; there must be at most one")),
+            )
+            .notes
+            .push(super::Note {
+                location: first,
+                message: format!("the first {what} is here"),
+            });
+        }
+    }
+    let has_agent = ctx.parsed.iter().any(|p| p.document.kind() == Kind::AgentConfig);
+    if let (Some(dir), false) = (complete_dir, has_agent) {
+        ctx.out.push(
+            Diagnostic::error(Location::file(dir), "no agent config: the directory needs exactly one")
+                .hint("add a `tbot.yaml` with `version: v2`, `onboarding` and `services` (see manifests/quickstart/)"),
+        );
+    }
+}
+
+fn references(ctx: &mut Ctx) {
+    let bots = ctx.names(Kind::Bot);
+    let roles = ctx.names(Kind::Role);
+    let identities = ctx.names(Kind::WorkloadIdentity);
+    let mut found = Vec::new();
+    for (i, p) in ctx.parsed.iter().enumerate() {
+        match &p.document {
+            Document::Token(token) => {
+                let name: &str = &token.spec.bot_name;
+                if !bots.contains(name) {
+                    found.push((i, dangling("/spec/bot_name", "bot", name, &bots)));
+                }
+            }
+            Document::Bot(bot) => {
+                for (j, role) in bot.spec.roles.iter().enumerate() {
+                    if !roles.contains(&**role) {
+                        found.push((i, dangling(&format!("/spec/roles/{j}"), "role", role, &roles)));
+                    }
+                }
+            }
+            Document::AgentConfig(agent) => {
+                for (j, service) in agent.services.iter().enumerate() {
+                    if let Some(name) = &service.selector.name {
+                        if !identities.contains(&**name) {
+                            found.push((
+                                i,
+                                dangling(
+                                    &format!("/services/{j}/selector/name"),
+                                    "workload_identity",
+                                    name,
+                                    &identities,
+                                ),
+                            ));
+                        }
+                    } else if !service.selector.labels.is_empty()
+                        && !labels_match_any(ctx.parsed, &service.selector.labels)
+                    {
+                        found.push((
+                            i,
+                            Problem::warning(
+                                format!("/services/{j}/selector/labels"),
+                                "no `workload_identity` has all of these labels; the service will issue nothing",
+                            )
+                            .hint("check the labels against the workload identities' `metadata.labels`"),
+                        ));
+                    }
+                }
+                found.extend(onboarding(ctx.parsed, agent).into_iter().map(|p| (i, p)));
+            }
+            _ => {}
+        }
+    }
+    for (i, problem) in found {
+        ctx.report(i, problem);
+    }
+}
+
+fn dangling(pointer: &str, kind: &str, name: &str, known: &BTreeSet<&str>) -> Problem {
+    let problem = Problem::error(pointer, format!("no `{kind}` named `{name}`"));
+    match closest(name, known.iter().copied()) {
+        Some(near) => problem.hint(format!("did you mean `{near}`?")),
+        None if known.is_empty() => problem.hint(format!("add a `{kind}` document named `{name}`")),
+        None => problem.hint(format!(
+            "add a `{kind}` document named `{name}`; the {kind}s here are {}",
+            known.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+fn labels_match_any(parsed: &[Parsed], wanted: &BTreeMap<String, String>) -> bool {
+    parsed.iter().any(|p| match &p.document {
+        Document::WorkloadIdentity(wi) => wanted.iter().all(|(k, v)| wi.metadata.labels.get(k) == Some(v)),
+        _ => false,
+    })
+}
+
+/// The agent's `onboarding.token` must name a token of the same join method when the directory
+/// holds tokens. Token names are secrets, so the messages never print them.
+fn onboarding(parsed: &[Parsed], agent: &AgentConfig) -> Option<Problem> {
+    let tokens: Vec<_> = parsed
+        .iter()
+        .filter_map(|p| match &p.document {
+            Document::Token(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    if tokens.is_empty() {
+        return None;
+    }
+    let Some(token) = tokens.iter().find(|t| *t.metadata.name == agent.onboarding.token) else {
+        return Some(
+            Problem::error(
+                "/onboarding/token",
+                "`onboarding.token` names no `token` in this directory",
+            )
+            .hint("set it to the `metadata.name` of one of the directory's `token` documents"),
+        );
+    };
+    let (wanted, actual) = (agent.onboarding.join_method, token.spec.join_method);
+    (wanted != actual).then(|| {
+        Problem::error(
+            "/onboarding/join_method",
+            format!("`onboarding.join_method` is `{wanted}`, but the token it names is a `{actual}` token"),
+        )
+        .hint(format!("set `join_method: {actual}`"))
+    })
+}
+
+/// The trust domain is the `cluster` document's name, else the host of `proxy_server`/`auth_server`.
+fn trust_domain(ctx: &mut Ctx) {
+    if ctx.parsed.iter().any(|p| p.document.kind() == Kind::Cluster) {
+        return;
+    }
+    let Some(i) = ctx.parsed.iter().position(|p| p.document.kind() == Kind::AgentConfig) else {
+        return;
+    };
+    let Document::AgentConfig(agent) = &ctx.parsed[i].document else {
+        return;
+    };
+    let pointer = if agent.proxy_server.is_some() {
+        "/proxy_server"
+    } else {
+        "/auth_server"
+    };
+    let problem = match agent.server_host() {
+        None if agent.proxy_server.is_none() && agent.auth_server.is_none() => Some(
+            Problem::error("", "no trust domain: the agent config sets neither `proxy_server` nor `auth_server`, and there is no `cluster` document")
+                .hint("set `proxy_server: <host>:443`, or add a `cluster` document named after the trust domain"),
+        ),
+        None => None,
+        Some(host) => TrustDomain::parse(host).err().map(|why| {
+            Problem::error(pointer, format!("the trust domain comes from this host, and {why}"))
+                .hint("fix the host, or add a `cluster` document named after the trust domain")
+        }),
+    };
+    if let Some(problem) = problem {
+        ctx.report(i, problem);
+    }
+}

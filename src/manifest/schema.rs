@@ -1,0 +1,299 @@
+//! JSON Schemas of the kinds (generated from the types) and validation of a document against its
+//! kind's schema, with every error turned into a located, worded [`Problem`].
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use jsonschema::error::{TypeKind, ValidationErrorKind};
+use serde_json::Value;
+
+use crate::resource::workload_identity::escape_pointer;
+use crate::resource::{FORMATS, Kind, Problem, closest};
+
+/// The JSON Schema of a kind, as committed under `schemas/`.
+pub fn schema(kind: Kind) -> Value {
+    let mut schema = kind.schema().to_value();
+    if let Value::Object(map) = &mut schema {
+        map.insert(
+            "$id".into(),
+            Value::String(format!("https://tbot.dev/schemas/{kind}.schema.json")),
+        );
+    }
+    schema
+}
+
+struct Compiled {
+    schema: Value,
+    validator: jsonschema::Validator,
+}
+
+static COMPILED: LazyLock<BTreeMap<Kind, Compiled>> = LazyLock::new(|| {
+    Kind::ALL
+        .into_iter()
+        .map(|kind| {
+            let schema = schema(kind);
+            let mut options = jsonschema::options().should_validate_formats(true);
+            for (name, check) in FORMATS {
+                options = options.with_format(name, move |s: &str| check(s).is_ok());
+            }
+            let validator = options
+                .build(&schema)
+                .expect("generated schemas are valid JSON Schemas");
+            (kind, Compiled { schema, validator })
+        })
+        .collect()
+});
+
+/// Validates a document against its kind's schema. Returns every problem found.
+pub fn validate(kind: Kind, instance: &Value) -> Vec<Problem> {
+    let compiled = &COMPILED[&kind];
+    let mut out = Vec::new();
+    for error in compiled.validator.iter_errors(instance) {
+        let pointer = error.instance_path().as_str().to_owned();
+        let schema_path = error.schema_path().as_str().to_owned();
+        describe(
+            &mut out,
+            &compiled.schema,
+            &pointer,
+            &schema_path,
+            error.kind(),
+            error.instance(),
+        );
+    }
+    // A misspelt field also shows up as a missing one: the "did you mean" says it all.
+    let misspelt: Vec<String> = out
+        .iter()
+        .filter(|p| p.on_key)
+        .filter_map(|p| {
+            let near = p.hint.as_deref()?.strip_prefix("did you mean `")?.split('`').next()?;
+            let parent = &p.pointer[..p.pointer.rfind('/')?];
+            Some(format!("{parent}\u{0}missing field `{near}`"))
+        })
+        .collect();
+    out.retain(|p| !misspelt.contains(&format!("{}\u{0}{}", p.pointer, p.message)));
+    out
+}
+
+fn describe(
+    out: &mut Vec<Problem>,
+    root: &Value,
+    pointer: &str,
+    schema_path: &str,
+    kind: &ValidationErrorKind,
+    instance: &Value,
+) {
+    let problem = match kind {
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            let known = known_fields(root, schema_path);
+            for field in unexpected {
+                let mut problem = Problem::error(
+                    format!("{pointer}/{}", escape_pointer(field)),
+                    format!("unknown field `{field}`"),
+                );
+                problem.on_key = true;
+                let listing = format!(
+                    "the fields here are {}",
+                    known.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+                );
+                problem.hint = Some(match closest(field, known.iter().map(String::as_str)) {
+                    Some(near) => format!("did you mean `{near}`? ({listing})"),
+                    None if known.is_empty() => "remove it".into(),
+                    None => listing,
+                });
+                out.push(problem);
+            }
+            return;
+        }
+        ValidationErrorKind::Required { property } => {
+            let field = property.as_str().unwrap_or_default();
+            Problem::error(pointer, format!("missing field `{field}`")).hint(format!("add `{field}:`"))
+        }
+        ValidationErrorKind::Type { kind } => {
+            let expected = match kind {
+                TypeKind::Single(t) => article(&t.to_string()),
+                TypeKind::Multiple(set) => set
+                    .iter()
+                    .map(|t| article(&t.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+            };
+            let mut problem = Problem::error(
+                pointer,
+                format!("expected {expected}, found {}", describe_value(instance)),
+            );
+            if expected == "a string" && matches!(instance, Value::Number(_) | Value::Bool(_)) {
+                problem = problem.hint(format!("quote it: \"{instance}\""));
+            }
+            problem
+        }
+        ValidationErrorKind::Enum { options } => {
+            let options: Vec<&str> = options
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            not_one_of(pointer, instance, &options)
+        }
+        ValidationErrorKind::Format { format } => {
+            let reason = FORMATS
+                .iter()
+                .find(|(name, _)| name == format)
+                .and_then(|(_, check)| check(instance.as_str()?).err())
+                .unwrap_or_else(|| format!("{instance} is not a valid `{format}`"));
+            Problem::error(pointer, reason)
+        }
+        ValidationErrorKind::AnyOf { context } | ValidationErrorKind::OneOfNotValid { context }
+            if !constants(context).is_empty() =>
+        {
+            let options = constants(context);
+            not_one_of(
+                pointer,
+                instance,
+                &options.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        }
+        ValidationErrorKind::AnyOf { context } | ValidationErrorKind::OneOfNotValid { context } => {
+            // An optional field is "the type, or null": report the type's own errors.
+            let typed: Vec<_> = context.iter().filter(|branch| !is_null_branch(branch)).collect();
+            if let [branch] = typed.as_slice() {
+                for e in branch.iter() {
+                    describe(
+                        out,
+                        root,
+                        e.instance_path().as_str(),
+                        e.schema_path().as_str(),
+                        e.kind(),
+                        e.instance(),
+                    );
+                }
+                return;
+            }
+            Problem::error(
+                pointer,
+                format!("{} does not have any of the accepted shapes", describe_value(instance)),
+            )
+            .hint(context_hint(context))
+        }
+        ValidationErrorKind::MinItems { limit } if *limit == 1 => {
+            Problem::error(pointer, "the list is empty").hint("add at least one entry, or remove the field")
+        }
+        _ => Problem::error(pointer, error_text(kind, instance)),
+    };
+    out.push(problem);
+}
+
+fn not_one_of(pointer: &str, instance: &Value, options: &[&str]) -> Problem {
+    let listing = options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ");
+    let given = instance
+        .as_str()
+        .map_or_else(|| describe_value(instance), |s| format!("`{s}`"));
+    let problem = Problem::error(pointer, format!("{given} is not one of {listing}"));
+    match instance.as_str().and_then(|s| closest(s, options.iter().copied())) {
+        Some(near) => problem.hint(format!("did you mean `{near}`?")),
+        None => problem,
+    }
+}
+
+/// The allowed values when every branch of a `oneOf`/`anyOf` is a `const` (documented enums).
+fn constants(context: &[Vec<jsonschema::ValidationError<'static>>]) -> Vec<String> {
+    let values: Vec<String> = context
+        .iter()
+        .filter_map(|branch| match branch.as_slice() {
+            [e] => match e.kind() {
+                ValidationErrorKind::Constant { expected_value } => expected_value.as_str().map(str::to_owned),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    if values.len() == context.len() {
+        values
+    } else {
+        Vec::new()
+    }
+}
+
+fn is_null_branch(branch: &[jsonschema::ValidationError<'static>]) -> bool {
+    matches!(branch, [e] if matches!(e.kind(), ValidationErrorKind::Type { kind: TypeKind::Single(t) } if t.to_string() == "null"))
+}
+
+fn error_text(kind: &ValidationErrorKind, instance: &Value) -> String {
+    match kind {
+        ValidationErrorKind::Pattern { pattern } => format!("{instance} does not match `{pattern}`"),
+        ValidationErrorKind::MinLength { limit } => format!("{instance} is shorter than {limit} characters"),
+        ValidationErrorKind::MaxLength { limit } => format!("{instance} is longer than {limit} characters"),
+        ValidationErrorKind::Minimum { limit } => format!("{instance} is less than {limit}"),
+        other => format!("{instance} is not valid here ({})", other.keyword()),
+    }
+}
+
+fn context_hint(context: &[Vec<jsonschema::ValidationError<'static>>]) -> String {
+    let shapes: Vec<String> = context
+        .iter()
+        .filter_map(|branch| {
+            branch.iter().find_map(|e| match e.kind() {
+                ValidationErrorKind::Type {
+                    kind: TypeKind::Single(t),
+                } => Some(article(&t.to_string())),
+                _ => None,
+            })
+        })
+        .collect();
+    if shapes.is_empty() {
+        "see `tbotctl schema` for the accepted forms".into()
+    } else {
+        format!("write {}", shapes.join(" or "))
+    }
+}
+
+fn article(json_type: &str) -> String {
+    match json_type {
+        "object" => "a mapping".into(),
+        "array" => "a list".into(),
+        "integer" => "an integer".into(),
+        "null" => "nothing (null)".into(),
+        other => format!("a {other}"),
+    }
+}
+
+fn describe_value(value: &Value) -> String {
+    match value {
+        Value::Null => "nothing (null)".into(),
+        Value::Bool(b) => format!("a boolean ({b})"),
+        Value::Number(n) => format!("a number ({n})"),
+        Value::String(s) if s.chars().count() <= 40 => format!("a string (\"{s}\")"),
+        Value::String(_) => "a string".into(),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "a mapping".into(),
+    }
+}
+
+/// The property names of the schema object that owns `schema_path` (which ends in
+/// `/additionalProperties`), following `$ref`s on the way.
+fn known_fields(root: &Value, schema_path: &str) -> Vec<String> {
+    let mut node = root;
+    let segments: Vec<&str> = schema_path.split('/').skip(1).collect();
+    for segment in &segments[..segments.len().saturating_sub(1)] {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        node = match node.get(&segment) {
+            Some(Value::String(reference)) if segment == "$ref" => {
+                match reference.strip_prefix('#').and_then(|p| root.pointer(p)) {
+                    Some(target) => target,
+                    None => return Vec::new(),
+                }
+            }
+            Some(next) => next,
+            None => return Vec::new(),
+        };
+    }
+    if let Some(Value::String(reference)) = node.get("$ref") {
+        if let Some(target) = reference.strip_prefix('#').and_then(|p| root.pointer(p)) {
+            node = target;
+        }
+    }
+    node.get("properties")
+        .and_then(Value::as_object)
+        .map(|props| props.keys().cloned().collect())
+        .unwrap_or_default()
+}

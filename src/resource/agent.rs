@@ -1,0 +1,411 @@
+//! The agent config (`tbot.yaml`, `version: v2`): what this host's agent does.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{Duration, Name, Problem, vocabulary};
+
+/// The longest credential a bot or service may be given.
+pub const MAX_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+
+vocabulary! {
+    /// The agent config's schema version.
+    AgentVersion { V2 = "v2" }
+}
+
+vocabulary! {
+    /// How the bot proves itself when it joins.
+    JoinMethod {
+        /// A secret token, single use for bots.
+        Token = "token",
+        /// A signed AWS STS `GetCallerIdentity` request (EC2 instance roles, IRSA).
+        Iam = "iam",
+    }
+}
+
+vocabulary! {
+    /// Where the agent keeps its state.
+    StorageType {
+        /// Files under `path`.
+        Directory = "directory",
+        /// Nothing persisted; a restart joins again.
+        Memory = "memory",
+    }
+}
+
+vocabulary! {
+    /// What a service serves.
+    ServiceType {
+        /// The SPIFFE Workload API on a unix socket.
+        WorkloadIdentityApi = "workload-identity-api",
+    }
+}
+
+/// The agent config: the one document without a `kind`, exactly one per directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The config schema version; `v2`.
+    pub version: AgentVersion,
+    /// Log at debug level.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub debug: bool,
+    /// The Teleport Proxy Service address (`example.teleport.sh:443`); its host is the trust domain
+    /// unless a `cluster` document names one. Set this or `auth_server`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_server: Option<String>,
+    /// The Auth Service address (`auth.example.com:3025`). Set this or `proxy_server`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_server: Option<String>,
+    /// How the bot joins.
+    pub onboarding: Onboarding,
+    /// Where state is kept; defaults to `directory` at `/var/lib/teleport/bot`.
+    #[serde(default)]
+    pub storage: Storage,
+    /// Lifetime of the bot's certificate and of issued SVIDs (default `1h`, at most `24h`).
+    #[serde(default = "default_credential_ttl")]
+    pub credential_ttl: Duration,
+    /// How often the bot's identity is renewed (default `20m`); must be shorter than `credential_ttl`.
+    #[serde(default = "default_renewal_interval")]
+    pub renewal_interval: Duration,
+    /// What this agent serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
+    /// Address of the diagnostics HTTP endpoint (`127.0.0.1:3001`): `/livez`, `/readyz`, `/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diag_addr: Option<SocketAddr>,
+    /// Path of the admin socket `tbotctl` talks to; defaults to `<storage path>/admin.sock`
+    /// (`/run/tbot/admin.sock` for memory storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_socket: Option<PathBuf>,
+}
+
+fn default_credential_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_renewal_interval() -> Duration {
+    Duration::from_secs(20 * 60)
+}
+
+/// How the bot joins its issuer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Onboarding {
+    /// `token` or `iam`; must match the token's `join_method`.
+    pub join_method: JoinMethod,
+    /// The name of the `token` to join with (for `token` joins, the secret itself).
+    pub token: String,
+}
+
+/// Where the agent keeps its CA, identity and status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    /// `directory` (default) or `memory`.
+    #[serde(rename = "type")]
+    pub kind: StorageType,
+    /// The directory, for `directory` storage; defaults to `/var/lib/teleport/bot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+impl Storage {
+    pub const DEFAULT_PATH: &'static str = "/var/lib/teleport/bot";
+
+    /// The storage directory, or `None` for memory storage.
+    pub fn directory(&self) -> Option<PathBuf> {
+        match self.kind {
+            StorageType::Directory => Some(self.path.clone().unwrap_or_else(|| Self::DEFAULT_PATH.into())),
+            StorageType::Memory => None,
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            kind: StorageType::Directory,
+            path: Some(Self::DEFAULT_PATH.into()),
+        }
+    }
+}
+
+/// One thing the agent serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// `workload-identity-api`.
+    #[serde(rename = "type")]
+    pub kind: ServiceType,
+    /// A name for status and logs; defaults to the type. Required when two services share a type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    /// Where to listen: `unix:///absolute/path.sock`, or `tcp://ip:port` (served without attestation).
+    pub listen: Listen,
+    /// Which workload identities this service may issue.
+    pub selector: Selector,
+    /// How callers are identified.
+    #[serde(default)]
+    pub attestors: Attestors,
+    /// Lifetime of the SVIDs this service issues; defaults to the agent's `credential_ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_ttl: Option<Duration>,
+}
+
+impl Service {
+    /// The service's name: `name`, or its type.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.kind.as_str())
+    }
+}
+
+/// Selects workload identities by name, or by labels. Set exactly one.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// The name of one `workload_identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    /// Every `workload_identity` with all of these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The workload attestors a service runs on each caller.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Attestors {
+    /// The unix attestor (pid, uid, gid, binary path and hash); always on for unix sockets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix: Option<UnixAttestor>,
+    /// The systemd attestor: the caller's `.service` unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd: Option<SystemdAttestor>,
+}
+
+/// Settings of the unix attestor.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnixAttestor {
+    /// Executables larger than this are not hashed (`workload.unix.binary_hash` stays unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_hash_max_size_bytes: Option<u64>,
+}
+
+/// Settings of the systemd attestor.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SystemdAttestor {
+    /// Whether to read the caller's systemd unit.
+    pub enabled: bool,
+}
+
+/// A listen address: a unix socket path or a TCP address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Listen {
+    pub fn parse(text: &str) -> Result<Listen, String> {
+        if let Some(path) = text.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "`{text}` is not an absolute socket path; write three slashes: `unix:///{}`",
+                    path.trim_start_matches('/')
+                ));
+            }
+            if path.len() > 107 {
+                return Err(format!(
+                    "the socket path `{path}` is {} bytes; unix sockets allow 107",
+                    path.len()
+                ));
+            }
+            return Ok(Listen::Unix(path.into()));
+        }
+        if let Some(addr) = text.strip_prefix("tcp://") {
+            return addr
+                .parse()
+                .map(Listen::Tcp)
+                .map_err(|_| format!("`{addr}` is not an `ip:port` address, such as `127.0.0.1:8443`"));
+        }
+        if text.starts_with('/') {
+            return Err(format!("`{text}` has no scheme; write `unix://{text}`"));
+        }
+        Err(format!(
+            "`{text}` is not a listen address; write `unix:///path/to/socket` or `tcp://ip:port`"
+        ))
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Unix(path) => write!(f, "unix://{}", path.display()),
+            Listen::Tcp(addr) => write!(f, "tcp://{addr}"),
+        }
+    }
+}
+
+impl Serialize for Listen {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Listen::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Listen {
+    fn schema_name() -> Cow<'static, str> {
+        "Listen".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "format": "tbot-listen",
+            "description": "`unix:///absolute/path.sock` or `tcp://ip:port`.",
+            "examples": ["unix:///opt/machine-id/workload.sock"]
+        })
+    }
+}
+
+/// Splits `host:port` (or a bare host) and returns the host.
+pub fn server_host(addr: &str) -> Result<&str, String> {
+    if addr.contains("://") {
+        return Err(format!(
+            "`{addr}` has a scheme; write only `host:port`, such as `example.teleport.sh:443`"
+        ));
+    }
+    let host = match addr.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        Some(_) => return Err(format!("`{addr}` has a port that is not a number")),
+        None => addr,
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("`{addr}` is not a `host:port` address"));
+    }
+    Ok(host)
+}
+
+impl AgentConfig {
+    /// Checks that hold within the agent config itself.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        match (&self.proxy_server, &self.auth_server) {
+            (Some(_), Some(_)) => out.push(
+                Problem::error("/auth_server", "both `proxy_server` and `auth_server` are set")
+                    .hint("keep one: `proxy_server` is preferred"),
+            ),
+            (Some(addr), None) => check_server(&mut out, "/proxy_server", addr),
+            (None, Some(addr)) => check_server(&mut out, "/auth_server", addr),
+            (None, None) => {}
+        }
+        if self.credential_ttl > MAX_CREDENTIAL_TTL {
+            out.push(Problem::error(
+                "/credential_ttl",
+                format!("`credential_ttl` is {}; the maximum is 24h", self.credential_ttl),
+            ));
+        }
+        if self.renewal_interval >= self.credential_ttl {
+            out.push(
+                Problem::error(
+                    "/renewal_interval",
+                    format!(
+                        "`renewal_interval` ({}) must be shorter than `credential_ttl` ({}), or the identity expires before it is renewed",
+                        self.renewal_interval, self.credential_ttl
+                    ),
+                )
+                .hint("use about a third of `credential_ttl`, such as `20m` for `1h`"),
+            );
+        }
+        if self.storage.kind == StorageType::Memory && self.storage.path.is_some() {
+            out.push(
+                Problem::error("/storage/path", "`path` is only for `type: directory` storage")
+                    .hint("remove `path`, or set `type: directory`"),
+            );
+        }
+        if let Some(path) = &self.storage.path {
+            if path.is_relative() {
+                out.push(Problem::error(
+                    "/storage/path",
+                    format!("`{}` is not an absolute path", path.display()),
+                ));
+            }
+        }
+        if let Some(path) = &self.admin_socket {
+            if path.is_relative() {
+                out.push(Problem::error(
+                    "/admin_socket",
+                    format!("`{}` is not an absolute path", path.display()),
+                ));
+            }
+        }
+        let mut names = BTreeSet::new();
+        let mut listens = BTreeSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let at = format!("/services/{i}");
+            if !names.insert(service.display_name().to_owned()) {
+                out.push(
+                    Problem::error(
+                        format!("{at}/type"),
+                        format!("two services are named `{}`", service.display_name()),
+                    )
+                    .hint("give each service its own `name`"),
+                );
+            }
+            if !listens.insert(service.listen.to_string()) {
+                out.push(Problem::error(
+                    format!("{at}/listen"),
+                    format!("another service already listens on `{}`", service.listen),
+                ));
+            }
+            match (&service.selector.name, service.selector.labels.is_empty()) {
+                (Some(_), false) => out.push(
+                    Problem::error(format!("{at}/selector"), "the selector sets both `name` and `labels`")
+                        .hint("set one of them"),
+                ),
+                (None, true) => out.push(
+                    Problem::error(format!("{at}/selector"), "the selector is empty")
+                        .hint("set `name: <workload_identity name>` or `labels: {key: value}`"),
+                ),
+                _ => {}
+            }
+            if let Some(ttl) = service.credential_ttl {
+                if ttl > MAX_CREDENTIAL_TTL {
+                    out.push(Problem::error(
+                        format!("{at}/credential_ttl"),
+                        format!("`credential_ttl` is {ttl}; the maximum is 24h"),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The host of `proxy_server` or `auth_server`, when one is set and well formed.
+    pub fn server_host(&self) -> Option<&str> {
+        self.proxy_server
+            .as_deref()
+            .or(self.auth_server.as_deref())
+            .and_then(|a| server_host(a).ok())
+    }
+}
+
+fn check_server(out: &mut Vec<Problem>, pointer: &str, addr: &str) {
+    if let Err(message) = server_host(addr) {
+        out.push(Problem::error(pointer, message));
+    }
+}

@@ -1,0 +1,241 @@
+//! Typed documents, one file per kind, with the object reference, durations and the template language.
+
+pub mod agent;
+pub mod bot;
+pub mod cluster;
+pub mod duration;
+mod meta;
+pub mod role;
+pub mod spiffe_id;
+pub mod template;
+pub mod token;
+pub mod workload_identity;
+
+use std::fmt;
+
+use serde::Serialize;
+
+pub use duration::Duration;
+pub use meta::{Metadata, Name, Timestamp};
+
+/// Declares a closed string enum used for `kind`/`version`/`type` tags and other fixed vocabularies.
+macro_rules! vocabulary {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $value:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $value)] $variant),+
+        }
+        impl $name {
+            /// The spelling used in documents.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $value),+ }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use vocabulary;
+
+vocabulary! {
+    /// Every kind of document tbot reads. The agent config is the one document without a `kind` field.
+    Kind {
+        /// The host's agent config (`tbot.yaml`), recognised by having no `kind`.
+        AgentConfig = "agent_config",
+        Bot = "bot",
+        Token = "token",
+        Role = "role",
+        WorkloadIdentity = "workload_identity",
+        Cluster = "cluster",
+    }
+}
+
+impl Kind {
+    /// All kinds, in the order summaries list them.
+    pub const ALL: [Kind; 6] = [
+        Kind::AgentConfig,
+        Kind::Cluster,
+        Kind::Bot,
+        Kind::Token,
+        Kind::Role,
+        Kind::WorkloadIdentity,
+    ];
+
+    /// The kinds that carry a `kind` field, i.e. every kind but the agent config.
+    pub fn named_kinds() -> impl Iterator<Item = Kind> {
+        Self::ALL.into_iter().filter(|k| *k != Kind::AgentConfig)
+    }
+
+    /// Parses a `kind` value as written in a document.
+    pub fn from_document(s: &str) -> Option<Kind> {
+        Self::named_kinds().find(|k| k.as_str() == s)
+    }
+
+    /// The `version` values this kind accepts.
+    pub fn versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::AgentConfig => &["v2"],
+            Kind::Bot | Kind::WorkloadIdentity | Kind::Cluster => &["v1"],
+            Kind::Token => &["v2"],
+            Kind::Role => &["v6", "v7", "v8"],
+        }
+    }
+
+    /// The JSON Schema of this kind's documents, generated from the types.
+    pub fn schema(self) -> schemars::Schema {
+        match self {
+            Kind::AgentConfig => schemars::schema_for!(agent::AgentConfig),
+            Kind::Bot => schemars::schema_for!(bot::Bot),
+            Kind::Token => schemars::schema_for!(token::Token),
+            Kind::Role => schemars::schema_for!(role::Role),
+            Kind::WorkloadIdentity => schemars::schema_for!(workload_identity::WorkloadIdentity),
+            Kind::Cluster => schemars::schema_for!(cluster::Cluster),
+        }
+    }
+}
+
+/// Identifies one object: its kind and its name (`bot/example-bot`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// The name given to the single agent config object, which has no `metadata.name`.
+    pub const AGENT_CONFIG_NAME: &'static str = "agent";
+
+    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
+        Self {
+            kind,
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+
+/// One decoded document of any kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Document {
+    AgentConfig(agent::AgentConfig),
+    Bot(bot::Bot),
+    Token(token::Token),
+    Role(role::Role),
+    WorkloadIdentity(workload_identity::WorkloadIdentity),
+    Cluster(cluster::Cluster),
+}
+
+impl Document {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Document::AgentConfig(_) => Kind::AgentConfig,
+            Document::Bot(_) => Kind::Bot,
+            Document::Token(_) => Kind::Token,
+            Document::Role(_) => Kind::Role,
+            Document::WorkloadIdentity(_) => Kind::WorkloadIdentity,
+            Document::Cluster(_) => Kind::Cluster,
+        }
+    }
+
+    /// The object's name: `metadata.name`, or [`ObjectRef::AGENT_CONFIG_NAME`] for the agent config.
+    pub fn name(&self) -> &str {
+        match self {
+            Document::AgentConfig(_) => ObjectRef::AGENT_CONFIG_NAME,
+            Document::Bot(d) => &d.metadata.name,
+            Document::Token(d) => &d.metadata.name,
+            Document::Role(d) => &d.metadata.name,
+            Document::WorkloadIdentity(d) => &d.metadata.name,
+            Document::Cluster(d) => &d.metadata.name,
+        }
+    }
+
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(self.kind(), self.name())
+    }
+}
+
+/// A value check named by the schemas' `format` keyword, returning why a value fails.
+pub type FormatCheck = fn(&str) -> Result<(), String>;
+
+/// The `format`s the schemas use, with their checks. The loader validates them with the schema, so
+/// every bad value in a document is reported at once, each with its own reason.
+pub const FORMATS: [(&str, FormatCheck); 6] = [
+    ("tbot-duration", |s| Duration::parse(s).map(drop)),
+    ("tbot-template", |s| template::Template::parse(s).map(drop)),
+    ("tbot-attribute", |s| template::Attribute::parse(s).map(drop)),
+    ("tbot-listen", |s| agent::Listen::parse(s).map(drop)),
+    ("tbot-name", |s| Name::parse(s).map(drop)),
+    ("tbot-timestamp", |s| Timestamp::parse(s).map(drop)),
+];
+
+/// Edit distance, for "did you mean" hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The closest candidate to `word` when it is close enough to be a likely typo.
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d > 0 && *d <= (c.len().max(word.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// A problem with one document found after decoding, located by a JSON pointer into the document
+/// (`/spec/renewal_interval`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub pointer: String,
+    pub message: String,
+    pub hint: Option<String>,
+    /// A warning does not make the document invalid.
+    pub warning: bool,
+    /// Point at the mapping key at `pointer` rather than its value (unknown fields).
+    pub on_key: bool,
+}
+
+impl Problem {
+    pub fn error(pointer: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            pointer: pointer.into(),
+            message: message.into(),
+            hint: None,
+            warning: false,
+            on_key: false,
+        }
+    }
+
+    pub fn warning(pointer: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            warning: true,
+            ..Problem::error(pointer, message)
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Problem {
+        self.hint = Some(hint.into());
+        self
+    }
+}

@@ -1,0 +1,381 @@
+//! The template language (`/svc/{{workload.systemd.service}}`, `{{ strings.lower(user.bot_name) }}`)
+//! and the catalogue of attributes that templates and rule conditions may read.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// What an attribute holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttrType {
+    Bool,
+    Int,
+    String,
+    /// A map of string keys, read one key at a time (`user.labels.team`).
+    Map,
+}
+
+/// Every attribute a workload identity may read: where it comes from and what it holds.
+pub const CATALOGUE: &[(&str, AttrType)] = &[
+    ("workload.unix.attested", AttrType::Bool),
+    ("workload.unix.pid", AttrType::Int),
+    ("workload.unix.uid", AttrType::Int),
+    ("workload.unix.gid", AttrType::Int),
+    ("workload.unix.binary_path", AttrType::String),
+    ("workload.unix.binary_hash", AttrType::String),
+    ("workload.systemd.attested", AttrType::Bool),
+    ("workload.systemd.service", AttrType::String),
+    ("user.name", AttrType::String),
+    ("user.bot_name", AttrType::String),
+    ("user.is_bot", AttrType::Bool),
+    ("user.labels", AttrType::Map),
+    ("user.traits", AttrType::Map),
+    ("join.meta.join_method", AttrType::String),
+    ("join.meta.join_token_name", AttrType::String),
+    ("join.iam.account", AttrType::String),
+    ("join.iam.arn", AttrType::String),
+];
+
+/// A reference to one catalogue attribute, with the key for map attributes (`user.traits.team`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Attribute {
+    /// The catalogue entry, such as `workload.unix.uid` or `user.traits`.
+    pub base: &'static str,
+    /// The key, for map attributes.
+    pub key: Option<String>,
+}
+
+impl Attribute {
+    /// Parses `workload.unix.uid`, `user.traits.team` or `user.labels["team"]`.
+    pub fn parse(text: &str) -> Result<Attribute, String> {
+        let text = text.trim();
+        let (path, bracket_key) = match text.split_once('[') {
+            Some((path, rest)) => {
+                let inner = rest
+                    .strip_suffix(']')
+                    .ok_or_else(|| format!("`{text}` has an unclosed `[`"))?;
+                let key = unquote(inner.trim())
+                    .ok_or_else(|| format!("`{text}`: write the key in quotes, like `user.traits[\"team\"]`"))?;
+                (path, Some(key))
+            }
+            None => (text, None),
+        };
+        if path.is_empty()
+            || path
+                .split('.')
+                .any(|seg| seg.is_empty() || !seg.chars().all(is_ident_char))
+        {
+            return Err(format!(
+                "`{text}` is not an attribute name; attributes look like `workload.unix.uid`"
+            ));
+        }
+        if let Some(&(base, ty)) = CATALOGUE.iter().find(|(name, _)| *name == path) {
+            return match (ty, bracket_key) {
+                (AttrType::Map, Some(key)) => Ok(Attribute { base, key: Some(key) }),
+                (AttrType::Map, None) => Err(format!(
+                    "`{path}` is a map; name one key, like `{path}.team` or `{path}[\"team\"]`"
+                )),
+                (_, Some(_)) => Err(format!("`{path}` is not a map and takes no `[key]`")),
+                (_, None) => Ok(Attribute { base, key: None }),
+            };
+        }
+        if bracket_key.is_none() {
+            for &(base, ty) in CATALOGUE {
+                if ty == AttrType::Map {
+                    if let Some(key) = path.strip_prefix(base).and_then(|r| r.strip_prefix('.')) {
+                        if !key.contains('.') {
+                            return Ok(Attribute {
+                                base,
+                                key: Some(key.to_owned()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let mut message = format!("unknown attribute `{path}`");
+        if let Some(near) = super::closest(path, CATALOGUE.iter().map(|(name, _)| *name)) {
+            message.push_str(&format!("; did you mean `{near}`?"));
+        } else {
+            message.push_str("; run `tbotctl schema workload_identity` for the list of attributes");
+        }
+        Err(message)
+    }
+
+    pub fn ty(&self) -> AttrType {
+        CATALOGUE
+            .iter()
+            .find(|(name, _)| *name == self.base)
+            .map(|(_, ty)| *ty)
+            .unwrap_or(AttrType::String)
+    }
+}
+
+impl fmt::Display for Attribute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) if key.chars().all(is_ident_char) => write!(f, "{}.{key}", self.base),
+            Some(key) => write!(f, "{}[{key:?}]", self.base),
+            None => f.write_str(self.base),
+        }
+    }
+}
+
+fn is_ident_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+fn unquote(s: &str) -> Option<String> {
+    let inner = s
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .or_else(|| s.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')))?;
+    (!inner.is_empty()).then(|| inner.to_owned())
+}
+
+/// An expression inside `{{ }}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    Attribute(Attribute),
+    Lower(Box<Expr>),
+    Upper(Box<Expr>),
+}
+
+impl Expr {
+    fn parse(text: &str) -> Result<Expr, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("`{{ }}` is empty; put an attribute inside, like `{{workload.systemd.service}}`".into());
+        }
+        if let Some(open) = text.find('(') {
+            let function = text[..open].trim();
+            let inner = text[open + 1..]
+                .strip_suffix(')')
+                .ok_or_else(|| format!("`{text}` has an unclosed `(`"))?;
+            let inner = Box::new(Expr::parse(inner)?);
+            return match function {
+                "strings.lower" => Ok(Expr::Lower(inner)),
+                "strings.upper" => Ok(Expr::Upper(inner)),
+                other => Err(format!(
+                    "unknown function `{other}`; the functions are `strings.lower` and `strings.upper`"
+                )),
+            };
+        }
+        Attribute::parse(text).map(Expr::Attribute)
+    }
+
+    fn attribute(&self) -> &Attribute {
+        match self {
+            Expr::Attribute(a) => a,
+            Expr::Lower(e) | Expr::Upper(e) => e.attribute(),
+        }
+    }
+}
+
+/// One piece of a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Literal(String),
+    Expr(Expr),
+}
+
+/// A string with `{{ expression }}` holes, parsed and checked against the attribute catalogue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    source: String,
+    parts: Vec<Part>,
+}
+
+impl Template {
+    pub fn parse(source: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = source;
+        while !rest.is_empty() {
+            match rest.find("{{") {
+                Some(open) => {
+                    let literal = &rest[..open];
+                    check_literal(literal)?;
+                    if !literal.is_empty() {
+                        parts.push(Part::Literal(literal.to_owned()));
+                    }
+                    let after = &rest[open + 2..];
+                    let close = after
+                        .find("}}")
+                        .ok_or_else(|| format!("`{source}` has a `{{{{` without its closing `}}}}`"))?;
+                    parts.push(Part::Expr(Expr::parse(&after[..close])?));
+                    rest = &after[close + 2..];
+                }
+                None => {
+                    check_literal(rest)?;
+                    parts.push(Part::Literal(rest.to_owned()));
+                    rest = "";
+                }
+            }
+        }
+        Ok(Template {
+            source: source.to_owned(),
+            parts,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
+    }
+
+    /// The attributes this template reads.
+    pub fn attributes(&self) -> impl Iterator<Item = &Attribute> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Expr(e) => Some(e.attribute()),
+            Part::Literal(_) => None,
+        })
+    }
+
+    /// Renders the template with `value` giving each attribute's value; an attribute that is not set
+    /// is an error naming it.
+    pub fn render(&self, mut value: impl FnMut(&Attribute) -> Option<String>) -> Result<String, String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::Expr(expr) => out.push_str(&eval(expr, &mut value)?),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn eval(expr: &Expr, value: &mut impl FnMut(&Attribute) -> Option<String>) -> Result<String, String> {
+    match expr {
+        Expr::Attribute(a) => value(a).ok_or_else(|| format!("attribute `{a}` is not set for this workload")),
+        Expr::Lower(e) => eval(e, value).map(|s| s.to_lowercase()),
+        Expr::Upper(e) => eval(e, value).map(|s| s.to_uppercase()),
+    }
+}
+
+fn check_literal(literal: &str) -> Result<(), String> {
+    if literal.contains("}}") {
+        return Err(format!("`}}}}` without an opening `{{{{` in `{literal}`"));
+    }
+    Ok(())
+}
+
+impl Serialize for Template {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for Template {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Template::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Template {
+    fn schema_name() -> Cow<'static, str> {
+        "Template".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let names: Vec<&str> = CATALOGUE.iter().map(|(n, _)| *n).collect();
+        json_schema!({
+            "type": "string",
+            "format": "tbot-template",
+            "description": format!(
+                "Text with `{{{{ attribute }}}}` holes, optionally wrapped in `strings.lower(...)` or `strings.upper(...)`. Attributes: {}.",
+                names.join(", ")
+            )
+        })
+    }
+}
+
+impl Serialize for Attribute {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Attribute {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Attribute::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Attribute {
+    fn schema_name() -> Cow<'static, str> {
+        "Attribute".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        let names: Vec<&str> = CATALOGUE.iter().map(|(n, _)| *n).collect();
+        json_schema!({
+            "type": "string",
+            "format": "tbot-attribute",
+            "description": format!("An attribute of the workload, the bot or its join: {}.", names.join(", "))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_split_into_literals_and_attributes() {
+        let t = Template::parse("/svc/{{ workload.systemd.service }}/{{strings.lower(user.traits.team)}}").unwrap();
+        let attrs: Vec<String> = t.attributes().map(|a| a.to_string()).collect();
+        assert_eq!(attrs, ["workload.systemd.service", "user.traits.team"]);
+        let rendered = t
+            .render(|a| {
+                Some(if a.base == "user.traits" {
+                    "Blue".into()
+                } else {
+                    "web".into()
+                })
+            })
+            .unwrap();
+        assert_eq!(rendered, "/svc/web/blue");
+    }
+
+    #[test]
+    fn unknown_attributes_are_refused_with_a_suggestion() {
+        let err = Template::parse("/svc/{{workload.systemd.servce}}").unwrap_err();
+        assert!(err.contains("unknown attribute `workload.systemd.servce`"), "{err}");
+        assert!(err.contains("did you mean `workload.systemd.service`"), "{err}");
+    }
+
+    #[test]
+    fn malformed_templates_are_refused() {
+        for bad in [
+            "{{",
+            "a}}b",
+            "{{}}",
+            "{{ strings.title(user.name) }}",
+            "{{user.traits}}",
+            "{{user.name[\"x\"]}}",
+            "{{strings.lower(user.name}}",
+        ] {
+            assert!(Template::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn map_attributes_take_a_key_in_either_spelling() {
+        assert_eq!(
+            Attribute::parse("user.labels[\"env\"]").unwrap(),
+            Attribute::parse("user.labels.env").unwrap()
+        );
+    }
+
+    #[test]
+    fn rendering_names_an_unset_attribute() {
+        let t = Template::parse("/svc/{{workload.systemd.service}}").unwrap();
+        assert!(t.render(|_| None).unwrap_err().contains("workload.systemd.service"));
+    }
+}

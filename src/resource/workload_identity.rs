@@ -1,0 +1,244 @@
+//! The `workload_identity` document (v1): which SPIFFE ID a workload gets, and which workloads may get it.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::spiffe_id;
+use super::template::{Part, Template};
+use super::{Duration, Metadata, Problem, vocabulary};
+
+vocabulary! {
+    /// `kind: workload_identity`.
+    WorkloadIdentityKind { WorkloadIdentity = "workload_identity" }
+}
+
+vocabulary! {
+    /// The workload_identity schema version.
+    WorkloadIdentityVersion { V1 = "v1" }
+}
+
+/// JWT claims that tbot sets itself and `extra_claims` may not override.
+pub const RESERVED_CLAIMS: [&str; 7] = ["sub", "aud", "exp", "iat", "iss", "jti", "nbf"];
+
+/// A workload identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadIdentity {
+    pub kind: WorkloadIdentityKind,
+    pub version: WorkloadIdentityVersion,
+    pub metadata: Metadata,
+    pub spec: WorkloadIdentitySpec,
+}
+
+/// The identity's rules and SPIFFE settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadIdentitySpec {
+    /// Which workloads may receive this identity; with no rules, every workload the bot serves may.
+    #[serde(default)]
+    pub rules: Rules,
+    pub spiffe: Spiffe,
+}
+
+/// Allow rules: any one rule whose conditions all hold lets a workload have the identity.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<AllowRule>,
+}
+
+/// A set of conditions that must all hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRule {
+    pub conditions: Vec<Condition>,
+}
+
+/// A test on one attribute; set exactly one of `eq`, `not_eq`, `in`, `not_in`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    /// The attribute tested, such as `workload.unix.uid`.
+    pub attribute: super::template::Attribute,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eq: Option<ValueTest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_eq: Option<ValueTest>,
+    #[serde(default, rename = "in", skip_serializing_if = "Option::is_none")]
+    pub is_in: Option<ValuesTest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_in: Option<ValuesTest>,
+}
+
+/// One value to compare with, as a string (`value: "1000"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValueTest {
+    pub value: String,
+}
+
+/// Values to compare with, as strings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValuesTest {
+    pub values: Vec<String>,
+}
+
+/// SPIFFE settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Spiffe {
+    /// The SPIFFE ID's path, a template starting with `/` (`/svc/{{workload.systemd.service}}`); the
+    /// trust domain is added.
+    pub id: Template,
+    /// A hint for workloads that receive several SVIDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<Template>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<Jwt>,
+}
+
+/// X509-SVID settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct X509 {
+    /// DNS subject alternative names, as templates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_sans: Vec<Template>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_template: Option<SubjectTemplate>,
+    /// The longest lifetime an X509-SVID of this identity may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_ttl: Option<Duration>,
+}
+
+/// The certificate subject, as templates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectTemplate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub common_name: Option<Template>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<Template>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organizational_unit: Option<Template>,
+}
+
+/// JWT-SVID settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Jwt {
+    /// Claims added to every JWT-SVID; string leaves are templates.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra_claims: serde_json::Map<String, serde_json::Value>,
+    /// The longest lifetime a JWT-SVID of this identity may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_ttl: Option<Duration>,
+}
+
+impl WorkloadIdentity {
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        check_id_template(&mut out, &self.spec.spiffe.id);
+        for (i, rule) in self.spec.rules.allow.iter().enumerate() {
+            if rule.conditions.is_empty() {
+                out.push(
+                    Problem::error(format!("/spec/rules/allow/{i}/conditions"), "a rule with no conditions")
+                        .hint("add conditions, or remove `rules` to allow every workload"),
+                );
+            }
+            for (j, c) in rule.conditions.iter().enumerate() {
+                let set = [
+                    c.eq.is_some(),
+                    c.not_eq.is_some(),
+                    c.is_in.is_some(),
+                    c.not_in.is_some(),
+                ];
+                if set.iter().filter(|s| **s).count() != 1 {
+                    out.push(
+                        Problem::error(
+                            format!("/spec/rules/allow/{i}/conditions/{j}"),
+                            "a condition needs exactly one of `eq`, `not_eq`, `in`, `not_in`",
+                        )
+                        .hint("for example `eq: {value: \"web\"}` or `in: {values: [\"a\", \"b\"]}`"),
+                    );
+                }
+            }
+        }
+        if let Some(jwt) = &self.spec.spiffe.jwt {
+            for (name, value) in &jwt.extra_claims {
+                let at = format!("/spec/spiffe/jwt/extra_claims/{}", escape_pointer(name));
+                if RESERVED_CLAIMS.contains(&name.as_str()) {
+                    out.push(Problem::error(
+                        at.clone(),
+                        format!("the `{name}` claim is set by tbot and cannot be overridden"),
+                    ));
+                }
+                check_claim_templates(&mut out, &at, value);
+            }
+        }
+        out
+    }
+}
+
+/// Checks the fixed parts of a SPIFFE ID template against the SPIFFE path rules, standing a valid
+/// segment in for each `{{ }}`.
+fn check_id_template(out: &mut Vec<Problem>, id: &Template) {
+    let at = "/spec/spiffe/id";
+    if let Some(rest) = id.as_str().strip_prefix("spiffe://") {
+        let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+        out.push(
+            Problem::error(
+                at,
+                format!("`{}` is a full SPIFFE ID; `id` is only its path", id.as_str()),
+            )
+            .hint(format!("write `{path}`: the trust domain is added")),
+        );
+        return;
+    }
+    let stand_in: String = id
+        .parts()
+        .iter()
+        .map(|p| match p {
+            Part::Literal(text) => text.as_str(),
+            Part::Expr(_) => "x",
+        })
+        .collect();
+    if let Err(message) = spiffe_id::check_path(&stand_in) {
+        let message = if id.attributes().next().is_some() {
+            format!("{message} (with each `{{{{ }}}}` standing for a value)")
+        } else {
+            message
+        };
+        out.push(Problem::error(at, message).hint("a SPIFFE ID path looks like `/svc/web`"));
+    }
+}
+
+fn check_claim_templates(out: &mut Vec<Problem>, at: &str, value: &serde_json::Value) {
+    match value {
+        serde_json::Value::String(text) => {
+            if let Err(message) = Template::parse(text) {
+                out.push(Problem::error(at, message));
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_claim_templates(out, &format!("{at}/{i}"), item);
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (key, item) in map {
+                check_claim_templates(out, &format!("{at}/{}", escape_pointer(key)), item);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Escapes one JSON pointer segment.
+pub fn escape_pointer(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
