@@ -85,16 +85,15 @@ fn duplicates(ctx: &mut Ctx) -> BTreeSet<usize> {
             }
             Some(&earlier) => {
                 // A token's name is its secret: never print it.
-                let what = if object.kind == Kind::Token {
-                    "a token with the same name".to_owned()
+                let message = if object.kind == Kind::Token {
+                    "a second token with the same name".to_owned()
                 } else {
-                    format!("`{object}`")
+                    format!("duplicate `{object}`")
                 };
                 let note_at = ctx.location(earlier);
                 ctx.report(
                     i,
-                    Problem::error("/metadata/name", format!("duplicate {what}"))
-                        .hint("rename one of them, or delete one"),
+                    Problem::error("/metadata/name", message).hint("rename one of them, or delete one"),
                 )
                 .notes
                 .push(super::Note {

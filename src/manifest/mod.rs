@@ -92,10 +92,25 @@ impl Sources {
         } else {
             Diagnostic::error(location, &problem.message)
         };
-        diagnostic
-            .maybe_hint(problem.hint.clone())
-            .with_source(&self.texts[file], width)
+        let text = &self.texts[file];
+        let hint = problem
+            .hint
+            .as_ref()
+            .map(|h| h.replace(schema::RAW, &raw_token(text, pos)));
+        diagnostic.maybe_hint(hint).with_source(text, width)
     }
+}
+
+/// The plain scalar written at `pos`, as it appears in the file.
+fn raw_token(text: &str, pos: yaml::Pos) -> String {
+    let line = text
+        .lines()
+        .nth(pos.line.saturating_sub(1) as usize)
+        .unwrap_or_default();
+    line.chars()
+        .skip(pos.column.saturating_sub(1) as usize)
+        .take_while(|c| !c.is_whitespace() && !matches!(c, ',' | ']' | '}' | '#'))
+        .collect()
 }
 
 fn scalar_width(node: &Node) -> usize {

@@ -10,6 +10,9 @@ use serde_json::Value;
 use crate::resource::workload_identity::escape_pointer;
 use crate::resource::{FORMATS, Kind, Problem, closest};
 
+/// Stands in a hint for the value's text as written in the file; the loader fills it in.
+pub const RAW: &str = "{raw}";
+
 /// The JSON Schema of a kind, as committed under `schemas/`.
 pub fn schema(kind: Kind) -> Value {
     let mut schema = kind.schema().to_value();
@@ -122,7 +125,9 @@ fn describe(
                 format!("expected {expected}, found {}", describe_value(instance)),
             );
             if expected == "a string" && matches!(instance, Value::Number(_) | Value::Bool(_)) {
-                problem = problem.hint(format!("quote it: \"{instance}\""));
+                problem = problem.hint(format!(
+                    "quote it: \"{RAW}\" (unquoted, YAML reads it as a number or boolean)"
+                ));
             }
             problem
         }
@@ -261,7 +266,7 @@ fn describe_value(value: &Value) -> String {
     match value {
         Value::Null => "nothing (null)".into(),
         Value::Bool(b) => format!("a boolean ({b})"),
-        Value::Number(n) => format!("a number ({n})"),
+        Value::Number(_) => "a number".into(),
         Value::String(s) if s.chars().count() <= 40 => format!("a string (\"{s}\")"),
         Value::String(_) => "a string".into(),
         Value::Array(_) => "a list".into(),

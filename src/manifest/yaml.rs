@@ -304,7 +304,12 @@ mod tests {
     #[test]
     fn nesting_past_the_limit_is_an_error_not_a_crash() {
         let text = format!("a: {}{}", "[".repeat(200), "]".repeat(200));
-        assert!(parse_on_a_big_stack(text).unwrap_err().message.contains("deeper than 64"));
+        assert!(
+            parse_on_a_big_stack(text)
+                .unwrap_err()
+                .message
+                .contains("deeper than 64")
+        );
     }
 
     #[test]

@@ -96,7 +96,17 @@ impl Attribute {
             }
         }
         let mut message = format!("unknown attribute `{path}`");
-        if let Some(near) = super::closest(path, CATALOGUE.iter().map(|(name, _)| *name)) {
+        // `user.trait.team` is a key of a misspelt map: suggest the map with the same key.
+        let map_key = path.rsplit_once('.').and_then(|(prefix, key)| {
+            let maps = CATALOGUE
+                .iter()
+                .filter(|(_, ty)| *ty == AttrType::Map)
+                .map(|(name, _)| *name);
+            super::closest(prefix, maps).map(|base| format!("{base}.{key}"))
+        });
+        if let Some(near) = map_key {
+            message.push_str(&format!("; did you mean `{near}`?"));
+        } else if let Some(near) = super::closest(path, CATALOGUE.iter().map(|(name, _)| *name)) {
             message.push_str(&format!("; did you mean `{near}`?"));
         } else {
             message.push_str("; run `tbotctl schema workload_identity` for the list of attributes");

@@ -208,12 +208,12 @@ fn check_id_template(out: &mut Vec<Problem>, id: &Template) {
         })
         .collect();
     if let Err(message) = spiffe_id::check_path(&stand_in) {
-        let message = if id.attributes().next().is_some() {
-            format!("{message} (with each `{{{{ }}}}` standing for a value)")
-        } else {
-            message
-        };
-        out.push(Problem::error(at, message).hint("a SPIFFE ID path looks like `/svc/web`"));
+        // The check quotes what it saw: show the operator's template, not the stand-in.
+        let message = message.replace(&format!("`{stand_in}`"), &format!("`{}`", id.as_str()));
+        out.push(
+            Problem::error(at, message)
+                .hint("a SPIFFE ID path looks like `/svc/web` or `/svc/{{workload.systemd.service}}`"),
+        );
     }
 }
 

@@ -1,0 +1,44 @@
+//! Helpers shared by the integration tests: run the real binaries and read their output.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root; the tests run the binaries from here so that printed paths are relative.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `tbotctl` with `args` from the repository root.
+pub fn tbotctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tbotctl"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("tbotctl runs")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The lines of `tbotctl validate` output that a fixture pins: every `path[:line:col]: severity:`
+/// line (errors, warnings, notes) and the closing `ok:`/`invalid:` line.
+pub fn pinned_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|line| {
+            line.starts_with("ok: ")
+                || line.starts_with("invalid: ")
+                || [": error: ", ": warning: ", ": note: "].iter().any(|tag| {
+                    line.split_once(tag)
+                        .is_some_and(|(location, _)| !location.starts_with(' ') && !location.contains(" | "))
+                })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The path as the tests pass it to tbotctl: relative to the repository root.
+pub fn relative(path: &Path) -> String {
+    path.strip_prefix(root()).unwrap_or(path).display().to_string()
+}
