@@ -1,15 +1,14 @@
 //! The agent config (`tbot.yaml`, `version: v2`): what this host's agent does.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
-use super::{Duration, Name, Problem, vocabulary};
+use super::{Duration, Name, Problem, string_form, vocabulary};
 
 /// The longest credential a bot or service may be given.
 pub const MAX_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -214,6 +213,12 @@ pub enum Listen {
     Tcp(SocketAddr),
 }
 
+string_form!(
+    Listen,
+    "tbot-listen",
+    "`unix:///absolute/path.sock`, or `tcp://ip:port` (served without attestation)."
+);
+
 impl Listen {
     pub fn parse(text: &str) -> Result<Listen, String> {
         if let Some(path) = text.strip_prefix("unix://") {
@@ -252,33 +257,6 @@ impl fmt::Display for Listen {
             Listen::Unix(path) => write!(f, "unix://{}", path.display()),
             Listen::Tcp(addr) => write!(f, "tcp://{addr}"),
         }
-    }
-}
-
-impl Serialize for Listen {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Listen {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Listen::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl JsonSchema for Listen {
-    fn schema_name() -> Cow<'static, str> {
-        "Listen".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": "string",
-            "format": "tbot-listen",
-            "description": "`unix:///absolute/path.sock` or `tcp://ip:port`.",
-            "examples": ["unix:///opt/machine-id/workload.sock"]
-        })
     }
 }
 

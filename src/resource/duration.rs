@@ -1,15 +1,19 @@
 //! Durations written the way Go writes them (`1h`, `20m`, `90s`, `1h30m`, `1.5h`), always positive.
 
-use std::borrow::Cow;
 use std::fmt;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use super::string_form;
 
 /// A positive duration in Go syntax: a sequence of decimal numbers, each with a unit
 /// (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`), such as `1h30m` or `1.5s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Duration(std::time::Duration);
+
+string_form!(
+    Duration,
+    "tbot-duration",
+    "A positive duration in Go syntax, such as `90s`, `20m`, `1h` or `1h30m`."
+);
 
 const UNITS: [(&str, u128); 8] = [
     ("ns", 1),
@@ -108,33 +112,6 @@ impl fmt::Display for Duration {
         } else {
             Ok(())
         }
-    }
-}
-
-impl Serialize for Duration {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Duration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Duration::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl JsonSchema for Duration {
-    fn schema_name() -> Cow<'static, str> {
-        "Duration".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": "string",
-            "format": "tbot-duration",
-            "description": "A positive duration in Go syntax, such as `90s`, `20m`, `1h` or `1h30m`.",
-            "examples": ["1h", "20m", "1h30m"]
-        })
     }
 }
 

@@ -1,14 +1,15 @@
 //! The `metadata` block every document but the agent config carries, and the small types it uses.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+use super::string_form;
 
 /// Common metadata: the object's name, labels and an optional expiry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -28,9 +29,14 @@ pub struct Metadata {
 }
 
 /// An object name: 1 to 253 characters, no whitespace, no `/`, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Name(String);
+
+string_form!(
+    Name,
+    "tbot-name",
+    "An object name: 1 to 253 bytes, no whitespace and no `/`."
+);
 
 impl Name {
     pub fn parse(s: &str) -> Result<Name, String> {
@@ -60,36 +66,15 @@ impl fmt::Display for Name {
     }
 }
 
-impl<'de> Deserialize<'de> for Name {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Name::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl JsonSchema for Name {
-    fn schema_name() -> Cow<'static, str> {
-        "Name".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": "string",
-            "format": "tbot-name",
-            "description": "An object name: no whitespace and no `/`."
-        })
-    }
-}
-
 /// A point in time, written in RFC 3339.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Timestamp(pub OffsetDateTime);
 
-impl Serialize for Timestamp {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let text = self.0.format(&Rfc3339).map_err(serde::ser::Error::custom)?;
-        s.serialize_str(&text)
-    }
-}
+string_form!(
+    Timestamp,
+    "tbot-timestamp",
+    "An RFC 3339 timestamp, for example `2026-12-31T23:59:59Z`."
+);
 
 impl Timestamp {
     pub fn parse(s: &str) -> Result<Timestamp, String> {
@@ -99,22 +84,9 @@ impl Timestamp {
     }
 }
 
-impl<'de> Deserialize<'de> for Timestamp {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Timestamp::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl JsonSchema for Timestamp {
-    fn schema_name() -> Cow<'static, str> {
-        "Timestamp".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": "string",
-            "format": "tbot-timestamp",
-            "description": "An RFC 3339 timestamp, for example `2026-12-31T23:59:59Z`."
-        })
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0.format(&Rfc3339).map_err(|_| fmt::Error)?;
+        f.write_str(&text)
     }
 }

@@ -41,6 +41,33 @@ macro_rules! vocabulary {
 }
 pub(crate) use vocabulary;
 
+/// Implements serde and schemars for a type written as one string: `parse` reads and checks it,
+/// `Display` writes it back, and the schema names the `format` whose check is in [`FORMATS`].
+macro_rules! string_form {
+    ($ty:ident, $format:literal, $description:expr) => {
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <String as serde::Deserialize>::deserialize(d)?;
+                $ty::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+        impl schemars::JsonSchema for $ty {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "type": "string", "format": $format, "description": $description })
+            }
+        }
+    };
+}
+pub(crate) use string_form;
+
 vocabulary! {
     /// Every kind of document tbot reads. The agent config is the one document without a `kind` field.
     Kind {

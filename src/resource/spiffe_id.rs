@@ -1,10 +1,8 @@
 //! The SPIFFE ID rules (DESIGN §6): trust domain names and ID paths.
 
-use std::borrow::Cow;
 use std::fmt;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::Serialize;
 
 /// The longest SPIFFE ID, `spiffe://` included.
 pub const MAX_ID_LEN: usize = 2048;
@@ -47,27 +45,6 @@ impl TrustDomain {
 impl fmt::Display for TrustDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for TrustDomain {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        TrustDomain::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl JsonSchema for TrustDomain {
-    fn schema_name() -> Cow<'static, str> {
-        "TrustDomain".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": "string",
-            "pattern": "^[a-z0-9._-]+$",
-            "maxLength": 255,
-            "description": "A SPIFFE trust domain: lowercase letters, digits, `.`, `-` and `_`."
-        })
     }
 }
 

@@ -1,11 +1,9 @@
 //! The template language (`/svc/{{workload.systemd.service}}`, `{{ strings.lower(user.bot_name) }}`)
 //! and the catalogue of attributes that templates and rule conditions may read.
 
-use std::borrow::Cow;
 use std::fmt;
 
-use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use super::string_form;
 
 /// What an attribute holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +36,10 @@ pub const CATALOGUE: &[(&str, AttrType)] = &[
     ("join.iam.arn", AttrType::String),
 ];
 
+fn catalogue_names() -> String {
+    CATALOGUE.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+}
+
 /// A reference to one catalogue attribute, with the key for map attributes (`user.traits.team`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Attribute {
@@ -46,6 +48,15 @@ pub struct Attribute {
     /// The key, for map attributes.
     pub key: Option<String>,
 }
+
+string_form!(
+    Attribute,
+    "tbot-attribute",
+    format!(
+        "An attribute of the workload, the bot or its join: {}.",
+        catalogue_names()
+    )
+);
 
 impl Attribute {
     /// Parses `workload.unix.uid`, `user.traits.team` or `user.labels["team"]`.
@@ -198,6 +209,21 @@ pub struct Template {
     parts: Vec<Part>,
 }
 
+string_form!(
+    Template,
+    "tbot-template",
+    format!(
+        "Text with `{{{{ attribute }}}}` holes, optionally wrapped in `strings.lower(...)` or `strings.upper(...)`. Attributes: {}.",
+        catalogue_names()
+    )
+);
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
 impl Template {
     pub fn parse(source: &str) -> Result<Template, String> {
         let mut parts = Vec::new();
@@ -273,63 +299,6 @@ fn check_literal(literal: &str) -> Result<(), String> {
         return Err(format!("`}}}}` without an opening `{{{{` in `{literal}`"));
     }
     Ok(())
-}
-
-impl Serialize for Template {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.source)
-    }
-}
-
-impl<'de> Deserialize<'de> for Template {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Template::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl JsonSchema for Template {
-    fn schema_name() -> Cow<'static, str> {
-        "Template".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        let names: Vec<&str> = CATALOGUE.iter().map(|(n, _)| *n).collect();
-        json_schema!({
-            "type": "string",
-            "format": "tbot-template",
-            "description": format!(
-                "Text with `{{{{ attribute }}}}` holes, optionally wrapped in `strings.lower(...)` or `strings.upper(...)`. Attributes: {}.",
-                names.join(", ")
-            )
-        })
-    }
-}
-
-impl Serialize for Attribute {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Attribute {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Attribute::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl JsonSchema for Attribute {
-    fn schema_name() -> Cow<'static, str> {
-        "Attribute".into()
-    }
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        let names: Vec<&str> = CATALOGUE.iter().map(|(n, _)| *n).collect();
-        json_schema!({
-            "type": "string",
-            "format": "tbot-attribute",
-            "description": format!("An attribute of the workload, the bot or its join: {}.", names.join(", "))
-        })
-    }
 }
 
 #[cfg(test)]
