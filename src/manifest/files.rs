@@ -51,13 +51,15 @@ pub fn discover(inputs: &[Input]) -> Result<Vec<PathBuf>, Box<Diagnostic>> {
                             .hint(hint),
                     )
                 })?;
-                let mut names: Vec<String> = entries
+                // Names that are not UTF-8 are judged by their lossy form and still read, so that
+                // a document is never skipped silently.
+                let mut paths: Vec<PathBuf> = entries
                     .filter_map(Result::ok)
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|name| is_document_name(name))
+                    .filter(|e| is_document_name(&e.file_name().to_string_lossy()))
+                    .map(|e| e.path())
                     .collect();
-                names.sort();
-                files.extend(names.into_iter().map(|name| dir.join(name)));
+                paths.sort();
+                files.extend(paths);
             }
         }
     }
