@@ -49,6 +49,21 @@ fn check_group(group: &str, want_exit: i32) -> usize {
             .lines()
             .map(str::to_owned)
             .collect();
+        let text = stdout(&output);
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            let is_diagnostic = line.contains(": error: ") || line.contains(": warning: ");
+            if is_diagnostic && !line.starts_with(' ') {
+                // The snippet (if any) comes first, then the hint, before the next diagnostic.
+                let hinted = lines
+                    .clone()
+                    .take_while(|l| l.starts_with(' ') || l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+                    .any(|l| l.starts_with("  = hint: "));
+                if !hinted {
+                    failures.push(format!("{}: no hint (what to do next) for: {line}", relative(target)));
+                }
+            }
+        }
         let exit = output.status.code();
         let has_errors = expected.iter().any(|l| l.starts_with("invalid: "));
         let right_exit = if has_errors {

@@ -126,7 +126,8 @@ fn singletons(ctx: &mut Ctx, complete_dir: Option<&Path>) {
             };
             ctx.report(
                 extra,
-                Problem::error(pointer, format!("a second {what}; there must be at most one")),
+                Problem::error(pointer, format!("a second {what}; there must be at most one"))
+                    .hint("merge them into one, or delete one"),
             )
             .notes
             .push(super::Note {

@@ -74,6 +74,11 @@ pub fn validate(kind: Kind, instance: &Value) -> Vec<Problem> {
         })
         .collect();
     out.retain(|p| !misspelt.contains(&format!("{}\u{0}{}", p.pointer, p.message)));
+    for problem in out.iter_mut().filter(|p| p.hint.is_none()) {
+        problem.hint = Some(format!(
+            "`tbotctl schema {kind}` shows what each field of this document accepts"
+        ));
+    }
     out
 }
 

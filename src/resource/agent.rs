@@ -292,10 +292,13 @@ impl AgentConfig {
             (None, None) => {}
         }
         if self.credential_ttl > MAX_CREDENTIAL_TTL {
-            out.push(Problem::error(
-                "/credential_ttl",
-                format!("`credential_ttl` is {}; the maximum is 24h", self.credential_ttl),
-            ));
+            out.push(
+                Problem::error(
+                    "/credential_ttl",
+                    format!("`credential_ttl` is {}; the maximum is 24h", self.credential_ttl),
+                )
+                .hint("set `credential_ttl: 24h` or less; `1h` is the default"),
+            );
         }
         if self.renewal_interval >= self.credential_ttl {
             out.push(
@@ -345,10 +348,13 @@ impl AgentConfig {
                 );
             }
             if !listens.insert(service.listen.to_string()) {
-                out.push(Problem::error(
-                    format!("{at}/listen"),
-                    format!("another service already listens on `{}`", service.listen),
-                ));
+                out.push(
+                    Problem::error(
+                        format!("{at}/listen"),
+                        format!("another service already listens on `{}`", service.listen),
+                    )
+                    .hint("give each service its own socket path"),
+                );
             }
             match (&service.selector.name, service.selector.labels.is_empty()) {
                 (Some(_), false) => out.push(
@@ -363,10 +369,13 @@ impl AgentConfig {
             }
             if let Some(ttl) = service.credential_ttl {
                 if ttl > MAX_CREDENTIAL_TTL {
-                    out.push(Problem::error(
-                        format!("{at}/credential_ttl"),
-                        format!("`credential_ttl` is {ttl}; the maximum is 24h"),
-                    ));
+                    out.push(
+                        Problem::error(
+                            format!("{at}/credential_ttl"),
+                            format!("`credential_ttl` is {ttl}; the maximum is 24h"),
+                        )
+                        .hint("set 24h or less, or remove it to use the agent's `credential_ttl`"),
+                    );
                 }
             }
         }

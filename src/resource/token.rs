@@ -80,14 +80,20 @@ impl Token {
         }
         for (i, rule) in self.spec.allow.iter().enumerate() {
             if rule.aws_account.len() != 12 || !rule.aws_account.bytes().all(|b| b.is_ascii_digit()) {
-                out.push(Problem::error(
-                    format!("/spec/allow/{i}/aws_account"),
-                    format!("`{}` is not a 12-digit AWS account ID", rule.aws_account),
-                ));
+                out.push(
+                    Problem::error(
+                        format!("/spec/allow/{i}/aws_account"),
+                        format!("`{}` is not a 12-digit AWS account ID", rule.aws_account),
+                    )
+                    .hint("copy the account ID from `aws sts get-caller-identity`, quoted, such as \"111111111111\""),
+                );
             }
             if let Some(arn) = &rule.aws_arn {
                 if let Err(message) = check_arn_glob(arn) {
-                    out.push(Problem::error(format!("/spec/allow/{i}/aws_arn"), message));
+                    out.push(
+                        Problem::error(format!("/spec/allow/{i}/aws_arn"), message)
+                            .hint("use the ARN `aws sts get-caller-identity` prints; `*` and `?` are wildcards"),
+                    );
                 }
             }
         }

@@ -172,10 +172,13 @@ impl WorkloadIdentity {
             for (name, value) in &jwt.extra_claims {
                 let at = format!("/spec/spiffe/jwt/extra_claims/{}", escape_pointer(name));
                 if RESERVED_CLAIMS.contains(&name.as_str()) {
-                    out.push(Problem::error(
-                        at.clone(),
-                        format!("the `{name}` claim is set by tbot and cannot be overridden"),
-                    ));
+                    out.push(
+                        Problem::error(
+                            at.clone(),
+                            format!("the `{name}` claim is set by tbot and cannot be overridden"),
+                        )
+                        .hint("rename the claim, or remove it"),
+                    );
                 }
                 check_claim_templates(&mut out, &at, value);
             }
@@ -221,7 +224,7 @@ fn check_claim_templates(out: &mut Vec<Problem>, at: &str, value: &serde_json::V
     match value {
         serde_json::Value::String(text) => {
             if let Err(message) = Template::parse(text) {
-                out.push(Problem::error(at, message));
+                out.push(Problem::error(at, message).hint(TEMPLATE_HINT));
             }
         }
         serde_json::Value::Array(items) => {
@@ -237,6 +240,9 @@ fn check_claim_templates(out: &mut Vec<Problem>, at: &str, value: &serde_json::V
         _ => {}
     }
 }
+
+const TEMPLATE_HINT: &str =
+    "templates look like `{{workload.systemd.service}}`; `tbotctl schema workload_identity` lists the attributes";
 
 /// Escapes one JSON pointer segment.
 pub fn escape_pointer(segment: &str) -> String {
