@@ -117,14 +117,6 @@ pub struct Storage {
 
 impl Storage {
     pub const DEFAULT_PATH: &'static str = "/var/lib/teleport/bot";
-
-    /// The storage directory, or `None` for memory storage.
-    pub fn directory(&self) -> Option<PathBuf> {
-        match self.kind {
-            StorageType::Directory => Some(self.path.clone().unwrap_or_else(|| Self::DEFAULT_PATH.into())),
-            StorageType::Memory => None,
-        }
-    }
 }
 
 impl Default for Storage {

@@ -71,15 +71,6 @@ pub enum LabelValues {
     Many(Vec<String>),
 }
 
-impl LabelValues {
-    pub fn values(&self) -> &[String] {
-        match self {
-            LabelValues::One(v) => std::slice::from_ref(v),
-            LabelValues::Many(v) => v,
-        }
-    }
-}
-
 /// Verbs granted on resources.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

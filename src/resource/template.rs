@@ -124,14 +124,6 @@ impl Attribute {
         }
         Err(message)
     }
-
-    pub fn ty(&self) -> AttrType {
-        CATALOGUE
-            .iter()
-            .find(|(name, _)| *name == self.base)
-            .map(|(_, ty)| *ty)
-            .unwrap_or(AttrType::String)
-    }
 }
 
 impl fmt::Display for Attribute {
