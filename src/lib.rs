@@ -1,6 +1,9 @@
 //! tbot: a declarative machine & workload identity agent (see `../shared/DESIGN.md` for the map).
 #![forbid(unsafe_code)]
 
+pub mod aws;
 pub mod cli;
+pub mod issuer;
 pub mod manifest;
 pub mod resource;
+pub mod store;

@@ -297,10 +297,10 @@ fn known_fields(root: &Value, schema_path: &str) -> Vec<String> {
             None => return Vec::new(),
         };
     }
-    if let Some(Value::String(reference)) = node.get("$ref") {
-        if let Some(target) = reference.strip_prefix('#').and_then(|p| root.pointer(p)) {
-            node = target;
-        }
+    if let Some(Value::String(reference)) = node.get("$ref")
+        && let Some(target) = reference.strip_prefix('#').and_then(|p| root.pointer(p))
+    {
+        node = target;
     }
     node.get("properties")
         .and_then(Value::as_object)

@@ -83,10 +83,10 @@ pub fn parse(text: &str) -> Result<Vec<Node>, SyntaxError> {
 fn friendly(rendered: &str) -> String {
     let first = rendered.lines().next().unwrap_or(rendered);
     let mut text = first.strip_prefix("error: ").unwrap_or(first);
-    if let Some((prefix, rest)) = text.split_once(": ") {
-        if prefix.starts_with("line ") {
-            text = rest;
-        }
+    if let Some((prefix, rest)) = text.split_once(": ")
+        && prefix.starts_with("line ")
+    {
+        text = rest;
     }
     if let Some(i) = text.rfind(" at line ") {
         text = &text[..i];

@@ -310,21 +310,21 @@ impl AgentConfig {
                     .hint("remove `path`, or set `type: directory`"),
             );
         }
-        if let Some(path) = &self.storage.path {
-            if path.is_relative() {
-                out.push(Problem::error(
-                    "/storage/path",
-                    format!("`{}` is not an absolute path", path.display()),
-                ));
-            }
+        if let Some(path) = &self.storage.path
+            && path.is_relative()
+        {
+            out.push(Problem::error(
+                "/storage/path",
+                format!("`{}` is not an absolute path", path.display()),
+            ));
         }
-        if let Some(path) = &self.admin_socket {
-            if path.is_relative() {
-                out.push(Problem::error(
-                    "/admin_socket",
-                    format!("`{}` is not an absolute path", path.display()),
-                ));
-            }
+        if let Some(path) = &self.admin_socket
+            && path.is_relative()
+        {
+            out.push(Problem::error(
+                "/admin_socket",
+                format!("`{}` is not an absolute path", path.display()),
+            ));
         }
         let mut names = BTreeSet::new();
         let mut listens = BTreeSet::new();
@@ -359,16 +359,16 @@ impl AgentConfig {
                 ),
                 _ => {}
             }
-            if let Some(ttl) = service.credential_ttl {
-                if ttl > MAX_CREDENTIAL_TTL {
-                    out.push(
-                        Problem::error(
-                            format!("{at}/credential_ttl"),
-                            format!("`credential_ttl` is {ttl}; the maximum is 24h"),
-                        )
-                        .hint("set 24h or less, or remove it to use the agent's `credential_ttl`"),
-                    );
-                }
+            if let Some(ttl) = service.credential_ttl
+                && ttl > MAX_CREDENTIAL_TTL
+            {
+                out.push(
+                    Problem::error(
+                        format!("{at}/credential_ttl"),
+                        format!("`credential_ttl` is {ttl}; the maximum is 24h"),
+                    )
+                    .hint("set 24h or less, or remove it to use the agent's `credential_ttl`"),
+                );
             }
         }
         out

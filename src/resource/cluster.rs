@@ -94,21 +94,21 @@ impl Cluster {
         if let Err(message) = self.trust_domain() {
             out.push(Problem::error("/metadata/name", message).hint("the cluster's name is its trust domain"));
         }
-        if let Some(issuer) = self.spec.jwt.as_ref().and_then(|j| j.issuer.as_deref()) {
-            if !issuer.starts_with("https://") {
-                out.push(Problem::error(
-                    "/spec/jwt/issuer",
-                    format!("`{issuer}` is not an `https://` URL"),
-                ));
-            }
+        if let Some(issuer) = self.spec.jwt.as_ref().and_then(|j| j.issuer.as_deref())
+            && !issuer.starts_with("https://")
+        {
+            out.push(Problem::error(
+                "/spec/jwt/issuer",
+                format!("`{issuer}` is not an `https://` URL"),
+            ));
         }
-        if let Some(endpoint) = self.spec.aws.as_ref().and_then(|a| a.sts_endpoint.as_deref()) {
-            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
-                out.push(Problem::error(
-                    "/spec/aws/sts_endpoint",
-                    format!("`{endpoint}` is not an `http://` or `https://` URL"),
-                ));
-            }
+        if let Some(endpoint) = self.spec.aws.as_ref().and_then(|a| a.sts_endpoint.as_deref())
+            && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+        {
+            out.push(Problem::error(
+                "/spec/aws/sts_endpoint",
+                format!("`{endpoint}` is not an `http://` or `https://` URL"),
+            ));
         }
         out
     }

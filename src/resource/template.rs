@@ -94,15 +94,14 @@ impl Attribute {
         }
         if bracket_key.is_none() {
             for &(base, ty) in CATALOGUE {
-                if ty == AttrType::Map {
-                    if let Some(key) = path.strip_prefix(base).and_then(|r| r.strip_prefix('.')) {
-                        if !key.contains('.') {
-                            return Ok(Attribute {
-                                base,
-                                key: Some(key.to_owned()),
-                            });
-                        }
-                    }
+                if ty == AttrType::Map
+                    && let Some(key) = path.strip_prefix(base).and_then(|r| r.strip_prefix('.'))
+                    && !key.contains('.')
+                {
+                    return Ok(Attribute {
+                        base,
+                        key: Some(key.to_owned()),
+                    });
                 }
             }
         }

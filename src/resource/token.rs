@@ -88,13 +88,13 @@ impl Token {
                     .hint("copy the account ID from `aws sts get-caller-identity`, quoted, such as \"111111111111\""),
                 );
             }
-            if let Some(arn) = &rule.aws_arn {
-                if let Err(message) = check_arn_glob(arn) {
-                    out.push(
-                        Problem::error(format!("/spec/allow/{i}/aws_arn"), message)
-                            .hint("use the ARN `aws sts get-caller-identity` prints; `*` and `?` are wildcards"),
-                    );
-                }
+            if let Some(arn) = &rule.aws_arn
+                && let Err(message) = check_arn_glob(arn)
+            {
+                out.push(
+                    Problem::error(format!("/spec/allow/{i}/aws_arn"), message)
+                        .hint("use the ARN `aws sts get-caller-identity` prints; `*` and `?` are wildcards"),
+                );
             }
         }
         out

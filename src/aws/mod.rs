@@ -1,0 +1,36 @@
+//! AWS: credentials (environment, IMDSv2), SigV4 signing via `aws-sigv4`, and the STS
+//! `GetCallerIdentity` call with its reply. No policy: the issuer decides what an identity may do.
+
+pub mod credentials;
+pub mod http;
+pub mod sts;
+
+pub use credentials::{Credentials, Imds, resolve_credentials, resolve_region};
+pub use sts::{CallerIdentity, SignedRequest, get_caller_identity, sign_get_caller_identity};
+
+/// What can go wrong talking to AWS.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AwsError {
+    /// The instance metadata service failed or is not there (not on EC2, IMDSv2 disabled, hop limit).
+    #[error("instance metadata: {0}")]
+    Imds(String),
+    /// The request could not be signed (bad credentials format).
+    #[error("cannot sign the STS request: {0}")]
+    Sign(String),
+    /// STS could not be reached or failed on its side: worth retrying.
+    #[error("STS unreachable: {0}")]
+    Unreachable(String),
+    /// STS refused the request (bad or expired signature, unknown key): retrying will not help.
+    #[error("STS refused the signed request: {0}")]
+    Refused(String),
+    /// A reply tbot cannot read.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl AwsError {
+    /// Network and server-side failures may pass; refusals will not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AwsError::Imds(_) | AwsError::Unreachable(_))
+    }
+}

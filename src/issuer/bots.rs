@@ -1,0 +1,219 @@
+//! Bot identities: the X.509 client certificate naming the bot, its roles, its join attributes and
+//! its renewal generation; reading such a certificate back; and the persisted ledgers of consumed
+//! tokens and of each bot's generation (a mismatch means a copied identity and locks the bot).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rcgen::{
+    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    SubjectPublicKeyInfo,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use x509_parser::oid_registry::Oid;
+
+use super::ca::{Authority, random_serial};
+use super::{Attributes, BotCertificate, IssuerError};
+use crate::store::{Secrecy, Store};
+
+/// The (unregistered, private) OID of the extension holding a bot certificate's claims as JSON.
+pub const CLAIMS_OID: &[u64] = &[1, 3, 9999, 77, 1];
+/// The longest a bot certificate lives.
+pub const MAX_BOT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What a bot certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BotClaims {
+    pub bot: String,
+    pub roles: Vec<String>,
+    pub generation: u64,
+    /// `join.meta.*` and `join.iam.*` attribute values.
+    pub join: BTreeMap<String, String>,
+}
+
+impl BotClaims {
+    pub fn join_attributes(&self) -> Attributes {
+        let mut attrs = Attributes::new();
+        for (k, v) in &self.join {
+            attrs.set(k.clone(), v);
+        }
+        attrs
+    }
+}
+
+/// DER UTF8String of `text`.
+fn der_utf8(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = vec![0x0c];
+    match bytes.len() {
+        n @ 0..=127 => out.push(n as u8),
+        n @ 128..=255 => out.extend([0x81, n as u8]),
+        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(bytes);
+    out
+}
+
+fn der_utf8_parse(der: &[u8]) -> Option<&str> {
+    let (&tag, rest) = der.split_first()?;
+    if tag != 0x0c {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, body) = match first {
+        n @ 0..=127 => (n as usize, rest),
+        0x81 => (*rest.first()? as usize, &rest[1..]),
+        0x82 => ((*rest.first()? as usize) << 8 | *rest.get(1)? as usize, rest.get(2..)?),
+        _ => return None,
+    };
+    std::str::from_utf8(body.get(..len)?).ok()
+}
+
+/// Signs a bot certificate for `public_key` (SPKI DER) with the active CA.
+pub fn sign_bot_certificate(
+    authority: &Authority,
+    claims: &BotClaims,
+    public_key: &[u8],
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<BotCertificate, IssuerError> {
+    let key = SubjectPublicKeyInfo::from_der(public_key)
+        .map_err(|e| IssuerError::Invalid(format!("the bot's public key is not a DER SubjectPublicKeyInfo: {e}")))?;
+    let not_after = (now + ttl.min(MAX_BOT_TTL)).min(authority.active().not_after());
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "tbot bot");
+    dn.push(DnType::CommonName, claims.bot.as_str());
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial()?);
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = not_after;
+    let json = serde_json::to_string(claims).expect("claims serialize");
+    params
+        .custom_extensions
+        .push(CustomExtension::from_oid_content(CLAIMS_OID, der_utf8(&json)));
+    let cert = params
+        .signed_by(&key, authority.active().issuer())
+        .map_err(|e| IssuerError::Crypto(e.to_string()))?;
+    Ok(BotCertificate {
+        der: cert.der().to_vec(),
+        bot: claims.bot.clone(),
+        roles: claims.roles.clone(),
+        generation: claims.generation,
+        not_after,
+        join: claims.join_attributes(),
+    })
+}
+
+/// A bot certificate that one of our CAs signed.
+#[derive(Debug, Clone)]
+pub struct VerifiedBot {
+    pub claims: BotClaims,
+    /// The certificate's SubjectPublicKeyInfo (DER).
+    pub public_key: Vec<u8>,
+    pub not_after: OffsetDateTime,
+}
+
+/// Checks that one of our CAs signed `der`, that it is valid now, and reads its claims and public key.
+pub fn verify_bot_certificate(
+    authority: &Authority,
+    der: &[u8],
+    now: OffsetDateTime,
+) -> Result<VerifiedBot, IssuerError> {
+    let unauthenticated = |why: &str| IssuerError::Unauthenticated(why.to_owned());
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| unauthenticated("not an X.509 certificate"))?;
+    if authority.signer_of(&cert).is_none() {
+        return Err(unauthenticated("no CA of this trust domain signed it"));
+    }
+    let validity = cert.validity();
+    if now < validity.not_before.to_datetime() || now > validity.not_after.to_datetime() {
+        return Err(unauthenticated("it has expired or is not valid yet"));
+    }
+    let oid = Oid::from(CLAIMS_OID).expect("a valid OID");
+    let extension = cert
+        .get_extension_unique(&oid)
+        .ok()
+        .flatten()
+        .ok_or_else(|| unauthenticated("it is not a bot certificate"))?;
+    let claims = der_utf8_parse(extension.value)
+        .and_then(|json| serde_json::from_str::<BotClaims>(json).ok())
+        .ok_or_else(|| unauthenticated("its bot claims cannot be read"))?;
+    Ok(VerifiedBot {
+        claims,
+        public_key: cert.public_key().raw.to_vec(),
+        not_after: validity.not_after.to_datetime(),
+    })
+}
+
+/// One bot's renewal state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BotRecord {
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked: Option<String>,
+}
+
+/// A consumed single-use token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Consumed {
+    pub bot: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// `bots.json` and `tokens.json` of a trust domain.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    dir: String,
+    pub bots: BTreeMap<String, BotRecord>,
+    /// By SHA-256 (hex) of the token name: the name is the secret and never stored.
+    pub tokens: BTreeMap<String, Consumed>,
+}
+
+/// The key under which a token's consumption is recorded.
+pub fn token_key(name: &str) -> String {
+    Sha256::digest(name.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Ledger {
+    pub fn load(store: &Store, dir: String) -> Result<Ledger, IssuerError> {
+        Ok(Ledger {
+            bots: store.read_json(&format!("{dir}/bots.json"))?.unwrap_or_default(),
+            tokens: store.read_json(&format!("{dir}/tokens.json"))?.unwrap_or_default(),
+            dir,
+        })
+    }
+
+    pub fn save_bots(&self, store: &Store) -> Result<(), IssuerError> {
+        store.write_json(&format!("{}/bots.json", self.dir), &self.bots, Secrecy::Public)?;
+        Ok(())
+    }
+
+    pub fn save_tokens(&self, store: &Store) -> Result<(), IssuerError> {
+        store.write_json(&format!("{}/tokens.json", self.dir), &self.tokens, Secrecy::Public)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_strings_round_trip_at_every_length_form() {
+        for len in [0, 5, 127, 128, 255, 256, 5000] {
+            let text = "x".repeat(len);
+            assert_eq!(der_utf8_parse(&der_utf8(&text)), Some(text.as_str()), "length {len}");
+        }
+    }
+}

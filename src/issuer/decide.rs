@@ -1,0 +1,562 @@
+//! Decisions: given a bot, its join, a workload's attested attributes and a `workload_identity`, decide
+//! whether the workload gets it (roles, then the identity's `rules.allow`) and render what it gets:
+//! SPIFFE ID, hint, DNS SANs, subject and extra claims. Every "no" says which role, rule, condition or
+//! unset attribute decided it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::policy::Policy;
+use super::rbac;
+use crate::resource::spiffe_id::{TrustDomain, check_id};
+use crate::resource::template::{Attribute, Template};
+use crate::resource::workload_identity::{Condition, WorkloadIdentity};
+
+/// The default and largest `x509.maximum_ttl`.
+pub const DEFAULT_X509_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const LIMIT_X509_MAX_TTL: Duration = Duration::from_secs(14 * 24 * 3600);
+/// The default and largest `jwt.maximum_ttl`.
+pub const DEFAULT_JWT_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How many identities one label selector may resolve to.
+pub const MAX_SELECTED: usize = 64;
+
+/// Attribute values, keyed by attribute name (`workload.unix.uid`, `user.traits.team`). Traits may
+/// hold several values; everything else holds one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Attributes(BTreeMap<String, Vec<String>>);
+
+impl Attributes {
+    pub fn new() -> Attributes {
+        Attributes::default()
+    }
+
+    /// Sets an attribute to one value.
+    pub fn set(&mut self, name: impl Into<String>, value: impl ToString) -> &mut Self {
+        self.0.insert(name.into(), vec![value.to_string()]);
+        self
+    }
+
+    /// Sets an attribute to several values (traits).
+    pub fn set_many(&mut self, name: impl Into<String>, values: Vec<String>) -> &mut Self {
+        self.0.insert(name.into(), values);
+        self
+    }
+
+    pub fn get(&self, attribute: &Attribute) -> Option<&[String]> {
+        self.0.get(&attribute.to_string()).map(Vec::as_slice)
+    }
+
+    /// Only the `workload.*` attributes: what an agent may assert about a caller.
+    pub fn workload_only(&self) -> Attributes {
+        Attributes(
+            self.0
+                .iter()
+                .filter(|(k, _)| k.starts_with("workload."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// Adds every attribute of `other`, replacing any of the same name.
+    pub fn extend(&mut self, other: &Attributes) {
+        for (k, v) in &other.0 {
+            self.0.insert(k.clone(), v.clone());
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    /// The one value of an attribute, for templates: unset or several values is an error.
+    fn single(&self, attribute: &Attribute) -> Result<&str, String> {
+        match self.get(attribute) {
+            None | Some([]) => Err(format!("`{attribute}` is not set for this workload")),
+            Some([one]) => Ok(one),
+            Some(many) => Err(format!(
+                "`{attribute}` has {} values and a template needs exactly one",
+                many.len()
+            )),
+        }
+    }
+}
+
+/// The subject of an X509-SVID.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subject {
+    pub common_name: Option<String>,
+    pub organization: Option<String>,
+    pub organizational_unit: Option<String>,
+}
+
+/// What a workload gets from one `workload_identity`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The `workload_identity` it came from.
+    pub identity: String,
+    /// `spiffe://<trust domain><path>`.
+    pub spiffe_id: String,
+    pub hint: Option<String>,
+    pub dns_sans: Vec<String>,
+    pub subject: Subject,
+    pub extra_claims: Map<String, Value>,
+    pub x509_max_ttl: Duration,
+    pub jwt_max_ttl: Duration,
+}
+
+/// Decides `identity` for a caller of `bot_name` with `attributes` (the workload's, the bot's and
+/// its join's, already merged).
+pub fn decide(policy: &Policy, bot_name: &str, identity: &str, attributes: &Attributes) -> Result<Decision, String> {
+    let bot = policy
+        .bots
+        .get(bot_name)
+        .ok_or_else(|| format!("bot `{bot_name}` no longer exists"))?;
+    let wi = policy
+        .identities
+        .get(identity)
+        .ok_or_else(|| format!("workload_identity `{identity}` does not exist"))?;
+    rbac::may_issue(policy, bot, wi)?;
+    check_rules(wi, attributes)?;
+    render(&policy.trust_domain, wi, attributes)
+}
+
+/// The identities a label selector picks for this caller: every identity carrying all `labels` that
+/// the bot may issue and whose rules pass. More than [`MAX_SELECTED`] is an error.
+pub fn select(
+    policy: &Policy,
+    bot_name: &str,
+    labels: &BTreeMap<String, String>,
+    attributes: &Attributes,
+) -> Result<Vec<Decision>, String> {
+    let mut out = Vec::new();
+    for (name, wi) in &policy.identities {
+        if !labels.iter().all(|(k, v)| wi.metadata.labels.get(k) == Some(v)) {
+            continue;
+        }
+        if let Ok(decision) = decide(policy, bot_name, name, attributes) {
+            out.push(decision);
+        }
+    }
+    if out.len() > MAX_SELECTED {
+        return Err(format!(
+            "the label selector picks {} workload identities for this caller, more than the limit of {MAX_SELECTED}; narrow the selector's labels",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// `rules.allow`: no rules allow everyone; otherwise some rule must have all its conditions true.
+fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), String> {
+    let rules = &wi.spec.rules.allow;
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let mut reasons = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        match rule.conditions.iter().find_map(|c| condition_fails(c, attributes)) {
+            None => return Ok(()),
+            Some(why) => reasons.push(format!("rule {}: {why}", i + 1)),
+        }
+    }
+    Err(format!(
+        "workload_identity `{}` does not allow this workload: {}",
+        wi.metadata.name,
+        reasons.join("; ")
+    ))
+}
+
+/// Why a condition is false, or `None` when it holds.
+fn condition_fails(condition: &Condition, attributes: &Attributes) -> Option<String> {
+    let attribute = &condition.attribute;
+    let Some(values) = attributes.get(attribute) else {
+        return Some(format!("`{attribute}` is not set for this workload"));
+    };
+    let shown = match values {
+        [one] => format!("`{one}`"),
+        many => format!("[{}]", many.join(", ")),
+    };
+    let any = |pred: &dyn Fn(&str) -> bool| values.iter().any(|v| pred(v));
+    if let Some(eq) = &condition.eq
+        && !any(&|v| v == eq.value)
+    {
+        return Some(format!("`{attribute}` is {shown}, not `{}`", eq.value));
+    }
+    if let Some(not_eq) = &condition.not_eq
+        && any(&|v| v == not_eq.value)
+    {
+        return Some(format!("`{attribute}` is `{}`, which `not_eq` excludes", not_eq.value));
+    }
+    if let Some(is_in) = &condition.is_in
+        && !any(&|v| is_in.values.iter().any(|w| w == v))
+    {
+        return Some(format!(
+            "`{attribute}` is {shown}, not one of [{}]",
+            is_in.values.join(", ")
+        ));
+    }
+    if let Some(not_in) = &condition.not_in
+        && any(&|v| not_in.values.iter().any(|w| w == v))
+    {
+        return Some(format!(
+            "`{attribute}` is {shown}, which `not_in` [{}] excludes",
+            not_in.values.join(", ")
+        ));
+    }
+    None
+}
+
+fn render_field(
+    wi: &WorkloadIdentity,
+    field: &str,
+    template: &Template,
+    attributes: &Attributes,
+) -> Result<String, String> {
+    let mut failure = None;
+    let out = template.render(|a| match attributes.single(a) {
+        Ok(v) => Some(v.to_owned()),
+        Err(why) => {
+            failure.get_or_insert(why);
+            None
+        }
+    });
+    out.map_err(|fallback| {
+        format!(
+            "workload_identity `{}`: `{field}` cannot be rendered: {}",
+            wi.metadata.name,
+            failure.unwrap_or(fallback)
+        )
+    })
+}
+
+fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> Result<Decision, String> {
+    let spiffe = &wi.spec.spiffe;
+    let name: &str = &wi.metadata.name;
+    let path = render_field(wi, "spiffe.id", &spiffe.id, attributes)?;
+    check_id(td, &path).map_err(|why| {
+        format!("workload_identity `{name}`: the rendered SPIFFE ID path `{path}` is not valid: {why}")
+    })?;
+    let hint = spiffe
+        .hint
+        .as_ref()
+        .map(|t| render_field(wi, "spiffe.hint", t, attributes))
+        .transpose()?;
+    let x509 = spiffe.x509.as_ref();
+    let mut dns_sans = Vec::new();
+    for (i, t) in x509
+        .map(|x| x.dns_sans.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let san = render_field(wi, &format!("spiffe.x509.dns_sans[{i}]"), t, attributes)?;
+        check_dns_name(&san)
+            .map_err(|why| format!("workload_identity `{name}`: DNS SAN `{san}` is not a DNS name: {why}"))?;
+        dns_sans.push(san);
+    }
+    let mut subject = Subject::default();
+    if let Some(st) = x509.and_then(|x| x.subject_template.as_ref()) {
+        let field = |f: &str, t: &Option<Template>| {
+            t.as_ref()
+                .map(|t| render_field(wi, &format!("spiffe.x509.subject_template.{f}"), t, attributes))
+                .transpose()
+        };
+        subject.common_name = field("common_name", &st.common_name)?;
+        subject.organization = field("organization", &st.organization)?;
+        subject.organizational_unit = field("organizational_unit", &st.organizational_unit)?;
+    }
+    let mut extra_claims = Map::new();
+    if let Some(jwt) = &spiffe.jwt {
+        for (key, value) in &jwt.extra_claims {
+            extra_claims.insert(key.clone(), render_claim(wi, key, value, attributes)?);
+        }
+    }
+    let cap = |ttl: Option<Duration>, default: Duration, limit: Duration| ttl.unwrap_or(default).min(limit);
+    Ok(Decision {
+        identity: name.to_owned(),
+        spiffe_id: format!("spiffe://{}{path}", td.as_str()),
+        hint,
+        dns_sans,
+        subject,
+        extra_claims,
+        x509_max_ttl: cap(
+            x509.and_then(|x| x.maximum_ttl).map(|d| d.as_std()),
+            DEFAULT_X509_MAX_TTL,
+            LIMIT_X509_MAX_TTL,
+        ),
+        jwt_max_ttl: cap(
+            spiffe.jwt.as_ref().and_then(|j| j.maximum_ttl).map(|d| d.as_std()),
+            DEFAULT_JWT_MAX_TTL,
+            DEFAULT_JWT_MAX_TTL,
+        ),
+    })
+}
+
+/// Extra claims: strings are templates; arrays and objects are rendered inside; other values stay.
+fn render_claim(wi: &WorkloadIdentity, key: &str, value: &Value, attributes: &Attributes) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(s) if s.contains("{{") => {
+            let template = Template::parse(s)
+                .map_err(|why| format!("workload_identity `{}`: claim `{key}`: {why}", wi.metadata.name))?;
+            Value::String(render_field(
+                wi,
+                &format!("spiffe.jwt.extra_claims.{key}"),
+                &template,
+                attributes,
+            )?)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| render_claim(wi, key, v, attributes))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), render_claim(wi, &format!("{key}.{k}"), v, attributes)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+/// A DNS name for a SAN: labels of letters, digits and `-`, optionally a leading `*.`, at most 253 bytes.
+fn check_dns_name(name: &str) -> Result<(), &'static str> {
+    let rest = name.strip_prefix("*.").unwrap_or(name);
+    if name.len() > 253 || rest.is_empty() {
+        return Err("it is empty or longer than 253 characters");
+    }
+    for label in rest.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("a label is empty or longer than 63 characters");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("a label starts or ends with `-`");
+        }
+        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err("only letters, digits, `-` and `.` are allowed");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::issuer::policy::policy_from_yaml;
+
+    /// A policy where bot `b` may issue everything labelled `app: x`, plus the given identity spec.
+    fn policy(identity_spec: &str) -> Policy {
+        policy_from_yaml(&format!(
+            "
+kind: cluster
+version: v1
+metadata: {{name: example.org}}
+spec: {{}}
+---
+kind: role
+version: v7
+metadata: {{name: r}}
+spec:
+  allow:
+    workload_identity_labels: {{app: x}}
+    rules: [{{resources: [workload_identity], verbs: [read, list]}}]
+---
+kind: bot
+version: v1
+metadata: {{name: b}}
+spec:
+  roles: [r]
+  traits: [{{name: team, values: [Blue, Red]}}]
+---
+kind: workload_identity
+version: v1
+metadata: {{name: wi, labels: {{app: x}}}}
+spec:
+{identity_spec}
+"
+        ))
+    }
+
+    fn workload(uid: u32) -> Attributes {
+        let mut a = Attributes::new();
+        a.set("workload.unix.attested", true)
+            .set("workload.unix.uid", uid)
+            .set("user.bot_name", "b")
+            .set_many("user.traits.team", vec!["Blue".into(), "Red".into()]);
+        a
+    }
+
+    fn with_rule(condition: &str) -> Policy {
+        policy(&format!(
+            "  rules: {{allow: [{{conditions: [{condition}]}}]}}\n  spiffe: {{id: '/u/{{{{workload.unix.uid}}}}'}}"
+        ))
+    }
+
+    fn decide_uid(policy: &Policy, uid: u32) -> Result<Decision, String> {
+        decide(policy, "b", "wi", &workload(uid))
+    }
+
+    #[test]
+    fn no_rules_allow_every_workload() {
+        let p = policy("  spiffe: {id: /any}");
+        assert_eq!(decide_uid(&p, 7).unwrap().spiffe_id, "spiffe://example.org/any");
+    }
+
+    #[test]
+    fn eq_allows_the_equal_value_and_refuses_others_saying_what_it_was() {
+        let p = with_rule("{attribute: workload.unix.uid, eq: {value: '1000'}}");
+        assert_eq!(decide_uid(&p, 1000).unwrap().spiffe_id, "spiffe://example.org/u/1000");
+        let err = decide_uid(&p, 0).unwrap_err();
+        assert!(err.contains("rule 1: `workload.unix.uid` is `0`, not `1000`"), "{err}");
+    }
+
+    #[test]
+    fn not_eq_refuses_the_excluded_value() {
+        let p = with_rule("{attribute: workload.unix.uid, not_eq: {value: '0'}}");
+        assert!(decide_uid(&p, 1000).is_ok());
+        assert!(decide_uid(&p, 0).unwrap_err().contains("which `not_eq` excludes"));
+    }
+
+    #[test]
+    fn in_allows_any_listed_value() {
+        let p = with_rule("{attribute: workload.unix.uid, in: {values: ['1000', '1001']}}");
+        assert!(decide_uid(&p, 1001).is_ok());
+        assert!(decide_uid(&p, 5).unwrap_err().contains("not one of [1000, 1001]"));
+    }
+
+    #[test]
+    fn not_in_refuses_any_listed_value() {
+        let p = with_rule("{attribute: workload.unix.uid, not_in: {values: ['0', '1']}}");
+        assert!(decide_uid(&p, 1000).is_ok());
+        assert!(
+            decide_uid(&p, 1)
+                .unwrap_err()
+                .contains("which `not_in` [0, 1] excludes")
+        );
+    }
+
+    #[test]
+    fn an_unset_attribute_fails_its_condition_and_says_so() {
+        let p = with_rule("{attribute: workload.systemd.service, eq: {value: web}}");
+        let err = decide_uid(&p, 1000).unwrap_err();
+        assert!(
+            err.contains("`workload.systemd.service` is not set for this workload"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn any_rule_may_allow_but_every_condition_of_that_rule_must_hold() {
+        let p = policy(
+            "  rules:
+    allow:
+      - conditions:
+          - {attribute: workload.unix.uid, eq: {value: '1000'}}
+          - {attribute: workload.unix.attested, eq: {value: 'false'}}
+      - conditions:
+          - {attribute: workload.unix.uid, eq: {value: '2000'}}
+  spiffe: {id: /ok}",
+        );
+        let err = decide_uid(&p, 1000).unwrap_err();
+        assert!(
+            err.contains("rule 1: `workload.unix.attested`") && err.contains("rule 2:"),
+            "{err}"
+        );
+        assert!(decide_uid(&p, 2000).is_ok());
+    }
+
+    #[test]
+    fn multi_valued_traits_match_conditions_on_any_value() {
+        let p = with_rule("{attribute: user.traits.team, eq: {value: Red}}");
+        assert!(decide_uid(&p, 1).is_ok());
+    }
+
+    #[test]
+    fn templates_render_attributes_through_lower_and_upper() {
+        let p = policy(
+            "  spiffe:
+    id: /bot/{{strings.upper(user.bot_name)}}/{{workload.unix.uid}}
+    hint: '{{ strings.lower(user.bot_name) }}-hint'
+    x509:
+      dns_sans: ['{{workload.unix.uid}}.example.org']
+      subject_template: {common_name: '{{user.bot_name}}', organization: Example}
+    jwt:
+      extra_claims: {who: '{{user.bot_name}}', nested: {uid: '{{workload.unix.uid}}'}, n: 1}",
+        );
+        let d = decide_uid(&p, 42).unwrap();
+        assert_eq!(d.spiffe_id, "spiffe://example.org/bot/B/42");
+        assert_eq!(d.hint.as_deref(), Some("b-hint"));
+        assert_eq!(d.dns_sans, ["42.example.org"]);
+        assert_eq!(d.subject.common_name.as_deref(), Some("b"));
+        assert_eq!(d.subject.organization.as_deref(), Some("Example"));
+        assert_eq!(
+            Value::Object(d.extra_claims),
+            serde_json::json!({"who": "b", "nested": {"uid": "42"}, "n": 1})
+        );
+    }
+
+    #[test]
+    fn an_unset_template_attribute_refuses_naming_the_field_and_attribute() {
+        let p = policy("  spiffe: {id: '/svc/{{workload.systemd.service}}'}");
+        let err = decide_uid(&p, 1).unwrap_err();
+        assert!(err.contains("`spiffe.id` cannot be rendered"), "{err}");
+        assert!(err.contains("`workload.systemd.service` is not set"), "{err}");
+    }
+
+    #[test]
+    fn a_multi_valued_attribute_cannot_fill_a_template() {
+        let p = policy("  spiffe: {id: '/team/{{user.traits.team}}'}");
+        assert!(decide_uid(&p, 1).unwrap_err().contains("has 2 values"));
+    }
+
+    #[test]
+    fn a_rendered_id_that_breaks_the_spiffe_rules_is_refused() {
+        let p = policy("  spiffe: {id: '/svc/{{workload.systemd.service}}'}");
+        let mut attrs = workload(1);
+        attrs.set("workload.systemd.service", "..");
+        let err = decide(&p, "b", "wi", &attrs).unwrap_err();
+        assert!(err.contains("is not valid"), "{err}");
+    }
+
+    #[test]
+    fn maximum_ttls_default_to_a_day_and_are_capped() {
+        let d = decide_uid(&policy("  spiffe: {id: /a}"), 1).unwrap();
+        assert_eq!(
+            (d.x509_max_ttl, d.jwt_max_ttl),
+            (DEFAULT_X509_MAX_TTL, DEFAULT_JWT_MAX_TTL)
+        );
+        let capped = policy("  spiffe: {id: /a, x509: {maximum_ttl: 9000h}, jwt: {maximum_ttl: 48h}}");
+        let d = decide_uid(&capped, 1).unwrap();
+        assert_eq!(
+            (d.x509_max_ttl, d.jwt_max_ttl),
+            (LIMIT_X509_MAX_TTL, DEFAULT_JWT_MAX_TTL)
+        );
+    }
+
+    #[test]
+    fn an_unknown_bot_or_identity_is_named() {
+        let p = policy("  spiffe: {id: /a}");
+        assert!(
+            decide(&p, "ghost", "wi", &workload(1))
+                .unwrap_err()
+                .contains("bot `ghost`")
+        );
+        assert!(
+            decide(&p, "b", "nope", &workload(1))
+                .unwrap_err()
+                .contains("`nope` does not exist")
+        );
+    }
+
+    #[test]
+    fn label_selectors_pick_only_identities_the_bot_may_issue() {
+        let p = policy("  spiffe: {id: /a}");
+        let picked = select(&p, "b", &[("app".to_owned(), "x".to_owned())].into(), &workload(1)).unwrap();
+        assert_eq!(picked.len(), 1);
+        let none = select(&p, "b", &[("app".to_owned(), "y".to_owned())].into(), &workload(1)).unwrap();
+        assert!(none.is_empty());
+    }
+}

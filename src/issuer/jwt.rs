@@ -1,0 +1,84 @@
+//! The JWT-SVID signing key (ES256) of a trust domain: persisted, with a stable `kid` derived from the
+//! public key, its JWK for the bundle, and compact JWS signing.
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::IssuerError;
+use crate::resource::spiffe_id::TrustDomain;
+use crate::store::{Secrecy, Store};
+
+/// The key that signs JWT-SVIDs.
+pub struct JwtKey {
+    pair: EcdsaKeyPair,
+    kid: String,
+    jwk: Value,
+    rng: SystemRandom,
+}
+
+impl JwtKey {
+    /// Loads the trust domain's JWT key, creating it on first use.
+    pub fn load_or_create(store: &Store, trust_domain: &TrustDomain) -> Result<JwtKey, IssuerError> {
+        let name = format!("issuer/{}/jwt.key", trust_domain.as_str());
+        let rng = SystemRandom::new();
+        let pkcs8 = match store.read(&name)? {
+            Some(der) => der,
+            None => {
+                let document = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                    .map_err(|_| IssuerError::Crypto("cannot generate the JWT signing key".into()))?;
+                store.write(&name, document.as_ref(), Secrecy::Secret)?;
+                document.as_ref().to_vec()
+            }
+        };
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8).map_err(|e| IssuerError::Corrupt {
+                path: store.path_of(&name),
+                reason: format!("not an ES256 PKCS#8 key: {e}"),
+            })?;
+        // The public key is the uncompressed point 04 || x || y.
+        let point = pair.public_key().as_ref();
+        let (x, y) = point[1..].split_at(32);
+        let kid = B64.encode(&Sha256::digest(point)[..16]);
+        let jwk = json!({
+            "kty": "EC",
+            "crv": "P-256",
+            "x": B64.encode(x),
+            "y": B64.encode(y),
+            "kid": kid,
+            "alg": "ES256",
+            "use": "jwt-svid",
+        });
+        Ok(JwtKey { pair, kid, jwk, rng })
+    }
+
+    /// The key id every JWT-SVID carries in its header.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The public key as a JWK, with `kid`.
+    pub fn jwk(&self) -> &Value {
+        &self.jwk
+    }
+
+    /// Signs `claims` into a compact JWS with header `{alg: ES256, kid, typ: JWT}`.
+    pub fn sign(&self, claims: &Value) -> Result<String, IssuerError> {
+        let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
+        let mut token = format!(
+            "{}.{}",
+            B64.encode(serde_json::to_vec(&header).expect("json")),
+            B64.encode(serde_json::to_vec(claims).expect("json"))
+        );
+        let signature = self
+            .pair
+            .sign(&self.rng, token.as_bytes())
+            .map_err(|_| IssuerError::Crypto("cannot sign a JWT-SVID".into()))?;
+        token.push('.');
+        token.push_str(&B64.encode(signature.as_ref()));
+        Ok(token)
+    }
+}

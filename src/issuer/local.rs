@@ -1,0 +1,468 @@
+//! The in-process issuer: one trust domain's CA, JWT key and ledgers over a `Store`, enforcing a
+//! `Policy` that the daemon swaps on reload.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::watch;
+
+use super::bots::{self, BotClaims, BotRecord, Consumed, Ledger, token_key};
+use super::ca::Authority;
+use super::decide::{self, Attributes, Decision};
+use super::jwt::JwtKey;
+use super::{
+    BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
+    Policy, RenewRequest, X509Request, X509Svid, join, mint,
+};
+use crate::aws::{self, AwsError};
+use crate::resource::agent::JoinMethod;
+use crate::store::Store;
+
+/// How long an `iam` challenge may wait for its join.
+const CHALLENGE_TTL: time::Duration = time::Duration::minutes(5);
+/// Verified bot certificates remembered, so issuance does not verify a signature every time.
+const VERIFIED_CACHE: usize = 4096;
+
+struct State {
+    store: Store,
+    policy: Arc<Policy>,
+    authority: Authority,
+    jwt: JwtKey,
+    ledger: Ledger,
+    verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime)>,
+    sequence: u64,
+}
+
+/// The issuer, in this process.
+pub struct LocalIssuer {
+    state: Mutex<State>,
+    challenges: Mutex<HashMap<String, OffsetDateTime>>,
+    bundles: watch::Sender<Arc<Bundles>>,
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+impl State {
+    fn open(store: Store, policy: Policy) -> Result<State, IssuerError> {
+        let td = policy.trust_domain.clone();
+        let authority = Authority::load_or_create(&store, &td, &policy.ca, now())?;
+        let jwt = JwtKey::load_or_create(&store, &td)?;
+        let ledger = Ledger::load(&store, format!("issuer/{}", td.as_str()))?;
+        Ok(State {
+            store,
+            policy: Arc::new(policy),
+            authority,
+            jwt,
+            ledger,
+            verified: HashMap::new(),
+            sequence: 1,
+        })
+    }
+
+    fn bundles(&self) -> Bundles {
+        Bundles {
+            trust_domain: self.authority.trust_domain().as_str().to_owned(),
+            x509_authorities: self
+                .authority
+                .cas()
+                .iter()
+                .map(|ca| ca.certificate_der().to_vec())
+                .collect(),
+            jwt_keys: vec![self.jwt.jwk().clone()],
+            sequence: self.sequence,
+        }
+    }
+
+    /// Verifies a bot certificate for issuance: ours, valid, not locked, the current generation.
+    fn authenticate(&mut self, der: &[u8]) -> Result<BotClaims, IssuerError> {
+        let digest: [u8; 32] = Sha256::digest(der).into();
+        let claims = match self.verified.get(&digest) {
+            Some((claims, not_after)) if *not_after > now() => claims.clone(),
+            _ => {
+                let verified = bots::verify_bot_certificate(&self.authority, der, now())?;
+                if self.verified.len() >= VERIFIED_CACHE {
+                    self.verified.clear();
+                }
+                self.verified
+                    .insert(digest, (verified.claims.clone(), verified.not_after));
+                verified.claims
+            }
+        };
+        if claims.join.get("join.meta.join_method").map(String::as_str) == Some("token") {
+            let record = self.ledger.bots.get(&claims.bot).cloned().unwrap_or_default();
+            if let Some(reason) = record.locked {
+                return Err(IssuerError::Locked {
+                    bot: claims.bot,
+                    reason,
+                });
+            }
+            if record.generation != claims.generation {
+                return Err(IssuerError::Unauthenticated(format!(
+                    "the certificate is generation {}, and bot `{}` is at generation {}; it was renewed since",
+                    claims.generation, claims.bot, record.generation
+                )));
+            }
+        }
+        Ok(claims)
+    }
+
+    /// The attributes a decision reads: the caller's `workload.*`, the bot's `user.*`, the join's `join.*`.
+    fn attributes(&self, claims: &BotClaims, workload: &Attributes) -> Attributes {
+        let mut attrs = workload.workload_only();
+        attrs.set("user.name", format!("bot-{}", claims.bot));
+        attrs.set("user.bot_name", &claims.bot);
+        attrs.set("user.is_bot", true);
+        if let Some(bot) = self.policy.bots.get(&claims.bot) {
+            for (k, v) in &bot.metadata.labels {
+                attrs.set(format!("user.labels.{k}"), v);
+            }
+            for t in &bot.spec.traits {
+                attrs.set_many(format!("user.traits.{}", t.name), t.values.clone());
+            }
+        }
+        attrs.extend(&claims.join_attributes());
+        attrs
+    }
+
+    fn decide(&mut self, der: &[u8], identity: &str, workload: &Attributes) -> Result<Decision, IssuerError> {
+        let claims = self.authenticate(der)?;
+        let attrs = self.attributes(&claims, workload);
+        decide::decide(&self.policy, &claims.bot, identity, &attrs).map_err(IssuerError::Denied)
+    }
+
+    fn sign_bot(
+        &mut self,
+        claims: &BotClaims,
+        public_key: &[u8],
+        ttl: Duration,
+    ) -> Result<BotCertificate, IssuerError> {
+        let cert = bots::sign_bot_certificate(&self.authority, claims, public_key, ttl, now())?;
+        self.authority.note_issued(&self.store, cert.not_after)?;
+        Ok(cert)
+    }
+
+    /// A `token` join, after its terms were checked: consume the token, reset the bot's generation.
+    fn join_token(&mut self, request: &JoinRequest) -> Result<BotCertificate, IssuerError> {
+        let refuse = |why: String| IssuerError::JoinRefused(why);
+        let token = self.policy.tokens.get(&request.token).ok_or_else(|| {
+            refuse(
+                "no token by that name exists (for `token` joins the name is the secret; check `onboarding.token`)"
+                    .into(),
+            )
+        })?;
+        join::check_token_terms(token, JoinMethod::Token, now()).map_err(refuse)?;
+        let bot = token.spec.bot_name.to_string();
+        let key = token_key(&request.token);
+        if let Some(used) = self.ledger.tokens.get(&key) {
+            return Err(refuse(format!(
+                "the token was already used by bot `{}` at {}; `token` joins are single-use: create a new token",
+                used.bot, used.at
+            )));
+        }
+        let roles = self.bot_roles(&bot)?;
+        // Consume first: a crash after this point must not leave the token usable.
+        self.ledger.tokens.insert(
+            key,
+            Consumed {
+                bot: bot.clone(),
+                at: now().format(&Rfc3339).unwrap_or_default(),
+            },
+        );
+        self.ledger.save_tokens(&self.store)?;
+        self.ledger.bots.insert(
+            bot.clone(),
+            BotRecord {
+                generation: 1,
+                locked: None,
+            },
+        );
+        self.ledger.save_bots(&self.store)?;
+        let claims = BotClaims {
+            bot,
+            roles,
+            generation: 1,
+            join: [
+                ("join.meta.join_method".to_owned(), "token".to_owned()),
+                ("join.meta.join_token_name".to_owned(), request.token.clone()),
+            ]
+            .into(),
+        };
+        self.sign_bot(&claims, &request.public_key, request.ttl)
+    }
+
+    fn bot_roles(&self, bot: &str) -> Result<Vec<String>, IssuerError> {
+        let doc = self.policy.bots.get(bot).ok_or_else(|| {
+            IssuerError::JoinRefused(format!("the token names bot `{bot}`, and there is no bot by that name"))
+        })?;
+        Ok(doc.spec.roles.iter().map(|r| r.to_string()).collect())
+    }
+
+    fn renew(&mut self, request: &RenewRequest) -> Result<BotCertificate, IssuerError> {
+        let verified = bots::verify_bot_certificate(&self.authority, &request.certificate, now())?;
+        let (claims, spki) = (verified.claims, verified.public_key);
+        if claims.join.get("join.meta.join_method").map(String::as_str) != Some("token") {
+            return Err(IssuerError::Unauthenticated(
+                "only `token`-joined bots renew; `iam` bots join again".into(),
+            ));
+        }
+        let bot = claims.bot.clone();
+        let record = self.ledger.bots.get(&bot).cloned().unwrap_or_default();
+        if let Some(reason) = record.locked {
+            return Err(IssuerError::Locked { bot, reason });
+        }
+        if record.generation != claims.generation {
+            let reason = format!(
+                "a renewal presented generation {} while the bot is at generation {}: two holders share one identity",
+                claims.generation, record.generation
+            );
+            self.ledger.bots.insert(
+                bot.clone(),
+                BotRecord {
+                    generation: record.generation,
+                    locked: Some(reason.clone()),
+                },
+            );
+            self.ledger.save_bots(&self.store)?;
+            return Err(IssuerError::Locked { bot, reason });
+        }
+        check_possession(&spki, &request.public_key, &request.proof)?;
+        let roles = self.bot_roles(&bot)?;
+        let generation = record.generation + 1;
+        self.ledger.bots.insert(
+            bot.clone(),
+            BotRecord {
+                generation,
+                locked: None,
+            },
+        );
+        self.ledger.save_bots(&self.store)?;
+        let claims = BotClaims {
+            roles,
+            generation,
+            ..claims
+        };
+        self.sign_bot(&claims, &request.public_key, request.ttl)
+    }
+}
+
+/// Checks that the holder of the certificate's key signed the new public key.
+fn check_possession(certificate_spki: &[u8], message: &[u8], signature: &[u8]) -> Result<(), IssuerError> {
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(certificate_spki)
+        .map_err(|_| IssuerError::Unauthenticated("the certificate's public key cannot be read".into()))?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &spki.subject_public_key.data)
+        .verify(message, signature)
+        .map_err(|_| IssuerError::Unauthenticated("the renewal was not signed with the certificate's key".into()))
+}
+
+use x509_parser::prelude::FromDer;
+
+impl LocalIssuer {
+    /// Opens the issuer over `store`, creating the CA and JWT key of the policy's trust domain on first use.
+    pub fn open(store: Store, policy: Policy) -> Result<LocalIssuer, IssuerError> {
+        let state = State::open(store, policy)?;
+        let (bundles, _) = watch::channel(Arc::new(state.bundles()));
+        Ok(LocalIssuer {
+            state: Mutex::new(state),
+            challenges: Mutex::new(HashMap::new()),
+            bundles,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("issuer state poisoned")
+    }
+
+    fn publish(&self, state: &mut State) {
+        state.sequence += 1;
+        self.bundles.send_replace(Arc::new(state.bundles()));
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.lock().policy.clone()
+    }
+
+    /// Swaps the policy. A new trust domain loads (or creates) that domain's CA and publishes its bundle.
+    pub fn set_policy(&self, policy: Policy) -> Result<(), IssuerError> {
+        let mut state = self.lock();
+        if policy.trust_domain != state.policy.trust_domain {
+            let td = policy.trust_domain.clone();
+            state.authority = Authority::load_or_create(&state.store, &td, &policy.ca, now())?;
+            state.jwt = JwtKey::load_or_create(&state.store, &td)?;
+            state.ledger = Ledger::load(&state.store, format!("issuer/{}", td.as_str()))?;
+            state.verified.clear();
+            state.policy = Arc::new(policy);
+            self.publish(&mut state);
+        } else {
+            state.policy = Arc::new(policy);
+        }
+        Ok(())
+    }
+
+    /// Rotates the CA: a new CA signs from now on; both are in the bundle until everything the old
+    /// one signed has expired ([`LocalIssuer::prune`] then drops it).
+    pub fn rotate_ca(&self) -> Result<(), IssuerError> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let settings = state.policy.ca.clone();
+        state.authority.rotate(&state.store, &settings, now())?;
+        self.publish(state);
+        Ok(())
+    }
+
+    /// Drops CAs whose overlap has ended; publishes the bundle when it changed.
+    pub fn prune(&self) -> Result<(), IssuerError> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        if state.authority.prune(&state.store, now())? {
+            state.verified.clear();
+            self.publish(state);
+        }
+        Ok(())
+    }
+
+    /// The current bundle.
+    pub fn current_bundles(&self) -> Arc<Bundles> {
+        self.bundles.borrow().clone()
+    }
+
+    fn take_challenge(&self, challenge: &str) -> Result<(), IssuerError> {
+        let mut challenges = self.challenges.lock().expect("challenges poisoned");
+        let now = now();
+        challenges.retain(|_, issued| *issued + CHALLENGE_TTL > now);
+        challenges.remove(challenge).map(drop).ok_or_else(|| {
+            IssuerError::JoinRefused(
+                "challenge: it was not issued by this issuer, was already used, or is older than 5 minutes".into(),
+            )
+        })
+    }
+
+    async fn join_iam(
+        &self,
+        request: &JoinRequest,
+        challenge: &str,
+        signed: &aws::SignedRequest,
+    ) -> Result<BotCertificate, IssuerError> {
+        let refuse = IssuerError::JoinRefused;
+        let (token, sts_override) = {
+            let state = self.lock();
+            let token = state.policy.tokens.get(&request.token).cloned().ok_or_else(|| {
+                refuse(format!(
+                    "no token named `{}` exists; check `onboarding.token`",
+                    request.token
+                ))
+            })?;
+            (token, state.policy.sts_endpoint.clone())
+        };
+        join::check_token_terms(&token, JoinMethod::Iam, now()).map_err(refuse)?;
+        let real_endpoint = join::check_signed_request(signed, challenge).map_err(refuse)?;
+        self.take_challenge(challenge)?;
+        let endpoint = sts_override.unwrap_or(real_endpoint);
+        let identity = aws::get_caller_identity(signed, &endpoint).await.map_err(|e| match e {
+            AwsError::Refused(why) => refuse(format!("signature refused by STS: {why}")),
+            AwsError::Malformed(why) => refuse(why),
+            other => IssuerError::StsUnavailable(other),
+        })?;
+        join::check_allow(&token, &identity).map_err(refuse)?;
+        let mut state = self.lock();
+        let bot = token.spec.bot_name.to_string();
+        let roles = state.bot_roles(&bot)?;
+        let claims = BotClaims {
+            bot,
+            roles,
+            generation: 0,
+            join: [
+                ("join.meta.join_method".to_owned(), "iam".to_owned()),
+                ("join.meta.join_token_name".to_owned(), request.token.clone()),
+                ("join.iam.account".to_owned(), identity.account),
+                ("join.iam.arn".to_owned(), identity.arn),
+            ]
+            .into(),
+        };
+        state.sign_bot(&claims, &request.public_key, request.ttl)
+    }
+}
+
+#[async_trait::async_trait]
+impl Issuer for LocalIssuer {
+    async fn challenge(&self) -> Result<String, IssuerError> {
+        let mut bytes = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+        let challenge = base64::engine::general_purpose::STANDARD.encode(bytes);
+        self.challenges
+            .lock()
+            .expect("challenges poisoned")
+            .insert(challenge.clone(), now());
+        Ok(challenge)
+    }
+
+    async fn join(&self, request: JoinRequest) -> Result<BotCertificate, IssuerError> {
+        match &request.proof {
+            JoinProof::Token => self.lock().join_token(&request),
+            JoinProof::Iam {
+                challenge,
+                request: signed,
+            } => self.join_iam(&request, challenge, signed).await,
+        }
+    }
+
+    async fn renew(&self, request: RenewRequest) -> Result<BotCertificate, IssuerError> {
+        self.lock().renew(&request)
+    }
+
+    async fn resolve(
+        &self,
+        bot_certificate: &[u8],
+        selector: &IdentitySelector,
+        workload: &Attributes,
+    ) -> Result<Vec<String>, IssuerError> {
+        let mut state = self.lock();
+        match selector {
+            IdentitySelector::Name(name) => {
+                state.decide(bot_certificate, name, workload)?;
+                Ok(vec![name.clone()])
+            }
+            IdentitySelector::Labels(labels) => {
+                let claims = state.authenticate(bot_certificate)?;
+                let attrs = state.attributes(&claims, workload);
+                let decisions =
+                    decide::select(&state.policy, &claims.bot, labels, &attrs).map_err(IssuerError::Denied)?;
+                Ok(decisions.into_iter().map(|d| d.identity).collect())
+            }
+        }
+    }
+
+    async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
+        let svid = mint::x509_svid(&state.authority, &decision, &request.public_key, request.ttl, now())?;
+        state.authority.note_issued(&state.store, svid.not_after)?;
+        Ok(svid)
+    }
+
+    async fn issue_jwt(&self, request: JwtRequest) -> Result<JwtSvid, IssuerError> {
+        let mut state = self.lock();
+        let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
+        mint::jwt_svid(
+            &state.jwt,
+            state.policy.jwt_issuer.as_deref(),
+            &decision,
+            &request.audience,
+            request.ttl,
+            now(),
+        )
+    }
+
+    fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {
+        self.bundles.subscribe()
+    }
+}

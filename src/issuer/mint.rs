@@ -1,0 +1,114 @@
+//! Minting: X509-SVIDs (one URI SAN, `cA=false`, keyUsage digitalSignature, serverAuth + clientAuth,
+//! random 128-bit serial, `notBefore` a minute back) and JWT-SVIDs (ES256, `kid`, `typ: JWT`, `sub`,
+//! `aud`, `exp`, `iat`, `jti`, optional `iss`, extra claims), from a [`Decision`].
+
+use std::time::Duration;
+
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    SubjectPublicKeyInfo,
+};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::ca::{Authority, random_serial};
+use super::jwt::JwtKey;
+use super::{Decision, IssuerError, JwtSvid, X509Svid};
+
+fn invalid(e: impl std::fmt::Display) -> IssuerError {
+    IssuerError::Invalid(e.to_string())
+}
+
+/// Signs an X509-SVID for `public_key` (SPKI DER). The lifetime is `ttl` capped by the identity's
+/// `x509.maximum_ttl` and by the CA's own expiry.
+pub fn x509_svid(
+    authority: &Authority,
+    decision: &Decision,
+    public_key: &[u8],
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<X509Svid, IssuerError> {
+    let key = SubjectPublicKeyInfo::from_der(public_key)
+        .map_err(|e| invalid(format!("the public key is not a DER SubjectPublicKeyInfo: {e}")))?;
+    let ca = authority.active();
+    let not_after = (now + ttl.min(decision.x509_max_ttl)).min(ca.not_after());
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    let subject = &decision.subject;
+    if let Some(o) = &subject.organization {
+        dn.push(DnType::OrganizationName, o.as_str());
+    }
+    if let Some(ou) = &subject.organizational_unit {
+        dn.push(DnType::OrganizationalUnitName, ou.as_str());
+    }
+    if let Some(cn) = &subject.common_name {
+        dn.push(DnType::CommonName, cn.as_str());
+    }
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(decision.spiffe_id.as_str().try_into().map_err(invalid)?)];
+    for san in &decision.dns_sans {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(san.as_str().try_into().map_err(invalid)?));
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial()?);
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = not_after;
+    let cert = params
+        .signed_by(&key, ca.issuer())
+        .map_err(|e| IssuerError::Crypto(e.to_string()))?;
+    Ok(X509Svid {
+        identity: decision.identity.clone(),
+        spiffe_id: decision.spiffe_id.clone(),
+        hint: decision.hint.clone(),
+        certificate: cert.der().to_vec(),
+        not_after,
+    })
+}
+
+/// Signs a JWT-SVID for `audience`. The lifetime is `ttl` capped by the identity's `jwt.maximum_ttl`.
+pub fn jwt_svid(
+    key: &JwtKey,
+    issuer: Option<&str>,
+    decision: &Decision,
+    audience: &[String],
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<JwtSvid, IssuerError> {
+    if audience.is_empty() || audience.iter().any(String::is_empty) {
+        return Err(invalid("a JWT-SVID needs at least one non-empty audience"));
+    }
+    let expires = now + ttl.min(decision.jwt_max_ttl);
+    let mut jti = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut jti).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+    let mut claims = decision.extra_claims.clone();
+    claims.insert("sub".into(), json!(decision.spiffe_id));
+    claims.insert(
+        "aud".into(),
+        match audience {
+            [one] => json!(one),
+            many => json!(many),
+        },
+    );
+    claims.insert("exp".into(), json!(expires.unix_timestamp()));
+    claims.insert("iat".into(), json!(now.unix_timestamp()));
+    claims.insert(
+        "jti".into(),
+        json!(jti.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+    );
+    if let Some(iss) = issuer {
+        claims.insert("iss".into(), json!(iss));
+    }
+    let token = key.sign(&Value::Object(claims))?;
+    Ok(JwtSvid {
+        identity: decision.identity.clone(),
+        spiffe_id: decision.spiffe_id.clone(),
+        hint: decision.hint.clone(),
+        token,
+        expires,
+    })
+}

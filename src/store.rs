@@ -1,0 +1,297 @@
+//! The storage directory: atomic writes (temp file, fsync, rename, fsync the directory), private keys
+//! `0600`, the lock file that keeps two daemons out of one directory, and the layout of persisted state.
+//!
+//! Layout of a storage directory (`storage.path` in the agent config):
+//!
+//! ```text
+//! <path>/                          0700
+//!   lock                           held (flock) by the running daemon; holds its pid
+//!   issuer/<trust domain>/
+//!     ca.json                      the CAs: which is active, which are retiring and until when
+//!     ca-<n>.der                   CA certificate n (DER)
+//!     ca-<n>.key                   its private key, PKCS#8 DER, 0600
+//!     jwt.key                      the JWT-SVID signing key (ES256), PKCS#8 DER, 0600
+//!     tokens.json                  single-use tokens already consumed (SHA-256 of the name, when)
+//!     bots.json                    per bot: certificate generation, locked or not
+//! ```
+//!
+//! `storage.type: memory` keeps the same names in memory: nothing survives a restart, and no lock is
+//! taken.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Whether a file holds a secret (written `0600`) or not (`0644`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrecy {
+    Public,
+    Secret,
+}
+
+/// What can go wrong with the storage directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the directory's lock: two daemons would overwrite each other's state.
+    /// Stop the other daemon, or give this one its own `storage.path`.
+    #[error("storage directory {} is in use by another tbot (pid {holder})", path.display())]
+    Locked { path: PathBuf, holder: String },
+    /// A read, write or rename failed: permissions, a full disk, a read-only file system.
+    #[error("cannot {action} {}: {error}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        error: io::Error,
+    },
+    /// A file in the directory is not what tbot wrote there.
+    #[error("{} is damaged: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+impl StoreError {
+    /// What the operator can do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            StoreError::Locked { .. } => "stop the other tbot, or give this one its own `storage.path`",
+            StoreError::Io { .. } => "check the directory's owner, permissions and free space",
+            StoreError::Corrupt { .. } => {
+                "restore the file from a backup, or move the storage directory aside to start afresh"
+            }
+        }
+    }
+
+    /// I/O may succeed on a retry (space freed, permissions fixed); a held lock or a damaged file will not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Io { .. })
+    }
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |error| StoreError::Io { action, path, error }
+}
+
+enum Backend {
+    Directory { root: PathBuf, _lock: File },
+    Memory(Mutex<BTreeMap<String, Vec<u8>>>),
+}
+
+/// Persisted state, in a directory or in memory. Names are relative paths such as `issuer/x/ca.json`.
+pub struct Store {
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Store {
+    /// A store that keeps everything in memory (`storage.type: memory`).
+    pub fn memory() -> Store {
+        Store {
+            backend: Backend::Memory(Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    /// Opens (creating it `0700` if missing) and locks a storage directory.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(io_error("create", root))?;
+        let lock_path = root.join("lock");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_error("open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = lock.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "unknown".to_owned(),
+                    pid => pid.to_owned(),
+                };
+                return Err(StoreError::Locked {
+                    path: root.to_owned(),
+                    holder,
+                });
+            }
+            Err(TryLockError::Error(error)) => return Err(io_error("lock", &lock_path)(error)),
+        }
+        lock.set_len(0).map_err(io_error("write", &lock_path))?;
+        writeln!(lock, "{}", std::process::id())
+            .and_then(|()| lock.sync_all())
+            .map_err(io_error("write", &lock_path))?;
+        Ok(Store {
+            backend: Backend::Directory {
+                root: root.to_owned(),
+                _lock: lock,
+            },
+        })
+    }
+
+    /// `directory /path` or `memory`, for messages.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Directory { root, .. } => format!("directory {}", root.display()),
+            Backend::Memory(_) => "memory".to_owned(),
+        }
+    }
+
+    /// Where a name lives on disk (for messages), or `memory:NAME`.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        match &self.backend {
+            Backend::Directory { root, .. } => root.join(name),
+            Backend::Memory(_) => PathBuf::from(format!("memory:{name}")),
+        }
+    }
+
+    /// Reads a file; `None` when it does not exist.
+    pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.backend {
+            Backend::Memory(files) => Ok(files.lock().expect("store poisoned").get(name).cloned()),
+            Backend::Directory { root, .. } => {
+                let path = root.join(name);
+                match fs::read(&path) {
+                    Ok(bytes) => Ok(Some(bytes)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(io_error("read", &path)(e)),
+                }
+            }
+        }
+    }
+
+    /// Reads and decodes a JSON file; `None` when it does not exist.
+    pub fn read_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let Some(bytes) = self.read(name)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: self.path_of(name),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Writes a file atomically: a reader (or a crash) sees the old content or the new, never a mix.
+    pub fn write(&self, name: &str, bytes: &[u8], secrecy: Secrecy) -> Result<(), StoreError> {
+        let root = match &self.backend {
+            Backend::Memory(files) => {
+                files
+                    .lock()
+                    .expect("store poisoned")
+                    .insert(name.to_owned(), bytes.to_vec());
+                return Ok(());
+            }
+            Backend::Directory { root, .. } => root,
+        };
+        let path = root.join(name);
+        let dir = path.parent().expect("a name inside the root");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_error("create", dir))?;
+        let file_name = path.file_name().expect("a file name").to_string_lossy();
+        let temp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+        let mode = match secrecy {
+            Secrecy::Secret => 0o600,
+            Secrecy::Public => 0o644,
+        };
+        let write = || -> io::Result<()> {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&temp)?;
+            // The mode given to `open` is masked by the umask and ignored for an existing file.
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+            file.write_all(bytes)?;
+            file.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&temp);
+            return Err(io_error("write", &temp)(e));
+        }
+        fs::rename(&temp, &path).map_err(io_error("rename into place", &path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error("sync", dir))
+    }
+
+    /// Encodes a value as JSON and writes it atomically.
+    pub fn write_json<T: serde::Serialize>(&self, name: &str, value: &T, secrecy: Secrecy) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(value).expect("state serializes");
+        self.write(name, &bytes, secrecy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_replace_files_atomically_with_the_right_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.write("issuer/x/ca-1.key", b"secret", Secrecy::Secret).unwrap();
+        store.write("issuer/x/ca-1.der", b"public", Secrecy::Public).unwrap();
+        store.write("issuer/x/ca-1.der", b"public 2", Secrecy::Public).unwrap();
+        let mode = |name: &str| fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("issuer/x/ca-1.key"), 0o600);
+        assert_eq!(mode("issuer/x/ca-1.der"), 0o644);
+        assert_eq!(mode("issuer/x"), 0o700);
+        assert_eq!(store.read("issuer/x/ca-1.der").unwrap().unwrap(), b"public 2");
+        assert_eq!(store.read("issuer/x/missing").unwrap(), None);
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("issuer/x"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("in use by another tbot"), "{message}");
+        assert!(message.contains(&format!("pid {}", std::process::id())), "{message}");
+        assert!(!err.is_transient());
+        drop(first);
+        Store::open(dir.path()).expect("the lock is released with the store");
+    }
+
+    #[test]
+    fn a_damaged_json_file_is_reported_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.write("bots.json", b"{not json", Secrecy::Public).unwrap();
+        let err = store.read_json::<serde_json::Value>("bots.json").unwrap_err();
+        assert!(err.to_string().contains("bots.json is damaged"), "{err}");
+    }
+
+    #[test]
+    fn memory_stores_keep_files_without_touching_the_disk() {
+        let store = Store::memory();
+        store.write("a/b", b"x", Secrecy::Secret).unwrap();
+        assert_eq!(store.read("a/b").unwrap().unwrap(), b"x");
+        assert_eq!(store.describe(), "memory");
+    }
+}

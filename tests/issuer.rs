@@ -1,0 +1,543 @@
+//! The issuer as the agent sees it: token joins, renewals, X509-SVIDs and JWT-SVIDs checked by
+//! independent parsers (`x509-parser`, `openssl`, `jsonwebtoken`), restarts and CA rotation.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use rcgen::{KeyPair, PublicKeyData, SigningKey};
+use tbot::issuer::{
+    Attributes, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, LocalIssuer, Policy,
+    RenewRequest, X509Request,
+};
+use tbot::manifest::{Input, load};
+use tbot::store::Store;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::*;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn docs(cluster_spec: &str, extra: &str) -> String {
+    format!(
+        "
+kind: cluster
+version: v1
+metadata: {{name: example.org}}
+spec: {cluster_spec}
+---
+kind: role
+version: v7
+metadata: {{name: issuer}}
+spec:
+  allow:
+    workload_identity_labels: {{app: web}}
+    rules: [{{resources: [workload_identity], verbs: [read, list]}}]
+---
+kind: bot
+version: v1
+metadata: {{name: web-bot}}
+spec: {{roles: [issuer]}}
+---
+kind: token
+version: v2
+metadata: {{name: secret-token-1}}
+spec: {{roles: [Bot], join_method: token, bot_name: web-bot}}
+---
+kind: workload_identity
+version: v1
+metadata: {{name: web, labels: {{app: web}}}}
+spec:
+  rules:
+    allow:
+      - conditions: [{{attribute: workload.unix.uid, eq: {{value: '1000'}}}}]
+  spiffe:
+    id: '/svc/{{{{workload.unix.uid}}}}'
+    hint: web
+    x509:
+      dns_sans: [web.example.org]
+      subject_template: {{organization: Example}}
+    jwt:
+      extra_claims: {{bot: '{{{{user.bot_name}}}}'}}
+{extra}"
+    )
+}
+
+fn policy(text: &str) -> Policy {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docs.yaml");
+    std::fs::write(&file, text).unwrap();
+    let loaded = load(&[Input::File(file)]).unwrap();
+    assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
+    Policy::from_state(&loaded.state).unwrap()
+}
+
+fn open(dir: &Path, text: &str) -> LocalIssuer {
+    LocalIssuer::open(Store::open(dir).unwrap(), policy(text)).unwrap()
+}
+
+fn token_join(key: &KeyPair, token: &str) -> JoinRequest {
+    JoinRequest {
+        token: token.into(),
+        public_key: key.subject_public_key_info(),
+        proof: JoinProof::Token,
+        ttl: HOUR,
+    }
+}
+
+fn workload(uid: u32) -> Attributes {
+    let mut a = Attributes::new();
+    a.set("workload.unix.uid", uid);
+    a
+}
+
+fn x509_request(bot_cert: &[u8], key: &KeyPair, uid: u32) -> X509Request {
+    X509Request {
+        bot_certificate: bot_cert.to_vec(),
+        identity: "web".into(),
+        workload: workload(uid),
+        public_key: key.subject_public_key_info(),
+        ttl: HOUR,
+    }
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
+fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl").args(args).output().expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Checks an X509-SVID against every rule of DESIGN §6 with x509-parser, then the chain and the key
+/// match with the `openssl` command.
+fn check_x509_svid(leaf: &[u8], key: &KeyPair, bundle: &[Vec<u8>], spiffe_id: &str) {
+    let (rest, cert) = parse_x509_certificate(leaf).expect("the leaf parses");
+    assert!(rest.is_empty());
+    let uris: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .expect("a SAN extension")
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(uris, [spiffe_id], "exactly one URI SAN");
+    let bc = cert.basic_constraints().unwrap().expect("basicConstraints present");
+    assert!(!bc.value.ca, "leaf cA=false");
+    let ku = cert.key_usage().unwrap().expect("keyUsage present");
+    assert!(ku.critical, "keyUsage critical");
+    assert!(ku.value.digital_signature());
+    assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
+    let eku = cert.extended_key_usage().unwrap().expect("EKU present");
+    assert!(eku.value.server_auth && eku.value.client_auth);
+    assert!(cert.tbs_certificate.raw_serial().len() >= 16, "a 128-bit serial");
+    let now = ::time::OffsetDateTime::now_utc();
+    let not_before = cert.validity().not_before.to_datetime();
+    assert!(not_before <= now - ::time::Duration::seconds(55) && not_before > now - ::time::Duration::minutes(2));
+    for ext in cert.extensions() {
+        if let ParsedExtension::UnsupportedExtension { .. } = ext.parsed_extension() {
+            panic!("unexpected extension {}", ext.oid);
+        }
+    }
+    // Chain and key, by openssl.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("bundle.pem");
+    let bundle_pem: String = bundle.iter().map(|der| pem("CERTIFICATE", der)).collect();
+    std::fs::write(&ca_file, bundle_pem).unwrap();
+    let leaf_file = dir.path().join("leaf.pem");
+    std::fs::write(&leaf_file, pem("CERTIFICATE", leaf)).unwrap();
+    let key_file = dir.path().join("key.pem");
+    std::fs::write(&key_file, pem("PRIVATE KEY", &key.serialize_der())).unwrap();
+    let verified = openssl(&[
+        "verify",
+        "-x509_strict",
+        "-purpose",
+        "sslclient",
+        "-CAfile",
+        ca_file.to_str().unwrap(),
+        leaf_file.to_str().unwrap(),
+    ]);
+    assert!(verified.contains(": OK"), "{verified}");
+    let from_key = openssl(&["pkey", "-in", key_file.to_str().unwrap(), "-pubout"]);
+    let from_cert = openssl(&["x509", "-in", leaf_file.to_str().unwrap(), "-noout", "-pubkey"]);
+    assert_eq!(from_key, from_cert, "the private key matches the leaf");
+}
+
+#[tokio::test]
+async fn a_token_join_gives_a_bot_certificate_naming_the_bot_and_its_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
+    assert_eq!(bot.bot, "web-bot");
+    assert_eq!(bot.roles, ["issuer"]);
+    assert_eq!(bot.generation, 1);
+    let (_, cert) = parse_x509_certificate(&bot.der).unwrap();
+    assert_eq!(
+        cert.subject().iter_common_name().next().unwrap().as_str().unwrap(),
+        "web-bot"
+    );
+    let ttl = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    assert_eq!(ttl, 3600 + 60, "credential_ttl plus the minute of backdating");
+    assert!(!cert.basic_constraints().unwrap().unwrap().value.ca);
+}
+
+#[tokio::test]
+async fn a_token_is_single_use_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate().unwrap();
+    {
+        let issuer = open(dir.path(), &docs("{}", ""));
+        issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
+        let err = issuer.join(token_join(&key, "secret-token-1")).await.unwrap_err();
+        assert!(err.to_string().contains("already used by bot `web-bot`"), "{err}");
+        assert!(!err.is_transient());
+    }
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let err = issuer.join(token_join(&key, "secret-token-1")).await.unwrap_err();
+    assert!(err.to_string().contains("already used"), "{err}");
+}
+
+#[tokio::test]
+async fn refusals_say_which_check_failed_without_echoing_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let expired = "---
+kind: token
+version: v2
+metadata: {name: old-token, expires: '2020-01-01T00:00:00Z'}
+spec: {roles: [Bot], join_method: token, bot_name: web-bot}
+";
+    let issuer = open(dir.path(), &docs("{}", expired));
+    let key = KeyPair::generate().unwrap();
+    let err = issuer.join(token_join(&key, "old-token")).await.unwrap_err();
+    assert!(
+        err.to_string().contains("the token expired at 2020-01-01T00:00:00Z"),
+        "{err}"
+    );
+    let err = issuer.join(token_join(&key, "guessed-secret")).await.unwrap_err();
+    assert!(err.to_string().contains("no token by that name exists"), "{err}");
+    assert!(!err.to_string().contains("guessed-secret"), "{err}");
+}
+
+#[tokio::test]
+async fn x509_svids_meet_every_spiffe_rule_and_verify_against_the_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let bot_key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+    let key = KeyPair::generate().unwrap();
+    let svid = issuer.issue_x509(x509_request(&bot.der, &key, 1000)).await.unwrap();
+    assert_eq!(svid.spiffe_id, "spiffe://example.org/svc/1000");
+    assert_eq!(svid.hint.as_deref(), Some("web"));
+    let bundle = issuer.current_bundles();
+    assert_eq!(bundle.trust_domain, "example.org");
+    check_x509_svid(
+        &svid.certificate,
+        &key,
+        &bundle.x509_authorities,
+        "spiffe://example.org/svc/1000",
+    );
+    let text = openssl(&["x509", "-inform", "DER", "-noout", "-text", "-in", &{
+        let f = dir.path().join("leaf.der");
+        std::fs::write(&f, &svid.certificate).unwrap();
+        f.to_str().unwrap().to_owned()
+    }]);
+    assert!(text.contains("DNS:web.example.org"), "{text}");
+    assert!(text.contains("O=Example") || text.contains("O = Example"), "{text}");
+    // The CA certificate itself.
+    let (_, ca) = parse_x509_certificate(&bundle.x509_authorities[0]).unwrap();
+    assert!(ca.basic_constraints().unwrap().unwrap().value.ca);
+    let ku = ca.key_usage().unwrap().unwrap().value;
+    assert!(ku.key_cert_sign() && ku.crl_sign());
+    let san = ca.subject_alternative_name().unwrap().unwrap();
+    assert!(matches!(
+        san.value.general_names[..],
+        [GeneralName::URI("spiffe://example.org")]
+    ));
+}
+
+#[tokio::test]
+async fn a_workload_the_rules_do_not_allow_gets_nothing_and_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let bot_key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+    let key = KeyPair::generate().unwrap();
+    let err = issuer.issue_x509(x509_request(&bot.der, &key, 0)).await.unwrap_err();
+    assert!(matches!(err, IssuerError::Denied(_)));
+    assert!(
+        err.to_string().contains("`workload.unix.uid` is `0`, not `1000`"),
+        "{err}"
+    );
+    // The agent cannot claim the bot's attributes for the workload.
+    let mut forged = workload(1000);
+    forged.set("user.bot_name", "someone-else");
+    let names = issuer
+        .resolve(&bot.der, &IdentitySelector::Name("web".into()), &forged)
+        .await
+        .unwrap();
+    assert_eq!(names, ["web"]);
+}
+
+#[tokio::test]
+async fn ttls_are_capped_by_the_identity_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = docs("{}", "").replace("subject_template:", "maximum_ttl: 10m\n      subject_template:");
+    let issuer = open(dir.path(), &text);
+    let bot_key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+    let key = KeyPair::generate().unwrap();
+    let svid = issuer.issue_x509(x509_request(&bot.der, &key, 1000)).await.unwrap();
+    let (_, cert) = parse_x509_certificate(&svid.certificate).unwrap();
+    let ttl = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    assert_eq!(ttl, 600 + 60);
+}
+
+#[tokio::test]
+async fn jwt_svids_verify_against_the_jwks_with_an_independent_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{jwt: {issuer: 'https://issuer.example.org'}}", ""));
+    let bot_key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+    let svid = issuer
+        .issue_jwt(JwtRequest {
+            bot_certificate: bot.der.clone(),
+            identity: "web".into(),
+            workload: workload(1000),
+            audience: vec!["payments".into()],
+            ttl: HOUR,
+        })
+        .await
+        .unwrap();
+    let header = jsonwebtoken::decode_header(&svid.token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+    assert_eq!(header.typ.as_deref(), Some("JWT"));
+    let kid = header.kid.expect("kid is always set");
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(issuer.current_bundles().jwks()).unwrap();
+    let jwk = jwks.find(&kid).expect("the kid is in the JWKS");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&["payments"]);
+    validation.set_issuer(&["https://issuer.example.org"]);
+    validation.set_required_spec_claims(&["sub", "aud", "exp", "iat"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(
+        &svid.token,
+        &jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
+        &validation,
+    )
+    .unwrap();
+    let claims = data.claims;
+    assert_eq!(claims["sub"], "spiffe://example.org/svc/1000");
+    assert_eq!(claims["bot"], "web-bot");
+    assert!(claims["jti"].as_str().is_some_and(|j| j.len() == 32));
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 3600);
+    // A JWT bundle holds no X.509 CA keys: every key is an EC signing key with a kid.
+    for key in &jwks.keys {
+        assert!(key.common.key_id.is_some());
+        assert!(key.common.x509_chain.is_none());
+    }
+    let err = issuer
+        .issue_jwt(JwtRequest {
+            bot_certificate: bot.der,
+            identity: "web".into(),
+            workload: workload(1000),
+            audience: vec![],
+            ttl: HOUR,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("audience"), "{err}");
+}
+
+fn renewal(current: &[u8], current_key: &KeyPair, next: &KeyPair) -> RenewRequest {
+    let public_key = next.subject_public_key_info();
+    RenewRequest {
+        certificate: current.to_vec(),
+        proof: current_key.sign(&public_key).unwrap(),
+        public_key,
+        ttl: HOUR,
+    }
+}
+
+#[tokio::test]
+async fn renewals_move_the_generation_and_a_copied_identity_locks_the_bot() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let k1 = KeyPair::generate().unwrap();
+    let first = issuer.join(token_join(&k1, "secret-token-1")).await.unwrap();
+    let k2 = KeyPair::generate().unwrap();
+    let second = issuer.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
+    assert_eq!(second.generation, 2);
+    // The old certificate no longer issues.
+    let key = KeyPair::generate().unwrap();
+    let err = issuer
+        .issue_x509(x509_request(&first.der, &key, 1000))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("renewed since"), "{err}");
+    // A renewal signed with another key is refused without locking.
+    let stranger = KeyPair::generate().unwrap();
+    let err = issuer.renew(renewal(&second.der, &stranger, &k2)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("not signed with the certificate's key"),
+        "{err}"
+    );
+    // Someone renews with the stale copy: the bot is locked, for everyone.
+    let err = issuer.renew(renewal(&first.der, &k1, &k2)).await.unwrap_err();
+    assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("two holders share one identity"), "{err}");
+    let err = issuer
+        .issue_x509(x509_request(&second.der, &key, 1000))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
+    drop(issuer);
+    // The lock and generation survive a restart.
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let err = issuer.renew(renewal(&second.der, &k2, &k1)).await.unwrap_err();
+    assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_restarted_issuer_keeps_its_ca_jwt_key_and_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, renewed, k2) = {
+        let issuer = open(dir.path(), &docs("{}", ""));
+        let k1 = KeyPair::generate().unwrap();
+        let first = issuer.join(token_join(&k1, "secret-token-1")).await.unwrap();
+        let k2 = KeyPair::generate().unwrap();
+        let renewed = issuer.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
+        (issuer.current_bundles(), renewed, k2)
+    };
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let again = issuer.current_bundles();
+    assert_eq!(again.x509_authorities, bundle.x509_authorities);
+    assert_eq!(again.jwks(), bundle.jwks());
+    let key = KeyPair::generate().unwrap();
+    issuer
+        .issue_x509(x509_request(&renewed.der, &key, 1000))
+        .await
+        .expect("the renewed certificate still works after a restart");
+    let k3 = KeyPair::generate().unwrap();
+    assert_eq!(
+        issuer.renew(renewal(&renewed.der, &k2, &k3)).await.unwrap().generation,
+        3
+    );
+    let mode = |name: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.path().join("issuer/example.org").join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("ca-1.key"), 0o600);
+    assert_eq!(mode("jwt.key"), 0o600);
+}
+
+#[tokio::test]
+async fn a_second_issuer_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = open(dir.path(), &docs("{}", ""));
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("in use by another tbot"), "{err}");
+}
+
+#[tokio::test]
+async fn ca_rotation_keeps_both_cas_in_the_bundle_until_old_svids_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let mut bundles = issuer.bundles();
+    let bot_key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+    let old_key = KeyPair::generate().unwrap();
+    let old = issuer.issue_x509(x509_request(&bot.der, &old_key, 1000)).await.unwrap();
+    issuer.rotate_ca().unwrap();
+    assert!(bundles.has_changed().unwrap(), "watchers see the rotation");
+    let bundle = bundles.borrow_and_update().clone();
+    assert_eq!(bundle.x509_authorities.len(), 2);
+    let new_key = KeyPair::generate().unwrap();
+    // The bot certificate signed by the old CA still works during the overlap.
+    let new = issuer.issue_x509(x509_request(&bot.der, &new_key, 1000)).await.unwrap();
+    let issuer_of = |der: &[u8]| {
+        let (_, c) = parse_x509_certificate(der).unwrap();
+        c.issuer().to_string()
+    };
+    assert_ne!(issuer_of(&old.certificate), issuer_of(&new.certificate));
+    check_x509_svid(&old.certificate, &old_key, &bundle.x509_authorities, &old.spiffe_id);
+    check_x509_svid(&new.certificate, &new_key, &bundle.x509_authorities, &new.spiffe_id);
+    issuer.prune().unwrap();
+    assert_eq!(
+        issuer.current_bundles().x509_authorities.len(),
+        2,
+        "the old CA stays while its SVIDs live"
+    );
+    drop(issuer);
+    let issuer = open(dir.path(), &docs("{}", ""));
+    assert_eq!(issuer.current_bundles().x509_authorities, bundle.x509_authorities);
+}
+
+#[tokio::test]
+async fn rsa_and_ed25519_cas_sign_svids_that_openssl_verifies() {
+    for algorithm in ["rsa-2048", "ed25519"] {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = open(
+            dir.path(),
+            &docs(&format!("{{ca: {{key_algorithm: {algorithm}}}}}"), ""),
+        );
+        let bot_key = KeyPair::generate().unwrap();
+        let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+        let key = KeyPair::generate().unwrap();
+        let svid = issuer.issue_x509(x509_request(&bot.der, &key, 1000)).await.unwrap();
+        check_x509_svid(
+            &svid.certificate,
+            &key,
+            &issuer.current_bundles().x509_authorities,
+            &svid.spiffe_id,
+        );
+        drop(issuer);
+        let issuer = open(
+            dir.path(),
+            &docs(&format!("{{ca: {{key_algorithm: {algorithm}}}}}"), ""),
+        );
+        let svid = issuer.issue_x509(x509_request(&bot.der, &key, 1000)).await;
+        assert!(svid.is_ok(), "{algorithm} after a restart: {svid:?}");
+    }
+}
+
+#[tokio::test]
+async fn label_selectors_resolve_to_the_identities_the_caller_may_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let bot_key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+    let selector = IdentitySelector::Labels([("app".to_owned(), "web".to_owned())].into());
+    assert_eq!(
+        issuer.resolve(&bot.der, &selector, &workload(1000)).await.unwrap(),
+        ["web"]
+    );
+    assert!(
+        issuer
+            .resolve(&bot.der, &selector, &workload(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
