@@ -34,3 +34,11 @@ impl AwsError {
         matches!(self, AwsError::Imds(_) | AwsError::Unreachable(_))
     }
 }
+
+/// What an agent sends for an `iam` join: a `GetCallerIdentity` request signed over `challenge`
+/// with credentials from the environment or IMDSv2, for the region from `AWS_REGION`, IMDS or the default.
+pub async fn iam_join_proof(imds: &Imds, challenge: &str) -> Result<SignedRequest, AwsError> {
+    let credentials = resolve_credentials(imds).await?;
+    let region = resolve_region(imds).await;
+    sign_get_caller_identity(&credentials, &region, challenge)
+}

@@ -1,0 +1,334 @@
+//! End-to-end `iam` joins against moto (an STS stand-in with its signature checks on) and a small
+//! IMDSv2 stand-in serving the assumed role's credentials to the agent's IMDS client.
+//!
+//! `scripts/test.sh` installs `moto[server]` into `target/test-venv`; with `CI=true` a missing moto
+//! fails these tests instead of skipping them.
+
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rcgen::{KeyPair, PublicKeyData};
+use tbot::aws::{Imds, SignedRequest, iam_join_proof};
+use tbot::issuer::{BotCertificate, Issuer, IssuerError, JoinProof, JoinRequest, LocalIssuer, Policy};
+use tbot::manifest::{Input, load};
+use tbot::store::Store;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const INSTANCE_ID: &str = "i-0abc123def4567890";
+const ACCOUNT: &str = "123456789012";
+
+fn venv() -> Option<PathBuf> {
+    let dir = std::env::var_os("TBOT_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
+    if dir.join("bin/moto_server").exists() {
+        return Some(dir);
+    }
+    let message = format!(
+        "moto is not installed in {}; run scripts/test.sh, which creates that environment",
+        dir.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{message}");
+    }
+    eprintln!("skipping: {message}");
+    None
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A moto server on a loopback port, stopped on drop, with an assumed role's credentials.
+struct Moto {
+    child: Child,
+    endpoint: String,
+    credentials: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_moto(venv: &std::path::Path) -> Moto {
+    let port = free_port();
+    let child = Command::new(venv.join("bin/moto_server"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server starts");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut moto = Moto {
+        child,
+        endpoint,
+        credentials: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto_server did not listen within 60s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let setup = Command::new(venv.join("bin/python"))
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/peers/moto_setup.py"))
+        .args([&moto.endpoint, INSTANCE_ID])
+        .output()
+        .expect("the moto setup script runs");
+    assert!(setup.status.success(), "{}", String::from_utf8_lossy(&setup.stderr));
+    moto.credentials = String::from_utf8(setup.stdout).unwrap();
+    moto
+}
+
+/// An IMDSv2 stand-in: tokens by PUT, role credentials and region by GET with the token.
+async fn start_imds(credentials: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let credentials = credentials.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                let line = head.lines().next().unwrap_or("").to_owned();
+                let has_token = head.contains("x-aws-ec2-metadata-token: imds-session");
+                let (status, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+                    ["put", "/latest/api/token"] if head.contains("x-aws-ec2-metadata-token-ttl-seconds:") => {
+                        ("200 OK", "imds-session".to_owned())
+                    }
+                    ["get", _] if !has_token => ("401 Unauthorized", String::new()),
+                    ["get", "/latest/meta-data/iam/security-credentials/"] => ("200 OK", "teleport-bot-role".into()),
+                    ["get", "/latest/meta-data/iam/security-credentials/teleport-bot-role"] => ("200 OK", credentials),
+                    ["get", "/latest/meta-data/placement/region"] => ("200 OK", "us-east-1".into()),
+                    _ => ("404 Not Found", String::new()),
+                };
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+fn policy(sts_endpoint: &str) -> Policy {
+    let text = format!(
+        "
+kind: cluster
+version: v1
+metadata: {{name: example.org}}
+spec: {{aws: {{sts_endpoint: '{sts_endpoint}'}}}}
+---
+kind: role
+version: v7
+metadata: {{name: issuer}}
+spec:
+  allow:
+    workload_identity_labels: {{'*': '*'}}
+    rules: [{{resources: [workload_identity], verbs: [read, list]}}]
+---
+kind: bot
+version: v1
+metadata: {{name: ec2-bot}}
+spec: {{roles: [issuer]}}
+---
+kind: token
+version: v2
+metadata: {{name: iam-token}}
+spec:
+  roles: [Bot]
+  join_method: iam
+  bot_name: ec2-bot
+  allow:
+    - aws_account: '{ACCOUNT}'
+      aws_arn: 'arn:aws:sts::{ACCOUNT}:assumed-role/teleport-bot-role/i-*'
+---
+kind: token
+version: v2
+metadata: {{name: wrong-account}}
+spec:
+  roles: [Bot]
+  join_method: iam
+  bot_name: ec2-bot
+  allow: [{{aws_account: '111111111111'}}]
+---
+kind: token
+version: v2
+metadata: {{name: wrong-arn}}
+spec:
+  roles: [Bot]
+  join_method: iam
+  bot_name: ec2-bot
+  allow:
+    - aws_account: '{ACCOUNT}'
+      aws_arn: 'arn:aws:sts::{ACCOUNT}:assumed-role/other-role/*'
+"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docs.yaml");
+    std::fs::write(&file, text).unwrap();
+    let loaded = load(&[Input::File(file)]).unwrap();
+    assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
+    Policy::from_state(&loaded.state).unwrap()
+}
+
+async fn join(
+    issuer: &LocalIssuer,
+    token: &str,
+    signed: SignedRequest,
+    challenge: String,
+) -> Result<BotCertificate, IssuerError> {
+    let key = KeyPair::generate().unwrap();
+    issuer
+        .join(JoinRequest {
+            token: token.into(),
+            public_key: key.subject_public_key_info(),
+            proof: JoinProof::Iam {
+                challenge,
+                request: signed,
+            },
+            ttl: Duration::from_secs(3600),
+        })
+        .await
+}
+
+/// Asks for a challenge, gets credentials from the IMDS stand-in and signs, as the agent does.
+async fn signed_join(issuer: &LocalIssuer, imds: &Imds, token: &str) -> Result<BotCertificate, IssuerError> {
+    let challenge = issuer.challenge().await.unwrap();
+    let signed = iam_join_proof(imds, &challenge).await.expect("the agent signs");
+    join(issuer, token, signed, challenge).await
+}
+
+struct Peers {
+    _moto: Moto,
+    issuer: LocalIssuer,
+    imds: Imds,
+}
+
+async fn peers() -> Option<Peers> {
+    let venv = venv()?;
+    let moto = tokio::task::spawn_blocking(move || start_moto(&venv)).await.unwrap();
+    let imds = Imds::new(start_imds(moto.credentials.clone()).await);
+    let issuer = LocalIssuer::open(Store::memory(), policy(&moto.endpoint)).unwrap();
+    Some(Peers {
+        _moto: moto,
+        issuer,
+        imds,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ec2_instance_joins_when_its_assumed_role_arn_matches_the_glob() {
+    let Some(p) = peers().await else { return };
+    let bot = signed_join(&p.issuer, &p.imds, "iam-token")
+        .await
+        .expect("the join succeeds");
+    assert_eq!(bot.bot, "ec2-bot");
+    assert_eq!(bot.generation, 0);
+    let attr = |name: &str| {
+        let a = tbot::resource::template::Attribute::parse(name).unwrap();
+        bot.join.get(&a).map(|v| v.join(","))
+    };
+    assert_eq!(attr("join.iam.account").as_deref(), Some(ACCOUNT));
+    assert_eq!(
+        attr("join.iam.arn").as_deref(),
+        Some(format!("arn:aws:sts::{ACCOUNT}:assumed-role/teleport-bot-role/{INSTANCE_ID}").as_str())
+    );
+    assert_eq!(attr("join.meta.join_method").as_deref(), Some("iam"));
+    // IAM joins are reusable: the agent rejoins at each renewal.
+    signed_join(&p.issuer, &p.imds, "iam-token")
+        .await
+        .expect("a second join succeeds");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_account_or_an_arn_that_does_not_match_is_refused_naming_the_check() {
+    let Some(p) = peers().await else { return };
+    let err = signed_join(&p.issuer, &p.imds, "wrong-account").await.unwrap_err();
+    assert!(matches!(err, IssuerError::JoinRefused(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("account: `{ACCOUNT}` is not an `aws_account`")),
+        "{err}"
+    );
+    let err = signed_join(&p.issuer, &p.imds, "wrong-arn").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("ARN: `arn:aws:sts::123456789012:assumed-role/teleport-bot-role/"),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_challenge_is_refused_by_sts() {
+    let Some(p) = peers().await else { return };
+    // Sign over one challenge, then swap in another the issuer handed out: every local check passes,
+    // and the signature no longer matches.
+    let first = p.issuer.challenge().await.unwrap();
+    let mut signed = iam_join_proof(&p.imds, &first).await.unwrap();
+    let second = p.issuer.challenge().await.unwrap();
+    for (name, value) in &mut signed.headers {
+        if name.eq_ignore_ascii_case("x-teleport-challenge") {
+            *value = second.clone();
+        }
+    }
+    let err = join(&p.issuer, "iam-token", signed.clone(), second).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("signature refused by STS: SignatureDoesNotMatch"),
+        "{err}"
+    );
+    // A challenge the issuer never sent is refused before STS.
+    let err = join(&p.issuer, "iam-token", signed, "made-up".into())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("challenge:"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_not_on_the_allowlist_is_refused_before_any_network_call() {
+    let Some(p) = peers().await else { return };
+    // The issuer's STS endpoint counts connections: none may arrive.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let counting = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let issuer = LocalIssuer::open(Store::memory(), policy(&counting)).unwrap();
+    let challenge = issuer.challenge().await.unwrap();
+    let mut signed = iam_join_proof(&p.imds, &challenge).await.unwrap();
+    signed.url = "https://sts.amazonaws.com.attacker.example/".into();
+    for (name, value) in &mut signed.headers {
+        if name.eq_ignore_ascii_case("host") {
+            *value = "sts.amazonaws.com.attacker.example".into();
+        }
+    }
+    let err = join(&issuer, "iam-token", signed, challenge).await.unwrap_err();
+    assert!(err.to_string().contains("host not on the allowlist"), "{err}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(connections.load(Ordering::SeqCst), 0, "no request left the issuer");
+}
