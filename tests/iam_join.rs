@@ -4,6 +4,8 @@
 //! `scripts/test.sh` installs `moto[server]` into `target/test-venv`; with `CI=true` a missing moto
 //! fails these tests instead of skipping them.
 
+mod common;
+
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,7 +16,6 @@ use std::time::{Duration, Instant};
 use rcgen::{KeyPair, PublicKeyData};
 use tbot::aws::{Imds, SignedRequest, iam_join_proof};
 use tbot::issuer::{BotCertificate, Issuer, IssuerError, JoinProof, JoinRequest, LocalIssuer, Policy};
-use tbot::manifest::{Input, load};
 use tbot::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -183,12 +184,7 @@ spec:
       aws_arn: 'arn:aws:sts::{ACCOUNT}:assumed-role/other-role/*'
 "
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("docs.yaml");
-    std::fs::write(&file, text).unwrap();
-    let loaded = load(&[Input::File(file)]).unwrap();
-    assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
-    Policy::from_state(&loaded.state).unwrap()
+    common::policy(&text)
 }
 
 async fn join(
@@ -331,4 +327,23 @@ async fn a_host_not_on_the_allowlist_is_refused_before_any_network_call() {
     assert!(err.to_string().contains("host not on the allowlist"), "{err}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(connections.load(Ordering::SeqCst), 0, "no request left the issuer");
+}
+
+#[tokio::test]
+async fn an_unreachable_sts_is_transient_and_says_so() {
+    // A port with nothing listening: the request passes every local check, then cannot be sent.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let issuer = LocalIssuer::open(Store::memory(), policy(&closed)).unwrap();
+    let challenge = issuer.challenge().await.unwrap();
+    let credentials = tbot::aws::Credentials {
+        access_key_id: "AKIDEXAMPLE".into(),
+        secret_access_key: "secret".into(),
+        session_token: None,
+        source: "test".into(),
+    };
+    let signed = tbot::aws::sign_get_caller_identity(&credentials, "us-east-1", &challenge).unwrap();
+    let err = join(&issuer, "iam-token", signed, challenge).await.unwrap_err();
+    assert!(matches!(err, IssuerError::StsUnavailable(_)), "{err}");
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("STS unreachable"), "{err}");
 }

@@ -1,16 +1,17 @@
 //! The issuer as the agent sees it: token joins, renewals, X509-SVIDs and JWT-SVIDs checked by
 //! independent parsers (`x509-parser`, `openssl`, `jsonwebtoken`), restarts and CA rotation.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
 use tbot::issuer::{
-    Attributes, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, LocalIssuer, Policy,
-    RenewRequest, X509Request,
+    Attributes, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, LocalIssuer, RenewRequest,
+    X509Request,
 };
-use tbot::manifest::{Input, load};
 use tbot::store::Store;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::*;
@@ -62,17 +63,8 @@ spec:
     )
 }
 
-fn policy(text: &str) -> Policy {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("docs.yaml");
-    std::fs::write(&file, text).unwrap();
-    let loaded = load(&[Input::File(file)]).unwrap();
-    assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
-    Policy::from_state(&loaded.state).unwrap()
-}
-
 fn open(dir: &Path, text: &str) -> LocalIssuer {
-    LocalIssuer::open(Store::open(dir).unwrap(), policy(text)).unwrap()
+    LocalIssuer::open(Store::open(dir).unwrap(), common::policy(text)).unwrap()
 }
 
 fn token_join(key: &KeyPair, token: &str) -> JoinRequest {

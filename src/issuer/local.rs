@@ -26,6 +26,8 @@ use crate::store::Store;
 
 /// How long an `iam` challenge may wait for its join.
 const CHALLENGE_TTL: time::Duration = time::Duration::minutes(5);
+/// How many `iam` challenges may wait at once (each is 32 random bytes and a timestamp).
+const MAX_CHALLENGES: usize = 10_000;
 /// Verified bot certificates remembered, so issuance does not verify a signature every time.
 const VERIFIED_CACHE: usize = 4096;
 
@@ -397,10 +399,15 @@ impl Issuer for LocalIssuer {
         let mut bytes = [0u8; 32];
         aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
         let challenge = base64::engine::general_purpose::STANDARD.encode(bytes);
-        self.challenges
-            .lock()
-            .expect("challenges poisoned")
-            .insert(challenge.clone(), now());
+        let mut challenges = self.challenges.lock().expect("challenges poisoned");
+        let now = now();
+        challenges.retain(|_, issued| *issued + CHALLENGE_TTL > now);
+        if challenges.len() >= MAX_CHALLENGES {
+            return Err(IssuerError::Invalid(format!(
+                "{MAX_CHALLENGES} join challenges are already waiting; try again in a few minutes"
+            )));
+        }
+        challenges.insert(challenge.clone(), now);
         Ok(challenge)
     }
 

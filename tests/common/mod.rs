@@ -42,3 +42,13 @@ pub fn pinned_lines(text: &str) -> Vec<String> {
 pub fn relative(path: &Path) -> String {
     path.strip_prefix(root()).unwrap_or(path).display().to_string()
 }
+
+/// The issuer's policy from YAML documents (checked to load without errors).
+pub fn policy(text: &str) -> tbot::issuer::Policy {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docs.yaml");
+    std::fs::write(&file, text).unwrap();
+    let loaded = tbot::manifest::load(&[tbot::manifest::Input::File(file)]).unwrap();
+    assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
+    tbot::issuer::Policy::from_state(&loaded.state).unwrap()
+}
