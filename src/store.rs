@@ -13,6 +13,9 @@
 //!     jwt.key                      the JWT-SVID signing key (ES256), PKCS#8 DER, 0600
 //!     tokens.json                  single-use tokens already consumed (SHA-256 of the name, when)
 //!     bots.json                    per bot: certificate generation, locked or not
+//!   agent/
+//!     identity.der                 the bot's current certificate
+//!     identity.key                 its private key, PKCS#8 DER, 0600
 //! ```
 //!
 //! `storage.type: memory` keeps the same names in memory: nothing survives a restart, and no lock is
@@ -80,8 +83,10 @@ enum Backend {
 }
 
 /// Persisted state, in a directory or in memory. Names are relative paths such as `issuer/x/ca.json`.
+/// Clones share the same directory (and lock) or the same memory.
+#[derive(Clone)]
 pub struct Store {
-    backend: Backend,
+    backend: std::sync::Arc<Backend>,
 }
 
 impl std::fmt::Debug for Store {
@@ -94,7 +99,7 @@ impl Store {
     /// A store that keeps everything in memory (`storage.type: memory`).
     pub fn memory() -> Store {
         Store {
-            backend: Backend::Memory(Mutex::new(BTreeMap::new())),
+            backend: std::sync::Arc::new(Backend::Memory(Mutex::new(BTreeMap::new()))),
         }
     }
 
@@ -135,16 +140,16 @@ impl Store {
             .and_then(|()| lock.sync_all())
             .map_err(io_error("write", &lock_path))?;
         Ok(Store {
-            backend: Backend::Directory {
+            backend: std::sync::Arc::new(Backend::Directory {
                 root: root.to_owned(),
                 _lock: lock,
-            },
+            }),
         })
     }
 
     /// `directory /path` or `memory`, for messages.
     pub fn describe(&self) -> String {
-        match &self.backend {
+        match &*self.backend {
             Backend::Directory { root, .. } => format!("directory {}", root.display()),
             Backend::Memory(_) => "memory".to_owned(),
         }
@@ -152,7 +157,7 @@ impl Store {
 
     /// Where a name lives on disk (for messages), or `memory:NAME`.
     pub fn path_of(&self, name: &str) -> PathBuf {
-        match &self.backend {
+        match &*self.backend {
             Backend::Directory { root, .. } => root.join(name),
             Backend::Memory(_) => PathBuf::from(format!("memory:{name}")),
         }
@@ -160,7 +165,7 @@ impl Store {
 
     /// Reads a file; `None` when it does not exist.
     pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        match &self.backend {
+        match &*self.backend {
             Backend::Memory(files) => Ok(files.lock().expect("store poisoned").get(name).cloned()),
             Backend::Directory { root, .. } => {
                 let path = root.join(name);
@@ -188,7 +193,7 @@ impl Store {
 
     /// Writes a file atomically: a reader (or a crash) sees the old content or the new, never a mix.
     pub fn write(&self, name: &str, bytes: &[u8], secrecy: Secrecy) -> Result<(), StoreError> {
-        let root = match &self.backend {
+        let root = match &*self.backend {
             Backend::Memory(files) => {
                 files
                     .lock()

@@ -1,4 +1,7 @@
 //! Command-line definitions and rendering for both binaries; `src/bin/*` stay thin.
 
+pub mod inspect;
 pub mod render;
+pub mod start;
+pub mod tbot;
 pub mod tbotctl;

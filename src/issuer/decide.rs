@@ -148,6 +148,56 @@ pub fn select(
     Ok(out)
 }
 
+/// The `workload.*` attributes an identity's rules and templates read, sorted.
+pub fn workload_attributes_read(wi: &WorkloadIdentity) -> Vec<String> {
+    let spiffe = &wi.spec.spiffe;
+    let mut templates: Vec<&Template> = vec![&spiffe.id];
+    templates.extend(spiffe.hint.iter());
+    if let Some(x509) = &spiffe.x509 {
+        templates.extend(x509.dns_sans.iter());
+        if let Some(st) = &x509.subject_template {
+            templates.extend(
+                [&st.common_name, &st.organization, &st.organizational_unit]
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+    }
+    let mut names: std::collections::BTreeSet<String> = templates
+        .iter()
+        .flat_map(|t| t.attributes())
+        .map(|a| a.to_string())
+        .collect();
+    names.extend(
+        wi.spec
+            .rules
+            .allow
+            .iter()
+            .flat_map(|r| r.conditions.iter())
+            .map(|c| c.attribute.to_string()),
+    );
+    if let Some(jwt) = &spiffe.jwt {
+        // Claims are templates only where they contain `{{`; read them all to be safe.
+        for value in jwt.extra_claims.values() {
+            collect_claim_attributes(value, &mut names);
+        }
+    }
+    names.into_iter().filter(|n| n.starts_with("workload.")).collect()
+}
+
+fn collect_claim_attributes(value: &Value, names: &mut std::collections::BTreeSet<String>) {
+    match value {
+        Value::String(s) if s.contains("{{") => {
+            if let Ok(t) = Template::parse(s) {
+                names.extend(t.attributes().map(|a| a.to_string()));
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_claim_attributes(v, names)),
+        Value::Object(map) => map.values().for_each(|v| collect_claim_attributes(v, names)),
+        _ => {}
+    }
+}
+
 /// `rules.allow`: no rules allow everyone; otherwise some rule must have all its conditions true.
 fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), String> {
     let rules = &wi.spec.rules.allow;

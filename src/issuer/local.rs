@@ -18,7 +18,7 @@ use super::decide::{self, Attributes, Decision};
 use super::jwt::JwtKey;
 use super::{
     BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
-    Policy, RenewRequest, X509Request, X509Svid, join, mint,
+    Policy, RenewRequest, Resolved, X509Request, X509Svid, join, mint,
 };
 use crate::aws::{self, AwsError};
 use crate::resource::agent::JoinMethod;
@@ -430,21 +430,33 @@ impl Issuer for LocalIssuer {
         bot_certificate: &[u8],
         selector: &IdentitySelector,
         workload: &Attributes,
-    ) -> Result<Vec<String>, IssuerError> {
+    ) -> Result<Vec<Resolved>, IssuerError> {
         let mut state = self.lock();
-        match selector {
+        let names = match selector {
             IdentitySelector::Name(name) => {
                 state.decide(bot_certificate, name, workload)?;
-                Ok(vec![name.clone()])
+                vec![name.clone()]
             }
             IdentitySelector::Labels(labels) => {
                 let claims = state.authenticate(bot_certificate)?;
                 let attrs = state.attributes(&claims, workload);
                 let decisions =
                     decide::select(&state.policy, &claims.bot, labels, &attrs).map_err(IssuerError::Denied)?;
-                Ok(decisions.into_iter().map(|d| d.identity).collect())
+                decisions.into_iter().map(|d| d.identity).collect()
             }
-        }
+        };
+        Ok(names
+            .into_iter()
+            .map(|name| Resolved {
+                reads: state
+                    .policy
+                    .identities
+                    .get(&name)
+                    .map(decide::workload_attributes_read)
+                    .unwrap_or_default(),
+                name,
+            })
+            .collect())
     }
 
     async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {

@@ -203,6 +203,14 @@ impl Bundles {
     }
 }
 
+/// One identity a caller may have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub name: String,
+    /// The `workload.*` attributes its rules and templates read.
+    pub reads: Vec<String>,
+}
+
 /// Which identities a service serves: one by name, or all that carry some labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdentitySelector {
@@ -219,13 +227,14 @@ pub trait Issuer: Send + Sync {
     async fn join(&self, request: JoinRequest) -> Result<BotCertificate, IssuerError>;
     /// Renews a `token`-joined bot's certificate (`iam` bots join again instead).
     async fn renew(&self, request: RenewRequest) -> Result<BotCertificate, IssuerError>;
-    /// The identities a selector gives this caller, by name.
+    /// The identities a selector gives this caller, each with the attributes it reads (so a cache can
+    /// share one SVID among callers that agree on them).
     async fn resolve(
         &self,
         bot_certificate: &[u8],
         selector: &IdentitySelector,
         workload: &Attributes,
-    ) -> Result<Vec<String>, IssuerError>;
+    ) -> Result<Vec<Resolved>, IssuerError>;
     /// Mints an X509-SVID.
     async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError>;
     /// Mints a JWT-SVID.

@@ -1,0 +1,12 @@
+//! Compiles `proto/workload.proto` with protox (pure Rust: no `protoc` on the machine) and generates
+//! the tonic server and client.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(["workload.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! Workload attestation from a socket's peer credentials: `unix` (pid, uid, gid, the executable's
+//! path and SHA-256) and `systemd` (the caller's `.service` unit from `/proc/<pid>/cgroup`, cgroup v1
+//! `name=systemd` or the v2 unified path). A pid reused between connect and attestation is detected
+//! by comparing the process start time before and after, and refused rather than misattributed.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::issuer::Attributes;
+
+/// Executables larger than this are not hashed unless the service says otherwise.
+pub const DEFAULT_HASH_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// What the peer credentials say about a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// How a service attests its callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestSettings {
+    pub hash_limit: u64,
+    pub systemd: bool,
+    /// Where `/proc` is (tests point it elsewhere).
+    pub proc_root: PathBuf,
+}
+
+impl Default for AttestSettings {
+    fn default() -> Self {
+        AttestSettings {
+            hash_limit: DEFAULT_HASH_LIMIT,
+            systemd: false,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+/// Why a caller could not be attested.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttestError {
+    /// The process went away, or its pid now names another process: the caller must reconnect.
+    #[error("the calling process (pid {pid}) exited or its pid was reused during attestation; reconnect")]
+    PidReused { pid: i32 },
+    /// `/proc` could not be read for the caller.
+    #[error("cannot read /proc for pid {pid}: {reason}")]
+    Proc { pid: i32, reason: String },
+}
+
+/// The process start time (clock ticks since boot), field 22 of `/proc/<pid>/stat`.
+pub fn start_time(proc_root: &Path, pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last `)`.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The service unit of a process, from the contents of `/proc/<pid>/cgroup`: the last `.service`
+/// segment of the v1 `name=systemd` path, else of the v2 unified (`0::`) path, without the suffix.
+pub fn systemd_service(cgroup: &str) -> Option<String> {
+    let path_of = |wanted: &dyn Fn(&str, &str) -> bool| {
+        cgroup.lines().find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            wanted(id, controllers).then(|| path.to_owned())
+        })
+    };
+    let v1 = path_of(&|_, controllers| controllers.split(',').any(|c| c == "name=systemd"));
+    let v2 = path_of(&|id, controllers| id == "0" && controllers.is_empty());
+    [v1, v2].into_iter().flatten().find_map(|path| {
+        path.rsplit('/')
+            .find_map(|segment| segment.strip_suffix(".service"))
+            .filter(|name| !name.is_empty())
+            .map(|name| name.to_owned())
+    })
+}
+
+fn hash_file(path: &Path, limit: u64) -> Option<String> {
+    let file = File::open(path).ok()?;
+    if file.metadata().ok()?.len() > limit {
+        return None;
+    }
+    let mut hasher = Sha256::new();
+    let mut reader = file.take(limit + 1);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Some(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Attests a caller (blocking: reads `/proc` and hashes the executable).
+pub fn attest(peer: Peer, settings: &AttestSettings) -> Result<Attributes, AttestError> {
+    let pid = peer.pid;
+    let proc_dir = settings.proc_root.join(pid.to_string());
+    let before = start_time(&settings.proc_root, pid).ok_or(AttestError::PidReused { pid })?;
+    let mut attrs = Attributes::new();
+    attrs
+        .set("workload.unix.attested", true)
+        .set("workload.unix.pid", pid)
+        .set("workload.unix.uid", peer.uid)
+        .set("workload.unix.gid", peer.gid);
+    let exe = proc_dir.join("exe");
+    if let Ok(path) = std::fs::read_link(&exe) {
+        attrs.set("workload.unix.binary_path", path.display());
+    }
+    if let Some(hash) = hash_file(&exe, settings.hash_limit) {
+        attrs.set("workload.unix.binary_hash", hash);
+    }
+    if settings.systemd {
+        let cgroup = std::fs::read_to_string(proc_dir.join("cgroup")).map_err(|e| AttestError::Proc {
+            pid,
+            reason: e.to_string(),
+        })?;
+        match systemd_service(&cgroup) {
+            Some(service) => {
+                attrs
+                    .set("workload.systemd.attested", true)
+                    .set("workload.systemd.service", service);
+            }
+            None => {
+                attrs.set("workload.systemd.attested", false);
+            }
+        }
+    }
+    if start_time(&settings.proc_root, pid) != Some(before) {
+        return Err(AttestError::PidReused { pid });
+    }
+    Ok(attrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_comes_from_the_v1_systemd_hierarchy_first() {
+        let cgroup = "9:name=systemd:/system.slice/my-app.service\n4:memory:/x\n0::/system.slice/other.service\n";
+        assert_eq!(systemd_service(cgroup).as_deref(), Some("my-app"));
+    }
+
+    #[test]
+    fn the_service_comes_from_the_v2_unified_path_without_v1() {
+        let cgroup = "0::/system.slice/nginx.service\n";
+        assert_eq!(systemd_service(cgroup).as_deref(), Some("nginx"));
+        let nested = "0::/system.slice/web.service/worker\n";
+        assert_eq!(systemd_service(nested).as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn scopes_slices_and_the_root_are_not_services() {
+        assert_eq!(
+            systemd_service("0::/user.slice/user-1000.slice/session-3.scope\n"),
+            None
+        );
+        assert_eq!(systemd_service("9:name=systemd:/\n0::/\n"), None);
+    }
+
+    #[test]
+    fn this_process_attests_with_its_own_uid_and_executable() {
+        let peer = Peer {
+            pid: std::process::id() as i32,
+            uid: 4242,
+            gid: 4243,
+        };
+        let attrs = attest(peer, &AttestSettings::default()).unwrap();
+        let get = |name: &str| {
+            let a = crate::resource::template::Attribute::parse(name).unwrap();
+            attrs.get(&a).map(|v| v[0].clone())
+        };
+        assert_eq!(get("workload.unix.uid").as_deref(), Some("4242"));
+        assert_eq!(
+            get("workload.unix.binary_path"),
+            Some(std::env::current_exe().unwrap().display().to_string())
+        );
+        assert_eq!(get("workload.unix.binary_hash").map(|h| h.len()), Some(64));
+    }
+
+    #[test]
+    fn a_pid_that_is_gone_is_refused_as_reused() {
+        let peer = Peer {
+            pid: i32::MAX - 1,
+            uid: 0,
+            gid: 0,
+        };
+        assert_eq!(
+            attest(peer, &AttestSettings::default()),
+            Err(AttestError::PidReused { pid: i32::MAX - 1 })
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! The bot identity: join through the issuer (`token` or `iam`), then keep it fresh — `token` bots
+//! renew with their certificate, `iam` bots join again — every `renewal_interval`, with exponential
+//! backoff and jitter on failure. The current identity is published on a `watch` channel; while
+//! renewals fail, the last one stays in force until it expires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{KeyPair, PublicKeyData, SigningKey};
+use tokio::sync::watch;
+
+use crate::aws::{self, Imds};
+use crate::issuer::{BotCertificate, Issuer, IssuerError, JoinProof, JoinRequest, RenewRequest};
+use crate::resource::agent::JoinMethod;
+use crate::store::{Secrecy, Store};
+
+/// A bot's certificate with its private key.
+pub struct BotIdentity {
+    pub certificate: BotCertificate,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for BotIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BotIdentity")
+            .field("bot", &self.certificate.bot)
+            .field("generation", &self.certificate.generation)
+            .field("not_after", &self.certificate.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the agent joins: the agent config's `onboarding` and `credential_ttl`.
+#[derive(Debug, Clone)]
+pub struct JoinSettings {
+    pub method: JoinMethod,
+    pub token: String,
+    pub ttl: Duration,
+    pub renewal_interval: Duration,
+}
+
+fn new_key() -> Result<KeyPair, IssuerError> {
+    KeyPair::generate().map_err(|e| IssuerError::Crypto(e.to_string()))
+}
+
+/// Joins from scratch.
+pub async fn join(issuer: &dyn Issuer, settings: &JoinSettings) -> Result<BotIdentity, IssuerError> {
+    let key = new_key()?;
+    let proof = match settings.method {
+        JoinMethod::Token => JoinProof::Token,
+        JoinMethod::Iam => {
+            let challenge = issuer.challenge().await?;
+            let request = aws::iam_join_proof(&Imds::from_env(), &challenge)
+                .await
+                .map_err(IssuerError::StsUnavailable)?;
+            JoinProof::Iam { challenge, request }
+        }
+    };
+    let certificate = issuer
+        .join(JoinRequest {
+            token: settings.token.clone(),
+            public_key: key.subject_public_key_info(),
+            proof,
+            ttl: settings.ttl,
+        })
+        .await?;
+    Ok(BotIdentity { certificate, key })
+}
+
+/// Renews (`token`) or joins again (`iam`).
+pub async fn refresh(
+    issuer: &dyn Issuer,
+    settings: &JoinSettings,
+    current: &BotIdentity,
+) -> Result<BotIdentity, IssuerError> {
+    if settings.method == JoinMethod::Iam {
+        return join(issuer, settings).await;
+    }
+    let key = new_key()?;
+    let public_key = key.subject_public_key_info();
+    let proof = current
+        .key
+        .sign(&public_key)
+        .map_err(|e| IssuerError::Crypto(e.to_string()))?;
+    let certificate = issuer
+        .renew(RenewRequest {
+            certificate: current.certificate.der.clone(),
+            public_key,
+            proof,
+            ttl: settings.ttl,
+        })
+        .await?;
+    Ok(BotIdentity { certificate, key })
+}
+
+const CERT_FILE: &str = "agent/identity.der";
+const KEY_FILE: &str = "agent/identity.key";
+
+impl BotIdentity {
+    /// Saves the identity so a restart renews it instead of joining again (a `token` joins once).
+    pub fn save(&self, store: &Store) -> Result<(), IssuerError> {
+        store.write(KEY_FILE, &self.key.serialize_der(), Secrecy::Secret)?;
+        store.write(CERT_FILE, &self.certificate.der, Secrecy::Public)?;
+        Ok(())
+    }
+
+    /// The saved identity, if there is one and it has not expired.
+    pub fn load(store: &Store) -> Result<Option<BotIdentity>, IssuerError> {
+        let (Some(der), Some(key)) = (store.read(CERT_FILE)?, store.read(KEY_FILE)?) else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| IssuerError::Corrupt {
+            path: store.path_of(CERT_FILE),
+            reason,
+        };
+        let key = KeyPair::try_from(key.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| corrupt(e.to_string()))?;
+        let not_after = cert.validity().not_after.to_datetime();
+        if not_after <= time::OffsetDateTime::now_utc() {
+            return Ok(None);
+        }
+        let bot = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let certificate = BotCertificate {
+            der: der.clone(),
+            bot,
+            roles: vec![],
+            generation: 0,
+            not_after,
+            join: Default::default(),
+        };
+        Ok(Some(BotIdentity { certificate, key }))
+    }
+}
+
+/// A random factor in [1 - spread, 1 + spread].
+pub fn jitter(spread: f64) -> f64 {
+    let mut b = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    let unit = (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64;
+    1.0 - spread + 2.0 * spread * unit
+}
+
+/// Keeps the identity fresh forever: every `renewal_interval`, and with backoff (1 s doubling to
+/// 5 min, ±20% jitter) after a failure. Publishes each new identity.
+pub async fn keep_fresh(
+    issuer: Arc<dyn Issuer>,
+    settings: JoinSettings,
+    store: Store,
+    tx: watch::Sender<Arc<BotIdentity>>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    let mut wait = settings.renewal_interval;
+    loop {
+        tokio::time::sleep(wait).await;
+        let current = tx.borrow().clone();
+        match refresh(issuer.as_ref(), &settings, &current).await {
+            Ok(identity) => {
+                tracing::info!(
+                    bot = %identity.certificate.bot,
+                    generation = identity.certificate.generation,
+                    expires = %identity.certificate.not_after,
+                    "bot identity renewed"
+                );
+                if let Err(error) = identity.save(&store) {
+                    tracing::warn!(%error, hint = %error.hint(), "cannot save the renewed bot identity");
+                }
+                tx.send_replace(Arc::new(identity));
+                backoff = Duration::from_secs(1);
+                wait = settings.renewal_interval;
+            }
+            Err(error) => {
+                wait = backoff.mul_f64(jitter(0.2));
+                tracing::warn!(
+                    %error,
+                    hint = %error.hint(),
+                    retry_in = ?wait,
+                    expires = %current.certificate.not_after,
+                    "bot identity renewal failed; cached SVIDs keep being served until they expire"
+                );
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The shared SVID cache. One X509-SVID per (workload identity, values of the `workload.*`
+//! attributes it reads, lifetime), shared by every stream and connection that resolves to it; renewed
+//! at half its lifetime (±10% jitter) and pushed to every subscriber through a `watch` channel; dropped
+//! when its last subscriber leaves. JWT-SVIDs are cached per (identity, attributes, audiences) until
+//! half their lifetime.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rcgen::{KeyPair, PublicKeyData};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use super::bot::{BotIdentity, jitter};
+use crate::issuer::{Attributes, Issuer, IssuerError, JwtRequest, JwtSvid, Resolved, X509Request, X509Svid};
+
+/// An X509-SVID with its private key.
+#[derive(Debug)]
+pub struct X509Material {
+    pub svid: X509Svid,
+    /// PKCS#8 DER.
+    pub key: Vec<u8>,
+}
+
+/// What a cache slot holds.
+#[derive(Debug, Clone)]
+pub enum Slot {
+    /// The first issuance is under way.
+    Pending,
+    Ready(Arc<X509Material>),
+    /// Issuance failed and nothing valid is cached. `denied`: the caller may not have it at all.
+    Failed {
+        error: String,
+        denied: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    identity: String,
+    attributes: Attributes,
+    ttl: Duration,
+}
+
+/// A JWT-SVID's cache key: the identity's key and the sorted audiences.
+type JwtKey = (Key, Vec<String>);
+
+/// The cache, shared by every service of the agent.
+pub struct SvidCache {
+    issuer: Arc<dyn Issuer>,
+    bot: watch::Receiver<Arc<BotIdentity>>,
+    slots: Mutex<HashMap<Key, watch::Sender<Slot>>>,
+    /// JWT-SVIDs with the time they stop being served from the cache (half their lifetime).
+    jwts: Mutex<HashMap<JwtKey, (JwtSvid, OffsetDateTime)>>,
+    issued: AtomicU64,
+}
+
+/// Only the attributes an identity reads: callers that agree on them share an SVID.
+fn project(resolved: &Resolved, workload: &Attributes) -> Attributes {
+    let mut out = Attributes::new();
+    for (name, values) in workload.iter() {
+        if resolved.reads.iter().any(|r| r == name) {
+            out.set_many(name, values.to_vec());
+        }
+    }
+    out
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn remaining(until: OffsetDateTime) -> Duration {
+    (until - now()).try_into().unwrap_or(Duration::ZERO)
+}
+
+impl SvidCache {
+    pub fn new(issuer: Arc<dyn Issuer>, bot: watch::Receiver<Arc<BotIdentity>>) -> Arc<SvidCache> {
+        Arc::new(SvidCache {
+            issuer,
+            bot,
+            slots: Mutex::new(HashMap::new()),
+            jwts: Mutex::new(HashMap::new()),
+            issued: AtomicU64::new(0),
+        })
+    }
+
+    /// How many X509-SVIDs this cache has had issued (for tests and benchmarks).
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
+    }
+
+    /// The current bot certificate.
+    pub fn bot_certificate(&self) -> Vec<u8> {
+        self.bot.borrow().certificate.der.clone()
+    }
+
+    /// Subscribes to the X509-SVID of `resolved` for a caller with `workload`, issuing it if no one
+    /// holds it yet.
+    pub fn x509(self: &Arc<Self>, resolved: &Resolved, workload: &Attributes, ttl: Duration) -> watch::Receiver<Slot> {
+        let key = Key {
+            identity: resolved.name.clone(),
+            attributes: project(resolved, workload),
+            ttl,
+        };
+        let mut slots = self.slots.lock().expect("cache poisoned");
+        if let Some(tx) = slots.get(&key) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(Slot::Pending);
+        slots.insert(key.clone(), tx.clone());
+        tokio::spawn(self.clone().keep_fresh(key, tx));
+        rx
+    }
+
+    async fn issue(&self, key: &Key) -> Result<X509Material, IssuerError> {
+        let pair = KeyPair::generate().map_err(|e| IssuerError::Crypto(e.to_string()))?;
+        let svid = self
+            .issuer
+            .issue_x509(X509Request {
+                bot_certificate: self.bot_certificate(),
+                identity: key.identity.clone(),
+                workload: key.attributes.clone(),
+                public_key: pair.subject_public_key_info(),
+                ttl: key.ttl,
+            })
+            .await?;
+        self.issued.fetch_add(1, Ordering::Relaxed);
+        Ok(X509Material {
+            svid,
+            key: pair.serialize_der(),
+        })
+    }
+
+    async fn keep_fresh(self: Arc<Self>, key: Key, tx: watch::Sender<Slot>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let wait = match self.issue(&key).await {
+                Ok(material) => {
+                    let lifetime = remaining(material.svid.not_after);
+                    tracing::debug!(identity = %key.identity, spiffe_id = %material.svid.spiffe_id, "X509-SVID issued");
+                    tx.send_replace(Slot::Ready(Arc::new(material)));
+                    backoff = Duration::from_secs(1);
+                    lifetime.mul_f64(0.5 * jitter(0.1))
+                }
+                Err(error) => {
+                    let still_valid =
+                        matches!(&*tx.borrow(), Slot::Ready(m) if remaining(m.svid.not_after) > Duration::ZERO);
+                    tracing::warn!(identity = %key.identity, %error, hint = %error.hint(), "X509-SVID issuance failed");
+                    if !still_valid {
+                        tx.send_replace(Slot::Failed {
+                            denied: matches!(error, IssuerError::Denied(_)),
+                            error: error.to_string(),
+                        });
+                    }
+                    let wait = backoff.mul_f64(jitter(0.2));
+                    backoff = (backoff * 2).min(Duration::from_secs(300));
+                    wait
+                }
+            };
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = tx.closed() => {}
+                }
+                // No one left? Leave, unless someone subscribed meanwhile (they do so under the lock).
+                let mut slots = self.slots.lock().expect("cache poisoned");
+                if tx.receiver_count() == 0 {
+                    slots.remove(&key);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A JWT-SVID for `audience`, from the cache while it has more than half its lifetime left.
+    pub async fn jwt(
+        &self,
+        resolved: &Resolved,
+        workload: &Attributes,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<JwtSvid, IssuerError> {
+        let mut audience = audience.to_vec();
+        audience.sort();
+        audience.dedup();
+        let key = (
+            Key {
+                identity: resolved.name.clone(),
+                attributes: project(resolved, workload),
+                ttl,
+            },
+            audience.clone(),
+        );
+        if let Some((svid, fresh_until)) = self.jwts.lock().expect("cache poisoned").get(&key)
+            && now() < *fresh_until
+        {
+            return Ok(svid.clone());
+        }
+        let issued_at = now();
+        let svid = self
+            .issuer
+            .issue_jwt(JwtRequest {
+                bot_certificate: self.bot_certificate(),
+                identity: key.0.identity.clone(),
+                workload: key.0.attributes.clone(),
+                audience,
+                ttl,
+            })
+            .await?;
+        let mut jwts = self.jwts.lock().expect("cache poisoned");
+        jwts.retain(|_, (_, fresh_until)| now() < *fresh_until);
+        let fresh_until = issued_at + (svid.expires - issued_at) / 2;
+        jwts.insert(key, (svid.clone(), fresh_until));
+        Ok(svid)
+    }
+}

@@ -1,0 +1,92 @@
+//! `tbot`: the agent daemon (`start`) and `spiffe-inspect`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use super::{inspect, start};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tbot",
+    version,
+    about = "A declarative machine & workload identity agent",
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent: load the documents, join, and serve the Workload API until SIGTERM.
+    Start {
+        /// A directory of documents; repeatable. Default: /etc/tbot.d (unless -c is given).
+        #[arg(long = "config-dir", value_name = "DIR")]
+        config_dirs: Vec<PathBuf>,
+        /// One more document file, such as the guide's /etc/tbot.yaml.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Log as text lines or JSON objects.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+        /// Log at debug level.
+        #[arg(short = 'd', long)]
+        debug: bool,
+    },
+    /// Fetch and print the SVIDs and bundles the Workload API gives this process.
+    SpiffeInspect {
+        /// The Workload API socket. Default: $SPIFFE_ENDPOINT_SOCKET.
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_name = "unix:///PATH")]
+        path: String,
+        /// Also fetch JWT-SVIDs for this audience; repeatable.
+        #[arg(long = "audience", value_name = "AUD")]
+        audiences: Vec<String>,
+    },
+}
+
+fn init_logging(format: LogFormat, debug: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if debug { "debug" } else { "info" }));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match cli.command {
+        Command::Start {
+            mut config_dirs,
+            config,
+            log_format,
+            debug,
+        } => {
+            init_logging(log_format, debug);
+            if config_dirs.is_empty() && config.is_none() {
+                config_dirs.push(super::tbotctl::DEFAULT_DIR.into());
+            }
+            runtime.block_on(start::run(start::StartOptions {
+                config_dirs,
+                config_file: config,
+            }))
+        }
+        Command::SpiffeInspect { path, audiences } => runtime.block_on(inspect::run(path, audiences)),
+    }
+}

@@ -1,0 +1,15 @@
+//! The SPIFFE Workload API on a unix socket (and, unattested, TCP): listener binding, peer
+//! credentials and attestation once per connection, the security header, and the streams.
+
+pub mod client;
+pub mod listener;
+pub mod server;
+
+/// The generated protobuf messages and gRPC service (from `proto/workload.proto`).
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("_");
+}
+
+/// The metadata every call must carry, with the value `true`.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";

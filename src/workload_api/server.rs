@@ -1,0 +1,371 @@
+//! The `SpiffeWorkloadAPI` service: the security header, who the caller is, and the five calls.
+//! Streams send the complete state at once, then a complete message on every change.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::{StreamExt, StreamMap};
+use tonic::{Request, Response, Status};
+
+use super::SECURITY_HEADER;
+use super::listener::CallerInfo;
+use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
+use super::proto::*;
+use crate::agent::attest::AttestError;
+use crate::agent::{Agent, Slot};
+use crate::issuer::{Attributes, Bundles, IdentitySelector, IssuerError, Resolved};
+
+/// One `workload-identity-api` service.
+pub struct WorkloadApi {
+    agent: Arc<Agent>,
+    selector: IdentitySelector,
+    ttl: Duration,
+}
+
+impl WorkloadApi {
+    pub fn new(agent: Arc<Agent>, selector: IdentitySelector, ttl: Duration) -> WorkloadApi {
+        WorkloadApi { agent, selector, ttl }
+    }
+}
+
+/// The header check every call starts with: exactly one value, exactly `true`.
+fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+    let values: Vec<_> = request.metadata().get_all(SECURITY_HEADER).iter().collect();
+    match values.as_slice() {
+        [one] if one.as_bytes() == b"true" => Ok(()),
+        [] => Err(Status::invalid_argument(format!(
+            "security header missing from request: set `{SECURITY_HEADER}: true`"
+        ))),
+        _ => Err(Status::invalid_argument(format!(
+            "security header `{SECURITY_HEADER}` must be exactly one value `true`"
+        ))),
+    }
+}
+
+/// The caller's attested attributes.
+fn attested<T>(request: &Request<T>) -> Result<Attributes, Status> {
+    let info = request
+        .extensions()
+        .get::<CallerInfo>()
+        .ok_or_else(|| Status::internal("the connection carries no caller information"))?;
+    match &info.0.attested {
+        Ok(attrs) => Ok(attrs.clone()),
+        Err(e @ AttestError::PidReused { .. }) => Err(Status::unavailable(e.to_string())),
+        Err(e) => Err(Status::unavailable(format!("attestation failed: {e}"))),
+    }
+}
+
+fn status(error: IssuerError) -> Status {
+    match error {
+        IssuerError::Denied(why) => Status::permission_denied(why),
+        e if e.is_transient() => Status::unavailable(e.to_string()),
+        e => Status::permission_denied(e.to_string()),
+    }
+}
+
+fn bundle_key(bundles: &Bundles) -> String {
+    format!("spiffe://{}", bundles.trust_domain)
+}
+
+fn x509_bundle(bundles: &Bundles) -> Vec<u8> {
+    bundles.x509_authorities.concat()
+}
+
+impl WorkloadApi {
+    async fn identities(&self, workload: &Attributes) -> Result<Vec<Resolved>, Status> {
+        let resolved = self.agent.resolve(&self.selector, workload).await.map_err(status)?;
+        if resolved.is_empty() {
+            return Err(Status::permission_denied(
+                "no workload identity of this service matches the caller",
+            ));
+        }
+        Ok(resolved)
+    }
+}
+
+/// A complete `X509SVIDResponse` from the current slots, or `None` while one is still pending.
+fn x509_response(
+    slots: &[tokio::sync::watch::Receiver<Slot>],
+    bundles: &Bundles,
+) -> Option<Result<X509svidResponse, Status>> {
+    let mut svids = Vec::new();
+    let mut failures = Vec::new();
+    let mut hints = HashSet::new();
+    let bundle = x509_bundle(bundles);
+    for slot in slots {
+        match &*slot.borrow() {
+            Slot::Pending => return None,
+            Slot::Failed { error, .. } => failures.push(error.clone()),
+            Slot::Ready(m) => {
+                let hint = m.svid.hint.clone().unwrap_or_default();
+                if !hint.is_empty() && !hints.insert(hint.clone()) {
+                    tracing::warn!(hint, spiffe_id = %m.svid.spiffe_id, "two SVIDs share a hint; sending the first only");
+                    continue;
+                }
+                svids.push(X509svid {
+                    spiffe_id: m.svid.spiffe_id.clone(),
+                    x509_svid: m.svid.certificate.clone(),
+                    x509_svid_key: m.key.clone(),
+                    bundle: bundle.clone(),
+                    hint,
+                });
+            }
+        }
+    }
+    if svids.is_empty() {
+        return Some(Err(Status::permission_denied(failures.join("; "))));
+    }
+    Some(Ok(X509svidResponse {
+        svids,
+        crl: vec![],
+        federated_bundles: HashMap::new(),
+    }))
+}
+
+type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+/// Streams a message built from the bundle on open and on every change.
+fn bundle_stream<T: Send + 'static>(agent: &Agent, build: fn(&Bundles) -> T) -> Stream<T> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut bundles = WatchStream::new(agent.bundles());
+    tokio::spawn(async move {
+        while let Some(b) = bundles.next().await {
+            if tx.send(Ok(build(&b))).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Stream<X509svidResponse>;
+    type FetchX509BundlesStream = Stream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Stream<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&request)?;
+        let workload = attested(&request)?;
+        let resolved = self.identities(&workload).await?;
+        let slots: Vec<_> = resolved
+            .iter()
+            .map(|r| self.agent.cache.x509(r, &workload, self.ttl))
+            .collect();
+        let bundles_rx = self.agent.bundles();
+        let mut changes: StreamMap<usize, std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>> =
+            StreamMap::new();
+        for (i, slot) in slots.iter().enumerate() {
+            changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
+        }
+        changes.insert(usize::MAX, Box::pin(WatchStream::new(bundles_rx.clone()).map(|_| ())));
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while changes.next().await.is_some() {
+                let bundles = bundles_rx.borrow().clone();
+                match x509_response(&slots, &bundles) {
+                    None => continue,
+                    Some(Ok(message)) => {
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(status)) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&request)?;
+        attested(&request)?;
+        Ok(Response::new(bundle_stream(&self.agent, |b| X509BundlesResponse {
+            crl: vec![],
+            bundles: [(bundle_key(b), x509_bundle(b))].into(),
+        })))
+    }
+
+    async fn fetch_jwtsvid(&self, request: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        let workload = attested(&request)?;
+        let wanted = request.get_ref().spiffe_id.clone();
+        let audience = request.get_ref().audience.clone();
+        if audience.is_empty() || audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument(
+                "audience must be set: name at least one, none empty",
+            ));
+        }
+        let mut svids = Vec::new();
+        let mut hints = HashSet::new();
+        for resolved in self.identities(&workload).await? {
+            let svid = self
+                .agent
+                .cache
+                .jwt(&resolved, &workload, &audience, self.ttl)
+                .await
+                .map_err(status)?;
+            if !wanted.is_empty() && svid.spiffe_id != wanted {
+                continue;
+            }
+            let hint = svid.hint.unwrap_or_default();
+            if !hint.is_empty() && !hints.insert(hint.clone()) {
+                continue;
+            }
+            svids.push(Jwtsvid {
+                spiffe_id: svid.spiffe_id,
+                svid: svid.token,
+                hint,
+            });
+        }
+        if svids.is_empty() {
+            return Err(Status::permission_denied(format!(
+                "this caller may not have the SPIFFE ID `{wanted}`"
+            )));
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        attested(&request)?;
+        Ok(Response::new(bundle_stream(&self.agent, |b| JwtBundlesResponse {
+            bundles: [(bundle_key(b), serde_json::to_vec(&b.jwks()).expect("json"))].into(),
+        })))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        attested(&request)?;
+        let ValidateJwtsvidRequest { audience, svid } = request.into_inner();
+        if audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be set"));
+        }
+        if svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be set"));
+        }
+        let bundles = self.agent.bundles().borrow().clone();
+        let claims = validate_jwt(&svid, &audience, &bundles).map_err(Status::invalid_argument)?;
+        let spiffe_id = claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let Value::Object(map) = claims else {
+            unreachable!("checked to be an object")
+        };
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id,
+            claims: Some(prost_types::Struct {
+                fields: map.into_iter().map(|(k, v)| (k, to_prost(v))).collect(),
+            }),
+        }))
+    }
+}
+
+fn to_prost(value: Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(to_prost).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(prost_types::Struct {
+            fields: map.into_iter().map(|(k, v)| (k, to_prost(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Validates a JWT-SVID against the JWT bundle: ES256 signature by a key of the bundle (by `kid`),
+/// not expired, `audience` among `aud`, `sub` a SPIFFE ID of the trust domain. Returns the claims.
+pub fn validate_jwt(token: &str, audience: &str, bundles: &Bundles) -> Result<Value, String> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("the JWT-SVID is not a compact JWS (three dot-separated parts)".into());
+    };
+    let decode = |part: &str, what: &str| {
+        B64.decode(part)
+            .map_err(|_| format!("the JWT-SVID's {what} is not base64url"))
+    };
+    let header: Value = serde_json::from_slice(&decode(header, "header")?)
+        .map_err(|_| "the JWT-SVID's header is not JSON".to_owned())?;
+    if header.get("alg").and_then(Value::as_str) != Some("ES256") {
+        return Err("the JWT-SVID's `alg` is not ES256".into());
+    }
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or("the JWT-SVID's header has no `kid`")?;
+    let jwk = bundles
+        .jwt_keys
+        .iter()
+        .find(|k| k.get("kid").and_then(Value::as_str) == Some(kid))
+        .ok_or_else(|| format!("no key `{kid}` in the JWT bundle of {}", bundles.trust_domain))?;
+    let coordinate = |name: &str| {
+        jwk.get(name)
+            .and_then(Value::as_str)
+            .and_then(|c| B64.decode(c).ok())
+            .ok_or_else(|| format!("the bundle's key `{kid}` has no `{name}`"))
+    };
+    let mut point = vec![4u8];
+    point.extend(coordinate("x")?);
+    point.extend(coordinate("y")?);
+    let signing_input = &token[..token.len() - signature.len() - 1];
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+        .verify(signing_input.as_bytes(), &decode(signature, "signature")?)
+        .map_err(|_| "the JWT-SVID's signature does not verify".to_owned())?;
+    let claims: Value = serde_json::from_slice(&decode(payload, "payload")?)
+        .map_err(|_| "the JWT-SVID's claims are not JSON".to_owned())?;
+    if !claims.is_object() {
+        return Err("the JWT-SVID's claims are not an object".into());
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    match claims.get("exp").and_then(Value::as_i64) {
+        Some(exp) if exp > now => {}
+        Some(_) => return Err("the JWT-SVID has expired".into()),
+        None => return Err("the JWT-SVID has no `exp`".into()),
+    }
+    let audiences: Vec<&str> = match claims.get("aud") {
+        Some(Value::String(one)) => vec![one],
+        Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
+        _ => vec![],
+    };
+    if !audiences.contains(&audience) {
+        return Err(format!("the JWT-SVID is not for audience `{audience}`"));
+    }
+    let prefix = format!("spiffe://{}/", bundles.trust_domain);
+    if !claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .is_some_and(|s| s.starts_with(&prefix))
+    {
+        return Err(format!(
+            "the JWT-SVID's `sub` is not a SPIFFE ID of {}",
+            bundles.trust_domain
+        ));
+    }
+    Ok(claims)
+}
