@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
@@ -92,28 +91,6 @@ fn x509_request(bot_cert: &[u8], key: &KeyPair, uid: u32) -> X509Request {
     }
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
-}
-
-fn openssl(args: &[&str]) -> String {
-    let out = Command::new("openssl").args(args).output().expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Checks an X509-SVID against every rule of DESIGN §6 with x509-parser, then the chain and the key
 /// match with the `openssl` command.
 fn check_x509_svid(leaf: &[u8], key: &KeyPair, bundle: &[Vec<u8>], spiffe_id: &str) {
@@ -152,13 +129,13 @@ fn check_x509_svid(leaf: &[u8], key: &KeyPair, bundle: &[Vec<u8>], spiffe_id: &s
     // Chain and key, by openssl.
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("bundle.pem");
-    let bundle_pem: String = bundle.iter().map(|der| pem("CERTIFICATE", der)).collect();
+    let bundle_pem: String = bundle.iter().map(|der| common::pem("CERTIFICATE", der)).collect();
     std::fs::write(&ca_file, bundle_pem).unwrap();
     let leaf_file = dir.path().join("leaf.pem");
-    std::fs::write(&leaf_file, pem("CERTIFICATE", leaf)).unwrap();
+    std::fs::write(&leaf_file, common::pem("CERTIFICATE", leaf)).unwrap();
     let key_file = dir.path().join("key.pem");
-    std::fs::write(&key_file, pem("PRIVATE KEY", &key.serialize_der())).unwrap();
-    let verified = openssl(&[
+    std::fs::write(&key_file, common::pem("PRIVATE KEY", &key.serialize_der())).unwrap();
+    let verified = common::openssl(&[
         "verify",
         "-x509_strict",
         "-purpose",
@@ -168,8 +145,8 @@ fn check_x509_svid(leaf: &[u8], key: &KeyPair, bundle: &[Vec<u8>], spiffe_id: &s
         leaf_file.to_str().unwrap(),
     ]);
     assert!(verified.contains(": OK"), "{verified}");
-    let from_key = openssl(&["pkey", "-in", key_file.to_str().unwrap(), "-pubout"]);
-    let from_cert = openssl(&["x509", "-in", leaf_file.to_str().unwrap(), "-noout", "-pubkey"]);
+    let from_key = common::openssl(&["pkey", "-in", key_file.to_str().unwrap(), "-pubout"]);
+    let from_cert = common::openssl(&["x509", "-in", leaf_file.to_str().unwrap(), "-noout", "-pubkey"]);
     assert_eq!(from_key, from_cert, "the private key matches the leaf");
 }
 
@@ -247,7 +224,7 @@ async fn x509_svids_meet_every_spiffe_rule_and_verify_against_the_bundle() {
         &bundle.x509_authorities,
         "spiffe://example.org/svc/1000",
     );
-    let text = openssl(&["x509", "-inform", "DER", "-noout", "-text", "-in", &{
+    let text = common::openssl(&["x509", "-inform", "DER", "-noout", "-text", "-in", &{
         let f = dir.path().join("leaf.der");
         std::fs::write(&f, &svid.certificate).unwrap();
         f.to_str().unwrap().to_owned()

@@ -3,9 +3,12 @@
 //! `name=systemd` or the v2 unified path). A pid reused between connect and attestation is detected
 //! by comparing the process start time before and after, and refused rather than misattributed.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
@@ -80,11 +83,35 @@ pub fn systemd_service(cgroup: &str) -> Option<String> {
     })
 }
 
+/// Hashes already computed, by (device, inode, size, modification time) of the executable, so a
+/// busy caller's binary is read once, not at every connection.
+type FileIdentity = (u64, u64, u64, i64, i64);
+
+fn hash_cache() -> &'static Mutex<HashMap<FileIdentity, String>> {
+    static CACHE: OnceLock<Mutex<HashMap<FileIdentity, String>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
 fn hash_file(path: &Path, limit: u64) -> Option<String> {
     let file = File::open(path).ok()?;
-    if file.metadata().ok()?.len() > limit {
+    let meta = file.metadata().ok()?;
+    if meta.len() > limit {
         return None;
     }
+    let key = (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec());
+    if let Some(hash) = hash_cache().lock().expect("hash cache poisoned").get(&key) {
+        return Some(hash.clone());
+    }
+    let hash = hash_contents(file, limit)?;
+    let mut cache = hash_cache().lock().expect("hash cache poisoned");
+    if cache.len() >= 1024 {
+        cache.clear();
+    }
+    cache.insert(key, hash.clone());
+    Some(hash)
+}
+
+fn hash_contents(file: File, limit: u64) -> Option<String> {
     let mut hasher = Sha256::new();
     let mut reader = file.take(limit + 1);
     let mut buf = vec![0u8; 64 * 1024];

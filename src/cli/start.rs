@@ -101,7 +101,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
             (None, labels) => IdentitySelector::Labels(labels.clone()),
         };
         let ttl = service.credential_ttl.unwrap_or(agent_config.credential_ttl).as_std();
-        let api = WorkloadApi::new(agent.clone(), selector, ttl);
+        let api = WorkloadApi::new(agent.clone(), selector, ttl, stop_rx.clone());
         let incoming = match &service.listen {
             Listen::Unix(path) => {
                 let listener = match listener::bind_unix(path) {

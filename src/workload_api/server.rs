@@ -9,7 +9,7 @@ use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Request, Response, Status};
@@ -27,12 +27,29 @@ pub struct WorkloadApi {
     agent: Arc<Agent>,
     selector: IdentitySelector,
     ttl: Duration,
+    /// Becomes `true` when the daemon stops: open streams end.
+    stop: watch::Receiver<bool>,
 }
 
 impl WorkloadApi {
-    pub fn new(agent: Arc<Agent>, selector: IdentitySelector, ttl: Duration) -> WorkloadApi {
-        WorkloadApi { agent, selector, ttl }
+    pub fn new(
+        agent: Arc<Agent>,
+        selector: IdentitySelector,
+        ttl: Duration,
+        stop: watch::Receiver<bool>,
+    ) -> WorkloadApi {
+        WorkloadApi {
+            agent,
+            selector,
+            ttl,
+            stop,
+        }
     }
+}
+
+/// Waits until the daemon stops.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// The header check every call starts with: exactly one value, exactly `true`.
@@ -132,14 +149,23 @@ fn x509_response(
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
 /// Streams a message built from the bundle on open and on every change.
-fn bundle_stream<T: Send + 'static>(agent: &Agent, build: fn(&Bundles) -> T) -> Stream<T> {
+fn bundle_stream<T: Send + 'static>(agent: &Agent, stop: watch::Receiver<bool>, build: fn(&Bundles) -> T) -> Stream<T> {
     let (tx, rx) = mpsc::channel(4);
     let mut bundles = WatchStream::new(agent.bundles());
     tokio::spawn(async move {
-        while let Some(b) = bundles.next().await {
-            if tx.send(Ok(build(&b))).await.is_err() {
-                return;
+        let watcher = tx.clone();
+        let send_all = async {
+            while let Some(b) = bundles.next().await {
+                if tx.send(Ok(build(&b))).await.is_err() {
+                    return;
+                }
             }
+        };
+        // End when the daemon stops or the client goes away, not only at the next change.
+        tokio::select! {
+            _ = send_all => {}
+            _ = stopped(stop) => {}
+            _ = watcher.closed() => {}
         }
     });
     ReceiverStream::new(rx)
@@ -170,21 +196,34 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         changes.insert(usize::MAX, Box::pin(WatchStream::new(bundles_rx.clone()).map(|_| ())));
         let (tx, rx) = mpsc::channel(4);
+        let stop = self.stop.clone();
         tokio::spawn(async move {
-            while changes.next().await.is_some() {
-                let bundles = bundles_rx.borrow().clone();
-                match x509_response(&slots, &bundles) {
-                    None => continue,
-                    Some(Ok(message)) => {
-                        if tx.send(Ok(message)).await.is_err() {
+            let watcher = tx.clone();
+            let send_all = async {
+                let mut last_sent = None;
+                while changes.next().await.is_some() {
+                    let bundles = bundles_rx.borrow().clone();
+                    match x509_response(&slots, &bundles) {
+                        None => continue,
+                        // Several watches may fire for one change: send each distinct state once.
+                        Some(Ok(message)) if last_sent.as_ref() == Some(&message) => continue,
+                        Some(Ok(message)) => {
+                            last_sent = Some(message.clone());
+                            if tx.send(Ok(message)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(status)) => {
+                            let _ = tx.send(Err(status)).await;
                             return;
                         }
                     }
-                    Some(Err(status)) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
                 }
+            };
+            tokio::select! {
+                _ = send_all => {}
+                _ = stopped(stop) => {}
+                _ = watcher.closed() => {}
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -196,9 +235,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
         attested(&request)?;
-        Ok(Response::new(bundle_stream(&self.agent, |b| X509BundlesResponse {
-            crl: vec![],
-            bundles: [(bundle_key(b), x509_bundle(b))].into(),
+        Ok(Response::new(bundle_stream(&self.agent, self.stop.clone(), |b| {
+            X509BundlesResponse {
+                crl: vec![],
+                bundles: [(bundle_key(b), x509_bundle(b))].into(),
+            }
         })))
     }
 
@@ -248,8 +289,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
         attested(&request)?;
-        Ok(Response::new(bundle_stream(&self.agent, |b| JwtBundlesResponse {
-            bundles: [(bundle_key(b), serde_json::to_vec(&b.jwks()).expect("json"))].into(),
+        Ok(Response::new(bundle_stream(&self.agent, self.stop.clone(), |b| {
+            JwtBundlesResponse {
+                bundles: [(bundle_key(b), serde_json::to_vec(&b.jwks()).expect("json"))].into(),
+            }
         })))
     }
 

@@ -52,3 +52,27 @@ pub fn policy(text: &str) -> tbot::issuer::Policy {
     assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
     tbot::issuer::Policy::from_state(&loaded.state).unwrap()
 }
+
+/// DER as PEM with `label`.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
+/// Runs `openssl` with `args`; panics with its output when it fails.
+pub fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl").args(args).output().expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

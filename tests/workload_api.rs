@@ -1,0 +1,383 @@
+//! `tbot start` on real directories and sockets, talked to by independent clients: the `spiffe`
+//! crate from crates.io (and `openssl` for the chain), `tbot spiffe-inspect`, and a process placed in
+//! a systemd service's cgroup.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use spiffe::{BundleSource, JwtSvid, TrustDomain, WorkloadApiClient, X509Source};
+use tokio_stream::StreamExt;
+
+/// A running `tbot start`, stopped with SIGTERM on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Daemon {
+    fn endpoint(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// Starts `tbot start` on `dir` and waits until the socket answers.
+    fn start(dir: tempfile::TempDir, socket: PathBuf) -> Daemon {
+        let log = std::fs::File::create(dir.path().join("tbot.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
+            .args(["start", "--config-dir"])
+            .arg(dir.path().join("etc"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tbot starts");
+        let mut daemon = Daemon {
+            child,
+            socket,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("tbot start exited with {status}:\n{}", daemon.log());
+            }
+            assert!(Instant::now() < deadline, "no socket after 30s:\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("tbot.log")).unwrap_or_default()
+    }
+}
+
+/// Copies a bundled directory into a temporary one, applying `edits` (file, from, to) to its text.
+fn copy_manifests(from: &str, edits: &[(&str, &str, &str)]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let socket = dir.path().join("run/workload.sock");
+    for entry in std::fs::read_dir(common::root().join(from)).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for (file, old, new) in edits {
+            if *file == name {
+                assert!(text.contains(old), "{name} has no `{old}`");
+                text = text.replace(old, &new.replace("SOCKET", socket.to_str().unwrap()));
+            }
+        }
+        std::fs::write(etc.join(&name), text).unwrap();
+    }
+    (dir, socket)
+}
+
+/// The quickstart, in memory, on a temporary socket, with extra agent settings.
+fn quickstart(agent_extra: &str) -> Daemon {
+    let storage = "storage:\n  type: directory\n  path: /tmp/tbot-quickstart/state\n";
+    let (dir, socket) = copy_manifests(
+        "manifests/quickstart",
+        &[
+            (
+                "tbot.yaml",
+                "unix:///tmp/tbot-quickstart/workload.sock",
+                "unix://SOCKET",
+            ),
+            (
+                "tbot.yaml",
+                storage,
+                &format!("storage:\n  type: memory\n{agent_extra}"),
+            ),
+            ("tbot.yaml", "credential_ttl: 1h\nrenewal_interval: 20m\n", ""),
+            ("tbot.yaml", "admin_socket: /tmp/tbot-quickstart/admin.sock\n", ""),
+        ],
+    );
+    Daemon::start(dir, socket)
+}
+
+fn verify_chain(chain: &[&[u8]], authorities: &[&[u8]]) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let leaf = dir.path().join("leaf.pem");
+    std::fs::write(
+        &ca,
+        authorities
+            .iter()
+            .map(|d| common::pem("CERTIFICATE", d))
+            .collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(&leaf, common::pem("CERTIFICATE", chain[0])).unwrap();
+    let out = common::openssl(&["verify", "-CAfile", ca.to_str().unwrap(), leaf.to_str().unwrap()]);
+    assert!(out.contains(": OK"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spiffe_crate_gets_an_svid_whose_chain_verifies_and_jwts_that_validate() {
+    let daemon = quickstart("");
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    let expected = format!("spiffe://quickstart.tbot.local/user/{uid}");
+
+    let source = X509Source::builder()
+        .endpoint(daemon.endpoint())
+        .build()
+        .await
+        .expect("an X509Source");
+    let svid = source.svid().unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), expected);
+    assert_eq!(svid.hint(), Some("quickstart"));
+    let td = TrustDomain::new("quickstart.tbot.local").unwrap();
+    let bundle = source
+        .bundle_set()
+        .unwrap()
+        .get(&td)
+        .expect("a bundle for the trust domain");
+    let chain: Vec<&[u8]> = svid.cert_chain().iter().map(|c| c.as_ref()).collect();
+    let authorities: Vec<&[u8]> = bundle.authorities().iter().map(|c| c.as_ref()).collect();
+    verify_chain(&chain, &authorities);
+    source.shutdown().await;
+
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let jwt = client.fetch_jwt_svid(["payments"], None).await.expect("a JWT-SVID");
+    assert_eq!(jwt.spiffe_id().to_string(), expected);
+    let validated = client
+        .validate_jwt_token("payments", jwt.token())
+        .await
+        .expect("ValidateJWTSVID accepts it");
+    assert_eq!(validated.spiffe_id().to_string(), expected);
+    assert!(client.validate_jwt_token("someone-else", jwt.token()).await.is_err());
+    let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
+    let checked =
+        JwtSvid::parse_and_validate(jwt.token(), &jwt_bundles, &["payments"]).expect("the crate's own validation");
+    assert_eq!(checked.spiffe_id().to_string(), expected);
+    assert!(jwt_bundles.bundle_for_trust_domain(&td).unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raw_call_without_the_security_header_gets_invalid_argument() {
+    use tbot::workload_api::proto::X509svidRequest;
+    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let daemon = quickstart("");
+    let channel = tbot::workload_api::client::connect(&daemon.endpoint()).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let status = raw
+        .fetch_x509svid(tonic::Request::new(X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let mut twice = tbot::workload_api::client::request(X509svidRequest {});
+    twice
+        .metadata_mut()
+        .append("workload.spiffe.io", "true".parse().unwrap());
+    let status = raw.fetch_x509svid(twice).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_lived_svid_rotates_on_open_streams_and_two_streams_share_one_issuance() {
+    let daemon = quickstart("credential_ttl: 6s\nrenewal_interval: 3s\n");
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let mut first = client.stream_x509_contexts().await.unwrap();
+    let mut second = client.stream_x509_contexts().await.unwrap();
+    let leaf = |ctx: &spiffe::X509Context| ctx.svids()[0].leaf().as_ref().to_vec();
+    let key = |ctx: &spiffe::X509Context| ctx.svids()[0].private_key().as_ref().to_vec();
+    let a1 = first.next().await.unwrap().unwrap();
+    let b1 = second.next().await.unwrap().unwrap();
+    assert_eq!(leaf(&a1), leaf(&b1), "both streams got the same SVID: one issuance");
+    let a2 = tokio::time::timeout(Duration::from_secs(30), first.next())
+        .await
+        .expect("a rotation within 30s");
+    let a2 = a2.unwrap().unwrap();
+    let received = time::OffsetDateTime::now_utc();
+    assert_ne!(leaf(&a1), leaf(&a2), "a new certificate");
+    assert_ne!(key(&a1), key(&a2), "with a new key");
+    let old_der = leaf(&a1);
+    let (_, old) = x509_parser::parse_x509_certificate(&old_der).unwrap();
+    assert!(
+        old.validity().not_after.to_datetime() > received,
+        "the new SVID came before the old one expired"
+    );
+    let b2 = tokio::time::timeout(Duration::from_secs(10), second.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(leaf(&a2), leaf(&b2), "the rotation reached both streams");
+}
+
+#[test]
+fn spiffe_inspect_prints_the_svid_and_the_trust_bundle() {
+    let daemon = quickstart("");
+    let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args([
+            "spiffe-inspect",
+            "--path",
+            &format!("unix://{}", daemon.socket.display()),
+            "--audience",
+            "demo",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("- spiffe://quickstart.tbot.local/user/"), "{text}");
+    assert!(text.contains("DNS SANs: quickstart.local"), "{text}");
+    assert!(
+        text.contains("- spiffe://quickstart.tbot.local: 1 CA certificate(s)"),
+        "{text}"
+    );
+    assert!(text.contains("JWT-SVIDs for audience demo:"), "{text}");
+    assert!(text.contains("- spiffe://quickstart.tbot.local: 1 key(s)"), "{text}");
+    drop(daemon);
+    let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args(["spiffe-inspect", "--path", "unix:///nonexistent/workload.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("= hint:"));
+}
+
+#[test]
+fn a_live_socket_is_never_stolen_and_stops_cleanly() {
+    let daemon = quickstart("");
+    // A second daemon on the same socket (its own memory storage) must refuse.
+    let etc = daemon._dir.path().join("etc");
+    let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args(["start", "--config-dir"])
+        .arg(&etc)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("is in use: something answers on it"), "{log}");
+    let socket = daemon.socket.clone();
+    drop(daemon);
+    assert!(!socket.exists(), "the socket is removed on SIGTERM");
+}
+
+// ---- systemd attestation: a child process moved into a service's cgroup ----
+
+const CHILD_ENV: &str = "TBOT_TEST_CHILD_ENDPOINT";
+
+/// Runs only as the child of `a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied`:
+/// waits for the parent to place it in a cgroup, then fetches through the `spiffe` crate.
+#[tokio::test]
+async fn child_fetches_when_told() {
+    let Ok(endpoint) = std::env::var(CHILD_ENV) else { return };
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let client = WorkloadApiClient::connect_to(endpoint).await.unwrap();
+    match client.fetch_x509_svid().await {
+        Ok(svid) => println!("SPIFFE_ID={}", svid.spiffe_id()),
+        Err(e) => println!("ERROR={e:?}"),
+    }
+}
+
+/// The cgroup directory of a systemd service, v1 `name=systemd` hierarchy first, else v2.
+fn service_cgroup(service: &str) -> Option<PathBuf> {
+    let roots = [
+        Path::new("/sys/fs/cgroup/systemd"),
+        Path::new("/sys/fs/cgroup/unified"),
+        Path::new("/sys/fs/cgroup"),
+    ];
+    roots
+        .iter()
+        .find(|r| r.join("cgroup.procs").exists())
+        .map(|root| root.join("system.slice").join(service))
+}
+
+fn spawn_child(endpoint: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child_fetches_when_told", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, endpoint)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn child_answer(mut child: Child) -> String {
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let reader = BufReader::new(child.stdout.take().unwrap());
+    let answer = reader
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            // libtest may print `test NAME ... ` before the child's own output on the same line.
+            let at = l.find("SPIFFE_ID=").or_else(|| l.find("ERROR="))?;
+            Some(l[at..].trim().to_owned())
+        })
+        .unwrap_or_default();
+    let _ = child.wait();
+    answer
+}
+
+#[test]
+fn a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied() {
+    let Some(cgroup) = service_cgroup("my-app.service")
+        .filter(|_| std::fs::create_dir_all(service_cgroup("my-app.service").unwrap()).is_ok())
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must be able to create a systemd cgroup (run as root)"
+        );
+        eprintln!("skipping: cannot create a systemd cgroup here (not root?)");
+        return;
+    };
+    let (dir, socket) = copy_manifests(
+        "manifests/guide",
+        &[
+            ("tbot.yaml", "join_method: iam", "join_method: token"),
+            ("tbot.yaml", "unix:///opt/machine-id/workload.sock", "unix://SOCKET"),
+            ("bot-token.yaml", "join_method: iam", "join_method: token"),
+            (
+                "bot-token.yaml",
+                "  allow:\n    - aws_account: \"111111111111\"\n      aws_arn: \"arn:aws:sts::111111111111:assumed-role/teleport-bot-role/i-*\"\n",
+                "",
+            ),
+        ],
+    );
+    let daemon = Daemon::start(dir, socket);
+    let endpoint = daemon.endpoint();
+
+    let inside = spawn_child(&endpoint);
+    std::fs::write(cgroup.join("cgroup.procs"), inside.id().to_string()).expect("move the child into the service");
+    let answer = child_answer(inside);
+    let _ = std::fs::remove_dir(&cgroup);
+    assert_eq!(
+        answer,
+        "SPIFFE_ID=spiffe://example.teleport.sh/svc/my-app",
+        "{}",
+        daemon.log()
+    );
+
+    let outside = spawn_child(&endpoint);
+    let answer = child_answer(outside);
+    assert!(
+        answer.starts_with("ERROR=") && answer.contains("PermissionDenied"),
+        "{answer}"
+    );
+}
