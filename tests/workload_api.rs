@@ -381,3 +381,122 @@ fn a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied() {
         "{answer}"
     );
 }
+
+// ---- mutual TLS between two processes, each with an SVID from the socket ----
+
+const TLS_SERVER_ENV: &str = "TBOT_TEST_TLS_SERVER_ENDPOINT";
+
+/// Runs only as the child of `two_processes_complete_a_mutual_tls_handshake_with_their_svids`: a TLS
+/// server that requires a client SVID, answers one connection with the client's SPIFFE ID.
+#[tokio::test(flavor = "multi_thread")]
+async fn child_serves_mutual_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(endpoint) = std::env::var(TLS_SERVER_ENV) else {
+        return;
+    };
+    let source = X509Source::builder().endpoint(endpoint).build().await.unwrap();
+    let config = spiffe_rustls::mtls_server(source)
+        .authorize(spiffe_rustls::authorizer::trust_domains(["quickstart.tbot.local"]).unwrap())
+        .build()
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("PORT={}", listener.local_addr().unwrap().port());
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut tls = acceptor.accept(tcp).await.expect("the server side of the handshake");
+    let peer = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (_, cert) = x509_parser::parse_x509_certificate(&peer).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    let id = format!("{:?}", san.value.general_names[0]);
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    tls.write_all(format!("{id}\n").as_bytes()).await.unwrap();
+    tls.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_complete_a_mutual_tls_handshake_with_their_svids() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let daemon = quickstart("");
+    let mut server = Command::new(std::env::current_exe().unwrap())
+        .args(["child_serves_mutual_tls", "--exact", "--nocapture", "--test-threads=1"])
+        .env(TLS_SERVER_ENV, daemon.endpoint())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    let port: u16 = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split_once("PORT=").and_then(|(_, p)| p.trim().parse().ok()))
+    })
+    .await
+    .unwrap()
+    .expect("the server child prints its port");
+    let source = X509Source::builder().endpoint(daemon.endpoint()).build().await.unwrap();
+    let me = source.svid().unwrap().spiffe_id().to_string();
+    let config = spiffe_rustls::mtls_client(source)
+        .authorize(spiffe_rustls::authorizer::exact([me.as_str()]).unwrap())
+        .build()
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("the client side of the handshake");
+    tls.write_all(b"hello").await.unwrap();
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.contains(&me), "the server saw the client's SPIFFE ID: {answer}");
+    let _ = server.wait();
+}
+
+fn wait_for_log(daemon: &Daemon, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if daemon.log().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn an_edit_on_disk_is_logged_as_needing_a_restart_and_a_comment_is_not() {
+    let daemon = quickstart("");
+    let file = daemon._dir.path().join("etc/workload-identity.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("# only a comment\n{text}")).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!daemon.log().contains("restart tbot"), "{}", daemon.log());
+    std::fs::write(&file, text.replace("hint: quickstart", "hint: edited")).unwrap();
+    assert!(wait_for_log(&daemon, "restart tbot to apply them"), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("workload_identity/quickstart"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_socket_answers_grpc_health_checks() {
+    let daemon = quickstart("");
+    let channel = tbot::workload_api::client::connect(&daemon.endpoint()).await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "SpiffeWorkloadAPI".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reply.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}

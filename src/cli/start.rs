@@ -1,6 +1,7 @@
 //! `tbot start`: load the documents, run the issuer when the directory holds the cluster-side
 //! documents, join the bot, and serve every `workload-identity-api` service until SIGTERM/SIGINT.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,8 +14,8 @@ use crate::agent::attest::{AttestSettings, DEFAULT_HASH_LIMIT};
 use crate::agent::{Agent, JoinSettings};
 use crate::issuer::{IdentitySelector, Issuer, LocalIssuer, Policy};
 use crate::manifest::{self, Input};
-use crate::resource::Document;
 use crate::resource::agent::{AgentConfig, Listen, StorageType};
+use crate::resource::{Document, ObjectRef};
 use crate::store::Store;
 use crate::workload_api::listener::{self, Conn};
 use crate::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -92,6 +93,13 @@ pub async fn run(options: StartOptions) -> ExitCode {
         Ok(a) => Arc::new(a),
         Err(e) => return fail(&e, &e.hint()),
     };
+    let running = loaded
+        .state
+        .objects
+        .iter()
+        .map(|(r, o)| (r.clone(), o.hash.clone()))
+        .collect();
+    let _watcher = watch_for_changes(inputs, running);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     let mut sockets = Vec::new();
@@ -203,4 +211,71 @@ async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Watches the configured directories (not single files: editors replace files) and says in the log
+/// when the documents on disk no longer match what is running: at this stage a change needs a restart.
+fn watch_for_changes(inputs: Vec<Input>, running: BTreeMap<ObjectRef, String>) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Our own reads must not wake us; anything else (and any watcher error) means "look again".
+        if !matches!(&event, Ok(e) if matches!(e.kind, EventKind::Access(_))) {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "cannot watch the configuration for changes"))
+    .ok()?;
+    for input in &inputs {
+        let dir = match input {
+            Input::Dir(dir) => dir.clone(),
+            Input::File(file) => file.parent().map(PathBuf::from).unwrap_or_else(|| ".".into()),
+        };
+        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch this directory for changes");
+        }
+    }
+    tokio::spawn(async move {
+        let mut last_seen = running.clone();
+        while rx.recv().await.is_some() {
+            // Debounce: an editor's save is several events.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            while rx.try_recv().is_ok() {}
+            let inputs = inputs.clone();
+            let Ok(Ok(loaded)) = tokio::task::spawn_blocking(move || manifest::load(&inputs)).await else {
+                continue;
+            };
+            let on_disk: BTreeMap<ObjectRef, String> = loaded
+                .state
+                .objects
+                .iter()
+                .map(|(r, o)| (r.clone(), o.hash.clone()))
+                .collect();
+            if on_disk == last_seen {
+                continue;
+            }
+            let changed = on_disk
+                .iter()
+                .filter(|(r, h)| running.get(*r) != Some(*h))
+                .map(|(r, _)| r.to_string())
+                .chain(
+                    running
+                        .keys()
+                        .filter(|r| !on_disk.contains_key(*r))
+                        .map(|r| r.to_string()),
+                )
+                .collect::<Vec<_>>();
+            if changed.is_empty() {
+                tracing::info!("the documents on disk match the running ones again");
+            } else {
+                tracing::warn!(
+                    changed = %changed.join(", "),
+                    invalid = loaded.has_errors(),
+                    "the documents changed on disk; restart tbot to apply them (this version does not reload live)"
+                );
+            }
+            last_seen = on_disk;
+        }
+    });
+    Some(watcher)
 }
