@@ -1,0 +1,207 @@
+//! The Workload API under load, on a real unix socket, against floors measured in the same run over
+//! the same kind of socket:
+//! - first-message latency of `FetchX509SVID` for a cached identity (a new stream on an open
+//!   connection) against a bare tonic unary call (`grpc.health.v1.Health/Check`), p50 and p99;
+//! - stream opens per second (open, first message, close) with 1, 16 and 256 concurrent clients, each
+//!   on its own connection, against bare unary calls at the same concurrency.
+//!
+//! Run with `cargo bench --bench workload_api` (release build). Prints one table.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{KeyPair, PublicKeyData};
+use tbot::agent::{Agent, JoinSettings};
+use tbot::issuer::{IdentitySelector, Issuer, LocalIssuer, Policy};
+use tbot::manifest::{Input, load};
+use tbot::resource::agent::JoinMethod;
+use tbot::store::Store;
+use tbot::workload_api::client;
+use tbot::workload_api::listener::{bind_unix, incoming_unix};
+use tbot::workload_api::proto::X509svidRequest;
+use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tbot::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use tbot::workload_api::server::WorkloadApi;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Server};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const DOCS: &str = "
+kind: cluster
+version: v1
+metadata: {name: bench.example.org}
+spec: {}
+---
+kind: role
+version: v7
+metadata: {name: r}
+spec:
+  allow:
+    workload_identity_labels: {app: bench}
+    rules: [{resources: [workload_identity], verbs: [read, list]}]
+---
+kind: bot
+version: v1
+metadata: {name: b}
+spec: {roles: [r]}
+---
+kind: token
+version: v2
+metadata: {name: bench-token}
+spec: {roles: [Bot], join_method: token, bot_name: b}
+---
+kind: workload_identity
+version: v1
+metadata: {name: svc, labels: {app: bench}}
+spec:
+  rules:
+    allow:
+      - conditions: [{attribute: workload.unix.attested, eq: {value: 'true'}}]
+  spiffe: {id: '/user/{{workload.unix.uid}}', hint: bench}
+";
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+async fn first_svid(channel: Channel) {
+    let mut api = SpiffeWorkloadApiClient::new(channel);
+    let mut stream = api.fetch_x509svid(client::request(X509svidRequest {})).await.unwrap().into_inner();
+    let message = stream.next().await.unwrap().unwrap();
+    assert_eq!(message.svids.len(), 1);
+}
+
+async fn health_check(channel: Channel) {
+    let mut health = HealthClient::new(channel);
+    health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+}
+
+/// Latencies of `n` sequential calls on one connection, sorted.
+async fn latencies<F, Fut>(channel: &Channel, n: usize, call: F) -> Vec<Duration>
+where
+    F: Fn(Channel) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        call(channel.clone()).await;
+        out.push(start.elapsed());
+    }
+    out.sort();
+    out
+}
+
+/// Calls per second with `clients` concurrent clients, each on its own connection, for `window`.
+async fn rate<F, Fut>(address: &str, clients: usize, window: Duration, call: F) -> f64
+where
+    F: Fn(Channel) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut channels = Vec::new();
+    for _ in 0..clients {
+        channels.push(client::connect(address).await.unwrap());
+    }
+    let deadline = Instant::now() + window;
+    let start = Instant::now();
+    let tasks: Vec<_> = channels
+        .into_iter()
+        .map(|channel| {
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    call(channel.clone()).await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let full = args.iter().any(|a| a == "--bench");
+    let (n, window) = if full { (2_000, Duration::from_secs(2)) } else { (20, Duration::from_millis(100)) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(run(n, window));
+}
+
+async fn run(n: usize, window: Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docs.yaml");
+    std::fs::write(&file, DOCS).unwrap();
+    let loaded = load(&[Input::File(file)]).unwrap();
+    assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
+    let store = Store::memory();
+    let issuer: Arc<dyn Issuer> = Arc::new(LocalIssuer::open(store.clone(), Policy::from_state(&loaded.state).unwrap()).unwrap());
+    let settings = JoinSettings {
+        method: JoinMethod::Token,
+        token: "bench-token".into(),
+        ttl: Duration::from_secs(3600),
+        renewal_interval: Duration::from_secs(1200),
+    };
+    let agent = Arc::new(Agent::start(issuer, settings, store).await.unwrap());
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+
+    // The Workload API, attested, on one socket; the floor (health only, no attestation) on another.
+    let api_path = dir.path().join("workload.sock");
+    let api = WorkloadApi::new(agent, IdentitySelector::Name("svc".into()), Duration::from_secs(3600), stop);
+    let incoming = incoming_unix(bind_unix(&api_path).unwrap(), Default::default());
+    tokio::spawn(Server::builder().add_service(SpiffeWorkloadApiServer::new(api)).serve_with_incoming(incoming));
+    let floor_path = dir.path().join("floor.sock");
+    let floor_listener = tokio::net::UnixListener::bind(&floor_path).unwrap();
+    let (_health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(floor_listener)),
+    );
+    let api_address = format!("unix://{}", api_path.display());
+    let floor_address = format!("unix://{}", floor_path.display());
+
+    // Keep one stream open so the identity stays cached, as it is for a running workload.
+    let keeper = client::connect(&api_address).await.unwrap();
+    let mut keeper_api = SpiffeWorkloadApiClient::new(keeper.clone());
+    let mut kept = keeper_api.fetch_x509svid(client::request(X509svidRequest {})).await.unwrap().into_inner();
+    kept.next().await.unwrap().unwrap();
+    let _ = KeyPair::generate().unwrap().subject_public_key_info(); // warm the crypto provider
+
+    let api_channel = client::connect(&api_address).await.unwrap();
+    let floor_channel = client::connect(&floor_address).await.unwrap();
+    let svid = latencies(&api_channel, n, first_svid).await;
+    let bare = latencies(&floor_channel, n, health_check).await;
+
+    println!("| measure | tbot | floor: bare tonic unary call, same socket kind | ratio |");
+    println!("|---|---:|---:|---:|");
+    for (label, p) in [("p50", 0.50), ("p99", 0.99)] {
+        let (a, b) = (percentile(&svid, p), percentile(&bare, p));
+        println!(
+            "| FetchX509SVID first message, cached identity, {label} ({n} calls) | {} | {} | {:.2}x |",
+            us(a),
+            us(b),
+            a.as_secs_f64() / b.as_secs_f64()
+        );
+    }
+    for clients in [1, 16, 256] {
+        let opens = rate(&api_address, clients, window, first_svid).await;
+        let calls = rate(&floor_address, clients, window, health_check).await;
+        println!(
+            "| stream opens/s, {clients} concurrent client(s) | {opens:.0} | {calls:.0} | {:.2}x |",
+            calls / opens
+        );
+    }
+}
