@@ -5,40 +5,18 @@
 //!
 //! Run with `cargo bench --bench mint` (release build). Prints one table.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
-use tbot::issuer::{Attributes, Issuer, JoinProof, JoinRequest, JwtRequest, LocalIssuer, Policy, X509Request};
-use tbot::manifest::{Input, load};
+use tbot::issuer::{Attributes, Issuer, JoinProof, JoinRequest, JwtRequest, X509Request};
 use tbot::store::Store;
 
 const ROUNDS: usize = 5;
 const HOUR: Duration = Duration::from_secs(3600);
 
-const DOCS: &str = "
-kind: cluster
-version: v1
-metadata: {name: bench.example.org}
-spec: {}
----
-kind: role
-version: v7
-metadata: {name: r}
-spec:
-  allow:
-    workload_identity_labels: {app: bench}
-    rules: [{resources: [workload_identity], verbs: [read, list]}]
----
-kind: bot
-version: v1
-metadata: {name: b}
-spec: {roles: [r]}
----
-kind: token
-version: v2
-metadata: {name: bench-token}
-spec: {roles: [Bot], join_method: token, bot_name: b}
----
+const IDENTITY: &str = "
 kind: workload_identity
 version: v1
 metadata: {name: svc, labels: {app: bench}}
@@ -77,12 +55,7 @@ fn main() {
     // `cargo bench` passes `--bench`; under `cargo test` the table is a quick smoke run.
     let n = if args.iter().any(|a| a == "--bench") { 2_000 } else { 20 };
 
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("docs.yaml");
-    std::fs::write(&file, DOCS).unwrap();
-    let loaded = load(&[Input::File(file)]).unwrap();
-    assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
-    let issuer = LocalIssuer::open(Store::memory(), Policy::from_state(&loaded.state).unwrap()).unwrap();
+    let issuer = common::issuer(IDENTITY, Store::memory());
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let bot_key = KeyPair::generate().unwrap();
     let bot = rt

@@ -7,13 +7,14 @@
 //!
 //! Run with `cargo bench --bench workload_api` (release build). Prints one table.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PublicKeyData};
 use tbot::agent::{Agent, JoinSettings};
-use tbot::issuer::{IdentitySelector, Issuer, LocalIssuer, Policy};
-use tbot::manifest::{Input, load};
+use tbot::issuer::{IdentitySelector, Issuer};
 use tbot::resource::agent::JoinMethod;
 use tbot::store::Store;
 use tbot::workload_api::client;
@@ -27,30 +28,7 @@ use tonic::transport::{Channel, Server};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-const DOCS: &str = "
-kind: cluster
-version: v1
-metadata: {name: bench.example.org}
-spec: {}
----
-kind: role
-version: v7
-metadata: {name: r}
-spec:
-  allow:
-    workload_identity_labels: {app: bench}
-    rules: [{resources: [workload_identity], verbs: [read, list]}]
----
-kind: bot
-version: v1
-metadata: {name: b}
-spec: {roles: [r]}
----
-kind: token
-version: v2
-metadata: {name: bench-token}
-spec: {roles: [Bot], join_method: token, bot_name: b}
----
+const IDENTITY: &str = "
 kind: workload_identity
 version: v1
 metadata: {name: svc, labels: {app: bench}}
@@ -71,14 +49,21 @@ fn us(d: Duration) -> String {
 
 async fn first_svid(channel: Channel) {
     let mut api = SpiffeWorkloadApiClient::new(channel);
-    let mut stream = api.fetch_x509svid(client::request(X509svidRequest {})).await.unwrap().into_inner();
+    let mut stream = api
+        .fetch_x509svid(client::request(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     let message = stream.next().await.unwrap().unwrap();
     assert_eq!(message.svids.len(), 1);
 }
 
 async fn health_check(channel: Channel) {
     let mut health = HealthClient::new(channel);
-    health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    health
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap();
 }
 
 /// Latencies of `n` sequential calls on one connection, sorted.
@@ -135,19 +120,22 @@ fn main() {
         return;
     }
     let full = args.iter().any(|a| a == "--bench");
-    let (n, window) = if full { (2_000, Duration::from_secs(2)) } else { (20, Duration::from_millis(100)) };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (n, window) = if full {
+        (2_000, Duration::from_secs(2))
+    } else {
+        (20, Duration::from_millis(100))
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(run(n, window));
 }
 
 async fn run(n: usize, window: Duration) {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("docs.yaml");
-    std::fs::write(&file, DOCS).unwrap();
-    let loaded = load(&[Input::File(file)]).unwrap();
-    assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
     let store = Store::memory();
-    let issuer: Arc<dyn Issuer> = Arc::new(LocalIssuer::open(store.clone(), Policy::from_state(&loaded.state).unwrap()).unwrap());
+    let issuer: Arc<dyn Issuer> = Arc::new(common::issuer(IDENTITY, store.clone()));
     let settings = JoinSettings {
         method: JoinMethod::Token,
         token: "bench-token".into(),
@@ -159,9 +147,18 @@ async fn run(n: usize, window: Duration) {
 
     // The Workload API, attested, on one socket; the floor (health only, no attestation) on another.
     let api_path = dir.path().join("workload.sock");
-    let api = WorkloadApi::new(agent, IdentitySelector::Name("svc".into()), Duration::from_secs(3600), stop);
+    let api = WorkloadApi::new(
+        agent,
+        IdentitySelector::Name("svc".into()),
+        Duration::from_secs(3600),
+        stop,
+    );
     let incoming = incoming_unix(bind_unix(&api_path).unwrap(), Default::default());
-    tokio::spawn(Server::builder().add_service(SpiffeWorkloadApiServer::new(api)).serve_with_incoming(incoming));
+    tokio::spawn(
+        Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(api))
+            .serve_with_incoming(incoming),
+    );
     let floor_path = dir.path().join("floor.sock");
     let floor_listener = tokio::net::UnixListener::bind(&floor_path).unwrap();
     let (_health, health_service) = tonic_health::server::health_reporter();
@@ -176,7 +173,11 @@ async fn run(n: usize, window: Duration) {
     // Keep one stream open so the identity stays cached, as it is for a running workload.
     let keeper = client::connect(&api_address).await.unwrap();
     let mut keeper_api = SpiffeWorkloadApiClient::new(keeper.clone());
-    let mut kept = keeper_api.fetch_x509svid(client::request(X509svidRequest {})).await.unwrap().into_inner();
+    let mut kept = keeper_api
+        .fetch_x509svid(client::request(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     kept.next().await.unwrap().unwrap();
     let _ = KeyPair::generate().unwrap().subject_public_key_info(); // warm the crypto provider
 

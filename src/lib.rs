@@ -9,3 +9,15 @@ pub mod manifest;
 pub mod resource;
 pub mod store;
 pub mod workload_api;
+
+/// An error with its sources, `outer: inner: innermost`, for messages.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -53,7 +53,7 @@ pub async fn send(method: &str, url: &str, headers: &[(String, String)], body: B
         let response = client()
             .request(request)
             .await
-            .map_err(|e| format!("cannot reach {url}: {}", error_chain(&e)))?;
+            .map_err(|e| format!("cannot reach {url}: {}", crate::error_chain(&e)))?;
         let status = response.status().as_u16();
         let content_type = response
             .headers()
@@ -76,15 +76,4 @@ pub async fn send(method: &str, url: &str, headers: &[(String, String)], body: B
     tokio::time::timeout(TIMEOUT, exchange)
         .await
         .unwrap_or_else(|_| Err(format!("{url} did not answer within {}s", TIMEOUT.as_secs())))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -26,7 +26,7 @@ pub async fn connect(address: &str) -> Result<Channel, String> {
             async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|e| format!("cannot connect to {address}: {}", source_chain(&e)))
+        .map_err(|e| format!("cannot connect to {address}: {}", crate::error_chain(&e)))
 }
 
 /// A request with the security header set.
@@ -36,15 +36,4 @@ pub fn request<T>(message: T) -> tonic::Request<T> {
         .metadata_mut()
         .insert(SECURITY_HEADER, MetadataValue::from_static("true"));
     request
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
