@@ -218,3 +218,133 @@ impl SvidCache {
         Ok(svid)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::bot::{self, JoinSettings};
+    use crate::issuer::LocalIssuer;
+    use crate::issuer::policy::policy_from_yaml;
+    use crate::resource::agent::JoinMethod;
+    use crate::store::Store;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    async fn cache() -> Arc<SvidCache> {
+        let policy = policy_from_yaml(
+            "
+kind: cluster
+version: v1
+metadata: {name: example.org}
+spec: {}
+---
+kind: role
+version: v7
+metadata: {name: r}
+spec:
+  allow:
+    workload_identity_labels: {'*': '*'}
+    rules: [{resources: [workload_identity], verbs: [read, list]}]
+---
+kind: bot
+version: v1
+metadata: {name: b}
+spec: {roles: [r]}
+---
+kind: token
+version: v2
+metadata: {name: t}
+spec: {roles: [Bot], join_method: token, bot_name: b}
+---
+kind: workload_identity
+version: v1
+metadata: {name: wi}
+spec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}
+",
+        );
+        let issuer: Arc<dyn Issuer> = Arc::new(LocalIssuer::open(Store::memory(), policy).unwrap());
+        let settings = JoinSettings {
+            method: JoinMethod::Token,
+            token: "t".into(),
+            ttl: HOUR,
+            renewal_interval: HOUR,
+        };
+        let identity = bot::join(issuer.as_ref(), &settings).await.unwrap();
+        // The receiver keeps the last identity after its sender is gone: no renewals in these tests.
+        let (_, rx) = watch::channel(Arc::new(identity));
+        SvidCache::new(issuer, rx)
+    }
+
+    fn resolved() -> Resolved {
+        Resolved {
+            name: "wi".into(),
+            reads: vec!["workload.unix.uid".into()],
+        }
+    }
+
+    fn caller(uid: u32, pid: u32) -> Attributes {
+        let mut a = Attributes::new();
+        a.set("workload.unix.uid", uid).set("workload.unix.pid", pid);
+        a
+    }
+
+    async fn ready(rx: &mut watch::Receiver<Slot>) -> Arc<X509Material> {
+        let slot = rx.wait_for(|s| matches!(s, Slot::Ready(_))).await.unwrap().clone();
+        match slot {
+            Slot::Ready(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_that_agree_on_the_attributes_read_share_one_issuance() {
+        let cache = cache().await;
+        let mut a = cache.x509(&resolved(), &caller(1000, 1), HOUR);
+        let mut b = cache.x509(&resolved(), &caller(1000, 2), HOUR);
+        let mut c = cache.x509(&resolved(), &caller(2000, 3), HOUR);
+        let (a, b, c) = (ready(&mut a).await, ready(&mut b).await, ready(&mut c).await);
+        assert!(Arc::ptr_eq(&a, &b), "the pid is not read by the identity");
+        assert_eq!(c.svid.spiffe_id, "spiffe://example.org/u/2000");
+        assert_eq!(cache.issued(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_svid_is_renewed_at_half_its_lifetime_with_jitter_and_pushed() {
+        let cache = cache().await;
+        let mut rx = cache.x509(&resolved(), &caller(1000, 1), HOUR);
+        let first = ready(&mut rx).await;
+        tokio::time::sleep(Duration::from_secs(26 * 60)).await;
+        assert_eq!(cache.issued(), 1, "not before 27 minutes (half of an hour, -10%)");
+        rx.mark_unchanged();
+        tokio::time::sleep(Duration::from_secs(8 * 60)).await;
+        assert_eq!(cache.issued(), 2, "by 33 minutes (half of an hour, +10%)");
+        assert!(rx.has_changed().unwrap(), "the subscriber was told");
+        let second = ready(&mut rx).await;
+        assert_ne!(first.key, second.key, "a new key");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_without_subscribers_is_dropped_at_its_next_wake() {
+        let cache = cache().await;
+        let mut rx = cache.x509(&resolved(), &caller(1000, 1), HOUR);
+        ready(&mut rx).await;
+        drop(rx);
+        tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+        assert_eq!(cache.issued(), 1, "no renewals for no one");
+        assert!(cache.slots.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jwt_svids_are_reused_until_half_their_lifetime() {
+        let cache = cache().await;
+        let aud = ["a".to_owned()];
+        let first = cache.jwt(&resolved(), &caller(1000, 1), &aud, HOUR).await.unwrap();
+        let again = cache.jwt(&resolved(), &caller(1000, 2), &aud, HOUR).await.unwrap();
+        assert_eq!(first.token, again.token);
+        let other = cache
+            .jwt(&resolved(), &caller(1000, 1), &["b".to_owned()], HOUR)
+            .await
+            .unwrap();
+        assert_ne!(first.token, other.token, "another audience, another token");
+    }
+}
