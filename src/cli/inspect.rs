@@ -79,18 +79,26 @@ pub async fn run(path: String, audiences: Vec<String>) -> ExitCode {
     };
     let mut api = SpiffeWorkloadApiClient::new(channel);
     let mut failed = false;
-    println!("Fetching X509-SVIDs from {path}");
+    // Collected and written at the end, so a closed stdout (`| head`) is not a panic.
+    let mut out = String::new();
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            use std::fmt::Write as _;
+            let _ = writeln!(out, $($arg)*);
+        }};
+    }
+    say!("Fetching X509-SVIDs from {path}");
     match api.fetch_x509svid(client::request(X509svidRequest {})).await {
         Ok(stream) => match stream.into_inner().next().await {
-            Some(Ok(message)) if message.svids.is_empty() => println!("  No X509-SVIDs were returned."),
+            Some(Ok(message)) if message.svids.is_empty() => say!("  No X509-SVIDs were returned."),
             Some(Ok(message)) => {
                 for svid in &message.svids {
                     let (expires, dns) = expiry(&svid.x509_svid);
-                    println!("- {}", svid.spiffe_id);
-                    println!("  Hint: {}", if svid.hint.is_empty() { "(none)" } else { &svid.hint });
-                    println!("  Expiry: {expires}");
+                    say!("- {}", svid.spiffe_id);
+                    say!("  Hint: {}", if svid.hint.is_empty() { "(none)" } else { &svid.hint });
+                    say!("  Expiry: {expires}");
                     if !dns.is_empty() {
-                        println!("  DNS SANs: {}", dns.join(", "));
+                        say!("  DNS SANs: {}", dns.join(", "));
                     }
                 }
             }
@@ -108,15 +116,15 @@ pub async fn run(path: String, audiences: Vec<String>) -> ExitCode {
             eprintln!("{}", explain("FetchX509SVID", &status));
         }
     }
-    println!("Trust bundles:");
+    say!("Trust bundles:");
     match api.fetch_x509_bundles(client::request(X509BundlesRequest {})).await {
         Ok(stream) => match stream.into_inner().next().await {
-            Some(Ok(message)) if message.bundles.is_empty() => println!("  No trust bundles were returned."),
+            Some(Ok(message)) if message.bundles.is_empty() => say!("  No trust bundles were returned."),
             Some(Ok(message)) => {
                 let mut bundles: Vec<_> = message.bundles.iter().collect();
                 bundles.sort();
                 for (td, der) in bundles {
-                    println!("- {td}: {} CA certificate(s)", count_certificates(der));
+                    say!("- {td}: {} CA certificate(s)", count_certificates(der));
                 }
             }
             Some(Err(status)) => {
@@ -131,9 +139,9 @@ pub async fn run(path: String, audiences: Vec<String>) -> ExitCode {
         }
     }
     if audiences.is_empty() {
-        println!("JWT-SVIDs: pass --audience AUD to fetch them.");
+        say!("JWT-SVIDs: pass --audience AUD to fetch them.");
     } else {
-        println!("JWT-SVIDs for audience {}:", audiences.join(", "));
+        say!("JWT-SVIDs for audience {}:", audiences.join(", "));
         let request = JwtsvidRequest {
             audience: audiences,
             spiffe_id: String::new(),
@@ -142,12 +150,12 @@ pub async fn run(path: String, audiences: Vec<String>) -> ExitCode {
             Ok(response) => {
                 let svids = response.into_inner().svids;
                 if svids.is_empty() {
-                    println!("  No JWT-SVIDs were returned.");
+                    say!("  No JWT-SVIDs were returned.");
                 }
                 for svid in svids {
-                    println!("- {}", svid.spiffe_id);
-                    println!("  Hint: {}", if svid.hint.is_empty() { "(none)" } else { &svid.hint });
-                    println!("  Token: {}", svid.svid);
+                    say!("- {}", svid.spiffe_id);
+                    say!("  Hint: {}", if svid.hint.is_empty() { "(none)" } else { &svid.hint });
+                    say!("  Token: {}", svid.svid);
                 }
             }
             Err(status) => {
@@ -155,17 +163,17 @@ pub async fn run(path: String, audiences: Vec<String>) -> ExitCode {
                 eprintln!("{}", explain("FetchJWTSVID", &status));
             }
         }
-        println!("JWT bundles:");
+        say!("JWT bundles:");
         match api.fetch_jwt_bundles(client::request(JwtBundlesRequest {})).await {
             Ok(stream) => match stream.into_inner().next().await {
-                Some(Ok(message)) if message.bundles.is_empty() => println!("  No JWT bundles were returned."),
+                Some(Ok(message)) if message.bundles.is_empty() => say!("  No JWT bundles were returned."),
                 Some(Ok(message)) => {
                     for (td, jwks) in message.bundles {
                         let keys = serde_json::from_slice::<serde_json::Value>(&jwks)
                             .ok()
                             .and_then(|v| v.get("keys").and_then(|k| k.as_array()).map(Vec::len))
                             .unwrap_or(0);
-                        println!("- {td}: {keys} key(s)");
+                        say!("- {td}: {keys} key(s)");
                     }
                 }
                 Some(Err(status)) => {
@@ -180,5 +188,7 @@ pub async fn run(path: String, audiences: Vec<String>) -> ExitCode {
             }
         }
     }
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(out.as_bytes());
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
