@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod aws;
 pub mod cli;
+pub mod controller;
 pub mod issuer;
 pub mod manifest;
 pub mod resource;

@@ -1,0 +1,535 @@
+//! The plan: a pure function from what the documents ask for and what was last applied to the typed
+//! actions of DESIGN §4, each with the objects that caused it. The watcher, `tbotctl apply` and
+//! `tbotctl diff` all use this one function.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::manifest::DesiredState;
+use crate::resource::agent::{AgentConfig, Service};
+use crate::resource::{Document, Kind, ObjectRef};
+
+/// What happens to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Change {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Change {
+    /// The symbol `tbotctl diff` prints.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Change::Create => "+",
+            Change::Update => "~",
+            Change::Delete => "-",
+        }
+    }
+}
+
+/// What the daemon does at run time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Action {
+    /// Load or create the CA of a trust domain (first start, or the trust domain changed).
+    CreateCa {
+        trust_domain: String,
+    },
+    /// A new CA for the same trust domain (key algorithm or validity changed); both stay trusted.
+    RotateCa {
+        trust_domain: String,
+    },
+    /// Join for the first time.
+    Join,
+    /// Join again with new terms; the old identity stays until the rejoin succeeds or expires.
+    Rejoin,
+    Bind {
+        service: String,
+        listen: String,
+    },
+    /// Bind the new socket, then drain and close the old one.
+    Rebind {
+        service: String,
+        from: String,
+        to: String,
+    },
+    Unbind {
+        service: String,
+        listen: String,
+    },
+    /// New selector, attestors or SVID lifetime for a service: re-decide its callers.
+    Reconfigure {
+        service: String,
+    },
+    Issue {
+        identity: String,
+    },
+    Reissue {
+        identity: String,
+    },
+    Revoke {
+        identity: String,
+    },
+    /// A change that only takes effect at the next start.
+    RestartRequired {
+        field: String,
+    },
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::CreateCa { trust_domain } => write!(f, "+ ca {trust_domain}: create (or load) the CA"),
+            Action::RotateCa { trust_domain } => write!(f, "~ ca {trust_domain}: rotate; old and new CA in the bundle"),
+            Action::Join => write!(f, "+ bot: join"),
+            Action::Rejoin => write!(f, "~ bot: rejoin with the new terms"),
+            Action::Bind { service, listen } => write!(f, "+ listener {service}: bind {listen}"),
+            Action::Rebind { service, from, to } => write!(f, "~ listener {service}: rebind {from} → {to}"),
+            Action::Unbind { service, listen } => write!(f, "- listener {service}: unbind {listen}"),
+            Action::Reconfigure { service } => write!(f, "~ listener {service}: re-decide its callers"),
+            Action::Issue { identity } => write!(f, "+ SVIDs of workload_identity/{identity} issued"),
+            Action::Reissue { identity } => write!(f, "~ SVIDs of workload_identity/{identity} reissued"),
+            Action::Revoke { identity } => write!(f, "- SVIDs of workload_identity/{identity} revoked"),
+            Action::RestartRequired { field } => write!(f, "! {field} changed: takes effect at the next restart"),
+        }
+    }
+}
+
+/// One action and the objects that caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub action: Action,
+    pub causes: Vec<ObjectRef>,
+}
+
+/// Everything a change does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Objects created, updated or deleted, in order.
+    pub changes: Vec<(ObjectRef, Change)>,
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.steps.is_empty()
+    }
+
+    /// (to add, to change, to destroy) objects.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let count = |c| self.changes.iter().filter(|(_, x)| *x == c).count();
+        (count(Change::Create), count(Change::Update), count(Change::Delete))
+    }
+
+    /// The identities whose SVIDs must be re-decided (issued, reissued or revoked).
+    pub fn identities_to_redecide(&self) -> BTreeSet<String> {
+        self.steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Issue { identity } | Action::Reissue { identity } | Action::Revoke { identity } => {
+                    Some(identity.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn agent(state: &DesiredState) -> Option<&AgentConfig> {
+    state.objects.values().find_map(|o| match &o.document {
+        Document::AgentConfig(a) => Some(a),
+        _ => None,
+    })
+}
+
+fn agent_ref() -> ObjectRef {
+    ObjectRef::new(Kind::AgentConfig, ObjectRef::AGENT_CONFIG_NAME)
+}
+
+/// The trust domain the documents give, and the object it comes from.
+fn trust_domain(state: &DesiredState) -> Option<(String, ObjectRef)> {
+    for (r, o) in &state.objects {
+        if let Document::Cluster(c) = &o.document {
+            return Some((c.metadata.name.to_string(), r.clone()));
+        }
+    }
+    agent(state)
+        .and_then(|a| a.server_host())
+        .map(|h| (h.to_owned(), agent_ref()))
+}
+
+fn ca_settings(state: &DesiredState) -> Option<String> {
+    state.objects.values().find_map(|o| match &o.document {
+        Document::Cluster(c) => Some(serde_json::to_string(&c.spec.ca).unwrap_or_default()),
+        _ => None,
+    })
+}
+
+fn identities(state: &DesiredState) -> BTreeSet<String> {
+    state
+        .objects
+        .keys()
+        .filter(|r| r.kind == Kind::WorkloadIdentity)
+        .map(|r| r.name.clone())
+        .collect()
+}
+
+fn services(config: Option<&AgentConfig>) -> BTreeMap<String, &Service> {
+    config
+        .map(|a| a.services.iter().map(|s| (s.display_name().to_owned(), s)).collect())
+        .unwrap_or_default()
+}
+
+/// Plans the move from `actual` (what was last applied; `None` before the first start) to `desired`.
+pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
+    let empty = DesiredState::default();
+    let before = actual.unwrap_or(&empty);
+    let mut out = Plan::default();
+    for (r, o) in &desired.objects {
+        match before.objects.get(r) {
+            None => out.changes.push((r.clone(), Change::Create)),
+            Some(old) if old.hash != o.hash => out.changes.push((r.clone(), Change::Update)),
+            Some(_) => {}
+        }
+    }
+    for r in before.objects.keys() {
+        if !desired.objects.contains_key(r) {
+            out.changes.push((r.clone(), Change::Delete));
+        }
+    }
+    let changed: BTreeMap<&ObjectRef, Change> = out.changes.iter().map(|(r, c)| (r, *c)).collect();
+    let mut steps: Vec<Step> = Vec::new();
+    let mut step = |action: Action, causes: Vec<ObjectRef>| steps.push(Step { action, causes });
+
+    // The CA.
+    let (td_new, td_old) = (trust_domain(desired), trust_domain(before));
+    let mut redecide_all: Vec<ObjectRef> = Vec::new();
+    match (&td_new, &td_old) {
+        (Some((new, cause)), old) if old.as_ref().map(|(o, _)| o) != Some(new) => {
+            step(
+                Action::CreateCa {
+                    trust_domain: new.clone(),
+                },
+                vec![cause.clone()],
+            );
+            if actual.is_some() {
+                redecide_all.push(cause.clone());
+            }
+        }
+        (Some((td, cause)), Some(_)) if ca_settings(desired) != ca_settings(before) => {
+            step(
+                Action::RotateCa {
+                    trust_domain: td.clone(),
+                },
+                vec![cause.clone()],
+            );
+            redecide_all.push(cause.clone());
+        }
+        _ => {}
+    }
+
+    // The bot.
+    let (agent_new, agent_old) = (agent(desired), agent(before));
+    if let Some(new) = agent_new {
+        let token_ref = ObjectRef::new(Kind::Token, new.onboarding.token.clone());
+        match agent_old {
+            None => step(Action::Join, vec![agent_ref()]),
+            Some(old) => {
+                let mut causes = Vec::new();
+                if old.onboarding != new.onboarding {
+                    causes.push(agent_ref());
+                }
+                if changed.contains_key(&token_ref) {
+                    causes.push(token_ref.clone());
+                }
+                if !causes.is_empty() {
+                    step(Action::Rejoin, causes);
+                }
+            }
+        }
+    }
+    // Roles and bots decide who may issue what: re-decide every identity.
+    for (r, _) in &out.changes {
+        if matches!(r.kind, Kind::Role | Kind::Bot) && actual.is_some() {
+            redecide_all.push(r.clone());
+        }
+    }
+
+    // Listeners.
+    let (svc_new, svc_old) = (services(agent_new), services(agent_old));
+    for (name, s) in &svc_new {
+        match svc_old.get(name) {
+            None => step(
+                Action::Bind {
+                    service: name.clone(),
+                    listen: s.listen.to_string(),
+                },
+                vec![agent_ref()],
+            ),
+            Some(old) => {
+                if old.listen != s.listen {
+                    step(
+                        Action::Rebind {
+                            service: name.clone(),
+                            from: old.listen.to_string(),
+                            to: s.listen.to_string(),
+                        },
+                        vec![agent_ref()],
+                    );
+                }
+                let ttl_changed = s.credential_ttl.is_none()
+                    && agent_old.map(|a| a.credential_ttl) != agent_new.map(|a| a.credential_ttl);
+                if old.selector != s.selector
+                    || old.attestors != s.attestors
+                    || old.credential_ttl != s.credential_ttl
+                    || ttl_changed
+                {
+                    step(Action::Reconfigure { service: name.clone() }, vec![agent_ref()]);
+                }
+            }
+        }
+    }
+    for (name, s) in &svc_old {
+        if !svc_new.contains_key(name) {
+            step(
+                Action::Unbind {
+                    service: name.clone(),
+                    listen: s.listen.to_string(),
+                },
+                vec![agent_ref()],
+            );
+        }
+    }
+
+    // Identities.
+    let (ids_new, ids_old) = (identities(desired), identities(before));
+    for id in &ids_new {
+        let r = ObjectRef::new(Kind::WorkloadIdentity, id.clone());
+        if !ids_old.contains(id) {
+            step(Action::Issue { identity: id.clone() }, vec![r]);
+        } else if changed.contains_key(&r) {
+            step(Action::Reissue { identity: id.clone() }, vec![r]);
+        } else if !redecide_all.is_empty() {
+            step(Action::Reissue { identity: id.clone() }, redecide_all.clone());
+        }
+    }
+    for id in ids_old.difference(&ids_new) {
+        step(
+            Action::Revoke { identity: id.clone() },
+            vec![ObjectRef::new(Kind::WorkloadIdentity, id.clone())],
+        );
+    }
+
+    // Settings that need a restart.
+    if let (Some(new), Some(old)) = (agent_new, agent_old) {
+        for (field, differs) in [
+            ("storage", old.storage != new.storage),
+            ("admin_socket", old.admin_socket != new.admin_socket),
+            ("diag_addr", old.diag_addr != new.diag_addr),
+        ] {
+            if differs {
+                step(Action::RestartRequired { field: field.into() }, vec![agent_ref()]);
+            }
+        }
+    }
+    out.steps = steps;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Input, load};
+
+    fn state(files: &[(&str, &str)]) -> DesiredState {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let loaded = load(&[Input::Dir(dir.path().to_owned())]).unwrap();
+        assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
+        loaded.state
+    }
+
+    fn quickstart() -> Vec<(String, String)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/quickstart");
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                (
+                    p.file_name().unwrap().to_str().unwrap().to_owned(),
+                    std::fs::read_to_string(&p).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn edited(file: &str, from: &str, to: &str) -> DesiredState {
+        edited_many(&[(file, from, to)])
+    }
+
+    fn edited_many(edits: &[(&str, &str, &str)]) -> DesiredState {
+        let files: Vec<(String, String)> = quickstart()
+            .into_iter()
+            .map(|(n, mut t)| {
+                for (file, from, to) in edits {
+                    if n == *file {
+                        assert!(t.contains(from), "{n} has no {from:?}");
+                        t = t.replace(from, to);
+                    }
+                }
+                (n, t)
+            })
+            .collect();
+        let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+        state(&refs)
+    }
+
+    fn base() -> DesiredState {
+        edited("tbot.yaml", "version: v2", "version: v2")
+    }
+
+    fn actions(p: &Plan) -> Vec<String> {
+        p.steps.iter().map(|s| s.action.to_string()).collect()
+    }
+
+    #[test]
+    fn the_first_start_creates_the_ca_joins_binds_and_issues() {
+        let p = plan(&base(), None);
+        assert_eq!(
+            actions(&p),
+            [
+                "+ ca quickstart.tbot.local: create (or load) the CA",
+                "+ bot: join",
+                "+ listener workload-identity-api: bind unix:///tmp/tbot-quickstart/workload.sock",
+                "+ SVIDs of workload_identity/quickstart issued",
+            ]
+        );
+        assert_eq!(p.counts(), (6, 0, 0));
+    }
+
+    #[test]
+    fn a_comment_changes_nothing() {
+        let p = plan(
+            &edited("role.yaml", "kind: role", "# a comment\nkind: role"),
+            Some(&base()),
+        );
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_workload_identity_edit_reissues_that_identity() {
+        let p = plan(
+            &edited("workload-identity.yaml", "hint: quickstart", "hint: other"),
+            Some(&base()),
+        );
+        assert_eq!(actions(&p), ["~ SVIDs of workload_identity/quickstart reissued"]);
+        assert_eq!(p.counts(), (0, 1, 0));
+        assert_eq!(
+            p.steps[0].causes,
+            [ObjectRef::new(Kind::WorkloadIdentity, "quickstart")]
+        );
+    }
+
+    #[test]
+    fn a_role_edit_redecides_every_identity() {
+        let p = plan(
+            &edited("role.yaml", "verbs: [read, list]", "verbs: [read]"),
+            Some(&base()),
+        );
+        assert_eq!(actions(&p), ["~ SVIDs of workload_identity/quickstart reissued"]);
+        assert_eq!(p.steps[0].causes, [ObjectRef::new(Kind::Role, "quickstart-issuer")]);
+    }
+
+    #[test]
+    fn a_listen_edit_rebinds() {
+        let p = plan(&edited("tbot.yaml", "workload.sock", "other.sock"), Some(&base()));
+        assert_eq!(
+            actions(&p),
+            [
+                "~ listener workload-identity-api: rebind unix:///tmp/tbot-quickstart/workload.sock → unix:///tmp/tbot-quickstart/other.sock"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_token_edit_rejoins() {
+        let p = plan(
+            &edited("bot.yaml", "bot_name: quickstart", "bot_name: quickstart\n  # edited\n"),
+            Some(&base()),
+        );
+        assert!(p.is_empty(), "a comment in the token changes nothing");
+        let p = plan(
+            &edited(
+                "bot.yaml",
+                "name: quickstart-token-change-me\n",
+                "name: quickstart-token-change-me\n  expires: '2099-01-01T00:00:00Z'\n",
+            ),
+            Some(&base()),
+        );
+        assert_eq!(actions(&p), ["~ bot: rejoin with the new terms"]);
+    }
+
+    #[test]
+    fn a_storage_edit_requires_a_restart() {
+        let p = plan(
+            &edited("tbot.yaml", "/tmp/tbot-quickstart/state", "/tmp/elsewhere"),
+            Some(&base()),
+        );
+        assert_eq!(actions(&p), ["! storage changed: takes effect at the next restart"]);
+    }
+
+    #[test]
+    fn a_selector_edit_reconfigures_the_service() {
+        let p = plan(&edited("tbot.yaml", "enabled: true", "enabled: false"), Some(&base()));
+        assert_eq!(actions(&p), ["~ listener workload-identity-api: re-decide its callers"]);
+    }
+
+    #[test]
+    fn a_trust_domain_edit_creates_a_ca_and_reissues_everything() {
+        let p = plan(
+            &edited("cluster.yaml", "name: quickstart.tbot.local", "name: other.tbot.local"),
+            Some(&base()),
+        );
+        assert_eq!(
+            actions(&p),
+            [
+                "+ ca other.tbot.local: create (or load) the CA",
+                "~ SVIDs of workload_identity/quickstart reissued"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_key_algorithm_edit_rotates_the_ca() {
+        let p = plan(&edited("cluster.yaml", "ecdsa-p256", "ed25519"), Some(&base()));
+        assert_eq!(
+            actions(&p),
+            [
+                "~ ca quickstart.tbot.local: rotate; old and new CA in the bundle",
+                "~ SVIDs of workload_identity/quickstart reissued"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_deleted_identity_is_revoked_and_a_new_one_issued() {
+        let renamed = edited_many(&[
+            ("workload-identity.yaml", "name: quickstart\n", "name: renamed\n"),
+            ("tbot.yaml", "name: quickstart\n", "name: renamed\n"),
+        ]);
+        let p = plan(&renamed, Some(&base()));
+        assert_eq!(
+            actions(&p),
+            [
+                "~ listener workload-identity-api: re-decide its callers",
+                "+ SVIDs of workload_identity/renamed issued",
+                "- SVIDs of workload_identity/quickstart revoked"
+            ]
+        );
+        assert_eq!(p.counts(), (1, 1, 1));
+    }
+}
