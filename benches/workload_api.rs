@@ -22,7 +22,7 @@ use tbot::workload_api::listener::{bind_unix, incoming_unix};
 use tbot::workload_api::proto::X509svidRequest;
 use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tbot::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
-use tbot::workload_api::server::WorkloadApi;
+use tbot::workload_api::server::{ServiceConfig, WorkloadApi};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Server};
 use tonic_health::pb::HealthCheckRequest;
@@ -147,13 +147,13 @@ async fn run(n: usize, window: Duration) {
 
     // The Workload API, attested, on one socket; the floor (health only, no attestation) on another.
     let api_path = dir.path().join("workload.sock");
-    let api = WorkloadApi::new(
-        agent,
-        IdentitySelector::Name("svc".into()),
-        Duration::from_secs(3600),
-        stop,
-    );
-    let incoming = incoming_unix(bind_unix(&api_path).unwrap(), Default::default());
+    let config = ServiceConfig {
+        selector: IdentitySelector::Name("svc".into()),
+        ttl: Duration::from_secs(3600),
+    };
+    let api = WorkloadApi::new(agent, tokio::sync::watch::channel(config).1, stop);
+    let attest = tokio::sync::watch::channel(Default::default()).1;
+    let incoming = incoming_unix(bind_unix(&api_path).unwrap(), attest);
     tokio::spawn(
         Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(api))

@@ -7,113 +7,10 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use spiffe::{BundleSource, JwtSvid, TrustDomain, WorkloadApiClient, X509Source};
 use tokio_stream::StreamExt;
-
-/// A running `tbot start`, stopped with SIGTERM on drop.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-    }
-}
-
-impl Daemon {
-    fn endpoint(&self) -> String {
-        format!("unix:{}", self.socket.display())
-    }
-
-    /// Starts `tbot start` on `dir` and waits until the socket answers.
-    fn start(dir: tempfile::TempDir, socket: PathBuf) -> Daemon {
-        let log = std::fs::File::create(dir.path().join("tbot.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
-            .args(["start", "--config-dir"])
-            .arg(dir.path().join("etc"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("tbot starts");
-        let mut daemon = Daemon {
-            child,
-            socket,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("tbot start exited with {status}:\n{}", daemon.log());
-            }
-            assert!(Instant::now() < deadline, "no socket after 30s:\n{}", daemon.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        daemon
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("tbot.log")).unwrap_or_default()
-    }
-}
-
-/// Copies a bundled directory into a temporary one, applying `edits` (file, from, to) to its text.
-fn copy_manifests(from: &str, edits: &[(&str, &str, &str)]) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let etc = dir.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    let socket = dir.path().join("run/workload.sock");
-    for entry in std::fs::read_dir(common::root().join(from)).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        for (file, old, new) in edits {
-            if *file == name {
-                assert!(text.contains(old), "{name} has no `{old}`");
-                text = text.replace(old, &new.replace("SOCKET", socket.to_str().unwrap()));
-            }
-        }
-        std::fs::write(etc.join(&name), text).unwrap();
-    }
-    (dir, socket)
-}
-
-/// The quickstart, in memory, on a temporary socket, with extra agent settings.
-fn quickstart(agent_extra: &str) -> Daemon {
-    let storage = "storage:\n  type: directory\n  path: /tmp/tbot-quickstart/state\n";
-    let (dir, socket) = copy_manifests(
-        "manifests/quickstart",
-        &[
-            (
-                "tbot.yaml",
-                "unix:///tmp/tbot-quickstart/workload.sock",
-                "unix://SOCKET",
-            ),
-            (
-                "tbot.yaml",
-                storage,
-                &format!("storage:\n  type: memory\n{agent_extra}"),
-            ),
-            ("tbot.yaml", "credential_ttl: 1h\nrenewal_interval: 20m\n", ""),
-            ("tbot.yaml", "admin_socket: /tmp/tbot-quickstart/admin.sock\n", ""),
-        ],
-    );
-    Daemon::start(dir, socket)
-}
 
 fn verify_chain(chain: &[&[u8]], authorities: &[&[u8]]) {
     let dir = tempfile::tempdir().unwrap();
@@ -134,7 +31,7 @@ fn verify_chain(chain: &[&[u8]], authorities: &[&[u8]]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_spiffe_crate_gets_an_svid_whose_chain_verifies_and_jwts_that_validate() {
-    let daemon = quickstart("");
+    let daemon = common::quickstart("");
     let uid = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .unwrap();
@@ -179,7 +76,7 @@ async fn the_spiffe_crate_gets_an_svid_whose_chain_verifies_and_jwts_that_valida
 async fn a_raw_call_without_the_security_header_gets_invalid_argument() {
     use tbot::workload_api::proto::X509svidRequest;
     use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-    let daemon = quickstart("");
+    let daemon = common::quickstart("");
     let channel = tbot::workload_api::client::connect(&daemon.endpoint()).await.unwrap();
     let mut raw = SpiffeWorkloadApiClient::new(channel);
     let status = raw
@@ -197,7 +94,7 @@ async fn a_raw_call_without_the_security_header_gets_invalid_argument() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_short_lived_svid_rotates_on_open_streams_and_two_streams_share_one_issuance() {
-    let daemon = quickstart("credential_ttl: 6s\nrenewal_interval: 3s\n");
+    let daemon = common::quickstart("credential_ttl: 6s\nrenewal_interval: 3s\n");
     let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
     let mut first = client.stream_x509_contexts().await.unwrap();
     let mut second = client.stream_x509_contexts().await.unwrap();
@@ -229,7 +126,7 @@ async fn a_short_lived_svid_rotates_on_open_streams_and_two_streams_share_one_is
 
 #[test]
 fn spiffe_inspect_prints_the_svid_and_the_trust_bundle() {
-    let daemon = quickstart("");
+    let daemon = common::quickstart("");
     let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
         .args([
             "spiffe-inspect",
@@ -261,9 +158,9 @@ fn spiffe_inspect_prints_the_svid_and_the_trust_bundle() {
 
 #[test]
 fn a_live_socket_is_never_stolen_and_stops_cleanly() {
-    let daemon = quickstart("");
+    let daemon = common::quickstart("");
     // A second daemon on the same socket (its own memory storage) must refuse.
-    let etc = daemon._dir.path().join("etc");
+    let etc = daemon.dir.path().join("etc");
     let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
         .args(["start", "--config-dir"])
         .arg(&etc)
@@ -347,7 +244,7 @@ fn a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied() {
         eprintln!("skipping: cannot create a systemd cgroup here (not root?)");
         return;
     };
-    let (dir, socket) = copy_manifests(
+    let (dir, socket) = common::copy_manifests(
         "manifests/guide",
         &[
             ("tbot.yaml", "join_method: iam", "join_method: token"),
@@ -360,7 +257,7 @@ fn a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied() {
             ),
         ],
     );
-    let daemon = Daemon::start(dir, socket);
+    let daemon = common::Daemon::start(dir, socket);
     let endpoint = daemon.endpoint();
 
     let inside = spawn_child(&endpoint);
@@ -417,7 +314,7 @@ async fn child_serves_mutual_tls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_processes_complete_a_mutual_tls_handshake_with_their_svids() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let daemon = quickstart("");
+    let daemon = common::quickstart("");
     let mut server = Command::new(std::env::current_exe().unwrap())
         .args(["child_serves_mutual_tls", "--exact", "--nocapture", "--test-threads=1"])
         .env(TLS_SERVER_ENV, daemon.endpoint())
@@ -455,37 +352,9 @@ async fn two_processes_complete_a_mutual_tls_handshake_with_their_svids() {
     let _ = server.wait();
 }
 
-fn wait_for_log(daemon: &Daemon, needle: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if daemon.log().contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-#[test]
-fn an_edit_on_disk_is_logged_as_needing_a_restart_and_a_comment_is_not() {
-    let daemon = quickstart("");
-    let file = daemon._dir.path().join("etc/workload-identity.yaml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, format!("# only a comment\n{text}")).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    assert!(!daemon.log().contains("restart tbot"), "{}", daemon.log());
-    std::fs::write(&file, text.replace("hint: quickstart", "hint: edited")).unwrap();
-    assert!(wait_for_log(&daemon, "restart tbot to apply them"), "{}", daemon.log());
-    assert!(
-        daemon.log().contains("workload_identity/quickstart"),
-        "{}",
-        daemon.log()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_socket_answers_grpc_health_checks() {
-    let daemon = quickstart("");
+    let daemon = common::quickstart("");
     let channel = tbot::workload_api::client::connect(&daemon.endpoint()).await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let reply = health

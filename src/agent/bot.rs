@@ -150,14 +150,22 @@ pub fn jitter(spread: f64) -> f64 {
 /// 5 min, ±20% jitter) after a failure. Publishes each new identity.
 pub async fn keep_fresh(
     issuer: Arc<dyn Issuer>,
-    settings: JoinSettings,
+    mut settings_rx: watch::Receiver<JoinSettings>,
     store: Store,
     tx: watch::Sender<Arc<BotIdentity>>,
 ) {
     let mut backoff = Duration::from_secs(1);
-    let mut wait = settings.renewal_interval;
+    let mut wait = settings_rx.borrow().renewal_interval;
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            // New terms (a rejoin happened): start the renewal interval afresh.
+            Ok(()) = settings_rx.changed() => {
+                wait = settings_rx.borrow().renewal_interval;
+                continue;
+            }
+        }
+        let settings = settings_rx.borrow().clone();
         let current = tx.borrow().clone();
         match refresh(issuer.as_ref(), &settings, &current).await {
             Ok(identity) => {

@@ -4,14 +4,14 @@
 //! when its last subscriber leaves. JWT-SVIDs are cached per (identity, attributes, audiences) until
 //! half their lifetime.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rcgen::{KeyPair, PublicKeyData};
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::bot::{BotIdentity, jitter};
 use crate::issuer::{Attributes, Issuer, IssuerError, JwtRequest, JwtSvid, Resolved, X509Request, X509Svid};
@@ -44,6 +44,9 @@ struct Key {
     ttl: Duration,
 }
 
+/// A slot's channel and the wake-up that makes its task reissue now.
+type SlotHandle = (watch::Sender<Slot>, Arc<Notify>);
+
 /// A JWT-SVID's cache key: the identity's key and the sorted audiences.
 type JwtKey = (Key, Vec<String>);
 
@@ -51,7 +54,8 @@ type JwtKey = (Key, Vec<String>);
 pub struct SvidCache {
     issuer: Arc<dyn Issuer>,
     bot: watch::Receiver<Arc<BotIdentity>>,
-    slots: Mutex<HashMap<Key, watch::Sender<Slot>>>,
+    /// Each slot's channel, and how to wake its task to reissue now.
+    slots: Mutex<HashMap<Key, SlotHandle>>,
     /// JWT-SVIDs with the time they stop being served from the cache (half their lifetime).
     jwts: Mutex<HashMap<JwtKey, (JwtSvid, OffsetDateTime)>>,
     issued: AtomicU64,
@@ -106,13 +110,28 @@ impl SvidCache {
             ttl,
         };
         let mut slots = self.slots.lock().expect("cache poisoned");
-        if let Some(tx) = slots.get(&key) {
+        if let Some((tx, _)) = slots.get(&key) {
             return tx.subscribe();
         }
         let (tx, rx) = watch::channel(Slot::Pending);
-        slots.insert(key.clone(), tx.clone());
-        tokio::spawn(self.clone().keep_fresh(key, tx));
+        let wake = Arc::new(Notify::new());
+        slots.insert(key.clone(), (tx.clone(), wake.clone()));
+        tokio::spawn(self.clone().keep_fresh(key, tx, wake));
         rx
+    }
+
+    /// Re-decides the cached SVIDs of these identities now (their documents or the rules that apply
+    /// to them changed): each is reissued, or revoked if the caller may no longer have it.
+    pub fn redecide(&self, identities: &BTreeSet<String>) {
+        for (key, (_, wake)) in self.slots.lock().expect("cache poisoned").iter() {
+            if identities.contains(&key.identity) {
+                wake.notify_one();
+            }
+        }
+        self.jwts
+            .lock()
+            .expect("cache poisoned")
+            .retain(|(key, _), _| !identities.contains(&key.identity));
     }
 
     async fn issue(&self, key: &Key) -> Result<X509Material, IssuerError> {
@@ -134,7 +153,7 @@ impl SvidCache {
         })
     }
 
-    async fn keep_fresh(self: Arc<Self>, key: Key, tx: watch::Sender<Slot>) {
+    async fn keep_fresh(self: Arc<Self>, key: Key, tx: watch::Sender<Slot>, wake: Arc<Notify>) {
         let mut backoff = Duration::from_secs(1);
         loop {
             let wait = match self.issue(&key).await {
@@ -149,9 +168,11 @@ impl SvidCache {
                     let still_valid =
                         matches!(&*tx.borrow(), Slot::Ready(m) if remaining(m.svid.not_after) > Duration::ZERO);
                     tracing::warn!(identity = %key.identity, %error, hint = %error.hint(), "X509-SVID issuance failed");
-                    if !still_valid {
+                    // A "no" revokes at once; a transient failure keeps serving what is still valid.
+                    let denied = matches!(error, IssuerError::Denied(_));
+                    if denied || !still_valid {
                         tx.send_replace(Slot::Failed {
-                            denied: matches!(error, IssuerError::Denied(_)),
+                            denied,
                             error: error.to_string(),
                         });
                     }
@@ -164,6 +185,7 @@ impl SvidCache {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(deadline) => break,
+                    _ = wake.notified() => break,
                     _ = tx.closed() => {}
                 }
                 // No one left? Leave, unless someone subscribed meanwhile (they do so under the lock).

@@ -19,6 +19,11 @@ pub use cache::{Slot, SvidCache, X509Material};
 pub struct Agent {
     issuer: Arc<dyn Issuer>,
     bot: watch::Receiver<Arc<BotIdentity>>,
+    bot_tx: watch::Sender<Arc<BotIdentity>>,
+    settings: watch::Sender<JoinSettings>,
+    store: Store,
+    /// Moves whenever the documents that decide who gets what change: streams re-resolve.
+    policy: watch::Sender<u64>,
     pub cache: Arc<SvidCache>,
 }
 
@@ -54,9 +59,45 @@ impl Agent {
         };
         identity.save(&store)?;
         let (tx, rx) = watch::channel(Arc::new(identity));
-        tokio::spawn(bot::keep_fresh(issuer.clone(), settings, store, tx));
+        let (settings_tx, settings_rx) = watch::channel(settings);
+        tokio::spawn(bot::keep_fresh(issuer.clone(), settings_rx, store.clone(), tx.clone()));
         let cache = SvidCache::new(issuer.clone(), rx.clone());
-        Ok(Agent { issuer, bot: rx, cache })
+        Ok(Agent {
+            issuer,
+            bot: rx,
+            bot_tx: tx,
+            settings: settings_tx,
+            store,
+            policy: watch::channel(0).0,
+            cache,
+        })
+    }
+
+    /// Joins again with new terms. The current identity stays in force until the join succeeds.
+    pub async fn rejoin(&self, settings: JoinSettings) -> Result<(), IssuerError> {
+        let identity = bot::join(self.issuer.as_ref(), &settings).await?;
+        tracing::info!(
+            bot = %identity.certificate.bot,
+            method = %settings.method,
+            expires = %identity.certificate.not_after,
+            "bot joined again with the new terms"
+        );
+        identity.save(&self.store)?;
+        self.settings.send_replace(settings);
+        self.bot_tx.send_replace(Arc::new(identity));
+        Ok(())
+    }
+
+    /// The documents changed: open streams re-resolve their callers, and the SVIDs of `identities`
+    /// are re-decided now (reissued, or revoked).
+    pub fn redecide(&self, identities: &std::collections::BTreeSet<String>) {
+        self.cache.redecide(identities);
+        self.policy.send_modify(|g| *g += 1);
+    }
+
+    /// Moves whenever callers must be re-resolved.
+    pub fn policy_changes(&self) -> watch::Receiver<u64> {
+        self.policy.subscribe()
     }
 
     /// The current bot identity.

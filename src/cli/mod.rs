@@ -2,6 +2,5 @@
 
 pub mod inspect;
 pub mod render;
-pub mod start;
 pub mod tbot;
 pub mod tbotctl;

@@ -1,6 +1,8 @@
-//! The loop: watch the directories, reload, plan against what was last applied, converge, and keep
-//! each object's status.
+//! The loop: watch the directories, reload, plan against what was last applied, converge.
 
+pub mod daemon;
+pub mod notify;
 pub mod plan;
+pub mod watch;
 
 pub use plan::{Action, Change, Plan, Step, plan};

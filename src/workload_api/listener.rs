@@ -138,12 +138,20 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
 }
 
 /// Accepts unix connections and attests each one (off the accept loop) before tonic sees it.
-pub fn incoming_unix(listener: UnixListener, settings: AttestSettings) -> ReceiverStream<io::Result<Conn>> {
+/// `settings` may change while serving: each new connection is attested with the current ones.
+pub fn incoming_unix(
+    listener: UnixListener,
+    settings: tokio::sync::watch::Receiver<AttestSettings>,
+) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
-    let settings = Arc::new(settings);
     tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                // The server stopped: let go of the socket.
+                _ = tx.closed() => return,
+            };
+            let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -152,7 +160,7 @@ pub fn incoming_unix(listener: UnixListener, settings: AttestSettings) -> Receiv
                 }
             };
             let tx = tx.clone();
-            let settings = settings.clone();
+            let settings = settings.borrow().clone();
             tokio::spawn(async move {
                 let peer = stream.peer_cred().ok().and_then(|c| {
                     Some(Peer {
@@ -190,7 +198,12 @@ pub fn incoming_unix(listener: UnixListener, settings: AttestSettings) -> Receiv
 pub fn incoming_tcp(listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = tx.closed() => return,
+            };
+            let Ok((stream, _)) = accepted else { return };
             let info = CallerInfo(Arc::new(Caller {
                 peer: None,
                 attested: Ok(Attributes::new()),

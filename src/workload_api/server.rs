@@ -22,29 +22,41 @@ use crate::agent::attest::AttestError;
 use crate::agent::{Agent, Slot};
 use crate::issuer::{Attributes, Bundles, IdentitySelector, IssuerError, Resolved};
 
+/// What a service decides by: its selector and the lifetime of the SVIDs it serves. Swapped live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub selector: IdentitySelector,
+    pub ttl: Duration,
+}
+
 /// One `workload-identity-api` service.
 pub struct WorkloadApi {
     agent: Arc<Agent>,
-    selector: IdentitySelector,
-    ttl: Duration,
-    /// Becomes `true` when the daemon stops: open streams end.
+    config: watch::Receiver<ServiceConfig>,
+    /// Becomes `true` when the service stops: open streams end.
     stop: watch::Receiver<bool>,
 }
 
 impl WorkloadApi {
-    pub fn new(
-        agent: Arc<Agent>,
-        selector: IdentitySelector,
-        ttl: Duration,
-        stop: watch::Receiver<bool>,
-    ) -> WorkloadApi {
-        WorkloadApi {
-            agent,
-            selector,
-            ttl,
-            stop,
-        }
+    pub fn new(agent: Arc<Agent>, config: watch::Receiver<ServiceConfig>, stop: watch::Receiver<bool>) -> WorkloadApi {
+        WorkloadApi { agent, config, stop }
     }
+}
+
+/// The identities the service's current selector gives a caller, and their lifetime.
+async fn resolve_for(
+    agent: &Agent,
+    config: &watch::Receiver<ServiceConfig>,
+    workload: &Attributes,
+) -> Result<(Vec<Resolved>, Duration), Status> {
+    let ServiceConfig { selector, ttl } = config.borrow().clone();
+    let resolved = agent.resolve(&selector, workload).await.map_err(status)?;
+    if resolved.is_empty() {
+        return Err(Status::permission_denied(
+            "no workload identity of this service matches the caller",
+        ));
+    }
+    Ok((resolved, ttl))
 }
 
 /// Waits until the daemon stops.
@@ -93,18 +105,6 @@ fn bundle_key(bundles: &Bundles) -> String {
 
 fn x509_bundle(bundles: &Bundles) -> Vec<u8> {
     bundles.x509_authorities.concat()
-}
-
-impl WorkloadApi {
-    async fn identities(&self, workload: &Attributes) -> Result<Vec<Resolved>, Status> {
-        let resolved = self.agent.resolve(&self.selector, workload).await.map_err(status)?;
-        if resolved.is_empty() {
-            return Err(Status::permission_denied(
-                "no workload identity of this service matches the caller",
-            ));
-        }
-        Ok(resolved)
-    }
 }
 
 /// A complete `X509SVIDResponse` from the current slots, or `None` while one is still pending.
@@ -183,39 +183,60 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
         let workload = attested(&request)?;
-        let resolved = self.identities(&workload).await?;
-        let slots: Vec<_> = resolved
-            .iter()
-            .map(|r| self.agent.cache.x509(r, &workload, self.ttl))
-            .collect();
-        let bundles_rx = self.agent.bundles();
-        let mut changes: StreamMap<usize, std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>> =
-            StreamMap::new();
-        for (i, slot) in slots.iter().enumerate() {
-            changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
-        }
-        changes.insert(usize::MAX, Box::pin(WatchStream::new(bundles_rx.clone()).map(|_| ())));
+        let agent = self.agent.clone();
+        let config = self.config.clone();
+        let mut policy = agent.policy_changes();
+        let mut config_changes = config.clone();
+        config_changes.mark_unchanged();
+        let first = resolve_for(&agent, &config, &workload).await?;
         let (tx, rx) = mpsc::channel(4);
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let watcher = tx.clone();
             let send_all = async {
+                let mut next = Some(first);
                 let mut last_sent = None;
-                while changes.next().await.is_some() {
-                    let bundles = bundles_rx.borrow().clone();
-                    match x509_response(&slots, &bundles) {
-                        None => continue,
-                        // Several watches may fire for one change: send each distinct state once.
-                        Some(Ok(message)) if last_sent.as_ref() == Some(&message) => continue,
-                        Some(Ok(message)) => {
-                            last_sent = Some(message.clone());
-                            if tx.send(Ok(message)).await.is_err() {
+                loop {
+                    // (Re-)resolve: at open, and whenever the documents or the service's config change.
+                    let (resolved, ttl) = match next.take() {
+                        Some(r) => r,
+                        None => match resolve_for(&agent, &config, &workload).await {
+                            Ok(r) => r,
+                            Err(status) => {
+                                let _ = tx.send(Err(status)).await;
                                 return;
                             }
+                        },
+                    };
+                    let slots: Vec<_> = resolved.iter().map(|r| agent.cache.x509(r, &workload, ttl)).collect();
+                    let bundles_rx = agent.bundles();
+                    let mut changes: StreamMap<usize, std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>> =
+                        StreamMap::new();
+                    for (i, slot) in slots.iter().enumerate() {
+                        changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
+                    }
+                    changes.insert(usize::MAX, Box::pin(WatchStream::new(bundles_rx.clone()).map(|_| ())));
+                    loop {
+                        tokio::select! {
+                            Some(_) = changes.next() => {}
+                            Ok(()) = policy.changed() => break,
+                            Ok(()) = config_changes.changed() => break,
                         }
-                        Some(Err(status)) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
+                        let bundles = bundles_rx.borrow().clone();
+                        match x509_response(&slots, &bundles) {
+                            None => continue,
+                            // Several watches may fire for one change: send each distinct state once.
+                            Some(Ok(message)) if last_sent.as_ref() == Some(&message) => continue,
+                            Some(Ok(message)) => {
+                                last_sent = Some(message.clone());
+                                if tx.send(Ok(message)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Err(status)) => {
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
                         }
                     }
                 }
@@ -255,11 +276,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         }
         let mut svids = Vec::new();
         let mut hints = HashSet::new();
-        for resolved in self.identities(&workload).await? {
+        let (resolved, ttl) = resolve_for(&self.agent, &self.config, &workload).await?;
+        for resolved in resolved {
             let svid = self
                 .agent
                 .cache
-                .jwt(&resolved, &workload, &audience, self.ttl)
+                .jwt(&resolved, &workload, &audience, ttl)
                 .await
                 .map_err(status)?;
             if !wanted.is_empty() && svid.spiffe_id != wanted {

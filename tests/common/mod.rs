@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The repository root; the tests run the binaries from here so that printed paths are relative.
 pub fn root() -> PathBuf {
@@ -75,4 +76,122 @@ pub fn openssl(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running `tbot start`, stopped with SIGTERM on drop.
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+impl Daemon {
+    pub fn endpoint(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    /// Starts `tbot start` on `dir` and waits until the socket answers.
+    pub fn start(dir: tempfile::TempDir, socket: PathBuf) -> Daemon {
+        let log = std::fs::File::create(dir.path().join("tbot.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
+            .args(["start", "--config-dir"])
+            .arg(dir.path().join("etc"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tbot starts");
+        let mut daemon = Daemon { child, socket, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("tbot start exited with {status}:\n{}", daemon.log());
+            }
+            assert!(Instant::now() < deadline, "no socket after 30s:\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tbot.log")).unwrap_or_default()
+    }
+}
+
+/// Copies a bundled directory into a temporary one, applying `edits` (file, from, to) to its text.
+pub fn copy_manifests(from: &str, edits: &[(&str, &str, &str)]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let socket = dir.path().join("run/workload.sock");
+    for entry in std::fs::read_dir(root().join(from)).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for (file, old, new) in edits {
+            if *file == name {
+                assert!(text.contains(old), "{name} has no `{old}`");
+                text = text.replace(old, &new.replace("SOCKET", socket.to_str().unwrap()));
+            }
+        }
+        std::fs::write(etc.join(&name), text).unwrap();
+    }
+    (dir, socket)
+}
+
+/// The quickstart, in memory, on a temporary socket, with extra agent settings.
+pub fn quickstart(agent_extra: &str) -> Daemon {
+    let storage = "storage:\n  type: directory\n  path: /tmp/tbot-quickstart/state\n";
+    let (dir, socket) = copy_manifests(
+        "manifests/quickstart",
+        &[
+            (
+                "tbot.yaml",
+                "unix:///tmp/tbot-quickstart/workload.sock",
+                "unix://SOCKET",
+            ),
+            (
+                "tbot.yaml",
+                storage,
+                &format!("storage:\n  type: memory\n{agent_extra}"),
+            ),
+            ("tbot.yaml", "credential_ttl: 1h\nrenewal_interval: 20m\n", ""),
+            ("tbot.yaml", "admin_socket: /tmp/tbot-quickstart/admin.sock\n", ""),
+        ],
+    );
+    Daemon::start(dir, socket)
+}
+
+/// Waits (up to 15 s) until the daemon's log contains `needle`.
+pub fn wait_for_log(daemon: &Daemon, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if daemon.log().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Replaces a file the way editors do: write a temporary file, then rename it over the old one.
+pub fn save(path: &Path, text: &str) {
+    let temp = path.with_extension("yaml.tmp~");
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, path).unwrap();
 }

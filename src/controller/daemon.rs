@@ -1,0 +1,466 @@
+//! The running daemon: start (issuer, agent, listeners), then the level-triggered loop — any event
+//! (a file changed, SIGHUP, the periodic resync, a retry) reloads the whole directory, plans against
+//! what was last applied, and converges live. SIGTERM/SIGINT stop it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::Server;
+
+use super::plan::{Action, Plan, plan};
+use super::watch::watch_inputs;
+use crate::agent::attest::{AttestSettings, DEFAULT_HASH_LIMIT};
+use crate::agent::bot::jitter;
+use crate::agent::{Agent, JoinSettings};
+use crate::cli::render;
+use crate::issuer::{IdentitySelector, Issuer, LocalIssuer, Policy};
+use crate::manifest::{self, DesiredState, Input, Loaded};
+use crate::resource::agent::{AgentConfig, Listen, Service, StorageType};
+use crate::resource::{Document, Kind};
+use crate::store::Store;
+use crate::workload_api::listener;
+use crate::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::workload_api::server::{ServiceConfig, WorkloadApi};
+
+/// How often the directory is reloaded even without an event (jittered ±20%).
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How long events are gathered before one reload.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What `tbot start` was given.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub config_dirs: Vec<PathBuf>,
+    pub config_file: Option<PathBuf>,
+}
+
+fn fail(message: impl std::fmt::Display, hint: &str) -> ExitCode {
+    tracing::error!(hint, "{message}");
+    ExitCode::from(1)
+}
+
+/// One serving `workload-identity-api` service.
+struct Running {
+    listen: Listen,
+    config: watch::Sender<ServiceConfig>,
+    attest: watch::Sender<AttestSettings>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, ends the streams, and removes the socket.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        if let Listen::Unix(path) = &self.listen {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+struct Daemon {
+    inputs: Vec<Input>,
+    issuer: Arc<LocalIssuer>,
+    agent: Arc<Agent>,
+    /// What was last applied (the plan's "actual" side).
+    applied: DesiredState,
+    services: BTreeMap<String, Running>,
+}
+
+fn agent_config(state: &DesiredState) -> Option<&AgentConfig> {
+    state.objects.values().find_map(|o| match &o.document {
+        Document::AgentConfig(a) => Some(a),
+        _ => None,
+    })
+}
+
+fn join_settings(config: &AgentConfig) -> JoinSettings {
+    JoinSettings {
+        method: config.onboarding.join_method,
+        token: config.onboarding.token.clone(),
+        ttl: config.credential_ttl.as_std(),
+        renewal_interval: config.renewal_interval.as_std(),
+    }
+}
+
+fn service_config(service: &Service, agent: &AgentConfig) -> ServiceConfig {
+    ServiceConfig {
+        selector: match (&service.selector.name, &service.selector.labels) {
+            (Some(name), _) => IdentitySelector::Name(name.to_string()),
+            (None, labels) => IdentitySelector::Labels(labels.clone()),
+        },
+        ttl: service.credential_ttl.unwrap_or(agent.credential_ttl).as_std(),
+    }
+}
+
+fn attest_settings(service: &Service) -> AttestSettings {
+    AttestSettings {
+        hash_limit: service
+            .attestors
+            .unix
+            .as_ref()
+            .and_then(|u| u.binary_hash_max_size_bytes)
+            .unwrap_or(DEFAULT_HASH_LIMIT),
+        systemd: service.attestors.systemd.as_ref().is_some_and(|s| s.enabled),
+        ..AttestSettings::default()
+    }
+}
+
+/// The state to converge to: the loaded objects, with the last good version of every object from a
+/// file that now fails to load.
+fn keep_last_good(loaded: &Loaded, last: &DesiredState) -> DesiredState {
+    let broken: std::collections::BTreeSet<&PathBuf> = loaded
+        .diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| &d.location.path)
+        .collect();
+    if broken.is_empty() {
+        return loaded.state.clone();
+    }
+    let mut state = DesiredState::default();
+    for (r, o) in &loaded.state.objects {
+        if !broken.contains(&o.location.path) {
+            state.objects.insert(r.clone(), o.clone());
+        }
+    }
+    for (r, o) in &last.objects {
+        if broken.contains(&o.location.path) && !state.objects.contains_key(r) {
+            state.objects.insert(r.clone(), o.clone());
+        }
+    }
+    state
+}
+
+impl Daemon {
+    async fn start_service(&self, service: &Service, config: &AgentConfig) -> Result<Running, String> {
+        let (config_tx, config_rx) = watch::channel(service_config(service, config));
+        let (attest_tx, attest_rx) = watch::channel(attest_settings(service));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let incoming = match &service.listen {
+            Listen::Unix(path) => {
+                let l = listener::bind_unix(path).map_err(|e| format!("{e}; {}", e.hint()))?;
+                listener::incoming_unix(l, attest_rx)
+            }
+            Listen::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on {addr}: {e}; choose a free address"))?;
+                tracing::warn!(
+                    service = service.display_name(),
+                    %addr,
+                    "TCP callers are not attested: only identities whose rules read no workload attribute are served"
+                );
+                listener::incoming_tcp(l)
+            }
+        };
+        let api = WorkloadApi::new(self.agent.clone(), config_rx, stop_rx.clone());
+        let task = tokio::spawn(serve(api, incoming, stop_rx));
+        tracing::info!(service = service.display_name(), listen = %service.listen, "Workload API listening");
+        Ok(Running {
+            listen: service.listen.clone(),
+            config: config_tx,
+            attest: attest_tx,
+            stop: stop_tx,
+            task,
+        })
+    }
+
+    /// Brings the listeners in line with `config`: new ones bound, moved ones bound at the new
+    /// address before the old one closes, removed ones closed, the others reconfigured in place.
+    async fn sync_services(&mut self, config: &AgentConfig) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for service in &config.services {
+            let name = service.display_name().to_owned();
+            match self.services.get(&name) {
+                Some(running) if running.listen == service.listen => {
+                    running.config.send_if_modified(|c| {
+                        let new = service_config(service, config);
+                        let changed = *c != new;
+                        *c = new;
+                        changed
+                    });
+                    running.attest.send_if_modified(|a| {
+                        let new = attest_settings(service);
+                        let changed = *a != new;
+                        *a = new;
+                        changed
+                    });
+                }
+                _ => match self.start_service(service, config).await {
+                    Ok(new) => {
+                        if let Some(old) = self.services.insert(name.clone(), new) {
+                            tracing::info!(service = %name, from = %old.listen, "closing the old listener");
+                            old.stop().await;
+                        }
+                    }
+                    Err(e) => errors.push(format!("service {name}: {e}")),
+                },
+            }
+        }
+        let wanted: Vec<String> = config.services.iter().map(|s| s.display_name().to_owned()).collect();
+        let gone: Vec<String> = self.services.keys().filter(|n| !wanted.contains(n)).cloned().collect();
+        for name in gone {
+            if let Some(old) = self.services.remove(&name) {
+                tracing::info!(service = %name, listen = %old.listen, "listener removed");
+                old.stop().await;
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Executes a plan. Returns whether a transient failure asks for a retry.
+    async fn execute(&mut self, plan: &Plan, desired: &DesiredState) -> bool {
+        let mut retry = false;
+        let cluster_side_changed = plan.changes.iter().any(|(r, _)| r.kind != Kind::AgentConfig)
+            || plan.steps.iter().any(|s| matches!(s.action, Action::CreateCa { .. }));
+        if cluster_side_changed {
+            match Policy::from_state(desired).and_then(|p| self.issuer.set_policy(p)) {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, hint = %e.hint(), "cannot apply the new documents to the issuer");
+                    retry |= e.is_transient();
+                }
+            }
+        }
+        if plan.steps.iter().any(|s| matches!(s.action, Action::RotateCa { .. }))
+            && let Err(e) = self.issuer.rotate_ca()
+        {
+            tracing::error!(error = %e, hint = %e.hint(), "cannot rotate the CA");
+            retry |= e.is_transient();
+        }
+        let config = agent_config(desired).cloned();
+        if plan.steps.iter().any(|s| matches!(s.action, Action::Rejoin))
+            && let Some(config) = &config
+            && let Err(e) = self.agent.rejoin(join_settings(config)).await
+        {
+            tracing::error!(error = %e, hint = %e.hint(), "the rejoin failed; the current identity stays in force");
+            retry |= e.is_transient();
+        }
+        if let Some(config) = &config
+            && let Err(e) = self.sync_services(config).await
+        {
+            tracing::error!(error = %e, "cannot serve every listener");
+            retry = true;
+        }
+        for step in &plan.steps {
+            if let Action::RestartRequired { field } = &step.action {
+                tracing::warn!(
+                    field,
+                    "this change takes effect at the next restart: restart tbot to apply it"
+                );
+            }
+        }
+        let redecide = plan.identities_to_redecide();
+        if !redecide.is_empty() {
+            self.agent.redecide(&redecide);
+        }
+        retry
+    }
+
+    /// Reloads the documents and converges. Returns whether to retry soon.
+    async fn reload(&mut self) -> bool {
+        let inputs = self.inputs.clone();
+        let loaded = match tokio::task::spawn_blocking(move || manifest::load(&inputs)).await {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(diagnostic)) => {
+                tracing::error!("{}", render::diagnostic(&diagnostic).trim_end());
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the reload failed");
+                return true;
+            }
+        };
+        for d in loaded.diagnostics.iter().filter(|d| d.is_error()) {
+            tracing::error!(
+                "{}\n  the last good version of this file's objects stays in force",
+                render::diagnostic(d).trim_end()
+            );
+        }
+        let desired = keep_last_good(&loaded, &self.applied);
+        let plan = plan(&desired, Some(&self.applied));
+        if plan.is_empty() {
+            tracing::debug!("reloaded: nothing changed");
+            return false;
+        }
+        let (add, change, destroy) = plan.counts();
+        tracing::info!(add, change, destroy, "documents changed; converging");
+        for step in &plan.steps {
+            let causes: Vec<String> = step.causes.iter().map(|c| c.to_string()).collect();
+            tracing::info!(causes = %causes.join(", "), "{}", step.action);
+        }
+        let retry = self.execute(&plan, &desired).await;
+        if !retry {
+            self.applied = desired;
+        }
+        retry
+    }
+
+    async fn shutdown(self) {
+        for (_, running) in self.services {
+            running.stop().await;
+        }
+    }
+}
+
+fn open_store(config: &AgentConfig) -> Result<Store, crate::store::StoreError> {
+    match config.storage.kind {
+        StorageType::Memory => Ok(Store::memory()),
+        StorageType::Directory => Store::open(
+            &config
+                .storage
+                .path
+                .clone()
+                .unwrap_or_else(|| crate::resource::agent::Storage::DEFAULT_PATH.into()),
+        ),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(options: StartOptions) -> ExitCode {
+    let mut inputs: Vec<Input> = options.config_dirs.iter().cloned().map(Input::Dir).collect();
+    inputs.extend(options.config_file.iter().cloned().map(Input::File));
+    let loaded = match manifest::load(&inputs) {
+        Ok(loaded) => loaded,
+        Err(diagnostic) => {
+            eprint!("{}", render::diagnostic(&diagnostic));
+            return ExitCode::from(2);
+        }
+    };
+    for d in &loaded.diagnostics {
+        eprint!("{}", render::diagnostic(d));
+    }
+    if loaded.has_errors() {
+        return fail(
+            render::summary(&loaded),
+            "fix the documents (`tbotctl validate` shows the same) and start again",
+        );
+    }
+    let Some(config) = agent_config(&loaded.state).cloned() else {
+        return fail(
+            "no agent config among the documents",
+            "add the agent config (`version: v2`, no `kind`)",
+        );
+    };
+    let policy = match Policy::from_state(&loaded.state) {
+        Ok(p) => p,
+        Err(e) => return fail(&e, &e.hint()),
+    };
+    if policy.bots.is_empty() {
+        return fail(
+            "the documents hold only an agent config: joining a remote issuer at `proxy_server` is not supported yet",
+            "add the cluster-side documents (bot, token, role, workload_identity) so this daemon runs the issuer",
+        );
+    }
+    // Watch before anything serves: an edit made the moment the socket answers must not be missed.
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let _watcher = watch_inputs(&inputs, events_tx);
+    tracing::info!(trust_domain = %policy.trust_domain.as_str(), "starting");
+    let store = match open_store(&config) {
+        Ok(s) => s,
+        Err(e) => return fail(&e, e.hint()),
+    };
+    tracing::info!(storage = %store.describe(), "storage opened");
+    let issuer = match LocalIssuer::open(store.clone(), policy) {
+        Ok(i) => Arc::new(i),
+        Err(e) => return fail(&e, &e.hint()),
+    };
+    let agent = match Agent::start(issuer.clone() as Arc<dyn Issuer>, join_settings(&config), store).await {
+        Ok(a) => Arc::new(a),
+        Err(e) => return fail(&e, &e.hint()),
+    };
+    let mut daemon = Daemon {
+        inputs: inputs.clone(),
+        issuer: issuer.clone(),
+        agent,
+        applied: loaded.state.clone(),
+        services: BTreeMap::new(),
+    };
+    if let Err(e) = daemon.sync_services(&config).await {
+        daemon.shutdown().await;
+        return fail(e, "fix the listener's address, or stop whatever holds it");
+    }
+    super::notify::ready();
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) = (
+        signal(SignalKind::terminate()).expect("a SIGTERM handler"),
+        signal(SignalKind::interrupt()).expect("a SIGINT handler"),
+        signal(SignalKind::hangup()).expect("a SIGHUP handler"),
+    );
+    let mut resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
+    let mut prune = tokio::time::interval(Duration::from_secs(60));
+    let mut retry_backoff = Duration::from_secs(1);
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let retry_sleep = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            Some(()) = events.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while events.try_recv().is_ok() {}
+            }
+            _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
+            _ = tokio::time::sleep_until(resync) => {}
+            _ = retry_sleep => {}
+            _ = prune.tick() => {
+                if let Err(e) = issuer.prune() {
+                    tracing::warn!(error = %e, hint = %e.hint(), "cannot prune retired CAs");
+                }
+                continue;
+            }
+        }
+        resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
+        super::notify::reloading();
+        let retry = daemon.reload().await;
+        super::notify::ready();
+        if retry {
+            retry_at = Some(tokio::time::Instant::now() + retry_backoff.mul_f64(jitter(0.2)));
+            retry_backoff = (retry_backoff * 2).min(Duration::from_secs(300));
+        } else {
+            retry_at = None;
+            retry_backoff = Duration::from_secs(1);
+        }
+    }
+    super::notify::stopping();
+    tracing::info!("stopping: no new connections; open streams end");
+    daemon.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn serve(
+    api: WorkloadApi,
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<listener::Conn>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>().await;
+    let result = Server::builder()
+        .add_service(health_service)
+        .add_service(SpiffeWorkloadApiServer::new(api))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "the Workload API server failed");
+    }
+}

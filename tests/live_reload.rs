@@ -1,0 +1,252 @@
+//! Live convergence, one test per row of DESIGN §4: a running `tbot start` is driven by editing its
+//! directory the way editors do, and observed from outside with the `spiffe` crate.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, quickstart, save, wait_for_log};
+use spiffe::{WorkloadApiClient, X509Context};
+use tokio_stream::{Stream, StreamExt};
+
+type Contexts = std::pin::Pin<Box<dyn Stream<Item = Result<X509Context, spiffe::WorkloadApiError>> + Send>>;
+
+async fn open_stream(daemon: &Daemon) -> (Contexts, X509Context) {
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let mut stream: Contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let first = stream.next().await.unwrap().unwrap();
+    (stream, first)
+}
+
+fn id(ctx: &X509Context) -> String {
+    ctx.svids()[0].spiffe_id().to_string()
+}
+
+fn edit(daemon: &Daemon, file: &str, from: &str, to: &str) {
+    let path = daemon.dir.path().join("etc").join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{file} has no {from:?}");
+    save(&path, &text.replace(from, to));
+}
+
+async fn next_within(stream: &mut Contexts, secs: u64) -> Option<Result<X509Context, spiffe::WorkloadApiError>> {
+    tokio::time::timeout(Duration::from_secs(secs), stream.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The quickstart with a label selector, so identities can come and go without breaking a reference.
+fn by_labels() -> Daemon {
+    let daemon = quickstart("");
+    edit(
+        &daemon,
+        "tbot.yaml",
+        "    selector:\n      name: quickstart\n",
+        "    selector:\n      labels:\n        app: quickstart\n",
+    );
+    assert!(wait_for_log(&daemon, "re-decide its callers"), "{}", daemon.log());
+    daemon
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workload_identity_edit_pushes_the_new_spiffe_id_on_the_open_stream() {
+    let daemon = quickstart("");
+    let (mut stream, first) = open_stream(&daemon).await;
+    assert!(id(&first).starts_with("spiffe://quickstart.tbot.local/user/"));
+    edit(&daemon, "workload-identity.yaml", "id: \"/user/", "id: \"/people/");
+    let next = next_within(&mut stream, 15).await.expect("a new message").unwrap();
+    assert!(
+        id(&next).starts_with("spiffe://quickstart.tbot.local/people/"),
+        "{}",
+        id(&next)
+    );
+    assert!(
+        daemon.log().contains("SVIDs of workload_identity/quickstart reissued"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_identity_ends_the_stream_with_permission_denied() {
+    let daemon = by_labels();
+    let (mut stream, _) = open_stream(&daemon).await;
+    std::fs::remove_file(daemon.dir.path().join("etc/workload-identity.yaml")).unwrap();
+    let end = next_within(&mut stream, 15)
+        .await
+        .expect("the stream ends with a status");
+    let err = end.expect_err("an error, not an SVID");
+    assert!(format!("{err:?}").contains("PermissionDenied"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_edit_revokes_and_then_grants_again() {
+    let daemon = quickstart("");
+    let (mut stream, _) = open_stream(&daemon).await;
+    edit(&daemon, "role.yaml", "app: quickstart", "app: something-else");
+    let end = next_within(&mut stream, 15).await.expect("the stream ends");
+    assert!(format!("{:?}", end.expect_err("revoked")).contains("PermissionDenied"));
+    edit(&daemon, "role.yaml", "app: something-else", "app: quickstart");
+    assert!(
+        wait_for_log(&daemon, "causes=role/quickstart-issuer"),
+        "{}",
+        daemon.log()
+    );
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match client.fetch_x509_svid().await {
+            Ok(svid) => {
+                assert!(svid.spiffe_id().to_string().contains("/user/"));
+                break;
+            }
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "never granted again: {e:?}\n{}",
+                daemon.log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_and_onboarding_edit_rejoins_without_disturbing_streams() {
+    let daemon = quickstart("");
+    let (mut stream, first) = open_stream(&daemon).await;
+    let token = "---\nkind: token\nversion: v2\nmetadata:\n  name: second-token\nspec:\n  roles: [Bot]\n  join_method: token\n  bot_name: quickstart\n";
+    let path = daemon.dir.path().join("etc/bot.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    save(&path, &format!("{text}{token}"));
+    edit(
+        &daemon,
+        "tbot.yaml",
+        "token: quickstart-token-change-me",
+        "token: second-token",
+    );
+    assert!(
+        wait_for_log(&daemon, "bot joined again with the new terms"),
+        "{}",
+        daemon.log()
+    );
+    // The workload notices nothing: no message, the same SVID.
+    assert!(next_within(&mut stream, 1).await.is_none(), "no message for a rejoin");
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    assert_eq!(
+        client.fetch_x509_svid().await.unwrap().spiffe_id().to_string(),
+        id(&first)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listen_edit_serves_the_new_path_with_no_gap_for_a_hammering_client() {
+    let daemon = quickstart("");
+    let old = daemon.socket.clone();
+    let new = old.with_file_name("moved.sock");
+    let (old_s, new_s) = (old.display().to_string(), new.display().to_string());
+    let hammer = tokio::spawn(async move {
+        let (mut ok, mut gaps) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < deadline {
+            let mut served = false;
+            for path in [&new_s, &old_s] {
+                if let Ok(c) = WorkloadApiClient::connect_to(format!("unix:{path}")).await
+                    && c.fetch_x509_svid().await.is_ok()
+                {
+                    served = true;
+                    break;
+                }
+            }
+            if served { ok += 1 } else { gaps += 1 }
+        }
+        (ok, gaps)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    edit(
+        &daemon,
+        "tbot.yaml",
+        &format!("unix://{}", old.display()),
+        &format!("unix://{}", new.display()),
+    );
+    let (ok, gaps) = hammer.await.unwrap();
+    assert!(ok > 10, "{ok} fetches");
+    assert_eq!(gaps, 0, "moments when neither socket served: {}", daemon.log());
+    assert!(
+        new.exists() && !old.exists(),
+        "the old socket is gone, the new one serves"
+    );
+    assert!(daemon.log().contains("rebind"), "{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_document_keeps_the_old_svids_flowing_and_names_its_line() {
+    let daemon = quickstart("");
+    let (mut stream, first) = open_stream(&daemon).await;
+    edit(&daemon, "workload-identity.yaml", "  spiffe:\n", "  spife:\n");
+    assert!(
+        wait_for_log(&daemon, "the last good version of this file's objects stays in force"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("workload-identity.yaml:"),
+        "the error names the file and line: {}",
+        daemon.log()
+    );
+    assert!(
+        next_within(&mut stream, 1).await.is_none(),
+        "the stream carries on undisturbed"
+    );
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    assert_eq!(
+        client.fetch_x509_svid().await.unwrap().spiffe_id().to_string(),
+        id(&first)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_storage_edit_is_reported_as_needing_a_restart() {
+    let daemon = quickstart("");
+    edit(
+        &daemon,
+        "tbot.yaml",
+        "type: memory",
+        "type: directory\n  path: /tmp/tbot-never-used",
+    );
+    assert!(
+        wait_for_log(&daemon, "takes effect at the next restart"),
+        "{}",
+        daemon.log()
+    );
+    assert!(!std::path::Path::new("/tmp/tbot-never-used").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_comment_only_edit_changes_nothing_and_issues_nothing() {
+    let daemon = quickstart("");
+    let (mut stream, _) = open_stream(&daemon).await;
+    let path = daemon.dir.path().join("etc/workload-identity.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    save(&path, &format!("# reviewed in git, nothing else\n{text}"));
+    std::fs::File::open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .ok();
+    assert!(next_within(&mut stream, 2).await.is_none(), "no new SVID");
+    assert!(!daemon.log().contains("converging"), "{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_identity_under_a_label_selector_is_pushed_to_the_open_stream() {
+    let daemon = by_labels();
+    let (mut stream, first) = open_stream(&daemon).await;
+    assert_eq!(first.svids().len(), 1);
+    let extra = "kind: workload_identity\nversion: v1\nmetadata:\n  name: second\n  labels:\n    app: quickstart\nspec:\n  spiffe:\n    id: /second\n    hint: second\n";
+    save(&daemon.dir.path().join("etc/second.yaml"), extra);
+    let next = next_within(&mut stream, 15).await.expect("a new message").unwrap();
+    let mut ids: Vec<String> = next.svids().iter().map(|s| s.spiffe_id().to_string()).collect();
+    ids.sort();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], "spiffe://quickstart.tbot.local/second");
+}
