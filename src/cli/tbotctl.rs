@@ -25,6 +25,9 @@ enum Command {
     /// Check documents: syntax, schemas, templates, SPIFFE IDs and references between documents.
     /// Exit 0 when valid, 1 when invalid, 2 on a usage or I/O error.
     Validate(ValidateArgs),
+    /// Show what applying the documents would change: object diffs, runtime actions, the plan.
+    /// Exit 0 when nothing changes, 1 when something does, 2 on an error (invalid input included).
+    Diff(super::diff::DiffArgs),
     /// Print the JSON Schema of a kind, or write every kind's schema to a directory.
     Schema(SchemaArgs),
 }
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate(args) => validate(&args),
+        Command::Diff(args) => super::diff::run(&args),
         Command::Schema(args) => schema_command(&args),
     }
 }

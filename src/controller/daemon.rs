@@ -68,8 +68,9 @@ struct Daemon {
     inputs: Vec<Input>,
     issuer: Arc<LocalIssuer>,
     agent: Arc<Agent>,
-    /// What was last applied (the plan's "actual" side).
+    /// What was last applied (the plan's "actual" side); saved to the store after each convergence.
     applied: DesiredState,
+    store: Store,
     services: BTreeMap<String, Running>,
 }
 
@@ -303,8 +304,15 @@ impl Daemon {
         let retry = self.execute(&plan, &desired).await;
         if !retry {
             self.applied = desired;
+            self.save_inventory();
         }
         retry
+    }
+
+    fn save_inventory(&self) {
+        if let Err(e) = super::inventory::save(&self.store, &self.applied) {
+            tracing::warn!(error = %e, hint = e.hint(), "cannot save the applied state; `tbotctl diff` may be stale");
+        }
     }
 
     async fn shutdown(self) {
@@ -376,7 +384,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         Ok(i) => Arc::new(i),
         Err(e) => return fail(&e, &e.hint()),
     };
-    let agent = match Agent::start(issuer.clone() as Arc<dyn Issuer>, join_settings(&config), store).await {
+    let agent = match Agent::start(issuer.clone() as Arc<dyn Issuer>, join_settings(&config), store.clone()).await {
         Ok(a) => Arc::new(a),
         Err(e) => return fail(&e, &e.hint()),
     };
@@ -385,12 +393,14 @@ pub async fn run(options: StartOptions) -> ExitCode {
         issuer: issuer.clone(),
         agent,
         applied: loaded.state.clone(),
+        store,
         services: BTreeMap::new(),
     };
     if let Err(e) = daemon.sync_services(&config).await {
         daemon.shutdown().await;
         return fail(e, "fix the listener's address, or stop whatever holds it");
     }
+    daemon.save_inventory();
     super::notify::ready();
 
     use tokio::signal::unix::{SignalKind, signal};

@@ -1,6 +1,7 @@
 //! The loop: watch the directories, reload, plan against what was last applied, converge.
 
 pub mod daemon;
+pub mod inventory;
 pub mod notify;
 pub mod plan;
 pub mod watch;

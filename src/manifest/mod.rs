@@ -27,6 +27,24 @@ pub struct Object {
     /// SHA-256 (hex) of the object's canonical form: the decoded document with defaults applied,
     /// so comments, whitespace, key order and equivalent spellings (`60m`, `1h`) do not change it.
     pub hash: String,
+    /// The document's text as written (comments included), for `tbotctl diff`.
+    pub source: String,
+}
+
+/// The text of the document that contains 1-based `line`: from after the previous `---` line (so
+/// its leading comments come along) to before the next `---` or `...` line.
+pub fn document_text(text: &str, line: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let is_separator = |l: &&str| *l == "---" || l.starts_with("--- ") || *l == "...";
+    let at = line.saturating_sub(1).min(lines.len());
+    let start = lines[..at].iter().rposition(is_separator).map_or(0, |i| i + 1);
+    let end = lines[at..]
+        .iter()
+        .position(is_separator)
+        .map_or(lines.len(), |i| at + i);
+    let mut out = lines[start..end].join("\n");
+    out.push('\n');
+    out
 }
 
 /// Everything the documents ask for, by object.
@@ -199,12 +217,14 @@ fn load_here(inputs: &[Input]) -> Result<Loaded, Box<Diagnostic>> {
         }
         let hash = canonical_hash(&p.document);
         let location = Location::at(&sources.paths[p.file], p.node.pos);
+        let source = document_text(&sources.texts[p.file], p.node.pos.line as usize);
         state.objects.insert(
             p.document.object_ref(),
             Object {
                 document: p.document,
                 location,
                 hash,
+                source,
             },
         );
     }
