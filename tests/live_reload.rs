@@ -150,7 +150,8 @@ async fn a_listen_edit_serves_the_new_path_with_no_gap_for_a_hammering_client() 
         let deadline = Instant::now() + Duration::from_secs(4);
         while Instant::now() < deadline {
             let mut served = false;
-            for path in [&new_s, &old_s] {
+            // Old first: if the old socket no longer answers, the new one was bound before it closed.
+            for path in [&old_s, &new_s] {
                 if let Ok(c) = WorkloadApiClient::connect_to(format!("unix:{path}")).await
                     && c.fetch_x509_svid().await.is_ok()
                 {
