@@ -1,6 +1,7 @@
 //! tbot: a declarative machine & workload identity agent (see `../shared/DESIGN.md` for the map).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agent;
 pub mod aws;
 pub mod cli;

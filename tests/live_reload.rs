@@ -251,3 +251,118 @@ async fn a_new_identity_under_a_label_selector_is_pushed_to_the_open_stream() {
     assert_eq!(ids.len(), 2, "{ids:?}");
     assert_eq!(ids[0], "spiffe://quickstart.tbot.local/second");
 }
+
+fn out(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tbotctl_apply_configures_the_identity_and_the_stream_gets_the_new_svid() {
+    let daemon = quickstart("");
+    let (mut stream, _) = open_stream(&daemon).await;
+    let edited = daemon.dir.path().join("edited.yaml");
+    let text = std::fs::read_to_string(daemon.dir.path().join("etc/workload-identity.yaml")).unwrap();
+    std::fs::write(&edited, text.replace("id: \"/user/", "id: \"/applied/")).unwrap();
+    let run = daemon.tbotctl(&["apply", "-f", edited.to_str().unwrap()]);
+    assert_eq!(
+        common::stdout(&run),
+        "workload_identity/quickstart configured\n",
+        "{}",
+        out(&run)
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", out(&run));
+    let next = next_within(&mut stream, 5).await.expect("the new SVID").unwrap();
+    assert!(id(&next).contains("/applied/"), "{}", id(&next));
+    let again = daemon.tbotctl(&["apply", "-f", edited.to_str().unwrap()]);
+    assert_eq!(
+        common::stdout(&again),
+        "workload_identity/quickstart unchanged\n",
+        "{}",
+        out(&again)
+    );
+    let get = daemon.tbotctl(&["get", "workload_identity/quickstart"]);
+    let table = common::stdout(&get);
+    assert!(
+        table.contains("workload_identity/quickstart  2           2         True"),
+        "{table}"
+    );
+}
+
+#[test]
+fn tbotctl_apply_refuses_an_invalid_file_and_writes_nothing() {
+    let daemon = quickstart("");
+    let bad = daemon.dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "kind: role\nversion: v7\nmetadata:\n  name: x\nspec:\n  alow: {}\n",
+    )
+    .unwrap();
+    let run = daemon.tbotctl(&["apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(2), "{}", out(&run));
+    assert!(out(&run).contains("unknown field `alow`"), "{}", out(&run));
+    assert!(!daemon.dir.path().join("etc/bad.yaml").exists());
+}
+
+#[test]
+fn tbotctl_get_shows_invalid_with_file_and_line_and_restart_required() {
+    let daemon = quickstart("");
+    edit(&daemon, "role.yaml", "  allow:", "  alow:");
+    assert!(wait_for_log(&daemon, "stays in force"), "{}", daemon.log());
+    let get = common::stdout(&daemon.tbotctl(&["get", "role"]));
+    assert!(
+        get.contains("Invalid:") && get.contains("role.yaml:7:3: unknown field `alow`"),
+        "{get}"
+    );
+    edit(&daemon, "role.yaml", "  alow:", "  allow:");
+    edit(
+        &daemon,
+        "tbot.yaml",
+        "type: memory",
+        "type: directory\n  path: /tmp/tbot-never-used",
+    );
+    assert!(
+        wait_for_log(&daemon, "takes effect at the next restart"),
+        "{}",
+        daemon.log()
+    );
+    let json = common::stdout(&daemon.tbotctl(&["get", "agent_config", "-o", "json"]));
+    assert!(json.contains("\"type\": \"RestartRequired\""), "{json}");
+    let role = common::stdout(&daemon.tbotctl(&["get", "role"]));
+    assert!(!role.contains("Invalid"), "the role loads again: {role}");
+}
+
+#[test]
+fn the_admin_api_refuses_another_uid() {
+    let daemon = quickstart("");
+    let ok = daemon.tbotctl(&["status"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", out(&ok));
+    assert!(common::stdout(&ok).contains("objects: 6 (0 not ready)"), "{}", out(&ok));
+    if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap()
+        != 0
+    {
+        return; // switching users needs root
+    }
+    let etc = daemon.dir.path().join("etc");
+    let as_nobody = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_tbotctl"),
+            "status",
+            "--admin-socket",
+        ])
+        .arg(daemon.dir.path().join("admin.sock"))
+        .arg("--dir")
+        .arg(etc)
+        .output()
+        .unwrap();
+    assert_ne!(as_nobody.status.code(), Some(0), "{}", out(&as_nobody));
+    assert!(out(&as_nobody).contains("error:"), "{}", out(&as_nobody));
+}

@@ -28,6 +28,13 @@ enum Command {
     /// Show what applying the documents would change: object diffs, runtime actions, the plan.
     /// Exit 0 when nothing changes, 1 when something does, 2 on an error (invalid input included).
     Diff(super::diff::DiffArgs),
+    /// Write documents (`-f`) into the directory after validating them, and wait until the running
+    /// daemon has converged: one line per object, `created|configured|unchanged`.
+    Apply(super::admin_cmds::ApplyArgs),
+    /// The running daemon's objects with their status (generation, conditions).
+    Get(super::admin_cmds::GetArgs),
+    /// The running daemon: trust domain, bot, listeners, objects not ready.
+    Status(super::admin_cmds::DaemonArgs),
     /// Print the JSON Schema of a kind, or write every kind's schema to a directory.
     Schema(SchemaArgs),
 }
@@ -44,6 +51,22 @@ pub struct InputArgs {
 }
 
 impl InputArgs {
+    /// One directory.
+    pub fn dir(dir: PathBuf) -> InputArgs {
+        InputArgs {
+            dirs: vec![dir],
+            files: vec![],
+        }
+    }
+
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
     pub fn inputs(&self) -> Vec<Input> {
         if self.dirs.is_empty() && self.files.is_empty() {
             return vec![Input::Dir(DEFAULT_DIR.into())];
@@ -87,8 +110,19 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Validate(args) => validate(&args),
         Command::Diff(args) => super::diff::run(&args),
+        Command::Apply(args) => block_on(super::admin_cmds::apply(&args)),
+        Command::Get(args) => block_on(super::admin_cmds::get(&args)),
+        Command::Status(args) => block_on(super::admin_cmds::status(&args)),
         Command::Schema(args) => schema_command(&args),
     }
+}
+
+fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {

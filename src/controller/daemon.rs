@@ -13,7 +13,9 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 
 use super::plan::{Action, Plan, plan};
+use super::status::StatusTable;
 use super::watch::watch_inputs;
+use crate::admin::server::{AdminApi, DaemonInfo};
 use crate::agent::attest::{AttestSettings, DEFAULT_HASH_LIMIT};
 use crate::agent::bot::jitter;
 use crate::agent::{Agent, JoinSettings};
@@ -66,6 +68,9 @@ impl Running {
 
 struct Daemon {
     inputs: Vec<Input>,
+    status: Arc<std::sync::RwLock<StatusTable>>,
+    status_version: watch::Sender<u64>,
+    info: Arc<std::sync::RwLock<DaemonInfo>>,
     issuer: Arc<LocalIssuer>,
     agent: Arc<Agent>,
     /// What was last applied (the plan's "actual" side); saved to the store after each convergence.
@@ -290,9 +295,31 @@ impl Daemon {
             );
         }
         let desired = keep_last_good(&loaded, &self.applied);
+        {
+            let mut table = self.status.write().expect("status poisoned");
+            let broken: Vec<&std::path::Path> = loaded
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .map(|d| d.location.path.as_path())
+                .collect();
+            table.valid_except(&broken);
+            for d in loaded.diagnostics.iter().filter(|d| d.is_error()) {
+                let at = match d.location.pos {
+                    Some(pos) => format!("{}:{}:{}", d.location.path.display(), pos.line, pos.column),
+                    None => d.location.path.display().to_string(),
+                };
+                table.invalid(
+                    &d.location.path,
+                    &format!("{at}: {}; the last good version stays in force", d.message),
+                );
+            }
+            table.observe(&desired);
+        }
         let plan = plan(&desired, Some(&self.applied));
         if plan.is_empty() {
             tracing::debug!("reloaded: nothing changed");
+            self.publish_status(false, None);
             return false;
         }
         let (add, change, destroy) = plan.counts();
@@ -302,11 +329,47 @@ impl Daemon {
             tracing::info!(causes = %causes.join(", "), "{}", step.action);
         }
         let retry = self.execute(&plan, &desired).await;
+        {
+            let mut table = self.status.write().expect("status poisoned");
+            for step in &plan.steps {
+                if let Action::RestartRequired { field } = &step.action {
+                    for cause in &step.causes {
+                        table.restart_required(cause, field);
+                    }
+                }
+            }
+        }
         if !retry {
             self.applied = desired;
             self.save_inventory();
         }
+        self.publish_status(retry, Some("a transient failure; retrying with backoff"));
         retry
+    }
+
+    /// Marks objects converged (or stalled), saves the status, and wakes whoever waits on it.
+    fn publish_status(&self, stalled: bool, why: Option<&str>) {
+        {
+            let mut table = self.status.write().expect("status poisoned");
+            if stalled {
+                table.stalled("Retrying", why.unwrap_or(""));
+            } else {
+                table.converged();
+            }
+            table.save(&self.store);
+        }
+        let bot = self.agent.bot();
+        {
+            let mut info = self.info.write().expect("info poisoned");
+            info.bot = bot.certificate.bot.clone();
+            info.bot_expires = bot.certificate.not_after.to_string();
+            info.services = self
+                .services
+                .iter()
+                .map(|(n, r)| (n.clone(), r.listen.to_string()))
+                .collect();
+        }
+        self.status_version.send_modify(|v| *v += 1);
     }
 
     fn save_inventory(&self) {
@@ -388,7 +451,17 @@ pub async fn run(options: StartOptions) -> ExitCode {
         Ok(a) => Arc::new(a),
         Err(e) => return fail(&e, &e.hint()),
     };
+    let status = Arc::new(std::sync::RwLock::new(StatusTable::default()));
+    status.write().expect("status poisoned").observe(&loaded.state);
+    let info = Arc::new(std::sync::RwLock::new(DaemonInfo {
+        trust_domain: issuer.policy().trust_domain.as_str().to_owned(),
+        ..DaemonInfo::default()
+    }));
+    let (status_version, status_version_rx) = watch::channel(0u64);
     let mut daemon = Daemon {
+        status: status.clone(),
+        status_version,
+        info: info.clone(),
         inputs: inputs.clone(),
         issuer: issuer.clone(),
         agent,
@@ -401,6 +474,20 @@ pub async fn run(options: StartOptions) -> ExitCode {
         return fail(e, "fix the listener's address, or stop whatever holds it");
     }
     daemon.save_inventory();
+    daemon.publish_status(false, None);
+    let (reload_tx, mut reload_requests) = mpsc::channel::<tokio::sync::oneshot::Sender<()>>(16);
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let admin_path = crate::admin::socket_path(&config);
+    let admin = AdminApi {
+        status,
+        status_version: status_version_rx,
+        info,
+        reload: reload_tx,
+    };
+    match crate::admin::server::serve(admin, &admin_path, admin_stop_rx) {
+        Ok(()) => tracing::info!(path = %admin_path.display(), "admin API listening"),
+        Err(e) => tracing::warn!(error = %e, "no admin API: tbotctl get/apply/status will not reach this daemon"),
+    }
     super::notify::ready();
 
     use tokio::signal::unix::{SignalKind, signal};
@@ -428,6 +515,14 @@ pub async fn run(options: StartOptions) -> ExitCode {
                 while events.try_recv().is_ok() {}
             }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
+            Some(done) = reload_requests.recv() => {
+                let retry = daemon.reload().await;
+                let _ = done.send(());
+                if retry && retry_at.is_none() {
+                    retry_at = Some(tokio::time::Instant::now() + retry_backoff);
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(resync) => {}
             _ = retry_sleep => {}
             _ = prune.tick() => {
@@ -450,6 +545,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         }
     }
     super::notify::stopping();
+    let _ = admin_stop.send(true);
     tracing::info!("stopping: no new connections; open streams end");
     daemon.shutdown().await;
     tracing::info!("stopped");

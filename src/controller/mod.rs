@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod inventory;
 pub mod notify;
 pub mod plan;
+pub mod status;
 pub mod watch;
 
 pub use plan::{Action, Change, Plan, Step, plan};

@@ -262,6 +262,11 @@ impl Node {
     }
 }
 
+/// Renders a value as YAML (for `tbotctl get -o yaml`).
+pub fn to_string<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    serde_saphyr::to_string(value).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,6 +102,14 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
+    /// Runs `tbotctl` against this daemon's directory.
+    pub fn tbotctl(&self, args: &[&str]) -> Output {
+        let etc = self.dir.path().join("etc");
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--dir", etc.to_str().unwrap()]);
+        tbotctl(&all)
+    }
+
     pub fn endpoint(&self) -> String {
         format!("unix:{}", self.socket.display())
     }
@@ -146,7 +154,11 @@ pub fn copy_manifests(from: &str, edits: &[(&str, &str, &str)]) -> (tempfile::Te
         for (file, old, new) in edits {
             if *file == name {
                 assert!(text.contains(old), "{name} has no `{old}`");
-                text = text.replace(old, &new.replace("SOCKET", socket.to_str().unwrap()));
+                text = text.replace(
+                    old,
+                    &new.replace("SOCKET", socket.to_str().unwrap())
+                        .replace("DIR", dir.path().to_str().unwrap()),
+                );
             }
         }
         std::fs::write(etc.join(&name), text).unwrap();
@@ -171,7 +183,11 @@ pub fn quickstart(agent_extra: &str) -> Daemon {
                 &format!("storage:\n  type: memory\n{agent_extra}"),
             ),
             ("tbot.yaml", "credential_ttl: 1h\nrenewal_interval: 20m\n", ""),
-            ("tbot.yaml", "admin_socket: /tmp/tbot-quickstart/admin.sock\n", ""),
+            (
+                "tbot.yaml",
+                "admin_socket: /tmp/tbot-quickstart/admin.sock\n",
+                "admin_socket: DIR/admin.sock\n",
+            ),
         ],
     );
     Daemon::start(dir, socket)

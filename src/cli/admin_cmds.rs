@@ -1,0 +1,385 @@
+//! `tbotctl get`, `status` and `apply`: the commands that talk to a running daemon's admin API.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use super::render;
+use super::tbotctl::InputArgs;
+use crate::admin::proto::admin_client::AdminClient;
+use crate::admin::proto::{ApplyRequest, GetRequest, ObjectStatus, StatusRequest};
+use crate::manifest::{self, Input};
+use crate::resource::Document;
+use crate::resource::duration::Duration as GoDuration;
+
+/// How to reach the daemon.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// The daemon's admin socket; by default found from the directory's agent config.
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GetOutput {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// `KIND` or `KIND/NAME` (for example `workload_identity/example`); all objects when left out.
+    pub what: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: GetOutput,
+    /// Print token names instead of masking them.
+    #[arg(long)]
+    pub show_secrets: bool,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// How long to wait for every object to be Ready at its new generation.
+    #[arg(long, default_value = "30s", value_parser = GoDuration::parse)]
+    pub wait: GoDuration,
+    /// Show what would change (as `tbotctl diff`), write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+fn fail(message: impl std::fmt::Display, hint: &str) -> ExitCode {
+    eprintln!("error: {message}\n  = hint: {hint}");
+    ExitCode::from(2)
+}
+
+impl DaemonArgs {
+    fn socket(&self) -> Result<PathBuf, String> {
+        if let Some(path) = &self.admin_socket {
+            return Ok(path.clone());
+        }
+        let loaded = manifest::load(&self.input.inputs()).map_err(|d| render::diagnostic(&d))?;
+        loaded
+            .state
+            .objects
+            .values()
+            .find_map(|o| match &o.document {
+                Document::AgentConfig(a) => Some(crate::admin::socket_path(a)),
+                _ => None,
+            })
+            .ok_or_else(|| "no agent config in these documents to find the admin socket from".to_owned())
+    }
+
+    async fn connect(&self) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
+        let socket = self
+            .socket()
+            .map_err(|e| fail(e, "pass --dir with the daemon's directory, or --admin-socket PATH"))?;
+        match crate::workload_api::client::connect(&socket.display().to_string()).await {
+            Ok(channel) => Ok(AdminClient::new(channel)),
+            Err(e) => Err(fail(
+                e,
+                "is `tbot start` running with this directory? (`tbotctl diff` works without a daemon)",
+            )),
+        }
+    }
+}
+
+fn explain(status: tonic::Status) -> ExitCode {
+    fail(
+        format!("{:?}: {}", status.code(), status.message()),
+        "run tbotctl as root or as the daemon's user",
+    )
+}
+
+/// A serializable view of an object's status (`-o yaml|json`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct View<'a> {
+    kind: &'a str,
+    name: String,
+    path: &'a str,
+    generation: u64,
+    observed_generation: u64,
+    conditions: Vec<ConditionView<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConditionView<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    status: &'a str,
+    reason: &'a str,
+    message: &'a str,
+    last_transition_time: &'a str,
+}
+
+fn shown_name(o: &ObjectStatus, show_secrets: bool) -> String {
+    if o.kind == "token" && !show_secrets {
+        "<secret>".into()
+    } else {
+        o.name.clone()
+    }
+}
+
+fn problems(o: &ObjectStatus) -> String {
+    o.conditions
+        .iter()
+        .filter(|c| (c.status == "True") == matches!(c.r#type.as_str(), "Invalid" | "Stalled" | "RestartRequired"))
+        .filter(|c| c.r#type != "Ready" && c.r#type != "Reconciling")
+        .map(|c| format!("{}: {}", c.r#type, c.message))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn ready(o: &ObjectStatus) -> bool {
+    o.observed_generation == o.generation && o.conditions.iter().any(|c| c.r#type == "Ready" && c.status == "True")
+}
+
+pub async fn get(args: &GetArgs) -> ExitCode {
+    let (kind, name) = match args.what.as_deref() {
+        None => (String::new(), String::new()),
+        Some(what) => match what.split_once('/') {
+            Some((k, n)) => (k.to_owned(), n.to_owned()),
+            None => (what.to_owned(), String::new()),
+        },
+    };
+    if !kind.is_empty() && !crate::resource::Kind::ALL.iter().any(|k| k.as_str() == kind) {
+        return fail(
+            format!("unknown kind `{kind}`"),
+            "the kinds are agent_config, cluster, bot, token, role, workload_identity",
+        );
+    }
+    let mut client = match args.daemon.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let objects = match client.get(GetRequest { kind, name }).await {
+        Ok(r) => r.into_inner().objects,
+        Err(status) => return explain(status),
+    };
+    match args.output {
+        GetOutput::Table => {
+            let rows: Vec<[String; 5]> = objects
+                .iter()
+                .map(|o| {
+                    [
+                        format!("{}/{}", o.kind, shown_name(o, args.show_secrets)),
+                        o.generation.to_string(),
+                        o.observed_generation.to_string(),
+                        if ready(o) { "True" } else { "False" }.to_owned(),
+                        problems(o),
+                    ]
+                })
+                .collect();
+            let header = ["OBJECT", "GENERATION", "OBSERVED", "READY", "MESSAGE"].map(String::from);
+            let widths: Vec<usize> = (0..5)
+                .map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0))
+                .collect();
+            for row in [&header].into_iter().chain(rows.iter()) {
+                let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+                println!("{}", line.join("  ").trim_end());
+            }
+        }
+        GetOutput::Yaml | GetOutput::Json => {
+            let views: Vec<View> = objects
+                .iter()
+                .map(|o| View {
+                    kind: &o.kind,
+                    name: shown_name(o, args.show_secrets),
+                    path: &o.path,
+                    generation: o.generation,
+                    observed_generation: o.observed_generation,
+                    conditions: o
+                        .conditions
+                        .iter()
+                        .map(|c| ConditionView {
+                            kind: &c.r#type,
+                            status: &c.status,
+                            reason: &c.reason,
+                            message: &c.message,
+                            last_transition_time: &c.last_transition_time,
+                        })
+                        .collect(),
+                })
+                .collect();
+            if args.output == GetOutput::Json {
+                println!("{}", serde_json::to_string_pretty(&views).expect("json"));
+            } else {
+                print!("{}", manifest::yaml::to_string(&views).unwrap_or_default());
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub async fn status(args: &DaemonArgs) -> ExitCode {
+    let mut client = match args.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let s = match client.status(StatusRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return explain(status),
+    };
+    println!("tbot (pid {}) for trust domain {}", s.pid, s.trust_domain);
+    println!("bot: {} (certificate expires {})", s.bot, s.bot_expires);
+    for svc in &s.services {
+        println!("listener {}: {}", svc.name, svc.listen);
+    }
+    println!("objects: {} ({} not ready)", s.objects, s.not_ready);
+    if s.not_ready == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Writes a file atomically into `dir` (temp file, fsync, rename).
+fn write_atomically(dir: &Path, name: &std::ffi::OsStr, text: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let target = dir.join(name);
+    let temp = dir.join(format!(".{}.tbotctl~", name.to_string_lossy()));
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(text)?;
+    file.sync_all()?;
+    std::fs::rename(&temp, &target)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+pub async fn apply(args: &ApplyArgs) -> ExitCode {
+    let input = &args.daemon.input;
+    let dir = input
+        .dirs()
+        .first()
+        .cloned()
+        .unwrap_or_else(|| super::tbotctl::DEFAULT_DIR.into());
+    // The directory as it will be once the files are written, validated before anything is.
+    let staged = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return fail(format!("cannot make a staging directory: {e}"), "check TMPDIR"),
+    };
+    let mut written = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            if manifest::files::is_document_name(&entry.file_name().to_string_lossy()) {
+                let _ = std::fs::copy(entry.path(), staged.path().join(entry.file_name()));
+            }
+        }
+    }
+    // Where each object lives in the directory now: a file that redefines objects of one existing
+    // file replaces that file, as `kubectl apply` would update them in place.
+    let current = manifest::load(&[Input::Dir(dir.clone())])
+        .map(|l| l.state)
+        .unwrap_or_default();
+    for file in input.files() {
+        let Some(own_name) = file.file_name() else {
+            return fail(format!("{} is not a file", file.display()), "pass a YAML file with -f");
+        };
+        let text = match std::fs::read(file) {
+            Ok(text) => text,
+            Err(e) => return fail(format!("cannot read {}: {e}", file.display()), "check the path"),
+        };
+        let homes: BTreeSet<PathBuf> = manifest::load(&[Input::File(file.clone())])
+            .map(|l| l.state)
+            .unwrap_or_default()
+            .objects
+            .keys()
+            .filter_map(|r| current.objects.get(r).map(|o| o.location.path.clone()))
+            .collect();
+        let name = match homes.iter().next() {
+            Some(home) if homes.len() == 1 => home.file_name().unwrap_or(own_name).to_owned(),
+            _ => own_name.to_owned(),
+        };
+        let _ = std::fs::write(staged.path().join(&name), &text);
+        written.push((name, text));
+    }
+    let loaded = match manifest::load(&[Input::Dir(staged.path().to_owned())]) {
+        Ok(l) => l,
+        Err(d) => {
+            eprint!("{}", render::diagnostic(&d));
+            return ExitCode::from(2);
+        }
+    };
+    if loaded.has_errors() {
+        let staged_path = staged.path().display().to_string();
+        for d in &loaded.diagnostics {
+            eprint!(
+                "{}",
+                render::diagnostic(d).replace(&staged_path, &dir.display().to_string())
+            );
+        }
+        eprintln!("{}", render::summary(&loaded));
+        return ExitCode::from(2);
+    }
+    if args.dry_run {
+        return super::diff::run(&super::diff::DiffArgs {
+            input: InputArgs::dir(staged.path().to_owned()),
+            show_secrets: false,
+        });
+    }
+    let mut client = match args.daemon.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let before = match client.get(GetRequest::default()).await {
+        Ok(r) => r.into_inner().objects,
+        Err(status) => return explain(status),
+    };
+    for (name, text) in &written {
+        if let Err(e) = write_atomically(&dir, name, text) {
+            return fail(
+                format!("cannot write {}: {e}", dir.join(name).display()),
+                "check the directory's permissions",
+            );
+        }
+    }
+    let applied_files: BTreeSet<PathBuf> = written.iter().map(|(n, _)| staged.path().join(n)).collect();
+    let response = match client
+        .apply(ApplyRequest {
+            wait_seconds: args.wait.as_std().as_secs().max(1) as u32,
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return explain(status),
+    };
+    for (r, object) in &loaded.state.objects {
+        if !applied_files.contains(&object.location.path) {
+            continue;
+        }
+        let old = before.iter().find(|o| o.kind == r.kind.as_str() && o.name == r.name);
+        let outcome = match old {
+            None => "created",
+            Some(o) if o.hash != object.hash => "configured",
+            Some(_) => "unchanged",
+        };
+        let shown = if r.kind == crate::resource::Kind::Token {
+            "<secret>"
+        } else {
+            &r.name
+        };
+        println!("{}/{shown} {outcome}", r.kind);
+    }
+    let failures: Vec<&ObjectStatus> = response.objects.iter().filter(|o| !ready(o)).collect();
+    for o in &failures {
+        eprintln!("{}/{} not ready: {}", o.kind, shown_name(o, false), problems(o));
+    }
+    if response.converged && failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        if failures.is_empty() {
+            eprintln!("the daemon did not converge within {}", args.wait);
+        }
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,193 @@
+//! Status per object: `generation` (moves when the canonical hash does), `observedGeneration` (the
+//! generation last converged), and conditions `Ready` / `Reconciling` / `Stalled` / `Invalid` /
+//! `RestartRequired` with reason, message and a transition time that moves only on a flip. Kept in
+//! memory and in the storage directory (`controller/status.json`), never in the watched directory.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::manifest::DesiredState;
+use crate::resource::ObjectRef;
+use crate::store::{Secrecy, Store};
+
+pub const FILE: &str = "controller/status.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+    pub last_transition_time: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObjectStatus {
+    pub kind: String,
+    pub name: String,
+    pub path: String,
+    pub hash: String,
+    pub generation: u64,
+    pub observed_generation: u64,
+    pub conditions: Vec<Condition>,
+    pub source: String,
+}
+
+impl ObjectStatus {
+    pub fn condition(&self, kind: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.kind == kind)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.observed_generation == self.generation && self.condition("Ready").is_some_and(|c| c.status)
+    }
+}
+
+fn now() -> String {
+    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+}
+
+/// Every object's status.
+#[derive(Debug, Clone, Default)]
+pub struct StatusTable {
+    pub objects: BTreeMap<ObjectRef, ObjectStatus>,
+}
+
+impl StatusTable {
+    /// Takes in what the documents now ask for: new objects start at generation 1, changed ones move
+    /// on and are `Reconciling`, deleted ones go.
+    pub fn observe(&mut self, desired: &DesiredState) {
+        self.objects.retain(|r, _| desired.objects.contains_key(r));
+        for (r, o) in &desired.objects {
+            let status = self.objects.entry(r.clone()).or_insert_with(|| ObjectStatus {
+                kind: r.kind.as_str().to_owned(),
+                name: r.name.clone(),
+                path: String::new(),
+                hash: String::new(),
+                generation: 0,
+                observed_generation: 0,
+                conditions: Vec::new(),
+                source: String::new(),
+            });
+            status.path = o.location.path.display().to_string();
+            status.source = o.source.clone();
+            if status.hash != o.hash {
+                status.hash = o.hash.clone();
+                status.generation += 1;
+            }
+        }
+        let pending: Vec<ObjectRef> = self
+            .objects
+            .iter()
+            .filter(|(_, s)| s.observed_generation != s.generation)
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in pending {
+            self.set(
+                &r,
+                "Reconciling",
+                true,
+                "SpecChanged",
+                "converging to the new generation",
+            );
+        }
+    }
+
+    /// Sets a condition; its transition time moves only when its status flips.
+    pub fn set(&mut self, r: &ObjectRef, kind: &str, status: bool, reason: &str, message: &str) {
+        let Some(object) = self.objects.get_mut(r) else { return };
+        match object.conditions.iter_mut().find(|c| c.kind == kind) {
+            Some(c) => {
+                if c.status != status {
+                    c.last_transition_time = now();
+                }
+                c.status = status;
+                c.reason = reason.to_owned();
+                c.message = message.to_owned();
+            }
+            None => object.conditions.push(Condition {
+                kind: kind.to_owned(),
+                status,
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                last_transition_time: now(),
+            }),
+        }
+    }
+
+    /// Every object converged at its generation.
+    pub fn converged(&mut self) {
+        let refs: Vec<ObjectRef> = self.objects.keys().cloned().collect();
+        for r in refs {
+            if let Some(o) = self.objects.get_mut(&r) {
+                o.observed_generation = o.generation;
+            }
+            self.set(&r, "Ready", true, "Converged", "running what the document asks for");
+            self.set(&r, "Reconciling", false, "Converged", "");
+            self.set(&r, "Stalled", false, "Converged", "");
+        }
+    }
+
+    /// A transient failure: the objects wait for a retry.
+    pub fn stalled(&mut self, reason: &str, message: &str) {
+        let refs: Vec<ObjectRef> = self
+            .objects
+            .iter()
+            .filter(|(_, s)| s.observed_generation != s.generation)
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in refs {
+            self.set(&r, "Stalled", true, reason, message);
+        }
+    }
+
+    /// The objects of `path` keep their last good version: the file fails to load now.
+    pub fn invalid(&mut self, path: &Path, message: &str) {
+        let shown = path.display().to_string();
+        let refs: Vec<ObjectRef> = self
+            .objects
+            .iter()
+            .filter(|(_, s)| s.path == shown)
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in refs {
+            self.set(&r, "Invalid", true, "LoadFailed", message);
+        }
+    }
+
+    /// Clears `Invalid` from objects whose file loads again.
+    pub fn valid_except(&mut self, broken: &[&Path]) {
+        let broken: Vec<String> = broken.iter().map(|p| p.display().to_string()).collect();
+        let refs: Vec<ObjectRef> = self
+            .objects
+            .iter()
+            .filter(|(_, s)| !broken.contains(&s.path) && s.condition("Invalid").is_some_and(|c| c.status))
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in refs {
+            self.set(&r, "Invalid", false, "Loaded", "");
+        }
+    }
+
+    pub fn restart_required(&mut self, r: &ObjectRef, field: &str) {
+        self.set(
+            r,
+            "RestartRequired",
+            true,
+            "FieldNeedsRestart",
+            &format!("`{field}` changed: restart tbot to apply it"),
+        );
+    }
+
+    pub fn save(&self, store: &Store) {
+        let list: Vec<&ObjectStatus> = self.objects.values().collect();
+        if let Err(e) = store.write_json(FILE, &list, Secrecy::Secret) {
+            tracing::warn!(error = %e, hint = e.hint(), "cannot save the status");
+        }
+    }
+}
