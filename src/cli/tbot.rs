@@ -43,6 +43,9 @@ enum Command {
         #[arg(short = 'd', long)]
         debug: bool,
     },
+    /// Install tbot as a service.
+    #[command(subcommand)]
+    Install(Install),
     /// Fetch and print the SVIDs and bundles the Workload API gives this process.
     SpiffeInspect {
         /// The Workload API socket. Default: $SPIFFE_ENDPOINT_SOCKET.
@@ -52,6 +55,12 @@ enum Command {
         #[arg(long = "audience", value_name = "AUD")]
         audiences: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum Install {
+    /// Print (or `--write`) a systemd unit that runs `tbot start`.
+    Systemd(super::install::SystemdArgs),
 }
 
 fn init_logging(format: LogFormat, debug: bool) {
@@ -91,5 +100,6 @@ pub fn main() -> ExitCode {
             }))
         }
         Command::SpiffeInspect { path, audiences } => runtime.block_on(inspect::run(path, audiences)),
+        Command::Install(Install::Systemd(args)) => super::install::run(&args),
     }
 }

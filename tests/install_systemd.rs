@@ -1,0 +1,129 @@
+//! `tbot install systemd`: the printed unit, writing it, and refusing to overwrite a different one.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn tbot(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tbot")).args(args).output().unwrap()
+}
+
+#[test]
+fn the_unit_runs_tbot_start_under_type_notify_and_reloads_by_sighup() {
+    let out = tbot(&["install", "systemd", "--config", "/etc/tbot.yaml"]);
+    assert!(out.status.success());
+    let unit = common::stdout(&out);
+    for line in [
+        "Type=notify",
+        "User=teleport",
+        "Group=teleport",
+        " start -c /etc/tbot.yaml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=always",
+        "RestartSec=5",
+        "LimitNOFILE=524288",
+        "WantedBy=multi-user.target",
+    ] {
+        assert!(unit.contains(line), "missing {line:?} in\n{unit}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = tbot(&[
+        "install",
+        "systemd",
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--user",
+        "tbot",
+    ]);
+    let unit = common::stdout(&out);
+    assert!(
+        unit.contains(&format!(" start --config-dir {}", dir.path().display())),
+        "{unit}"
+    );
+    assert!(unit.contains("User=tbot"), "{unit}");
+}
+
+#[test]
+fn writing_refuses_a_different_unit_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd = dir.path().to_str().unwrap();
+    let write = |config: &str, force: bool| {
+        let mut args = vec![
+            "install",
+            "systemd",
+            "--config",
+            config,
+            "--write",
+            "--systemd-directory",
+            sd,
+        ];
+        if force {
+            args.push("--force");
+        }
+        tbot(&args)
+    };
+    let first = write("/etc/a.yaml", false);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(common::stdout(&first).contains("systemctl daemon-reload"));
+    assert!(
+        write("/etc/a.yaml", false).status.success(),
+        "the same unit again is fine"
+    );
+    let refused = write("/etc/b.yaml", false);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    let unit = std::fs::read_to_string(dir.path().join("tbot.service")).unwrap();
+    assert!(unit.contains("-c /etc/a.yaml"), "unchanged: {unit}");
+    assert!(write("/etc/b.yaml", true).status.success());
+    let unit = std::fs::read_to_string(dir.path().join("tbot.service")).unwrap();
+    assert!(unit.contains("-c /etc/b.yaml"));
+}
+
+#[test]
+fn the_daemon_tells_systemd_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+    let (dir, _socket) = common::copy_manifests(
+        "manifests/quickstart",
+        &[
+            (
+                "tbot.yaml",
+                "unix:///tmp/tbot-quickstart/workload.sock",
+                "unix://SOCKET",
+            ),
+            (
+                "tbot.yaml",
+                "type: directory\n  path: /tmp/tbot-quickstart/state",
+                "type: memory",
+            ),
+            (
+                "tbot.yaml",
+                "admin_socket: /tmp/tbot-quickstart/admin.sock",
+                "admin_socket: DIR/admin.sock",
+            ),
+        ],
+    );
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args(["start", "--config-dir"])
+        .arg(dir.path().join("etc"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert_eq!(next(), "STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
