@@ -366,3 +366,42 @@ fn the_admin_api_refuses_another_uid() {
     assert_ne!(as_nobody.status.code(), Some(0), "{}", out(&as_nobody));
     assert!(out(&as_nobody).contains("error:"), "{}", out(&as_nobody));
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diagnostics_report_liveness_readiness_and_metrics() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let daemon = quickstart(&format!("diag_addr: 127.0.0.1:{port}\n"));
+    let (_stream, _) = open_stream(&daemon).await;
+    assert!(wait_for_log(&daemon, "diagnostics listening"), "{}", daemon.log());
+    assert!(http_get(port, "/livez").starts_with("HTTP/1.1 200"));
+    let ready = http_get(port, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(
+        ready.contains("\"workload-identity-api\":{\"status\":\"ready\"}"),
+        "{ready}"
+    );
+    assert!(http_get(port, "/readyz/workload-identity-api").starts_with("HTTP/1.1 200"));
+    assert!(http_get(port, "/readyz/nope").starts_with("HTTP/1.1 404"));
+    let metrics = http_get(port, "/metrics");
+    for line in [
+        "tbot_x509_svids_issued_total 1",
+        "tbot_workload_api_streams 1",
+        "tbot_joins_total{method=\"token\",outcome=\"joined\"} 1",
+        "# TYPE tbot_reconciles_total counter",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+}

@@ -1,6 +1,8 @@
 //! The admin API: gRPC on a unix socket (`0600`; callers must be root or the daemon's own uid, by
 //! peer credentials) through which `tbotctl` reads status and asks for a convergence.
 
+pub mod diag;
+pub mod metrics;
 pub mod server;
 
 /// The generated protobuf messages and gRPC service (from `proto/admin.proto`).

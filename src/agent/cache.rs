@@ -147,6 +147,9 @@ impl SvidCache {
             })
             .await?;
         self.issued.fetch_add(1, Ordering::Relaxed);
+        crate::admin::metrics::metrics()
+            .svids_issued
+            .fetch_add(1, Ordering::Relaxed);
         Ok(X509Material {
             svid,
             key: pair.serialize_der(),
@@ -233,6 +236,9 @@ impl SvidCache {
                 ttl,
             })
             .await?;
+        crate::admin::metrics::metrics()
+            .jwt_svids_issued
+            .fetch_add(1, Ordering::Relaxed);
         let mut jwts = self.jwts.lock().expect("cache poisoned");
         jwts.retain(|_, (_, fresh_until)| now() < *fresh_until);
         let fresh_until = issued_at + (svid.expires - issued_at) / 2;

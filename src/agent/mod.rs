@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::admin::metrics::metrics;
 use crate::issuer::{Attributes, Bundles, IdentitySelector, Issuer, IssuerError, Resolved};
 use crate::resource::agent::JoinMethod;
 use crate::store::Store;
@@ -47,7 +48,10 @@ impl Agent {
                 }
             },
             None => {
-                let joined = bot::join(issuer.as_ref(), &settings).await?;
+                let joined = bot::join(issuer.as_ref(), &settings)
+                    .await
+                    .inspect_err(|_| metrics().join(settings.method.as_str(), "refused"))?;
+                metrics().join(settings.method.as_str(), "joined");
                 tracing::info!(
                     bot = %joined.certificate.bot,
                     method = %settings.method,
@@ -75,7 +79,10 @@ impl Agent {
 
     /// Joins again with new terms. The current identity stays in force until the join succeeds.
     pub async fn rejoin(&self, settings: JoinSettings) -> Result<(), IssuerError> {
-        let identity = bot::join(self.issuer.as_ref(), &settings).await?;
+        let identity = bot::join(self.issuer.as_ref(), &settings)
+            .await
+            .inspect_err(|_| metrics().join(settings.method.as_str(), "refused"))?;
+        metrics().join(settings.method.as_str(), "joined");
         tracing::info!(
             bot = %identity.certificate.bot,
             method = %settings.method,

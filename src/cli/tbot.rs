@@ -42,6 +42,9 @@ enum Command {
         /// Log at debug level.
         #[arg(short = 'd', long)]
         debug: bool,
+        /// Serve /livez, /readyz and /metrics here (overrides the agent config's `diag_addr`).
+        #[arg(long, value_name = "ADDR")]
+        diag_addr: Option<std::net::SocketAddr>,
     },
     /// Install tbot as a service.
     #[command(subcommand)]
@@ -89,6 +92,7 @@ pub fn main() -> ExitCode {
             config,
             log_format,
             debug,
+            diag_addr,
         } => {
             init_logging(log_format, debug);
             if config_dirs.is_empty() && config.is_none() {
@@ -97,6 +101,7 @@ pub fn main() -> ExitCode {
             runtime.block_on(start::run(start::StartOptions {
                 config_dirs,
                 config_file: config,
+                diag_addr,
             }))
         }
         Command::SpiffeInspect { path, audiences } => runtime.block_on(inspect::run(path, audiences)),

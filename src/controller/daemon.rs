@@ -39,6 +39,8 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 pub struct StartOptions {
     pub config_dirs: Vec<PathBuf>,
     pub config_file: Option<PathBuf>,
+    /// Overrides the agent config's `diag_addr`.
+    pub diag_addr: Option<std::net::SocketAddr>,
 }
 
 fn fail(message: impl std::fmt::Display, hint: &str) -> ExitCode {
@@ -234,6 +236,7 @@ impl Daemon {
             match Policy::from_state(desired).and_then(|p| self.issuer.set_policy(p)) {
                 Ok(()) => {}
                 Err(e) => {
+                    crate::admin::metrics::metrics().error("issuer_policy");
                     tracing::error!(error = %e, hint = %e.hint(), "cannot apply the new documents to the issuer");
                     retry |= e.is_transient();
                 }
@@ -256,6 +259,7 @@ impl Daemon {
         if let Some(config) = &config
             && let Err(e) = self.sync_services(config).await
         {
+            crate::admin::metrics::metrics().error("listener");
             tracing::error!(error = %e, "cannot serve every listener");
             retry = true;
         }
@@ -276,6 +280,18 @@ impl Daemon {
 
     /// Reloads the documents and converges. Returns whether to retry soon.
     async fn reload(&mut self) -> bool {
+        let started = std::time::Instant::now();
+        let retry = self.reload_once().await;
+        let m = crate::admin::metrics::metrics();
+        m.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.reconcile_micros.fetch_add(
+            started.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        retry
+    }
+
+    async fn reload_once(&mut self) -> bool {
         let inputs = self.inputs.clone();
         let loaded = match tokio::task::spawn_blocking(move || manifest::load(&inputs)).await {
             Ok(Ok(loaded)) => loaded,
@@ -488,6 +504,13 @@ pub async fn run(options: StartOptions) -> ExitCode {
         Ok(()) => tracing::info!(path = %admin_path.display(), "admin API listening"),
         Err(e) => tracing::warn!(error = %e, "no admin API: tbotctl get/apply/status will not reach this daemon"),
     }
+    if let Some(addr) = options.diag_addr.or(config.diag_addr) {
+        let names = config.services.iter().map(|s| s.display_name().to_owned()).collect();
+        match crate::admin::diag::serve(addr, daemon.info.clone(), names).await {
+            Ok(()) => tracing::info!(%addr, "diagnostics listening: /livez /readyz /metrics"),
+            Err(e) => tracing::warn!(error = %e, "no diagnostics endpoint"),
+        }
+    }
     super::notify::ready();
 
     use tokio::signal::unix::{SignalKind, signal};
@@ -511,8 +534,12 @@ pub async fn run(options: StartOptions) -> ExitCode {
             _ = term.recv() => break,
             _ = int.recv() => break,
             Some(()) = events.recv() => {
+                let m = &crate::admin::metrics::metrics().watch_events;
+                m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(DEBOUNCE).await;
-                while events.try_recv().is_ok() {}
+                while events.try_recv().is_ok() {
+                    m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
             Some(done) = reload_requests.recv() => {

@@ -159,6 +159,9 @@ pub fn incoming_unix(
                     continue;
                 }
             };
+            crate::admin::metrics::metrics()
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let tx = tx.clone();
             let settings = settings.borrow().clone();
             tokio::spawn(async move {

@@ -192,6 +192,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let (tx, rx) = mpsc::channel(4);
         let stop = self.stop.clone();
         tokio::spawn(async move {
+            let streams = &crate::admin::metrics::metrics().active_streams;
+            streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let watcher = tx.clone();
             let send_all = async {
                 let mut next = Some(first);
@@ -246,6 +248,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 _ = stopped(stop) => {}
                 _ = watcher.closed() => {}
             }
+            streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

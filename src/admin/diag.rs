@@ -1,0 +1,92 @@
+//! The diagnostics HTTP endpoint on `diag_addr`: `/livez`, `/readyz` (JSON, per service; 503 until
+//! every service is ready), `/readyz/<service>`, and `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+
+use super::metrics::metrics;
+use super::server::DaemonInfo;
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+fn route(path: &str, info: &DaemonInfo, expected: &[String]) -> Response<Full<Bytes>> {
+    let serving: Vec<&String> = info.services.iter().map(|(n, _)| n).collect();
+    let state = |name: &String| if serving.contains(&name) { "ready" } else { "not ready" };
+    match path {
+        "/livez" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => {
+            let all = !info.bot.is_empty() && expected.iter().all(|n| serving.contains(&n));
+            let services: serde_json::Map<String, serde_json::Value> = expected
+                .iter()
+                .map(|n| (n.clone(), json!({"status": state(n)})))
+                .collect();
+            let body = json!({"status": if all { "ready" } else { "not ready" }, "services": services});
+            let code = if all {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(code, "application/json", format!("{body}\n"))
+        }
+        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics().render()),
+        other => match other.strip_prefix("/readyz/") {
+            Some(name) if expected.iter().any(|n| n == name) => {
+                let name = name.to_owned();
+                let ready = serving.contains(&&name);
+                let code = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                reply(
+                    code,
+                    "application/json",
+                    format!("{}\n", json!({"status": state(&name)})),
+                )
+            }
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /livez, /readyz, /readyz/<service> or /metrics\n".into(),
+            ),
+        },
+    }
+}
+
+/// Serves diagnostics on `addr` in the background.
+pub async fn serve(addr: SocketAddr, info: Arc<RwLock<DaemonInfo>>, expected: Vec<String>) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve diagnostics on {addr}: {e}"))?;
+    let expected = Arc::new(expected);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let info = info.clone();
+            let expected = expected.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let info = info.read().expect("info poisoned").clone();
+                    let response = route(request.uri().path(), &info, &expected);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
