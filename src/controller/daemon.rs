@@ -450,6 +450,13 @@ pub async fn run(options: StartOptions) -> ExitCode {
             "add the cluster-side documents (bot, token, role, workload_identity) so this daemon runs the issuer",
         );
     }
+    // Signal handlers first: a SIGHUP (systemctl reload) right after start must reload, not kill.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) = (
+        signal(SignalKind::terminate()).expect("a SIGTERM handler"),
+        signal(SignalKind::interrupt()).expect("a SIGINT handler"),
+        signal(SignalKind::hangup()).expect("a SIGHUP handler"),
+    );
     // Watch before anything serves: an edit made the moment the socket answers must not be missed.
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let _watcher = watch_inputs(&inputs, events_tx);
@@ -513,12 +520,6 @@ pub async fn run(options: StartOptions) -> ExitCode {
     }
     super::notify::ready();
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int, mut hup) = (
-        signal(SignalKind::terminate()).expect("a SIGTERM handler"),
-        signal(SignalKind::interrupt()).expect("a SIGINT handler"),
-        signal(SignalKind::hangup()).expect("a SIGHUP handler"),
-    );
     let mut resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
     let mut prune = tokio::time::interval(Duration::from_secs(60));
     let mut retry_backoff = Duration::from_secs(1);
