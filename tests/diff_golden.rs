@@ -17,10 +17,16 @@ fn setup(applied: bool) -> tempfile::TempDir {
     std::fs::create_dir(&etc).unwrap();
     for entry in std::fs::read_dir(common::root().join("manifests/quickstart")).unwrap() {
         let path = entry.unwrap().path();
-        let text = std::fs::read_to_string(&path).unwrap().replace(
-            "/tmp/tbot-quickstart/state",
-            &dir.path().join("state").display().to_string(),
-        );
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(
+                "/tmp/tbot-quickstart/state",
+                &dir.path().join("state").display().to_string(),
+            )
+            .replace(
+                "/tmp/tbot-quickstart/admin.sock",
+                &dir.path().join("admin.sock").display().to_string(),
+            );
         std::fs::write(etc.join(path.file_name().unwrap()), text).unwrap();
     }
     if applied {
@@ -119,12 +125,7 @@ fn a_storage_edit_requires_a_restart() {
         "renewal_interval: 20m",
         "renewal_interval: 20m\n",
     );
-    edit(
-        dir.path(),
-        "tbot.yaml",
-        "admin_socket: /tmp/tbot-quickstart/admin.sock",
-        "admin_socket: /tmp/tbot-quickstart/other.sock",
-    );
+    edit(dir.path(), "tbot.yaml", "admin.sock", "other.sock");
     check("restart_required", dir.path(), &[], 1);
 }
 

@@ -405,3 +405,33 @@ async fn diagnostics_report_liveness_readiness_and_metrics() {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
 }
+
+#[test]
+fn tbotctl_diff_compares_with_the_running_daemon() {
+    let daemon = quickstart("");
+    let same = daemon.tbotctl(&["diff"]);
+    assert_eq!(same.status.code(), Some(0), "{}", out(&same));
+    assert!(
+        common::stdout(&same).contains("Compared with the running daemon (pid"),
+        "{}",
+        out(&same)
+    );
+    // A reviewed change in another checkout of the same configuration.
+    let next = daemon.dir.path().join("next");
+    std::fs::create_dir(&next).unwrap();
+    for entry in std::fs::read_dir(daemon.dir.path().join("etc")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("hint: quickstart", "hint: reviewed");
+        std::fs::write(next.join(path.file_name().unwrap()), text).unwrap();
+    }
+    let changed = common::tbotctl(&["diff", "--dir", next.to_str().unwrap()]);
+    assert_eq!(changed.status.code(), Some(1), "{}", out(&changed));
+    let text = common::stdout(&changed);
+    assert!(
+        text.contains("-    hint: quickstart\n") && text.contains("+    hint: reviewed\n"),
+        "{text}"
+    );
+    assert!(text.contains("Plan: 0 to add, 1 to change, 0 to destroy."), "{text}");
+}

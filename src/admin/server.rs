@@ -53,6 +53,7 @@ fn to_proto(s: &status::ObjectStatus) -> ObjectStatus {
             .collect(),
         source: s.source.clone(),
         hash: s.hash.clone(),
+        document_json: s.document_json.clone(),
     }
 }
 

@@ -122,9 +122,14 @@ impl SvidCache {
 
     /// Re-decides the cached SVIDs of these identities now (their documents or the rules that apply
     /// to them changed): each is reissued, or revoked if the caller may no longer have it.
-    pub fn redecide(&self, identities: &BTreeSet<String>) {
-        for (key, (_, wake)) in self.slots.lock().expect("cache poisoned").iter() {
+    /// Returns the woken slots' channels, marked seen: each changes when its re-decision is done.
+    pub fn redecide(&self, identities: &BTreeSet<String>) -> Vec<watch::Receiver<Slot>> {
+        let mut woken = Vec::new();
+        for (key, (tx, wake)) in self.slots.lock().expect("cache poisoned").iter() {
             if identities.contains(&key.identity) {
+                let mut rx = tx.subscribe();
+                rx.mark_unchanged();
+                woken.push(rx);
                 wake.notify_one();
             }
         }
@@ -132,6 +137,7 @@ impl SvidCache {
             .lock()
             .expect("cache poisoned")
             .retain(|(key, _), _| !identities.contains(&key.identity));
+        woken
     }
 
     async fn issue(&self, key: &Key) -> Result<X509Material, IssuerError> {

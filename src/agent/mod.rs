@@ -97,9 +97,16 @@ impl Agent {
 
     /// The documents changed: open streams re-resolve their callers, and the SVIDs of `identities`
     /// are re-decided now (reissued, or revoked).
-    pub fn redecide(&self, identities: &std::collections::BTreeSet<String>) {
-        self.cache.redecide(identities);
+    /// Returns when every cached SVID concerned has been reissued or revoked (or after `wait`).
+    pub async fn redecide(&self, identities: &std::collections::BTreeSet<String>, wait: std::time::Duration) {
+        let mut woken = self.cache.redecide(identities);
         self.policy.send_modify(|g| *g += 1);
+        let all_done = async {
+            for rx in &mut woken {
+                let _ = rx.changed().await;
+            }
+        };
+        let _ = tokio::time::timeout(wait, all_done).await;
     }
 
     /// Moves whenever callers must be re-resolved.

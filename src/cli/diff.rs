@@ -95,13 +95,18 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         Document::AgentConfig(a) => Some(a),
         _ => None,
     });
+    let from_daemon = agent.and_then(|a| from_daemon(&crate::admin::socket_path(a)));
     let (applied, against) = match agent.map(|a| (&a.storage.kind, a.storage.path.clone())) {
+        _ if from_daemon.is_some() => from_daemon.expect("checked"),
         Some((StorageType::Directory, path)) => {
             let path = path.unwrap_or_else(|| crate::resource::agent::Storage::DEFAULT_PATH.into());
             match inventory::read(&path) {
                 Ok(Some(state)) => (
                     Some(state),
-                    format!("Compared with the last applied state in {}.", path.display()),
+                    format!(
+                        "No daemon answers on its admin socket; compared with the last applied state in {}.",
+                        path.display()
+                    ),
                 ),
                 Ok(None) => (
                     None,
@@ -175,4 +180,48 @@ pub fn run(args: &DiffArgs) -> ExitCode {
     use std::io::Write as _;
     let _ = std::io::stdout().write_all(p.out.as_bytes());
     ExitCode::from(u8::from(!plan.is_empty()))
+}
+
+/// The running daemon's applied objects, when its admin socket answers.
+fn from_daemon(socket: &std::path::Path) -> Option<(Option<DesiredState>, String)> {
+    use crate::admin::proto::{GetRequest, StatusRequest, admin_client::AdminClient};
+    if !socket.exists() {
+        return None;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    runtime.block_on(async {
+        let ask = async {
+            let channel = crate::workload_api::client::connect(&socket.display().to_string())
+                .await
+                .ok()?;
+            let mut client = AdminClient::new(channel);
+            let objects = client.get(GetRequest::default()).await.ok()?.into_inner().objects;
+            let pid = client.status(StatusRequest {}).await.ok()?.into_inner().pid;
+            Some((objects, pid))
+        };
+        let (objects, pid) = tokio::time::timeout(std::time::Duration::from_secs(5), ask)
+            .await
+            .ok()??;
+        let mut state = DesiredState::default();
+        for o in objects {
+            let kind = crate::resource::Kind::ALL.into_iter().find(|k| k.as_str() == o.kind)?;
+            let document = inventory::decode(kind, serde_json::from_str(&o.document_json).ok()?).ok()?;
+            state.objects.insert(
+                crate::resource::ObjectRef::new(kind, o.name),
+                manifest::Object {
+                    document,
+                    location: manifest::Location {
+                        path: o.path.into(),
+                        pos: None,
+                    },
+                    hash: o.hash,
+                    source: o.source,
+                },
+            );
+        }
+        Some((Some(state), format!("Compared with the running daemon (pid {pid}).")))
+    })
 }

@@ -273,7 +273,8 @@ impl Daemon {
         }
         let redecide = plan.identities_to_redecide();
         if !redecide.is_empty() {
-            self.agent.redecide(&redecide);
+            // Ready means the workloads have what the documents ask for: wait for the reissues.
+            self.agent.redecide(&redecide, Duration::from_secs(10)).await;
         }
         retry
     }

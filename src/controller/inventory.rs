@@ -42,7 +42,8 @@ pub fn save(store: &Store, state: &DesiredState) -> Result<(), StoreError> {
     store.write_json(FILE, &entries, Secrecy::Secret)
 }
 
-fn decode(kind: Kind, value: Value) -> Result<Document, serde_json::Error> {
+/// A document of `kind` from its JSON form.
+pub fn decode(kind: Kind, value: Value) -> Result<Document, serde_json::Error> {
     Ok(match kind {
         Kind::AgentConfig => Document::AgentConfig(serde_json::from_value(value)?),
         Kind::Bot => Document::Bot(serde_json::from_value(value)?),

@@ -36,6 +36,9 @@ pub struct ObjectStatus {
     pub observed_generation: u64,
     pub conditions: Vec<Condition>,
     pub source: String,
+    /// The applied document, as JSON.
+    #[serde(default)]
+    pub document_json: String,
 }
 
 impl ObjectStatus {
@@ -73,9 +76,11 @@ impl StatusTable {
                 observed_generation: 0,
                 conditions: Vec::new(),
                 source: String::new(),
+                document_json: String::new(),
             });
             status.path = o.location.path.display().to_string();
             status.source = o.source.clone();
+            status.document_json = serde_json::to_string(&o.document).unwrap_or_default();
             if status.hash != o.hash {
                 status.hash = o.hash.clone();
                 status.generation += 1;
