@@ -236,6 +236,11 @@ async fn a_comment_only_edit_changes_nothing_and_issues_nothing() {
         .ok();
     assert!(next_within(&mut stream, 2).await.is_none(), "no new SVID");
     assert!(!daemon.log().contains("converging"), "{}", daemon.log());
+    let get = common::stdout(&daemon.tbotctl(&["get", "workload_identity/quickstart"]));
+    assert!(
+        get.contains("workload_identity/quickstart  1           1         True"),
+        "generation stays 1: {get}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -434,4 +439,41 @@ fn tbotctl_diff_compares_with_the_running_daemon() {
         "{text}"
     );
     assert!(text.contains("Plan: 0 to add, 1 to change, 0 to destroy."), "{text}");
+}
+
+#[test]
+fn tbotctl_apply_of_the_guides_identity_with_a_new_id_reports_configured() {
+    let (dir, socket) = common::copy_manifests(
+        "manifests/guide",
+        &[
+            ("tbot.yaml", "join_method: iam", "join_method: token"),
+            ("tbot.yaml", "unix:///opt/machine-id/workload.sock", "unix://SOCKET"),
+            ("tbot.yaml", "storage:\n", "admin_socket: DIR/admin.sock\nstorage:\n"),
+            ("bot-token.yaml", "join_method: iam", "join_method: token"),
+            (
+                "bot-token.yaml",
+                "  allow:\n    - aws_account: \"111111111111\"\n      aws_arn: \"arn:aws:sts::111111111111:assumed-role/teleport-bot-role/i-*\"\n",
+                "",
+            ),
+        ],
+    );
+    let daemon = Daemon::start(dir, socket);
+    let edited = daemon.dir.path().join("workload-identity.yaml");
+    let text = std::fs::read_to_string(common::root().join("manifests/guide/workload-identity.yaml")).unwrap();
+    std::fs::write(
+        &edited,
+        text.replace(
+            "/svc/{{workload.systemd.service}}",
+            "/v2/svc/{{workload.systemd.service}}",
+        ),
+    )
+    .unwrap();
+    let run = daemon.tbotctl(&["apply", "-f", edited.to_str().unwrap()]);
+    assert_eq!(
+        common::stdout(&run),
+        "workload_identity/example-workload-identity configured\n",
+        "{}",
+        out(&run)
+    );
+    assert_eq!(run.status.code(), Some(0));
 }
