@@ -36,6 +36,19 @@ async fn next_within(stream: &mut Contexts, secs: u64) -> Option<Result<X509Cont
         .flatten()
 }
 
+/// No message on the open stream, and a new caller still gets the same SPIFFE ID.
+async fn assert_undisturbed(daemon: &Daemon, stream: &mut Contexts, first: &X509Context) {
+    assert!(
+        next_within(stream, 1).await.is_none(),
+        "the stream carries on undisturbed"
+    );
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    assert_eq!(
+        client.fetch_x509_svid().await.unwrap().spiffe_id().to_string(),
+        id(first)
+    );
+}
+
 /// The quickstart with a label selector, so identities can come and go without breaking a reference.
 fn by_labels() -> Daemon {
     let daemon = quickstart("");
@@ -131,12 +144,7 @@ async fn a_token_and_onboarding_edit_rejoins_without_disturbing_streams() {
         daemon.log()
     );
     // The workload notices nothing: no message, the same SVID.
-    assert!(next_within(&mut stream, 1).await.is_none(), "no message for a rejoin");
-    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
-    assert_eq!(
-        client.fetch_x509_svid().await.unwrap().spiffe_id().to_string(),
-        id(&first)
-    );
+    assert_undisturbed(&daemon, &mut stream, &first).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -195,15 +203,7 @@ async fn a_broken_document_keeps_the_old_svids_flowing_and_names_its_line() {
         "the error names the file and line: {}",
         daemon.log()
     );
-    assert!(
-        next_within(&mut stream, 1).await.is_none(),
-        "the stream carries on undisturbed"
-    );
-    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
-    assert_eq!(
-        client.fetch_x509_svid().await.unwrap().spiffe_id().to_string(),
-        id(&first)
-    );
+    assert_undisturbed(&daemon, &mut stream, &first).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
