@@ -477,3 +477,92 @@ fn tbotctl_apply_of_the_guides_identity_with_a_new_id_reports_configured() {
     );
     assert_eq!(run.status.code(), Some(0));
 }
+
+/// Waits until the open stream carries an SVID whose ID contains `want`.
+async fn wait_for_id(stream: &mut Contexts, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Some(Ok(ctx)) = next_within(stream, 15).await
+            && id(&ctx).contains(want)
+        {
+            return;
+        }
+    }
+    panic!("no SVID with {want} arrived");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cp_and_vims_backup_rename_both_converge() {
+    let daemon = quickstart("");
+    let (mut stream, _) = open_stream(&daemon).await;
+    let path = daemon.dir.path().join("etc/workload-identity.yaml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    // cp: the file is truncated and written in place.
+    let copy = daemon.dir.path().join("copy.yaml");
+    std::fs::write(&copy, original.replace("id: \"/user/", "id: \"/copied/")).unwrap();
+    std::fs::copy(&copy, &path).unwrap();
+    wait_for_id(&mut stream, "/copied/").await;
+    // vim: rename the original to a backup, write the new file, delete the backup.
+    let backup = path.with_file_name("workload-identity.yaml~");
+    std::fs::rename(&path, &backup).unwrap();
+    std::fs::write(&path, original.replace("id: \"/user/", "id: \"/vimmed/")).unwrap();
+    std::fs::remove_file(&backup).unwrap();
+    wait_for_id(&mut stream, "/vimmed/").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configmap_symlink_swap_converges() {
+    use std::os::unix::fs::symlink;
+    // Lay the quickstart out as Kubernetes mounts a ConfigMap: files behind `..data`.
+    let (dir, socket) = common::copy_manifests(
+        "manifests/quickstart",
+        &[
+            (
+                "tbot.yaml",
+                "unix:///tmp/tbot-quickstart/workload.sock",
+                "unix://SOCKET",
+            ),
+            (
+                "tbot.yaml",
+                "type: directory\n  path: /tmp/tbot-quickstart/state",
+                "type: memory",
+            ),
+            (
+                "tbot.yaml",
+                "admin_socket: /tmp/tbot-quickstart/admin.sock",
+                "admin_socket: DIR/admin.sock",
+            ),
+        ],
+    );
+    let etc = dir.path().join("etc");
+    let first = etc.join("..2026_11_23_01");
+    std::fs::create_dir(&first).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&etc)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            e.file_type()
+                .unwrap()
+                .is_file()
+                .then(|| e.file_name().into_string().unwrap())
+        })
+        .collect();
+    for name in &names {
+        std::fs::rename(etc.join(name), first.join(name)).unwrap();
+        symlink(format!("..data/{name}"), etc.join(name)).unwrap();
+    }
+    symlink("..2026_11_23_01", etc.join("..data")).unwrap();
+    let daemon = Daemon::start(dir, socket);
+    let (mut stream, _) = open_stream(&daemon).await;
+    // The kubelet writes a new timestamped directory and swaps `..data` atomically.
+    let second = etc.join("..2026_11_23_02");
+    std::fs::create_dir(&second).unwrap();
+    for name in &names {
+        let text = std::fs::read_to_string(first.join(name)).unwrap();
+        std::fs::write(second.join(name), text.replace("id: \"/user/", "id: \"/configmap/")).unwrap();
+    }
+    symlink("..2026_11_23_02", etc.join("..data_tmp")).unwrap();
+    std::fs::rename(etc.join("..data_tmp"), etc.join("..data")).unwrap();
+    std::fs::remove_dir_all(&first).unwrap();
+    wait_for_id(&mut stream, "/configmap/").await;
+}
