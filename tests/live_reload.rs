@@ -566,3 +566,59 @@ async fn a_configmap_symlink_swap_converges() {
     std::fs::remove_dir_all(&first).unwrap();
     wait_for_id(&mut stream, "/configmap/").await;
 }
+
+#[test]
+fn a_refused_rejoin_stalls_until_an_edit_and_a_failed_bind_retries() {
+    let daemon = quickstart("");
+    // An expired token: the rejoin is refused (terminal) and waits for an edit.
+    let token = "---\nkind: token\nversion: v2\nmetadata:\n  name: old-token\n  expires: '2020-01-01T00:00:00Z'\nspec:\n  roles: [Bot]\n  join_method: token\n  bot_name: quickstart\n---\nkind: token\nversion: v2\nmetadata:\n  name: fresh-token\nspec:\n  roles: [Bot]\n  join_method: token\n  bot_name: quickstart\n";
+    let bot = daemon.dir.path().join("etc/bot.yaml");
+    let text = std::fs::read_to_string(&bot).unwrap();
+    save(&bot, &format!("{text}{token}"));
+    edit(
+        &daemon,
+        "tbot.yaml",
+        "token: quickstart-token-change-me",
+        "token: old-token",
+    );
+    assert!(wait_for_log(&daemon, "the rejoin failed"), "{}", daemon.log());
+    let get = common::stdout(&daemon.tbotctl(&["get", "agent_config"]));
+    assert!(
+        get.contains("Stalled:") && get.contains("the token expired") && get.contains("waiting for an edit"),
+        "{get}"
+    );
+    // A listen path that cannot be bound (its parent is a file): retried with backoff.
+    std::fs::write(daemon.dir.path().join("blocker"), "").unwrap();
+    edit(&daemon, "tbot.yaml", "token: old-token", "token: fresh-token");
+    let blocked = daemon.dir.path().join("blocker/w.sock");
+    edit(
+        &daemon,
+        "tbot.yaml",
+        &format!("unix://{}", daemon.socket.display()),
+        &format!("unix://{}", blocked.display()),
+    );
+    assert!(wait_for_log(&daemon, "cannot serve every listener"), "{}", daemon.log());
+    let get = common::stdout(&daemon.tbotctl(&["get", "agent_config"]));
+    assert!(get.contains("retrying with backoff"), "{get}");
+    // The old socket still serves meanwhile.
+    assert!(std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok());
+    std::fs::remove_file(daemon.dir.path().join("blocker")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::os::unix::net::UnixStream::connect(&blocked).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the retry never bound the new socket: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let get = common::stdout(&daemon.tbotctl(&["get", "agent_config"]));
+        if get.contains("True") && !get.contains("Stalled") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{get}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -114,6 +114,12 @@ impl Agent {
         self.policy.subscribe()
     }
 
+    /// Whether the bot is already joined on these terms (method and token).
+    pub fn joined_with(&self, settings: &JoinSettings) -> bool {
+        let current = self.settings.borrow();
+        current.method == settings.method && current.token == settings.token
+    }
+
     /// The current bot identity.
     pub fn bot(&self) -> Arc<BotIdentity> {
         self.bot.borrow().clone()

@@ -2,7 +2,7 @@
 //! (a file changed, SIGHUP, the periodic resync, a retry) reloads the whole directory, plans against
 //! what was last applied, and converges live. SIGTERM/SIGINT stop it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::cli::render;
 use crate::issuer::{IdentitySelector, Issuer, LocalIssuer, Policy};
 use crate::manifest::{self, DesiredState, Input, Loaded};
 use crate::resource::agent::{AgentConfig, Listen, Service, StorageType};
-use crate::resource::{Document, Kind};
+use crate::resource::{Document, Kind, ObjectRef};
 use crate::store::Store;
 use crate::workload_api::listener;
 use crate::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -68,6 +68,33 @@ impl Running {
     }
 }
 
+/// A step that failed, the objects it ran for, and whether a retry may help.
+struct Failure {
+    causes: Vec<ObjectRef>,
+    reason: &'static str,
+    message: String,
+    transient: bool,
+}
+
+impl Failure {
+    fn new(causes: Vec<ObjectRef>, reason: &'static str, error: &crate::issuer::IssuerError) -> Failure {
+        Failure {
+            causes,
+            reason,
+            message: format!("{error}; {}", error.hint()),
+            transient: error.is_transient(),
+        }
+    }
+}
+
+/// One object's retry schedule: 1 s doubling to 5 min, ±20%.
+struct Backoff {
+    delay: Duration,
+    next: tokio::time::Instant,
+    /// The spec it failed with: an edit clears the backoff.
+    hash: String,
+}
+
 struct Daemon {
     inputs: Vec<Input>,
     status: Arc<std::sync::RwLock<StatusTable>>,
@@ -75,6 +102,10 @@ struct Daemon {
     info: Arc<std::sync::RwLock<DaemonInfo>>,
     issuer: Arc<LocalIssuer>,
     agent: Arc<Agent>,
+    /// Objects whose last run failed transiently, and when they may run again.
+    backoff: BTreeMap<ObjectRef, Backoff>,
+    /// Objects whose last run was refused (terminal), with the spec refused: they wait for an edit.
+    refused: BTreeMap<ObjectRef, String>,
     /// What was last applied (the plan's "actual" side); saved to the store after each convergence.
     applied: DesiredState,
     store: Store,
@@ -227,41 +258,65 @@ impl Daemon {
         }
     }
 
-    /// Executes a plan. Returns whether a transient failure asks for a retry.
-    async fn execute(&mut self, plan: &Plan, desired: &DesiredState) -> bool {
-        let mut retry = false;
-        let cluster_side_changed = plan.changes.iter().any(|(r, _)| r.kind != Kind::AgentConfig)
-            || plan.steps.iter().any(|s| matches!(s.action, Action::CreateCa { .. }));
-        if cluster_side_changed {
-            match Policy::from_state(desired).and_then(|p| self.issuer.set_policy(p)) {
-                Ok(()) => {}
-                Err(e) => {
-                    crate::admin::metrics::metrics().error("issuer_policy");
-                    tracing::error!(error = %e, hint = %e.hint(), "cannot apply the new documents to the issuer");
-                    retry |= e.is_transient();
-                }
-            }
+    /// Executes a plan; returns the steps that failed.
+    async fn execute(&mut self, plan: &Plan, desired: &DesiredState) -> Vec<Failure> {
+        let mut failures = Vec::new();
+        let metrics = crate::admin::metrics::metrics();
+        let causes_of = |wanted: fn(&Action) -> bool| -> Vec<ObjectRef> {
+            plan.steps
+                .iter()
+                .filter(|s| wanted(&s.action))
+                .flat_map(|s| s.causes.iter().cloned())
+                .collect()
+        };
+        let cluster_side: Vec<ObjectRef> = plan
+            .changes
+            .iter()
+            .map(|(r, _)| r.clone())
+            .filter(|r| r.kind != Kind::AgentConfig)
+            .chain(causes_of(|a| matches!(a, Action::CreateCa { .. })))
+            .collect();
+        if !cluster_side.is_empty()
+            && let Err(e) = Policy::from_state(desired).and_then(|p| self.issuer.set_policy(p))
+        {
+            metrics.error("issuer_policy");
+            tracing::error!(error = %e, hint = %e.hint(), "cannot apply the new documents to the issuer");
+            failures.push(Failure::new(cluster_side, "IssuerFailed", &e));
         }
-        if plan.steps.iter().any(|s| matches!(s.action, Action::RotateCa { .. }))
+        let rotate = causes_of(|a| matches!(a, Action::RotateCa { .. }));
+        // Rotate only once the issuer has the new settings.
+        if !rotate.is_empty()
+            && failures.is_empty()
             && let Err(e) = self.issuer.rotate_ca()
         {
+            metrics.error("ca_rotation");
             tracing::error!(error = %e, hint = %e.hint(), "cannot rotate the CA");
-            retry |= e.is_transient();
+            failures.push(Failure::new(rotate, "RotationFailed", &e));
         }
         let config = agent_config(desired).cloned();
-        if plan.steps.iter().any(|s| matches!(s.action, Action::Rejoin))
+        let rejoin = causes_of(|a| matches!(a, Action::Rejoin));
+        // A retry of the agent config (say, for a listener) must not join again on terms it already
+        // joined with: a `token` joins once.
+        if !rejoin.is_empty()
             && let Some(config) = &config
+            && !self.agent.joined_with(&join_settings(config))
             && let Err(e) = self.agent.rejoin(join_settings(config)).await
         {
+            metrics.error("rejoin");
             tracing::error!(error = %e, hint = %e.hint(), "the rejoin failed; the current identity stays in force");
-            retry |= e.is_transient();
+            failures.push(Failure::new(rejoin, "RejoinFailed", &e));
         }
         if let Some(config) = &config
             && let Err(e) = self.sync_services(config).await
         {
-            crate::admin::metrics::metrics().error("listener");
+            metrics.error("listener");
             tracing::error!(error = %e, "cannot serve every listener");
-            retry = true;
+            failures.push(Failure {
+                causes: vec![ObjectRef::new(Kind::AgentConfig, ObjectRef::AGENT_CONFIG_NAME)],
+                reason: "ListenFailed",
+                message: e,
+                transient: true,
+            });
         }
         for step in &plan.steps {
             if let Action::RestartRequired { field } = &step.action {
@@ -276,11 +331,11 @@ impl Daemon {
             // Ready means the workloads have what the documents ask for: wait for the reissues.
             self.agent.redecide(&redecide, Duration::from_secs(10)).await;
         }
-        retry
+        failures
     }
 
-    /// Reloads the documents and converges. Returns whether to retry soon.
-    async fn reload(&mut self) -> bool {
+    /// Reloads the documents and converges. Returns when to retry objects that failed, if any.
+    async fn reload(&mut self) -> Option<tokio::time::Instant> {
         let started = std::time::Instant::now();
         let retry = self.reload_once().await;
         let m = crate::admin::metrics::metrics();
@@ -292,17 +347,17 @@ impl Daemon {
         retry
     }
 
-    async fn reload_once(&mut self) -> bool {
+    async fn reload_once(&mut self) -> Option<tokio::time::Instant> {
         let inputs = self.inputs.clone();
         let loaded = match tokio::task::spawn_blocking(move || manifest::load(&inputs)).await {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(diagnostic)) => {
                 tracing::error!("{}", render::diagnostic(&diagnostic).trim_end());
-                return false;
+                return self.next_retry();
             }
             Err(e) => {
                 tracing::error!(error = %e, "the reload failed");
-                return true;
+                return Some(tokio::time::Instant::now() + Duration::from_secs(1));
             }
         };
         for d in loaded.diagnostics.iter().filter(|d| d.is_error()) {
@@ -312,6 +367,23 @@ impl Daemon {
             );
         }
         let desired = keep_last_good(&loaded, &self.applied);
+        // An object waiting out its backoff keeps its applied version in this run, unless its spec
+        // changed: a spec change clears the backoff and runs at once.
+        let now = tokio::time::Instant::now();
+        self.backoff
+            .retain(|r, b| desired.objects.get(r).map(|o| &o.hash) == Some(&b.hash));
+        self.refused
+            .retain(|r, hash| desired.objects.get(r).map(|o| &o.hash) == Some(hash));
+        let mut planned = desired.clone();
+        for (r, b) in &self.backoff {
+            if b.next > now {
+                match self.applied.objects.get(r) {
+                    Some(old) => planned.objects.insert(r.clone(), old.clone()),
+                    None => planned.objects.remove(r),
+                };
+            }
+        }
+        let desired = planned;
         {
             let mut table = self.status.write().expect("status poisoned");
             let broken: Vec<&std::path::Path> = loaded
@@ -336,8 +408,9 @@ impl Daemon {
         let plan = plan(&desired, Some(&self.applied));
         if plan.is_empty() {
             tracing::debug!("reloaded: nothing changed");
-            self.publish_status(false, None);
-            return false;
+            let waiting: BTreeSet<ObjectRef> = self.backoff.keys().chain(self.refused.keys()).cloned().collect();
+            self.publish_status(&waiting);
+            return self.next_retry();
         }
         let (add, change, destroy) = plan.counts();
         tracing::info!(add, change, destroy, "documents changed; converging");
@@ -345,7 +418,14 @@ impl Daemon {
             let causes: Vec<String> = step.causes.iter().map(|c| c.to_string()).collect();
             tracing::info!(causes = %causes.join(", "), "{}", step.action);
         }
-        let retry = self.execute(&plan, &desired).await;
+        let failures = self.execute(&plan, &desired).await;
+        // Transient failures retry with per-object backoff; terminal ones wait for the next edit.
+        let retrying: BTreeSet<ObjectRef> = failures
+            .iter()
+            .filter(|f| f.transient)
+            .flat_map(|f| f.causes.iter().cloned())
+            .collect();
+        let failed: BTreeSet<ObjectRef> = failures.iter().flat_map(|f| f.causes.iter().cloned()).collect();
         {
             let mut table = self.status.write().expect("status poisoned");
             for step in &plan.steps {
@@ -355,24 +435,66 @@ impl Daemon {
                     }
                 }
             }
+            for f in &failures {
+                let message = if f.transient {
+                    format!("{} (retrying with backoff)", f.message)
+                } else {
+                    format!("{} (waiting for an edit)", f.message)
+                };
+                for cause in &f.causes {
+                    table.set(cause, "Stalled", true, f.reason, &message);
+                    table.set(cause, "Ready", false, f.reason, &message);
+                }
+            }
         }
-        if !retry {
-            self.applied = desired;
-            self.save_inventory();
+        let mut applied = desired.clone();
+        for r in &retrying {
+            match self.applied.objects.get(r) {
+                Some(old) => applied.objects.insert(r.clone(), old.clone()),
+                None => applied.objects.remove(r),
+            };
         }
-        self.publish_status(retry, Some("a transient failure; retrying with backoff"));
-        retry
+        self.applied = applied;
+        self.save_inventory();
+        let now = tokio::time::Instant::now();
+        for r in &retrying {
+            let delay = self
+                .backoff
+                .get(r)
+                .map_or(Duration::from_secs(1), |b| (b.delay * 2).min(Duration::from_secs(300)));
+            let hash = desired.objects.get(r).map(|o| o.hash.clone()).unwrap_or_default();
+            self.backoff.insert(
+                r.clone(),
+                Backoff {
+                    delay,
+                    next: now + delay.mul_f64(jitter(0.2)),
+                    hash,
+                },
+            );
+        }
+        self.backoff.retain(|r, _| retrying.contains(r));
+        for f in failures.iter().filter(|f| !f.transient) {
+            for r in &f.causes {
+                if let Some(o) = desired.objects.get(r) {
+                    self.refused.insert(r.clone(), o.hash.clone());
+                }
+            }
+        }
+        let waiting: BTreeSet<ObjectRef> = failed.iter().chain(self.refused.keys()).cloned().collect();
+        self.publish_status(&waiting);
+        self.next_retry()
     }
 
-    /// Marks objects converged (or stalled), saves the status, and wakes whoever waits on it.
-    fn publish_status(&self, stalled: bool, why: Option<&str>) {
+    /// When the earliest backed-off object is due.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.backoff.values().map(|b| b.next).min()
+    }
+
+    /// Marks every object but `failed` converged, saves the status, and wakes whoever waits on it.
+    fn publish_status(&self, failed: &BTreeSet<ObjectRef>) {
         {
             let mut table = self.status.write().expect("status poisoned");
-            if stalled {
-                table.stalled("Retrying", why.unwrap_or(""));
-            } else {
-                table.converged();
-            }
+            table.converged_except(failed);
             table.save(&self.store);
         }
         let bot = self.agent.bot();
@@ -490,6 +612,8 @@ pub async fn run(options: StartOptions) -> ExitCode {
         issuer: issuer.clone(),
         agent,
         applied: loaded.state.clone(),
+        backoff: BTreeMap::new(),
+        refused: BTreeMap::new(),
         store,
         services: BTreeMap::new(),
     };
@@ -498,7 +622,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         return fail(e, "fix the listener's address, or stop whatever holds it");
     }
     daemon.save_inventory();
-    daemon.publish_status(false, None);
+    daemon.publish_status(&BTreeSet::new());
     let (reload_tx, mut reload_requests) = mpsc::channel::<tokio::sync::oneshot::Sender<()>>(16);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let admin_path = crate::admin::socket_path(&config);
@@ -523,7 +647,6 @@ pub async fn run(options: StartOptions) -> ExitCode {
 
     let mut resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
     let mut prune = tokio::time::interval(Duration::from_secs(60));
-    let mut retry_backoff = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         let retry_sleep = async {
@@ -545,11 +668,8 @@ pub async fn run(options: StartOptions) -> ExitCode {
             }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
             Some(done) = reload_requests.recv() => {
-                let retry = daemon.reload().await;
+                retry_at = daemon.reload().await;
                 let _ = done.send(());
-                if retry && retry_at.is_none() {
-                    retry_at = Some(tokio::time::Instant::now() + retry_backoff);
-                }
                 continue;
             }
             _ = tokio::time::sleep_until(resync) => {}
@@ -563,15 +683,8 @@ pub async fn run(options: StartOptions) -> ExitCode {
         }
         resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
         super::notify::reloading();
-        let retry = daemon.reload().await;
+        retry_at = daemon.reload().await;
         super::notify::ready();
-        if retry {
-            retry_at = Some(tokio::time::Instant::now() + retry_backoff.mul_f64(jitter(0.2)));
-            retry_backoff = (retry_backoff * 2).min(Duration::from_secs(300));
-        } else {
-            retry_at = None;
-            retry_backoff = Duration::from_secs(1);
-        }
     }
     super::notify::stopping();
     let _ = admin_stop.send(true);

@@ -125,9 +125,9 @@ impl StatusTable {
         }
     }
 
-    /// Every object converged at its generation.
-    pub fn converged(&mut self) {
-        let refs: Vec<ObjectRef> = self.objects.keys().cloned().collect();
+    /// Every object but `failed` converged at its generation.
+    pub fn converged_except(&mut self, failed: &std::collections::BTreeSet<ObjectRef>) {
+        let refs: Vec<ObjectRef> = self.objects.keys().filter(|r| !failed.contains(*r)).cloned().collect();
         for r in refs {
             if let Some(o) = self.objects.get_mut(&r) {
                 o.observed_generation = o.generation;
@@ -135,19 +135,6 @@ impl StatusTable {
             self.set(&r, "Ready", true, "Converged", "running what the document asks for");
             self.set(&r, "Reconciling", false, "Converged", "");
             self.set(&r, "Stalled", false, "Converged", "");
-        }
-    }
-
-    /// A transient failure: the objects wait for a retry.
-    pub fn stalled(&mut self, reason: &str, message: &str) {
-        let refs: Vec<ObjectRef> = self
-            .objects
-            .iter()
-            .filter(|(_, s)| s.observed_generation != s.generation)
-            .map(|(r, _)| r.clone())
-            .collect();
-        for r in refs {
-            self.set(&r, "Stalled", true, reason, message);
         }
     }
 
