@@ -622,3 +622,72 @@ fn a_refused_rejoin_stalls_until_an_edit_and_a_failed_bind_retries() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_plans_documents_and_streams_status_events() {
+    use tbot::admin::proto::admin_client::AdminClient;
+    use tbot::admin::proto::{Document, PlanRequest, WatchRequest};
+    let daemon = quickstart("");
+    let admin = daemon.dir.path().join("admin.sock");
+    let channel = tbot::workload_api::client::connect(&admin.display().to_string())
+        .await
+        .unwrap();
+    let mut client = AdminClient::new(channel);
+    let etc = daemon.dir.path().join("etc");
+    let files: Vec<Document> = std::fs::read_dir(&etc)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let content = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace("hint: quickstart", "hint: planned");
+            Document {
+                name: p.file_name().unwrap().to_string_lossy().into_owned(),
+                content,
+            }
+        })
+        .collect();
+    let plan = client.plan(PlanRequest { files }).await.unwrap().into_inner();
+    assert!(plan.errors.is_empty(), "{:?}", plan.errors);
+    assert_eq!((plan.add, plan.change, plan.destroy), (0, 1, 0));
+    assert_eq!(plan.changes[0].name, "quickstart");
+    assert_eq!(plan.actions, ["~ SVIDs of workload_identity/quickstart reissued"]);
+    let bad = vec![Document {
+        name: "x.yaml".into(),
+        content: "kind: role\nversion: v7\nmetadata: {name: r}\nspec: {alow: {}}\n".into(),
+    }];
+    let refused = client.plan(PlanRequest { files: bad }).await.unwrap().into_inner();
+    assert!(
+        refused
+            .errors
+            .iter()
+            .any(|e| e.starts_with("x.yaml:4:") && e.contains("alow")),
+        "{refused:?}"
+    );
+
+    let mut events = client.watch(WatchRequest {}).await.unwrap().into_inner();
+    edit(&daemon, "workload-identity.yaml", "hint: quickstart", "hint: watched");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_secs(15), events.next()).await else {
+            break;
+        };
+        seen.push(format!("{}/{} {} {}", e.kind, e.name, e.r#type, e.status));
+        if seen
+            .iter()
+            .any(|s| s == "workload_identity/quickstart ObservedGeneration ")
+        {
+            break;
+        }
+    }
+    assert!(
+        seen.contains(&"workload_identity/quickstart Generation ".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s == "workload_identity/quickstart ObservedGeneration "),
+        "{seen:?}"
+    );
+}

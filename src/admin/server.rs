@@ -31,6 +31,8 @@ pub struct AdminApi {
     pub info: Arc<RwLock<DaemonInfo>>,
     /// Asks the loop for a reload; answered when it is done.
     pub reload: mpsc::Sender<oneshot::Sender<()>>,
+    /// What the daemon last applied.
+    pub applied: Arc<RwLock<crate::manifest::DesiredState>>,
 }
 
 fn to_proto(s: &status::ObjectStatus) -> ObjectStatus {
@@ -95,8 +97,138 @@ impl AdminApi {
     }
 }
 
+/// The events between two snapshots of the status table.
+fn events(before: &StatusTable, after: &StatusTable) -> Vec<Event> {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (r, s) in &after.objects {
+        let old = before.objects.get(r);
+        let event = |kind: &str, status: &str, reason: &str, message: &str| Event {
+            time: now.clone(),
+            kind: s.kind.clone(),
+            name: s.name.clone(),
+            r#type: kind.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            generation: s.generation,
+        };
+        if old.map(|o| o.generation) != Some(s.generation) {
+            out.push(event("Generation", "", "SpecChanged", ""));
+        }
+        if old.map(|o| o.observed_generation) != Some(s.observed_generation) {
+            out.push(event("ObservedGeneration", "", "Converged", ""));
+        }
+        for c in &s.conditions {
+            let was = old.and_then(|o| o.condition(&c.kind));
+            if was.map(|w| (w.status, &w.message)) != Some((c.status, &c.message)) {
+                let status = if c.status { "True" } else { "False" };
+                out.push(event(&c.kind, status, &c.reason, &c.message));
+            }
+        }
+    }
+    for (r, s) in &before.objects {
+        if !after.objects.contains_key(r) {
+            out.push(Event {
+                time: now.clone(),
+                kind: s.kind.clone(),
+                name: s.name.clone(),
+                r#type: "Deleted".into(),
+                ..Event::default()
+            });
+        }
+    }
+    out
+}
+
+type EventStream = tokio_stream::wrappers::ReceiverStream<Result<Event, Status>>;
+
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    type WatchStream = EventStream;
+
+    async fn plan(&self, request: Request<PlanRequest>) -> Result<Response<PlanResponse>, Status> {
+        authorize(&request)?;
+        let dir = tempfile::tempdir().map_err(|e| Status::internal(format!("cannot stage the documents: {e}")))?;
+        for file in &request.get_ref().files {
+            let name = Path::new(&file.name)
+                .file_name()
+                .ok_or_else(|| Status::invalid_argument(format!("`{}` is not a file name", file.name)))?;
+            std::fs::write(dir.path().join(name), &file.content)
+                .map_err(|e| Status::internal(format!("cannot stage {}: {e}", file.name)))?;
+        }
+        let staged = dir.path().to_owned();
+        let loaded = tokio::task::spawn_blocking(move || crate::manifest::load(&[crate::manifest::Input::Dir(staged)]))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|d| Status::invalid_argument(d.message.clone()))?;
+        if loaded.has_errors() {
+            let errors = loaded
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .map(|d| {
+                    let name = d
+                        .location
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    match d.location.pos {
+                        Some(p) => format!("{name}:{}:{}: {}", p.line, p.column, d.message),
+                        None => format!("{name}: {}", d.message),
+                    }
+                })
+                .collect();
+            return Ok(Response::new(PlanResponse {
+                errors,
+                ..PlanResponse::default()
+            }));
+        }
+        let applied = self.applied.read().expect("applied poisoned").clone();
+        let plan = crate::controller::plan(&loaded.state, Some(&applied));
+        let (add, change, destroy) = plan.counts();
+        Ok(Response::new(PlanResponse {
+            changes: plan
+                .changes
+                .iter()
+                .map(|(r, c)| PlannedChange {
+                    kind: r.kind.as_str().to_owned(),
+                    name: r.name.clone(),
+                    change: c.symbol().to_owned(),
+                })
+                .collect(),
+            actions: plan.steps.iter().map(|s| s.action.to_string()).collect(),
+            add: add as u32,
+            change: change as u32,
+            destroy: destroy as u32,
+            errors: vec![],
+        }))
+    }
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        authorize(&request)?;
+        let (tx, rx) = mpsc::channel(64);
+        let table = self.status.clone();
+        let mut version = self.status_version.clone();
+        version.mark_unchanged();
+        tokio::spawn(async move {
+            let mut before = table.read().expect("status poisoned").clone();
+            while version.changed().await.is_ok() {
+                let after = table.read().expect("status poisoned").clone();
+                for event in events(&before, &after) {
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                before = after;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         authorize(&request)?;
         let GetRequest { kind, name } = request.into_inner();

@@ -102,6 +102,8 @@ struct Daemon {
     info: Arc<std::sync::RwLock<DaemonInfo>>,
     issuer: Arc<LocalIssuer>,
     agent: Arc<Agent>,
+    /// `applied`, shared with the admin API's Plan call.
+    applied_shared: Arc<std::sync::RwLock<DesiredState>>,
     /// Objects whose last run failed transiently, and when they may run again.
     backoff: BTreeMap<ObjectRef, Backoff>,
     /// Objects whose last run was refused (terminal), with the spec refused: they wait for an edit.
@@ -405,6 +407,8 @@ impl Daemon {
             }
             table.observe(&desired);
         }
+        // Watchers see `Reconciling` before the work starts.
+        self.status_version.send_modify(|v| *v += 1);
         let plan = plan(&desired, Some(&self.applied));
         if plan.is_empty() {
             tracing::debug!("reloaded: nothing changed");
@@ -512,6 +516,7 @@ impl Daemon {
     }
 
     fn save_inventory(&self) {
+        *self.applied_shared.write().expect("applied poisoned") = self.applied.clone();
         if let Err(e) = super::inventory::save(&self.store, &self.applied) {
             tracing::warn!(error = %e, hint = e.hint(), "cannot save the applied state; `tbotctl diff` may be stale");
         }
@@ -612,6 +617,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         issuer: issuer.clone(),
         agent,
         applied: loaded.state.clone(),
+        applied_shared: Arc::new(std::sync::RwLock::new(DesiredState::default())),
         backoff: BTreeMap::new(),
         refused: BTreeMap::new(),
         store,
@@ -631,6 +637,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         status_version: status_version_rx,
         info,
         reload: reload_tx,
+        applied: daemon.applied_shared.clone(),
     };
     match crate::admin::server::serve(admin, &admin_path, admin_stop_rx) {
         Ok(()) => tracing::info!(path = %admin_path.display(), "admin API listening"),
