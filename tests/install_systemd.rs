@@ -83,26 +83,7 @@ fn writing_refuses_a_different_unit_without_force() {
 fn the_daemon_tells_systemd_ready_reloading_and_stopping() {
     use std::os::unix::net::UnixDatagram;
     use std::time::Duration;
-    let (dir, _socket) = common::copy_manifests(
-        "manifests/quickstart",
-        &[
-            (
-                "tbot.yaml",
-                "unix:///tmp/tbot-quickstart/workload.sock",
-                "unix://SOCKET",
-            ),
-            (
-                "tbot.yaml",
-                "type: directory\n  path: /tmp/tbot-quickstart/state",
-                "type: memory",
-            ),
-            (
-                "tbot.yaml",
-                "admin_socket: /tmp/tbot-quickstart/admin.sock",
-                "admin_socket: DIR/admin.sock",
-            ),
-        ],
-    );
+    let (dir, _socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_IN_MEMORY);
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

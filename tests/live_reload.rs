@@ -514,26 +514,7 @@ async fn cp_and_vims_backup_rename_both_converge() {
 async fn a_configmap_symlink_swap_converges() {
     use std::os::unix::fs::symlink;
     // Lay the quickstart out as Kubernetes mounts a ConfigMap: files behind `..data`.
-    let (dir, socket) = common::copy_manifests(
-        "manifests/quickstart",
-        &[
-            (
-                "tbot.yaml",
-                "unix:///tmp/tbot-quickstart/workload.sock",
-                "unix://SOCKET",
-            ),
-            (
-                "tbot.yaml",
-                "type: directory\n  path: /tmp/tbot-quickstart/state",
-                "type: memory",
-            ),
-            (
-                "tbot.yaml",
-                "admin_socket: /tmp/tbot-quickstart/admin.sock",
-                "admin_socket: DIR/admin.sock",
-            ),
-        ],
-    );
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_IN_MEMORY);
     let etc = dir.path().join("etc");
     let first = etc.join("..2026_11_23_01");
     std::fs::create_dir(&first).unwrap();

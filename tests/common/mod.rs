@@ -166,6 +166,25 @@ pub fn copy_manifests(from: &str, edits: &[(&str, &str, &str)]) -> (tempfile::Te
     (dir, socket)
 }
 
+/// Edits that make a copy of the quickstart private: its own socket and admin socket, memory storage.
+pub const QUICKSTART_IN_MEMORY: [(&str, &str, &str); 3] = [
+    (
+        "tbot.yaml",
+        "unix:///tmp/tbot-quickstart/workload.sock",
+        "unix://SOCKET",
+    ),
+    (
+        "tbot.yaml",
+        "type: directory\n  path: /tmp/tbot-quickstart/state",
+        "type: memory",
+    ),
+    (
+        "tbot.yaml",
+        "admin_socket: /tmp/tbot-quickstart/admin.sock",
+        "admin_socket: DIR/admin.sock",
+    ),
+];
+
 /// The quickstart, in memory, on a temporary socket, with extra agent settings.
 pub fn quickstart(agent_extra: &str) -> Daemon {
     let storage = "storage:\n  type: directory\n  path: /tmp/tbot-quickstart/state\n";
