@@ -145,6 +145,11 @@ async fn a_token_and_onboarding_edit_rejoins_without_disturbing_streams() {
     );
     // The workload notices nothing: no message, the same SVID.
     assert_undisturbed(&daemon, &mut stream, &first).await;
+    let bot = common::stdout(&daemon.tbotctl(&["get", "bot", "-o", "json"]));
+    assert!(
+        bot.contains("\"reason\": \"Rejoined\"") && bot.contains("joined by `token`"),
+        "{bot}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -670,5 +675,41 @@ async fn the_admin_api_plans_documents_and_streams_status_events() {
         seen.iter()
             .any(|s| s == "workload_identity/quickstart ObservedGeneration "),
         "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_edit_rotates_with_both_cas_in_the_bundle_and_reissues() {
+    let daemon = quickstart("");
+    let (mut stream, first) = open_stream(&daemon).await;
+    let td = spiffe::TrustDomain::new("quickstart.tbot.local").unwrap();
+    let cas = |ctx: &X509Context| ctx.bundle_set().get(&td).unwrap().authorities().len();
+    assert_eq!(cas(&first), 1);
+    edit(
+        &daemon,
+        "cluster.yaml",
+        "key_algorithm: ecdsa-p256",
+        "key_algorithm: ed25519",
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let rotated = loop {
+        let ctx = next_within(&mut stream, 15).await.expect("a new message").unwrap();
+        if cas(&ctx) == 2 && ctx.svids()[0].leaf().as_ref() != first.svids()[0].leaf().as_ref() {
+            break ctx;
+        }
+        assert!(Instant::now() < deadline, "no rotation");
+    };
+    // The new SVID is signed by the new (Ed25519) CA, and both CAs stay trusted.
+    let leaf = rotated.svids()[0].leaf().as_ref().to_vec();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(
+        cert.signature_algorithm.algorithm.to_id_string(),
+        "1.3.101.112",
+        "Ed25519"
+    );
+    assert!(
+        daemon.log().contains("rotate; old and new CA in the bundle"),
+        "{}",
+        daemon.log()
     );
 }

@@ -114,6 +114,11 @@ impl Agent {
         self.policy.subscribe()
     }
 
+    /// How the bot joined.
+    pub fn join_method(&self) -> crate::resource::agent::JoinMethod {
+        self.settings.borrow().method
+    }
+
     /// Whether the bot is already joined on these terms (method and token).
     pub fn joined_with(&self, settings: &JoinSettings) -> bool {
         let current = self.settings.borrow();

@@ -302,7 +302,11 @@ impl Daemon {
         if !rejoin.is_empty()
             && let Some(config) = &config
             && !self.agent.joined_with(&join_settings(config))
-            && let Err(e) = self.agent.rejoin(join_settings(config)).await
+            && let Err(e) = self
+                .agent
+                .rejoin(join_settings(config))
+                .await
+                .inspect(|()| self.note_join("Rejoined"))
         {
             metrics.error("rejoin");
             tracing::error!(error = %e, hint = %e.hint(), "the rejoin failed; the current identity stays in force");
@@ -515,6 +519,24 @@ impl Daemon {
         self.status_version.send_modify(|v| *v += 1);
     }
 
+    /// Records on the bot's object how and when it joined (`tbotctl get bot`).
+    fn note_join(&self, reason: &str) {
+        let bot = self.agent.bot();
+        let r = ObjectRef::new(Kind::Bot, bot.certificate.bot.clone());
+        let method = self.agent.join_method();
+        let message = format!(
+            "joined by `{method}` at {}; the certificate expires {}",
+            time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            bot.certificate.not_after
+        );
+        self.status
+            .write()
+            .expect("status poisoned")
+            .set(&r, "Joined", true, reason, &message);
+    }
+
     fn save_inventory(&self) {
         *self.applied_shared.write().expect("applied poisoned") = self.applied.clone();
         if let Err(e) = super::inventory::save(&self.store, &self.applied) {
@@ -628,6 +650,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         return fail(e, "fix the listener's address, or stop whatever holds it");
     }
     daemon.save_inventory();
+    daemon.note_join("Joined");
     daemon.publish_status(&BTreeSet::new());
     let (reload_tx, mut reload_requests) = mpsc::channel::<tokio::sync::oneshot::Sender<()>>(16);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
