@@ -206,7 +206,15 @@ pub fn incoming_tcp(listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
                 accepted = listener.accept() => accepted,
                 _ = tx.closed() => return,
             };
-            let Ok((stream, _)) = accepted else { return };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, say: keep serving once it passes.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let info = CallerInfo(Arc::new(Caller {
                 peer: None,
                 attested: Ok(Attributes::new()),
