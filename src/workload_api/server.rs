@@ -53,7 +53,7 @@ async fn resolve_for(
     let resolved = agent.resolve(&selector, workload).await.map_err(status)?;
     if resolved.is_empty() {
         return Err(Status::permission_denied(
-            "no workload identity of this service matches the caller",
+            "no workload identity of this service matches the caller; check the service's selector and the identities' rules (`tbotctl get workload_identity`)",
         ));
     }
     Ok((resolved, ttl))
@@ -91,11 +91,13 @@ fn attested<T>(request: &Request<T>) -> Result<Attributes, Status> {
     }
 }
 
+/// The gRPC status for an issuer error, with what the operator can do about it.
 fn status(error: IssuerError) -> Status {
-    match error {
-        IssuerError::Denied(why) => Status::permission_denied(why),
-        e if e.is_transient() => Status::unavailable(e.to_string()),
-        e => Status::permission_denied(e.to_string()),
+    let message = format!("{error}; {}", error.hint());
+    if error.is_transient() {
+        Status::unavailable(message)
+    } else {
+        Status::permission_denied(message)
     }
 }
 
