@@ -238,6 +238,20 @@ impl Store {
             .map_err(io_error("sync", dir))
     }
 
+    /// Removes a file; a missing one is fine.
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        match &*self.backend {
+            Backend::Memory(files) => {
+                files.lock().expect("store poisoned").remove(name);
+                Ok(())
+            }
+            Backend::Directory { root, .. } => match fs::remove_file(root.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("remove", &root.join(name))(e)),
+                _ => Ok(()),
+            },
+        }
+    }
+
     /// Encodes a value as JSON and writes it atomically.
     pub fn write_json<T: serde::Serialize>(&self, name: &str, value: &T, secrecy: Secrecy) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(value).expect("state serializes");

@@ -370,8 +370,9 @@ async fn renewals_move_the_generation_and_a_copied_identity_locks_the_bot() {
         err.to_string().contains("not signed with the certificate's key"),
         "{err}"
     );
-    // Someone renews with the stale copy: the bot is locked, for everyone.
-    let err = issuer.renew(renewal(&first.der, &k1, &k2)).await.unwrap_err();
+    // Someone renews with the stale copy (and a key of their own): the bot is locked, for everyone.
+    let copier = KeyPair::generate().unwrap();
+    let err = issuer.renew(renewal(&first.der, &k1, &copier)).await.unwrap_err();
     assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
     assert!(err.to_string().contains("two holders share one identity"), "{err}");
     let err = issuer
@@ -509,4 +510,30 @@ async fn label_selectors_resolve_to_the_identities_the_caller_may_have() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[tokio::test]
+async fn a_renewal_retried_after_a_lost_answer_signs_the_same_generation_instead_of_locking() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let k1 = KeyPair::generate().unwrap();
+    let first = issuer.join(token_join(&k1, "secret-token-1")).await.unwrap();
+    let k2 = KeyPair::generate().unwrap();
+    let lost = issuer.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
+    assert_eq!(lost.generation, 2);
+    // The agent crashed before saving generation 2; it retries with the same pending key.
+    let again = issuer
+        .renew(renewal(&first.der, &k1, &k2))
+        .await
+        .expect("not a copy: the same new key");
+    assert_eq!(again.generation, 2);
+    let key = KeyPair::generate().unwrap();
+    issuer
+        .issue_x509(x509_request(&again.der, &key, 1000))
+        .await
+        .expect("the re-signed certificate works");
+    // A stale copy asking for another key is still caught.
+    let k3 = KeyPair::generate().unwrap();
+    let err = issuer.renew(renewal(&first.der, &k1, &k3)).await.unwrap_err();
+    assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
 }

@@ -369,3 +369,46 @@ async fn the_socket_answers_grpc_health_checks() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+#[test]
+fn a_restart_on_the_same_storage_renews_the_saved_identity_and_serves_the_same_bundle() {
+    let (dir, socket) = common::copy_manifests(
+        "manifests/quickstart",
+        &[
+            (
+                "tbot.yaml",
+                "unix:///tmp/tbot-quickstart/workload.sock",
+                "unix://SOCKET",
+            ),
+            ("tbot.yaml", "path: /tmp/tbot-quickstart/state", "path: DIR/state"),
+            (
+                "tbot.yaml",
+                "admin_socket: /tmp/tbot-quickstart/admin.sock",
+                "admin_socket: DIR/admin.sock",
+            ),
+        ],
+    );
+    let daemon = common::Daemon::start(dir, socket);
+    let ca =
+        |d: &common::Daemon| std::fs::read(d.dir.path().join("state/issuer/quickstart.tbot.local/ca-1.der")).unwrap();
+    let before = ca(&daemon);
+    let daemon = daemon.restart();
+    assert!(daemon.log().contains("saved bot identity renewed"), "{}", daemon.log());
+    assert_eq!(ca(&daemon), before, "the same CA after a restart");
+    assert!(
+        !daemon
+            .dir
+            .path()
+            .join("state/issuer/quickstart.tbot.local/ca-2.der")
+            .exists()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args([
+            "spiffe-inspect",
+            "--path",
+            &format!("unix://{}", daemon.socket.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -67,16 +67,28 @@ pub async fn join(issuer: &dyn Issuer, settings: &JoinSettings) -> Result<BotIde
     Ok(BotIdentity { certificate, key })
 }
 
+/// The key of a renewal in flight, saved before the call: if the answer is lost (a crash), the retry
+/// presents the same key and the issuer signs the same generation again instead of locking the bot.
+const PENDING_KEY_FILE: &str = "agent/identity.next.key";
+
 /// Renews (`token`) or joins again (`iam`).
 pub async fn refresh(
     issuer: &dyn Issuer,
     settings: &JoinSettings,
     current: &BotIdentity,
+    store: &Store,
 ) -> Result<BotIdentity, IssuerError> {
     if settings.method == JoinMethod::Iam {
         return join(issuer, settings).await;
     }
-    let key = new_key()?;
+    let key = match store.read(PENDING_KEY_FILE)? {
+        Some(der) => KeyPair::try_from(der.as_slice()).or_else(|_| new_key())?,
+        None => {
+            let key = new_key()?;
+            store.write(PENDING_KEY_FILE, &key.serialize_der(), Secrecy::Secret)?;
+            key
+        }
+    };
     let public_key = key.subject_public_key_info();
     let proof = current
         .key
@@ -90,7 +102,10 @@ pub async fn refresh(
             ttl: settings.ttl,
         })
         .await?;
-    Ok(BotIdentity { certificate, key })
+    let identity = BotIdentity { certificate, key };
+    identity.save(store)?;
+    store.remove(PENDING_KEY_FILE)?;
+    Ok(identity)
 }
 
 const CERT_FILE: &str = "agent/identity.der";
@@ -167,7 +182,7 @@ pub async fn keep_fresh(
         }
         let settings = settings_rx.borrow().clone();
         let current = tx.borrow().clone();
-        match refresh(issuer.as_ref(), &settings, &current).await {
+        match refresh(issuer.as_ref(), &settings, &current, &store).await {
             Ok(identity) => {
                 tracing::info!(
                     bot = %identity.certificate.bot,
@@ -175,9 +190,6 @@ pub async fn keep_fresh(
                     expires = %identity.certificate.not_after,
                     "bot identity renewed"
                 );
-                if let Err(error) = identity.save(&store) {
-                    tracing::warn!(%error, hint = %error.hint(), "cannot save the renewed bot identity");
-                }
                 tx.send_replace(Arc::new(identity));
                 backoff = Duration::from_secs(1);
                 wait = settings.renewal_interval;

@@ -37,7 +37,7 @@ impl Agent {
             JoinMethod::Iam => None,
         };
         let identity = match saved {
-            Some(saved) => match bot::refresh(issuer.as_ref(), &settings, &saved).await {
+            Some(saved) => match bot::refresh(issuer.as_ref(), &settings, &saved, &store).await {
                 Ok(renewed) => {
                     tracing::info!(bot = %renewed.certificate.bot, expires = %renewed.certificate.not_after, "saved bot identity renewed");
                     renewed

@@ -158,6 +158,10 @@ pub struct BotRecord {
     pub generation: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked: Option<String>,
+    /// SHA-256 (hex) of the public key the current generation was signed for: a renewal that
+    /// presents the previous generation with this same key is the holder retrying after a crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A consumed single-use token.

@@ -184,6 +184,7 @@ impl State {
             BotRecord {
                 generation: 1,
                 locked: None,
+                key: Some(key_digest(&request.public_key)),
             },
         );
         self.ledger.save_bots(&self.store)?;
@@ -220,7 +221,11 @@ impl State {
         if let Some(reason) = record.locked {
             return Err(IssuerError::Locked { bot, reason });
         }
-        if record.generation != claims.generation {
+        let key = key_digest(&request.public_key);
+        // The holder retrying a renewal whose answer it lost (a crash before it saved the new
+        // certificate): the previous generation, the same new key. Sign that generation again.
+        let retry = record.generation == claims.generation + 1 && record.key.as_deref() == Some(key.as_str());
+        if record.generation != claims.generation && !retry {
             let reason = format!(
                 "a renewal presented generation {} while the bot is at generation {}: two holders share one identity",
                 claims.generation, record.generation
@@ -228,8 +233,8 @@ impl State {
             self.ledger.bots.insert(
                 bot.clone(),
                 BotRecord {
-                    generation: record.generation,
                     locked: Some(reason.clone()),
+                    ..record
                 },
             );
             self.ledger.save_bots(&self.store)?;
@@ -237,12 +242,17 @@ impl State {
         }
         check_possession(&spki, &request.public_key, &request.proof)?;
         let roles = self.bot_roles(&bot)?;
-        let generation = record.generation + 1;
+        let generation = if retry {
+            record.generation
+        } else {
+            record.generation + 1
+        };
         self.ledger.bots.insert(
             bot.clone(),
             BotRecord {
                 generation,
                 locked: None,
+                key: Some(key),
             },
         );
         self.ledger.save_bots(&self.store)?;
@@ -253,6 +263,11 @@ impl State {
         };
         self.sign_bot(&claims, &request.public_key, request.ttl)
     }
+}
+
+/// SHA-256 (hex) of a public key, as the ledger records it.
+fn key_digest(public_key: &[u8]) -> String {
+    Sha256::digest(public_key).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks that the holder of the certificate's key signed the new public key.

@@ -87,6 +87,9 @@ pub struct Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -102,6 +105,18 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
+    /// Stops the daemon (SIGTERM) and starts it again on the same directory and storage.
+    pub fn restart(mut self) -> Daemon {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let socket = self.socket.clone();
+        drop(self);
+        Daemon::start(dir, socket)
+    }
+
     /// Runs `tbotctl` against this daemon's directory.
     pub fn tbotctl(&self, args: &[&str]) -> Output {
         let etc = self.dir.path().join("etc");
