@@ -645,13 +645,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         store,
         services: BTreeMap::new(),
     };
-    if let Err(e) = daemon.sync_services(&config).await {
-        daemon.shutdown().await;
-        return fail(e, "fix the listener's address, or stop whatever holds it");
-    }
-    daemon.save_inventory();
-    daemon.note_join("Joined");
-    daemon.publish_status(&BTreeSet::new());
+    // The admin API first: when a workload socket answers, tbotctl can reach the daemon too.
     let (reload_tx, mut reload_requests) = mpsc::channel::<tokio::sync::oneshot::Sender<()>>(16);
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let admin_path = crate::admin::socket_path(&config);
@@ -666,6 +660,14 @@ pub async fn run(options: StartOptions) -> ExitCode {
         Ok(()) => tracing::info!(path = %admin_path.display(), "admin API listening"),
         Err(e) => tracing::warn!(error = %e, "no admin API: tbotctl get/apply/status will not reach this daemon"),
     }
+    if let Err(e) = daemon.sync_services(&config).await {
+        let _ = admin_stop.send(true);
+        daemon.shutdown().await;
+        return fail(e, "fix the listener's address, or stop whatever holds it");
+    }
+    daemon.save_inventory();
+    daemon.note_join("Joined");
+    daemon.publish_status(&BTreeSet::new());
     if let Some(addr) = options.diag_addr.or(config.diag_addr) {
         let names = config.services.iter().map(|s| s.display_name().to_owned()).collect();
         match crate::admin::diag::serve(addr, daemon.info.clone(), names).await {
