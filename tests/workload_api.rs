@@ -412,3 +412,68 @@ fn a_restart_on_the_same_storage_renews_the_saved_identity_and_serves_the_same_b
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn private_keys_never_appear_in_debug_logs_or_tbotctl_output() {
+    use base64::Engine;
+    let (dir, socket) = common::copy_manifests(
+        "manifests/quickstart",
+        &[
+            (
+                "tbot.yaml",
+                "unix:///tmp/tbot-quickstart/workload.sock",
+                "unix://SOCKET",
+            ),
+            ("tbot.yaml", "path: /tmp/tbot-quickstart/state", "path: DIR/state"),
+            (
+                "tbot.yaml",
+                "admin_socket: /tmp/tbot-quickstart/admin.sock",
+                "admin_socket: DIR/admin.sock",
+            ),
+        ],
+    );
+    // Trace level, everything: the daemon's own and its libraries'.
+    let daemon = common::Daemon::start_with_env(dir, socket, &[("RUST_LOG", "trace")]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args([
+            "spiffe-inspect",
+            "--path",
+            &format!("unix://{}", daemon.socket.display()),
+            "--audience",
+            "a",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let yaml = common::stdout(&daemon.tbotctl(&["get", "-o", "yaml", "--show-secrets"]));
+    let state = daemon.dir.path().join("state");
+    let keys: Vec<PathBuf> = [
+        "issuer/quickstart.tbot.local/ca-1.key",
+        "issuer/quickstart.tbot.local/jwt.key",
+        "agent/identity.key",
+    ]
+    .iter()
+    .map(|k| state.join(k))
+    .collect();
+    let log = daemon.log();
+    assert!(log.len() > 1000, "a debug log was written");
+    for key in keys {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions()) & 0o777;
+        assert_eq!(mode, 0o600, "{}", key.display());
+        let der = std::fs::read(&key).unwrap();
+        // The private scalar sits inside the PKCS#8 DER; any 24-byte window of it in any common
+        // encoding would show a leak.
+        for window in der.chunks(24).filter(|c| c.len() == 24) {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(window);
+            let hex: String = window.iter().map(|b| format!("{b:02x}")).collect();
+            let debug = format!("{:?}", window);
+            for text in [&log, &yaml] {
+                assert!(
+                    !text.contains(&b64[4..28]) && !text.contains(&hex) && !text.contains(&debug[1..60]),
+                    "key bytes of {} leaked",
+                    key.display()
+                );
+            }
+        }
+    }
+}

@@ -131,10 +131,16 @@ impl Daemon {
 
     /// Starts `tbot start` on `dir` and waits until the socket answers.
     pub fn start(dir: tempfile::TempDir, socket: PathBuf) -> Daemon {
+        Daemon::start_with_env(dir, socket, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables.
+    pub fn start_with_env(dir: tempfile::TempDir, socket: PathBuf, env: &[(&str, &str)]) -> Daemon {
         let log = std::fs::File::create(dir.path().join("tbot.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
             .args(["start", "--config-dir"])
             .arg(dir.path().join("etc"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
