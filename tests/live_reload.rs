@@ -713,3 +713,22 @@ async fn a_ca_edit_rotates_with_both_cas_in_the_bundle_and_reissues() {
         daemon.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_in_the_agent_config_switches_debug_logging_live() {
+    let daemon = quickstart("debug: true\n");
+    let (_stream, _) = open_stream(&daemon).await;
+    assert!(
+        wait_for_log(&daemon, "X509-SVID issued"),
+        "debug lines appear: {}",
+        daemon.log()
+    );
+    edit(&daemon, "tbot.yaml", "debug: true", "debug: false");
+    assert!(wait_for_log(&daemon, "converging"), "{}", daemon.log());
+    let before = daemon.log().matches("DEBUG").count();
+    // A new identity's issuance would log at debug level; with debug off, nothing more.
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    client.fetch_jwt_svid(["x"], None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(daemon.log().matches("DEBUG").count(), before, "{}", daemon.log());
+}

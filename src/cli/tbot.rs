@@ -66,18 +66,30 @@ enum Install {
     Systemd(super::install::SystemdArgs),
 }
 
-fn init_logging(format: LogFormat, debug: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if debug { "debug" } else { "info" }));
+/// Sets up logging; returns how to switch debug logging on and off later (`debug:` in the agent
+/// config), unless `RUST_LOG` decides the levels.
+fn init_logging(format: LogFormat, debug: bool) -> Option<crate::controller::daemon::LogLevel> {
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let fixed = from_env.is_some();
+    let level = |debug: bool| EnvFilter::new(if debug { "debug" } else { "info" });
+    let (filter, handle) = reload::Layer::new(from_env.unwrap_or_else(|| level(debug)));
+    let registry = tracing_subscriber::registry().with(filter);
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi))
+            .init(),
+        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).init(),
     }
+    if fixed {
+        return None;
+    }
+    Some(std::sync::Arc::new(move |config_debug: bool| {
+        let _ = handle.modify(|f| *f = level(debug || config_debug));
+    }))
 }
 
 pub fn main() -> ExitCode {
@@ -94,7 +106,7 @@ pub fn main() -> ExitCode {
             debug,
             diag_addr,
         } => {
-            init_logging(log_format, debug);
+            let log_level = init_logging(log_format, debug);
             if config_dirs.is_empty() && config.is_none() {
                 config_dirs.push(super::tbotctl::DEFAULT_DIR.into());
             }
@@ -102,6 +114,7 @@ pub fn main() -> ExitCode {
                 config_dirs,
                 config_file: config,
                 diag_addr,
+                log_level,
             }))
         }
         Command::SpiffeInspect { path, audiences } => runtime.block_on(inspect::run(path, audiences)),

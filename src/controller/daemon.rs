@@ -35,13 +35,18 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// What `tbot start` was given.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StartOptions {
     pub config_dirs: Vec<PathBuf>,
     pub config_file: Option<PathBuf>,
     /// Overrides the agent config's `diag_addr`.
     pub diag_addr: Option<std::net::SocketAddr>,
+    /// Applies the agent config's `debug:` to the log level (`None` when `RUST_LOG` decides).
+    pub log_level: Option<LogLevel>,
 }
+
+/// Switches debug logging on (`true`) or back to the command line's level.
+pub type LogLevel = Arc<dyn Fn(bool) + Send + Sync>;
 
 fn fail(message: impl std::fmt::Display, hint: &str) -> ExitCode {
     tracing::error!(hint, "{message}");
@@ -97,6 +102,7 @@ struct Backoff {
 
 struct Daemon {
     inputs: Vec<Input>,
+    log_level: Option<LogLevel>,
     status: Arc<std::sync::RwLock<StatusTable>>,
     status_version: watch::Sender<u64>,
     info: Arc<std::sync::RwLock<DaemonInfo>>,
@@ -426,6 +432,9 @@ impl Daemon {
             let causes: Vec<String> = step.causes.iter().map(|c| c.to_string()).collect();
             tracing::info!(causes = %causes.join(", "), "{}", step.action);
         }
+        if let (Some(set), Some(config)) = (&self.log_level, agent_config(&desired)) {
+            set(config.debug);
+        }
         let failures = self.execute(&plan, &desired).await;
         // Transient failures retry with per-object backoff; terminal ones wait for the next edit.
         let retrying: BTreeSet<ObjectRef> = failures
@@ -590,6 +599,9 @@ pub async fn run(options: StartOptions) -> ExitCode {
             "add the agent config (`version: v2`, no `kind`)",
         );
     };
+    if let Some(set) = &options.log_level {
+        set(config.debug);
+    }
     let policy = match Policy::from_state(&loaded.state) {
         Ok(p) => p,
         Err(e) => return fail(&e, &e.hint()),
@@ -636,6 +648,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         status_version,
         info: info.clone(),
         inputs: inputs.clone(),
+        log_level: options.log_level.clone(),
         issuer: issuer.clone(),
         agent,
         applied: loaded.state.clone(),
