@@ -256,7 +256,7 @@ async fn a_workload_the_rules_do_not_allow_gets_nothing_and_a_reason() {
         err.to_string().contains("`workload.unix.uid` is `0`, not `1000`"),
         "{err}"
     );
-    // The agent cannot claim the bot's attributes for the workload.
+    // The agent cannot claim the bot's attributes for the workload: `user.*` comes from the bot.
     let mut forged = workload(1000);
     forged.set("user.bot_name", "someone-else");
     let names = issuer
@@ -266,6 +266,20 @@ async fn a_workload_the_rules_do_not_allow_gets_nothing_and_a_reason() {
     assert_eq!(names.len(), 1);
     assert_eq!(names[0].name, "web");
     assert_eq!(names[0].reads, ["workload.unix.uid"]);
+    let jwt = issuer
+        .issue_jwt(JwtRequest {
+            bot_certificate: bot.der.clone(),
+            identity: "web".into(),
+            workload: forged,
+            audience: vec!["a".into()],
+            ttl: HOUR,
+        })
+        .await
+        .unwrap();
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(&jwt.token)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["bot"], "web-bot", "the extra claim reads the real bot name");
 }
 
 #[tokio::test]

@@ -212,23 +212,6 @@ async fn a_broken_document_keeps_the_old_svids_flowing_and_names_its_line() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_storage_edit_is_reported_as_needing_a_restart() {
-    let daemon = quickstart("");
-    edit(
-        &daemon,
-        "tbot.yaml",
-        "type: memory",
-        "type: directory\n  path: /tmp/tbot-never-used",
-    );
-    assert!(
-        wait_for_log(&daemon, "takes effect at the next restart"),
-        "{}",
-        daemon.log()
-    );
-    assert!(!std::path::Path::new("/tmp/tbot-never-used").exists());
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn a_comment_only_edit_changes_nothing_and_issues_nothing() {
     let daemon = quickstart("");
     let (mut stream, _) = open_stream(&daemon).await;
@@ -318,7 +301,7 @@ fn tbotctl_apply_refuses_an_invalid_file_and_writes_nothing() {
 }
 
 #[test]
-fn tbotctl_get_shows_invalid_with_file_and_line_and_restart_required() {
+fn a_storage_edit_needs_a_restart_and_tbotctl_get_shows_it_and_invalid_files_with_their_line() {
     let daemon = quickstart("");
     edit(&daemon, "role.yaml", "  allow:", "  alow:");
     assert!(wait_for_log(&daemon, "stays in force"), "{}", daemon.log());
@@ -338,6 +321,10 @@ fn tbotctl_get_shows_invalid_with_file_and_line_and_restart_required() {
         wait_for_log(&daemon, "takes effect at the next restart"),
         "{}",
         daemon.log()
+    );
+    assert!(
+        !std::path::Path::new("/tmp/tbot-never-used").exists(),
+        "nothing acted on the new storage"
     );
     let json = common::stdout(&daemon.tbotctl(&["get", "agent_config", "-o", "json"]));
     assert!(json.contains("\"type\": \"RestartRequired\""), "{json}");

@@ -372,22 +372,7 @@ async fn the_socket_answers_grpc_health_checks() {
 
 #[test]
 fn a_restart_on_the_same_storage_renews_the_saved_identity_and_serves_the_same_bundle() {
-    let (dir, socket) = common::copy_manifests(
-        "manifests/quickstart",
-        &[
-            (
-                "tbot.yaml",
-                "unix:///tmp/tbot-quickstart/workload.sock",
-                "unix://SOCKET",
-            ),
-            ("tbot.yaml", "path: /tmp/tbot-quickstart/state", "path: DIR/state"),
-            (
-                "tbot.yaml",
-                "admin_socket: /tmp/tbot-quickstart/admin.sock",
-                "admin_socket: DIR/admin.sock",
-            ),
-        ],
-    );
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
     let daemon = common::Daemon::start(dir, socket);
     let ca =
         |d: &common::Daemon| std::fs::read(d.dir.path().join("state/issuer/quickstart.tbot.local/ca-1.der")).unwrap();
@@ -416,22 +401,7 @@ fn a_restart_on_the_same_storage_renews_the_saved_identity_and_serves_the_same_b
 #[test]
 fn private_keys_never_appear_in_debug_logs_or_tbotctl_output() {
     use base64::Engine;
-    let (dir, socket) = common::copy_manifests(
-        "manifests/quickstart",
-        &[
-            (
-                "tbot.yaml",
-                "unix:///tmp/tbot-quickstart/workload.sock",
-                "unix://SOCKET",
-            ),
-            ("tbot.yaml", "path: /tmp/tbot-quickstart/state", "path: DIR/state"),
-            (
-                "tbot.yaml",
-                "admin_socket: /tmp/tbot-quickstart/admin.sock",
-                "admin_socket: DIR/admin.sock",
-            ),
-        ],
-    );
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
     // Trace level, everything: the daemon's own and its libraries'.
     let daemon = common::Daemon::start_with_env(dir, socket, &[("RUST_LOG", "trace")]);
     let out = Command::new(env!("CARGO_BIN_EXE_tbot"))

@@ -43,8 +43,17 @@ fn new_key() -> Result<KeyPair, IssuerError> {
     KeyPair::generate().map_err(|e| IssuerError::Crypto(e.to_string()))
 }
 
-/// Joins from scratch.
-pub async fn join(issuer: &dyn Issuer, settings: &JoinSettings) -> Result<BotIdentity, IssuerError> {
+/// Joins from scratch, saves the new identity to `store`, and counts the outcome.
+pub async fn join(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) -> Result<BotIdentity, IssuerError> {
+    let method = settings.method.as_str();
+    let joined = join_once(issuer, settings).await;
+    crate::admin::metrics::metrics().join(method, if joined.is_ok() { "joined" } else { "refused" });
+    let identity = joined?;
+    identity.save(store)?;
+    Ok(identity)
+}
+
+async fn join_once(issuer: &dyn Issuer, settings: &JoinSettings) -> Result<BotIdentity, IssuerError> {
     let key = new_key()?;
     let proof = match settings.method {
         JoinMethod::Token => JoinProof::Token,
@@ -79,7 +88,7 @@ pub async fn refresh(
     store: &Store,
 ) -> Result<BotIdentity, IssuerError> {
     if settings.method == JoinMethod::Iam {
-        return join(issuer, settings).await;
+        return join(issuer, settings, store).await;
     }
     let key = match store.read(PENDING_KEY_FILE)? {
         Some(der) => KeyPair::try_from(der.as_slice()).or_else(|_| new_key())?,

@@ -303,7 +303,7 @@ spec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}
             ttl: HOUR,
             renewal_interval: HOUR,
         };
-        let identity = bot::join(issuer.as_ref(), &settings).await.unwrap();
+        let identity = bot::join(issuer.as_ref(), &settings, &Store::memory()).await.unwrap();
         // The receiver keeps the last identity after its sender is gone: no renewals in these tests.
         let (_, rx) = watch::channel(Arc::new(identity));
         SvidCache::new(issuer, rx)

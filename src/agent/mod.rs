@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::admin::metrics::metrics;
 use crate::issuer::{Attributes, Bundles, IdentitySelector, Issuer, IssuerError, Resolved};
 use crate::resource::agent::JoinMethod;
 use crate::store::Store;
@@ -44,14 +43,11 @@ impl Agent {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "the saved bot identity cannot be renewed; joining again");
-                    bot::join(issuer.as_ref(), &settings).await?
+                    bot::join(issuer.as_ref(), &settings, &store).await?
                 }
             },
             None => {
-                let joined = bot::join(issuer.as_ref(), &settings)
-                    .await
-                    .inspect_err(|_| metrics().join(settings.method.as_str(), "refused"))?;
-                metrics().join(settings.method.as_str(), "joined");
+                let joined = bot::join(issuer.as_ref(), &settings, &store).await?;
                 tracing::info!(
                     bot = %joined.certificate.bot,
                     method = %settings.method,
@@ -61,7 +57,6 @@ impl Agent {
                 joined
             }
         };
-        identity.save(&store)?;
         let (tx, rx) = watch::channel(Arc::new(identity));
         let (settings_tx, settings_rx) = watch::channel(settings);
         tokio::spawn(bot::keep_fresh(issuer.clone(), settings_rx, store.clone(), tx.clone()));
@@ -79,17 +74,13 @@ impl Agent {
 
     /// Joins again with new terms. The current identity stays in force until the join succeeds.
     pub async fn rejoin(&self, settings: JoinSettings) -> Result<(), IssuerError> {
-        let identity = bot::join(self.issuer.as_ref(), &settings)
-            .await
-            .inspect_err(|_| metrics().join(settings.method.as_str(), "refused"))?;
-        metrics().join(settings.method.as_str(), "joined");
+        let identity = bot::join(self.issuer.as_ref(), &settings, &self.store).await?;
         tracing::info!(
             bot = %identity.certificate.bot,
             method = %settings.method,
             expires = %identity.certificate.not_after,
             "bot joined again with the new terms"
         );
-        identity.save(&self.store)?;
         self.settings.send_replace(settings);
         self.bot_tx.send_replace(Arc::new(identity));
         Ok(())

@@ -59,6 +59,8 @@ fn now() -> String {
 #[derive(Debug, Clone, Default)]
 pub struct StatusTable {
     pub objects: BTreeMap<ObjectRef, ObjectStatus>,
+    /// What was last written to the store, so a reload that changed nothing writes nothing.
+    saved: BTreeMap<ObjectRef, ObjectStatus>,
 }
 
 impl StatusTable {
@@ -176,10 +178,15 @@ impl StatusTable {
         );
     }
 
-    pub fn save(&self, store: &Store) {
+    /// Writes the table to the store when it changed since the last write.
+    pub fn save(&mut self, store: &Store) {
+        if self.objects == self.saved {
+            return;
+        }
         let list: Vec<&ObjectStatus> = self.objects.values().collect();
-        if let Err(e) = store.write_json(FILE, &list, Secrecy::Secret) {
-            tracing::warn!(error = %e, hint = e.hint(), "cannot save the status");
+        match store.write_json(FILE, &list, Secrecy::Secret) {
+            Ok(()) => self.saved = self.objects.clone(),
+            Err(e) => tracing::warn!(error = %e, hint = e.hint(), "cannot save the status"),
         }
     }
 }

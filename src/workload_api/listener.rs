@@ -137,6 +137,32 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
     Ok(listener)
 }
 
+enum Accepted<T> {
+    Conn(T),
+    /// Accepting failed (out of descriptors, say): try again; serving goes on once it passes.
+    Failed,
+    /// The server stopped: let go of the socket.
+    Stopped,
+}
+
+/// The next connection of an accept loop feeding `tx`.
+async fn accept_or_stop<T>(
+    accept: impl std::future::Future<Output = io::Result<T>>,
+    tx: &mpsc::Sender<io::Result<Conn>>,
+) -> Accepted<T> {
+    tokio::select! {
+        accepted = accept => match accepted {
+            Ok(conn) => Accepted::Conn(conn),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Accepted::Failed
+            }
+        },
+        _ = tx.closed() => Accepted::Stopped,
+    }
+}
+
 /// Accepts unix connections and attests each one (off the accept loop) before tonic sees it.
 /// `settings` may change while serving: each new connection is attested with the current ones.
 pub fn incoming_unix(
@@ -146,18 +172,10 @@ pub fn incoming_unix(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                // The server stopped: let go of the socket.
-                _ = tx.closed() => return,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
+            let stream = match accept_or_stop(listener.accept(), &tx).await {
+                Accepted::Stopped => return,
+                Accepted::Failed => continue,
+                Accepted::Conn((stream, _)) => stream,
             };
             crate::admin::metrics::metrics()
                 .connections
@@ -202,18 +220,10 @@ pub fn incoming_tcp(listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = tx.closed() => return,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of descriptors, say: keep serving once it passes.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
+            let stream = match accept_or_stop(listener.accept(), &tx).await {
+                Accepted::Stopped => return,
+                Accepted::Failed => continue,
+                Accepted::Conn((stream, _)) => stream,
             };
             let info = CallerInfo(Arc::new(Caller {
                 peer: None,

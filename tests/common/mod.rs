@@ -206,6 +206,21 @@ pub const QUICKSTART_IN_MEMORY: [(&str, &str, &str); 3] = [
     ),
 ];
 
+/// Like [`QUICKSTART_IN_MEMORY`], with directory storage under the copy's own `state/`.
+pub const QUICKSTART_ON_DISK: [(&str, &str, &str); 3] = [
+    (
+        "tbot.yaml",
+        "unix:///tmp/tbot-quickstart/workload.sock",
+        "unix://SOCKET",
+    ),
+    ("tbot.yaml", "path: /tmp/tbot-quickstart/state", "path: DIR/state"),
+    (
+        "tbot.yaml",
+        "admin_socket: /tmp/tbot-quickstart/admin.sock",
+        "admin_socket: DIR/admin.sock",
+    ),
+];
+
 /// The quickstart, in memory, on a temporary socket, with extra agent settings.
 pub fn quickstart(agent_extra: &str) -> Daemon {
     let storage = "storage:\n  type: directory\n  path: /tmp/tbot-quickstart/state\n";
