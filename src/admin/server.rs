@@ -32,7 +32,7 @@ pub struct AdminApi {
     /// Asks the loop for a reload; answered when it is done.
     pub reload: mpsc::Sender<oneshot::Sender<()>>,
     /// What the daemon last applied.
-    pub applied: Arc<RwLock<crate::manifest::DesiredState>>,
+    pub applied: Arc<RwLock<Arc<crate::manifest::DesiredState>>>,
 }
 
 fn to_proto(s: &status::ObjectStatus) -> ObjectStatus {

@@ -141,7 +141,8 @@ pub fn run(args: &DiffArgs) -> ExitCode {
     p.line(&against);
     for (r, change) in &plan.changes {
         let (old, new) = (before.objects.get(r), desired.objects.get(r));
-        let shown = |o: Option<&crate::manifest::Object>| o.map(|o| o.location.path.display().to_string());
+        let shown =
+            |o: Option<&std::sync::Arc<crate::manifest::Object>>| o.map(|o| o.location.path.display().to_string());
         let path = shown(new).or(shown(old)).unwrap_or_default();
         p.line("");
         p.line(&format!("{} {r} ({path})", change.symbol()));
@@ -211,7 +212,7 @@ fn from_daemon(socket: &std::path::Path) -> Option<(Option<DesiredState>, String
             let document = inventory::decode(kind, serde_json::from_str(&o.document_json).ok()?).ok()?;
             state.objects.insert(
                 crate::resource::ObjectRef::new(kind, o.name),
-                manifest::Object {
+                std::sync::Arc::new(manifest::Object {
                     document,
                     location: manifest::Location {
                         path: o.path.into(),
@@ -219,7 +220,7 @@ fn from_daemon(socket: &std::path::Path) -> Option<(Option<DesiredState>, String
                     },
                     hash: o.hash,
                     source: o.source,
-                },
+                }),
             );
         }
         Some((Some(state), format!("Compared with the running daemon (pid {pid}).")))

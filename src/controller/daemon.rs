@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 
+use super::persist::Persist;
 use super::plan::{Action, Plan, plan};
 use super::status::StatusTable;
 use super::watch::watch_inputs;
@@ -102,6 +103,8 @@ struct Backoff {
 
 struct Daemon {
     inputs: Vec<Input>,
+    /// What the last load read: a reload re-parses only the files that changed.
+    load_cache: Arc<std::sync::Mutex<manifest::LoadCache>>,
     log_level: Option<LogLevel>,
     status: Arc<std::sync::RwLock<StatusTable>>,
     status_version: watch::Sender<u64>,
@@ -109,14 +112,15 @@ struct Daemon {
     issuer: Arc<LocalIssuer>,
     agent: Arc<Agent>,
     /// `applied`, shared with the admin API's Plan call.
-    applied_shared: Arc<std::sync::RwLock<DesiredState>>,
+    applied_shared: Arc<std::sync::RwLock<Arc<DesiredState>>>,
     /// Objects whose last run failed transiently, and when they may run again.
     backoff: BTreeMap<ObjectRef, Backoff>,
     /// Objects whose last run was refused (terminal), with the spec refused: they wait for an edit.
     refused: BTreeMap<ObjectRef, String>,
     /// What was last applied (the plan's "actual" side); saved to the store after each convergence.
-    applied: DesiredState,
-    store: Store,
+    applied: Arc<DesiredState>,
+    /// Writes `applied` and the status to the store, off the reconcile path.
+    persist: Persist,
     services: BTreeMap<String, Running>,
 }
 
@@ -161,22 +165,18 @@ fn attest_settings(service: &Service) -> AttestSettings {
 
 /// The state to converge to: the loaded objects, with the last good version of every object from a
 /// file that now fails to load.
-fn keep_last_good(loaded: &Loaded, last: &DesiredState) -> DesiredState {
+fn keep_last_good(loaded: &mut Loaded, last: &DesiredState) -> DesiredState {
     let broken: std::collections::BTreeSet<&PathBuf> = loaded
         .diagnostics
         .iter()
         .filter(|d| d.is_error())
         .map(|d| &d.location.path)
         .collect();
+    let mut state = std::mem::take(&mut loaded.state);
     if broken.is_empty() {
-        return loaded.state.clone();
+        return state;
     }
-    let mut state = DesiredState::default();
-    for (r, o) in &loaded.state.objects {
-        if !broken.contains(&o.location.path) {
-            state.objects.insert(r.clone(), o.clone());
-        }
-    }
+    state.objects.retain(|_, o| !broken.contains(&o.location.path));
     for (r, o) in &last.objects {
         if broken.contains(&o.location.path) && !state.objects.contains_key(r) {
             state.objects.insert(r.clone(), o.clone());
@@ -360,8 +360,11 @@ impl Daemon {
     }
 
     async fn reload_once(&mut self) -> Option<tokio::time::Instant> {
+        let mut phases = Phases::new();
         let inputs = self.inputs.clone();
-        let loaded = match tokio::task::spawn_blocking(move || manifest::load(&inputs)).await {
+        let cache = self.load_cache.clone();
+        let load = move || manifest::load_with(&inputs, &mut cache.lock().expect("load cache poisoned"));
+        let mut loaded = match tokio::task::spawn_blocking(load).await {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(diagnostic)) => {
                 tracing::error!("{}", render::diagnostic(&diagnostic).trim_end());
@@ -378,7 +381,8 @@ impl Daemon {
                 render::diagnostic(d).trim_end()
             );
         }
-        let desired = keep_last_good(&loaded, &self.applied);
+        phases.mark("load");
+        let mut desired = keep_last_good(&mut loaded, &self.applied);
         // An object waiting out its backoff keeps its applied version in this run, unless its spec
         // changed: a spec change clears the backoff and runs at once.
         let now = tokio::time::Instant::now();
@@ -386,16 +390,14 @@ impl Daemon {
             .retain(|r, b| desired.objects.get(r).map(|o| &o.hash) == Some(&b.hash));
         self.refused
             .retain(|r, hash| desired.objects.get(r).map(|o| &o.hash) == Some(hash));
-        let mut planned = desired.clone();
         for (r, b) in &self.backoff {
             if b.next > now {
                 match self.applied.objects.get(r) {
-                    Some(old) => planned.objects.insert(r.clone(), old.clone()),
-                    None => planned.objects.remove(r),
+                    Some(old) => desired.objects.insert(r.clone(), old.clone()),
+                    None => desired.objects.remove(r),
                 };
             }
         }
-        let desired = planned;
         {
             let mut table = self.status.write().expect("status poisoned");
             let broken: Vec<&std::path::Path> = loaded
@@ -419,7 +421,9 @@ impl Daemon {
         }
         // Watchers see `Reconciling` before the work starts.
         self.status_version.send_modify(|v| *v += 1);
+        phases.mark("status");
         let plan = plan(&desired, Some(&self.applied));
+        phases.mark("plan");
         if plan.is_empty() {
             tracing::debug!("reloaded: nothing changed");
             let waiting: BTreeSet<ObjectRef> = self.backoff.keys().chain(self.refused.keys()).cloned().collect();
@@ -436,6 +440,7 @@ impl Daemon {
             set(config.debug);
         }
         let failures = self.execute(&plan, &desired).await;
+        phases.mark("execute");
         // Transient failures retry with per-object backoff; terminal ones wait for the next edit.
         let retrying: BTreeSet<ObjectRef> = failures
             .iter()
@@ -464,15 +469,6 @@ impl Daemon {
                 }
             }
         }
-        let mut applied = desired.clone();
-        for r in &retrying {
-            match self.applied.objects.get(r) {
-                Some(old) => applied.objects.insert(r.clone(), old.clone()),
-                None => applied.objects.remove(r),
-            };
-        }
-        self.applied = applied;
-        self.save_inventory();
         let now = tokio::time::Instant::now();
         for r in &retrying {
             let delay = self
@@ -497,8 +493,19 @@ impl Daemon {
                 }
             }
         }
+        let mut applied = desired;
+        for r in &retrying {
+            match self.applied.objects.get(r) {
+                Some(old) => applied.objects.insert(r.clone(), old.clone()),
+                None => applied.objects.remove(r),
+            };
+        }
+        self.applied = Arc::new(applied);
+        self.save_inventory();
         let waiting: BTreeSet<ObjectRef> = failed.iter().chain(self.refused.keys()).cloned().collect();
         self.publish_status(&waiting);
+        phases.mark("status");
+        tracing::debug!(phases = %phases, "converged");
         self.next_retry()
     }
 
@@ -512,7 +519,6 @@ impl Daemon {
         {
             let mut table = self.status.write().expect("status poisoned");
             table.converged_except(failed);
-            table.save(&self.store);
         }
         let bot = self.agent.bot();
         {
@@ -526,6 +532,7 @@ impl Daemon {
                 .collect();
         }
         self.status_version.send_modify(|v| *v += 1);
+        self.persist.save_status();
     }
 
     /// Records on the bot's object how and when it joined (`tbotctl get bot`).
@@ -548,15 +555,14 @@ impl Daemon {
 
     fn save_inventory(&self) {
         *self.applied_shared.write().expect("applied poisoned") = self.applied.clone();
-        if let Err(e) = super::inventory::save(&self.store, &self.applied) {
-            tracing::warn!(error = %e, hint = e.hint(), "cannot save the applied state; `tbotctl diff` may be stale");
-        }
+        self.persist.save(self.applied.clone());
     }
 
     async fn shutdown(self) {
         for (_, running) in self.services {
             running.stop().await;
         }
+        self.persist.flush().await;
     }
 }
 
@@ -573,11 +579,55 @@ fn open_store(config: &AgentConfig) -> Result<Store, crate::store::StoreError> {
     }
 }
 
+/// Shows on the agent config (which names the storage) whether the controller's records can be
+/// written.
+fn storage_condition(table: &mut StatusTable, failure: Option<&str>) {
+    let Some(r) = table.objects.keys().find(|r| r.kind == Kind::AgentConfig).cloned() else {
+        return;
+    };
+    match failure {
+        Some(message) => table.set(&r, "StorageWritable", false, "WriteFailed", message),
+        None => table.set(&r, "StorageWritable", true, "Written", ""),
+    }
+}
+
+/// Where a reload spent its time, for the debug log.
+struct Phases {
+    last: std::time::Instant,
+    spent: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases {
+            last: std::time::Instant::now(),
+            spent: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.spent.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, spent)) in self.spent.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{phase} {:.1} ms", spent.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(options: StartOptions) -> ExitCode {
     let mut inputs: Vec<Input> = options.config_dirs.iter().cloned().map(Input::Dir).collect();
     inputs.extend(options.config_file.iter().cloned().map(Input::File));
-    let loaded = match manifest::load(&inputs) {
+    let mut load_cache = manifest::LoadCache::default();
+    let loaded = match manifest::load_with(&inputs, &mut load_cache) {
         Ok(loaded) => loaded,
         Err(diagnostic) => {
             eprint!("{}", render::diagnostic(&diagnostic));
@@ -643,19 +693,28 @@ pub async fn run(options: StartOptions) -> ExitCode {
         ..DaemonInfo::default()
     }));
     let (status_version, status_version_rx) = watch::channel(0u64);
+    let applied = Arc::new(loaded.state);
+    let persist = {
+        let (status, version) = (status.clone(), status_version.clone());
+        Persist::spawn(store.clone(), status.clone(), applied.clone(), move |failure| {
+            storage_condition(&mut status.write().expect("status poisoned"), failure);
+            version.send_modify(|v| *v += 1);
+        })
+    };
     let mut daemon = Daemon {
         status: status.clone(),
         status_version,
         info: info.clone(),
         inputs: inputs.clone(),
+        load_cache: Arc::new(std::sync::Mutex::new(load_cache)),
         log_level: options.log_level.clone(),
         issuer: issuer.clone(),
         agent,
-        applied: loaded.state.clone(),
-        applied_shared: Arc::new(std::sync::RwLock::new(DesiredState::default())),
+        applied,
+        persist,
+        applied_shared: Arc::new(std::sync::RwLock::new(Arc::default())),
         backoff: BTreeMap::new(),
         refused: BTreeMap::new(),
-        store,
         services: BTreeMap::new(),
     };
     // The admin API first: when a workload socket answers, tbotctl can reach the daemon too.

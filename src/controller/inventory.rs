@@ -74,7 +74,7 @@ pub fn read(storage: &Path) -> Result<Option<DesiredState>, String> {
         let document = decode(kind, entry.document).map_err(|e| format!("{}: {e}", path.display()))?;
         state.objects.insert(
             ObjectRef::new(kind, entry.name),
-            Object {
+            std::sync::Arc::new(Object {
                 document,
                 location: Location {
                     path: entry.path,
@@ -82,7 +82,7 @@ pub fn read(storage: &Path) -> Result<Option<DesiredState>, String> {
                 },
                 hash: entry.hash,
                 source: entry.source,
-            },
+            }),
         );
     }
     Ok(Some(state))

@@ -3,6 +3,7 @@
 pub mod daemon;
 pub mod inventory;
 pub mod notify;
+pub mod persist;
 pub mod plan;
 pub mod status;
 pub mod watch;

@@ -17,20 +17,20 @@ pub(super) struct Outcome {
 }
 
 struct Ctx<'a> {
-    parsed: &'a [Parsed],
-    sources: &'a Sources,
+    parsed: &'a [Parsed<'a>],
+    sources: &'a Sources<'a>,
     out: Vec<Diagnostic>,
 }
 
 impl Ctx<'_> {
     fn location(&self, i: usize) -> Location {
         let p = &self.parsed[i];
-        Location::at(&self.sources.paths[p.file], p.node.pos)
+        Location::at(self.sources.paths[p.file], p.node.pos)
     }
 
     fn report(&mut self, i: usize, problem: Problem) -> &mut Diagnostic {
         let p = &self.parsed[i];
-        let mut diagnostic = self.sources.diagnostic(p.file, &p.node, &problem);
+        let mut diagnostic = self.sources.diagnostic(p.file, p.node, &problem);
         let secret = problem.pointer == "/onboarding/token"
             || (p.document.kind() == Kind::Token && problem.pointer == "/metadata/name");
         if secret {
@@ -151,7 +151,7 @@ fn references(ctx: &mut Ctx) {
     let identities = ctx.names(Kind::WorkloadIdentity);
     let mut found = Vec::new();
     for (i, p) in ctx.parsed.iter().enumerate() {
-        match &p.document {
+        match p.document {
             Document::Token(token) => {
                 let name: &str = &token.spec.bot_name;
                 if !bots.contains(name) {

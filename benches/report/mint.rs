@@ -2,16 +2,14 @@
 //! path through the `Issuer` trait: bot certificate check, RBAC, rules, templates, certificate
 //! building and the CA signature) against a floor measured in the same run with the same crypto
 //! provider: generating the key plus one CA signature. Likewise JWT-SVIDs against one ES256 signature.
-//!
-//! Run with `cargo bench --bench mint` (release build). Prints one table.
-
-mod common;
 
 use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
 use tbot::issuer::{Attributes, Issuer, JoinProof, JoinRequest, JwtRequest, X509Request};
 use tbot::store::Store;
+
+use crate::{Row, Scale, common};
 
 const ROUNDS: usize = 5;
 const HOUR: Duration = Duration::from_secs(3600);
@@ -46,15 +44,8 @@ fn rate(n: usize, mut op: impl FnMut()) -> f64 {
     n as f64 / best.as_secs_f64()
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        // A test runner asking for tests: this target has none of its own.
-        return;
-    }
-    // `cargo bench` passes `--bench`; under `cargo test` the table is a quick smoke run.
-    let n = if args.iter().any(|a| a == "--bench") { 2_000 } else { 20 };
-
+pub fn run(scale: Scale) -> Vec<Row> {
+    let n = scale.pick(2_000, 20);
     let issuer = common::issuer(IDENTITY, Store::memory());
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let bot_key = KeyPair::generate().unwrap();
@@ -108,21 +99,21 @@ fn main() {
         std::hint::black_box(svid);
     });
 
-    println!("| minted ({n} per round, best of {ROUNDS}) | per second | µs each | floor | floor per second | ratio |");
-    println!("|---|---:|---:|---|---:|---:|");
-    for (what, ops, floor_name, floor) in [
-        (
-            "X509-SVID (P-256 key + issue_x509)",
+    let per_round = format!("{n} per round, best of {ROUNDS}");
+    vec![
+        Row::rate(
+            "mint",
+            format!("X509-SVIDs minted (new P-256 key + `issue_x509`; {per_round})"),
             x509,
             "P-256 key generation + one ECDSA signature",
             x509_floor,
         ),
-        ("JWT-SVID (issue_jwt)", jwt, "one ECDSA P-256 signature", jwt_floor),
-    ] {
-        println!(
-            "| {what} | {ops:.0} | {:.1} | {floor_name} | {floor:.0} | {:.2}x |",
-            1e6 / ops,
-            floor / ops
-        );
-    }
+        Row::rate(
+            "mint",
+            format!("JWT-SVIDs minted (`issue_jwt`; {per_round})"),
+            jwt,
+            "one ECDSA P-256 signature",
+            jwt_floor,
+        ),
+    ]
 }

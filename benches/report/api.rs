@@ -4,10 +4,6 @@
 //!   connection) against a bare tonic unary call (`grpc.health.v1.Health/Check`), p50 and p99;
 //! - stream opens per second (open, first message, close) with 1, 16 and 256 concurrent clients, each
 //!   on its own connection, against bare unary calls at the same concurrency.
-//!
-//! Run with `cargo bench --bench workload_api` (release build). Prints one table.
-
-mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +24,8 @@ use tonic::transport::{Channel, Server};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::{Row, Scale, common};
+
 const IDENTITY: &str = "
 kind: workload_identity
 version: v1
@@ -41,10 +39,6 @@ spec:
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
 async fn first_svid(channel: Channel) {
@@ -114,25 +108,9 @@ where
     total as f64 / start.elapsed().as_secs_f64()
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
-        return;
-    }
-    let full = args.iter().any(|a| a == "--bench");
-    let (n, window) = if full {
-        (2_000, Duration::from_secs(2))
-    } else {
-        (20, Duration::from_millis(100))
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(run(n, window));
-}
-
-async fn run(n: usize, window: Duration) {
+pub async fn run(scale: Scale) -> Vec<Row> {
+    let n = scale.pick(2_000, 20);
+    let window = scale.pick(Duration::from_secs(2), Duration::from_millis(100));
     let dir = tempfile::tempdir().unwrap();
     let store = Store::memory();
     let issuer: Arc<dyn Issuer> = Arc::new(common::issuer(IDENTITY, store.clone()));
@@ -186,23 +164,26 @@ async fn run(n: usize, window: Duration) {
     let svid = latencies(&api_channel, n, first_svid).await;
     let bare = latencies(&floor_channel, n, health_check).await;
 
-    println!("| measure | tbot | floor: bare tonic unary call, same socket kind | ratio |");
-    println!("|---|---:|---:|---:|");
+    let mut rows = Vec::new();
     for (label, p) in [("p50", 0.50), ("p99", 0.99)] {
-        let (a, b) = (percentile(&svid, p), percentile(&bare, p));
-        println!(
-            "| FetchX509SVID first message, cached identity, {label} ({n} calls) | {} | {} | {:.2}x |",
-            us(a),
-            us(b),
-            a.as_secs_f64() / b.as_secs_f64()
-        );
+        rows.push(Row::duration(
+            "api",
+            format!("`FetchX509SVID` first message, cached identity, {label} ({n} calls)"),
+            percentile(&svid, p),
+            "bare tonic unary call (`Health/Check`), same socket kind",
+            percentile(&bare, p),
+        ));
     }
-    for clients in [1, 16, 256] {
+    for clients in scale.pick(vec![1, 16, 256], vec![1, 16]) {
         let opens = rate(&api_address, clients, window, first_svid).await;
         let calls = rate(&floor_address, clients, window, health_check).await;
-        println!(
-            "| stream opens/s, {clients} concurrent client(s) | {opens:.0} | {calls:.0} | {:.2}x |",
-            calls / opens
-        );
+        rows.push(Row::rate(
+            "api",
+            format!("`FetchX509SVID` stream opens, {clients} concurrent client(s)"),
+            opens,
+            "bare tonic unary calls, same concurrency",
+            calls,
+        ));
     }
+    rows
 }

@@ -1,0 +1,109 @@
+//! Loading a generated directory of workload identities: documents per second for the full load
+//! (read, YAML, schema, typed decode, template and cross-document checks), against a floor measured
+//! in the same run: reading the same files and parsing their YAML, nothing else.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tbot::manifest::{self, Input, files, yaml};
+
+use crate::{Row, Scale, common};
+
+const ROUNDS: usize = 5;
+
+/// The best of several rounds.
+fn best(mut round: impl FnMut()) -> Duration {
+    (0..ROUNDS)
+        .map(|_| {
+            let start = Instant::now();
+            round();
+            start.elapsed()
+        })
+        .min()
+        .unwrap()
+}
+
+fn floor(dir: &Path) {
+    let inputs = [Input::Dir(dir.to_owned())];
+    for path in files::discover(&inputs).unwrap() {
+        let text = files::read(&path).unwrap();
+        std::hint::black_box(yaml::parse(&text).unwrap());
+    }
+}
+
+pub fn run(scale: Scale) -> Vec<Row> {
+    let sizes: Vec<usize> = scale.pick(vec![1_000, 10_000], vec![100]);
+    // The YAML decoder needs a big stack (see yaml::PARSE_STACK_BYTES); so does the floor.
+    std::thread::Builder::new()
+        .stack_size(yaml::PARSE_STACK_BYTES)
+        .spawn(move || sizes.into_iter().flat_map(load).collect())
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+fn load(identities: usize) -> Vec<Row> {
+    let dir = tempfile::tempdir().unwrap();
+    let unused = dir.path().join("unused");
+    common::write_directory(dir.path(), identities, &unused, &unused, 0);
+    let inputs = [Input::Dir(dir.path().to_owned())];
+    let documents = identities + 5;
+    let mut loaded = None;
+    let full = best(|| loaded = Some(manifest::load(&inputs).unwrap()));
+    let loaded = loaded.unwrap();
+    assert!(
+        !loaded.has_errors(),
+        "the generated directory is valid: {:?}",
+        loaded.diagnostics.first()
+    );
+    assert_eq!(loaded.state.objects.len(), documents);
+    let base = best(|| floor(dir.path()));
+    let full_row = Row::rate(
+        "load",
+        format!(
+            "full directory load, {} documents ({:.0} ms; best of {ROUNDS})",
+            crate::thousands(documents as f64),
+            full.as_secs_f64() * 1e3
+        ),
+        documents as f64 / full.as_secs_f64(),
+        "reading the files + parsing their YAML",
+        documents as f64 / base.as_secs_f64(),
+    );
+
+    // A reload after one edit: the cache vouches for every other file by its stamp.
+    let mut cache = manifest::LoadCache::default();
+    manifest::load_with(&inputs, &mut cache).unwrap();
+    // Old enough that the cache trusts the stamps (files changed in the last 2 s are re-read).
+    std::thread::sleep(Duration::from_millis(2100));
+    manifest::load_with(&inputs, &mut cache).unwrap();
+    let mut k = 0;
+    let reload = best(|| {
+        k += 1;
+        let text = common::identity_text(1, 100_001, &format!("-edit-{k}"));
+        std::fs::write(common::identity_file(dir.path(), 1), text).unwrap();
+        let loaded = manifest::load_with(&inputs, &mut cache).unwrap();
+        assert!(
+            loaded
+                .state
+                .objects
+                .values()
+                .any(|o| o.source.contains(&format!("-edit-{k}/")))
+        );
+    });
+    let stat = best(|| {
+        for path in files::discover(&inputs).unwrap() {
+            std::hint::black_box(std::fs::metadata(&path).unwrap());
+        }
+    });
+    let reload_row = Row::duration(
+        "load",
+        format!(
+            "reload after one file changed, {} documents",
+            crate::thousands(documents as f64)
+        ),
+        reload,
+        "listing the directory + one `stat` per file",
+        stat,
+    );
+    vec![full_row, reload_row]
+}

@@ -1,0 +1,312 @@
+//! The benchmark report: every figure tbot promises, in one process, each row beside a floor measured
+//! in the same run on the same machine, and the ratio (tbot's cost over the floor's: 1.00x is the
+//! floor itself, higher is slower or bigger).
+//!
+//! ```text
+//! cargo bench --bench report                      # the whole table (release build)
+//! cargo bench --bench report -- --json FILE       # the same rows as JSON
+//! cargo bench --bench report -- --markdown FILE   # the docs page (docs/benchmarks.md)
+//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams
+//! ```
+//!
+//! Without `--bench` (as `cargo test` and `cargo nextest` run it, as the test `smoke`) every
+//! section runs once with small sizes, so the report cannot rot unnoticed.
+
+mod api;
+mod common;
+mod daemon;
+mod load;
+mod mint;
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// One line of the report.
+pub struct Row {
+    pub section: &'static str,
+    pub measure: String,
+    pub value: f64,
+    pub unit: Unit,
+    pub floor: String,
+    pub floor_value: f64,
+    /// tbot's cost over the floor's.
+    pub ratio: f64,
+}
+
+#[derive(Clone, Copy)]
+pub enum Unit {
+    PerSecond,
+    Micros,
+    Millis,
+    MiB,
+}
+
+impl Unit {
+    fn name(self) -> &'static str {
+        match self {
+            Unit::PerSecond => "per second",
+            Unit::Micros => "µs",
+            Unit::Millis => "ms",
+            Unit::MiB => "MiB",
+        }
+    }
+
+    fn show(self, v: f64) -> String {
+        match self {
+            Unit::PerSecond => format!("{}/s", thousands(v)),
+            Unit::Micros => format!("{v:.0} µs"),
+            Unit::Millis => format!("{v:.1} ms"),
+            Unit::MiB => format!("{v:.1} MiB"),
+        }
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Row {
+    /// A rate: more is better, so the ratio is the floor's rate over tbot's.
+    pub fn rate(section: &'static str, measure: String, value: f64, floor: &str, floor_value: f64) -> Row {
+        Row {
+            section,
+            measure,
+            value,
+            unit: Unit::PerSecond,
+            floor: floor.to_owned(),
+            floor_value,
+            ratio: floor_value / value,
+        }
+    }
+
+    /// A duration or a size: less is better, so the ratio is tbot's over the floor's.
+    pub fn cost(section: &'static str, measure: String, value: f64, unit: Unit, floor: &str, floor_value: f64) -> Row {
+        Row {
+            section,
+            measure,
+            value,
+            unit,
+            floor: floor.to_owned(),
+            floor_value,
+            ratio: value / floor_value,
+        }
+    }
+
+    pub fn duration(
+        section: &'static str,
+        measure: String,
+        value: Duration,
+        floor: &str,
+        floor_value: Duration,
+    ) -> Row {
+        let (unit, scale) = if floor_value < Duration::from_millis(10) {
+            (Unit::Micros, 1e6)
+        } else {
+            (Unit::Millis, 1e3)
+        };
+        Row::cost(
+            section,
+            measure,
+            value.as_secs_f64() * scale,
+            unit,
+            floor,
+            floor_value.as_secs_f64() * scale,
+        )
+    }
+}
+
+/// Sizes: the real run, or the quick smoke run.
+#[derive(Clone, Copy)]
+pub struct Scale {
+    pub full: bool,
+}
+
+impl Scale {
+    pub fn pick<T>(self, full: T, smoke: T) -> T {
+        if self.full { full } else { smoke }
+    }
+}
+
+const SECTIONS: [&str; 6] = ["mint", "load", "api", "edit", "scale", "streams"];
+
+struct Options {
+    scale: Scale,
+    only: Vec<String>,
+    json: Option<String>,
+    markdown: Option<String>,
+}
+
+fn options() -> Option<Options> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        // A test runner asking for tests: one, the smoke run, and none among the ignored ones.
+        if !args.iter().any(|a| a == "--ignored") {
+            println!("smoke: test");
+        }
+        return None;
+    }
+    let value = |flag: &str| {
+        args.iter().position(|a| a == flag).map(|i| {
+            args.get(i + 1)
+                .unwrap_or_else(|| panic!("{flag} needs a value"))
+                .clone()
+        })
+    };
+    let only: Vec<String> = value("--only")
+        .map(|s| s.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    for name in &only {
+        assert!(
+            SECTIONS.contains(&name.as_str()),
+            "unknown section {name:?}: the sections are {}",
+            SECTIONS.join(", ")
+        );
+    }
+    Some(Options {
+        scale: Scale {
+            full: args.iter().any(|a| a == "--bench"),
+        },
+        only,
+        json: value("--json"),
+        markdown: value("--markdown"),
+    })
+}
+
+fn main() {
+    let Some(options) = options() else { return };
+    let runs = |name: &str| options.only.is_empty() || options.only.iter().any(|o| o == name);
+    let scale = options.scale;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    if runs("mint") {
+        rows.extend(mint::run(scale));
+    }
+    if runs("load") {
+        rows.extend(load::run(scale));
+    }
+    if runs("api") {
+        rows.extend(runtime.block_on(api::run(scale)));
+    }
+    if runs("edit") {
+        rows.extend(runtime.block_on(daemon::edits(scale)));
+    }
+    if runs("scale") {
+        rows.extend(runtime.block_on(daemon::converge_at_scale(scale)));
+    }
+    if runs("streams") {
+        rows.extend(runtime.block_on(daemon::many_streams(scale)));
+    }
+    let machine = machine();
+    print!("{}", table(&rows));
+    println!("\n{machine}");
+    if let Some(path) = &options.json {
+        std::fs::write(path, json(&rows, &machine, scale)).unwrap();
+        println!("wrote {path}");
+    }
+    if let Some(path) = &options.markdown {
+        std::fs::write(path, markdown(&rows, &machine)).unwrap();
+        println!("wrote {path}");
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::from("| measure | tbot | floor, measured in the same run | floor | ratio |\n");
+    out.push_str("|---|---:|---|---:|---:|\n");
+    for r in rows {
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.2}x |",
+            r.measure,
+            r.unit.show(r.value),
+            r.floor,
+            r.unit.show(r.floor_value),
+            r.ratio
+        )
+        .unwrap();
+    }
+    out
+}
+
+/// The machine, as this run saw it.
+fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let kernel = read("/proc/sys/kernel/osrelease");
+    let rustc = std::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "Machine: {model}, {cores} cores available, {memory_gib:.0} GiB; Linux {}; {rustc}.",
+        kernel.trim()
+    )
+}
+
+fn json(rows: &[Row], machine: &str, scale: Scale) -> String {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "section": r.section,
+                "measure": r.measure,
+                "value": r.value,
+                "unit": r.unit.name(),
+                "floor": r.floor,
+                "floor_value": r.floor_value,
+                "ratio": r.ratio,
+            })
+        })
+        .collect();
+    let report = serde_json::json!({
+        "machine": machine,
+        "full": scale.full,
+        "date": now(),
+        "rows": rows,
+    });
+    serde_json::to_string_pretty(&report).unwrap() + "\n"
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn markdown(rows: &[Row], machine: &str) -> String {
+    format!(
+        "# Benchmarks\n\n\
+         Written by `cargo bench --bench report -- --markdown docs/benchmarks.md --json docs/benchmarks.json`\n\
+         on {date}. Every row has a floor measured in the same run on the same machine; the ratio is tbot's\n\
+         cost over the floor's (1.00x is the floor itself). The sections are described in\n\
+         `benches/report/*.rs`.\n\n\
+         {machine}\n\n\
+         {table}",
+        date = now(),
+        table = table(rows)
+    )
+}
