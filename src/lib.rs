@@ -12,6 +12,19 @@ pub mod resource;
 pub mod store;
 pub mod workload_api;
 
+/// Crash testing: with `TBOT_FAILPOINT=<name>` in its environment the process aborts when it reaches
+/// the point of that name — no destructor, no flush, like SIGKILL. `tests/crash_safety.rs` uses it
+/// to crash inside the windows a random kill rarely hits:
+/// - `join-answered`: the issuer consumed the token and signed; the agent has not saved the answer;
+/// - `renew-answered`: the issuer moved the bot's generation; the agent has not saved the answer.
+pub fn failpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if POINT.get_or_init(|| std::env::var("TBOT_FAILPOINT").ok()).as_deref() == Some(name) {
+        eprintln!("TBOT_FAILPOINT={name}: aborting here");
+        std::process::abort();
+    }
+}
+
 /// An error with its sources, `outer: inner: innermost`, for messages.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();

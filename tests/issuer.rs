@@ -173,14 +173,34 @@ async fn a_token_join_gives_a_bot_certificate_naming_the_bot_and_its_join() {
 async fn a_token_is_single_use_even_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let key = KeyPair::generate().unwrap();
+    let other = KeyPair::generate().unwrap();
     {
         let issuer = open(dir.path(), &docs("{}", ""));
         issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
-        let err = issuer.join(token_join(&key, "secret-token-1")).await.unwrap_err();
+        let err = issuer.join(token_join(&other, "secret-token-1")).await.unwrap_err();
         assert!(err.to_string().contains("already used by bot `web-bot`"), "{err}");
         assert!(!err.is_transient());
     }
     let issuer = open(dir.path(), &docs("{}", ""));
+    let err = issuer.join(token_join(&other, "secret-token-1")).await.unwrap_err();
+    assert!(err.to_string().contains("already used"), "{err}");
+}
+
+#[tokio::test]
+async fn a_join_retried_with_the_same_key_after_a_lost_answer_succeeds_until_the_bot_renews() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate().unwrap();
+    {
+        let issuer = open(dir.path(), &docs("{}", ""));
+        issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
+    }
+    // The joiner crashed before saving its certificate; after a restart it asks again with the
+    // key it saved before the call, and gets a certificate for that key.
+    let issuer = open(dir.path(), &docs("{}", ""));
+    let again = issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
+    // Once the bot has renewed, the join cannot be replayed, even with that key.
+    let next = KeyPair::generate().unwrap();
+    issuer.renew(renewal(&again.der, &key, &next)).await.unwrap();
     let err = issuer.join(token_join(&key, "secret-token-1")).await.unwrap_err();
     assert!(err.to_string().contains("already used"), "{err}");
 }

@@ -46,15 +46,34 @@ fn new_key() -> Result<KeyPair, IssuerError> {
 /// Joins from scratch, saves the new identity to `store`, and counts the outcome.
 pub async fn join(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) -> Result<BotIdentity, IssuerError> {
     let method = settings.method.as_str();
-    let joined = join_once(issuer, settings).await;
+    let joined = join_once(issuer, settings, store).await;
     crate::admin::metrics::metrics().join(method, if joined.is_ok() { "joined" } else { "refused" });
     let identity = joined?;
+    crate::failpoint("join-answered");
     identity.save(store)?;
+    store.remove(PENDING_KEY_FILE)?;
     Ok(identity)
 }
 
-async fn join_once(issuer: &dyn Issuer, settings: &JoinSettings) -> Result<BotIdentity, IssuerError> {
+/// The key for the next certificate: the one saved by a join or renewal whose answer was lost, else a
+/// new one, saved before the call so that a crash can retry with it.
+fn pending_key(store: &Store) -> Result<KeyPair, IssuerError> {
+    if let Some(der) = store.read(PENDING_KEY_FILE)?
+        && let Ok(key) = KeyPair::try_from(der.as_slice())
+    {
+        return Ok(key);
+    }
     let key = new_key()?;
+    store.write(PENDING_KEY_FILE, &key.serialize_der(), Secrecy::Secret)?;
+    Ok(key)
+}
+
+async fn join_once(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) -> Result<BotIdentity, IssuerError> {
+    // A `token` is single-use: a join retried after a crash must present the same key.
+    let key = match settings.method {
+        JoinMethod::Token => pending_key(store)?,
+        JoinMethod::Iam => new_key()?,
+    };
     let proof = match settings.method {
         JoinMethod::Token => JoinProof::Token,
         JoinMethod::Iam => {
@@ -76,8 +95,9 @@ async fn join_once(issuer: &dyn Issuer, settings: &JoinSettings) -> Result<BotId
     Ok(BotIdentity { certificate, key })
 }
 
-/// The key of a renewal in flight, saved before the call: if the answer is lost (a crash), the retry
-/// presents the same key and the issuer signs the same generation again instead of locking the bot.
+/// The key of a join or renewal in flight, saved before the call: if the answer is lost (a crash),
+/// the retry presents the same key, and the issuer signs again instead of refusing the used token or
+/// locking the bot.
 const PENDING_KEY_FILE: &str = "agent/identity.next.key";
 
 /// Renews (`token`) or joins again (`iam`).
@@ -90,14 +110,7 @@ pub async fn refresh(
     if settings.method == JoinMethod::Iam {
         return join(issuer, settings, store).await;
     }
-    let key = match store.read(PENDING_KEY_FILE)? {
-        Some(der) => KeyPair::try_from(der.as_slice()).or_else(|_| new_key())?,
-        None => {
-            let key = new_key()?;
-            store.write(PENDING_KEY_FILE, &key.serialize_der(), Secrecy::Secret)?;
-            key
-        }
-    };
+    let key = pending_key(store)?;
     let public_key = key.subject_public_key_info();
     let proof = current
         .key
@@ -111,6 +124,7 @@ pub async fn refresh(
             ttl: settings.ttl,
         })
         .await?;
+    crate::failpoint("renew-answered");
     let identity = BotIdentity { certificate, key };
     identity.save(store)?;
     store.remove(PENDING_KEY_FILE)?;

@@ -2,7 +2,7 @@
 //! reconcile path: a reload hands over the latest applied state and moves on; one task writes the
 //! newest version (several reloads in a row cost one write). A write that fails is kept in
 //! [`Persist::failure`] and shown as the agent config's `StorageWritable` condition until a write
-//! succeeds again; serving never depends on these files.
+//! succeeds again (tried every 5 s); serving never depends on these files.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -11,6 +11,9 @@ use tokio::sync::watch;
 use super::status::StatusTable;
 use crate::manifest::DesiredState;
 use crate::store::Store;
+
+/// How often a failing write is tried again.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The latest write failure, if the last write failed.
 pub type Failure = Arc<Mutex<Option<String>>>;
@@ -36,7 +39,17 @@ impl Persist {
         let shared = failure.clone();
         let task = tokio::spawn(async move {
             let mut written: Option<Arc<DesiredState>> = None;
-            while rx.changed().await.is_ok() {
+            loop {
+                // While writes fail, try again every RETRY even if nothing new comes.
+                let failing = shared.lock().expect("failure poisoned").is_some();
+                let next = if failing {
+                    tokio::time::timeout(RETRY, rx.changed()).await.unwrap_or(Ok(()))
+                } else {
+                    rx.changed().await
+                };
+                if next.is_err() {
+                    break;
+                }
                 let applied = rx.borrow_and_update().clone();
                 let fresh = !written.as_ref().is_some_and(|w| Arc::ptr_eq(w, &applied));
                 let (store, status) = (store.clone(), status.clone());

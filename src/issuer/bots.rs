@@ -170,6 +170,9 @@ pub struct Consumed {
     pub bot: String,
     /// RFC 3339.
     pub at: String,
+    /// SHA-256 (hex) of the joiner's public key: only that key may retry a join whose answer was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// `bots.json` and `tokens.json` of a trust domain.

@@ -163,28 +163,36 @@ impl State {
         join::check_token_terms(token, JoinMethod::Token, now()).map_err(refuse)?;
         let bot = token.spec.bot_name.to_string();
         let key = token_key(&request.token);
+        let joiner = key_digest(&request.public_key);
         if let Some(used) = self.ledger.tokens.get(&key) {
-            return Err(refuse(format!(
-                "the token was already used by bot `{}` at {}; `token` joins are single-use: create a new token",
-                used.bot, used.at
-            )));
+            // The joiner retrying a join whose answer it lost (a crash before it saved the
+            // certificate): the same key, and the bot untouched since (generation 1, that key).
+            let record = self.ledger.bots.get(&bot);
+            let retry = used.key.as_deref() == Some(joiner.as_str())
+                && record.is_some_and(|r| r.generation == 1 && r.locked.is_none() && r.key.as_ref() == Some(&joiner));
+            if !retry {
+                return Err(refuse(format!(
+                    "the token was already used by bot `{}` at {}; `token` joins are single-use: create a new token",
+                    used.bot, used.at
+                )));
+            }
         }
         let roles = self.bot_roles(&bot)?;
         // Consume first: a crash after this point must not leave the token usable.
-        self.ledger.tokens.insert(
-            key,
-            Consumed {
+        if let std::collections::btree_map::Entry::Vacant(entry) = self.ledger.tokens.entry(key) {
+            entry.insert(Consumed {
                 bot: bot.clone(),
                 at: now().format(&Rfc3339).unwrap_or_default(),
-            },
-        );
-        self.ledger.save_tokens(&self.store)?;
+                key: Some(joiner.clone()),
+            });
+            self.ledger.save_tokens(&self.store)?;
+        }
         self.ledger.bots.insert(
             bot.clone(),
             BotRecord {
                 generation: 1,
                 locked: None,
-                key: Some(key_digest(&request.public_key)),
+                key: Some(joiner),
             },
         );
         self.ledger.save_bots(&self.store)?;

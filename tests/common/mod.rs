@@ -136,16 +136,7 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra environment variables.
     pub fn start_with_env(dir: tempfile::TempDir, socket: PathBuf, env: &[(&str, &str)]) -> Daemon {
-        let log = std::fs::File::create(dir.path().join("tbot.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
-            .args(["start", "--config-dir"])
-            .arg(dir.path().join("etc"))
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("tbot starts");
-        let mut daemon = Daemon { child, socket, dir };
+        let mut daemon = Daemon::spawn(dir, socket, env);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
@@ -155,6 +146,33 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         daemon
+    }
+
+    /// Starts `tbot start` on `dir` without waiting for anything (a new `tbot.log`).
+    pub fn spawn(dir: tempfile::TempDir, socket: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        let log = std::fs::File::create(dir.path().join("tbot.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
+            .args(["start", "--config-dir"])
+            .arg(dir.path().join("etc"))
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tbot starts");
+        Daemon { child, socket, dir }
+    }
+
+    /// Kills the daemon with SIGKILL (no cleanup of any kind) and hands back its directory.
+    pub fn crash(mut self) -> (tempfile::TempDir, PathBuf) {
+        self.child.kill().expect("SIGKILL is delivered");
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.socket.clone())
+    }
+
+    /// Waits for the daemon to exit by itself.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("the daemon can be waited for")
     }
 
     pub fn log(&self) -> String {
