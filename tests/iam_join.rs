@@ -347,3 +347,153 @@ async fn an_unreachable_sts_is_transient_and_says_so() {
     assert!(err.is_transient());
     assert!(err.to_string().contains("STS unreachable"), "{err}");
 }
+
+/// A TCP relay in front of moto that can be cut (listener closed, open connections dropped) and
+/// restored on the same port: STS going away and coming back, as the issuer sees it.
+struct Relay {
+    port: u16,
+    target: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(target: u16) -> Relay {
+        let mut relay = Relay {
+            port: free_port(),
+            target,
+            task: None,
+        };
+        relay.restore().await;
+        relay
+    }
+
+    async fn restore(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let target = self.target;
+        self.task = Some(tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Closes the listener and every open connection (dropping the task drops the JoinSet).
+    async fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// The seconds in each `retry_in=` of the daemon's log, in order.
+fn retry_delays(log: &str) -> Vec<f64> {
+    log.split("retry_in=")
+        .skip(1)
+        .filter_map(|rest| {
+            let value: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+            let (number, scale) = match value.strip_suffix("ms") {
+                Some(ms) => (ms, 1e-3),
+                None => (value.strip_suffix('s')?, 1.0),
+            };
+            number.parse::<f64>().ok().map(|n| n * scale)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_sts_gone_an_iam_agent_serves_its_cache_reports_stalled_backs_off_and_recovers() {
+    let Some(venv) = venv() else { return };
+    let moto = tokio::task::spawn_blocking(move || start_moto(&venv)).await.unwrap();
+    let imds = start_imds(moto.credentials.clone()).await;
+    let moto_port: u16 = moto.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let mut relay = Relay::start(moto_port).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let socket = dir.path().join("workload.sock");
+    let agent = format!(
+        "version: v2\nproxy_server: example.org:443\nonboarding:\n  join_method: iam\n  token: iam-token\n\
+         storage:\n  type: memory\ncredential_ttl: 1m\nrenewal_interval: 2s\nadmin_socket: {admin}\n\
+         services:\n  - type: workload-identity-api\n    listen: unix://{socket}\n    selector:\n      name: me\n",
+        admin = dir.path().join("admin.sock").display(),
+        socket = socket.display()
+    );
+    std::fs::write(etc.join("tbot.yaml"), agent).unwrap();
+    let cluster = format!(
+        "kind: cluster\nversion: v1\nmetadata: {{name: example.org}}\nspec: {{aws: {{sts_endpoint: 'http://127.0.0.1:{}'}}}}\n---\n\
+         kind: role\nversion: v7\nmetadata: {{name: issuer}}\nspec:\n  allow:\n    workload_identity_labels: {{'*': '*'}}\n\
+         \x20   rules: [{{resources: [workload_identity], verbs: [read, list]}}]\n---\n\
+         kind: bot\nversion: v1\nmetadata: {{name: ec2-bot}}\nspec: {{roles: [issuer]}}\n---\n\
+         kind: token\nversion: v2\nmetadata: {{name: iam-token}}\nspec:\n  roles: [Bot]\n  join_method: iam\n  bot_name: ec2-bot\n\
+         \x20 allow: [{{aws_account: '{ACCOUNT}', aws_arn: 'arn:aws:sts::{ACCOUNT}:assumed-role/teleport-bot-role/i-*'}}]\n---\n\
+         kind: workload_identity\nversion: v1\nmetadata: {{name: me}}\nspec:\n  rules:\n    allow:\n\
+         \x20     - conditions: [{{attribute: workload.unix.attested, eq: {{value: 'true'}}}}]\n\
+         \x20 spiffe: {{id: '/ec2/{{{{workload.unix.uid}}}}'}}\n",
+        relay.port
+    );
+    std::fs::write(etc.join("cluster.yaml"), cluster).unwrap();
+    let daemon = common::Daemon::start_with_env(
+        dir,
+        socket,
+        &[
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str()),
+            ("AWS_REGION", "us-east-1"),
+        ],
+    );
+    let fetch = || async {
+        let client = spiffe::WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+        client.fetch_x509_svid().await
+    };
+    let first = fetch().await.expect("the iam agent serves");
+    assert!(first.spiffe_id().to_string().ends_with(&format!("/ec2/{}", my_uid())));
+
+    let get_bot = || common::stdout(&daemon.tbotctl(&["get", "bot"]));
+    let wait_for = |what: &str, want: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = get_bot();
+            if want(&out) {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "{what}:\n{out}\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    relay.cut().await;
+    let stalled = wait_for("the bot shows Stalled", &|out| {
+        out.contains("Stalled: cannot join again")
+    });
+    assert!(stalled.contains("STS unreachable"), "the reason: {stalled}");
+    assert!(stalled.contains("retrying with backoff"), "{stalled}");
+    // Backoff: wait for a few failed attempts; each waits about twice as long as the one before.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while retry_delays(&daemon.log()).len() < 3 {
+        assert!(Instant::now() < deadline, "no retries:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let delays = retry_delays(&daemon.log());
+    assert!(delays.windows(2).all(|w| w[1] > w[0]), "growing delays: {delays:?}");
+    // Meanwhile the workload still gets its (cached) SVID.
+    let during = fetch().await.expect("serving goes on from the cache");
+    assert_eq!(during.spiffe_id(), first.spiffe_id());
+
+    let renewed = || daemon.log().matches("bot identity renewed").count();
+    let before = renewed();
+    relay.restore().await;
+    wait_for("the bot recovers by itself", &|out| !out.contains("Stalled"));
+    assert!(renewed() > before, "{}", daemon.log());
+    fetch().await.expect("serving after the recovery");
+}
+
+fn my_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}

@@ -185,12 +185,14 @@ pub fn jitter(spread: f64) -> f64 {
 }
 
 /// Keeps the identity fresh forever: every `renewal_interval`, and with backoff (1 s doubling to
-/// 5 min, ±20% jitter) after a failure. Publishes each new identity.
+/// 5 min, ±20% jitter) after a failure. Publishes each new identity, and on `health` why renewals
+/// fail (`None` once one succeeds).
 pub async fn keep_fresh(
     issuer: Arc<dyn Issuer>,
     mut settings_rx: watch::Receiver<JoinSettings>,
     store: Store,
     tx: watch::Sender<Arc<BotIdentity>>,
+    health: watch::Sender<Option<String>>,
 ) {
     let mut backoff = Duration::from_secs(1);
     let mut wait = settings_rx.borrow().renewal_interval;
@@ -214,6 +216,7 @@ pub async fn keep_fresh(
                     "bot identity renewed"
                 );
                 tx.send_replace(Arc::new(identity));
+                health.send_if_modified(|h| h.take().is_some());
                 backoff = Duration::from_secs(1);
                 wait = settings.renewal_interval;
             }
@@ -226,6 +229,18 @@ pub async fn keep_fresh(
                     expires = %current.certificate.not_after,
                     "bot identity renewal failed; cached SVIDs keep being served until they expire"
                 );
+                let what = if settings.method == JoinMethod::Iam {
+                    "join again"
+                } else {
+                    "renew"
+                };
+                health.send_replace(Some(format!(
+                    "cannot {what}: {error}; {}; retrying with backoff (next in {:.0?}); cached SVIDs keep being \
+                     served, and the current identity is valid until {}",
+                    error.hint(),
+                    wait,
+                    current.certificate.not_after
+                )));
                 backoff = (backoff * 2).min(Duration::from_secs(300));
             }
         }

@@ -24,6 +24,8 @@ pub struct Agent {
     store: Store,
     /// Moves whenever the documents that decide who gets what change: streams re-resolve.
     policy: watch::Sender<u64>,
+    /// Why the bot identity cannot be renewed, while it cannot.
+    renewal: watch::Receiver<Option<String>>,
     pub cache: Arc<SvidCache>,
 }
 
@@ -59,7 +61,14 @@ impl Agent {
         };
         let (tx, rx) = watch::channel(Arc::new(identity));
         let (settings_tx, settings_rx) = watch::channel(settings);
-        tokio::spawn(bot::keep_fresh(issuer.clone(), settings_rx, store.clone(), tx.clone()));
+        let (health_tx, renewal) = watch::channel(None);
+        tokio::spawn(bot::keep_fresh(
+            issuer.clone(),
+            settings_rx,
+            store.clone(),
+            tx.clone(),
+            health_tx,
+        ));
         let cache = SvidCache::new(issuer.clone(), rx.clone());
         Ok(Agent {
             issuer,
@@ -68,6 +77,7 @@ impl Agent {
             settings: settings_tx,
             store,
             policy: watch::channel(0).0,
+            renewal,
             cache,
         })
     }
@@ -103,6 +113,11 @@ impl Agent {
     /// Moves whenever callers must be re-resolved.
     pub fn policy_changes(&self) -> watch::Receiver<u64> {
         self.policy.subscribe()
+    }
+
+    /// Why renewing the bot identity fails (`None` while it works), now and on every change.
+    pub fn renewal(&self) -> watch::Receiver<Option<String>> {
+        self.renewal.clone()
     }
 
     /// How the bot joined.

@@ -121,6 +121,8 @@ struct Daemon {
     applied: Arc<DesiredState>,
     /// Writes `applied` and the status to the store, off the reconcile path.
     persist: Persist,
+    /// Why the bot identity cannot be renewed, while it cannot (shown on the bot).
+    renewal: watch::Receiver<Option<String>>,
     services: BTreeMap<String, Running>,
 }
 
@@ -426,8 +428,7 @@ impl Daemon {
         phases.mark("plan");
         if plan.is_empty() {
             tracing::debug!("reloaded: nothing changed");
-            let waiting: BTreeSet<ObjectRef> = self.backoff.keys().chain(self.refused.keys()).cloned().collect();
-            self.publish_status(&waiting);
+            self.publish_status(&self.waiting());
             return self.next_retry();
         }
         let (add, change, destroy) = plan.counts();
@@ -509,6 +510,11 @@ impl Daemon {
         self.next_retry()
     }
 
+    /// The objects waiting out a backoff or for an edit.
+    fn waiting(&self) -> BTreeSet<ObjectRef> {
+        self.backoff.keys().chain(self.refused.keys()).cloned().collect()
+    }
+
     /// When the earliest backed-off object is due.
     fn next_retry(&self) -> Option<tokio::time::Instant> {
         self.backoff.values().map(|b| b.next).min()
@@ -518,7 +524,17 @@ impl Daemon {
     fn publish_status(&self, failed: &BTreeSet<ObjectRef>) {
         {
             let mut table = self.status.write().expect("status poisoned");
-            table.converged_except(failed);
+            let bot = self.bot_ref();
+            let renewal = self.renewal.borrow().clone();
+            let mut failed = failed.clone();
+            if renewal.is_some() {
+                failed.insert(bot.clone());
+            }
+            table.converged_except(&failed);
+            if let Some(message) = renewal {
+                table.set(&bot, "Stalled", true, "RenewalFailed", &message);
+                table.set(&bot, "Ready", false, "RenewalFailed", &message);
+            }
         }
         let bot = self.agent.bot();
         {
@@ -535,10 +551,14 @@ impl Daemon {
         self.persist.save_status();
     }
 
+    fn bot_ref(&self) -> ObjectRef {
+        ObjectRef::new(Kind::Bot, self.agent.bot().certificate.bot.clone())
+    }
+
     /// Records on the bot's object how and when it joined (`tbotctl get bot`).
     fn note_join(&self, reason: &str) {
         let bot = self.agent.bot();
-        let r = ObjectRef::new(Kind::Bot, bot.certificate.bot.clone());
+        let r = self.bot_ref();
         let method = self.agent.join_method();
         let message = format!(
             "joined by `{method}` at {}; the certificate expires {}",
@@ -701,6 +721,8 @@ pub async fn run(options: StartOptions) -> ExitCode {
             version.send_modify(|v| *v += 1);
         })
     };
+    let renewal = agent.renewal();
+    let mut renewal_changes = renewal.clone();
     let mut daemon = Daemon {
         status: status.clone(),
         status_version,
@@ -712,6 +734,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         agent,
         applied,
         persist,
+        renewal: renewal.clone(),
         applied_shared: Arc::new(std::sync::RwLock::new(Arc::default())),
         backoff: BTreeMap::new(),
         refused: BTreeMap::new(),
@@ -771,6 +794,10 @@ pub async fn run(options: StartOptions) -> ExitCode {
                 }
             }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
+            Ok(()) = renewal_changes.changed() => {
+                daemon.publish_status(&daemon.waiting());
+                continue;
+            }
             Some(done) = reload_requests.recv() => {
                 retry_at = daemon.reload().await;
                 let _ = done.send(());
