@@ -124,7 +124,9 @@ impl Diagnostic {
     /// Attaches the source line for the snippet, and the width to underline.
     pub fn with_source(mut self, text: &str, width: usize) -> Diagnostic {
         if let Some(pos) = self.location.pos {
-            self.snippet = text.lines().nth(pos.line.saturating_sub(1) as usize).map(str::to_owned);
+            self.snippet = super::yaml::source_lines(text)
+                .nth(pos.line.saturating_sub(1) as usize)
+                .map(str::to_owned);
         }
         self.width = width.max(1);
         self

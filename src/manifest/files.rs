@@ -123,11 +123,21 @@ pub fn read(path: &Path) -> Result<String, Box<Diagnostic>> {
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(too_big(bytes.len() as u64));
     }
+    utf8(path, bytes)
+}
+
+/// A document file's bytes as text; invalid UTF-8 is a diagnostic at the first bad byte.
+pub fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, Box<Diagnostic>> {
     String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-        let line = valid.iter().filter(|b| **b == b'\n').count() as u32 + 1;
-        let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        let column = String::from_utf8_lossy(&valid[line_start..]).chars().count() as u32 + 1;
+        let text = std::str::from_utf8(valid).expect("valid up to here");
+        // Positions count lines as YAML does (LF, CR LF, lone CR).
+        let lines: Vec<&str> = super::yaml::source_lines(text).collect();
+        let (line, column) = match lines.last() {
+            Some(last) if !text.ends_with(['\n', '\r']) => (lines.len(), last.chars().count() + 1),
+            _ => (lines.len() + 1, 1),
+        };
+        let (line, column) = (line as u32, column as u32);
         Box::new(
             Diagnostic::error(
                 Location::at(path, Pos { line, column }),

@@ -37,7 +37,7 @@ pub struct Object {
 /// The text of the document that contains 1-based `line`: from after the previous `---` line (so
 /// its leading comments come along) to before the next `---` or `...` line.
 pub fn document_text(text: &str, line: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = yaml::source_lines(text).collect();
     let is_separator = |l: &&str| *l == "---" || l.starts_with("--- ") || *l == "...";
     let at = line.saturating_sub(1).min(lines.len());
     let start = lines[..at].iter().rposition(is_separator).map_or(0, |i| i + 1);
@@ -124,8 +124,7 @@ impl Sources<'_> {
 
 /// The plain scalar written at `pos`, as it appears in the file.
 fn raw_token(text: &str, pos: yaml::Pos) -> String {
-    let line = text
-        .lines()
+    let line = yaml::source_lines(text)
         .nth(pos.line.saturating_sub(1) as usize)
         .unwrap_or_default();
     line.chars()
@@ -157,11 +156,16 @@ pub fn load(inputs: &[Input]) -> Result<Loaded, Box<Diagnostic>> {
 /// `cache`: a reload of a directory of 10,000 documents after one edit parses one file. The
 /// cross-document checks always run over everything.
 pub fn load_with(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diagnostic>> {
+    on_loader_thread(|| load_here(inputs, cache))
+}
+
+/// Runs `f` on a thread with the stack the YAML decoder needs (see [`yaml::PARSE_STACK_BYTES`]).
+fn on_loader_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("manifest-load".into())
             .stack_size(yaml::PARSE_STACK_BYTES)
-            .spawn_scoped(scope, || load_here(inputs, cache))
+            .spawn_scoped(scope, f)
             .expect("a loader thread can be started")
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -186,6 +190,15 @@ struct Stamp {
 }
 
 impl Stamp {
+    /// For text that did not come from a file on disk (or whose file could not be examined).
+    const UNKNOWN: Stamp = Stamp {
+        dev: 0,
+        ino: 0,
+        size: u64::MAX,
+        mtime: (0, 0),
+        ctime: (0, 0),
+    };
+
     fn of(meta: &std::fs::Metadata) -> Stamp {
         Stamp {
             dev: meta.dev(),
@@ -295,15 +308,8 @@ fn read_file(path: &Path, cache: &LoadCache) -> Result<Arc<ReadFile>, Box<Diagno
     }
     let text = files::read(path)?;
     let Some(meta) = meta else {
-        // Readable now though it could not be examined a moment ago: never cached.
-        let stamp = Stamp {
-            dev: 0,
-            ino: 0,
-            size: u64::MAX,
-            mtime: (0, 0),
-            ctime: (0, 0),
-        };
-        return Ok(Arc::new(parse_file(path, stamp, true, text)));
+        // Readable now though it could not be examined a moment ago: never trusted.
+        return Ok(Arc::new(parse_file(path, Stamp::UNKNOWN, true, text)));
     };
     let stamp = Stamp::of(&meta);
     let racy = is_racy(&meta);
@@ -333,6 +339,38 @@ fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diag
             Err(diagnostic) => diagnostics.push(*diagnostic),
         }
     }
+    let require_agent_config = inputs.iter().find_map(|i| match i {
+        Input::Dir(dir) => Some(dir.clone()),
+        Input::File(_) => None,
+    });
+    let loaded = assemble(&read, diagnostics, require_agent_config.as_deref());
+    cache.files = read.into_iter().collect();
+    Ok(loaded)
+}
+
+/// Loads one file's bytes as if read from `path`, without touching the file system: the whole
+/// pipeline (UTF-8, YAML, schema, typed decode, cross-document checks) for a set of loose files.
+/// What the fuzz target `load` drives.
+pub fn load_bytes(path: &Path, bytes: Vec<u8>) -> Loaded {
+    let run = || match files::utf8(path, bytes) {
+        Err(diagnostic) => Loaded {
+            diagnostics: vec![*diagnostic],
+            ..Loaded::default()
+        },
+        Ok(text) => {
+            let file = Arc::new(parse_file(path, Stamp::UNKNOWN, true, text));
+            assemble(&[(path.to_owned(), file)], Vec::new(), None)
+        }
+    };
+    on_loader_thread(run)
+}
+
+/// The state and diagnostics of files already read and parsed.
+fn assemble(
+    read: &[(PathBuf, Arc<ReadFile>)],
+    mut diagnostics: Vec<Diagnostic>,
+    complete_dir: Option<&Path>,
+) -> Loaded {
     let sources = Sources {
         paths: read.iter().map(|(p, _)| p.as_path()).collect(),
         texts: read.iter().map(|(_, f)| f.text.as_str()).collect(),
@@ -346,11 +384,7 @@ fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diag
             file,
         }));
     }
-    let require_agent_config = inputs.iter().find_map(|i| match i {
-        Input::Dir(dir) => Some(dir.clone()),
-        Input::File(_) => None,
-    });
-    let outcome = checks::run(&parsed, &sources, require_agent_config.as_deref());
+    let outcome = checks::run(&parsed, &sources, complete_dir);
     diagnostics.extend(outcome.diagnostics);
     diagnostics.sort_by(|a, b| a.location.cmp(&b.location));
     let mut state = DesiredState::default();
@@ -360,13 +394,11 @@ fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diag
             state.objects.insert(d.object.document.object_ref(), d.object.clone());
         }
     }
-    let files = read.len();
-    cache.files = read.into_iter().collect();
-    Ok(Loaded {
+    Loaded {
         state,
         diagnostics,
-        files,
-    })
+        files: read.len(),
+    }
 }
 
 /// SHA-256 of the document's canonical JSON form.

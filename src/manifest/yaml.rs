@@ -55,6 +55,26 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// The lines of a document file as YAML counts them (and so as positions count them): a line ends
+/// at LF, at CR LF, or at a lone CR. Like `str::lines`, a final line break adds no empty line.
+pub fn source_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let t = rest?;
+        match t.find(['\r', '\n']) {
+            None => {
+                rest = None;
+                (!t.is_empty()).then_some(t)
+            }
+            Some(i) => {
+                let skip = if t[i..].starts_with("\r\n") { 2 } else { 1 };
+                rest = Some(&t[i + skip..]);
+                Some(&t[..i])
+            }
+        }
+    })
+}
+
 /// Parses every document of a file. Empty documents are skipped. Needs [`PARSE_STACK_BYTES`] of stack.
 pub fn parse(text: &str) -> Result<Vec<Node>, SyntaxError> {
     let options = serde_saphyr::options! {
@@ -270,6 +290,18 @@ pub fn to_string<T: serde::Serialize>(value: &T) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_end_where_yaml_says_so_lone_carriage_returns_included() {
+        let lines = |t| source_lines(t).collect::<Vec<_>>();
+        assert_eq!(lines("a\nb\r\nc\rd"), ["a", "b", "c", "d"]);
+        assert_eq!(lines("a\n"), ["a"]);
+        assert_eq!(lines("\n\n"), ["", ""]);
+        assert!(lines("").is_empty());
+        // The parser agrees: after a lone CR, `name` is on line 2.
+        let docs = parse("kind: bot\rname: x\n").unwrap();
+        assert_eq!(docs[0].get("name").unwrap().key_pos.line, 2);
+    }
 
     #[test]
     fn positions_point_at_keys_and_values() {

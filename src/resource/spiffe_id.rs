@@ -75,6 +75,59 @@ pub fn check_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A SPIFFE ID, `spiffe://<trust domain><path>`, as the SPIFFE ID standard defines it: the scheme in
+/// lowercase, a trust domain, no user info, port, query or fragment, a path that follows
+/// [`check_path`] (or none), 2048 bytes at most.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SpiffeId {
+    trust_domain: TrustDomain,
+    path: String,
+}
+
+impl SpiffeId {
+    pub fn parse(s: &str) -> Result<SpiffeId, String> {
+        if s.len() > MAX_ID_LEN {
+            return Err(format!(
+                "a SPIFFE ID is at most {MAX_ID_LEN} bytes; this one has {}",
+                s.len()
+            ));
+        }
+        let Some(rest) = s.strip_prefix("spiffe://") else {
+            return Err(format!("`{s}` does not start with `spiffe://`"));
+        };
+        let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+        if authority.contains('@') {
+            return Err(format!("`{s}` has user info; a SPIFFE ID has none"));
+        }
+        if authority.contains(':') {
+            return Err(format!("`{s}` has a port; a SPIFFE ID has none"));
+        }
+        let trust_domain = TrustDomain::parse(authority)?;
+        if !path.is_empty() {
+            check_path(path)?;
+        }
+        Ok(SpiffeId {
+            trust_domain,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The path, empty for the trust domain's own ID.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
+    }
+}
+
 /// Checks a whole SPIFFE ID for a trust domain and path, including the total length.
 pub fn check_id(trust_domain: &TrustDomain, path: &str) -> Result<(), String> {
     check_path(path)?;
@@ -107,6 +160,34 @@ mod tests {
         ] {
             assert!(check_path(bad).is_err(), "{bad:?} passed");
         }
+    }
+
+    #[test]
+    fn spiffe_ids_parse_by_the_standard() {
+        let id = SpiffeId::parse("spiffe://example.org/svc/web").unwrap();
+        assert_eq!(id.trust_domain().as_str(), "example.org");
+        assert_eq!(id.path(), "/svc/web");
+        assert_eq!(id.to_string(), "spiffe://example.org/svc/web");
+        assert_eq!(SpiffeId::parse("spiffe://example.org").unwrap().path(), "");
+        for bad in [
+            "",
+            "spiffe://",
+            "spiffe:///svc",
+            "SPIFFE://example.org/a",
+            "https://example.org/a",
+            "spiffe://user@example.org/a",
+            "spiffe://example.org:443/a",
+            "spiffe://Example.org/a",
+            "spiffe://example.org/",
+            "spiffe://example.org/a?b",
+            "spiffe://example.org/a#b",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/%41",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad:?} passed");
+        }
+        let long = format!("spiffe://example.org/{}", "a".repeat(2048));
+        assert!(SpiffeId::parse(&long).unwrap_err().contains("2048"));
     }
 
     #[test]

@@ -273,6 +273,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         check_header(&request)?;
         let workload = attested(&request)?;
         let wanted = request.get_ref().spiffe_id.clone();
+        if !wanted.is_empty()
+            && let Err(why) = crate::resource::spiffe_id::SpiffeId::parse(&wanted)
+        {
+            return Err(Status::invalid_argument(format!("spiffe_id is not a SPIFFE ID: {why}")));
+        }
         let audience = request.get_ref().audience.clone();
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument(
@@ -426,12 +431,10 @@ pub fn validate_jwt(token: &str, audience: &str, bundles: &Bundles) -> Result<Va
     if !audiences.contains(&audience) {
         return Err(format!("the JWT-SVID is not for audience `{audience}`"));
     }
-    let prefix = format!("spiffe://{}/", bundles.trust_domain);
-    if !claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .is_some_and(|s| s.starts_with(&prefix))
-    {
+    let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+    let ours = crate::resource::spiffe_id::SpiffeId::parse(sub)
+        .is_ok_and(|id| id.trust_domain().as_str() == bundles.trust_domain && !id.path().is_empty());
+    if !ours {
         return Err(format!(
             "the JWT-SVID's `sub` is not a SPIFFE ID of {}",
             bundles.trust_domain

@@ -170,6 +170,10 @@ impl Daemon {
         (dir, self.socket.clone())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for the daemon to exit by itself.
     pub fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("the daemon can be waited for")
