@@ -317,30 +317,12 @@ impl Tmpfs {
     /// Makes the directory read-only for every new open, by a read-only bind mount over it. (A plain
     /// `remount,ro` is refused while the daemon holds its lock file open for writing.)
     fn read_only(&self) {
-        let mount = |args: &[&str]| {
-            let out = std::process::Command::new("mount")
-                .args(args)
-                .arg(&self.0)
-                .arg(&self.0)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "mount {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        mount(&["--bind"]);
-        let out = std::process::Command::new("mount")
-            .args(["-o", "remount,bind,ro"])
-            .arg(&self.0)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "remount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let at = self.0.to_str().unwrap();
+        for args in [vec!["--bind", at, at], vec!["-o", "remount,bind,ro", at]] {
+            let out = std::process::Command::new("mount").args(&args).output().unwrap();
+            let why = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "mount {args:?}: {why}");
+        }
     }
 
     /// Undoes [`Tmpfs::read_only`].

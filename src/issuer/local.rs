@@ -475,7 +475,7 @@ impl Issuer for LocalIssuer {
                     .policy
                     .identities
                     .get(&name)
-                    .map(decide::workload_attributes_read)
+                    .map(|wi| decide::workload_attributes_read(wi))
                     .unwrap_or_default(),
                 name,
             })

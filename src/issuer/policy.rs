@@ -2,10 +2,11 @@
 //! roles and workload identities by name. Built from a validated `DesiredState`; swapped whole on reload.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::IssuerError;
 use super::ca::{CaSettings, DEFAULT_VALIDITY};
-use crate::manifest::DesiredState;
+use crate::manifest::{DesiredState, Object};
 use crate::resource::Document;
 use crate::resource::bot::Bot;
 use crate::resource::role::Role;
@@ -25,7 +26,23 @@ pub struct Policy {
     pub bots: BTreeMap<String, Bot>,
     pub tokens: BTreeMap<String, Token>,
     pub roles: BTreeMap<String, Role>,
-    pub identities: BTreeMap<String, WorkloadIdentity>,
+    /// Shared with the loaded state, not copied: a reload of 10,000 identities copies none.
+    pub identities: BTreeMap<String, Identity>,
+}
+
+/// A `workload_identity` document of the loaded state.
+#[derive(Debug, Clone)]
+pub struct Identity(Arc<Object>);
+
+impl std::ops::Deref for Identity {
+    type Target = WorkloadIdentity;
+
+    fn deref(&self) -> &WorkloadIdentity {
+        match &self.0.document {
+            Document::WorkloadIdentity(identity) => identity,
+            _ => unreachable!("only workload identities are wrapped"),
+        }
+    }
 }
 
 impl Policy {
@@ -72,7 +89,7 @@ impl Policy {
                 Document::WorkloadIdentity(identity) => {
                     policy
                         .identities
-                        .insert(identity.metadata.name.to_string(), identity.clone());
+                        .insert(identity.metadata.name.to_string(), Identity(object.clone()));
                 }
             }
         }
