@@ -135,8 +135,6 @@ impl Scale {
     }
 }
 
-const SECTIONS: [&str; 6] = ["mint", "load", "api", "edit", "scale", "streams"];
-
 struct Options {
     scale: Scale,
     only: Vec<String>,
@@ -164,10 +162,11 @@ fn options() -> Option<Options> {
         .map(|s| s.split(',').map(str::to_owned).collect())
         .unwrap_or_default();
     for name in &only {
+        let names: Vec<&str> = SECTION_NOTES.iter().map(|(n, _)| *n).collect();
         assert!(
-            SECTIONS.contains(&name.as_str()),
+            names.contains(&name.as_str()),
             "unknown section {name:?}: the sections are {}",
-            SECTIONS.join(", ")
+            names.join(", ")
         );
     }
     Some(Options {
@@ -292,18 +291,49 @@ fn json(rows: &[Row], machine: &str, scale: Scale) -> String {
 }
 
 fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    let format = time::format_description::parse("[year]-[month]-[day] [hour]:[minute] UTC").expect("a valid format");
+    time::OffsetDateTime::now_utc().format(&format).unwrap_or_default()
 }
 
+/// What each section measures, for the docs page.
+const SECTION_NOTES: [(&str, &str); 6] = [
+    (
+        "mint",
+        "the issuer's whole path per SVID (bot certificate check, RBAC, rules, templates, certificate, signature), in process",
+    ),
+    (
+        "load",
+        "a generated directory of `workload_identity` files: the full load, and a reload after one file changed (the others are vouched for by their stamps)",
+    ),
+    (
+        "api",
+        "the Workload API on a unix socket with attestation, against a bare tonic server on the same kind of socket",
+    ),
+    (
+        "edit",
+        "the real `tbot start`; a `workload_identity` saved the way editors do (temp file, rename), timed to the new SVID on an open stream",
+    ),
+    (
+        "scale",
+        "the same with 1,000 and 10,000 identities in the directory: the time should not grow with the number of documents",
+    ),
+    (
+        "streams",
+        "1,000 open `FetchX509SVID` streams, each on its own connection: the daemon's memory, and a CA rotation (a `key_algorithm` edit) until every stream has a new SVID",
+    ),
+];
+
 fn markdown(rows: &[Row], machine: &str) -> String {
+    let notes: String = SECTION_NOTES
+        .iter()
+        .map(|(name, note)| format!("- `{name}`: {note}.\n"))
+        .collect();
     format!(
         "# Benchmarks\n\n\
          Written by `cargo bench --bench report -- --markdown docs/benchmarks.md --json docs/benchmarks.json`\n\
          on {date}. Every row has a floor measured in the same run on the same machine; the ratio is tbot's\n\
-         cost over the floor's (1.00x is the floor itself). The sections are described in\n\
-         `benches/report/*.rs`.\n\n\
+         cost over the floor's (1.00x is the floor itself). `-- --only SECTION,...` runs some sections:\n\n\
+         {notes}\n\
          {machine}\n\n\
          {table}",
         date = now(),
