@@ -291,8 +291,15 @@ fn json(rows: &[Row], machine: &str, scale: Scale) -> String {
 }
 
 fn now() -> String {
-    let format = time::format_description::parse("[year]-[month]-[day] [hour]:[minute] UTC").expect("a valid format");
-    time::OffsetDateTime::now_utc().format(&format).unwrap_or_default()
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{}-{:02}-{:02} {:02}:{:02} UTC",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute()
+    )
 }
 
 /// What each section measures, for the docs page.
