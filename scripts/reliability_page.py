@@ -94,9 +94,20 @@ if soak:
         f"| daemon resident memory after the warm-up → at the end | {s['rss_mib_start']:.1f} MiB → {s['rss_mib_end']:.1f} MiB |",
         f"| daemon open file descriptors after the warm-up → at the end | {s['fds_start']} → {s['fds_end']} |",
     ]
-    if s["samples"]:
-        trace = ", ".join(f"{x['t']}s {x['rss_mib']:.0f} MiB/{x['fds']} fds" for x in s["samples"])
-        lines += ["", f"Every 10 s: {trace}."]
+    samples = s["samples"]
+    if samples:
+        every_minute = [x for x in samples if x["t"] % 60 < 10]
+        trace = ", ".join(f"{x['t']} s: {x['rss_mib']:.1f} MiB" for x in every_minute)
+        lines += ["", f"Resident memory each minute: {trace}."]
+        if len(samples) >= 11:
+            last, back = samples[-1], samples[-11]
+            first_half = [x for x in samples if x["t"] <= samples[-1]["t"] / 2]
+            lines += [
+                "",
+                f"Growth over the last {last['t'] - back['t']} s: {last['rss_mib'] - back['rss_mib']:.1f} MiB; over the first "
+                f"{first_half[-1]['t'] - samples[0]['t']} s: {first_half[-1]['rss_mib'] - samples[0]['rss_mib']:.1f} MiB "
+                "(the soak test fails above +20% from the warm-up to the end).",
+            ]
     if errors:
         lines += ["", "Errors: " + json.dumps(s["errors"])]
 
