@@ -390,13 +390,22 @@ async fn renewals_move_the_generation_and_a_copied_identity_locks_the_bot() {
     let k2 = KeyPair::generate().unwrap();
     let second = issuer.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
     assert_eq!(second.generation, 2);
-    // The old certificate no longer issues.
+    // The certificate just replaced still issues for a moment (the agent switches a little after
+    // the issuer moved on); once another renewal replaced it too, it issues no more.
     let key = KeyPair::generate().unwrap();
+    issuer
+        .issue_x509(x509_request(&first.der, &key, 1000))
+        .await
+        .expect("the replaced generation issues during its grace");
+    let k3 = KeyPair::generate().unwrap();
+    let third = issuer.renew(renewal(&second.der, &k2, &k3)).await.unwrap();
     let err = issuer
         .issue_x509(x509_request(&first.der, &key, 1000))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("renewed since"), "{err}");
+    let second = third;
+    let k2 = k3;
     // A renewal signed with another key is refused without locking.
     let stranger = KeyPair::generate().unwrap();
     let err = issuer.renew(renewal(&second.der, &stranger, &k2)).await.unwrap_err();

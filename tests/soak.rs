@@ -3,8 +3,9 @@
 //! The real daemon on a copy of the quickstart (on-disk storage, SVIDs living 6 s so they rotate
 //! about every 3 s) with hundreds of clients: `TBOT_SOAK_STREAMS` (default 200) holding
 //! `FetchX509SVID` streams open and `TBOT_SOAK_JWT` (default 100) fetching JWT-SVIDs in a loop, while
-//! the `workload_identity` is edited every second — its ID changes, and every fifth edit takes the
-//! caller's permission away for a second (so `PermissionDenied` is expected then, by design).
+//! the `workload_identity` is edited every second — its ID changes, and every fifth edit
+//! (`TBOT_SOAK_DENY_EVERY`, 0 for never) takes the caller's permission away for a second (so
+//! `PermissionDenied` is expected then, by design).
 //! Runs `TBOT_SOAK_SECS` (default 180) and reports errors by code, the daemon's resident memory and
 //! open file descriptors after the warm-up and at the end, and fails if anything but
 //! `PermissionDenied` went wrong, if memory grew by more than 20%, or if descriptors leaked.
@@ -122,6 +123,8 @@ async fn soak() {
     let seconds = env("TBOT_SOAK_SECS", 180);
     let streams = env("TBOT_SOAK_STREAMS", 200);
     let jwt = env("TBOT_SOAK_JWT", 100);
+    // Every how many edits the permission goes away for a second (0: never).
+    let deny_every = env("TBOT_SOAK_DENY_EVERY", 5);
     let mut edits = QUICKSTART_ON_DISK.to_vec();
     edits.push((
         "tbot.yaml",
@@ -155,7 +158,7 @@ async fn soak() {
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         edit += 1;
-        let text = if edit.is_multiple_of(5) {
+        let text = if deny_every > 0 && edit.is_multiple_of(deny_every) {
             // Nobody is allowed for a second: open streams end with PermissionDenied, by design.
             original.replace("value: \"true\"", "value: \"nobody\"")
         } else {
@@ -201,6 +204,14 @@ async fn soak() {
         std::fs::write(std::path::Path::new(&dir).join("soak.json"), report.to_string()).unwrap();
     }
     assert!(errors.is_empty(), "errors other than PermissionDenied: {errors:?}");
+    if deny_every == 0 {
+        // No edit took the permission away: a denial is a bug (one was: issuance racing a renewal).
+        assert_eq!(
+            tally.denied.load(Ordering::Relaxed),
+            0,
+            "PermissionDenied with no edit denying"
+        );
+    }
     assert!(
         tally.x509_messages.load(Ordering::Relaxed) > streams,
         "SVIDs rotated on the streams"

@@ -38,8 +38,15 @@ struct State {
     jwt: JwtKey,
     ledger: Ledger,
     verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime)>,
+    /// Per bot, the generation a renewal just replaced and until when it may still issue: the agent
+    /// publishes its new certificate a moment after the issuer moved the generation, and issuance
+    /// in that moment must not fail.
+    replaced: HashMap<String, (u64, OffsetDateTime)>,
     sequence: u64,
 }
+
+/// How long the generation a renewal replaced may still issue (not renew).
+const REPLACED_GRACE: time::Duration = time::Duration::seconds(30);
 
 /// The issuer, in this process.
 pub struct LocalIssuer {
@@ -65,6 +72,7 @@ impl State {
             jwt,
             ledger,
             verified: HashMap::new(),
+            replaced: HashMap::new(),
             sequence: 1,
         })
     }
@@ -106,7 +114,11 @@ impl State {
                     reason,
                 });
             }
-            if record.generation != claims.generation {
+            let just_replaced = self
+                .replaced
+                .get(&claims.bot)
+                .is_some_and(|(generation, until)| *generation == claims.generation && now() < *until);
+            if record.generation != claims.generation && !just_replaced {
                 return Err(IssuerError::Unauthenticated(format!(
                     "the certificate is generation {}, and bot `{}` is at generation {}; it was renewed since",
                     claims.generation, claims.bot, record.generation
@@ -255,6 +267,8 @@ impl State {
         } else {
             record.generation + 1
         };
+        self.replaced
+            .insert(bot.clone(), (generation - 1, now() + REPLACED_GRACE));
         self.ledger.bots.insert(
             bot.clone(),
             BotRecord {
