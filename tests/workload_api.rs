@@ -93,6 +93,31 @@ async fn a_raw_call_without_the_security_header_gets_invalid_argument() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_jwt_request_for_a_malformed_spiffe_id_is_invalid_and_says_why() {
+    use tbot::workload_api::proto::JwtsvidRequest;
+    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let daemon = common::quickstart("");
+    let channel = tbot::workload_api::client::connect(&daemon.endpoint()).await.unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    for bad in [
+        "spiffe://quickstart.tbot.local:443/user/0",
+        "spiffe://quickstart.tbot.local/a/../b",
+        "user/0",
+    ] {
+        let request = JwtsvidRequest {
+            audience: vec!["demo".into()],
+            spiffe_id: bad.into(),
+        };
+        let status = raw
+            .fetch_jwtsvid(tbot::workload_api::client::request(request))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}: {status:?}");
+        assert!(status.message().contains("is not a SPIFFE ID"), "{status:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_short_lived_svid_rotates_on_open_streams_and_two_streams_share_one_issuance() {
     let daemon = common::quickstart("credential_ttl: 6s\nrenewal_interval: 3s\n");
     let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();

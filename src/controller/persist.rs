@@ -1,10 +1,10 @@
 //! Writing the controller's records (`controller/applied.json`, `controller/status.json`) off the
 //! reconcile path: a reload hands over the latest applied state and moves on; one task writes the
-//! newest version (several reloads in a row cost one write). A write that fails is kept in
-//! [`Persist::failure`] and shown as the agent config's `StorageWritable` condition until a write
-//! succeeds again (tried every 5 s); serving never depends on these files.
+//! newest version (several reloads in a row cost one write). A write that fails is shown as the
+//! agent config's `StorageWritable` condition until a write succeeds again (tried every 5 s);
+//! serving never depends on these files.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
@@ -15,13 +15,9 @@ use crate::store::Store;
 /// How often a failing write is tried again.
 const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The latest write failure, if the last write failed.
-pub type Failure = Arc<Mutex<Option<String>>>;
-
 pub struct Persist {
     tx: watch::Sender<Arc<DesiredState>>,
     task: tokio::task::JoinHandle<()>,
-    pub failure: Failure,
 }
 
 impl Persist {
@@ -35,14 +31,13 @@ impl Persist {
     ) -> Persist {
         let (tx, mut rx) = watch::channel(applied);
         rx.mark_changed();
-        let failure: Failure = Arc::default();
-        let shared = failure.clone();
         let task = tokio::spawn(async move {
             let mut written: Option<Arc<DesiredState>> = None;
+            // Why the last write failed, while it did.
+            let mut failure: Option<String> = None;
             loop {
                 // While writes fail, try again every RETRY even if nothing new comes.
-                let failing = shared.lock().expect("failure poisoned").is_some();
-                let next = if failing {
+                let next = if failure.is_some() {
                     tokio::time::timeout(RETRY, rx.changed()).await.unwrap_or(Ok(()))
                 } else {
                     rx.changed().await
@@ -57,7 +52,6 @@ impl Persist {
                 let result = tokio::task::spawn_blocking(job)
                     .await
                     .unwrap_or_else(|e| Err(format!("the writer failed: {e}")));
-                let before = shared.lock().expect("failure poisoned").clone();
                 let after = match result {
                     Ok(applied) => {
                         written = Some(applied);
@@ -68,18 +62,19 @@ impl Persist {
                         Some(message)
                     }
                 };
-                if before != after {
+                if failure != after {
                     match &after {
                         Some(message) => tracing::error!("{message}"),
                         None => tracing::info!("the storage directory is writable again"),
                     }
                     on_change(after.as_deref());
-                    *shared.lock().expect("failure poisoned") = after;
+                    failure = after;
+                    // Write again, so the file shows the condition's change too.
                     rx.mark_changed();
                 }
             }
         });
-        Persist { tx, task, failure }
+        Persist { tx, task }
     }
 
     /// Writes `applied` (and the status) soon.

@@ -276,7 +276,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if !wanted.is_empty()
             && let Err(why) = crate::resource::spiffe_id::SpiffeId::parse(&wanted)
         {
-            return Err(Status::invalid_argument(format!("spiffe_id is not a SPIFFE ID: {why}")));
+            return Err(Status::invalid_argument(format!(
+                "spiffe_id is not a SPIFFE ID: {why}; ask for one such as `spiffe://<trust domain>/<path>`, \
+                 or leave it empty for every SVID this caller may have"
+            )));
         }
         let audience = request.get_ref().audience.clone();
         if audience.is_empty() || audience.iter().any(String::is_empty) {
