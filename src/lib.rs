@@ -13,15 +13,24 @@ pub mod resource;
 pub mod store;
 pub mod workload_api;
 
-/// Crash testing: with `TBOT_FAILPOINT=<name>` in its environment the process aborts when it reaches
-/// the point of that name — no destructor, no flush, like SIGKILL. `tests/crash_safety.rs` uses it
-/// to crash inside the windows a random kill rarely hits:
+/// Crash testing: with `TBOT_FAILPOINT=<name>[@<n>]` in its environment the process aborts the `n`th
+/// time (default the first) it reaches the point of that name — no destructor, no flush, like
+/// SIGKILL. `tests/crash_safety.rs` uses it to crash inside the windows a random kill rarely hits:
 /// - `join-answered`: the issuer consumed the token and signed; the agent has not saved the answer;
 /// - `renew-answered`: the issuer moved the bot's generation; the agent has not saved the answer.
 pub fn failpoint(name: &str) {
-    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if POINT.get_or_init(|| std::env::var("TBOT_FAILPOINT").ok()).as_deref() == Some(name) {
-        eprintln!("TBOT_FAILPOINT={name}: aborting here");
+    static POINT: std::sync::OnceLock<Option<(String, u32)>> = std::sync::OnceLock::new();
+    static HITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let point = POINT.get_or_init(|| {
+        let value = std::env::var("TBOT_FAILPOINT").ok()?;
+        let (point, nth) = value.split_once('@').unwrap_or((&value, "1"));
+        Some((point.to_owned(), nth.parse().unwrap_or(1)))
+    });
+    if let Some((point, nth)) = point
+        && point == name
+        && HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *nth
+    {
+        eprintln!("TBOT_FAILPOINT={name}@{nth}: aborting here");
         std::process::abort();
     }
 }

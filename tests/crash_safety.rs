@@ -412,3 +412,34 @@ async fn a_full_or_read_only_storage_is_a_condition_and_serving_goes_on() {
     drop(tmpfs);
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_inside_a_rejoin_with_a_new_token_is_recovered_without_locking_the_bot() {
+    // The first join passes; the second (the rejoin after the token edit) dies with its answer.
+    let (dir, socket) = renewing_quickstart();
+    let mut daemon = Daemon::spawn(dir, socket, &[("TBOT_FAILPOINT", "join-answered@2")]);
+    serves(&daemon, 0).await;
+    let at = daemon.dir.path().to_owned();
+    let token = field(&at, "tbot.yaml", "token: ", "\n");
+    edit(&at, "bot.yaml", &format!("name: {token}"), "name: rejoin-token");
+    edit(&at, "tbot.yaml", &format!("token: {token}"), "token: rejoin-token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("aborting here") {
+        assert!(Instant::now() < deadline, "the rejoin never ran:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.wait();
+    let (dir, socket) = daemon.crash();
+    // The issuer counts the bot from the new join; the identity on disk is the older one. The
+    // restart must finish the join, not renew the older identity (which would look like a copy).
+    let daemon = Daemon::start(dir, socket);
+    serves(&daemon, 0).await;
+    let log = daemon.log();
+    for bad in ["locked", "two holders", "already used"] {
+        assert!(!log.contains(bad), "`{bad}` after the restart:\n{log}");
+    }
+    assert_eq!(
+        identity_token(&daemon.dir.path().join("state")).as_deref(),
+        Some("rejoin-token")
+    );
+}

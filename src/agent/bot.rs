@@ -48,30 +48,48 @@ pub async fn join(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) -
     let method = settings.method.as_str();
     let joined = join_once(issuer, settings, store).await;
     crate::admin::metrics::metrics().join(method, if joined.is_ok() { "joined" } else { "refused" });
-    let identity = joined?;
+    let identity = match joined {
+        Ok(identity) => identity,
+        Err(error) => {
+            if !error.is_transient() {
+                // Refused: there is no lost answer to retry.
+                store.remove(PENDING_JOIN_KEY_FILE)?;
+            }
+            return Err(error);
+        }
+    };
     crate::failpoint("join-answered");
     identity.save(store)?;
+    // The new identity replaces the old one, and any renewal of the old one that was in flight.
+    store.remove(PENDING_JOIN_KEY_FILE)?;
     store.remove(PENDING_KEY_FILE)?;
     Ok(identity)
 }
 
+/// Whether a `token` join was in flight when the process stopped: its answer may have been lost,
+/// and the issuer may already count the bot from that join (so the saved, older identity must not
+/// be renewed first).
+pub fn join_pending(store: &Store) -> Result<bool, IssuerError> {
+    Ok(store.read(PENDING_JOIN_KEY_FILE)?.is_some())
+}
+
 /// The key for the next certificate: the one saved by a join or renewal whose answer was lost, else a
 /// new one, saved before the call so that a crash can retry with it.
-fn pending_key(store: &Store) -> Result<KeyPair, IssuerError> {
-    if let Some(der) = store.read(PENDING_KEY_FILE)?
+fn pending_key(store: &Store, file: &str) -> Result<KeyPair, IssuerError> {
+    if let Some(der) = store.read(file)?
         && let Ok(key) = KeyPair::try_from(der.as_slice())
     {
         return Ok(key);
     }
     let key = new_key()?;
-    store.write(PENDING_KEY_FILE, &key.serialize_der(), Secrecy::Secret)?;
+    store.write(file, &key.serialize_der(), Secrecy::Secret)?;
     Ok(key)
 }
 
 async fn join_once(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) -> Result<BotIdentity, IssuerError> {
     // A `token` is single-use: a join retried after a crash must present the same key.
     let key = match settings.method {
-        JoinMethod::Token => pending_key(store)?,
+        JoinMethod::Token => pending_key(store, PENDING_JOIN_KEY_FILE)?,
         JoinMethod::Iam => new_key()?,
     };
     let proof = match settings.method {
@@ -99,6 +117,8 @@ async fn join_once(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) 
 /// the retry presents the same key, and the issuer signs again instead of refusing the used token or
 /// locking the bot.
 const PENDING_KEY_FILE: &str = "agent/identity.next.key";
+/// The same for a `token` join.
+const PENDING_JOIN_KEY_FILE: &str = "agent/join.next.key";
 
 /// Renews (`token`) or joins again (`iam`).
 pub async fn refresh(
@@ -110,7 +130,7 @@ pub async fn refresh(
     if settings.method == JoinMethod::Iam {
         return join(issuer, settings, store).await;
     }
-    let key = pending_key(store)?;
+    let key = pending_key(store, PENDING_KEY_FILE)?;
     let public_key = key.subject_public_key_info();
     let proof = current
         .key

@@ -37,8 +37,23 @@ impl Agent {
             JoinMethod::Token => BotIdentity::load(&store)?,
             JoinMethod::Iam => None,
         };
-        let identity = match saved {
-            Some(saved) => match bot::refresh(issuer.as_ref(), &settings, &saved, &store).await {
+        // A join the last run did not see answered comes first: the issuer may already count the
+        // bot from it, and renewing the older saved identity would then look like a copy.
+        let mut finished = None;
+        if settings.method == JoinMethod::Token && bot::join_pending(&store)? {
+            match bot::join(issuer.as_ref(), &settings, &store).await {
+                Ok(joined) => {
+                    tracing::info!(bot = %joined.certificate.bot, "a join interrupted by a stop completed");
+                    finished = Some(joined);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "an interrupted join cannot be completed; using the saved identity")
+                }
+            }
+        }
+        let identity = match (finished, saved) {
+            (Some(joined), _) => joined,
+            (None, Some(saved)) => match bot::refresh(issuer.as_ref(), &settings, &saved, &store).await {
                 Ok(renewed) => {
                     tracing::info!(bot = %renewed.certificate.bot, expires = %renewed.certificate.not_after, "saved bot identity renewed");
                     renewed
@@ -48,7 +63,7 @@ impl Agent {
                     bot::join(issuer.as_ref(), &settings, &store).await?
                 }
             },
-            None => {
+            (None, None) => {
                 let joined = bot::join(issuer.as_ref(), &settings, &store).await?;
                 tracing::info!(
                     bot = %joined.certificate.bot,
