@@ -11,6 +11,7 @@ export TBOT_REPORT_DIR="$out"
 tests=(
   "crash_safety sigkill_at_random_moments_never_damages_the_storage_or_frees_a_token"
   "crash_safety a_crash_between_the_issuers_answer_and_its_saving_is_recovered"
+  "crash_safety a_crash_inside_a_rejoin_with_a_new_token_is_recovered_without_locking_the_bot"
   "crash_safety a_full_or_read_only_storage_is_a_condition_and_serving_goes_on"
   "iam_join with_sts_gone_an_iam_agent_serves_its_cache_reports_stalled_backs_off_and_recovers"
   "workload_api a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied"

@@ -31,6 +31,7 @@ def machine():
 ROWS = {
     "sigkill_at_random_moments_never_damages_the_storage_or_frees_a_token": "Crash safety: random SIGKILLs during start, joins, reissues and `tbotctl apply`",
     "a_crash_between_the_issuers_answer_and_its_saving_is_recovered": "Crash safety: a crash between the issuer's answer and its saving (join and renewal)",
+    "a_crash_inside_a_rejoin_with_a_new_token_is_recovered_without_locking_the_bot": "Crash safety: a crash inside a rejoin with a new token (the older identity still on disk)",
     "a_full_or_read_only_storage_is_a_condition_and_serving_goes_on": "Full (tmpfs) or read-only storage: `StorageWritable` condition, serving goes on, clears by itself",
     "with_sts_gone_an_iam_agent_serves_its_cache_reports_stalled_backs_off_and_recovers": "STS unavailable: cached SVIDs served, `Stalled` with the reason, backoff, recovery",
     "a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied": "Security: a caller no rule allows gets nothing (`PermissionDenied`)",
