@@ -17,7 +17,8 @@ pub mod workload_api;
 /// time (default the first) it reaches the point of that name — no destructor, no flush, like
 /// SIGKILL. `tests/crash_safety.rs` uses it to crash inside the windows a random kill rarely hits:
 /// - `join-answered`: the issuer consumed the token and signed; the agent has not saved the answer;
-/// - `renew-answered`: the issuer moved the bot's generation; the agent has not saved the answer.
+/// - `renew-answered`: the issuer moved the bot's generation; the agent has not saved the answer;
+/// - `identity-half-saved`: the new bot certificate is saved, its key not yet.
 pub fn failpoint(name: &str) {
     static POINT: std::sync::OnceLock<Option<(String, u32)>> = std::sync::OnceLock::new();
     static HITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

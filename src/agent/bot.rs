@@ -156,9 +156,12 @@ const KEY_FILE: &str = "agent/identity.key";
 
 impl BotIdentity {
     /// Saves the identity so a restart renews it instead of joining again (a `token` joins once).
+    /// The certificate goes first: a crash between the two writes leaves the new certificate with
+    /// the old key file, and [`BotIdentity::load`] then finds the new key among the pending ones.
     pub fn save(&self, store: &Store) -> Result<(), IssuerError> {
-        store.write(KEY_FILE, &self.key.serialize_der(), Secrecy::Secret)?;
         store.write(CERT_FILE, &self.certificate.der, Secrecy::Public)?;
+        crate::failpoint("identity-half-saved");
+        store.write(KEY_FILE, &self.key.serialize_der(), Secrecy::Secret)?;
         Ok(())
     }
 
@@ -173,6 +176,22 @@ impl BotIdentity {
         };
         let key = KeyPair::try_from(key.as_slice()).map_err(|e| corrupt(e.to_string()))?;
         let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| corrupt(e.to_string()))?;
+        // The certificate's key: the saved one, or a pending one if a crash came between the writes.
+        let wanted = cert.tbs_certificate.subject_pki.raw;
+        let mut key = Some(key);
+        for file in [PENDING_KEY_FILE, PENDING_JOIN_KEY_FILE] {
+            if key.as_ref().is_some_and(|k| k.subject_public_key_info() == wanted) {
+                break;
+            }
+            key = store.read(file)?.and_then(|der| KeyPair::try_from(der.as_slice()).ok());
+        }
+        let Some(key) = key.filter(|k| k.subject_public_key_info() == wanted) else {
+            tracing::warn!(
+                path = %store.path_of(CERT_FILE).display(),
+                "the saved bot certificate has no matching key; it cannot be used, so the bot joins again"
+            );
+            return Ok(None);
+        };
         let not_after = cert.validity().not_after.to_datetime();
         if not_after <= time::OffsetDateTime::now_utc() {
             return Ok(None);
