@@ -24,7 +24,7 @@ use tonic::transport::{Channel, Server};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::{Row, Scale, common};
+use crate::{Row, Scale, common, percentile};
 
 const IDENTITY: &str = "
 kind: workload_identity
@@ -36,10 +36,6 @@ spec:
       - conditions: [{attribute: workload.unix.attested, eq: {value: 'true'}}]
   spiffe: {id: '/user/{{workload.unix.uid}}', hint: bench}
 ";
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 async fn first_svid(channel: Channel) {
     let mut api = SpiffeWorkloadApiClient::new(channel);

@@ -22,7 +22,7 @@ use tbot::workload_api::proto::{X509svidRequest, X509svidResponse};
 use tokio_stream::StreamExt;
 use tonic::Streaming;
 
-use crate::{Row, Scale, Unit, common};
+use crate::{Row, Scale, Unit, common, percentile};
 
 /// A running daemon on a generated directory; stopped on drop.
 struct Running {
@@ -134,10 +134,6 @@ fn save(path: &Path, text: &str) {
     let temp = path.with_extension("yaml.tmp~");
     std::fs::write(&temp, text).unwrap();
     std::fs::rename(&temp, path).unwrap();
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn latency_rows(section: &'static str, what: &str, latencies: &[Duration]) -> Vec<Row> {

@@ -123,6 +123,11 @@ impl Row {
     }
 }
 
+/// The `p` quantile (0 to 1) of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
 /// Sizes: the real run, or the quick smoke run.
 #[derive(Clone, Copy)]
 pub struct Scale {

@@ -49,9 +49,12 @@ impl Persist {
                 let fresh = !written.as_ref().is_some_and(|w| Arc::ptr_eq(w, &applied));
                 let (store, status) = (store.clone(), status.clone());
                 let job = move || write(&store, &status, fresh.then_some(&*applied)).map(|()| applied);
-                let result = tokio::task::spawn_blocking(job)
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the writer failed: {e}")));
+                let result = tokio::task::spawn_blocking(job).await.unwrap_or_else(|e| {
+                    Err(format!(
+                        "writing the controller's records failed: {e}; it is tried again in 5 s, and \
+                             serving goes on from memory"
+                    ))
+                });
                 let after = match result {
                     Ok(applied) => {
                         written = Some(applied);
