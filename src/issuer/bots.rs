@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rcgen::{
-    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose,
     SubjectPublicKeyInfo,
 };
 use serde::{Deserialize, Serialize};
@@ -87,7 +87,7 @@ pub fn sign_bot_certificate(
     dn.push(DnType::OrganizationName, "tbot bot");
     dn.push(DnType::CommonName, claims.bot.as_str());
     params.distinguished_name = dn;
-    params.is_ca = IsCa::ExplicitNoCa;
+    super::ca::end_entity(&mut params, public_key);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;

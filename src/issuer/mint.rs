@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType,
     SubjectPublicKeyInfo,
 };
 use serde_json::{Value, json};
@@ -51,7 +51,7 @@ pub fn x509_svid(
             .subject_alt_names
             .push(SanType::DnsName(san.as_str().try_into().map_err(invalid)?));
     }
-    params.is_ca = IsCa::ExplicitNoCa;
+    super::ca::end_entity(&mut params, public_key);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
