@@ -1,8 +1,11 @@
 //! The shared SVID cache. One X509-SVID per (workload identity, values of the `workload.*`
 //! attributes it reads, lifetime), shared by every stream and connection that resolves to it; renewed
-//! at half its lifetime (±10% jitter) and pushed to every subscriber through a `watch` channel; dropped
-//! when its last subscriber leaves. JWT-SVIDs are cached per (identity, attributes, audiences) until
-//! half their lifetime.
+//! at half its lifetime (±10% jitter) and pushed to every subscriber through a `watch` channel.
+//! A slot that nobody holds any more stays until it would be renewed, so sequential one-shot
+//! callers (a cron job, py-spiffe's `fetch_x509_svid()`) share one issuance; then it goes instead of
+//! renewing. At most [`MAX_IDLE_SLOTS`] idle slots are kept (the least recently used go first), so
+//! callers with ever new attributes cannot grow the cache without limit. JWT-SVIDs are cached per
+//! (identity, attributes, audiences) until half their lifetime, at most [`MAX_JWTS`] of them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,8 +47,22 @@ struct Key {
     ttl: Duration,
 }
 
-/// A slot's channel and the wake-up that makes its task reissue now.
-type SlotHandle = (watch::Sender<Slot>, Arc<Notify>);
+/// Idle X509-SVID slots (no stream holds them) kept for the next caller, at most. An idle slot costs
+/// about 1.5 KiB (certificate, key, the slot's task), so the bound is about 6 MiB.
+pub const MAX_IDLE_SLOTS: usize = 4096;
+
+/// Cached JWT-SVIDs, at most (about 1 KiB each); the ones that stop being fresh first go first.
+pub const MAX_JWTS: usize = 4096;
+
+/// One slot in the cache: its channel, the wake-up that makes its task reissue (or leave) now, and
+/// when a caller last subscribed (the least recently used idle slots are evicted first).
+struct SlotHandle {
+    tx: watch::Sender<Slot>,
+    wake: Arc<Notify>,
+    /// Tells this slot from a later one with the same key (its task removes only its own).
+    id: u64,
+    last_used: tokio::time::Instant,
+}
 
 /// A JWT-SVID's cache key: the identity's key and the sorted audiences.
 type JwtKey = (Key, Vec<String>);
@@ -59,6 +76,7 @@ pub struct SvidCache {
     /// JWT-SVIDs with the time they stop being served from the cache (half their lifetime).
     jwts: Mutex<HashMap<JwtKey, (JwtSvid, OffsetDateTime)>>,
     issued: AtomicU64,
+    next_slot_id: AtomicU64,
 }
 
 /// Only the attributes an identity reads: callers that agree on them share an SVID.
@@ -88,6 +106,7 @@ impl SvidCache {
             slots: Mutex::new(HashMap::new()),
             jwts: Mutex::new(HashMap::new()),
             issued: AtomicU64::new(0),
+            next_slot_id: AtomicU64::new(0),
         })
     }
 
@@ -101,23 +120,42 @@ impl SvidCache {
         self.bot.borrow().certificate.der.clone()
     }
 
-    /// Subscribes to the X509-SVID of `resolved` for a caller with `workload`, issuing it if no one
-    /// holds it yet.
+    /// Subscribes to the X509-SVID of `resolved` for a caller with `workload`, issuing it if the
+    /// cache does not hold it yet.
     pub fn x509(self: &Arc<Self>, resolved: &Resolved, workload: &Attributes, ttl: Duration) -> watch::Receiver<Slot> {
         let key = Key {
             identity: resolved.name.clone(),
             attributes: project(resolved, workload),
             ttl,
         };
+        let now = tokio::time::Instant::now();
         let mut slots = self.slots.lock().expect("cache poisoned");
-        if let Some((tx, _)) = slots.get(&key) {
-            return tx.subscribe();
+        if let Some(handle) = slots.get_mut(&key) {
+            handle.last_used = now;
+            return handle.tx.subscribe();
         }
+        evict_idle(&mut slots, MAX_IDLE_SLOTS - 1);
         let (tx, rx) = watch::channel(Slot::Pending);
         let wake = Arc::new(Notify::new());
-        slots.insert(key.clone(), (tx.clone(), wake.clone()));
-        tokio::spawn(self.clone().keep_fresh(key, tx, wake));
+        let id = self.next_slot_id.fetch_add(1, Ordering::Relaxed);
+        slots.insert(
+            key.clone(),
+            SlotHandle {
+                tx: tx.clone(),
+                wake: wake.clone(),
+                id,
+                last_used: now,
+            },
+        );
+        tokio::spawn(self.clone().keep_fresh(key, id, tx, wake));
         rx
+    }
+
+    /// How many X509-SVID slots the cache holds, and how many of them no stream holds.
+    pub fn slots(&self) -> (usize, usize) {
+        let slots = self.slots.lock().expect("cache poisoned");
+        let idle = slots.values().filter(|h| h.tx.receiver_count() == 0).count();
+        (slots.len(), idle)
     }
 
     /// Re-decides the cached SVIDs of these identities now (their documents or the rules that apply
@@ -125,12 +163,15 @@ impl SvidCache {
     /// Returns the woken slots' channels, marked seen: each changes when its re-decision is done.
     pub fn redecide(&self, identities: &BTreeSet<String>) -> Vec<watch::Receiver<Slot>> {
         let mut woken = Vec::new();
-        for (key, (tx, wake)) in self.slots.lock().expect("cache poisoned").iter() {
+        for (key, handle) in self.slots.lock().expect("cache poisoned").iter() {
             if identities.contains(&key.identity) {
-                let mut rx = tx.subscribe();
-                rx.mark_unchanged();
-                woken.push(rx);
-                wake.notify_one();
+                // An idle slot just goes (its task sees no one holds it): the next caller is decided anew.
+                if handle.tx.receiver_count() > 0 {
+                    let mut rx = handle.tx.subscribe();
+                    rx.mark_unchanged();
+                    woken.push(rx);
+                }
+                handle.wake.notify_one();
             }
         }
         self.jwts
@@ -162,7 +203,7 @@ impl SvidCache {
         })
     }
 
-    async fn keep_fresh(self: Arc<Self>, key: Key, tx: watch::Sender<Slot>, wake: Arc<Notify>) {
+    async fn keep_fresh(self: Arc<Self>, key: Key, id: u64, tx: watch::Sender<Slot>, wake: Arc<Notify>) {
         let mut backoff = Duration::from_secs(1);
         loop {
             let wait = match self.issue(&key).await {
@@ -190,19 +231,21 @@ impl SvidCache {
                     wait
                 }
             };
-            let deadline = tokio::time::Instant::now() + wait;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = wake.notified() => break,
-                    _ = tx.closed() => {}
-                }
-                // No one left? Leave, unless someone subscribed meanwhile (they do so under the lock).
-                let mut slots = self.slots.lock().expect("cache poisoned");
-                if tx.receiver_count() == 0 {
+            // Until the renewal (or a re-decision): then, if no one holds the slot, it goes
+            // instead of renewing. Someone subscribing meanwhile does so under the lock. A failure
+            // is not kept for later callers: it goes as soon as no one holds it.
+            let failed = matches!(&*tx.borrow(), Slot::Failed { .. });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified() => {}
+                _ = tx.closed(), if failed => {}
+            }
+            let mut slots = self.slots.lock().expect("cache poisoned");
+            if tx.receiver_count() == 0 {
+                if slots.get(&key).is_some_and(|h| h.id == id) {
                     slots.remove(&key);
-                    return;
                 }
+                return;
             }
         }
     }
@@ -247,9 +290,39 @@ impl SvidCache {
             .fetch_add(1, Ordering::Relaxed);
         let mut jwts = self.jwts.lock().expect("cache poisoned");
         jwts.retain(|_, (_, fresh_until)| now() < *fresh_until);
+        while jwts.len() >= MAX_JWTS {
+            let soonest = jwts
+                .iter()
+                .min_by_key(|(_, (_, fresh_until))| *fresh_until)
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
+            jwts.remove(&soonest);
+        }
         let fresh_until = issued_at + (svid.expires - issued_at) / 2;
         jwts.insert(key, (svid.clone(), fresh_until));
         Ok(svid)
+    }
+}
+
+/// Evicts the least recently used idle slots until at most `keep` are idle; their tasks are woken
+/// to leave (they find no subscriber and another slot, or none, under their key).
+fn evict_idle(slots: &mut HashMap<Key, SlotHandle>, keep: usize) {
+    let mut idle: Vec<(tokio::time::Instant, Key)> = slots
+        .iter()
+        .filter(|(_, h)| h.tx.receiver_count() == 0)
+        .map(|(k, h)| (h.last_used, k.clone()))
+        .collect();
+    if idle.len() <= keep {
+        return;
+    }
+    // Down to 7/8 of the bound, so a stream of new callers does not scan the map on every one.
+    let target = keep - keep / 8;
+    let evict = idle.len() - target;
+    idle.sort_unstable_by_key(|(last_used, _)| *last_used);
+    for (_, key) in idle.into_iter().take(evict) {
+        if let Some(handle) = slots.remove(&key) {
+            handle.wake.notify_one();
+        }
     }
 }
 
@@ -358,14 +431,53 @@ spec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_slot_without_subscribers_is_dropped_at_its_next_wake() {
+    async fn a_slot_nobody_holds_serves_the_next_caller_then_goes_at_its_renewal_time() {
         let cache = cache().await;
         let mut rx = cache.x509(&resolved(), &caller(1000, 1), HOUR);
-        ready(&mut rx).await;
+        let first = ready(&mut rx).await;
         drop(rx);
+        // A one-shot caller ten minutes later gets the same SVID: no second issuance.
+        tokio::time::sleep(Duration::from_secs(10 * 60)).await;
+        let mut rx = cache.x509(&resolved(), &caller(1000, 2), HOUR);
+        assert!(Arc::ptr_eq(&first, &ready(&mut rx).await));
+        drop(rx);
+        assert_eq!(cache.slots(), (1, 1), "one slot, idle");
         tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
         assert_eq!(cache.issued(), 1, "no renewals for no one");
-        assert!(cache.slots.lock().unwrap().is_empty());
+        assert_eq!(cache.slots(), (0, 0), "gone at its renewal time");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_slots_are_bounded_and_the_least_recently_used_go_first() {
+        let cache = cache().await;
+        let mut first = cache.x509(&resolved(), &caller(0, 1), HOUR);
+        ready(&mut first).await;
+        drop(first);
+        for uid in 1..=MAX_IDLE_SLOTS as u32 + 10 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let mut rx = cache.x509(&resolved(), &caller(uid, 1), HOUR);
+            ready(&mut rx).await;
+        }
+        let (total, idle) = cache.slots();
+        assert!(idle <= MAX_IDLE_SLOTS, "{idle} idle slots");
+        assert_eq!(total, idle);
+        let before = cache.issued();
+        let mut again = cache.x509(&resolved(), &caller(0, 1), HOUR);
+        ready(&mut again).await;
+        assert_eq!(cache.issued(), before + 1, "the least recently used slot was evicted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_slot_is_never_evicted() {
+        let cache = cache().await;
+        let mut held = cache.x509(&resolved(), &caller(0, 1), HOUR);
+        let material = ready(&mut held).await;
+        for uid in 1..=MAX_IDLE_SLOTS as u32 + 10 {
+            let mut rx = cache.x509(&resolved(), &caller(uid, 1), HOUR);
+            ready(&mut rx).await;
+        }
+        let mut again = cache.x509(&resolved(), &caller(0, 2), HOUR);
+        assert!(Arc::ptr_eq(&material, &ready(&mut again).await));
     }
 
     #[tokio::test(start_paused = true)]
