@@ -150,16 +150,41 @@ fn x509_response(
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
-/// Streams a message built from the bundle on open and on every change.
-fn bundle_stream<T: Send + 'static>(agent: &Agent, stop: watch::Receiver<bool>, build: fn(&Bundles) -> T) -> Stream<T> {
+/// Streams a message built from the bundle on open and on every change, while the caller is
+/// entitled to an identity: when the documents or the service's selector change so that it is no
+/// longer, the stream ends with `PermissionDenied` (the Workload API's state machine, Appendix A).
+fn bundle_stream<T: Send + 'static>(api: &WorkloadApi, workload: Attributes, build: fn(&Bundles) -> T) -> Stream<T> {
     let (tx, rx) = mpsc::channel(4);
+    let agent = api.agent.clone();
+    let config = api.config.clone();
     let mut bundles = WatchStream::new(agent.bundles());
+    let mut policy = agent.policy_changes();
+    let mut config_changes = config.clone();
+    config_changes.mark_unchanged();
+    let stop = api.stop.clone();
     tokio::spawn(async move {
         let watcher = tx.clone();
         let send_all = async {
-            while let Some(b) = bundles.next().await {
-                if tx.send(Ok(build(&b))).await.is_err() {
-                    return;
+            loop {
+                tokio::select! {
+                    Some(b) = bundles.next() => {
+                        if tx.send(Ok(build(&b))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(()) = policy.changed() => {
+                        if let Err(status) = resolve_for(&agent, &config, &workload).await {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    Ok(()) = config_changes.changed() => {
+                        if let Err(status) = resolve_for(&agent, &config, &workload).await {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    else => return,
                 }
             }
         };
@@ -260,12 +285,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
-        attested(&request)?;
-        Ok(Response::new(bundle_stream(&self.agent, self.stop.clone(), |b| {
-            X509BundlesResponse {
-                crl: vec![],
-                bundles: [(bundle_key(b), x509_bundle(b))].into(),
-            }
+        let workload = attested(&request)?;
+        // Bundles only for a caller entitled to an identity (the spec's SHOULD; SPIRE does so too).
+        resolve_for(&self.agent, &self.config, &workload).await?;
+        Ok(Response::new(bundle_stream(self, workload, |b| X509BundlesResponse {
+            crl: vec![],
+            bundles: [(bundle_key(b), x509_bundle(b))].into(),
         })))
     }
 
@@ -323,11 +348,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        attested(&request)?;
-        Ok(Response::new(bundle_stream(&self.agent, self.stop.clone(), |b| {
-            JwtBundlesResponse {
-                bundles: [(bundle_key(b), serde_json::to_vec(&b.jwks()).expect("json"))].into(),
-            }
+        let workload = attested(&request)?;
+        resolve_for(&self.agent, &self.config, &workload).await?;
+        Ok(Response::new(bundle_stream(self, workload, |b| JwtBundlesResponse {
+            bundles: [(bundle_key(b), serde_json::to_vec(&b.jwks()).expect("json"))].into(),
         })))
     }
 
