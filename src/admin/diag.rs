@@ -33,7 +33,14 @@ fn route(path: &str, info: &DaemonInfo, expected: &[String]) -> Response<Full<By
                 .iter()
                 .map(|n| (n.clone(), json!({"status": state(n)})))
                 .collect();
-            let body = json!({"status": if all { "ready" } else { "not ready" }, "services": services});
+            // A file that fails to load does not make the daemon unready (it serves the last good
+            // state), but it is counted here so that a probe's log shows it.
+            let failing = metrics().files_failing.load(std::sync::atomic::Ordering::Relaxed);
+            let body = json!({
+                "status": if all { "ready" } else { "not ready" },
+                "services": services,
+                "config_files_failing": failing,
+            });
             let code = if all {
                 StatusCode::OK
             } else {

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub active_streams: AtomicI64,
     pub connections: AtomicU64,
     pub watch_events: AtomicU64,
+    /// Files of the watched directory that fail to load now.
+    pub files_failing: AtomicI64,
     errors: Mutex<BTreeMap<String, u64>>,
     joins: Mutex<BTreeMap<(String, String), u64>>,
 }
@@ -93,6 +95,12 @@ impl Metrics {
             "File-system events seen.",
             "counter",
             get(&self.watch_events),
+        );
+        counter(
+            "tbot_config_files_failing",
+            "Files of the watched directory that fail to load now (their last good objects stay in force).",
+            "gauge",
+            self.files_failing.load(Ordering::Relaxed).to_string(),
         );
         out.push_str("# HELP tbot_errors_total Errors by reason.\n# TYPE tbot_errors_total counter\n");
         for (reason, n) in self.errors.lock().expect("metrics poisoned").iter() {

@@ -234,6 +234,7 @@ impl Admin for AdminApi {
         let GetRequest { kind, name } = request.into_inner();
         Ok(Response::new(GetResponse {
             objects: self.objects(&kind, &name),
+            file_errors: file_errors(&self.status.read().expect("status poisoned")),
         }))
     }
 
@@ -282,8 +283,22 @@ impl Admin for AdminApi {
             objects: table.objects.len() as u64,
             not_ready: table.objects.values().filter(|s| !s.is_ready()).count() as u64,
             pid: std::process::id(),
+            file_errors: file_errors(&table),
         }))
     }
+}
+
+fn file_errors(table: &StatusTable) -> Vec<FileError> {
+    table
+        .file_errors
+        .iter()
+        .map(|f| FileError {
+            path: f.path.clone(),
+            location: f.location.clone(),
+            message: f.message.clone(),
+            errors: f.errors as u32,
+        })
+        .collect()
 }
 
 /// Serves the admin API at `path` (`0600`) until `stop` becomes true.

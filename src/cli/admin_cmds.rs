@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::render;
 use super::tbotctl::InputArgs;
 use crate::admin::proto::admin_client::AdminClient;
-use crate::admin::proto::{ApplyRequest, GetRequest, ObjectStatus, StatusRequest};
+use crate::admin::proto::{ApplyRequest, FileError, GetRequest, ObjectStatus, StatusRequest};
 use crate::manifest::{self, Input};
 use crate::resource::Document;
 use crate::resource::duration::Duration as GoDuration;
@@ -163,8 +163,11 @@ pub async fn get(args: &GetArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let objects = match client.get(GetRequest { kind, name }).await {
-        Ok(r) => r.into_inner().objects,
+    let (objects, file_errors) = match client.get(GetRequest { kind, name }).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            (r.objects, r.file_errors)
+        }
         Err(status) => return explain(status),
     };
     match args.output {
@@ -189,6 +192,7 @@ pub async fn get(args: &GetArgs) -> ExitCode {
                 let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
                 println!("{}", line.join("  ").trim_end());
             }
+            print_file_errors(&file_errors);
         }
         GetOutput::Yaml | GetOutput::Json => {
             let views: Vec<View> = objects
@@ -212,14 +216,68 @@ pub async fn get(args: &GetArgs) -> ExitCode {
                         .collect(),
                 })
                 .collect();
-            if args.output == GetOutput::Json {
-                println!("{}", serde_json::to_string_pretty(&views).expect("json"));
+            let files: Vec<FileErrorView> = file_errors
+                .iter()
+                .map(|f| FileErrorView {
+                    path: &f.path,
+                    location: &f.location,
+                    message: &f.message,
+                    errors: f.errors,
+                })
+                .collect();
+            // Objects as a list, as before; the failing files beside them only when there are any.
+            let out = if files.is_empty() {
+                serde_json::to_value(&views)
             } else {
-                print!("{}", manifest::yaml::to_string(&views).unwrap_or_default());
+                serde_json::to_value(GetView {
+                    objects: views,
+                    files_failing_to_load: files,
+                })
+            }
+            .expect("json");
+            if args.output == GetOutput::Json {
+                println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+            } else {
+                print!("{}", manifest::yaml::to_string(&out).unwrap_or_default());
             }
         }
     }
     ExitCode::SUCCESS
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GetView<'a> {
+    objects: Vec<View<'a>>,
+    files_failing_to_load: Vec<FileErrorView<'a>>,
+}
+
+#[derive(Serialize)]
+struct FileErrorView<'a> {
+    path: &'a str,
+    location: &'a str,
+    message: &'a str,
+    errors: u32,
+}
+
+/// The files that fail to load, after the objects: each with its first error; new files included,
+/// which have no object to show `Invalid` on.
+fn print_file_errors(files: &[FileError]) {
+    if files.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "Files that fail to load (the last good version of their objects stays in force; a new file is not applied):"
+    );
+    for f in files {
+        let more = match f.errors {
+            0 | 1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        println!("  {}: {}{more}", f.location, f.message);
+    }
+    println!("  run `tbotctl validate` on the directory for every error with its hint");
 }
 
 pub async fn status(args: &DaemonArgs) -> ExitCode {
@@ -237,7 +295,8 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         println!("listener {}: {}", svc.name, svc.listen);
     }
     println!("objects: {} ({} not ready)", s.objects, s.not_ready);
-    if s.not_ready == 0 {
+    print_file_errors(&s.file_errors);
+    if s.not_ready == 0 && s.file_errors.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

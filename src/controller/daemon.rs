@@ -409,6 +409,10 @@ impl Daemon {
                 .map(|d| d.location.path.as_path())
                 .collect();
             table.valid_except(&broken);
+            table.files_failing(&loaded.diagnostics);
+            crate::admin::metrics::metrics()
+                .files_failing
+                .store(table.file_errors.len() as i64, std::sync::atomic::Ordering::Relaxed);
             for d in loaded.diagnostics.iter().filter(|d| d.is_error()) {
                 let at = match d.location.pos {
                     Some(pos) => format!("{}:{}:{}", d.location.path.display(), pos.line, pos.column),

@@ -92,10 +92,24 @@ fn now() -> String {
     OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
 }
 
+/// A file of the watched directory that fails to load, with its first error. Listed until the
+/// file is fixed or removed, new files included (they have no object to carry `Invalid`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileError {
+    pub path: String,
+    /// `file:line:column` (or the file alone when the problem is with the whole file).
+    pub location: String,
+    pub message: String,
+    /// How many errors the file has in all.
+    pub errors: usize,
+}
+
 /// Every object's status.
 #[derive(Debug, Clone, Default)]
 pub struct StatusTable {
     pub objects: BTreeMap<ObjectRef, ObjectStatus>,
+    /// The files that fail to load now, by path.
+    pub file_errors: Vec<FileError>,
     /// What was last written to the store, so a reload that changed nothing writes nothing.
     saved: Arc<BTreeMap<ObjectRef, ObjectStatus>>,
 }
@@ -169,6 +183,24 @@ impl StatusTable {
         for r in refs {
             self.set(&r, "Invalid", true, "LoadFailed", message);
         }
+    }
+
+    /// Records which files fail to load now: the first error of each (diagnostics are in file order).
+    pub fn files_failing(&mut self, diagnostics: &[crate::manifest::Diagnostic]) {
+        let mut files: Vec<FileError> = Vec::new();
+        for d in diagnostics.iter().filter(|d| d.is_error()) {
+            let path = d.location.path.display().to_string();
+            match files.iter_mut().find(|f| f.path == path) {
+                Some(file) => file.errors += 1,
+                None => files.push(FileError {
+                    path,
+                    location: d.location.to_string(),
+                    message: d.message.clone(),
+                    errors: 1,
+                }),
+            }
+        }
+        self.file_errors = files;
     }
 
     /// Clears `Invalid` from objects whose file loads again.
