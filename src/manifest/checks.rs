@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::diagnostic::{Diagnostic, Location};
-use super::{Parsed, Sources};
+use super::{Parsed, Sources, Unloaded};
 use crate::resource::agent::AgentConfig;
 use crate::resource::spiffe_id::TrustDomain;
 use crate::resource::{Document, Kind, ObjectRef, Problem, closest};
@@ -19,6 +19,8 @@ pub(super) struct Outcome {
 struct Ctx<'a> {
     parsed: &'a [Parsed<'a>],
     sources: &'a Sources<'a>,
+    /// Documents that failed to load: what they might define is not reported missing.
+    unloaded: &'a [Unloaded],
     out: Vec<Diagnostic>,
 }
 
@@ -41,6 +43,12 @@ impl Ctx<'_> {
         self.out.last_mut().expect("just pushed")
     }
 
+    /// Whether a document that failed to load might be `kind`/`name` (any name when `None`): then
+    /// its absence is a consequence of that failure, which is already reported.
+    fn maybe_unloaded(&self, kind: Kind, name: Option<&str>) -> bool {
+        self.unloaded.iter().any(|u| u.might_be(kind, name))
+    }
+
     fn names(&self, kind: Kind) -> BTreeSet<&str> {
         self.parsed
             .iter()
@@ -53,10 +61,11 @@ impl Ctx<'_> {
 /// Runs every cross-document check. `complete_dir` is the first input directory when the set must
 /// be complete: then a missing agent config is an error reported against it, and references must
 /// resolve. A set of loose files (`-f`) may refer to documents it does not hold.
-pub(super) fn run(parsed: &[Parsed], sources: &Sources, complete_dir: Option<&Path>) -> Outcome {
+pub(super) fn run(parsed: &[Parsed], sources: &Sources, unloaded: &[Unloaded], complete_dir: Option<&Path>) -> Outcome {
     let mut ctx = Ctx {
         parsed,
         sources,
+        unloaded,
         out: Vec::new(),
     };
     let shadowed = duplicates(&mut ctx);
@@ -137,7 +146,9 @@ fn singletons(ctx: &mut Ctx, complete_dir: Option<&Path>) {
         }
     }
     let has_agent = ctx.parsed.iter().any(|p| p.document.kind() == Kind::AgentConfig);
-    if let (Some(dir), false) = (complete_dir, has_agent) {
+    if let (Some(dir), false) = (complete_dir, has_agent)
+        && !ctx.maybe_unloaded(Kind::AgentConfig, None)
+    {
         ctx.out.push(
             Diagnostic::error(Location::file(dir), "no agent config: the directory needs exactly one")
                 .hint("add a `tbot.yaml` with `version: v2`, `onboarding` and `services` (see manifests/quickstart/)"),
@@ -154,13 +165,13 @@ fn references(ctx: &mut Ctx) {
         match p.document {
             Document::Token(token) => {
                 let name: &str = &token.spec.bot_name;
-                if !bots.contains(name) {
+                if !bots.contains(name) && !ctx.maybe_unloaded(Kind::Bot, Some(name)) {
                     found.push((i, dangling("/spec/bot_name", "bot", name, &bots)));
                 }
             }
             Document::Bot(bot) => {
                 for (j, role) in bot.spec.roles.iter().enumerate() {
-                    if !roles.contains(&**role) {
+                    if !roles.contains(&**role) && !ctx.maybe_unloaded(Kind::Role, Some(role)) {
                         found.push((i, dangling(&format!("/spec/roles/{j}"), "role", role, &roles)));
                     }
                 }
@@ -168,7 +179,7 @@ fn references(ctx: &mut Ctx) {
             Document::AgentConfig(agent) => {
                 for (j, service) in agent.services.iter().enumerate() {
                     if let Some(name) = &service.selector.name {
-                        if !identities.contains(&**name) {
+                        if !identities.contains(&**name) && !ctx.maybe_unloaded(Kind::WorkloadIdentity, Some(name)) {
                             found.push((
                                 i,
                                 dangling(
@@ -181,6 +192,7 @@ fn references(ctx: &mut Ctx) {
                         }
                     } else if !service.selector.labels.is_empty()
                         && !labels_match_any(ctx.parsed, &service.selector.labels)
+                        && !ctx.maybe_unloaded(Kind::WorkloadIdentity, None)
                     {
                         found.push((
                             i,
@@ -192,7 +204,9 @@ fn references(ctx: &mut Ctx) {
                         ));
                     }
                 }
-                found.extend(onboarding(ctx.parsed, agent).into_iter().map(|p| (i, p)));
+                if !ctx.maybe_unloaded(Kind::Token, None) {
+                    found.extend(onboarding(ctx.parsed, agent).into_iter().map(|p| (i, p)));
+                }
             }
             _ => {}
         }
@@ -255,7 +269,7 @@ fn onboarding(parsed: &[Parsed], agent: &AgentConfig) -> Option<Problem> {
 
 /// The trust domain is the `cluster` document's name, else the host of `proxy_server`/`auth_server`.
 fn trust_domain(ctx: &mut Ctx) {
-    if ctx.parsed.iter().any(|p| p.document.kind() == Kind::Cluster) {
+    if ctx.parsed.iter().any(|p| p.document.kind() == Kind::Cluster) || ctx.maybe_unloaded(Kind::Cluster, None) {
         return;
     }
     let Some(i) = ctx.parsed.iter().position(|p| p.document.kind() == Kind::AgentConfig) else {
@@ -276,7 +290,7 @@ fn trust_domain(ctx: &mut Ctx) {
         ),
         None => None,
         Some(host) => TrustDomain::parse(host).err().map(|why| {
-            Problem::error(pointer, format!("the trust domain comes from this host, and {why}"))
+            Problem::error(pointer, format!("{why} (the trust domain is this host name)"))
                 .hint("fix the host, or add a `cluster` document named after the trust domain")
         }),
     };

@@ -222,6 +222,49 @@ struct ReadFile {
     text: String,
     diagnostics: Arc<Vec<Diagnostic>>,
     documents: Arc<Vec<ReadDocument>>,
+    /// The documents of this file that failed to load: what they might have defined.
+    unloaded: Arc<Vec<Unloaded>>,
+}
+
+/// A document that failed to load, as far as it can be made out: the cross-document checks do not
+/// report what it might have defined as missing (a cascade from the one root cause).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Unloaded {
+    /// `None` when the kind cannot be read (a syntax error, an unreadable file): any kind.
+    pub kind: Option<Kind>,
+    /// `None` when `metadata.name` cannot be read: any name.
+    pub name: Option<String>,
+}
+
+impl Unloaded {
+    const ANYTHING: Unloaded = Unloaded { kind: None, name: None };
+
+    /// Whether this document might have been `kind`/`name` (`name` `None`: any of the kind).
+    pub fn might_be(&self, kind: Kind, name: Option<&str>) -> bool {
+        self.kind.is_none_or(|k| k == kind) && (name.is_none() || self.name.is_none() || self.name.as_deref() == name)
+    }
+
+    fn of(node: &Node) -> Unloaded {
+        let text = |n: &Node| match &n.value {
+            yaml::Value::String(s) => Some(s.clone()),
+            _ => None,
+        };
+        let kind = match node.get("kind") {
+            Some(entry) => text(&entry.value).and_then(|k| Kind::from_document(&k)),
+            None if matches!(node.value, yaml::Value::Map(_))
+                && node.get("metadata").is_none()
+                && node.get("spec").is_none() =>
+            {
+                Some(Kind::AgentConfig)
+            }
+            None => None,
+        };
+        let name = node
+            .get("metadata")
+            .and_then(|m| m.value.get("name"))
+            .and_then(|n| text(&n.value));
+        Unloaded { kind, name }
+    }
 }
 
 struct ReadDocument {
@@ -241,19 +284,21 @@ fn is_racy(meta: &std::fs::Metadata) -> bool {
 
 /// Parses one file's text into its documents and the diagnostics that concern it alone.
 fn parse_file(path: &Path, stamp: Stamp, racy: bool, text: String) -> ReadFile {
-    let (diagnostics, documents) = parse_text(path, &text);
+    let (diagnostics, documents, unloaded) = parse_text(path, &text);
     ReadFile {
         stamp,
         racy,
         text,
         diagnostics: Arc::new(diagnostics),
         documents: Arc::new(documents),
+        unloaded: Arc::new(unloaded),
     }
 }
 
-fn parse_text(path: &Path, text: &str) -> (Vec<Diagnostic>, Vec<ReadDocument>) {
+fn parse_text(path: &Path, text: &str) -> (Vec<Diagnostic>, Vec<ReadDocument>, Vec<Unloaded>) {
     let mut diagnostics = Vec::new();
     let mut documents = Vec::new();
+    let mut unloaded = Vec::new();
     let nodes = match yaml::parse(text) {
         Ok(nodes) => nodes,
         Err(err) => {
@@ -262,7 +307,7 @@ fn parse_text(path: &Path, text: &str) -> (Vec<Diagnostic>, Vec<ReadDocument>) {
                     .with_source(text, 1)
                     .hint("fix the YAML syntax, then run `tbotctl validate` again"),
             );
-            return (diagnostics, documents);
+            return (diagnostics, documents, vec![Unloaded::ANYTHING]);
         }
     };
     if nodes.is_empty() {
@@ -278,6 +323,9 @@ fn parse_text(path: &Path, text: &str) -> (Vec<Diagnostic>, Vec<ReadDocument>) {
     for node in nodes {
         let (document, problems) = document::decode(&node);
         diagnostics.extend(problems.iter().map(|p| sources.diagnostic(0, &node, p)));
+        if document.is_none() && problems.iter().any(|p| !p.warning) {
+            unloaded.push(Unloaded::of(&node));
+        }
         if let Some(document) = document {
             let hash = canonical_hash(&document);
             let source = document_text(text, node.pos.line as usize);
@@ -293,7 +341,7 @@ fn parse_text(path: &Path, text: &str) -> (Vec<Diagnostic>, Vec<ReadDocument>) {
             });
         }
     }
-    (diagnostics, documents)
+    (diagnostics, documents, unloaded)
 }
 
 /// The file at `path`: from the cache when its stamp (and, for a racy entry, its text) is unchanged.
@@ -324,6 +372,7 @@ fn read_file(path: &Path, cache: &LoadCache) -> Result<Arc<ReadFile>, Box<Diagno
             text,
             diagnostics: cached.diagnostics.clone(),
             documents: cached.documents.clone(),
+            unloaded: cached.unloaded.clone(),
         }));
     }
     Ok(Arc::new(parse_file(path, stamp, racy, text)))
@@ -333,17 +382,22 @@ fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diag
     let paths = files::discover(inputs)?;
     let mut diagnostics = Vec::new();
     let mut read = Vec::with_capacity(paths.len());
+    let mut unreadable = 0;
     for path in paths {
         match read_file(&path, cache) {
             Ok(file) => read.push((path, file)),
-            Err(diagnostic) => diagnostics.push(*diagnostic),
+            Err(diagnostic) => {
+                diagnostics.push(*diagnostic);
+                unreadable += 1;
+            }
         }
     }
     let require_agent_config = inputs.iter().find_map(|i| match i {
         Input::Dir(dir) => Some(dir.clone()),
         Input::File(_) => None,
     });
-    let loaded = assemble(&read, diagnostics, require_agent_config.as_deref());
+    let unloaded = vec![Unloaded::ANYTHING; unreadable];
+    let loaded = assemble(&read, diagnostics, unloaded, require_agent_config.as_deref());
     cache.files = read.into_iter().collect();
     Ok(loaded)
 }
@@ -359,7 +413,7 @@ pub fn load_bytes(path: &Path, bytes: Vec<u8>) -> Loaded {
         },
         Ok(text) => {
             let file = Arc::new(parse_file(path, Stamp::UNKNOWN, true, text));
-            assemble(&[(path.to_owned(), file)], Vec::new(), None)
+            assemble(&[(path.to_owned(), file)], Vec::new(), Vec::new(), None)
         }
     };
     on_loader_thread(run)
@@ -369,6 +423,7 @@ pub fn load_bytes(path: &Path, bytes: Vec<u8>) -> Loaded {
 fn assemble(
     read: &[(PathBuf, Arc<ReadFile>)],
     mut diagnostics: Vec<Diagnostic>,
+    mut unloaded: Vec<Unloaded>,
     complete_dir: Option<&Path>,
 ) -> Loaded {
     let sources = Sources {
@@ -378,13 +433,14 @@ fn assemble(
     let mut parsed = Vec::new();
     for (file, (_, f)) in read.iter().enumerate() {
         diagnostics.extend(f.diagnostics.iter().cloned());
+        unloaded.extend(f.unloaded.iter().cloned());
         parsed.extend(f.documents.iter().map(|d| Parsed {
             document: &d.object.document,
             node: &d.node,
             file,
         }));
     }
-    let outcome = checks::run(&parsed, &sources, complete_dir);
+    let outcome = checks::run(&parsed, &sources, &unloaded, complete_dir);
     diagnostics.extend(outcome.diagnostics);
     diagnostics.sort_by(|a, b| a.location.cmp(&b.location));
     let mut state = DesiredState::default();

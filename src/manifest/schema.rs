@@ -74,6 +74,16 @@ pub fn validate(kind: Kind, instance: &Value) -> Vec<Problem> {
         })
         .collect();
     out.retain(|p| !misspelt.contains(&format!("{}\u{0}{}", p.pointer, p.message)));
+    // A cluster's name is its trust domain: say so, with the trust domain's own rules.
+    if kind == Kind::Cluster
+        && let Some(Value::String(name)) = instance.pointer("/metadata/name")
+        && let Err(why) = crate::resource::spiffe_id::TrustDomain::parse(name)
+    {
+        for problem in out.iter_mut().filter(|p| p.pointer == "/metadata/name") {
+            problem.message = why.clone();
+            problem.hint = Some("the cluster's name is its trust domain: rename it".into());
+        }
+    }
     for problem in out.iter_mut().filter(|p| p.hint.is_none()) {
         problem.hint = Some(format!(
             "`tbotctl schema {kind}` shows what each field of this document accepts"
@@ -125,6 +135,22 @@ fn describe(
                     .collect::<Vec<_>>()
                     .join(" or "),
             };
+            let format = keyword_parent(root, schema_path)
+                .and_then(|node| node.get("format"))
+                .and_then(Value::as_str);
+            if format == Some("tbot-duration") && matches!(instance, Value::Number(_)) {
+                // `renewal_interval: 20`: quoting it would still be wrong; it needs a unit.
+                out.push(
+                    Problem::error(
+                        pointer,
+                        format!("expected a duration, found {}: a duration needs a unit", describe_value(instance)),
+                    )
+                    .hint(format!(
+                        "write it with a unit, such as `{RAW}s`, `{RAW}m` or `{RAW}h` (Go's syntax: `90s`, `20m`, `1h30m`)"
+                    )),
+                );
+                return;
+            }
             let mut problem = Problem::error(
                 pointer,
                 format!("expected {expected}, found {}", describe_value(instance)),
@@ -282,19 +308,25 @@ fn describe_value(value: &Value) -> String {
 /// The property names of the schema object that owns `schema_path` (which ends in
 /// `/additionalProperties`), following `$ref`s on the way.
 fn known_fields(root: &Value, schema_path: &str) -> Vec<String> {
+    keyword_parent(root, schema_path)
+        .and_then(|node| node.get("properties"))
+        .and_then(Value::as_object)
+        .map(|props| props.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The schema node that holds the keyword `schema_path` ends in, with `$ref`s followed.
+fn keyword_parent<'a>(root: &'a Value, schema_path: &str) -> Option<&'a Value> {
     let mut node = root;
     let segments: Vec<&str> = schema_path.split('/').skip(1).collect();
     for segment in &segments[..segments.len().saturating_sub(1)] {
         let segment = segment.replace("~1", "/").replace("~0", "~");
         node = match node.get(&segment) {
             Some(Value::String(reference)) if segment == "$ref" => {
-                match reference.strip_prefix('#').and_then(|p| root.pointer(p)) {
-                    Some(target) => target,
-                    None => return Vec::new(),
-                }
+                reference.strip_prefix('#').and_then(|p| root.pointer(p))?
             }
             Some(next) => next,
-            None => return Vec::new(),
+            None => return None,
         };
     }
     if let Some(Value::String(reference)) = node.get("$ref")
@@ -302,8 +334,5 @@ fn known_fields(root: &Value, schema_path: &str) -> Vec<String> {
     {
         node = target;
     }
-    node.get("properties")
-        .and_then(Value::as_object)
-        .map(|props| props.keys().cloned().collect())
-        .unwrap_or_default()
+    Some(node)
 }

@@ -20,17 +20,22 @@ impl TrustDomain {
         if s.len() > 255 {
             return Err(format!("a trust domain is at most 255 bytes; `{s}` has {}", s.len()));
         }
-        if let Some(c) = s
-            .chars()
-            .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_'))
-        {
-            let why = if c.is_ascii_uppercase() {
+        let allowed = |c: &char| matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_');
+        if s.chars().any(|c| !allowed(&c)) {
+            let mut bad: Vec<char> = s.chars().filter(|c| !allowed(c) && !c.is_ascii_uppercase()).collect();
+            bad.dedup();
+            let why = if bad.is_empty() {
                 format!(
-                    "`{s}` has the uppercase letter `{c}`; trust domains are lowercase: `{}`",
+                    "the trust domain `{s}` has uppercase letters; trust domains are lowercase: `{}`",
                     s.to_ascii_lowercase()
                 )
             } else {
-                format!("`{s}` contains `{c}`; a trust domain holds only a-z, 0-9, `.`, `-` and `_`")
+                let listed: Vec<String> = bad.iter().map(|c| format!("{c:?}")).collect();
+                format!(
+                    "the trust domain `{s}` contains {}; a trust domain holds only lowercase a-z, 0-9, `.`, `-` and `_` (such as `{}`)",
+                    listed.join(", "),
+                    suggest(s)
+                )
             };
             return Err(why);
         }
@@ -40,6 +45,20 @@ impl TrustDomain {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// A valid trust domain close to `s`: lowercase, each run of other characters one `-`.
+fn suggest(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars().map(|c| c.to_ascii_lowercase()) {
+        if matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_') {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let out = out.trim_matches('-').to_owned();
+    if out.is_empty() { "example.org".into() } else { out }
 }
 
 impl fmt::Display for TrustDomain {
