@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, integration tests (the real binaries on real files and sockets,
-# moto as the STS stand-in for `iam` joins) and doc tests.
-# Usage: scripts/test.sh   (from anywhere). Needs python3 (3.9+), openssl and cargo-nextest (falls
-# back to cargo test); creates target/test-venv with moto[server] on first run.
+# moto as the STS stand-in for `iam` joins, py-spiffe/grpcio/cryptography as independent clients) and
+# doc tests.
+# Usage: scripts/test.sh   (from anywhere). Needs python3 (3.10+, with venv), openssl and
+# cargo-nextest (falls back to cargo test); creates target/test-venv with the Python peers of
+# tests/peers/requirements.txt (moto, py-spiffe, grpcio, cryptography) on first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests use: openssl (an independent check of every certificate) and python3's
+# venv. Installed with apt-get when missing (as root; else say what to install).
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+    else
+        echo "the tests need: ${missing[*]} (install them, e.g. sudo apt-get install ${missing[*]})" >&2
+        exit 2
+    fi
+fi
+
 venv=target/test-venv
-if [ ! -x "$venv/bin/moto_server" ]; then
-    echo "installing the test peers (moto[server]) into $venv" >&2
+requirements=tests/peers/requirements.txt
+# (Re)install when the requirements changed since the venv was made.
+if ! cmp -s "$requirements" "$venv/requirements.installed" 2>/dev/null; then
+    echo "installing the test peers ($requirements) into $venv" >&2
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]>=5,<6'
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/requirements.installed"
 fi
 export TBOT_TEST_VENV="$PWD/$venv"
 

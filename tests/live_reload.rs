@@ -719,3 +719,52 @@ async fn debug_in_the_agent_config_switches_debug_logging_live() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(daemon.log().matches("DEBUG").count(), before, "{}", daemon.log());
 }
+
+#[test]
+fn a_new_file_that_fails_to_load_is_listed_by_status_get_readyz_and_metrics_until_removed() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let daemon = quickstart(&format!("diag_addr: 127.0.0.1:{port}\n"));
+    assert!(wait_for_log(&daemon, "diagnostics listening"), "{}", daemon.log());
+    let broken = daemon.dir.path().join("etc/broken.yaml");
+    std::fs::write(&broken, "kind: role\nversion: v7\nmetadata: {name: [x\n").unwrap();
+    let listed = |text: &str| text.contains("broken.yaml:3:") && text.contains("Files that fail to load");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let status = daemon.tbotctl(&["status"]);
+        if listed(&common::stdout(&status)) || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = common::stdout(&status);
+    assert!(listed(&text), "tbotctl status:\n{text}\n{}", daemon.log());
+    assert_eq!(
+        status.status.code(),
+        Some(1),
+        "status exits 1 while a file fails to load"
+    );
+    let get = common::stdout(&daemon.tbotctl(&["get"]));
+    assert!(listed(&get), "tbotctl get:\n{get}");
+    let json = common::stdout(&daemon.tbotctl(&["get", "-o", "json"]));
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let files = value["filesFailingToLoad"].as_array().expect("files in the JSON");
+    assert!(
+        files[0]["location"].as_str().unwrap().contains("broken.yaml:3:"),
+        "{json}"
+    );
+    assert!(http_get(port, "/metrics").contains("tbot_config_files_failing 1"));
+    let ready = http_get(port, "/readyz");
+    assert!(ready.contains("\"config_files_failing\":1"), "{ready}");
+
+    std::fs::remove_file(&broken).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while listed(&common::stdout(&daemon.tbotctl(&["status"]))) {
+        assert!(std::time::Instant::now() < deadline, "still listed after removal");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(http_get(port, "/metrics").contains("tbot_config_files_failing 0"));
+}

@@ -1,0 +1,214 @@
+"""An independent SPIFFE client for tbot's tests: py-spiffe and raw grpcio (grpc C-core), plus
+Python `cryptography` as a strict DER parser. Prints one JSON object; the Rust tests assert on it.
+
+Usage (the test venv from scripts/test.sh has the packages):
+    spiffe_peer.py authorities SOCKET [ADMIN_SOCKET]
+    spiffe_peer.py pyspiffe SOCKET AUDIENCE
+    spiffe_peer.py sequential SOCKET COUNT
+    spiffe_peer.py bundles SOCKET
+    spiffe_peer.py der FILE...       (each file: DER or PEM certificates)
+"""
+
+import json
+import sys
+
+import grpc
+
+HEADER = (("workload.spiffe.io", "true"),)
+# The `:authority` values gRPC clients send on a unix socket: grpcio's default (the percent-encoded
+# path), what grpc-java sends (the raw path), and others that are not a URI authority.
+AUTHORITY_FORMS = ["default", "localhost", "raw-path", "percent-encoded-path", "empty", "weird host:name"]
+
+
+def authority_value(form, socket):
+    return {
+        "localhost": "localhost",
+        "raw-path": socket,
+        "percent-encoded-path": socket.lstrip("/").replace("/", "%2F"),
+        "empty": "",
+        "weird host:name": "weird host:name",
+    }.get(form)
+
+
+def channel(socket, form="default"):
+    options = []
+    value = authority_value(form, socket)
+    if value is not None:
+        options.append(("grpc.default_authority", value))
+    return grpc.insecure_channel("unix://" + socket, options=options)
+
+
+def raw_call(chan, method, request=b"", stream=False, header=True):
+    """Calls `method` with serialized `request` bytes; returns the first response's bytes."""
+    metadata = HEADER if header else ()
+    if stream:
+        call = chan.unary_stream(method)(request, metadata=metadata, timeout=10)
+        for message in call:
+            call.cancel()
+            return message
+        return b""
+    return chan.unary_unary(method)(request, metadata=metadata, timeout=10)
+
+
+def outcome(fn):
+    try:
+        value = fn()
+        return {"ok": True, "bytes": len(value)}
+    except grpc.RpcError as e:
+        return {"ok": False, "code": e.code().name, "details": e.details()}
+
+
+def authorities(socket, admin=None):
+    from spiffe._proto import workload_pb2
+
+    jwt_request = workload_pb2.JWTSVIDRequest(audience=["peer"]).SerializeToString()
+    out = {}
+    for form in AUTHORITY_FORMS:
+        with channel(socket, form) as chan:
+            out[form] = {
+                "FetchX509SVID": outcome(lambda: raw_call(chan, "/SpiffeWorkloadAPI/FetchX509SVID", stream=True)),
+                "FetchJWTSVID": outcome(lambda: raw_call(chan, "/SpiffeWorkloadAPI/FetchJWTSVID", jwt_request)),
+                "FetchX509Bundles": outcome(
+                    lambda: raw_call(chan, "/SpiffeWorkloadAPI/FetchX509Bundles", stream=True)
+                ),
+                "no header": outcome(
+                    lambda: raw_call(chan, "/SpiffeWorkloadAPI/FetchX509SVID", stream=True, header=False)
+                ),
+            }
+        if admin:
+            with channel(admin, form) as chan:
+                out[form]["admin Status"] = outcome(lambda: raw_call(chan, "/tbot.admin.v1.Admin/Status", header=False))
+    return out
+
+
+def pyspiffe(socket, audience):
+    from spiffe import WorkloadApiClient, X509Source
+
+    out = {}
+    with WorkloadApiClient(socket_path="unix://" + socket) as client:
+        svid = client.fetch_x509_svid()
+        out["x509_spiffe_id"] = str(svid.spiffe_id)
+        out["x509_chain_len"] = len(svid.cert_chain)
+        out["x509_not_after"] = svid.leaf.not_valid_after_utc.isoformat()
+        context = client.fetch_x509_context()
+        out["context_svids"] = [str(s.spiffe_id) for s in context.x509_svids]
+        out["context_trust_domains"] = sorted(str(td) for td in context.x509_bundle_set._bundles.keys())
+        bundles = client.fetch_x509_bundles()
+        out["x509_bundle_trust_domains"] = sorted(str(td) for td in bundles._bundles.keys())
+        jwt = client.fetch_jwt_svid(audience={audience})
+        out["jwt_spiffe_id"] = str(jwt.spiffe_id)
+        jwt_bundles = client.fetch_jwt_bundles()
+        out["jwt_bundle_trust_domains"] = sorted(str(td) for td in jwt_bundles._bundles.keys())
+        validated = client.validate_jwt_svid(jwt.token, audience)
+        out["validated_spiffe_id"] = str(validated.spiffe_id)
+        # Offline validation with the fetched JWT bundle (signature, kid, audience, expiry).
+        from spiffe import JwtSvid
+
+        td = jwt.spiffe_id.trust_domain
+        offline = JwtSvid.parse_and_validate(jwt.token, jwt_bundles.get_bundle_for_trust_domain(td), {audience})
+        out["offline_validated_spiffe_id"] = str(offline.spiffe_id)
+    source = X509Source(socket_path="unix://" + socket, timeout_in_seconds=10)
+    try:
+        out["source_spiffe_id"] = str(source.svid.spiffe_id)
+    finally:
+        source.close()
+    return out
+
+
+def sequential(socket, count):
+    """`count` one-shot fetches, each on a new connection, as a cron job would make them."""
+    from spiffe import WorkloadApiClient
+
+    serials = set()
+    for _ in range(count):
+        with WorkloadApiClient(socket_path="unix://" + socket) as client:
+            serials.add(client.fetch_x509_svid().leaf.serial_number)
+    return {"fetches": count, "distinct_serials": len(serials)}
+
+
+def bundles(socket):
+    """The bundle streams, for a caller the socket may or may not have an identity for."""
+    with channel(socket) as chan:
+        return {
+            "FetchX509Bundles": outcome(lambda: raw_call(chan, "/SpiffeWorkloadAPI/FetchX509Bundles", stream=True)),
+            "FetchJWTBundles": outcome(lambda: raw_call(chan, "/SpiffeWorkloadAPI/FetchJWTBundles", stream=True)),
+            "FetchX509SVID": outcome(lambda: raw_call(chan, "/SpiffeWorkloadAPI/FetchX509SVID", stream=True)),
+        }
+
+
+def certificates(data):
+    """Splits DER (concatenated) or PEM data into single DER certificates."""
+    if data.lstrip().startswith(b"-----BEGIN"):
+        import base64
+        import re
+
+        return [
+            base64.b64decode(b"".join(block.split()))
+            for block in re.findall(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", data, re.S)
+        ]
+    out = []
+    while data:
+        # One DER SEQUENCE: tag 0x30, then a definite length.
+        if data[0] != 0x30:
+            raise ValueError("not a DER SEQUENCE")
+        first = data[1]
+        if first < 0x80:
+            length, header = first, 2
+        else:
+            n = first & 0x7F
+            length, header = int.from_bytes(data[2 : 2 + n], "big"), 2 + n
+        out.append(data[: header + length])
+        data = data[header + length :]
+    return out
+
+
+def der(paths):
+    """Parses every certificate strictly (Python `cryptography` rejects what DER forbids) and reads
+    every extension, which is where the lenient parsers stop looking."""
+    from cryptography import x509
+
+    out = {}
+    for path in paths:
+        results = []
+        for blob in certificates(open(path, "rb").read()):
+            try:
+                cert = x509.load_der_x509_certificate(blob)
+                extensions = {}
+                for ext in cert.extensions:
+                    value = ext.value
+                    extensions[ext.oid.dotted_string] = {"critical": ext.critical, "value": repr(value)}
+                bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+                results.append(
+                    {
+                        "ok": True,
+                        "subject": cert.subject.rfc4514_string(),
+                        "ca": bc.value.ca,
+                        "basic_constraints_critical": bc.critical,
+                        "extensions": extensions,
+                    }
+                )
+            except Exception as e:  # noqa: BLE001 - the error is the result
+                results.append({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        out[path] = results
+    return out
+
+
+def main(argv):
+    command, args = argv[1], argv[2:]
+    if command == "authorities":
+        result = authorities(*args)
+    elif command == "pyspiffe":
+        result = pyspiffe(*args)
+    elif command == "sequential":
+        result = sequential(args[0], int(args[1]))
+    elif command == "bundles":
+        result = bundles(args[0])
+    elif command == "der":
+        result = der(args)
+    else:
+        raise SystemExit(f"unknown command {command}; see the usage at the top of this file")
+    print(json.dumps(result, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main(sys.argv)
