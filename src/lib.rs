@@ -1,4 +1,4 @@
-//! tbot: a declarative machine & workload identity agent (see `../shared/DESIGN.md` for the map).
+//! tbot: a declarative machine & workload identity agent (how it is built: `docs/architecture.md`).
 #![forbid(unsafe_code)]
 
 pub mod admin;
