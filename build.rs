@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Smaller per-call buffers than tonic's default (see src/workload_api/codec.rs).
+        .codec_path("crate::workload_api::codec::LeanCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

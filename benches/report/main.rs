@@ -39,6 +39,8 @@ pub enum Unit {
     Micros,
     Millis,
     MiB,
+    KiB,
+    Count,
 }
 
 impl Unit {
@@ -48,6 +50,8 @@ impl Unit {
             Unit::Micros => "µs",
             Unit::Millis => "ms",
             Unit::MiB => "MiB",
+            Unit::KiB => "KiB",
+            Unit::Count => "count",
         }
     }
 
@@ -57,6 +61,8 @@ impl Unit {
             Unit::Micros => format!("{v:.0} µs"),
             Unit::Millis => format!("{v:.1} ms"),
             Unit::MiB => format!("{v:.1} MiB"),
+            Unit::KiB => format!("{v:.1} KiB"),
+            Unit::Count => thousands(v),
         }
     }
 }

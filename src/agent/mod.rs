@@ -27,6 +27,38 @@ pub struct Agent {
     /// Why the bot identity cannot be renewed, while it cannot.
     renewal: watch::Receiver<Option<String>>,
     pub cache: Arc<SvidCache>,
+    /// Recent answers of the issuer's `resolve`, valid while the documents and the bot identity are
+    /// the ones they were made with (as a stream's own resolution is): a stream open or a JWT fetch
+    /// by a known caller asks the issuer nothing.
+    resolutions: std::sync::Mutex<Resolutions>,
+}
+
+/// Cached resolutions by selector and workload attributes, for one (policy, bot identity) epoch.
+#[derive(Default)]
+struct Resolutions {
+    policy: u64,
+    bot: Option<Arc<BotIdentity>>,
+    by_selector: std::collections::HashMap<IdentitySelector, std::collections::HashMap<Attributes, Vec<Resolved>>>,
+    entries: usize,
+    /// Moves on every [`Agent::forget_resolutions`]: an answer asked for before must not be kept.
+    forgotten: u64,
+}
+
+/// Cached resolutions at most; when full, the cache starts again (a caller not seen since asks again).
+const MAX_RESOLUTIONS: usize = 4096;
+
+impl Resolutions {
+    /// Makes sure the cache belongs to this epoch: anything from another is forgotten.
+    fn at(&mut self, policy: u64, bot: &Arc<BotIdentity>) -> bool {
+        let same = self.policy == policy && self.bot.as_ref().is_some_and(|b| Arc::ptr_eq(b, bot));
+        if !same {
+            self.by_selector.clear();
+            self.entries = 0;
+            self.policy = policy;
+            self.bot = Some(bot.clone());
+        }
+        same
+    }
 }
 
 impl Agent {
@@ -94,6 +126,7 @@ impl Agent {
             policy: watch::channel(0).0,
             renewal,
             cache,
+            resolutions: Default::default(),
         })
     }
 
@@ -151,19 +184,188 @@ impl Agent {
         self.bot.borrow().clone()
     }
 
-    /// The identities `selector` gives a caller with these attested attributes.
+    /// The identities `selector` gives a caller with these attested attributes: from the cache when
+    /// neither the documents nor the bot identity changed since the issuer last said.
     pub async fn resolve(
         &self,
         selector: &IdentitySelector,
         workload: &Attributes,
     ) -> Result<Vec<Resolved>, IssuerError> {
-        self.issuer
-            .resolve(&self.bot().certificate.der, selector, &workload.workload_only())
-            .await
+        let workload = workload.workload_only();
+        let bot = self.bot();
+        let policy = *self.policy.borrow();
+        let forgotten = {
+            let mut cache = self.resolutions.lock().expect("resolutions poisoned");
+            cache.at(policy, &bot);
+            if let Some(hit) = cache.by_selector.get(selector).and_then(|m| m.get(&workload)) {
+                return Ok(hit.clone());
+            }
+            cache.forgotten
+        };
+        let resolved = self.issuer.resolve(&bot.certificate.der, selector, &workload).await?;
+        let mut cache = self.resolutions.lock().expect("resolutions poisoned");
+        // Only if nothing changed meanwhile: an answer from before a change must not outlive it.
+        if cache.at(policy, &bot) && cache.forgotten == forgotten && *self.policy.borrow() == policy {
+            if cache.entries >= MAX_RESOLUTIONS {
+                cache.by_selector.clear();
+                cache.entries = 0;
+            }
+            cache.entries += 1;
+            cache
+                .by_selector
+                .entry(selector.clone())
+                .or_default()
+                .insert(workload, resolved.clone());
+        }
+        Ok(resolved)
+    }
+
+    /// The issuer's documents changed: forget every cached resolution (open streams keep theirs
+    /// until [`Agent::redecide`] tells them).
+    pub fn forget_resolutions(&self) {
+        let mut cache = self.resolutions.lock().expect("resolutions poisoned");
+        cache.by_selector.clear();
+        cache.entries = 0;
+        cache.forgotten += 1;
     }
 
     /// The trust bundle, now and on every change.
     pub fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {
         self.issuer.bundles()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::issuer::policy::policy_from_yaml;
+    use crate::issuer::{
+        BotCertificate, JoinRequest, JwtRequest, JwtSvid, LocalIssuer, RenewRequest, X509Request, X509Svid,
+    };
+
+    /// The in-process issuer, counting how often it is asked to resolve.
+    struct Counting {
+        inner: LocalIssuer,
+        resolves: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Issuer for Counting {
+        async fn challenge(&self) -> Result<String, IssuerError> {
+            self.inner.challenge().await
+        }
+        async fn join(&self, request: JoinRequest) -> Result<BotCertificate, IssuerError> {
+            self.inner.join(request).await
+        }
+        async fn renew(&self, request: RenewRequest) -> Result<BotCertificate, IssuerError> {
+            self.inner.renew(request).await
+        }
+        async fn resolve(
+            &self,
+            bot_certificate: &[u8],
+            selector: &IdentitySelector,
+            workload: &Attributes,
+        ) -> Result<Vec<Resolved>, IssuerError> {
+            self.resolves.fetch_add(1, Ordering::Relaxed);
+            self.inner.resolve(bot_certificate, selector, workload).await
+        }
+        async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {
+            self.inner.issue_x509(request).await
+        }
+        async fn issue_jwt(&self, request: JwtRequest) -> Result<JwtSvid, IssuerError> {
+            self.inner.issue_jwt(request).await
+        }
+        fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {
+            self.inner.bundles()
+        }
+    }
+
+    const DOCS: &str = "
+kind: cluster
+version: v1
+metadata: {name: example.org}
+spec: {}
+---
+kind: role
+version: v7
+metadata: {name: r}
+spec:
+  allow:
+    workload_identity_labels: {'*': '*'}
+    rules: [{resources: [workload_identity], verbs: [read, list]}]
+---
+kind: bot
+version: v1
+metadata: {name: b}
+spec: {roles: [r]}
+---
+kind: token
+version: v2
+metadata: {name: t}
+spec: {roles: [Bot], join_method: token, bot_name: b}
+---
+kind: workload_identity
+version: v1
+metadata: {name: wi}
+spec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}
+";
+
+    async fn agent() -> (Agent, Arc<Counting>) {
+        let issuer = Arc::new(Counting {
+            inner: LocalIssuer::open(Store::memory(), policy_from_yaml(DOCS)).unwrap(),
+            resolves: AtomicUsize::new(0),
+        });
+        let settings = JoinSettings {
+            method: JoinMethod::Token,
+            token: "t".into(),
+            ttl: std::time::Duration::from_secs(3600),
+            renewal_interval: std::time::Duration::from_secs(3600),
+        };
+        let agent = Agent::start(issuer.clone(), settings, Store::memory()).await.unwrap();
+        (agent, issuer)
+    }
+
+    fn caller(uid: u32) -> Attributes {
+        let mut a = Attributes::new();
+        a.set("workload.unix.uid", uid);
+        a
+    }
+
+    #[tokio::test]
+    async fn a_known_caller_is_resolved_from_the_cache_until_the_documents_change() {
+        let (agent, issuer) = agent().await;
+        let selector = IdentitySelector::Name("wi".into());
+        let first = agent.resolve(&selector, &caller(1)).await.unwrap();
+        let again = agent.resolve(&selector, &caller(1)).await.unwrap();
+        assert_eq!(first, again);
+        assert_eq!(
+            issuer.resolves.load(Ordering::Relaxed),
+            1,
+            "the second answer came from the cache"
+        );
+        agent.resolve(&selector, &caller(2)).await.unwrap();
+        assert_eq!(
+            issuer.resolves.load(Ordering::Relaxed),
+            2,
+            "another caller is asked for"
+        );
+        agent.forget_resolutions();
+        agent.resolve(&selector, &caller(1)).await.unwrap();
+        assert_eq!(
+            issuer.resolves.load(Ordering::Relaxed),
+            3,
+            "the issuer's documents changed"
+        );
+        agent
+            .redecide(&["wi".to_owned()].into(), std::time::Duration::ZERO)
+            .await;
+        agent.resolve(&selector, &caller(1)).await.unwrap();
+        assert_eq!(
+            issuer.resolves.load(Ordering::Relaxed),
+            4,
+            "streams were told to re-resolve"
+        );
     }
 }

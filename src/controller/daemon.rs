@@ -287,7 +287,9 @@ impl Daemon {
             .chain(causes_of(|a| matches!(a, Action::CreateCa { .. })))
             .collect();
         if !cluster_side.is_empty()
-            && let Err(e) = Policy::from_state(desired).and_then(|p| self.issuer.set_policy(p))
+            && let Err(e) = Policy::from_state(desired)
+                .and_then(|p| self.issuer.set_policy(p))
+                .inspect(|()| self.agent.forget_resolutions())
         {
             metrics.error("issuer_policy");
             tracing::error!(error = %e, hint = %e.hint(), "cannot apply the new documents to the issuer");

@@ -212,7 +212,7 @@ pub struct Resolved {
 }
 
 /// Which identities a service serves: one by name, or all that carry some labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum IdentitySelector {
     Name(String),
     Labels(BTreeMap<String, String>),

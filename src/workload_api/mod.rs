@@ -2,6 +2,7 @@
 //! credentials and attestation once per connection, the security header, and the streams.
 
 pub mod client;
+pub mod codec;
 pub mod listener;
 pub mod server;
 

@@ -9,8 +9,8 @@ use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Request, Response, Status};
 
@@ -148,54 +148,209 @@ fn x509_response(
     }))
 }
 
-type Stream<T> = ReceiverStream<Result<T, Status>>;
+/// An open `FetchX509SVID` stream: polled by tonic, no task or channel of its own (a stream costs
+/// its state and nothing else; a client that goes away drops it).
+struct X509Watch {
+    agent: Arc<Agent>,
+    config: watch::Receiver<ServiceConfig>,
+    workload: Attributes,
+    /// The first resolution, made before the call was answered.
+    first: Option<(Vec<Resolved>, Duration)>,
+    policy: watch::Receiver<u64>,
+    config_changes: watch::Receiver<ServiceConfig>,
+    stop: watch::Receiver<bool>,
+    /// The caller's slots and the bundle, and a change on any of them.
+    slots: Vec<watch::Receiver<Slot>>,
+    bundles: watch::Receiver<Arc<Bundles>>,
+    changes: Option<StreamMap<usize, Changes>>,
+    /// What the last message was made of (slot and bundle identities): each distinct state is sent once.
+    last_sent: Vec<usize>,
+    done: bool,
+    _open: OpenStream,
+}
 
-/// Streams a message built from the bundle on open and on every change, while the caller is
-/// entitled to an identity: when the documents or the service's selector change so that it is no
-/// longer, the stream ends with `PermissionDenied` (the Workload API's state machine, Appendix A).
-fn bundle_stream<T: Send + 'static>(api: &WorkloadApi, workload: Attributes, build: fn(&Bundles) -> T) -> Stream<T> {
-    let (tx, rx) = mpsc::channel(4);
-    let agent = api.agent.clone();
-    let config = api.config.clone();
-    let mut bundles = WatchStream::new(agent.bundles());
-    let mut policy = agent.policy_changes();
-    let mut config_changes = config.clone();
-    config_changes.mark_unchanged();
-    let stop = api.stop.clone();
-    tokio::spawn(async move {
-        let watcher = tx.clone();
-        let send_all = async {
-            loop {
-                tokio::select! {
-                    Some(b) = bundles.next() => {
-                        if tx.send(Ok(build(&b))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(()) = policy.changed() => {
-                        if let Err(status) = resolve_for(&agent, &config, &workload).await {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                    }
-                    Ok(()) = config_changes.changed() => {
-                        if let Err(status) = resolve_for(&agent, &config, &workload).await {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                    }
-                    else => return,
+type Changes = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>;
+
+/// Counts an open stream for `/metrics` while it lives.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> OpenStream {
+        crate::admin::metrics::metrics()
+            .active_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        crate::admin::metrics::metrics()
+            .active_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl X509Watch {
+    /// Subscribes to the slots of the caller's identities (resolving them again unless `first`).
+    async fn subscribe(&mut self) -> Result<(), Status> {
+        let (resolved, ttl) = match self.first.take() {
+            Some(first) => first,
+            None => resolve_for(&self.agent, &self.config, &self.workload).await?,
+        };
+        self.slots = resolved
+            .iter()
+            .map(|r| self.agent.cache.x509(r, &self.workload, ttl))
+            .collect();
+        self.bundles = self.agent.bundles();
+        let mut changes: StreamMap<usize, Changes> = StreamMap::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
+        }
+        changes.insert(usize::MAX, Box::pin(WatchStream::new(self.bundles.clone()).map(|_| ())));
+        self.changes = Some(changes);
+        Ok(())
+    }
+
+    /// The slot and bundle identities a message would be made of now.
+    fn fingerprint(&self) -> Vec<usize> {
+        let mut out: Vec<usize> = self
+            .slots
+            .iter()
+            .map(|s| match &*s.borrow() {
+                Slot::Ready(m) => Arc::as_ptr(m) as usize,
+                Slot::Pending => 0,
+                Slot::Failed { .. } => 1,
+            })
+            .collect();
+        out.push(Arc::as_ptr(&*self.bundles.borrow()) as usize);
+        out
+    }
+
+    /// The next message: at once on open, then on every change; `None` when the stream is over.
+    async fn next(&mut self) -> Option<Result<X509svidResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let Some(changes) = self.changes.as_mut() else {
+                // (Re-)resolve: at open, and whenever the documents or the service's config change.
+                if let Err(status) = self.subscribe().await {
+                    self.done = true;
+                    return Some(Err(status));
+                }
+                continue;
+            };
+            enum Woke {
+                Changed,
+                Resolve,
+                Stop,
+            }
+            let woke = tokio::select! {
+                Some(_) = changes.next() => Woke::Changed,
+                Ok(()) = self.policy.changed() => Woke::Resolve,
+                Ok(()) = self.config_changes.changed() => Woke::Resolve,
+                _ = stopped(self.stop.clone()) => Woke::Stop,
+            };
+            match woke {
+                Woke::Changed => {}
+                Woke::Resolve => {
+                    self.changes = None;
+                    continue;
+                }
+                Woke::Stop => return None,
+            }
+            // Several watches may fire for one change: send each distinct state once.
+            let fingerprint = self.fingerprint();
+            if fingerprint == self.last_sent {
+                continue;
+            }
+            let bundles = self.bundles.borrow().clone();
+            match x509_response(&self.slots, &bundles) {
+                None => continue,
+                Some(Ok(message)) => {
+                    self.last_sent = fingerprint;
+                    return Some(Ok(message));
+                }
+                Some(Err(status)) => {
+                    self.done = true;
+                    return Some(Err(status));
                 }
             }
-        };
-        // End when the daemon stops or the client goes away, not only at the next change.
-        tokio::select! {
-            _ = send_all => {}
-            _ = stopped(stop) => {}
-            _ = watcher.closed() => {}
         }
-    });
-    ReceiverStream::new(rx)
+    }
+}
+
+/// A response stream as tonic takes it.
+type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// An open bundle stream (`FetchX509Bundles`, `FetchJWTBundles`), polled by tonic like [`X509Watch`].
+struct BundleWatch<T> {
+    agent: Arc<Agent>,
+    config: watch::Receiver<ServiceConfig>,
+    workload: Attributes,
+    bundles: WatchStream<Arc<Bundles>>,
+    policy: watch::Receiver<u64>,
+    config_changes: watch::Receiver<ServiceConfig>,
+    stop: watch::Receiver<bool>,
+    build: fn(&Bundles) -> T,
+    done: bool,
+}
+
+impl<T> BundleWatch<T> {
+    /// The bundle on open and on every change, while the caller is entitled to an identity: when
+    /// the documents or the service's selector change so that it is no longer, the stream ends with
+    /// `PermissionDenied` (the Workload API's state machine, Appendix A).
+    async fn next(&mut self) -> Option<Result<T, Status>> {
+        if self.done {
+            return None;
+        }
+        enum Woke {
+            Bundles(Arc<Bundles>),
+            Resolve,
+            Stop,
+        }
+        loop {
+            let woke = tokio::select! {
+                Some(b) = self.bundles.next() => Woke::Bundles(b),
+                Ok(()) = self.policy.changed() => Woke::Resolve,
+                Ok(()) = self.config_changes.changed() => Woke::Resolve,
+                _ = stopped(self.stop.clone()) => Woke::Stop,
+                else => Woke::Stop,
+            };
+            match woke {
+                Woke::Bundles(bundles) => return Some(Ok((self.build)(&bundles))),
+                Woke::Resolve => {
+                    if let Err(status) = resolve_for(&self.agent, &self.config, &self.workload).await {
+                        self.done = true;
+                        return Some(Err(status));
+                    }
+                }
+                Woke::Stop => return None,
+            }
+        }
+    }
+}
+
+/// The bundle stream for a caller already found entitled.
+fn bundle_stream<T: Send + 'static>(api: &WorkloadApi, workload: Attributes, build: fn(&Bundles) -> T) -> Stream<T> {
+    let mut config_changes = api.config.clone();
+    config_changes.mark_unchanged();
+    let watch = BundleWatch {
+        agent: api.agent.clone(),
+        config: api.config.clone(),
+        workload,
+        bundles: WatchStream::new(api.agent.bundles()),
+        policy: api.agent.policy_changes(),
+        config_changes,
+        stop: api.stop.clone(),
+        build,
+        done: false,
+    };
+    Box::pin(futures_util::stream::unfold(watch, |mut watch| async move {
+        let item = watch.next().await?;
+        Some((item, watch))
+    }))
 }
 
 #[tonic::async_trait]
@@ -210,74 +365,32 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
         let workload = attested(&request)?;
-        let agent = self.agent.clone();
-        let config = self.config.clone();
-        let mut policy = agent.policy_changes();
-        let mut config_changes = config.clone();
+        let mut config_changes = self.config.clone();
         config_changes.mark_unchanged();
-        let first = resolve_for(&agent, &config, &workload).await?;
-        let (tx, rx) = mpsc::channel(4);
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            let streams = &crate::admin::metrics::metrics().active_streams;
-            streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let watcher = tx.clone();
-            let send_all = async {
-                let mut next = Some(first);
-                let mut last_sent = None;
-                loop {
-                    // (Re-)resolve: at open, and whenever the documents or the service's config change.
-                    let (resolved, ttl) = match next.take() {
-                        Some(r) => r,
-                        None => match resolve_for(&agent, &config, &workload).await {
-                            Ok(r) => r,
-                            Err(status) => {
-                                let _ = tx.send(Err(status)).await;
-                                return;
-                            }
-                        },
-                    };
-                    let slots: Vec<_> = resolved.iter().map(|r| agent.cache.x509(r, &workload, ttl)).collect();
-                    let bundles_rx = agent.bundles();
-                    let mut changes: StreamMap<usize, std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>> =
-                        StreamMap::new();
-                    for (i, slot) in slots.iter().enumerate() {
-                        changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
-                    }
-                    changes.insert(usize::MAX, Box::pin(WatchStream::new(bundles_rx.clone()).map(|_| ())));
-                    loop {
-                        tokio::select! {
-                            Some(_) = changes.next() => {}
-                            Ok(()) = policy.changed() => break,
-                            Ok(()) = config_changes.changed() => break,
-                        }
-                        let bundles = bundles_rx.borrow().clone();
-                        match x509_response(&slots, &bundles) {
-                            None => continue,
-                            // Several watches may fire for one change: send each distinct state once.
-                            Some(Ok(message)) if last_sent.as_ref() == Some(&message) => continue,
-                            Some(Ok(message)) => {
-                                last_sent = Some(message.clone());
-                                if tx.send(Ok(message)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Some(Err(status)) => {
-                                let _ = tx.send(Err(status)).await;
-                                return;
-                            }
-                        }
-                    }
-                }
-            };
-            tokio::select! {
-                _ = send_all => {}
-                _ = stopped(stop) => {}
-                _ = watcher.closed() => {}
-            }
-            streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let policy = self.agent.policy_changes();
+        let first = resolve_for(&self.agent, &self.config, &workload).await?;
+        let watch = X509Watch {
+            agent: self.agent.clone(),
+            config: self.config.clone(),
+            workload,
+            first: Some(first),
+            policy,
+            config_changes,
+            stop: self.stop.clone(),
+            slots: Vec::new(),
+            bundles: self.agent.bundles(),
+            changes: None,
+            last_sent: Vec::new(),
+            done: false,
+            _open: OpenStream::new(),
+        };
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            watch,
+            |mut watch| async move {
+                let item = watch.next().await?;
+                Some((item, watch))
+            },
+        ))))
     }
 
     async fn fetch_x509_bundles(
