@@ -191,18 +191,24 @@ impl Agent {
         selector: &IdentitySelector,
         workload: &Attributes,
     ) -> Result<Vec<Resolved>, IssuerError> {
-        let workload = workload.workload_only();
+        // Attested attributes are all `workload.*` already: no copy on the hot path.
+        let workload = if workload.is_workload_only() {
+            std::borrow::Cow::Borrowed(workload)
+        } else {
+            std::borrow::Cow::Owned(workload.workload_only())
+        };
+        let workload = workload.as_ref();
         let bot = self.bot();
         let policy = *self.policy.borrow();
         let forgotten = {
             let mut cache = self.resolutions.lock().expect("resolutions poisoned");
             cache.at(policy, &bot);
-            if let Some(hit) = cache.by_selector.get(selector).and_then(|m| m.get(&workload)) {
+            if let Some(hit) = cache.by_selector.get(selector).and_then(|m| m.get(workload)) {
                 return Ok(hit.clone());
             }
             cache.forgotten
         };
-        let resolved = self.issuer.resolve(&bot.certificate.der, selector, &workload).await?;
+        let resolved = self.issuer.resolve(&bot.certificate.der, selector, workload).await?;
         let mut cache = self.resolutions.lock().expect("resolutions poisoned");
         // Only if nothing changed meanwhile: an answer from before a change must not outlive it.
         if cache.at(policy, &bot) && cache.forgotten == forgotten && *self.policy.borrow() == policy {
@@ -215,7 +221,7 @@ impl Agent {
                 .by_selector
                 .entry(selector.clone())
                 .or_default()
-                .insert(workload, resolved.clone());
+                .insert(workload.clone(), resolved.clone());
         }
         Ok(resolved)
     }

@@ -49,6 +49,11 @@ impl Attributes {
     }
 
     /// Only the `workload.*` attributes: what an agent may assert about a caller.
+    /// Whether every attribute is a `workload.*` one (as attestation makes them).
+    pub fn is_workload_only(&self) -> bool {
+        self.0.keys().all(|k| k.starts_with("workload."))
+    }
+
     pub fn workload_only(&self) -> Attributes {
         Attributes(
             self.0

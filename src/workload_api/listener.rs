@@ -22,7 +22,8 @@ use crate::issuer::Attributes;
 pub struct Caller {
     /// `None` over TCP, where there are no peer credentials.
     pub peer: Option<Peer>,
-    pub attested: Result<Attributes, AttestError>,
+    /// Shared by every request of the connection.
+    pub attested: Result<Arc<Attributes>, AttestError>,
 }
 
 /// The connection info tonic hands to every request of a connection.
@@ -202,7 +203,10 @@ pub fn incoming_unix(
                         reason: "the socket gave no peer credentials".into(),
                     }),
                 };
-                let info = CallerInfo(Arc::new(Caller { peer, attested }));
+                let info = CallerInfo(Arc::new(Caller {
+                    peer,
+                    attested: attested.map(Arc::new),
+                }));
                 let _ = tx
                     .send(Ok(Conn {
                         io: Io::Unix(stream),
@@ -227,7 +231,7 @@ pub fn incoming_tcp(listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
             };
             let info = CallerInfo(Arc::new(Caller {
                 peer: None,
-                attested: Ok(Attributes::new()),
+                attested: Ok(Arc::new(Attributes::new())),
             }));
             if tx
                 .send(Ok(Conn {

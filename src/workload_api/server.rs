@@ -79,7 +79,7 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
 }
 
 /// The caller's attested attributes.
-fn attested<T>(request: &Request<T>) -> Result<Attributes, Status> {
+fn attested<T>(request: &Request<T>) -> Result<Arc<Attributes>, Status> {
     let info = request
         .extensions()
         .get::<CallerInfo>()
@@ -153,7 +153,7 @@ fn x509_response(
 struct X509Watch {
     agent: Arc<Agent>,
     config: watch::Receiver<ServiceConfig>,
-    workload: Attributes,
+    workload: Arc<Attributes>,
     /// The first resolution, made before the call was answered.
     first: Option<(Vec<Resolved>, Duration)>,
     policy: watch::Receiver<u64>,
@@ -288,7 +288,7 @@ type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Sta
 struct BundleWatch<T> {
     agent: Arc<Agent>,
     config: watch::Receiver<ServiceConfig>,
-    workload: Attributes,
+    workload: Arc<Attributes>,
     bundles: WatchStream<Arc<Bundles>>,
     policy: watch::Receiver<u64>,
     config_changes: watch::Receiver<ServiceConfig>,
@@ -333,7 +333,11 @@ impl<T> BundleWatch<T> {
 }
 
 /// The bundle stream for a caller already found entitled.
-fn bundle_stream<T: Send + 'static>(api: &WorkloadApi, workload: Attributes, build: fn(&Bundles) -> T) -> Stream<T> {
+fn bundle_stream<T: Send + 'static>(
+    api: &WorkloadApi,
+    workload: Arc<Attributes>,
+    build: fn(&Bundles) -> T,
+) -> Stream<T> {
     let mut config_changes = api.config.clone();
     config_changes.mark_unchanged();
     let watch = BundleWatch {
