@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"
@@ -32,6 +34,16 @@ if ! cmp -s "$requirements" "$venv/requirements.installed" 2>/dev/null; then
     cp "$requirements" "$venv/requirements.installed"
 fi
 export TBOT_TEST_VENV="$PWD/$venv"
+
+# The JavaScript peer (@grpc/grpc-js, a gRPC implementation of its own) into target/test-node.
+node_peers=target/test-node
+if ! cmp -s tests/peers/node/package.json "$node_peers/package.json" 2>/dev/null; then
+    echo "installing the JavaScript test peers (tests/peers/node/package.json) into $node_peers" >&2
+    mkdir -p "$node_peers"
+    cp tests/peers/node/package.json "$node_peers/package.json"
+    (cd "$node_peers" && npm install --no-audit --no-fund --silent)
+fi
+export TBOT_TEST_NODE_MODULES="$PWD/$node_peers/node_modules"
 
 cargo test --doc -q
 if cargo nextest --version >/dev/null 2>&1; then

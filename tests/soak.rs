@@ -8,7 +8,8 @@
 //! `PermissionDenied` is expected then, by design).
 //! Runs `TBOT_SOAK_SECS` (default 180) and reports errors by code, the daemon's resident memory and
 //! open file descriptors after the warm-up and at the end, and fails if anything but
-//! `PermissionDenied` went wrong, if memory grew by more than 20%, or if descriptors leaked.
+//! `PermissionDenied` went wrong, if memory grew by more than 20% (or by more than 5% over the second
+//! half of the run), or if descriptors leaked.
 //! `TBOT_REPORT_DIR` receives `soak.json`.
 
 mod common;
@@ -153,6 +154,7 @@ async fn soak() {
     let warm_up = Duration::from_secs((seconds / 10).clamp(5, 30));
     let started = Instant::now();
     let mut at_start = None;
+    let mut at_half = None;
     let mut samples = Vec::new();
     let mut edit = 0u64;
     while started.elapsed() < Duration::from_secs(seconds) {
@@ -169,6 +171,9 @@ async fn soak() {
         if at_start.is_none() && started.elapsed() >= warm_up {
             at_start = Some(usage(daemon.pid()));
         }
+        if at_half.is_none() && started.elapsed() >= Duration::from_secs(seconds / 2) {
+            at_half = Some(usage(daemon.pid()));
+        }
         if edit.is_multiple_of(10) {
             samples.push((started.elapsed().as_secs(), usage(daemon.pid())));
         }
@@ -183,6 +188,7 @@ async fn soak() {
     }
     let (rss_start, fds_start) = at_start.expect("the run outlasts its warm-up");
     let (rss_end, fds_end) = at_end;
+    let (rss_half, _) = at_half.expect("the run has a second half");
     let errors = tally.errors.lock().unwrap().clone();
     let report = serde_json::json!({
         "seconds": seconds,
@@ -194,6 +200,7 @@ async fn soak() {
         "permission_denied": tally.denied.load(Ordering::Relaxed),
         "errors": errors,
         "rss_mib_start": rss_start,
+        "rss_mib_half": rss_half,
         "rss_mib_end": rss_end,
         "fds_start": fds_start,
         "fds_end": fds_end,
@@ -219,6 +226,10 @@ async fn soak() {
     assert!(
         rss_end <= rss_start * 1.2,
         "resident memory grew: {rss_start:.1} MiB → {rss_end:.1} MiB"
+    );
+    assert!(
+        rss_end <= rss_half * 1.05,
+        "resident memory grew over the second half: {rss_half:.1} MiB → {rss_end:.1} MiB"
     );
     assert!(
         fds_end <= fds_start + 8,

@@ -338,37 +338,7 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     async fn cache() -> Arc<SvidCache> {
-        let policy = policy_from_yaml(
-            "
-kind: cluster
-version: v1
-metadata: {name: example.org}
-spec: {}
----
-kind: role
-version: v7
-metadata: {name: r}
-spec:
-  allow:
-    workload_identity_labels: {'*': '*'}
-    rules: [{resources: [workload_identity], verbs: [read, list]}]
----
-kind: bot
-version: v1
-metadata: {name: b}
-spec: {roles: [r]}
----
-kind: token
-version: v2
-metadata: {name: t}
-spec: {roles: [Bot], join_method: token, bot_name: b}
----
-kind: workload_identity
-version: v1
-metadata: {name: wi}
-spec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}
-",
-        );
+        let policy = policy_from_yaml(crate::agent::TEST_DOCUMENTS);
         let issuer: Arc<dyn Issuer> = Arc::new(LocalIssuer::open(Store::memory(), policy).unwrap());
         let settings = JoinSettings {
             method: JoinMethod::Token,
