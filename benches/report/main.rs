@@ -325,7 +325,7 @@ const SECTION_NOTES: [(&str, &str); 6] = [
     ),
     (
         "api",
-        "the Workload API on a unix socket with attestation, against a bare tonic server on the same kind of socket",
+        "the Workload API on a unix socket with attestation, against bare tonic servers on the same kind of socket (a unary health check, and a `SpiffeWorkloadAPI` that streams one prepared message); and how many SVIDs 1,000 one-shot fetches by one workload mint",
     ),
     (
         "edit",
@@ -337,7 +337,7 @@ const SECTION_NOTES: [(&str, &str); 6] = [
     ),
     (
         "streams",
-        "1,000 open `FetchX509SVID` streams, each on its own connection: the daemon's memory, and a CA rotation (a `key_algorithm` edit) until every stream has a new SVID",
+        "1,000 open `FetchX509SVID` streams, each on its own connection: the daemon's memory (in all, and per stream against a bare attested connection), and a CA rotation (a `key_algorithm` edit) until every stream has a new SVID",
     ),
 ];
 
