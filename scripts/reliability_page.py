@@ -93,6 +93,8 @@ if soak:
         f"| `PermissionDenied` (the edits that take the permission away cause these by design) | {s['permission_denied']:,} |",
         f"| other errors | {errors} |",
         f"| daemon resident memory after the warm-up → at the end | {s['rss_mib_start']:.1f} MiB → {s['rss_mib_end']:.1f} MiB |",
+        f"| daemon resident memory at half time → at the end | {s.get('rss_mib_half', 0):.1f} MiB → {s['rss_mib_end']:.1f} MiB "
+        f"({(s['rss_mib_end'] / s['rss_mib_half'] - 1) * 100 if s.get('rss_mib_half') else 0:+.1f}%) |",
         f"| daemon open file descriptors after the warm-up → at the end | {s['fds_start']} → {s['fds_end']} |",
     ]
     samples = s["samples"]
@@ -107,10 +109,24 @@ if soak:
                 "",
                 f"Growth over the last {last['t'] - back['t']} s: {last['rss_mib'] - back['rss_mib']:.1f} MiB; over the first "
                 f"{first_half[-1]['t'] - samples[0]['t']} s: {first_half[-1]['rss_mib'] - samples[0]['rss_mib']:.1f} MiB "
-                "(the soak test fails above +20% from the warm-up to the end).",
+                "(the soak test fails above +5% over the second half).",
             ]
     if errors:
         lines += ["", "Errors: " + json.dumps(s["errors"])]
+    lines += [
+        "",
+        "Where the memory went (heaptrack attached to the daemon for 200 s of a soak, 2026-12-01): the live",
+        "heap does not grow. What was still allocated when the daemon was killed (8.6 MiB) was the open",
+        "connections' HTTP/2 buffers (h2's 16 KiB write buffer, 8 KiB read buffer and 4 KiB frame decoder",
+        "per connection, about 205 connections) and their tasks; the peak live heap was 11.5 MiB while the",
+        "resident size was about 44 MiB. The rest was the allocator's: every fifth edit disconnects all",
+        "300 clients at once, their reconnections are attested on tokio's blocking pool, which may start",
+        "up to 512 threads for such a burst that exit 10 s later, and glibc keeps what each thread's",
+        "arena touched (the thread count was not recorded; the next line is the evidence). With the pool",
+        "bounded to 16 threads (`tbot start`'s runtime) the same soak stays near 37 MiB",
+        "(it rose to 44 MiB before, +6% over the second half). mimalloc instead of glibc was tried too,",
+        "and was much worse (148 → 300 MiB in 300 s).",
+    ]
 
 fuzz_rows = []
 for target in ["load", "template", "spiffe_id"]:

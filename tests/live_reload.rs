@@ -769,3 +769,44 @@ fn a_new_file_that_fails_to_load_is_listed_by_status_get_readyz_and_metrics_unti
     }
     assert!(http_get(port, "/metrics").contains("tbot_config_files_failing 0"));
 }
+
+#[test]
+fn tbotctl_status_and_the_start_log_give_the_ca_pin_that_openssl_computes() {
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
+    let daemon = Daemon::start(dir, socket);
+    let issuer_dir = daemon.dir.path().join("state/issuer/quickstart.tbot.local");
+    let ca = std::fs::read_dir(&issuer_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "der"))
+        .expect("a CA certificate on disk");
+    // The SubjectPublicKeyInfo, by openssl, and its SHA-256.
+    let public_pem = daemon.dir.path().join("ca-public.pem");
+    let public_der = daemon.dir.path().join("ca-public.der");
+    let pem = common::openssl(&[
+        "x509",
+        "-inform",
+        "DER",
+        "-in",
+        ca.to_str().unwrap(),
+        "-pubkey",
+        "-noout",
+    ]);
+    std::fs::write(&public_pem, pem).unwrap();
+    common::openssl(&[
+        "pkey",
+        "-pubin",
+        "-in",
+        public_pem.to_str().unwrap(),
+        "-outform",
+        "DER",
+        "-out",
+        public_der.to_str().unwrap(),
+    ]);
+    let digest = common::openssl(&["dgst", "-sha256", "-r", public_der.to_str().unwrap()]);
+    let pin = format!("sha256:{}", digest.split_whitespace().next().unwrap());
+    assert_eq!(pin.len(), "sha256:".len() + 64);
+    let status = common::stdout(&daemon.tbotctl(&["status"]));
+    assert!(status.contains(&format!("CA pin: {pin}")), "{status}");
+    assert!(wait_for_log(&daemon, &pin), "{}", daemon.log());
+}

@@ -17,6 +17,8 @@ use crate::workload_api::listener::{self, CallerInfo};
 #[derive(Debug, Clone, Default)]
 pub struct DaemonInfo {
     pub trust_domain: String,
+    /// `sha256:<hex>` of each CA certificate's SubjectPublicKeyInfo in the trust bundle.
+    pub ca_pins: Vec<String>,
     pub bot: String,
     pub bot_expires: String,
     pub services: Vec<(String, String)>,
@@ -273,6 +275,7 @@ impl Admin for AdminApi {
         let table = self.status.read().expect("status poisoned");
         Ok(Response::new(StatusResponse {
             trust_domain: info.trust_domain,
+            ca_pins: info.ca_pins,
             bot: info.bot,
             bot_expires: info.bot_expires,
             services: info

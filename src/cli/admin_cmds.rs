@@ -290,6 +290,9 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         Err(status) => return explain(status),
     };
     println!("tbot (pid {}) for trust domain {}", s.pid, s.trust_domain);
+    for pin in &s.ca_pins {
+        println!("CA pin: {pin}");
+    }
     println!("bot: {} (certificate expires {})", s.bot, s.bot_expires);
     for svc in &s.services {
         println!("listener {}: {}", svc.name, svc.listen);

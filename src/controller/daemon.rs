@@ -547,6 +547,7 @@ impl Daemon {
             let mut info = self.info.write().expect("info poisoned");
             info.bot = bot.certificate.bot.clone();
             info.bot_expires = bot.certificate.not_after.to_string();
+            info.ca_pins = ca_pins(&self.agent.bundles().borrow());
             info.services = self
                 .services
                 .iter()
@@ -714,8 +715,11 @@ pub async fn run(options: StartOptions) -> ExitCode {
     };
     let status = Arc::new(std::sync::RwLock::new(StatusTable::default()));
     status.write().expect("status poisoned").observe(&loaded.state);
+    let pins = ca_pins(&issuer.bundles().borrow());
+    tracing::info!(ca_pin = %pins.join(", "), "the trust domain's CA");
     let info = Arc::new(std::sync::RwLock::new(DaemonInfo {
         trust_domain: issuer.policy().trust_domain.as_str().to_owned(),
+        ca_pins: pins,
         ..DaemonInfo::default()
     }));
     let (status_version, status_version_rx) = watch::channel(0u64);
@@ -848,4 +852,13 @@ async fn serve(
     if let Err(e) = result {
         tracing::error!(error = %e, "the Workload API server failed");
     }
+}
+
+/// The pins of the CAs in the trust bundle (`tbotctl status`, the start log).
+fn ca_pins(bundles: &crate::issuer::Bundles) -> Vec<String> {
+    bundles
+        .x509_authorities
+        .iter()
+        .filter_map(|der| crate::issuer::ca::spki_pin(der))
+        .collect()
 }

@@ -19,7 +19,7 @@ use super::listener::CallerInfo;
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::*;
 use crate::agent::attest::AttestError;
-use crate::agent::{Agent, Slot};
+use crate::agent::{Agent, Slot, X509Material};
 use crate::issuer::{Attributes, Bundles, IdentitySelector, IssuerError, Resolved};
 
 /// What a service decides by: its selector and the lifetime of the SVIDs it serves. Swapped live.
@@ -163,13 +163,33 @@ struct X509Watch {
     slots: Vec<watch::Receiver<Slot>>,
     bundles: watch::Receiver<Arc<Bundles>>,
     changes: Option<StreamMap<usize, Changes>>,
-    /// What the last message was made of (slot and bundle identities): each distinct state is sent once.
-    last_sent: Vec<usize>,
+    /// What the last message was made of: each distinct state is sent once.
+    last_sent: Option<Made>,
     done: bool,
     _open: OpenStream,
 }
 
 type Changes = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>;
+
+/// The SVIDs (`None`: pending or failed) and the bundle a message was made of. Holding them keeps
+/// their allocations alive, so comparing by pointer cannot mistake a new SVID for an old one.
+struct Made {
+    slots: Vec<Option<Arc<X509Material>>>,
+    bundles: Arc<Bundles>,
+}
+
+impl Made {
+    fn same_as(&self, other: &Made) -> bool {
+        let same = |a: &Option<Arc<X509Material>>, b: &Option<Arc<X509Material>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        Arc::ptr_eq(&self.bundles, &other.bundles)
+            && self.slots.len() == other.slots.len()
+            && self.slots.iter().zip(&other.slots).all(|(a, b)| same(a, b))
+    }
+}
 
 /// Counts an open stream for `/metrics` while it lives.
 struct OpenStream;
@@ -212,19 +232,19 @@ impl X509Watch {
         Ok(())
     }
 
-    /// The slot and bundle identities a message would be made of now.
-    fn fingerprint(&self) -> Vec<usize> {
-        let mut out: Vec<usize> = self
-            .slots
-            .iter()
-            .map(|s| match &*s.borrow() {
-                Slot::Ready(m) => Arc::as_ptr(m) as usize,
-                Slot::Pending => 0,
-                Slot::Failed { .. } => 1,
-            })
-            .collect();
-        out.push(Arc::as_ptr(&*self.bundles.borrow()) as usize);
-        out
+    /// What a message would be made of now.
+    fn made(&self) -> Made {
+        Made {
+            slots: self
+                .slots
+                .iter()
+                .map(|s| match &*s.borrow() {
+                    Slot::Ready(m) => Some(m.clone()),
+                    Slot::Pending | Slot::Failed { .. } => None,
+                })
+                .collect(),
+            bundles: self.bundles.borrow().clone(),
+        }
     }
 
     /// The next message: at once on open, then on every change; `None` when the stream is over.
@@ -261,15 +281,14 @@ impl X509Watch {
                 Woke::Stop => return None,
             }
             // Several watches may fire for one change: send each distinct state once.
-            let fingerprint = self.fingerprint();
-            if fingerprint == self.last_sent {
+            let made = self.made();
+            if self.last_sent.as_ref().is_some_and(|last| last.same_as(&made)) {
                 continue;
             }
-            let bundles = self.bundles.borrow().clone();
-            match x509_response(&self.slots, &bundles) {
+            match x509_response(&self.slots, &made.bundles) {
                 None => continue,
                 Some(Ok(message)) => {
-                    self.last_sent = fingerprint;
+                    self.last_sent = Some(made);
                     return Some(Ok(message));
                 }
                 Some(Err(status)) => {
@@ -384,7 +403,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             slots: Vec::new(),
             bundles: self.agent.bundles(),
             changes: None,
-            last_sent: Vec::new(),
+            last_sent: None,
             done: false,
             _open: OpenStream::new(),
         };
