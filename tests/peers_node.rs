@@ -26,8 +26,7 @@ fn node_modules() -> Option<PathBuf> {
         "node or @grpc/grpc-js is missing ({}); run scripts/test.sh, which installs them",
         dir.display()
     );
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
-    eprintln!("skipping: {message}");
+    common::peer_missing(&message);
     None
 }
 
