@@ -148,24 +148,91 @@ fn x509_response(
     }))
 }
 
-/// An open `FetchX509SVID` stream: polled by tonic, no task or channel of its own (a stream costs
-/// its state and nothing else; a client that goes away drops it).
-struct X509Watch {
+/// A caller as an open stream follows it: who it is, and what makes the stream resolve it again (an
+/// edit of the documents, the service's selector or lifetime) or end (the daemon stopping).
+struct Follow {
     agent: Arc<Agent>,
     config: watch::Receiver<ServiceConfig>,
     workload: Arc<Attributes>,
-    /// The first resolution, made before the call was answered.
-    first: Option<(Vec<Resolved>, Duration)>,
     policy: watch::Receiver<u64>,
     config_changes: watch::Receiver<ServiceConfig>,
     stop: watch::Receiver<bool>,
-    /// The caller's slots and the bundle, and a change on any of them.
+}
+
+/// Why [`Follow::wake`] returned.
+enum Woke<T> {
+    /// The stream's own data changed.
+    Data(T),
+    /// The caller must be resolved again.
+    Resolve,
+    /// The daemon is stopping.
+    Stop,
+}
+
+impl Follow {
+    /// Starts following: changes from now on count.
+    fn new(api: &WorkloadApi, workload: Arc<Attributes>) -> Follow {
+        let mut config_changes = api.config.clone();
+        config_changes.mark_unchanged();
+        Follow {
+            agent: api.agent.clone(),
+            config: api.config.clone(),
+            workload,
+            policy: api.agent.policy_changes(),
+            config_changes,
+            stop: api.stop.clone(),
+        }
+    }
+
+    async fn resolve(&self) -> Result<(Vec<Resolved>, Duration), Status> {
+        resolve_for(&self.agent, &self.config, &self.workload).await
+    }
+
+    /// Waits for `data`, a reason to resolve the caller again, or the daemon's stop.
+    async fn wake<T>(&mut self, data: impl std::future::Future<Output = Option<T>>) -> Woke<T> {
+        tokio::select! {
+            Some(d) = data => Woke::Data(d),
+            Ok(()) = self.policy.changed() => Woke::Resolve,
+            Ok(()) = self.config_changes.changed() => Woke::Resolve,
+            _ = stopped(self.stop.clone()) => Woke::Stop,
+            else => Woke::Stop,
+        }
+    }
+}
+
+/// An open stream's state: tonic polls it through [`into_stream`].
+trait Watch: Send + 'static {
+    type Item: Send + 'static;
+
+    /// The next message, or `None` when the stream is over.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<Result<Self::Item, Status>>> + Send;
+}
+
+/// A response stream as tonic takes it.
+type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// The stream tonic polls: no task or channel of its own (a client that goes away drops it); an
+/// error is its last message.
+fn into_stream<W: Watch>(watch: W) -> Stream<W::Item> {
+    Box::pin(futures_util::stream::unfold(Some(watch), |watch| async move {
+        let mut watch = watch?;
+        let item = watch.next().await?;
+        let more = item.is_ok().then_some(watch);
+        Some((item, more))
+    }))
+}
+
+/// An open `FetchX509SVID` stream.
+struct X509Watch {
+    follow: Follow,
+    /// The first resolution, made before the call was answered.
+    first: Option<(Vec<Resolved>, Duration)>,
+    /// The caller's slots and the bundle, and a change on any of them (`None`: resolve first).
     slots: Vec<watch::Receiver<Slot>>,
     bundles: watch::Receiver<Arc<Bundles>>,
     changes: Option<StreamMap<usize, Changes>>,
     /// What the last message was made of: each distinct state is sent once.
     last_sent: Option<Made>,
-    done: bool,
     _open: OpenStream,
 }
 
@@ -216,13 +283,11 @@ impl X509Watch {
     async fn subscribe(&mut self) -> Result<(), Status> {
         let (resolved, ttl) = match self.first.take() {
             Some(first) => first,
-            None => resolve_for(&self.agent, &self.config, &self.workload).await?,
+            None => self.follow.resolve().await?,
         };
-        self.slots = resolved
-            .iter()
-            .map(|r| self.agent.cache.x509(r, &self.workload, ttl))
-            .collect();
-        self.bundles = self.agent.bundles();
+        let (agent, workload) = (&self.follow.agent, &self.follow.workload);
+        self.slots = resolved.iter().map(|r| agent.cache.x509(r, workload, ttl)).collect();
+        self.bundles = agent.bundles();
         let mut changes: StreamMap<usize, Changes> = StreamMap::new();
         for (i, slot) in self.slots.iter().enumerate() {
             changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
@@ -246,34 +311,23 @@ impl X509Watch {
             bundles: self.bundles.borrow().clone(),
         }
     }
+}
 
-    /// The next message: at once on open, then on every change; `None` when the stream is over.
+impl Watch for X509Watch {
+    type Item = X509svidResponse;
+
+    /// At once on open, then on every change.
     async fn next(&mut self) -> Option<Result<X509svidResponse, Status>> {
-        if self.done {
-            return None;
-        }
         loop {
             let Some(changes) = self.changes.as_mut() else {
                 // (Re-)resolve: at open, and whenever the documents or the service's config change.
                 if let Err(status) = self.subscribe().await {
-                    self.done = true;
                     return Some(Err(status));
                 }
                 continue;
             };
-            enum Woke {
-                Changed,
-                Resolve,
-                Stop,
-            }
-            let woke = tokio::select! {
-                Some(_) = changes.next() => Woke::Changed,
-                Ok(()) = self.policy.changed() => Woke::Resolve,
-                Ok(()) = self.config_changes.changed() => Woke::Resolve,
-                _ = stopped(self.stop.clone()) => Woke::Stop,
-            };
-            match woke {
-                Woke::Changed => {}
+            match self.follow.wake(changes.next()).await {
+                Woke::Data(_) => {}
                 Woke::Resolve => {
                     self.changes = None;
                     continue;
@@ -286,62 +340,36 @@ impl X509Watch {
                 continue;
             }
             match x509_response(&self.slots, &made.bundles) {
+                // A slot is still being issued: its change wakes us again.
                 None => continue,
                 Some(Ok(message)) => {
                     self.last_sent = Some(made);
                     return Some(Ok(message));
                 }
-                Some(Err(status)) => {
-                    self.done = true;
-                    return Some(Err(status));
-                }
+                Some(Err(status)) => return Some(Err(status)),
             }
         }
     }
 }
 
-/// A response stream as tonic takes it.
-type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
-
-/// An open bundle stream (`FetchX509Bundles`, `FetchJWTBundles`), polled by tonic like [`X509Watch`].
+/// An open bundle stream (`FetchX509Bundles`, `FetchJWTBundles`): the bundle on open and on every
+/// change, while the caller is entitled to an identity; when an edit takes that away, the stream
+/// ends with `PermissionDenied` (the Workload API's state machine, Appendix A).
 struct BundleWatch<T> {
-    agent: Arc<Agent>,
-    config: watch::Receiver<ServiceConfig>,
-    workload: Arc<Attributes>,
+    follow: Follow,
     bundles: WatchStream<Arc<Bundles>>,
-    policy: watch::Receiver<u64>,
-    config_changes: watch::Receiver<ServiceConfig>,
-    stop: watch::Receiver<bool>,
     build: fn(&Bundles) -> T,
-    done: bool,
 }
 
-impl<T> BundleWatch<T> {
-    /// The bundle on open and on every change, while the caller is entitled to an identity: when
-    /// the documents or the service's selector change so that it is no longer, the stream ends with
-    /// `PermissionDenied` (the Workload API's state machine, Appendix A).
+impl<T: Send + 'static> Watch for BundleWatch<T> {
+    type Item = T;
+
     async fn next(&mut self) -> Option<Result<T, Status>> {
-        if self.done {
-            return None;
-        }
-        enum Woke {
-            Bundles(Arc<Bundles>),
-            Resolve,
-            Stop,
-        }
         loop {
-            let woke = tokio::select! {
-                Some(b) = self.bundles.next() => Woke::Bundles(b),
-                Ok(()) = self.policy.changed() => Woke::Resolve,
-                Ok(()) = self.config_changes.changed() => Woke::Resolve,
-                _ = stopped(self.stop.clone()) => Woke::Stop,
-                else => Woke::Stop,
-            };
-            match woke {
-                Woke::Bundles(bundles) => return Some(Ok((self.build)(&bundles))),
+            match self.follow.wake(self.bundles.next()).await {
+                Woke::Data(bundles) => return Some(Ok((self.build)(&bundles))),
                 Woke::Resolve => {
-                    if let Err(status) = resolve_for(&self.agent, &self.config, &self.workload).await {
-                        self.done = true;
+                    if let Err(status) = self.follow.resolve().await {
                         return Some(Err(status));
                     }
                 }
@@ -351,28 +379,19 @@ impl<T> BundleWatch<T> {
     }
 }
 
-/// The bundle stream for a caller already found entitled.
-fn bundle_stream<T: Send + 'static>(
+/// The bundle stream for a caller found entitled (an error, `PermissionDenied`, otherwise).
+async fn bundle_stream<T: Send + 'static>(
     api: &WorkloadApi,
     workload: Arc<Attributes>,
     build: fn(&Bundles) -> T,
-) -> Stream<T> {
-    let mut config_changes = api.config.clone();
-    config_changes.mark_unchanged();
-    let watch = BundleWatch {
-        agent: api.agent.clone(),
-        config: api.config.clone(),
-        workload,
+) -> Result<Stream<T>, Status> {
+    let follow = Follow::new(api, workload);
+    // Bundles only for a caller entitled to an identity (the spec's SHOULD; SPIRE does so too).
+    follow.resolve().await?;
+    Ok(into_stream(BundleWatch {
         bundles: WatchStream::new(api.agent.bundles()),
-        policy: api.agent.policy_changes(),
-        config_changes,
-        stop: api.stop.clone(),
+        follow,
         build,
-        done: false,
-    };
-    Box::pin(futures_util::stream::unfold(watch, |mut watch| async move {
-        let item = watch.next().await?;
-        Some((item, watch))
     }))
 }
 
@@ -388,32 +407,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
         let workload = attested(&request)?;
-        let mut config_changes = self.config.clone();
-        config_changes.mark_unchanged();
-        let policy = self.agent.policy_changes();
-        let first = resolve_for(&self.agent, &self.config, &workload).await?;
-        let watch = X509Watch {
-            agent: self.agent.clone(),
-            config: self.config.clone(),
-            workload,
-            first: Some(first),
-            policy,
-            config_changes,
-            stop: self.stop.clone(),
-            slots: Vec::new(),
+        let follow = Follow::new(self, workload);
+        let first = follow.resolve().await?;
+        Ok(Response::new(into_stream(X509Watch {
             bundles: self.agent.bundles(),
+            follow,
+            first: Some(first),
+            slots: Vec::new(),
             changes: None,
             last_sent: None,
-            done: false,
             _open: OpenStream::new(),
-        };
-        Ok(Response::new(Box::pin(futures_util::stream::unfold(
-            watch,
-            |mut watch| async move {
-                let item = watch.next().await?;
-                Some((item, watch))
-            },
-        ))))
+        })))
     }
 
     async fn fetch_x509_bundles(
@@ -422,12 +426,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
         let workload = attested(&request)?;
-        // Bundles only for a caller entitled to an identity (the spec's SHOULD; SPIRE does so too).
-        resolve_for(&self.agent, &self.config, &workload).await?;
-        Ok(Response::new(bundle_stream(self, workload, |b| X509BundlesResponse {
+        let stream = bundle_stream(self, workload, |b| X509BundlesResponse {
             crl: vec![],
             bundles: [(bundle_key(b), x509_bundle(b))].into(),
-        })))
+        });
+        Ok(Response::new(stream.await?))
     }
 
     async fn fetch_jwtsvid(&self, request: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
@@ -485,10 +488,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
         let workload = attested(&request)?;
-        resolve_for(&self.agent, &self.config, &workload).await?;
-        Ok(Response::new(bundle_stream(self, workload, |b| JwtBundlesResponse {
+        let stream = bundle_stream(self, workload, |b| JwtBundlesResponse {
             bundles: [(bundle_key(b), serde_json::to_vec(&b.jwks()).expect("json"))].into(),
-        })))
+        });
+        Ok(Response::new(stream.await?))
     }
 
     async fn validate_jwtsvid(
