@@ -12,9 +12,7 @@ use serde_json::Value;
 
 /// The peer's `node_modules`, when node and the packages are there.
 fn node_modules() -> Option<PathBuf> {
-    let dir = std::env::var_os("TBOT_TEST_NODE_MODULES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::root().join("target/test-node/node_modules"));
+    let dir = common::peer_dir("TBOT_TEST_NODE_MODULES", "target/test-node/node_modules");
     let node = Command::new("node")
         .arg("--version")
         .output()

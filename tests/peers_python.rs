@@ -18,9 +18,7 @@ use common::{Daemon, QUICKSTART_ON_DISK, copy_manifests};
 
 /// The test venv's python, when py-spiffe is installed in it.
 fn python() -> Option<PathBuf> {
-    let dir = std::env::var_os("TBOT_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::root().join("target/test-venv"));
+    let dir = common::peer_dir("TBOT_TEST_VENV", "target/test-venv");
     let python = dir.join("bin/python");
     let has_peers = Command::new(&python)
         .args(["-c", "import spiffe, grpc, cryptography"])

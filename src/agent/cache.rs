@@ -152,7 +152,8 @@ impl SvidCache {
     }
 
     /// How many X509-SVID slots the cache holds, and how many of them no stream holds.
-    pub fn slots(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn slots(&self) -> (usize, usize) {
         let slots = self.slots.lock().expect("cache poisoned");
         let idle = slots.values().filter(|h| h.tx.receiver_count() == 0).count();
         (slots.len(), idle)
@@ -307,6 +308,10 @@ impl SvidCache {
 /// Evicts the least recently used idle slots until at most `keep` are idle; their tasks are woken
 /// to leave (they find no subscriber and another slot, or none, under their key).
 fn evict_idle(slots: &mut HashMap<Key, SlotHandle>, keep: usize) {
+    // The common case, no key copied: fewer slots in all than may be idle.
+    if slots.len() <= keep {
+        return;
+    }
     let mut idle: Vec<(tokio::time::Instant, Key)> = slots
         .iter()
         .filter(|(_, h)| h.tx.receiver_count() == 0)

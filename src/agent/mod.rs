@@ -39,7 +39,6 @@ struct Resolutions {
     policy: u64,
     bot: Option<Arc<BotIdentity>>,
     by_selector: std::collections::HashMap<IdentitySelector, std::collections::HashMap<Attributes, Vec<Resolved>>>,
-    entries: usize,
     /// Moves on every [`Agent::forget_resolutions`]: an answer asked for before must not be kept.
     forgotten: u64,
 }
@@ -53,7 +52,6 @@ impl Resolutions {
         let same = self.policy == policy && self.bot.as_ref().is_some_and(|b| Arc::ptr_eq(b, bot));
         if !same {
             self.by_selector.clear();
-            self.entries = 0;
             self.policy = policy;
             self.bot = Some(bot.clone());
         }
@@ -212,11 +210,9 @@ impl Agent {
         let mut cache = self.resolutions.lock().expect("resolutions poisoned");
         // Only if nothing changed meanwhile: an answer from before a change must not outlive it.
         if cache.at(policy, &bot) && cache.forgotten == forgotten && *self.policy.borrow() == policy {
-            if cache.entries >= MAX_RESOLUTIONS {
+            if cache.by_selector.values().map(|m| m.len()).sum::<usize>() >= MAX_RESOLUTIONS {
                 cache.by_selector.clear();
-                cache.entries = 0;
             }
-            cache.entries += 1;
             cache
                 .by_selector
                 .entry(selector.clone())
@@ -231,7 +227,6 @@ impl Agent {
     pub fn forget_resolutions(&self) {
         let mut cache = self.resolutions.lock().expect("resolutions poisoned");
         cache.by_selector.clear();
-        cache.entries = 0;
         cache.forgotten += 1;
     }
 

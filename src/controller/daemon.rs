@@ -404,25 +404,14 @@ impl Daemon {
         }
         {
             let mut table = self.status.write().expect("status poisoned");
-            let broken: Vec<&std::path::Path> = loaded
-                .diagnostics
-                .iter()
-                .filter(|d| d.is_error())
-                .map(|d| d.location.path.as_path())
-                .collect();
-            table.valid_except(&broken);
             table.files_failing(&loaded.diagnostics);
             crate::admin::metrics::metrics()
                 .files_failing
                 .store(table.file_errors.len() as i64, std::sync::atomic::Ordering::Relaxed);
             for d in loaded.diagnostics.iter().filter(|d| d.is_error()) {
-                let at = match d.location.pos {
-                    Some(pos) => format!("{}:{}:{}", d.location.path.display(), pos.line, pos.column),
-                    None => d.location.path.display().to_string(),
-                };
                 table.invalid(
                     &d.location.path,
-                    &format!("{at}: {}; the last good version stays in force", d.message),
+                    &format!("{}: {}; the last good version stays in force", d.location, d.message),
                 );
             }
             table.observe(&desired);

@@ -185,7 +185,8 @@ impl StatusTable {
         }
     }
 
-    /// Records which files fail to load now: the first error of each (diagnostics are in file order).
+    /// Takes in which files fail to load now (the first error of each; diagnostics are in file
+    /// order), and clears `Invalid` from objects whose file loads again.
     pub fn files_failing(&mut self, diagnostics: &[crate::manifest::Diagnostic]) {
         let mut files: Vec<FileError> = Vec::new();
         for d in diagnostics.iter().filter(|d| d.is_error()) {
@@ -201,18 +202,14 @@ impl StatusTable {
             }
         }
         self.file_errors = files;
-    }
-
-    /// Clears `Invalid` from objects whose file loads again.
-    pub fn valid_except(&mut self, broken: &[&Path]) {
-        let broken: Vec<String> = broken.iter().map(|p| p.display().to_string()).collect();
-        let refs: Vec<ObjectRef> = self
+        let loads_again: Vec<ObjectRef> = self
             .objects
             .iter()
-            .filter(|(_, s)| !broken.contains(&s.path) && s.condition("Invalid").is_some_and(|c| c.status))
+            .filter(|(_, s)| s.condition("Invalid").is_some_and(|c| c.status))
+            .filter(|(_, s)| !self.file_errors.iter().any(|f| f.path == s.path))
             .map(|(r, _)| r.clone())
             .collect();
-        for r in refs {
+        for r in loads_again {
             self.set(&r, "Invalid", false, "Loaded", "");
         }
     }

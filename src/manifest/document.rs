@@ -46,6 +46,12 @@ pub(super) fn decode(node: &Node) -> (Option<Document>, Vec<Problem>) {
 
 /// Phase one: which kind (and supported version) the document is.
 fn identify(node: &Node) -> Result<Kind, Problem> {
+    let kind = kind_of(node)?;
+    check_version(node, kind)
+}
+
+/// Which kind the document is, from `kind` (none: the agent config), before anything else is read.
+pub(super) fn kind_of(node: &Node) -> Result<Kind, Problem> {
     let Value::Map(_) = node.value else {
         return Err(Problem::error(
             "",
@@ -78,6 +84,11 @@ fn identify(node: &Node) -> Result<Kind, Problem> {
             })?
         }
     };
+    Ok(kind)
+}
+
+/// The document's `version` must be one its kind supports.
+fn check_version(node: &Node, kind: Kind) -> Result<Kind, Problem> {
     let versions = kind.versions();
     let what = match kind {
         Kind::AgentConfig => "the agent config".to_owned(),

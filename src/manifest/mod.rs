@@ -245,24 +245,14 @@ impl Unloaded {
     }
 
     fn of(node: &Node) -> Unloaded {
-        let text = |n: &Node| match &n.value {
-            yaml::Value::String(s) => Some(s.clone()),
-            _ => None,
-        };
-        let kind = match node.get("kind") {
-            Some(entry) => text(&entry.value).and_then(|k| Kind::from_document(&k)),
-            None if matches!(node.value, yaml::Value::Map(_))
-                && node.get("metadata").is_none()
-                && node.get("spec").is_none() =>
-            {
-                Some(Kind::AgentConfig)
-            }
-            None => None,
-        };
         let name = node
             .get("metadata")
             .and_then(|m| m.value.get("name"))
-            .and_then(|n| text(&n.value));
+            .and_then(|n| match &n.value.value {
+                yaml::Value::String(s) => Some(s.clone()),
+                _ => None,
+            });
+        let kind = document::kind_of(node).ok();
         Unloaded { kind, name }
     }
 }
@@ -382,13 +372,14 @@ fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diag
     let paths = files::discover(inputs)?;
     let mut diagnostics = Vec::new();
     let mut read = Vec::with_capacity(paths.len());
-    let mut unreadable = 0;
+    // A file that cannot be read might have defined anything.
+    let mut unloaded = Vec::new();
     for path in paths {
         match read_file(&path, cache) {
             Ok(file) => read.push((path, file)),
             Err(diagnostic) => {
                 diagnostics.push(*diagnostic);
-                unreadable += 1;
+                unloaded.push(Unloaded::ANYTHING);
             }
         }
     }
@@ -396,7 +387,6 @@ fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diag
         Input::Dir(dir) => Some(dir.clone()),
         Input::File(_) => None,
     });
-    let unloaded = vec![Unloaded::ANYTHING; unreadable];
     let loaded = assemble(&read, diagnostics, unloaded, require_agent_config.as_deref());
     cache.files = read.into_iter().collect();
     Ok(loaded)

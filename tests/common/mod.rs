@@ -289,6 +289,13 @@ pub fn save(path: &Path, text: &str) {
     std::fs::rename(&temp, path).unwrap();
 }
 
+/// Where `scripts/test.sh` installed a kind of test peer: `$var`, else `default` under the repository.
+pub fn peer_dir(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(default))
+}
+
 /// A test peer (a client nobody here wrote, a server) is not installed: with `CI=true` that fails
 /// the test; elsewhere the test says so and returns.
 pub fn peer_missing(message: &str) {
