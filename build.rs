@@ -1,9 +1,9 @@
-//! Compiles `proto/workload.proto` with protox (pure Rust: no `protoc` on the machine) and generates
+//! Compiles `proto/workload.proto`, `proto/admin.proto` and `proto/issuer.proto` with protox (pure Rust: no `protoc` on the machine) and generates
 //! the tonic server and client.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(["workload.proto", "admin.proto"], ["proto"])?;
+    let descriptors = protox::compile(["workload.proto", "admin.proto", "issuer.proto"], ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -110,6 +110,8 @@ async fn check_storage(dir: &Path, invariants: &mut Invariants, round: usize) {
                 public_key: stranger.subject_public_key_info(),
                 proof: JoinProof::Token,
                 ttl: Duration::from_secs(600),
+                current: None,
+                address: String::new(),
             })
             .await
             .expect_err("a used token must not join again");

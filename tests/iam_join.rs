@@ -198,6 +198,8 @@ async fn join(
                 request: signed,
             },
             ttl: Duration::from_secs(3600),
+            current: None,
+            address: String::new(),
         })
         .await
 }

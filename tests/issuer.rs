@@ -72,6 +72,8 @@ fn token_join(key: &KeyPair, token: &str) -> JoinRequest {
         public_key: key.subject_public_key_info(),
         proof: JoinProof::Token,
         ttl: HOUR,
+        current: None,
+        address: String::new(),
     }
 }
 
@@ -378,6 +380,7 @@ fn renewal(current: &[u8], current_key: &KeyPair, next: &KeyPair) -> RenewReques
         proof: current_key.sign(&public_key).unwrap(),
         public_key,
         ttl: HOUR,
+        address: String::new(),
     }
 }
 

@@ -55,6 +55,8 @@ pub fn run(scale: Scale) -> Vec<Row> {
             public_key: bot_key.subject_public_key_info(),
             proof: JoinProof::Token,
             ttl: HOUR,
+            current: None,
+            address: String::new(),
         }))
         .unwrap();
     let mut workload = Attributes::new();

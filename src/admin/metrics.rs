@@ -18,6 +18,12 @@ pub struct Metrics {
     pub watch_events: AtomicU64,
     /// Files of the watched directory that fail to load now.
     pub files_failing: AtomicI64,
+    /// X509-SVIDs signed for remote agents through the issuer API.
+    pub remote_issued: AtomicU64,
+    /// Agents with an open `Watch` stream to this issuer.
+    pub agents_connected: AtomicI64,
+    /// Whether this agent's stream to its remote issuer is up (1) or not (0).
+    pub issuer_connected: AtomicI64,
     errors: Mutex<BTreeMap<String, u64>>,
     joins: Mutex<BTreeMap<(String, String), u64>>,
 }
@@ -101,6 +107,24 @@ impl Metrics {
             "Files of the watched directory that fail to load now (their last good objects stay in force).",
             "gauge",
             self.files_failing.load(Ordering::Relaxed).to_string(),
+        );
+        counter(
+            "tbot_issuer_api_x509_svids_issued_total",
+            "X509-SVIDs signed for remote agents through the issuer API.",
+            "counter",
+            get(&self.remote_issued),
+        );
+        counter(
+            "tbot_issuer_api_agents_connected",
+            "Agents with an open Watch stream to this issuer.",
+            "gauge",
+            self.agents_connected.load(Ordering::Relaxed).to_string(),
+        );
+        counter(
+            "tbot_remote_issuer_connected",
+            "Whether this agent's stream to its remote issuer is up (1) or not (0).",
+            "gauge",
+            self.issuer_connected.load(Ordering::Relaxed).to_string(),
         );
         out.push_str("# HELP tbot_errors_total Errors by reason.\n# TYPE tbot_errors_total counter\n");
         for (reason, n) in self.errors.lock().expect("metrics poisoned").iter() {

@@ -13,6 +13,8 @@ pub mod proto {
 
 use std::path::PathBuf;
 
+use crate::manifest::DesiredState;
+use crate::resource::Document;
 use crate::resource::agent::{AgentConfig, StorageType};
 
 /// Where the admin socket of a daemon with this config is: `admin_socket`, else
@@ -30,4 +32,19 @@ pub fn socket_path(config: &AgentConfig) -> PathBuf {
             .join("admin.sock"),
         StorageType::Memory => PathBuf::from("/run/tbot/admin.sock"),
     }
+}
+
+/// Where the admin socket of a daemon running these documents is: the `issuer` document's when
+/// there is one (an issuer host), else the agent config's.
+pub fn socket_for(state: &DesiredState) -> Option<PathBuf> {
+    let issuer = state.objects.values().find_map(|o| match &o.document {
+        Document::Issuer(i) => Some(i.admin_socket()),
+        _ => None,
+    });
+    issuer.or_else(|| {
+        state.objects.values().find_map(|o| match &o.document {
+            Document::AgentConfig(a) => Some(socket_path(a)),
+            _ => None,
+        })
+    })
 }

@@ -22,6 +22,10 @@ pub struct DaemonInfo {
     pub bot: String,
     pub bot_expires: String,
     pub services: Vec<(String, String)>,
+    /// The issuer API's address, on an issuer host.
+    pub issuer_listen: String,
+    /// The link to the remote issuer, on an agent of one.
+    pub issuer_link: Option<crate::agent::remote::Link>,
 }
 
 /// The daemon's side of the admin API.
@@ -35,6 +39,10 @@ pub struct AdminApi {
     pub reload: mpsc::Sender<oneshot::Sender<()>>,
     /// What the daemon last applied.
     pub applied: Arc<RwLock<Arc<crate::manifest::DesiredState>>>,
+    /// The issuer in this process, for its bot instances.
+    pub issuer: Option<Arc<crate::issuer::LocalIssuer>>,
+    /// The agents connected to the issuer API, on an issuer host.
+    pub sessions: Option<Arc<crate::issuer::server::Sessions>>,
 }
 
 fn to_proto(s: &status::ObjectStatus) -> ObjectStatus {
@@ -58,6 +66,7 @@ fn to_proto(s: &status::ObjectStatus) -> ObjectStatus {
         source: s.source.clone(),
         hash: s.hash.clone(),
         document_json: s.document_json.clone(),
+        instances: Vec::new(),
     }
 }
 
@@ -85,7 +94,15 @@ impl AdminApi {
             .objects
             .values()
             .filter(|s| (kind.is_empty() || s.kind == kind) && (name.is_empty() || s.name == name))
-            .map(to_proto)
+            .map(|s| {
+                let mut object = to_proto(s);
+                if s.kind == "bot"
+                    && let Some(issuer) = &self.issuer
+                {
+                    object.instances = instances(issuer, &s.name);
+                }
+                object
+            })
             .collect()
     }
 
@@ -287,8 +304,60 @@ impl Admin for AdminApi {
             not_ready: table.objects.values().filter(|s| !s.is_ready()).count() as u64,
             pid: std::process::id(),
             file_errors: file_errors(&table),
+            issuer_listen: info.issuer_listen,
+            agents: self
+                .sessions
+                .as_ref()
+                .map(|s| {
+                    s.list()
+                        .into_iter()
+                        .map(|(a, seen)| ConnectedAgent {
+                            bot: a.bot,
+                            instance: a.instance,
+                            address: a.address.to_string(),
+                            generation: a.generation,
+                            connected_at: rfc3339(a.connected_at),
+                            last_seen: rfc3339(seen),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            issuer: info.issuer_link.map(|l| IssuerLink {
+                address: l.address,
+                connected: l.connected,
+                message: l.message,
+            }),
         }))
     }
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A bot's instances, as the issuer's ledger has them.
+fn instances(issuer: &crate::issuer::LocalIssuer, bot: &str) -> Vec<BotInstance> {
+    issuer
+        .instances(Some(bot))
+        .into_iter()
+        .map(|(key, r)| {
+            let info = r.info.unwrap_or_default();
+            BotInstance {
+                id: key.split_once('/').map_or(String::new(), |(_, id)| id.to_owned()),
+                join_method: info.join_method,
+                iam_arn: info.iam_arn,
+                address: info.address,
+                generation: r.generation,
+                joined_at: info.joined_at,
+                last_renewal: info.last_renewal,
+                expires: time::OffsetDateTime::from_unix_timestamp(info.not_after)
+                    .map(rfc3339)
+                    .unwrap_or_default(),
+                locked: r.locked.unwrap_or_default(),
+            }
+        })
+        .collect()
 }
 
 fn file_errors(table: &StatusTable) -> Vec<FileError> {

@@ -43,10 +43,16 @@ fn new_key() -> Result<KeyPair, IssuerError> {
     KeyPair::generate().map_err(|e| IssuerError::Crypto(e.to_string()))
 }
 
-/// Joins from scratch, saves the new identity to `store`, and counts the outcome.
-pub async fn join(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) -> Result<BotIdentity, IssuerError> {
+/// Joins from scratch, saves the new identity to `store`, and counts the outcome. `current`, the
+/// identity held now (an `iam` bot joining again), keeps its bot instance.
+pub async fn join(
+    issuer: &dyn Issuer,
+    settings: &JoinSettings,
+    store: &Store,
+    current: Option<&BotIdentity>,
+) -> Result<BotIdentity, IssuerError> {
     let method = settings.method.as_str();
-    let joined = join_once(issuer, settings, store).await;
+    let joined = join_once(issuer, settings, store, current).await;
     crate::admin::metrics::metrics().join(method, if joined.is_ok() { "joined" } else { "refused" });
     let identity = match joined {
         Ok(identity) => identity,
@@ -60,6 +66,7 @@ pub async fn join(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) -
     };
     crate::failpoint("join-answered");
     identity.save(store)?;
+    identity.present(issuer);
     // The new identity replaces the old one, and any renewal of the old one that was in flight.
     store.remove(PENDING_JOIN_KEY_FILE)?;
     store.remove(PENDING_KEY_FILE)?;
@@ -86,7 +93,12 @@ fn pending_key(store: &Store, file: &str) -> Result<KeyPair, IssuerError> {
     Ok(key)
 }
 
-async fn join_once(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) -> Result<BotIdentity, IssuerError> {
+async fn join_once(
+    issuer: &dyn Issuer,
+    settings: &JoinSettings,
+    store: &Store,
+    current: Option<&BotIdentity>,
+) -> Result<BotIdentity, IssuerError> {
     // A `token` is single-use: a join retried after a crash must present the same key.
     let key = match settings.method {
         JoinMethod::Token => pending_key(store, PENDING_JOIN_KEY_FILE)?,
@@ -108,6 +120,8 @@ async fn join_once(issuer: &dyn Issuer, settings: &JoinSettings, store: &Store) 
             public_key: key.subject_public_key_info(),
             proof,
             ttl: settings.ttl,
+            current: current.map(|c| c.certificate.der.clone()),
+            address: String::new(),
         })
         .await?;
     Ok(BotIdentity { certificate, key })
@@ -128,7 +142,7 @@ pub async fn refresh(
     store: &Store,
 ) -> Result<BotIdentity, IssuerError> {
     if settings.method == JoinMethod::Iam {
-        return join(issuer, settings, store).await;
+        return join(issuer, settings, store, Some(current)).await;
     }
     let key = pending_key(store, PENDING_KEY_FILE)?;
     let public_key = key.subject_public_key_info();
@@ -142,11 +156,13 @@ pub async fn refresh(
             public_key,
             proof,
             ttl: settings.ttl,
+            address: String::new(),
         })
         .await?;
     crate::failpoint("renew-answered");
     let identity = BotIdentity { certificate, key };
     identity.save(store)?;
+    identity.present(issuer);
     store.remove(PENDING_KEY_FILE)?;
     Ok(identity)
 }
@@ -155,6 +171,11 @@ const CERT_FILE: &str = "agent/identity.der";
 const KEY_FILE: &str = "agent/identity.key";
 
 impl BotIdentity {
+    /// Hands the identity to the issuer client, which presents it on its connections from now on.
+    pub fn present(&self, issuer: &dyn Issuer) {
+        issuer.present(&self.certificate.der, &self.key.serialize_der());
+    }
+
     /// Saves the identity so a restart renews it instead of joining again (a `token` joins once).
     /// The certificate goes first: a crash between the two writes leaves the new certificate with
     /// the old key file, and [`BotIdentity::load`] then finds the new key among the pending ones.
@@ -210,6 +231,7 @@ impl BotIdentity {
             generation: 0,
             not_after,
             join: Default::default(),
+            instance: String::new(),
         };
         Ok(Some(BotIdentity { certificate, key }))
     }
@@ -223,7 +245,7 @@ pub fn jitter(spread: f64) -> f64 {
     1.0 - spread + 2.0 * spread * unit
 }
 
-/// Keeps the identity fresh forever: every `renewal_interval`, and with backoff (1 s doubling to
+/// Keeps the identity fresh forever (`overdue`: start with a retry): every `renewal_interval`, and with backoff (1 s doubling to
 /// 5 min, ±20% jitter) after a failure. Publishes each new identity, and on `health` why renewals
 /// fail (`None` once one succeeds).
 pub async fn keep_fresh(
@@ -232,9 +254,14 @@ pub async fn keep_fresh(
     store: Store,
     tx: watch::Sender<Arc<BotIdentity>>,
     health: watch::Sender<Option<String>>,
+    overdue: bool,
 ) {
     let mut backoff = Duration::from_secs(1);
-    let mut wait = settings_rx.borrow().renewal_interval;
+    let mut wait = if overdue {
+        backoff.mul_f64(jitter(0.2))
+    } else {
+        settings_rx.borrow().renewal_interval
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -162,6 +162,25 @@ impl SvidCache {
     /// Re-decides the cached SVIDs of these identities now (their documents or the rules that apply
     /// to them changed): each is reissued, or revoked if the caller may no longer have it.
     /// Returns the woken slots' channels, marked seen: each changes when its re-decision is done.
+    /// Every identity with a cached SVID.
+    pub fn identities(&self) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .slots
+            .lock()
+            .expect("cache poisoned")
+            .keys()
+            .map(|k| k.identity.clone())
+            .collect();
+        out.extend(
+            self.jwts
+                .lock()
+                .expect("cache poisoned")
+                .keys()
+                .map(|(k, _)| k.identity.clone()),
+        );
+        out
+    }
+
     pub fn redecide(&self, identities: &BTreeSet<String>) -> Vec<watch::Receiver<Slot>> {
         let mut woken = Vec::new();
         for (key, handle) in self.slots.lock().expect("cache poisoned").iter() {
@@ -351,7 +370,9 @@ mod tests {
             ttl: HOUR,
             renewal_interval: HOUR,
         };
-        let identity = bot::join(issuer.as_ref(), &settings, &Store::memory()).await.unwrap();
+        let identity = bot::join(issuer.as_ref(), &settings, &Store::memory(), None)
+            .await
+            .unwrap();
         // The receiver keeps the last identity after its sender is gone: no renewals in these tests.
         let (_, rx) = watch::channel(Arc::new(identity));
         SvidCache::new(issuer, rx)

@@ -4,6 +4,7 @@
 pub mod attest;
 pub mod bot;
 pub mod cache;
+pub mod remote;
 
 use std::sync::Arc;
 
@@ -71,7 +72,7 @@ impl Agent {
         // bot from it, and renewing the older saved identity would then look like a copy.
         let mut finished = None;
         if settings.method == JoinMethod::Token && bot::join_pending(&store)? {
-            match bot::join(issuer.as_ref(), &settings, &store).await {
+            match bot::join(issuer.as_ref(), &settings, &store, None).await {
                 Ok(joined) => {
                     tracing::info!(bot = %joined.certificate.bot, "a join interrupted by a stop completed");
                     finished = Some(joined);
@@ -81,6 +82,10 @@ impl Agent {
                 }
             }
         }
+        if let Some(saved) = &saved {
+            saved.present(issuer.as_ref());
+        }
+        let mut unrenewed = None;
         let identity = match (finished, saved) {
             (Some(joined), _) => joined,
             (None, Some(saved)) => match bot::refresh(issuer.as_ref(), &settings, &saved, &store).await {
@@ -88,13 +93,24 @@ impl Agent {
                     tracing::info!(bot = %renewed.certificate.bot, expires = %renewed.certificate.not_after, "saved bot identity renewed");
                     renewed
                 }
+                // The issuer is unreachable: start with the saved identity (still valid) and renew
+                // in the background; workloads are served as soon as the issuer answers.
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(%error, hint = %error.hint(), expires = %saved.certificate.not_after,
+                        "the saved bot identity cannot be renewed now; starting with it and retrying in the background");
+                    unrenewed = Some(format!(
+                        "cannot renew: {error}; {}; retrying with backoff",
+                        error.hint()
+                    ));
+                    saved
+                }
                 Err(error) => {
                     tracing::warn!(%error, "the saved bot identity cannot be renewed; joining again");
-                    bot::join(issuer.as_ref(), &settings, &store).await?
+                    bot::join(issuer.as_ref(), &settings, &store, None).await?
                 }
             },
             (None, None) => {
-                let joined = bot::join(issuer.as_ref(), &settings, &store).await?;
+                let joined = bot::join(issuer.as_ref(), &settings, &store, None).await?;
                 tracing::info!(
                     bot = %joined.certificate.bot,
                     method = %settings.method,
@@ -106,13 +122,14 @@ impl Agent {
         };
         let (tx, rx) = watch::channel(Arc::new(identity));
         let (settings_tx, settings_rx) = watch::channel(settings);
-        let (health_tx, renewal) = watch::channel(None);
+        let (health_tx, renewal) = watch::channel(unrenewed.clone());
         tokio::spawn(bot::keep_fresh(
             issuer.clone(),
             settings_rx,
             store.clone(),
             tx.clone(),
             health_tx,
+            unrenewed.is_some(),
         ));
         let cache = SvidCache::new(issuer.clone(), rx.clone());
         Ok(Agent {
@@ -130,7 +147,7 @@ impl Agent {
 
     /// Joins again with new terms. The current identity stays in force until the join succeeds.
     pub async fn rejoin(&self, settings: JoinSettings) -> Result<(), IssuerError> {
-        let identity = bot::join(self.issuer.as_ref(), &settings, &self.store).await?;
+        let identity = bot::join(self.issuer.as_ref(), &settings, &self.store, None).await?;
         tracing::info!(
             bot = %identity.certificate.bot,
             method = %settings.method,
@@ -154,6 +171,34 @@ impl Agent {
             }
         };
         let _ = tokio::time::timeout(wait, all_done).await;
+    }
+
+    /// Follows the changes a remote issuer pushes: each one forgets the cached resolutions and
+    /// re-decides the SVIDs concerned (all of them after a gap). Nothing to do in process.
+    pub fn follow_policy_events(self: &Arc<Self>) {
+        let Some(mut events) = self.issuer.policy_events() else {
+            return;
+        };
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while events.changed().await.is_ok() {
+                let event = events.borrow_and_update().clone();
+                let Some(agent) = agent.upgrade() else { break };
+                let identities = if event.all {
+                    agent.cache.identities()
+                } else {
+                    event.identities.clone()
+                };
+                tracing::info!(
+                    revision = event.revision,
+                    identities = identities.len(),
+                    all = event.all,
+                    "the issuer's documents changed; re-deciding"
+                );
+                agent.forget_resolutions();
+                agent.redecide(&identities, std::time::Duration::ZERO).await;
+            }
+        });
     }
 
     /// Moves whenever callers must be re-resolved.

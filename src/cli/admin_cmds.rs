@@ -12,7 +12,6 @@ use super::tbotctl::InputArgs;
 use crate::admin::proto::admin_client::AdminClient;
 use crate::admin::proto::{ApplyRequest, FileError, GetRequest, ObjectStatus, StatusRequest};
 use crate::manifest::{self, Input};
-use crate::resource::Document;
 use crate::resource::duration::Duration as GoDuration;
 
 /// How to reach the daemon.
@@ -68,15 +67,9 @@ impl DaemonArgs {
             return Ok(path.clone());
         }
         let loaded = manifest::load(&self.input.inputs()).map_err(|d| render::diagnostic(&d))?;
-        loaded
-            .state
-            .objects
-            .values()
-            .find_map(|o| match &o.document {
-                Document::AgentConfig(a) => Some(crate::admin::socket_path(a)),
-                _ => None,
-            })
-            .ok_or_else(|| "no agent config in these documents to find the admin socket from".to_owned())
+        crate::admin::socket_for(&loaded.state).ok_or_else(|| {
+            "no agent config and no `issuer` document in these documents to find the admin socket from".to_owned()
+        })
     }
 
     async fn connect(&self) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
@@ -110,6 +103,9 @@ struct View<'a> {
     generation: u64,
     observed_generation: u64,
     conditions: Vec<ConditionView<'a>>,
+    /// A bot's instances, on an issuer host.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    instances: Vec<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -156,7 +152,7 @@ pub async fn get(args: &GetArgs) -> ExitCode {
     if !kind.is_empty() && !crate::resource::Kind::ALL.iter().any(|k| k.as_str() == kind) {
         return fail(
             format!("unknown kind `{kind}`"),
-            "the kinds are agent_config, cluster, bot, token, role, workload_identity",
+            "the kinds are agent_config, cluster, issuer, bot, token, role, workload_identity",
         );
     }
     let mut client = match args.daemon.connect().await {
@@ -192,6 +188,9 @@ pub async fn get(args: &GetArgs) -> ExitCode {
                 let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
                 println!("{}", line.join("  ").trim_end());
             }
+            for o in objects.iter().filter(|o| !o.instances.is_empty()) {
+                print_instances(o);
+            }
             print_file_errors(&file_errors);
         }
         GetOutput::Yaml | GetOutput::Json => {
@@ -212,6 +211,17 @@ pub async fn get(args: &GetArgs) -> ExitCode {
                             reason: &c.reason,
                             message: &c.message,
                             last_transition_time: &c.last_transition_time,
+                        })
+                        .collect(),
+                    instances: o
+                        .instances
+                        .iter()
+                        .map(|i| {
+                            serde_json::json!({
+                                "id": i.id, "joinMethod": i.join_method, "iamArn": i.iam_arn,
+                                "address": i.address, "generation": i.generation, "joinedAt": i.joined_at,
+                                "lastRenewal": i.last_renewal, "expires": i.expires, "locked": i.locked,
+                            })
                         })
                         .collect(),
                 })
@@ -260,6 +270,69 @@ struct FileErrorView<'a> {
     errors: u32,
 }
 
+/// Prints rows under a header, each column as wide as its widest cell.
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let header = header.map(String::from);
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for row in [&header].into_iter().chain(rows.iter()) {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("  {}", line.join("  ").trim_end());
+    }
+}
+
+/// A bot's instances on an issuer host (one per join).
+fn print_instances(o: &ObjectStatus) {
+    println!();
+    println!("Instances of bot/{} ({}):", o.name, o.instances.len());
+    let rows: Vec<[String; 8]> = o
+        .instances
+        .iter()
+        .map(|i| {
+            [
+                i.id.clone(),
+                i.join_method.clone(),
+                if i.iam_arn.is_empty() {
+                    "-".into()
+                } else {
+                    i.iam_arn.clone()
+                },
+                if i.address.is_empty() {
+                    "-".into()
+                } else {
+                    i.address.clone()
+                },
+                i.generation.to_string(),
+                if i.last_renewal.is_empty() {
+                    "-".into()
+                } else {
+                    i.last_renewal.clone()
+                },
+                i.expires.clone(),
+                if i.locked.is_empty() {
+                    "no".into()
+                } else {
+                    format!("LOCKED: {}", i.locked)
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        [
+            "ID",
+            "JOIN",
+            "IAM ARN",
+            "ADDRESS",
+            "GENERATION",
+            "LAST RENEWAL",
+            "EXPIRES",
+            "LOCKED",
+        ],
+        &rows,
+    );
+}
+
 /// The files that fail to load, after the objects: each with its first error; new files included,
 /// which have no object to show `Invalid` on.
 fn print_file_errors(files: &[FileError]) {
@@ -293,7 +366,40 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
     for pin in &s.ca_pins {
         println!("CA pin: {pin}");
     }
-    println!("bot: {} (certificate expires {})", s.bot, s.bot_expires);
+    if let Some(link) = &s.issuer {
+        if link.connected {
+            println!("issuer: {} (connected)", link.address);
+        } else {
+            println!("issuer: {} (NOT connected: {})", link.address, link.message);
+        }
+    }
+    if !s.issuer_listen.is_empty() {
+        println!("issuer API: {} ({} agents connected)", s.issuer_listen, s.agents.len());
+        if !s.agents.is_empty() {
+            let rows: Vec<[String; 5]> = s
+                .agents
+                .iter()
+                .map(|a| {
+                    [
+                        format!("{}/{}", a.bot, a.instance),
+                        a.address.clone(),
+                        a.generation.to_string(),
+                        a.connected_at.clone(),
+                        a.last_seen.clone(),
+                    ]
+                })
+                .collect();
+            print_table(
+                ["BOT/INSTANCE", "ADDRESS", "GENERATION", "CONNECTED", "LAST SEEN"],
+                &rows,
+            );
+        }
+    }
+    if s.bot.is_empty() {
+        println!("bot: none on this host (no agent config)");
+    } else {
+        println!("bot: {} (certificate expires {})", s.bot, s.bot_expires);
+    }
     for svc in &s.services {
         println!("listener {}: {}", svc.name, svc.listen);
     }

@@ -14,6 +14,7 @@ use crate::controller::{Change, inventory, plan};
 use crate::manifest::{self, DesiredState};
 use crate::resource::Document;
 use crate::resource::agent::{JoinMethod, StorageType};
+use crate::resource::issuer::IssuerStorageType;
 
 #[derive(Debug, Args)]
 pub struct DiffArgs {
@@ -95,8 +96,16 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         Document::AgentConfig(a) => Some(a),
         _ => None,
     });
-    let from_daemon = agent.and_then(|a| from_daemon(&crate::admin::socket_path(a)));
-    let (applied, against) = match agent.map(|a| (&a.storage.kind, a.storage.path.clone())) {
+    let from_daemon = crate::admin::socket_for(desired).and_then(|socket| from_daemon(&socket));
+    let issuer_storage = desired.objects.values().find_map(|o| match &o.document {
+        Document::Issuer(i) => Some(match i.spec.storage.kind {
+            IssuerStorageType::Directory => (StorageType::Directory, i.spec.storage.path.clone()),
+            IssuerStorageType::Memory => (StorageType::Memory, None),
+        }),
+        _ => None,
+    });
+    let storage = issuer_storage.or_else(|| agent.map(|a| (a.storage.kind, a.storage.path.clone())));
+    let (applied, against) = match storage {
         _ if from_daemon.is_some() => from_daemon.expect("checked"),
         Some((StorageType::Directory, path)) => {
             let path = path.unwrap_or_else(|| crate::resource::agent::Storage::DEFAULT_PATH.into());

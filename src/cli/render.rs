@@ -38,6 +38,7 @@ fn kind_words(kind: Kind, n: usize) -> String {
     let (one, many) = match kind {
         Kind::AgentConfig => ("agent config", "agent configs"),
         Kind::Cluster => ("cluster", "clusters"),
+        Kind::Issuer => ("issuer", "issuers"),
         Kind::Bot => ("bot", "bots"),
         Kind::Token => ("token", "tokens"),
         Kind::Role => ("role", "roles"),

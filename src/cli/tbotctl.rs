@@ -93,7 +93,7 @@ struct ValidateArgs {
 
 #[derive(Debug, Args)]
 struct SchemaArgs {
-    /// The kind: agent_config, cluster, bot, token, role or workload_identity.
+    /// The kind: agent_config, cluster, issuer, bot, token, role or workload_identity.
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     kind: Option<String>,
     /// Every kind, written as `<kind>.schema.json` into `--out`.

@@ -19,12 +19,14 @@ use super::watch::watch_inputs;
 use crate::admin::server::{AdminApi, DaemonInfo};
 use crate::agent::attest::{AttestSettings, DEFAULT_HASH_LIMIT};
 use crate::agent::bot::jitter;
+use crate::agent::remote::{RemoteIssuer, RemoteSettings};
 use crate::agent::{Agent, JoinSettings};
 use crate::cli::render;
-use crate::issuer::{IdentitySelector, Issuer, LocalIssuer, Policy};
+use crate::issuer::{IdentitySelector, Issuer, IssuerError, LocalIssuer, Policy};
 use crate::manifest::{self, DesiredState, Input, Loaded};
 use crate::resource::agent::{AgentConfig, Listen, Service, StorageType};
-use crate::resource::{Document, Kind, ObjectRef};
+use crate::resource::issuer::IssuerStorageType;
+use crate::resource::{Document, HostRole, Kind, ObjectRef};
 use crate::store::Store;
 use crate::workload_api::listener;
 use crate::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -109,8 +111,17 @@ struct Daemon {
     status: Arc<std::sync::RwLock<StatusTable>>,
     status_version: watch::Sender<u64>,
     info: Arc<std::sync::RwLock<DaemonInfo>>,
-    issuer: Arc<LocalIssuer>,
-    agent: Arc<Agent>,
+    /// The issuer in this process (single host, or an issuer host).
+    issuer: Option<Arc<LocalIssuer>>,
+    /// The agent, once joined (an issuer host without an agent config has none).
+    agent: Option<Arc<Agent>>,
+    /// The client of the remote issuer (an agent-only host).
+    remote: Option<Arc<RemoteIssuer>>,
+    /// Where the agent keeps its identity.
+    agent_store: Store,
+    /// Woken when something shown by `tbotctl status` changes outside the loop (renewals, the link
+    /// to the remote issuer).
+    poke: Arc<tokio::sync::Notify>,
     /// `applied`, shared with the admin API's Plan call.
     applied_shared: Arc<std::sync::RwLock<Arc<DesiredState>>>,
     /// Objects whose last run failed transiently, and when they may run again.
@@ -121,8 +132,6 @@ struct Daemon {
     applied: Arc<DesiredState>,
     /// Writes `applied` and the status to the store, off the reconcile path.
     persist: Persist,
-    /// Why the bot identity cannot be renewed, while it cannot (shown on the bot).
-    renewal: watch::Receiver<Option<String>>,
     services: BTreeMap<String, Running>,
 }
 
@@ -131,6 +140,32 @@ fn agent_config(state: &DesiredState) -> Option<&AgentConfig> {
         Document::AgentConfig(a) => Some(a),
         _ => None,
     })
+}
+
+/// The `issuer` document, on an issuer host.
+fn issuer_doc(state: &DesiredState) -> Option<&crate::resource::issuer::Issuer> {
+    state.objects.values().find_map(|o| match &o.document {
+        Document::Issuer(i) => Some(i),
+        _ => None,
+    })
+}
+
+/// Where and how to reach the remote issuer.
+fn remote_settings(config: &AgentConfig) -> RemoteSettings {
+    RemoteSettings {
+        address: config
+            .proxy_server
+            .clone()
+            .or_else(|| config.auth_server.clone())
+            .unwrap_or_default(),
+        ca_pins: config.onboarding.ca_pins.clone(),
+        ca_path: config.onboarding.ca_path.clone(),
+        insecure: config.onboarding.insecure,
+    }
+}
+
+fn agent_ref() -> ObjectRef {
+    ObjectRef::new(Kind::AgentConfig, ObjectRef::AGENT_CONFIG_NAME)
 }
 
 fn join_settings(config: &AgentConfig) -> JoinSettings {
@@ -209,7 +244,8 @@ impl Daemon {
                 listener::incoming_tcp(l)
             }
         };
-        let api = WorkloadApi::new(self.agent.clone(), config_rx, stop_rx.clone());
+        let agent = self.agent.clone().ok_or("the bot has not joined yet")?;
+        let api = WorkloadApi::new(agent, config_rx, stop_rx.clone());
         let task = tokio::spawn(serve(api, incoming, stop_rx));
         tracing::info!(service = service.display_name(), listen = %service.listen, "Workload API listening");
         Ok(Running {
@@ -287,9 +323,14 @@ impl Daemon {
             .chain(causes_of(|a| matches!(a, Action::CreateCa { .. })))
             .collect();
         if !cluster_side.is_empty()
+            && let Some(issuer) = &self.issuer
             && let Err(e) = Policy::from_state(desired)
-                .and_then(|p| self.issuer.set_policy(p))
-                .inspect(|()| self.agent.forget_resolutions())
+                .and_then(|p| issuer.set_policy(p))
+                .inspect(|()| {
+                    if let Some(agent) = &self.agent {
+                        agent.forget_resolutions();
+                    }
+                })
         {
             metrics.error("issuer_policy");
             tracing::error!(error = %e, hint = %e.hint(), "cannot apply the new documents to the issuer");
@@ -299,7 +340,8 @@ impl Daemon {
         // Rotate only once the issuer has the new settings.
         if !rotate.is_empty()
             && failures.is_empty()
-            && let Err(e) = self.issuer.rotate_ca()
+            && let Some(issuer) = &self.issuer
+            && let Err(e) = issuer.rotate_ca()
         {
             metrics.error("ca_rotation");
             tracing::error!(error = %e, hint = %e.hint(), "cannot rotate the CA");
@@ -307,22 +349,20 @@ impl Daemon {
         }
         let config = agent_config(desired).cloned();
         let rejoin = causes_of(|a| matches!(a, Action::Rejoin));
-        // A retry of the agent config (say, for a listener) must not join again on terms it already
-        // joined with: a `token` joins once.
-        if !rejoin.is_empty()
+        if let (Some(config), None) = (&config, &self.agent) {
+            if let Err(e) = self.start_agent(config).await {
+                failures.push(Failure::new(vec![agent_ref()], "JoinFailed", &e));
+            }
+        } else if !rejoin.is_empty()
             && let Some(config) = &config
-            && !self.agent.joined_with(&join_settings(config))
-            && let Err(e) = self
-                .agent
-                .rejoin(join_settings(config))
-                .await
-                .inspect(|()| self.note_join("Rejoined"))
+            && let Err(e) = self.rejoin(config).await
         {
             metrics.error("rejoin");
             tracing::error!(error = %e, hint = %e.hint(), "the rejoin failed; the current identity stays in force");
             failures.push(Failure::new(rejoin, "RejoinFailed", &e));
         }
         if let Some(config) = &config
+            && self.agent.is_some()
             && let Err(e) = self.sync_services(config).await
         {
             metrics.error("listener");
@@ -344,10 +384,66 @@ impl Daemon {
         }
         let redecide = plan.identities_to_redecide();
         if !redecide.is_empty() {
+            // Remote agents hear of it on their `Watch` streams.
+            if let Some(issuer) = &self.issuer {
+                issuer.announce(redecide.clone());
+            }
             // Ready means the workloads have what the documents ask for: wait for the reissues.
-            self.agent.redecide(&redecide, Duration::from_secs(10)).await;
+            if let Some(agent) = &self.agent {
+                agent.redecide(&redecide, Duration::from_secs(10)).await;
+            }
         }
         failures
+    }
+
+    /// The issuer the agent uses: the remote one, else the one in this process.
+    fn agent_issuer(&self) -> Option<Arc<dyn Issuer>> {
+        match (&self.remote, &self.issuer) {
+            (Some(remote), _) => Some(remote.clone() as Arc<dyn Issuer>),
+            (None, Some(local)) => Some(local.clone() as Arc<dyn Issuer>),
+            (None, None) => None,
+        }
+    }
+
+    /// Joins (or renews the saved identity) and starts following the issuer.
+    async fn start_agent(&mut self, config: &AgentConfig) -> Result<(), IssuerError> {
+        let issuer = self
+            .agent_issuer()
+            .ok_or_else(|| IssuerError::Invalid("no issuer to join".into()))?;
+        let agent = Arc::new(Agent::start(issuer, join_settings(config), self.agent_store.clone()).await?);
+        agent.follow_policy_events();
+        if let Some(remote) = &self.remote {
+            crate::agent::remote::follow(remote);
+        }
+        let (mut renewal, poke) = (agent.renewal(), self.poke.clone());
+        tokio::spawn(async move {
+            while renewal.changed().await.is_ok() {
+                poke.notify_one();
+            }
+        });
+        self.agent = Some(agent);
+        self.note_join("Joined");
+        Ok(())
+    }
+
+    /// Joins again after an edit of `onboarding`, `proxy_server` or the token. A retry of the agent
+    /// config (say, for a listener) must not join again on terms it already joined with: a `token`
+    /// joins once. An edit of only the trust (`ca_pins`, `ca_path`, `insecure`) re-checks the
+    /// issuer at the next connection without joining again.
+    async fn rejoin(&self, config: &AgentConfig) -> Result<(), IssuerError> {
+        let Some(agent) = &self.agent else { return Ok(()) };
+        let mut moved = false;
+        if let Some(remote) = &self.remote {
+            let settings = remote_settings(config);
+            moved = remote.settings().address != settings.address;
+            remote.retarget(settings)?;
+        }
+        if agent.joined_with(&join_settings(config)) && !moved {
+            return Ok(());
+        }
+        agent.rejoin(join_settings(config)).await?;
+        self.note_join("Rejoined");
+        Ok(())
     }
 
     /// Reloads the documents and converges. Returns when to retry objects that failed, if any.
@@ -421,7 +517,10 @@ impl Daemon {
         phases.mark("status");
         let plan = plan(&desired, Some(&self.applied));
         phases.mark("plan");
-        if plan.is_empty() {
+        // An agent that has not joined yet tries again, unless it was refused and waits for an edit.
+        let to_join =
+            self.agent.is_none() && agent_config(&desired).is_some() && !self.refused.contains_key(&agent_ref());
+        if plan.is_empty() && !to_join {
             tracing::debug!("reloaded: nothing changed");
             self.publish_status(&self.waiting());
             return self.next_retry();
@@ -437,13 +536,6 @@ impl Daemon {
         }
         let failures = self.execute(&plan, &desired).await;
         phases.mark("execute");
-        // Transient failures retry with per-object backoff; terminal ones wait for the next edit.
-        let retrying: BTreeSet<ObjectRef> = failures
-            .iter()
-            .filter(|f| f.transient)
-            .flat_map(|f| f.causes.iter().cloned())
-            .collect();
-        let failed: BTreeSet<ObjectRef> = failures.iter().flat_map(|f| f.causes.iter().cloned()).collect();
         {
             let mut table = self.status.write().expect("status poisoned");
             for step in &plan.steps {
@@ -453,7 +545,41 @@ impl Daemon {
                     }
                 }
             }
-            for f in &failures {
+        }
+        let (retrying, failed) = self.record_failures(&failures, &desired);
+        let mut applied = desired;
+        for r in &retrying {
+            match self.applied.objects.get(r) {
+                Some(old) => applied.objects.insert(r.clone(), old.clone()),
+                None => applied.objects.remove(r),
+            };
+        }
+        self.applied = Arc::new(applied);
+        self.save_inventory();
+        let waiting: BTreeSet<ObjectRef> = failed.iter().chain(self.refused.keys()).cloned().collect();
+        self.publish_status(&waiting);
+        phases.mark("status");
+        tracing::debug!(phases = %phases, "converged");
+        self.next_retry()
+    }
+
+    /// Records failed steps: their conditions, a backoff for the transient ones (1 s doubling to
+    /// 5 min, ±20%), and a refusal for the terminal ones (they wait for an edit). Returns the
+    /// objects that will retry and every object that failed.
+    fn record_failures(
+        &mut self,
+        failures: &[Failure],
+        desired: &DesiredState,
+    ) -> (BTreeSet<ObjectRef>, BTreeSet<ObjectRef>) {
+        let retrying: BTreeSet<ObjectRef> = failures
+            .iter()
+            .filter(|f| f.transient)
+            .flat_map(|f| f.causes.iter().cloned())
+            .collect();
+        let failed: BTreeSet<ObjectRef> = failures.iter().flat_map(|f| f.causes.iter().cloned()).collect();
+        {
+            let mut table = self.status.write().expect("status poisoned");
+            for f in failures {
                 let message = if f.transient {
                     format!("{} (retrying with backoff)", f.message)
                 } else {
@@ -489,20 +615,7 @@ impl Daemon {
                 }
             }
         }
-        let mut applied = desired;
-        for r in &retrying {
-            match self.applied.objects.get(r) {
-                Some(old) => applied.objects.insert(r.clone(), old.clone()),
-                None => applied.objects.remove(r),
-            };
-        }
-        self.applied = Arc::new(applied);
-        self.save_inventory();
-        let waiting: BTreeSet<ObjectRef> = failed.iter().chain(self.refused.keys()).cloned().collect();
-        self.publish_status(&waiting);
-        phases.mark("status");
-        tracing::debug!(phases = %phases, "converged");
-        self.next_retry()
+        (retrying, failed)
     }
 
     /// The objects waiting out a backoff or for an edit.
@@ -519,24 +632,47 @@ impl Daemon {
     fn publish_status(&self, failed: &BTreeSet<ObjectRef>) {
         {
             let mut table = self.status.write().expect("status poisoned");
-            let bot = self.bot_ref();
-            let renewal = self.renewal.borrow().clone();
+            let renewal = self.agent.as_ref().and_then(|a| a.renewal().borrow().clone());
+            let bot = self.bot_ref(&table);
             let mut failed = failed.clone();
             if renewal.is_some() {
                 failed.insert(bot.clone());
+            }
+            // An agent of a remote issuer that cannot reach it is stalled: it serves what it holds.
+            let link = self.remote.as_ref().map(|r| r.link().borrow().clone());
+            let unlinked = link.as_ref().filter(|l| !l.connected && self.agent.is_some());
+            if unlinked.is_some() {
+                failed.insert(agent_ref());
             }
             table.converged_except(&failed);
             if let Some(message) = renewal {
                 table.set(&bot, "Stalled", true, "RenewalFailed", &message);
                 table.set(&bot, "Ready", false, "RenewalFailed", &message);
             }
+            if let Some(link) = unlinked {
+                let message = format!(
+                    "not connected to the issuer at {}: {}; cached SVIDs keep being served",
+                    link.address, link.message
+                );
+                table.set(&agent_ref(), "Stalled", true, "IssuerUnreachable", &message);
+                table.set(&agent_ref(), "Ready", false, "IssuerUnreachable", &message);
+            }
         }
-        let bot = self.agent.bot();
         {
             let mut info = self.info.write().expect("info poisoned");
-            info.bot = bot.certificate.bot.clone();
-            info.bot_expires = bot.certificate.not_after.to_string();
-            info.ca_pins = ca_pins(&self.agent.bundles().borrow());
+            if let Some(agent) = &self.agent {
+                let bot = agent.bot();
+                info.bot = bot.certificate.bot.clone();
+                info.bot_expires = bot.certificate.not_after.to_string();
+                let bundles = agent.bundles().borrow().clone();
+                info.ca_pins = ca_pins(&bundles);
+                if !bundles.trust_domain.is_empty() {
+                    info.trust_domain = bundles.trust_domain.clone();
+                }
+            } else if let Some(issuer) = &self.issuer {
+                info.ca_pins = ca_pins(&issuer.current_bundles());
+            }
+            info.issuer_link = self.remote.as_ref().map(|r| r.link().borrow().clone());
             info.services = self
                 .services
                 .iter()
@@ -547,15 +683,23 @@ impl Daemon {
         self.persist.save_status();
     }
 
-    fn bot_ref(&self) -> ObjectRef {
-        ObjectRef::new(Kind::Bot, self.agent.bot().certificate.bot.clone())
+    /// The bot's object when the directory holds it, else the agent config (an agent of a remote
+    /// issuer, whose bot document lives on the issuer).
+    fn bot_ref(&self, table: &StatusTable) -> ObjectRef {
+        let Some(agent) = &self.agent else { return agent_ref() };
+        let bot = ObjectRef::new(Kind::Bot, agent.bot().certificate.bot.clone());
+        if table.objects.contains_key(&bot) {
+            bot
+        } else {
+            agent_ref()
+        }
     }
 
     /// Records on the bot's object how and when it joined (`tbotctl get bot`).
     fn note_join(&self, reason: &str) {
-        let bot = self.agent.bot();
-        let r = self.bot_ref();
-        let method = self.agent.join_method();
+        let Some(agent) = &self.agent else { return };
+        let bot = agent.bot();
+        let method = agent.join_method();
         let message = format!(
             "joined by `{method}` at {}; the certificate expires {}",
             time::OffsetDateTime::now_utc()
@@ -563,10 +707,9 @@ impl Daemon {
                 .unwrap_or_default(),
             bot.certificate.not_after
         );
-        self.status
-            .write()
-            .expect("status poisoned")
-            .set(&r, "Joined", true, reason, &message);
+        let mut table = self.status.write().expect("status poisoned");
+        let r = self.bot_ref(&table);
+        table.set(&r, "Joined", true, reason, &message);
     }
 
     fn save_inventory(&self) {
@@ -638,6 +781,14 @@ impl std::fmt::Display for Phases {
     }
 }
 
+/// Opens the storage of the issuer host (`issuer.spec.storage`).
+fn open_issuer_store(doc: &crate::resource::issuer::Issuer) -> Result<Store, crate::store::StoreError> {
+    match (doc.spec.storage.kind, &doc.spec.storage.path) {
+        (IssuerStorageType::Directory, Some(path)) => Store::open(path),
+        _ => Ok(Store::memory()),
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(options: StartOptions) -> ExitCode {
     let mut inputs: Vec<Input> = options.config_dirs.iter().cloned().map(Input::Dir).collect();
@@ -659,24 +810,17 @@ pub async fn run(options: StartOptions) -> ExitCode {
             "fix the documents (`tbotctl validate` shows the same) and start again",
         );
     }
-    let Some(config) = agent_config(&loaded.state).cloned() else {
+    let role = HostRole::of(loaded.state.objects.keys().map(|r| r.kind));
+    let config = agent_config(&loaded.state).cloned();
+    let issuer_spec = issuer_doc(&loaded.state).cloned();
+    if config.is_none() && issuer_spec.is_none() {
         return fail(
-            "no agent config among the documents",
-            "add the agent config (`version: v2`, no `kind`)",
+            "no agent config and no `issuer` document among the documents",
+            "add the agent config (`version: v2`, no `kind`), or an `issuer` document",
         );
-    };
-    if let Some(set) = &options.log_level {
-        set(config.debug);
     }
-    let policy = match Policy::from_state(&loaded.state) {
-        Ok(p) => p,
-        Err(e) => return fail(&e, &e.hint()),
-    };
-    if policy.bots.is_empty() {
-        return fail(
-            "the documents hold only an agent config: joining a remote issuer at `proxy_server` is not supported yet",
-            "add the cluster-side documents (bot, token, role, workload_identity) so this daemon runs the issuer",
-        );
+    if let (Some(set), Some(config)) = (&options.log_level, &config) {
+        set(config.debug);
     }
     // Signal handlers first: a SIGHUP (systemctl reload) right after start must reload, not kill.
     use tokio::signal::unix::{SignalKind, signal};
@@ -688,29 +832,100 @@ pub async fn run(options: StartOptions) -> ExitCode {
     // Watch before anything serves: an edit made the moment the socket answers must not be missed.
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let _watcher = watch_inputs(&inputs, events_tx);
-    tracing::info!(trust_domain = %policy.trust_domain.as_str(), "starting");
-    let store = match open_store(&config) {
-        Ok(s) => s,
-        Err(e) => return fail(&e, e.hint()),
+
+    // The stores: the issuer's (an issuer host), the agent's, and where the controller keeps its
+    // records (the issuer's on an issuer host). One directory is opened once.
+    let issuer_store = match &issuer_spec {
+        Some(doc) => match open_issuer_store(doc) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(&e, e.hint()),
+        },
+        None => None,
     };
-    tracing::info!(storage = %store.describe(), "storage opened");
-    let issuer = match LocalIssuer::open(store.clone(), policy) {
-        Ok(i) => Arc::new(i),
-        Err(e) => return fail(&e, &e.hint()),
+    let agent_store = match &config {
+        Some(config) => {
+            let same_dir = issuer_spec.as_ref().is_some_and(|doc| {
+                config.storage.kind == StorageType::Directory
+                    && doc.spec.storage.path.is_some()
+                    && config.storage.path == doc.spec.storage.path
+            });
+            match (same_dir, &issuer_store) {
+                (true, Some(store)) => Some(store.clone()),
+                _ => match open_store(config) {
+                    Ok(s) => Some(s),
+                    Err(e) => return fail(&e, e.hint()),
+                },
+            }
+        }
+        None => None,
     };
-    let agent = match Agent::start(issuer.clone() as Arc<dyn Issuer>, join_settings(&config), store.clone()).await {
-        Ok(a) => Arc::new(a),
-        Err(e) => return fail(&e, &e.hint()),
+    let store = issuer_store
+        .clone()
+        .or(agent_store.clone())
+        .expect("an agent config or an issuer");
+    tracing::info!(storage = %store.describe(), role = ?role, "storage opened");
+
+    let issuer = if role == HostRole::Agent {
+        None
+    } else {
+        let policy = match Policy::from_state(&loaded.state) {
+            Ok(p) => p,
+            Err(e) => return fail(&e, &e.hint()),
+        };
+        tracing::info!(trust_domain = %policy.trust_domain.as_str(), "starting the issuer");
+        match LocalIssuer::open(store.clone(), policy) {
+            Ok(i) => Some(Arc::new(i)),
+            Err(e) => return fail(&e, &e.hint()),
+        }
     };
+    let remote = match (&config, role) {
+        (Some(config), HostRole::Agent) => {
+            let settings = remote_settings(config);
+            tracing::info!(issuer = %settings.address, "agent of a remote issuer");
+            match RemoteIssuer::new(settings, agent_store.clone().expect("an agent store")) {
+                Ok(r) => Some(r),
+                Err(e) => return fail(&e, &e.hint()),
+            }
+        }
+        _ => None,
+    };
+    let pins = issuer
+        .as_ref()
+        .map(|i| ca_pins(&i.current_bundles()))
+        .unwrap_or_default();
+    if !pins.is_empty() {
+        tracing::info!(ca_pin = %pins.join(", "), "the trust domain's CA");
+    }
     let status = Arc::new(std::sync::RwLock::new(StatusTable::default()));
     status.write().expect("status poisoned").observe(&loaded.state);
-    let pins = ca_pins(&issuer.bundles().borrow());
-    tracing::info!(ca_pin = %pins.join(", "), "the trust domain's CA");
     let info = Arc::new(std::sync::RwLock::new(DaemonInfo {
-        trust_domain: issuer.policy().trust_domain.as_str().to_owned(),
+        trust_domain: issuer
+            .as_ref()
+            .map(|i| i.policy().trust_domain.as_str().to_owned())
+            .unwrap_or_default(),
         ca_pins: pins,
         ..DaemonInfo::default()
     }));
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    // The issuer API, on an issuer host.
+    let mut sessions = None;
+    if let (Some(doc), Some(issuer)) = (&issuer_spec, &issuer) {
+        match crate::issuer::server::serve(
+            issuer.clone(),
+            doc.spec.listen,
+            doc.serving_names(),
+            admin_stop_rx.clone(),
+        )
+        .await
+        {
+            Ok(serving) => {
+                tracing::info!(listen = %serving.address, names = ?doc.serving_names(), "issuer API listening");
+                info.write().expect("info poisoned").issuer_listen = serving.address.to_string();
+                sessions = Some(serving.sessions);
+            }
+            Err(e) => return fail(e, "fix `issuer.spec.listen`, or stop whatever holds the address"),
+        }
+    }
     let (status_version, status_version_rx) = watch::channel(0u64);
     let applied = Arc::new(loaded.state);
     let persist = {
@@ -720,8 +935,15 @@ pub async fn run(options: StartOptions) -> ExitCode {
             version.send_modify(|v| *v += 1);
         })
     };
-    let renewal = agent.renewal();
-    let mut renewal_changes = renewal.clone();
+    let poke = Arc::new(tokio::sync::Notify::new());
+    if let Some(remote) = &remote {
+        let (mut link, poke) = (remote.link(), poke.clone());
+        tokio::spawn(async move {
+            while link.changed().await.is_ok() {
+                poke.notify_one();
+            }
+        });
+    }
     let mut daemon = Daemon {
         status: status.clone(),
         status_version,
@@ -730,40 +952,63 @@ pub async fn run(options: StartOptions) -> ExitCode {
         load_cache: Arc::new(std::sync::Mutex::new(load_cache)),
         log_level: options.log_level.clone(),
         issuer: issuer.clone(),
-        agent,
+        agent: None,
+        remote,
+        agent_store: agent_store.clone().unwrap_or_else(Store::memory),
+        poke: poke.clone(),
         applied,
         persist,
-        renewal: renewal.clone(),
         applied_shared: Arc::new(std::sync::RwLock::new(Arc::default())),
         backoff: BTreeMap::new(),
         refused: BTreeMap::new(),
         services: BTreeMap::new(),
     };
-    // The admin API first: when a workload socket answers, tbotctl can reach the daemon too.
+    // The admin API next: while the agent joins (or cannot), tbotctl can reach the daemon.
     let (reload_tx, mut reload_requests) = mpsc::channel::<tokio::sync::oneshot::Sender<()>>(16);
-    let (admin_stop, admin_stop_rx) = watch::channel(false);
-    let admin_path = crate::admin::socket_path(&config);
+    let admin_path = crate::admin::socket_for(&daemon.applied).expect("an agent config or an issuer");
     let admin = AdminApi {
         status,
         status_version: status_version_rx,
         info,
         reload: reload_tx,
         applied: daemon.applied_shared.clone(),
+        issuer: issuer.clone(),
+        sessions,
     };
     match crate::admin::server::serve(admin, &admin_path, admin_stop_rx) {
         Ok(()) => tracing::info!(path = %admin_path.display(), "admin API listening"),
         Err(e) => tracing::warn!(error = %e, "no admin API: tbotctl get/apply/status will not reach this daemon"),
     }
-    if let Err(e) = daemon.sync_services(&config).await {
-        let _ = admin_stop.send(true);
-        daemon.shutdown().await;
-        return fail(e, "fix the listener's address, or stop whatever holds it");
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    if let Some(config) = &config {
+        if let Err(e) = daemon.start_agent(config).await {
+            if daemon.remote.is_none() {
+                // In process, a join that fails is a document problem: say so and stop.
+                let _ = admin_stop.send(true);
+                daemon.shutdown().await;
+                return fail(&e, &e.hint());
+            }
+            // A remote issuer may come back, or an edit may fix the terms: keep trying.
+            tracing::error!(error = %e, hint = %e.hint(), "cannot join the issuer yet; retrying");
+            let desired = daemon.applied.as_ref().clone();
+            daemon.record_failures(&[Failure::new(vec![agent_ref()], "JoinFailed", &e)], &desired);
+            retry_at = daemon.next_retry();
+        }
+        if daemon.agent.is_some()
+            && let Err(e) = daemon.sync_services(config).await
+        {
+            let _ = admin_stop.send(true);
+            daemon.shutdown().await;
+            return fail(e, "fix the listener's address, or stop whatever holds it");
+        }
     }
     daemon.save_inventory();
-    daemon.note_join("Joined");
-    daemon.publish_status(&BTreeSet::new());
-    if let Some(addr) = options.diag_addr.or(config.diag_addr) {
-        let names = config.services.iter().map(|s| s.display_name().to_owned()).collect();
+    daemon.publish_status(&daemon.waiting());
+    if let Some(addr) = options.diag_addr.or(config.as_ref().and_then(|c| c.diag_addr)) {
+        let names = config
+            .iter()
+            .flat_map(|c| c.services.iter().map(|s| s.display_name().to_owned()))
+            .collect();
         match crate::admin::diag::serve(addr, daemon.info.clone(), names).await {
             Ok(()) => tracing::info!(%addr, "diagnostics listening: /livez /readyz /metrics"),
             Err(e) => tracing::warn!(error = %e, "no diagnostics endpoint"),
@@ -773,7 +1018,6 @@ pub async fn run(options: StartOptions) -> ExitCode {
 
     let mut resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
     let mut prune = tokio::time::interval(Duration::from_secs(60));
-    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
         let retry_sleep = async {
             match retry_at {
@@ -793,7 +1037,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
                 }
             }
             _ = hup.recv() => tracing::info!("SIGHUP: reloading"),
-            Ok(()) = renewal_changes.changed() => {
+            _ = poke.notified() => {
                 daemon.publish_status(&daemon.waiting());
                 continue;
             }
@@ -805,8 +1049,10 @@ pub async fn run(options: StartOptions) -> ExitCode {
             _ = tokio::time::sleep_until(resync) => {}
             _ = retry_sleep => {}
             _ = prune.tick() => {
-                if let Err(e) = issuer.prune() {
-                    tracing::warn!(error = %e, hint = %e.hint(), "cannot prune retired CAs");
+                if let Some(issuer) = &issuer
+                    && let Err(e) = issuer.prune()
+                {
+                    tracing::warn!(error = %e, hint = %e.hint(), "cannot prune retired CAs and expired bot instances");
                 }
                 continue;
             }

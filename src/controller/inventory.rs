@@ -51,6 +51,7 @@ pub fn decode(kind: Kind, value: Value) -> Result<Document, serde_json::Error> {
         Kind::Role => Document::Role(serde_json::from_value(value)?),
         Kind::WorkloadIdentity => Document::WorkloadIdentity(serde_json::from_value(value)?),
         Kind::Cluster => Document::Cluster(serde_json::from_value(value)?),
+        Kind::Issuer => Document::Issuer(serde_json::from_value(value)?),
     })
 }
 

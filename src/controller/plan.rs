@@ -7,7 +7,7 @@ use std::fmt;
 
 use crate::manifest::DesiredState;
 use crate::resource::agent::{AgentConfig, Service};
-use crate::resource::{Document, Kind, ObjectRef};
+use crate::resource::{Document, HostRole, Kind, ObjectRef};
 
 /// What happens to one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -146,8 +146,12 @@ fn agent_ref() -> ObjectRef {
     ObjectRef::new(Kind::AgentConfig, ObjectRef::AGENT_CONFIG_NAME)
 }
 
-/// The trust domain the documents give, and the object it comes from.
+/// The trust domain the documents give, and the object it comes from; none on an agent of a
+/// remote issuer (the issuer's CA is not this host's to create).
 fn trust_domain(state: &DesiredState) -> Option<(String, ObjectRef)> {
+    if HostRole::of(state.objects.keys().map(|r| r.kind)) == HostRole::Agent {
+        return None;
+    }
     for (r, o) in &state.objects {
         if let Document::Cluster(c) = &o.document {
             return Some((c.metadata.name.to_string(), r.clone()));
@@ -236,7 +240,10 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
             None => step(Action::Join, vec![agent_ref()]),
             Some(old) => {
                 let mut causes = Vec::new();
-                if old.onboarding != new.onboarding {
+                if old.onboarding != new.onboarding
+                    || old.proxy_server != new.proxy_server
+                    || old.auth_server != new.auth_server
+                {
                     causes.push(agent_ref());
                 }
                 if changed.contains_key(&token_ref) {
@@ -329,6 +336,24 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
         ] {
             if differs {
                 step(Action::RestartRequired { field: field.into() }, vec![agent_ref()]);
+            }
+        }
+    }
+    let issuers = |state: &'_ DesiredState| {
+        state.objects.iter().find_map(|(r, o)| match &o.document {
+            Document::Issuer(i) => Some((r.clone(), i.spec.clone())),
+            _ => None,
+        })
+    };
+    if let (Some((r, new)), Some((_, old))) = (issuers(desired), issuers(before)) {
+        for (field, differs) in [
+            ("issuer.spec.listen", old.listen != new.listen),
+            ("issuer.spec.public_addrs", old.public_addrs != new.public_addrs),
+            ("issuer.spec.storage", old.storage != new.storage),
+            ("issuer.spec.admin_socket", old.admin_socket != new.admin_socket),
+        ] {
+            if differs {
+                step(Action::RestartRequired { field: field.into() }, vec![r.clone()]);
             }
         }
     }

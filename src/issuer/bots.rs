@@ -31,9 +31,17 @@ pub struct BotClaims {
     pub generation: u64,
     /// `join.meta.*` and `join.iam.*` attribute values.
     pub join: BTreeMap<String, String>,
+    /// The bot instance the join made (empty in certificates from before instances).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
 }
 
 impl BotClaims {
+    /// The ledger key of the certificate's bot instance.
+    pub fn instance_key(&self) -> String {
+        instance_key(&self.bot, &self.instance)
+    }
+
     pub fn join_attributes(&self) -> Attributes {
         let mut attrs = Attributes::new();
         for (k, v) in &self.join {
@@ -108,6 +116,7 @@ pub fn sign_bot_certificate(
         generation: claims.generation,
         not_after,
         join: claims.join_attributes(),
+        instance: claims.instance.clone(),
     })
 }
 
@@ -152,16 +161,56 @@ pub fn verify_bot_certificate(
     })
 }
 
-/// One bot's renewal state.
+/// One bot instance's renewal state (one per join: a hundred hosts joining as one bot are a
+/// hundred instances, each with its own generation and lock).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BotRecord {
     pub generation: u64,
+    /// What `tbotctl get bot/<name>` shows about the instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<InstanceInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked: Option<String>,
     /// SHA-256 (hex) of the public key the current generation was signed for: a renewal that
     /// presents the previous generation with this same key is the holder retrying after a crash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+}
+
+/// Where and how an instance joined, and when it last renewed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub bot: String,
+    pub join_method: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub iam_arn: String,
+    /// The address it joined or last renewed from (empty in process).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    /// RFC 3339.
+    pub joined_at: String,
+    /// RFC 3339, empty until the first renewal.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_renewal: String,
+    /// When its certificate expires (Unix seconds): an instance expired for a day is forgotten.
+    pub not_after: i64,
+}
+
+/// The ledger key of a bot instance: `<bot>/<instance>` (the bot's name alone for certificates from
+/// before instances).
+pub fn instance_key(bot: &str, instance: &str) -> String {
+    if instance.is_empty() {
+        bot.to_owned()
+    } else {
+        format!("{bot}/{instance}")
+    }
+}
+
+/// A new instance ID: 16 random hex digits.
+pub fn new_instance_id() -> Result<String, IssuerError> {
+    let mut bytes = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A consumed single-use token.
@@ -173,12 +222,16 @@ pub struct Consumed {
     /// SHA-256 (hex) of the joiner's public key: only that key may retry a join whose answer was lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The instance the join made: a retry of that join re-signs for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// `bots.json` and `tokens.json` of a trust domain.
 #[derive(Debug, Default)]
 pub struct Ledger {
     dir: String,
+    /// By instance key ([`instance_key`]).
     pub bots: BTreeMap<String, BotRecord>,
     /// By SHA-256 (hex) of the token name: the name is the secret and never stored.
     pub tokens: BTreeMap<String, Consumed>,

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
 
-use super::bots::{self, BotClaims, BotRecord, Consumed, Ledger, token_key};
+use super::bots::{self, BotClaims, BotRecord, Consumed, InstanceInfo, Ledger, instance_key, token_key};
 use super::ca::Authority;
 use super::decide::{self, Attributes, Decision};
 use super::jwt::JwtKey;
@@ -53,7 +53,22 @@ pub struct LocalIssuer {
     state: Mutex<State>,
     challenges: Mutex<HashMap<String, OffsetDateTime>>,
     bundles: watch::Sender<Arc<Bundles>>,
+    policy_events: watch::Sender<Arc<PolicyEvent>>,
 }
+
+/// A change of the documents that decide who gets what, as remote agents are told of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyEvent {
+    /// Moves by one on every change.
+    pub revision: u64,
+    /// The identities whose SVIDs to re-decide.
+    pub identities: std::collections::BTreeSet<String>,
+    /// Re-decide every identity (an agent that missed revisions).
+    pub all: bool,
+}
+
+/// How long after its certificate expired a bot instance is forgotten (unless locked).
+const INSTANCE_RETENTION: time::Duration = time::Duration::days(1);
 
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
@@ -107,7 +122,8 @@ impl State {
             }
         };
         if claims.join.get("join.meta.join_method").map(String::as_str) == Some("token") {
-            let record = self.ledger.bots.get(&claims.bot).cloned().unwrap_or_default();
+            let key = claims.instance_key();
+            let record = self.ledger.bots.get(&key).cloned().unwrap_or_default();
             if let Some(reason) = record.locked {
                 return Err(IssuerError::Locked {
                     bot: claims.bot,
@@ -116,11 +132,11 @@ impl State {
             }
             let just_replaced = self
                 .replaced
-                .get(&claims.bot)
+                .get(&key)
                 .is_some_and(|(generation, until)| *generation == claims.generation && now() < *until);
             if record.generation != claims.generation && !just_replaced {
                 return Err(IssuerError::Unauthenticated(format!(
-                    "the certificate is generation {}, and bot `{}` is at generation {}; it was renewed since",
+                    "the certificate is generation {}, and this instance of bot `{}` is at generation {}; it was renewed since",
                     claims.generation, claims.bot, record.generation
                 )));
             }
@@ -163,7 +179,8 @@ impl State {
         Ok(cert)
     }
 
-    /// A `token` join, after its terms were checked: consume the token, reset the bot's generation.
+    /// A `token` join, after its terms were checked: consume the token, make a bot instance at
+    /// generation 1.
     fn join_token(&mut self, request: &JoinRequest) -> Result<BotCertificate, IssuerError> {
         let refuse = |why: String| IssuerError::JoinRefused(why);
         let token = self.policy.tokens.get(&request.token).ok_or_else(|| {
@@ -176,33 +193,48 @@ impl State {
         let bot = token.spec.bot_name.to_string();
         let key = token_key(&request.token);
         let joiner = key_digest(&request.public_key);
-        if let Some(used) = self.ledger.tokens.get(&key) {
-            // The joiner retrying a join whose answer it lost (a crash before it saved the
-            // certificate): the same key, and the bot untouched since (generation 1, that key).
-            let record = self.ledger.bots.get(&bot);
-            let retry = used.key.as_deref() == Some(joiner.as_str())
-                && record.is_some_and(|r| r.generation == 1 && r.locked.is_none() && r.key.as_ref() == Some(&joiner));
-            if !retry {
-                return Err(refuse(format!(
-                    "the token was already used by bot `{}` at {}; `token` joins are single-use: create a new token",
-                    used.bot, used.at
-                )));
+        let instance = match self.ledger.tokens.get(&key) {
+            Some(used) => {
+                // The joiner retrying a join whose answer it lost (a crash before it saved the
+                // certificate): the same key, and the instance untouched since (generation 1, that key).
+                let instance = used.instance.clone().unwrap_or_default();
+                let record = self.ledger.bots.get(&instance_key(&bot, &instance));
+                let retry = used.key.as_deref() == Some(joiner.as_str())
+                    && record
+                        .is_some_and(|r| r.generation == 1 && r.locked.is_none() && r.key.as_ref() == Some(&joiner));
+                if !retry {
+                    return Err(refuse(format!(
+                        "the token was already used by bot `{}` at {}; `token` joins are single-use: create a new token",
+                        used.bot, used.at
+                    )));
+                }
+                instance
             }
-        }
+            None => bots::new_instance_id()?,
+        };
         let roles = self.bot_roles(&bot)?;
         // Consume first: a crash after this point must not leave the token usable.
         if let std::collections::btree_map::Entry::Vacant(entry) = self.ledger.tokens.entry(key) {
             entry.insert(Consumed {
                 bot: bot.clone(),
-                at: now().format(&Rfc3339).unwrap_or_default(),
+                at: rfc3339(now()),
                 key: Some(joiner.clone()),
+                instance: Some(instance.clone()),
             });
             self.ledger.save_tokens(&self.store)?;
         }
         self.ledger.bots.insert(
-            bot.clone(),
+            instance_key(&bot, &instance),
             BotRecord {
                 generation: 1,
+                info: Some(InstanceInfo {
+                    bot: bot.clone(),
+                    join_method: "token".into(),
+                    address: request.address.clone(),
+                    joined_at: rfc3339(now()),
+                    not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
+                    ..InstanceInfo::default()
+                }),
                 locked: None,
                 key: Some(joiner),
             },
@@ -217,6 +249,7 @@ impl State {
                 ("join.meta.join_token_name".to_owned(), request.token.clone()),
             ]
             .into(),
+            instance,
         };
         self.sign_bot(&claims, &request.public_key, request.ttl)
     }
@@ -237,7 +270,8 @@ impl State {
             ));
         }
         let bot = claims.bot.clone();
-        let record = self.ledger.bots.get(&bot).cloned().unwrap_or_default();
+        let instance = claims.instance_key();
+        let record = self.ledger.bots.get(&instance).cloned().unwrap_or_default();
         if let Some(reason) = record.locked {
             return Err(IssuerError::Locked { bot, reason });
         }
@@ -247,11 +281,12 @@ impl State {
         let retry = record.generation == claims.generation + 1 && record.key.as_deref() == Some(key.as_str());
         if record.generation != claims.generation && !retry {
             let reason = format!(
-                "a renewal presented generation {} while the bot is at generation {}: two holders share one identity",
+                "a renewal presented generation {} while this instance of the bot is at generation {}: two holders \
+                 share one identity",
                 claims.generation, record.generation
             );
             self.ledger.bots.insert(
-                bot.clone(),
+                instance.clone(),
                 BotRecord {
                     locked: Some(reason.clone()),
                     ..record
@@ -268,11 +303,22 @@ impl State {
             record.generation + 1
         };
         self.replaced
-            .insert(bot.clone(), (generation - 1, now() + REPLACED_GRACE));
+            .insert(instance.clone(), (generation - 1, now() + REPLACED_GRACE));
+        let info = record.info.clone().map(|info| InstanceInfo {
+            address: if request.address.is_empty() {
+                info.address.clone()
+            } else {
+                request.address.clone()
+            },
+            last_renewal: rfc3339(now()),
+            not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
+            ..info
+        });
         self.ledger.bots.insert(
-            bot.clone(),
+            instance,
             BotRecord {
                 generation,
+                info,
                 locked: None,
                 key: Some(key),
             },
@@ -285,6 +331,10 @@ impl State {
         };
         self.sign_bot(&claims, &request.public_key, request.ttl)
     }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// SHA-256 (hex) of a public key, as the ledger records it.
@@ -312,7 +362,51 @@ impl LocalIssuer {
             state: Mutex::new(state),
             challenges: Mutex::new(HashMap::new()),
             bundles,
+            policy_events: watch::channel(Arc::new(PolicyEvent::default())).0,
         })
+    }
+
+    /// Tells remote agents that the documents changed: they forget their resolutions and
+    /// re-decide the SVIDs of `identities`.
+    pub fn announce(&self, identities: std::collections::BTreeSet<String>) {
+        self.policy_events.send_modify(|event| {
+            *event = Arc::new(PolicyEvent {
+                revision: event.revision + 1,
+                identities,
+                all: false,
+            })
+        });
+    }
+
+    /// The last policy change, and every new one.
+    pub fn policy_events(&self) -> watch::Receiver<Arc<PolicyEvent>> {
+        self.policy_events.subscribe()
+    }
+
+    /// Verifies a bot certificate as issuance does (ours, valid, not locked, current generation).
+    pub fn authenticate(&self, der: &[u8]) -> Result<BotClaims, IssuerError> {
+        self.lock().authenticate(der)
+    }
+
+    /// A serving certificate for the issuer API.
+    pub fn serving_certificate(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<mint::ServingCertificate, IssuerError> {
+        mint::serving_certificate(&self.lock().authority, names, ttl, now())
+    }
+
+    /// The bot instances (all, or one bot's), by instance key.
+    pub fn instances(&self, bot: Option<&str>) -> Vec<(String, BotRecord)> {
+        let state = self.lock();
+        state
+            .ledger
+            .bots
+            .iter()
+            .filter(|(key, record)| bot.is_none_or(|b| record.info.as_ref().map_or(key.as_str() == b, |i| i.bot == b)))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -365,6 +459,15 @@ impl LocalIssuer {
             state.verified.clear();
             self.publish(state);
         }
+        let before = state.ledger.bots.len();
+        let horizon = (now() - INSTANCE_RETENTION).unix_timestamp();
+        state
+            .ledger
+            .bots
+            .retain(|_, r| r.locked.is_some() || r.info.as_ref().is_none_or(|i| i.not_after > horizon));
+        if state.ledger.bots.len() != before {
+            state.ledger.save_bots(&state.store)?;
+        }
         Ok(())
     }
 
@@ -384,11 +487,15 @@ impl LocalIssuer {
         })
     }
 
-    async fn join_iam(
+    /// An `iam` join. `registered`: the challenge came from [`Issuer::challenge`] and is taken from
+    /// the table; else it was made inside the caller's own join stream (the issuer API), which
+    /// already guarantees it is fresh and used once.
+    pub async fn join_iam(
         &self,
         request: &JoinRequest,
         challenge: &str,
         signed: &aws::SignedRequest,
+        registered: bool,
     ) -> Result<BotCertificate, IssuerError> {
         let refuse = IssuerError::JoinRefused;
         let (token, sts_override) = {
@@ -403,7 +510,9 @@ impl LocalIssuer {
         };
         join::check_token_terms(&token, JoinMethod::Iam, now()).map_err(refuse)?;
         let real_endpoint = join::check_signed_request(signed, challenge).map_err(refuse)?;
-        self.take_challenge(challenge)?;
+        if registered {
+            self.take_challenge(challenge)?;
+        }
         let endpoint = sts_override.unwrap_or(real_endpoint);
         let identity = aws::get_caller_identity(signed, &endpoint).await.map_err(|e| match e {
             AwsError::Refused(why) => refuse(format!("signature refused by STS: {why}")),
@@ -414,10 +523,48 @@ impl LocalIssuer {
         let mut state = self.lock();
         let bot = token.spec.bot_name.to_string();
         let roles = state.bot_roles(&bot)?;
+        // A joiner that holds a certificate of this bot from an earlier `iam` join keeps its instance.
+        let kept = request
+            .current
+            .as_deref()
+            .and_then(|der| bots::verify_bot_certificate(&state.authority, der, now()).ok())
+            .map(|v| v.claims)
+            .filter(|c| c.bot == bot && c.join.get("join.meta.join_method").map(String::as_str) == Some("iam"))
+            .map(|c| c.instance)
+            .filter(|i| !i.is_empty());
+        let instance = match kept {
+            Some(instance) => instance,
+            None => bots::new_instance_id()?,
+        };
+        let key = instance_key(&bot, &instance);
+        let previous = state.ledger.bots.get(&key).cloned().unwrap_or_default();
+        let generation = previous.generation + 1;
+        let joined_at = previous
+            .info
+            .as_ref()
+            .map_or_else(|| rfc3339(now()), |i| i.joined_at.clone());
+        state.ledger.bots.insert(
+            key,
+            BotRecord {
+                generation,
+                info: Some(InstanceInfo {
+                    bot: bot.clone(),
+                    join_method: "iam".into(),
+                    iam_arn: identity.arn.clone(),
+                    address: request.address.clone(),
+                    joined_at,
+                    last_renewal: if generation > 1 { rfc3339(now()) } else { String::new() },
+                    not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
+                }),
+                locked: None,
+                key: Some(key_digest(&request.public_key)),
+            },
+        );
+        state.ledger.save_bots(&state.store)?;
         let claims = BotClaims {
             bot,
             roles,
-            generation: 0,
+            generation,
             join: [
                 ("join.meta.join_method".to_owned(), "iam".to_owned()),
                 ("join.meta.join_token_name".to_owned(), request.token.clone()),
@@ -425,6 +572,7 @@ impl LocalIssuer {
                 ("join.iam.arn".to_owned(), identity.arn),
             ]
             .into(),
+            instance,
         };
         state.sign_bot(&claims, &request.public_key, request.ttl)
     }
@@ -454,7 +602,7 @@ impl Issuer for LocalIssuer {
             JoinProof::Iam {
                 challenge,
                 request: signed,
-            } => self.join_iam(&request, challenge, signed).await,
+            } => self.join_iam(&request, challenge, signed, true).await,
         }
     }
 

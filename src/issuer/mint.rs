@@ -112,3 +112,54 @@ pub fn jwt_svid(
         expires,
     })
 }
+
+/// A serving certificate with its CA certificate and its key (PKCS#8 DER), all DER.
+pub struct ServingCertificate {
+    pub certificate: Vec<u8>,
+    pub ca: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// A serving certificate for the issuer API: the names and addresses agents reach it by, signed by
+/// the active CA (so one CA pin trusts every replica). The key is made here and never leaves the
+/// process.
+pub fn serving_certificate(
+    authority: &Authority,
+    names: &[String],
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<ServingCertificate, IssuerError> {
+    let pair = rcgen::KeyPair::generate().map_err(|e| IssuerError::Crypto(e.to_string()))?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&pair);
+    let ca = authority.active();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "tbot issuer");
+    dn.push(DnType::CommonName, names.first().map_or("tbot issuer", String::as_str));
+    params.distinguished_name = dn;
+    for name in names {
+        params.subject_alt_names.push(match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                name.as_str()
+                    .try_into()
+                    .map_err(|e| invalid(format!("`{name}` cannot be a certificate name: {e}")))?,
+            ),
+        });
+    }
+    super::ca::end_entity(&mut params, &spki);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial()?);
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = (now + ttl).min(ca.not_after());
+    let cert = params
+        .signed_by(&pair, ca.issuer())
+        .map_err(|e| IssuerError::Crypto(e.to_string()))?;
+    Ok(ServingCertificate {
+        certificate: cert.der().to_vec(),
+        ca: ca.certificate_der().to_vec(),
+        key: pair.serialize_der(),
+    })
+}

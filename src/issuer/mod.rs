@@ -11,6 +11,8 @@ mod local;
 pub mod mint;
 pub mod policy;
 pub mod rbac;
+pub mod server;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,7 +24,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 pub use decide::{Attributes, Decision};
-pub use local::LocalIssuer;
+pub use local::{LocalIssuer, PolicyEvent};
 pub use policy::Policy;
 
 use crate::aws::{AwsError, SignedRequest};
@@ -44,6 +46,12 @@ pub enum IssuerError {
     /// A join was refused; the message names the check that failed.
     #[error("join refused: {0}")]
     JoinRefused(String),
+    /// The remote issuer cannot be reached, or its connection broke: retry with backoff.
+    #[error("the issuer cannot be reached: {0}")]
+    Unavailable(String),
+    /// The request exceeds a limit of the issuer (size, rate); the message names the limit.
+    #[error("{0}")]
+    Limited(String),
     /// STS could not be reached during an `iam` join: retry with backoff.
     #[error("join not decided yet: {0}")]
     StsUnavailable(AwsError),
@@ -68,7 +76,7 @@ impl IssuerError {
     pub fn is_transient(&self) -> bool {
         match self {
             IssuerError::Store(e) => e.is_transient(),
-            IssuerError::StsUnavailable(_) => true,
+            IssuerError::StsUnavailable(_) | IssuerError::Unavailable(_) | IssuerError::Limited(_) => true,
             _ => false,
         }
     }
@@ -83,6 +91,12 @@ impl IssuerError {
             IssuerError::Crypto(_) => "this is a bug or a broken crypto library; report it with the log".into(),
             IssuerError::JoinRefused(_) => "fix the token document or the agent's `onboarding`, then save".into(),
             IssuerError::StsUnavailable(_) => "tbot retries with backoff; check the network path to STS".into(),
+            IssuerError::Unavailable(_) => {
+                "tbot retries with backoff; check that the issuer runs and that `proxy_server` reaches it".into()
+            }
+            IssuerError::Limited(_) => {
+                "tbot retries later; raise the limit on the issuer if this is normal load".into()
+            }
             IssuerError::Unauthenticated(_) => {
                 "the agent rejoins by itself; if it keeps failing, rejoin with a new token".into()
             }
@@ -115,6 +129,11 @@ pub struct JoinRequest {
     pub proof: JoinProof,
     /// The certificate lifetime asked for (`credential_ttl`); capped at 24h.
     pub ttl: Duration,
+    /// The bot certificate the joiner holds now, if any (its key proven by the TLS handshake): a
+    /// join with it keeps its bot instance.
+    pub current: Option<Vec<u8>>,
+    /// Where the join came from, for `tbotctl get bot` (empty in process).
+    pub address: String,
 }
 
 /// A renewal of a `token`-joined bot: its current certificate, a new public key, and a signature over
@@ -126,6 +145,8 @@ pub struct RenewRequest {
     /// ECDSA P-256 SHA-256 (ASN.1 DER) signature of `public_key` by the current key.
     pub proof: Vec<u8>,
     pub ttl: Duration,
+    /// Where the renewal came from (empty in process).
+    pub address: String,
 }
 
 /// A bot's certificate and what it says.
@@ -134,11 +155,13 @@ pub struct BotCertificate {
     pub der: Vec<u8>,
     pub bot: String,
     pub roles: Vec<String>,
-    /// The renewal generation (`token` joins; 0 for `iam`).
+    /// The instance's generation: renewals (`token`) or joins (`iam`) so far.
     pub generation: u64,
     pub not_after: OffsetDateTime,
     /// `join.meta.*` and `join.iam.*`.
     pub join: Attributes,
+    /// The bot instance (one per join).
+    pub instance: String,
 }
 
 /// An X509-SVID request for one workload identity.
@@ -241,4 +264,13 @@ pub trait Issuer: Send + Sync {
     async fn issue_jwt(&self, request: JwtRequest) -> Result<JwtSvid, IssuerError>;
     /// The bundle now and every change to it.
     fn bundles(&self) -> watch::Receiver<Arc<Bundles>>;
+    /// The bot credential the agent holds from now on (certificate DER, PKCS#8 key DER), for an
+    /// issuer that authenticates connections with it (the remote issuer's TLS client certificate).
+    /// The in-process issuer needs nothing.
+    fn present(&self, _certificate: &[u8], _key: &[u8]) {}
+    /// Changes of the issuer's documents pushed to the agent (a remote issuer). In process there are
+    /// none: the daemon that loads the documents tells the agent itself.
+    fn policy_events(&self) -> Option<watch::Receiver<Arc<PolicyEvent>>> {
+        None
+    }
 }

@@ -86,6 +86,7 @@ impl Policy {
                 Document::Role(role) => {
                     policy.roles.insert(role.metadata.name.to_string(), role.clone());
                 }
+                Document::Issuer(_) => {}
                 Document::WorkloadIdentity(identity) => {
                     policy
                         .identities

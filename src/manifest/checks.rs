@@ -8,7 +8,7 @@ use super::diagnostic::{Diagnostic, Location};
 use super::{Parsed, Sources, Unloaded};
 use crate::resource::agent::AgentConfig;
 use crate::resource::spiffe_id::TrustDomain;
-use crate::resource::{Document, Kind, ObjectRef, Problem, closest};
+use crate::resource::{Document, HostRole, Kind, ObjectRef, Problem, closest};
 
 pub(super) struct Outcome {
     pub diagnostics: Vec<Diagnostic>,
@@ -47,6 +47,16 @@ impl Ctx<'_> {
     /// its absence is a consequence of that failure, which is already reported.
     fn maybe_unloaded(&self, kind: Kind, name: Option<&str>) -> bool {
         self.unloaded.iter().any(|u| u.might_be(kind, name))
+    }
+
+    /// What the documents make of this host.
+    fn role(&self) -> HostRole {
+        HostRole::of(
+            self.parsed
+                .iter()
+                .map(|p| p.document.kind())
+                .chain(self.unloaded.iter().filter_map(|u| u.kind)),
+        )
     }
 
     fn names(&self, kind: Kind) -> BTreeSet<&str> {
@@ -117,14 +127,14 @@ fn duplicates(ctx: &mut Ctx) -> BTreeSet<usize> {
 }
 
 fn singletons(ctx: &mut Ctx, complete_dir: Option<&Path>) {
-    for kind in [Kind::AgentConfig, Kind::Cluster] {
+    for kind in [Kind::AgentConfig, Kind::Cluster, Kind::Issuer] {
         let all: Vec<usize> = (0..ctx.parsed.len())
             .filter(|&i| ctx.parsed[i].document.kind() == kind)
             .collect();
-        let what = if kind == Kind::AgentConfig {
-            "agent config"
-        } else {
-            "`cluster` document"
+        let what = match kind {
+            Kind::AgentConfig => "agent config",
+            Kind::Issuer => "`issuer` document",
+            _ => "`cluster` document",
         };
         for &extra in all.iter().skip(1) {
             let first = ctx.location(all[0]);
@@ -145,13 +155,17 @@ fn singletons(ctx: &mut Ctx, complete_dir: Option<&Path>) {
             });
         }
     }
-    let has_agent = ctx.parsed.iter().any(|p| p.document.kind() == Kind::AgentConfig);
-    if let (Some(dir), false) = (complete_dir, has_agent)
+    let has = |kind| ctx.parsed.iter().any(|p| p.document.kind() == kind);
+    if let (Some(dir), false) = (complete_dir, has(Kind::AgentConfig) || has(Kind::Issuer))
         && !ctx.maybe_unloaded(Kind::AgentConfig, None)
+        && !ctx.maybe_unloaded(Kind::Issuer, None)
     {
         ctx.out.push(
-            Diagnostic::error(Location::file(dir), "no agent config: the directory needs exactly one")
-                .hint("add a `tbot.yaml` with `version: v2`, `onboarding` and `services` (see manifests/quickstart/)"),
+            Diagnostic::error(
+                Location::file(dir),
+                "no agent config and no `issuer` document: the directory needs one of them",
+            )
+            .hint("add a `tbot.yaml` with `version: v2`, `onboarding` and `services` (see manifests/quickstart/)"),
         );
     }
 }
@@ -160,6 +174,8 @@ fn references(ctx: &mut Ctx) {
     let bots = ctx.names(Kind::Bot);
     let roles = ctx.names(Kind::Role);
     let identities = ctx.names(Kind::WorkloadIdentity);
+    // On an agent of a remote issuer, the identities live on the issuer.
+    let remote = ctx.role() == HostRole::Agent;
     let mut found = Vec::new();
     for (i, p) in ctx.parsed.iter().enumerate() {
         match p.document {
@@ -177,7 +193,7 @@ fn references(ctx: &mut Ctx) {
                 }
             }
             Document::AgentConfig(agent) => {
-                for (j, service) in agent.services.iter().enumerate() {
+                for (j, service) in agent.services.iter().enumerate().filter(|_| !remote) {
                     if let Some(name) = &service.selector.name {
                         if !identities.contains(&**name) && !ctx.maybe_unloaded(Kind::WorkloadIdentity, Some(name)) {
                             found.push((
@@ -206,6 +222,9 @@ fn references(ctx: &mut Ctx) {
                 }
                 if !ctx.maybe_unloaded(Kind::Token, None) {
                     found.extend(onboarding(ctx.parsed, agent).into_iter().map(|p| (i, p)));
+                }
+                if remote {
+                    found.extend(remote_trust(agent).into_iter().map(|p| (i, p)));
                 }
             }
             _ => {}
@@ -267,12 +286,38 @@ fn onboarding(parsed: &[Parsed], agent: &AgentConfig) -> Option<Problem> {
     })
 }
 
-/// The trust domain is the `cluster` document's name, else the host of `proxy_server`/`auth_server`.
+/// An agent of a remote issuer must know which issuer to trust before it sends it anything.
+fn remote_trust(agent: &AgentConfig) -> Option<Problem> {
+    let o = &agent.onboarding;
+    (o.ca_pins.is_empty() && o.ca_path.is_none() && !o.insecure).then(|| {
+        Problem::error(
+            "/onboarding",
+            "this agent joins a remote issuer, and nothing says which issuer to trust: set `onboarding.ca_pins` or `onboarding.ca_path`",
+        )
+        .hint(
+            "on the issuer host run `tbotctl status --dir <its directory>` and copy its `CA pin: sha256:…` into \
+             `onboarding.ca_pins: [\"sha256:…\"]`",
+        )
+    })
+}
+
+/// The trust domain is the `cluster` document's name, else the host of `proxy_server`/`auth_server`;
+/// an agent of a remote issuer takes the issuer's.
 fn trust_domain(ctx: &mut Ctx) {
     if ctx.parsed.iter().any(|p| p.document.kind() == Kind::Cluster) || ctx.maybe_unloaded(Kind::Cluster, None) {
         return;
     }
     let Some(i) = ctx.parsed.iter().position(|p| p.document.kind() == Kind::AgentConfig) else {
+        if let Some(i) = ctx.parsed.iter().position(|p| p.document.kind() == Kind::Issuer) {
+            ctx.report(
+                i,
+                Problem::error(
+                    "",
+                    "an issuer without an agent config needs a `cluster` document: it names the trust domain",
+                )
+                .hint("add `kind: cluster`, `version: v1`, `metadata: {name: <trust domain>}`"),
+            );
+        }
         return;
     };
     let Document::AgentConfig(agent) = &ctx.parsed[i].document else {
@@ -283,6 +328,19 @@ fn trust_domain(ctx: &mut Ctx) {
     } else {
         "/auth_server"
     };
+    if ctx.role() == HostRole::Agent {
+        if agent.proxy_server.is_none() && agent.auth_server.is_none() {
+            ctx.report(
+                i,
+                Problem::error(
+                    "",
+                    "this agent config sets neither `proxy_server` nor `auth_server`: there is no issuer to join",
+                )
+                .hint("set `proxy_server: <issuer host>:3025`, or add the cluster documents to run the issuer here"),
+            );
+        }
+        return;
+    }
     let problem = match agent.server_host() {
         None if agent.proxy_server.is_none() && agent.auth_server.is_none() => Some(
             Problem::error("", "no trust domain: the agent config sets neither `proxy_server` nor `auth_server`, and there is no `cluster` document")

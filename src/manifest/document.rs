@@ -27,6 +27,7 @@ pub(super) fn decode(node: &Node) -> (Option<Document>, Vec<Problem>) {
         Kind::Role => typed(&json).map(Document::Role),
         Kind::WorkloadIdentity => typed(&json).map(Document::WorkloadIdentity),
         Kind::Cluster => typed(&json).map(Document::Cluster),
+        Kind::Issuer => typed(&json).map(Document::Issuer),
     };
     let document = match decoded {
         Ok(document) => document,
@@ -39,6 +40,7 @@ pub(super) fn decode(node: &Node) -> (Option<Document>, Vec<Problem>) {
         Document::Role(d) => d.problems(),
         Document::WorkloadIdentity(d) => d.problems(),
         Document::Cluster(d) => d.problems(),
+        Document::Issuer(d) => d.problems(),
     };
     let valid = problems.iter().all(|p| p.warning);
     (valid.then_some(document), problems)

@@ -101,6 +101,31 @@ pub struct Onboarding {
     pub join_method: JoinMethod,
     /// The name of the `token` to join with (for `token` joins, the secret itself).
     pub token: String,
+    /// The remote issuer's CA pins, `sha256:<hex of the CA certificate's SubjectPublicKeyInfo>`
+    /// (`tbotctl status` on the issuer prints it): checked inside the first TLS handshake.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_pins: Vec<String>,
+    /// A PEM file with the remote issuer's CA certificate, instead of or beside `ca_pins`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_path: Option<PathBuf>,
+    /// Trust whatever issuer answers at `proxy_server` (no pin, no CA file). Never in production:
+    /// anyone on the network path can impersonate the issuer. Logged loudly at every start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+}
+
+/// Checks a CA pin's form: `sha256:` and 64 hex digits.
+pub fn check_pin(pin: &str) -> Result<(), String> {
+    let Some(hex) = pin.strip_prefix("sha256:") else {
+        return Err(format!("`{pin}` is not a CA pin: a pin starts with `sha256:`"));
+    };
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "`{pin}` is not a CA pin: after `sha256:` come 64 hex digits ({} here)",
+            hex.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Where the agent keeps its CA, identity and status.
@@ -323,6 +348,22 @@ impl AgentConfig {
         {
             out.push(Problem::error(
                 "/admin_socket",
+                format!("`{}` is not an absolute path", path.display()),
+            ));
+        }
+        for (i, pin) in self.onboarding.ca_pins.iter().enumerate() {
+            if let Err(message) = check_pin(pin) {
+                out.push(
+                    Problem::error(format!("/onboarding/ca_pins/{i}"), message)
+                        .hint("copy the pin `tbotctl status` prints on the issuer host"),
+                );
+            }
+        }
+        if let Some(path) = &self.onboarding.ca_path
+            && path.is_relative()
+        {
+            out.push(Problem::error(
+                "/onboarding/ca_path",
                 format!("`{}` is not an absolute path", path.display()),
             ));
         }

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bot;
 pub mod cluster;
 pub mod duration;
+pub mod issuer;
 mod meta;
 pub mod role;
 pub mod spiffe_id;
@@ -78,14 +79,17 @@ vocabulary! {
         Role = "role",
         WorkloadIdentity = "workload_identity",
         Cluster = "cluster",
+        /// This host serves the issuer API to agents on other hosts.
+        Issuer = "issuer",
     }
 }
 
 impl Kind {
     /// All kinds, in the order summaries list them.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::AgentConfig,
         Kind::Cluster,
+        Kind::Issuer,
         Kind::Bot,
         Kind::Token,
         Kind::Role,
@@ -106,7 +110,7 @@ impl Kind {
     pub fn versions(self) -> &'static [&'static str] {
         match self {
             Kind::AgentConfig => &["v2"],
-            Kind::Bot | Kind::WorkloadIdentity | Kind::Cluster => &["v1"],
+            Kind::Bot | Kind::WorkloadIdentity | Kind::Cluster | Kind::Issuer => &["v1"],
             Kind::Token => &["v2"],
             Kind::Role => &["v6", "v7", "v8"],
         }
@@ -121,6 +125,38 @@ impl Kind {
             Kind::Role => schemars::schema_for!(role::Role),
             Kind::WorkloadIdentity => schemars::schema_for!(workload_identity::WorkloadIdentity),
             Kind::Cluster => schemars::schema_for!(cluster::Cluster),
+            Kind::Issuer => schemars::schema_for!(issuer::Issuer),
+        }
+    }
+}
+
+/// What the documents of a directory make of this host (DESIGN §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRole {
+    /// Agent config and cluster documents, no `issuer`: the issuer runs in this process, nothing
+    /// listens on the network.
+    Single,
+    /// An `issuer` document: this host serves the issuer API; `agent` when it also has an agent config.
+    Issuer { agent: bool },
+    /// Only an agent config: an agent of the remote issuer at `proxy_server`/`auth_server`.
+    Agent,
+}
+
+impl HostRole {
+    /// The role of a directory holding documents of these kinds.
+    pub fn of(kinds: impl IntoIterator<Item = Kind>) -> HostRole {
+        let (mut agent, mut issuer, mut cluster_side) = (false, false, false);
+        for kind in kinds {
+            match kind {
+                Kind::AgentConfig => agent = true,
+                Kind::Issuer => issuer = true,
+                _ => cluster_side = true,
+            }
+        }
+        match (issuer, agent, cluster_side) {
+            (true, agent, _) => HostRole::Issuer { agent },
+            (false, true, false) => HostRole::Agent,
+            _ => HostRole::Single,
         }
     }
 }
@@ -160,6 +196,7 @@ pub enum Document {
     Role(role::Role),
     WorkloadIdentity(workload_identity::WorkloadIdentity),
     Cluster(cluster::Cluster),
+    Issuer(issuer::Issuer),
 }
 
 impl Document {
@@ -171,6 +208,7 @@ impl Document {
             Document::Role(_) => Kind::Role,
             Document::WorkloadIdentity(_) => Kind::WorkloadIdentity,
             Document::Cluster(_) => Kind::Cluster,
+            Document::Issuer(_) => Kind::Issuer,
         }
     }
 
@@ -183,6 +221,7 @@ impl Document {
             Document::Role(d) => &d.metadata.name,
             Document::WorkloadIdentity(d) => &d.metadata.name,
             Document::Cluster(d) => &d.metadata.name,
+            Document::Issuer(d) => &d.metadata.name,
         }
     }
 

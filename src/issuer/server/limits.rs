@@ -1,0 +1,112 @@
+//! Limits of the issuer API: token buckets per source address (joins) and per bot instance
+//! (issuance), and the largest fields a request may carry. Every refusal names the limit.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::issuer::IssuerError;
+
+/// The largest message the issuer API decodes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The largest public key (an RSA-4096 SubjectPublicKeyInfo is about 550 bytes).
+pub const MAX_PUBLIC_KEY_BYTES: usize = 2048;
+/// Workload attributes per request, and bytes per value.
+pub const MAX_ATTRIBUTES: usize = 64;
+pub const MAX_ATTRIBUTE_BYTES: usize = 4096;
+/// Audiences per JWT-SVID.
+pub const MAX_AUDIENCES: usize = 16;
+/// Bytes of a name (token, identity, label).
+pub const MAX_NAME_BYTES: usize = 512;
+
+/// A rate: `burst` at once, `per_second` sustained.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub burst: f64,
+    pub per_second: f64,
+}
+
+/// Joins per source address: a host joins once and renews; a burst covers a restart storm of the
+/// agents behind one NAT address.
+pub const JOINS_PER_ADDRESS: Rate = Rate {
+    burst: 200.0,
+    per_second: 50.0,
+};
+/// Issuances and renewals per bot instance (SPIRE signs 500/s per address).
+pub const CALLS_PER_INSTANCE: Rate = Rate {
+    burst: 1000.0,
+    per_second: 500.0,
+};
+
+/// Token buckets by key; the table forgets full buckets when it grows.
+pub struct Buckets {
+    what: &'static str,
+    rate: Rate,
+    table: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+const MAX_KEYS: usize = 100_000;
+
+impl Buckets {
+    pub fn new(what: &'static str, rate: Rate) -> Buckets {
+        Buckets {
+            what,
+            rate,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `key`, or says which limit refused.
+    pub fn take(&self, key: &str) -> Result<(), IssuerError> {
+        let now = Instant::now();
+        let mut table = self.table.lock().expect("buckets poisoned");
+        if table.len() >= MAX_KEYS {
+            let rate = self.rate;
+            table.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate.per_second < rate.burst
+            });
+        }
+        let (tokens, at) = table.entry(key.to_owned()).or_insert((self.rate.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate.per_second).min(self.rate.burst);
+        *at = now;
+        if *tokens < 1.0 {
+            return Err(IssuerError::Limited(format!(
+                "rate limit: at most {} {} per second (bursts of {}) from `{key}`; slow down and retry",
+                self.rate.per_second, self.what, self.rate.burst
+            )));
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+}
+
+/// Refuses a field larger than `max` bytes, naming it.
+pub fn check_len(field: &str, len: usize, max: usize) -> Result<(), IssuerError> {
+    if len > max {
+        return Err(IssuerError::Invalid(format!(
+            "`{field}` is {len} bytes; the limit is {max}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_refuses_past_its_burst_and_names_the_limit() {
+        let b = Buckets::new(
+            "joins",
+            Rate {
+                burst: 2.0,
+                per_second: 0.001,
+            },
+        );
+        b.take("10.0.0.1").unwrap();
+        b.take("10.0.0.1").unwrap();
+        let e = b.take("10.0.0.1").unwrap_err().to_string();
+        assert!(e.contains("at most 0.001 joins per second"), "{e}");
+        b.take("10.0.0.2").expect("another address has its own bucket");
+    }
+}

@@ -1,0 +1,568 @@
+//! The issuer API (`proto/issuer.proto`) over TLS: joins (`token`, and `iam` with its challenge kept
+//! inside the join stream), renewals, resolution and issuance for the bot in the TLS client
+//! certificate, and a stream that pushes bundle and policy changes to every connected agent. The
+//! decisions are the in-process issuer's: this module only carries them.
+
+pub mod limits;
+pub mod tls;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use self::limits::{Buckets, check_len};
+use self::tls::PeerInfo;
+use super::wire::{self, proto};
+use super::{
+    Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, LocalIssuer, PolicyEvent,
+    RenewRequest, X509Request,
+};
+use crate::aws::SignedRequest;
+use proto::bot_service_server::{BotService, BotServiceServer};
+use proto::join_service_server::{JoinService, JoinServiceServer};
+use proto::workload_identity_service_server::{WorkloadIdentityService, WorkloadIdentityServiceServer};
+
+/// How long a join stream may wait for the agent's next message.
+const JOIN_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An agent with an open `Watch` stream.
+#[derive(Debug, Clone)]
+pub struct AgentSession {
+    pub bot: String,
+    pub instance: String,
+    pub address: SocketAddr,
+    pub generation: u64,
+    pub connected_at: OffsetDateTime,
+}
+
+/// The connected agents, and when each bot instance last called.
+#[derive(Default)]
+pub struct Sessions {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, AgentSession>>,
+    last_seen: Mutex<HashMap<String, OffsetDateTime>>,
+}
+
+impl Sessions {
+    /// Every connected agent with when it last called, oldest connection first.
+    pub fn list(&self) -> Vec<(AgentSession, OffsetDateTime)> {
+        let seen = self.last_seen.lock().expect("sessions poisoned");
+        self.open
+            .lock()
+            .expect("sessions poisoned")
+            .values()
+            .map(|s| {
+                let key = super::bots::instance_key(&s.bot, &s.instance);
+                (s.clone(), seen.get(&key).copied().unwrap_or(s.connected_at))
+            })
+            .collect()
+    }
+
+    fn seen(&self, instance_key: String) {
+        let mut seen = self.last_seen.lock().expect("sessions poisoned");
+        if seen.len() > 100_000 {
+            seen.clear();
+        }
+        seen.insert(instance_key, OffsetDateTime::now_utc());
+    }
+
+    fn open(self: &Arc<Self>, session: AgentSession) -> SessionGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.open.lock().expect("sessions poisoned").insert(id, session);
+        crate::admin::metrics::metrics()
+            .agents_connected
+            .fetch_add(1, Ordering::Relaxed);
+        SessionGuard {
+            sessions: self.clone(),
+            id,
+        }
+    }
+}
+
+/// Removes a session when its stream ends.
+struct SessionGuard {
+    sessions: Arc<Sessions>,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.sessions.open.lock().expect("sessions poisoned").remove(&self.id);
+        crate::admin::metrics::metrics()
+            .agents_connected
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The three services, sharing the issuer, the sessions and the limits.
+#[derive(Clone)]
+pub struct IssuerApi {
+    issuer: Arc<LocalIssuer>,
+    sessions: Arc<Sessions>,
+    joins: Arc<Buckets>,
+    calls: Arc<Buckets>,
+    /// Added to the policy revision so revisions never repeat across restarts (an agent that saw
+    /// revision N before a restart must not take the new N for the same documents).
+    revision_base: u64,
+}
+
+impl IssuerApi {
+    pub fn new(issuer: Arc<LocalIssuer>) -> IssuerApi {
+        IssuerApi {
+            issuer,
+            sessions: Arc::default(),
+            joins: Arc::new(Buckets::new("joins", limits::JOINS_PER_ADDRESS)),
+            calls: Arc::new(Buckets::new("calls", limits::CALLS_PER_INSTANCE)),
+            revision_base: (OffsetDateTime::now_utc().unix_timestamp() as u64) << 20,
+        }
+    }
+
+    pub fn sessions(&self) -> Arc<Sessions> {
+        self.sessions.clone()
+    }
+}
+
+fn peer<T>(request: &Request<T>) -> Result<PeerInfo, Status> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        .ok_or_else(|| Status::internal("no connection info"))
+}
+
+fn status(e: IssuerError) -> Status {
+    wire::to_status(&e)
+}
+
+impl IssuerApi {
+    /// The bot certificate of the caller's TLS session, after the per-certificate rate limit.
+    fn bot_certificate<T>(&self, request: &Request<T>) -> Result<(Arc<Vec<u8>>, PeerInfo), Status> {
+        let peer = peer(request)?;
+        let cert = peer.certificate.clone().ok_or_else(|| {
+            status(IssuerError::Unauthenticated(
+                "this call needs the bot's certificate as the TLS client certificate: join first".into(),
+            ))
+        })?;
+        let digest = Sha256::digest(cert.as_slice());
+        let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        self.calls.take(&key).map_err(status)?;
+        Ok((cert, peer))
+    }
+
+    /// Notes that the certificate's instance called (for `tbotctl status`).
+    fn seen(&self, cert: &[u8]) {
+        if let Ok(claims) = self.issuer.authenticate(cert) {
+            self.sessions.seen(claims.instance_key());
+        }
+    }
+}
+
+fn workload(attributes: &[proto::Attribute]) -> Result<super::Attributes, IssuerError> {
+    if attributes.len() > limits::MAX_ATTRIBUTES {
+        return Err(IssuerError::Invalid(format!(
+            "{} workload attributes; the limit is {}",
+            attributes.len(),
+            limits::MAX_ATTRIBUTES
+        )));
+    }
+    for a in attributes {
+        check_len("attribute name", a.name.len(), limits::MAX_NAME_BYTES)?;
+        for v in &a.values {
+            check_len(&a.name, v.len(), limits::MAX_ATTRIBUTE_BYTES)?;
+        }
+    }
+    Ok(wire::attributes_from_wire(attributes))
+}
+
+fn ttl(seconds: u32) -> Duration {
+    Duration::from_secs(u64::from(seconds.max(1)))
+}
+
+#[tonic::async_trait]
+impl JoinService for IssuerApi {
+    type JoinStream = ReceiverStream<Result<proto::JoinResponse, Status>>;
+
+    async fn join(
+        &self,
+        request: Request<Streaming<proto::JoinRequest>>,
+    ) -> Result<Response<Self::JoinStream>, Status> {
+        let peer = peer(&request)?;
+        self.joins.take(&peer.address.ip().to_string()).map_err(status)?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(2);
+        let issuer = self.issuer.clone();
+        tokio::spawn(async move {
+            let answer = match run_join(&issuer, &mut inbound, &tx, &peer).await {
+                Ok(cert) => Ok(proto::JoinResponse {
+                    response: Some(proto::join_response::Response::Result(wire::bot_to_wire(
+                        &cert,
+                        &issuer.current_bundles(),
+                    ))),
+                }),
+                Err(e) => {
+                    tracing::info!(address = %peer.address, error = %e, "join refused");
+                    Err(status(e))
+                }
+            };
+            let _ = tx.send(answer).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn next_message(inbound: &mut Streaming<proto::JoinRequest>) -> Result<proto::JoinRequest, IssuerError> {
+    match tokio::time::timeout(JOIN_STEP_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err(IssuerError::Invalid("the join stream ended before the join".into())),
+        Ok(Err(s)) => Err(IssuerError::Invalid(format!("the join stream failed: {}", s.message()))),
+        Err(_) => Err(IssuerError::Invalid(format!(
+            "no answer within {JOIN_STEP_TIMEOUT:?} on the join stream"
+        ))),
+    }
+}
+
+/// One join: `token` in one step; `iam` with a challenge made here, never stored anywhere else.
+async fn run_join(
+    issuer: &LocalIssuer,
+    inbound: &mut Streaming<proto::JoinRequest>,
+    tx: &mpsc::Sender<Result<proto::JoinResponse, Status>>,
+    peer: &PeerInfo,
+) -> Result<super::BotCertificate, IssuerError> {
+    use proto::join_request::Request as R;
+    let Some(R::Init(init)) = next_message(inbound).await?.request else {
+        return Err(IssuerError::Invalid("a join starts with `init`".into()));
+    };
+    let current = peer.certificate.as_ref().map(|c| c.to_vec());
+    let address = peer.address.to_string();
+    match init.join_method.as_str() {
+        "token" => {
+            check_len("token_name", init.token_name.len(), limits::MAX_NAME_BYTES)?;
+            check_len("public_key", init.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES)?;
+            issuer
+                .join(JoinRequest {
+                    token: init.token_name,
+                    public_key: init.public_key,
+                    proof: JoinProof::Token,
+                    ttl: ttl(init.ttl_seconds),
+                    current,
+                    address,
+                })
+                .await
+        }
+        "iam" => {
+            let mut bytes = [0u8; 32];
+            aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+            let challenge = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
+            let sent = tx
+                .send(Ok(proto::JoinResponse {
+                    response: Some(proto::join_response::Response::Challenge(proto::IamChallenge {
+                        challenge: challenge.clone(),
+                    })),
+                }))
+                .await;
+            if sent.is_err() {
+                return Err(IssuerError::Invalid("the joiner went away".into()));
+            }
+            let Some(R::Solution(solution)) = next_message(inbound).await?.request else {
+                return Err(IssuerError::Invalid(
+                    "an `iam` join answers the challenge with `solution`".into(),
+                ));
+            };
+            check_len("token_name", solution.token_name.len(), limits::MAX_NAME_BYTES)?;
+            check_len("public_key", solution.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES)?;
+            check_len("body", solution.body.len(), 8192)?;
+            if solution.headers.len() > 64 {
+                return Err(IssuerError::Invalid(
+                    "more than 64 headers in the signed request".into(),
+                ));
+            }
+            let signed = SignedRequest {
+                method: solution.method,
+                url: solution.url,
+                headers: solution.headers.into_iter().collect(),
+                body: String::from_utf8(solution.body)
+                    .map_err(|_| IssuerError::Invalid("the signed request's body is not UTF-8".into()))?,
+            };
+            let request = JoinRequest {
+                token: solution.token_name,
+                public_key: solution.public_key,
+                proof: JoinProof::Iam {
+                    challenge: challenge.clone(),
+                    request: signed.clone(),
+                },
+                ttl: ttl(solution.ttl_seconds),
+                current,
+                address,
+            };
+            issuer.join_iam(&request, &challenge, &signed, false).await
+        }
+        other => Err(IssuerError::Invalid(format!(
+            "join method `{other}` is not one of `token`, `iam`"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl BotService for IssuerApi {
+    async fn renew(&self, request: Request<proto::RenewRequest>) -> Result<Response<proto::BotCertificate>, Status> {
+        let (cert, peer) = self.bot_certificate(&request)?;
+        let m = request.into_inner();
+        check_len("public_key", m.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES).map_err(status)?;
+        check_len("proof", m.proof.len(), 1024).map_err(status)?;
+        let renewed = self
+            .issuer
+            .renew(RenewRequest {
+                certificate: cert.to_vec(),
+                public_key: m.public_key,
+                proof: m.proof,
+                ttl: ttl(m.ttl_seconds),
+                address: peer.address.to_string(),
+            })
+            .await
+            .map_err(status)?;
+        self.seen(&renewed.der);
+        Ok(Response::new(wire::bot_to_wire(
+            &renewed,
+            &self.issuer.current_bundles(),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkloadIdentityService for IssuerApi {
+    type WatchStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<proto::WatchUpdate, Status>> + Send>>;
+
+    async fn resolve(
+        &self,
+        request: Request<proto::ResolveRequest>,
+    ) -> Result<Response<proto::ResolveResponse>, Status> {
+        let (cert, _) = self.bot_certificate(&request)?;
+        let m = request.into_inner();
+        let selector = match m.selector {
+            Some(proto::resolve_request::Selector::Name(name)) => {
+                check_len("name", name.len(), limits::MAX_NAME_BYTES).map_err(status)?;
+                IdentitySelector::Name(name)
+            }
+            Some(proto::resolve_request::Selector::Labels(labels)) => {
+                if labels.labels.len() > limits::MAX_ATTRIBUTES {
+                    return Err(status(IssuerError::Invalid(
+                        "more than 64 labels in the selector".into(),
+                    )));
+                }
+                IdentitySelector::Labels(labels.labels.into_iter().collect())
+            }
+            None => return Err(status(IssuerError::Invalid("the selector is empty".into()))),
+        };
+        let workload = workload(&m.workload).map_err(status)?;
+        let resolved = self.issuer.resolve(&cert, &selector, &workload).await.map_err(status)?;
+        self.seen(&cert);
+        Ok(Response::new(wire::resolved_to_wire(resolved)))
+    }
+
+    async fn issue_x509(&self, request: Request<proto::IssueX509Request>) -> Result<Response<proto::X509Svid>, Status> {
+        let (cert, _) = self.bot_certificate(&request)?;
+        let m = request.into_inner();
+        check_len("identity", m.identity.len(), limits::MAX_NAME_BYTES).map_err(status)?;
+        check_len("public_key", m.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES).map_err(status)?;
+        let svid = self
+            .issuer
+            .issue_x509(X509Request {
+                bot_certificate: cert.to_vec(),
+                identity: m.identity,
+                workload: workload(&m.workload).map_err(status)?,
+                public_key: m.public_key,
+                ttl: ttl(m.ttl_seconds),
+            })
+            .await
+            .map_err(status)?;
+        crate::admin::metrics::metrics()
+            .remote_issued
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(wire::x509_to_wire(svid)))
+    }
+
+    async fn issue_jwt(&self, request: Request<proto::IssueJwtRequest>) -> Result<Response<proto::JwtSvid>, Status> {
+        let (cert, _) = self.bot_certificate(&request)?;
+        let m = request.into_inner();
+        check_len("identity", m.identity.len(), limits::MAX_NAME_BYTES).map_err(status)?;
+        if m.audience.len() > limits::MAX_AUDIENCES {
+            return Err(status(IssuerError::Invalid(format!(
+                "{} audiences; the limit is {}",
+                m.audience.len(),
+                limits::MAX_AUDIENCES
+            ))));
+        }
+        for a in &m.audience {
+            check_len("audience", a.len(), limits::MAX_NAME_BYTES).map_err(status)?;
+        }
+        let svid = self
+            .issuer
+            .issue_jwt(JwtRequest {
+                bot_certificate: cert.to_vec(),
+                identity: m.identity,
+                workload: workload(&m.workload).map_err(status)?,
+                audience: m.audience,
+                ttl: ttl(m.ttl_seconds),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(wire::jwt_to_wire(svid)))
+    }
+
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let (cert, peer) = self.bot_certificate(&request)?;
+        let claims = self.issuer.authenticate(&cert).map_err(status)?;
+        let not_after = x509_parser::parse_x509_certificate(&cert)
+            .map(|(_, c)| c.validity().not_after.to_datetime())
+            .map_err(|_| Status::unauthenticated("the client certificate does not parse"))?;
+        self.sessions.seen(claims.instance_key());
+        let guard = self.sessions.open(AgentSession {
+            bot: claims.bot.clone(),
+            instance: claims.instance.clone(),
+            address: peer.address,
+            generation: claims.generation,
+            connected_at: OffsetDateTime::now_utc(),
+        });
+        let seen_revision = request.into_inner().policy_revision;
+        let state = WatchState {
+            bundles: self.issuer.bundles(),
+            events: self.issuer.policy_events(),
+            base: self.revision_base,
+            sent: None,
+            seen_revision,
+            // The stream ends when the certificate it was opened with expires: the agent reconnects
+            // with its renewed one.
+            until: tokio::time::Instant::now()
+                + Duration::try_from(not_after - OffsetDateTime::now_utc()).unwrap_or_default(),
+            _guard: guard,
+        };
+        let stream = futures_util::stream::unfold(state, |mut state| async move {
+            let update = state.next().await?;
+            Some((Ok(update), state))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// One agent's `Watch` stream.
+struct WatchState {
+    bundles: watch::Receiver<Arc<Bundles>>,
+    events: watch::Receiver<Arc<PolicyEvent>>,
+    base: u64,
+    /// The revision last sent (`None` before the first message).
+    sent: Option<u64>,
+    /// The revision the agent said it had seen when it connected.
+    seen_revision: u64,
+    until: tokio::time::Instant,
+    _guard: SessionGuard,
+}
+
+impl WatchState {
+    async fn next(&mut self) -> Option<proto::WatchUpdate> {
+        let Some(last) = self.sent else {
+            let event = self.events.borrow_and_update().clone();
+            let revision = self.base + event.revision;
+            self.bundles.borrow_and_update();
+            self.sent = Some(revision);
+            // An agent that saw another revision before (a reconnect, an issuer restart) may have
+            // missed changes: it re-decides everything.
+            let all = self.seen_revision != 0 && self.seen_revision != revision;
+            return Some(self.update(revision, Vec::new(), all));
+        };
+        tokio::select! {
+            changed = self.bundles.changed() => {
+                changed.ok()?;
+                self.bundles.borrow_and_update();
+                Some(self.update(last, Vec::new(), false))
+            }
+            changed = self.events.changed() => {
+                changed.ok()?;
+                let event = self.events.borrow_and_update().clone();
+                let revision = self.base + event.revision;
+                self.sent = Some(revision);
+                // Coalesced events (two edits between two sends) lose the first's identities.
+                let all = event.all || revision != last + 1;
+                Some(self.update(revision, event.identities.iter().cloned().collect(), all))
+            }
+            _ = tokio::time::sleep_until(self.until) => None,
+        }
+    }
+
+    fn update(&self, revision: u64, identities: Vec<String>, all: bool) -> proto::WatchUpdate {
+        proto::WatchUpdate {
+            bundle: Some(wire::bundle_to_wire(&self.bundles.borrow())),
+            policy_revision: revision,
+            identities,
+            all,
+        }
+    }
+}
+
+/// A running issuer API.
+pub struct Serving {
+    pub address: SocketAddr,
+    pub sessions: Arc<Sessions>,
+}
+
+/// Binds `listen`, makes the serving certificate for `names`, and serves until `stop` turns true.
+/// The serving certificate is re-made when the CA changes and at half its life.
+pub async fn serve(
+    issuer: Arc<LocalIssuer>,
+    listen: SocketAddr,
+    names: Vec<String>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Serving, String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}; choose a free address in `issuer.spec.listen`"))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let cert = tls::ServingCert::new(&issuer, &names).map_err(|e| format!("{e}; {}", e.hint()))?;
+    let config = tls::server_config(cert.clone()).map_err(|e| e.to_string())?;
+    {
+        let (issuer, names, mut stop) = (issuer.clone(), names.clone(), stop.clone());
+        let mut bundles = issuer.bundles();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = bundles.changed() => if changed.is_err() { break },
+                    _ = tokio::time::sleep(tls::SERVING_TTL / 2) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                bundles.borrow_and_update();
+                if let Err(e) = cert.renew(&issuer, &names) {
+                    tracing::error!(error = %e, "cannot renew the issuer API's serving certificate");
+                }
+            }
+        });
+    }
+    let api = IssuerApi::new(issuer);
+    let sessions = api.sessions();
+    let incoming = tls::incoming(listener, config);
+    let max = limits::MAX_MESSAGE_BYTES;
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(256))
+        .add_service(JoinServiceServer::new(api.clone()).max_decoding_message_size(max))
+        .add_service(BotServiceServer::new(api.clone()).max_decoding_message_size(max))
+        .add_service(WorkloadIdentityServiceServer::new(api).max_decoding_message_size(max));
+    tokio::spawn(async move {
+        let result = server
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the issuer API failed");
+        }
+    });
+    Ok(Serving { address, sessions })
+}

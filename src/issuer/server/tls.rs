@@ -1,0 +1,242 @@
+//! The issuer API's TLS: TLS 1.3 only (rustls, aws-lc-rs), ALPN `h2`, a serving certificate signed
+//! by the trust domain's CA (re-made when the CA changes and before it expires), and client
+//! certificates that are asked for but optional (a join has none yet). The handshake proves the
+//! client holds the certificate's key; whether the certificate is a valid bot certificate is the
+//! issuer's decision, per call.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::issuer::{IssuerError, LocalIssuer};
+
+/// The crypto provider of every TLS config in tbot.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// How long a serving certificate lives; it is re-made at half that, or when the CA changes.
+pub const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The serving certificate, swapped whole.
+#[derive(Debug)]
+pub struct ServingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServingCert {
+    /// Makes the first serving certificate.
+    pub fn new(issuer: &LocalIssuer, names: &[String]) -> Result<Arc<ServingCert>, IssuerError> {
+        Ok(Arc::new(ServingCert {
+            current: RwLock::new(Arc::new(make(issuer, names)?)),
+        }))
+    }
+
+    /// Makes a new one (the CA changed, or the old one is half way through its life).
+    pub fn renew(&self, issuer: &LocalIssuer, names: &[String]) -> Result<(), IssuerError> {
+        let new = make(issuer, names)?;
+        *self.current.write().expect("serving certificate poisoned") = Arc::new(new);
+        Ok(())
+    }
+}
+
+fn make(issuer: &LocalIssuer, names: &[String]) -> Result<CertifiedKey, IssuerError> {
+    let made = issuer.serving_certificate(names, SERVING_TTL)?;
+    let (cert, ca) = (made.certificate, made.ca);
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.key));
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| IssuerError::Crypto(e.to_string()))?;
+    Ok(CertifiedKey::new(
+        vec![CertificateDer::from(cert), CertificateDer::from(ca)],
+        signing,
+    ))
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().expect("serving certificate poisoned").clone())
+    }
+}
+
+/// Asks for a client certificate, accepts any (or none), and checks the handshake signature: the
+/// issuer decides per call whether the certificate is a bot certificate it accepts.
+#[derive(Debug)]
+struct AnyClientCert(Arc<CryptoProvider>);
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("the issuer API speaks only TLS 1.3".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The server's TLS config: TLS 1.3, ALPN h2, optional client certificates.
+pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, IssuerError> {
+    let provider = provider();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IssuerError::Crypto(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(AnyClientCert(provider)))
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub address: SocketAddr,
+    /// The client certificate (DER), when one was presented.
+    pub certificate: Option<Arc<Vec<u8>>>,
+}
+
+/// An accepted TLS connection.
+pub struct TlsConn {
+    io: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes their TLS handshakes off the accept loop (a slow client
+/// cannot hold up the others); handshakes that fail are logged at debug level and dropped.
+pub fn incoming(listener: TcpListener, config: rustls::ServerConfig) -> ReceiverStream<io::Result<TlsConn>> {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, address) = match listener.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "issuer API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                break;
+            }
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(io)) => {
+                        let certificate = io
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| Arc::new(c.to_vec()));
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                io,
+                                info: PeerInfo { address, certificate },
+                            }))
+                            .await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%address, error = %e, "issuer API: TLS handshake failed"),
+                    Err(_) => tracing::debug!(%address, "issuer API: TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
