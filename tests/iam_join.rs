@@ -494,3 +494,87 @@ fn my_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").unwrap().uid()
 }
+
+/// The guide's topology with its `iam` join: two agents on "other hosts" join one remote issuer with
+/// the same `iam` token, become two instances of one bot, keep their instance when they join again
+/// (every `renewal_interval`), and serve the issuer's identity.
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_on_other_hosts_join_a_remote_issuer_by_iam_as_instances_of_one_bot() {
+    use common::fleet::{Issuer, agent_config, start_agent, wait_for_socket};
+    let Some(venv) = venv() else { return };
+    let moto = tokio::task::spawn_blocking(move || start_moto(&venv)).await.unwrap();
+    let imds = start_imds(moto.credentials.clone()).await;
+    let sts = format!(
+        "  name: example.teleport.sh\nspec: {{aws: {{sts_endpoint: '{}'}}}}\n",
+        moto.endpoint
+    );
+    let allow = format!(
+        "join_method: iam\n  bot_name: example-bot\n  allow:\n    - aws_account: '{ACCOUNT}'\n      \
+         aws_arn: 'arn:aws:sts::{ACCOUNT}:assumed-role/teleport-bot-role/i-*'\n"
+    );
+    let issuer = tokio::task::spawn_blocking(move || {
+        Issuer::start(
+            "/uid/{{workload.unix.uid}}",
+            &[
+                ("cluster.yaml", "  name: example.teleport.sh\n", &sts),
+                (
+                    "bot-token.yaml",
+                    "join_method: token\n  bot_name: example-bot\n",
+                    &allow,
+                ),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let onboarding = format!(
+        "  join_method: iam\n  token: fleet-token-change-me\n  ca_pins: [\"{}\"]\n",
+        issuer.pin
+    );
+    let env = [
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str()),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let start = |onboarding: String| {
+        let port = issuer.port;
+        let agent = start_agent(
+            move |dir| {
+                agent_config(dir, port, &onboarding, "example-workload-identity")
+                    .replace("storage:", "credential_ttl: 1m\nrenewal_interval: 2s\nstorage:")
+            },
+            &env,
+        );
+        wait_for_socket(&agent);
+        agent
+    };
+    let first = start(onboarding.clone());
+    let second = start(onboarding);
+    for agent in [&first, &second] {
+        let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+        let svid = client.fetch_x509_svid().await.expect("the remote iam agent serves");
+        assert_eq!(
+            svid.spiffe_id().to_string(),
+            format!("spiffe://example.teleport.sh/uid/{}", my_uid())
+        );
+    }
+    // Both agents join again every 2 s; each keeps its own instance.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let bots = common::stdout(&issuer.daemon.tbotctl(&["get", "bot/example-bot"]));
+    assert!(bots.contains("Instances of bot/example-bot (2):"), "{bots}");
+    assert!(
+        bots.contains(&format!(
+            "arn:aws:sts::{ACCOUNT}:assumed-role/teleport-bot-role/{INSTANCE_ID}"
+        )),
+        "{bots}"
+    );
+    let generations: Vec<u64> = bots
+        .lines()
+        .filter(|l| l.contains(" iam "))
+        .filter_map(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .collect();
+    assert_eq!(generations.len(), 2, "{bots}");
+    assert!(
+        generations.iter().all(|g| *g >= 2),
+        "each instance joined again: {bots}"
+    );
+}

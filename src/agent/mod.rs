@@ -78,7 +78,7 @@ impl Agent {
                     finished = Some(joined);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "an interrupted join cannot be completed; using the saved identity")
+                    tracing::warn!(%error, "an interrupted join cannot be completed now")
                 }
             }
         }

@@ -174,17 +174,21 @@ impl RemoteIssuer {
     /// server presented when that was it.
     fn unreachable(&self, status: &tonic::Status) -> IssuerError {
         let target = self.target.read().expect("target poisoned").clone();
-        if let Some(why) = target.verifier.last_refusal.lock().expect("refusal poisoned").take() {
-            return IssuerError::Unavailable(why);
-        }
-        match wire::from_status(status) {
-            IssuerError::Unavailable(message) => IssuerError::Unavailable(format!(
+        let refusal = target.verifier.last_refusal.lock().expect("refusal poisoned").take();
+        let error = match (refusal, wire::from_status(status)) {
+            (Some(why), _) => IssuerError::Unavailable(why),
+            (None, IssuerError::Unavailable(message)) => IssuerError::Unavailable(format!(
                 "{}: {message}{}",
                 target.settings.address,
                 source_chain(status)
             )),
-            other => other,
+            (None, other) => other,
+        };
+        // Until the `Watch` stream is up, the last failed call is why the agent is not connected.
+        if matches!(error, IssuerError::Unavailable(_)) && !self.link.borrow().connected {
+            self.set_link(false, format!("{error}; {}", error.hint()));
         }
+        error
     }
 
     fn set_bundles(&self, bundles: Bundles) {

@@ -362,7 +362,14 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         Ok(r) => r.into_inner(),
         Err(status) => return explain(status),
     };
-    println!("tbot (pid {}) for trust domain {}", s.pid, s.trust_domain);
+    if s.trust_domain.is_empty() {
+        println!(
+            "tbot (pid {}), trust domain not known yet (the agent has not reached its issuer)",
+            s.pid
+        );
+    } else {
+        println!("tbot (pid {}) for trust domain {}", s.pid, s.trust_domain);
+    }
     for pin in &s.ca_pins {
         println!("CA pin: {pin}");
     }

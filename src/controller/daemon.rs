@@ -407,6 +407,10 @@ impl Daemon {
 
     /// Joins (or renews the saved identity) and starts following the issuer.
     async fn start_agent(&mut self, config: &AgentConfig) -> Result<(), IssuerError> {
+        if let Some(remote) = &self.remote {
+            // The terms may have been edited since the last attempt.
+            remote.retarget(remote_settings(config))?;
+        }
         let issuer = self
             .agent_issuer()
             .ok_or_else(|| IssuerError::Invalid("no issuer to join".into()))?;

@@ -362,10 +362,10 @@ impl AgentConfig {
         if let Some(path) = &self.onboarding.ca_path
             && path.is_relative()
         {
-            out.push(Problem::error(
-                "/onboarding/ca_path",
-                format!("`{}` is not an absolute path", path.display()),
-            ));
+            out.push(
+                Problem::error("/onboarding/ca_path", format!("`{}` is not an absolute path", path.display()))
+                    .hint("write the absolute path of the issuer's CA certificate (PEM)"),
+            );
         }
         let mut names = BTreeSet::new();
         let mut listens = BTreeSet::new();

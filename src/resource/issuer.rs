@@ -76,7 +76,10 @@ impl Issuer {
         let mut out = Vec::new();
         for (i, addr) in self.spec.public_addrs.iter().enumerate() {
             if let Err(message) = server_host(addr) {
-                out.push(Problem::error(format!("/spec/public_addrs/{i}"), message));
+                out.push(
+                    Problem::error(format!("/spec/public_addrs/{i}"), message)
+                        .hint("write `host:port` or `host`, such as `issuer.example.com:3025`"),
+                );
             }
         }
         match (self.spec.storage.kind, &self.spec.storage.path) {
@@ -84,10 +87,10 @@ impl Issuer {
                 Problem::error("/spec/storage", "`directory` storage needs a `path`")
                     .hint("set `path: /var/lib/tbot/issuer`"),
             ),
-            (IssuerStorageType::Directory, Some(p)) if p.is_relative() => out.push(Problem::error(
-                "/spec/storage/path",
-                format!("`{}` is not an absolute path", p.display()),
-            )),
+            (IssuerStorageType::Directory, Some(p)) if p.is_relative() => out.push(
+                Problem::error("/spec/storage/path", format!("`{}` is not an absolute path", p.display()))
+                    .hint("write an absolute path, such as `/var/lib/tbot/issuer`"),
+            ),
             (IssuerStorageType::Memory, Some(_)) => out.push(
                 Problem::error("/spec/storage/path", "`path` is only for `type: directory` storage")
                     .hint("remove `path`, or set `type: directory`"),

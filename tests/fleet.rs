@@ -1,0 +1,348 @@
+//! The guide's topology on loopback: an issuer host (`issuer` document + cluster documents) and
+//! agents on "other hosts" (only a `tbot.yaml` each) joining it over the issuer API, observed with
+//! the Rust `spiffe` crate, py-spiffe and `tbotctl`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fleet::{self, Issuer, agent_config, start_agent, token_onboarding, wait_for_socket, wait_for_status};
+use common::{Daemon, save, stdout};
+use spiffe::{WorkloadApiClient, X509Context};
+use tokio_stream::{Stream, StreamExt};
+
+const TOKEN: &str = "fleet-token-change-me";
+const UID_TEMPLATE: &str = "/uid/{{workload.unix.uid}}";
+
+type Contexts = std::pin::Pin<Box<dyn Stream<Item = Result<X509Context, spiffe::WorkloadApiError>> + Send>>;
+
+fn uid() -> u32 {
+    std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap())
+}
+
+/// An agent of `issuer` joined by the fleet token, serving the issuer's `example-workload-identity`.
+fn agent(issuer: &Issuer) -> Daemon {
+    let (port, pin) = (issuer.port, issuer.pin.clone());
+    let daemon = start_agent(
+        |dir| agent_config(dir, port, &token_onboarding(TOKEN, &pin), "example-workload-identity"),
+        &[],
+    );
+    wait_for_socket(&daemon);
+    daemon
+}
+
+async fn open_stream(daemon: &Daemon) -> (Contexts, X509Context) {
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let mut stream: Contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let first = stream.next().await.unwrap().unwrap();
+    (stream, first)
+}
+
+fn id(ctx: &X509Context) -> String {
+    ctx.svids()[0].spiffe_id().to_string()
+}
+
+fn edit(dir: &Path, file: &str, from: &str, to: &str) {
+    let path = dir.join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{file} has no {from:?}");
+    save(&path, &text.replace(from, to));
+}
+
+/// The next message on `stream` whose SPIFFE ID is not `old` (15 s).
+async fn next_other_id(stream: &mut Contexts, old: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ctx = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("a new SVID on the open stream within 15 s")
+            .expect("the stream stays open")
+            .expect("a message, not an error");
+        if id(&ctx) != old {
+            return id(&ctx);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edit_on_the_issuer_reaches_an_open_stream_on_a_remote_agent() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let agent = agent(&issuer);
+    let (mut stream, first) = open_stream(&agent).await;
+    assert_eq!(id(&first), format!("spiffe://example.teleport.sh/uid/{}", uid()));
+    // The agent trusts the issuer's CA: the bundle it serves holds it.
+    let bundle = first
+        .bundle_set()
+        .get(&spiffe::TrustDomain::new("example.teleport.sh").unwrap())
+        .expect("the issuer's bundle");
+    assert_eq!(bundle.authorities().len(), 1);
+
+    edit(
+        &issuer.etc(),
+        "workload-identity.yaml",
+        UID_TEMPLATE,
+        "/edited/{{workload.unix.uid}}",
+    );
+    let new = next_other_id(&mut stream, &id(&first)).await;
+    assert_eq!(
+        new,
+        format!("spiffe://example.teleport.sh/edited/{}", uid()),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_issuer_killed_and_restarted_under_an_open_stream_changes_nothing_for_the_workload() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let agent = agent(&issuer);
+    let (mut stream, first) = open_stream(&agent).await;
+    wait_for_status(&issuer.daemon, "the agent shows as connected", |s| {
+        s.contains("(1 agents connected)")
+    });
+
+    let etc = issuer.etc();
+    let (dir, admin) = issuer.daemon.crash();
+    let stalled = wait_for_status(&agent, "the agent shows the issuer as unreachable", |s| {
+        s.contains("NOT connected")
+    });
+    assert!(stalled.contains("issuer: 127.0.0.1:"), "{stalled}");
+    // While the issuer is down the workload is served what the agent holds.
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    let held = client.fetch_x509_svid().await.expect("served from the agent's cache");
+    assert_eq!(held.spiffe_id().to_string(), id(&first));
+    let out = agent.tbotctl(&["get", "agent_config"]);
+    assert!(
+        stdout(&out).contains("IssuerUnreachable") || stdout(&out).contains("Stalled"),
+        "{}",
+        stdout(&out)
+    );
+
+    let _ = std::fs::remove_file(&admin);
+    let issuer = Issuer {
+        daemon: Daemon::start(dir, admin),
+        port: issuer.port,
+        pin: issuer.pin,
+    };
+    assert_eq!(fleet::pin_of(&issuer.daemon), issuer.pin, "the same CA after a restart");
+    wait_for_status(&agent, "the agent reconnects by itself", |s| s.contains("(connected)"));
+    // And the restarted issuer still reaches the open stream.
+    edit(
+        &etc,
+        "workload-identity.yaml",
+        UID_TEMPLATE,
+        "/after-restart/{{workload.unix.uid}}",
+    );
+    let new = next_other_id(&mut stream, &id(&first)).await;
+    assert!(new.contains("/after-restart/"), "{new}");
+}
+
+#[test]
+fn a_wrong_pin_is_refused_naming_the_pin_the_server_presented_and_the_agent_keeps_trying() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let port = issuer.port;
+    let agent = start_agent(
+        |dir| agent_config(dir, port, &token_onboarding(TOKEN, &wrong), "example-workload-identity"),
+        &[],
+    );
+    let out = wait_for_status(&agent, "the refusal is shown", |s| s.contains("presented CA pin"));
+    let get = stdout(&agent.tbotctl(&["get", "agent_config"]));
+    assert!(
+        get.contains(&format!("presented CA pin {}", issuer.pin)),
+        "{get}\n{out}"
+    );
+    assert!(get.contains("not in `onboarding.ca_pins`"), "{get}");
+    let status = agent.tbotctl(&["status"]);
+    assert_eq!(status.status.code(), Some(1), "not ready: {}", stdout(&status));
+    assert!(!agent.socket.exists(), "no workload socket without an identity");
+    // The token was never sent anywhere: the right pin joins with it.
+    let dir = agent.dir.path().join("etc");
+    edit(&dir, "tbot.yaml", &wrong, &issuer.pin);
+    wait_for_socket(&agent);
+    wait_for_status(&agent, "the agent joins once the pin is fixed", |s| {
+        s.contains("(connected)")
+    });
+}
+
+#[test]
+fn a_second_agent_with_a_used_token_is_refused_and_waits_for_an_edit() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let _first = agent(&issuer);
+    let (port, pin) = (issuer.port, issuer.pin.clone());
+    let second = start_agent(
+        |dir| agent_config(dir, port, &token_onboarding(TOKEN, &pin), "example-workload-identity"),
+        &[],
+    );
+    let get = || stdout(&second.tbotctl(&["get", "agent_config"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !get().contains("already used") {
+        assert!(Instant::now() < deadline, "{}\n{}", get(), second.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(get().contains("(waiting for an edit)"), "{}", get());
+    // One instance joined; the issuer lists it with where it came from.
+    let bots = stdout(&issuer.daemon.tbotctl(&["get", "bot/example-bot"]));
+    assert!(bots.contains("Instances of bot/example-bot (1):"), "{bots}");
+    assert!(bots.contains("token") && bots.contains("127.0.0.1:"), "{bots}");
+}
+
+#[test]
+fn an_agent_without_a_pin_refuses_to_start_and_says_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let onboarding = format!("  join_method: token\n  token: {TOKEN}\n");
+    std::fs::write(
+        etc.join("tbot.yaml"),
+        agent_config(dir.path(), 1, &onboarding, "example-workload-identity"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args(["start", "--config-dir"])
+        .arg(&etc)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing says which issuer to trust"), "{err}");
+    assert!(err.contains("tbotctl status"), "{err}");
+}
+
+#[test]
+fn the_issuer_and_the_agent_report_each_other() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let agent = agent(&issuer);
+    let on_agent = wait_for_status(&agent, "connected", |s| s.contains("(connected)"));
+    assert!(
+        on_agent.contains(&format!("issuer: 127.0.0.1:{} (connected)", issuer.port)),
+        "{on_agent}"
+    );
+    assert!(on_agent.contains(&format!("CA pin: {}", issuer.pin)), "{on_agent}");
+    let on_issuer = wait_for_status(&issuer.daemon, "one agent", |s| s.contains("(1 agents connected)"));
+    assert!(on_issuer.contains("example-bot/"), "{on_issuer}");
+    assert!(on_issuer.contains("bot: none on this host"), "{on_issuer}");
+    // An issuer directory without an agent config: `tbotctl` found its admin socket from the
+    // `issuer` document.
+    assert!(
+        issuer.daemon.log().contains("issuer API listening"),
+        "{}",
+        issuer.daemon.log()
+    );
+}
+
+// ---- a workload in a systemd service, on the agent host: Rust `spiffe` and py-spiffe ----
+
+const CHILD_ENV: &str = "TBOT_TEST_FLEET_CHILD_ENDPOINT";
+
+/// Runs only as the child of the systemd test: waits until moved into the service's cgroup, then
+/// fetches through the `spiffe` crate.
+#[tokio::test]
+async fn child_fetches_when_told() {
+    let Ok(endpoint) = std::env::var(CHILD_ENV) else { return };
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let client = WorkloadApiClient::connect_to(endpoint).await.unwrap();
+    match client.fetch_x509_svid().await {
+        Ok(svid) => println!("SPIFFE_ID={}", svid.spiffe_id()),
+        Err(e) => println!("ERROR={e:?}"),
+    }
+}
+
+fn service_cgroup(service: &str) -> Option<PathBuf> {
+    [
+        Path::new("/sys/fs/cgroup/systemd"),
+        Path::new("/sys/fs/cgroup/unified"),
+        Path::new("/sys/fs/cgroup"),
+    ]
+    .iter()
+    .find(|r| r.join("cgroup.procs").exists())
+    .map(|root| root.join("system.slice").join(service))
+}
+
+/// Starts `command` stopped on stdin, moves it into `cgroup`, lets it go, and returns its output.
+fn run_in_cgroup(mut command: Command, cgroup: &Path) -> String {
+    let mut child: Child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).expect("move into the service");
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut out = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let _ = child.wait();
+    out
+}
+
+#[test]
+fn a_systemd_service_on_an_agent_host_gets_the_issuers_identity_through_rust_spiffe_and_py_spiffe() {
+    let Some(cgroup) = service_cgroup("my-app.service").filter(|c| std::fs::create_dir_all(c).is_ok()) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must be able to create a systemd cgroup (run as root)"
+        );
+        eprintln!("skipping: cannot create a systemd cgroup here (not root?)");
+        return;
+    };
+    // The guide's identity, unchanged: /svc/{{workload.systemd.service}}.
+    let issuer = Issuer::start("/svc/{{workload.systemd.service}}", &[]);
+    let agent = agent(&issuer);
+    let want = "spiffe://example.teleport.sh/svc/my-app";
+
+    let mut rust = Command::new(std::env::current_exe().unwrap());
+    rust.args(["child_fetches_when_told", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, agent.endpoint());
+    let answer = run_in_cgroup(rust, &cgroup);
+    assert!(
+        answer.contains(&format!("SPIFFE_ID={want}")),
+        "{answer}\n{}",
+        agent.log()
+    );
+
+    let venv = common::peer_dir("TBOT_TEST_VENV", "target/test-venv");
+    let python = venv.join("bin/python");
+    let has_py_spiffe = Command::new(&python)
+        .args(["-c", "import spiffe"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_py_spiffe {
+        let script = common::root().join("tests/peers/spiffe_peer.py");
+        let mut py = Command::new("sh");
+        py.args([
+            "-c",
+            &format!(
+                "read go; exec {} {} pyspiffe {} api.example.com",
+                python.display(),
+                script.display(),
+                agent.socket.display()
+            ),
+        ]);
+        let out = run_in_cgroup(py, &cgroup);
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+        assert_eq!(value["x509_spiffe_id"], want, "{out}");
+        assert_eq!(
+            value["jwt_spiffe_id"], want,
+            "a JWT-SVID signed by the remote issuer: {out}"
+        );
+        assert_eq!(value["validated_spiffe_id"], want, "validated on the agent: {out}");
+        assert_eq!(
+            value["offline_validated_spiffe_id"], want,
+            "validated with the JWKS: {out}"
+        );
+        assert_eq!(value["x509_bundle_trust_domains"][0], "example.teleport.sh", "{out}");
+    } else {
+        common::peer_missing("py-spiffe is not installed in the test venv; run scripts/test.sh");
+    }
+    let _ = std::fs::remove_dir(&cgroup);
+}
