@@ -1,4 +1,4 @@
-//! The bodies of the fuzz targets in `fuzz/` (`cargo +nightly fuzz run load|template|spiffe_id`).
+//! The bodies of the fuzz targets in `fuzz/` (`cargo +nightly fuzz run load|template|spiffe_id|issuer_request`).
 //! Each takes arbitrary bytes and must not panic; where a parse succeeds it also checks what must
 //! then hold. `tests/fuzz_regressions.rs` runs every input in `fuzz/regressions/` and the seed
 //! corpus through them on stable, so a crash once found stays fixed.
@@ -52,4 +52,119 @@ pub fn spiffe_id(data: &[u8]) {
     assert!(text.len() <= MAX_ID_LEN);
     assert!(TrustDomain::parse(id.trust_domain().as_str()).is_ok());
     assert!(id.path().is_empty() || id.path().starts_with('/'));
+}
+
+/// The issuer API's request decoding and handling: the first byte picks a message, the rest is its
+/// protobuf encoding. A request that decodes goes through the real handler of an in-process issuer
+/// (with a joined bot's certificate as the TLS client certificate); answers sent to agents decode
+/// through the client's conversions. Nothing may panic; every refusal is a gRPC status.
+pub fn issuer_request(data: &[u8]) {
+    use futures_util::FutureExt;
+    use prost::Message;
+
+    use crate::issuer::server::tls::PeerInfo;
+    use crate::issuer::wire::{self, proto};
+    use proto::bot_service_server::BotService;
+    use proto::workload_identity_service_server::WorkloadIdentityService;
+
+    let Some((&which, body)) = data.split_first() else { return };
+    let (api, cert) = fuzz_issuer();
+    fn with_peer<T>(message: T, cert: &[u8]) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.extensions_mut().insert(PeerInfo {
+            address: "127.0.0.1:1".parse().expect("an address"),
+            certificate: Some(std::sync::Arc::new(cert.to_vec())),
+        });
+        r
+    }
+    match which % 8 {
+        0 => {
+            if let Ok(m) = proto::ResolveRequest::decode(body) {
+                let _ = api.resolve(with_peer(m, cert)).now_or_never();
+            }
+        }
+        1 => {
+            if let Ok(m) = proto::IssueX509Request::decode(body) {
+                let _ = api.issue_x509(with_peer(m, cert)).now_or_never();
+            }
+        }
+        2 => {
+            if let Ok(m) = proto::IssueJwtRequest::decode(body) {
+                let _ = api.issue_jwt(with_peer(m, cert)).now_or_never();
+            }
+        }
+        3 => {
+            if let Ok(m) = proto::RenewRequest::decode(body) {
+                let _ = api.renew(with_peer(m, cert)).now_or_never();
+            }
+        }
+        4 => {
+            if let Ok(m) = proto::JoinRequest::decode(body) {
+                std::hint::black_box(m);
+            }
+        }
+        5 => {
+            if let Ok(m) = proto::BotCertificate::decode(body) {
+                let _ = wire::bot_from_wire(m);
+            }
+        }
+        6 => {
+            if let Ok(m) = proto::WatchUpdate::decode(body)
+                && let Some(b) = m.bundle
+            {
+                let _ = wire::bundle_from_wire(b);
+            }
+        }
+        _ => {
+            if let Ok(m) = proto::X509Svid::decode(body) {
+                let _ = wire::x509_from_wire(m);
+            }
+            if let Ok(m) = proto::JwtSvid::decode(body) {
+                let _ = wire::jwt_from_wire(m);
+            }
+        }
+    }
+}
+
+/// An in-process issuer with a bot joined by token, shared by every fuzz input.
+fn fuzz_issuer() -> &'static (crate::issuer::server::IssuerApi, Vec<u8>) {
+    use std::sync::{Arc, OnceLock};
+
+    use futures_util::FutureExt;
+
+    use crate::issuer::server::IssuerApi;
+    use crate::issuer::server::limits::Rate;
+    use crate::issuer::{Issuer, JoinProof, JoinRequest, LocalIssuer, Policy};
+
+    static ISSUER: OnceLock<(IssuerApi, Vec<u8>)> = OnceLock::new();
+    ISSUER.get_or_init(|| {
+        let documents = "kind: cluster\nversion: v1\nmetadata: {name: fuzz.example}\n---\n\
+            kind: role\nversion: v7\nmetadata: {name: r}\nspec:\n  allow:\n    workload_identity_labels: {'*': '*'}\n\
+            \x20   rules: [{resources: [workload_identity], verbs: [read, list]}]\n---\n\
+            kind: bot\nversion: v1\nmetadata: {name: b}\nspec: {roles: [r]}\n---\n\
+            kind: token\nversion: v2\nmetadata: {name: t}\nspec: {roles: [Bot], join_method: token, bot_name: b}\n---\n\
+            kind: workload_identity\nversion: v1\nmetadata: {name: wi}\nspec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}\n";
+        let loaded = manifest::load_bytes(Path::new("fuzz.yaml"), documents.as_bytes().to_vec());
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let policy = Policy::from_state(&loaded.state).expect("a policy");
+        let issuer = Arc::new(LocalIssuer::open(crate::store::Store::memory(), policy).expect("an issuer"));
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let joined = issuer
+            .join(JoinRequest {
+                token: "t".into(),
+                public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
+                proof: JoinProof::Token,
+                ttl: std::time::Duration::from_secs(3600),
+                current: None,
+                address: String::new(),
+            })
+            .now_or_never()
+            .expect("an in-process join completes at once")
+            .expect("the join succeeds");
+        let unlimited = Rate {
+            burst: 1e12,
+            per_second: 1e12,
+        };
+        (IssuerApi::with_limits(issuer, unlimited, unlimited), joined.der)
+    })
 }

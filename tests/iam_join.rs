@@ -236,7 +236,8 @@ async fn an_ec2_instance_joins_when_its_assumed_role_arn_matches_the_glob() {
         .await
         .expect("the join succeeds");
     assert_eq!(bot.bot, "ec2-bot");
-    assert_eq!(bot.generation, 0);
+    assert_eq!(bot.generation, 1, "the first join of a new bot instance");
+    assert_eq!(bot.instance.len(), 16, "a new instance ID");
     let attr = |name: &str| {
         let a = tbot::resource::template::Attribute::parse(name).unwrap();
         bot.join.get(&a).map(|v| v.join(","))

@@ -116,11 +116,16 @@ pub struct IssuerApi {
 
 impl IssuerApi {
     pub fn new(issuer: Arc<LocalIssuer>) -> IssuerApi {
+        IssuerApi::with_limits(issuer, limits::JOINS_PER_ADDRESS, limits::CALLS_PER_INSTANCE)
+    }
+
+    /// With other rates than the defaults (the fuzz target, which calls far faster than any agent).
+    pub fn with_limits(issuer: Arc<LocalIssuer>, joins: limits::Rate, calls: limits::Rate) -> IssuerApi {
         IssuerApi {
             issuer,
             sessions: Arc::default(),
-            joins: Arc::new(Buckets::new("joins", limits::JOINS_PER_ADDRESS)),
-            calls: Arc::new(Buckets::new("calls", limits::CALLS_PER_INSTANCE)),
+            joins: Arc::new(Buckets::new("joins", joins)),
+            calls: Arc::new(Buckets::new("calls", calls)),
             revision_base: (OffsetDateTime::now_utc().unix_timestamp() as u64) << 20,
         }
     }
