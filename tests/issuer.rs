@@ -583,3 +583,39 @@ async fn a_renewal_retried_after_a_lost_answer_signs_the_same_generation_instead
     let err = issuer.renew(renewal(&first.der, &k1, &k3)).await.unwrap_err();
     assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn each_join_of_one_bot_is_its_own_instance_and_a_copy_locks_only_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let second_token = "\n---\nkind: token\nversion: v2\nmetadata: {name: secret-token-2}\n\
+                        spec: {roles: [Bot], join_method: token, bot_name: web-bot}\n";
+    let issuer = open(dir.path(), &docs("{}", second_token));
+    let (ka, kb) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+    let a = issuer.join(token_join(&ka, "secret-token-1")).await.unwrap();
+    let b = issuer.join(token_join(&kb, "secret-token-2")).await.unwrap();
+    assert_eq!((a.bot.as_str(), b.bot.as_str()), ("web-bot", "web-bot"));
+    assert_ne!(a.instance, b.instance, "two joins, two instances");
+    // They renew side by side, each with its own generation.
+    let (ka2, kb2) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+    let a2 = issuer.renew(renewal(&a.der, &ka, &ka2)).await.unwrap();
+    let b2 = issuer.renew(renewal(&b.der, &kb, &kb2)).await.unwrap();
+    assert_eq!((a2.generation, b2.generation), (2, 2));
+    assert_eq!((a2.instance.as_str(), b2.instance.as_str()), (a.instance.as_str(), b.instance.as_str()));
+    // A stale copy of A's first certificate renews: A is locked, B goes on.
+    let copier = KeyPair::generate().unwrap();
+    let ka3 = KeyPair::generate().unwrap();
+    issuer.renew(renewal(&a2.der, &ka2, &ka3)).await.unwrap();
+    let err = issuer.renew(renewal(&a.der, &ka, &copier)).await.unwrap_err();
+    assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
+    let key = KeyPair::generate().unwrap();
+    issuer
+        .issue_x509(x509_request(&b2.der, &key, 1000))
+        .await
+        .expect("the other instance still issues");
+    let kb3 = KeyPair::generate().unwrap();
+    issuer.renew(renewal(&b2.der, &kb2, &kb3)).await.expect("and renews");
+    // The ledger lists both, one locked.
+    let instances = issuer.instances(Some("web-bot"));
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    assert_eq!(instances.iter().filter(|(_, r)| r.locked.is_some()).count(), 1);
+}
