@@ -261,3 +261,20 @@ pub async fn many_streams(scale: Scale) -> Vec<Row> {
         ),
     ]
 }
+
+/// A single-host daemon with one identity, for other sections' floors.
+pub struct LocalDaemon {
+    _running: Running,
+    pub address: String,
+}
+
+impl LocalDaemon {
+    pub async fn start() -> LocalDaemon {
+        let running = Running::start(1).await;
+        LocalDaemon {
+            address: running.address.clone(),
+            _running: running,
+        }
+    }
+}
+

@@ -6,7 +6,7 @@
 //! cargo bench --bench report                      # the whole table (release build)
 //! cargo bench --bench report -- --json FILE       # the same rows as JSON
 //! cargo bench --bench report -- --markdown FILE   # the docs page (docs/benchmarks.md)
-//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams
+//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams fleet
 //! ```
 //!
 //! Without `--bench` (as `cargo test` and `cargo nextest` run it, as the test `smoke`) every
@@ -15,6 +15,7 @@
 mod api;
 mod common;
 mod daemon;
+mod fleet;
 mod load;
 mod mint;
 
@@ -41,6 +42,8 @@ pub enum Unit {
     MiB,
     KiB,
     Count,
+    /// CPU time over wall time: 1.0 is one core busy.
+    Cores,
 }
 
 impl Unit {
@@ -52,6 +55,7 @@ impl Unit {
             Unit::MiB => "MiB",
             Unit::KiB => "KiB",
             Unit::Count => "count",
+            Unit::Cores => "cores",
         }
     }
 
@@ -63,6 +67,7 @@ impl Unit {
             Unit::MiB => format!("{v:.1} MiB"),
             Unit::KiB => format!("{v:.1} KiB"),
             Unit::Count => thousands(v),
+            Unit::Cores => format!("{v:.3} cores"),
         }
     }
 }
@@ -217,6 +222,9 @@ fn main() {
     if runs("streams") {
         rows.extend(runtime.block_on(daemon::many_streams(scale)));
     }
+    if runs("fleet") {
+        rows.extend(runtime.block_on(fleet::run(scale)));
+    }
     let machine = machine();
     print!("{}", table(&rows));
     println!("\n{machine}");
@@ -314,7 +322,7 @@ fn now() -> String {
 }
 
 /// What each section measures, for the docs page.
-const SECTION_NOTES: [(&str, &str); 6] = [
+const SECTION_NOTES: [(&str, &str); 7] = [
     (
         "mint",
         "the issuer's whole path per SVID (bot certificate check, RBAC, rules, templates, certificate, signature), in process",
@@ -338,6 +346,10 @@ const SECTION_NOTES: [(&str, &str); 6] = [
     (
         "streams",
         "1,000 open `FetchX509SVID` streams, each on its own connection: the daemon's memory (in all, and per stream against a bare attested connection), and a CA rotation (a `key_algorithm` edit) until every stream has a new SVID",
+    ),
+    (
+        "fleet",
+        "the real `tbot start` as an issuer host and agents of it over the issuer API (TLS 1.3 on loopback): remote issuance against in-process minting; a remote agent's first `FetchX509SVID` message against a single-host daemon's; edit on the issuer → new SVID on a remote agent's stream; and a load generator speaking the issuer protocol as 5,000 simulated agents (each its own TLS connection, source address, bot instance and `Watch` stream) holding 10,000 SVIDs: joins per second, the issuer's CPU and memory at rest and during renewals, edit → every agent notified",
     ),
 ];
 

@@ -78,6 +78,9 @@ pub struct RemoteIssuer {
     /// `iam` join streams waiting for their solution, by challenge.
     pending: Mutex<Vec<PendingJoin>>,
     watching: std::sync::Once,
+    /// The local address connections come from (a load generator posing as many hosts); `None`
+    /// lets the kernel choose, as for every real agent.
+    local_ip: Mutex<Option<std::net::IpAddr>>,
 }
 
 struct PendingJoin {
@@ -129,6 +132,7 @@ impl RemoteIssuer {
             store,
             pending: Mutex::new(Vec::new()),
             watching: std::sync::Once::new(),
+            local_ip: Mutex::new(None),
         }))
     }
 
@@ -149,6 +153,13 @@ impl RemoteIssuer {
         Ok(())
     }
 
+    /// Connects from `ip` from now on (a load generator posing as many hosts, each with its own
+    /// address, as the issuer's per-address limits expect).
+    pub fn set_local_address(&self, ip: std::net::IpAddr) {
+        *self.local_ip.lock().expect("local address poisoned") = Some(ip);
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
     /// The link to the issuer, now and on every change.
     pub fn link(&self) -> watch::Receiver<Link> {
         self.link.subscribe()
@@ -165,7 +176,8 @@ impl RemoteIssuer {
         }
         let target = self.target.read().expect("target poisoned").clone();
         let identity = self.identity.read().expect("identity poisoned").clone();
-        let channel = connect(&target, identity)?;
+        let local = *self.local_ip.lock().expect("local address poisoned");
+        let channel = connect(&target, identity, local)?;
         *slot = Some((epoch, channel.clone()));
         Ok(channel)
     }
@@ -378,7 +390,11 @@ fn rustls_pemfile_certs(pem: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// Dials the issuer lazily: TCP, then TLS 1.3 with ALPN h2, presenting `identity` when there is one.
-fn connect(target: &Target, identity: Option<Arc<CertifiedKey>>) -> Result<Channel, IssuerError> {
+fn connect(
+    target: &Target,
+    identity: Option<Arc<CertifiedKey>>,
+    local: Option<std::net::IpAddr>,
+) -> Result<Channel, IssuerError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| IssuerError::Crypto(e.to_string()))?
@@ -401,7 +417,22 @@ fn connect(target: &Target, identity: Option<Arc<CertifiedKey>>) -> Result<Chann
     Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
         let (connector, address, name) = (connector.clone(), address.clone(), name.clone());
         async move {
-            let tcp = tokio::net::TcpStream::connect(&address).await?;
+            let tcp = match local {
+                None => tokio::net::TcpStream::connect(&address).await?,
+                Some(ip) => {
+                    let remote = tokio::net::lookup_host(&address)
+                        .await?
+                        .next()
+                        .ok_or_else(|| std::io::Error::other(format!("{address} resolves to nothing")))?;
+                    let socket = if ip.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                    socket.connect(remote).await?
+                }
+            };
             tcp.set_nodelay(true)?;
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))

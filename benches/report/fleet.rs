@@ -1,0 +1,563 @@
+//! The guide's topology: the real `tbot start` as an issuer host, agents of it over the issuer API
+//! (TLS 1.3 on loopback).
+//! - remote issuance: X509-SVIDs per second through the issuer API (16 agents, 4 calls in flight
+//!   each), against in-process minting measured here;
+//! - the first `FetchX509SVID` message from a remote agent with a warm cache, against the same on a
+//!   single-host daemon (the cache is on the agent: they should be equal);
+//! - edit on the issuer → new SVID on a remote agent's open stream, p50/p99;
+//! - scale: a load generator speaking the issuer protocol as many simulated agents (each its own
+//!   TLS connection, source address, bot instance and `Watch` stream), two SVIDs each: joins per
+//!   second, the issuer's CPU and memory at rest and while every SVID is renewed, and edit → every
+//!   agent notified.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{KeyPair, PublicKeyData};
+use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
+use tbot::controller::daemon::DEBOUNCE;
+use tbot::issuer::{Attributes, Issuer, JoinProof, JoinRequest, PolicyEvent, X509Request};
+use tbot::store::Store;
+use tokio::sync::watch;
+
+use crate::{Row, Scale, Unit, common, percentile};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// An issuer host: `tbot start` on a generated directory with `tokens` single-use tokens.
+struct IssuerHost {
+    dir: tempfile::TempDir,
+    child: Child,
+    address: String,
+    pin: String,
+}
+
+impl Drop for IssuerHost {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn identity(name: &str, id: &str) -> String {
+    format!(
+        "kind: workload_identity\nversion: v1\nmetadata:\n  name: {name}\n  labels:\n    app: bench\n\
+         spec:\n  spiffe:\n    id: \"{id}\"\n"
+    )
+}
+
+impl IssuerHost {
+    fn start(tokens: usize) -> IssuerHost {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let admin = dir.path().join("admin.sock");
+        std::fs::write(
+            etc.join("issuer.yaml"),
+            format!(
+                "kind: issuer\nversion: v1\nmetadata: {{name: bench}}\nspec:\n  listen: 127.0.0.1:{port}\n  \
+                 public_addrs: [\"127.0.0.1\"]\n  storage: {{type: memory}}\n  admin_socket: {}\n",
+                admin.display()
+            ),
+        )
+        .unwrap();
+        let mut side = String::from(
+            "kind: cluster\nversion: v1\nmetadata: {name: bench.example.org}\n---\n\
+             kind: role\nversion: v7\nmetadata: {name: r}\nspec:\n  allow:\n    workload_identity_labels: {app: bench}\n\
+             \x20   rules: [{resources: [workload_identity], verbs: [read, list]}]\n---\n\
+             kind: bot\nversion: v1\nmetadata: {name: b}\nspec: {roles: [r]}\n",
+        );
+        for i in 0..tokens {
+            side.push_str(&format!(
+                "---\nkind: token\nversion: v2\nmetadata: {{name: agent-{i}}}\n\
+                 spec: {{roles: [Bot], join_method: token, bot_name: b}}\n"
+            ));
+        }
+        std::fs::write(etc.join("cluster.yaml"), side).unwrap();
+        std::fs::write(etc.join("wi-uid.yaml"), identity("by-uid", "/uid/{{workload.unix.uid}}")).unwrap();
+        let log = std::fs::File::create(dir.path().join("issuer.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
+            .args(["start", "--config-dir"])
+            .arg(&etc)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::os::unix::net::UnixStream::connect(&admin).is_err() {
+            assert!(Instant::now() < deadline, "the issuer did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_tbotctl"))
+            .args(["status", "--dir"])
+            .arg(&etc)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let pin = text.lines().find_map(|l| l.strip_prefix("CA pin: ")).unwrap().to_owned();
+        IssuerHost {
+            dir,
+            child,
+            address: format!("127.0.0.1:{port}"),
+            pin,
+        }
+    }
+
+    fn etc(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+
+    fn settings(&self) -> RemoteSettings {
+        RemoteSettings {
+            address: self.address.clone(),
+            ca_pins: vec![self.pin.clone()],
+            ca_path: None,
+            insecure: false,
+        }
+    }
+
+    /// (user + system CPU seconds, resident MiB) of the issuer process.
+    fn usage(&self) -> (f64, f64) {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap();
+        (ticks / 100.0, kib / 1024.0)
+    }
+}
+
+/// A simulated agent: the real issuer client, joined, with its bot credential presented.
+struct SimAgent {
+    issuer: Arc<RemoteIssuer>,
+    certificate: Vec<u8>,
+    events: watch::Receiver<Arc<PolicyEvent>>,
+}
+
+async fn join(host: &IssuerHost, i: usize) -> SimAgent {
+    let issuer = RemoteIssuer::new(host.settings(), Store::memory()).unwrap();
+    // Each simulated host has its own source address, as the issuer's per-address limits expect.
+    issuer.set_local_address(std::net::IpAddr::from([127, 1, (i / 250) as u8, (i % 250 + 1) as u8]));
+    let key = KeyPair::generate().unwrap();
+    let cert = issuer
+        .join(JoinRequest {
+            token: format!("agent-{i}"),
+            public_key: key.subject_public_key_info(),
+            proof: JoinProof::Token,
+            ttl: HOUR,
+            current: None,
+            address: String::new(),
+        })
+        .await
+        .unwrap();
+    issuer.present(&cert.der, &key.serialize_der());
+    let events = issuer.policy_events().unwrap();
+    tbot::agent::remote::follow(&issuer);
+    SimAgent {
+        issuer,
+        certificate: cert.der,
+        events,
+    }
+}
+
+async fn issue(agent: &SimAgent, uid: u32) {
+    let mut workload = Attributes::new();
+    workload.set("workload.unix.uid", uid);
+    let key = KeyPair::generate().unwrap();
+    agent
+        .issuer
+        .issue_x509(X509Request {
+            bot_certificate: agent.certificate.clone(),
+            identity: "by-uid".into(),
+            workload,
+            public_key: key.subject_public_key_info(),
+            ttl: HOUR,
+        })
+        .await
+        .unwrap();
+}
+
+/// Runs `work(i)` for i in 0..n with `in_flight` at once; returns the elapsed time.
+async fn spread<F, Fut>(n: usize, in_flight: usize, work: F) -> Duration
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let work = Arc::new(work);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (work, next) = (work.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    work(i).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    start.elapsed()
+}
+
+fn save(path: &Path, text: &str) {
+    let temp = path.with_extension("yaml.tmp~");
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, path).unwrap();
+}
+
+/// Remote issuance against in-process minting; also returns the in-process rate.
+async fn issuance(scale: Scale, host: &IssuerHost) -> (Vec<Row>, f64) {
+    let n = scale.pick(4_000, 40);
+    let agents: Vec<Arc<SimAgent>> = {
+        let mut v = Vec::new();
+        for i in 0..16 {
+            v.push(Arc::new(join(host, i).await));
+        }
+        v
+    };
+    let shared = Arc::new(agents);
+    let elapsed = {
+        let agents = shared.clone();
+        spread(n, 64, move |i| {
+            let agents = agents.clone();
+            async move { issue(&agents[i % agents.len()], 1000 + i as u32).await }
+        })
+        .await
+    };
+    let remote = n as f64 / elapsed.as_secs_f64();
+    // The floor: the same issuance in process (new key + `issue_x509`), measured now.
+    let local = common::issuer(&identity("svc", "/uid/{{workload.unix.uid}}"), Store::memory());
+    let key = KeyPair::generate().unwrap();
+    let bot = local
+        .join(JoinRequest {
+            token: "bench-token".into(),
+            public_key: key.subject_public_key_info(),
+            proof: JoinProof::Token,
+            ttl: HOUR,
+            current: None,
+            address: String::new(),
+        })
+        .await
+        .unwrap();
+    let start = Instant::now();
+    for i in 0..n {
+        let mut workload = Attributes::new();
+        workload.set("workload.unix.uid", 1000 + i);
+        let key = KeyPair::generate().unwrap();
+        local
+            .issue_x509(X509Request {
+                bot_certificate: bot.der.clone(),
+                identity: "svc".into(),
+                workload,
+                public_key: key.subject_public_key_info(),
+                ttl: HOUR,
+            })
+            .await
+            .unwrap();
+    }
+    let in_process = n as f64 / start.elapsed().as_secs_f64();
+    let rows = vec![Row::rate(
+        "fleet",
+        format!("X509-SVIDs through the issuer API (16 agents, 64 in flight, TLS 1.3 on loopback; {n})"),
+        remote,
+        "in-process `issue_x509` with a new key, one at a time",
+        in_process,
+    )];
+    (rows, in_process)
+}
+
+/// An agent-only daemon of `host`, serving identity `by-uid` on a socket.
+struct AgentHost {
+    _dir: tempfile::TempDir,
+    child: Child,
+    address: String,
+}
+
+impl Drop for AgentHost {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl AgentHost {
+    async fn start(host: &IssuerHost, token: &str) -> AgentHost {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let socket = dir.path().join("workload.sock");
+        std::fs::write(
+            etc.join("tbot.yaml"),
+            format!(
+                "version: v2\nproxy_server: {}\nonboarding:\n  join_method: token\n  token: {token}\n  ca_pins: [\"{}\"]\n\
+                 storage: {{type: memory}}\nadmin_socket: {}\nservices:\n  - type: workload-identity-api\n\
+                 \x20   listen: unix://{}\n    selector: {{name: by-uid}}\n",
+                host.address,
+                host.pin,
+                dir.path().join("admin.sock").display(),
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
+            .args(["start", "--config-dir"])
+            .arg(&etc)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the agent did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        AgentHost {
+            _dir: dir,
+            child,
+            address: format!("unix://{}", socket.display()),
+        }
+    }
+}
+
+async fn first_messages(address: &str, n: usize) -> Vec<Duration> {
+    use tbot::workload_api::client;
+    use tbot::workload_api::proto::X509svidRequest;
+    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use tokio_stream::StreamExt;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let channel = client::connect(address).await.unwrap();
+        let start = Instant::now();
+        let mut stream = SpiffeWorkloadApiClient::new(channel)
+            .fetch_x509svid(client::request(X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.next().await.unwrap().unwrap();
+        out.push(start.elapsed());
+    }
+    out.sort();
+    out
+}
+
+/// The agent's own figures: first message with a warm cache, and edit → new SVID across hosts.
+async fn agent_paths(scale: Scale, host: &IssuerHost) -> Vec<Row> {
+    let agent = AgentHost::start(host, "agent-63").await;
+    let n = scale.pick(300, 5);
+    first_messages(&agent.address, 1).await;
+    let remote = first_messages(&agent.address, n).await;
+    let local_daemon = crate::daemon::LocalDaemon::start().await;
+    first_messages(&local_daemon.address, 1).await;
+    let local = first_messages(&local_daemon.address, n).await;
+
+    use tbot::workload_api::client;
+    use tbot::workload_api::proto::X509svidRequest;
+    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use tokio_stream::StreamExt;
+    let mut stream = SpiffeWorkloadApiClient::new(client::connect(&agent.address).await.unwrap())
+        .fetch_x509svid(client::request(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    let file = host.etc().join("wi-uid.yaml");
+    let mut latencies = Vec::new();
+    for k in 0..scale.pick(50, 3) {
+        let id = format!("/edit-{k}/{{{{workload.unix.uid}}}}");
+        let start = Instant::now();
+        save(&file, &identity("by-uid", &id));
+        let want = format!("/edit-{k}/");
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), stream.next())
+                .await
+                .expect("a new SVID within 30 s")
+                .unwrap()
+                .unwrap();
+            if m.svids.iter().any(|s| s.spiffe_id.contains(&want)) {
+                break;
+            }
+        }
+        latencies.push(start.elapsed());
+    }
+    latencies.sort();
+    let mut rows = vec![Row::duration(
+        "fleet",
+        format!("`FetchX509SVID` first message, agent of a remote issuer, warm cache (p50 of {n})"),
+        percentile(&remote, 0.5),
+        "the same on a single-host daemon (issuer in process)",
+        percentile(&local, 0.5),
+    )];
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+        rows.push(Row::duration(
+            "fleet",
+            format!("edit on the issuer → new SVID on a remote agent's stream, {label} ({} edits)", latencies.len()),
+            percentile(&latencies, p),
+            "the debounce interval",
+            DEBOUNCE,
+        ));
+    }
+    rows
+}
+
+/// Many simulated agents against one issuer.
+async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
+    let agents_n = scale.pick(5_000, 40);
+    let host = IssuerHost::start(agents_n);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (cpu0, idle_rss) = host.usage();
+    tokio::time::sleep(Duration::from_secs(scale.pick(10, 1))).await;
+    let (cpu1, _) = host.usage();
+    let idle_cpu = (cpu1 - cpu0) / scale.pick(10.0, 1.0);
+
+    // Joins.
+    let joined = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(agents_n)));
+    let host = Arc::new(host);
+    let join_time = {
+        let (joined, host) = (joined.clone(), host.clone());
+        spread(agents_n, 32, move |i| {
+            let (joined, host) = (joined.clone(), host.clone());
+            async move {
+                let agent = join(&host, i).await;
+                joined.lock().await.push(Arc::new(agent));
+            }
+        })
+        .await
+    };
+    let agents: Arc<Vec<Arc<SimAgent>>> = Arc::new(std::mem::take(&mut *joined.lock().await));
+    // Every agent's `Watch` stream up.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while agents.iter().any(|a| !a.issuer.link().borrow().connected) {
+        assert!(Instant::now() < deadline, "not every agent connected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let joins_per_second = agents_n as f64 / join_time.as_secs_f64();
+
+    // Two SVIDs per agent (the first issuance), then at rest.
+    let issue_all = |agents: Arc<Vec<Arc<SimAgent>>>| {
+        spread(agents.len() * 2, 64, move |i| {
+            let agents = agents.clone();
+            async move { issue(&agents[i / 2], (i % 2) as u32 + 2 * (i / 2) as u32).await }
+        })
+    };
+    issue_all(agents.clone()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rest0, rest_rss) = host.usage();
+    let window = scale.pick(10.0, 1.0);
+    tokio::time::sleep(Duration::from_secs_f64(window)).await;
+    let (rest1, _) = host.usage();
+    let rest_cpu = (rest1 - rest0) / window;
+
+    // Renewals: every SVID again.
+    let (busy0, _) = host.usage();
+    let renew_time = issue_all(agents.clone()).await;
+    let (busy1, busy_rss) = host.usage();
+    let renewals_per_second = (agents.len() * 2) as f64 / renew_time.as_secs_f64();
+    let busy_cpu = (busy1 - busy0) / renew_time.as_secs_f64();
+
+    // An edit on the issuer: the time until every agent has heard of it.
+    let mut receivers: Vec<_> = agents.iter().map(|a| a.events.clone()).collect();
+    for r in &mut receivers {
+        r.borrow_and_update();
+    }
+    let start = Instant::now();
+    save(&host.etc().join("wi-uid.yaml"), &identity("by-uid", "/edited/{{workload.unix.uid}}"));
+    let waits: Vec<_> = receivers
+        .into_iter()
+        .map(|mut r| {
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(60), r.changed())
+                    .await
+                    .expect("notified within 60 s")
+                    .unwrap();
+                Instant::now()
+            })
+        })
+        .collect();
+    let mut notified = Vec::with_capacity(waits.len());
+    for w in waits {
+        notified.push(w.await.unwrap() - start);
+    }
+    notified.sort();
+    drop(agents);
+
+    let n = crate::thousands(agents_n as f64);
+    let svids = crate::thousands((agents_n * 2) as f64);
+    vec![
+        Row::rate(
+            "fleet",
+            format!("{n} simulated agents joining (`token`, 32 at once, each a new TLS connection and address)"),
+            joins_per_second,
+            "in-process `issue_x509` with a new key (a join signs one certificate)",
+            in_process,
+        ),
+        Row::cost(
+            "fleet",
+            format!("issuer CPU at rest, {n} agents connected and {svids} SVIDs issued (cores busy)"),
+            rest_cpu.max(0.001),
+            Unit::Cores,
+            "the same issuer with no agent (shown at least 0.001)",
+            idle_cpu.max(0.001),
+        ),
+        Row::cost(
+            "fleet",
+            format!("issuer resident memory at rest, {n} agents connected"),
+            rest_rss,
+            Unit::MiB,
+            "the same issuer with no agent",
+            idle_rss,
+        ),
+        Row::rate(
+            "fleet",
+            format!("renewals: {svids} X509-SVIDs reissued by {n} agents (64 in flight)"),
+            renewals_per_second,
+            "in-process `issue_x509` with a new key, one at a time",
+            in_process,
+        ),
+        Row::cost(
+            "fleet",
+            format!("issuer CPU during those renewals, issuer memory then {busy_rss:.0} MiB"),
+            busy_cpu,
+            Unit::Cores,
+            "the cores of this machine (the load generator shares them)",
+            std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+        ),
+        Row::duration(
+            "fleet",
+            format!("edit on the issuer → all {n} agents notified, p99"),
+            percentile(&notified, 0.99),
+            "the debounce interval",
+            DEBOUNCE,
+        ),
+        Row::duration(
+            "fleet",
+            format!("edit on the issuer → all {n} agents notified, last"),
+            *notified.last().unwrap(),
+            "the debounce interval",
+            DEBOUNCE,
+        ),
+    ]
+}
+
+pub async fn run(scale: Scale) -> Vec<Row> {
+    let host = IssuerHost::start(scale.pick(5_000, 64));
+    let (mut rows, in_process) = issuance(scale, &host).await;
+    rows.extend(agent_paths(scale, &host).await);
+    drop(host);
+    rows.extend(at_scale(scale, in_process).await);
+    rows
+}
