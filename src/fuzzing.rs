@@ -67,7 +67,9 @@ pub fn issuer_request(data: &[u8]) {
     use proto::bot_service_server::BotService;
     use proto::workload_identity_service_server::WorkloadIdentityService;
 
-    let Some((&which, body)) = data.split_first() else { return };
+    let Some((&which, body)) = data.split_first() else {
+        return;
+    };
     let (api, cert) = fuzz_issuer();
     fn with_peer<T>(message: T, cert: &[u8]) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);

@@ -11,8 +11,8 @@
 //!     ca-<n>.der                   CA certificate n (DER)
 //!     ca-<n>.key                   its private key, PKCS#8 DER, 0600
 //!     jwt.key                      the JWT-SVID signing key (ES256), PKCS#8 DER, 0600
-//!     tokens.json                  single-use tokens already consumed (SHA-256 of the name, when)
-//!     bots.json                    per bot: certificate generation, locked or not
+//!     tokens/<sha256>.json         one single-use token already consumed (SHA-256 of the name, when)
+//!     bots/<bot>@<instance>.json   one bot instance: generation, join, locked or not
 //!   agent/
 //!     identity.der                 the bot's current certificate
 //!     identity.key                 its private key, PKCS#8 DER, 0600
@@ -249,6 +249,40 @@ impl Store {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("remove", &root.join(name))(e)),
                 _ => Ok(()),
             },
+        }
+    }
+
+    /// The names of the files directly inside `dir` (`issuer/x/bots`), sorted; none when it does
+    /// not exist. Temporary files of writes in progress are not listed.
+    pub fn list(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        match &*self.backend {
+            Backend::Memory(files) => Ok(files
+                .lock()
+                .expect("store poisoned")
+                .range(prefix.clone()..)
+                .take_while(|(name, _)| name.starts_with(&prefix))
+                .filter(|(name, _)| !name[prefix.len()..].contains('/'))
+                .map(|(name, _)| name.clone())
+                .collect()),
+            Backend::Directory { root, .. } => {
+                let path = root.join(dir);
+                let entries = match fs::read_dir(&path) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(io_error("list", &path)(e)),
+                };
+                let mut names = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(io_error("list", &path))?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if !name.starts_with('.') && entry.file_type().is_ok_and(|t| t.is_file()) {
+                        names.push(format!("{prefix}{name}"));
+                    }
+                }
+                names.sort();
+                Ok(names)
+            }
         }
     }
 

@@ -85,11 +85,18 @@ async fn check_storage(dir: &Path, invariants: &mut Invariants, round: usize) {
         None => invariants.bundle = Some(bundle),
         Some(first) => assert!(*first == bundle, "round {round}: the CA or the JWT key changed"),
     }
-    let tokens_file = state.join("issuer/quickstart.tbot.local/tokens.json");
-    let consumed: BTreeSet<String> = match std::fs::read(&tokens_file) {
-        Ok(bytes) => serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(&bytes)
-            .unwrap_or_else(|e| panic!("round {round}: tokens.json is damaged: {e}"))
-            .into_keys()
+    // One file per consumed token, named by the SHA-256 of the token's name.
+    let tokens_dir = state.join("issuer/quickstart.tbot.local/tokens");
+    let consumed: BTreeSet<String> = match std::fs::read_dir(&tokens_dir) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with('.'))
+            .map(|name| {
+                let bytes = std::fs::read(tokens_dir.join(&name)).unwrap();
+                serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .unwrap_or_else(|e| panic!("round {round}: tokens/{name} is damaged: {e}"));
+                name.trim_end_matches(".json").to_owned()
+            })
             .collect(),
         Err(_) => BTreeSet::new(),
     };

@@ -346,3 +346,104 @@ fn a_systemd_service_on_an_agent_host_gets_the_issuers_identity_through_rust_spi
     }
     let _ = std::fs::remove_dir(&cgroup);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_issuer_host_given_an_agent_config_serves_its_own_workloads_beside_remote_agents() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let remote = agent(&issuer);
+    // The agent config arrives while the issuer runs: its agent joins the issuer in process.
+    let etc = issuer.etc();
+    std::fs::write(
+        etc.join("local-token.yaml"),
+        "kind: token\nversion: v2\nmetadata: {name: local-token}\nspec: {roles: [Bot], join_method: token, bot_name: example-bot}\n",
+    )
+    .unwrap();
+    let socket = issuer.daemon.dir.path().join("local.sock");
+    std::fs::write(
+        etc.join("tbot.yaml"),
+        format!(
+            "version: v2\nonboarding: {{join_method: token, token: local-token}}\nstorage: {{type: memory}}\n\
+             services:\n  - type: workload-identity-api\n    listen: unix://{}\n    selector: {{name: example-workload-identity}}\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "no local socket:\n{}", issuer.daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let local = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .unwrap()
+        .fetch_x509_context()
+        .await
+        .unwrap();
+    let far = WorkloadApiClient::connect_to(remote.endpoint())
+        .await
+        .unwrap()
+        .fetch_x509_context()
+        .await
+        .unwrap();
+    assert_eq!(id(&local), id(&far), "one trust domain, one identity for one uid");
+    let td = spiffe::TrustDomain::new("example.teleport.sh").unwrap();
+    assert_eq!(
+        local.bundle_set().get(&td).unwrap().authorities(),
+        far.bundle_set().get(&td).unwrap().authorities(),
+        "one CA on both hosts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_rotation_on_the_issuer_puts_both_cas_in_a_remote_agents_bundle_before_new_svids() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let agent = agent(&issuer);
+    let (mut stream, first) = open_stream(&agent).await;
+    let td = spiffe::TrustDomain::new("example.teleport.sh").unwrap();
+    let cas = |ctx: &X509Context| ctx.bundle_set().get(&td).unwrap().authorities().len();
+    assert_eq!(cas(&first), 1);
+    edit(
+        &issuer.etc(),
+        "cluster.yaml",
+        "  name: example.teleport.sh\n",
+        "  name: example.teleport.sh\nspec:\n  ca: {key_algorithm: ed25519}\n",
+    );
+    // Every message from now on holds an SVID whose CA is in the bundle it comes with (the two CAs
+    // differ in algorithm, so the leaf's signature algorithm names its CA); the last holds both CAs
+    // and an SVID of the new one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ctx = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("the rotation reaches the open stream")
+            .unwrap()
+            .unwrap();
+        let leaf = ctx.svids()[0].leaf().as_ref().to_vec();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        let authorities = ctx.bundle_set().get(&td).unwrap().authorities().to_vec();
+        let signed_with = cert.signature_algorithm.algorithm.to_id_string();
+        let ca_algorithms: Vec<String> = authorities
+            .iter()
+            .map(|ca| {
+                let (_, ca) = x509_parser::parse_x509_certificate(ca.as_ref()).unwrap();
+                ca.public_key().algorithm.algorithm.to_id_string()
+            })
+            .collect();
+        // Ed25519 signs as 1.3.101.112 with an Ed25519 key; P-256 as ecdsa-with-SHA256 with an EC key.
+        let wanted_key = if signed_with == "1.3.101.112" {
+            "1.3.101.112"
+        } else {
+            "1.2.840.10045.2.1"
+        };
+        assert!(
+            ca_algorithms.iter().any(|a| a == wanted_key),
+            "an SVID signed with {signed_with} came with the CAs {ca_algorithms:?}"
+        );
+        if cas(&ctx) == 2 && signed_with == "1.3.101.112" {
+            break;
+        }
+    }
+    // And the agent still reaches the issuer, now serving a certificate of the new CA.
+    let status = stdout(&agent.tbotctl(&["status"]));
+    assert_eq!(status.matches("CA pin: ").count(), 2, "{status}");
+}

@@ -180,7 +180,11 @@ fn issuer_request_seeds_are_well_formed_messages() {
         if std::env::var_os("TBOT_BLESS").is_some() {
             std::fs::write(&path, &data).unwrap();
         }
-        assert!(path.exists(), "missing seed {}; write it with TBOT_BLESS=1", path.display());
+        assert!(
+            path.exists(),
+            "missing seed {}; write it with TBOT_BLESS=1",
+            path.display()
+        );
         tbot::fuzzing::issuer_request(&data);
     }
 }

@@ -600,7 +600,10 @@ async fn each_join_of_one_bot_is_its_own_instance_and_a_copy_locks_only_its_own(
     let a2 = issuer.renew(renewal(&a.der, &ka, &ka2)).await.unwrap();
     let b2 = issuer.renew(renewal(&b.der, &kb, &kb2)).await.unwrap();
     assert_eq!((a2.generation, b2.generation), (2, 2));
-    assert_eq!((a2.instance.as_str(), b2.instance.as_str()), (a.instance.as_str(), b.instance.as_str()));
+    assert_eq!(
+        (a2.instance.as_str(), b2.instance.as_str()),
+        (a.instance.as_str(), b.instance.as_str())
+    );
     // A stale copy of A's first certificate renews: A is locked, B goes on.
     let copier = KeyPair::generate().unwrap();
     let ka3 = KeyPair::generate().unwrap();

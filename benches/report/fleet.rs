@@ -36,7 +36,9 @@ struct IssuerHost {
 
 impl Drop for IssuerHost {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -53,7 +55,11 @@ impl IssuerHost {
         let dir = tempfile::tempdir().unwrap();
         let etc = dir.path().join("etc");
         std::fs::create_dir(&etc).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let admin = dir.path().join("admin.sock");
         std::fs::write(
             etc.join("issuer.yaml"),
@@ -64,22 +70,33 @@ impl IssuerHost {
             ),
         )
         .unwrap();
-        let mut side = String::from(
+        let side = String::from(
             "kind: cluster\nversion: v1\nmetadata: {name: bench.example.org}\n---\n\
              kind: role\nversion: v7\nmetadata: {name: r}\nspec:\n  allow:\n    workload_identity_labels: {app: bench}\n\
              \x20   rules: [{resources: [workload_identity], verbs: [read, list]}]\n---\n\
              kind: bot\nversion: v1\nmetadata: {name: b}\nspec: {roles: [r]}\n",
         );
-        for i in 0..tokens {
-            side.push_str(&format!(
-                "---\nkind: token\nversion: v2\nmetadata: {{name: agent-{i}}}\n\
-                 spec: {{roles: [Bot], join_method: token, bot_name: b}}\n"
-            ));
-        }
         std::fs::write(etc.join("cluster.yaml"), side).unwrap();
-        std::fs::write(etc.join("wi-uid.yaml"), identity("by-uid", "/uid/{{workload.unix.uid}}")).unwrap();
+        // 250 tokens per file: the loader bounds the nodes of one file.
+        for (f, chunk) in (0..tokens).collect::<Vec<_>>().chunks(250).enumerate() {
+            let text: String = chunk
+                .iter()
+                .map(|i| {
+                    format!(
+                        "---\nkind: token\nversion: v2\nmetadata: {{name: agent-{i}}}\n\
+                         spec: {{roles: [Bot], join_method: token, bot_name: b}}\n"
+                    )
+                })
+                .collect();
+            std::fs::write(etc.join(format!("tokens-{f:03}.yaml")), text).unwrap();
+        }
+        std::fs::write(
+            etc.join("wi-uid.yaml"),
+            identity("by-uid", "/uid/{{workload.unix.uid}}"),
+        )
+        .unwrap();
         let log = std::fs::File::create(dir.path().join("issuer.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tbot"))
             .args(["start", "--config-dir"])
             .arg(&etc)
             .env("RUST_LOG", "warn")
@@ -88,7 +105,9 @@ impl IssuerHost {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         while std::os::unix::net::UnixStream::connect(&admin).is_err() {
-            assert!(Instant::now() < deadline, "the issuer did not start");
+            let log = || std::fs::read_to_string(dir.path().join("issuer.log")).unwrap_or_default();
+            assert!(child.try_wait().unwrap().is_none(), "the issuer exited:\n{}", log());
+            assert!(Instant::now() < deadline, "the issuer did not start:\n{}", log());
             std::thread::sleep(Duration::from_millis(20));
         }
         let out = Command::new(env!("CARGO_BIN_EXE_tbotctl"))
@@ -97,7 +116,11 @@ impl IssuerHost {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        let pin = text.lines().find_map(|l| l.strip_prefix("CA pin: ")).unwrap().to_owned();
+        let pin = text
+            .lines()
+            .find_map(|l| l.strip_prefix("CA pin: "))
+            .unwrap()
+            .to_owned();
         IssuerHost {
             dir,
             child,
@@ -289,7 +312,9 @@ struct AgentHost {
 
 impl Drop for AgentHost {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -405,7 +430,10 @@ async fn agent_paths(scale: Scale, host: &IssuerHost) -> Vec<Row> {
     for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
         rows.push(Row::duration(
             "fleet",
-            format!("edit on the issuer → new SVID on a remote agent's stream, {label} ({} edits)", latencies.len()),
+            format!(
+                "edit on the issuer → new SVID on a remote agent's stream, {label} ({} edits)",
+                latencies.len()
+            ),
             percentile(&latencies, p),
             "the debounce interval",
             DEBOUNCE,
@@ -475,7 +503,10 @@ async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
         r.borrow_and_update();
     }
     let start = Instant::now();
-    save(&host.etc().join("wi-uid.yaml"), &identity("by-uid", "/edited/{{workload.unix.uid}}"));
+    save(
+        &host.etc().join("wi-uid.yaml"),
+        &identity("by-uid", "/edited/{{workload.unix.uid}}"),
+    );
     let waits: Vec<_> = receivers
         .into_iter()
         .map(|mut r| {

@@ -348,7 +348,7 @@ impl Daemon {
             failures.push(Failure::new(rotate, "RotationFailed", &e));
         }
         let config = agent_config(desired).cloned();
-        let rejoin = causes_of(|a| matches!(a, Action::Rejoin));
+        let rejoin = causes_of(|a| matches!(a, Action::Rejoin | Action::Retrust));
         if let (Some(config), None) = (&config, &self.agent) {
             if let Err(e) = self.start_agent(config).await {
                 failures.push(Failure::new(vec![agent_ref()], "JoinFailed", &e));
@@ -432,8 +432,8 @@ impl Daemon {
 
     /// Joins again after an edit of `onboarding`, `proxy_server` or the token. A retry of the agent
     /// config (say, for a listener) must not join again on terms it already joined with: a `token`
-    /// joins once. An edit of only the trust (`ca_pins`, `ca_path`, `insecure`) re-checks the
-    /// issuer at the next connection without joining again.
+    /// joins once. An edit of only the trust (`ca_pins`, `ca_path`, `insecure`; `Action::Retrust`)
+    /// re-checks the issuer at the next connection without joining again.
     async fn rejoin(&self, config: &AgentConfig) -> Result<(), IssuerError> {
         let Some(agent) = &self.agent else { return Ok(()) };
         let mut moved = false;

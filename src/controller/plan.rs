@@ -43,6 +43,9 @@ pub enum Action {
     Join,
     /// Join again with new terms; the old identity stays until the rejoin succeeds or expires.
     Rejoin,
+    /// An agent of a remote issuer trusts it differently (`ca_pins`, `ca_path`, `insecure`): the
+    /// next connection is checked against the new trust; no new join.
+    Retrust,
     Bind {
         service: String,
         listen: String,
@@ -83,6 +86,10 @@ impl fmt::Display for Action {
             Action::RotateCa { trust_domain } => write!(f, "~ ca {trust_domain}: rotate; old and new CA in the bundle"),
             Action::Join => write!(f, "+ bot: join"),
             Action::Rejoin => write!(f, "~ bot: rejoin with the new terms"),
+            Action::Retrust => write!(
+                f,
+                "~ issuer: check its certificate against the new trust at the next connection"
+            ),
             Action::Bind { service, listen } => write!(f, "+ listener {service}: bind {listen}"),
             Action::Rebind { service, from, to } => write!(f, "~ listener {service}: rebind {from} → {to}"),
             Action::Unbind { service, listen } => write!(f, "- listener {service}: unbind {listen}"),
@@ -240,11 +247,26 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
             None => step(Action::Join, vec![agent_ref()]),
             Some(old) => {
                 let mut causes = Vec::new();
-                if old.onboarding != new.onboarding
-                    || old.proxy_server != new.proxy_server
-                    || old.auth_server != new.auth_server
-                {
+                let terms = |a: &AgentConfig| {
+                    (
+                        a.onboarding.join_method,
+                        a.onboarding.token.clone(),
+                        a.proxy_server.clone(),
+                        a.auth_server.clone(),
+                    )
+                };
+                let trust = |a: &AgentConfig| {
+                    (
+                        a.onboarding.ca_pins.clone(),
+                        a.onboarding.ca_path.clone(),
+                        a.onboarding.insecure,
+                    )
+                };
+                let remote = HostRole::of(desired.objects.keys().map(|r| r.kind)) == HostRole::Agent;
+                if terms(old) != terms(new) || (!remote && trust(old) != trust(new)) {
                     causes.push(agent_ref());
+                } else if trust(old) != trust(new) {
+                    step(Action::Retrust, vec![agent_ref()]);
                 }
                 if changed.contains_key(&token_ref) {
                     causes.push(token_ref.clone());

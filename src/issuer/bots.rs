@@ -227,7 +227,9 @@ pub struct Consumed {
     pub instance: Option<String>,
 }
 
-/// `bots.json` and `tokens.json` of a trust domain.
+/// The consumed tokens and the bot instances of a trust domain, one small file each
+/// (`tokens/<sha256>.json`, `bots/<bot>@<instance>.json`): a join writes its own records, not
+/// every instance's (a fleet of thousands joins in O(1) per join).
 #[derive(Debug, Default)]
 pub struct Ledger {
     dir: String,
@@ -247,27 +249,115 @@ pub fn token_key(name: &str) -> String {
 
 impl Ledger {
     pub fn load(store: &Store, dir: String) -> Result<Ledger, IssuerError> {
-        Ok(Ledger {
-            bots: store.read_json(&format!("{dir}/bots.json"))?.unwrap_or_default(),
-            tokens: store.read_json(&format!("{dir}/tokens.json"))?.unwrap_or_default(),
+        let mut ledger = Ledger {
             dir,
-        })
+            ..Ledger::default()
+        };
+        for name in store.list(&format!("{}/bots", ledger.dir))? {
+            let key = record_key(&name).replace('@', "/");
+            if let Some(record) = store.read_json(&name)? {
+                ledger.bots.insert(key, record);
+            }
+        }
+        for name in store.list(&format!("{}/tokens", ledger.dir))? {
+            if let Some(consumed) = store.read_json(&name)? {
+                ledger.tokens.insert(record_key(&name), consumed);
+            }
+        }
+        // The one-file-per-ledger layout of earlier versions: moved to one file per record.
+        let (bots_file, tokens_file) = (
+            format!("{}/bots.json", ledger.dir),
+            format!("{}/tokens.json", ledger.dir),
+        );
+        let old_bots: Option<BTreeMap<String, BotRecord>> = store.read_json(&bots_file)?;
+        let old_tokens: Option<BTreeMap<String, Consumed>> = store.read_json(&tokens_file)?;
+        for (key, consumed) in old_tokens.into_iter().flatten() {
+            if !ledger.tokens.contains_key(&key) {
+                ledger.put_token(store, key, consumed)?;
+            }
+        }
+        for (key, record) in old_bots.into_iter().flatten() {
+            if !ledger.bots.contains_key(&key) {
+                ledger.put_bot(store, key, record)?;
+            }
+        }
+        store.remove(&tokens_file)?;
+        store.remove(&bots_file)?;
+        Ok(ledger)
     }
 
-    pub fn save_bots(&self, store: &Store) -> Result<(), IssuerError> {
-        store.write_json(&format!("{}/bots.json", self.dir), &self.bots, Secrecy::Public)?;
+    /// Records a bot instance's state.
+    pub fn put_bot(&mut self, store: &Store, key: String, record: BotRecord) -> Result<(), IssuerError> {
+        store.write_json(&self.bot_file(&key), &record, Secrecy::Public)?;
+        self.bots.insert(key, record);
         Ok(())
     }
 
-    pub fn save_tokens(&self, store: &Store) -> Result<(), IssuerError> {
-        store.write_json(&format!("{}/tokens.json", self.dir), &self.tokens, Secrecy::Public)?;
+    /// Forgets a bot instance.
+    pub fn remove_bot(&mut self, store: &Store, key: &str) -> Result<(), IssuerError> {
+        store.remove(&self.bot_file(key))?;
+        self.bots.remove(key);
         Ok(())
     }
+
+    /// Records a token as consumed.
+    pub fn put_token(&mut self, store: &Store, key: String, consumed: Consumed) -> Result<(), IssuerError> {
+        store.write_json(&format!("{}/tokens/{key}.json", self.dir), &consumed, Secrecy::Public)?;
+        self.tokens.insert(key, consumed);
+        Ok(())
+    }
+
+    fn bot_file(&self, key: &str) -> String {
+        format!("{}/bots/{}.json", self.dir, key.replace('/', "@"))
+    }
+}
+
+/// The key a record file stands for: its name without the directory and `.json`.
+fn record_key(name: &str) -> String {
+    let file = name.rsplit('/').next().unwrap_or(name);
+    file.strip_suffix(".json").unwrap_or(file).to_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ledger_of_one_file_each_moves_to_one_file_per_record() {
+        let store = Store::memory();
+        let mut bots = BTreeMap::new();
+        bots.insert(
+            "web-bot".to_owned(),
+            BotRecord {
+                generation: 3,
+                ..BotRecord::default()
+            },
+        );
+        let mut tokens = BTreeMap::new();
+        tokens.insert(
+            token_key("t"),
+            Consumed {
+                bot: "web-bot".into(),
+                at: "2026-01-01T00:00:00Z".into(),
+                key: None,
+                instance: None,
+            },
+        );
+        store.write_json("issuer/x/bots.json", &bots, Secrecy::Public).unwrap();
+        store
+            .write_json("issuer/x/tokens.json", &tokens, Secrecy::Public)
+            .unwrap();
+        let mut ledger = Ledger::load(&store, "issuer/x".into()).unwrap();
+        assert_eq!(ledger.bots["web-bot"].generation, 3);
+        assert!(ledger.tokens.contains_key(&token_key("t")));
+        assert_eq!(store.read("issuer/x/bots.json").unwrap(), None, "the old file is gone");
+        let key = instance_key("web-bot", "00ff");
+        ledger.put_bot(&store, key.clone(), BotRecord::default()).unwrap();
+        let again = Ledger::load(&store, "issuer/x".into()).unwrap();
+        assert_eq!(again.bots.len(), 2);
+        assert!(again.bots.contains_key(&key), "{:?}", again.bots.keys());
+        assert_eq!(store.list("issuer/x/bots").unwrap().len(), 2);
+    }
 
     #[test]
     fn utf8_strings_round_trip_at_every_length_form() {

@@ -214,16 +214,17 @@ impl State {
         };
         let roles = self.bot_roles(&bot)?;
         // Consume first: a crash after this point must not leave the token usable.
-        if let std::collections::btree_map::Entry::Vacant(entry) = self.ledger.tokens.entry(key) {
-            entry.insert(Consumed {
+        if !self.ledger.tokens.contains_key(&key) {
+            let consumed = Consumed {
                 bot: bot.clone(),
                 at: rfc3339(now()),
                 key: Some(joiner.clone()),
                 instance: Some(instance.clone()),
-            });
-            self.ledger.save_tokens(&self.store)?;
+            };
+            self.ledger.put_token(&self.store, key, consumed)?;
         }
-        self.ledger.bots.insert(
+        self.ledger.put_bot(
+            &self.store,
             instance_key(&bot, &instance),
             BotRecord {
                 generation: 1,
@@ -238,8 +239,7 @@ impl State {
                 locked: None,
                 key: Some(joiner),
             },
-        );
-        self.ledger.save_bots(&self.store)?;
+        )?;
         let claims = BotClaims {
             bot,
             roles,
@@ -285,14 +285,14 @@ impl State {
                  share one identity",
                 claims.generation, record.generation
             );
-            self.ledger.bots.insert(
+            self.ledger.put_bot(
+                &self.store,
                 instance.clone(),
                 BotRecord {
                     locked: Some(reason.clone()),
                     ..record
                 },
-            );
-            self.ledger.save_bots(&self.store)?;
+            )?;
             return Err(IssuerError::Locked { bot, reason });
         }
         check_possession(&spki, &request.public_key, &request.proof)?;
@@ -314,7 +314,8 @@ impl State {
             not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
             ..info
         });
-        self.ledger.bots.insert(
+        self.ledger.put_bot(
+            &self.store,
             instance,
             BotRecord {
                 generation,
@@ -322,8 +323,7 @@ impl State {
                 locked: None,
                 key: Some(key),
             },
-        );
-        self.ledger.save_bots(&self.store)?;
+        )?;
         let claims = BotClaims {
             roles,
             generation,
@@ -459,14 +459,16 @@ impl LocalIssuer {
             state.verified.clear();
             self.publish(state);
         }
-        let before = state.ledger.bots.len();
         let horizon = (now() - INSTANCE_RETENTION).unix_timestamp();
-        state
+        let expired: Vec<String> = state
             .ledger
             .bots
-            .retain(|_, r| r.locked.is_some() || r.info.as_ref().is_none_or(|i| i.not_after > horizon));
-        if state.ledger.bots.len() != before {
-            state.ledger.save_bots(&state.store)?;
+            .iter()
+            .filter(|(_, r)| r.locked.is_none() && r.info.as_ref().is_some_and(|i| i.not_after <= horizon))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            state.ledger.remove_bot(&state.store, &key)?;
         }
         Ok(())
     }
@@ -543,7 +545,9 @@ impl LocalIssuer {
             .info
             .as_ref()
             .map_or_else(|| rfc3339(now()), |i| i.joined_at.clone());
-        state.ledger.bots.insert(
+        let store = state.store.clone();
+        state.ledger.put_bot(
+            &store,
             key,
             BotRecord {
                 generation,
@@ -559,8 +563,7 @@ impl LocalIssuer {
                 locked: None,
                 key: Some(key_digest(&request.public_key)),
             },
-        );
-        state.ledger.save_bots(&state.store)?;
+        )?;
         let claims = BotClaims {
             bot,
             roles,

@@ -363,8 +363,11 @@ impl AgentConfig {
             && path.is_relative()
         {
             out.push(
-                Problem::error("/onboarding/ca_path", format!("`{}` is not an absolute path", path.display()))
-                    .hint("write the absolute path of the issuer's CA certificate (PEM)"),
+                Problem::error(
+                    "/onboarding/ca_path",
+                    format!("`{}` is not an absolute path", path.display()),
+                )
+                .hint("write the absolute path of the issuer's CA certificate (PEM)"),
             );
         }
         let mut names = BTreeSet::new();

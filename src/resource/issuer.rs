@@ -88,8 +88,11 @@ impl Issuer {
                     .hint("set `path: /var/lib/tbot/issuer`"),
             ),
             (IssuerStorageType::Directory, Some(p)) if p.is_relative() => out.push(
-                Problem::error("/spec/storage/path", format!("`{}` is not an absolute path", p.display()))
-                    .hint("write an absolute path, such as `/var/lib/tbot/issuer`"),
+                Problem::error(
+                    "/spec/storage/path",
+                    format!("`{}` is not an absolute path", p.display()),
+                )
+                .hint("write an absolute path, such as `/var/lib/tbot/issuer`"),
             ),
             (IssuerStorageType::Memory, Some(_)) => out.push(
                 Problem::error("/spec/storage/path", "`path` is only for `type: directory` storage")

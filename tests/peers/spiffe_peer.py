@@ -7,6 +7,7 @@ Usage (the test venv from scripts/test.sh has the packages):
     spiffe_peer.py sequential SOCKET COUNT
     spiffe_peer.py bundles SOCKET
     spiffe_peer.py der FILE...       (each file: DER or PEM certificates)
+    spiffe_peer.py watch SOCKET      (one line per update, until killed: scripts/fleet.sh)
 """
 
 import json
@@ -193,8 +194,33 @@ def der(paths):
     return out
 
 
+def watch(socket):
+    """Prints `<unix ms> <SPIFFE ID>` for every X509 context the stream delivers, and `<unix ms> ERROR
+    <what>` for every error, until killed (scripts/fleet.sh runs one per agent)."""
+    import threading
+    import time
+
+    from spiffe import WorkloadApiClient
+
+    def now():
+        return int(time.time() * 1000)
+
+    def on_success(context):
+        print(now(), context.default_svid.spiffe_id, flush=True)
+
+    def on_error(error):
+        print(now(), "ERROR", type(error).__name__, str(error).replace("\n", " "), flush=True)
+
+    client = WorkloadApiClient(socket_path="unix://" + socket)
+    client.stream_x509_contexts(on_success, on_error)
+    threading.Event().wait()
+
+
 def main(argv):
     command, args = argv[1], argv[2:]
+    if command == "watch":
+        watch(args[0])
+        return
     if command == "authorities":
         result = authorities(*args)
     elif command == "pyspiffe":
