@@ -131,7 +131,7 @@ for i in $(seq 1 "$N"); do
 done
 T2=$(now_ms)
 ISSUED=$(curl -s 127.0.0.1:3099/metrics | awk '/^tbot_issuer_api_x509_svids_issued_total/ {print $2}')
-echo "$ISSUED X509-SVIDs issued through the issuer in $((T2 - T1)) ms"
+echo "$N workloads (Python start-up included) had their first SVID after $((T2 - T1)) ms; the issuer signed $ISSUED"
 
 # An edit on the issuer: every agent's workload sees its new SVID.
 sleep 1
@@ -182,19 +182,22 @@ for i in range(1, n + 1):
         if ms >= tr:
             reconnect.append(ms - tr)
             break
-per_second = {}
+per_second, per_tenth = {}, {}
 for r in reconnect:
     per_second[r // 1000] = per_second.get(r // 1000, 0) + 1
+    per_tenth[r // 100] = per_tenth.get(r // 100, 0) + 1
 span = max(reconnect) // 1000 + 1
 report = {
     "agents": n,
     "joins_per_second": round(n / ((t1 - t0) / 1000), 1),
     "join_storm_ms": t1 - t0,
-    "x509_svids_through_issuer": issued,
-    "x509_svids_per_second": round(issued / max((t2 - t1) / 1000, 0.001), 1),
+    "x509_svids_signed_for_first_fetches": issued,
+    "first_svid_at_every_workload_ms": t2 - t1,
     "edit_to_new_svid_ms": {"p50": pct(edit, 0.5), "p99": pct(edit, 0.99), "max": max(edit)},
     "issuer_down_ms": tr - tk,
     "reconnect_after_restart_ms": {"p50": pct(reconnect, 0.5), "p99": pct(reconnect, 0.99), "max": max(reconnect)},
+    "reconnects_busiest_second": max(per_second.values()),
+    "reconnects_busiest_100ms": max(per_tenth.values()),
     "reconnects_peak_per_second_over_mean": round(max(per_second.values()) / (len(reconnect) / span), 2),
     "workload_visible_errors_during_outage": errors,
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -211,16 +214,18 @@ directory) and {n} agents, each `tbot start` on only a `tbot.yaml` in its own ne
 | what | figure |
 |---|---|
 | join storm: {n} agents started at once until every workload socket answers | {report['join_storm_ms']} ms ({report['joins_per_second']} joins/s) |
-| X509-SVIDs signed through the issuer API for the first fetches | {issued} in {t2 - t1} ms ({report['x509_svids_per_second']}/s) |
+| {n} py-spiffe workloads started at once until each has its first SVID (Python start-up included; the issuer signed {issued}) | {t2 - t1} ms |
 | edit on the issuer → new SVID at every workload | p50 {report['edit_to_new_svid_ms']['p50']} ms, p99 {report['edit_to_new_svid_ms']['p99']} ms, max {report['edit_to_new_svid_ms']['max']} ms |
 | issuer killed (SIGKILL), down for | {report['issuer_down_ms']} ms |
 | agents reconnected after the restart | p50 {report['reconnect_after_restart_ms']['p50']} ms, p99 {report['reconnect_after_restart_ms']['p99']} ms, max {report['reconnect_after_restart_ms']['max']} ms |
-| reconnects: busiest second over the mean | {report['reconnects_peak_per_second_over_mean']}x |
+| reconnects in the busiest second / the busiest 100 ms | {report['reconnects_busiest_second']} / {report['reconnects_busiest_100ms']} of {n} (busiest second over the mean until the last: {report['reconnects_peak_per_second_over_mean']}x) |
 | errors seen by workloads while the issuer was down | {errors} |
 
 Agents keep serving the SVIDs they hold while the issuer is down; they retry with full-jitter
 exponential backoff (1 s doubling to 60 s), and after a connection that was up the first retry waits
-a random 0–5 s, so the restarted issuer does not meet every agent in the same instant.
+a random 0–5 s, so the restarted issuer does not meet every agent in the same instant. The longer the
+outage, the wider the spread (and the longer the tail): after a 5 s outage an agent's retry window
+is 2–8 s when the issuer comes back.
 """)
 PY
 echo "wrote docs/fleet.json and docs/fleet.md (work directory $WORK; KEEP=1 keeps it)"

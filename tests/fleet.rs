@@ -5,19 +5,17 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fleet::{self, Issuer, agent_config, start_agent, token_onboarding, wait_for_socket, wait_for_status};
-use common::{Daemon, save, stdout};
+use common::{Contexts, Daemon, id, open_stream, save, service_cgroup, stdout};
 use spiffe::{WorkloadApiClient, X509Context};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 
 const TOKEN: &str = "fleet-token-change-me";
 const UID_TEMPLATE: &str = "/uid/{{workload.unix.uid}}";
-
-type Contexts = std::pin::Pin<Box<dyn Stream<Item = Result<X509Context, spiffe::WorkloadApiError>> + Send>>;
 
 fn uid() -> u32 {
     std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap())
@@ -32,17 +30,6 @@ fn agent(issuer: &Issuer) -> Daemon {
     );
     wait_for_socket(&daemon);
     daemon
-}
-
-async fn open_stream(daemon: &Daemon) -> (Contexts, X509Context) {
-    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
-    let mut stream: Contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
-    let first = stream.next().await.unwrap().unwrap();
-    (stream, first)
-}
-
-fn id(ctx: &X509Context) -> String {
-    ctx.svids()[0].spiffe_id().to_string()
 }
 
 fn edit(dir: &Path, file: &str, from: &str, to: &str) {
@@ -238,29 +225,10 @@ fn the_issuer_and_the_agent_report_each_other() {
 
 const CHILD_ENV: &str = "TBOT_TEST_FLEET_CHILD_ENDPOINT";
 
-/// Runs only as the child of the systemd test: waits until moved into the service's cgroup, then
-/// fetches through the `spiffe` crate.
+/// Runs only as the child of the systemd test (see [`common::child_fetch`]).
 #[tokio::test]
 async fn child_fetches_when_told() {
-    let Ok(endpoint) = std::env::var(CHILD_ENV) else { return };
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).unwrap();
-    let client = WorkloadApiClient::connect_to(endpoint).await.unwrap();
-    match client.fetch_x509_svid().await {
-        Ok(svid) => println!("SPIFFE_ID={}", svid.spiffe_id()),
-        Err(e) => println!("ERROR={e:?}"),
-    }
-}
-
-fn service_cgroup(service: &str) -> Option<PathBuf> {
-    [
-        Path::new("/sys/fs/cgroup/systemd"),
-        Path::new("/sys/fs/cgroup/unified"),
-        Path::new("/sys/fs/cgroup"),
-    ]
-    .iter()
-    .find(|r| r.join("cgroup.procs").exists())
-    .map(|root| root.join("system.slice").join(service))
+    common::child_fetch(CHILD_ENV).await;
 }
 
 /// Starts `command` stopped on stdin, moves it into `cgroup`, lets it go, and returns its output.

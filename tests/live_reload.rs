@@ -5,22 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Daemon, quickstart, save, wait_for_log};
+use common::{Contexts, Daemon, id, open_stream, quickstart, save, wait_for_log};
 use spiffe::{WorkloadApiClient, X509Context};
-use tokio_stream::{Stream, StreamExt};
-
-type Contexts = std::pin::Pin<Box<dyn Stream<Item = Result<X509Context, spiffe::WorkloadApiError>> + Send>>;
-
-async fn open_stream(daemon: &Daemon) -> (Contexts, X509Context) {
-    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
-    let mut stream: Contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
-    let first = stream.next().await.unwrap().unwrap();
-    (stream, first)
-}
-
-fn id(ctx: &X509Context) -> String {
-    ctx.svids()[0].spiffe_id().to_string()
-}
+use tokio_stream::StreamExt;
 
 fn edit(daemon: &Daemon, file: &str, from: &str, to: &str) {
     let path = daemon.dir.path().join("etc").join(file);

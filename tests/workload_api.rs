@@ -5,10 +5,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::service_cgroup;
 use spiffe::{BundleSource, JwtSvid, TrustDomain, WorkloadApiClient, X509Source};
 use tokio_stream::StreamExt;
 
@@ -203,31 +204,11 @@ fn a_live_socket_is_never_stolen_and_stops_cleanly() {
 
 const CHILD_ENV: &str = "TBOT_TEST_CHILD_ENDPOINT";
 
-/// Runs only as the child of `a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied`:
-/// waits for the parent to place it in a cgroup, then fetches through the `spiffe` crate.
+/// Runs only as the child of `a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied`
+/// (see [`common::child_fetch`]).
 #[tokio::test]
 async fn child_fetches_when_told() {
-    let Ok(endpoint) = std::env::var(CHILD_ENV) else { return };
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).unwrap();
-    let client = WorkloadApiClient::connect_to(endpoint).await.unwrap();
-    match client.fetch_x509_svid().await {
-        Ok(svid) => println!("SPIFFE_ID={}", svid.spiffe_id()),
-        Err(e) => println!("ERROR={e:?}"),
-    }
-}
-
-/// The cgroup directory of a systemd service, v1 `name=systemd` hierarchy first, else v2.
-fn service_cgroup(service: &str) -> Option<PathBuf> {
-    let roots = [
-        Path::new("/sys/fs/cgroup/systemd"),
-        Path::new("/sys/fs/cgroup/unified"),
-        Path::new("/sys/fs/cgroup"),
-    ];
-    roots
-        .iter()
-        .find(|r| r.join("cgroup.procs").exists())
-        .map(|root| root.join("system.slice").join(service))
+    common::child_fetch(CHILD_ENV).await;
 }
 
 fn spawn_child(endpoint: &str) -> Child {

@@ -84,13 +84,7 @@ impl Running {
 
     /// The daemon's resident memory.
     fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap();
-        kib / 1024.0
+        common::rss_mib(self.child.id())
     }
 
     /// Times `edits` edits of identity 0, each until the stream carries its new SPIFFE ID.
@@ -119,10 +113,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        common::terminate(&mut self.child);
     }
 }
 

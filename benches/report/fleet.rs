@@ -36,10 +36,7 @@ struct IssuerHost {
 
 impl Drop for IssuerHost {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        common::terminate(&mut self.child);
     }
 }
 
@@ -147,13 +144,7 @@ impl IssuerHost {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
         let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
         let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap();
-        (ticks / 100.0, kib / 1024.0)
+        (ticks / 100.0, common::rss_mib(self.child.id()))
     }
 }
 
@@ -312,10 +303,7 @@ struct AgentHost {
 
 impl Drop for AgentHost {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        common::terminate(&mut self.child);
     }
 }
 

@@ -309,3 +309,47 @@ pub fn peer_missing(message: &str) {
     assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
     eprintln!("skipping: {message}");
 }
+
+/// A `FetchX509SVID` stream as the `spiffe` crate gives it.
+pub type Contexts =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<spiffe::X509Context, spiffe::WorkloadApiError>> + Send>>;
+
+/// Opens a stream on the daemon's socket with the `spiffe` crate and reads its first message.
+pub async fn open_stream(daemon: &Daemon) -> (Contexts, spiffe::X509Context) {
+    use tokio_stream::StreamExt;
+    let client = spiffe::WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let mut stream: Contexts = Box::pin(client.stream_x509_contexts().await.unwrap());
+    let first = stream.next().await.unwrap().unwrap();
+    (stream, first)
+}
+
+/// The SPIFFE ID of a context's first SVID.
+pub fn id(ctx: &spiffe::X509Context) -> String {
+    ctx.svids()[0].spiffe_id().to_string()
+}
+
+/// The cgroup directory of a systemd service, v1 `name=systemd` hierarchy first, else v2.
+pub fn service_cgroup(service: &str) -> Option<PathBuf> {
+    [
+        Path::new("/sys/fs/cgroup/systemd"),
+        Path::new("/sys/fs/cgroup/unified"),
+        Path::new("/sys/fs/cgroup"),
+    ]
+    .iter()
+    .find(|r| r.join("cgroup.procs").exists())
+    .map(|root| root.join("system.slice").join(service))
+}
+
+/// The body of a child test process for systemd attestation: when `var` names an endpoint, waits
+/// for a line on stdin (the parent moves it into a service's cgroup meanwhile), fetches an X509-SVID
+/// with the `spiffe` crate and prints `SPIFFE_ID=…` or `ERROR=…`.
+pub async fn child_fetch(var: &str) {
+    let Ok(endpoint) = std::env::var(var) else { return };
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let client = spiffe::WorkloadApiClient::connect_to(endpoint).await.unwrap();
+    match client.fetch_x509_svid().await {
+        Ok(svid) => println!("SPIFFE_ID={}", svid.spiffe_id()),
+        Err(e) => println!("ERROR={e:?}"),
+    }
+}
