@@ -412,6 +412,7 @@ async fn a_ca_rotation_on_the_issuer_puts_both_cas_in_a_remote_agents_bundle_bef
         }
     }
     // And the agent still reaches the issuer, now serving a certificate of the new CA.
-    let status = stdout(&agent.tbotctl(&["status"]));
-    assert_eq!(status.matches("CA pin: ").count(), 2, "{status}");
+    wait_for_status(&agent, "both CAs' pins on the agent", |s| {
+        s.matches("CA pin: ").count() == 2
+    });
 }

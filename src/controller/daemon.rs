@@ -941,9 +941,14 @@ pub async fn run(options: StartOptions) -> ExitCode {
     };
     let poke = Arc::new(tokio::sync::Notify::new());
     if let Some(remote) = &remote {
-        let (mut link, poke) = (remote.link(), poke.clone());
+        // The link and the bundle the remote issuer pushes show in `tbotctl status`.
+        let (mut link, mut bundles, poke) = (remote.link(), remote.bundles(), poke.clone());
         tokio::spawn(async move {
-            while link.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    changed = link.changed() => if changed.is_err() { break },
+                    changed = bundles.changed() => if changed.is_err() { break },
+                }
                 poke.notify_one();
             }
         });
