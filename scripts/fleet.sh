@@ -8,7 +8,7 @@
 #   sudo scripts/fleet.sh [N]          # N agents (default 50); writes docs/fleet.json and docs/fleet.md
 #
 # Needs root (ip netns), `ip`, and the test venv (scripts/test.sh makes it). Not part of CI: with
-# N=50 it runs about two minutes here (release build not counted).
+# N=50 it runs about two minutes here, N=100 about three (release build not counted).
 set -euo pipefail
 N=${1:-50}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -81,8 +81,9 @@ for i in $(seq 1 "$N"); do
     printf -- '---\nkind: token\nversion: v2\nmetadata: {name: fleet-agent-%d}\nspec: {roles: [Bot], join_method: token, bot_name: example-bot}\n' "$i"
 done > "$WORK/issuer/tokens.yaml"
 start_issuer() {
-    "$BIN/tbot" start --config-dir "$WORK/issuer" --diag-addr 127.0.0.1:3099 >> "$WORK/issuer.log" 2>&1 &
-    echo $! > "$WORK/issuer.pid"
+    # In a subshell: not a job of this shell, which would report its SIGKILL below.
+    ( "$BIN/tbot" start --config-dir "$WORK/issuer" --diag-addr 127.0.0.1:3099 >> "$WORK/issuer.log" 2>&1 &
+      echo $! > "$WORK/issuer.pid" )
     until "$BIN/tbotctl" status --dir "$WORK/issuer" > /dev/null 2>&1; do sleep 0.05; done
 }
 start_issuer
