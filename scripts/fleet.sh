@@ -227,6 +227,11 @@ exponential backoff (1 s doubling to 60 s), and after a connection that was up t
 a random 0–5 s, so the restarted issuer does not meet every agent in the same instant. The longer the
 outage, the wider the spread (and the longer the tail): after a 5 s outage an agent's retry window
 is 2–8 s when the issuer comes back.
+
+Everything here shares the machine's cores: the issuer, every agent and every Python workload (and
+the script's own polling, every 20 ms). The edit figure is the time until the last of them has
+reacted, under that contention; `cargo bench --bench report -- --only fleet` times one remote agent
+alone (docs/benchmarks.md).
 """)
 PY
 echo "wrote docs/fleet.json and docs/fleet.md (work directory $WORK; KEEP=1 keeps it)"
