@@ -327,11 +327,14 @@ async fn an_issuer_host_given_an_agent_config_serves_its_own_workloads_beside_re
     )
     .unwrap();
     let socket = issuer.daemon.dir.path().join("local.sock");
+    let state = issuer.daemon.dir.path().join("agent-state");
     std::fs::write(
         etc.join("tbot.yaml"),
         format!(
-            "version: v2\nonboarding: {{join_method: token, token: local-token}}\nstorage: {{type: memory}}\n\
+            "version: v2\nonboarding: {{join_method: token, token: local-token}}\n\
+             storage: {{type: directory, path: {}}}\n\
              services:\n  - type: workload-identity-api\n    listen: unix://{}\n    selector: {{name: example-workload-identity}}\n",
+            state.display(),
             socket.display()
         ),
     )
@@ -354,6 +357,10 @@ async fn an_issuer_host_given_an_agent_config_serves_its_own_workloads_beside_re
         .await
         .unwrap();
     assert_eq!(id(&local), id(&far), "one trust domain, one identity for one uid");
+    assert!(
+        state.join("agent/identity.der").exists(),
+        "the agent config's own storage is used, though it arrived after the start"
+    );
     let td = spiffe::TrustDomain::new("example.teleport.sh").unwrap();
     assert_eq!(
         local.bundle_set().get(&td).unwrap().authorities(),

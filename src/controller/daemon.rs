@@ -117,8 +117,11 @@ struct Daemon {
     agent: Option<Arc<Agent>>,
     /// The client of the remote issuer (an agent-only host).
     remote: Option<Arc<RemoteIssuer>>,
-    /// Where the agent keeps its identity.
-    agent_store: Store,
+    /// Where the agent keeps its identity (opened when the agent first starts: an agent config may
+    /// arrive on a running issuer host).
+    agent_store: Option<Store>,
+    /// The issuer host's store and its directory, shared with the agent when they name the same.
+    issuer_store: Option<(Store, Option<PathBuf>)>,
     /// Woken when something shown by `tbotctl status` changes outside the loop (renewals, the link
     /// to the remote issuer).
     poke: Arc<tokio::sync::Notify>,
@@ -414,7 +417,19 @@ impl Daemon {
         let issuer = self
             .agent_issuer()
             .ok_or_else(|| IssuerError::Invalid("no issuer to join".into()))?;
-        let agent = Arc::new(Agent::start(issuer, join_settings(config), self.agent_store.clone()).await?);
+        let store = match &self.agent_store {
+            Some(store) => store.clone(),
+            None => {
+                let (issuer_store, issuer_path) = match &self.issuer_store {
+                    Some((store, path)) => (Some(store), path.as_deref()),
+                    None => (None, None),
+                };
+                let store = open_agent_store(config, issuer_path, issuer_store)?;
+                self.agent_store = Some(store.clone());
+                store
+            }
+        };
+        let agent = Arc::new(Agent::start(issuer, join_settings(config), store).await?);
         agent.follow_policy_events();
         if let Some(remote) = &self.remote {
             crate::agent::remote::follow(remote);
@@ -785,6 +800,22 @@ impl std::fmt::Display for Phases {
     }
 }
 
+/// Opens the agent's storage; the issuer's store when both name the same directory (a directory is
+/// opened, and locked, once).
+fn open_agent_store(
+    config: &AgentConfig,
+    issuer_path: Option<&std::path::Path>,
+    issuer_store: Option<&Store>,
+) -> Result<Store, crate::store::StoreError> {
+    let same_dir = config.storage.kind == StorageType::Directory
+        && issuer_path.is_some()
+        && config.storage.path.as_deref() == issuer_path;
+    match (same_dir, issuer_store) {
+        (true, Some(store)) => Ok(store.clone()),
+        _ => open_store(config),
+    }
+}
+
 /// Opens the storage of the issuer host (`issuer.spec.storage`).
 fn open_issuer_store(doc: &crate::resource::issuer::Issuer) -> Result<Store, crate::store::StoreError> {
     match (doc.spec.storage.kind, &doc.spec.storage.path) {
@@ -846,21 +877,12 @@ pub async fn run(options: StartOptions) -> ExitCode {
         },
         None => None,
     };
+    let issuer_path = issuer_spec.as_ref().and_then(|doc| doc.spec.storage.path.clone());
     let agent_store = match &config {
-        Some(config) => {
-            let same_dir = issuer_spec.as_ref().is_some_and(|doc| {
-                config.storage.kind == StorageType::Directory
-                    && doc.spec.storage.path.is_some()
-                    && config.storage.path == doc.spec.storage.path
-            });
-            match (same_dir, &issuer_store) {
-                (true, Some(store)) => Some(store.clone()),
-                _ => match open_store(config) {
-                    Ok(s) => Some(s),
-                    Err(e) => return fail(&e, e.hint()),
-                },
-            }
-        }
+        Some(config) => match open_agent_store(config, issuer_path.as_deref(), issuer_store.as_ref()) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(&e, e.hint()),
+        },
         None => None,
     };
     let store = issuer_store
@@ -963,7 +985,8 @@ pub async fn run(options: StartOptions) -> ExitCode {
         issuer: issuer.clone(),
         agent: None,
         remote,
-        agent_store: agent_store.clone().unwrap_or_else(Store::memory),
+        agent_store: agent_store.clone(),
+        issuer_store: issuer_store.clone().map(|s| (s, issuer_path.clone())),
         poke: poke.clone(),
         applied,
         persist,
