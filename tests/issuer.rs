@@ -622,3 +622,54 @@ async fn each_join_of_one_bot_is_its_own_instance_and_a_copy_locks_only_its_own(
     assert_eq!(instances.len(), 2, "{instances:?}");
     assert_eq!(instances.iter().filter(|(_, r)| r.locked.is_some()).count(), 1);
 }
+
+/// Over the issuer API: a copy of an instance's old certificate renews, the instance is locked,
+/// and the `Watch` stream the real holder has open ends with the lock's reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_renewing_over_the_network_locks_the_instance_and_ends_its_open_watch() {
+    use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
+    let issuer = std::sync::Arc::new(LocalIssuer::open(Store::memory(), common::policy(&docs("{}", ""))).unwrap());
+    let pin = tbot::issuer::ca::spki_pin(&issuer.current_bundles().x509_authorities[0]).unwrap();
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let serving = tbot::issuer::server::serve(
+        issuer.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        vec!["127.0.0.1".into()],
+        stop,
+    )
+    .await
+    .unwrap();
+    let settings = RemoteSettings {
+        address: serving.address.to_string(),
+        ca_pins: vec![pin],
+        ca_path: None,
+        insecure: false,
+    };
+    // The holder joins, renews once, and watches with its current certificate.
+    let holder = RemoteIssuer::new(settings.clone(), Store::memory()).unwrap();
+    let k1 = KeyPair::generate().unwrap();
+    let first = holder.join(token_join(&k1, "secret-token-1")).await.unwrap();
+    holder.present(&first.der, &k1.serialize_der());
+    let k2 = KeyPair::generate().unwrap();
+    let second = holder.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
+    holder.present(&second.der, &k2.serialize_der());
+    tbot::agent::remote::follow(&holder);
+    let mut link = holder.link();
+    tokio::time::timeout(Duration::from_secs(10), link.wait_for(|l| l.connected))
+        .await
+        .expect("the holder's Watch stream is up")
+        .unwrap();
+    // A copy of the first certificate renews from elsewhere.
+    let copy = RemoteIssuer::new(settings, Store::memory()).unwrap();
+    copy.present(&first.der, &k1.serialize_der());
+    let stranger = KeyPair::generate().unwrap();
+    let err = copy.renew(renewal(&first.der, &k1, &stranger)).await.unwrap_err();
+    assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
+    // The holder's open stream ends, saying why.
+    let ended = tokio::time::timeout(Duration::from_secs(10), link.wait_for(|l| !l.connected))
+        .await
+        .expect("the locked instance's stream ends")
+        .unwrap()
+        .clone();
+    assert!(ended.message.contains("locked"), "{ended:?}");
+}

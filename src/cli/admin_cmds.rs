@@ -382,10 +382,13 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
     }
     if !s.issuer_listen.is_empty() {
         println!("issuer API: {} ({} agents connected)", s.issuer_listen, s.agents.len());
+        // A fleet has thousands: the longest-connected first, then a count.
+        const SHOWN: usize = 25;
         if !s.agents.is_empty() {
             let rows: Vec<[String; 5]> = s
                 .agents
                 .iter()
+                .take(SHOWN)
                 .map(|a| {
                     [
                         format!("{}/{}", a.bot, a.instance),

@@ -54,6 +54,8 @@ pub struct LocalIssuer {
     challenges: Mutex<HashMap<String, OffsetDateTime>>,
     bundles: watch::Sender<Arc<Bundles>>,
     policy_events: watch::Sender<Arc<PolicyEvent>>,
+    /// Moves whenever a renewal was refused as locked: open streams of that instance end.
+    locks: watch::Sender<u64>,
 }
 
 /// A change of the documents that decide who gets what, as remote agents are told of it.
@@ -363,6 +365,7 @@ impl LocalIssuer {
             challenges: Mutex::new(HashMap::new()),
             bundles,
             policy_events: watch::channel(Arc::new(PolicyEvent::default())).0,
+            locks: watch::channel(0).0,
         })
     }
 
@@ -381,6 +384,12 @@ impl LocalIssuer {
     /// The last policy change, and every new one.
     pub fn policy_events(&self) -> watch::Receiver<Arc<PolicyEvent>> {
         self.policy_events.subscribe()
+    }
+
+    /// Moves whenever a renewal is refused as locked (a copied identity, or a locked instance trying
+    /// again): whoever holds a connection for a certificate checks it again.
+    pub fn locks(&self) -> watch::Receiver<u64> {
+        self.locks.subscribe()
     }
 
     /// Verifies a bot certificate as issuance does (ours, valid, not locked, current generation).
@@ -610,7 +619,11 @@ impl Issuer for LocalIssuer {
     }
 
     async fn renew(&self, request: RenewRequest) -> Result<BotCertificate, IssuerError> {
-        self.lock().renew(&request)
+        let renewed = self.lock().renew(&request);
+        if let Err(IssuerError::Locked { .. }) = &renewed {
+            self.locks.send_modify(|n| *n += 1);
+        }
+        renewed
     }
 
     async fn resolve(

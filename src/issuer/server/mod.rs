@@ -440,6 +440,9 @@ impl WorkloadIdentityService for IssuerApi {
         let state = WatchState {
             bundles: self.issuer.bundles(),
             events: self.issuer.policy_events(),
+            locks: self.issuer.locks(),
+            issuer: self.issuer.clone(),
+            certificate: cert,
             base: self.revision_base,
             sent: None,
             seen_revision,
@@ -447,11 +450,12 @@ impl WorkloadIdentityService for IssuerApi {
             // with its renewed one.
             until: tokio::time::Instant::now()
                 + Duration::try_from(not_after - OffsetDateTime::now_utc()).unwrap_or_default(),
+            ended: false,
             _guard: guard,
         };
         let stream = futures_util::stream::unfold(state, |mut state| async move {
             let update = state.next().await?;
-            Some((Ok(update), state))
+            Some((update, state))
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -461,43 +465,64 @@ impl WorkloadIdentityService for IssuerApi {
 struct WatchState {
     bundles: watch::Receiver<Arc<Bundles>>,
     events: watch::Receiver<Arc<PolicyEvent>>,
+    locks: watch::Receiver<u64>,
+    issuer: Arc<LocalIssuer>,
+    /// The certificate the stream was opened with: when an instance is locked, it is checked again.
+    certificate: Arc<Vec<u8>>,
     base: u64,
     /// The revision last sent (`None` before the first message).
     sent: Option<u64>,
     /// The revision the agent said it had seen when it connected.
     seen_revision: u64,
     until: tokio::time::Instant,
+    /// After an error the stream ends.
+    ended: bool,
     _guard: SessionGuard,
 }
 
 impl WatchState {
-    async fn next(&mut self) -> Option<proto::WatchUpdate> {
+    async fn next(&mut self) -> Option<Result<proto::WatchUpdate, Status>> {
+        if self.ended {
+            return None;
+        }
         let Some(last) = self.sent else {
             let event = self.events.borrow_and_update().clone();
             let revision = self.base + event.revision;
             self.bundles.borrow_and_update();
+            self.locks.borrow_and_update();
             self.sent = Some(revision);
             // An agent that saw another revision before (a reconnect, an issuer restart) may have
             // missed changes: it re-decides everything.
             let all = self.seen_revision != 0 && self.seen_revision != revision;
-            return Some(self.update(revision, Vec::new(), all));
+            return Some(Ok(self.update(revision, Vec::new(), all)));
         };
-        tokio::select! {
-            changed = self.bundles.changed() => {
-                changed.ok()?;
-                self.bundles.borrow_and_update();
-                Some(self.update(last, Vec::new(), false))
+        loop {
+            tokio::select! {
+                changed = self.bundles.changed() => {
+                    changed.ok()?;
+                    self.bundles.borrow_and_update();
+                    return Some(Ok(self.update(last, Vec::new(), false)));
+                }
+                changed = self.events.changed() => {
+                    changed.ok()?;
+                    let event = self.events.borrow_and_update().clone();
+                    let revision = self.base + event.revision;
+                    self.sent = Some(revision);
+                    // Coalesced events (two edits between two sends) lose the first's identities.
+                    let all = event.all || revision != last + 1;
+                    return Some(Ok(self.update(revision, event.identities.iter().cloned().collect(), all)));
+                }
+                changed = self.locks.changed() => {
+                    changed.ok()?;
+                    self.locks.borrow_and_update();
+                    // A locked instance hears nothing more.
+                    if let Err(e @ IssuerError::Locked { .. }) = self.issuer.authenticate(&self.certificate) {
+                        self.ended = true;
+                        return Some(Err(status(e)));
+                    }
+                }
+                _ = tokio::time::sleep_until(self.until) => return None,
             }
-            changed = self.events.changed() => {
-                changed.ok()?;
-                let event = self.events.borrow_and_update().clone();
-                let revision = self.base + event.revision;
-                self.sent = Some(revision);
-                // Coalesced events (two edits between two sends) lose the first's identities.
-                let all = event.all || revision != last + 1;
-                Some(self.update(revision, event.identities.iter().cloned().collect(), all))
-            }
-            _ = tokio::time::sleep_until(self.until) => None,
         }
     }
 
