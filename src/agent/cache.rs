@@ -159,9 +159,6 @@ impl SvidCache {
         (slots.len(), idle)
     }
 
-    /// Re-decides the cached SVIDs of these identities now (their documents or the rules that apply
-    /// to them changed): each is reissued, or revoked if the caller may no longer have it.
-    /// Returns the woken slots' channels, marked seen: each changes when its re-decision is done.
     /// Every identity with a cached SVID.
     pub fn identities(&self) -> BTreeSet<String> {
         let mut out: BTreeSet<String> = self
@@ -181,6 +178,9 @@ impl SvidCache {
         out
     }
 
+    /// Re-decides the cached SVIDs of these identities now (their documents or the rules that apply
+    /// to them changed): each is reissued, or revoked if the caller may no longer have it.
+    /// Returns the woken slots' channels, marked seen: each changes when its re-decision is done.
     pub fn redecide(&self, identities: &BTreeSet<String>) -> Vec<watch::Receiver<Slot>> {
         let mut woken = Vec::new();
         for (key, handle) in self.slots.lock().expect("cache poisoned").iter() {
