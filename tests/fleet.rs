@@ -423,3 +423,62 @@ async fn a_ca_rotation_on_the_issuer_puts_both_cas_in_a_remote_agents_bundle_bef
         s.matches("CA pin: ").count() == 2
     });
 }
+
+/// The issuer API's TLS, checked by a client nobody here wrote: `openssl s_client` completes TLS 1.3
+/// with ALPN `h2`, verifies the serving certificate against the trust domain's CA (the one the pin
+/// names) for the address in `public_addrs`, and is refused TLS 1.2.
+#[test]
+fn openssl_verifies_the_issuer_api_against_the_pinned_ca_over_tls_1_3_only() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let ca_der = std::fs::read(
+        issuer
+            .daemon
+            .dir
+            .path()
+            .join("state/issuer/example.teleport.sh/ca-1.der"),
+    )
+    .unwrap();
+    assert_eq!(
+        tbot::issuer::ca::spki_pin(&ca_der).unwrap(),
+        issuer.pin,
+        "the pin names this CA"
+    );
+    let ca = issuer.daemon.dir.path().join("ca.pem");
+    std::fs::write(&ca, common::pem("CERTIFICATE", &ca_der)).unwrap();
+    let connect = format!("127.0.0.1:{}", issuer.port);
+    let s_client = |extra: &[&str]| {
+        let mut args = vec![
+            "s_client",
+            "-connect",
+            &connect,
+            "-CAfile",
+            ca.to_str().unwrap(),
+            "-verify_return_error",
+            "-verify_ip",
+            "127.0.0.1",
+            "-alpn",
+            "h2",
+        ];
+        args.extend_from_slice(extra);
+        Command::new("openssl")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl runs")
+    };
+    let ok = s_client(&["-tls1_3"]);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
+    assert!(text.contains("TLSv1.3"), "{text}");
+    let old = s_client(&["-tls1_2"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&old.stdout),
+        String::from_utf8_lossy(&old.stderr)
+    );
+    assert!(
+        !old.status.success() || !text.contains("Verify return code: 0 (ok)"),
+        "TLS 1.2 was served:\n{text}"
+    );
+}
