@@ -62,6 +62,7 @@ pub fn issuer_request(data: &[u8]) {
     use futures_util::FutureExt;
     use prost::Message;
 
+    use crate::issuer::Issuer;
     use crate::issuer::server::tls::PeerInfo;
     use crate::issuer::wire::{self, proto};
     use proto::bot_service_server::BotService;
@@ -70,39 +71,46 @@ pub fn issuer_request(data: &[u8]) {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    let (api, cert) = fuzz_issuer();
-    fn with_peer<T>(message: T, cert: &[u8]) -> tonic::Request<T> {
+    let (api, issuer, cert) = fuzz_issuer();
+    // The TLS session of an agent that joined, as the server sees it.
+    let peer = PeerInfo {
+        address: "127.0.0.1:1".parse().expect("an address"),
+        certificate: Some(std::sync::Arc::new(cert.clone())),
+    };
+    fn request<T>(message: T, peer: &PeerInfo) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);
-        r.extensions_mut().insert(PeerInfo {
-            address: "127.0.0.1:1".parse().expect("an address"),
-            certificate: Some(std::sync::Arc::new(cert.to_vec())),
-        });
+        r.extensions_mut().insert(peer.clone());
         r
     }
     match which % 8 {
         0 => {
             if let Ok(m) = proto::ResolveRequest::decode(body) {
-                let _ = api.resolve(with_peer(m, cert)).now_or_never();
+                let _ = api.resolve(request(m, &peer)).now_or_never();
             }
         }
         1 => {
             if let Ok(m) = proto::IssueX509Request::decode(body) {
-                let _ = api.issue_x509(with_peer(m, cert)).now_or_never();
+                let _ = api.issue_x509(request(m, &peer)).now_or_never();
             }
         }
         2 => {
             if let Ok(m) = proto::IssueJwtRequest::decode(body) {
-                let _ = api.issue_jwt(with_peer(m, cert)).now_or_never();
+                let _ = api.issue_jwt(request(m, &peer)).now_or_never();
             }
         }
         3 => {
             if let Ok(m) = proto::RenewRequest::decode(body) {
-                let _ = api.renew(with_peer(m, cert)).now_or_never();
+                let _ = api.renew(request(m, &peer)).now_or_never();
             }
         }
         4 => {
-            if let Ok(m) = proto::JoinRequest::decode(body) {
-                std::hint::black_box(m);
+            // A `token` join (the `iam` one needs STS): the server's checks, then the issuer's.
+            if let Ok(proto::JoinRequest {
+                request: Some(proto::join_request::Request::Init(init)),
+            }) = proto::JoinRequest::decode(body)
+                && let Ok(request) = crate::issuer::server::token_join_request(init, &peer)
+            {
+                let _ = issuer.join(request).now_or_never();
             }
         }
         5 => {
@@ -129,26 +137,22 @@ pub fn issuer_request(data: &[u8]) {
 }
 
 /// An in-process issuer with a bot joined by token, shared by every fuzz input.
-fn fuzz_issuer() -> &'static (crate::issuer::server::IssuerApi, Vec<u8>) {
+fn fuzz_issuer() -> &'static (
+    crate::issuer::server::IssuerApi,
+    std::sync::Arc<crate::issuer::LocalIssuer>,
+    Vec<u8>,
+) {
     use std::sync::{Arc, OnceLock};
 
     use futures_util::FutureExt;
 
     use crate::issuer::server::IssuerApi;
     use crate::issuer::server::limits::Rate;
-    use crate::issuer::{Issuer, JoinProof, JoinRequest, LocalIssuer, Policy};
+    use crate::issuer::{Issuer, JoinProof, JoinRequest, LocalIssuer};
 
-    static ISSUER: OnceLock<(IssuerApi, Vec<u8>)> = OnceLock::new();
+    static ISSUER: OnceLock<(IssuerApi, Arc<LocalIssuer>, Vec<u8>)> = OnceLock::new();
     ISSUER.get_or_init(|| {
-        let documents = "kind: cluster\nversion: v1\nmetadata: {name: fuzz.example}\n---\n\
-            kind: role\nversion: v7\nmetadata: {name: r}\nspec:\n  allow:\n    workload_identity_labels: {'*': '*'}\n\
-            \x20   rules: [{resources: [workload_identity], verbs: [read, list]}]\n---\n\
-            kind: bot\nversion: v1\nmetadata: {name: b}\nspec: {roles: [r]}\n---\n\
-            kind: token\nversion: v2\nmetadata: {name: t}\nspec: {roles: [Bot], join_method: token, bot_name: b}\n---\n\
-            kind: workload_identity\nversion: v1\nmetadata: {name: wi}\nspec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}\n";
-        let loaded = manifest::load_bytes(Path::new("fuzz.yaml"), documents.as_bytes().to_vec());
-        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
-        let policy = Policy::from_state(&loaded.state).expect("a policy");
+        let policy = crate::issuer::policy::policy_from_text(crate::issuer::policy::EXAMPLE_DOCUMENTS);
         let issuer = Arc::new(LocalIssuer::open(crate::store::Store::memory(), policy).expect("an issuer"));
         let key = rcgen::KeyPair::generate().expect("a key");
         let joined = issuer
@@ -167,6 +171,7 @@ fn fuzz_issuer() -> &'static (crate::issuer::server::IssuerApi, Vec<u8>) {
             burst: 1e12,
             per_second: 1e12,
         };
-        (IssuerApi::with_limits(issuer, unlimited, unlimited), joined.der)
+        let api = IssuerApi::with_limits(issuer.clone(), unlimited, unlimited);
+        (api, issuer, joined.der)
     })
 }

@@ -278,13 +278,7 @@ fn a_systemd_service_on_an_agent_host_gets_the_issuers_identity_through_rust_spi
         agent.log()
     );
 
-    let venv = common::peer_dir("TBOT_TEST_VENV", "target/test-venv");
-    let python = venv.join("bin/python");
-    let has_py_spiffe = Command::new(&python)
-        .args(["-c", "import spiffe"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if has_py_spiffe {
+    if let Some(python) = common::venv_python("spiffe") {
         let script = common::root().join("tests/peers/spiffe_peer.py");
         let mut py = Command::new("sh");
         py.args([
@@ -309,8 +303,6 @@ fn a_systemd_service_on_an_agent_host_gets_the_issuers_identity_through_rust_spi
             "validated with the JWKS: {out}"
         );
         assert_eq!(value["x509_bundle_trust_domains"][0], "example.teleport.sh", "{out}");
-    } else {
-        common::peer_missing("py-spiffe is not installed in the test venv; run scripts/test.sh");
     }
     let _ = std::fs::remove_dir(&cgroup);
 }
@@ -481,4 +473,66 @@ fn openssl_verifies_the_issuer_api_against_the_pinned_ca_over_tls_1_3_only() {
         !old.status.success() || !text.contains("Verify return code: 0 (ok)"),
         "TLS 1.2 was served:\n{text}"
     );
+}
+
+/// `onboarding.ca_path` instead of a pin: the issuer's CA certificate as a PEM file that openssl
+/// wrote from the DER in the issuer's storage.
+#[test]
+fn an_agent_trusting_the_issuers_ca_file_joins_and_one_for_another_ca_is_refused() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let der = issuer
+        .daemon
+        .dir
+        .path()
+        .join("state/issuer/example.teleport.sh/ca-1.der");
+    let pem = issuer.daemon.dir.path().join("issuer-ca.pem");
+    common::openssl(&[
+        "x509",
+        "-inform",
+        "der",
+        "-in",
+        der.to_str().unwrap(),
+        "-out",
+        pem.to_str().unwrap(),
+    ]);
+    let port = issuer.port;
+    let with_file = |file: std::path::PathBuf| {
+        move |dir: &Path| {
+            let onboarding = format!(
+                "  join_method: token\n  token: {TOKEN}\n  ca_path: {}\n",
+                file.display()
+            );
+            agent_config(dir, port, &onboarding, "example-workload-identity")
+        }
+    };
+    // Another CA's file first: refused, the token untouched.
+    let other = issuer.daemon.dir.path().join("other-ca.pem");
+    let key = issuer.daemon.dir.path().join("other-ca.key");
+    common::openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=someone else",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        other.to_str().unwrap(),
+    ]);
+    let refused = start_agent(with_file(other), &[]);
+    wait_for_status(&refused, "the other CA is refused", |s| s.contains("NOT connected"));
+    let get = stdout(&refused.tbotctl(&["get", "agent_config"]));
+    assert!(
+        get.contains("which is not in `onboarding.ca_pins` nor the CA file `onboarding.ca_path`"),
+        "{get}"
+    );
+    assert!(get.contains(&format!("presented CA pin {}", issuer.pin)), "{get}");
+    drop(refused);
+    let agent = start_agent(with_file(pem), &[]);
+    wait_for_socket(&agent);
+    wait_for_status(&agent, "connected", |s| s.contains("(connected)"));
 }

@@ -653,7 +653,7 @@ async fn a_copy_renewing_over_the_network_locks_the_instance_and_ends_its_open_w
     let k2 = KeyPair::generate().unwrap();
     let second = holder.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
     holder.present(&second.der, &k2.serialize_der());
-    tbot::agent::remote::follow(&holder);
+    holder.follow();
     let mut link = holder.link();
     tokio::time::timeout(Duration::from_secs(10), link.wait_for(|l| l.connected))
         .await

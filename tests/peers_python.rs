@@ -16,23 +16,9 @@ use spiffe::WorkloadApiClient;
 
 use common::{Daemon, QUICKSTART_ON_DISK, copy_manifests};
 
-/// The test venv's python, when py-spiffe is installed in it.
+/// The test venv's python, when py-spiffe, grpcio and cryptography are installed in it.
 fn python() -> Option<PathBuf> {
-    let dir = common::peer_dir("TBOT_TEST_VENV", "target/test-venv");
-    let python = dir.join("bin/python");
-    let has_peers = Command::new(&python)
-        .args(["-c", "import spiffe, grpc, cryptography"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if has_peers {
-        return Some(python);
-    }
-    let message = format!(
-        "py-spiffe, grpcio and cryptography are not installed in {}; run scripts/test.sh, which installs them",
-        dir.display()
-    );
-    common::peer_missing(&message);
-    None
+    common::venv_python("spiffe, grpc, cryptography")
 }
 
 /// Runs `tests/peers/spiffe_peer.py` with `args` and parses what it prints.

@@ -94,6 +94,35 @@ pub fn my_uid() -> u32 {
     std::fs::metadata("/proc/self").unwrap().uid()
 }
 
+/// Starts `tbot start --config-dir etc` with its log in `log` (`RUST_LOG` from `TBOT_BENCH_LOG`,
+/// default `warn`) and waits until `socket` answers; panics with the log when the daemon exits or
+/// does not answer within two minutes.
+pub async fn start_tbot(etc: &Path, log: &Path, socket: &Path) -> std::process::Child {
+    let file = std::fs::File::create(log).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args(["start", "--config-dir"])
+        .arg(etc)
+        .env(
+            "RUST_LOG",
+            std::env::var("TBOT_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stderr(std::process::Stdio::from(file))
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        let log = || std::fs::read_to_string(log).unwrap_or_default();
+        assert!(child.try_wait().unwrap().is_none(), "tbot start exited:\n{}", log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tbot start did not answer:\n{}",
+            log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child
+}
+
 /// Stops a daemon the benchmark started (SIGTERM, then waits).
 pub fn terminate(child: &mut std::process::Child) {
     let _ = std::process::Command::new("kill")

@@ -11,7 +11,7 @@
 //! before it reloads. The floor of the memory is the same daemon with no stream open.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PKCS_ED25519, SigningKey};
@@ -41,23 +41,7 @@ impl Running {
         common::write_directory(&etc, identities, &socket, &dir.path().join("state"), common::my_uid());
         // TBOT_BENCH_LOG=debug TBOT_BENCH_LOG_FILE=/tmp/d.log keeps what the daemon said.
         let log_path = std::env::var_os("TBOT_BENCH_LOG_FILE").map_or(dir.path().join("daemon.log"), PathBuf::from);
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
-            .args(["start", "--config-dir"])
-            .arg(&etc)
-            .env(
-                "RUST_LOG",
-                std::env::var("TBOT_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            assert!(Instant::now() < deadline, "the daemon did not start:\n{log}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = common::start_tbot(&etc, &log_path, &socket).await;
         Running {
             address: format!("unix://{}", socket.display()),
             _dir: dir,

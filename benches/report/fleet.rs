@@ -11,7 +11,7 @@
 //!   agent notified.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,7 @@ fn identity(name: &str, id: &str) -> String {
 }
 
 impl IssuerHost {
-    fn start(tokens: usize) -> IssuerHost {
+    async fn start(tokens: usize) -> IssuerHost {
         let dir = tempfile::tempdir().unwrap();
         let etc = dir.path().join("etc");
         std::fs::create_dir(&etc).unwrap();
@@ -92,21 +92,7 @@ impl IssuerHost {
             identity("by-uid", "/uid/{{workload.unix.uid}}"),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("issuer.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tbot"))
-            .args(["start", "--config-dir"])
-            .arg(&etc)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while std::os::unix::net::UnixStream::connect(&admin).is_err() {
-            let log = || std::fs::read_to_string(dir.path().join("issuer.log")).unwrap_or_default();
-            assert!(child.try_wait().unwrap().is_none(), "the issuer exited:\n{}", log());
-            assert!(Instant::now() < deadline, "the issuer did not start:\n{}", log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = common::start_tbot(&etc, &dir.path().join("issuer.log"), &admin).await;
         let out = Command::new(env!("CARGO_BIN_EXE_tbotctl"))
             .args(["status", "--dir"])
             .arg(&etc)
@@ -173,7 +159,7 @@ async fn join(host: &IssuerHost, i: usize) -> SimAgent {
         .unwrap();
     issuer.present(&cert.der, &key.serialize_der());
     let events = issuer.policy_events().unwrap();
-    tbot::agent::remote::follow(&issuer);
+    issuer.follow();
     SimAgent {
         issuer,
         certificate: cert.der,
@@ -326,19 +312,7 @@ impl AgentHost {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tbot"))
-            .args(["start", "--config-dir"])
-            .arg(&etc)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the agent did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = common::start_tbot(&etc, &dir.path().join("agent.log"), &socket).await;
         AgentHost {
             _dir: dir,
             child,
@@ -433,7 +407,7 @@ async fn agent_paths(scale: Scale, host: &IssuerHost) -> Vec<Row> {
 /// Many simulated agents against one issuer.
 async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
     let agents_n = scale.pick(5_000, 40);
-    let host = IssuerHost::start(agents_n);
+    let host = IssuerHost::start(agents_n).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (cpu0, idle_rss) = host.usage();
     tokio::time::sleep(Duration::from_secs(scale.pick(10, 1))).await;
@@ -573,7 +547,7 @@ async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
 }
 
 pub async fn run(scale: Scale) -> Vec<Row> {
-    let host = IssuerHost::start(scale.pick(5_000, 64));
+    let host = IssuerHost::start(scale.pick(5_000, 64)).await;
     let (mut rows, in_process) = issuance(scale, &host).await;
     rows.extend(agent_paths(scale, &host).await);
     drop(host);

@@ -122,7 +122,7 @@ fn hash_contents(file: File, limit: u64) -> Option<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Some(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Some(crate::hex(&hasher.finalize()))
 }
 
 /// Attests a caller (blocking: reads `/proc` and hashes the executable).

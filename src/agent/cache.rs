@@ -355,14 +355,14 @@ mod tests {
     use super::*;
     use crate::agent::bot::{self, JoinSettings};
     use crate::issuer::LocalIssuer;
-    use crate::issuer::policy::policy_from_yaml;
+    use crate::issuer::policy::policy_from_text;
     use crate::resource::agent::JoinMethod;
     use crate::store::Store;
 
     const HOUR: Duration = Duration::from_secs(3600);
 
     async fn cache() -> Arc<SvidCache> {
-        let policy = policy_from_yaml(crate::agent::TEST_DOCUMENTS);
+        let policy = policy_from_text(crate::issuer::policy::EXAMPLE_DOCUMENTS);
         let issuer: Arc<dyn Issuer> = Arc::new(LocalIssuer::open(Store::memory(), policy).unwrap());
         let settings = JoinSettings {
             method: JoinMethod::Token,

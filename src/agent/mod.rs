@@ -281,45 +281,12 @@ impl Agent {
     }
 }
 
-/// A trust domain, a bot with a token and a role, and one identity per uid: what the agent's and
-/// the cache's tests run against.
-#[cfg(test)]
-pub(crate) const TEST_DOCUMENTS: &str = "
-kind: cluster
-version: v1
-metadata: {name: example.org}
-spec: {}
----
-kind: role
-version: v7
-metadata: {name: r}
-spec:
-  allow:
-    workload_identity_labels: {'*': '*'}
-    rules: [{resources: [workload_identity], verbs: [read, list]}]
----
-kind: bot
-version: v1
-metadata: {name: b}
-spec: {roles: [r]}
----
-kind: token
-version: v2
-metadata: {name: t}
-spec: {roles: [Bot], join_method: token, bot_name: b}
----
-kind: workload_identity
-version: v1
-metadata: {name: wi}
-spec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}
-";
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::issuer::policy::policy_from_yaml;
+    use crate::issuer::policy::{EXAMPLE_DOCUMENTS, policy_from_text};
     use crate::issuer::{
         BotCertificate, JoinRequest, JwtRequest, JwtSvid, LocalIssuer, RenewRequest, X509Request, X509Svid,
     };
@@ -363,7 +330,7 @@ mod tests {
 
     async fn agent() -> (Agent, Arc<Counting>) {
         let issuer = Arc::new(Counting {
-            inner: LocalIssuer::open(Store::memory(), policy_from_yaml(TEST_DOCUMENTS)).unwrap(),
+            inner: LocalIssuer::open(Store::memory(), policy_from_text(EXAMPLE_DOCUMENTS)).unwrap(),
             resolves: AtomicUsize::new(0),
         });
         let settings = JoinSettings {

@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::issuer::ca::spki_pin;
-use crate::issuer::server::tls::provider;
+use crate::issuer::server::tls::{self, provider};
 use crate::issuer::wire::{self, proto};
 use crate::issuer::{
     Attributes, BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest,
@@ -234,8 +234,9 @@ impl RemoteIssuer {
         });
     }
 
-    /// Keeps a `Watch` stream open for as long as the issuer client lives.
-    fn start_watching(self: &Arc<Self>) {
+    /// Keeps a `Watch` stream open (bundle and policy pushes) for as long as the issuer client
+    /// lives; call it once the agent holds an identity. Calling it again does nothing.
+    pub fn follow(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         self.watching.call_once(|| {
             tokio::spawn(watch_loop(weak));
@@ -340,8 +341,16 @@ impl Target {
                     path.display()
                 ))
             })?;
-            for cert in rustls_pemfile_certs(&pem) {
-                files.push(cert);
+            use rustls::pki_types::pem::PemObject;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| {
+                    IssuerError::Invalid(format!(
+                        "`onboarding.ca_path` {} is not a PEM certificate file: {e}; copy the issuer's CA \
+                         certificate there",
+                        path.display()
+                    ))
+                })?;
+                files.push(cert.to_vec());
             }
             if files.is_empty() {
                 return Err(IssuerError::Invalid(format!(
@@ -364,29 +373,6 @@ impl Target {
             server_name,
         })
     }
-}
-
-/// The certificates of a PEM file (DER).
-fn rustls_pemfile_certs(pem: &[u8]) -> Vec<Vec<u8>> {
-    use base64::Engine;
-    let text = String::from_utf8_lossy(pem);
-    let mut out = Vec::new();
-    let mut body: Option<String> = None;
-    for line in text.lines() {
-        let line = line.trim();
-        if line == "-----BEGIN CERTIFICATE-----" {
-            body = Some(String::new());
-        } else if line == "-----END CERTIFICATE-----" {
-            if let Some(b) = body.take()
-                && let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b)
-            {
-                out.push(der);
-            }
-        } else if let Some(b) = body.as_mut() {
-            b.push_str(line);
-        }
-    }
-    out
 }
 
 /// Dials the issuer lazily: TCP, then TLS 1.3 with ALPN h2, presenting `identity` when there is one.
@@ -499,29 +485,39 @@ impl ServerCertVerifier for PinVerifier {
         for der in self.files.iter().chain(self.bundles.borrow().x509_authorities.iter()) {
             let _ = roots.add(CertificateDer::from(der.clone()));
         }
-        if roots.is_empty() {
+        // Nothing trusted signed it: say which CA the server presented, and where trust comes from.
+        let untrusted = || {
             let presented = if presented.is_empty() {
                 "no CA certificate".to_owned()
             } else {
                 format!("CA pin {}", presented.join(", "))
             };
-            return Err(self.refuse(format!(
-                "the server at {} presented {presented}, which is not in `onboarding.ca_pins`; check the pin with \
-                 `tbotctl status` on the issuer host (or `proxy_server` points at the wrong server)",
+            let trusted = if self.files.is_empty() {
+                "`onboarding.ca_pins`"
+            } else {
+                "`onboarding.ca_pins` nor the CA file `onboarding.ca_path`"
+            };
+            self.refuse(format!(
+                "the server at {} presented {presented}, which is not in {trusted}; check the pin with `tbotctl \
+                 status` on the issuer host (or `proxy_server` points at the wrong server)",
                 self.address
-            )));
+            ))
+        };
+        if roots.is_empty() {
+            return Err(untrusted());
         }
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| self.refuse(format!("cannot build the verifier: {e}")))?;
         verifier
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            .map_err(|e| {
-                self.refuse(format!(
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => untrusted(),
+                e => self.refuse(format!(
                     "the server at {} is not the pinned issuer: {e}; check `proxy_server` against the issuer's \
                      `public_addrs`, and the pin",
                     self.address
-                ))
+                )),
             })
     }
 
@@ -531,7 +527,7 @@ impl ServerCertVerifier for PinVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("the issuer API speaks only TLS 1.3".into()))
+        tls::tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -540,7 +536,7 @@ impl ServerCertVerifier for PinVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        tls::tls13_signature(&self.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -846,9 +842,4 @@ impl Issuer for RemoteIssuer {
     fn policy_events(&self) -> Option<watch::Receiver<Arc<PolicyEvent>>> {
         Some(self.events.subscribe())
     }
-}
-
-/// Starts the `Watch` stream (bundles and policy pushes) once the agent holds an identity.
-pub fn follow(issuer: &Arc<RemoteIssuer>) {
-    issuer.start_watching();
 }

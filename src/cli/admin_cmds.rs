@@ -180,14 +180,7 @@ pub async fn get(args: &GetArgs) -> ExitCode {
                     ]
                 })
                 .collect();
-            let header = ["OBJECT", "GENERATION", "OBSERVED", "READY", "MESSAGE"].map(String::from);
-            let widths: Vec<usize> = (0..5)
-                .map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0))
-                .collect();
-            for row in [&header].into_iter().chain(rows.iter()) {
-                let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-                println!("{}", line.join("  ").trim_end());
-            }
+            print_table("", ["OBJECT", "GENERATION", "OBSERVED", "READY", "MESSAGE"], &rows);
             for o in objects.iter().filter(|o| !o.instances.is_empty()) {
                 print_instances(o);
             }
@@ -270,15 +263,15 @@ struct FileErrorView<'a> {
     errors: u32,
 }
 
-/// Prints rows under a header, each column as wide as its widest cell.
-fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+/// Prints rows under a header, each column as wide as its widest cell, each line after `indent`.
+fn print_table<const N: usize>(indent: &str, header: [&str; N], rows: &[[String; N]]) {
     let header = header.map(String::from);
     let widths: Vec<usize> = (0..N)
         .map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     for row in [&header].into_iter().chain(rows.iter()) {
         let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("  {}", line.join("  ").trim_end());
+        println!("{indent}{}", line.join("  ").trim_end());
     }
 }
 
@@ -319,6 +312,7 @@ fn print_instances(o: &ObjectStatus) {
         })
         .collect();
     print_table(
+        "  ",
         [
             "ID",
             "JOIN",
@@ -400,6 +394,7 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
                 })
                 .collect();
             print_table(
+                "  ",
                 ["BOT/INSTANCE", "ADDRESS", "GENERATION", "CONNECTED", "LAST SEEN"],
                 &rows,
             );

@@ -432,7 +432,7 @@ impl Daemon {
         let agent = Arc::new(Agent::start(issuer, join_settings(config), store).await?);
         agent.follow_policy_events();
         if let Some(remote) = &self.remote {
-            crate::agent::remote::follow(remote);
+            remote.follow();
         }
         let (mut renewal, poke) = (agent.renewal(), self.poke.clone());
         tokio::spawn(async move {

@@ -10,7 +10,6 @@ use rcgen::{
     SubjectPublicKeyInfo,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use x509_parser::oid_registry::Oid;
 
@@ -210,7 +209,7 @@ pub fn instance_key(bot: &str, instance: &str) -> String {
 pub fn new_instance_id() -> Result<String, IssuerError> {
     let mut bytes = [0u8; 8];
     aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::hex(&bytes))
 }
 
 /// A consumed single-use token.
@@ -241,10 +240,7 @@ pub struct Ledger {
 
 /// The key under which a token's consumption is recorded.
 pub fn token_key(name: &str) -> String {
-    Sha256::digest(name.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::sha256_hex(name.as_bytes())
 }
 
 impl Ledger {

@@ -332,12 +332,10 @@ pub fn end_entity(params: &mut rcgen::CertificateParams, public_key: &[u8]) {
 /// The pin of a CA certificate (DER), as Teleport writes it: `sha256:` and the hex SHA-256 of the
 /// certificate's SubjectPublicKeyInfo. `None` when the certificate does not parse.
 pub fn spki_pin(cert_der: &[u8]) -> Option<String> {
-    use sha2::Digest;
     use x509_parser::prelude::FromDer;
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
-    let digest = sha2::Sha256::digest(cert.tbs_certificate.subject_pki.raw);
     Some(format!(
         "sha256:{}",
-        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        crate::sha256_hex(cert.tbs_certificate.subject_pki.raw)
     ))
 }

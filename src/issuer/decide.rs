@@ -400,11 +400,11 @@ fn check_dns_name(name: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::issuer::policy::policy_from_yaml;
+    use crate::issuer::policy::policy_from_text;
 
     /// A policy where bot `b` may issue everything labelled `app: x`, plus the given identity spec.
     fn policy(identity_spec: &str) -> Policy {
-        policy_from_yaml(&format!(
+        policy_from_text(&format!(
             "
 kind: cluster
 version: v1

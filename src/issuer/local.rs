@@ -341,7 +341,7 @@ fn rfc3339(t: OffsetDateTime) -> String {
 
 /// SHA-256 (hex) of a public key, as the ledger records it.
 fn key_digest(public_key: &[u8]) -> String {
-    Sha256::digest(public_key).iter().map(|b| format!("{b:02x}")).collect()
+    crate::sha256_hex(public_key)
 }
 
 /// Checks that the holder of the certificate's key signed the new public key.

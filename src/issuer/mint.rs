@@ -96,10 +96,7 @@ pub fn jwt_svid(
     );
     claims.insert("exp".into(), json!(expires.unix_timestamp()));
     claims.insert("iat".into(), json!(now.unix_timestamp()));
-    claims.insert(
-        "jti".into(),
-        json!(jti.iter().map(|b| format!("{b:02x}")).collect::<String>()),
-    );
+    claims.insert("jti".into(), json!(crate::hex(&jti)));
     if let Some(iss) = issuer {
         claims.insert("iss".into(), json!(iss));
     }

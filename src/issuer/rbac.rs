@@ -135,7 +135,7 @@ fn render_labels(labels: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::issuer::policy::policy_from_yaml;
+    use crate::issuer::policy::policy_from_text;
 
     const BASE: &str = "
 kind: cluster
@@ -154,7 +154,7 @@ spec: {spiffe: {id: /web}}
             "---\nkind: bot\nversion: v1\nmetadata: {{name: b}}\nspec: {{roles: [{}]}}\n",
             bot_roles.join(", ")
         );
-        let policy = policy_from_yaml(&format!("{BASE}{roles}{bot}"));
+        let policy = policy_from_text(&format!("{BASE}{roles}{bot}"));
         may_issue(&policy, &policy.bots["b"], &policy.identities["web"])
     }
 

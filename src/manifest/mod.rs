@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
-
 pub use diagnostic::{Diagnostic, Location, Note, Severity};
 pub use files::Input;
 
@@ -451,7 +449,7 @@ fn assemble(
 pub fn canonical_hash(document: &Document) -> String {
     let canonical = serde_json::to_vec(&serde_json::to_value(document).expect("documents serialize"))
         .expect("JSON values serialize");
-    Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect()
+    crate::sha256_hex(&canonical)
 }
 
 #[cfg(test)]

@@ -310,6 +310,25 @@ pub fn peer_missing(message: &str) {
     eprintln!("skipping: {message}");
 }
 
+/// The test venv's python when it can import `modules` (`"spiffe, grpc"`); else the missing peer is
+/// reported ([`peer_missing`]) and `None` returned.
+pub fn venv_python(modules: &str) -> Option<PathBuf> {
+    let dir = peer_dir("TBOT_TEST_VENV", "target/test-venv");
+    let python = dir.join("bin/python");
+    let importable = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if importable {
+        return Some(python);
+    }
+    peer_missing(&format!(
+        "{modules} cannot be imported in {}; run scripts/test.sh, which installs the Python peers",
+        dir.display()
+    ));
+    None
+}
+
 /// A `FetchX509SVID` stream as the `spiffe` crate gives it.
 pub type Contexts =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<spiffe::X509Context, spiffe::WorkloadApiError>> + Send>>;

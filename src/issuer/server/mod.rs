@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -41,9 +40,11 @@ pub struct AgentSession {
     pub address: SocketAddr,
     pub generation: u64,
     pub connected_at: OffsetDateTime,
+    /// SHA-256 (hex) of the certificate the stream was opened with: calls with it count as seen.
+    certificate: String,
 }
 
-/// The connected agents, and when each bot instance last called.
+/// The connected agents, and when each bot certificate last called.
 #[derive(Default)]
 pub struct Sessions {
     next: AtomicU64,
@@ -59,19 +60,29 @@ impl Sessions {
             .lock()
             .expect("sessions poisoned")
             .values()
-            .map(|s| {
-                let key = super::bots::instance_key(&s.bot, &s.instance);
-                (s.clone(), seen.get(&key).copied().unwrap_or(s.connected_at))
-            })
+            .map(|s| (s.clone(), seen.get(&s.certificate).copied().unwrap_or(s.connected_at)))
             .collect()
     }
 
-    fn seen(&self, instance_key: String) {
+    fn seen(&self, certificate: &str) {
         let mut seen = self.last_seen.lock().expect("sessions poisoned");
+        // Renewed certificates leave their digests behind: keep only those of open streams.
         if seen.len() > 100_000 {
-            seen.clear();
+            let open: std::collections::HashSet<String> = self
+                .open
+                .lock()
+                .expect("sessions poisoned")
+                .values()
+                .map(|s| s.certificate.clone())
+                .collect();
+            seen.retain(|digest, _| open.contains(digest));
         }
-        seen.insert(instance_key, OffsetDateTime::now_utc());
+        match seen.get_mut(certificate) {
+            Some(at) => *at = OffsetDateTime::now_utc(),
+            None => {
+                seen.insert(certificate.to_owned(), OffsetDateTime::now_utc());
+            }
+        }
     }
 
     fn open(self: &Arc<Self>, session: AgentSession) -> SessionGuard {
@@ -148,25 +159,19 @@ fn status(e: IssuerError) -> Status {
 }
 
 impl IssuerApi {
-    /// The bot certificate of the caller's TLS session, after the per-certificate rate limit.
-    fn bot_certificate<T>(&self, request: &Request<T>) -> Result<(Arc<Vec<u8>>, PeerInfo), Status> {
+    /// The bot certificate of the caller's TLS session (and its SHA-256, hex), after the
+    /// per-certificate rate limit; the call counts as the certificate's last sign of life.
+    fn bot_certificate<T>(&self, request: &Request<T>) -> Result<(Arc<Vec<u8>>, PeerInfo, String), Status> {
         let peer = peer(request)?;
         let cert = peer.certificate.clone().ok_or_else(|| {
             status(IssuerError::Unauthenticated(
                 "this call needs the bot's certificate as the TLS client certificate: join first".into(),
             ))
         })?;
-        let digest = Sha256::digest(cert.as_slice());
-        let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        self.calls.take(&key).map_err(status)?;
-        Ok((cert, peer))
-    }
-
-    /// Notes that the certificate's instance called (for `tbotctl status`).
-    fn seen(&self, cert: &[u8]) {
-        if let Ok(claims) = self.issuer.authenticate(cert) {
-            self.sessions.seen(claims.instance_key());
-        }
+        let digest = crate::sha256_hex(&cert);
+        self.calls.take(&digest).map_err(status)?;
+        self.sessions.seen(&digest);
+        Ok((cert, peer, digest))
     }
 }
 
@@ -234,6 +239,20 @@ async fn next_message(inbound: &mut Streaming<proto::JoinRequest>) -> Result<pro
     }
 }
 
+/// A `token` join's `init` as the issuer's request, after the size limits.
+pub fn token_join_request(init: proto::ClientInit, peer: &PeerInfo) -> Result<JoinRequest, IssuerError> {
+    check_len("token_name", init.token_name.len(), limits::MAX_NAME_BYTES)?;
+    check_len("public_key", init.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES)?;
+    Ok(JoinRequest {
+        token: init.token_name,
+        public_key: init.public_key,
+        proof: JoinProof::Token,
+        ttl: ttl(init.ttl_seconds),
+        current: peer.certificate.as_ref().map(|c| c.to_vec()),
+        address: peer.address.to_string(),
+    })
+}
+
 /// One join: `token` in one step; `iam` with a challenge made here, never stored anywhere else.
 async fn run_join(
     issuer: &LocalIssuer,
@@ -248,20 +267,7 @@ async fn run_join(
     let current = peer.certificate.as_ref().map(|c| c.to_vec());
     let address = peer.address.to_string();
     match init.join_method.as_str() {
-        "token" => {
-            check_len("token_name", init.token_name.len(), limits::MAX_NAME_BYTES)?;
-            check_len("public_key", init.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES)?;
-            issuer
-                .join(JoinRequest {
-                    token: init.token_name,
-                    public_key: init.public_key,
-                    proof: JoinProof::Token,
-                    ttl: ttl(init.ttl_seconds),
-                    current,
-                    address,
-                })
-                .await
-        }
+        "token" => issuer.join(token_join_request(init, peer)?).await,
         "iam" => {
             let mut bytes = [0u8; 32];
             aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
@@ -318,7 +324,7 @@ async fn run_join(
 #[tonic::async_trait]
 impl BotService for IssuerApi {
     async fn renew(&self, request: Request<proto::RenewRequest>) -> Result<Response<proto::BotCertificate>, Status> {
-        let (cert, peer) = self.bot_certificate(&request)?;
+        let (cert, peer, _) = self.bot_certificate(&request)?;
         let m = request.into_inner();
         check_len("public_key", m.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES).map_err(status)?;
         check_len("proof", m.proof.len(), 1024).map_err(status)?;
@@ -333,7 +339,6 @@ impl BotService for IssuerApi {
             })
             .await
             .map_err(status)?;
-        self.seen(&renewed.der);
         Ok(Response::new(wire::bot_to_wire(
             &renewed,
             &self.issuer.current_bundles(),
@@ -349,7 +354,7 @@ impl WorkloadIdentityService for IssuerApi {
         &self,
         request: Request<proto::ResolveRequest>,
     ) -> Result<Response<proto::ResolveResponse>, Status> {
-        let (cert, _) = self.bot_certificate(&request)?;
+        let (cert, _, _) = self.bot_certificate(&request)?;
         let m = request.into_inner();
         let selector = match m.selector {
             Some(proto::resolve_request::Selector::Name(name)) => {
@@ -368,12 +373,11 @@ impl WorkloadIdentityService for IssuerApi {
         };
         let workload = workload(&m.workload).map_err(status)?;
         let resolved = self.issuer.resolve(&cert, &selector, &workload).await.map_err(status)?;
-        self.seen(&cert);
         Ok(Response::new(wire::resolved_to_wire(resolved)))
     }
 
     async fn issue_x509(&self, request: Request<proto::IssueX509Request>) -> Result<Response<proto::X509Svid>, Status> {
-        let (cert, _) = self.bot_certificate(&request)?;
+        let (cert, _, _) = self.bot_certificate(&request)?;
         let m = request.into_inner();
         check_len("identity", m.identity.len(), limits::MAX_NAME_BYTES).map_err(status)?;
         check_len("public_key", m.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES).map_err(status)?;
@@ -395,7 +399,7 @@ impl WorkloadIdentityService for IssuerApi {
     }
 
     async fn issue_jwt(&self, request: Request<proto::IssueJwtRequest>) -> Result<Response<proto::JwtSvid>, Status> {
-        let (cert, _) = self.bot_certificate(&request)?;
+        let (cert, _, _) = self.bot_certificate(&request)?;
         let m = request.into_inner();
         check_len("identity", m.identity.len(), limits::MAX_NAME_BYTES).map_err(status)?;
         if m.audience.len() > limits::MAX_AUDIENCES {
@@ -423,18 +427,18 @@ impl WorkloadIdentityService for IssuerApi {
     }
 
     async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let (cert, peer) = self.bot_certificate(&request)?;
+        let (cert, peer, digest) = self.bot_certificate(&request)?;
         let claims = self.issuer.authenticate(&cert).map_err(status)?;
         let not_after = x509_parser::parse_x509_certificate(&cert)
             .map(|(_, c)| c.validity().not_after.to_datetime())
             .map_err(|_| Status::unauthenticated("the client certificate does not parse"))?;
-        self.sessions.seen(claims.instance_key());
         let guard = self.sessions.open(AgentSession {
             bot: claims.bot.clone(),
             instance: claims.instance.clone(),
             address: peer.address,
             generation: claims.generation,
             connected_at: OffsetDateTime::now_utc(),
+            certificate: digest,
         });
         let seen_revision = request.into_inner().policy_revision;
         let state = WatchState {

@@ -80,6 +80,21 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
+/// Both ends of the issuer API speak TLS 1.3 only: a TLS 1.2 signature is never checked.
+pub fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::General("the issuer API speaks only TLS 1.3".into()))
+}
+
+/// Checks a TLS 1.3 handshake signature with `provider`'s algorithms (both ends use this).
+pub fn tls13_signature(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(message, cert, dss, &provider.signature_verification_algorithms)
+}
+
 /// Asks for a client certificate, accepts any (or none), and checks the handshake signature: the
 /// issuer decides per call whether the certificate is a bot certificate it accepts.
 #[derive(Debug)]
@@ -113,7 +128,7 @@ impl ClientCertVerifier for AnyClientCert {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("the issuer API speaks only TLS 1.3".into()))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -122,7 +137,7 @@ impl ClientCertVerifier for AnyClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        tls13_signature(&self.0, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
