@@ -8,6 +8,7 @@ pub mod cli;
 pub mod controller;
 pub mod fuzzing;
 pub mod issuer;
+pub mod kv;
 pub mod manifest;
 pub mod resource;
 pub mod store;

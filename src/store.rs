@@ -52,6 +52,18 @@ pub enum StoreError {
     /// A file in the directory is not what tbot wrote there.
     #[error("{} is damaged: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: String },
+    /// The shared store (etcd) did not answer, or has no quorum.
+    #[error("the store ({store}) is unavailable: {reason}")]
+    Unavailable { store: String, reason: String },
+    /// A watch asked for history the store has compacted away: list again, then watch.
+    #[error("the store's history before revision {revision} was compacted")]
+    Compacted { revision: i64 },
+    /// The lease has expired or was revoked.
+    #[error("lease {lease:x} has expired")]
+    LeaseExpired { lease: i64 },
+    /// A sealed private key does not open with this replica's key encryption key.
+    #[error("cannot open the sealed key `{key}` in {store}: {reason}")]
+    Sealed { key: String, store: String, reason: String },
 }
 
 impl StoreError {
@@ -63,12 +75,23 @@ impl StoreError {
             StoreError::Corrupt { .. } => {
                 "restore the file from a backup, or move the storage directory aside to start afresh"
             }
+            StoreError::Unavailable { .. } => {
+                "tbot retries by itself; check that the store answers and has quorum (`etcdctl endpoint health`)"
+            }
+            StoreError::Compacted { .. } | StoreError::LeaseExpired { .. } => "tbot lists the store again by itself",
+            StoreError::Sealed { .. } => {
+                "give this replica the same `key_encryption_key_file` as the replica that created the CA (the same \
+                 32 bytes on every replica)"
+            }
         }
     }
 
     /// I/O may succeed on a retry (space freed, permissions fixed); a held lock or a damaged file will not.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Io { .. })
+        matches!(
+            self,
+            StoreError::Io { .. } | StoreError::Unavailable { .. } | StoreError::Compacted { .. }
+        )
     }
 }
 
@@ -282,6 +305,42 @@ impl Store {
                 }
                 names.sort();
                 Ok(names)
+            }
+        }
+    }
+
+    /// The subdirectories directly inside `dir`, as names like `issuer/x/bots` (memory stores: the
+    /// prefixes that have files below them).
+    pub fn list_dirs(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        match &*self.backend {
+            Backend::Memory(files) => {
+                let mut dirs: Vec<String> = files
+                    .lock()
+                    .expect("store poisoned")
+                    .keys()
+                    .filter_map(|name| name.strip_prefix(&prefix))
+                    .filter_map(|rest| rest.split_once('/').map(|(sub, _)| format!("{prefix}{sub}")))
+                    .collect();
+                dirs.dedup();
+                Ok(dirs)
+            }
+            Backend::Directory { root, .. } => {
+                let path = root.join(dir);
+                let entries = match fs::read_dir(&path) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(io_error("list", &path)(e)),
+                };
+                let mut dirs = Vec::new();
+                for entry in entries {
+                    let entry = entry.map_err(io_error("list", &path))?;
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        dirs.push(format!("{prefix}{}", entry.file_name().to_string_lossy()));
+                    }
+                }
+                dirs.sort();
+                Ok(dirs)
             }
         }
     }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod etcd;
 pub mod fleet;
 
 /// The repository root; the tests run the binaries from here so that printed paths are relative.
