@@ -153,7 +153,12 @@ fn fuzz_issuer() -> &'static (
     static ISSUER: OnceLock<(IssuerApi, Arc<LocalIssuer>, Vec<u8>)> = OnceLock::new();
     ISSUER.get_or_init(|| {
         let policy = crate::issuer::policy::policy_from_text(crate::issuer::policy::EXAMPLE_DOCUMENTS);
-        let issuer = Arc::new(LocalIssuer::open(crate::store::Store::memory(), policy).expect("an issuer"));
+        let issuer = Arc::new(
+            LocalIssuer::open(crate::store::Store::memory(), policy)
+                .now_or_never()
+                .expect("an in-memory issuer opens at once")
+                .expect("an issuer"),
+        );
         let key = rcgen::KeyPair::generate().expect("a key");
         let joined = issuer
             .join(JoinRequest {

@@ -78,6 +78,7 @@ async fn check_storage(dir: &Path, invariants: &mut Invariants, round: usize) {
     }
     let store = Store::open(&state).unwrap_or_else(|e| panic!("round {round}: the storage does not open: {e}"));
     let issuer = LocalIssuer::open(store, Policy::from_state(&loaded.state).unwrap())
+        .await
         .unwrap_or_else(|e| panic!("round {round}: the issuer's state does not load: {e}"));
     let bundles = issuer.current_bundles();
     let bundle = (bundles.x509_authorities.clone(), bundles.jwt_keys.clone());

@@ -221,7 +221,9 @@ async fn peers() -> Option<Peers> {
     let venv = venv()?;
     let moto = tokio::task::spawn_blocking(move || start_moto(&venv)).await.unwrap();
     let imds = Imds::new(start_imds(moto.credentials.clone()).await);
-    let issuer = LocalIssuer::open(Store::memory(), policy(&moto.endpoint)).unwrap();
+    let issuer = LocalIssuer::open(Store::memory(), policy(&moto.endpoint))
+        .await
+        .unwrap();
     Some(Peers {
         _moto: moto,
         issuer,
@@ -312,7 +314,7 @@ async fn a_host_not_on_the_allowlist_is_refused_before_any_network_call() {
             seen.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let issuer = LocalIssuer::open(Store::memory(), policy(&counting)).unwrap();
+    let issuer = LocalIssuer::open(Store::memory(), policy(&counting)).await.unwrap();
     let challenge = issuer.challenge().await.unwrap();
     let mut signed = iam_join_proof(&p.imds, &challenge).await.unwrap();
     signed.url = "https://sts.amazonaws.com.attacker.example/".into();
@@ -331,7 +333,7 @@ async fn a_host_not_on_the_allowlist_is_refused_before_any_network_call() {
 async fn an_unreachable_sts_is_transient_and_says_so() {
     // A port with nothing listening: the request passes every local check, then cannot be sent.
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let issuer = LocalIssuer::open(Store::memory(), policy(&closed)).unwrap();
+    let issuer = LocalIssuer::open(Store::memory(), policy(&closed)).await.unwrap();
     let challenge = issuer.challenge().await.unwrap();
     let credentials = tbot::aws::Credentials {
         access_key_id: "AKIDEXAMPLE".into(),

@@ -62,8 +62,10 @@ spec:
     )
 }
 
-fn open(dir: &Path, text: &str) -> LocalIssuer {
-    LocalIssuer::open(Store::open(dir).unwrap(), common::policy(text)).unwrap()
+async fn open(dir: &Path, text: &str) -> LocalIssuer {
+    LocalIssuer::open(Store::open(dir).unwrap(), common::policy(text))
+        .await
+        .unwrap()
 }
 
 fn token_join(key: &KeyPair, token: &str) -> JoinRequest {
@@ -155,7 +157,7 @@ fn check_x509_svid(leaf: &[u8], key: &KeyPair, bundle: &[Vec<u8>], spiffe_id: &s
 #[tokio::test]
 async fn a_token_join_gives_a_bot_certificate_naming_the_bot_and_its_join() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let key = KeyPair::generate().unwrap();
     let bot = issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
     assert_eq!(bot.bot, "web-bot");
@@ -177,13 +179,13 @@ async fn a_token_is_single_use_even_across_a_restart() {
     let key = KeyPair::generate().unwrap();
     let other = KeyPair::generate().unwrap();
     {
-        let issuer = open(dir.path(), &docs("{}", ""));
+        let issuer = open(dir.path(), &docs("{}", "")).await;
         issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
         let err = issuer.join(token_join(&other, "secret-token-1")).await.unwrap_err();
         assert!(err.to_string().contains("already used by bot `web-bot`"), "{err}");
         assert!(!err.is_transient());
     }
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let err = issuer.join(token_join(&other, "secret-token-1")).await.unwrap_err();
     assert!(err.to_string().contains("already used"), "{err}");
 }
@@ -193,12 +195,12 @@ async fn a_join_retried_with_the_same_key_after_a_lost_answer_succeeds_until_the
     let dir = tempfile::tempdir().unwrap();
     let key = KeyPair::generate().unwrap();
     {
-        let issuer = open(dir.path(), &docs("{}", ""));
+        let issuer = open(dir.path(), &docs("{}", "")).await;
         issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
     }
     // The joiner crashed before saving its certificate; after a restart it asks again with the
     // key it saved before the call, and gets a certificate for that key.
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let again = issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
     // Once the bot has renewed, the join cannot be replayed, even with that key.
     let next = KeyPair::generate().unwrap();
@@ -216,7 +218,7 @@ version: v2
 metadata: {name: old-token, expires: '2020-01-01T00:00:00Z'}
 spec: {roles: [Bot], join_method: token, bot_name: web-bot}
 ";
-    let issuer = open(dir.path(), &docs("{}", expired));
+    let issuer = open(dir.path(), &docs("{}", expired)).await;
     let key = KeyPair::generate().unwrap();
     let err = issuer.join(token_join(&key, "old-token")).await.unwrap_err();
     assert!(
@@ -231,7 +233,7 @@ spec: {roles: [Bot], join_method: token, bot_name: web-bot}
 #[tokio::test]
 async fn x509_svids_meet_every_spiffe_rule_and_verify_against_the_bundle() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let bot_key = KeyPair::generate().unwrap();
     let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
     let key = KeyPair::generate().unwrap();
@@ -268,7 +270,7 @@ async fn x509_svids_meet_every_spiffe_rule_and_verify_against_the_bundle() {
 #[tokio::test]
 async fn a_workload_the_rules_do_not_allow_gets_nothing_and_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let bot_key = KeyPair::generate().unwrap();
     let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
     let key = KeyPair::generate().unwrap();
@@ -308,7 +310,7 @@ async fn a_workload_the_rules_do_not_allow_gets_nothing_and_a_reason() {
 async fn ttls_are_capped_by_the_identity_maximum() {
     let dir = tempfile::tempdir().unwrap();
     let text = docs("{}", "").replace("subject_template:", "maximum_ttl: 10m\n      subject_template:");
-    let issuer = open(dir.path(), &text);
+    let issuer = open(dir.path(), &text).await;
     let bot_key = KeyPair::generate().unwrap();
     let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
     let key = KeyPair::generate().unwrap();
@@ -321,7 +323,7 @@ async fn ttls_are_capped_by_the_identity_maximum() {
 #[tokio::test]
 async fn jwt_svids_verify_against_the_jwks_with_an_independent_library() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = open(dir.path(), &docs("{jwt: {issuer: 'https://issuer.example.org'}}", ""));
+    let issuer = open(dir.path(), &docs("{jwt: {issuer: 'https://issuer.example.org'}}", "")).await;
     let bot_key = KeyPair::generate().unwrap();
     let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
     let svid = issuer
@@ -387,7 +389,7 @@ fn renewal(current: &[u8], current_key: &KeyPair, next: &KeyPair) -> RenewReques
 #[tokio::test]
 async fn renewals_move_the_generation_and_a_copied_identity_locks_the_bot() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let k1 = KeyPair::generate().unwrap();
     let first = issuer.join(token_join(&k1, "secret-token-1")).await.unwrap();
     let k2 = KeyPair::generate().unwrap();
@@ -428,7 +430,7 @@ async fn renewals_move_the_generation_and_a_copied_identity_locks_the_bot() {
     assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
     drop(issuer);
     // The lock and generation survive a restart.
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let err = issuer.renew(renewal(&second.der, &k2, &k1)).await.unwrap_err();
     assert!(matches!(err, IssuerError::Locked { .. }), "{err}");
 }
@@ -437,14 +439,14 @@ async fn renewals_move_the_generation_and_a_copied_identity_locks_the_bot() {
 async fn a_restarted_issuer_keeps_its_ca_jwt_key_and_generations() {
     let dir = tempfile::tempdir().unwrap();
     let (bundle, renewed, k2) = {
-        let issuer = open(dir.path(), &docs("{}", ""));
+        let issuer = open(dir.path(), &docs("{}", "")).await;
         let k1 = KeyPair::generate().unwrap();
         let first = issuer.join(token_join(&k1, "secret-token-1")).await.unwrap();
         let k2 = KeyPair::generate().unwrap();
         let renewed = issuer.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
         (issuer.current_bundles(), renewed, k2)
     };
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let again = issuer.current_bundles();
     assert_eq!(again.x509_authorities, bundle.x509_authorities);
     assert_eq!(again.jwks(), bundle.jwks());
@@ -473,7 +475,7 @@ async fn a_restarted_issuer_keeps_its_ca_jwt_key_and_generations() {
 #[tokio::test]
 async fn a_second_issuer_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let _first = open(dir.path(), &docs("{}", ""));
+    let _first = open(dir.path(), &docs("{}", "")).await;
     let err = Store::open(dir.path()).unwrap_err();
     assert!(err.to_string().contains("in use by another tbot"), "{err}");
 }
@@ -481,13 +483,13 @@ async fn a_second_issuer_on_the_same_directory_is_refused() {
 #[tokio::test]
 async fn ca_rotation_keeps_both_cas_in_the_bundle_until_old_svids_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let mut bundles = issuer.bundles();
     let bot_key = KeyPair::generate().unwrap();
     let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
     let old_key = KeyPair::generate().unwrap();
     let old = issuer.issue_x509(x509_request(&bot.der, &old_key, 1000)).await.unwrap();
-    issuer.rotate_ca().unwrap();
+    issuer.rotate_ca().await.unwrap();
     assert!(bundles.has_changed().unwrap(), "watchers see the rotation");
     let bundle = bundles.borrow_and_update().clone();
     assert_eq!(bundle.x509_authorities.len(), 2);
@@ -501,14 +503,14 @@ async fn ca_rotation_keeps_both_cas_in_the_bundle_until_old_svids_expire() {
     assert_ne!(issuer_of(&old.certificate), issuer_of(&new.certificate));
     check_x509_svid(&old.certificate, &old_key, &bundle.x509_authorities, &old.spiffe_id);
     check_x509_svid(&new.certificate, &new_key, &bundle.x509_authorities, &new.spiffe_id);
-    issuer.prune().unwrap();
+    issuer.prune().await.unwrap();
     assert_eq!(
         issuer.current_bundles().x509_authorities.len(),
         2,
         "the old CA stays while its SVIDs live"
     );
     drop(issuer);
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     assert_eq!(issuer.current_bundles().x509_authorities, bundle.x509_authorities);
 }
 
@@ -519,7 +521,8 @@ async fn rsa_and_ed25519_cas_sign_svids_that_openssl_verifies() {
         let issuer = open(
             dir.path(),
             &docs(&format!("{{ca: {{key_algorithm: {algorithm}}}}}"), ""),
-        );
+        )
+        .await;
         let bot_key = KeyPair::generate().unwrap();
         let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
         let key = KeyPair::generate().unwrap();
@@ -534,7 +537,8 @@ async fn rsa_and_ed25519_cas_sign_svids_that_openssl_verifies() {
         let issuer = open(
             dir.path(),
             &docs(&format!("{{ca: {{key_algorithm: {algorithm}}}}}"), ""),
-        );
+        )
+        .await;
         let svid = issuer.issue_x509(x509_request(&bot.der, &key, 1000)).await;
         assert!(svid.is_ok(), "{algorithm} after a restart: {svid:?}");
     }
@@ -543,7 +547,7 @@ async fn rsa_and_ed25519_cas_sign_svids_that_openssl_verifies() {
 #[tokio::test]
 async fn label_selectors_resolve_to_the_identities_the_caller_may_have() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let bot_key = KeyPair::generate().unwrap();
     let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
     let selector = IdentitySelector::Labels([("app".to_owned(), "web".to_owned())].into());
@@ -561,7 +565,7 @@ async fn label_selectors_resolve_to_the_identities_the_caller_may_have() {
 #[tokio::test]
 async fn a_renewal_retried_after_a_lost_answer_signs_the_same_generation_instead_of_locking() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = open(dir.path(), &docs("{}", ""));
+    let issuer = open(dir.path(), &docs("{}", "")).await;
     let k1 = KeyPair::generate().unwrap();
     let first = issuer.join(token_join(&k1, "secret-token-1")).await.unwrap();
     let k2 = KeyPair::generate().unwrap();
@@ -589,7 +593,7 @@ async fn each_join_of_one_bot_is_its_own_instance_and_a_copy_locks_only_its_own(
     let dir = tempfile::tempdir().unwrap();
     let second_token = "\n---\nkind: token\nversion: v2\nmetadata: {name: secret-token-2}\n\
                         spec: {roles: [Bot], join_method: token, bot_name: web-bot}\n";
-    let issuer = open(dir.path(), &docs("{}", second_token));
+    let issuer = open(dir.path(), &docs("{}", second_token)).await;
     let (ka, kb) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
     let a = issuer.join(token_join(&ka, "secret-token-1")).await.unwrap();
     let b = issuer.join(token_join(&kb, "secret-token-2")).await.unwrap();
@@ -628,7 +632,11 @@ async fn each_join_of_one_bot_is_its_own_instance_and_a_copy_locks_only_its_own(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_renewing_over_the_network_locks_the_instance_and_ends_its_open_watch() {
     use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
-    let issuer = std::sync::Arc::new(LocalIssuer::open(Store::memory(), common::policy(&docs("{}", ""))).unwrap());
+    let issuer = std::sync::Arc::new(
+        LocalIssuer::open(Store::memory(), common::policy(&docs("{}", "")))
+            .await
+            .unwrap(),
+    );
     let pin = tbot::issuer::ca::spki_pin(&issuer.current_bundles().x509_authorities[0]).unwrap();
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let serving = tbot::issuer::server::serve(

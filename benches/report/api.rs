@@ -166,7 +166,7 @@ pub async fn run(scale: Scale) -> Vec<Row> {
     let window = scale.pick(Duration::from_secs(2), Duration::from_millis(100));
     let dir = tempfile::tempdir().unwrap();
     let store = Store::memory();
-    let issuer: Arc<dyn Issuer> = Arc::new(common::issuer(IDENTITY, store.clone()));
+    let issuer: Arc<dyn Issuer> = Arc::new(common::issuer(IDENTITY, store.clone()).await);
     let settings = JoinSettings {
         method: JoinMethod::Token,
         token: "bench-token".into(),

@@ -34,13 +34,15 @@ spec: {roles: [Bot], join_method: token, bot_name: b}
 ";
 
 /// The issuer, over `store`, with one more `workload_identity` document (named `svc`).
-pub fn issuer(workload_identity: &str, store: Store) -> LocalIssuer {
+pub async fn issuer(workload_identity: &str, store: Store) -> LocalIssuer {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("docs.yaml");
     std::fs::write(&file, format!("{CLUSTER_SIDE}---\n{workload_identity}")).unwrap();
     let loaded = load(&[Input::File(file)]).unwrap();
     assert!(!loaded.has_errors(), "{:#?}", loaded.diagnostics);
-    LocalIssuer::open(store, Policy::from_state(&loaded.state).unwrap()).unwrap()
+    LocalIssuer::open(store, Policy::from_state(&loaded.state).unwrap())
+        .await
+        .unwrap()
 }
 
 /// Writes a directory a daemon can run: the agent config (token join, one Workload API socket whose

@@ -240,7 +240,7 @@ async fn issuance(scale: Scale, host: &IssuerHost) -> (Vec<Row>, f64) {
     };
     let remote = n as f64 / elapsed.as_secs_f64();
     // The floor: the same issuance in process (new key + `issue_x509`), measured now.
-    let local = common::issuer(&identity("svc", "/uid/{{workload.unix.uid}}"), Store::memory());
+    let local = common::issuer(&identity("svc", "/uid/{{workload.unix.uid}}"), Store::memory()).await;
     let key = KeyPair::generate().unwrap();
     let bot = local
         .join(JoinRequest {

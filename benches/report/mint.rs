@@ -46,8 +46,11 @@ fn rate(n: usize, mut op: impl FnMut()) -> f64 {
 
 pub fn run(scale: Scale) -> Vec<Row> {
     let n = scale.pick(2_000, 20);
-    let issuer = common::issuer(IDENTITY, Store::memory());
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let issuer = rt.block_on(common::issuer(IDENTITY, Store::memory()));
     let bot_key = KeyPair::generate().unwrap();
     let bot = rt
         .block_on(issuer.join(JoinRequest {

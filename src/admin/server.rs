@@ -26,6 +26,10 @@ pub struct DaemonInfo {
     pub issuer_listen: String,
     /// The link to the remote issuer, on an agent of one.
     pub issuer_link: Option<crate::agent::remote::Link>,
+    /// The issuer's store (`etcd http://…`), on an issuer host.
+    pub issuer_storage: String,
+    /// This replica's name, on an issuer host.
+    pub replica: String,
 }
 
 /// The daemon's side of the admin API.
@@ -289,6 +293,11 @@ impl Admin for AdminApi {
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         authorize(&request)?;
         let info = self.info.read().expect("info poisoned").clone();
+        // Replicas recorded in a shared store (a lone issuer's own record is not worth a table).
+        let replicas = match &self.issuer {
+            Some(issuer) if !issuer.backing().local => issuer.replicas(),
+            _ => Vec::new(),
+        };
         let table = self.status.read().expect("status poisoned");
         Ok(Response::new(StatusResponse {
             trust_domain: info.trust_domain,
@@ -327,7 +336,37 @@ impl Admin for AdminApi {
                 connected: l.connected,
                 message: l.message,
             }),
+            issuer_storage: info.issuer_storage,
+            replicas: replicas.iter().map(|r| replica(r, &info.replica)).collect(),
+            drift: crate::issuer::replicas::drift(&replicas)
+                .into_iter()
+                .map(|d| DocumentDrift {
+                    document: d.document,
+                    versions: d
+                        .versions
+                        .into_iter()
+                        .map(|(replica, hash)| DocumentVersion {
+                            replica,
+                            hash: hash.unwrap_or_default(),
+                        })
+                        .collect(),
+                })
+                .collect(),
         }))
+    }
+}
+
+fn replica(r: &crate::issuer::replicas::ReplicaRecord, this: &str) -> Replica {
+    let heartbeat = time::OffsetDateTime::from_unix_timestamp(r.heartbeat)
+        .map(rfc3339)
+        .unwrap_or_default();
+    Replica {
+        name: r.name.clone(),
+        address: r.address.clone(),
+        started: r.started.clone(),
+        heartbeat,
+        ready: r.ready,
+        this: r.name == this,
     }
 }
 

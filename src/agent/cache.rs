@@ -363,7 +363,7 @@ mod tests {
 
     async fn cache() -> Arc<SvidCache> {
         let policy = policy_from_text(crate::issuer::policy::EXAMPLE_DOCUMENTS);
-        let issuer: Arc<dyn Issuer> = Arc::new(LocalIssuer::open(Store::memory(), policy).unwrap());
+        let issuer: Arc<dyn Issuer> = Arc::new(LocalIssuer::open(Store::memory(), policy).await.unwrap());
         let settings = JoinSettings {
             method: JoinMethod::Token,
             token: "t".into(),

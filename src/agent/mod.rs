@@ -222,6 +222,11 @@ impl Agent {
         current.method == settings.method && current.token == settings.token
     }
 
+    /// The bot identity now and every new one (each renewal or rejoin).
+    pub fn bot_changes(&self) -> watch::Receiver<Arc<BotIdentity>> {
+        self.bot.clone()
+    }
+
     /// The current bot identity.
     pub fn bot(&self) -> Arc<BotIdentity> {
         self.bot.borrow().clone()
@@ -330,7 +335,9 @@ mod tests {
 
     async fn agent() -> (Agent, Arc<Counting>) {
         let issuer = Arc::new(Counting {
-            inner: LocalIssuer::open(Store::memory(), policy_from_text(EXAMPLE_DOCUMENTS)).unwrap(),
+            inner: LocalIssuer::open(Store::memory(), policy_from_text(EXAMPLE_DOCUMENTS))
+                .await
+                .unwrap(),
             resolves: AtomicUsize::new(0),
         });
         let settings = JoinSettings {

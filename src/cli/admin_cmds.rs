@@ -400,6 +400,10 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
             );
         }
     }
+    if !s.issuer_storage.is_empty() {
+        println!("issuer storage: {}", s.issuer_storage);
+    }
+    print_replicas(&s.replicas, &s.drift);
     if s.bot.is_empty() {
         println!("bot: none on this host (no agent config)");
     } else {
@@ -410,11 +414,66 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
     }
     println!("objects: {} ({} not ready)", s.objects, s.not_ready);
     print_file_errors(&s.file_errors);
-    if s.not_ready == 0 && s.file_errors.is_empty() {
+    if s.not_ready == 0 && s.file_errors.is_empty() && s.drift.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
+}
+
+/// The replicas of a shared store, and the documents on which they differ.
+fn print_replicas(replicas: &[crate::admin::proto::Replica], drift: &[crate::admin::proto::DocumentDrift]) {
+    if replicas.is_empty() {
+        return;
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let age = |at: &str| {
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .map(|t| format!("{}s ago", (now - t).whole_seconds().max(0)))
+            .unwrap_or_else(|_| "never".into())
+    };
+    println!("replicas: {}", replicas.len());
+    let rows: Vec<[String; 5]> = replicas
+        .iter()
+        .map(|r| {
+            [
+                if r.this {
+                    format!("{} (this)", r.name)
+                } else {
+                    r.name.clone()
+                },
+                r.address.clone(),
+                r.started.clone(),
+                age(&r.heartbeat),
+                if r.ready { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    print_table("  ", ["NAME", "ADDRESS", "STARTED", "LAST HEARTBEAT", "READY"], &rows);
+    if drift.is_empty() {
+        println!("documents: the same on every replica");
+        return;
+    }
+    println!(
+        "documents that differ between replicas ({}): a rollout has not reached every replica",
+        drift.len()
+    );
+    for d in drift {
+        let versions: Vec<String> = d
+            .versions
+            .iter()
+            .map(|v| {
+                let hash = if v.hash.is_empty() {
+                    "missing".to_owned()
+                } else {
+                    v.hash.chars().take(12).collect()
+                };
+                format!("{}={hash}", v.replica)
+            })
+            .collect();
+        println!("  {}: {}", d.document, versions.join(" "));
+    }
+    println!("  = hint: deploy the same documents to every replica (each reloads them live)");
 }
 
 /// Writes a file atomically into `dir` (temp file, fsync, rename).

@@ -100,7 +100,8 @@ pub fn run(args: &DiffArgs) -> ExitCode {
     let issuer_storage = desired.objects.values().find_map(|o| match &o.document {
         Document::Issuer(i) => Some(match i.spec.storage.kind {
             IssuerStorageType::Directory => (StorageType::Directory, i.spec.storage.path.clone()),
-            IssuerStorageType::Memory => (StorageType::Memory, None),
+            // The controller's records of an etcd replica live in its memory (the daemon answers).
+            IssuerStorageType::Memory | IssuerStorageType::Etcd => (StorageType::Memory, None),
         }),
         _ => None,
     });

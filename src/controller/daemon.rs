@@ -325,16 +325,20 @@ impl Daemon {
             .filter(|r| r.kind != Kind::AgentConfig)
             .chain(causes_of(|a| matches!(a, Action::CreateCa { .. })))
             .collect();
-        if !cluster_side.is_empty()
-            && let Some(issuer) = &self.issuer
-            && let Err(e) = Policy::from_state(desired)
-                .and_then(|p| issuer.set_policy(p))
-                .inspect(|()| {
-                    if let Some(agent) = &self.agent {
-                        agent.forget_resolutions();
-                    }
-                })
+        let applied = match (&self.issuer, cluster_side.is_empty()) {
+            (Some(issuer), false) => match Policy::from_state(desired) {
+                Ok(policy) => issuer.set_policy(policy).await,
+                Err(e) => Err(e),
+            },
+            _ => Ok(()),
+        };
+        if applied.is_ok()
+            && !cluster_side.is_empty()
+            && let Some(agent) = &self.agent
         {
+            agent.forget_resolutions();
+        }
+        if let Err(e) = applied {
             metrics.error("issuer_policy");
             tracing::error!(error = %e, hint = %e.hint(), "cannot apply the new documents to the issuer");
             failures.push(Failure::new(cluster_side, "IssuerFailed", &e));
@@ -344,7 +348,7 @@ impl Daemon {
         if !rotate.is_empty()
             && failures.is_empty()
             && let Some(issuer) = &self.issuer
-            && let Err(e) = issuer.rotate_ca()
+            && let Err(e) = issuer.rotate_ca().await
         {
             metrics.error("ca_rotation");
             tracing::error!(error = %e, hint = %e.hint(), "cannot rotate the CA");
@@ -434,9 +438,14 @@ impl Daemon {
         if let Some(remote) = &self.remote {
             remote.follow();
         }
-        let (mut renewal, poke) = (agent.renewal(), self.poke.clone());
+        // A renewal's outcome (and the new certificate's expiry) shows in `tbotctl status`.
+        let (mut renewal, mut identity, poke) = (agent.renewal(), agent.bot_changes(), self.poke.clone());
         tokio::spawn(async move {
-            while renewal.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    changed = renewal.changed() => if changed.is_err() { break },
+                    changed = identity.changed() => if changed.is_err() { break },
+                }
                 poke.notify_one();
             }
         });
@@ -824,6 +833,44 @@ fn open_issuer_store(doc: &crate::resource::issuer::Issuer) -> Result<Store, cra
     }
 }
 
+/// The issuer's store: the local store (a directory, or memory), or etcd with the key encryption key.
+async fn issuer_backing(
+    doc: Option<&crate::resource::issuer::Issuer>,
+    local: &Store,
+) -> Result<crate::issuer::backing::Backing, (String, String)> {
+    use crate::issuer::backing::Backing;
+    let Some(doc) = doc.filter(|d| d.spec.storage.kind == IssuerStorageType::Etcd) else {
+        return Backing::local(local.clone()).map_err(|e| (e.to_string(), e.hint().to_owned()));
+    };
+    let storage = &doc.spec.storage;
+    let kek_path = storage
+        .key_encryption_key_file
+        .as_deref()
+        .expect("validation requires key_encryption_key_file for etcd");
+    let kek = crate::kv::Kek::load(kek_path).map_err(|e| {
+        (
+            e,
+            "fix `issuer.spec.storage.key_encryption_key_file`; every replica needs the same 32-byte file".to_owned(),
+        )
+    })?;
+    tracing::info!(kek_id = %kek.id(), file = %kek_path.display(), "key encryption key loaded");
+    let kv = crate::kv::connect_etcd(&storage.etcd())
+        .await
+        .map_err(|e| (e.to_string(), e.hint().to_owned()))?;
+    Ok(Backing::new(Arc::new(kv), Some(kek)))
+}
+
+/// `kind/name` → canonical hash of the cluster-side documents (not the agent config nor the `issuer`
+/// document, which differ per host by design), as a replica records them.
+fn cluster_documents(state: &DesiredState) -> BTreeMap<String, String> {
+    state
+        .objects
+        .iter()
+        .filter(|(r, _)| !matches!(r.kind, Kind::AgentConfig | Kind::Issuer))
+        .map(|(r, o)| (r.to_string(), o.hash.clone()))
+        .collect()
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(options: StartOptions) -> ExitCode {
     let mut inputs: Vec<Input> = options.config_dirs.iter().cloned().map(Input::Dir).collect();
@@ -898,10 +945,28 @@ pub async fn run(options: StartOptions) -> ExitCode {
             Ok(p) => p,
             Err(e) => return fail(&e, &e.hint()),
         };
-        tracing::info!(trust_domain = %policy.trust_domain.as_str(), "starting the issuer");
-        match LocalIssuer::open(store.clone(), policy) {
-            Ok(i) => Some(Arc::new(i)),
-            Err(e) => return fail(&e, &e.hint()),
+        let backing = match issuer_backing(issuer_spec.as_ref(), &store).await {
+            Ok(b) => b,
+            Err((message, hint)) => return fail(message, &hint),
+        };
+        tracing::info!(trust_domain = %policy.trust_domain.as_str(), storage = %backing.describe(), "starting the issuer");
+        // A shared store that does not answer yet (etcd starting, no quorum) is waited for; a wrong
+        // key or damaged state is not.
+        let mut delay = std::time::Duration::from_secs(1);
+        loop {
+            match LocalIssuer::open_backing(backing.clone(), policy.clone()).await {
+                Ok(i) => break Some(Arc::new(i)),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, hint = %e.hint(), retry_in = ?delay, "the issuer's store does not answer yet");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = term.recv() => return ExitCode::SUCCESS,
+                        _ = int.recv() => return ExitCode::SUCCESS,
+                    }
+                    delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                }
+                Err(e) => return fail(&e, &e.hint()),
+            }
         }
     };
     let remote = match (&config, role) {
@@ -933,6 +998,8 @@ pub async fn run(options: StartOptions) -> ExitCode {
         ..DaemonInfo::default()
     }));
     let (admin_stop, admin_stop_rx) = watch::channel(false);
+    // What the daemon last applied, as the admin API and the replica record show it.
+    let applied_shared: Arc<std::sync::RwLock<Arc<DesiredState>>> = Arc::default();
     // The issuer API, on an issuer host.
     let mut sessions = None;
     if let (Some(doc), Some(issuer)) = (&issuer_spec, &issuer) {
@@ -946,8 +1013,46 @@ pub async fn run(options: StartOptions) -> ExitCode {
         {
             Ok(serving) => {
                 tracing::info!(listen = %serving.address, names = ?doc.serving_names(), "issuer API listening");
-                info.write().expect("info poisoned").issuer_listen = serving.address.to_string();
+                {
+                    let mut info = info.write().expect("info poisoned");
+                    info.issuer_listen = serving.address.to_string();
+                    info.issuer_storage = issuer.backing().describe();
+                    info.replica = doc.metadata.name.to_string();
+                }
                 sessions = Some(serving.sessions);
+                if !issuer.backing().local {
+                    let record = crate::issuer::replicas::ReplicaRecord {
+                        name: doc.metadata.name.to_string(),
+                        // Its own address: the listen address, unless that is a wildcard.
+                        address: if serving.address.ip().is_unspecified() {
+                            doc.spec
+                                .public_addrs
+                                .first()
+                                .cloned()
+                                .unwrap_or_else(|| serving.address.to_string())
+                        } else {
+                            serving.address.to_string()
+                        },
+                        process: format!(
+                            "{}:{}",
+                            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                                .unwrap_or_default()
+                                .trim(),
+                            std::process::id()
+                        ),
+                        started: time::OffsetDateTime::now_utc()
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    let applied = applied_shared.clone();
+                    tokio::spawn(crate::issuer::replicas::heartbeat(
+                        issuer.clone(),
+                        record,
+                        move || cluster_documents(&applied.read().expect("applied poisoned")),
+                        admin_stop_rx.clone(),
+                    ));
+                }
             }
             Err(e) => return fail(e, "fix `issuer.spec.listen`, or stop whatever holds the address"),
         }
@@ -990,7 +1095,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         poke: poke.clone(),
         applied,
         persist,
-        applied_shared: Arc::new(std::sync::RwLock::new(Arc::default())),
+        applied_shared,
         backoff: BTreeMap::new(),
         refused: BTreeMap::new(),
         services: BTreeMap::new(),
@@ -1082,7 +1187,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
             _ = retry_sleep => {}
             _ = prune.tick() => {
                 if let Some(issuer) = &issuer
-                    && let Err(e) = issuer.prune()
+                    && let Err(e) = issuer.prune().await
                 {
                     tracing::warn!(error = %e, hint = %e.hint(), "cannot prune retired CAs and expired bot instances");
                 }

@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::oid_registry::Oid;
 
+use super::backing::{Backing, json};
 use super::ca::{Authority, random_serial};
 use super::{Attributes, BotCertificate, IssuerError};
-use crate::store::{Secrecy, Store};
+use crate::kv::{Condition, Op};
 
 /// The (unregistered, private) OID of the extension holding a bot certificate's claims as JSON.
 pub const CLAIMS_OID: &[u64] = &[1, 3, 9999, 77, 1];
@@ -174,6 +175,11 @@ pub struct BotRecord {
     /// presents the previous generation with this same key is the holder retrying after a crash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The generation the last renewal replaced, and until when (Unix seconds) it may still issue
+    /// (not renew): the agent publishes its new certificate a moment after the generation moved,
+    /// and issuance in that moment, on any replica, must not fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<(u64, i64)>,
 }
 
 /// Where and how an instance joined, and when it last renewed.
@@ -226,16 +232,21 @@ pub struct Consumed {
     pub instance: Option<String>,
 }
 
-/// The consumed tokens and the bot instances of a trust domain, one small file each
-/// (`tokens/<sha256>.json`, `bots/<bot>@<instance>.json`): a join writes its own records, not
-/// every instance's (a fleet of thousands joins in O(1) per join).
-#[derive(Debug, Default)]
-pub struct Ledger {
-    dir: String,
-    /// By instance key ([`instance_key`]).
-    pub bots: BTreeMap<String, BotRecord>,
-    /// By SHA-256 (hex) of the token name: the name is the secret and never stored.
-    pub tokens: BTreeMap<String, Consumed>,
+/// Where a bot instance's record lives: `<dir>/bots/<bot>@<instance>.json` (one key per record: a
+/// join writes its own records, not every instance's, so a fleet of thousands joins in O(1) each).
+pub fn bot_record_key(dir: &str, instance_key: &str) -> String {
+    format!("{dir}/bots/{}.json", instance_key.replace('/', "@"))
+}
+
+/// Where a consumed token is recorded: `<dir>/tokens/<sha256 of the name>.json`.
+pub fn token_record_key(dir: &str, token_key: &str) -> String {
+    format!("{dir}/tokens/{token_key}.json")
+}
+
+/// The instance key a bot record key stands for.
+pub fn instance_of_record(dir: &str, key: &str) -> Option<String> {
+    let file = key.strip_prefix(dir)?.strip_prefix("/bots/")?.strip_suffix(".json")?;
+    Some(file.replace('@', "/"))
 }
 
 /// The key under which a token's consumption is recorded.
@@ -243,84 +254,49 @@ pub fn token_key(name: &str) -> String {
     crate::sha256_hex(name.as_bytes())
 }
 
-impl Ledger {
-    pub fn load(store: &Store, dir: String) -> Result<Ledger, IssuerError> {
-        let mut ledger = Ledger {
-            dir,
-            ..Ledger::default()
-        };
-        for name in store.list(&format!("{}/bots", ledger.dir))? {
-            let key = record_key(&name).replace('@', "/");
-            if let Some(record) = store.read_json(&name)? {
-                ledger.bots.insert(key, record);
-            }
-        }
-        for name in store.list(&format!("{}/tokens", ledger.dir))? {
-            if let Some(consumed) = store.read_json(&name)? {
-                ledger.tokens.insert(record_key(&name), consumed);
-            }
-        }
-        // The one-file-per-ledger layout of earlier versions: moved to one file per record.
-        let (bots_file, tokens_file) = (
-            format!("{}/bots.json", ledger.dir),
-            format!("{}/tokens.json", ledger.dir),
-        );
-        let old_bots: Option<BTreeMap<String, BotRecord>> = store.read_json(&bots_file)?;
-        let old_tokens: Option<BTreeMap<String, Consumed>> = store.read_json(&tokens_file)?;
-        for (key, consumed) in old_tokens.into_iter().flatten() {
-            if !ledger.tokens.contains_key(&key) {
-                ledger.put_token(store, key, consumed)?;
-            }
-        }
-        for (key, record) in old_bots.into_iter().flatten() {
-            if !ledger.bots.contains_key(&key) {
-                ledger.put_bot(store, key, record)?;
-            }
-        }
-        store.remove(&tokens_file)?;
-        store.remove(&bots_file)?;
-        Ok(ledger)
+/// Moves the one-file ledgers of earlier versions (`bots.json`, `tokens.json`) to one key per
+/// record, keeping records that already exist.
+pub async fn migrate_ledgers(backing: &Backing, dir: &str) -> Result<(), IssuerError> {
+    let (bots_file, tokens_file) = (format!("{dir}/bots.json"), format!("{dir}/tokens.json"));
+    let old_bots: Option<(BTreeMap<String, BotRecord>, i64)> = backing.get_json(&bots_file).await?;
+    let old_tokens: Option<(BTreeMap<String, Consumed>, i64)> = backing.get_json(&tokens_file).await?;
+    if old_bots.is_none() && old_tokens.is_none() {
+        return Ok(());
     }
-
-    /// Records a bot instance's state.
-    pub fn put_bot(&mut self, store: &Store, key: String, record: BotRecord) -> Result<(), IssuerError> {
-        store.write_json(&self.bot_file(&key), &record, Secrecy::Public)?;
-        self.bots.insert(key, record);
-        Ok(())
+    for (key, consumed) in old_tokens.map(|(t, _)| t).unwrap_or_default() {
+        let name = token_record_key(dir, &key);
+        backing
+            .kv
+            .txn(
+                vec![Condition::Absent(name.clone())],
+                vec![Op::put(&name, json(&consumed))],
+            )
+            .await?;
     }
-
-    /// Forgets a bot instance.
-    pub fn remove_bot(&mut self, store: &Store, key: &str) -> Result<(), IssuerError> {
-        store.remove(&self.bot_file(key))?;
-        self.bots.remove(key);
-        Ok(())
+    for (key, record) in old_bots.map(|(b, _)| b).unwrap_or_default() {
+        let name = bot_record_key(dir, &key);
+        backing
+            .kv
+            .txn(
+                vec![Condition::Absent(name.clone())],
+                vec![Op::put(&name, json(&record))],
+            )
+            .await?;
     }
-
-    /// Records a token as consumed.
-    pub fn put_token(&mut self, store: &Store, key: String, consumed: Consumed) -> Result<(), IssuerError> {
-        store.write_json(&format!("{}/tokens/{key}.json", self.dir), &consumed, Secrecy::Public)?;
-        self.tokens.insert(key, consumed);
-        Ok(())
-    }
-
-    fn bot_file(&self, key: &str) -> String {
-        format!("{}/bots/{}.json", self.dir, key.replace('/', "@"))
-    }
-}
-
-/// The key a record file stands for: its name without the directory and `.json`.
-fn record_key(name: &str) -> String {
-    let file = name.rsplit('/').next().unwrap_or(name);
-    file.strip_suffix(".json").unwrap_or(file).to_owned()
+    backing
+        .kv
+        .txn(vec![], vec![Op::Delete(bots_file), Op::Delete(tokens_file)])
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_ledger_of_one_file_each_moves_to_one_file_per_record() {
-        let store = Store::memory();
+    #[tokio::test]
+    async fn a_ledger_of_one_file_each_moves_to_one_key_per_record() {
+        let backing = Backing::local(crate::store::Store::memory()).unwrap();
         let mut bots = BTreeMap::new();
         bots.insert(
             "web-bot".to_owned(),
@@ -339,20 +315,28 @@ mod tests {
                 instance: None,
             },
         );
-        store.write_json("issuer/x/bots.json", &bots, Secrecy::Public).unwrap();
-        store
-            .write_json("issuer/x/tokens.json", &tokens, Secrecy::Public)
+        let put = vec![
+            Op::put("issuer/x/bots.json", json(&bots)),
+            Op::put("issuer/x/tokens.json", json(&tokens)),
+        ];
+        backing.kv.txn(vec![], put).await.unwrap();
+        migrate_ledgers(&backing, "issuer/x").await.unwrap();
+        let (record, _) = backing
+            .get_json::<BotRecord>(&bot_record_key("issuer/x", "web-bot"))
+            .await
+            .unwrap()
             .unwrap();
-        let mut ledger = Ledger::load(&store, "issuer/x".into()).unwrap();
-        assert_eq!(ledger.bots["web-bot"].generation, 3);
-        assert!(ledger.tokens.contains_key(&token_key("t")));
-        assert_eq!(store.read("issuer/x/bots.json").unwrap(), None, "the old file is gone");
-        let key = instance_key("web-bot", "00ff");
-        ledger.put_bot(&store, key.clone(), BotRecord::default()).unwrap();
-        let again = Ledger::load(&store, "issuer/x".into()).unwrap();
-        assert_eq!(again.bots.len(), 2);
-        assert!(again.bots.contains_key(&key), "{:?}", again.bots.keys());
-        assert_eq!(store.list("issuer/x/bots").unwrap().len(), 2);
+        assert_eq!(record.generation, 3);
+        let token = token_record_key("issuer/x", &token_key("t"));
+        assert!(backing.kv.get(&token).await.unwrap().is_some());
+        assert_eq!(
+            backing.kv.get("issuer/x/bots.json").await.unwrap(),
+            None,
+            "the old file is gone"
+        );
+        let key = bot_record_key("issuer/x", &instance_key("web-bot", "00ff"));
+        assert_eq!(key, "issuer/x/bots/web-bot@00ff.json");
+        assert_eq!(instance_of_record("issuer/x", &key).unwrap(), "web-bot/00ff");
     }
 
     #[test]

@@ -13,7 +13,10 @@ use x509_parser::certificate::X509Certificate;
 use super::IssuerError;
 use crate::resource::cluster::KeyAlgorithm;
 use crate::resource::spiffe_id::TrustDomain;
-use crate::store::{Secrecy, Store};
+use std::sync::Arc;
+
+use super::backing::{Backing, json};
+use crate::kv::{Condition, Op};
 
 /// The CA's validity when `cluster.spec.ca.validity` is not set: one year.
 pub const DEFAULT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(8760 * 3600);
@@ -35,7 +38,7 @@ impl Default for CaSettings {
 }
 
 /// One CA as recorded in `ca.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct CaRecord {
     id: u32,
     algorithm: String,
@@ -56,7 +59,8 @@ struct CaFile {
 
 /// A CA with its key, ready to sign.
 pub struct Ca {
-    record: CaRecord,
+    id: u32,
+    not_after: i64,
     cert_der: Vec<u8>,
     issuer: rcgen::Issuer<'static, KeyPair>,
     public_key: Vec<u8>,
@@ -69,7 +73,7 @@ impl Ca {
     }
 
     pub fn not_after(&self) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp(self.record.not_after).expect("a valid timestamp")
+        OffsetDateTime::from_unix_timestamp(self.not_after).expect("a valid timestamp")
     }
 
     pub fn algorithm(&self) -> KeyAlgorithm {
@@ -96,15 +100,28 @@ impl Ca {
     }
 }
 
-/// Every CA of a trust domain: the active one signs, the retiring ones stay trusted.
+/// Every CA of a trust domain: the active one signs, the retiring ones stay trusted. Cheap to
+/// clone (the CAs are shared): a change is made on a copy, written to the store conditionally on
+/// the revision it was read at, and swapped in when the write won.
+#[derive(Clone)]
 pub struct Authority {
     trust_domain: TrustDomain,
     /// Oldest first; the active CA is the last.
-    cas: Vec<Ca>,
+    cas: Vec<Arc<Ca>>,
+    /// What `ca.json` says of each CA, in the same order.
+    records: Vec<CaRecord>,
+    /// The `mod_revision` of `ca.json` this copy was read or written at.
+    revision: i64,
+    /// `issued_until` moved in memory and is not in the store yet.
+    unsaved: bool,
 }
 
 fn dir(td: &TrustDomain) -> String {
     format!("issuer/{}", td.as_str())
+}
+
+fn file_key(td: &TrustDomain) -> String {
+    format!("{}/ca.json", dir(td))
 }
 
 fn unix(t: OffsetDateTime) -> i64 {
@@ -112,69 +129,97 @@ fn unix(t: OffsetDateTime) -> i64 {
 }
 
 impl Authority {
-    /// Loads the trust domain's CAs from the store, creating the first one when there is none.
-    pub fn load_or_create(
-        store: &Store,
-        trust_domain: &TrustDomain,
-        settings: &CaSettings,
-        now: OffsetDateTime,
-    ) -> Result<Authority, IssuerError> {
+    /// Loads the trust domain's CAs from the store; `None` when there are none yet.
+    pub async fn load(backing: &Backing, trust_domain: &TrustDomain) -> Result<Option<Authority>, IssuerError> {
         let dir = dir(trust_domain);
-        let Some(file) = store.read_json::<CaFile>(&format!("{dir}/ca.json"))? else {
-            let mut authority = Authority {
-                trust_domain: trust_domain.clone(),
-                cas: Vec::new(),
-            };
-            authority.add_ca(store, settings, now)?;
-            return Ok(authority);
+        let file_key = file_key(trust_domain);
+        let Some((file, revision)) = backing.get_json::<CaFile>(&file_key).await? else {
+            return Ok(None);
         };
-        let mut cas = Vec::new();
+        let mut loaded = Vec::new();
         for record in file.cas {
             let cert_name = format!("{dir}/ca-{}.der", record.id);
             let key_name = format!("{dir}/ca-{}.key", record.id);
-            let missing = |name: &str| IssuerError::Corrupt {
-                path: store.path_of(name),
-                reason: "the file is missing".into(),
-            };
-            let cert_der = store.read(&cert_name)?.ok_or_else(|| missing(&cert_name))?;
-            let key_der = store.read(&key_name)?.ok_or_else(|| missing(&key_name))?;
-            let corrupt = |name: &str, e: rcgen::Error| IssuerError::Corrupt {
-                path: store.path_of(name),
-                reason: e.to_string(),
-            };
-            let key = KeyPair::try_from(key_der.as_slice()).map_err(|e| corrupt(&key_name, e))?;
-            let algorithm = KeyAlgorithm::parse(&record.algorithm).ok_or_else(|| IssuerError::Corrupt {
-                path: store.path_of(&format!("{dir}/ca.json")),
-                reason: format!("unknown key algorithm `{}`", record.algorithm),
-            })?;
+            let missing = |name: &str| backing.corrupt(name, "it is missing");
+            let cert_der = backing
+                .kv
+                .get(&cert_name)
+                .await?
+                .ok_or_else(|| missing(&cert_name))?
+                .value;
+            let stored_key = backing
+                .kv
+                .get(&key_name)
+                .await?
+                .ok_or_else(|| missing(&key_name))?
+                .value;
+            let key_der = backing.unseal(&key_name, stored_key)?;
+            let key = KeyPair::try_from(key_der.as_slice()).map_err(|e| backing.corrupt(&key_name, e.to_string()))?;
+            let algorithm = KeyAlgorithm::parse(&record.algorithm)
+                .ok_or_else(|| backing.corrupt(&file_key, format!("unknown key algorithm `{}`", record.algorithm)))?;
             let public_key = key.public_key_raw().to_vec();
             let issuer = rcgen::Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
-                .map_err(|e| corrupt(&cert_name, e))?;
-            cas.push(Ca {
-                record,
+                .map_err(|e| backing.corrupt(&cert_name, e.to_string()))?;
+            let ca = Ca {
+                id: record.id,
+                not_after: record.not_after,
                 cert_der,
                 issuer,
                 public_key,
                 algorithm,
-            });
+            };
+            loaded.push((Arc::new(ca), record));
         }
         // The active CA goes last.
-        let Some(active) = cas.iter().position(|ca| ca.record.id == file.active) else {
-            return Err(IssuerError::Corrupt {
-                path: store.path_of(&format!("{dir}/ca.json")),
-                reason: format!("the active CA {} is not listed", file.active),
-            });
+        let Some(active) = loaded.iter().position(|(ca, _)| ca.id == file.active) else {
+            return Err(backing.corrupt(&file_key, format!("the active CA {} is not listed", file.active)));
         };
-        let active = cas.remove(active);
-        cas.push(active);
-        Ok(Authority {
+        let active = loaded.remove(active);
+        loaded.push(active);
+        let (cas, records) = loaded.into_iter().unzip();
+        Ok(Some(Authority {
             trust_domain: trust_domain.clone(),
             cas,
-        })
+            records,
+            revision,
+            unsaved: false,
+        }))
+    }
+
+    /// Loads the trust domain's CAs, creating the first one when there is none. Replicas racing
+    /// here make one CA: the create is conditional on `ca.json` not existing, and the losers load
+    /// the winner's.
+    pub async fn load_or_create(
+        backing: &Backing,
+        trust_domain: &TrustDomain,
+        settings: &CaSettings,
+        now: OffsetDateTime,
+    ) -> Result<Authority, IssuerError> {
+        loop {
+            if let Some(authority) = Authority::load(backing, trust_domain).await? {
+                return Ok(authority);
+            }
+            let empty = Authority {
+                trust_domain: trust_domain.clone(),
+                cas: Vec::new(),
+                records: Vec::new(),
+                revision: 0,
+                unsaved: false,
+            };
+            let (mut created, ops) = empty.with_new_ca(backing, settings, now)?;
+            if created.save(backing, ops).await? {
+                return Ok(created);
+            }
+        }
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
+    }
+
+    /// The `mod_revision` of `ca.json` this authority reflects.
+    pub fn revision(&self) -> i64 {
+        self.revision
     }
 
     /// The CA that signs new certificates.
@@ -183,48 +228,85 @@ impl Authority {
     }
 
     /// Every trusted CA, oldest first.
-    pub fn cas(&self) -> &[Ca] {
+    pub fn cas(&self) -> &[Arc<Ca>] {
         &self.cas
     }
 
     /// The CA that signed `cert`, if any of ours did.
     pub fn signer_of(&self, cert: &X509Certificate<'_>) -> Option<&Ca> {
-        self.cas.iter().rev().find(|ca| ca.signed(cert))
+        self.cas.iter().rev().find(|ca| ca.signed(cert)).map(|ca| &**ca)
     }
 
-    /// Starts a rotation: a new CA signs from now on; the old one stays in the bundle until the last
-    /// certificate it signed has expired.
-    pub fn rotate(&mut self, store: &Store, settings: &CaSettings, now: OffsetDateTime) -> Result<(), IssuerError> {
-        let old = self.cas.last_mut().expect("an authority always has a CA");
-        old.record.retire_after = Some(old.record.issued_until.max(unix(now)));
-        self.add_ca(store, settings, now)
+    /// A copy rotated: a new CA signs from now on; the old one stays in the bundle until the last
+    /// certificate it signed has expired. Returns the store writes of the new CA's key and certificate
+    /// (then [`Authority::save`] it).
+    pub fn rotated(
+        &self,
+        backing: &Backing,
+        settings: &CaSettings,
+        now: OffsetDateTime,
+    ) -> Result<(Authority, Vec<Op>), IssuerError> {
+        let mut next = self.clone();
+        let old = next.records.last_mut().expect("an authority always has a CA");
+        old.retire_after = Some(old.issued_until.max(unix(now)));
+        next.with_new_ca(backing, settings, now)
     }
 
-    /// Drops retired CAs whose overlap has ended. Returns whether the bundle changed.
-    pub fn prune(&mut self, store: &Store, now: OffsetDateTime) -> Result<bool, IssuerError> {
-        let before = self.cas.len();
-        self.cas
-            .retain(|ca| ca.record.retire_after.is_none_or(|until| until > unix(now)));
-        if self.cas.len() == before {
-            return Ok(false);
+    /// Drops retired CAs whose overlap has ended (in memory; then [`Authority::save`]). Returns
+    /// whether the bundle changed.
+    pub fn prune(&mut self, now: OffsetDateTime) -> bool {
+        let keep: Vec<bool> = self
+            .records
+            .iter()
+            .map(|r| r.retire_after.is_none_or(|until| until > unix(now)))
+            .collect();
+        if keep.iter().all(|k| *k) {
+            return false;
         }
-        self.save(store)?;
-        Ok(true)
+        let mut i = 0;
+        self.cas.retain(|_| (keep[i], i += 1).0);
+        let mut i = 0;
+        self.records.retain(|_| (keep[i], i += 1).0);
+        true
     }
 
     /// Records that the active CA signed something valid until `not_after`, so a rotation keeps the
-    /// CA trusted long enough. Writes at most about once an hour of advance.
-    pub fn note_issued(&mut self, store: &Store, not_after: OffsetDateTime) -> Result<(), IssuerError> {
-        let record = &mut self.cas.last_mut().expect("an authority always has a CA").record;
-        if unix(not_after) <= record.issued_until {
-            return Ok(());
+    /// CA trusted long enough. Returns whether the store needs the new value ([`Authority::save`]):
+    /// about once an hour of advance, or while an earlier save failed.
+    pub fn note_issued(&mut self, not_after: OffsetDateTime) -> bool {
+        let record = self.records.last_mut().expect("an authority always has a CA");
+        if unix(not_after) > record.issued_until {
+            record.issued_until = unix(not_after) + 3600;
+            self.unsaved = true;
         }
-        record.issued_until = unix(not_after) + 3600;
-        self.save(store)
+        self.unsaved
     }
 
-    fn add_ca(&mut self, store: &Store, settings: &CaSettings, now: OffsetDateTime) -> Result<(), IssuerError> {
-        let id = self.cas.iter().map(|ca| ca.record.id).max().unwrap_or(0) + 1;
+    /// Takes what another writer saved (a newer `ca.json` with the same CAs) while keeping this
+    /// copy's later `issued_until`: the two replicas' notes merge.
+    pub fn merge_from(&mut self, newer: Authority) {
+        let mut newer = newer;
+        for record in &mut newer.records {
+            if let Some(mine) = self.records.iter().find(|r| r.id == record.id) {
+                record.issued_until = record.issued_until.max(mine.issued_until);
+            }
+        }
+        newer.unsaved = self.unsaved;
+        *self = newer;
+    }
+
+    /// The same CAs (a `ca.json` write that only moved `issued_until` or `retire_after`).
+    pub fn same_cas(&self, other: &Authority) -> bool {
+        self.cas.len() == other.cas.len() && self.cas.iter().zip(&other.cas).all(|(a, b)| a.id == b.id)
+    }
+
+    fn with_new_ca(
+        &self,
+        backing: &Backing,
+        settings: &CaSettings,
+        now: OffsetDateTime,
+    ) -> Result<(Authority, Vec<Op>), IssuerError> {
+        let id = self.cas.iter().map(|ca| ca.id).max().unwrap_or(0) + 1;
         let key = generate_key(settings.algorithm)?;
         let not_after = now + settings.validity;
         let mut params = CertificateParams::default();
@@ -247,33 +329,49 @@ impl Authority {
         params.not_after = not_after;
         let cert = params.self_signed(&key).map_err(crypto)?;
         let dir = dir(&self.trust_domain);
-        store.write(&format!("{dir}/ca-{id}.key"), key.serialized_der(), Secrecy::Secret)?;
-        store.write(&format!("{dir}/ca-{id}.der"), cert.der(), Secrecy::Public)?;
+        let key_name = format!("{dir}/ca-{id}.key");
+        let ops = vec![
+            Op::put(&key_name, backing.seal(&key_name, key.serialized_der())),
+            Op::put(format!("{dir}/ca-{id}.der"), cert.der().to_vec()),
+        ];
         let public_key = key.public_key_raw().to_vec();
-        let record = CaRecord {
+        let mut next = self.clone();
+        next.records.push(CaRecord {
             id,
             algorithm: settings.algorithm.as_str().to_owned(),
             not_after: unix(not_after),
             issued_until: unix(now),
             retire_after: None,
-        };
-        self.cas.push(Ca {
-            record,
+        });
+        next.cas.push(Arc::new(Ca {
+            id,
+            not_after: unix(not_after),
             cert_der: cert.der().to_vec(),
             issuer: rcgen::Issuer::new(params, key),
             public_key,
             algorithm: settings.algorithm,
-        });
-        self.save(store)
+        }));
+        Ok((next, ops))
     }
 
-    fn save(&self, store: &Store) -> Result<(), IssuerError> {
+    /// Writes `ca.json` (with `ops` in the same transaction) if nobody wrote it since this copy was
+    /// read. Returns whether it was written; when not, load the newer one and decide again.
+    pub async fn save(&mut self, backing: &Backing, mut ops: Vec<Op>) -> Result<bool, IssuerError> {
         let file = CaFile {
-            active: self.active().record.id,
-            cas: self.cas.iter().map(|ca| ca.record.clone()).collect(),
+            active: self.active().id,
+            cas: self.records.clone(),
         };
-        store.write_json(&format!("{}/ca.json", dir(&self.trust_domain)), &file, Secrecy::Public)?;
-        Ok(())
+        let key = file_key(&self.trust_domain);
+        ops.push(Op::put(&key, json(&file)));
+        let (written, revision) = backing
+            .kv
+            .txn(vec![Condition::ModRevision(key, self.revision)], ops)
+            .await?;
+        if written {
+            self.revision = revision;
+            self.unsaved = false;
+        }
+        Ok(written)
     }
 }
 

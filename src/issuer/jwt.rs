@@ -9,8 +9,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::IssuerError;
+use super::backing::Backing;
+use crate::kv::{Condition, Op};
 use crate::resource::spiffe_id::TrustDomain;
-use crate::store::{Secrecy, Store};
 
 /// The key that signs JWT-SVIDs.
 pub struct JwtKey {
@@ -21,24 +22,28 @@ pub struct JwtKey {
 }
 
 impl JwtKey {
-    /// Loads the trust domain's JWT key, creating it on first use.
-    pub fn load_or_create(store: &Store, trust_domain: &TrustDomain) -> Result<JwtKey, IssuerError> {
+    /// Loads the trust domain's JWT key, creating it on first use (conditionally: replicas racing
+    /// here make one key, the losers load the winner's).
+    pub async fn load_or_create(backing: &Backing, trust_domain: &TrustDomain) -> Result<JwtKey, IssuerError> {
         let name = format!("issuer/{}/jwt.key", trust_domain.as_str());
         let rng = SystemRandom::new();
-        let pkcs8 = match store.read(&name)? {
-            Some(der) => der,
-            None => {
-                let document = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                    .map_err(|_| IssuerError::Crypto("cannot generate the JWT signing key".into()))?;
-                store.write(&name, document.as_ref(), Secrecy::Secret)?;
-                document.as_ref().to_vec()
+        let pkcs8 = loop {
+            if let Some(entry) = backing.kv.get(&name).await? {
+                break backing.unseal(&name, entry.value)?;
+            }
+            let document = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                .map_err(|_| IssuerError::Crypto("cannot generate the JWT signing key".into()))?;
+            let sealed = backing.seal(&name, document.as_ref());
+            let (created, _) = backing
+                .kv
+                .txn(vec![Condition::Absent(name.clone())], vec![Op::put(&name, sealed)])
+                .await?;
+            if created {
+                break document.as_ref().to_vec();
             }
         };
-        let pair =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8).map_err(|e| IssuerError::Corrupt {
-                path: store.path_of(&name),
-                reason: format!("not an ES256 PKCS#8 key: {e}"),
-            })?;
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
+            .map_err(|e| backing.corrupt(&name, format!("not an ES256 PKCS#8 key: {e}")))?;
         // The public key is the uncompressed point 04 || x || y.
         let point = pair.public_key().as_ref();
         let (x, y) = point[1..].split_at(32);

@@ -1,8 +1,17 @@
-//! The in-process issuer: one trust domain's CA, JWT key and ledgers over a `Store`, enforcing a
-//! `Policy` that the daemon swaps on reload.
+//! The in-process issuer: one trust domain's CA, JWT key and bot instances over a [`Kv`] store
+//! (a directory, memory, or etcd shared by several replicas), enforcing a `Policy` that the daemon
+//! swaps on reload.
+//!
+//! What must be exact goes to the store in one conditional transaction: a token is consumed by
+//! creating its record (one creator wins, on any replica), a generation moves by compare-and-swap on
+//! the instance's record (a copied certificate loses the race and is locked), a CA is created or
+//! rotated on the `ca.json` revision it was read at. What issuance reads — the policy, the CA, each
+//! instance's generation and lock — is in memory, kept current by a watch on the store: SVIDs keep
+//! flowing while the store is unreachable; only joins and renewals need it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
@@ -12,17 +21,24 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
 
-use super::bots::{self, BotClaims, BotRecord, Consumed, InstanceInfo, Ledger, instance_key, token_key};
+use super::backing::{Backing, json};
+use super::bots::{
+    self, BotClaims, BotRecord, Consumed, InstanceInfo, bot_record_key, instance_key, instance_of_record, token_key,
+    token_record_key,
+};
 use super::ca::Authority;
 use super::decide::{self, Attributes, Decision};
 use super::jwt::JwtKey;
+use super::replicas::ReplicaRecord;
 use super::{
     BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
     Policy, RenewRequest, Resolved, X509Request, X509Svid, join, mint,
 };
 use crate::aws::{self, AwsError};
+use crate::kv::{Condition, Event, Op};
 use crate::resource::agent::JoinMethod;
-use crate::store::Store;
+use crate::resource::spiffe_id::TrustDomain;
+use crate::store::{Store, StoreError};
 
 /// How long an `iam` challenge may wait for its join.
 const CHALLENGE_TTL: time::Duration = time::Duration::minutes(5);
@@ -30,32 +46,50 @@ const CHALLENGE_TTL: time::Duration = time::Duration::minutes(5);
 const MAX_CHALLENGES: usize = 10_000;
 /// Verified bot certificates remembered, so issuance does not verify a signature every time.
 const VERIFIED_CACHE: usize = 4096;
+/// How long the generation a renewal replaced may still issue (not renew).
+const REPLACED_GRACE: time::Duration = time::Duration::seconds(30);
+/// How long after its certificate expired a bot instance is forgotten (unless locked).
+const INSTANCE_RETENTION: time::Duration = time::Duration::days(1);
+/// Conditional writes retried on a conflict before giving up (each retry re-reads).
+const CONFLICT_RETRIES: usize = 8;
 
 struct State {
-    store: Store,
     policy: Arc<Policy>,
     authority: Authority,
-    jwt: JwtKey,
-    ledger: Ledger,
+    jwt: Arc<JwtKey>,
+    /// Each bot instance's record as the store has it, with its `mod_revision`, by instance key.
+    bots: BTreeMap<String, (BotRecord, i64)>,
+    /// Replica records seen in the store, by name.
+    replicas: BTreeMap<String, ReplicaRecord>,
     verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime)>,
-    /// Per bot, the generation a renewal just replaced and until when it may still issue: the agent
-    /// publishes its new certificate a moment after the issuer moved the generation, and issuance
-    /// in that moment must not fail.
-    replaced: HashMap<String, (u64, OffsetDateTime)>,
     sequence: u64,
 }
 
-/// How long the generation a renewal replaced may still issue (not renew).
-const REPLACED_GRACE: time::Duration = time::Duration::seconds(30);
-
-/// The issuer, in this process.
-pub struct LocalIssuer {
+struct Inner {
+    backing: Backing,
     state: Mutex<State>,
     challenges: Mutex<HashMap<String, OffsetDateTime>>,
     bundles: watch::Sender<Arc<Bundles>>,
     policy_events: watch::Sender<Arc<PolicyEvent>>,
-    /// Moves whenever a renewal was refused as locked: open streams of that instance end.
+    /// Moves whenever an instance was locked: open streams of that instance end.
     locks: watch::Sender<u64>,
+    /// A `ca.json` save is under way (one at a time, off the issuance path).
+    saving: AtomicBool,
+}
+
+/// The issuer, in this process.
+pub struct LocalIssuer {
+    inner: Arc<Inner>,
+    /// Follows the store's changes (other replicas' writes) into memory.
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for LocalIssuer {
+    fn drop(&mut self) {
+        if let Some(task) = self.follower.lock().expect("follower poisoned").take() {
+            task.abort();
+        }
+    }
 }
 
 /// A change of the documents that decide who gets what, as remote agents are told of it.
@@ -69,29 +103,22 @@ pub struct PolicyEvent {
     pub all: bool,
 }
 
-/// How long after its certificate expired a bot instance is forgotten (unless locked).
-const INSTANCE_RETENTION: time::Duration = time::Duration::days(1);
-
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
+/// The store directory of a trust domain's state: `issuer/<trust domain>`.
+fn dir_of(td: &TrustDomain) -> String {
+    format!("issuer/{}", td.as_str())
+}
+
+fn is_token(claims: &BotClaims) -> bool {
+    claims.join.get("join.meta.join_method").map(String::as_str) == Some("token")
+}
+
 impl State {
-    fn open(store: Store, policy: Policy) -> Result<State, IssuerError> {
-        let td = policy.trust_domain.clone();
-        let authority = Authority::load_or_create(&store, &td, &policy.ca, now())?;
-        let jwt = JwtKey::load_or_create(&store, &td)?;
-        let ledger = Ledger::load(&store, format!("issuer/{}", td.as_str()))?;
-        Ok(State {
-            store,
-            policy: Arc::new(policy),
-            authority,
-            jwt,
-            ledger,
-            verified: HashMap::new(),
-            replaced: HashMap::new(),
-            sequence: 1,
-        })
+    fn dir(&self) -> String {
+        dir_of(&self.policy.trust_domain)
     }
 
     fn bundles(&self) -> Bundles {
@@ -108,7 +135,21 @@ impl State {
         }
     }
 
-    /// Verifies a bot certificate for issuance: ours, valid, not locked, the current generation.
+    fn record(&self, key: &str) -> BotRecord {
+        self.bots.get(key).map(|(r, _)| r.clone()).unwrap_or_default()
+    }
+
+    /// Takes a record read from or written to the store, unless memory already has a newer one.
+    fn remember(&mut self, key: String, record: BotRecord, revision: i64) -> bool {
+        if self.bots.get(&key).is_some_and(|(_, known)| *known >= revision) {
+            return false;
+        }
+        let newly_locked = record.locked.is_some() && !self.bots.get(&key).is_some_and(|(r, _)| r.locked.is_some());
+        self.bots.insert(key, (record, revision));
+        newly_locked
+    }
+
+    /// Verifies a bot certificate for issuance: ours, valid, not locked, not renewed since.
     fn authenticate(&mut self, der: &[u8]) -> Result<BotClaims, IssuerError> {
         let digest: [u8; 32] = Sha256::digest(der).into();
         let claims = match self.verified.get(&digest) {
@@ -123,20 +164,20 @@ impl State {
                 verified.claims
             }
         };
-        if claims.join.get("join.meta.join_method").map(String::as_str) == Some("token") {
-            let key = claims.instance_key();
-            let record = self.ledger.bots.get(&key).cloned().unwrap_or_default();
+        if is_token(&claims) {
+            let record = self.record(&claims.instance_key());
             if let Some(reason) = record.locked {
                 return Err(IssuerError::Locked {
                     bot: claims.bot,
                     reason,
                 });
             }
-            let just_replaced = self
+            let just_replaced = record
                 .replaced
-                .get(&key)
-                .is_some_and(|(generation, until)| *generation == claims.generation && now() < *until);
-            if record.generation != claims.generation && !just_replaced {
+                .is_some_and(|(generation, until)| generation == claims.generation && now().unix_timestamp() < until);
+            // A generation above the one in memory was signed by a replica whose write this one
+            // has not seen yet: the signature proves it.
+            if claims.generation < record.generation && !just_replaced {
                 return Err(IssuerError::Unauthenticated(format!(
                     "the certificate is generation {}, and this instance of bot `{}` is at generation {}; it was renewed since",
                     claims.generation, claims.bot, record.generation
@@ -170,168 +211,11 @@ impl State {
         decide::decide(&self.policy, &claims.bot, identity, &attrs).map_err(IssuerError::Denied)
     }
 
-    fn sign_bot(
-        &mut self,
-        claims: &BotClaims,
-        public_key: &[u8],
-        ttl: Duration,
-    ) -> Result<BotCertificate, IssuerError> {
-        let cert = bots::sign_bot_certificate(&self.authority, claims, public_key, ttl, now())?;
-        self.authority.note_issued(&self.store, cert.not_after)?;
-        Ok(cert)
-    }
-
-    /// A `token` join, after its terms were checked: consume the token, make a bot instance at
-    /// generation 1.
-    fn join_token(&mut self, request: &JoinRequest) -> Result<BotCertificate, IssuerError> {
-        let refuse = |why: String| IssuerError::JoinRefused(why);
-        let token = self.policy.tokens.get(&request.token).ok_or_else(|| {
-            refuse(
-                "no token by that name exists (for `token` joins the name is the secret; check `onboarding.token`)"
-                    .into(),
-            )
-        })?;
-        join::check_token_terms(token, JoinMethod::Token, now()).map_err(refuse)?;
-        let bot = token.spec.bot_name.to_string();
-        let key = token_key(&request.token);
-        let joiner = key_digest(&request.public_key);
-        let instance = match self.ledger.tokens.get(&key) {
-            Some(used) => {
-                // The joiner retrying a join whose answer it lost (a crash before it saved the
-                // certificate): the same key, and the instance untouched since (generation 1, that key).
-                let instance = used.instance.clone().unwrap_or_default();
-                let record = self.ledger.bots.get(&instance_key(&bot, &instance));
-                let retry = used.key.as_deref() == Some(joiner.as_str())
-                    && record
-                        .is_some_and(|r| r.generation == 1 && r.locked.is_none() && r.key.as_ref() == Some(&joiner));
-                if !retry {
-                    return Err(refuse(format!(
-                        "the token was already used by bot `{}` at {}; `token` joins are single-use: create a new token",
-                        used.bot, used.at
-                    )));
-                }
-                instance
-            }
-            None => bots::new_instance_id()?,
-        };
-        let roles = self.bot_roles(&bot)?;
-        // Consume first: a crash after this point must not leave the token usable.
-        if !self.ledger.tokens.contains_key(&key) {
-            let consumed = Consumed {
-                bot: bot.clone(),
-                at: rfc3339(now()),
-                key: Some(joiner.clone()),
-                instance: Some(instance.clone()),
-            };
-            self.ledger.put_token(&self.store, key, consumed)?;
-        }
-        self.ledger.put_bot(
-            &self.store,
-            instance_key(&bot, &instance),
-            BotRecord {
-                generation: 1,
-                info: Some(InstanceInfo {
-                    bot: bot.clone(),
-                    join_method: "token".into(),
-                    address: request.address.clone(),
-                    joined_at: rfc3339(now()),
-                    not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
-                    ..InstanceInfo::default()
-                }),
-                locked: None,
-                key: Some(joiner),
-            },
-        )?;
-        let claims = BotClaims {
-            bot,
-            roles,
-            generation: 1,
-            join: [
-                ("join.meta.join_method".to_owned(), "token".to_owned()),
-                ("join.meta.join_token_name".to_owned(), request.token.clone()),
-            ]
-            .into(),
-            instance,
-        };
-        self.sign_bot(&claims, &request.public_key, request.ttl)
-    }
-
     fn bot_roles(&self, bot: &str) -> Result<Vec<String>, IssuerError> {
         let doc = self.policy.bots.get(bot).ok_or_else(|| {
             IssuerError::JoinRefused(format!("the token names bot `{bot}`, and there is no bot by that name"))
         })?;
         Ok(doc.spec.roles.iter().map(|r| r.to_string()).collect())
-    }
-
-    fn renew(&mut self, request: &RenewRequest) -> Result<BotCertificate, IssuerError> {
-        let verified = bots::verify_bot_certificate(&self.authority, &request.certificate, now())?;
-        let (claims, spki) = (verified.claims, verified.public_key);
-        if claims.join.get("join.meta.join_method").map(String::as_str) != Some("token") {
-            return Err(IssuerError::Unauthenticated(
-                "only `token`-joined bots renew; `iam` bots join again".into(),
-            ));
-        }
-        let bot = claims.bot.clone();
-        let instance = claims.instance_key();
-        let record = self.ledger.bots.get(&instance).cloned().unwrap_or_default();
-        if let Some(reason) = record.locked {
-            return Err(IssuerError::Locked { bot, reason });
-        }
-        let key = key_digest(&request.public_key);
-        // The holder retrying a renewal whose answer it lost (a crash before it saved the new
-        // certificate): the previous generation, the same new key. Sign that generation again.
-        let retry = record.generation == claims.generation + 1 && record.key.as_deref() == Some(key.as_str());
-        if record.generation != claims.generation && !retry {
-            let reason = format!(
-                "a renewal presented generation {} while this instance of the bot is at generation {}: two holders \
-                 share one identity",
-                claims.generation, record.generation
-            );
-            self.ledger.put_bot(
-                &self.store,
-                instance.clone(),
-                BotRecord {
-                    locked: Some(reason.clone()),
-                    ..record
-                },
-            )?;
-            return Err(IssuerError::Locked { bot, reason });
-        }
-        check_possession(&spki, &request.public_key, &request.proof)?;
-        let roles = self.bot_roles(&bot)?;
-        let generation = if retry {
-            record.generation
-        } else {
-            record.generation + 1
-        };
-        self.replaced
-            .insert(instance.clone(), (generation - 1, now() + REPLACED_GRACE));
-        let info = record.info.clone().map(|info| InstanceInfo {
-            address: if request.address.is_empty() {
-                info.address.clone()
-            } else {
-                request.address.clone()
-            },
-            last_renewal: rfc3339(now()),
-            not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
-            ..info
-        });
-        self.ledger.put_bot(
-            &self.store,
-            instance,
-            BotRecord {
-                generation,
-                info,
-                locked: None,
-                key: Some(key),
-            },
-        )?;
-        let claims = BotClaims {
-            roles,
-            generation,
-            ..claims
-        };
-        self.sign_bot(&claims, &request.public_key, request.ttl)
     }
 }
 
@@ -355,24 +239,312 @@ fn check_possession(certificate_spki: &[u8], message: &[u8], signature: &[u8]) -
 
 use x509_parser::prelude::FromDer;
 
+/// Reads a bot instance's record from the store: the record (default when there is none) and its
+/// `mod_revision` (0: none).
+async fn read_record(backing: &Backing, file: &str) -> Result<(BotRecord, i64), IssuerError> {
+    Ok(backing.get_json::<BotRecord>(file).await?.unwrap_or_default())
+}
+
+/// Every bot instance record under `dir`, and the revision of the read.
+async fn load_bots(backing: &Backing, dir: &str) -> Result<(BTreeMap<String, (BotRecord, i64)>, i64), IssuerError> {
+    let (entries, revision) = backing.kv.list(&format!("{dir}/bots/")).await?;
+    let mut bots = BTreeMap::new();
+    for entry in entries {
+        if let Some(key) = instance_of_record(dir, &entry.key) {
+            bots.insert(key, (backing.decode(&entry.key, &entry.value)?, entry.mod_revision));
+        }
+    }
+    Ok((bots, revision))
+}
+
+/// A trust domain's state, read from the store (the CA and JWT key created on first use).
+async fn load_state(backing: &Backing, policy: Policy) -> Result<(State, i64), IssuerError> {
+    let td = policy.trust_domain.clone();
+    let dir = dir_of(&td);
+    bots::migrate_ledgers(backing, &dir).await?;
+    // Listed first: the watch starts after this revision, so no later change is missed.
+    let (bots, revision) = load_bots(backing, &dir).await?;
+    let authority = Authority::load_or_create(backing, &td, &policy.ca, now()).await?;
+    let jwt = JwtKey::load_or_create(backing, &td).await?;
+    let mut replicas = BTreeMap::new();
+    for entry in backing.kv.list(&format!("{dir}/replicas/")).await?.0 {
+        if let Ok(record) = backing.decode::<ReplicaRecord>(&entry.key, &entry.value) {
+            replicas.insert(record.name.clone(), record);
+        }
+    }
+    let state = State {
+        policy: Arc::new(policy),
+        authority,
+        jwt: Arc::new(jwt),
+        bots,
+        replicas,
+        verified: HashMap::new(),
+        sequence: 1,
+    };
+    Ok((state, revision))
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("issuer state poisoned")
+    }
+
+    fn publish(&self, state: &mut State) {
+        state.sequence += 1;
+        self.bundles.send_replace(Arc::new(state.bundles()));
+    }
+
+    /// Signs a bot certificate with the CA in memory, noting its expiry.
+    fn sign_bot(
+        self: &Arc<Self>,
+        claims: &BotClaims,
+        public_key: &[u8],
+        ttl: Duration,
+    ) -> Result<BotCertificate, IssuerError> {
+        let authority = self.lock().authority.clone();
+        let cert = bots::sign_bot_certificate(&authority, claims, public_key, ttl, now())?;
+        self.note_issued(cert.not_after);
+        Ok(cert)
+    }
+
+    /// Records the expiry of something the active CA signed (see [`Authority::note_issued`]). When a
+    /// write is due: a store in this process is written at once; a shared one in the background, so
+    /// that issuance never waits for (or fails with) etcd.
+    fn note_issued(self: &Arc<Self>, not_after: OffsetDateTime) {
+        let due = self.lock().authority.note_issued(not_after);
+        if !due {
+            return;
+        }
+        // A store in this process answers at once: write now, as part of the call.
+        if self.backing.local {
+            use futures_util::FutureExt;
+            if let Some(Err(e)) = self.save_authority().now_or_never() {
+                tracing::warn!(error = %e, "cannot record the CA's issued-until; retrying at the next issuance");
+            }
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.saving.swap(true, Ordering::SeqCst) {
+            let inner = Arc::downgrade(self);
+            runtime.spawn(async move {
+                let Some(inner) = inner.upgrade() else { return };
+                if let Err(e) = inner.save_authority().await {
+                    tracing::warn!(error = %e, "cannot record the CA's issued-until in the store; retrying at the next issuance");
+                }
+                inner.saving.store(false, Ordering::SeqCst);
+            });
+        }
+    }
+
+    /// Writes the in-memory `ca.json` (its `issued_until`), merging with another replica's newer one.
+    async fn save_authority(&self) -> Result<(), IssuerError> {
+        let mut copy = self.lock().authority.clone();
+        for _ in 0..CONFLICT_RETRIES {
+            if copy.save(&self.backing, Vec::new()).await? {
+                let mut state = self.lock();
+                if copy.revision() > state.authority.revision() && state.authority.same_cas(&copy) {
+                    let mut saved = copy;
+                    saved.merge_from(state.authority.clone());
+                    state.authority = saved;
+                }
+                return Ok(());
+            }
+            let td = copy.trust_domain().clone();
+            let Some(fresh) = Authority::load(&self.backing, &td).await? else {
+                return Ok(());
+            };
+            if !fresh.same_cas(&copy) {
+                // A rotation elsewhere: the watch brings it; the next note saves on top of it.
+                return Ok(());
+            }
+            copy.merge_from(fresh);
+        }
+        Err(IssuerError::Unavailable(
+            "ca.json keeps changing under this replica".into(),
+        ))
+    }
+
+    /// Applies the store's changes (own writes and other replicas') to memory.
+    async fn apply(&self, events: Vec<Event>) {
+        let (dir, ca_key, jwt_revision) = {
+            let state = self.lock();
+            (
+                state.dir(),
+                format!("{}/ca.json", state.dir()),
+                state.authority.revision(),
+            )
+        };
+        let mut reload_ca = false;
+        let mut locked = false;
+        {
+            let mut state = self.lock();
+            for event in events {
+                let key = event.key().to_owned();
+                if key == ca_key {
+                    reload_ca |= event.revision() > jwt_revision;
+                } else if let Some(instance) = instance_of_record(&dir, &key) {
+                    match event {
+                        Event::Put(entry) => match self.backing.decode::<BotRecord>(&key, &entry.value) {
+                            Ok(record) => locked |= state.remember(instance, record, entry.mod_revision),
+                            Err(e) => tracing::warn!(error = %e, "a bot instance record in the store does not decode"),
+                        },
+                        Event::Delete { .. } => {
+                            state.bots.remove(&instance);
+                        }
+                    }
+                } else if key.starts_with(&format!("{dir}/replicas/")) {
+                    match event {
+                        Event::Put(entry) => {
+                            if let Ok(record) = self.backing.decode::<ReplicaRecord>(&key, &entry.value) {
+                                state.replicas.insert(record.name.clone(), record);
+                            }
+                        }
+                        Event::Delete { key, .. } => state
+                            .replicas
+                            .retain(|name, _| super::replicas::record_key(&dir, name) != key),
+                    }
+                }
+            }
+        }
+        if locked {
+            self.locks.send_modify(|n| *n += 1);
+        }
+        if reload_ca {
+            self.reload_authority().await;
+        }
+    }
+
+    /// Loads `ca.json` again after another writer changed it: a rotation or prune elsewhere changes
+    /// the bundle (published to every agent); an `issued_until` note merges.
+    async fn reload_authority(&self) {
+        let td = self.lock().policy.trust_domain.clone();
+        let fresh = match Authority::load(&self.backing, &td).await {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the CA another replica changed; keeping the one in memory");
+                return;
+            }
+        };
+        let mut state = self.lock();
+        if fresh.revision() <= state.authority.revision() || fresh.trust_domain() != state.authority.trust_domain() {
+            return;
+        }
+        if state.authority.same_cas(&fresh) {
+            let mut mine = state.authority.clone();
+            mine.merge_from(fresh);
+            state.authority = mine;
+        } else {
+            tracing::info!(
+                cas = fresh.cas().len(),
+                "the CA changed in the store (a rotation by another replica)"
+            );
+            state.authority = fresh;
+            state.verified.clear();
+            self.publish(&mut state);
+        }
+    }
+
+    /// Reads the bot instances again (after a watch broke or history was compacted).
+    async fn resync(&self) -> Result<i64, IssuerError> {
+        let dir = self.lock().dir();
+        let (bots, revision) = load_bots(&self.backing, &dir).await?;
+        {
+            let mut state = self.lock();
+            if state.dir() == dir {
+                state.bots = bots;
+            }
+        }
+        self.reload_authority().await;
+        Ok(revision)
+    }
+}
+
+/// Follows the store from revision `from`: every change under the trust domain's directory reaches
+/// memory. A broken watch (store down, history compacted) lists again and watches from there.
+async fn follow(inner: Weak<Inner>, dir: String, mut from: i64) {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let Some(backing) = inner.upgrade().map(|i| i.backing.clone()) else {
+            return;
+        };
+        let watched = backing.kv.watch(&format!("{dir}/"), from).await;
+        // Not held while waiting: the store (and a directory's lock) goes with the issuer.
+        drop(backing);
+        match watched {
+            Ok(mut rx) => {
+                while let Some(item) = rx.recv().await {
+                    let Some(strong) = inner.upgrade() else { return };
+                    match item {
+                        Ok(events) => {
+                            if let Some(last) = events.last() {
+                                from = last.revision() + 1;
+                            }
+                            strong.apply(events).await;
+                            delay = Duration::from_millis(250);
+                        }
+                        Err(StoreError::Compacted { .. }) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the store's watch broke; listing again");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch the store; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+        let Some(strong) = inner.upgrade() else { return };
+        match strong.resync().await {
+            Ok(revision) => from = revision + 1,
+            Err(e) => tracing::warn!(error = %e, "cannot list the store; retrying"),
+        }
+    }
+}
+
 impl LocalIssuer {
-    /// Opens the issuer over `store`, creating the CA and JWT key of the policy's trust domain on first use.
-    pub fn open(store: Store, policy: Policy) -> Result<LocalIssuer, IssuerError> {
-        let state = State::open(store, policy)?;
+    /// Opens the issuer over a local `store` (a directory or memory), creating the CA and JWT key
+    /// of the policy's trust domain on first use.
+    pub async fn open(store: Store, policy: Policy) -> Result<LocalIssuer, IssuerError> {
+        LocalIssuer::open_backing(Backing::local(store)?, policy).await
+    }
+
+    /// Opens the issuer over any store (etcd for replicas).
+    pub async fn open_backing(backing: Backing, policy: Policy) -> Result<LocalIssuer, IssuerError> {
+        let (state, revision) = load_state(&backing, policy).await?;
+        let dir = state.dir();
         let (bundles, _) = watch::channel(Arc::new(state.bundles()));
-        Ok(LocalIssuer {
+        let inner = Arc::new(Inner {
+            backing,
             state: Mutex::new(state),
             challenges: Mutex::new(HashMap::new()),
             bundles,
             policy_events: watch::channel(Arc::new(PolicyEvent::default())).0,
             locks: watch::channel(0).0,
+            saving: AtomicBool::new(false),
+        });
+        // Without a runtime (a synchronous harness) nothing else writes the store: no follower.
+        let task = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|runtime| runtime.spawn(follow(Arc::downgrade(&inner), dir, revision + 1)));
+        Ok(LocalIssuer {
+            inner,
+            follower: Mutex::new(task),
         })
+    }
+
+    /// The store the issuer keeps its state in.
+    pub fn backing(&self) -> &Backing {
+        &self.inner.backing
     }
 
     /// Tells remote agents that the documents changed: they forget their resolutions and
     /// re-decide the SVIDs of `identities`.
     pub fn announce(&self, identities: std::collections::BTreeSet<String>) {
-        self.policy_events.send_modify(|event| {
+        self.inner.policy_events.send_modify(|event| {
             *event = Arc::new(PolicyEvent {
                 revision: event.revision + 1,
                 identities,
@@ -383,16 +555,16 @@ impl LocalIssuer {
 
     /// The last policy change, and every new one.
     pub fn policy_events(&self) -> watch::Receiver<Arc<PolicyEvent>> {
-        self.policy_events.subscribe()
+        self.inner.policy_events.subscribe()
     }
 
-    /// Moves whenever a renewal is refused as locked (a copied identity, or a locked instance trying
-    /// again): whoever holds a connection for a certificate checks it again.
+    /// Moves whenever an instance is locked (a copied identity, on this replica or another): whoever
+    /// holds a connection for a certificate checks it again.
     pub fn locks(&self) -> watch::Receiver<u64> {
-        self.locks.subscribe()
+        self.inner.locks.subscribe()
     }
 
-    /// Verifies a bot certificate as issuance does (ours, valid, not locked, current generation).
+    /// Verifies a bot certificate as issuance does (ours, valid, not locked, not renewed since).
     pub fn authenticate(&self, der: &[u8]) -> Result<BotClaims, IssuerError> {
         self.lock().authenticate(der)
     }
@@ -410,21 +582,22 @@ impl LocalIssuer {
     pub fn instances(&self, bot: Option<&str>) -> Vec<(String, BotRecord)> {
         let state = self.lock();
         state
-            .ledger
             .bots
             .iter()
-            .filter(|(key, record)| bot.is_none_or(|b| record.info.as_ref().map_or(key.as_str() == b, |i| i.bot == b)))
-            .map(|(k, r)| (k.clone(), r.clone()))
+            .filter(|(key, (record, _))| {
+                bot.is_none_or(|b| record.info.as_ref().map_or(key.as_str() == b, |i| i.bot == b))
+            })
+            .map(|(k, (r, _))| (k.clone(), r.clone()))
             .collect()
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("issuer state poisoned")
+    /// The issuer replicas recorded in the store (with their heartbeats), by name.
+    pub fn replicas(&self) -> Vec<ReplicaRecord> {
+        self.lock().replicas.values().cloned().collect()
     }
 
-    fn publish(&self, state: &mut State) {
-        state.sequence += 1;
-        self.bundles.send_replace(Arc::new(state.bundles()));
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.lock()
     }
 
     /// The policy in force.
@@ -433,62 +606,109 @@ impl LocalIssuer {
     }
 
     /// Swaps the policy. A new trust domain loads (or creates) that domain's CA and publishes its bundle.
-    pub fn set_policy(&self, policy: Policy) -> Result<(), IssuerError> {
-        let mut state = self.lock();
-        if policy.trust_domain != state.policy.trust_domain {
-            let td = policy.trust_domain.clone();
-            state.authority = Authority::load_or_create(&state.store, &td, &policy.ca, now())?;
-            state.jwt = JwtKey::load_or_create(&state.store, &td)?;
-            state.ledger = Ledger::load(&state.store, format!("issuer/{}", td.as_str()))?;
-            state.verified.clear();
-            state.policy = Arc::new(policy);
-            self.publish(&mut state);
-        } else {
-            state.policy = Arc::new(policy);
+    pub async fn set_policy(&self, policy: Policy) -> Result<(), IssuerError> {
+        if policy.trust_domain == self.lock().policy.trust_domain {
+            self.lock().policy = Arc::new(policy);
+            return Ok(());
+        }
+        let (fresh, revision) = load_state(&self.inner.backing, policy).await?;
+        let dir = fresh.dir();
+        {
+            let mut state = self.lock();
+            let sequence = state.sequence;
+            *state = fresh;
+            state.sequence = sequence;
+            self.inner.publish(&mut state);
+        }
+        let task = tokio::spawn(follow(Arc::downgrade(&self.inner), dir, revision + 1));
+        if let Some(old) = self.follower.lock().expect("follower poisoned").replace(task) {
+            old.abort();
         }
         Ok(())
     }
 
     /// Rotates the CA: a new CA signs from now on; both are in the bundle until everything the old
-    /// one signed has expired ([`LocalIssuer::prune`] then drops it).
-    pub fn rotate_ca(&self) -> Result<(), IssuerError> {
-        let mut state = self.lock();
-        let state = &mut *state;
-        let settings = state.policy.ca.clone();
-        state.authority.rotate(&state.store, &settings, now())?;
-        self.publish(state);
-        Ok(())
+    /// one signed has expired ([`LocalIssuer::prune`] then drops it). With several replicas, the
+    /// first to write wins; the others adopt its CA.
+    pub async fn rotate_ca(&self) -> Result<(), IssuerError> {
+        let backing = &self.inner.backing;
+        for _ in 0..CONFLICT_RETRIES {
+            let (current, settings) = {
+                let state = self.lock();
+                (state.authority.clone(), state.policy.ca.clone())
+            };
+            let (mut next, ops) = current.rotated(backing, &settings, now())?;
+            if next.save(backing, ops).await? {
+                let mut state = self.lock();
+                state.authority = next;
+                state.verified.clear();
+                self.inner.publish(&mut state);
+                return Ok(());
+            }
+            let active = current.active().certificate_der().to_vec();
+            self.inner.reload_authority().await;
+            if self.lock().authority.active().certificate_der() != active {
+                // Another replica rotated at the same moment: one rotation, theirs.
+                return Ok(());
+            }
+        }
+        Err(IssuerError::Unavailable(
+            "ca.json keeps changing under this replica".into(),
+        ))
     }
 
-    /// Drops CAs whose overlap has ended; publishes the bundle when it changed.
-    pub fn prune(&self) -> Result<(), IssuerError> {
-        let mut state = self.lock();
-        let state = &mut *state;
-        if state.authority.prune(&state.store, now())? {
-            state.verified.clear();
-            self.publish(state);
+    /// Drops CAs whose overlap has ended (publishing the bundle when it changed) and forgets bot
+    /// instances that expired a day ago.
+    pub async fn prune(&self) -> Result<(), IssuerError> {
+        let backing = &self.inner.backing;
+        for _ in 0..CONFLICT_RETRIES {
+            let mut copy = self.lock().authority.clone();
+            if !copy.prune(now()) {
+                break;
+            }
+            if copy.save(backing, Vec::new()).await? {
+                let mut state = self.lock();
+                state.authority = copy;
+                state.verified.clear();
+                self.inner.publish(&mut state);
+                break;
+            }
+            self.inner.reload_authority().await;
         }
         let horizon = (now() - INSTANCE_RETENTION).unix_timestamp();
-        let expired: Vec<String> = state
-            .ledger
-            .bots
-            .iter()
-            .filter(|(_, r)| r.locked.is_none() && r.info.as_ref().is_some_and(|i| i.not_after <= horizon))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in expired {
-            state.ledger.remove_bot(&state.store, &key)?;
+        let (dir, expired): (String, Vec<(String, i64)>) = {
+            let state = self.lock();
+            let expired = state
+                .bots
+                .iter()
+                .filter(|(_, (r, _))| r.locked.is_none() && r.info.as_ref().is_some_and(|i| i.not_after <= horizon))
+                .map(|(k, (_, rev))| (k.clone(), *rev))
+                .collect();
+            (state.dir(), expired)
+        };
+        for (key, revision) in expired {
+            let file = bot_record_key(&dir, &key);
+            let (deleted, _) = backing
+                .kv
+                .txn(
+                    vec![Condition::ModRevision(file.clone(), revision)],
+                    vec![Op::Delete(file)],
+                )
+                .await?;
+            if deleted {
+                self.lock().bots.remove(&key);
+            }
         }
         Ok(())
     }
 
     /// The current bundle.
     pub fn current_bundles(&self) -> Arc<Bundles> {
-        self.bundles.borrow().clone()
+        self.inner.bundles.borrow().clone()
     }
 
     fn take_challenge(&self, challenge: &str) -> Result<(), IssuerError> {
-        let mut challenges = self.challenges.lock().expect("challenges poisoned");
+        let mut challenges = self.inner.challenges.lock().expect("challenges poisoned");
         let now = now();
         challenges.retain(|_, issued| *issued + CHALLENGE_TTL > now);
         challenges.remove(challenge).map(drop).ok_or_else(|| {
@@ -496,6 +716,197 @@ impl LocalIssuer {
                 "challenge: it was not issued by this issuer, was already used, or is older than 5 minutes".into(),
             )
         })
+    }
+
+    /// A `token` join, after its terms were checked: consume the token and make a bot instance at
+    /// generation 1, in one transaction that only one joiner of the token wins, on any replica. The
+    /// same joiner retrying (the same key: its answer was lost, or the store applied a write that
+    /// timed out) gets its instance's certificate again.
+    async fn join_token(&self, request: &JoinRequest) -> Result<BotCertificate, IssuerError> {
+        let refuse = IssuerError::JoinRefused;
+        let (bot, roles, dir) = {
+            let state = self.lock();
+            let token = state.policy.tokens.get(&request.token).ok_or_else(|| {
+                refuse(
+                    "no token by that name exists (for `token` joins the name is the secret; check `onboarding.token`)"
+                        .into(),
+                )
+            })?;
+            join::check_token_terms(token, JoinMethod::Token, now()).map_err(refuse)?;
+            let bot = token.spec.bot_name.to_string();
+            (bot.clone(), state.bot_roles(&bot)?, state.dir())
+        };
+        let backing = &self.inner.backing;
+        let token_file = token_record_key(&dir, &token_key(&request.token));
+        let joiner = key_digest(&request.public_key);
+        let instance = bots::new_instance_id()?;
+        let record = BotRecord {
+            generation: 1,
+            info: Some(InstanceInfo {
+                bot: bot.clone(),
+                join_method: "token".into(),
+                address: request.address.clone(),
+                joined_at: rfc3339(now()),
+                not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
+                ..InstanceInfo::default()
+            }),
+            locked: None,
+            key: Some(joiner.clone()),
+            replaced: None,
+        };
+        let consumed = Consumed {
+            bot: bot.clone(),
+            at: rfc3339(now()),
+            key: Some(joiner.clone()),
+            instance: Some(instance.clone()),
+        };
+        let key = instance_key(&bot, &instance);
+        let bot_file = bot_record_key(&dir, &key);
+        let (won, revision) = backing
+            .kv
+            .txn(
+                vec![Condition::Absent(token_file.clone())],
+                vec![Op::put(&token_file, json(&consumed)), Op::put(&bot_file, json(&record))],
+            )
+            .await?;
+        let instance = if won {
+            self.lock().remember(key, record, revision);
+            instance
+        } else {
+            // Used: by this same joiner (the same key, the instance untouched since), or by another.
+            let (used, _) = backing
+                .get_json::<Consumed>(&token_file)
+                .await?
+                .ok_or_else(|| IssuerError::Unavailable("the token's record vanished during the join; retry".into()))?;
+            let instance = used.instance.clone().unwrap_or_default();
+            let key = instance_key(&bot, &instance);
+            let (record, revision) = read_record(backing, &bot_record_key(&dir, &key)).await?;
+            let retry = used.key.as_deref() == Some(joiner.as_str())
+                && record.generation == 1
+                && record.locked.is_none()
+                && record.key.as_ref() == Some(&joiner);
+            if !retry {
+                return Err(refuse(format!(
+                    "the token was already used by bot `{}` at {}; `token` joins are single-use: create a new token",
+                    used.bot, used.at
+                )));
+            }
+            self.lock().remember(key, record, revision);
+            instance
+        };
+        let claims = BotClaims {
+            bot,
+            roles,
+            generation: 1,
+            join: [
+                ("join.meta.join_method".to_owned(), "token".to_owned()),
+                ("join.meta.join_token_name".to_owned(), request.token.clone()),
+            ]
+            .into(),
+            instance,
+        };
+        self.inner.sign_bot(&claims, &request.public_key, request.ttl)
+    }
+
+    /// Renews a `token` bot: checks and moves the instance's generation by compare-and-swap on its
+    /// record. Of two holders of one certificate, one wins and the other finds the generation moved:
+    /// the instance is locked. The winner retrying with the same new key is signed again.
+    async fn renew_token(&self, request: &RenewRequest) -> Result<BotCertificate, IssuerError> {
+        let (verified, dir) = {
+            let state = self.lock();
+            (
+                bots::verify_bot_certificate(&state.authority, &request.certificate, now())?,
+                state.dir(),
+            )
+        };
+        let (claims, spki) = (verified.claims, verified.public_key);
+        if !is_token(&claims) {
+            return Err(IssuerError::Unauthenticated(
+                "only `token`-joined bots renew; `iam` bots join again".into(),
+            ));
+        }
+        check_possession(&spki, &request.public_key, &request.proof)?;
+        let bot = claims.bot.clone();
+        let instance = claims.instance_key();
+        let file = bot_record_key(&dir, &instance);
+        let key = key_digest(&request.public_key);
+        let backing = &self.inner.backing;
+        for _ in 0..CONFLICT_RETRIES {
+            let (record, revision) = read_record(backing, &file).await?;
+            if let Some(reason) = record.locked {
+                return Err(IssuerError::Locked { bot, reason });
+            }
+            // The holder retrying a renewal whose answer it lost: the previous generation, the same
+            // new key. Sign that generation again.
+            let retry = record.generation == claims.generation + 1 && record.key.as_deref() == Some(key.as_str());
+            if record.generation != claims.generation && !retry {
+                let reason = format!(
+                    "a renewal presented generation {} while this instance of the bot is at generation {}: two \
+                     holders share one identity",
+                    claims.generation, record.generation
+                );
+                let locked = BotRecord {
+                    locked: Some(reason.clone()),
+                    ..record
+                };
+                let (written, at) = backing
+                    .kv
+                    .txn(
+                        vec![Condition::ModRevision(file.clone(), revision)],
+                        vec![Op::put(&file, json(&locked))],
+                    )
+                    .await?;
+                if !written {
+                    continue;
+                }
+                self.lock().remember(instance, locked, at);
+                self.inner.locks.send_modify(|n| *n += 1);
+                return Err(IssuerError::Locked { bot, reason });
+            }
+            let roles = self.lock().bot_roles(&bot)?;
+            let generation = if retry {
+                record.generation
+            } else {
+                record.generation + 1
+            };
+            let info = record.info.clone().map(|info| InstanceInfo {
+                address: if request.address.is_empty() {
+                    info.address.clone()
+                } else {
+                    request.address.clone()
+                },
+                last_renewal: rfc3339(now()),
+                not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
+                ..info
+            });
+            let next = BotRecord {
+                generation,
+                info,
+                locked: None,
+                key: Some(key.clone()),
+                replaced: Some((generation - 1, (now() + REPLACED_GRACE).unix_timestamp())),
+            };
+            let (written, at) = backing
+                .kv
+                .txn(
+                    vec![Condition::ModRevision(file.clone(), revision)],
+                    vec![Op::put(&file, json(&next))],
+                )
+                .await?;
+            if !written {
+                continue;
+            }
+            self.lock().remember(instance, next, at);
+            let claims = BotClaims {
+                roles,
+                generation,
+                ..claims
+            };
+            return self.inner.sign_bot(&claims, &request.public_key, request.ttl);
+        }
+        Err(IssuerError::Unavailable(format!(
+            "the record of bot instance `{instance}` kept changing during the renewal; retry"
+        )))
     }
 
     /// An `iam` join. `registered`: the challenge came from [`Issuer::challenge`] and is taken from
@@ -531,34 +942,35 @@ impl LocalIssuer {
             other => IssuerError::StsUnavailable(other),
         })?;
         join::check_allow(&token, &identity).map_err(refuse)?;
-        let mut state = self.lock();
         let bot = token.spec.bot_name.to_string();
-        let roles = state.bot_roles(&bot)?;
-        // A joiner that holds a certificate of this bot from an earlier `iam` join keeps its instance.
-        let kept = request
-            .current
-            .as_deref()
-            .and_then(|der| bots::verify_bot_certificate(&state.authority, der, now()).ok())
-            .map(|v| v.claims)
-            .filter(|c| c.bot == bot && c.join.get("join.meta.join_method").map(String::as_str) == Some("iam"))
-            .map(|c| c.instance)
-            .filter(|i| !i.is_empty());
+        let (roles, dir, kept) = {
+            let state = self.lock();
+            // A joiner that holds a certificate of this bot from an earlier `iam` join keeps its instance.
+            let kept = request
+                .current
+                .as_deref()
+                .and_then(|der| bots::verify_bot_certificate(&state.authority, der, now()).ok())
+                .map(|v| v.claims)
+                .filter(|c| c.bot == bot && c.join.get("join.meta.join_method").map(String::as_str) == Some("iam"))
+                .map(|c| c.instance)
+                .filter(|i| !i.is_empty());
+            (state.bot_roles(&bot)?, state.dir(), kept)
+        };
         let instance = match kept {
             Some(instance) => instance,
             None => bots::new_instance_id()?,
         };
         let key = instance_key(&bot, &instance);
-        let previous = state.ledger.bots.get(&key).cloned().unwrap_or_default();
-        let generation = previous.generation + 1;
-        let joined_at = previous
-            .info
-            .as_ref()
-            .map_or_else(|| rfc3339(now()), |i| i.joined_at.clone());
-        let store = state.store.clone();
-        state.ledger.put_bot(
-            &store,
-            key,
-            BotRecord {
+        let file = bot_record_key(&dir, &key);
+        let backing = &self.inner.backing;
+        for _ in 0..CONFLICT_RETRIES {
+            let (previous, revision) = read_record(backing, &file).await?;
+            let generation = previous.generation + 1;
+            let joined_at = previous
+                .info
+                .as_ref()
+                .map_or_else(|| rfc3339(now()), |i| i.joined_at.clone());
+            let record = BotRecord {
                 generation,
                 info: Some(InstanceInfo {
                     bot: bot.clone(),
@@ -571,22 +983,37 @@ impl LocalIssuer {
                 }),
                 locked: None,
                 key: Some(key_digest(&request.public_key)),
-            },
-        )?;
-        let claims = BotClaims {
-            bot,
-            roles,
-            generation,
-            join: [
-                ("join.meta.join_method".to_owned(), "iam".to_owned()),
-                ("join.meta.join_token_name".to_owned(), request.token.clone()),
-                ("join.iam.account".to_owned(), identity.account),
-                ("join.iam.arn".to_owned(), identity.arn),
-            ]
-            .into(),
-            instance,
-        };
-        state.sign_bot(&claims, &request.public_key, request.ttl)
+                replaced: None,
+            };
+            let (written, at) = backing
+                .kv
+                .txn(
+                    vec![Condition::ModRevision(file.clone(), revision)],
+                    vec![Op::put(&file, json(&record))],
+                )
+                .await?;
+            if !written {
+                continue;
+            }
+            self.lock().remember(key, record, at);
+            let claims = BotClaims {
+                bot,
+                roles,
+                generation,
+                join: [
+                    ("join.meta.join_method".to_owned(), "iam".to_owned()),
+                    ("join.meta.join_token_name".to_owned(), request.token.clone()),
+                    ("join.iam.account".to_owned(), identity.account),
+                    ("join.iam.arn".to_owned(), identity.arn),
+                ]
+                .into(),
+                instance,
+            };
+            return self.inner.sign_bot(&claims, &request.public_key, request.ttl);
+        }
+        Err(IssuerError::Unavailable(format!(
+            "the record of bot instance `{key}` kept changing during the join; retry"
+        )))
     }
 }
 
@@ -596,7 +1023,7 @@ impl Issuer for LocalIssuer {
         let mut bytes = [0u8; 32];
         aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
         let challenge = base64::engine::general_purpose::STANDARD.encode(bytes);
-        let mut challenges = self.challenges.lock().expect("challenges poisoned");
+        let mut challenges = self.inner.challenges.lock().expect("challenges poisoned");
         let now = now();
         challenges.retain(|_, issued| *issued + CHALLENGE_TTL > now);
         if challenges.len() >= MAX_CHALLENGES {
@@ -610,7 +1037,7 @@ impl Issuer for LocalIssuer {
 
     async fn join(&self, request: JoinRequest) -> Result<BotCertificate, IssuerError> {
         match &request.proof {
-            JoinProof::Token => self.lock().join_token(&request),
+            JoinProof::Token => self.join_token(&request).await,
             JoinProof::Iam {
                 challenge,
                 request: signed,
@@ -619,11 +1046,7 @@ impl Issuer for LocalIssuer {
     }
 
     async fn renew(&self, request: RenewRequest) -> Result<BotCertificate, IssuerError> {
-        let renewed = self.lock().renew(&request);
-        if let Err(IssuerError::Locked { .. }) = &renewed {
-            self.locks.send_modify(|n| *n += 1);
-        }
-        renewed
+        self.renew_token(&request).await
     }
 
     async fn resolve(
@@ -661,11 +1084,12 @@ impl Issuer for LocalIssuer {
     }
 
     async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {
-        let mut state = self.lock();
-        let state = &mut *state;
-        let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
-        let svid = mint::x509_svid(&state.authority, &decision, &request.public_key, request.ttl, now())?;
-        state.authority.note_issued(&state.store, svid.not_after)?;
+        let svid = {
+            let mut state = self.lock();
+            let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
+            mint::x509_svid(&state.authority, &decision, &request.public_key, request.ttl, now())?
+        };
+        self.inner.note_issued(svid.not_after);
         Ok(svid)
     }
 
@@ -683,6 +1107,6 @@ impl Issuer for LocalIssuer {
     }
 
     fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {
-        self.bundles.subscribe()
+        self.inner.bundles.subscribe()
     }
 }

@@ -2,6 +2,7 @@
 //! joins, bot certificates, RBAC and rule/template decisions, and minting X509-SVIDs and JWT-SVIDs.
 //! The agent talks to it only through the [`Issuer`] trait, so a remote issuer can stand in later.
 
+pub mod backing;
 pub mod bots;
 pub mod ca;
 pub mod decide;
@@ -11,6 +12,7 @@ mod local;
 pub mod mint;
 pub mod policy;
 pub mod rbac;
+pub mod replicas;
 pub mod server;
 pub mod wire;
 

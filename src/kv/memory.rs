@@ -246,6 +246,13 @@ impl Kv for MemoryKv {
         }
     }
 
+    fn locate(&self, key: &str) -> String {
+        match &self.disk {
+            Some((store, _)) => store.path_of(key).display().to_string(),
+            None => format!("memory:{key}"),
+        }
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let mut inner = self.lock();
         inner.expire();

@@ -100,6 +100,11 @@ pub trait Kv: Send + Sync + 'static {
     /// `memory`, `directory /path` or `etcd http://…,http://… (prefix /tbot)`, for messages.
     fn describe(&self) -> String;
 
+    /// Where a key lives, for messages: a file path, or the store and key.
+    fn locate(&self, key: &str) -> String {
+        format!("{} key {key}", self.describe())
+    }
+
     /// One key, read at the newest revision.
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError>;
 

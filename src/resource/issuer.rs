@@ -26,6 +26,9 @@ vocabulary! {
         Directory = "directory",
         /// Nothing persisted: a restart makes a new CA (for tests).
         Memory = "memory",
+        /// An etcd cluster shared by every replica of the trust domain; private keys sealed with
+        /// `key_encryption_key_file` before they reach it.
+        Etcd = "etcd",
     }
 }
 
@@ -62,12 +65,170 @@ pub struct IssuerSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerStorage {
-    /// `directory` or `memory`.
+    /// `directory`, `memory` or `etcd`.
     #[serde(rename = "type")]
     pub kind: IssuerStorageType,
     /// The directory, for `directory` storage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// The etcd cluster's client URLs, for `etcd` storage (`http://10.0.0.1:2379`, or `https://`
+    /// with `tls`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Every key goes under this prefix (`etcd`); default `/tbot`. Trust domains sharing one
+    /// cluster may share it: keys are per trust domain below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// A file of exactly 32 random bytes (`head -c 32 /dev/urandom > issuer.kek`, mode 0600), the
+    /// same on every replica: CA and JWT private keys are sealed with it (AES-256-GCM) before they
+    /// reach etcd. Required for `etcd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_encryption_key_file: Option<PathBuf>,
+    /// Client TLS to etcd (PEM files), optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EtcdTlsFiles>,
+}
+
+/// Client TLS to etcd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTlsFiles {
+    /// The CA that signs the etcd members' certificates; default the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// This replica's client certificate, when etcd asks for one (with `key_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl IssuerStorage {
+    /// The default etcd key prefix.
+    pub const DEFAULT_PREFIX: &str = "/tbot";
+
+    /// The etcd settings (for `type: etcd`).
+    pub fn etcd(&self) -> crate::kv::EtcdSettings {
+        crate::kv::EtcdSettings {
+            endpoints: self.endpoints.clone(),
+            prefix: self.prefix.clone().unwrap_or_else(|| Self::DEFAULT_PREFIX.into()),
+            tls: self.tls.as_ref().map(|t| crate::kv::EtcdTls {
+                ca_file: t.ca_file.clone(),
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            }),
+        }
+    }
+}
+
+impl IssuerStorage {
+    /// Checks of the storage block: each type's fields, and only those.
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let absolute = |out: &mut Vec<Problem>, at: &str, path: &std::path::Path, example: &str| {
+            if path.is_relative() {
+                out.push(
+                    Problem::error(
+                        format!("/spec/storage/{at}"),
+                        format!("`{}` is not an absolute path", path.display()),
+                    )
+                    .hint(format!("write an absolute path, such as `{example}`")),
+                );
+            }
+        };
+        match (self.kind, &self.path) {
+            (IssuerStorageType::Directory, None) => out.push(
+                Problem::error("/spec/storage", "`directory` storage needs a `path`")
+                    .hint("set `path: /var/lib/tbot/issuer`"),
+            ),
+            (IssuerStorageType::Directory, Some(p)) => absolute(&mut out, "path", p, "/var/lib/tbot/issuer"),
+            (_, Some(_)) => out.push(
+                Problem::error("/spec/storage/path", "`path` is only for `type: directory` storage")
+                    .hint("remove `path`, or set `type: directory`"),
+            ),
+            _ => {}
+        }
+        if self.kind != IssuerStorageType::Etcd {
+            let etcd_only = [
+                ("endpoints", !self.endpoints.is_empty()),
+                ("prefix", self.prefix.is_some()),
+                ("key_encryption_key_file", self.key_encryption_key_file.is_some()),
+                ("tls", self.tls.is_some()),
+            ];
+            for (field, set) in etcd_only {
+                if set {
+                    out.push(
+                        Problem::error(
+                            format!("/spec/storage/{field}"),
+                            format!("`{field}` is only for `type: etcd` storage"),
+                        )
+                        .hint(format!("remove `{field}`, or set `type: etcd`")),
+                    );
+                }
+            }
+            return out;
+        }
+        if self.endpoints.is_empty() {
+            out.push(
+                Problem::error(
+                    "/spec/storage",
+                    "`etcd` storage needs `endpoints`, the etcd cluster's client URLs",
+                )
+                .hint(
+                    "set `endpoints: [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\", \"http://10.0.0.3:2379\"]`",
+                ),
+            );
+        }
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+            let host = endpoint.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+            if !scheme_ok || host.is_empty() || host.contains('/') && !host.ends_with('/') {
+                out.push(
+                    Problem::error(
+                        format!("/spec/storage/endpoints/{i}"),
+                        format!("`{endpoint}` is not an etcd client URL"),
+                    )
+                    .hint("write `http://host:2379` (or `https://host:2379` with `tls`)"),
+                );
+            }
+        }
+        if let Some(prefix) = &self.prefix
+            && (!prefix.starts_with('/') || prefix.len() < 2)
+        {
+            out.push(
+                Problem::error("/spec/storage/prefix", format!("`{prefix}` is not a key prefix"))
+                    .hint("write a prefix that starts with `/`, such as `/tbot`"),
+            );
+        }
+        match &self.key_encryption_key_file {
+            None => out.push(
+                Problem::error(
+                    "/spec/storage",
+                    "`etcd` storage needs `key_encryption_key_file`: CA and JWT private keys are sealed with it before they reach etcd",
+                )
+                .hint("make one with `head -c 32 /dev/urandom > /etc/tbot/issuer.kek && chmod 600 /etc/tbot/issuer.kek`, copy it to every replica, and set `key_encryption_key_file: /etc/tbot/issuer.kek`"),
+            ),
+            Some(p) => absolute(&mut out, "key_encryption_key_file", p, "/etc/tbot/issuer.kek"),
+        }
+        if let Some(tls) = &self.tls {
+            for (field, path) in [
+                ("ca_file", &tls.ca_file),
+                ("cert_file", &tls.cert_file),
+                ("key_file", &tls.key_file),
+            ] {
+                if let Some(path) = path {
+                    absolute(&mut out, &format!("tls/{field}"), path, "/etc/tbot/etcd-client.pem");
+                }
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                out.push(
+                    Problem::error("/spec/storage/tls", "`cert_file` and `key_file` go together")
+                        .hint("set both (a client certificate and its key), or neither"),
+                );
+            }
+        }
+        out
+    }
 }
 
 impl Issuer {
@@ -82,24 +243,7 @@ impl Issuer {
                 );
             }
         }
-        match (self.spec.storage.kind, &self.spec.storage.path) {
-            (IssuerStorageType::Directory, None) => out.push(
-                Problem::error("/spec/storage", "`directory` storage needs a `path`")
-                    .hint("set `path: /var/lib/tbot/issuer`"),
-            ),
-            (IssuerStorageType::Directory, Some(p)) if p.is_relative() => out.push(
-                Problem::error(
-                    "/spec/storage/path",
-                    format!("`{}` is not an absolute path", p.display()),
-                )
-                .hint("write an absolute path, such as `/var/lib/tbot/issuer`"),
-            ),
-            (IssuerStorageType::Memory, Some(_)) => out.push(
-                Problem::error("/spec/storage/path", "`path` is only for `type: directory` storage")
-                    .hint("remove `path`, or set `type: directory`"),
-            ),
-            _ => {}
-        }
+        out.extend(self.spec.storage.problems());
         if self.spec.admin_socket.as_ref().is_some_and(|p| p.is_relative()) {
             out.push(Problem::error(
                 "/spec/admin_socket",
@@ -136,9 +280,9 @@ impl Issuer {
         if let Some(path) = &self.spec.admin_socket {
             return path.clone();
         }
-        match &self.spec.storage.path {
-            Some(path) => path.join("admin.sock"),
-            None => PathBuf::from("/run/tbot/issuer-admin.sock"),
+        match (&self.spec.storage.path, self.spec.storage.kind) {
+            (Some(path), IssuerStorageType::Directory) => path.join("admin.sock"),
+            _ => PathBuf::from("/run/tbot/issuer-admin.sock"),
         }
     }
 }

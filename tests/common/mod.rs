@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 pub mod etcd;
 pub mod fleet;
+pub mod ha;
 
 /// The repository root; the tests run the binaries from here so that printed paths are relative.
 pub fn root() -> PathBuf {

@@ -1,0 +1,413 @@
+//! A highly available issuer: three replicas (real `tbot start` processes) on one real 3-member
+//! etcd cluster, sharing one CA sealed with one key encryption key; races across replicas; agents
+//! behind haproxy surviving the loss of a replica and of etcd's quorum.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::fleet::{agent_config, start_agent, token_onboarding, wait_for_socket, wait_for_status};
+use common::ha::{Replicas, issuer_document, write_kek};
+use common::{Daemon, copy_manifests, save, stdout};
+use rcgen::{KeyPair, PublicKeyData, SigningKey};
+use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
+use tbot::issuer::{Attributes, Issuer, IssuerError, JoinProof, JoinRequest, RenewRequest, X509Request};
+use tbot::store::Store;
+
+const TOKEN: &str = "fleet-token-change-me";
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn pin(status: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CA pin: "))
+        .unwrap_or_else(|| panic!("no CA pin in:\n{status}"))
+        .to_owned()
+}
+
+fn client(address: String, pin: &str) -> Arc<RemoteIssuer> {
+    let settings = RemoteSettings {
+        address,
+        ca_pins: vec![pin.to_owned()],
+        ca_path: None,
+        insecure: false,
+    };
+    RemoteIssuer::new(settings, Store::memory()).unwrap()
+}
+
+fn token_join(key: &KeyPair, token: &str) -> JoinRequest {
+    JoinRequest {
+        token: token.into(),
+        public_key: key.subject_public_key_info(),
+        proof: JoinProof::Token,
+        ttl: HOUR,
+        current: None,
+        address: String::new(),
+    }
+}
+
+fn renewal(current: &[u8], current_key: &KeyPair, next: &KeyPair) -> RenewRequest {
+    let public_key = next.subject_public_key_info();
+    RenewRequest {
+        certificate: current.to_vec(),
+        proof: current_key.sign(&public_key).unwrap(),
+        public_key,
+        ttl: HOUR,
+        address: String::new(),
+    }
+}
+
+/// The PKCS#8 header of an EC P-256 private key (SEQUENCE, version 0, id-ecPublicKey): a
+/// plaintext CA or JWT key in etcd would contain it.
+const PKCS8_EC: &[u8] = &[
+    0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01,
+];
+
+#[test]
+fn three_replicas_started_at_once_share_one_ca_sealed_in_etcd_and_show_document_drift() {
+    let Some(set) = Replicas::start(3) else { return };
+    let statuses: Vec<String> = (0..3).map(|i| set.status(i)).collect();
+    let pins: Vec<String> = statuses.iter().map(|s| pin(s)).collect();
+    assert!(pins.iter().all(|p| *p == pins[0]), "one CA for every replica: {pins:?}");
+    // Every replica lists all three, ready, and no drift.
+    let status = wait_for_status(&set.get(0).daemon, "three replicas listed", |s| {
+        s.contains("replicas: 3") && s.contains("documents: the same on every replica")
+    });
+    for i in 1..=3 {
+        assert!(status.contains(&format!("replica-{i}")), "{status}");
+    }
+    assert!(status.contains("replica-1 (this)"), "{status}");
+    assert!(status.contains("issuer storage: etcd http://127.0.0.1:"), "{status}");
+    // etcd holds the CA and JWT keys sealed: no plaintext PKCS#8 anywhere under the prefix.
+    let stored = set.etcd.get_prefix("/tbot/");
+    let keys: Vec<&(String, Vec<u8>)> = stored.iter().filter(|(k, _)| k.ends_with(".key")).collect();
+    assert!(
+        keys.len() >= 2,
+        "the CA key and the JWT key are in etcd: {:?}",
+        stored.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    for (key, value) in &keys {
+        assert!(value.starts_with(b"tbot-sealed-v1"), "{key} is not sealed");
+    }
+    for (key, value) in &stored {
+        assert!(
+            !value.windows(PKCS8_EC.len()).any(|w| w == PKCS8_EC),
+            "{key} holds a plaintext private key"
+        );
+    }
+    // A rollout that reached one replica only shows as drift on every replica.
+    let role = set.get(1).daemon.dir.path().join("etc/role.yaml");
+    let text = std::fs::read_to_string(&role).unwrap();
+    save(&role, &text.replace("- read", "- read\n          - create"));
+    let edited = std::fs::read_to_string(&role).unwrap();
+    assert_ne!(edited, text);
+    let drift = wait_for_status(&set.get(2).daemon, "the drift is visible on replica-3", |s| {
+        s.contains("documents that differ between replicas")
+    });
+    assert!(drift.contains("role/"), "{drift}");
+    assert!(drift.contains("replica-2="), "{drift}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joins_and_renewals_race_across_replicas_exactly_once() {
+    let Some(set) = Replicas::start(3) else { return };
+    let pin = pin(&set.status(0));
+    let addresses: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", set.get(i).port)).collect();
+    // 64 joins with one single-use token, spread over the three replicas: exactly one joins.
+    let joins: Vec<_> = (0..64)
+        .map(|i| {
+            let remote = client(addresses[i % 3].clone(), &pin);
+            tokio::spawn(async move {
+                let key = KeyPair::generate().unwrap();
+                remote.join(token_join(&key, TOKEN)).await.map(|cert| (cert, key))
+            })
+        })
+        .collect();
+    let mut joined = Vec::new();
+    let mut refusals = Vec::new();
+    for j in joins {
+        match j.await.unwrap() {
+            Ok(done) => joined.push(done),
+            Err(e) => refusals.push(e.to_string()),
+        }
+    }
+    assert_eq!(joined.len(), 1, "exactly one join of a single-use token: {refusals:?}");
+    assert!(refusals.iter().all(|r| r.contains("already used")), "{refusals:?}");
+    let (first, k1) = joined.pop().unwrap();
+    // Two renewals of one certificate at once, on two replicas: one wins, the copy is caught.
+    let (a, b) = (client(addresses[1].clone(), &pin), client(addresses[2].clone(), &pin));
+    a.present(&first.der, &k1.serialize_der());
+    b.present(&first.der, &k1.serialize_der());
+    let (ka, kb) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+    let (ra, rb) = tokio::join!(
+        a.renew(renewal(&first.der, &k1, &ka)),
+        b.renew(renewal(&first.der, &k1, &kb))
+    );
+    let outcomes = [&ra, &rb];
+    let won = outcomes.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "one of two parallel renewals wins: {ra:?} / {rb:?}");
+    let lost = outcomes.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(matches!(lost, IssuerError::Locked { .. }), "the copy is caught: {lost}");
+    // The instance is locked on every replica: the winner's new certificate no longer issues.
+    let winner = ra.as_ref().or(rb.as_ref()).unwrap();
+    let winner_key = if ra.is_ok() { &ka } else { &kb };
+    let c = client(addresses[0].clone(), &pin);
+    c.present(&winner.der, &winner_key.serialize_der());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let key = KeyPair::generate().unwrap();
+        let mut workload = Attributes::new();
+        workload.set("workload.unix.uid", 1000);
+        let issued = c
+            .issue_x509(X509Request {
+                bot_certificate: winner.der.clone(),
+                identity: "example-workload-identity".into(),
+                workload,
+                public_key: key.subject_public_key_info(),
+                ttl: HOUR,
+            })
+            .await;
+        match issued {
+            Err(IssuerError::Locked { .. }) => break,
+            other => assert!(Instant::now() < deadline, "the lock did not reach replica-1: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewal_retried_on_another_replica_with_the_same_key_is_signed_again() {
+    let Some(set) = Replicas::start(3) else { return };
+    let pin = pin(&set.status(0));
+    let on = |i: usize| client(format!("127.0.0.1:{}", set.get(i).port), &pin);
+    let k1 = KeyPair::generate().unwrap();
+    let first = on(0).join(token_join(&k1, TOKEN)).await.unwrap();
+    // The same join retried on another replica with the same key (its answer was lost): the same
+    // instance, signed again, not a second use of the token.
+    let again = on(1).join(token_join(&k1, TOKEN)).await.unwrap();
+    assert_eq!(again.instance, first.instance);
+    // A renewal on replica-2 whose answer was lost, retried on replica-3 with the same key: signed
+    // again at the same generation, not locked.
+    let k2 = KeyPair::generate().unwrap();
+    let (r2, r3) = (on(1), on(2));
+    r2.present(&first.der, &k1.serialize_der());
+    r3.present(&first.der, &k1.serialize_der());
+    let renewed = r2.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
+    let retried = r3.renew(renewal(&first.der, &k1, &k2)).await.unwrap();
+    assert_eq!((renewed.generation, retried.generation), (2, 2));
+    // The next renewal from the new certificate moves on, on yet another replica.
+    let k3 = KeyPair::generate().unwrap();
+    let r1 = on(0);
+    r1.present(&retried.der, &k2.serialize_der());
+    let third = r1.renew(renewal(&retried.der, &k2, &k3)).await.unwrap();
+    assert_eq!(third.generation, 3);
+}
+
+#[test]
+fn a_replica_with_a_wrong_or_badly_kept_key_file_refuses_to_start_and_says_why() {
+    let Some(set) = Replicas::start(1) else { return };
+    let keys = tempfile::tempdir().unwrap();
+    let run = |kek: &Path| {
+        let (dir, _) = copy_manifests("manifests/fleet/issuer", &[]);
+        let port = common::etcd::free_ports(1)[0];
+        let doc = issuer_document("intruder", port, &[], &set.etcd.endpoints_yaml(), "/tbot", kek)
+            .replace("DIR", &dir.path().display().to_string());
+        std::fs::write(dir.path().join("etc/issuer.yaml"), doc).unwrap();
+        let admin = dir.path().join("admin.sock");
+        let mut daemon = Daemon::spawn(dir, admin, &[]);
+        let status = daemon.wait();
+        assert!(!status.success(), "it must refuse to start");
+        daemon.log()
+    };
+    // Another key: the CA in etcd does not open with it.
+    let other = keys.path().join("other.kek");
+    write_kek(&other);
+    let log = run(&other);
+    assert!(
+        log.contains("cannot open the sealed key `issuer/") && log.contains("key encryption key of ID"),
+        "{log}"
+    );
+    assert!(log.contains("same `key_encryption_key_file`"), "{log}");
+    // A hex-encoded key, and a key others can read.
+    let hex = keys.path().join("hex.kek");
+    std::fs::write(
+        &hex,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&hex, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let log = run(&hex);
+    assert!(
+        log.contains("holds 65 bytes") && log.contains("head -c 32 /dev/urandom"),
+        "{log}"
+    );
+    let open = keys.path().join("open.kek");
+    std::fs::copy(&set.kek, &open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let log = run(&open);
+    assert!(
+        log.contains("readable by other users") && log.contains("chmod 600"),
+        "{log}"
+    );
+}
+
+/// Fetches X509 SVIDs from `socket` in a loop (a new connection each time) until `stop`, counting
+/// failures.
+async fn fetch_loop(socket: String, stop: Arc<std::sync::atomic::AtomicBool>) -> (usize, usize, Vec<String>) {
+    let (mut ok, mut failed, mut errors) = (0, 0, Vec::new());
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let result = async {
+            let client = spiffe::WorkloadApiClient::connect_to(&socket).await?;
+            client.fetch_x509_svid().await
+        }
+        .await;
+        match result {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                errors.push(e.to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (ok, failed, errors)
+}
+
+fn bot_expiry(status: &str) -> String {
+    status
+        .lines()
+        .find(|l| l.starts_with("bot: "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_behind_haproxy_ride_out_a_lost_replica_and_a_lost_etcd_quorum() {
+    let Some(mut set) = Replicas::start(3) else { return };
+    if set.start_haproxy().is_none() {
+        return;
+    }
+    let pin = pin(&set.status(0));
+    let lb = set.lb_port;
+    // The agent joins through haproxy and renews its bot identity every 5 s.
+    let agent = start_agent(
+        |dir| {
+            agent_config(dir, lb, &token_onboarding(TOKEN, &pin), "example-workload-identity").replace(
+                "version: v2\n",
+                "version: v2\ncredential_ttl: 1h\nrenewal_interval: 5s\n",
+            )
+        },
+        &[],
+    );
+    wait_for_socket(&agent);
+    wait_for_status(&agent, "the agent is connected", |s| s.contains("(connected)"));
+    let endpoint = agent.endpoint();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workload = tokio::spawn(fetch_loop(endpoint.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // SIGKILL the replica holding the agent's connection: the agent moves to another, its
+    // renewals continue there, and no workload notices.
+    let holder = |set: &Replicas, except: Option<usize>| {
+        (0..3)
+            .filter(|i| Some(*i) != except)
+            .find(|i| set.replicas[*i].is_some() && set.status(*i).contains("(1 agents connected)"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        if let Some(i) = holder(&set, None) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no replica lists the agent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let renewed_before = bot_expiry(&stdout(&agent.tbotctl(&["status"])));
+    let killed_at = Instant::now();
+    let (dir, admin) = set.kill(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let moved_to = loop {
+        if let Some(i) = holder(&set, Some(held)) {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not move to another replica:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let failover = killed_at.elapsed();
+    wait_for_status(&agent, "renewals continue on another replica", |s| {
+        s.contains("(connected)") && bot_expiry(s) != renewed_before
+    });
+    set.restart(held, dir, admin);
+    eprintln!(
+        "replica-{} killed; the agent moved to replica-{} in {failover:?}",
+        held + 1,
+        moved_to + 1
+    );
+
+    // A bot that joined before etcd loses quorum.
+    let c = client(format!("127.0.0.1:{lb}"), &pin);
+    let bot_key = KeyPair::generate().unwrap();
+    let bot = c.join(token_join(&bot_key, "third-token")).await.unwrap();
+    c.present(&bot.der, &bot_key.serialize_der());
+    // etcd loses quorum: a new agent's join fails naming the store; SVIDs are still issued from
+    // the replicas' memory, and the running agent's workloads notice nothing.
+    set.etcd.kill_member(1);
+    set.etcd.kill_member(2);
+    let newcomer = start_agent(
+        |dir| {
+            agent_config(
+                dir,
+                lb,
+                &token_onboarding("second-token", &pin),
+                "example-workload-identity",
+            )
+        },
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let out = stdout(&newcomer.tbotctl(&["get", "agent_config"]));
+        if out.contains("etcd") {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the newcomer's join does not name the store:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(refused.contains("the store (etcd http://127.0.0.1:"), "{refused}");
+    for _ in 0..3 {
+        let key = KeyPair::generate().unwrap();
+        let mut workload = Attributes::new();
+        workload.set("workload.unix.uid", 1000);
+        let issued = c
+            .issue_x509(X509Request {
+                bot_certificate: bot.der.clone(),
+                identity: "example-workload-identity".into(),
+                workload,
+                public_key: key.subject_public_key_info(),
+                ttl: HOUR,
+            })
+            .await;
+        assert!(issued.is_ok(), "SVIDs flow without quorum: {issued:?}");
+    }
+    // Quorum returns: the newcomer joins by itself.
+    set.etcd.start_member(1);
+    set.etcd.start_member(2);
+    set.etcd.wait_healthy();
+    wait_for_status(&newcomer, "the newcomer joins once quorum is back", |s| {
+        s.contains("(connected)") && s.contains("bot: example-bot")
+    });
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed, errors) = workload.await.unwrap();
+    assert_eq!(failed, 0, "the workload saw errors: {errors:?}");
+    assert!(ok > 20, "the workload fetched {ok} times");
+    eprintln!("{ok} fetches by the workload, 0 errors");
+}
