@@ -342,11 +342,13 @@ async fn agents_behind_haproxy_ride_out_a_lost_replica_and_a_lost_etcd_quorum() 
     wait_for_status(&agent, "renewals continue on another replica", |s| {
         s.contains("(connected)") && bot_expiry(s) != renewed_before
     });
+    let restarting = Instant::now();
     set.restart(held, dir, admin);
     eprintln!(
-        "replica-{} killed; the agent moved to replica-{} in {failover:?}",
+        "replica-{} killed; the agent moved to replica-{} in {failover:?}; the replica restarted in {:?}",
         held + 1,
-        moved_to + 1
+        moved_to + 1,
+        restarting.elapsed()
     );
 
     // A bot that joined before etcd loses quorum.
@@ -410,4 +412,40 @@ async fn agents_behind_haproxy_ride_out_a_lost_replica_and_a_lost_etcd_quorum() 
     assert_eq!(failed, 0, "the workload saw errors: {errors:?}");
     assert!(ok > 20, "the workload fetched {ok} times");
     eprintln!("{ok} fetches by the workload, 0 errors");
+}
+
+#[test]
+fn a_ca_settings_change_deployed_to_every_replica_rotates_the_ca_once() {
+    let Some(set) = Replicas::start(3) else { return };
+    let before = pin(&set.status(0));
+    // The same edit lands on all three replicas at once, as a config rollout would make it.
+    for i in 0..3 {
+        let cluster = set.get(i).daemon.dir.path().join("etc/cluster.yaml");
+        let text = std::fs::read_to_string(&cluster).unwrap();
+        save(
+            &cluster,
+            &format!("{}\nspec:\n  ca: {{key_algorithm: ed25519}}\n", text.trim_end()),
+        );
+    }
+    let pins = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter_map(|l| l.strip_prefix("CA pin: "))
+            .map(str::to_owned)
+            .collect()
+    };
+    for i in 0..3 {
+        wait_for_status(&set.get(i).daemon, "the rotation reached every replica", |s| {
+            pins(s).len() >= 2
+        });
+    }
+    // Time for a second (wrong) rotation to show, had a replica made one.
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 0..3 {
+        let status = set.status(i);
+        let now = pins(&status);
+        assert_eq!(now.len(), 2, "one rotation, not one per replica: {now:?}\n{status}");
+        assert_eq!(now[0], before, "the old CA stays in the bundle during the overlap");
+    }
+    let news: std::collections::BTreeSet<String> = (0..3).map(|i| pins(&set.status(i))[1].clone()).collect();
+    assert_eq!(news.len(), 1, "every replica signs with the same new CA: {news:?}");
 }

@@ -27,11 +27,12 @@ use crate::{Row, Scale, Unit, common, percentile};
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// An issuer host: `tbot start` on a generated directory with `tokens` single-use tokens.
-struct IssuerHost {
+pub struct IssuerHost {
     dir: tempfile::TempDir,
-    child: Child,
-    address: String,
-    pin: String,
+    pub child: Child,
+    pub address: String,
+    pub port: u16,
+    pub pin: String,
 }
 
 impl Drop for IssuerHost {
@@ -49,6 +50,11 @@ fn identity(name: &str, id: &str) -> String {
 
 impl IssuerHost {
     async fn start(tokens: usize) -> IssuerHost {
+        IssuerHost::start_with(tokens, "bench", "{type: memory}").await
+    }
+
+    /// An issuer replica `name` with `storage` (a YAML flow mapping; `DIR` is its directory).
+    pub async fn start_with(tokens: usize, name: &str, storage: &str) -> IssuerHost {
         let dir = tempfile::tempdir().unwrap();
         let etc = dir.path().join("etc");
         std::fs::create_dir(&etc).unwrap();
@@ -58,11 +64,12 @@ impl IssuerHost {
             .unwrap()
             .port();
         let admin = dir.path().join("admin.sock");
+        let storage = storage.replace("DIR", &dir.path().display().to_string());
         std::fs::write(
             etc.join("issuer.yaml"),
             format!(
-                "kind: issuer\nversion: v1\nmetadata: {{name: bench}}\nspec:\n  listen: 127.0.0.1:{port}\n  \
-                 public_addrs: [\"127.0.0.1\"]\n  storage: {{type: memory}}\n  admin_socket: {}\n",
+                "kind: issuer\nversion: v1\nmetadata: {{name: {name}}}\nspec:\n  listen: 127.0.0.1:{port}\n  \
+                 public_addrs: [\"127.0.0.1\"]\n  storage: {storage}\n  admin_socket: {}\n",
                 admin.display()
             ),
         )
@@ -108,6 +115,7 @@ impl IssuerHost {
             dir,
             child,
             address: format!("127.0.0.1:{port}"),
+            port,
             pin,
         }
     }
@@ -116,9 +124,14 @@ impl IssuerHost {
         self.dir.path().join("etc")
     }
 
-    fn settings(&self) -> RemoteSettings {
+    pub fn settings(&self) -> RemoteSettings {
+        self.settings_for(&self.address)
+    }
+
+    /// Settings for reaching this host's trust domain at `address` (another replica, a balancer).
+    pub fn settings_for(&self, address: &str) -> RemoteSettings {
         RemoteSettings {
-            address: self.address.clone(),
+            address: address.to_owned(),
             ca_pins: vec![self.pin.clone()],
             ca_path: None,
             insecure: false,
@@ -135,14 +148,20 @@ impl IssuerHost {
 }
 
 /// A simulated agent: the real issuer client, joined, with its bot credential presented.
-struct SimAgent {
-    issuer: Arc<RemoteIssuer>,
-    certificate: Vec<u8>,
+pub struct SimAgent {
+    pub issuer: Arc<RemoteIssuer>,
+    pub certificate: Vec<u8>,
+    pub key: KeyPair,
     events: watch::Receiver<Arc<PolicyEvent>>,
 }
 
 async fn join(host: &IssuerHost, i: usize) -> SimAgent {
-    let issuer = RemoteIssuer::new(host.settings(), Store::memory()).unwrap();
+    join_at(host.settings(), i).await
+}
+
+/// Joins simulated agent `i` (token `agent-i`) through `settings`.
+pub async fn join_at(settings: RemoteSettings, i: usize) -> SimAgent {
+    let issuer = RemoteIssuer::new(settings, Store::memory()).unwrap();
     // Each simulated host has its own source address, as the issuer's per-address limits expect.
     issuer.set_local_address(std::net::IpAddr::from([127, 1, (i / 250) as u8, (i % 250 + 1) as u8]));
     let key = KeyPair::generate().unwrap();
@@ -163,11 +182,12 @@ async fn join(host: &IssuerHost, i: usize) -> SimAgent {
     SimAgent {
         issuer,
         certificate: cert.der,
+        key,
         events,
     }
 }
 
-async fn issue(agent: &SimAgent, uid: u32) {
+pub async fn issue(agent: &SimAgent, uid: u32) {
     let mut workload = Attributes::new();
     workload.set("workload.unix.uid", uid);
     let key = KeyPair::generate().unwrap();
@@ -185,7 +205,7 @@ async fn issue(agent: &SimAgent, uid: u32) {
 }
 
 /// Runs `work(i)` for i in 0..n with `in_flight` at once; returns the elapsed time.
-async fn spread<F, Fut>(n: usize, in_flight: usize, work: F) -> Duration
+pub async fn spread<F, Fut>(n: usize, in_flight: usize, work: F) -> Duration
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,

@@ -6,7 +6,7 @@
 //! cargo bench --bench report                      # the whole table (release build)
 //! cargo bench --bench report -- --json FILE       # the same rows as JSON
 //! cargo bench --bench report -- --markdown FILE   # the docs page (docs/benchmarks.md)
-//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams fleet
+//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams fleet ha
 //! ```
 //!
 //! Without `--bench` (as `cargo test` and `cargo nextest` run it, as the test `smoke`) every
@@ -15,7 +15,14 @@
 mod api;
 mod common;
 mod daemon;
+// The tests' etcd cluster helper, shared (the benches use part of it).
+#[allow(dead_code)]
+#[path = "../../tests/common/etcd.rs"]
+mod etcd;
 mod fleet;
+mod ha;
+#[path = "../../tests/common/haproxy.rs"]
+mod haproxy;
 mod load;
 mod mint;
 
@@ -195,6 +202,11 @@ fn options() -> Option<Options> {
     })
 }
 
+/// A peer the `ha` section needs (etcd, haproxy) is not installed: the section is skipped.
+pub fn peer_missing(message: &str) {
+    eprintln!("skipping: {message}");
+}
+
 fn main() {
     let Some(options) = options() else { return };
     let runs = |name: &str| options.only.is_empty() || options.only.iter().any(|o| o == name);
@@ -224,6 +236,9 @@ fn main() {
     }
     if runs("fleet") {
         rows.extend(runtime.block_on(fleet::run(scale)));
+    }
+    if runs("ha") {
+        rows.extend(runtime.block_on(ha::run(scale)));
     }
     let machine = machine();
     print!("{}", table(&rows));

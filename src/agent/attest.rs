@@ -201,7 +201,7 @@ mod tests {
         };
         // The debug test binary itself can outgrow the default limit; the limit has its own test.
         let settings = AttestSettings {
-            hash_limit: u64::MAX,
+            hash_limit: 1 << 40,
             ..AttestSettings::default()
         };
         let attrs = attest(peer, &settings).unwrap();

@@ -348,7 +348,7 @@ impl Daemon {
         if !rotate.is_empty()
             && failures.is_empty()
             && let Some(issuer) = &self.issuer
-            && let Err(e) = issuer.rotate_ca().await
+            && let Err(e) = issuer.rotate_ca_for_settings().await
         {
             metrics.error("ca_rotation");
             tracing::error!(error = %e, hint = %e.hint(), "cannot rotate the CA");

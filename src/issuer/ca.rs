@@ -49,6 +49,9 @@ struct CaRecord {
     /// Set when a newer CA took over: the CA stays in the bundle until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retire_after: Option<i64>,
+    /// The validity it was made with (seconds; absent in CAs of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    validity: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,6 +266,13 @@ impl Authority {
         next.with_new_ca(backing, settings, now)
     }
 
+    /// Whether the active CA was made with `settings`: a replica applying a CA settings change that
+    /// another replica already rotated for has nothing to do.
+    pub fn active_matches(&self, settings: &CaSettings) -> bool {
+        let record = self.records.last().expect("an authority always has a CA");
+        record.algorithm == settings.algorithm.as_str() && record.validity == Some(settings.validity.as_secs())
+    }
+
     /// Drops retired CAs whose overlap has ended (in memory; then [`Authority::save`]). Returns
     /// whether the bundle changed.
     pub fn prune(&mut self, now: OffsetDateTime) -> bool {
@@ -353,6 +363,7 @@ impl Authority {
             not_after: unix(not_after),
             issued_until: unix(now),
             retire_after: None,
+            validity: Some(settings.validity.as_secs()),
         });
         next.cas.push(Arc::new(Ca {
             id,
@@ -476,10 +487,18 @@ mod tests {
         assert!(stored.value.starts_with(b"tbot-sealed-v1"));
         // Someone with write access puts another CA's certificate in place of ours.
         let other_domain = td("other.org");
-        let other = Authority::load_or_create(&backing, &other_domain, &settings, now).await.unwrap();
+        let other = Authority::load_or_create(&backing, &other_domain, &settings, now)
+            .await
+            .unwrap();
         backing
             .kv
-            .txn(vec![], vec![Op::put("issuer/example.org/ca-1.der", other.active().certificate_der().to_vec())])
+            .txn(
+                vec![],
+                vec![Op::put(
+                    "issuer/example.org/ca-1.der",
+                    other.active().certificate_der().to_vec(),
+                )],
+            )
             .await
             .unwrap();
         let Err(err) = Authority::load(&backing, &domain).await else {

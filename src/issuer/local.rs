@@ -144,7 +144,7 @@ impl State {
         if self.bots.get(&key).is_some_and(|(_, known)| *known >= revision) {
             return false;
         }
-        let newly_locked = record.locked.is_some() && !self.bots.get(&key).is_some_and(|(r, _)| r.locked.is_some());
+        let newly_locked = record.locked.is_some() && self.bots.get(&key).is_none_or(|(r, _)| r.locked.is_none());
         self.bots.insert(key, (record, revision));
         newly_locked
     }
@@ -655,6 +655,22 @@ impl LocalIssuer {
         Err(IssuerError::Unavailable(
             "ca.json keeps changing under this replica".into(),
         ))
+    }
+
+    /// Rotates the CA for the policy's CA settings, unless the active CA already has them: every
+    /// replica applies a `cluster` edit, and only the first to get there rotates (the others see its
+    /// new CA, through the store, and do nothing). Returns whether this call rotated.
+    pub async fn rotate_ca_for_settings(&self) -> Result<bool, IssuerError> {
+        self.inner.reload_authority().await;
+        let matches = {
+            let state = self.lock();
+            state.authority.active_matches(&state.policy.ca)
+        };
+        if matches {
+            return Ok(false);
+        }
+        self.rotate_ca().await?;
+        Ok(true)
     }
 
     /// Drops CAs whose overlap has ended (publishing the bundle when it changed) and forgets bot

@@ -60,32 +60,6 @@ pub fn drift(replicas: &[ReplicaRecord]) -> Vec<Drift> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn replica(name: &str, docs: &[(&str, &str)]) -> ReplicaRecord {
-        ReplicaRecord {
-            name: name.into(),
-            documents: docs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            ..ReplicaRecord::default()
-        }
-    }
-
-    #[test]
-    fn drift_lists_documents_that_differ_or_are_missing() {
-        let replicas = [
-            replica("a", &[("role/r", "1"), ("bot/b", "2"), ("token/t", "3")]),
-            replica("b", &[("role/r", "1"), ("bot/b", "9"), ("token/t", "3")]),
-            replica("c", &[("role/r", "1"), ("bot/b", "2")]),
-        ];
-        let drift = drift(&replicas);
-        let documents: Vec<&str> = drift.iter().map(|d| d.document.as_str()).collect();
-        assert_eq!(documents, ["bot/b", "token/t"]);
-        assert_eq!(drift[1].versions[2], ("c".to_string(), None));
-    }
-}
-
 /// Keeps this replica's record in the store: rewritten every [`HEARTBEAT`] on a lease of three
 /// heartbeats (a killed replica's record goes by itself), removed at once on a clean stop.
 /// `documents` gives the documents applied now.
@@ -140,5 +114,31 @@ pub async fn heartbeat(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(name: &str, docs: &[(&str, &str)]) -> ReplicaRecord {
+        ReplicaRecord {
+            name: name.into(),
+            documents: docs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..ReplicaRecord::default()
+        }
+    }
+
+    #[test]
+    fn drift_lists_documents_that_differ_or_are_missing() {
+        let replicas = [
+            replica("a", &[("role/r", "1"), ("bot/b", "2"), ("token/t", "3")]),
+            replica("b", &[("role/r", "1"), ("bot/b", "9"), ("token/t", "3")]),
+            replica("c", &[("role/r", "1"), ("bot/b", "2")]),
+        ];
+        let drift = drift(&replicas);
+        let documents: Vec<&str> = drift.iter().map(|d| d.document.as_str()).collect();
+        assert_eq!(documents, ["bot/b", "token/t"]);
+        assert_eq!(drift[1].versions[2], ("c".to_string(), None));
     }
 }

@@ -18,6 +18,13 @@ use crate::store::StoreError;
 /// How long one store call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+fn no_answer() -> String {
+    format!(
+        "no answer in {} s (are a majority of its members up and reachable?)",
+        CALL_TIMEOUT.as_secs()
+    )
+}
+
 /// Where the etcd cluster is and how to reach it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EtcdSettings {
@@ -84,9 +91,17 @@ impl EtcdKv {
     }
 
     fn unavailable(&self, e: etcd_client::Error) -> StoreError {
+        let chain = crate::error_chain(&e);
+        // A call that ran out of time is the usual sign of a cluster without quorum (or none up):
+        // say that, not the transport's wording.
+        let reason = if chain.contains("Timeout expired") || chain.contains("deadline") {
+            no_answer()
+        } else {
+            chain
+        };
         StoreError::Unavailable {
             store: self.describe.clone(),
-            reason: crate::error_chain(&e),
+            reason,
         }
     }
 
@@ -109,7 +124,7 @@ impl EtcdKv {
             Ok(result) => result.map_err(|e| self.unavailable(e)),
             Err(_) => Err(StoreError::Unavailable {
                 store: self.describe.clone(),
-                reason: format!("no answer in {} s (no quorum?)", CALL_TIMEOUT.as_secs()),
+                reason: no_answer(),
             }),
         }
     }

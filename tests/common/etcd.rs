@@ -17,6 +17,9 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
     initial: String,
+    /// Client TLS: a directory with `ca.pem`, `server.pem`/`server.key` (for 127.0.0.1) and
+    /// `client.pem`/`client.key`; clients must present a certificate the CA signed.
+    tls: Option<PathBuf>,
 }
 
 struct Member {
@@ -30,6 +33,11 @@ impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers; `None` (after `peer_missing`)
     /// when Debian's etcd is not installed.
     pub fn start(n: usize) -> Option<EtcdCluster> {
+        EtcdCluster::start_with(n, None)
+    }
+
+    /// Like [`EtcdCluster::start`], serving clients over TLS with the certificates in `tls`.
+    pub fn start_with(n: usize, tls: Option<PathBuf>) -> Option<EtcdCluster> {
         if Command::new("etcd").arg("--version").output().is_err() {
             super::peer_missing("etcd is not installed (apt-get install etcd-server); scripts/test.sh installs it");
             return None;
@@ -52,6 +60,7 @@ impl EtcdCluster {
             dir: tempfile::tempdir().unwrap(),
             members,
             initial,
+            tls,
         };
         for i in 0..n {
             cluster.start_member(i);
@@ -62,10 +71,26 @@ impl EtcdCluster {
 
     /// The client URLs, as an `issuer` document lists them.
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client))
             .collect()
+    }
+
+    /// `etcdctl` with the endpoints (and the client certificate, with TLS).
+    fn etcdctl(&self) -> Command {
+        let mut command = Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoints().join(",")]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cacert={}", tls.join("ca.pem").display()))
+                .arg(format!("--cert={}", tls.join("client.pem").display()))
+                .arg(format!("--key={}", tls.join("client.key").display()));
+        }
+        command
     }
 
     /// `["http://…", …]` for YAML.
@@ -83,9 +108,18 @@ impl EtcdCluster {
         let data = self.dir.path().join(&self.members[i].name);
         let log = std::fs::File::create(self.log_path(i)).unwrap();
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.join("server.pem").display()))
+                .arg(format!("--key-file={}", tls.join("server.key").display()))
+                .arg(format!("--trusted-ca-file={}", tls.join("ca.pem").display()))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &m.name, "--data-dir"])
             .arg(&data)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -112,10 +146,9 @@ impl EtcdCluster {
     pub fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &self.endpoints().join(","), "--command-timeout=2s"])
-                .args(["put", "/health-check", "ok"])
+            let out = self
+                .etcdctl()
+                .args(["--command-timeout=2s", "put", "/health-check", "ok"])
                 .output()
                 .expect("etcdctl runs");
             if out.status.success() {

@@ -4,7 +4,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::etcd::{EtcdCluster, free_ports};
@@ -48,7 +47,7 @@ pub struct Replicas {
     pub lb_port: u16,
     ports: Vec<u16>,
     _keys: tempfile::TempDir,
-    haproxy: Option<(Child, tempfile::TempDir)>,
+    haproxy: Option<super::haproxy::Haproxy>,
 }
 
 impl Replicas {
@@ -147,42 +146,10 @@ impl Replicas {
         stdout(&self.get(i).daemon.tbotctl(&["status"]))
     }
 
-    /// Starts haproxy on `lb_port` in front of every replica (TCP, health checks every 200 ms).
-    /// `None` when haproxy is not installed (outside CI).
+    /// Starts haproxy on `lb_port` in front of every replica. `None` when haproxy is not
+    /// installed (outside CI).
     pub fn start_haproxy(&mut self) -> Option<()> {
-        if Command::new("haproxy").arg("-v").output().is_err() {
-            super::peer_missing("haproxy is not installed (apt-get install haproxy); scripts/test.sh installs it");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let servers: String = self
-            .ports
-            .iter()
-            .enumerate()
-            .map(|(i, port)| format!("    server r{i} 127.0.0.1:{port} check inter 200ms fall 1 rise 1\n"))
-            .collect();
-        let config = format!(
-            "global\n    maxconn 2000\ndefaults\n    mode tcp\n    timeout connect 1s\n    timeout client 1h\n    \
-             timeout server 1h\n    retries 3\n    option redispatch\nfrontend issuers\n    bind 127.0.0.1:{}\n    \
-             default_backend replicas\nbackend replicas\n    balance leastconn\n{servers}",
-            self.lb_port
-        );
-        let path = dir.path().join("haproxy.cfg");
-        std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("haproxy.log")).unwrap();
-        let child = Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("haproxy starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.lb_port)).is_err() {
-            assert!(Instant::now() < deadline, "haproxy does not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.haproxy = Some((child, dir));
+        self.haproxy = Some(super::haproxy::start(self.lb_port, &self.ports)?);
         Some(())
     }
 }
@@ -205,14 +172,5 @@ pub fn wait_ready(mut replica: Replica) -> Replica {
             replica.daemon.log()
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        if let Some((mut child, _)) = self.haproxy.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 pub mod etcd;
 pub mod fleet;
 pub mod ha;
+pub mod haproxy;
 
 /// The repository root; the tests run the binaries from here so that printed paths are relative.
 pub fn root() -> PathBuf {
