@@ -241,7 +241,9 @@ echo "$STATUS" > "$WORK/status.txt"
 import datetime, json, os, sys
 work, n = sys.argv[1], int(sys.argv[2])
 t0, t1, tk, tq, tqr, tnew, ta, te = map(int, sys.argv[3:11])
-pin, pin_after, pins, refusal, used = sys.argv[11:16]
+pin, pin_after, pins = sys.argv[11:14]
+# Quoted in the page's table: no backticks inside.
+refusal, used = (m.replace("`", "'") for m in sys.argv[14:16])
 
 def pct(values, p):
     values = sorted(values)

@@ -182,6 +182,10 @@ pub async fn run(scale: Scale) -> Vec<Row> {
     let window = Duration::from_secs(scale.pick(9, 3));
     let quiet = renewals(through.clone(), ISSUERS, window, None).await;
     let killed = renewals(through, ISSUERS + RENEWERS, window, Some(replicas[1].child.id())).await;
+    assert!(
+        replicas[1].child.try_wait().unwrap().is_some(),
+        "replica-2 was SIGKILLed during the window"
+    );
     rows.push(Row::duration(
         "ha",
         format!(

@@ -337,7 +337,7 @@ fn now() -> String {
 }
 
 /// What each section measures, for the docs page.
-const SECTION_NOTES: [(&str, &str); 7] = [
+const SECTION_NOTES: [(&str, &str); 8] = [
     (
         "mint",
         "the issuer's whole path per SVID (bot certificate check, RBAC, rules, templates, certificate, signature), in process",
@@ -365,6 +365,10 @@ const SECTION_NOTES: [(&str, &str); 7] = [
     (
         "fleet",
         "the real `tbot start` as an issuer host and agents of it over the issuer API (TLS 1.3 on loopback): remote issuance against in-process minting; a remote agent's first `FetchX509SVID` message against a single-host daemon's; edit on the issuer → new SVID on a remote agent's stream; and a load generator speaking the issuer protocol as 5,000 simulated agents (each its own TLS connection, source address, bot instance and `Watch` stream) holding 10,000 SVIDs: joins per second, the issuer's CPU and memory at rest and during renewals, edit → every agent notified",
+    ),
+    (
+        "ha",
+        "three replicas (`tbot start`, `storage.type: etcd`) on a real 3-member etcd cluster (Debian's, `--unsafe-no-fsync`, on loopback) against one issuer on a storage directory, under the same clients: token joins per second and remote X509-SVID issuance; and bot renewal latency through haproxy while one replica is SIGKILLed (each renewal retried until signed), against the same with every replica up",
     ),
 ];
 
