@@ -681,3 +681,56 @@ async fn a_copy_renewing_over_the_network_locks_the_instance_and_ends_its_open_w
         .clone();
     assert!(ended.message.contains("locked"), "{ended:?}");
 }
+
+/// Over the issuer API: a renewal gives the client a new certificate, and its `Watch` stream moves
+/// to it at once (not after the 0–5 s spread that follows a dropped connection), so a policy change
+/// made just after a renewal still arrives promptly.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watch_stream_moves_to_a_renewed_certificate_at_once() {
+    use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
+    let issuer = std::sync::Arc::new(
+        LocalIssuer::open(Store::memory(), common::policy(&docs("{}", "")))
+            .await
+            .unwrap(),
+    );
+    let pin = tbot::issuer::ca::spki_pin(&issuer.current_bundles().x509_authorities[0]).unwrap();
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let serving = tbot::issuer::server::serve(
+        issuer.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        vec!["127.0.0.1".into()],
+        stop,
+    )
+    .await
+    .unwrap();
+    let settings = RemoteSettings {
+        address: serving.address.to_string(),
+        ca_pins: vec![pin],
+        ca_path: None,
+        insecure: false,
+    };
+    let client = RemoteIssuer::new(settings, Store::memory()).unwrap();
+    let mut key = KeyPair::generate().unwrap();
+    let mut cert = client.join(token_join(&key, "secret-token-1")).await.unwrap();
+    client.present(&cert.der, &key.serialize_der());
+    client.follow();
+    let mut events = client.policy_events().unwrap();
+    let mut link = client.link();
+    tokio::time::timeout(Duration::from_secs(10), link.wait_for(|l| l.connected))
+        .await
+        .expect("the Watch stream is up")
+        .unwrap();
+    for round in 0..6 {
+        let next = KeyPair::generate().unwrap();
+        cert = client.renew(renewal(&cert.der, &key, &next)).await.unwrap();
+        key = next;
+        client.present(&cert.der, &key.serialize_der());
+        events.borrow_and_update();
+        issuer.announce(["web".to_owned()].into());
+        // With a reconnect delayed by the 0–5 s spread, six rounds in a row under 2 s would be luck.
+        tokio::time::timeout(Duration::from_secs(2), events.changed())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the policy change did not arrive within 2 s of a renewal"))
+            .unwrap();
+    }
+}

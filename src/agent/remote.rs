@@ -560,7 +560,7 @@ async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
     loop {
         let Some(issuer) = weak.upgrade() else { return };
         let mut epoch = issuer.epoch.subscribe();
-        epoch.borrow_and_update();
+        let started = *epoch.borrow_and_update();
         let was_up = match issuer.watch_once(&mut revision, &mut epoch).await {
             Ok(was_up) => was_up,
             Err(e) => {
@@ -568,8 +568,10 @@ async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
                 false
             }
         };
-        // A new identity or target: reconnect at once with it.
-        if epoch.has_changed().unwrap_or(false) {
+        // A new identity (a renewal) or target: reconnect at once with it. Compared by value:
+        // `watch_once` has already seen the change (`changed()` marks it seen), so `has_changed`
+        // would say no, and every renewal would leave the agent without a stream for 0–5 s.
+        if *epoch.borrow() != started {
             backoff = BACKOFF_MIN;
             continue;
         }
