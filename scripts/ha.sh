@@ -154,6 +154,16 @@ services:
     selector: {name: example-workload-identity}
 YAML
 }
+# What agent $1's `tbotctl get agent_config` says matching the regex $2 (waits up to 20 s).
+agent_says() {
+    local said=""
+    for _ in $(seq 1 100); do
+        said=$("$BIN/tbotctl" get agent_config --dir "$WORK/agent-$1/etc" 2>/dev/null | grep -m1 -o "$2" || true)
+        [ -n "$said" ] && break
+        sleep 0.2
+    done
+    echo "$said"
+}
 T0=$(now_ms)
 for i in $(seq 1 "$N"); do
     agent_config "$i"
@@ -189,12 +199,7 @@ log "etcd member m1 killed: no quorum"
 NEW=$((N + 1))
 agent_config "$NEW"
 "$BIN/tbot" start --config-dir "$WORK/agent-$NEW/etc" > "$WORK/agent-$NEW/agent.log" 2>&1 &
-REFUSAL=""
-for _ in $(seq 1 100); do
-    REFUSAL=$("$BIN/tbotctl" get agent_config --dir "$WORK/agent-$NEW/etc" 2>/dev/null | grep -m1 -o 'the store (etcd[^;]*' || true)
-    [ -n "$REFUSAL" ] && break
-    sleep 0.2
-done
+REFUSAL=$(agent_says "$NEW" 'the store (etcd[^;]*')
 log "newcomer during quorum loss: ${REFUSAL:-no refusal seen}"
 sleep 8
 start_etcd 1; start_etcd 2
@@ -228,12 +233,7 @@ mkdir -p "$WORK/agent-$REUSE"
 agent_config "$REUSE"
 sed -i "s/token: ha-agent-$REUSE/token: ha-agent-1/" "$WORK/agent-$REUSE/etc/tbot.yaml"
 "$BIN/tbot" start --config-dir "$WORK/agent-$REUSE/etc" > "$WORK/agent-$REUSE/agent.log" 2>&1 &
-USED=""
-for _ in $(seq 1 100); do
-    USED=$("$BIN/tbotctl" get agent_config --dir "$WORK/agent-$REUSE/etc" 2>/dev/null | grep -m1 -o 'already used[^;]*' || true)
-    [ -n "$USED" ] && break
-    sleep 0.2
-done
+USED=$(agent_says "$REUSE" 'already used[^;]*')
 STATUS=$("$BIN/tbotctl" status --dir "$WORK/replica-0" || true)
 echo "$STATUS" > "$WORK/status.txt"
 

@@ -95,6 +95,26 @@ impl StoreError {
     }
 }
 
+/// The entries of directory `path` that `keep` (by name and type), as `prefix` + name, sorted; none
+/// when it does not exist.
+fn entries_of(path: &Path, prefix: &str, keep: impl Fn(&str, fs::FileType) -> bool) -> Result<Vec<String>, StoreError> {
+    let entries = match fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error("list", path)(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error("list", path))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type().is_ok_and(|kind| keep(&name, kind)) {
+            names.push(format!("{prefix}{name}"));
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.to_owned();
     move |error| StoreError::Io { action, path, error }
@@ -288,24 +308,9 @@ impl Store {
                 .filter(|(name, _)| !name[prefix.len()..].contains('/'))
                 .map(|(name, _)| name.clone())
                 .collect()),
-            Backend::Directory { root, .. } => {
-                let path = root.join(dir);
-                let entries = match fs::read_dir(&path) {
-                    Ok(entries) => entries,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-                    Err(e) => return Err(io_error("list", &path)(e)),
-                };
-                let mut names = Vec::new();
-                for entry in entries {
-                    let entry = entry.map_err(io_error("list", &path))?;
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    if !name.starts_with('.') && entry.file_type().is_ok_and(|t| t.is_file()) {
-                        names.push(format!("{prefix}{name}"));
-                    }
-                }
-                names.sort();
-                Ok(names)
-            }
+            Backend::Directory { root, .. } => entries_of(&root.join(dir), &prefix, |name, kind| {
+                !name.starts_with('.') && kind.is_file()
+            }),
         }
     }
 
@@ -325,23 +330,7 @@ impl Store {
                 dirs.dedup();
                 Ok(dirs)
             }
-            Backend::Directory { root, .. } => {
-                let path = root.join(dir);
-                let entries = match fs::read_dir(&path) {
-                    Ok(entries) => entries,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-                    Err(e) => return Err(io_error("list", &path)(e)),
-                };
-                let mut dirs = Vec::new();
-                for entry in entries {
-                    let entry = entry.map_err(io_error("list", &path))?;
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        dirs.push(format!("{prefix}{}", entry.file_name().to_string_lossy()));
-                    }
-                }
-                dirs.sort();
-                Ok(dirs)
-            }
+            Backend::Directory { root, .. } => entries_of(&root.join(dir), &prefix, |_, kind| kind.is_dir()),
         }
     }
 

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::fleet::{agent_config, start_agent, token_onboarding, wait_for_socket, wait_for_status};
 use common::ha::{Replicas, issuer_document, write_kek};
-use common::{Daemon, copy_manifests, save, stdout};
-use rcgen::{KeyPair, PublicKeyData, SigningKey};
+use common::{Daemon, copy_manifests, renewal, save, stdout, token_join};
+use rcgen::{KeyPair, PublicKeyData};
 use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
-use tbot::issuer::{Attributes, Issuer, IssuerError, JoinProof, JoinRequest, RenewRequest, X509Request};
+use tbot::issuer::{Attributes, Issuer, IssuerError, X509Request};
 use tbot::store::Store;
 
 const TOKEN: &str = "fleet-token-change-me";
@@ -35,28 +35,6 @@ fn client(address: String, pin: &str) -> Arc<RemoteIssuer> {
         insecure: false,
     };
     RemoteIssuer::new(settings, Store::memory()).unwrap()
-}
-
-fn token_join(key: &KeyPair, token: &str) -> JoinRequest {
-    JoinRequest {
-        token: token.into(),
-        public_key: key.subject_public_key_info(),
-        proof: JoinProof::Token,
-        ttl: HOUR,
-        current: None,
-        address: String::new(),
-    }
-}
-
-fn renewal(current: &[u8], current_key: &KeyPair, next: &KeyPair) -> RenewRequest {
-    let public_key = next.subject_public_key_info();
-    RenewRequest {
-        certificate: current.to_vec(),
-        proof: current_key.sign(&public_key).unwrap(),
-        public_key,
-        ttl: HOUR,
-        address: String::new(),
-    }
 }
 
 /// The PKCS#8 header of an EC P-256 private key (SEQUENCE, version 0, id-ecPublicKey): a

@@ -3,14 +3,13 @@
 
 mod common;
 
+use common::{renewal, token_join};
+
 use std::path::Path;
 use std::time::Duration;
 
-use rcgen::{KeyPair, PublicKeyData, SigningKey};
-use tbot::issuer::{
-    Attributes, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, LocalIssuer, RenewRequest,
-    X509Request,
-};
+use rcgen::{KeyPair, PublicKeyData};
+use tbot::issuer::{Attributes, IdentitySelector, Issuer, IssuerError, JwtRequest, LocalIssuer, X509Request};
 use tbot::store::Store;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::*;
@@ -66,17 +65,6 @@ async fn open(dir: &Path, text: &str) -> LocalIssuer {
     LocalIssuer::open(Store::open(dir).unwrap(), common::policy(text))
         .await
         .unwrap()
-}
-
-fn token_join(key: &KeyPair, token: &str) -> JoinRequest {
-    JoinRequest {
-        token: token.into(),
-        public_key: key.subject_public_key_info(),
-        proof: JoinProof::Token,
-        ttl: HOUR,
-        current: None,
-        address: String::new(),
-    }
 }
 
 fn workload(uid: u32) -> Attributes {
@@ -375,17 +363,6 @@ async fn jwt_svids_verify_against_the_jwks_with_an_independent_library() {
     assert!(err.to_string().contains("audience"), "{err}");
 }
 
-fn renewal(current: &[u8], current_key: &KeyPair, next: &KeyPair) -> RenewRequest {
-    let public_key = next.subject_public_key_info();
-    RenewRequest {
-        certificate: current.to_vec(),
-        proof: current_key.sign(&public_key).unwrap(),
-        public_key,
-        ttl: HOUR,
-        address: String::new(),
-    }
-}
-
 #[tokio::test]
 async fn renewals_move_the_generation_and_a_copied_identity_locks_the_bot() {
     let dir = tempfile::tempdir().unwrap();
@@ -631,28 +608,13 @@ async fn each_join_of_one_bot_is_its_own_instance_and_a_copy_locks_only_its_own(
 /// and the `Watch` stream the real holder has open ends with the lock's reason.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_renewing_over_the_network_locks_the_instance_and_ends_its_open_watch() {
-    use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
+    use tbot::agent::remote::RemoteIssuer;
     let issuer = std::sync::Arc::new(
         LocalIssuer::open(Store::memory(), common::policy(&docs("{}", "")))
             .await
             .unwrap(),
     );
-    let pin = tbot::issuer::ca::spki_pin(&issuer.current_bundles().x509_authorities[0]).unwrap();
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let serving = tbot::issuer::server::serve(
-        issuer.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-        vec!["127.0.0.1".into()],
-        stop,
-    )
-    .await
-    .unwrap();
-    let settings = RemoteSettings {
-        address: serving.address.to_string(),
-        ca_pins: vec![pin],
-        ca_path: None,
-        insecure: false,
-    };
+    let (settings, _stop) = over_the_network(&issuer).await;
     // The holder joins, renews once, and watches with its current certificate.
     let holder = RemoteIssuer::new(settings.clone(), Store::memory()).unwrap();
     let k1 = KeyPair::generate().unwrap();
@@ -687,28 +649,13 @@ async fn a_copy_renewing_over_the_network_locks_the_instance_and_ends_its_open_w
 /// made just after a renewal still arrives promptly.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_watch_stream_moves_to_a_renewed_certificate_at_once() {
-    use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
+    use tbot::agent::remote::RemoteIssuer;
     let issuer = std::sync::Arc::new(
         LocalIssuer::open(Store::memory(), common::policy(&docs("{}", "")))
             .await
             .unwrap(),
     );
-    let pin = tbot::issuer::ca::spki_pin(&issuer.current_bundles().x509_authorities[0]).unwrap();
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let serving = tbot::issuer::server::serve(
-        issuer.clone(),
-        "127.0.0.1:0".parse().unwrap(),
-        vec!["127.0.0.1".into()],
-        stop,
-    )
-    .await
-    .unwrap();
-    let settings = RemoteSettings {
-        address: serving.address.to_string(),
-        ca_pins: vec![pin],
-        ca_path: None,
-        insecure: false,
-    };
+    let (settings, _stop) = over_the_network(&issuer).await;
     let client = RemoteIssuer::new(settings, Store::memory()).unwrap();
     let mut key = KeyPair::generate().unwrap();
     let mut cert = client.join(token_join(&key, "secret-token-1")).await.unwrap();
@@ -733,4 +680,28 @@ async fn the_watch_stream_moves_to_a_renewed_certificate_at_once() {
             .unwrap_or_else(|_| panic!("round {round}: the policy change did not arrive within 2 s of a renewal"))
             .unwrap();
     }
+}
+
+/// Serves `issuer` on a loopback port: the settings of a client pinned to its CA, and the sender
+/// that stops the server (kept alive by the caller).
+async fn over_the_network(
+    issuer: &std::sync::Arc<LocalIssuer>,
+) -> (tbot::agent::remote::RemoteSettings, tokio::sync::watch::Sender<bool>) {
+    let pin = tbot::issuer::ca::spki_pin(&issuer.current_bundles().x509_authorities[0]).unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let serving = tbot::issuer::server::serve(
+        issuer.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        vec!["127.0.0.1".into()],
+        stop,
+    )
+    .await
+    .unwrap();
+    let settings = tbot::agent::remote::RemoteSettings {
+        address: serving.address.to_string(),
+        ca_pins: vec![pin],
+        ca_path: None,
+        insecure: false,
+    };
+    (settings, stop_tx)
 }

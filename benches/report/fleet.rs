@@ -147,6 +147,18 @@ impl IssuerHost {
     }
 }
 
+/// A `token` join with `key` for an hour.
+pub fn token_join(key: &KeyPair, token: String) -> JoinRequest {
+    JoinRequest {
+        token,
+        public_key: key.subject_public_key_info(),
+        proof: JoinProof::Token,
+        ttl: HOUR,
+        current: None,
+        address: String::new(),
+    }
+}
+
 /// A simulated agent: the real issuer client, joined, with its bot credential presented.
 pub struct SimAgent {
     pub issuer: Arc<RemoteIssuer>,
@@ -165,17 +177,7 @@ pub async fn join_at(settings: RemoteSettings, i: usize) -> SimAgent {
     // Each simulated host has its own source address, as the issuer's per-address limits expect.
     issuer.set_local_address(std::net::IpAddr::from([127, 1, (i / 250) as u8, (i % 250 + 1) as u8]));
     let key = KeyPair::generate().unwrap();
-    let cert = issuer
-        .join(JoinRequest {
-            token: format!("agent-{i}"),
-            public_key: key.subject_public_key_info(),
-            proof: JoinProof::Token,
-            ttl: HOUR,
-            current: None,
-            address: String::new(),
-        })
-        .await
-        .unwrap();
+    let cert = issuer.join(token_join(&key, format!("agent-{i}"))).await.unwrap();
     issuer.present(&cert.der, &key.serialize_der());
     let events = issuer.policy_events().unwrap();
     issuer.follow();
@@ -262,17 +264,7 @@ async fn issuance(scale: Scale, host: &IssuerHost) -> (Vec<Row>, f64) {
     // The floor: the same issuance in process (new key + `issue_x509`), measured now.
     let local = common::issuer(&identity("svc", "/uid/{{workload.unix.uid}}"), Store::memory()).await;
     let key = KeyPair::generate().unwrap();
-    let bot = local
-        .join(JoinRequest {
-            token: "bench-token".into(),
-            public_key: key.subject_public_key_info(),
-            proof: JoinProof::Token,
-            ttl: HOUR,
-            current: None,
-            address: String::new(),
-        })
-        .await
-        .unwrap();
+    let bot = local.join(token_join(&key, "bench-token".into())).await.unwrap();
     let start = Instant::now();
     for i in 0..n {
         let mut workload = Attributes::new();

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
 use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
-use tbot::issuer::{Issuer, JoinProof, JoinRequest, RenewRequest};
+use tbot::issuer::{Issuer, RenewRequest};
 use tbot::store::Store;
 
 use crate::etcd::EtcdCluster;
-use crate::fleet::{IssuerHost, SimAgent, issue, join_at, spread};
+use crate::fleet::{IssuerHost, SimAgent, issue, join_at, spread, token_join};
 use crate::{Row, Scale, haproxy, percentile};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -37,14 +37,7 @@ async fn measure(host: &IssuerHost, addresses: &[String], joins: usize, n: usize
         async move {
             let key = KeyPair::generate().unwrap();
             client(settings, FIRST_JOIN + i)
-                .join(JoinRequest {
-                    token: format!("agent-{}", FIRST_JOIN + i),
-                    public_key: key.subject_public_key_info(),
-                    proof: JoinProof::Token,
-                    ttl: HOUR,
-                    current: None,
-                    address: String::new(),
-                })
+                .join(token_join(&key, format!("agent-{}", FIRST_JOIN + i)))
                 .await
                 .unwrap();
         }

@@ -263,24 +263,16 @@ pub async fn migrate_ledgers(backing: &Backing, dir: &str) -> Result<(), IssuerE
     if old_bots.is_none() && old_tokens.is_none() {
         return Ok(());
     }
-    for (key, consumed) in old_tokens.map(|(t, _)| t).unwrap_or_default() {
-        let name = token_record_key(dir, &key);
+    let records = (old_tokens.map(|(t, _)| t).unwrap_or_default().into_iter())
+        .map(|(key, consumed)| (token_record_key(dir, &key), json(&consumed)))
+        .chain(
+            (old_bots.map(|(b, _)| b).unwrap_or_default().into_iter())
+                .map(|(key, record)| (bot_record_key(dir, &key), json(&record))),
+        );
+    for (name, value) in records {
         backing
             .kv
-            .txn(
-                vec![Condition::Absent(name.clone())],
-                vec![Op::put(&name, json(&consumed))],
-            )
-            .await?;
-    }
-    for (key, record) in old_bots.map(|(b, _)| b).unwrap_or_default() {
-        let name = bot_record_key(dir, &key);
-        backing
-            .kv
-            .txn(
-                vec![Condition::Absent(name.clone())],
-                vec![Op::put(&name, json(&record))],
-            )
+            .txn(vec![Condition::Absent(name.clone())], vec![Op::put(&name, value)])
             .await?;
     }
     backing

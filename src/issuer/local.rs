@@ -245,6 +245,24 @@ async fn read_record(backing: &Backing, file: &str) -> Result<(BotRecord, i64), 
     Ok(backing.get_json::<BotRecord>(file).await?.unwrap_or_default())
 }
 
+/// Writes a bot instance's record if it is still at `revision` (0: absent): the revision written,
+/// or `None` when someone else wrote it since (read again and decide again).
+async fn put_if_unchanged(
+    backing: &Backing,
+    file: &str,
+    revision: i64,
+    record: &BotRecord,
+) -> Result<Option<i64>, IssuerError> {
+    let (written, at) = backing
+        .kv
+        .txn(
+            vec![Condition::ModRevision(file.to_owned(), revision)],
+            vec![Op::put(file, json(record))],
+        )
+        .await?;
+    Ok(written.then_some(at))
+}
+
 /// Every bot instance record under `dir`, and the revision of the read.
 async fn load_bots(backing: &Backing, dir: &str) -> Result<(BTreeMap<String, (BotRecord, i64)>, i64), IssuerError> {
     let (entries, revision) = backing.kv.list(&format!("{dir}/bots/")).await?;
@@ -865,16 +883,9 @@ impl LocalIssuer {
                     locked: Some(reason.clone()),
                     ..record
                 };
-                let (written, at) = backing
-                    .kv
-                    .txn(
-                        vec![Condition::ModRevision(file.clone(), revision)],
-                        vec![Op::put(&file, json(&locked))],
-                    )
-                    .await?;
-                if !written {
+                let Some(at) = put_if_unchanged(backing, &file, revision, &locked).await? else {
                     continue;
-                }
+                };
                 self.lock().remember(instance, locked, at);
                 self.inner.locks.send_modify(|n| *n += 1);
                 return Err(IssuerError::Locked { bot, reason });
@@ -902,16 +913,9 @@ impl LocalIssuer {
                 key: Some(key.clone()),
                 replaced: Some((generation - 1, (now() + REPLACED_GRACE).unix_timestamp())),
             };
-            let (written, at) = backing
-                .kv
-                .txn(
-                    vec![Condition::ModRevision(file.clone(), revision)],
-                    vec![Op::put(&file, json(&next))],
-                )
-                .await?;
-            if !written {
+            let Some(at) = put_if_unchanged(backing, &file, revision, &next).await? else {
                 continue;
-            }
+            };
             self.lock().remember(instance, next, at);
             let claims = BotClaims {
                 roles,
@@ -1001,16 +1005,9 @@ impl LocalIssuer {
                 key: Some(key_digest(&request.public_key)),
                 replaced: None,
             };
-            let (written, at) = backing
-                .kv
-                .txn(
-                    vec![Condition::ModRevision(file.clone(), revision)],
-                    vec![Op::put(&file, json(&record))],
-                )
-                .await?;
-            if !written {
+            let Some(at) = put_if_unchanged(backing, &file, revision, &record).await? else {
                 continue;
-            }
+            };
             self.lock().remember(key, record, at);
             let claims = BotClaims {
                 bot,

@@ -71,6 +71,32 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
+/// A `token` join with `key` (an hour's certificate), as an agent makes it.
+pub fn token_join(key: &rcgen::KeyPair, token: &str) -> tbot::issuer::JoinRequest {
+    use rcgen::PublicKeyData;
+    tbot::issuer::JoinRequest {
+        token: token.into(),
+        public_key: key.subject_public_key_info(),
+        proof: tbot::issuer::JoinProof::Token,
+        ttl: Duration::from_secs(3600),
+        current: None,
+        address: String::new(),
+    }
+}
+
+/// A renewal of `current` (held with `current_key`) for the new key `next`, signed as an agent signs it.
+pub fn renewal(current: &[u8], current_key: &rcgen::KeyPair, next: &rcgen::KeyPair) -> tbot::issuer::RenewRequest {
+    use rcgen::{PublicKeyData, SigningKey};
+    let public_key = next.subject_public_key_info();
+    tbot::issuer::RenewRequest {
+        certificate: current.to_vec(),
+        proof: current_key.sign(&public_key).unwrap(),
+        public_key,
+        ttl: Duration::from_secs(3600),
+        address: String::new(),
+    }
+}
+
 /// Runs `openssl` with `args`; panics with its output when it fails.
 pub fn openssl(args: &[&str]) -> String {
     let out = Command::new("openssl").args(args).output().expect("openssl runs");
