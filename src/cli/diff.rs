@@ -130,7 +130,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         }
         Some((StorageType::Memory, _)) => (
             None,
-            "This agent keeps its state in memory, so nothing applied is recorded on disk: every object is shown as new."
+            "No daemon answers, and this one keeps what it applied in memory (`memory` storage, or an etcd replica): every object is shown as new."
                 .to_owned(),
         ),
         None => (None, "There is no agent config among these documents: every object is new.".to_owned()),

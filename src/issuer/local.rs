@@ -386,7 +386,7 @@ impl Inner {
 
     /// Applies the store's changes (own writes and other replicas') to memory.
     async fn apply(&self, events: Vec<Event>) {
-        let (dir, ca_key, jwt_revision) = {
+        let (dir, ca_key, ca_revision) = {
             let state = self.lock();
             (
                 state.dir(),
@@ -401,7 +401,7 @@ impl Inner {
             for event in events {
                 let key = event.key().to_owned();
                 if key == ca_key {
-                    reload_ca |= event.revision() > jwt_revision;
+                    reload_ca |= event.revision() > ca_revision;
                 } else if let Some(instance) = instance_of_record(&dir, &key) {
                     match event {
                         Event::Put(entry) => match self.backing.decode::<BotRecord>(&key, &entry.value) {
