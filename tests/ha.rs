@@ -427,3 +427,44 @@ fn a_ca_settings_change_deployed_to_every_replica_rotates_the_ca_once() {
     let news: std::collections::BTreeSet<String> = (0..3).map(|i| pins(&set.status(i))[1].clone()).collect();
     assert_eq!(news.len(), 1, "every replica signs with the same new CA: {news:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn behind_haproxy_with_the_proxy_protocol_agents_are_seen_at_their_own_addresses() {
+    let Some(mut set) = Replicas::start_with(3, true) else {
+        return;
+    };
+    if set.start_haproxy().is_none() {
+        return;
+    }
+    let pin = pin(&set.status(0));
+    // An agent from its own address joins through haproxy, which sends a PROXY v2 header.
+    let remote = client(format!("127.0.0.1:{}", set.lb_port), &pin);
+    remote.set_local_address("127.3.0.7".parse().unwrap());
+    let key = KeyPair::generate().unwrap();
+    let joined = remote.join(token_join(&key, TOKEN)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = stdout(&set.get(0).daemon.tbotctl(&["get", "bot/example-bot"]));
+        if out.contains(&joined.instance) {
+            assert!(
+                out.contains("127.3.0.7:"),
+                "the agent's own address, not haproxy's:\n{out}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the instance never showed:\n{out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A connection straight to a replica, without the header, is refused, and the log says why.
+    let direct = client(format!("127.0.0.1:{}", set.get(1).port), &pin);
+    let err = direct
+        .join(token_join(&KeyPair::generate().unwrap(), "second-token"))
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let log = set.get(1).daemon.log();
+    assert!(
+        log.contains("does not start with a PROXY protocol v2 header") && log.contains("send-proxy-v2"),
+        "{log}"
+    );
+}

@@ -693,6 +693,7 @@ async fn over_the_network(
         issuer.clone(),
         "127.0.0.1:0".parse().unwrap(),
         vec!["127.0.0.1".into()],
+        false,
         stop,
     )
     .await

@@ -168,7 +168,7 @@ pub async fn run(scale: Scale) -> Vec<Row> {
     ];
     let lb = crate::etcd::free_ports(1)[0];
     let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
-    let Some(_balancer) = haproxy::start(lb, &ports) else {
+    let Some(_balancer) = haproxy::start(lb, &ports, false) else {
         return rows;
     };
     let through = replicas[0].settings_for(&format!("127.0.0.1:{lb}"));

@@ -1007,6 +1007,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
             issuer.clone(),
             doc.spec.listen,
             doc.serving_names(),
+            doc.spec.proxy_protocol,
             admin_stop_rx.clone(),
         )
         .await

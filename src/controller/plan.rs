@@ -373,6 +373,7 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
             ("issuer.spec.public_addrs", old.public_addrs != new.public_addrs),
             ("issuer.spec.storage", old.storage != new.storage),
             ("issuer.spec.admin_socket", old.admin_socket != new.admin_socket),
+            ("issuer.spec.proxy_protocol", old.proxy_protocol != new.proxy_protocol),
         ] {
             if differs {
                 step(Action::RestartRequired { field: field.into() }, vec![r.clone()]);

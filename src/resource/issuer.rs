@@ -55,6 +55,12 @@ pub struct IssuerSpec {
     pub public_addrs: Vec<String>,
     /// Where the CA, JWT key and ledgers are kept.
     pub storage: IssuerStorage,
+    /// Every connection comes through a TCP balancer that sends a PROXY protocol v2 header
+    /// (haproxy `send-proxy-v2`, AWS NLB proxy protocol v2): the agent's address is read from it,
+    /// for the per-address join limit and `tbotctl get bot`. Only with every path through such a
+    /// balancer: a direct connection is refused, and a header from anyone else would be believed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
     /// Path of the admin socket `tbotctl` talks to; defaults to `<storage path>/admin.sock` (an
     /// agent config in the same directory names it instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -46,6 +46,8 @@ pub struct Replicas {
     /// The load balancer's port (haproxy, when started).
     pub lb_port: u16,
     ports: Vec<u16>,
+    /// The replicas read a PROXY v2 header on every connection (and haproxy sends one).
+    proxy_protocol: bool,
     _keys: tempfile::TempDir,
     haproxy: Option<super::haproxy::Haproxy>,
 }
@@ -54,6 +56,11 @@ impl Replicas {
     /// Starts a 3-member etcd and `n` replicas at once (they race to create the CA). `None` when
     /// etcd is not installed (outside CI).
     pub fn start(n: usize) -> Option<Replicas> {
+        Replicas::start_with(n, false)
+    }
+
+    /// Like [`Replicas::start`], with `issuer.spec.proxy_protocol` set as given.
+    pub fn start_with(n: usize, proxy_protocol: bool) -> Option<Replicas> {
         let etcd = EtcdCluster::start(3)?;
         let keys = tempfile::tempdir().unwrap();
         let kek = keys.path().join("issuer.kek");
@@ -67,6 +74,7 @@ impl Replicas {
             prefix: "/tbot".into(),
             lb_port,
             ports,
+            proxy_protocol,
             _keys: keys,
             haproxy: None,
         };
@@ -101,7 +109,7 @@ impl Replicas {
             })
             .collect();
         std::fs::write(dir.path().join("etc/more-tokens.yaml"), tokens).unwrap();
-        let document = issuer_document(
+        let mut document = issuer_document(
             &name,
             port,
             &public,
@@ -110,6 +118,9 @@ impl Replicas {
             &self.kek,
         )
         .replace("DIR", &dir.path().display().to_string());
+        if self.proxy_protocol {
+            document.push_str("  proxy_protocol: true\n");
+        }
         std::fs::write(dir.path().join("etc/issuer.yaml"), document).unwrap();
         let admin = dir.path().join("admin.sock");
         Replica {
@@ -149,7 +160,7 @@ impl Replicas {
     /// Starts haproxy on `lb_port` in front of every replica. `None` when haproxy is not
     /// installed (outside CI).
     pub fn start_haproxy(&mut self) -> Option<()> {
-        self.haproxy = Some(super::haproxy::start(self.lb_port, &self.ports)?);
+        self.haproxy = Some(super::haproxy::start(self.lb_port, &self.ports, self.proxy_protocol)?);
         Some(())
     }
 }

@@ -10,8 +10,9 @@ pub struct Haproxy {
 }
 
 /// Starts haproxy on 127.0.0.1:`port` balancing over 127.0.0.1:`backends`; `None` (after
-/// `peer_missing`) when haproxy is not installed.
-pub fn start(port: u16, backends: &[u16]) -> Option<Haproxy> {
+/// `peer_missing`) when haproxy is not installed. With `send_proxy`, every connection to a backend
+/// (health checks too) starts with a PROXY protocol v2 header.
+pub fn start(port: u16, backends: &[u16], send_proxy: bool) -> Option<Haproxy> {
     if Command::new("haproxy").arg("-v").output().is_err() {
         super::peer_missing("haproxy is not installed (apt-get install haproxy); scripts/test.sh installs it");
         return None;
@@ -20,7 +21,14 @@ pub fn start(port: u16, backends: &[u16]) -> Option<Haproxy> {
     let servers: String = backends
         .iter()
         .enumerate()
-        .map(|(i, port)| format!("    server r{i} 127.0.0.1:{port} check inter 200ms fall 1 rise 1\n"))
+        .map(|(i, port)| {
+            let proxy = if send_proxy {
+                " send-proxy-v2 check-send-proxy"
+            } else {
+                ""
+            };
+            format!("    server r{i} 127.0.0.1:{port} check inter 200ms fall 1 rise 1{proxy}\n")
+        })
         .collect();
     let config = format!(
         "global\n    maxconn 4000\ndefaults\n    mode tcp\n    timeout connect 1s\n    timeout client 1h\n    \

@@ -4,6 +4,7 @@
 //! decisions are the in-process issuer's: this module only carries them.
 
 pub mod limits;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
@@ -547,11 +548,13 @@ pub struct Serving {
 }
 
 /// Binds `listen`, makes the serving certificate for `names`, and serves until `stop` turns true.
-/// The serving certificate is re-made when the CA changes and at half its life.
+/// The serving certificate is re-made when the CA changes and at half its life. With
+/// `proxy_protocol`, every connection starts with a PROXY v2 header naming the agent's address.
 pub async fn serve(
     issuer: Arc<LocalIssuer>,
     listen: SocketAddr,
     names: Vec<String>,
+    proxy_protocol: bool,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Serving, String> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -579,7 +582,7 @@ pub async fn serve(
     }
     let api = IssuerApi::new(issuer);
     let sessions = api.sessions();
-    let incoming = tls::incoming(listener, config);
+    let incoming = tls::incoming(listener, config, proxy_protocol);
     let max = limits::MAX_MESSAGE_BYTES;
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -213,12 +213,16 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections and completes their TLS handshakes off the accept loop (a slow client
 /// cannot hold up the others); handshakes that fail are logged at debug level and dropped.
-pub fn incoming(listener: TcpListener, config: rustls::ServerConfig) -> ReceiverStream<io::Result<TlsConn>> {
+pub fn incoming(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    proxy_protocol: bool,
+) -> ReceiverStream<io::Result<TlsConn>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let (tcp, address) = match listener.accept().await {
+            let (mut tcp, peer) = match listener.accept().await {
                 Ok(pair) => pair,
                 Err(e) => {
                     tracing::warn!(error = %e, "issuer API: accept failed");
@@ -232,8 +236,28 @@ pub fn incoming(listener: TcpListener, config: rustls::ServerConfig) -> Receiver
             }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(io)) => {
+                let handshake = async {
+                    // Behind a balancer that speaks the PROXY protocol, the agent's address comes first.
+                    let address = if proxy_protocol {
+                        match super::proxy::read_header(&mut tcp).await {
+                            Ok(from) => from.unwrap_or(peer),
+                            Err(e) => {
+                                return Err(format!(
+                                    "{e} (from {peer}; `issuer.spec.proxy_protocol` is on: does the balancer send it, haproxy's `send-proxy-v2`?)"
+                                ));
+                            }
+                        }
+                    } else {
+                        peer
+                    };
+                    let io = acceptor
+                        .accept(tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                    Ok((io, address))
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(Ok((io, address))) => {
                         let certificate = io
                             .get_ref()
                             .1
@@ -247,8 +271,11 @@ pub fn incoming(listener: TcpListener, config: rustls::ServerConfig) -> Receiver
                             }))
                             .await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%address, error = %e, "issuer API: TLS handshake failed"),
-                    Err(_) => tracing::debug!(%address, "issuer API: TLS handshake timed out"),
+                    Ok(Err(e)) if proxy_protocol && e.contains("PROXY") => {
+                        tracing::warn!(%peer, error = %e, "issuer API: connection refused");
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "issuer API: connection dropped"),
+                    Err(_) => tracing::debug!(%peer, "issuer API: handshake timed out"),
                 }
             });
         }
