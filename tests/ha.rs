@@ -468,3 +468,24 @@ async fn behind_haproxy_with_the_proxy_protocol_agents_are_seen_at_their_own_add
         "{log}"
     );
 }
+
+#[test]
+fn two_replicas_given_one_name_are_reported_on_every_replica() {
+    let Some(set) = Replicas::start(2) else { return };
+    // A third process, deployed with replica-1's `issuer` document name.
+    let (dir, _) = copy_manifests("manifests/fleet/issuer", &[]);
+    let port = common::etcd::free_ports(1)[0];
+    let doc = issuer_document("replica-1", port, &[], &set.etcd.endpoints_yaml(), "/tbot", &set.kek)
+        .replace("DIR", &dir.path().display().to_string());
+    std::fs::write(dir.path().join("etc/issuer.yaml"), doc).unwrap();
+    let admin = dir.path().join("admin.sock");
+    let _twin = Daemon::spawn(dir, admin, &[]);
+    let status = wait_for_status(&set.get(1).daemon, "the name clash shows on replica-2", |s| {
+        s.contains("WARNING: replica-1 is claimed by two processes")
+    });
+    assert!(status.contains("give each replica its own `metadata.name`"), "{status}");
+    assert!(
+        !set.get(1).daemon.tbotctl(&["status"]).status.success(),
+        "status exits non-zero"
+    );
+}

@@ -367,6 +367,7 @@ fn replica(r: &crate::issuer::replicas::ReplicaRecord, this: &str) -> Replica {
         heartbeat,
         ready: r.ready,
         this: r.name == this,
+        conflict: r.conflict.clone(),
     }
 }
 

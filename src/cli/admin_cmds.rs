@@ -414,7 +414,8 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
     }
     println!("objects: {} ({} not ready)", s.objects, s.not_ready);
     print_file_errors(&s.file_errors);
-    if s.not_ready == 0 && s.file_errors.is_empty() && s.drift.is_empty() {
+    let conflicts = s.replicas.iter().any(|r| !r.conflict.is_empty());
+    if s.not_ready == 0 && s.file_errors.is_empty() && s.drift.is_empty() && !conflicts {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -450,6 +451,12 @@ fn print_replicas(replicas: &[crate::admin::proto::Replica], drift: &[crate::adm
         })
         .collect();
     print_table("  ", ["NAME", "ADDRESS", "STARTED", "LAST HEARTBEAT", "READY"], &rows);
+    for r in replicas.iter().filter(|r| !r.conflict.is_empty()) {
+        println!(
+            "  WARNING: {} is claimed by two processes ({} and another): give each replica its own `metadata.name`",
+            r.name, r.conflict
+        );
+    }
     if drift.is_empty() {
         println!("documents: the same on every replica");
         return;

@@ -27,6 +27,31 @@ pub struct ReplicaRecord {
     /// `kind/name` → canonical hash of every cluster-side document it applies (not its `issuer`
     /// document, which differs per replica by design).
     pub documents: BTreeMap<String, String>,
+    /// Another live process records itself under the same name (`host:pid at address`): two
+    /// replicas were given one `metadata.name`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub conflict: String,
+}
+
+/// The host part of a record's `process` (`host:pid`).
+fn host_of(process: &str) -> &str {
+    process.rsplit_once(':').map_or(process, |(host, _)| host)
+}
+
+/// Whether `found`, read where `mine` is about to be written, belongs to another live process:
+/// written since our last beat (`last`, Unix seconds; 0 before the first) by another process — on
+/// the first beat, another host's record that is still fresh (the same host's is this replica's
+/// previous life, restarted).
+fn other_process(mine: &ReplicaRecord, found: &ReplicaRecord, last: i64, now: i64) -> bool {
+    if found.process == mine.process {
+        return false;
+    }
+    let fresh = now - found.heartbeat < 3 * HEARTBEAT.as_secs() as i64;
+    if last == 0 {
+        fresh && host_of(&found.process) != host_of(&mine.process)
+    } else {
+        found.heartbeat >= last
+    }
 }
 
 /// The store key of a replica's record.
@@ -73,12 +98,33 @@ pub async fn heartbeat(
     let kv = issuer.backing().kv.clone();
     let mut lease = 0i64;
     let mut failing = false;
+    // When our last beat was written (Unix seconds; 0: none yet).
+    let mut last = 0i64;
     loop {
         let dir = format!("issuer/{}", issuer.policy().trust_domain.as_str());
         record.heartbeat = time::OffsetDateTime::now_utc().unix_timestamp();
         record.documents = documents();
         record.ready = true;
+        let key = record_key(&dir, &record.name);
         let beat = async {
+            // Someone else writing under our name: say so in the record (every replica's status
+            // shows it) and in the log.
+            if let Some(entry) = kv.get(&key).await?
+                && let Ok(found) = serde_json::from_slice::<ReplicaRecord>(&entry.value)
+            {
+                let conflict = if other_process(&record, &found, last, record.heartbeat) {
+                    format!("{} at {}", found.process, found.address)
+                } else {
+                    String::new()
+                };
+                if !conflict.is_empty() && record.conflict.is_empty() {
+                    tracing::error!(replica = %record.name, other = %conflict,
+                        "another process records itself as this replica: give each replica its own `metadata.name` in its `issuer` document");
+                }
+                if !conflict.is_empty() || found.process == record.process {
+                    record.conflict = conflict;
+                }
+            }
             if lease == 0 || kv.keep_alive(lease).await.is_err() {
                 lease = kv.grant(HEARTBEAT * 3).await?;
             }
@@ -86,14 +132,18 @@ pub async fn heartbeat(
             kv.txn(
                 vec![],
                 vec![Op::Put {
-                    key: record_key(&dir, &record.name),
+                    key: key.clone(),
                     value,
                     lease,
                 }],
             )
             .await
         };
-        match beat.await {
+        let result = beat.await;
+        if result.is_ok() {
+            last = record.heartbeat;
+        }
+        match result {
             Ok(_) if failing => {
                 tracing::info!(replica = %record.name, "the replica's heartbeat reaches the store again");
                 failing = false;
@@ -127,6 +177,25 @@ mod tests {
             documents: docs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..ReplicaRecord::default()
         }
+    }
+
+    #[test]
+    fn another_process_under_the_same_name_is_told_from_a_restart() {
+        let record = |process: &str, heartbeat: i64| ReplicaRecord {
+            name: "issuer-1".into(),
+            process: process.into(),
+            heartbeat,
+            ..ReplicaRecord::default()
+        };
+        let me = record("host-a:200", 1000);
+        // First beat: the same host's fresh record is this replica before a restart.
+        assert!(!other_process(&me, &record("host-a:100", 995), 0, 1000));
+        // First beat: another host's fresh record is another replica; a stale one is not.
+        assert!(other_process(&me, &record("host-b:100", 995), 0, 1000));
+        assert!(!other_process(&me, &record("host-b:100", 900), 0, 1000));
+        // Later: anyone else who wrote since our last beat.
+        assert!(other_process(&me, &record("host-a:300", 1003), 1000, 1005));
+        assert!(!other_process(&me, &record("host-a:200", 1003), 1000, 1005));
     }
 
     #[test]
