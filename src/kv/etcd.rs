@@ -18,6 +18,23 @@ use crate::store::StoreError;
 /// How long one store call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The pause before trying a call again after an election or a lost member.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Errors worth one more try: no leader yet, or the member the call went to is gone.
+fn retriable(chain: &str) -> bool {
+    [
+        "leader changed",
+        "no leader",
+        "tcp connect error",
+        "Connection refused",
+        "connection reset",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|sign| chain.contains(sign))
+}
+
 fn no_answer() -> String {
     format!(
         "no answer in {} s (are a majority of its members up and reachable?)",
@@ -118,6 +135,36 @@ impl EtcdKv {
         }
     }
 
+    /// Runs `call` (on a fresh handle each time) until it answers or the deadline passes, trying
+    /// again after the errors a leader election or a lost member gives: the request reached no
+    /// leader, or its member is gone. Safe for the issuer's writes, which are conditional and
+    /// recognise their own retries.
+    async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, call(self.client.clone())).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(e))
+                    if retriable(&crate::error_chain(&e)) && tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Ok(Err(e)) => return Err(self.unavailable(e)),
+                Err(_) => {
+                    return Err(StoreError::Unavailable {
+                        store: self.describe.clone(),
+                        reason: no_answer(),
+                    });
+                }
+            }
+        }
+    }
+
     /// Runs a call with the deadline (a watch or keep-alive stream has none of its own).
     async fn timed<T>(&self, call: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, StoreError> {
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
@@ -137,15 +184,23 @@ impl Kv for EtcdKv {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let mut client = self.client.clone();
-        let response = self.timed(client.get(self.full(key), None)).await?;
+        let key = self.full(key);
+        let response = self
+            .retrying(|mut client| {
+                let key = key.clone();
+                async move { client.get(key, None).await }
+            })
+            .await?;
         Ok(response.kvs().first().map(|kv| self.entry(kv)))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Entry>, i64), StoreError> {
-        let mut client = self.client.clone();
+        let prefix = self.full(prefix);
         let response = self
-            .timed(client.get(self.full(prefix), Some(GetOptions::new().with_prefix())))
+            .retrying(|mut client| {
+                let prefix = prefix.clone();
+                async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         let revision = response.header().map_or(0, |h| h.revision());
         Ok((response.kvs().iter().map(|kv| self.entry(kv)).collect(), revision))
@@ -173,8 +228,13 @@ impl Kv for EtcdKv {
                 Op::Delete(key) => TxnOp::delete(self.full(&key), None),
             })
             .collect();
-        let mut client = self.client.clone();
-        let response = self.timed(client.txn(Txn::new().when(compares).and_then(ops))).await?;
+        let txn = Txn::new().when(compares).and_then(ops);
+        let response = self
+            .retrying(|mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
+            })
+            .await?;
         Ok((response.succeeded(), response.header().map_or(0, |h| h.revision())))
     }
 
@@ -257,9 +317,9 @@ impl Kv for EtcdKv {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
-        let mut client = self.client.clone();
+        let seconds = ttl.as_secs().max(1) as i64;
         let response = self
-            .timed(client.lease_grant(ttl.as_secs().max(1) as i64, None))
+            .retrying(|mut client| async move { client.lease_grant(seconds, None).await })
             .await?;
         Ok(response.id())
     }
