@@ -1022,25 +1022,18 @@ pub async fn run(options: StartOptions) -> ExitCode {
                 }
                 sessions = Some(serving.sessions);
                 if !issuer.backing().local {
+                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                    let host = host.trim();
                     let record = crate::issuer::replicas::ReplicaRecord {
                         name: doc.metadata.name.to_string(),
-                        // Its own address: the listen address, unless that is a wildcard.
+                        // Its own address: the listen address, or this host's name and the port
+                        // when that is a wildcard (`public_addrs` name the balancer).
                         address: if serving.address.ip().is_unspecified() {
-                            doc.spec
-                                .public_addrs
-                                .first()
-                                .cloned()
-                                .unwrap_or_else(|| serving.address.to_string())
+                            format!("{host}:{}", serving.address.port())
                         } else {
                             serving.address.to_string()
                         },
-                        process: format!(
-                            "{}:{}",
-                            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                                .unwrap_or_default()
-                                .trim(),
-                            std::process::id()
-                        ),
+                        process: format!("{host}:{}", std::process::id()),
                         started: time::OffsetDateTime::now_utc()
                             .format(&time::format_description::well_known::Rfc3339)
                             .unwrap_or_default(),
