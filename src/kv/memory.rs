@@ -193,8 +193,12 @@ impl Inner {
         self.revision = revision;
         self.history.extend(events.iter().cloned());
         if self.history.len() > HISTORY {
-            let cut = self.history.len() - HISTORY / 2;
-            self.compacted = self.history[cut].revision();
+            // Cut at a revision boundary: a revision's events are kept whole or not at all.
+            let mut cut = self.history.len() - HISTORY / 2;
+            while cut < self.history.len() && self.history[cut].revision() == self.history[cut - 1].revision() {
+                cut += 1;
+            }
+            self.compacted = self.history.get(cut).map_or(self.revision + 1, Event::revision);
             self.history.drain(..cut);
         }
         self.watchers.retain(|w| {
@@ -356,5 +360,33 @@ impl Kv for MemoryKv {
             inner.history.retain(|e| e.revision() >= compacted);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn history_is_trimmed_at_revision_boundaries() {
+        let kv = MemoryKv::new();
+        // Revisions of two events each, past the history bound.
+        for i in 0..(HISTORY / 2 + 10) {
+            kv.txn(
+                vec![],
+                vec![Op::put(format!("a/{i}"), "x"), Op::put(format!("b/{i}"), "y")],
+            )
+            .await
+            .unwrap();
+        }
+        let inner = kv.lock();
+        assert!(inner.history.len() <= HISTORY);
+        let first = inner.history[0].revision();
+        assert_eq!(first, inner.compacted);
+        assert_eq!(
+            inner.history.iter().filter(|e| e.revision() == first).count(),
+            2,
+            "the oldest revision kept is whole"
+        );
     }
 }
