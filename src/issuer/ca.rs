@@ -304,15 +304,18 @@ impl Authority {
     }
 
     /// Takes what another writer saved (a newer `ca.json` with the same CAs) while keeping this
-    /// copy's later `issued_until`: the two replicas' notes merge.
+    /// copy's later `issued_until`: the two replicas' notes merge, and the result still needs a
+    /// save exactly when this copy knew of a later one than the store.
     pub fn merge_from(&mut self, newer: Authority) {
         let mut newer = newer;
         for record in &mut newer.records {
-            if let Some(mine) = self.records.iter().find(|r| r.id == record.id) {
-                record.issued_until = record.issued_until.max(mine.issued_until);
+            if let Some(mine) = self.records.iter().find(|r| r.id == record.id)
+                && mine.issued_until > record.issued_until
+            {
+                record.issued_until = mine.issued_until;
+                newer.unsaved = true;
             }
         }
-        newer.unsaved = self.unsaved;
         *self = newer;
     }
 

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
+use x509_parser::prelude::FromDer;
 
 use super::backing::{Backing, json};
 use super::bots::{
@@ -29,7 +30,7 @@ use super::bots::{
 use super::ca::Authority;
 use super::decide::{self, Attributes, Decision};
 use super::jwt::JwtKey;
-use super::replicas::ReplicaRecord;
+use super::replicas::{self, ReplicaRecord};
 use super::{
     BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
     Policy, RenewRequest, Resolved, X509Request, X509Svid, join, mint,
@@ -237,8 +238,6 @@ fn check_possession(certificate_spki: &[u8], message: &[u8], signature: &[u8]) -
         .map_err(|_| IssuerError::Unauthenticated("the renewal was not signed with the certificate's key".into()))
 }
 
-use x509_parser::prelude::FromDer;
-
 /// Reads a bot instance's record from the store: the record (default when there is none) and its
 /// `mod_revision` (0: none).
 async fn read_record(backing: &Backing, file: &str) -> Result<(BotRecord, i64), IssuerError> {
@@ -275,6 +274,20 @@ async fn load_bots(backing: &Backing, dir: &str) -> Result<(BTreeMap<String, (Bo
     Ok((bots, revision))
 }
 
+/// The replica records under `dir`, by name (a record that does not decode is skipped).
+async fn load_replicas(backing: &Backing, dir: &str) -> Result<BTreeMap<String, ReplicaRecord>, IssuerError> {
+    let (entries, _) = backing.kv.list(&format!("{dir}/replicas/")).await?;
+    Ok(entries
+        .iter()
+        .filter_map(|e| {
+            Some((
+                replicas::name_of_record(dir, &e.key)?,
+                backing.decode(&e.key, &e.value).ok()?,
+            ))
+        })
+        .collect())
+}
+
 /// A trust domain's state, read from the store (the CA and JWT key created on first use).
 async fn load_state(backing: &Backing, policy: Policy) -> Result<(State, i64), IssuerError> {
     let td = policy.trust_domain.clone();
@@ -284,12 +297,7 @@ async fn load_state(backing: &Backing, policy: Policy) -> Result<(State, i64), I
     let (bots, revision) = load_bots(backing, &dir).await?;
     let authority = Authority::load_or_create(backing, &td, &policy.ca, now()).await?;
     let jwt = JwtKey::load_or_create(backing, &td).await?;
-    let mut replicas = BTreeMap::new();
-    for entry in backing.kv.list(&format!("{dir}/replicas/")).await?.0 {
-        if let Ok(record) = backing.decode::<ReplicaRecord>(&entry.key, &entry.value) {
-            replicas.insert(record.name.clone(), record);
-        }
-    }
+    let replicas = load_replicas(backing, &dir).await?;
     let state = State {
         policy: Arc::new(policy),
         authority,
@@ -361,11 +369,12 @@ impl Inner {
         let mut copy = self.lock().authority.clone();
         for _ in 0..CONFLICT_RETRIES {
             if copy.save(&self.backing, Vec::new()).await? {
+                // Memory takes the saved revision, keeping any note made since the copy was taken.
                 let mut state = self.lock();
                 if copy.revision() > state.authority.revision() && state.authority.same_cas(&copy) {
-                    let mut saved = copy;
-                    saved.merge_from(state.authority.clone());
-                    state.authority = saved;
+                    let mut mine = state.authority.clone();
+                    mine.merge_from(copy);
+                    state.authority = mine;
                 }
                 return Ok(());
             }
@@ -386,22 +395,16 @@ impl Inner {
 
     /// Applies the store's changes (own writes and other replicas') to memory.
     async fn apply(&self, events: Vec<Event>) {
-        let (dir, ca_key, ca_revision) = {
-            let state = self.lock();
-            (
-                state.dir(),
-                format!("{}/ca.json", state.dir()),
-                state.authority.revision(),
-            )
-        };
         let mut reload_ca = false;
         let mut locked = false;
         {
             let mut state = self.lock();
+            let dir = state.dir();
+            let ca_key = format!("{dir}/ca.json");
             for event in events {
                 let key = event.key().to_owned();
                 if key == ca_key {
-                    reload_ca |= event.revision() > ca_revision;
+                    reload_ca |= event.revision() > state.authority.revision();
                 } else if let Some(instance) = instance_of_record(&dir, &key) {
                     match event {
                         Event::Put(entry) => match self.backing.decode::<BotRecord>(&key, &entry.value) {
@@ -412,16 +415,16 @@ impl Inner {
                             state.bots.remove(&instance);
                         }
                     }
-                } else if key.starts_with(&format!("{dir}/replicas/")) {
+                } else if let Some(name) = replicas::name_of_record(&dir, &key) {
                     match event {
                         Event::Put(entry) => {
                             if let Ok(record) = self.backing.decode::<ReplicaRecord>(&key, &entry.value) {
-                                state.replicas.insert(record.name.clone(), record);
+                                state.replicas.insert(name, record);
                             }
                         }
-                        Event::Delete { key, .. } => state
-                            .replicas
-                            .retain(|name, _| super::replicas::record_key(&dir, name) != key),
+                        Event::Delete { .. } => {
+                            state.replicas.remove(&name);
+                        }
                     }
                 }
             }
@@ -465,14 +468,17 @@ impl Inner {
         }
     }
 
-    /// Reads the bot instances again (after a watch broke or history was compacted).
+    /// Reads the bot instances and replica records again (after a watch broke or history was
+    /// compacted: deletes in between were missed).
     async fn resync(&self) -> Result<i64, IssuerError> {
         let dir = self.lock().dir();
         let (bots, revision) = load_bots(&self.backing, &dir).await?;
+        let replicas = load_replicas(&self.backing, &dir).await?;
         {
             let mut state = self.lock();
             if state.dir() == dir {
                 state.bots = bots;
+                state.replicas = replicas;
             }
         }
         self.reload_authority().await;

@@ -59,6 +59,16 @@ pub fn record_key(dir: &str, name: &str) -> String {
     format!("{dir}/replicas/{name}.json")
 }
 
+/// The replica name a record key stands for.
+pub fn name_of_record(dir: &str, key: &str) -> Option<String> {
+    Some(
+        key.strip_prefix(dir)?
+            .strip_prefix("/replicas/")?
+            .strip_suffix(".json")?
+            .to_owned(),
+    )
+}
+
 /// A document on which the replicas differ: each replica's hash (`None`: it does not have it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drift {

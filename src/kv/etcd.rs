@@ -18,6 +18,20 @@ use crate::store::StoreError;
 /// How long one store call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A key as etcd returned it, without the `prefix` it lives under.
+fn entry_of(prefix: &str, kv: &etcd_client::KeyValue) -> Entry {
+    Entry {
+        key: String::from_utf8_lossy(kv.key())
+            .strip_prefix(prefix)
+            .unwrap_or_default()
+            .to_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    }
+}
+
 /// The pause before trying a call again after an election or a lost member.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
@@ -123,16 +137,7 @@ impl EtcdKv {
     }
 
     fn entry(&self, kv: &etcd_client::KeyValue) -> Entry {
-        Entry {
-            key: String::from_utf8_lossy(kv.key())
-                .strip_prefix(&self.prefix)
-                .unwrap_or_default()
-                .to_owned(),
-            value: kv.value().to_vec(),
-            create_revision: kv.create_revision(),
-            mod_revision: kv.mod_revision(),
-            lease: kv.lease(),
-        }
+        entry_of(&self.prefix, kv)
     }
 
     /// Runs `call` (on a fresh handle each time) until it answers or the deadline passes, trying
@@ -281,35 +286,20 @@ impl Kv for EtcdKv {
                     return;
                 }
                 // One message may carry several revisions: deliver one batch per revision.
-                let mut batch: Vec<Event> = Vec::new();
-                for event in response.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key())
-                        .strip_prefix(&strip)
-                        .unwrap_or_default()
-                        .to_owned();
-                    let event = match event.event_type() {
-                        EventType::Put => Event::Put(Entry {
-                            key,
-                            value: kv.value().to_vec(),
-                            create_revision: kv.create_revision(),
-                            mod_revision: kv.mod_revision(),
-                            lease: kv.lease(),
-                        }),
+                let events = response.events().iter().filter_map(|event| {
+                    let entry = entry_of(&strip, event.kv()?);
+                    Some(match event.event_type() {
+                        EventType::Put => Event::Put(entry),
                         EventType::Delete => Event::Delete {
-                            key,
-                            mod_revision: kv.mod_revision(),
+                            key: entry.key,
+                            mod_revision: entry.mod_revision,
                         },
-                    };
-                    if batch.last().is_some_and(|last| last.revision() != event.revision())
-                        && tx.send(Ok(std::mem::take(&mut batch))).await.is_err()
-                    {
+                    })
+                });
+                for batch in super::by_revision(events) {
+                    if tx.send(Ok(batch)).await.is_err() {
                         return;
                     }
-                    batch.push(event);
-                }
-                if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
-                    return;
                 }
             }
         });

@@ -68,12 +68,8 @@ impl MemoryKv {
         let mut names = Vec::new();
         let mut dirs = vec![scope.trim_end_matches('/').to_owned()];
         while let Some(dir) = dirs.pop() {
-            for name in store.list(&dir)? {
-                names.push(name);
-            }
-            for sub in store.list_dirs(&dir)? {
-                dirs.push(sub);
-            }
+            names.extend(store.list(&dir)?);
+            dirs.extend(store.list_dirs(&dir)?);
         }
         {
             let mut inner = kv.lock();
@@ -295,28 +291,26 @@ impl Kv for MemoryKv {
     }
 
     async fn watch(&self, prefix: &str, from: i64) -> Result<mpsc::Receiver<WatchItem>, StoreError> {
-        let (tx, rx) = mpsc::channel(1024);
         let mut inner = self.lock();
         if from < inner.compacted {
+            let (tx, rx) = mpsc::channel(1);
             let _ = tx.try_send(Err(StoreError::Compacted {
                 revision: inner.compacted,
             }));
             return Ok(rx);
         }
-        // Replay the history from `from`, one message per revision.
-        let mut batch: Vec<Event> = Vec::new();
-        for event in inner
-            .history
-            .iter()
-            .filter(|e| e.revision() >= from && e.key().starts_with(prefix))
-        {
-            if batch.last().is_some_and(|last| last.revision() != event.revision()) {
-                let _ = tx.try_send(Ok(std::mem::take(&mut batch)));
-            }
-            batch.push(event.clone());
-        }
-        if !batch.is_empty() {
-            let _ = tx.try_send(Ok(batch));
+        // Replay the history from `from`, one message per revision, into a channel with room for
+        // all of it and 1,024 live revisions more.
+        let replay = super::by_revision(
+            inner
+                .history
+                .iter()
+                .filter(|e| e.revision() >= from && e.key().starts_with(prefix))
+                .cloned(),
+        );
+        let (tx, rx) = mpsc::channel(replay.len() + 1024);
+        for batch in replay {
+            tx.try_send(Ok(batch)).expect("the channel has room for the replay");
         }
         inner.watchers.push(Watcher {
             prefix: prefix.to_owned(),
@@ -388,5 +382,19 @@ mod tests {
             2,
             "the oldest revision kept is whole"
         );
+    }
+
+    #[tokio::test]
+    async fn a_watch_replays_more_history_than_its_live_buffer() {
+        let kv = MemoryKv::new();
+        for i in 0..3000 {
+            kv.txn(vec![], vec![Op::put(format!("k/{i}"), "x")]).await.unwrap();
+        }
+        let mut rx = kv.watch("k/", 1).await.unwrap();
+        let mut seen = 0;
+        while let Ok(item) = rx.try_recv() {
+            seen += item.unwrap().len();
+        }
+        assert_eq!(seen, 3000, "every revision of the history is replayed");
     }
 }

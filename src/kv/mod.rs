@@ -89,6 +89,18 @@ impl Event {
     }
 }
 
+/// Groups events (in revision order) into one batch per revision, as a watch delivers them.
+pub fn by_revision(events: impl IntoIterator<Item = Event>) -> Vec<Vec<Event>> {
+    let mut batches: Vec<Vec<Event>> = Vec::new();
+    for event in events {
+        match batches.last_mut() {
+            Some(batch) if batch[0].revision() == event.revision() => batch.push(event),
+            _ => batches.push(vec![event]),
+        }
+    }
+    batches
+}
+
 /// What a watch delivers: the events of one revision at a time, in revision order, or the error
 /// that ended it (`StoreError::Compacted` when the start revision is gone: list again and watch
 /// from there). The channel closes after an error.
