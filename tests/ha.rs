@@ -221,6 +221,10 @@ fn a_replica_with_a_wrong_or_badly_kept_key_file_refuses_to_start_and_says_why()
         log.contains("holds 65 bytes") && log.contains("head -c 32 /dev/urandom"),
         "{log}"
     );
+    assert!(
+        log.contains("etc/issuer.yaml:") && log.contains(": spec.storage.key_encryption_key_file: "),
+        "the error names the document and the field: {log}"
+    );
     let open = keys.path().join("open.kek");
     std::fs::copy(&set.kek, &open).unwrap();
     std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();

@@ -833,13 +833,18 @@ fn open_issuer_store(doc: &crate::resource::issuer::Issuer) -> Result<Store, cra
     }
 }
 
-/// The issuer's store: the local store (a directory, or memory), or etcd with the key encryption key.
+/// The issuer's store: the local store (a directory, or memory), or etcd with the key encryption
+/// key. Errors name the `issuer` document's file and line and the field.
 async fn issuer_backing(
-    doc: Option<&crate::resource::issuer::Issuer>,
+    state: &DesiredState,
     local: &Store,
 ) -> Result<crate::issuer::backing::Backing, (String, String)> {
     use crate::issuer::backing::Backing;
-    let Some(doc) = doc.filter(|d| d.spec.storage.kind == IssuerStorageType::Etcd) else {
+    let etcd = state.objects.values().find_map(|o| match &o.document {
+        Document::Issuer(doc) if doc.spec.storage.kind == IssuerStorageType::Etcd => Some((doc, &o.location)),
+        _ => None,
+    });
+    let Some((doc, location)) = etcd else {
         return Backing::local(local.clone()).map_err(|e| (e.to_string(), e.hint().to_owned()));
     };
     let storage = &doc.spec.storage;
@@ -849,14 +854,15 @@ async fn issuer_backing(
         .expect("validation requires key_encryption_key_file for etcd");
     let kek = crate::kv::Kek::load(kek_path).map_err(|e| {
         (
-            e,
-            "fix `issuer.spec.storage.key_encryption_key_file`; every replica needs the same 32-byte file".to_owned(),
+            format!("{location}: spec.storage.key_encryption_key_file: {e}"),
+            "every replica needs the same 32-byte file, mode 0600; fix the file or the path, then start again"
+                .to_owned(),
         )
     })?;
     tracing::info!(kek_id = %kek.id(), file = %kek_path.display(), "key encryption key loaded");
     let kv = crate::kv::connect_etcd(&storage.etcd())
         .await
-        .map_err(|e| (e.to_string(), e.hint().to_owned()))?;
+        .map_err(|e| (format!("{location}: spec.storage: {e}"), e.hint().to_owned()))?;
     Ok(Backing::new(Arc::new(kv), Some(kek)))
 }
 
@@ -945,7 +951,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
             Ok(p) => p,
             Err(e) => return fail(&e, &e.hint()),
         };
-        let backing = match issuer_backing(issuer_spec.as_ref(), &store).await {
+        let backing = match issuer_backing(&loaded.state, &store).await {
             Ok(b) => b,
             Err((message, hint)) => return fail(message, &hint),
         };
@@ -1022,23 +1028,8 @@ pub async fn run(options: StartOptions) -> ExitCode {
                 }
                 sessions = Some(serving.sessions);
                 if !issuer.backing().local {
-                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-                    let host = host.trim();
-                    let record = crate::issuer::replicas::ReplicaRecord {
-                        name: doc.metadata.name.to_string(),
-                        // Its own address: the listen address, or this host's name and the port
-                        // when that is a wildcard (`public_addrs` name the balancer).
-                        address: if serving.address.ip().is_unspecified() {
-                            format!("{host}:{}", serving.address.port())
-                        } else {
-                            serving.address.to_string()
-                        },
-                        process: format!("{host}:{}", std::process::id()),
-                        started: time::OffsetDateTime::now_utc()
-                            .format(&time::format_description::well_known::Rfc3339)
-                            .unwrap_or_default(),
-                        ..Default::default()
-                    };
+                    let record =
+                        crate::issuer::replicas::ReplicaRecord::this_process(&doc.metadata.name, serving.address);
                     let applied = applied_shared.clone();
                     tokio::spawn(crate::issuer::replicas::heartbeat(
                         issuer.clone(),

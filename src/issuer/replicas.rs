@@ -33,6 +33,29 @@ pub struct ReplicaRecord {
     pub conflict: String,
 }
 
+impl ReplicaRecord {
+    /// The record of this process, replica `name` serving on `address`: its address is `address`,
+    /// or this host's name and the port when `address` is a wildcard (`public_addrs` name the
+    /// balancer).
+    pub fn this_process(name: &str, address: std::net::SocketAddr) -> ReplicaRecord {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim();
+        ReplicaRecord {
+            name: name.to_owned(),
+            address: if address.ip().is_unspecified() {
+                format!("{host}:{}", address.port())
+            } else {
+                address.to_string()
+            },
+            process: format!("{host}:{}", std::process::id()),
+            started: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            ..ReplicaRecord::default()
+        }
+    }
+}
+
 /// The host part of a record's `process` (`host:pid`).
 fn host_of(process: &str) -> &str {
     process.rsplit_once(':').map_or(process, |(host, _)| host)
