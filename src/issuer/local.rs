@@ -620,6 +620,11 @@ impl LocalIssuer {
         self.lock().replicas.values().cloned().collect()
     }
 
+    /// One replica's record, as the store has it.
+    pub fn replica(&self, name: &str) -> Option<ReplicaRecord> {
+        self.lock().replicas.get(name).cloned()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.lock()
     }

@@ -139,25 +139,23 @@ pub async fn heartbeat(
         record.documents = documents();
         record.ready = true;
         let key = record_key(&dir, &record.name);
-        let beat = async {
-            // Someone else writing under our name: say so in the record (every replica's status
-            // shows it) and in the log.
-            if let Some(entry) = kv.get(&key).await?
-                && let Ok(found) = serde_json::from_slice::<ReplicaRecord>(&entry.value)
-            {
-                let conflict = if other_process(&record, &found, last, record.heartbeat) {
-                    format!("{} at {}", found.process, found.address)
-                } else {
-                    String::new()
-                };
-                if !conflict.is_empty() && record.conflict.is_empty() {
-                    tracing::error!(replica = %record.name, other = %conflict,
+        // Someone else writing under our name: say so in the record (every replica's status shows
+        // it) and in the log. The record as the store has it is in memory (the issuer's watch).
+        if let Some(found) = issuer.replica(&record.name) {
+            let conflict = if other_process(&record, &found, last, record.heartbeat) {
+                format!("{} at {}", found.process, found.address)
+            } else {
+                String::new()
+            };
+            if !conflict.is_empty() && record.conflict.is_empty() {
+                tracing::error!(replica = %record.name, other = %conflict,
                         "another process records itself as this replica: give each replica its own `metadata.name` in its `issuer` document");
-                }
-                if !conflict.is_empty() || found.process == record.process {
-                    record.conflict = conflict;
-                }
             }
+            if !conflict.is_empty() || found.process == record.process {
+                record.conflict = conflict;
+            }
+        }
+        let beat = async {
             if lease == 0 || kv.keep_alive(lease).await.is_err() {
                 lease = kv.grant(HEARTBEAT * 3).await?;
             }
