@@ -332,15 +332,18 @@ impl Kv for EtcdKv {
     }
 
     async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        match self.timed(client.lease_revoke(lease)).await {
+        match self
+            .retrying(|mut client| async move { client.lease_revoke(lease).await })
+            .await
+        {
             Err(StoreError::Unavailable { reason, .. }) if reason.contains("not found") => Ok(()),
             other => other.map(drop),
         }
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        self.timed(client.compact(revision, None)).await.map(drop)
+        self.retrying(|mut client| async move { client.compact(revision, None).await })
+            .await
+            .map(drop)
     }
 }

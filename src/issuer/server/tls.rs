@@ -236,14 +236,19 @@ pub fn incoming(
             }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
+                // What went wrong, and whether the operator must hear of it (a missing PROXY header
+                // is a misconfigured balancer; a failed TLS handshake is a client's business).
                 let handshake = async {
                     // Behind a balancer that speaks the PROXY protocol, the agent's address comes first.
                     let address = if proxy_protocol {
                         match super::proxy::read_header(&mut tcp).await {
                             Ok(from) => from.unwrap_or(peer),
                             Err(e) => {
-                                return Err(format!(
-                                    "{e} (from {peer}; `issuer.spec.proxy_protocol` is on: does the balancer send it, haproxy's `send-proxy-v2`?)"
+                                return Err((
+                                    true,
+                                    format!(
+                                        "{e} (`issuer.spec.proxy_protocol` is on: does the balancer send it? haproxy: `send-proxy-v2`)"
+                                    ),
                                 ));
                             }
                         }
@@ -253,7 +258,7 @@ pub fn incoming(
                     let io = acceptor
                         .accept(tcp)
                         .await
-                        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                        .map_err(|e| (false, format!("TLS handshake failed: {e}")))?;
                     Ok((io, address))
                 };
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -271,10 +276,8 @@ pub fn incoming(
                             }))
                             .await;
                     }
-                    Ok(Err(e)) if proxy_protocol && e.contains("PROXY") => {
-                        tracing::warn!(%peer, error = %e, "issuer API: connection refused");
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "issuer API: connection dropped"),
+                    Ok(Err((true, e))) => tracing::warn!(%peer, error = %e, "issuer API: connection refused"),
+                    Ok(Err((false, e))) => tracing::debug!(%peer, error = %e, "issuer API: connection dropped"),
                     Err(_) => tracing::debug!(%peer, "issuer API: handshake timed out"),
                 }
             });
