@@ -70,15 +70,10 @@ chmod 600 "$WORK/issuer.kek"
 # The replicas: the same cluster-side documents, each its own issuer document.
 mkdir -p "$WORK/docs"
 cp manifests/fleet/issuer/{bot.yaml,role.yaml,cluster.yaml} "$WORK/docs/"
-cat > "$WORK/docs/workload-identity.yaml" <<'YAML'
-kind: workload_identity
-version: v1
-metadata:
-  name: example-workload-identity
-  labels: {example: getting-started}
-spec:
-  spiffe: {id: "/uid/{{workload.unix.uid}}"}
-YAML
+# The fleet's workload identity, by uid (the workloads here are not systemd services).
+sed 's|/svc/{{workload.systemd.service}}|/uid/{{workload.unix.uid}}|' \
+    manifests/fleet/issuer/workload-identity.yaml > "$WORK/docs/workload-identity.yaml"
+grep -q '/uid/' "$WORK/docs/workload-identity.yaml"
 for i in $(seq 1 $((N + 1))); do
     printf -- '---\nkind: token\nversion: v2\nmetadata: {name: ha-agent-%d}\nspec: {roles: [Bot], join_method: token, bot_name: example-bot}\n' "$i"
 done > "$WORK/docs/tokens.yaml"

@@ -37,6 +37,19 @@ fn client(address: String, pin: &str) -> Arc<RemoteIssuer> {
     RemoteIssuer::new(settings, Store::memory()).unwrap()
 }
 
+/// An X509-SVID request of the test workload (uid 1000) with a new key, by the bot holding `bot`.
+fn svid_request(bot: &[u8]) -> X509Request {
+    let mut workload = Attributes::new();
+    workload.set("workload.unix.uid", 1000);
+    X509Request {
+        bot_certificate: bot.to_vec(),
+        identity: "example-workload-identity".into(),
+        workload,
+        public_key: KeyPair::generate().unwrap().subject_public_key_info(),
+        ttl: HOUR,
+    }
+}
+
 /// The PKCS#8 header of an EC P-256 private key (SEQUENCE, version 0, id-ecPublicKey): a
 /// plaintext CA or JWT key in etcd would contain it.
 const PKCS8_EC: &[u8] = &[
@@ -135,18 +148,7 @@ async fn joins_and_renewals_race_across_replicas_exactly_once() {
     c.present(&winner.der, &winner_key.serialize_der());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let key = KeyPair::generate().unwrap();
-        let mut workload = Attributes::new();
-        workload.set("workload.unix.uid", 1000);
-        let issued = c
-            .issue_x509(X509Request {
-                bot_certificate: winner.der.clone(),
-                identity: "example-workload-identity".into(),
-                workload,
-                public_key: key.subject_public_key_info(),
-                ttl: HOUR,
-            })
-            .await;
+        let issued = c.issue_x509(svid_request(&winner.der)).await;
         match issued {
             Err(IssuerError::Locked { .. }) => break,
             other => assert!(Instant::now() < deadline, "the lock did not reach replica-1: {other:?}"),
@@ -367,18 +369,7 @@ async fn agents_behind_haproxy_ride_out_a_lost_replica_and_a_lost_etcd_quorum() 
     };
     assert!(refused.contains("the store (etcd http://127.0.0.1:"), "{refused}");
     for _ in 0..3 {
-        let key = KeyPair::generate().unwrap();
-        let mut workload = Attributes::new();
-        workload.set("workload.unix.uid", 1000);
-        let issued = c
-            .issue_x509(X509Request {
-                bot_certificate: bot.der.clone(),
-                identity: "example-workload-identity".into(),
-                workload,
-                public_key: key.subject_public_key_info(),
-                ttl: HOUR,
-            })
-            .await;
+        let issued = c.issue_x509(svid_request(&bot.der)).await;
         assert!(issued.is_ok(), "SVIDs flow without quorum: {issued:?}");
     }
     // Quorum returns: the newcomer joins by itself.
