@@ -1,9 +1,12 @@
-//! Compiles `proto/workload.proto`, `proto/admin.proto` and `proto/issuer.proto` with protox (pure Rust: no `protoc` on the machine) and generates
+//! Compiles `proto/workload.proto`, `proto/admin.proto`, `proto/issuer.proto` and `proto/sds.proto` with protox (pure Rust: no `protoc` on the machine) and generates
 //! the tonic server and client.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(["workload.proto", "admin.proto", "issuer.proto"], ["proto"])?;
+    let descriptors = protox::compile(
+        ["workload.proto", "admin.proto", "issuer.proto", "sds.proto"],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

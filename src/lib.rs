@@ -10,6 +10,7 @@ pub mod fuzzing;
 pub mod issuer;
 pub mod kv;
 pub mod manifest;
+pub mod pem;
 pub mod resource;
 pub mod store;
 pub mod workload_api;

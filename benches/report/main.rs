@@ -6,7 +6,7 @@
 //! cargo bench --bench report                      # the whole table (release build)
 //! cargo bench --bench report -- --json FILE       # the same rows as JSON
 //! cargo bench --bench report -- --markdown FILE   # the docs page (docs/benchmarks.md)
-//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams fleet ha
+//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams fleet ha consumers
 //! ```
 //!
 //! Without `--bench` (as `cargo test` and `cargo nextest` run it, as the test `smoke`) every
@@ -14,6 +14,7 @@
 
 mod api;
 mod common;
+mod consumers;
 mod daemon;
 // The tests' etcd cluster helper, shared (the benches use part of it).
 #[allow(dead_code)]
@@ -240,6 +241,9 @@ fn main() {
     if runs("ha") {
         rows.extend(runtime.block_on(ha::run(scale)));
     }
+    if runs("consumers") {
+        rows.extend(runtime.block_on(consumers::run(scale)));
+    }
     let machine = machine();
     print!("{}", table(&rows));
     println!("\n{machine}");
@@ -337,7 +341,7 @@ fn now() -> String {
 }
 
 /// What each section measures, for the docs page.
-const SECTION_NOTES: [(&str, &str); 8] = [
+const SECTION_NOTES: [(&str, &str); 9] = [
     (
         "mint",
         "the issuer's whole path per SVID (bot certificate check, RBAC, rules, templates, certificate, signature), in process",
@@ -369,6 +373,10 @@ const SECTION_NOTES: [(&str, &str); 8] = [
     (
         "ha",
         "three replicas (`tbot start`, `storage.type: etcd`) on a real 3-member etcd cluster (Debian's, `--unsafe-no-fsync`, on loopback) against one issuer on a storage directory, under the same clients: token joins per second and remote X509-SVID issuance; and bot renewal latency through haproxy while one replica is SIGKILLed (each renewal retried until signed), against the same with every replica up",
+    ),
+    (
+        "consumers",
+        "the consumers that do not speak the Workload API: Envoy SDS's first secret after connecting (our own tonic client of the SDS subset, a cached identity) against `FetchX509SVID`'s first message on the same daemon; and an x509 output's rotation (four atomic file replacements and an `on_update` exec of `true`) against the same files written in place and the same hook",
     ),
 ];
 

@@ -23,7 +23,12 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 }
 
 fn route(path: &str, info: &DaemonInfo, expected: &[String]) -> Response<Full<Bytes>> {
-    let serving: Vec<&String> = info.services.iter().map(|(n, _)| n).collect();
+    let serving: Vec<&String> = info
+        .services
+        .iter()
+        .filter(|s| !s.listen.is_empty() || s.healthy)
+        .map(|s| &s.name)
+        .collect();
     let state = |name: &String| if serving.contains(&name) { "ready" } else { "not ready" };
     match path {
         "/livez" => reply(StatusCode::OK, "text/plain", "ok\n".into()),

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub issuer_connected: AtomicI64,
     errors: Mutex<BTreeMap<String, u64>>,
     joins: Mutex<BTreeMap<(String, String), u64>>,
+    /// File outputs' events (`written`, `failed`, `hook_failed`) by output.
+    outputs: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 /// The one registry of this process.
@@ -50,6 +52,16 @@ impl Metrics {
             .lock()
             .expect("metrics poisoned")
             .entry((method.to_owned(), outcome.to_owned()))
+            .or_default() += 1;
+    }
+
+    /// Counts an output's event: `written`, `failed` (issue or write), `hook_failed`.
+    pub fn output(&self, output: &str, event: &'static str) {
+        *self
+            .outputs
+            .lock()
+            .expect("metrics poisoned")
+            .entry((output.to_owned(), event))
             .or_default() += 1;
     }
 
@@ -134,6 +146,14 @@ impl Metrics {
         for ((method, outcome), n) in self.joins.lock().expect("metrics poisoned").iter() {
             out.push_str(&format!(
                 "tbot_joins_total{{method=\"{method}\",outcome=\"{outcome}\"}} {n}\n"
+            ));
+        }
+        out.push_str(
+            "# HELP tbot_output_events_total File outputs: files written, attempts failed, on_update hooks failed.\n# TYPE tbot_output_events_total counter\n",
+        );
+        for ((output, event), n) in self.outputs.lock().expect("metrics poisoned").iter() {
+            out.push_str(&format!(
+                "tbot_output_events_total{{output=\"{output}\",event=\"{event}\"}} {n}\n"
             ));
         }
         out

@@ -21,7 +21,8 @@ pub struct DaemonInfo {
     pub ca_pins: Vec<String>,
     pub bot: String,
     pub bot_expires: String,
-    pub services: Vec<(String, String)>,
+    /// The sockets served and the file outputs.
+    pub services: Vec<ServiceStatus>,
     /// The issuer API's address, on an issuer host.
     pub issuer_listen: String,
     /// The link to the remote issuer, on an agent of one.
@@ -304,11 +305,7 @@ impl Admin for AdminApi {
             ca_pins: info.ca_pins,
             bot: info.bot,
             bot_expires: info.bot_expires,
-            services: info
-                .services
-                .into_iter()
-                .map(|(name, listen)| ServiceStatus { name, listen })
-                .collect(),
+            services: info.services,
             objects: table.objects.len() as u64,
             not_ready: table.objects.values().filter(|s| !s.is_ready()).count() as u64,
             pid: std::process::id(),

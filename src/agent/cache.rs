@@ -45,6 +45,8 @@ struct Key {
     identity: String,
     attributes: Attributes,
     ttl: Duration,
+    /// Renew this often instead of at half the lifetime (an output's `renewal_interval`).
+    renew_every: Option<Duration>,
 }
 
 /// Idle X509-SVID slots (no stream holds them) kept for the next caller, at most. An idle slot costs
@@ -123,10 +125,22 @@ impl SvidCache {
     /// Subscribes to the X509-SVID of `resolved` for a caller with `workload`, issuing it if the
     /// cache does not hold it yet.
     pub fn x509(self: &Arc<Self>, resolved: &Resolved, workload: &Attributes, ttl: Duration) -> watch::Receiver<Slot> {
+        self.x509_every(resolved, workload, ttl, None)
+    }
+
+    /// As [`SvidCache::x509`], renewed every `renew_every` (when shorter than half the lifetime).
+    pub fn x509_every(
+        self: &Arc<Self>,
+        resolved: &Resolved,
+        workload: &Attributes,
+        ttl: Duration,
+        renew_every: Option<Duration>,
+    ) -> watch::Receiver<Slot> {
         let key = Key {
             identity: resolved.name.clone(),
             attributes: project(resolved, workload),
             ttl,
+            renew_every,
         };
         let now = tokio::time::Instant::now();
         let mut slots = self.slots.lock().expect("cache poisoned");
@@ -232,7 +246,8 @@ impl SvidCache {
                     tracing::debug!(identity = %key.identity, spiffe_id = %material.svid.spiffe_id, "X509-SVID issued");
                     tx.send_replace(Slot::Ready(Arc::new(material)));
                     backoff = Duration::from_secs(1);
-                    lifetime.mul_f64(0.5 * jitter(0.1))
+                    let half = lifetime.mul_f64(0.5 * jitter(0.1));
+                    key.renew_every.map_or(half, |every| every.min(half))
                 }
                 Err(error) => {
                     let still_valid =
@@ -270,6 +285,31 @@ impl SvidCache {
         }
     }
 
+    /// A new JWT-SVID for `audience`, neither taken from the cache nor kept in it (an output renews
+    /// on its own schedule).
+    pub async fn jwt_uncached(
+        &self,
+        resolved: &Resolved,
+        workload: &Attributes,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<JwtSvid, IssuerError> {
+        let svid = self
+            .issuer
+            .issue_jwt(JwtRequest {
+                bot_certificate: self.bot_certificate(),
+                identity: resolved.name.clone(),
+                workload: project(resolved, workload),
+                audience: audience.to_vec(),
+                ttl,
+            })
+            .await?;
+        crate::admin::metrics::metrics()
+            .jwt_svids_issued
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(svid)
+    }
+
     /// A JWT-SVID for `audience`, from the cache while it has more than half its lifetime left.
     pub async fn jwt(
         &self,
@@ -286,6 +326,7 @@ impl SvidCache {
                 identity: resolved.name.clone(),
                 attributes: project(resolved, workload),
                 ttl,
+                renew_every: None,
             },
             audience.clone(),
         );
@@ -295,19 +336,7 @@ impl SvidCache {
             return Ok(svid.clone());
         }
         let issued_at = now();
-        let svid = self
-            .issuer
-            .issue_jwt(JwtRequest {
-                bot_certificate: self.bot_certificate(),
-                identity: key.0.identity.clone(),
-                workload: key.0.attributes.clone(),
-                audience,
-                ttl,
-            })
-            .await?;
-        crate::admin::metrics::metrics()
-            .jwt_svids_issued
-            .fetch_add(1, Ordering::Relaxed);
+        let svid = self.jwt_uncached(resolved, workload, &audience, ttl).await?;
         let mut jwts = self.jwts.lock().expect("cache poisoned");
         jwts.retain(|_, (_, fresh_until)| now() < *fresh_until);
         while jwts.len() >= MAX_JWTS {

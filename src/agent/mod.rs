@@ -4,6 +4,7 @@
 pub mod attest;
 pub mod bot;
 pub mod cache;
+pub mod outputs;
 pub mod remote;
 
 use std::sync::Arc;

@@ -410,7 +410,11 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         println!("bot: {} (certificate expires {})", s.bot, s.bot_expires);
     }
     for svc in &s.services {
-        println!("listener {}: {}", svc.name, svc.listen);
+        if svc.destination.is_empty() {
+            println!("listener {}: {} (Workload API and SDS)", svc.name, svc.listen);
+        } else {
+            println!("output {}: {}: {}", svc.name, svc.destination, svc.state);
+        }
     }
     println!("objects: {} ({} not ready)", s.objects, s.not_ready);
     print_file_errors(&s.file_errors);

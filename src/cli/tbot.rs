@@ -45,6 +45,11 @@ enum Command {
         /// Serve /livez, /readyz and /metrics here (overrides the agent config's `diag_addr`).
         #[arg(long, value_name = "ADDR")]
         diag_addr: Option<std::net::SocketAddr>,
+        /// Write every file output (`workload-identity-x509`, `workload-identity-jwt`) once, run
+        /// their `on_update`, and exit: 0 when all were written, 1 naming those that failed (for CI
+        /// jobs and init containers). Sockets are not served.
+        #[arg(long)]
+        oneshot: bool,
     },
     /// Install tbot as a service.
     #[command(subcommand)]
@@ -109,6 +114,7 @@ pub fn main() -> ExitCode {
             log_format,
             debug,
             diag_addr,
+            oneshot,
         } => {
             let log_level = init_logging(log_format, debug);
             if config_dirs.is_empty() && config.is_none() {
@@ -119,6 +125,7 @@ pub fn main() -> ExitCode {
                 config_file: config,
                 diag_addr,
                 log_level,
+                oneshot,
             }))
         }
         Command::SpiffeInspect { path, audiences } => runtime.block_on(inspect::run(path, audiences)),

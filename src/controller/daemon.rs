@@ -19,6 +19,7 @@ use super::watch::watch_inputs;
 use crate::admin::server::{AdminApi, DaemonInfo};
 use crate::agent::attest::{AttestSettings, DEFAULT_HASH_LIMIT};
 use crate::agent::bot::jitter;
+use crate::agent::outputs::{Output, OutputSpec};
 use crate::agent::remote::{RemoteIssuer, RemoteSettings};
 use crate::agent::{Agent, JoinSettings};
 use crate::cli::render;
@@ -30,6 +31,7 @@ use crate::resource::{Document, HostRole, Kind, ObjectRef};
 use crate::store::Store;
 use crate::workload_api::listener;
 use crate::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use crate::workload_api::sds::proto::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use crate::workload_api::server::{ServiceConfig, WorkloadApi};
 
 /// How often the directory is reloaded even without an event (jittered ±20%).
@@ -46,6 +48,8 @@ pub struct StartOptions {
     pub diag_addr: Option<std::net::SocketAddr>,
     /// Applies the agent config's `debug:` to the log level (`None` when `RUST_LOG` decides).
     pub log_level: Option<LogLevel>,
+    /// Write every file output once and exit (`tbot start --oneshot`).
+    pub oneshot: bool,
 }
 
 /// Switches debug logging on (`true`) or back to the command line's level.
@@ -54,6 +58,33 @@ pub type LogLevel = Arc<dyn Fn(bool) + Send + Sync>;
 fn fail(message: impl std::fmt::Display, hint: &str) -> ExitCode {
     tracing::error!(hint, "{message}");
     ExitCode::from(1)
+}
+
+/// One running file output, with the service it was started from and the agent's lifetime then.
+struct RunningOutput {
+    service: Service,
+    agent_ttl: crate::resource::Duration,
+    output: Output,
+}
+
+/// An output's condition type on the agent config.
+fn output_condition(name: &str) -> String {
+    format!("Output/{name}")
+}
+
+/// What an output does, from its service.
+fn output_spec(service: &Service, agent: &AgentConfig) -> Option<OutputSpec> {
+    let config = service_config(service, agent);
+    Some(OutputSpec {
+        name: service.display_name().to_owned(),
+        kind: service.kind,
+        selector: config.selector,
+        ttl: config.ttl,
+        renewal: service.renewal_interval.map(|d| d.as_std()),
+        audiences: service.audiences.clone(),
+        destination: service.output()?.clone(),
+        on_update: service.on_update.clone(),
+    })
 }
 
 /// One serving `workload-identity-api` service.
@@ -136,6 +167,7 @@ struct Daemon {
     /// Writes `applied` and the status to the store, off the reconcile path.
     persist: Persist,
     services: BTreeMap<String, Running>,
+    outputs: BTreeMap<String, RunningOutput>,
 }
 
 fn agent_config(state: &DesiredState) -> Option<&AgentConfig> {
@@ -226,11 +258,11 @@ fn keep_last_good(loaded: &mut Loaded, last: &DesiredState) -> DesiredState {
 }
 
 impl Daemon {
-    async fn start_service(&self, service: &Service, config: &AgentConfig) -> Result<Running, String> {
+    async fn start_service(&self, service: &Service, listen: &Listen, config: &AgentConfig) -> Result<Running, String> {
         let (config_tx, config_rx) = watch::channel(service_config(service, config));
         let (attest_tx, attest_rx) = watch::channel(attest_settings(service));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let incoming = match &service.listen {
+        let incoming = match listen {
             Listen::Unix(path) => {
                 let l = listener::bind_unix(path).map_err(|e| format!("{e}; {}", e.hint()))?;
                 listener::incoming_unix(l, attest_rx)
@@ -250,9 +282,9 @@ impl Daemon {
         let agent = self.agent.clone().ok_or("the bot has not joined yet")?;
         let api = WorkloadApi::new(agent, config_rx, stop_rx.clone());
         let task = tokio::spawn(serve(api, incoming, stop_rx));
-        tracing::info!(service = service.display_name(), listen = %service.listen, "Workload API listening");
+        tracing::info!(service = service.display_name(), %listen, "Workload API and SDS listening");
         Ok(Running {
-            listen: service.listen.clone(),
+            listen: listen.clone(),
             config: config_tx,
             attest: attest_tx,
             stop: stop_tx,
@@ -265,9 +297,10 @@ impl Daemon {
     async fn sync_services(&mut self, config: &AgentConfig) -> Result<(), String> {
         let mut errors = Vec::new();
         for service in &config.services {
+            let Some(listen) = service.socket() else { continue };
             let name = service.display_name().to_owned();
             match self.services.get(&name) {
-                Some(running) if running.listen == service.listen => {
+                Some(running) if &running.listen == listen => {
                     running.config.send_if_modified(|c| {
                         let new = service_config(service, config);
                         let changed = *c != new;
@@ -281,7 +314,7 @@ impl Daemon {
                         changed
                     });
                 }
-                _ => match self.start_service(service, config).await {
+                _ => match self.start_service(service, listen, config).await {
                     Ok(new) => {
                         if let Some(old) = self.services.insert(name.clone(), new) {
                             tracing::info!(service = %name, from = %old.listen, "closing the old listener");
@@ -292,7 +325,12 @@ impl Daemon {
                 },
             }
         }
-        let wanted: Vec<String> = config.services.iter().map(|s| s.display_name().to_owned()).collect();
+        let wanted: Vec<String> = config
+            .services
+            .iter()
+            .filter(|s| s.socket().is_some())
+            .map(|s| s.display_name().to_owned())
+            .collect();
         let gone: Vec<String> = self.services.keys().filter(|n| !wanted.contains(n)).cloned().collect();
         for name in gone {
             if let Some(old) = self.services.remove(&name) {
@@ -300,11 +338,88 @@ impl Daemon {
                 old.stop().await;
             }
         }
+        self.sync_outputs(config).await;
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors.join("; "))
         }
+    }
+
+    /// Brings the file outputs in line with `config`: new ones started, changed ones restarted (they
+    /// issue and write again), removed ones stopped with their files left in place. Waits (up to
+    /// 10 s) for the new ones' first write, so `tbotctl apply` returns with the files there.
+    async fn sync_outputs(&mut self, config: &AgentConfig) {
+        let Some(agent) = self.agent.clone() else { return };
+        let mut started = Vec::new();
+        for service in &config.services {
+            let Some(spec) = output_spec(service, config) else {
+                continue;
+            };
+            let name = spec.name.clone();
+            if let Some(running) = self.outputs.get(&name)
+                && !super::plan::output_changed(&running.service, service, running.agent_ttl, config.credential_ttl)
+            {
+                continue;
+            }
+            if let Some(old) = self.outputs.remove(&name) {
+                old.output.stop().await;
+            }
+            tracing::info!(output = %name, path = %spec.destination.path.display(), "output started");
+            let output = Output::spawn(agent.clone(), spec);
+            let mut report = output.report();
+            started.push(report.clone());
+            // Its writes, failures and hooks show in `tbotctl status`.
+            let poke = self.poke.clone();
+            tokio::spawn(async move {
+                while report.changed().await.is_ok() {
+                    poke.notify_one();
+                }
+            });
+            self.outputs.insert(
+                name,
+                RunningOutput {
+                    service: service.clone(),
+                    agent_ttl: config.credential_ttl,
+                    output,
+                },
+            );
+        }
+        let wanted: BTreeSet<&str> = config
+            .services
+            .iter()
+            .filter(|s| s.output().is_some())
+            .map(|s| s.display_name())
+            .collect();
+        let gone: Vec<String> = self
+            .outputs
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(old) = self.outputs.remove(&name) {
+                let path = old.output.spec.destination.path.display().to_string();
+                tracing::info!(output = %name, %path, "output removed; its files are left in place");
+                old.output.stop().await;
+                let mut table = self.status.write().expect("status poisoned");
+                table.set(
+                    &agent_ref(),
+                    &output_condition(&name),
+                    false,
+                    "Removed",
+                    &format!(
+                        "no longer renewed: the files in {path} were left in place and expire; delete them once nothing reads them"
+                    ),
+                );
+            }
+        }
+        let first_writes = async {
+            for mut report in started {
+                let _ = report.wait_for(|r| r.writes > 0 || r.error.is_some()).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), first_writes).await;
     }
 
     /// Executes a plan; returns the steps that failed.
@@ -672,7 +787,35 @@ impl Daemon {
             if unlinked.is_some() {
                 failed.insert(agent_ref());
             }
+            let failing: Vec<String> = self
+                .outputs
+                .iter()
+                .filter_map(|(name, o)| {
+                    let report = o.output.report().borrow().clone();
+                    (report.error.is_some() || report.hook_error.is_some())
+                        .then(|| format!("output {name}: {}", report.describe()))
+                })
+                .collect();
+            if !failing.is_empty() {
+                failed.insert(agent_ref());
+            }
             table.converged_except(&failed);
+            for (name, o) in &self.outputs {
+                let report = o.output.report().borrow().clone();
+                let (ok, reason) = match (&report.error, &report.hook_error, report.writes) {
+                    (Some(_), _, _) => (false, "Failing"),
+                    (None, Some(_), _) => (false, "HookFailed"),
+                    (None, None, 0) => (false, "Pending"),
+                    (None, None, _) => (true, "Written"),
+                };
+                let message = format!("{}: {}", o.output.spec.destination.path.display(), report.describe());
+                table.set(&agent_ref(), &output_condition(name), ok, reason, &message);
+            }
+            if !failing.is_empty() {
+                let message = failing.join("; ");
+                table.set(&agent_ref(), "Stalled", true, "OutputFailed", &message);
+                table.set(&agent_ref(), "Ready", false, "OutputFailed", &message);
+            }
             if let Some(message) = renewal {
                 table.set(&bot, "Stalled", true, "RenewalFailed", &message);
                 table.set(&bot, "Ready", false, "RenewalFailed", &message);
@@ -704,7 +847,21 @@ impl Daemon {
             info.services = self
                 .services
                 .iter()
-                .map(|(n, r)| (n.clone(), r.listen.to_string()))
+                .map(|(n, r)| crate::admin::proto::ServiceStatus {
+                    name: n.clone(),
+                    listen: r.listen.to_string(),
+                    ..Default::default()
+                })
+                .chain(self.outputs.iter().map(|(n, o)| {
+                    let report = o.output.report().borrow().clone();
+                    crate::admin::proto::ServiceStatus {
+                        name: n.clone(),
+                        listen: String::new(),
+                        destination: o.output.spec.destination.path.display().to_string(),
+                        state: report.describe(),
+                        healthy: report.healthy(),
+                    }
+                }))
                 .collect();
         }
         self.status_version.send_modify(|v| *v += 1);
@@ -748,6 +905,9 @@ impl Daemon {
     async fn shutdown(self) {
         for (_, running) in self.services {
             running.stop().await;
+        }
+        for (_, running) in self.outputs {
+            running.output.stop().await;
         }
         self.persist.flush().await;
     }
@@ -1084,6 +1244,7 @@ pub async fn run(options: StartOptions) -> ExitCode {
         backoff: BTreeMap::new(),
         refused: BTreeMap::new(),
         services: BTreeMap::new(),
+        outputs: BTreeMap::new(),
     };
     // The admin API next: while the agent joins (or cannot), tbotctl can reach the daemon.
     let (reload_tx, mut reload_requests) = mpsc::channel::<tokio::sync::oneshot::Sender<()>>(16);
@@ -1102,6 +1263,12 @@ pub async fn run(options: StartOptions) -> ExitCode {
         Err(e) => tracing::warn!(error = %e, "no admin API: tbotctl get/apply/status will not reach this daemon"),
     }
     let mut retry_at: Option<tokio::time::Instant> = None;
+    if options.oneshot {
+        let code = oneshot(&mut daemon, config.as_ref()).await;
+        let _ = admin_stop.send(true);
+        daemon.shutdown().await;
+        return code;
+    }
     if let Some(config) = &config {
         if let Err(e) = daemon.start_agent(config).await {
             if daemon.remote.is_none() {
@@ -1192,6 +1359,58 @@ pub async fn run(options: StartOptions) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `tbot start --oneshot`: joins (or renews), writes every file output once, runs their hooks, and
+/// says which failed.
+async fn oneshot(daemon: &mut Daemon, config: Option<&AgentConfig>) -> ExitCode {
+    let Some(config) = config else {
+        return fail(
+            "--oneshot writes an agent's file outputs, and there is no agent config",
+            "add the agent config with `workload-identity-x509` or `workload-identity-jwt` services",
+        );
+    };
+    let specs: Vec<OutputSpec> = config.services.iter().filter_map(|s| output_spec(s, config)).collect();
+    if specs.is_empty() {
+        return fail(
+            "--oneshot has nothing to write: the agent config has no `workload-identity-x509` or `workload-identity-jwt` service",
+            "add an output service, or start without --oneshot to serve the Workload API",
+        );
+    }
+    for service in config.services.iter().filter(|s| s.socket().is_some()) {
+        tracing::warn!(
+            service = service.display_name(),
+            "--oneshot serves no socket; skipping this service"
+        );
+    }
+    if let Err(e) = daemon.start_agent(config).await {
+        return fail(format!("cannot join: {e}"), &e.hint());
+    }
+    let agent = daemon.agent.clone().expect("joined");
+    let mut failed = Vec::new();
+    for spec in specs {
+        let name = spec.name.clone();
+        let path = spec.destination.path.clone();
+        let report = crate::agent::outputs::write_once(agent.clone(), spec).await;
+        match (&report.error, &report.hook_error) {
+            (None, None) => println!("output {name}: {}: {}", path.display(), report.describe()),
+            (Some(e), _) => failed.push(format!("output {name} ({}): {e}", path.display())),
+            (None, Some(e)) => failed.push(format!(
+                "output {name} ({}): written, but on_update failed: {e}",
+                path.display()
+            )),
+        }
+    }
+    if failed.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for f in &failed {
+        eprintln!("error: {f}");
+    }
+    fail(
+        format!("{} output(s) failed", failed.len()),
+        "fix what each error names and run again",
+    )
+}
+
 async fn serve(
     api: WorkloadApi,
     incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<listener::Conn>>,
@@ -1201,6 +1420,7 @@ async fn serve(
     health.set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>().await;
     let result = Server::builder()
         .add_service(health_service)
+        .add_service(SecretDiscoveryServiceServer::new(api.clone()))
         .add_service(SpiffeWorkloadApiServer::new(api))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::manifest::DesiredState;
-use crate::resource::agent::{AgentConfig, Service};
+use crate::resource::agent::{AgentConfig, Listen, Service};
 use crate::resource::{Document, HostRole, Kind, ObjectRef};
 
 /// What happens to one object.
@@ -64,6 +64,21 @@ pub enum Action {
     Reconfigure {
         service: String,
     },
+    /// A new file output: issue its SVID and write its files.
+    Write {
+        output: String,
+        path: String,
+    },
+    /// An output's settings changed: issue again and replace its files.
+    Rewrite {
+        output: String,
+        path: String,
+    },
+    /// An output removed: stop renewing; its files are left in place.
+    StopOutput {
+        output: String,
+        path: String,
+    },
     Issue {
         identity: String,
     },
@@ -94,6 +109,14 @@ impl fmt::Display for Action {
             Action::Rebind { service, from, to } => write!(f, "~ listener {service}: rebind {from} → {to}"),
             Action::Unbind { service, listen } => write!(f, "- listener {service}: unbind {listen}"),
             Action::Reconfigure { service } => write!(f, "~ listener {service}: re-decide its callers"),
+            Action::Write { output, path } => write!(f, "+ output {output}: write {path}"),
+            Action::Rewrite { output, path } => {
+                write!(f, "~ output {output}: issue again and replace the files in {path}")
+            }
+            Action::StopOutput { output, path } => write!(
+                f,
+                "- output {output}: stop renewing; the files in {path} are left in place"
+            ),
             Action::Issue { identity } => write!(f, "+ SVIDs of workload_identity/{identity} issued"),
             Action::Reissue { identity } => write!(f, "~ SVIDs of workload_identity/{identity} reissued"),
             Action::Revoke { identity } => write!(f, "- SVIDs of workload_identity/{identity} revoked"),
@@ -185,10 +208,40 @@ fn identities(state: &DesiredState) -> BTreeSet<String> {
         .collect()
 }
 
-fn services(config: Option<&AgentConfig>) -> BTreeMap<String, &Service> {
+/// The `workload-identity-api` services by name, with their listen address.
+fn services(config: Option<&AgentConfig>) -> BTreeMap<String, (&Service, &Listen)> {
     config
-        .map(|a| a.services.iter().map(|s| (s.display_name().to_owned(), s)).collect())
+        .map(|a| {
+            a.services
+                .iter()
+                .filter_map(|s| Some((s.display_name().to_owned(), (s, s.socket()?))))
+                .collect()
+        })
         .unwrap_or_default()
+}
+
+/// The file outputs by name.
+fn outputs(config: Option<&AgentConfig>) -> BTreeMap<String, &Service> {
+    config
+        .map(|a| {
+            a.services
+                .iter()
+                .filter(|s| s.output().is_some())
+                .map(|s| (s.display_name().to_owned(), s))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether an output must be issued and written again: its settings, or the agent's lifetime it
+/// falls back on, changed.
+pub fn output_changed(
+    old: &Service,
+    new: &Service,
+    old_ttl: crate::resource::Duration,
+    new_ttl: crate::resource::Duration,
+) -> bool {
+    old != new || (new.credential_ttl.is_none() && old_ttl != new_ttl)
 }
 
 /// Plans the move from `actual` (what was last applied; `None` before the first start) to `desired`.
@@ -286,22 +339,22 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
 
     // Listeners.
     let (svc_new, svc_old) = (services(agent_new), services(agent_old));
-    for (name, s) in &svc_new {
+    for (name, (s, listen)) in &svc_new {
         match svc_old.get(name) {
             None => step(
                 Action::Bind {
                     service: name.clone(),
-                    listen: s.listen.to_string(),
+                    listen: listen.to_string(),
                 },
                 vec![agent_ref()],
             ),
-            Some(old) => {
-                if old.listen != s.listen {
+            Some((old, old_listen)) => {
+                if old_listen != listen {
                     step(
                         Action::Rebind {
                             service: name.clone(),
-                            from: old.listen.to_string(),
-                            to: s.listen.to_string(),
+                            from: old_listen.to_string(),
+                            to: listen.to_string(),
                         },
                         vec![agent_ref()],
                     );
@@ -318,12 +371,39 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
             }
         }
     }
-    for (name, s) in &svc_old {
+    for (name, (_, listen)) in &svc_old {
         if !svc_new.contains_key(name) {
             step(
                 Action::Unbind {
                     service: name.clone(),
-                    listen: s.listen.to_string(),
+                    listen: listen.to_string(),
+                },
+                vec![agent_ref()],
+            );
+        }
+    }
+
+    // File outputs.
+    let (out_new, out_old) = (outputs(agent_new), outputs(agent_old));
+    let path = |s: &Service| s.output().map(|d| d.path.display().to_string()).unwrap_or_default();
+    for (name, s) in &out_new {
+        let output = name.clone();
+        match (out_old.get(name), agent_old, agent_new) {
+            (None, _, _) => step(Action::Write { output, path: path(s) }, vec![agent_ref()]),
+            (Some(old), Some(a_old), Some(a_new))
+                if output_changed(old, s, a_old.credential_ttl, a_new.credential_ttl) =>
+            {
+                step(Action::Rewrite { output, path: path(s) }, vec![agent_ref()])
+            }
+            _ => {}
+        }
+    }
+    for (name, s) in &out_old {
+        if !out_new.contains_key(name) {
+            step(
+                Action::StopOutput {
+                    output: name.clone(),
+                    path: path(s),
                 },
                 vec![agent_ref()],
             );

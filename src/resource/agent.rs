@@ -41,8 +41,41 @@ vocabulary! {
 vocabulary! {
     /// What a service serves.
     ServiceType {
-        /// The SPIFFE Workload API on a unix socket.
+        /// The SPIFFE Workload API, and Envoy SDS, on a unix socket.
         WorkloadIdentityApi = "workload-identity-api",
+        /// An X509-SVID written to files (`svid.pem`, `svid_key.pem`, `svid_bundle.pem`,
+        /// `credential-bundle.private-key.pem`).
+        WorkloadIdentityX509 = "workload-identity-x509",
+        /// A JWT-SVID written to files (`jwt_svid`, `jwt_bundle.json`).
+        WorkloadIdentityJwt = "workload-identity-jwt",
+    }
+}
+
+impl ServiceType {
+    /// Whether the service writes files (an output) rather than serving a socket.
+    pub fn is_output(self) -> bool {
+        !matches!(self, ServiceType::WorkloadIdentityApi)
+    }
+}
+
+vocabulary! {
+    /// Where an output writes.
+    DestinationType {
+        /// Files in a directory.
+        Directory = "directory",
+    }
+}
+
+vocabulary! {
+    /// A signal `on_update` sends.
+    SignalName {
+        SIGHUP = "SIGHUP",
+        SIGUSR1 = "SIGUSR1",
+        SIGUSR2 = "SIGUSR2",
+        SIGINT = "SIGINT",
+        SIGQUIT = "SIGQUIT",
+        SIGTERM = "SIGTERM",
+        SIGWINCH = "SIGWINCH",
     }
 }
 
@@ -153,32 +186,142 @@ impl Default for Storage {
     }
 }
 
-/// One thing the agent serves.
+/// One thing the agent serves: a socket (`workload-identity-api`) or files (the outputs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
-    /// `workload-identity-api`.
+    /// `workload-identity-api`, `workload-identity-x509` or `workload-identity-jwt`.
     #[serde(rename = "type")]
     pub kind: ServiceType,
     /// A name for status and logs; defaults to the type. Required when two services share a type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<Name>,
-    /// Where to listen: `unix:///absolute/path.sock`, or `tcp://ip:port` (served without attestation).
-    pub listen: Listen,
-    /// Which workload identities this service may issue.
+    /// `workload-identity-api` only, required: where to listen, `unix:///absolute/path.sock`, or
+    /// `tcp://ip:port` (served without attestation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Listen>,
+    /// Which workload identities this service may issue (an output: exactly one).
     pub selector: Selector,
-    /// How callers are identified.
-    #[serde(default)]
+    /// `workload-identity-api` only: how callers are identified.
+    #[serde(default, skip_serializing_if = "Attestors::is_empty")]
     pub attestors: Attestors,
     /// Lifetime of the SVIDs this service issues; defaults to the agent's `credential_ttl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_ttl: Option<Duration>,
+    /// Outputs only: renew this often instead of at half the SVID's lifetime; with `credential_ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_interval: Option<Duration>,
+    /// Outputs only, required: where the files go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
+    /// `workload-identity-x509` only: add federated trust domains' CAs to `svid_bundle.pem`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_federated_trust_bundles: bool,
+    /// `workload-identity-jwt` only, required: the JWT-SVID's audiences.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Outputs only: what to run after the files are replaced (a signal, or a command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_update: Option<OnUpdate>,
+}
+
+/// Where an output writes its files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// `directory`.
+    #[serde(rename = "type")]
+    pub kind: DestinationType,
+    /// The directory (absolute); created `0700` if missing.
+    pub path: PathBuf,
+    /// The files' owner (a user name or uid); defaults to tbot's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The files' group (a group name or gid); defaults to tbot's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The files' mode, in octal (default `"0600"`; `"0640"` lets `group` read them). The
+    /// directory gets the same bits, with `x` wherever `r` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<FileMode>,
+}
+
+/// A file mode in octal, such as `"0640"`: read and write bits only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileMode(pub u32);
+
+string_form!(
+    FileMode,
+    "tbot-file-mode",
+    "A file mode in octal, quoted: `\"0600\"`, `\"0640\"`. Read and write bits only; the owner can always read."
+);
+
+impl FileMode {
+    pub const DEFAULT: FileMode = FileMode(0o600);
+
+    pub fn parse(text: &str) -> Result<FileMode, String> {
+        let digits = text.strip_prefix("0o").unwrap_or(text);
+        let mode = (digits.len() <= 4 && !digits.is_empty())
+            .then(|| u32::from_str_radix(digits, 8).ok())
+            .flatten()
+            .ok_or_else(|| format!("`{text}` is not an octal file mode such as `\"0640\"`"))?;
+        if mode & !0o666 != 0 {
+            return Err(format!(
+                "`{text}` sets bits other than read and write (setuid, sticky or execute); use read and write bits only, such as `\"0640\"`"
+            ));
+        }
+        if mode & 0o400 == 0 {
+            return Err(format!(
+                "`{text}` does not let the owner read the files; start with 6, such as `\"0640\"`"
+            ));
+        }
+        Ok(FileMode(mode))
+    }
+
+    /// The directory's mode: the same bits, with `x` wherever `r` is, and the owner's `rwx`.
+    pub fn directory(self) -> u32 {
+        self.0 | ((self.0 & 0o444) >> 2) | 0o700
+    }
+}
+
+impl fmt::Display for FileMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+/// What an output runs after it replaces its files. Set `signal` with `pid_file`, or `exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OnUpdate {
+    /// A signal for the process whose pid `pid_file` holds (nginx reloads on `SIGHUP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<SignalName>,
+    /// The file holding the pid to signal, such as `/run/nginx.pid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<PathBuf>,
+    /// A command to run instead, as an argument list (no shell): `["systemctl", "reload", "nginx"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<String>,
+    /// How long `exec` may run before it is killed and counted as failed (default `30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
 }
 
 impl Service {
     /// The service's name: `name`, or its type.
     pub fn display_name(&self) -> &str {
         self.name.as_deref().unwrap_or(self.kind.as_str())
+    }
+
+    /// Where a `workload-identity-api` service listens (`None` for an output).
+    pub fn socket(&self) -> Option<&Listen> {
+        self.listen.as_ref().filter(|_| !self.kind.is_output())
+    }
+
+    /// Where an output writes (`None` for a `workload-identity-api` service).
+    pub fn output(&self) -> Option<&Destination> {
+        self.destination.as_ref().filter(|_| self.kind.is_output())
     }
 }
 
@@ -204,6 +347,12 @@ pub struct Attestors {
     /// The systemd attestor: the caller's `.service` unit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub systemd: Option<SystemdAttestor>,
+}
+
+impl Attestors {
+    pub fn is_empty(&self) -> bool {
+        self == &Attestors::default()
+    }
 }
 
 /// Settings of the unix attestor.
@@ -372,6 +521,7 @@ impl AgentConfig {
         }
         let mut names = BTreeSet::new();
         let mut listens = BTreeSet::new();
+        let mut destinations = BTreeSet::new();
         for (i, service) in self.services.iter().enumerate() {
             let at = format!("/services/{i}");
             if !names.insert(service.display_name().to_owned()) {
@@ -383,13 +533,27 @@ impl AgentConfig {
                     .hint("give each service its own `name`"),
                 );
             }
-            if !listens.insert(service.listen.to_string()) {
+            service_fields(&mut out, &at, service);
+            if let Some(listen) = service.socket()
+                && !listens.insert(listen.to_string())
+            {
                 out.push(
                     Problem::error(
                         format!("{at}/listen"),
-                        format!("another service already listens on `{}`", service.listen),
+                        format!("another service already listens on `{listen}`"),
                     )
                     .hint("give each service its own socket path"),
+                );
+            }
+            if let Some(destination) = service.output()
+                && !destinations.insert(destination.path.clone())
+            {
+                out.push(
+                    Problem::error(
+                        format!("{at}/destination/path"),
+                        format!("another output already writes to `{}`", destination.path.display()),
+                    )
+                    .hint("give each output its own directory"),
                 );
             }
             match (&service.selector.name, service.selector.labels.is_empty()) {
@@ -424,6 +588,133 @@ impl AgentConfig {
             .as_deref()
             .or(self.auth_server.as_deref())
             .and_then(|a| server_host(a).ok())
+    }
+}
+
+/// The fields each service type requires, and the ones it does not take.
+fn service_fields(out: &mut Vec<Problem>, at: &str, service: &Service) {
+    let kind = service.kind;
+    let not_for = |field: &str, types: &str| {
+        Problem::error(
+            format!("{at}/{field}"),
+            format!("`{field}` is not a field of a `{kind}` service"),
+        )
+        .hint(format!("remove it: `{field}` is only for {types}"))
+    };
+    let required = |field: &str, example: &str| {
+        Problem::error(format!("{at}/type"), format!("a `{kind}` service needs `{field}`"))
+            .hint(format!("add `{field}: {example}`"))
+    };
+    let outputs = "`workload-identity-x509` and `workload-identity-jwt`";
+    if kind.is_output() {
+        if service.listen.is_some() {
+            out.push(not_for("listen", "`workload-identity-api`; an output writes files"));
+        }
+        if !service.attestors.is_empty() {
+            out.push(not_for(
+                "attestors",
+                "`workload-identity-api`; an output acts as the bot itself",
+            ));
+        }
+        match &service.destination {
+            None => out.push(required(
+                "destination",
+                "{type: directory, path: /var/lib/tbot/out/NAME}",
+            )),
+            Some(d) if d.path.is_relative() => out.push(
+                Problem::error(
+                    format!("{at}/destination/path"),
+                    format!("`{}` is not an absolute path", d.path.display()),
+                )
+                .hint("write the directory's absolute path"),
+            ),
+            Some(_) => {}
+        }
+        if service.renewal_interval.is_some() != service.credential_ttl.is_some() {
+            out.push(
+                Problem::error(
+                    format!("{at}/renewal_interval"),
+                    "set `credential_ttl` and `renewal_interval` together, or neither",
+                )
+                .hint("without them the agent's `credential_ttl` applies and the files are renewed at half of it"),
+            );
+        }
+        if let (Some(interval), Some(ttl)) = (service.renewal_interval, service.credential_ttl)
+            && interval >= ttl
+        {
+            out.push(
+                Problem::error(
+                    format!("{at}/renewal_interval"),
+                    format!("`renewal_interval` ({interval}) must be shorter than `credential_ttl` ({ttl})"),
+                )
+                .hint("use about a third of `credential_ttl`, such as `20m` for `1h`"),
+            );
+        }
+        if let Some(hook) = &service.on_update {
+            match (&hook.signal, &hook.pid_file, hook.exec.is_empty()) {
+                (Some(_), Some(_), true) | (None, None, false) => {}
+                (Some(_), None, _) => out.push(
+                    Problem::error(format!("{at}/on_update"), "`signal` needs `pid_file`")
+                        .hint("add `pid_file: /run/NAME.pid`, the file holding the pid to signal"),
+                ),
+                (None, Some(_), _) => out.push(
+                    Problem::error(format!("{at}/on_update"), "`pid_file` needs `signal`").hint("add `signal: SIGHUP`"),
+                ),
+                (Some(_), Some(_), false) => out.push(
+                    Problem::error(format!("{at}/on_update"), "set `signal` or `exec`, not both").hint("keep one"),
+                ),
+                (None, None, true) => out.push(
+                    Problem::error(format!("{at}/on_update"), "`on_update` is empty")
+                        .hint("set `signal` with `pid_file`, or `exec: [command, args...]`"),
+                ),
+            }
+            if let Some(pid_file) = &hook.pid_file
+                && pid_file.is_relative()
+            {
+                out.push(Problem::error(
+                    format!("{at}/on_update/pid_file"),
+                    format!("`{}` is not an absolute path", pid_file.display()),
+                ));
+            }
+        }
+    } else {
+        if service.listen.is_none() {
+            out.push(required("listen", "unix:///run/tbot/workload.sock"));
+        }
+        for (field, set) in [
+            ("destination", service.destination.is_some()),
+            ("renewal_interval", service.renewal_interval.is_some()),
+            ("on_update", service.on_update.is_some()),
+            ("audiences", !service.audiences.is_empty()),
+            (
+                "include_federated_trust_bundles",
+                service.include_federated_trust_bundles,
+            ),
+        ] {
+            if set {
+                out.push(not_for(field, outputs));
+            }
+        }
+    }
+    match kind {
+        ServiceType::WorkloadIdentityJwt => {
+            if service.audiences.is_empty() || service.audiences.iter().any(String::is_empty) {
+                out.push(
+                    Problem::error(
+                        format!("{at}/audiences"),
+                        "a `workload-identity-jwt` output needs at least one audience, none empty",
+                    )
+                    .hint("add `audiences: [api.example.com]`, the services the token is for"),
+                );
+            }
+            if service.include_federated_trust_bundles {
+                out.push(not_for("include_federated_trust_bundles", "`workload-identity-x509`"));
+            }
+        }
+        ServiceType::WorkloadIdentityX509 if !service.audiences.is_empty() => {
+            out.push(not_for("audiences", "`workload-identity-jwt`"));
+        }
+        _ => {}
     }
 }
 

@@ -1,9 +1,10 @@
-//! The SPIFFE Workload API on a unix socket (and, unattested, TCP): listener binding, peer
+//! The SPIFFE Workload API and Envoy SDS on a unix socket (and, unattested, TCP): listener binding, peer
 //! credentials and attestation once per connection, the security header, and the streams.
 
 pub mod client;
 pub mod codec;
 pub mod listener;
+pub mod sds;
 pub mod server;
 
 /// The generated protobuf messages and gRPC service (from `proto/workload.proto`).

@@ -30,6 +30,7 @@ pub struct ServiceConfig {
 }
 
 /// One `workload-identity-api` service.
+#[derive(Clone)]
 pub struct WorkloadApi {
     agent: Arc<Agent>,
     config: watch::Receiver<ServiceConfig>,
@@ -79,7 +80,7 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
 }
 
 /// The caller's attested attributes.
-fn attested<T>(request: &Request<T>) -> Result<Arc<Attributes>, Status> {
+pub(super) fn attested<T>(request: &Request<T>) -> Result<Arc<Attributes>, Status> {
     let info = request
         .extensions()
         .get::<CallerInfo>()
@@ -92,7 +93,7 @@ fn attested<T>(request: &Request<T>) -> Result<Arc<Attributes>, Status> {
 }
 
 /// The gRPC status for an issuer error, with what the operator can do about it.
-fn status(error: IssuerError) -> Status {
+pub(super) fn status(error: IssuerError) -> Status {
     let message = format!("{error}; {}", error.hint());
     if error.is_transient() {
         Status::unavailable(message)
@@ -150,7 +151,7 @@ fn x509_response(
 
 /// A caller as an open stream follows it: who it is, and what makes the stream resolve it again (an
 /// edit of the documents, the service's selector or lifetime) or end (the daemon stopping).
-struct Follow {
+pub(super) struct Follow {
     agent: Arc<Agent>,
     config: watch::Receiver<ServiceConfig>,
     workload: Arc<Attributes>,
@@ -160,7 +161,7 @@ struct Follow {
 }
 
 /// Why [`Follow::wake`] returned.
-enum Woke<T> {
+pub(super) enum Woke<T> {
     /// The stream's own data changed.
     Data(T),
     /// The caller must be resolved again.
@@ -171,7 +172,7 @@ enum Woke<T> {
 
 impl Follow {
     /// Starts following: changes from now on count.
-    fn new(api: &WorkloadApi, workload: Arc<Attributes>) -> Follow {
+    pub(super) fn new(api: &WorkloadApi, workload: Arc<Attributes>) -> Follow {
         let mut config_changes = api.config.clone();
         config_changes.mark_unchanged();
         Follow {
@@ -184,12 +185,12 @@ impl Follow {
         }
     }
 
-    async fn resolve(&self) -> Result<(Vec<Resolved>, Duration), Status> {
+    pub(super) async fn resolve(&self) -> Result<(Vec<Resolved>, Duration), Status> {
         resolve_for(&self.agent, &self.config, &self.workload).await
     }
 
     /// Waits for `data`, a reason to resolve the caller again, or the daemon's stop.
-    async fn wake<T>(&mut self, data: impl std::future::Future<Output = Option<T>>) -> Woke<T> {
+    pub(super) async fn wake<T>(&mut self, data: impl std::future::Future<Output = Option<T>>) -> Woke<T> {
         tokio::select! {
             Some(d) = data => Woke::Data(d),
             Ok(()) = self.policy.changed() => Woke::Resolve,
@@ -201,7 +202,7 @@ impl Follow {
 }
 
 /// An open stream's state: tonic polls it through [`into_stream`].
-trait Watch: Send + 'static {
+pub(super) trait Watch: Send + 'static {
     type Item: Send + 'static;
 
     /// The next message, or `None` when the stream is over.
@@ -209,11 +210,11 @@ trait Watch: Send + 'static {
 }
 
 /// A response stream as tonic takes it.
-type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 /// The stream tonic polls: no task or channel of its own (a client that goes away drops it); an
 /// error is its last message.
-fn into_stream<W: Watch>(watch: W) -> Stream<W::Item> {
+pub(super) fn into_stream<W: Watch>(watch: W) -> Stream<W::Item> {
     Box::pin(futures_util::stream::unfold(Some(watch), |watch| async move {
         let mut watch = watch?;
         let item = watch.next().await?;
@@ -227,26 +228,69 @@ struct X509Watch {
     follow: Follow,
     /// The first resolution, made before the call was answered.
     first: Option<(Vec<Resolved>, Duration)>,
-    /// The caller's slots and the bundle, and a change on any of them (`None`: resolve first).
-    slots: Vec<watch::Receiver<Slot>>,
-    bundles: watch::Receiver<Arc<Bundles>>,
-    changes: Option<StreamMap<usize, Changes>>,
+    /// The caller's SVIDs and the bundle (`None`: resolve first).
+    svids: Option<Svids>,
     /// What the last message was made of: each distinct state is sent once.
     last_sent: Option<Made>,
     _open: OpenStream,
 }
 
-type Changes = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>;
+pub(super) type Changes = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>;
+
+/// A caller's SVID slots and the trust bundle, subscribed to: `changes` yields on a change of any.
+pub(super) struct Svids {
+    pub slots: Vec<watch::Receiver<Slot>>,
+    pub bundles: watch::Receiver<Arc<Bundles>>,
+    pub changes: StreamMap<usize, Changes>,
+}
+
+impl Svids {
+    /// Subscribes to the slots of the caller's identities, resolving them unless `first` holds them.
+    pub(super) async fn subscribe(follow: &Follow, first: Option<(Vec<Resolved>, Duration)>) -> Result<Svids, Status> {
+        let (resolved, ttl) = match first {
+            Some(first) => first,
+            None => follow.resolve().await?,
+        };
+        let (agent, workload) = (&follow.agent, &follow.workload);
+        let slots: Vec<_> = resolved.iter().map(|r| agent.cache.x509(r, workload, ttl)).collect();
+        let bundles = agent.bundles();
+        let mut changes: StreamMap<usize, Changes> = StreamMap::new();
+        for (i, slot) in slots.iter().enumerate() {
+            changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
+        }
+        changes.insert(usize::MAX, Box::pin(WatchStream::new(bundles.clone()).map(|_| ())));
+        Ok(Svids {
+            slots,
+            bundles,
+            changes,
+        })
+    }
+
+    /// What a message would be made of now.
+    pub(super) fn made(&self) -> Made {
+        Made {
+            slots: self
+                .slots
+                .iter()
+                .map(|s| match &*s.borrow() {
+                    Slot::Ready(m) => Some(m.clone()),
+                    Slot::Pending | Slot::Failed { .. } => None,
+                })
+                .collect(),
+            bundles: self.bundles.borrow().clone(),
+        }
+    }
+}
 
 /// The SVIDs (`None`: pending or failed) and the bundle a message was made of. Holding them keeps
 /// their allocations alive, so comparing by pointer cannot mistake a new SVID for an old one.
-struct Made {
-    slots: Vec<Option<Arc<X509Material>>>,
-    bundles: Arc<Bundles>,
+pub(super) struct Made {
+    pub slots: Vec<Option<Arc<X509Material>>>,
+    pub bundles: Arc<Bundles>,
 }
 
 impl Made {
-    fn same_as(&self, other: &Made) -> bool {
+    pub(super) fn same_as(&self, other: &Made) -> bool {
         let same = |a: &Option<Arc<X509Material>>, b: &Option<Arc<X509Material>>| match (a, b) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
@@ -259,10 +303,10 @@ impl Made {
 }
 
 /// Counts an open stream for `/metrics` while it lives.
-struct OpenStream;
+pub(super) struct OpenStream;
 
 impl OpenStream {
-    fn new() -> OpenStream {
+    pub(super) fn new() -> OpenStream {
         crate::admin::metrics::metrics()
             .active_streams
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -278,68 +322,34 @@ impl Drop for OpenStream {
     }
 }
 
-impl X509Watch {
-    /// Subscribes to the slots of the caller's identities (resolving them again unless `first`).
-    async fn subscribe(&mut self) -> Result<(), Status> {
-        let (resolved, ttl) = match self.first.take() {
-            Some(first) => first,
-            None => self.follow.resolve().await?,
-        };
-        let (agent, workload) = (&self.follow.agent, &self.follow.workload);
-        self.slots = resolved.iter().map(|r| agent.cache.x509(r, workload, ttl)).collect();
-        self.bundles = agent.bundles();
-        let mut changes: StreamMap<usize, Changes> = StreamMap::new();
-        for (i, slot) in self.slots.iter().enumerate() {
-            changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
-        }
-        changes.insert(usize::MAX, Box::pin(WatchStream::new(self.bundles.clone()).map(|_| ())));
-        self.changes = Some(changes);
-        Ok(())
-    }
-
-    /// What a message would be made of now.
-    fn made(&self) -> Made {
-        Made {
-            slots: self
-                .slots
-                .iter()
-                .map(|s| match &*s.borrow() {
-                    Slot::Ready(m) => Some(m.clone()),
-                    Slot::Pending | Slot::Failed { .. } => None,
-                })
-                .collect(),
-            bundles: self.bundles.borrow().clone(),
-        }
-    }
-}
-
 impl Watch for X509Watch {
     type Item = X509svidResponse;
 
     /// At once on open, then on every change.
     async fn next(&mut self) -> Option<Result<X509svidResponse, Status>> {
         loop {
-            let Some(changes) = self.changes.as_mut() else {
+            let Some(svids) = self.svids.as_mut() else {
                 // (Re-)resolve: at open, and whenever the documents or the service's config change.
-                if let Err(status) = self.subscribe().await {
-                    return Some(Err(status));
+                match Svids::subscribe(&self.follow, self.first.take()).await {
+                    Ok(svids) => self.svids = Some(svids),
+                    Err(status) => return Some(Err(status)),
                 }
                 continue;
             };
-            match self.follow.wake(changes.next()).await {
+            match self.follow.wake(svids.changes.next()).await {
                 Woke::Data(_) => {}
                 Woke::Resolve => {
-                    self.changes = None;
+                    self.svids = None;
                     continue;
                 }
                 Woke::Stop => return None,
             }
             // Several watches may fire for one change: send each distinct state once.
-            let made = self.made();
+            let made = svids.made();
             if self.last_sent.as_ref().is_some_and(|last| last.same_as(&made)) {
                 continue;
             }
-            match x509_response(&self.slots, &made.bundles) {
+            match x509_response(&svids.slots, &made.bundles) {
                 // A slot is still being issued: its change wakes us again.
                 None => continue,
                 Some(Ok(message)) => {
@@ -410,11 +420,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let follow = Follow::new(self, workload);
         let first = follow.resolve().await?;
         Ok(Response::new(into_stream(X509Watch {
-            bundles: self.agent.bundles(),
             follow,
             first: Some(first),
-            slots: Vec::new(),
-            changes: None,
+            svids: None,
             last_sent: None,
             _open: OpenStream::new(),
         })))

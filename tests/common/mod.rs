@@ -318,6 +318,18 @@ pub fn wait_for_log(daemon: &Daemon, needle: &str) -> bool {
     false
 }
 
+/// Polls `f` every 50 ms until it gives a value; panics naming `what` after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Replaces a file the way editors do: write a temporary file, then rename it over the old one.
 pub fn save(path: &Path, text: &str) {
     let temp = path.with_extension("yaml.tmp~");

@@ -1,0 +1,153 @@
+//! The consumers that do not speak the Workload API:
+//! - Envoy SDS: the first secret after connecting (a new connection and `StreamSecrets` for
+//!   `default`, a cached identity), beside `FetchX509SVID`'s first message on the same daemon;
+//! - file outputs: a rotation's files replaced (four atomic replacements: temp file, fsync, rename,
+//!   fsync of the directory) and the `on_update` hook run (`exec: [true]`), p99, beside the same
+//!   four files written in place (`O_TRUNC`, no fsync, as Teleport's tbot and spiffe-helper do) and
+//!   the same hook.
+
+use std::time::{Duration, Instant};
+
+use tbot::workload_api::client;
+use tbot::workload_api::proto::X509svidRequest;
+use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tbot::workload_api::sds::proto::DiscoveryRequest;
+use tbot::workload_api::sds::proto::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use tokio_stream::StreamExt;
+
+use crate::{Row, Scale, common, percentile};
+
+const SECTION: &str = "consumers";
+
+pub async fn run(scale: Scale) -> Vec<Row> {
+    let mut rows = first_secret(scale).await;
+    rows.extend(output_rotation(scale).await);
+    rows
+}
+
+async fn first_secret(scale: Scale) -> Vec<Row> {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let socket = dir.path().join("workload.sock");
+    common::write_directory(&etc, 1, &socket, &dir.path().join("state"), common::my_uid());
+    let mut child = common::start_tbot(&etc, &dir.path().join("daemon.log"), &socket).await;
+    let address = format!("unix://{}", socket.display());
+    let n = scale.pick(500, 20);
+    let (mut sds, mut api) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n + 1 {
+        let started = Instant::now();
+        let channel = client::connect(&address).await.unwrap();
+        let mut stream = SecretDiscoveryServiceClient::new(channel)
+            .stream_secrets(tokio_stream::once(DiscoveryRequest {
+                resource_names: vec!["default".into()],
+                type_url: tbot::workload_api::sds::SECRET_TYPE.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.resources.len(), 1);
+        let sds_time = started.elapsed();
+        let started = Instant::now();
+        let channel = client::connect(&address).await.unwrap();
+        let mut stream = SpiffeWorkloadApiClient::new(channel)
+            .fetch_x509svid(client::request(X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.next().await.unwrap().unwrap();
+        // The first round issues the SVID: not counted.
+        if i > 0 {
+            sds.push(sds_time);
+            api.push(started.elapsed());
+        }
+    }
+    common::terminate(&mut child);
+    sds.sort();
+    api.sort();
+    vec![Row::duration(
+        SECTION,
+        format!("SDS first secret after connect, cached identity, p50 ({n} connections)"),
+        percentile(&sds, 0.5),
+        "`FetchX509SVID` first message after connect, same daemon, p50",
+        percentile(&api, 0.5),
+    )]
+}
+
+async fn output_rotation(scale: Scale) -> Vec<Row> {
+    use tbot::resource::agent::{Destination, DestinationType, OnUpdate};
+    let dir = tempfile::tempdir().unwrap();
+    let destination = Destination {
+        kind: DestinationType::Directory,
+        path: dir.path().join("out"),
+        owner: None,
+        group: None,
+        mode: None,
+    };
+    let hook = OnUpdate {
+        signal: None,
+        pid_file: None,
+        exec: vec!["true".into()],
+        timeout: None,
+    };
+    let n = scale.pick(300, 10);
+    let materials: Vec<_> = (0..n).map(|_| material()).collect();
+    let bundles = tbot::issuer::Bundles {
+        trust_domain: "bench.example.org".into(),
+        x509_authorities: vec![material().svid.certificate],
+        jwt_keys: vec![],
+        sequence: 1,
+    };
+    let (mut atomic, mut in_place) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let plain = dir.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    for m in &materials {
+        let started = Instant::now();
+        tbot::agent::outputs::write_x509(&destination, m, &bundles).unwrap();
+        tbot::agent::outputs::run_hook(&hook).await.unwrap();
+        atomic.push(started.elapsed());
+        let started = Instant::now();
+        let key = tbot::pem::private_key(&m.key);
+        let cert = tbot::pem::certificates([&m.svid.certificate]);
+        for (name, text) in [
+            ("svid_key.pem", key.clone()),
+            ("svid.pem", cert.clone()),
+            ("svid_bundle.pem", tbot::pem::certificates(&bundles.x509_authorities)),
+            ("credential-bundle.private-key.pem", format!("{key}{cert}")),
+        ] {
+            std::fs::write(plain.join(name), text).unwrap();
+        }
+        tbot::agent::outputs::run_hook(&hook).await.unwrap();
+        in_place.push(started.elapsed());
+    }
+    atomic.sort();
+    in_place.sort();
+    let p99 = |v: &[Duration]| percentile(v, 0.99);
+    vec![Row::duration(
+        SECTION,
+        format!("x509 output rotation: 4 files replaced atomically + `on_update` exec, p99 ({n} rotations)"),
+        p99(&atomic),
+        "the same 4 files written in place (no temp, no fsync) + the same hook, p99",
+        p99(&in_place),
+    )]
+}
+
+fn material() -> tbot::agent::X509Material {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["bench.local".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    tbot::agent::X509Material {
+        svid: tbot::issuer::X509Svid {
+            identity: "bench".into(),
+            spiffe_id: "spiffe://bench.example.org/bench".into(),
+            hint: None,
+            certificate: cert.der().to_vec(),
+            not_after: time::OffsetDateTime::now_utc(),
+        },
+        key: key.serialize_der(),
+    }
+}

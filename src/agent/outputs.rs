@@ -1,0 +1,551 @@
+//! File outputs (`workload-identity-x509`, `workload-identity-jwt`): SVIDs written to a directory for
+//! programs that read PEM files and reload on a signal (nginx, HAProxy, PostgreSQL, Kafka, Java).
+//! An output acts as the bot itself (no workload attestation). Every file is replaced atomically
+//! (a temp file created `O_EXCL`, fsync, `rename(2)`, fsync of the directory), the key before the
+//! certificate; `credential-bundle.private-key.pem` holds the key and the chain in one file, always
+//! consistent in a single read. After each write `on_update` runs; a failure is reported and tried
+//! again at the next write, never in a loop.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::bot::jitter;
+use super::{Agent, Slot, X509Material};
+use crate::issuer::{Attributes, Bundles, IdentitySelector, Resolved};
+use crate::resource::agent::{Destination, FileMode, OnUpdate, ServiceType, SignalName};
+
+/// The x509 output's files, in the order they are replaced.
+pub const X509_FILES: [&str; 4] = [
+    "svid_key.pem",
+    "svid.pem",
+    "svid_bundle.pem",
+    "credential-bundle.private-key.pem",
+];
+/// The jwt output's files.
+pub const JWT_FILES: [&str; 2] = ["jwt_svid", "jwt_bundle.json"];
+
+/// How long `exec` may run by default.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What one output does, from its service in the agent config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSpec {
+    pub name: String,
+    pub kind: ServiceType,
+    pub selector: IdentitySelector,
+    pub ttl: Duration,
+    /// Renew this often instead of at half the lifetime.
+    pub renewal: Option<Duration>,
+    pub audiences: Vec<String>,
+    pub destination: Destination,
+    pub on_update: Option<OnUpdate>,
+}
+
+/// What an output last did, for `tbotctl status`, the conditions and `--oneshot`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Successful writes so far.
+    pub writes: u64,
+    /// When the files were last replaced.
+    pub written: Option<OffsetDateTime>,
+    pub spiffe_id: String,
+    /// When the SVID in the files expires.
+    pub expires: Option<OffsetDateTime>,
+    /// Why the last attempt to issue or write failed (cleared by the next write).
+    pub error: Option<String>,
+    /// Why `on_update` failed after the last write.
+    pub hook_error: Option<String>,
+}
+
+impl Report {
+    /// Whether the output has done what it is for (written, and its hook ran).
+    pub fn healthy(&self) -> bool {
+        self.writes > 0 && self.error.is_none() && self.hook_error.is_none()
+    }
+
+    /// One line for status and logs.
+    pub fn describe(&self) -> String {
+        let format = |t: &OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        let mut out = match (&self.written, &self.expires) {
+            (Some(w), Some(e)) => format!("{} written {}, expires {}", self.spiffe_id, format(w), format(e)),
+            _ => "not written yet".to_owned(),
+        };
+        if let Some(e) = &self.error {
+            out.push_str(&format!("; FAILING: {e}"));
+        }
+        if let Some(e) = &self.hook_error {
+            out.push_str(&format!("; on_update FAILED: {e} (tried again at the next renewal)"));
+        }
+        out
+    }
+}
+
+/// A running output.
+pub struct Output {
+    pub spec: OutputSpec,
+    report: watch::Receiver<Report>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Output {
+    /// Starts writing and renewing.
+    pub fn spawn(agent: Arc<Agent>, spec: OutputSpec) -> Output {
+        let (report_tx, report) = watch::channel(Report::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(agent, spec.clone(), report_tx, stop_rx, false));
+        Output {
+            spec,
+            report,
+            stop,
+            task,
+        }
+    }
+
+    /// What it last did, and every change.
+    pub fn report(&self) -> watch::Receiver<Report> {
+        self.report.clone()
+    }
+
+    /// Stops renewing; the files stay.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+/// Writes the output once and runs its hook (`tbot start --oneshot`).
+pub async fn write_once(agent: Arc<Agent>, spec: OutputSpec) -> Report {
+    let (report_tx, mut report) = watch::channel(Report::default());
+    let (_stop, stop_rx) = watch::channel(false);
+    run(agent, spec, report_tx, stop_rx, true).await;
+    report.borrow_and_update().clone()
+}
+
+/// The one identity an output is for, checked to need no workload attributes.
+async fn resolve(agent: &Agent, spec: &OutputSpec) -> Result<Resolved, String> {
+    let resolved = agent.resolve(&spec.selector, &Attributes::new()).await.map_err(|e| {
+        format!(
+            "{e}; {} (an output acts as the bot itself: no workload attributes are attested)",
+            e.hint()
+        )
+    })?;
+    let resolved = match resolved.as_slice() {
+        [one] => one.clone(),
+        [] => {
+            return Err(
+                "no workload identity matches the output's selector; check `selector` and the identities' rules".into(),
+            );
+        }
+        many => {
+            let names: Vec<&str> = many.iter().map(|r| r.name.as_str()).collect();
+            return Err(format!(
+                "the selector matches {} workload identities ({}); an output writes one: select it by `name`",
+                many.len(),
+                names.join(", ")
+            ));
+        }
+    };
+    if !resolved.reads.is_empty() {
+        return Err(format!(
+            "workload_identity/{} reads {}, which an output cannot have (it acts as the bot itself, with no \
+             workload attestation); give the output an identity whose rules and templates read only `bot.*` \
+             and `join.*` attributes, or serve this one on a `workload-identity-api` socket",
+            resolved.name,
+            resolved.reads.join(", ")
+        ));
+    }
+    Ok(resolved)
+}
+
+/// Why the output loop woke.
+enum Wake {
+    Data,
+    Resolve,
+    Stop,
+}
+
+async fn run(
+    agent: Arc<Agent>,
+    spec: OutputSpec,
+    report: watch::Sender<Report>,
+    mut stop: watch::Receiver<bool>,
+    once: bool,
+) {
+    let mut policy = agent.policy_changes();
+    let mut backoff = Duration::from_secs(1);
+    // What the files hold: an edit that leaves the SVID as it was rewrites nothing and runs no hook.
+    let mut written = None;
+    loop {
+        policy.mark_unchanged();
+        let outcome = match resolve(&agent, &spec).await {
+            Ok(resolved) => match spec.kind {
+                ServiceType::WorkloadIdentityJwt => jwt(&agent, &spec, &resolved, &report, &mut stop, once).await,
+                _ => x509(&agent, &spec, &resolved, &report, &mut stop, once, &mut written).await,
+            },
+            Err(error) => Err(error),
+        };
+        let wait = match outcome {
+            Ok(Wake::Stop) => return,
+            Ok(Wake::Resolve) => {
+                backoff = Duration::from_secs(1);
+                continue;
+            }
+            Ok(Wake::Data) => unreachable!("the loops return only to resolve again or stop"),
+            Err(error) => {
+                tracing::warn!(output = %spec.name, %error, "the output cannot be written");
+                crate::admin::metrics::metrics().output(&spec.name, "failed");
+                report.send_modify(|r| r.error = Some(error));
+                if once {
+                    return;
+                }
+                let wait = backoff.mul_f64(jitter(0.2));
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+                wait
+            }
+        };
+        // A document edit may fix it at once.
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            Ok(()) = policy.changed() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The SVID and bundle an x509 output's files hold.
+type Written = Option<(Arc<X509Material>, Arc<Bundles>)>;
+
+/// Writes the x509 files whenever the SVID or the bundle changes (the cache renews the SVID).
+async fn x509(
+    agent: &Agent,
+    spec: &OutputSpec,
+    resolved: &Resolved,
+    report: &watch::Sender<Report>,
+    stop: &mut watch::Receiver<bool>,
+    once: bool,
+    last: &mut Written,
+) -> Result<Wake, String> {
+    let mut slot = agent
+        .cache
+        .x509_every(resolved, &Attributes::new(), spec.ttl, spec.renewal);
+    let mut bundles = agent.bundles();
+    let mut policy = agent.policy_changes();
+    loop {
+        let current = slot.borrow_and_update().clone();
+        let bundle = bundles.borrow_and_update().clone();
+        match current {
+            Slot::Pending => {}
+            Slot::Failed { error, .. } => return Err(error),
+            Slot::Ready(material) => {
+                let same = last
+                    .as_ref()
+                    .is_some_and(|(m, b)| Arc::ptr_eq(m, &material) && Arc::ptr_eq(b, &bundle));
+                if !same {
+                    write_x509(&spec.destination, &material, &bundle)
+                        .map_err(|e| format!("cannot write to {}: {e}", spec.destination.path.display()))?;
+                    wrote(spec, report, &material.svid.spiffe_id, material.svid.not_after).await;
+                    *last = Some((material, bundle));
+                    if once {
+                        return Ok(Wake::Stop);
+                    }
+                }
+            }
+        }
+        match wake(&mut slot, &mut bundles, &mut policy, stop).await {
+            Wake::Data => {}
+            other => return Ok(other),
+        }
+    }
+}
+
+async fn wake<T>(
+    slot: &mut watch::Receiver<T>,
+    bundles: &mut watch::Receiver<Arc<Bundles>>,
+    policy: &mut watch::Receiver<u64>,
+    stop: &mut watch::Receiver<bool>,
+) -> Wake {
+    tokio::select! {
+        Ok(()) = slot.changed() => Wake::Data,
+        Ok(()) = bundles.changed() => Wake::Data,
+        Ok(()) = policy.changed() => Wake::Resolve,
+        _ = stop.wait_for(|s| *s) => Wake::Stop,
+        else => Wake::Stop,
+    }
+}
+
+/// Issues a JWT-SVID, writes it with the JWKS, and again at half its lifetime (or every
+/// `renewal_interval`); a bundle change rewrites the JWKS.
+async fn jwt(
+    agent: &Agent,
+    spec: &OutputSpec,
+    resolved: &Resolved,
+    report: &watch::Sender<Report>,
+    stop: &mut watch::Receiver<bool>,
+    once: bool,
+) -> Result<Wake, String> {
+    let mut bundles = agent.bundles();
+    let mut policy = agent.policy_changes();
+    loop {
+        let issued = OffsetDateTime::now_utc();
+        let svid = agent
+            .cache
+            .jwt_uncached(resolved, &Attributes::new(), &spec.audiences, spec.ttl)
+            .await
+            .map_err(|e| format!("{e}; {}", e.hint()))?;
+        let lifetime: Duration = (svid.expires - issued).try_into().unwrap_or(Duration::ZERO);
+        let renew_at = tokio::time::Instant::now()
+            + spec
+                .renewal
+                .unwrap_or_else(|| lifetime.mul_f64(0.5 * jitter(0.1)))
+                .min(lifetime.mul_f64(0.9));
+        loop {
+            let bundle = bundles.borrow_and_update().clone();
+            write_jwt(&spec.destination, &svid.token, &bundle)
+                .map_err(|e| format!("cannot write to {}: {e}", spec.destination.path.display()))?;
+            wrote(spec, report, &svid.spiffe_id, svid.expires).await;
+            if once {
+                return Ok(Wake::Stop);
+            }
+            let (_never, mut no_slot) = watch::channel(());
+            tokio::select! {
+                _ = tokio::time::sleep_until(renew_at) => break,
+                woke = wake(&mut no_slot, &mut bundles, &mut policy, stop) => match woke {
+                    Wake::Data => continue,
+                    other => return Ok(other),
+                },
+            }
+        }
+    }
+}
+
+/// After a write: the hook, the report, the metric.
+async fn wrote(spec: &OutputSpec, report: &watch::Sender<Report>, spiffe_id: &str, expires: OffsetDateTime) {
+    let metrics = crate::admin::metrics::metrics();
+    metrics.output(&spec.name, "written");
+    let hook = match &spec.on_update {
+        Some(hook) => run_hook(hook).await.err(),
+        None => None,
+    };
+    if let Some(error) = &hook {
+        metrics.output(&spec.name, "hook_failed");
+        tracing::warn!(output = %spec.name, %error, "on_update failed; it runs again at the next renewal");
+    }
+    tracing::info!(output = %spec.name, spiffe_id, path = %spec.destination.path.display(), "output written");
+    report.send_modify(|r| {
+        r.writes += 1;
+        r.written = Some(OffsetDateTime::now_utc());
+        r.spiffe_id = spiffe_id.to_owned();
+        r.expires = Some(expires);
+        r.error = None;
+        r.hook_error = hook;
+    });
+}
+
+/// Sends the signal, or runs the command.
+pub async fn run_hook(hook: &OnUpdate) -> Result<(), String> {
+    if let (Some(signal), Some(pid_file)) = (hook.signal, &hook.pid_file) {
+        let text = std::fs::read_to_string(pid_file).map_err(|e| {
+            format!(
+                "cannot read the pid file {}: {e}; is the process running?",
+                pid_file.display()
+            )
+        })?;
+        let pid = text
+            .trim()
+            .parse::<i32>()
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| format!("{} does not hold a pid (`{}`)", pid_file.display(), text.trim()))?;
+        return rustix::process::kill_process(pid, signal_of(signal)).map_err(|e| {
+            format!(
+                "cannot send {signal} to pid {} (from {}): {e}",
+                pid.as_raw_nonzero(),
+                pid_file.display()
+            )
+        });
+    }
+    let Some((program, args)) = hook.exec.split_first() else {
+        return Ok(());
+    };
+    let timeout = hook.timeout.map(|t| t.as_std()).unwrap_or(HOOK_TIMEOUT);
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let shown = hook.exec.join(" ");
+    match tokio::time::timeout(timeout, child).await {
+        Err(_) => Err(format!("`{shown}` ran longer than {timeout:?} and was killed")),
+        Ok(Err(e)) => Err(format!("cannot run `{shown}`: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let tail: String = stderr
+                .trim()
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            Err(format!("`{shown}` failed ({}): {tail}", out.status))
+        }
+    }
+}
+
+fn signal_of(signal: SignalName) -> rustix::process::Signal {
+    use rustix::process::Signal;
+    match signal {
+        SignalName::SIGHUP => Signal::HUP,
+        SignalName::SIGUSR1 => Signal::USR1,
+        SignalName::SIGUSR2 => Signal::USR2,
+        SignalName::SIGINT => Signal::INT,
+        SignalName::SIGQUIT => Signal::QUIT,
+        SignalName::SIGTERM => Signal::TERM,
+        SignalName::SIGWINCH => Signal::WINCH,
+    }
+}
+
+/// Writes the x509 files: the key first, then the certificate, the bundle, the combined file.
+pub fn write_x509(destination: &Destination, material: &X509Material, bundles: &Bundles) -> Result<(), String> {
+    let dir = Directory::open(destination)?;
+    let key = crate::pem::private_key(&material.key);
+    let chain = crate::pem::certificates([&material.svid.certificate]);
+    let bundle = crate::pem::certificates(&bundles.x509_authorities);
+    let combined = format!("{key}{chain}");
+    for (name, text) in X509_FILES.iter().zip([&key, &chain, &bundle, &combined]) {
+        dir.replace(name, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Writes the JWT-SVID (no trailing newline) and the JWT bundle (a JWK Set).
+pub fn write_jwt(destination: &Destination, token: &str, bundles: &Bundles) -> Result<(), String> {
+    let dir = Directory::open(destination)?;
+    dir.replace(JWT_FILES[0], token.as_bytes())?;
+    let jwks = serde_json::to_vec_pretty(&bundles.jwks()).expect("JSON");
+    dir.replace(JWT_FILES[1], &jwks)
+}
+
+/// An output directory, ready for atomic replacements.
+struct Directory {
+    path: PathBuf,
+    mode: FileMode,
+    owner: Option<u32>,
+    group: Option<u32>,
+}
+
+impl Directory {
+    /// Creates the directory if missing (with the files' mode plus `x` where `r`), and resolves the
+    /// owner and group.
+    fn open(destination: &Destination) -> Result<Directory, String> {
+        let mode = destination.mode.unwrap_or(FileMode::DEFAULT);
+        let owner = destination
+            .owner
+            .as_deref()
+            .map(|o| id_of(o, "/etc/passwd", "user"))
+            .transpose()?;
+        let group = destination
+            .group
+            .as_deref()
+            .map(|g| id_of(g, "/etc/group", "group"))
+            .transpose()?;
+        let path = destination.path.clone();
+        if !path.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode.directory())
+                .create(&path)
+                .map_err(|e| format!("cannot create the directory: {e}; check the parent's owner and permissions"))?;
+            // The umask may have taken bits away.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode.directory()))
+                .map_err(|e| format!("cannot set the directory's mode: {e}"))?;
+            if owner.is_some() || group.is_some() {
+                std::os::unix::fs::chown(&path, owner, group)
+                    .map_err(|e| format!("cannot give the directory to its owner and group: {e}"))?;
+            }
+        }
+        Ok(Directory {
+            path,
+            mode,
+            owner,
+            group,
+        })
+    }
+
+    /// Replaces `name` atomically: a temp file beside it (created `O_EXCL`, so no symlink is
+    /// followed), its mode and owner, fsync, `rename(2)`, fsync of the directory.
+    fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        let target = self.path.join(name);
+        let fail = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", target.display());
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail("clear the temp file of", e)),
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(self.mode.0)
+            .open(&tmp)
+            .map_err(|e| fail("create the temp file of", e))?;
+        let done = (|| {
+            file.set_permissions(std::fs::Permissions::from_mode(self.mode.0))?;
+            if self.owner.is_some() || self.group.is_some() {
+                std::os::unix::fs::fchown(&file, self.owner, self.group)?;
+            }
+            file.write_all(bytes)?;
+            file.sync_all()
+        })();
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail("write", e));
+        }
+        std::fs::rename(&tmp, &target).map_err(|e| fail("replace", e))?;
+        std::fs::File::open(&self.path)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail("sync the directory of", e))
+    }
+}
+
+/// A user or group by name (from `file`) or by number.
+fn id_of(name: &str, file: &str, what: &str) -> Result<u32, String> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            Some((fields.next()?, fields.nth(1)?))
+        })
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, id)| id.parse().ok())
+        .ok_or_else(|| format!("no {what} `{name}` in {file}; write its numeric id instead"))
+}
+
+/// The files an output of this type writes, for status and docs.
+pub fn files_of(kind: ServiceType) -> &'static [&'static str] {
+    match kind {
+        ServiceType::WorkloadIdentityJwt => &JWT_FILES,
+        _ => &X509_FILES,
+    }
+}
+
+/// The output's directory, for messages.
+pub fn path_of(spec: &OutputSpec) -> &Path {
+    &spec.destination.path
+}

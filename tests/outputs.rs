@@ -1,0 +1,534 @@
+//! File outputs (`workload-identity-x509`, `workload-identity-jwt`) from the real daemon: the files
+//! checked by `openssl` and `jsonwebtoken`, nginx (Debian) terminating mutual TLS with them and
+//! reloading through `on_update` on rotation, live edits, `--oneshot`, and a reader that polls the
+//! directory through 1,000 replacements.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Daemon, copy_manifests, openssl, save, wait_until};
+
+const TD: &str = "quickstart.tbot.local";
+
+/// Identities that read no workload attribute: what outputs can be given.
+const IDENTITIES: &str = "kind: workload_identity
+version: v1
+metadata:
+  name: server
+  labels: {app: quickstart}
+spec:
+  spiffe:
+    id: /svc/server
+---
+kind: workload_identity
+version: v1
+metadata:
+  name: client
+  labels: {app: quickstart}
+spec:
+  spiffe:
+    id: /svc/client
+";
+
+/// The quickstart on disk with `services` appended to the agent config (`DIR` is the test's
+/// directory) and the two identities above.
+fn setup(services: &str) -> (tempfile::TempDir, PathBuf) {
+    let (dir, socket) = copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
+    std::fs::write(dir.path().join("etc/outputs.yaml"), IDENTITIES).unwrap();
+    append_services(dir.path(), services);
+    (dir, socket)
+}
+
+fn append_services(dir: &Path, services: &str) {
+    let config = dir.join("etc/tbot.yaml");
+    let text = std::fs::read_to_string(&config).unwrap() + &services.replace("DIR", dir.to_str().unwrap());
+    save(&config, &text);
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// The SPKI of a certificate and of a key, as openssl prints them.
+fn cert_pubkey(cert: &Path) -> String {
+    openssl(&["x509", "-in", cert.to_str().unwrap(), "-noout", "-pubkey"])
+}
+
+fn key_pubkey(key: &Path) -> String {
+    openssl(&["pkey", "-in", key.to_str().unwrap(), "-pubout"])
+}
+
+fn serial(cert: &Path) -> String {
+    openssl(&["x509", "-in", cert.to_str().unwrap(), "-noout", "-serial"])
+}
+
+const BOTH: &str = "  - type: workload-identity-x509
+    name: server
+    selector: {name: server}
+    destination: {type: directory, path: DIR/out/server}
+  - type: workload-identity-jwt
+    name: token
+    selector: {name: client}
+    destination: {type: directory, path: DIR/out/jwt}
+    audiences: [api.example.com, other]
+";
+
+#[test]
+fn x509_and_jwt_outputs_hold_what_openssl_and_jsonwebtoken_accept() {
+    let (dir, socket) = setup(BOTH);
+    let daemon = Daemon::start(dir, socket);
+    let out = daemon.dir.path().join("out/server");
+    let cert = out.join("svid.pem");
+    wait_until("the x509 files", Duration::from_secs(10), || {
+        cert.exists().then_some(())
+    });
+    assert_eq!(mode(&out), 0o700);
+    for file in [
+        "svid.pem",
+        "svid_key.pem",
+        "svid_bundle.pem",
+        "credential-bundle.private-key.pem",
+    ] {
+        assert_eq!(mode(&out.join(file)), 0o600, "{file}");
+    }
+    let (key, bundle, combined) = (
+        out.join("svid_key.pem"),
+        out.join("svid_bundle.pem"),
+        out.join("credential-bundle.private-key.pem"),
+    );
+    assert_eq!(cert_pubkey(&cert), key_pubkey(&key), "the key is the certificate's");
+    let verified = openssl(&["verify", "-CAfile", bundle.to_str().unwrap(), cert.to_str().unwrap()]);
+    assert!(verified.contains(": OK"), "{verified}");
+    let san = openssl(&[
+        "x509",
+        "-in",
+        cert.to_str().unwrap(),
+        "-noout",
+        "-ext",
+        "subjectAltName",
+    ]);
+    assert!(san.contains(&format!("URI:spiffe://{TD}/svc/server")), "{san}");
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----"),
+        "PKCS#8"
+    );
+    // The combined file: the key, then the chain, in one read (the SPIFFE filesystem-delivery layout).
+    let text = std::fs::read_to_string(&combined).unwrap();
+    assert!(text.starts_with("-----BEGIN PRIVATE KEY-----"), "{text}");
+    assert_eq!(
+        text,
+        std::fs::read_to_string(&key).unwrap() + &std::fs::read_to_string(&cert).unwrap()
+    );
+    assert_eq!(key_pubkey(&combined), cert_pubkey(&combined));
+
+    // The JWT-SVID verifies against the JWKS written beside it, for both audiences.
+    let jwt_dir = daemon.dir.path().join("out/jwt");
+    wait_until("the jwt files", Duration::from_secs(10), || {
+        jwt_dir.join("jwt_svid").exists().then_some(())
+    });
+    let token = std::fs::read_to_string(jwt_dir.join("jwt_svid")).unwrap();
+    assert!(!token.ends_with('\n'), "no trailing newline");
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_str(&std::fs::read_to_string(jwt_dir.join("jwt_bundle.json")).unwrap()).unwrap();
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    let jwk = jwks
+        .find(header.kid.as_deref().unwrap())
+        .expect("the token's kid is in the bundle");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&["api.example.com"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        &token,
+        &jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["sub"], format!("spiffe://{TD}/svc/client"));
+
+    let status = common::stdout(&daemon.tbotctl(&["status"]));
+    assert!(
+        status.contains("output server: ") && status.contains("output token: "),
+        "{status}"
+    );
+    let metrics = common::stdout(&daemon.tbotctl(&["status"]));
+    assert!(!metrics.contains("FAILING"), "{metrics}");
+}
+
+#[test]
+fn outputs_converge_live_say_why_they_fail_and_leave_their_files_when_removed() {
+    let (dir, socket) = setup("");
+    let daemon = Daemon::start(dir, socket);
+    let root = daemon.dir.path().to_owned();
+    // Added live, with a mode and group that let a group read the files.
+    append_services(
+        &root,
+        "  - type: workload-identity-x509
+    name: server
+    selector: {name: server}
+    destination: {type: directory, path: DIR/out/server, mode: \"0640\", group: \"0\"}
+",
+    );
+    let cert = root.join("out/server/svid.pem");
+    wait_until("the added output's files", Duration::from_secs(15), || {
+        cert.exists().then_some(())
+    });
+    assert_eq!(mode(&cert), 0o640);
+    assert_eq!(mode(&root.join("out/server")), 0o750);
+
+    // An output given an identity that reads workload attributes fails, and says why.
+    append_services(
+        &root,
+        "  - type: workload-identity-x509
+    name: wrong
+    selector: {name: quickstart}
+    destination: {type: directory, path: DIR/out/wrong}
+",
+    );
+    let status = wait_until("the failing output in status", Duration::from_secs(15), || {
+        let out = daemon.tbotctl(&["status"]);
+        let text = common::stdout(&out);
+        text.contains("output wrong:").then_some((out.status.code(), text))
+    });
+    assert_eq!(status.0, Some(1), "a failing output makes status exit 1: {}", status.1);
+    assert!(
+        status.1.contains("FAILING") && status.1.contains("acts as the bot itself"),
+        "{}",
+        status.1
+    );
+
+    // A config error is refused with its place, and the running outputs go on.
+    let config = root.join("etc/tbot.yaml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    save(
+        &config,
+        &good.replace(
+            "    name: wrong\n",
+            "    name: wrong\n    listen: unix:///tmp/nope.sock\n",
+        ),
+    );
+    let validate = daemon.tbotctl(&["validate"]);
+    let text = String::from_utf8_lossy(&validate.stderr).into_owned() + &common::stdout(&validate);
+    assert!(
+        text.contains("tbot.yaml:") && text.contains("`listen` is not a field of a `workload-identity-x509` service"),
+        "{text}"
+    );
+
+    // Removed: renewing stops, the files stay, and the condition says so.
+    let without: String = good
+        .split("  - type: workload-identity-x509")
+        .next()
+        .unwrap()
+        .to_owned();
+    save(&config, &without);
+    let get = wait_until("the Removed condition", Duration::from_secs(15), || {
+        let text = common::stdout(&daemon.tbotctl(&["get", "agent_config", "-o", "json"]));
+        text.contains("Removed").then_some(text)
+    });
+    assert!(get.contains("left in place"), "{get}");
+    assert!(cert.exists(), "a removed output's files are not deleted");
+}
+
+#[test]
+fn oneshot_writes_every_output_once_and_names_what_failed() {
+    let (dir, _) = setup(&BOTH.replace(
+        "    destination: {type: directory, path: DIR/out/server}\n",
+        "    destination: {type: directory, path: DIR/out/server}\n    on_update: {exec: [\"sh\", \"-c\", \"echo ran > DIR/hook\"]}\n",
+    ));
+    let run = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_tbot"))
+            .args(["start", "--oneshot", "--config-dir"])
+            .arg(dir.join("etc"))
+            .output()
+            .unwrap()
+    };
+    let out = run(dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.path().join("out/server/svid.pem").exists());
+    assert!(dir.path().join("out/jwt/jwt_svid").exists());
+    assert_eq!(std::fs::read_to_string(dir.path().join("hook")).unwrap(), "ran\n");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("output server:") && stdout.contains("output token:"),
+        "{stdout}"
+    );
+
+    // A hook that fails: exit 1, naming the output and the command's error.
+    let config = dir.path().join("etc/tbot.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("echo ran >", "echo cannot reload >&2; exit 3; echo"),
+    )
+    .unwrap();
+    let out = run(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("output server") && stderr.contains("cannot reload"),
+        "{stderr}"
+    );
+}
+
+/// nginx, run by the test in the foreground with its own prefix; killed on drop.
+struct Nginx {
+    child: Child,
+    pid_file: PathBuf,
+    port: u16,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    let found = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        common::peer_missing("nginx is not installed; run scripts/test.sh (it installs Debian's nginx)");
+    }
+    found
+}
+
+impl Nginx {
+    fn start(binary: &Path, dir: &Path, server: &Path, client_bundle: &Path) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let prefix = dir.join("nginx");
+        std::fs::create_dir_all(prefix.join("logs")).unwrap();
+        let pid_file = prefix.join("nginx.pid");
+        let conf = format!(
+            "daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {pid};
+error_log {prefix}/logs/error.log info;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy; fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {server}/svid.pem;
+    ssl_certificate_key {server}/svid_key.pem;
+    ssl_client_certificate {bundle};
+    ssl_verify_client on;
+    location / {{ return 200 \"hello $ssl_client_verify\\n\"; }}
+  }}
+}}
+",
+            pid = pid_file.display(),
+            prefix = prefix.display(),
+            server = server.display(),
+            bundle = client_bundle.display(),
+        );
+        let path = prefix.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = Command::new(binary)
+            .args(["-p", prefix.to_str().unwrap(), "-c", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        Nginx { child, pid_file, port }
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.pid_file.parent().unwrap().join("logs/error.log")).unwrap_or_default()
+    }
+}
+
+/// `openssl s_client` with the client output's files: the HTTP answer and the served certificate.
+fn request(port: u16, client: &Path) -> Result<(String, String), String> {
+    let certs = client.parent().unwrap().join("served.pem");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'GET / HTTP/1.1\\r\\nHost: t\\r\\nConnection: close\\r\\n\\r\\n' | openssl s_client -connect 127.0.0.1:{port} \
+             -cert {c}/svid.pem -key {c}/svid_key.pem -CAfile {c}/svid_bundle.pem -verify_return_error -ign_eof 2>&1",
+            c = client.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !text.contains("hello SUCCESS") {
+        return Err(text);
+    }
+    let begin = text.find("-----BEGIN CERTIFICATE-----").ok_or_else(|| text.clone())?;
+    let end = text.find("-----END CERTIFICATE-----").ok_or_else(|| text.clone())? + "-----END CERTIFICATE-----".len();
+    std::fs::write(&certs, format!("{}\n", &text[begin..end])).unwrap();
+    Ok((text.clone(), serial(&certs)))
+}
+
+#[test]
+fn nginx_serves_mutual_tls_from_outputs_and_reloads_on_rotation_through_on_update() {
+    let Some(binary) = nginx_binary() else { return };
+    let (dir, socket) = setup(
+        "  - type: workload-identity-x509
+    name: server
+    selector: {name: server}
+    destination: {type: directory, path: DIR/out/server}
+    credential_ttl: 30s
+    renewal_interval: 6s
+    on_update: {signal: SIGHUP, pid_file: DIR/nginx/nginx.pid}
+  - type: workload-identity-x509
+    name: client
+    selector: {name: client}
+    destination: {type: directory, path: DIR/out/client}
+",
+    );
+    let daemon = Daemon::start(dir, socket);
+    let root = daemon.dir.path().to_owned();
+    let (server, client) = (root.join("out/server"), root.join("out/client"));
+    wait_until("both outputs", Duration::from_secs(15), || {
+        (server.join("svid.pem").exists() && client.join("svid.pem").exists()).then_some(())
+    });
+    let nginx = Nginx::start(&binary, &root, &server, &client.join("svid_bundle.pem"));
+    let master = wait_until("nginx's pid file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&nginx.pid_file)
+            .ok()
+            .filter(|p| !p.trim().is_empty())
+    });
+    let (_, first) = wait_until("nginx answering over mTLS", Duration::from_secs(10), || {
+        request(nginx.port, &client).ok()
+    });
+    // The client checked nginx against the bundle; the served certificate is the server SVID.
+    let served = client.parent().unwrap().join("served.pem");
+    let san = openssl(&[
+        "x509",
+        "-in",
+        served.to_str().unwrap(),
+        "-noout",
+        "-ext",
+        "subjectAltName",
+    ]);
+    assert!(san.contains(&format!("URI:spiffe://{TD}/svc/server")), "{san}");
+
+    // Renewed every 6 s: the files are replaced, SIGHUP reaches the master, and nginx serves the new
+    // certificate from the same master process.
+    let second = wait_until("nginx serving a renewed certificate", Duration::from_secs(40), || {
+        request(nginx.port, &client)
+            .ok()
+            .map(|(_, s)| s)
+            .filter(|s| *s != first)
+    });
+    assert_ne!(first, second);
+    assert_eq!(
+        std::fs::read_to_string(&nginx.pid_file).unwrap(),
+        master,
+        "the same master"
+    );
+    assert!(
+        nginx.error_log().contains("reconfiguring"),
+        "nginx reloaded on the signal:\n{}",
+        nginx.error_log()
+    );
+    assert_eq!(
+        serial(&server.join("svid.pem")),
+        second,
+        "what nginx serves is what is on disk"
+    );
+}
+
+/// A certificate and its key for `id`, as an output would hold them.
+fn material(id: u32) -> tbot::agent::X509Material {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://{TD}/svc/{id}").try_into().unwrap(),
+    )];
+    let cert = params.self_signed(&key).unwrap();
+    tbot::agent::X509Material {
+        svid: tbot::issuer::X509Svid {
+            identity: "w".into(),
+            spiffe_id: format!("spiffe://{TD}/svc/{id}"),
+            hint: None,
+            certificate: cert.der().to_vec(),
+            not_after: time::OffsetDateTime::now_utc(),
+        },
+        key: key.serialize_der(),
+    }
+}
+
+#[test]
+fn a_reader_polling_through_1000_replacements_never_sees_an_empty_or_torn_file() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = tempfile::tempdir().unwrap();
+    let destination = tbot::resource::agent::Destination {
+        kind: tbot::resource::agent::DestinationType::Directory,
+        path: dir.path().join("out"),
+        owner: None,
+        group: None,
+        mode: None,
+    };
+    let bundles = tbot::issuer::Bundles {
+        trust_domain: TD.into(),
+        x509_authorities: vec![material(0).svid.certificate],
+        jwt_keys: vec![],
+        sequence: 1,
+    };
+    let materials: Vec<_> = (1..=1000).map(material).collect();
+    tbot::agent::outputs::write_x509(&destination, &materials[0], &bundles).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (out, done) = (destination.path.clone(), done.clone());
+        std::thread::spawn(move || {
+            let (mut reads, mut pairs_mismatched) = (0u64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                // The combined file, in one read: always a key and the certificate it belongs to.
+                let combined = std::fs::read(out.join("credential-bundle.private-key.pem")).unwrap();
+                let key = PrivateKeyDer::from_pem_slice(&combined).expect("a whole key");
+                let cert = CertificateDer::from_pem_slice(&combined).expect("a whole certificate");
+                let pair = rcgen::KeyPair::try_from(&key).unwrap();
+                let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+                assert_eq!(
+                    parsed.public_key().subject_public_key.data.as_ref(),
+                    rcgen::PublicKeyData::der_bytes(&pair),
+                    "the combined file's key is its certificate's"
+                );
+                // The separate files: never empty, never half written.
+                let key = std::fs::read(out.join("svid_key.pem")).unwrap();
+                let cert = std::fs::read(out.join("svid.pem")).unwrap();
+                PrivateKeyDer::from_pem_slice(&key).expect("svid_key.pem is whole");
+                let cert = CertificateDer::from_pem_slice(&cert).expect("svid.pem is whole");
+                let pair = rcgen::KeyPair::try_from(&PrivateKeyDer::from_pem_slice(&key).unwrap()).unwrap();
+                let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+                if parsed.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&pair) {
+                    pairs_mismatched += 1;
+                }
+                reads += 1;
+            }
+            (reads, pairs_mismatched)
+        })
+    };
+    for m in &materials[1..] {
+        tbot::agent::outputs::write_x509(&destination, m, &bundles).unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, mismatched) = reader.join().expect("the reader saw only whole, matching files");
+    assert!(reads > 0);
+    // Reading the key and then the certificate may straddle one replacement: rare, and the reason
+    // the combined file exists.
+    eprintln!("{reads} reads; key then certificate straddled a replacement {mismatched} times");
+    let left: Vec<_> = std::fs::read_dir(&destination.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 4, "no temp file left behind: {left:?}");
+}
