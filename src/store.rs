@@ -120,6 +120,50 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Stor
     move |error| StoreError::Io { action, path, error }
 }
 
+/// Who a file written by [`replace_file`] belongs to (`None`: whoever writes it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Replaces `path` atomically: a reader (or a crash) sees the old content or the new, never a mix or
+/// an empty file. A temp file beside it is created exclusively (`O_EXCL`: a symlink planted at its
+/// name is never followed) with `mode` (set again: `open` applies the umask) and `owner`, written,
+/// fsynced, renamed over `path`, and the directory fsynced. On failure, says which step failed.
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32, owner: Owner) -> Result<(), (&'static str, io::Error)> {
+    let dir = path.parent().expect("a file inside a directory");
+    let file_name = path.file_name().expect("a file name").to_string_lossy();
+    let temp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    match fs::remove_file(&temp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(("clear the temp file of", e)),
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(|e| ("create the temp file of", e))?;
+    let mut write = || -> io::Result<()> {
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        if owner != Owner::default() {
+            std::os::unix::fs::fchown(&file, owner.uid, owner.gid)?;
+        }
+        file.write_all(bytes)?;
+        file.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&temp);
+        return Err(("write", e));
+    }
+    fs::rename(&temp, path).map_err(|e| ("rename into place", e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ("sync the directory of", e))
+}
+
 enum Backend {
     Directory { root: PathBuf, _lock: File },
     Memory(Mutex<BTreeMap<String, Vec<u8>>>),
@@ -253,32 +297,11 @@ impl Store {
             .mode(0o700)
             .create(dir)
             .map_err(io_error("create", dir))?;
-        let file_name = path.file_name().expect("a file name").to_string_lossy();
-        let temp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
         let mode = match secrecy {
             Secrecy::Secret => 0o600,
             Secrecy::Public => 0o644,
         };
-        let write = || -> io::Result<()> {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(mode)
-                .open(&temp)?;
-            // The mode given to `open` is masked by the umask and ignored for an existing file.
-            file.set_permissions(fs::Permissions::from_mode(mode))?;
-            file.write_all(bytes)?;
-            file.sync_all()
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&temp);
-            return Err(io_error("write", &temp)(e));
-        }
-        fs::rename(&temp, &path).map_err(io_error("rename into place", &path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error("sync", dir))
+        replace_file(&path, bytes, mode, Owner::default()).map_err(|(action, e)| io_error(action, &path)(e))
     }
 
     /// Removes a file; a missing one is fine.

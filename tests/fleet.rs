@@ -508,21 +508,7 @@ fn an_agent_trusting_the_issuers_ca_file_joins_and_one_for_another_ca_is_refused
     // Another CA's file first: refused, the token untouched.
     let other = issuer.daemon.dir.path().join("other-ca.pem");
     let key = issuer.daemon.dir.path().join("other-ca.key");
-    common::openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        "/CN=someone else",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        other.to_str().unwrap(),
-    ]);
+    common::self_signed(&other, &key, "/CN=someone else", None);
     let refused = start_agent(with_file(other), &[]);
     wait_for_status(&refused, "the other CA is refused", |s| s.contains("NOT connected"));
     let get = stdout(&refused.tbotctl(&["get", "agent_config"]));

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -36,10 +35,6 @@ fn venv() -> Option<PathBuf> {
     None
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A moto server on a loopback port, stopped on drop, with an assumed role's credentials.
 struct Moto {
     child: Child,
@@ -55,7 +50,7 @@ impl Drop for Moto {
 }
 
 fn start_moto(venv: &std::path::Path) -> Moto {
-    let port = free_port();
+    let port = common::free_port();
     let child = Command::new(venv.join("bin/moto_server"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
@@ -332,7 +327,7 @@ async fn a_host_not_on_the_allowlist_is_refused_before_any_network_call() {
 #[tokio::test]
 async fn an_unreachable_sts_is_transient_and_says_so() {
     // A port with nothing listening: the request passes every local check, then cannot be sent.
-    let closed = format!("http://127.0.0.1:{}", free_port());
+    let closed = format!("http://127.0.0.1:{}", common::free_port());
     let issuer = LocalIssuer::open(Store::memory(), policy(&closed)).await.unwrap();
     let challenge = issuer.challenge().await.unwrap();
     let credentials = tbot::aws::Credentials {
@@ -359,7 +354,7 @@ struct Relay {
 impl Relay {
     async fn start(target: u16) -> Relay {
         let mut relay = Relay {
-            port: free_port(),
+            port: common::free_port(),
             target,
             task: None,
         };

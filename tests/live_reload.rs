@@ -351,15 +351,6 @@ fn the_admin_api_refuses_another_uid() {
     assert!(out(&as_nobody).contains("error:"), "{}", out(&as_nobody));
 }
 
-/// A loopback port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -371,7 +362,7 @@ fn http_get(port: u16, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn diagnostics_report_liveness_readiness_and_metrics() {
-    let port = free_port();
+    let port = common::free_port();
     let daemon = quickstart(&format!("diag_addr: 127.0.0.1:{port}\n"));
     let (_stream, _) = open_stream(&daemon).await;
     assert!(wait_for_log(&daemon, "diagnostics listening"), "{}", daemon.log());
@@ -714,7 +705,7 @@ async fn debug_in_the_agent_config_switches_debug_logging_live() {
 
 #[test]
 fn a_new_file_that_fails_to_load_is_listed_by_status_get_readyz_and_metrics_until_removed() {
-    let port = free_port();
+    let port = common::free_port();
     let daemon = quickstart(&format!("diag_addr: 127.0.0.1:{port}\n"));
     assert!(wait_for_log(&daemon, "diagnostics listening"), "{}", daemon.log());
     let broken = daemon.dir.path().join("etc/broken.yaml");

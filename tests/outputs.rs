@@ -7,38 +7,18 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, copy_manifests, openssl, save, wait_until};
+use common::{Daemon, Reaped, copy_manifests, openssl, save, wait_until};
 
 const TD: &str = "quickstart.tbot.local";
-
-/// Identities that read no workload attribute: what outputs can be given.
-const IDENTITIES: &str = "kind: workload_identity
-version: v1
-metadata:
-  name: server
-  labels: {app: quickstart}
-spec:
-  spiffe:
-    id: /svc/server
----
-kind: workload_identity
-version: v1
-metadata:
-  name: client
-  labels: {app: quickstart}
-spec:
-  spiffe:
-    id: /svc/client
-";
 
 /// The quickstart on disk with `services` appended to the agent config (`DIR` is the test's
 /// directory) and the two identities above.
 fn setup(services: &str) -> (tempfile::TempDir, PathBuf) {
     let (dir, socket) = copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
-    std::fs::write(dir.path().join("etc/outputs.yaml"), IDENTITIES).unwrap();
+    std::fs::write(dir.path().join("etc/outputs.yaml"), common::OUTPUT_IDENTITIES).unwrap();
     append_services(dir.path(), services);
     (dir, socket)
 }
@@ -151,13 +131,13 @@ fn x509_and_jwt_outputs_hold_what_openssl_and_jsonwebtoken_accept() {
     .claims;
     assert_eq!(claims["sub"], format!("spiffe://{TD}/svc/client"));
 
-    let status = common::stdout(&daemon.tbotctl(&["status"]));
+    let status = daemon.tbotctl(&["status"]);
+    let text = common::stdout(&status);
     assert!(
-        status.contains("output server: ") && status.contains("output token: "),
-        "{status}"
+        text.contains("output server: ") && text.contains("output token: ") && !text.contains("FAILING"),
+        "{text}"
     );
-    let metrics = common::stdout(&daemon.tbotctl(&["status"]));
-    assert!(!metrics.contains("FAILING"), "{metrics}");
+    assert_eq!(status.status.code(), Some(0), "both outputs written: {text}");
 }
 
 #[test]
@@ -277,16 +257,9 @@ fn oneshot_writes_every_output_once_and_names_what_failed() {
 
 /// nginx, run by the test in the foreground with its own prefix; killed on drop.
 struct Nginx {
-    child: Child,
+    _child: Reaped,
     pid_file: PathBuf,
     port: u16,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn nginx_binary() -> Option<PathBuf> {
@@ -302,11 +275,7 @@ fn nginx_binary() -> Option<PathBuf> {
 
 impl Nginx {
     fn start(binary: &Path, dir: &Path, server: &Path, client_bundle: &Path) -> Nginx {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let prefix = dir.join("nginx");
         std::fs::create_dir_all(prefix.join("logs")).unwrap();
         let pid_file = prefix.join("nginx.pid");
@@ -345,7 +314,11 @@ http {{
             .stderr(Stdio::null())
             .spawn()
             .expect("nginx starts");
-        Nginx { child, pid_file, port }
+        Nginx {
+            _child: Reaped(child),
+            pid_file,
+            port,
+        }
     }
 
     fn error_log(&self) -> String {
@@ -353,26 +326,23 @@ http {{
     }
 }
 
-/// `openssl s_client` with the client output's files: the HTTP answer and the served certificate.
+/// A request to nginx with the client output's files ([`common::tls_get`]): what came back, and
+/// the serial of the certificate nginx served (saved as `served.pem` beside the output).
 fn request(port: u16, client: &Path) -> Result<(String, String), String> {
     let certs = client.parent().unwrap().join("served.pem");
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "printf 'GET / HTTP/1.1\\r\\nHost: t\\r\\nConnection: close\\r\\n\\r\\n' | openssl s_client -connect 127.0.0.1:{port} \
-             -cert {c}/svid.pem -key {c}/svid_key.pem -CAfile {c}/svid_bundle.pem -verify_return_error -ign_eof 2>&1",
-            c = client.display()
-        ))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = common::tls_get(
+        port,
+        Some((&client.join("svid.pem"), &client.join("svid_key.pem"))),
+        &client.join("svid_bundle.pem"),
+    );
     if !text.contains("hello SUCCESS") {
         return Err(text);
     }
     let begin = text.find("-----BEGIN CERTIFICATE-----").ok_or_else(|| text.clone())?;
     let end = text.find("-----END CERTIFICATE-----").ok_or_else(|| text.clone())? + "-----END CERTIFICATE-----".len();
     std::fs::write(&certs, format!("{}\n", &text[begin..end])).unwrap();
-    Ok((text.clone(), serial(&certs)))
+    let serial = serial(&certs);
+    Ok((text, serial))
 }
 
 #[test]

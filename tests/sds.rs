@@ -8,12 +8,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use common::{Daemon, copy_manifests, root, wait_until};
+use common::{Daemon, Reaped, copy_manifests, root, wait_until};
 
 fn python() -> Option<PathBuf> {
     common::venv_python("grpc, envoy.service.secret.v3.sds_pb2_grpc, cryptography")
@@ -41,22 +41,11 @@ fn uid() -> u32 {
 
 const TD: &str = "quickstart.tbot.local";
 
-/// A workload identity that reads no workload attribute (the bot's own, for file outputs) and an
-/// x509 output writing it to `DIR/client`: the client certificate the tests present.
-const CLIENT_IDENTITY: &str = "kind: workload_identity
-version: v1
-metadata:
-  name: client
-  labels: {app: quickstart}
-spec:
-  spiffe:
-    id: /svc/client
-";
-
-/// The quickstart on disk with SVIDs of `ttl` on the socket and a client output.
+/// The quickstart on disk with SVIDs of `ttl` on the socket, and an x509 output of the `client`
+/// identity in `DIR/client`: the client certificate the tests present.
 fn daemon(ttl: &str) -> Daemon {
     let (dir, socket) = copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
-    std::fs::write(dir.path().join("etc/client.yaml"), CLIENT_IDENTITY).unwrap();
+    std::fs::write(dir.path().join("etc/outputs.yaml"), common::OUTPUT_IDENTITIES).unwrap();
     let config = dir.path().join("etc/tbot.yaml");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "    selector:\n      name: quickstart\n",
@@ -78,7 +67,7 @@ fn daemon(ttl: &str) -> Daemon {
 fn declared() -> Vec<(String, Vec<(String, u32)>)> {
     let text = std::fs::read_to_string(root().join("proto/sds.proto")).unwrap();
     let mut out: Vec<(String, Vec<(String, u32)>)> = Vec::new();
-    // (full Envoy name or "" for a oneof, index in `out`)
+    // The open scopes: a message (its index in `out`), or a oneof (`None`).
     let mut scopes: Vec<Option<usize>> = Vec::new();
     let mut comment = String::new();
     for line in text.lines().map(str::trim) {
@@ -102,7 +91,6 @@ fn declared() -> Vec<(String, Vec<(String, u32)>)> {
             scopes.pop();
         } else if let Some((left, number)) = line.trim_end_matches(';').split_once(" = ")
             && let Some(Some(current)) = scopes.iter().rev().find(|s| s.is_some())
-            && !scopes.is_empty()
         {
             let field = left.split_whitespace().last().unwrap().to_owned();
             out[*current].1.push((field, number.parse().unwrap()));
@@ -221,25 +209,10 @@ fn a_rotation_is_pushed_on_the_open_sds_stream() {
 
 /// A running Envoy, killed on drop.
 struct Envoy {
-    child: Child,
+    child: Reaped,
     admin: u16,
     port: u16,
     log: PathBuf,
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Envoy {
@@ -252,7 +225,7 @@ impl Envoy {
             ));
             return None;
         }
-        let (admin, port) = (free_port(), free_port());
+        let (admin, port) = (common::free_port(), common::free_port());
         let config = std::fs::read_to_string(root().join("tests/peers/envoy/envoy.yaml"))
             .unwrap()
             .replace("SDS_SOCKET", sds_socket.to_str().unwrap())
@@ -268,7 +241,7 @@ impl Envoy {
             .spawn()
             .expect("envoy starts");
         Some(Envoy {
-            child,
+            child: Reaped(child),
             admin,
             port,
             log,
@@ -307,48 +280,10 @@ impl Envoy {
 }
 
 /// An HTTPS request through `openssl s_client` presenting `cert`/`key` (none: no client
-/// certificate), trusting `ca`. Returns what came back, or the error.
+/// An HTTPS request through Envoy (see [`common::tls_get`]): the answer, or why it failed.
 fn mtls_get(port: u16, client: Option<(&Path, &Path)>, ca: &Path) -> Result<String, String> {
-    let mut args: Vec<String> = [
-        "s_client",
-        "-connect",
-        &format!("127.0.0.1:{port}"),
-        "-quiet",
-        "-verify_return_error",
-        "-CAfile",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.push(ca.display().to_string());
-    if let Some((cert, key)) = client {
-        args.extend([
-            "-cert".into(),
-            cert.display().to_string(),
-            "-key".into(),
-            key.display().to_string(),
-        ]);
-    }
-    let mut child = Command::new("openssl")
-        .args(&args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if stdout.contains("200 OK") {
-        Ok(stdout)
-    } else {
-        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
-    }
+    let text = common::tls_get(port, client, ca);
+    if text.contains("200 OK") { Ok(text) } else { Err(text) }
 }
 
 #[test]
@@ -365,7 +300,7 @@ fn envoy_terminates_mutual_tls_with_secrets_from_sds_and_takes_a_rotation_withou
         if let Some(serial) = envoy.serving_serial() {
             break serial;
         }
-        let exited = envoy.child.try_wait().ok().flatten();
+        let exited = envoy.child.0.try_wait().ok().flatten();
         if exited.is_some() || std::time::Instant::now() > deadline {
             panic!(
                 "Envoy has no certificate (exited: {exited:?}); /certs: {}\nEnvoy:\n{}\ntbot:\n{}",
@@ -398,37 +333,24 @@ fn envoy_terminates_mutual_tls_with_secrets_from_sds_and_takes_a_rotation_withou
     let foreign = daemon.dir.path().join("foreign");
     std::fs::create_dir(&foreign).unwrap();
     let (fcert, fkey) = (foreign.join("cert.pem"), foreign.join("key.pem"));
-    common::openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
+    common::self_signed(
+        &fcert,
+        &fkey,
         "/CN=foreign",
-        "-addext",
-        "subjectAltName=URI:spiffe://quickstart.tbot.local/svc/forged",
-        "-keyout",
-        fkey.to_str().unwrap(),
-        "-out",
-        fcert.to_str().unwrap(),
-    ]);
+        Some("subjectAltName=URI:spiffe://quickstart.tbot.local/svc/forged"),
+    );
     assert!(
         mtls_get(envoy.port, Some((&fcert, &fkey)), &bundle).is_err(),
         "a certificate from another CA is refused, whatever its SPIFFE ID"
     );
 
     // The SVID is renewed at half its 12 s lifetime and pushed: Envoy serves it with no restart.
-    let pid = envoy.child.id();
+    let pid = envoy.child.0.id();
     let second = wait_until("a rotated certificate in Envoy", Duration::from_secs(30), || {
         envoy.serving_serial().filter(|s| *s != first)
     });
     assert_ne!(first, second);
-    assert_eq!(envoy.child.id(), pid);
+    assert_eq!(envoy.child.0.id(), pid);
     assert!(
         envoy.stat("sds.default.update_success") >= 2,
         "{}",

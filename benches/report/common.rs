@@ -143,3 +143,26 @@ pub fn rss_mib(pid: u32) -> f64 {
         .unwrap();
     kib / 1024.0
 }
+
+/// `n` new connections to the Workload API at `address`, each timed from connected to the first
+/// `FetchX509SVID` message; sorted.
+pub async fn first_messages(address: &str, n: usize) -> Vec<std::time::Duration> {
+    use tbot::workload_api::client;
+    use tbot::workload_api::proto::X509svidRequest;
+    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use tokio_stream::StreamExt;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let channel = client::connect(address).await.unwrap();
+        let start = std::time::Instant::now();
+        let mut stream = SpiffeWorkloadApiClient::new(channel)
+            .fetch_x509svid(client::request(X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.next().await.unwrap().unwrap();
+        out.push(start.elapsed());
+    }
+    out.sort();
+    out
+}

@@ -1,6 +1,6 @@
 //! The consumers that do not speak the Workload API:
-//! - Envoy SDS: the first secret after connecting (a new connection and `StreamSecrets` for
-//!   `default`, a cached identity), beside `FetchX509SVID`'s first message on the same daemon;
+//! - Envoy SDS: the first secret on a new connection (`StreamSecrets` for `default`, a cached
+//!   identity), beside `FetchX509SVID`'s first message on the same daemon, timed the same way;
 //! - file outputs: a rotation's files replaced (four atomic replacements: temp file, fsync, rename,
 //!   fsync of the directory) and the `on_update` hook run (`exec: [true]`), p99, beside the same
 //!   four files written in place (`O_TRUNC`, no fsync, as Teleport's tbot and spiffe-helper do) and
@@ -9,8 +9,6 @@
 use std::time::{Duration, Instant};
 
 use tbot::workload_api::client;
-use tbot::workload_api::proto::X509svidRequest;
-use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tbot::workload_api::sds::proto::DiscoveryRequest;
 use tbot::workload_api::sds::proto::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use tokio_stream::StreamExt;
@@ -26,18 +24,29 @@ pub async fn run(scale: Scale) -> Vec<Row> {
 }
 
 async fn first_secret(scale: Scale) -> Vec<Row> {
-    let dir = tempfile::tempdir().unwrap();
-    let etc = dir.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    let socket = dir.path().join("workload.sock");
-    common::write_directory(&etc, 1, &socket, &dir.path().join("state"), common::my_uid());
-    let mut child = common::start_tbot(&etc, &dir.path().join("daemon.log"), &socket).await;
-    let address = format!("unix://{}", socket.display());
+    let daemon = crate::daemon::LocalDaemon::start().await;
     let n = scale.pick(500, 20);
-    let (mut sds, mut api) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..n + 1 {
+    // The first of each issues the SVID (or finds it): not counted.
+    first_secrets(&daemon.address, 1).await;
+    let sds = first_secrets(&daemon.address, n).await;
+    common::first_messages(&daemon.address, 1).await;
+    let api = common::first_messages(&daemon.address, n).await;
+    vec![Row::duration(
+        SECTION,
+        format!("SDS first secret after connect, cached identity, p50 ({n} connections)"),
+        percentile(&sds, 0.5),
+        "`FetchX509SVID` first message after connect, same daemon, p50",
+        percentile(&api, 0.5),
+    )]
+}
+
+/// `n` new connections at `address`, each timed from connected to the first `StreamSecrets`
+/// response for `default`; sorted.
+async fn first_secrets(address: &str, n: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let channel = client::connect(address).await.unwrap();
         let started = Instant::now();
-        let channel = client::connect(&address).await.unwrap();
         let mut stream = SecretDiscoveryServiceClient::new(channel)
             .stream_secrets(tokio_stream::once(DiscoveryRequest {
                 resource_names: vec!["default".into()],
@@ -49,31 +58,10 @@ async fn first_secret(scale: Scale) -> Vec<Row> {
             .into_inner();
         let first = stream.next().await.unwrap().unwrap();
         assert_eq!(first.resources.len(), 1);
-        let sds_time = started.elapsed();
-        let started = Instant::now();
-        let channel = client::connect(&address).await.unwrap();
-        let mut stream = SpiffeWorkloadApiClient::new(channel)
-            .fetch_x509svid(client::request(X509svidRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        stream.next().await.unwrap().unwrap();
-        // The first round issues the SVID: not counted.
-        if i > 0 {
-            sds.push(sds_time);
-            api.push(started.elapsed());
-        }
+        out.push(started.elapsed());
     }
-    common::terminate(&mut child);
-    sds.sort();
-    api.sort();
-    vec![Row::duration(
-        SECTION,
-        format!("SDS first secret after connect, cached identity, p50 ({n} connections)"),
-        percentile(&sds, 0.5),
-        "`FetchX509SVID` first message after connect, same daemon, p50",
-        percentile(&api, 0.5),
-    )]
+    out.sort();
+    out
 }
 
 async fn output_rotation(scale: Scale) -> Vec<Row> {

@@ -333,36 +333,15 @@ impl AgentHost {
     }
 }
 
-async fn first_messages(address: &str, n: usize) -> Vec<Duration> {
-    use tbot::workload_api::client;
-    use tbot::workload_api::proto::X509svidRequest;
-    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-    use tokio_stream::StreamExt;
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let channel = client::connect(address).await.unwrap();
-        let start = Instant::now();
-        let mut stream = SpiffeWorkloadApiClient::new(channel)
-            .fetch_x509svid(client::request(X509svidRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        stream.next().await.unwrap().unwrap();
-        out.push(start.elapsed());
-    }
-    out.sort();
-    out
-}
-
 /// The agent's own figures: first message with a warm cache, and edit → new SVID across hosts.
 async fn agent_paths(scale: Scale, host: &IssuerHost) -> Vec<Row> {
     let agent = AgentHost::start(host, "agent-63").await;
     let n = scale.pick(300, 5);
-    first_messages(&agent.address, 1).await;
-    let remote = first_messages(&agent.address, n).await;
+    common::first_messages(&agent.address, 1).await;
+    let remote = common::first_messages(&agent.address, n).await;
     let local_daemon = crate::daemon::LocalDaemon::start().await;
-    first_messages(&local_daemon.address, 1).await;
-    let local = first_messages(&local_daemon.address, n).await;
+    common::first_messages(&local_daemon.address, 1).await;
+    let local = common::first_messages(&local_daemon.address, n).await;
 
     use tbot::workload_api::client;
     use tbot::workload_api::proto::X509svidRequest;

@@ -258,7 +258,7 @@ impl SvidCache {
                     if denied || !still_valid {
                         tx.send_replace(Slot::Failed {
                             denied,
-                            error: error.to_string(),
+                            error: format!("{error}; {}", error.hint()),
                         });
                     }
                     let wait = backoff.mul_f64(jitter(0.2));

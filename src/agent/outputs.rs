@@ -6,9 +6,8 @@
 //! consistent in a single read. After each write `on_update` runs; a failure is reported and tried
 //! again at the next write, never in a loop.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use super::bot::jitter;
 use super::{Agent, Slot, X509Material};
 use crate::issuer::{Attributes, Bundles, IdentitySelector, Resolved};
 use crate::resource::agent::{Destination, FileMode, OnUpdate, ServiceType, SignalName};
+use crate::store::{Owner, replace_file};
 
 /// The x509 output's files, in the order they are replaced.
 pub const X509_FILES: [&str; 4] = [
@@ -67,7 +67,22 @@ pub struct Report {
 impl Report {
     /// Whether the output has done what it is for (written, and its hook ran).
     pub fn healthy(&self) -> bool {
-        self.writes > 0 && self.error.is_none() && self.hook_error.is_none()
+        self.condition().0
+    }
+
+    /// Whether the last issuance, write or hook failed.
+    pub fn failing(&self) -> bool {
+        self.error.is_some() || self.hook_error.is_some()
+    }
+
+    /// The output's condition: whether it holds, and why.
+    pub fn condition(&self) -> (bool, &'static str) {
+        match (&self.error, &self.hook_error, self.writes) {
+            (Some(_), _, _) => (false, "Failing"),
+            (None, Some(_), _) => (false, "HookFailed"),
+            (None, None, 0) => (false, "Pending"),
+            (None, None, _) => (true, "Written"),
+        }
     }
 
     /// One line for status and logs.
@@ -168,11 +183,20 @@ async fn resolve(agent: &Agent, spec: &OutputSpec) -> Result<Resolved, String> {
     Ok(resolved)
 }
 
-/// Why the output loop woke.
-enum Wake {
-    Data,
+/// Why a writing loop ended.
+enum Ended {
+    /// The documents changed: resolve the output's identity again.
     Resolve,
     Stop,
+}
+
+/// What the writing loops work with.
+struct Job<'a> {
+    agent: &'a Agent,
+    spec: &'a OutputSpec,
+    report: &'a watch::Sender<Report>,
+    /// Write once and end (`--oneshot`).
+    once: bool,
 }
 
 async fn run(
@@ -182,6 +206,12 @@ async fn run(
     mut stop: watch::Receiver<bool>,
     once: bool,
 ) {
+    let job = Job {
+        agent: &agent,
+        spec: &spec,
+        report: &report,
+        once,
+    };
     let mut policy = agent.policy_changes();
     let mut backoff = Duration::from_secs(1);
     // What the files hold: an edit that leaves the SVID as it was rewrites nothing and runs no hook.
@@ -190,18 +220,17 @@ async fn run(
         policy.mark_unchanged();
         let outcome = match resolve(&agent, &spec).await {
             Ok(resolved) => match spec.kind {
-                ServiceType::WorkloadIdentityJwt => jwt(&agent, &spec, &resolved, &report, &mut stop, once).await,
-                _ => x509(&agent, &spec, &resolved, &report, &mut stop, once, &mut written).await,
+                ServiceType::WorkloadIdentityJwt => job.jwt(&resolved, &mut stop).await,
+                _ => job.x509(&resolved, &mut stop, &mut written).await,
             },
             Err(error) => Err(error),
         };
         let wait = match outcome {
-            Ok(Wake::Stop) => return,
-            Ok(Wake::Resolve) => {
+            Ok(Ended::Stop) => return,
+            Ok(Ended::Resolve) => {
                 backoff = Duration::from_secs(1);
                 continue;
             }
-            Ok(Wake::Data) => unreachable!("the loops return only to resolve again or stop"),
             Err(error) => {
                 tracing::warn!(output = %spec.name, %error, "the output cannot be written");
                 crate::admin::metrics::metrics().output(&spec.name, "failed");
@@ -226,138 +255,137 @@ async fn run(
 /// The SVID and bundle an x509 output's files hold.
 type Written = Option<(Arc<X509Material>, Arc<Bundles>)>;
 
-/// Writes the x509 files whenever the SVID or the bundle changes (the cache renews the SVID).
-async fn x509(
-    agent: &Agent,
-    spec: &OutputSpec,
-    resolved: &Resolved,
-    report: &watch::Sender<Report>,
-    stop: &mut watch::Receiver<bool>,
-    once: bool,
-    last: &mut Written,
-) -> Result<Wake, String> {
-    let mut slot = agent
-        .cache
-        .x509_every(resolved, &Attributes::new(), spec.ttl, spec.renewal);
-    let mut bundles = agent.bundles();
-    let mut policy = agent.policy_changes();
-    loop {
-        let current = slot.borrow_and_update().clone();
-        let bundle = bundles.borrow_and_update().clone();
-        match current {
-            Slot::Pending => {}
-            Slot::Failed { error, .. } => return Err(error),
-            Slot::Ready(material) => {
-                let same = last
-                    .as_ref()
-                    .is_some_and(|(m, b)| Arc::ptr_eq(m, &material) && Arc::ptr_eq(b, &bundle));
-                if !same {
-                    write_x509(&spec.destination, &material, &bundle)
-                        .map_err(|e| format!("cannot write to {}: {e}", spec.destination.path.display()))?;
-                    wrote(spec, report, &material.svid.spiffe_id, material.svid.not_after).await;
-                    *last = Some((material, bundle));
-                    if once {
-                        return Ok(Wake::Stop);
-                    }
-                }
-            }
-        }
-        match wake(&mut slot, &mut bundles, &mut policy, stop).await {
-            Wake::Data => {}
-            other => return Ok(other),
-        }
-    }
-}
-
-async fn wake<T>(
-    slot: &mut watch::Receiver<T>,
+/// Waits for a change of the SVID (`slot`, when there is one) or the bundle (`None`), or for a
+/// reason to end.
+async fn changed(
+    slot: Option<&mut watch::Receiver<Slot>>,
     bundles: &mut watch::Receiver<Arc<Bundles>>,
     policy: &mut watch::Receiver<u64>,
     stop: &mut watch::Receiver<bool>,
-) -> Wake {
+) -> Option<Ended> {
+    let slot_changed = async {
+        match slot {
+            Some(slot) => slot.changed().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        Ok(()) = slot.changed() => Wake::Data,
-        Ok(()) = bundles.changed() => Wake::Data,
-        Ok(()) = policy.changed() => Wake::Resolve,
-        _ = stop.wait_for(|s| *s) => Wake::Stop,
-        else => Wake::Stop,
+        Ok(()) = slot_changed => None,
+        Ok(()) = bundles.changed() => None,
+        Ok(()) = policy.changed() => Some(Ended::Resolve),
+        _ = stop.wait_for(|s| *s) => Some(Ended::Stop),
+        else => Some(Ended::Stop),
     }
 }
 
-/// Issues a JWT-SVID, writes it with the JWKS, and again at half its lifetime (or every
-/// `renewal_interval`); a bundle change rewrites the JWKS.
-async fn jwt(
-    agent: &Agent,
-    spec: &OutputSpec,
-    resolved: &Resolved,
-    report: &watch::Sender<Report>,
-    stop: &mut watch::Receiver<bool>,
-    once: bool,
-) -> Result<Wake, String> {
-    let mut bundles = agent.bundles();
-    let mut policy = agent.policy_changes();
-    loop {
-        let issued = OffsetDateTime::now_utc();
-        let svid = agent
+impl Job<'_> {
+    /// Writes the x509 files whenever the SVID or the bundle changes (the cache renews the SVID).
+    async fn x509(
+        &self,
+        resolved: &Resolved,
+        stop: &mut watch::Receiver<bool>,
+        last: &mut Written,
+    ) -> Result<Ended, String> {
+        let spec = self.spec;
+        let mut slot = self
+            .agent
             .cache
-            .jwt_uncached(resolved, &Attributes::new(), &spec.audiences, spec.ttl)
-            .await
-            .map_err(|e| format!("{e}; {}", e.hint()))?;
-        let lifetime: Duration = (svid.expires - issued).try_into().unwrap_or(Duration::ZERO);
-        let renew_at = tokio::time::Instant::now()
-            + spec
-                .renewal
-                .unwrap_or_else(|| lifetime.mul_f64(0.5 * jitter(0.1)))
-                .min(lifetime.mul_f64(0.9));
+            .x509_every(resolved, &Attributes::new(), spec.ttl, spec.renewal);
+        let (mut bundles, mut policy) = (self.agent.bundles(), self.agent.policy_changes());
         loop {
+            let current = slot.borrow_and_update().clone();
             let bundle = bundles.borrow_and_update().clone();
-            write_jwt(&spec.destination, &svid.token, &bundle)
-                .map_err(|e| format!("cannot write to {}: {e}", spec.destination.path.display()))?;
-            wrote(spec, report, &svid.spiffe_id, svid.expires).await;
-            if once {
-                return Ok(Wake::Stop);
+            match current {
+                Slot::Pending => {}
+                Slot::Failed { error, .. } => return Err(error),
+                Slot::Ready(material) => {
+                    let same = last
+                        .as_ref()
+                        .is_some_and(|(m, b)| Arc::ptr_eq(m, &material) && Arc::ptr_eq(b, &bundle));
+                    if !same {
+                        write_x509(&spec.destination, &material, &bundle)?;
+                        self.wrote(&material.svid.spiffe_id, material.svid.not_after).await;
+                        *last = Some((material, bundle));
+                        if self.once {
+                            return Ok(Ended::Stop);
+                        }
+                    }
+                }
             }
-            let (_never, mut no_slot) = watch::channel(());
-            tokio::select! {
-                _ = tokio::time::sleep_until(renew_at) => break,
-                woke = wake(&mut no_slot, &mut bundles, &mut policy, stop) => match woke {
-                    Wake::Data => continue,
-                    other => return Ok(other),
-                },
+            if let Some(ended) = changed(Some(&mut slot), &mut bundles, &mut policy, stop).await {
+                return Ok(ended);
             }
         }
     }
-}
 
-/// After a write: the hook, the report, the metric.
-async fn wrote(spec: &OutputSpec, report: &watch::Sender<Report>, spiffe_id: &str, expires: OffsetDateTime) {
-    let metrics = crate::admin::metrics::metrics();
-    metrics.output(&spec.name, "written");
-    let hook = match &spec.on_update {
-        Some(hook) => run_hook(hook).await.err(),
-        None => None,
-    };
-    if let Some(error) = &hook {
-        metrics.output(&spec.name, "hook_failed");
-        tracing::warn!(output = %spec.name, %error, "on_update failed; it runs again at the next renewal");
+    /// Issues a JWT-SVID, writes it with the JWKS, and again at half its lifetime (or every
+    /// `renewal_interval`); a bundle change rewrites the JWKS.
+    async fn jwt(&self, resolved: &Resolved, stop: &mut watch::Receiver<bool>) -> Result<Ended, String> {
+        let spec = self.spec;
+        let (mut bundles, mut policy) = (self.agent.bundles(), self.agent.policy_changes());
+        loop {
+            let issued = OffsetDateTime::now_utc();
+            let svid = self
+                .agent
+                .cache
+                .jwt_uncached(resolved, &Attributes::new(), &spec.audiences, spec.ttl)
+                .await
+                .map_err(|e| format!("{e}; {}", e.hint()))?;
+            let lifetime: Duration = (svid.expires - issued).try_into().unwrap_or(Duration::ZERO);
+            let renew_at = tokio::time::Instant::now()
+                + spec
+                    .renewal
+                    .unwrap_or_else(|| lifetime.mul_f64(0.5 * jitter(0.1)))
+                    .min(lifetime.mul_f64(0.9));
+            loop {
+                let bundle = bundles.borrow_and_update().clone();
+                write_jwt(&spec.destination, &svid.token, &bundle)?;
+                self.wrote(&svid.spiffe_id, svid.expires).await;
+                if self.once {
+                    return Ok(Ended::Stop);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(renew_at) => break,
+                    ended = changed(None, &mut bundles, &mut policy, stop) => match ended {
+                        None => continue,
+                        Some(ended) => return Ok(ended),
+                    },
+                }
+            }
+        }
     }
-    tracing::info!(output = %spec.name, spiffe_id, path = %spec.destination.path.display(), "output written");
-    report.send_modify(|r| {
-        r.writes += 1;
-        r.written = Some(OffsetDateTime::now_utc());
-        r.spiffe_id = spiffe_id.to_owned();
-        r.expires = Some(expires);
-        r.error = None;
-        r.hook_error = hook;
-    });
+
+    /// After a write: the hook, the report, the metric.
+    async fn wrote(&self, spiffe_id: &str, expires: OffsetDateTime) {
+        let spec = self.spec;
+        let metrics = crate::admin::metrics::metrics();
+        metrics.output(&spec.name, "written");
+        let hook = match &spec.on_update {
+            Some(hook) => run_hook(hook).await.err(),
+            None => None,
+        };
+        if let Some(error) = &hook {
+            metrics.output(&spec.name, "hook_failed");
+            tracing::warn!(output = %spec.name, %error, "on_update failed; it runs again at the next renewal");
+        }
+        tracing::info!(output = %spec.name, spiffe_id, path = %spec.destination.path.display(), "output written");
+        self.report.send_modify(|r| {
+            r.writes += 1;
+            r.written = Some(OffsetDateTime::now_utc());
+            r.spiffe_id = spiffe_id.to_owned();
+            r.expires = Some(expires);
+            r.error = None;
+            r.hook_error = hook;
+        });
+    }
 }
 
-/// Sends the signal, or runs the command.
+/// Sends the signal, or runs the command. An error says what failed and what to check.
 pub async fn run_hook(hook: &OnUpdate) -> Result<(), String> {
     if let (Some(signal), Some(pid_file)) = (hook.signal, &hook.pid_file) {
         let text = std::fs::read_to_string(pid_file).map_err(|e| {
             format!(
-                "cannot read the pid file {}: {e}; is the process running?",
+                "cannot read the pid file {}: {e}; is the process running, and is `pid_file` its pid file?",
                 pid_file.display()
             )
         })?;
@@ -366,10 +394,17 @@ pub async fn run_hook(hook: &OnUpdate) -> Result<(), String> {
             .parse::<i32>()
             .ok()
             .and_then(rustix::process::Pid::from_raw)
-            .ok_or_else(|| format!("{} does not hold a pid (`{}`)", pid_file.display(), text.trim()))?;
+            .ok_or_else(|| {
+                format!(
+                    "{} does not hold a pid (`{}`); point `pid_file` at the file the process writes its pid to",
+                    pid_file.display(),
+                    text.trim()
+                )
+            })?;
         return rustix::process::kill_process(pid, signal_of(signal)).map_err(|e| {
             format!(
-                "cannot send {signal} to pid {} (from {}): {e}",
+                "cannot send {signal} to pid {} (from {}): {e}; the process may have exited (a stale pid file), \
+                 or tbot may not signal it (run tbot as its user or as root)",
                 pid.as_raw_nonzero(),
                 pid_file.display()
             )
@@ -386,21 +421,23 @@ pub async fn run_hook(hook: &OnUpdate) -> Result<(), String> {
         .output();
     let shown = hook.exec.join(" ");
     match tokio::time::timeout(timeout, child).await {
-        Err(_) => Err(format!("`{shown}` ran longer than {timeout:?} and was killed")),
-        Ok(Err(e)) => Err(format!("cannot run `{shown}`: {e}")),
+        Err(_) => Err(format!(
+            "`{shown}` ran longer than {timeout:?} and was killed; make it return sooner, or raise `on_update.timeout`"
+        )),
+        Ok(Err(e)) => Err(format!(
+            "cannot run `{shown}`: {e}; write the program's absolute path in `on_update.exec`"
+        )),
         Ok(Ok(out)) if out.status.success() => Ok(()),
         Ok(Ok(out)) => {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: String = stderr
-                .trim()
-                .chars()
-                .rev()
-                .take(300)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            Err(format!("`{shown}` failed ({}): {tail}", out.status))
+            let stderr = stderr.trim();
+            // The end of what it said: the error is usually last.
+            let start = stderr.char_indices().rev().nth(299).map_or(0, |(i, _)| i);
+            Err(format!(
+                "`{shown}` failed ({}): {}; run it by hand to see why",
+                out.status,
+                &stderr[start..]
+            ))
         }
     }
 }
@@ -443,8 +480,7 @@ pub fn write_jwt(destination: &Destination, token: &str, bundles: &Bundles) -> R
 struct Directory {
     path: PathBuf,
     mode: FileMode,
-    owner: Option<u32>,
-    group: Option<u32>,
+    owner: Owner,
 }
 
 impl Directory {
@@ -452,72 +488,52 @@ impl Directory {
     /// owner and group.
     fn open(destination: &Destination) -> Result<Directory, String> {
         let mode = destination.mode.unwrap_or(FileMode::DEFAULT);
-        let owner = destination
-            .owner
-            .as_deref()
-            .map(|o| id_of(o, "/etc/passwd", "user"))
-            .transpose()?;
-        let group = destination
-            .group
-            .as_deref()
-            .map(|g| id_of(g, "/etc/group", "group"))
-            .transpose()?;
+        let owner = Owner {
+            uid: destination
+                .owner
+                .as_deref()
+                .map(|o| id_of(o, "/etc/passwd", "user"))
+                .transpose()?,
+            gid: destination
+                .group
+                .as_deref()
+                .map(|g| id_of(g, "/etc/group", "group"))
+                .transpose()?,
+        };
         let path = destination.path.clone();
+        let fail = |what: &str, e: std::io::Error| {
+            format!(
+                "cannot {what} {}: {e}; check the owner and permissions of its parent, or choose another `destination.path`",
+                path.display()
+            )
+        };
         if !path.is_dir() {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(mode.directory())
                 .create(&path)
-                .map_err(|e| format!("cannot create the directory: {e}; check the parent's owner and permissions"))?;
+                .map_err(|e| fail("create the directory", e))?;
             // The umask may have taken bits away.
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode.directory()))
-                .map_err(|e| format!("cannot set the directory's mode: {e}"))?;
-            if owner.is_some() || group.is_some() {
-                std::os::unix::fs::chown(&path, owner, group)
-                    .map_err(|e| format!("cannot give the directory to its owner and group: {e}"))?;
+                .map_err(|e| fail("set the mode of", e))?;
+            if owner != Owner::default() {
+                std::os::unix::fs::chown(&path, owner.uid, owner.gid)
+                    .map_err(|e| fail("give its owner and group", e))?;
             }
         }
-        Ok(Directory {
-            path,
-            mode,
-            owner,
-            group,
-        })
+        Ok(Directory { path, mode, owner })
     }
 
-    /// Replaces `name` atomically: a temp file beside it (created `O_EXCL`, so no symlink is
-    /// followed), its mode and owner, fsync, `rename(2)`, fsync of the directory.
+    /// Replaces `name` atomically ([`crate::store::replace_file`]).
     fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
-        let tmp = self.path.join(format!(".{name}.tmp"));
         let target = self.path.join(name);
-        let fail = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", target.display());
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fail("clear the temp file of", e)),
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(self.mode.0)
-            .open(&tmp)
-            .map_err(|e| fail("create the temp file of", e))?;
-        let done = (|| {
-            file.set_permissions(std::fs::Permissions::from_mode(self.mode.0))?;
-            if self.owner.is_some() || self.group.is_some() {
-                std::os::unix::fs::fchown(&file, self.owner, self.group)?;
-            }
-            file.write_all(bytes)?;
-            file.sync_all()
-        })();
-        if let Err(e) = done {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(fail("write", e));
-        }
-        std::fs::rename(&tmp, &target).map_err(|e| fail("replace", e))?;
-        std::fs::File::open(&self.path)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| fail("sync the directory of", e))
+        replace_file(&target, bytes, self.mode.0, self.owner).map_err(|(action, e)| {
+            format!(
+                "cannot {action} {}: {e}; check that tbot may write there (owner, permissions, free space), \
+                 or choose another `destination.path`",
+                target.display()
+            )
+        })
     }
 }
 
@@ -535,17 +551,4 @@ fn id_of(name: &str, file: &str, what: &str) -> Result<u32, String> {
         .find(|(n, _)| *n == name)
         .and_then(|(_, id)| id.parse().ok())
         .ok_or_else(|| format!("no {what} `{name}` in {file}; write its numeric id instead"))
-}
-
-/// The files an output of this type writes, for status and docs.
-pub fn files_of(kind: ServiceType) -> &'static [&'static str] {
-    match kind {
-        ServiceType::WorkloadIdentityJwt => &JWT_FILES,
-        _ => &X509_FILES,
-    }
-}
-
-/// The output's directory, for messages.
-pub fn path_of(spec: &OutputSpec) -> &Path {
-    &spec.destination.path
 }

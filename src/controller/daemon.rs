@@ -338,7 +338,6 @@ impl Daemon {
                 old.stop().await;
             }
         }
-        self.sync_outputs(config).await;
         if errors.is_empty() {
             Ok(())
         } else {
@@ -482,6 +481,11 @@ impl Daemon {
             metrics.error("rejoin");
             tracing::error!(error = %e, hint = %e.hint(), "the rejoin failed; the current identity stays in force");
             failures.push(Failure::new(rejoin, "RejoinFailed", &e));
+        }
+        if let Some(config) = &config
+            && self.agent.is_some()
+        {
+            self.sync_outputs(config).await;
         }
         if let Some(config) = &config
             && self.agent.is_some()
@@ -773,6 +777,11 @@ impl Daemon {
 
     /// Marks every object but `failed` converged, saves the status, and wakes whoever waits on it.
     fn publish_status(&self, failed: &BTreeSet<ObjectRef>) {
+        let reports: Vec<_> = self
+            .outputs
+            .iter()
+            .map(|(name, o)| (name, o, o.output.report().borrow().clone()))
+            .collect();
         {
             let mut table = self.status.write().expect("status poisoned");
             let renewal = self.agent.as_ref().and_then(|a| a.renewal().borrow().clone());
@@ -787,28 +796,18 @@ impl Daemon {
             if unlinked.is_some() {
                 failed.insert(agent_ref());
             }
-            let failing: Vec<String> = self
-                .outputs
+            let failing: Vec<String> = reports
                 .iter()
-                .filter_map(|(name, o)| {
-                    let report = o.output.report().borrow().clone();
-                    (report.error.is_some() || report.hook_error.is_some())
-                        .then(|| format!("output {name}: {}", report.describe()))
-                })
+                .filter(|(_, _, report)| report.failing())
+                .map(|(name, _, report)| format!("output {name}: {}", report.describe()))
                 .collect();
             if !failing.is_empty() {
                 failed.insert(agent_ref());
             }
             table.converged_except(&failed);
-            for (name, o) in &self.outputs {
-                let report = o.output.report().borrow().clone();
-                let (ok, reason) = match (&report.error, &report.hook_error, report.writes) {
-                    (Some(_), _, _) => (false, "Failing"),
-                    (None, Some(_), _) => (false, "HookFailed"),
-                    (None, None, 0) => (false, "Pending"),
-                    (None, None, _) => (true, "Written"),
-                };
+            for (name, o, report) in &reports {
                 let message = format!("{}: {}", o.output.spec.destination.path.display(), report.describe());
+                let (ok, reason) = report.condition();
                 table.set(&agent_ref(), &output_condition(name), ok, reason, &message);
             }
             if !failing.is_empty() {
@@ -852,16 +851,17 @@ impl Daemon {
                     listen: r.listen.to_string(),
                     ..Default::default()
                 })
-                .chain(self.outputs.iter().map(|(n, o)| {
-                    let report = o.output.report().borrow().clone();
-                    crate::admin::proto::ServiceStatus {
-                        name: n.clone(),
-                        listen: String::new(),
-                        destination: o.output.spec.destination.path.display().to_string(),
-                        state: report.describe(),
-                        healthy: report.healthy(),
-                    }
-                }))
+                .chain(
+                    reports
+                        .iter()
+                        .map(|(name, o, report)| crate::admin::proto::ServiceStatus {
+                            name: (*name).clone(),
+                            listen: String::new(),
+                            destination: o.output.spec.destination.path.display().to_string(),
+                            state: report.describe(),
+                            healthy: report.healthy(),
+                        }),
+                )
                 .collect();
         }
         self.status_version.send_modify(|v| *v += 1);
@@ -1282,6 +1282,9 @@ pub async fn run(options: StartOptions) -> ExitCode {
             let desired = daemon.applied.as_ref().clone();
             daemon.record_failures(&[Failure::new(vec![agent_ref()], "JoinFailed", &e)], &desired);
             retry_at = daemon.next_retry();
+        }
+        if daemon.agent.is_some() {
+            daemon.sync_outputs(config).await;
         }
         if daemon.agent.is_some()
             && let Err(e) = daemon.sync_services(config).await

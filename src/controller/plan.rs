@@ -617,6 +617,46 @@ mod tests {
     }
 
     #[test]
+    fn outputs_are_written_rewritten_on_an_edit_or_a_new_agent_lifetime_and_stopped() {
+        const OUTPUT: &str = "    attestors:\n      unix: {}\n      systemd:\n        enabled: true\n  - type: workload-identity-x509\n    name: files\n    selector: {name: quickstart}\n    destination: {type: directory, path: /tmp/out}\n";
+        let with = |extra: &[(&str, &str, &str)]| {
+            let mut edits = vec![(
+                "tbot.yaml",
+                "    attestors:\n      unix: {}\n      systemd:\n        enabled: true\n",
+                OUTPUT,
+            )];
+            edits.extend_from_slice(extra);
+            edited_many(&edits)
+        };
+        assert_eq!(
+            actions(&plan(&with(&[]), Some(&base()))),
+            ["+ output files: write /tmp/out"]
+        );
+        let p = plan(
+            &with(&[("tbot.yaml", "path: /tmp/out", "path: /tmp/elsewhere")]),
+            Some(&with(&[])),
+        );
+        assert_eq!(
+            actions(&p),
+            ["~ output files: issue again and replace the files in /tmp/elsewhere"]
+        );
+        // The output takes the agent's lifetime: a new one issues again (and re-decides the listener).
+        let p = plan(
+            &with(&[("tbot.yaml", "credential_ttl: 1h", "credential_ttl: 2h")]),
+            Some(&with(&[])),
+        );
+        assert!(
+            actions(&p).contains(&"~ output files: issue again and replace the files in /tmp/out".to_owned()),
+            "{:?}",
+            actions(&p)
+        );
+        assert_eq!(
+            actions(&plan(&base(), Some(&with(&[])))),
+            ["- output files: stop renewing; the files in /tmp/out are left in place"]
+        );
+    }
+
+    #[test]
     fn a_trust_domain_edit_creates_a_ca_and_reissues_everything() {
         let p = plan(
             &edited("cluster.yaml", "name: quickstart.tbot.local", "name: other.tbot.local"),

@@ -5,13 +5,13 @@
 //! (Envoy sends no security header, and none is asked for).
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::server::{Follow, Made, OpenStream, Stream, Svids, Watch, Woke, WorkloadApi, attested, into_stream};
+use super::server::{Follow, Made, OpenStream, Stream, Svids, Watch, Woke, WorkloadApi, attested, into_stream, issued};
 use crate::agent::{Slot, X509Material};
 use crate::issuer::{Bundles, Resolved};
 
@@ -145,18 +145,10 @@ fn secrets(
     names: &BTreeSet<String>,
     mode: Validation,
 ) -> Option<Result<Vec<prost_types::Any>, Status>> {
-    let mut ready: Vec<Arc<X509Material>> = Vec::new();
-    let mut failures = Vec::new();
-    for slot in slots {
-        match &*slot.borrow() {
-            Slot::Pending => return None,
-            Slot::Failed { error, .. } => failures.push(error.clone()),
-            Slot::Ready(m) => ready.push(m.clone()),
-        }
-    }
-    if ready.is_empty() {
-        return Some(Err(Status::permission_denied(failures.join("; "))));
-    }
+    let ready = match issued(slots)? {
+        Ok(ready) => ready,
+        Err(status) => return Some(Err(status)),
+    };
     let own = format!("spiffe://{}", bundles.trust_domain);
     let ours: [(&str, &[Vec<u8>]); 1] = [(bundles.trust_domain.as_str(), &bundles.x509_authorities)];
     if names.is_empty() {
@@ -361,8 +353,6 @@ impl Watch for SdsWatch {
         }
     }
 }
-
-use tokio_stream::StreamExt;
 
 #[tonic::async_trait]
 impl SecretDiscoveryService for WorkloadApi {

@@ -110,37 +110,49 @@ fn x509_bundle(bundles: &Bundles) -> Vec<u8> {
     bundles.x509_authorities.concat()
 }
 
+/// The caller's issued SVIDs, in slot order; `None` while one is still being issued, and
+/// `PermissionDenied` with every reason when none could be.
+pub(super) fn issued(slots: &[watch::Receiver<Slot>]) -> Option<Result<Vec<Arc<X509Material>>, Status>> {
+    let mut ready = Vec::new();
+    let mut failures = Vec::new();
+    for slot in slots {
+        match &*slot.borrow() {
+            Slot::Pending => return None,
+            Slot::Failed { error, .. } => failures.push(error.clone()),
+            Slot::Ready(m) => ready.push(m.clone()),
+        }
+    }
+    if ready.is_empty() {
+        return Some(Err(Status::permission_denied(failures.join("; "))));
+    }
+    Some(Ok(ready))
+}
+
 /// A complete `X509SVIDResponse` from the current slots, or `None` while one is still pending.
 fn x509_response(
     slots: &[tokio::sync::watch::Receiver<Slot>],
     bundles: &Bundles,
 ) -> Option<Result<X509svidResponse, Status>> {
+    let ready = match issued(slots)? {
+        Ok(ready) => ready,
+        Err(status) => return Some(Err(status)),
+    };
     let mut svids = Vec::new();
-    let mut failures = Vec::new();
     let mut hints = HashSet::new();
     let bundle = x509_bundle(bundles);
-    for slot in slots {
-        match &*slot.borrow() {
-            Slot::Pending => return None,
-            Slot::Failed { error, .. } => failures.push(error.clone()),
-            Slot::Ready(m) => {
-                let hint = m.svid.hint.clone().unwrap_or_default();
-                if !hint.is_empty() && !hints.insert(hint.clone()) {
-                    tracing::warn!(hint, spiffe_id = %m.svid.spiffe_id, "two SVIDs share a hint; sending the first only");
-                    continue;
-                }
-                svids.push(X509svid {
-                    spiffe_id: m.svid.spiffe_id.clone(),
-                    x509_svid: m.svid.certificate.clone(),
-                    x509_svid_key: m.key.clone(),
-                    bundle: bundle.clone(),
-                    hint,
-                });
-            }
+    for m in ready {
+        let hint = m.svid.hint.clone().unwrap_or_default();
+        if !hint.is_empty() && !hints.insert(hint.clone()) {
+            tracing::warn!(hint, spiffe_id = %m.svid.spiffe_id, "two SVIDs share a hint; sending the first only");
+            continue;
         }
-    }
-    if svids.is_empty() {
-        return Some(Err(Status::permission_denied(failures.join("; "))));
+        svids.push(X509svid {
+            spiffe_id: m.svid.spiffe_id.clone(),
+            x509_svid: m.svid.certificate.clone(),
+            x509_svid_key: m.key.clone(),
+            bundle: bundle.clone(),
+            hint,
+        });
     }
     Some(Ok(X509svidResponse {
         svids,

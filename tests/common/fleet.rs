@@ -5,16 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{Daemon, copy_manifests, stdout, tbotctl};
-
-/// A free loopback port (bound and released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::{Daemon, copy_manifests, free_port, stdout, tbotctl};
 
 /// The issuer host: its daemon, its port and its CA pin.
 pub struct Issuer {

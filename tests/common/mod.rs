@@ -318,6 +318,112 @@ pub fn wait_for_log(daemon: &Daemon, needle: &str) -> bool {
     false
 }
 
+/// Two identities that read no workload attribute (`server` and `client`, labelled like the
+/// quickstart's): what file outputs can be given.
+pub const OUTPUT_IDENTITIES: &str = "kind: workload_identity
+version: v1
+metadata:
+  name: server
+  labels: {app: quickstart}
+spec:
+  spiffe:
+    id: /svc/server
+---
+kind: workload_identity
+version: v1
+metadata:
+  name: client
+  labels: {app: quickstart}
+spec:
+  spiffe:
+    id: /svc/client
+";
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process (a peer server the test started), killed and reaped on drop.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A self-signed P-256 certificate made by `openssl req`, with `subject` and, when given, extra
+/// `-addext` settings (a SAN).
+pub fn self_signed(cert: &Path, key: &Path, subject: &str, addext: Option<&str>) {
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        subject,
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ];
+    if let Some(ext) = addext {
+        args.extend(["-addext", ext]);
+    }
+    openssl(&args);
+}
+
+/// An HTTP/1.1 `GET /` over TLS with `openssl s_client` (which, unlike curl, checks no host name:
+/// an SVID has only a URI SAN), presenting `client` (certificate, key) when given and verifying the
+/// server against `ca`. Returns everything s_client printed: the server's certificate, then the
+/// answer, or why the handshake failed.
+pub fn tls_get(port: u16, client: Option<(&Path, &Path)>, ca: &Path) -> String {
+    use std::io::Write;
+    let address = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "s_client",
+        "-connect",
+        &address,
+        "-ign_eof",
+        "-verify_return_error",
+        "-CAfile",
+        ca.to_str().unwrap(),
+    ];
+    if let Some((cert, key)) = client {
+        args.extend(["-cert", cert.to_str().unwrap(), "-key", key.to_str().unwrap()]);
+    }
+    let mut child = Command::new("openssl")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Polls `f` every 50 ms until it gives a value; panics naming `what` after `timeout`.
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
