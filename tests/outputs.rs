@@ -257,9 +257,31 @@ fn oneshot_writes_every_output_once_and_names_what_failed() {
 
 /// nginx, run by the test in the foreground with its own prefix; killed on drop.
 struct Nginx {
-    _child: Reaped,
+    child: Reaped,
     pid_file: PathBuf,
     port: u16,
+}
+
+impl Drop for Nginx {
+    /// A fast shutdown (SIGTERM): the master stops its workers. SIGKILL (what [`Reaped`] sends
+    /// after) would leave them running, holding the port.
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.0.id().to_string()])
+            .status();
+        let _ = wait_until("nginx to stop", Duration::from_secs(10), || {
+            self.child.0.try_wait().ok().flatten()
+        });
+    }
+}
+
+/// The pids of a process's children (nginx's workers).
+fn children(pid: &str) -> Vec<String> {
+    let out = Command::new("pgrep").args(["-P", pid.trim()]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 fn nginx_binary() -> Option<PathBuf> {
@@ -315,7 +337,7 @@ http {{
             .spawn()
             .expect("nginx starts");
         Nginx {
-            _child: Reaped(child),
+            child: Reaped(child),
             pid_file,
             port,
         }
@@ -413,6 +435,15 @@ fn nginx_serves_mutual_tls_from_outputs_and_reloads_on_rotation_through_on_updat
         second,
         "what nginx serves is what is on disk"
     );
+    // Stopped, nginx leaves no worker behind.
+    let workers = children(&master);
+    assert!(!workers.is_empty(), "nginx runs workers");
+    drop(nginx);
+    let left: Vec<String> = workers
+        .into_iter()
+        .filter(|w| std::path::Path::new(&format!("/proc/{w}")).exists())
+        .collect();
+    assert!(left.is_empty(), "nginx workers left running: {left:?}");
 }
 
 /// A certificate and its key for `id`, as an output would hold them.
