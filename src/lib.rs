@@ -12,6 +12,7 @@ pub mod kv;
 pub mod manifest;
 pub mod pem;
 pub mod resource;
+pub mod spiffe_bundle;
 pub mod store;
 pub mod workload_api;
 

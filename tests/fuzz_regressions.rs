@@ -164,6 +164,7 @@ fn issuer_request_seeds_are_well_formed_messages() {
                     x509_authorities: vec![vec![0x30, 0x00]],
                     jwt_keys: vec!["{\"kty\":\"EC\"}".into()],
                     sequence: 2,
+                    ..Default::default()
                 }),
                 policy_revision: 7,
                 identities: vec!["wi".into()],

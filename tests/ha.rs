@@ -484,3 +484,97 @@ fn two_replicas_given_one_name_are_reported_on_every_replica() {
         "status exits non-zero"
     );
 }
+
+/// The `keys:` rows of `tbotctl status`: (key, id, phase, pin or kid).
+fn key_rows(status: &str) -> Vec<(String, u32, String, String)> {
+    status
+        .lines()
+        .skip_while(|l| *l != "keys:")
+        .skip(2)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() != 7 {
+                return None;
+            }
+            Some((f[0].to_owned(), f[1].parse().ok()?, f[2].to_owned(), f[6].to_owned()))
+        })
+        .collect()
+}
+
+/// The automatic schedule on three replicas: every step is one conditional write by one replica (one
+/// successor at a time, one key per id on every replica), a replica killed and restarted while a
+/// successor is prepared resumes that rotation instead of starting another, and a remote agent's
+/// workload never gets an SVID its bundle does not verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_take_each_automatic_rotation_step_once_and_a_restarted_replica_resumes_it() {
+    // Keys live 40 s: successors are prepared 20 s and activated 10 s before the end.
+    let schedule = "validity: 40s\n    rotation: {prepare_before: 20s, activate_before: 10s}";
+    let cluster = format!("  name: example.teleport.sh\nspec:\n  ca:\n    {schedule}\n  jwt:\n    {schedule}\n");
+    let edit = [("cluster.yaml", "  name: example.teleport.sh\n", cluster.as_str())];
+    let Some(mut set) = Replicas::start_edited(3, false, &edit) else {
+        return;
+    };
+    let pin = pin(&set.status(0));
+    let port = set.get(0).port;
+    let agent = start_agent(
+        |dir| agent_config(dir, port, &token_onboarding(TOKEN, &pin), "example-workload-identity"),
+        &[],
+    );
+    wait_for_socket(&agent);
+    let (stream, _) = common::open_stream(&agent).await;
+    let (failures, seen) = common::verify_stream(stream);
+
+    let mut pins: std::collections::BTreeMap<(String, u32), std::collections::BTreeSet<String>> = Default::default();
+    let mut restarted = false;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(55) {
+        for i in 0..3 {
+            if set.replicas[i].is_none() {
+                continue;
+            }
+            let status = set.status(i);
+            let rows = key_rows(&status);
+            for key in ["ca", "jwt"] {
+                let prepared = rows.iter().filter(|r| r.0 == key && r.2 == "prepared").count();
+                assert!(prepared <= 1, "two {key} successors at once on replica {i}:\n{status}");
+            }
+            for (key, id, _, name) in rows {
+                pins.entry((key, id)).or_default().insert(name);
+            }
+        }
+        let prepared = key_rows(&set.status(2))
+            .iter()
+            .any(|r| r.0 == "ca" && r.2 == "prepared");
+        if !restarted && prepared {
+            let (dir, admin) = set.kill(2);
+            set.restart(2, dir, admin);
+            restarted = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(restarted, "no CA was ever prepared: {pins:?}");
+    for ((key, id), names) in &pins {
+        assert_eq!(
+            names.len(),
+            1,
+            "{key} {id} is a different key on different replicas: {names:?}"
+        );
+    }
+    for key in ["ca", "jwt"] {
+        let ids: Vec<u32> = pins.keys().filter(|(k, _)| k == key).map(|(_, id)| *id).collect();
+        assert!(ids.len() >= 3, "two {key} rotations in 55 s: {ids:?}");
+        assert_eq!(
+            ids,
+            (1..=ids.len() as u32).collect::<Vec<_>>(),
+            "one successor per rotation"
+        );
+    }
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "{:?}\n{}",
+        failures.lock().unwrap(),
+        agent.log()
+    );
+    assert!(seen.lock().unwrap().len() >= 3, "the agent's workload saw every CA");
+}

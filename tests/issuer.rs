@@ -446,7 +446,7 @@ async fn a_restarted_issuer_keeps_its_ca_jwt_key_and_generations() {
             & 0o777
     };
     assert_eq!(mode("ca-1.key"), 0o600);
-    assert_eq!(mode("jwt.key"), 0o600);
+    assert_eq!(mode("jwt-1.key"), 0o600);
 }
 
 #[tokio::test]

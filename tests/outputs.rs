@@ -483,9 +483,10 @@ fn a_reader_polling_through_1000_replacements_never_sees_an_empty_or_torn_file()
         x509_authorities: vec![material(0).svid.certificate],
         jwt_keys: vec![],
         sequence: 1,
+        ..Default::default()
     };
     let materials: Vec<_> = (1..=1000).map(material).collect();
-    tbot::agent::outputs::write_x509(&destination, &materials[0], &bundles).unwrap();
+    tbot::agent::outputs::write_x509(&destination, &materials[0], &bundles, false).unwrap();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (out, done) = (destination.path.clone(), done.clone());
@@ -519,7 +520,7 @@ fn a_reader_polling_through_1000_replacements_never_sees_an_empty_or_torn_file()
         })
     };
     for m in &materials[1..] {
-        tbot::agent::outputs::write_x509(&destination, m, &bundles).unwrap();
+        tbot::agent::outputs::write_x509(&destination, m, &bundles, false).unwrap();
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (reads, mismatched) = reader.join().expect("the reader saw only whole, matching files");

@@ -431,7 +431,7 @@ fn private_keys_never_appear_in_debug_logs_or_tbotctl_output() {
     let state = daemon.dir.path().join("state");
     let keys: Vec<PathBuf> = [
         "issuer/quickstart.tbot.local/ca-1.key",
-        "issuer/quickstart.tbot.local/jwt.key",
+        "issuer/quickstart.tbot.local/jwt-1.key",
         "agent/identity.key",
     ]
     .iter()

@@ -87,13 +87,14 @@ async fn output_rotation(scale: Scale) -> Vec<Row> {
         x509_authorities: vec![material().svid.certificate],
         jwt_keys: vec![],
         sequence: 1,
+        ..Default::default()
     };
     let (mut atomic, mut in_place) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let plain = dir.path().join("plain");
     std::fs::create_dir(&plain).unwrap();
     for m in &materials {
         let started = Instant::now();
-        tbot::agent::outputs::write_x509(&destination, m, &bundles).unwrap();
+        tbot::agent::outputs::write_x509(&destination, m, &bundles, false).unwrap();
         tbot::agent::outputs::run_hook(&hook).await.unwrap();
         atomic.push(started.elapsed());
         let started = Instant::now();

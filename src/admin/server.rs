@@ -31,6 +31,8 @@ pub struct DaemonInfo {
     pub issuer_storage: String,
     /// This replica's name, on an issuer host.
     pub replica: String,
+    /// The bundle endpoint's URL, when it serves one.
+    pub bundle_endpoint: String,
 }
 
 /// The daemon's side of the admin API.
@@ -349,7 +351,98 @@ impl Admin for AdminApi {
                         .collect(),
                 })
                 .collect(),
+            keys: self.issuer.as_ref().map(|i| key_states(i)).unwrap_or_default(),
+            bundle_endpoint: info.bundle_endpoint,
+            federations: self
+                .issuer
+                .as_ref()
+                .map(|i| i.federations().iter().map(federation).collect())
+                .unwrap_or_default(),
         }))
+    }
+
+    async fn rotate(&self, request: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
+        authorize(&request)?;
+        let request = request.into_inner();
+        let Some(issuer) = &self.issuer else {
+            return Err(Status::failed_precondition(
+                "this daemon is an agent of a remote issuer: run `tbotctl rotate` against the issuer's admin socket",
+            ));
+        };
+        let jwt = match request.key.as_str() {
+            "ca" => false,
+            "jwt" => true,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "`{other}` is not a key to rotate: say `ca` or `jwt`"
+                )));
+            }
+        };
+        let grace = Duration::from_secs(request.grace_seconds.into());
+        let step = issuer
+            .rotate_by_hand(jwt, grace, request.force)
+            .await
+            .map_err(|e| match e {
+                crate::issuer::IssuerError::Invalid(why) => Status::failed_precondition(why),
+                e => Status::unavailable(format!("{e}; {}", e.hint())),
+            })?;
+        let what = if jwt { "JWT key" } else { "CA" };
+        let message = match step {
+            crate::issuer::rotation::Step::Prepare { activate_at } => format!(
+                "a new {what} is prepared: published in every bundle now, signing from {}",
+                crate::issuer::rotation::rfc3339(activate_at)
+            ),
+            crate::issuer::rotation::Step::Activate { id } => {
+                format!("{what} {id} signs from now on; the old one stays published until what it signed has expired")
+            }
+            crate::issuer::rotation::Step::Retire => format!("the retiring {what} is no longer published"),
+            crate::issuer::rotation::Step::RetireEarly => {
+                format!("the retiring {what} is withdrawn from every bundle now; what it signed no longer verifies")
+            }
+        };
+        tracing::info!(%message, "rotation by hand");
+        Ok(Response::new(RotateResponse {
+            message,
+            keys: key_states(issuer),
+        }))
+    }
+}
+
+/// Every CA's and JWT key's phase, for `tbotctl status` and `tbotctl rotate`.
+fn key_states(issuer: &crate::issuer::LocalIssuer) -> Vec<KeyState> {
+    let at = |t: i64| {
+        if t == 0 {
+            String::new()
+        } else {
+            crate::issuer::rotation::rfc3339(t)
+        }
+    };
+    issuer
+        .key_statuses()
+        .into_iter()
+        .map(|k| KeyState {
+            key: k.kind.to_owned(),
+            id: k.id,
+            name: k.name,
+            phase: k.phase.name().to_owned(),
+            created: at(k.created),
+            not_after: at(k.not_after),
+            phase_ends: k.phase.ends().map(at).unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn federation(f: &crate::issuer::federation::FederationState) -> Federation {
+    let at = |t: Option<time::OffsetDateTime>| t.map(rfc3339).unwrap_or_default();
+    Federation {
+        trust_domain: f.trust_domain.clone(),
+        source: f.source.clone(),
+        synced_at: at(f.synced_at),
+        error: f.error.clone().unwrap_or_default(),
+        next_sync: at(f.next_sync),
+        x509_authorities: f.x509_authorities as u32,
+        jwt_keys: f.jwt_keys as u32,
+        sequence: f.sequence,
     }
 }
 

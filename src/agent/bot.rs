@@ -257,17 +257,25 @@ pub async fn keep_fresh(
     overdue: bool,
 ) {
     let mut backoff = Duration::from_secs(1);
+    // Every `renewal_interval`, and before half the certificate's life has gone at the latest: a
+    // certificate capped by the CA's end (a CA rotation coming) is renewed in time.
+    let due = |settings: &JoinSettings, identity: &BotIdentity| {
+        let left: Duration = (identity.certificate.not_after - time::OffsetDateTime::now_utc())
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        settings.renewal_interval.min(left / 2).max(Duration::from_secs(1))
+    };
     let mut wait = if overdue {
         backoff.mul_f64(jitter(0.2))
     } else {
-        settings_rx.borrow().renewal_interval
+        due(&settings_rx.borrow(), &tx.borrow())
     };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             // New terms (a rejoin happened): start the renewal interval afresh.
             Ok(()) = settings_rx.changed() => {
-                wait = settings_rx.borrow().renewal_interval;
+                wait = due(&settings_rx.borrow(), &tx.borrow());
                 continue;
             }
         }
@@ -284,7 +292,7 @@ pub async fn keep_fresh(
                 tx.send_replace(Arc::new(identity));
                 health.send_if_modified(|h| h.take().is_some());
                 backoff = Duration::from_secs(1);
-                wait = settings.renewal_interval;
+                wait = due(&settings, &tx.borrow());
             }
             Err(error) => {
                 wait = backoff.mul_f64(jitter(0.2));

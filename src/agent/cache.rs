@@ -81,6 +81,22 @@ pub struct SvidCache {
     next_slot_id: AtomicU64,
 }
 
+/// How long an SVID waits for the bundle holding its CA.
+const BUNDLE_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether one of the bundle's CAs is the issuer of `certificate` (by name: each CA's subject
+/// names its trust domain and number).
+pub fn covers(bundles: &crate::issuer::Bundles, certificate: &[u8]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(certificate) else {
+        return false;
+    };
+    let issuer = cert.issuer().as_raw();
+    bundles
+        .x509_authorities
+        .iter()
+        .any(|ca| x509_parser::parse_x509_certificate(ca).is_ok_and(|(_, ca)| ca.subject().as_raw() == issuer))
+}
+
 /// Only the attributes an identity reads: callers that agree on them share an SVID.
 fn project(resolved: &Resolved, workload: &Attributes) -> Attributes {
     let mut out = Attributes::new();
@@ -215,6 +231,25 @@ impl SvidCache {
         woken
     }
 
+    /// Forgets every cached JWT-SVID (the signing key changed).
+    pub fn forget_jwts(&self) {
+        self.jwts.lock().expect("cache poisoned").clear();
+    }
+
+    /// Waits (a little) until the bundle holds the CA that signed `certificate`: a remote issuer's
+    /// new CA may sign before its bundle reaches this agent, and no workload may get an SVID its
+    /// bundle does not verify.
+    async fn bundle_covering(&self, certificate: &[u8]) {
+        let mut bundles = self.issuer.bundles();
+        if covers(&bundles.borrow_and_update(), certificate) {
+            return;
+        }
+        let waited = tokio::time::timeout(BUNDLE_WAIT, bundles.wait_for(|b| covers(b, certificate))).await;
+        if waited.is_err() {
+            tracing::warn!("an X509-SVID arrived signed by a CA the bundle does not hold yet; serving it anyway");
+        }
+    }
+
     async fn issue(&self, key: &Key) -> Result<X509Material, IssuerError> {
         let pair = KeyPair::generate().map_err(|e| IssuerError::Crypto(e.to_string()))?;
         let svid = self
@@ -227,6 +262,7 @@ impl SvidCache {
                 ttl: key.ttl,
             })
             .await?;
+        self.bundle_covering(&svid.certificate).await;
         self.issued.fetch_add(1, Ordering::Relaxed);
         crate::admin::metrics::metrics()
             .svids_issued

@@ -202,6 +202,36 @@ impl Agent {
         });
     }
 
+    /// Follows the bundle: when the CA or the JWT key that signs changes (a rotation's activation),
+    /// every cached X509-SVID is signed again at once (pushed on open streams and to outputs) and
+    /// cached JWT-SVIDs are forgotten, so nothing keeps using the old key.
+    pub fn follow_rotations(self: &Arc<Self>) {
+        let mut bundles = self.issuer.bundles();
+        let signer = |b: &Bundles| (b.signing_ca().map(<[u8]>::to_vec), b.active_kid.clone());
+        let mut last = signer(&bundles.borrow_and_update());
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while bundles.changed().await.is_ok() {
+                let now = signer(&bundles.borrow_and_update());
+                let Some(agent) = agent.upgrade() else { break };
+                let (ca, jwt) = (now.0 != last.0, now.1 != last.1);
+                last = now;
+                if jwt {
+                    tracing::info!("the JWT signing key changed; cached JWT-SVIDs are issued again when asked for");
+                    agent.cache.forget_jwts();
+                }
+                if ca {
+                    let identities = agent.cache.identities();
+                    tracing::info!(
+                        identities = identities.len(),
+                        "the signing CA changed; signing cached SVIDs again"
+                    );
+                    agent.cache.redecide(&identities);
+                }
+            }
+        });
+    }
+
     /// Moves whenever callers must be re-resolved.
     pub fn policy_changes(&self) -> watch::Receiver<u64> {
         self.policy.subscribe()

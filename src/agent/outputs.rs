@@ -46,6 +46,8 @@ pub struct OutputSpec {
     pub audiences: Vec<String>,
     pub destination: Destination,
     pub on_update: Option<OnUpdate>,
+    /// `include_federated_trust_bundles`: `svid_bundle.pem` also holds the federated domains' CAs.
+    pub federated: bool,
 }
 
 /// What an output last did, for `tbotctl status`, the conditions and `--oneshot`.
@@ -303,7 +305,7 @@ impl Job<'_> {
                         .as_ref()
                         .is_some_and(|(m, b)| Arc::ptr_eq(m, &material) && Arc::ptr_eq(b, &bundle));
                     if !same {
-                        write_x509(&spec.destination, &material, &bundle)?;
+                        write_x509(&spec.destination, &material, &bundle, spec.federated)?;
                         self.wrote(&material.svid.spiffe_id, material.svid.not_after).await;
                         *last = Some((material, bundle));
                         if self.once {
@@ -456,11 +458,21 @@ fn signal_of(signal: SignalName) -> rustix::process::Signal {
 }
 
 /// Writes the x509 files: the key first, then the certificate, the bundle, the combined file.
-pub fn write_x509(destination: &Destination, material: &X509Material, bundles: &Bundles) -> Result<(), String> {
+pub fn write_x509(
+    destination: &Destination,
+    material: &X509Material,
+    bundles: &Bundles,
+    federated: bool,
+) -> Result<(), String> {
     let dir = Directory::open(destination)?;
     let key = crate::pem::private_key(&material.key);
     let chain = crate::pem::certificates([&material.svid.certificate]);
-    let bundle = crate::pem::certificates(&bundles.x509_authorities);
+    let foreign = bundles
+        .federated
+        .values()
+        .filter(|_| federated)
+        .flat_map(|b| b.x509_authorities.iter());
+    let bundle = crate::pem::certificates(bundles.x509_authorities.iter().chain(foreign));
     let combined = format!("{key}{chain}");
     for (name, text) in X509_FILES.iter().zip([&key, &chain, &bundle, &combined]) {
         dir.replace(name, text.as_bytes())?;

@@ -61,6 +61,10 @@ struct SavedBundle {
     x509_authorities: Vec<String>,
     jwt_keys: Vec<serde_json::Value>,
     sequence: u64,
+    #[serde(default)]
+    active_ca: usize,
+    #[serde(default)]
+    active_kid: String,
 }
 
 /// The remote issuer.
@@ -101,13 +105,7 @@ impl RemoteIssuer {
     /// A client of the issuer at `settings.address`; nothing is dialled until the first call.
     pub fn new(settings: RemoteSettings, store: Store) -> Result<Arc<RemoteIssuer>, IssuerError> {
         let saved = load_bundle(&store);
-        let bundles = watch::channel(Arc::new(saved.unwrap_or_else(|| Bundles {
-            trust_domain: String::new(),
-            x509_authorities: Vec::new(),
-            jwt_keys: Vec::new(),
-            sequence: 0,
-        })))
-        .0;
+        let bundles = watch::channel(Arc::new(saved.unwrap_or_default())).0;
         let target = Target::new(settings.clone(), bundles.subscribe())?;
         if settings.insecure {
             tracing::warn!(
@@ -310,6 +308,9 @@ fn load_bundle(store: &Store) -> Option<Bundles> {
             .collect(),
         jwt_keys: saved.jwt_keys,
         sequence: saved.sequence,
+        active_ca: saved.active_ca,
+        active_kid: saved.active_kid,
+        federated: Default::default(),
     })
 }
 
@@ -321,6 +322,8 @@ fn save_bundle(store: &Store, bundles: &Bundles) {
         x509_authorities: bundles.x509_authorities.iter().map(|d| engine.encode(d)).collect(),
         jwt_keys: bundles.jwt_keys.clone(),
         sequence: bundles.sequence,
+        active_ca: bundles.active_ca,
+        active_kid: bundles.active_kid.clone(),
     };
     if let Err(e) = store.write_json(BUNDLE_FILE, &saved, Secrecy::Public) {
         tracing::warn!(error = %e, "cannot save the trust bundle; a restart while the issuer is down will not know it");

@@ -25,6 +25,30 @@ pub struct DaemonArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RotatedKey {
+    /// The X.509 CA.
+    Ca,
+    /// The JWT-SVID signing key.
+    Jwt,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// `ca` or `jwt`.
+    #[arg(value_enum)]
+    pub key: RotatedKey,
+    /// How long the successor is published before it signs (every agent gets it first).
+    #[arg(long, default_value = "10m", value_parser = crate::resource::Duration::parse)]
+    pub grace: crate::resource::Duration,
+    /// While a rotation is in progress: take its next step now (activate the successor, or retire
+    /// the old key).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GetOutput {
     Table,
     Yaml,
@@ -87,10 +111,21 @@ impl DaemonArgs {
 }
 
 fn explain(status: tonic::Status) -> ExitCode {
-    fail(
-        format!("{:?}: {}", status.code(), status.message()),
-        "run tbotctl as root or as the daemon's user",
-    )
+    let message = format!("{:?}: {}", status.code(), status.message());
+    match status.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            fail(message, "run tbotctl as root or as the daemon's user")
+        }
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => fail(
+            message,
+            "is the daemon still running? its log says more (`journalctl -u tbot` or its terminal)",
+        ),
+        // The daemon's own message says what to do next.
+        _ => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// A serializable view of an object's status (`-o yaml|json`).
@@ -404,6 +439,11 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         println!("issuer storage: {}", s.issuer_storage);
     }
     print_replicas(&s.replicas, &s.drift);
+    print_keys(&s.keys);
+    if !s.bundle_endpoint.is_empty() {
+        println!("bundle endpoint: {}", s.bundle_endpoint);
+    }
+    print_federations(&s.federations);
     if s.bot.is_empty() {
         println!("bot: none on this host (no agent config)");
     } else {
@@ -426,17 +466,97 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
     }
 }
 
+/// `tbotctl rotate ca|jwt`.
+pub async fn rotate(args: &RotateArgs) -> ExitCode {
+    let mut client = match args.daemon.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let request = crate::admin::proto::RotateRequest {
+        key: match args.key {
+            RotatedKey::Ca => "ca".into(),
+            RotatedKey::Jwt => "jwt".into(),
+        },
+        grace_seconds: args.grace.as_std().as_secs().min(u64::from(u32::MAX)) as u32,
+        force: args.force,
+    };
+    match client.rotate(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            println!("{}", r.message);
+            print_keys(&r.keys);
+            ExitCode::SUCCESS
+        }
+        Err(status) => explain(status),
+    }
+}
+
+/// Every CA and JWT key with its phase and dates.
+fn print_keys(keys: &[crate::admin::proto::KeyState]) {
+    if keys.is_empty() {
+        return;
+    }
+    println!("keys:");
+    let rows: Vec<[String; 6]> = keys
+        .iter()
+        .map(|k| {
+            [
+                format!("{} {}", k.key, k.id),
+                k.phase.clone(),
+                if k.phase_ends.is_empty() {
+                    "-".into()
+                } else {
+                    k.phase_ends.clone()
+                },
+                if k.created.is_empty() {
+                    "-".into()
+                } else {
+                    k.created.clone()
+                },
+                k.not_after.clone(),
+                k.name.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        "  ",
+        ["KEY", "PHASE", "PHASE ENDS", "CREATED", "NOT AFTER", "PIN / KID"],
+        &rows,
+    );
+}
+
+/// The foreign trust domains and how fresh their bundles are.
+/// How long ago an RFC 3339 time was, or `never` when it is not one.
+fn age(at: &str) -> String {
+    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .map(|t| format!("{}s ago", (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0)))
+        .unwrap_or_else(|_| "never".into())
+}
+
+fn print_federations(federations: &[crate::admin::proto::Federation]) {
+    for f in federations {
+        let synced = if f.synced_at.is_empty() {
+            "never fetched".to_owned()
+        } else {
+            format!("synced {} ({})", f.synced_at, age(&f.synced_at))
+        };
+        let error = if f.error.is_empty() {
+            String::new()
+        } else {
+            format!("; FAILING: {}", f.error)
+        };
+        println!(
+            "federation {}: {} ({} CAs, {} JWT keys, {synced}, next {}){error}",
+            f.trust_domain, f.source, f.x509_authorities, f.jwt_keys, f.next_sync
+        );
+    }
+}
+
 /// The replicas of a shared store, and the documents on which they differ.
 fn print_replicas(replicas: &[crate::admin::proto::Replica], drift: &[crate::admin::proto::DocumentDrift]) {
     if replicas.is_empty() {
         return;
     }
-    let now = time::OffsetDateTime::now_utc();
-    let age = |at: &str| {
-        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-            .map(|t| format!("{}s ago", (now - t).whole_seconds().max(0)))
-            .unwrap_or_else(|_| "never".into())
-    };
     println!("replicas: {}", replicas.len());
     let rows: Vec<[String; 5]> = replicas
         .iter()

@@ -39,6 +39,7 @@ fn kind_words(kind: Kind, n: usize) -> String {
         Kind::AgentConfig => ("agent config", "agent configs"),
         Kind::Cluster => ("cluster", "clusters"),
         Kind::Issuer => ("issuer", "issuers"),
+        Kind::SpiffeFederation => ("spiffe_federation", "spiffe_federations"),
         Kind::Bot => ("bot", "bots"),
         Kind::Token => ("token", "tokens"),
         Kind::Role => ("role", "roles"),

@@ -37,6 +37,9 @@ enum Command {
     Status(super::admin_cmds::DaemonArgs),
     /// Print the JSON Schema of a kind, or write every kind's schema to a directory.
     Schema(SchemaArgs),
+    /// Rotate the CA or the JWT signing key now (a suspected key compromise): a successor is
+    /// published at once and signs after `--grace`; the old key goes once what it signed expired.
+    Rotate(super::admin_cmds::RotateArgs),
 }
 
 /// Where documents come from.
@@ -114,6 +117,7 @@ pub fn main() -> ExitCode {
         Command::Get(args) => block_on(super::admin_cmds::get(&args)),
         Command::Status(args) => block_on(super::admin_cmds::status(&args)),
         Command::Schema(args) => schema_command(&args),
+        Command::Rotate(args) => block_on(super::admin_cmds::rotate(&args)),
     }
 }
 

@@ -84,6 +84,7 @@ fn output_spec(service: &Service, agent: &AgentConfig) -> Option<OutputSpec> {
         audiences: service.audiences.clone(),
         destination: service.output()?.clone(),
         on_update: service.on_update.clone(),
+        federated: service.include_federated_trust_bundles,
     })
 }
 
@@ -554,6 +555,7 @@ impl Daemon {
         };
         let agent = Arc::new(Agent::start(issuer, join_settings(config), store).await?);
         agent.follow_policy_events();
+        agent.follow_rotations();
         if let Some(remote) = &self.remote {
             remote.follow();
         }
@@ -1200,6 +1202,17 @@ pub async fn run(options: StartOptions) -> ExitCode {
                 }
             }
             Err(e) => return fail(e, "fix `issuer.spec.listen`, or stop whatever holds the address"),
+        }
+        if let Some(endpoint) = &doc.spec.bundle_endpoint {
+            match crate::issuer::bundle_endpoint::serve(issuer.clone(), endpoint.clone(), admin_stop_rx.clone()).await {
+                Ok(address) => info.write().expect("info poisoned").bundle_endpoint = format!("https://{address}"),
+                Err(e) => {
+                    return fail(
+                        e,
+                        "fix `issuer.spec.bundle_endpoint` (its `listen` address, or its `cert_file`/`key_file`)",
+                    );
+                }
+            }
         }
     }
     let (status_version, status_version_rx) = watch::channel(0u64);

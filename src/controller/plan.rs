@@ -88,6 +88,22 @@ pub enum Action {
     Revoke {
         identity: String,
     },
+    /// Trust a foreign trust domain: keep its bundle from `source` and give it to workloads.
+    Federate {
+        trust_domain: String,
+        source: String,
+        new: bool,
+    },
+    /// Stop trusting a foreign trust domain: its bundle is withdrawn from every workload.
+    Unfederate {
+        trust_domain: String,
+    },
+    /// A key's rotation schedule changed (`key` is `ca` or `jwt`): the issuer follows the new one
+    /// from now on; the active key keeps its dates.
+    Reschedule {
+        key: String,
+        schedule: String,
+    },
     /// A change that only takes effect at the next start.
     RestartRequired {
         field: String,
@@ -98,6 +114,24 @@ impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Action::CreateCa { trust_domain } => write!(f, "+ ca {trust_domain}: create (or load) the CA"),
+            Action::Federate {
+                trust_domain,
+                source,
+                new: true,
+            } => write!(
+                f,
+                "+ federation {trust_domain}: keep its bundle ({source}) and give it to workloads"
+            ),
+            Action::Federate {
+                trust_domain, source, ..
+            } => write!(
+                f,
+                "~ federation {trust_domain}: keep its bundle from {source} from now on"
+            ),
+            Action::Unfederate { trust_domain } => write!(
+                f,
+                "- federation {trust_domain}: withdraw its bundle from every workload"
+            ),
             Action::RotateCa { trust_domain } => write!(f, "~ ca {trust_domain}: rotate; old and new CA in the bundle"),
             Action::Join => write!(f, "+ bot: join"),
             Action::Rejoin => write!(f, "~ bot: rejoin with the new terms"),
@@ -120,6 +154,9 @@ impl fmt::Display for Action {
             Action::Issue { identity } => write!(f, "+ SVIDs of workload_identity/{identity} issued"),
             Action::Reissue { identity } => write!(f, "~ SVIDs of workload_identity/{identity} reissued"),
             Action::Revoke { identity } => write!(f, "- SVIDs of workload_identity/{identity} revoked"),
+            Action::Reschedule { key, schedule } => {
+                write!(f, "~ {key} rotation: {schedule}; the active key keeps its dates")
+            }
             Action::RestartRequired { field } => write!(f, "! {field} changed: takes effect at the next restart"),
         }
     }
@@ -192,9 +229,63 @@ fn trust_domain(state: &DesiredState) -> Option<(String, ObjectRef)> {
         .map(|h| (h.to_owned(), agent_ref()))
 }
 
+/// The CA settings that make a new CA: the algorithm and the validity (not the rotation schedule,
+/// which the issuer follows without a new CA).
 fn ca_settings(state: &DesiredState) -> Option<String> {
     state.objects.values().find_map(|o| match &o.document {
-        Document::Cluster(c) => Some(serde_json::to_string(&c.spec.ca).unwrap_or_default()),
+        Document::Cluster(c) => Some(
+            c.spec
+                .ca
+                .as_ref()
+                .map(|ca| format!("{} {:?}", ca.key_algorithm, ca.validity))
+                .unwrap_or_default(),
+        ),
+        _ => None,
+    })
+}
+
+/// Each key's rotation schedule as a sentence (`ca`, `jwt`): the CA's thresholds, and the JWT
+/// keys' validity and thresholds, defaults filled in.
+fn schedules(state: &DesiredState) -> Option<[(&'static str, String); 2]> {
+    use crate::resource::cluster::{DEFAULT_KEY_VALIDITY, RotationSpec};
+    let show = |d: std::time::Duration| crate::resource::Duration::from_secs(d.as_secs()).to_string();
+    let sentence = |validity: std::time::Duration, spec: Option<&RotationSpec>, valid: bool| {
+        let (prepare, activate) = RotationSpec::thresholds(spec, validity);
+        let valid = if valid {
+            format!("new keys valid {}, ", show(validity))
+        } else {
+            String::new()
+        };
+        format!(
+            "{valid}successor prepared {} and activated {} before the active key's end",
+            show(prepare),
+            show(activate)
+        )
+    };
+    state.objects.values().find_map(|o| match &o.document {
+        Document::Cluster(c) => {
+            let ca = c.spec.ca.as_ref();
+            let jwt = c.spec.jwt.as_ref();
+            Some([
+                (
+                    "ca",
+                    sentence(
+                        ca.and_then(|c| c.validity).map_or(DEFAULT_KEY_VALIDITY, |v| v.as_std()),
+                        ca.and_then(|c| c.rotation.as_ref()),
+                        false,
+                    ),
+                ),
+                (
+                    "jwt",
+                    sentence(
+                        jwt.and_then(|j| j.validity)
+                            .map_or(DEFAULT_KEY_VALIDITY, |v| v.as_std()),
+                        jwt.and_then(|j| j.rotation.as_ref()),
+                        true,
+                    ),
+                ),
+            ])
+        }
         _ => None,
     })
 }
@@ -291,6 +382,22 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
         }
         _ => {}
     }
+    if let (Some((_, cause)), Some(_)) = (&td_new, &td_old) {
+        let rotating = ca_settings(desired) != ca_settings(before);
+        if let (Some(new), Some(old)) = (schedules(desired), schedules(before)) {
+            for ((key, new), (_, old)) in new.into_iter().zip(old) {
+                if new != old && !(key == "ca" && rotating) {
+                    step(
+                        Action::Reschedule {
+                            key: key.into(),
+                            schedule: new,
+                        },
+                        vec![cause.clone()],
+                    );
+                }
+            }
+        }
+    }
 
     // The bot.
     let (agent_new, agent_old) = (agent(desired), agent(before));
@@ -330,6 +437,33 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
             }
         }
     }
+    // Federations.
+    for (r, change) in &out.changes {
+        if r.kind != Kind::SpiffeFederation {
+            continue;
+        }
+        let source = desired.objects.get(r).and_then(|o| match &o.document {
+            Document::SpiffeFederation(f) => Some(crate::issuer::federation::source_name(&f.spec)),
+            _ => None,
+        });
+        match (change, source) {
+            (Change::Delete, _) | (_, None) => step(
+                Action::Unfederate {
+                    trust_domain: r.name.clone(),
+                },
+                vec![r.clone()],
+            ),
+            (change, Some(source)) => step(
+                Action::Federate {
+                    trust_domain: r.name.clone(),
+                    source,
+                    new: *change == Change::Create,
+                },
+                vec![r.clone()],
+            ),
+        }
+    }
+
     // Roles and bots decide who may issue what: re-decide every identity.
     for (r, _) in &out.changes {
         if matches!(r.kind, Kind::Role | Kind::Bot) && actual.is_some() {
@@ -454,6 +588,10 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
             ("issuer.spec.storage", old.storage != new.storage),
             ("issuer.spec.admin_socket", old.admin_socket != new.admin_socket),
             ("issuer.spec.proxy_protocol", old.proxy_protocol != new.proxy_protocol),
+            (
+                "issuer.spec.bundle_endpoint",
+                old.bundle_endpoint != new.bundle_endpoint,
+            ),
         ] {
             if differs {
                 step(Action::RestartRequired { field: field.into() }, vec![r.clone()]);
@@ -599,6 +737,44 @@ mod tests {
             Some(&base()),
         );
         assert_eq!(actions(&p), ["~ bot: rejoin with the new terms"]);
+    }
+
+    #[test]
+    fn a_rotation_schedule_edit_reschedules_without_a_new_ca_and_a_validity_edit_rotates() {
+        let p = plan(
+            &edited(
+                "cluster.yaml",
+                "key_algorithm: ecdsa-p256",
+                "key_algorithm: ecdsa-p256\n    rotation: {prepare_before: 2000h}\n  jwt:\n    validity: 720h",
+            ),
+            Some(&base()),
+        );
+        assert_eq!(
+            actions(&p),
+            [
+                "~ ca rotation: successor prepared 2000h and activated 1460h before the active key's end; \
+                 the active key keeps its dates",
+                "~ jwt rotation: new keys valid 720h, successor prepared 360h and activated 120h before the \
+                 active key's end; the active key keeps its dates",
+            ]
+        );
+        let p = plan(
+            &edited(
+                "cluster.yaml",
+                "key_algorithm: ecdsa-p256",
+                "key_algorithm: ecdsa-p256\n    validity: 720h\n    rotation: {prepare_before: 300h}",
+            ),
+            Some(&base()),
+        );
+        assert_eq!(
+            actions(&p)[0],
+            "~ ca quickstart.tbot.local: rotate; old and new CA in the bundle"
+        );
+        assert!(
+            !actions(&p).iter().any(|a| a.starts_with("~ ca rotation")),
+            "{:?}",
+            actions(&p)
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::resource::spiffe_id::TrustDomain;
 use std::sync::Arc;
 
 use super::backing::{Backing, json};
+use super::rotation::{self, KeyRecord, KeyStatus, Phase, Rotation, Step};
 use crate::kv::{Condition, Op};
 
 /// The CA's validity when `cluster.spec.ca.validity` is not set: one year.
@@ -26,6 +27,7 @@ pub const DEFAULT_VALIDITY: std::time::Duration = std::time::Duration::from_secs
 pub struct CaSettings {
     pub algorithm: KeyAlgorithm,
     pub validity: std::time::Duration,
+    pub rotation: Rotation,
 }
 
 impl Default for CaSettings {
@@ -33,26 +35,13 @@ impl Default for CaSettings {
         CaSettings {
             algorithm: KeyAlgorithm::EcdsaP256,
             validity: DEFAULT_VALIDITY,
+            rotation: Rotation::default_for(DEFAULT_VALIDITY),
         }
     }
 }
 
 /// One CA as recorded in `ca.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct CaRecord {
-    id: u32,
-    algorithm: String,
-    /// Unix seconds.
-    not_after: i64,
-    /// The latest expiry of anything this CA signed, rounded up (Unix seconds).
-    issued_until: i64,
-    /// Set when a newer CA took over: the CA stays in the bundle until then.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    retire_after: Option<i64>,
-    /// The validity it was made with (seconds; absent in CAs of earlier versions).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    validity: Option<u64>,
-}
+type CaRecord = KeyRecord;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CaFile {
@@ -103,16 +92,18 @@ impl Ca {
     }
 }
 
-/// Every CA of a trust domain: the active one signs, the retiring ones stay trusted. Cheap to
-/// clone (the CAs are shared): a change is made on a copy, written to the store conditionally on
-/// the revision it was read at, and swapped in when the write won.
+/// Every CA of a trust domain: the active one signs, a prepared one and the retiring ones are
+/// trusted. Cheap to clone (the CAs are shared): a change is made on a copy, written to the store
+/// conditionally on the revision it was read at, and swapped in when the write won.
 #[derive(Clone)]
 pub struct Authority {
     trust_domain: TrustDomain,
-    /// Oldest first; the active CA is the last.
+    /// Oldest first.
     cas: Vec<Arc<Ca>>,
     /// What `ca.json` says of each CA, in the same order.
     records: Vec<CaRecord>,
+    /// The id of the CA that signs.
+    active: u32,
     /// The `mod_revision` of `ca.json` this copy was read or written at.
     revision: i64,
     /// `issued_until` moved in memory and is not in the store yet.
@@ -126,6 +117,10 @@ fn dir(td: &TrustDomain) -> String {
 fn file_key(td: &TrustDomain) -> String {
     format!("{}/ca.json", dir(td))
 }
+
+/// How long an outgoing CA stays trusted after activation at least, when no replica has
+/// noted issuance with it yet: notes reach the store in the background.
+const ACTIVATION_SLACK: time::Duration = time::Duration::minutes(10);
 
 fn unix(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
@@ -184,17 +179,15 @@ impl Authority {
             };
             loaded.push((Arc::new(ca), record));
         }
-        // The active CA goes last.
-        let Some(active) = loaded.iter().position(|(ca, _)| ca.id == file.active) else {
+        if !loaded.iter().any(|(ca, _)| ca.id == file.active) {
             return Err(backing.corrupt(&file_key, format!("the active CA {} is not listed", file.active)));
-        };
-        let active = loaded.remove(active);
-        loaded.push(active);
+        }
         let (cas, records) = loaded.into_iter().unzip();
         Ok(Some(Authority {
             trust_domain: trust_domain.clone(),
             cas,
             records,
+            active: file.active,
             revision,
             unsaved: false,
         }))
@@ -217,10 +210,11 @@ impl Authority {
                 trust_domain: trust_domain.clone(),
                 cas: Vec::new(),
                 records: Vec::new(),
+                active: 0,
                 revision: 0,
                 unsaved: false,
             };
-            let (mut created, ops) = empty.with_new_ca(backing, settings, now)?;
+            let (mut created, ops) = empty.with_new_ca(backing, settings, now, None)?;
             if created.save(backing, ops).await? {
                 return Ok(created);
             }
@@ -238,7 +232,82 @@ impl Authority {
 
     /// The CA that signs new certificates.
     pub fn active(&self) -> &Ca {
-        self.cas.last().expect("an authority always has a CA")
+        self.cas
+            .iter()
+            .find(|ca| ca.id == self.active)
+            .expect("an authority always has its active CA")
+    }
+
+    fn active_record(&mut self) -> &mut CaRecord {
+        let active = self.active;
+        self.records
+            .iter_mut()
+            .find(|r| r.id == active)
+            .expect("an authority always has its active CA")
+    }
+
+    /// The position of the active CA in [`Authority::cas`].
+    pub fn active_index(&self) -> usize {
+        self.cas.iter().position(|ca| ca.id == self.active).unwrap_or(0)
+    }
+
+    /// The rotation step due at `now`, or when the next one is.
+    pub fn due(&self, settings: &CaSettings, now: OffsetDateTime) -> (Option<Step>, Option<i64>) {
+        rotation::due(&self.records, self.active, &settings.rotation, unix(now))
+    }
+
+    /// What `tbotctl rotate ca` would do now, or why it is refused.
+    pub fn by_hand(&self, grace: std::time::Duration, force: bool, now: OffsetDateTime) -> Result<Step, String> {
+        rotation::by_hand(&self.records, self.active, grace, force, unix(now))
+    }
+
+    /// A copy with `step` taken, and the store writes it needs besides `ca.json` (then
+    /// [`Authority::save`] it). Preparing makes a CA with `settings`.
+    pub fn stepped(
+        &self,
+        backing: &Backing,
+        step: Step,
+        settings: &CaSettings,
+        now: OffsetDateTime,
+    ) -> Result<(Authority, Vec<Op>), IssuerError> {
+        match step {
+            Step::Prepare { activate_at } => self.with_new_ca(backing, settings, now, Some(activate_at)),
+            Step::Activate { id } => {
+                let mut next = self.clone();
+                // What the old CA signed, as noted so far, and at least ACTIVATION_SLACK more:
+                // notes of other replicas' issuance reach the store in the background.
+                rotation::activate(&mut next.records, &mut next.active, id, |r| {
+                    r.issued_until.max(unix(now + ACTIVATION_SLACK)).min(r.not_after)
+                });
+                Ok((next, Vec::new()))
+            }
+            Step::Retire => {
+                let mut next = self.clone();
+                next.prune(now);
+                Ok((next, Vec::new()))
+            }
+            Step::RetireEarly => {
+                let mut next = self.clone();
+                rotation::retire(&mut next.records, &mut next.cas, next.active, i64::MAX);
+                Ok((next, Vec::new()))
+            }
+        }
+    }
+
+    /// Every CA's phase and dates.
+    pub fn statuses(&self) -> Vec<KeyStatus> {
+        self.records
+            .iter()
+            .zip(&self.cas)
+            .map(|(r, ca)| KeyStatus {
+                kind: "ca",
+                id: r.id,
+                name: spki_pin(ca.certificate_der()).unwrap_or_default(),
+                phase: rotation::phase(r, self.active),
+                created: r.created,
+                not_after: r.not_after,
+            })
+            .collect()
     }
 
     /// Every trusted CA, oldest first.
@@ -260,42 +329,46 @@ impl Authority {
         settings: &CaSettings,
         now: OffsetDateTime,
     ) -> Result<(Authority, Vec<Op>), IssuerError> {
-        let mut next = self.clone();
-        let old = next.records.last_mut().expect("an authority always has a CA");
-        old.retire_after = Some(old.issued_until.max(unix(now)));
-        next.with_new_ca(backing, settings, now)
+        // A prepared CA signed nothing: it goes, and the new one takes over at once.
+        let mut base = self.clone();
+        let active = base.active;
+        let keep: Vec<bool> = base
+            .records
+            .iter()
+            .map(|r| !matches!(rotation::phase(r, active), Phase::Prepared { .. }))
+            .collect();
+        let mut i = 0;
+        base.records.retain(|_| (keep[i], i += 1).0);
+        let mut i = 0;
+        base.cas.retain(|_| (keep[i], i += 1).0);
+        let (prepared, ops) = base.with_new_ca(backing, settings, now, Some(unix(now)))?;
+        let id = prepared.records.last().expect("just made").id;
+        let (next, _) = prepared.stepped(backing, Step::Activate { id }, settings, now)?;
+        Ok((next, ops))
     }
 
     /// Whether the active CA was made with `settings`: a replica applying a CA settings change that
     /// another replica already rotated for has nothing to do.
     pub fn active_matches(&self, settings: &CaSettings) -> bool {
-        let record = self.records.last().expect("an authority always has a CA");
+        let record = self
+            .records
+            .iter()
+            .find(|r| r.id == self.active)
+            .expect("an authority always has its active CA");
         record.algorithm == settings.algorithm.as_str() && record.validity == Some(settings.validity.as_secs())
     }
 
     /// Drops retired CAs whose overlap has ended (in memory; then [`Authority::save`]). Returns
     /// whether the bundle changed.
     pub fn prune(&mut self, now: OffsetDateTime) -> bool {
-        let keep: Vec<bool> = self
-            .records
-            .iter()
-            .map(|r| r.retire_after.is_none_or(|until| until > unix(now)))
-            .collect();
-        if keep.iter().all(|k| *k) {
-            return false;
-        }
-        let mut i = 0;
-        self.cas.retain(|_| (keep[i], i += 1).0);
-        let mut i = 0;
-        self.records.retain(|_| (keep[i], i += 1).0);
-        true
+        rotation::retire(&mut self.records, &mut self.cas, self.active, unix(now))
     }
 
     /// Records that the active CA signed something valid until `not_after`, so a rotation keeps the
     /// CA trusted long enough. Returns whether the store needs the new value ([`Authority::save`]):
     /// about once an hour of advance, or while an earlier save failed.
     pub fn note_issued(&mut self, not_after: OffsetDateTime) -> bool {
-        let record = self.records.last_mut().expect("an authority always has a CA");
+        let record = self.active_record();
         if unix(not_after) > record.issued_until {
             record.issued_until = unix(not_after) + 3600;
             self.unsaved = true;
@@ -321,14 +394,24 @@ impl Authority {
 
     /// The same CAs (a `ca.json` write that only moved `issued_until` or `retire_after`).
     pub fn same_cas(&self, other: &Authority) -> bool {
-        self.cas.len() == other.cas.len() && self.cas.iter().zip(&other.cas).all(|(a, b)| a.id == b.id)
+        self.active == other.active
+            && self.cas.len() == other.cas.len()
+            && self.cas.iter().zip(&other.cas).all(|(a, b)| a.id == b.id)
+            && self
+                .records
+                .iter()
+                .zip(&other.records)
+                .all(|(a, b)| a.activate_at == b.activate_at)
     }
 
+    /// A copy with a new CA made with `settings`: prepared (activating at `activate_at`), or, for
+    /// the first CA, active.
     fn with_new_ca(
         &self,
         backing: &Backing,
         settings: &CaSettings,
         now: OffsetDateTime,
+        activate_at: Option<i64>,
     ) -> Result<(Authority, Vec<Op>), IssuerError> {
         let id = self.cas.iter().map(|ca| ca.id).max().unwrap_or(0) + 1;
         let key = generate_key(settings.algorithm)?;
@@ -360,6 +443,7 @@ impl Authority {
         ];
         let public_key = key.public_key_raw().to_vec();
         let mut next = self.clone();
+        let first = next.records.is_empty();
         next.records.push(CaRecord {
             id,
             algorithm: settings.algorithm.as_str().to_owned(),
@@ -367,7 +451,12 @@ impl Authority {
             issued_until: unix(now),
             retire_after: None,
             validity: Some(settings.validity.as_secs()),
+            activate_at: if first { None } else { activate_at },
+            created: unix(now),
         });
+        if first {
+            next.active = id;
+        }
         next.cas.push(Arc::new(Ca {
             id,
             not_after: unix(not_after),
@@ -383,7 +472,7 @@ impl Authority {
     /// read. Returns whether it was written; when not, load the newer one and decide again.
     pub async fn save(&mut self, backing: &Backing, mut ops: Vec<Op>) -> Result<bool, IssuerError> {
         let file = CaFile {
-            active: self.active().id,
+            active: self.active,
             cas: self.records.clone(),
         };
         let key = file_key(&self.trust_domain);

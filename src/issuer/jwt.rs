@@ -1,49 +1,60 @@
-//! The JWT-SVID signing key (ES256) of a trust domain: persisted, with a stable `kid` derived from the
-//! public key, its JWK for the bundle, and compact JWS signing.
+//! The JWT-SVID signing keys (ES256) of a trust domain: the active one signs, a prepared one and the
+//! retiring ones are published in the JWKS, each with a stable `kid` derived from its public key.
+//! `jwt.json` records them and the rotation schedule (`issuer::rotation`); each key is
+//! `jwt-<id>.key` (sealed), or `jwt.key` for the one key of earlier versions.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
 
 use super::IssuerError;
-use super::backing::Backing;
+use super::backing::{Backing, json as to_json};
+use super::rotation::{self, KeyRecord, KeyStatus, Rotation, Step};
 use crate::kv::{Condition, Op};
+use crate::resource::cluster::DEFAULT_KEY_VALIDITY;
 use crate::resource::spiffe_id::TrustDomain;
 
-/// The key that signs JWT-SVIDs.
+/// The longest a JWT-SVID lives (`jwt.maximum_ttl` is capped at it): a retired key stays published
+/// this long after its successor took over.
+const LONGEST_JWT: i64 = 24 * 3600;
+
+/// What the `cluster` document says about the JWT signing key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JwtSettings {
+    pub validity: Duration,
+    pub rotation: Rotation,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        JwtSettings {
+            validity: DEFAULT_KEY_VALIDITY,
+            rotation: Rotation::default_for(DEFAULT_KEY_VALIDITY),
+        }
+    }
+}
+
+/// One key that signs (or signed, or will sign) JWT-SVIDs.
 pub struct JwtKey {
     pair: EcdsaKeyPair,
     kid: String,
     jwk: Value,
     rng: SystemRandom,
+    not_after: i64,
 }
 
 impl JwtKey {
-    /// Loads the trust domain's JWT key, creating it on first use (conditionally: replicas racing
-    /// here make one key, the losers load the winner's).
-    pub async fn load_or_create(backing: &Backing, trust_domain: &TrustDomain) -> Result<JwtKey, IssuerError> {
-        let name = format!("issuer/{}/jwt.key", trust_domain.as_str());
-        let rng = SystemRandom::new();
-        let pkcs8 = loop {
-            if let Some(entry) = backing.kv.get(&name).await? {
-                break backing.unseal(&name, entry.value)?;
-            }
-            let document = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                .map_err(|_| IssuerError::Crypto("cannot generate the JWT signing key".into()))?;
-            let sealed = backing.seal(&name, document.as_ref());
-            let (created, _) = backing
-                .kv
-                .txn(vec![Condition::Absent(name.clone())], vec![Op::put(&name, sealed)])
-                .await?;
-            if created {
-                break document.as_ref().to_vec();
-            }
-        };
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
-            .map_err(|e| backing.corrupt(&name, format!("not an ES256 PKCS#8 key: {e}")))?;
+    fn from_pkcs8(pkcs8: &[u8], not_after: i64) -> Result<JwtKey, String> {
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
+            .map_err(|e| format!("not an ES256 PKCS#8 key: {e}"))?;
         // The public key is the uncompressed point 04 || x || y.
         let point = pair.public_key().as_ref();
         let (x, y) = point[1..].split_at(32);
@@ -57,10 +68,16 @@ impl JwtKey {
             "alg": "ES256",
             "use": "jwt-svid",
         });
-        Ok(JwtKey { pair, kid, jwk, rng })
+        Ok(JwtKey {
+            pair,
+            kid,
+            jwk,
+            rng: SystemRandom::new(),
+            not_after,
+        })
     }
 
-    /// The key id every JWT-SVID carries in its header.
+    /// The key id every JWT-SVID it signs carries in its header.
     pub fn kid(&self) -> &str {
         &self.kid
     }
@@ -68,6 +85,11 @@ impl JwtKey {
     /// The public key as a JWK, with `kid`.
     pub fn jwk(&self) -> &Value {
         &self.jwk
+    }
+
+    /// When the key stops signing at the latest: no JWT-SVID it signs lives longer.
+    pub fn not_after(&self) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(self.not_after).expect("a valid timestamp")
     }
 
     /// Signs `claims` into a compact JWS with header `{alg: ES256, kid, typ: JWT}`.
@@ -85,5 +107,236 @@ impl JwtKey {
         token.push('.');
         token.push_str(&B64.encode(signature.as_ref()));
         Ok(token)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JwtFile {
+    active: u32,
+    keys: Vec<KeyRecord>,
+}
+
+/// Every JWT key of a trust domain. Cheap to clone; changed on a copy written conditionally, as
+/// the CA's [`super::ca::Authority`].
+#[derive(Clone)]
+pub struct JwtKeys {
+    trust_domain: TrustDomain,
+    keys: Vec<Arc<JwtKey>>,
+    records: Vec<KeyRecord>,
+    active: u32,
+    revision: i64,
+}
+
+fn dir(td: &TrustDomain) -> String {
+    format!("issuer/{}", td.as_str())
+}
+
+fn file_key(td: &TrustDomain) -> String {
+    format!("{}/jwt.json", dir(td))
+}
+
+fn key_name(td: &TrustDomain, id: u32) -> String {
+    match id {
+        0 => format!("{}/jwt.key", dir(td)),
+        id => format!("{}/jwt-{id}.key", dir(td)),
+    }
+}
+
+fn new_pkcs8() -> Result<Vec<u8>, IssuerError> {
+    EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+        .map(|d| d.as_ref().to_vec())
+        .map_err(|_| IssuerError::Crypto("cannot generate a JWT signing key".into()))
+}
+
+impl JwtKeys {
+    /// Loads the trust domain's JWT keys; `None` when `jwt.json` does not exist yet.
+    pub async fn load(backing: &Backing, trust_domain: &TrustDomain) -> Result<Option<JwtKeys>, IssuerError> {
+        let file_key = file_key(trust_domain);
+        let Some((file, revision)) = backing.get_json::<JwtFile>(&file_key).await? else {
+            return Ok(None);
+        };
+        let mut keys = Vec::new();
+        for record in &file.keys {
+            let name = key_name(trust_domain, record.id);
+            let stored = backing
+                .kv
+                .get(&name)
+                .await?
+                .ok_or_else(|| backing.corrupt(&name, "it is missing"))?
+                .value;
+            let pkcs8 = backing.unseal(&name, stored)?;
+            let key = JwtKey::from_pkcs8(&pkcs8, record.not_after).map_err(|e| backing.corrupt(&name, e))?;
+            keys.push(Arc::new(key));
+        }
+        if !file.keys.iter().any(|r| r.id == file.active) {
+            return Err(backing.corrupt(&file_key, format!("the active key {} is not listed", file.active)));
+        }
+        Ok(Some(JwtKeys {
+            trust_domain: trust_domain.clone(),
+            keys,
+            records: file.keys,
+            active: file.active,
+            revision,
+        }))
+    }
+
+    /// Loads the JWT keys, creating the first one when there is none (conditionally: replicas racing
+    /// here make one, the losers load the winner's). The single `jwt.key` of earlier versions
+    /// becomes the active key.
+    pub async fn load_or_create(
+        backing: &Backing,
+        trust_domain: &TrustDomain,
+        settings: &JwtSettings,
+        now: OffsetDateTime,
+    ) -> Result<JwtKeys, IssuerError> {
+        loop {
+            if let Some(keys) = JwtKeys::load(backing, trust_domain).await? {
+                return Ok(keys);
+            }
+            let legacy = backing.kv.get(&key_name(trust_domain, 0)).await?.is_some();
+            let empty = JwtKeys {
+                trust_domain: trust_domain.clone(),
+                keys: Vec::new(),
+                records: Vec::new(),
+                active: 0,
+                revision: 0,
+            };
+            let (mut created, ops) = if legacy {
+                let mut adopted = empty;
+                adopted.records.push(record(0, settings, now, None));
+                (adopted, Vec::new())
+            } else {
+                empty.with_new_key(backing, settings, now, None)?
+            };
+            // Loaded again after the write, so an adopted key's material is read like any other.
+            if created.save(backing, ops).await?
+                && let Some(keys) = JwtKeys::load(backing, trust_domain).await?
+            {
+                return Ok(keys);
+            }
+        }
+    }
+
+    /// The key that signs.
+    pub fn active(&self) -> &JwtKey {
+        let at = self.records.iter().position(|r| r.id == self.active).unwrap_or(0);
+        &self.keys[at]
+    }
+
+    /// Every published key as a JWK (prepared, active and retiring).
+    pub fn jwks(&self) -> Vec<Value> {
+        self.keys.iter().map(|k| k.jwk().clone()).collect()
+    }
+
+    /// The `mod_revision` of `jwt.json` this copy reflects.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The rotation step due at `now`, or when the next one is.
+    pub fn due(&self, settings: &JwtSettings, now: OffsetDateTime) -> (Option<Step>, Option<i64>) {
+        rotation::due(&self.records, self.active, &settings.rotation, now.unix_timestamp())
+    }
+
+    /// What `tbotctl rotate jwt` would do now, or why it is refused.
+    pub fn by_hand(&self, grace: Duration, force: bool, now: OffsetDateTime) -> Result<Step, String> {
+        rotation::by_hand(&self.records, self.active, grace, force, now.unix_timestamp())
+    }
+
+    /// A copy with `step` taken, and the store writes it needs besides `jwt.json`.
+    pub fn stepped(
+        &self,
+        backing: &Backing,
+        step: Step,
+        settings: &JwtSettings,
+        now: OffsetDateTime,
+    ) -> Result<(JwtKeys, Vec<Op>), IssuerError> {
+        let now_unix = now.unix_timestamp();
+        let mut next = self.clone();
+        match step {
+            Step::Prepare { activate_at } => return self.with_new_key(backing, settings, now, Some(activate_at)),
+            Step::Activate { id } => rotation::activate(&mut next.records, &mut next.active, id, |r| {
+                (now_unix + LONGEST_JWT).min(r.not_after).max(now_unix)
+            }),
+            Step::Retire => {
+                rotation::retire(&mut next.records, &mut next.keys, next.active, now_unix);
+            }
+            Step::RetireEarly => {
+                rotation::retire(&mut next.records, &mut next.keys, next.active, i64::MAX);
+            }
+        }
+        Ok((next, Vec::new()))
+    }
+
+    /// Every key's phase and dates.
+    pub fn statuses(&self) -> Vec<KeyStatus> {
+        self.records
+            .iter()
+            .zip(&self.keys)
+            .map(|(r, k)| KeyStatus {
+                kind: "jwt",
+                id: r.id,
+                name: k.kid().to_owned(),
+                phase: rotation::phase(r, self.active),
+                created: r.created,
+                not_after: r.not_after,
+            })
+            .collect()
+    }
+
+    fn with_new_key(
+        &self,
+        backing: &Backing,
+        settings: &JwtSettings,
+        now: OffsetDateTime,
+        activate_at: Option<i64>,
+    ) -> Result<(JwtKeys, Vec<Op>), IssuerError> {
+        let id = self.records.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+        let first = self.records.is_empty();
+        let pkcs8 = new_pkcs8()?;
+        let record = record(id, settings, now, if first { None } else { activate_at });
+        let key = JwtKey::from_pkcs8(&pkcs8, record.not_after).map_err(IssuerError::Crypto)?;
+        let name = key_name(&self.trust_domain, id);
+        let ops = vec![Op::put(&name, backing.seal(&name, &pkcs8))];
+        let mut next = self.clone();
+        next.records.push(record);
+        next.keys.push(Arc::new(key));
+        if first {
+            next.active = id;
+        }
+        Ok((next, ops))
+    }
+
+    /// Writes `jwt.json` (with `ops`) if nobody wrote it since this copy was read. Returns whether
+    /// it was written; when not, load the newer one and decide again.
+    pub async fn save(&mut self, backing: &Backing, mut ops: Vec<Op>) -> Result<bool, IssuerError> {
+        let file = JwtFile {
+            active: self.active,
+            keys: self.records.clone(),
+        };
+        let key = file_key(&self.trust_domain);
+        ops.push(Op::put(&key, to_json(&file)));
+        let (written, revision) = backing
+            .kv
+            .txn(vec![Condition::ModRevision(key, self.revision)], ops)
+            .await?;
+        if written {
+            self.revision = revision;
+        }
+        Ok(written)
+    }
+}
+
+fn record(id: u32, settings: &JwtSettings, now: OffsetDateTime, activate_at: Option<i64>) -> KeyRecord {
+    let now = now.unix_timestamp();
+    KeyRecord {
+        id,
+        algorithm: "es256".into(),
+        not_after: now + i64::try_from(settings.validity.as_secs()).unwrap_or(i64::MAX / 2),
+        issued_until: now,
+        retire_after: None,
+        validity: Some(settings.validity.as_secs()),
+        activate_at,
+        created: now,
     }
 }

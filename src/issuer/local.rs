@@ -29,8 +29,9 @@ use super::bots::{
 };
 use super::ca::Authority;
 use super::decide::{self, Attributes, Decision};
-use super::jwt::JwtKey;
+use super::jwt::JwtKeys;
 use super::replicas::{self, ReplicaRecord};
+use super::rotation::{KeyStatus, Step};
 use super::{
     BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
     Policy, RenewRequest, Resolved, X509Request, X509Svid, join, mint,
@@ -57,13 +58,15 @@ const CONFLICT_RETRIES: usize = 8;
 struct State {
     policy: Arc<Policy>,
     authority: Authority,
-    jwt: Arc<JwtKey>,
+    jwt: JwtKeys,
     /// Each bot instance's record as the store has it, with its `mod_revision`, by instance key.
     bots: BTreeMap<String, (BotRecord, i64)>,
     /// Replica records seen in the store, by name.
     replicas: BTreeMap<String, ReplicaRecord>,
     verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime)>,
     sequence: u64,
+    /// The bundles of the trust domains this one federates with.
+    federated: BTreeMap<String, Arc<super::TrustBundle>>,
 }
 
 struct Inner {
@@ -76,6 +79,8 @@ struct Inner {
     locks: watch::Sender<u64>,
     /// A `ca.json` save is under way (one at a time, off the issuance path).
     saving: AtomicBool,
+    /// Wakes the rotation schedule (the keys or the settings changed).
+    reschedule: tokio::sync::Notify,
 }
 
 /// The issuer, in this process.
@@ -83,12 +88,18 @@ pub struct LocalIssuer {
     inner: Arc<Inner>,
     /// Follows the store's changes (other replicas' writes) into memory.
     follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Steps the CA's and the JWT key's rotations when they are due.
+    schedule: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// One task per foreign trust domain, keeping its bundle.
+    federations: Mutex<BTreeMap<String, super::federation::Running>>,
 }
 
 impl Drop for LocalIssuer {
     fn drop(&mut self) {
-        if let Some(task) = self.follower.lock().expect("follower poisoned").take() {
-            task.abort();
+        for task in [&self.follower, &self.schedule] {
+            if let Some(task) = task.lock().expect("task poisoned").take() {
+                task.abort();
+            }
         }
     }
 }
@@ -131,8 +142,11 @@ impl State {
                 .iter()
                 .map(|ca| ca.certificate_der().to_vec())
                 .collect(),
-            jwt_keys: vec![self.jwt.jwk().clone()],
+            jwt_keys: self.jwt.jwks(),
             sequence: self.sequence,
+            active_ca: self.authority.active_index(),
+            active_kid: self.jwt.active().kid().to_owned(),
+            federated: self.federated.clone(),
         }
     }
 
@@ -296,12 +310,13 @@ async fn load_state(backing: &Backing, policy: Policy) -> Result<(State, i64), I
     // Listed first: the watch starts after this revision, so no later change is missed.
     let (bots, revision) = load_bots(backing, &dir).await?;
     let authority = Authority::load_or_create(backing, &td, &policy.ca, now()).await?;
-    let jwt = JwtKey::load_or_create(backing, &td).await?;
+    let jwt = JwtKeys::load_or_create(backing, &td, &policy.jwt, now()).await?;
     let replicas = load_replicas(backing, &dir).await?;
     let state = State {
         policy: Arc::new(policy),
         authority,
-        jwt: Arc::new(jwt),
+        jwt,
+        federated: BTreeMap::new(),
         bots,
         replicas,
         verified: HashMap::new(),
@@ -396,15 +411,19 @@ impl Inner {
     /// Applies the store's changes (own writes and other replicas') to memory.
     async fn apply(&self, events: Vec<Event>) {
         let mut reload_ca = false;
+        let mut reload_jwt = false;
         let mut locked = false;
         {
             let mut state = self.lock();
             let dir = state.dir();
             let ca_key = format!("{dir}/ca.json");
+            let jwt_key = format!("{dir}/jwt.json");
             for event in events {
                 let key = event.key().to_owned();
                 if key == ca_key {
                     reload_ca |= event.revision() > state.authority.revision();
+                } else if key == jwt_key {
+                    reload_jwt |= event.revision() > state.jwt.revision();
                 } else if let Some(instance) = instance_of_record(&dir, &key) {
                     match event {
                         Event::Put(entry) => match self.backing.decode::<BotRecord>(&key, &entry.value) {
@@ -435,6 +454,100 @@ impl Inner {
         if reload_ca {
             self.reload_authority().await;
         }
+        if reload_jwt {
+            self.reload_jwt().await;
+        }
+    }
+
+    /// Sets (or, `None`, withdraws) a foreign trust domain's bundle, publishing it when it changed.
+    fn set_federated(&self, trust_domain: &str, bundle: Option<Arc<super::TrustBundle>>) {
+        let mut state = self.lock();
+        let changed = match bundle {
+            Some(b) => state.federated.insert(trust_domain.to_owned(), b.clone()).as_deref() != Some(&*b),
+            None => state.federated.remove(trust_domain).is_some(),
+        };
+        if changed {
+            self.publish(&mut state);
+        }
+    }
+
+    /// Loads `jwt.json` again after another writer changed it (a rotation step elsewhere).
+    async fn reload_jwt(&self) {
+        let td = self.lock().policy.trust_domain.clone();
+        let fresh = match JwtKeys::load(&self.backing, &td).await {
+            Ok(Some(fresh)) => fresh,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load the JWT keys another replica changed; keeping the ones in memory");
+                return;
+            }
+        };
+        let mut state = self.lock();
+        if fresh.revision() <= state.jwt.revision() || td != state.policy.trust_domain {
+            return;
+        }
+        tracing::info!(
+            keys = fresh.jwks().len(),
+            "the JWT keys changed in the store (a rotation step by another replica)"
+        );
+        state.jwt = fresh;
+        self.publish(&mut state);
+        drop(state);
+        self.reschedule.notify_one();
+    }
+
+    /// Takes one rotation step of the CA (`jwt`: of the JWT key) if it is still what the keys in
+    /// memory call for (`None`: the schedule's own due step; `Some`: a step by hand, checked by
+    /// `check` against the keys as they are when written). Conditional on the store's revision;
+    /// when another replica wrote first, memory takes its keys and the step is decided again.
+    async fn step(
+        &self,
+        jwt: bool,
+        decide: impl Fn(&State) -> Result<Option<Step>, String>,
+    ) -> Result<Option<Step>, IssuerError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let (step, settings) = {
+                let state = self.lock();
+                let step = decide(&state).map_err(IssuerError::Invalid)?;
+                (step, state.policy.clone())
+            };
+            let Some(step) = step else { return Ok(None) };
+            let written = if jwt {
+                let current = self.lock().jwt.clone();
+                let (mut next, ops) = current.stepped(&self.backing, step, &settings.jwt, now())?;
+                let written = next.save(&self.backing, ops).await?;
+                if written {
+                    self.lock().jwt = next;
+                }
+                written
+            } else {
+                let current = self.lock().authority.clone();
+                let (mut next, ops) = current.stepped(&self.backing, step, &settings.ca, now())?;
+                let written = next.save(&self.backing, ops).await?;
+                if written {
+                    let mut state = self.lock();
+                    state.authority = next;
+                    state.verified.clear();
+                }
+                written
+            };
+            if written {
+                tracing::info!(key = if jwt { "jwt" } else { "ca" }, ?step, "rotation step taken");
+                let mut state = self.lock();
+                self.publish(&mut state);
+                drop(state);
+                self.reschedule.notify_one();
+                return Ok(Some(step));
+            }
+            if jwt {
+                self.reload_jwt().await;
+            } else {
+                self.reload_authority().await;
+            }
+        }
+        Err(IssuerError::Unavailable(
+            "the keys keep changing under this replica; retry".into(),
+        ))
     }
 
     /// Loads `ca.json` again after another writer changed it: a rotation or prune elsewhere changes
@@ -465,6 +578,8 @@ impl Inner {
             state.authority = fresh;
             state.verified.clear();
             self.publish(&mut state);
+            drop(state);
+            self.reschedule.notify_one();
         }
     }
 
@@ -529,6 +644,65 @@ async fn follow(inner: Weak<Inner>, dir: String, mut from: i64) {
     }
 }
 
+/// The longest the schedule sleeps without looking again (a clock jump, a missed wake-up).
+const SCHEDULE_RECHECK: Duration = Duration::from_secs(60);
+
+/// Steps the CA's and the JWT key's rotations when they are due: wakes at the next due time (or
+/// when the keys or the settings change), takes the step (one replica wins each by a conditional
+/// write; the others take its keys from the store), and looks again. A failed step is retried.
+async fn schedule(inner: Weak<Inner>) {
+    let mut failures = 0u32;
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        let (ca_next, jwt_next) = {
+            let state = strong.lock();
+            (
+                state.authority.due(&state.policy.ca, now()),
+                state.jwt.due(&state.policy.jwt, now()),
+            )
+        };
+        let mut wait = SCHEDULE_RECHECK;
+        for (jwt, (step, next)) in [(false, ca_next), (true, jwt_next)] {
+            if step.is_some() {
+                let taken = strong
+                    .step(jwt, |state| {
+                        Ok(if jwt {
+                            state.jwt.due(&state.policy.jwt, now()).0
+                        } else {
+                            state.authority.due(&state.policy.ca, now()).0
+                        })
+                    })
+                    .await;
+                match taken {
+                    Ok(_) => {
+                        failures = 0;
+                        wait = Duration::ZERO;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, hint = %e.hint(), key = if jwt { "jwt" } else { "ca" }, "a rotation step failed; retrying");
+                        wait = wait.min(Duration::from_secs(1 << failures.min(5)));
+                    }
+                }
+            } else if let Some(at) = next {
+                let until = Duration::try_from(OffsetDateTime::from_unix_timestamp(at).unwrap_or(now()) - now())
+                    .unwrap_or(Duration::ZERO);
+                // A second late at most: the due time is in whole seconds.
+                wait = wait.min(until + Duration::from_millis(50));
+            }
+        }
+        if wait.is_zero() {
+            continue;
+        }
+        // Held while waiting: the issuer's drop aborts this task.
+        let notified = strong.reschedule.notified();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = notified => {}
+        }
+    }
+}
+
 impl LocalIssuer {
     /// Opens the issuer over a local `store` (a directory or memory), creating the CA and JWT key
     /// of the policy's trust domain on first use.
@@ -549,15 +723,24 @@ impl LocalIssuer {
             policy_events: watch::channel(Arc::new(PolicyEvent::default())).0,
             locks: watch::channel(0).0,
             saving: AtomicBool::new(false),
+            reschedule: tokio::sync::Notify::new(),
         });
         // Without a runtime (a synchronous harness) nothing else writes the store: no follower.
-        let task = tokio::runtime::Handle::try_current()
-            .ok()
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let task = runtime
+            .as_ref()
             .map(|runtime| runtime.spawn(follow(Arc::downgrade(&inner), dir, revision + 1)));
-        Ok(LocalIssuer {
+        let schedule = runtime.map(|runtime| runtime.spawn(schedule(Arc::downgrade(&inner))));
+        let issuer = LocalIssuer {
             inner,
             follower: Mutex::new(task),
-        })
+            schedule: Mutex::new(schedule),
+            federations: Mutex::new(BTreeMap::new()),
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            issuer.sync_federations();
+        }
+        Ok(issuer)
     }
 
     /// The store the issuer keeps its state in.
@@ -602,6 +785,13 @@ impl LocalIssuer {
         mint::serving_certificate(&self.lock().authority, names, ttl, now())
     }
 
+    /// The bundle endpoint's X509-SVID, `spiffe://<trust domain>/tbot/bundle-endpoint`.
+    pub fn endpoint_svid(&self, ttl: Duration) -> Result<mint::ServingCertificate, IssuerError> {
+        let state = self.lock();
+        let id = format!("spiffe://{}/tbot/bundle-endpoint", state.policy.trust_domain.as_str());
+        mint::endpoint_svid(&state.authority, &id, ttl, now())
+    }
+
     /// The bot instances (all, or one bot's), by instance key.
     pub fn instances(&self, bot: Option<&str>) -> Vec<(String, BotRecord)> {
         let state = self.lock();
@@ -636,8 +826,11 @@ impl LocalIssuer {
 
     /// Swaps the policy. A new trust domain loads (or creates) that domain's CA and publishes its bundle.
     pub async fn set_policy(&self, policy: Policy) -> Result<(), IssuerError> {
+        // New rotation settings are looked at at once.
+        self.inner.reschedule.notify_one();
         if policy.trust_domain == self.lock().policy.trust_domain {
             self.lock().policy = Arc::new(policy);
+            self.sync_federations();
             return Ok(());
         }
         let (fresh, revision) = load_state(&self.inner.backing, policy).await?;
@@ -653,7 +846,102 @@ impl LocalIssuer {
         if let Some(old) = self.follower.lock().expect("follower poisoned").replace(task) {
             old.abort();
         }
+        // Another trust domain's federations start afresh.
+        self.federations.lock().expect("federations poisoned").clear();
+        self.sync_federations();
         Ok(())
+    }
+
+    /// Starts, restarts or stops the federation tasks to match the policy's `spiffe_federation`
+    /// documents; a removed domain's bundle is withdrawn from every workload at once.
+    fn sync_federations(&self) {
+        let (wanted, own, dir) = {
+            let state = self.lock();
+            (
+                state.policy.federations.clone(),
+                state.policy.trust_domain.clone(),
+                state.dir(),
+            )
+        };
+        let mut running = self.federations.lock().expect("federations poisoned");
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(td, r)| wanted.get(*td) != Some(&r.spec))
+            .map(|(td, _)| td.clone())
+            .collect();
+        for td in gone {
+            running.remove(&td);
+            if !wanted.contains_key(&td) {
+                self.inner.set_federated(&td, None);
+                let backing = self.inner.backing.clone();
+                let key = super::federation::kept_key(&dir, &td);
+                tokio::spawn(async move {
+                    let _ = backing.kv.txn(vec![], vec![Op::Delete(key)]).await;
+                });
+                tracing::info!(trust_domain = %td, "federation removed; its bundle is withdrawn");
+            }
+        }
+        for (td, spec) in wanted {
+            if running.contains_key(&td) {
+                continue;
+            }
+            if td == own.as_str() {
+                tracing::warn!(trust_domain = %td, "a spiffe_federation names this issuer's own trust domain; ignored");
+                continue;
+            }
+            let inner = Arc::downgrade(&self.inner);
+            let name = td.clone();
+            let publish: super::federation::Publish = Arc::new(move |bundle| {
+                if let Some(inner) = inner.upgrade() {
+                    inner.set_federated(&name, bundle);
+                }
+            });
+            let started = super::federation::start(td.clone(), spec, self.inner.backing.clone(), dir.clone(), publish);
+            running.insert(td, started);
+        }
+    }
+
+    /// What each federation last did.
+    pub fn federations(&self) -> Vec<super::federation::FederationState> {
+        self.federations
+            .lock()
+            .expect("federations poisoned")
+            .values()
+            .map(|r| r.state.lock().expect("federation state poisoned").clone())
+            .collect()
+    }
+
+    /// The bundle sequence the bundle endpoint serves: moves whenever the CAs or JWT keys change,
+    /// on any replica (the store's revisions only grow).
+    pub fn bundle_sequence(&self) -> u64 {
+        let state = self.lock();
+        (state.authority.revision().max(0) + state.jwt.revision().max(0)) as u64
+    }
+
+    /// A rotation by hand (`tbotctl rotate`) of the CA or (`jwt`) the JWT key: prepares a successor
+    /// that activates after `grace`; refused while a rotation is in progress, unless `force`, which
+    /// takes its next step now (activates the prepared key, or retires the old one).
+    pub async fn rotate_by_hand(&self, jwt: bool, grace: Duration, force: bool) -> Result<Step, IssuerError> {
+        let step = self
+            .inner
+            .step(jwt, |state| {
+                if jwt {
+                    state.jwt.by_hand(grace, force, now())
+                } else {
+                    state.authority.by_hand(grace, force, now())
+                }
+                .map(Some)
+            })
+            .await?;
+        Ok(step.expect("a rotation by hand always decides a step"))
+    }
+
+    /// Every CA's and JWT key's phase and dates.
+    pub fn key_statuses(&self) -> Vec<KeyStatus> {
+        let state = self.lock();
+        let mut out = state.authority.statuses();
+        out.extend(state.jwt.statuses());
+        out
     }
 
     /// Rotates the CA: a new CA signs from now on; both are in the bundle until everything the old
@@ -1121,7 +1409,7 @@ impl Issuer for LocalIssuer {
         let mut state = self.lock();
         let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
         mint::jwt_svid(
-            &state.jwt,
+            state.jwt.active(),
             state.policy.jwt_issuer.as_deref(),
             &decision,
             &request.audience,

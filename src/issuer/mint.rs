@@ -70,7 +70,8 @@ pub fn x509_svid(
     })
 }
 
-/// Signs a JWT-SVID for `audience`. The lifetime is `ttl` capped by the identity's `jwt.maximum_ttl`.
+/// Signs a JWT-SVID for `audience`. The lifetime is `ttl` capped by the identity's `jwt.maximum_ttl`
+/// and by the key's own end.
 pub fn jwt_svid(
     key: &JwtKey,
     issuer: Option<&str>,
@@ -82,7 +83,7 @@ pub fn jwt_svid(
     if audience.is_empty() || audience.iter().any(String::is_empty) {
         return Err(invalid("a JWT-SVID needs at least one non-empty audience"));
     }
-    let expires = now + ttl.min(decision.jwt_max_ttl);
+    let expires = (now + ttl.min(decision.jwt_max_ttl)).min(key.not_after());
     let mut jti = [0u8; 16];
     aws_lc_rs::rand::fill(&mut jti).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
     let mut claims = decision.extra_claims.clone();
@@ -126,16 +127,9 @@ pub fn serving_certificate(
     ttl: Duration,
     now: OffsetDateTime,
 ) -> Result<ServingCertificate, IssuerError> {
-    let pair = rcgen::KeyPair::generate().map_err(|e| IssuerError::Crypto(e.to_string()))?;
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&pair);
-    let ca = authority.active();
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "tbot issuer");
-    dn.push(DnType::CommonName, names.first().map_or("tbot issuer", String::as_str));
-    params.distinguished_name = dn;
+    let mut sans = Vec::new();
     for name in names {
-        params.subject_alt_names.push(match name.parse::<std::net::IpAddr>() {
+        sans.push(match name.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => SanType::DnsName(
                 name.as_str()
@@ -144,6 +138,37 @@ pub fn serving_certificate(
             ),
         });
     }
+    let cn = names.first().map_or("tbot issuer", String::as_str);
+    serving(authority, sans, cn, ttl, now)
+}
+
+/// The bundle endpoint's X509-SVID (`https_spiffe`): `spiffe_id` as its only name.
+pub fn endpoint_svid(
+    authority: &Authority,
+    spiffe_id: &str,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<ServingCertificate, IssuerError> {
+    let uri = SanType::URI(spiffe_id.try_into().map_err(invalid)?);
+    serving(authority, vec![uri], "tbot bundle endpoint", ttl, now)
+}
+
+fn serving(
+    authority: &Authority,
+    sans: Vec<SanType>,
+    cn: &str,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<ServingCertificate, IssuerError> {
+    let pair = rcgen::KeyPair::generate().map_err(|e| IssuerError::Crypto(e.to_string()))?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&pair);
+    let ca = authority.active();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "tbot issuer");
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.subject_alt_names = sans;
     super::ca::end_entity(&mut params, &spki);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

@@ -4,8 +4,10 @@
 
 pub mod backing;
 pub mod bots;
+pub mod bundle_endpoint;
 pub mod ca;
 pub mod decide;
+pub mod federation;
 pub mod join;
 pub mod jwt;
 mod local;
@@ -13,6 +15,7 @@ pub mod mint;
 pub mod policy;
 pub mod rbac;
 pub mod replicas;
+pub mod rotation;
 pub mod server;
 pub mod wire;
 
@@ -209,16 +212,40 @@ pub struct JwtSvid {
     pub expires: OffsetDateTime,
 }
 
-/// The trust bundle of the issuer's trust domain.
-#[derive(Debug, Clone, PartialEq)]
+/// The trust bundle of the issuer's trust domain, and those of the trust domains it federates with.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Bundles {
     pub trust_domain: String,
-    /// Every trusted CA certificate (DER), oldest first.
+    /// Every trusted CA certificate (DER), oldest first: retiring, active and prepared CAs.
     pub x509_authorities: Vec<Vec<u8>>,
     /// Every JWT signing key as a JWK with `kid`.
     pub jwt_keys: Vec<Value>,
     /// Moves on every change.
     pub sequence: u64,
+    /// Which of `x509_authorities` signs now: when it changes (a CA rotation's activation), cached
+    /// SVIDs are signed again.
+    pub active_ca: usize,
+    /// The `kid` of the JWT key that signs now.
+    pub active_kid: String,
+    /// The bundles of foreign trust domains (`spiffe_federation`), by trust domain name.
+    pub federated: BTreeMap<String, Arc<TrustBundle>>,
+}
+
+/// A foreign trust domain's bundle, as its bundle endpoint (or a static document) gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrustBundle {
+    pub trust_domain: String,
+    /// Its CA certificates (DER).
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// Its JWT keys as JWKs.
+    pub jwt_keys: Vec<Value>,
+}
+
+impl Bundles {
+    /// The CA certificate that signs now (DER), if the bundle has one.
+    pub fn signing_ca(&self) -> Option<&[u8]> {
+        self.x509_authorities.get(self.active_ca).map(Vec::as_slice)
+    }
 }
 
 impl Bundles {

@@ -6,6 +6,18 @@ use std::sync::Arc;
 
 use super::IssuerError;
 use super::ca::{CaSettings, DEFAULT_VALIDITY};
+use super::jwt::JwtSettings;
+use super::rotation::Rotation;
+use crate::resource::cluster::RotationSpec;
+
+/// The rotation thresholds a document sets, with the defaults filled in.
+fn rotation_of(spec: Option<&RotationSpec>, validity: std::time::Duration) -> Rotation {
+    let (prepare_before, activate_before) = RotationSpec::thresholds(spec, validity);
+    Rotation {
+        prepare_before,
+        activate_before,
+    }
+}
 use crate::manifest::{DesiredState, Object};
 use crate::resource::Document;
 use crate::resource::bot::Bot;
@@ -19,6 +31,9 @@ use crate::resource::workload_identity::WorkloadIdentity;
 pub struct Policy {
     pub trust_domain: TrustDomain,
     pub ca: CaSettings,
+    pub jwt: JwtSettings,
+    /// The foreign trust domains to federate with, by name.
+    pub federations: BTreeMap<String, crate::resource::federation::FederationSpec>,
     /// The `iss` claim of JWT-SVIDs, when `cluster.spec.jwt.issuer` is set.
     pub jwt_issuer: Option<String>,
     /// Where STS checks go instead of the real endpoint (`cluster.spec.aws.sts_endpoint`).
@@ -54,6 +69,8 @@ impl Policy {
         let mut policy = Policy {
             trust_domain: TrustDomain::parse("placeholder").expect("a valid trust domain"),
             ca: CaSettings::default(),
+            jwt: JwtSettings::default(),
+            federations: BTreeMap::new(),
             jwt_issuer: None,
             sts_endpoint: None,
             bots: BTreeMap::new(),
@@ -66,9 +83,18 @@ impl Policy {
                 Document::Cluster(cluster) => {
                     trust_domain = cluster.trust_domain().ok();
                     if let Some(ca) = &cluster.spec.ca {
+                        let validity = ca.validity.map_or(DEFAULT_VALIDITY, |v| v.as_std());
                         policy.ca = CaSettings {
                             algorithm: ca.key_algorithm,
-                            validity: ca.validity.map_or(DEFAULT_VALIDITY, |v| v.as_std()),
+                            validity,
+                            rotation: rotation_of(ca.rotation.as_ref(), validity),
+                        };
+                    }
+                    if let Some(jwt) = &cluster.spec.jwt {
+                        let validity = jwt.validity.map_or(DEFAULT_VALIDITY, |v| v.as_std());
+                        policy.jwt = JwtSettings {
+                            validity,
+                            rotation: rotation_of(jwt.rotation.as_ref(), validity),
                         };
                     }
                     policy.jwt_issuer = cluster.spec.jwt.as_ref().and_then(|j| j.issuer.clone());
@@ -87,6 +113,9 @@ impl Policy {
                     policy.roles.insert(role.metadata.name.to_string(), role.clone());
                 }
                 Document::Issuer(_) => {}
+                Document::SpiffeFederation(f) => {
+                    policy.federations.insert(f.metadata.name.to_string(), f.spec.clone());
+                }
                 Document::WorkloadIdentity(identity) => {
                     policy
                         .identities

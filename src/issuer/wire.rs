@@ -130,21 +130,46 @@ pub fn bundle_to_wire(b: &Bundles) -> proto::Bundle {
         x509_authorities: b.x509_authorities.clone(),
         jwt_keys: b.jwt_keys.iter().map(Value::to_string).collect(),
         sequence: b.sequence,
+        active_ca: b.active_ca as u32,
+        active_kid: b.active_kid.clone(),
+        federated: b
+            .federated
+            .values()
+            .map(|f| proto::Bundle {
+                trust_domain: f.trust_domain.clone(),
+                x509_authorities: f.x509_authorities.clone(),
+                jwt_keys: f.jwt_keys.iter().map(Value::to_string).collect(),
+                ..Default::default()
+            })
+            .collect(),
     }
 }
 
-pub fn bundle_from_wire(b: proto::Bundle) -> Result<Bundles, IssuerError> {
-    let jwt_keys = b
-        .jwt_keys
-        .iter()
+fn jwks_from_wire(keys: &[String]) -> Result<Vec<Value>, IssuerError> {
+    keys.iter()
         .map(|k| serde_json::from_str(k))
         .collect::<Result<Vec<Value>, _>>()
-        .map_err(|e| IssuerError::Unavailable(format!("the issuer sent a JWT key that is not JSON: {e}")))?;
+        .map_err(|e| IssuerError::Unavailable(format!("the issuer sent a JWT key that is not JSON: {e}")))
+}
+
+pub fn bundle_from_wire(b: proto::Bundle) -> Result<Bundles, IssuerError> {
+    let mut federated = std::collections::BTreeMap::new();
+    for f in b.federated {
+        let bundle = crate::issuer::TrustBundle {
+            jwt_keys: jwks_from_wire(&f.jwt_keys)?,
+            trust_domain: f.trust_domain,
+            x509_authorities: f.x509_authorities,
+        };
+        federated.insert(bundle.trust_domain.clone(), std::sync::Arc::new(bundle));
+    }
     Ok(Bundles {
+        jwt_keys: jwks_from_wire(&b.jwt_keys)?,
         trust_domain: b.trust_domain,
         x509_authorities: b.x509_authorities,
-        jwt_keys,
         sequence: b.sequence,
+        active_ca: b.active_ca as usize,
+        active_kid: b.active_kid,
+        federated,
     })
 }
 

@@ -28,6 +28,7 @@ pub(super) fn decode(node: &Node) -> (Option<Document>, Vec<Problem>) {
         Kind::WorkloadIdentity => typed(&json).map(Document::WorkloadIdentity),
         Kind::Cluster => typed(&json).map(Document::Cluster),
         Kind::Issuer => typed(&json).map(Document::Issuer),
+        Kind::SpiffeFederation => typed(&json).map(Document::SpiffeFederation),
     };
     let document = match decoded {
         Ok(document) => document,
@@ -41,6 +42,7 @@ pub(super) fn decode(node: &Node) -> (Option<Document>, Vec<Problem>) {
         Document::WorkloadIdentity(d) => d.problems(),
         Document::Cluster(d) => d.problems(),
         Document::Issuer(d) => d.problems(),
+        Document::SpiffeFederation(d) => d.problems(),
     };
     let valid = problems.iter().all(|p| p.warning);
     (valid.then_some(document), problems)

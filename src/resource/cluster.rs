@@ -59,7 +59,75 @@ pub struct CaSpec {
     /// How long the CA certificate is valid (default `8760h`, one year).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validity: Option<Duration>,
+    /// When the CA's successor is prepared and activated, as times before the active CA's end
+    /// (defaults: ½ and ⅙ of `validity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
 }
+
+/// A key's automatic rotation: its successor is *prepared* (published in every bundle, signing
+/// nothing) `prepare_before` the active key's end, and *activated* (signs from then on; the old key
+/// stays published until what it signed has expired) `activate_before` its end.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotationSpec {
+    /// Default: half of the key's validity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_before: Option<Duration>,
+    /// Default: a sixth of the key's validity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activate_before: Option<Duration>,
+}
+
+impl RotationSpec {
+    /// The two thresholds for a key valid `validity`, with the defaults filled in.
+    pub fn thresholds(
+        spec: Option<&RotationSpec>,
+        validity: std::time::Duration,
+    ) -> (std::time::Duration, std::time::Duration) {
+        let spec = spec.cloned().unwrap_or_default();
+        (
+            spec.prepare_before.map_or(validity / 2, |d| d.as_std()),
+            spec.activate_before.map_or(validity / 6, |d| d.as_std()),
+        )
+    }
+
+    /// What is wrong with these thresholds for a key valid `validity`, at `path`.
+    fn problems(spec: Option<&RotationSpec>, validity: std::time::Duration, path: &str, out: &mut Vec<Problem>) {
+        let (prepare, activate) = RotationSpec::thresholds(spec, validity);
+        let show = |d: std::time::Duration| Duration::from_secs(d.as_secs()).to_string();
+        if prepare >= validity {
+            out.push(
+                Problem::error(
+                    format!("{path}/rotation/prepare_before"),
+                    format!(
+                        "`prepare_before` ({}) is not shorter than the key's validity ({})",
+                        show(prepare),
+                        show(validity)
+                    ),
+                )
+                .hint(
+                    "the successor is prepared that long before the active key ends; make it shorter than `validity`",
+                ),
+            );
+        } else if activate >= prepare {
+            out.push(
+                Problem::error(
+                    format!("{path}/rotation/activate_before"),
+                    format!(
+                        "`activate_before` ({}) is not shorter than `prepare_before` ({})",
+                        show(activate),
+                        show(prepare)
+                    ),
+                )
+                .hint("a successor is activated after it was prepared: make `activate_before` shorter than `prepare_before`"),
+            );
+        }
+    }
+}
+
+/// A CA's or JWT key's validity when the document does not say: one year.
+pub const DEFAULT_KEY_VALIDITY: std::time::Duration = std::time::Duration::from_secs(8760 * 3600);
 
 fn default_key_algorithm() -> KeyAlgorithm {
     KeyAlgorithm::EcdsaP256
@@ -72,6 +140,13 @@ pub struct JwtSpec {
     /// The `iss` claim, an `https://` URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
+    /// How long a JWT signing key signs before its successor takes over (default `8760h`); no
+    /// JWT-SVID outlives its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validity: Option<Duration>,
+    /// The signing key's automatic rotation (defaults: ½ and ⅙ of `validity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
 }
 
 /// AWS settings for `iam` joins.
@@ -101,6 +176,14 @@ impl Cluster {
                 "/spec/jwt/issuer",
                 format!("`{issuer}` is not an `https://` URL"),
             ));
+        }
+        if let Some(ca) = &self.spec.ca {
+            let validity = ca.validity.map_or(DEFAULT_KEY_VALIDITY, |v| v.as_std());
+            RotationSpec::problems(ca.rotation.as_ref(), validity, "/spec/ca", &mut out);
+        }
+        if let Some(jwt) = &self.spec.jwt {
+            let validity = jwt.validity.map_or(DEFAULT_KEY_VALIDITY, |v| v.as_std());
+            RotationSpec::problems(jwt.rotation.as_ref(), validity, "/spec/jwt", &mut out);
         }
         if let Some(endpoint) = self.spec.aws.as_ref().and_then(|a| a.sts_endpoint.as_deref())
             && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))

@@ -65,6 +65,76 @@ pub struct IssuerSpec {
     /// agent config in the same directory names it instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_socket: Option<PathBuf>,
+    /// Serve this trust domain's SPIFFE bundle to the domains that federate with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_endpoint: Option<BundleEndpoint>,
+}
+
+vocabulary! {
+    /// How the bundle endpoint authenticates itself (SPIFFE Federation §5).
+    BundleProfile {
+        /// Its own X509-SVID, `spiffe://<trust domain>/tbot/bundle-endpoint`.
+        HttpsSpiffe = "https_spiffe",
+        /// A WebPKI certificate from `cert_file` and `key_file`.
+        HttpsWeb = "https_web",
+    }
+}
+
+/// The SPIFFE bundle endpoint: HTTPS, every path answered with the bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BundleEndpoint {
+    /// Such as `0.0.0.0:8443`.
+    pub listen: SocketAddr,
+    /// `https_spiffe` or `https_web`.
+    pub profile: BundleProfile,
+    /// `spiffe_refresh_hint`: how often the other domains should fetch (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_hint: Option<super::Duration>,
+    /// `https_web`: the certificate chain (PEM), re-read when the file changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// `https_web`: its private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl BundleEndpoint {
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let files = [("cert_file", &self.cert_file), ("key_file", &self.key_file)];
+        match self.profile {
+            BundleProfile::HttpsWeb => {
+                for (name, file) in files {
+                    match file {
+                        None => out.push(
+                            Problem::error("/spec/bundle_endpoint", format!("`https_web` needs `{name}`"))
+                                .hint("give the PEM certificate chain and key the endpoint serves, such as one from your ACME client"),
+                        ),
+                        Some(p) if p.is_relative() => out.push(Problem::error(
+                            format!("/spec/bundle_endpoint/{name}"),
+                            format!("`{}` is not an absolute path", p.display()),
+                        )),
+                        Some(_) => {}
+                    }
+                }
+            }
+            BundleProfile::HttpsSpiffe => {
+                for (name, file) in files {
+                    if file.is_some() {
+                        out.push(
+                            Problem::error(
+                                format!("/spec/bundle_endpoint/{name}"),
+                                format!("`{name}` is only for the `https_web` profile"),
+                            )
+                            .hint("`https_spiffe` serves the issuer's own SVID; remove the file, or set `profile: https_web`"),
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The issuer's storage.
@@ -250,6 +320,9 @@ impl Issuer {
             }
         }
         out.extend(self.spec.storage.problems());
+        if let Some(endpoint) = &self.spec.bundle_endpoint {
+            out.extend(endpoint.problems());
+        }
         if self.spec.admin_socket.as_ref().is_some_and(|p| p.is_relative()) {
             out.push(Problem::error(
                 "/spec/admin_socket",

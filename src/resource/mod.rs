@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bot;
 pub mod cluster;
 pub mod duration;
+pub mod federation;
 pub mod issuer;
 mod meta;
 pub mod role;
@@ -81,12 +82,14 @@ vocabulary! {
         Cluster = "cluster",
         /// This host serves the issuer API to agents on other hosts.
         Issuer = "issuer",
+        /// Trust another SPIFFE trust domain.
+        SpiffeFederation = "spiffe_federation",
     }
 }
 
 impl Kind {
     /// All kinds, in the order summaries list them.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::AgentConfig,
         Kind::Cluster,
         Kind::Issuer,
@@ -94,6 +97,7 @@ impl Kind {
         Kind::Token,
         Kind::Role,
         Kind::WorkloadIdentity,
+        Kind::SpiffeFederation,
     ];
 
     /// The kinds that carry a `kind` field, i.e. every kind but the agent config.
@@ -110,7 +114,7 @@ impl Kind {
     pub fn versions(self) -> &'static [&'static str] {
         match self {
             Kind::AgentConfig => &["v2"],
-            Kind::Bot | Kind::WorkloadIdentity | Kind::Cluster | Kind::Issuer => &["v1"],
+            Kind::Bot | Kind::WorkloadIdentity | Kind::Cluster | Kind::Issuer | Kind::SpiffeFederation => &["v1"],
             Kind::Token => &["v2"],
             Kind::Role => &["v6", "v7", "v8"],
         }
@@ -126,6 +130,7 @@ impl Kind {
             Kind::WorkloadIdentity => schemars::schema_for!(workload_identity::WorkloadIdentity),
             Kind::Cluster => schemars::schema_for!(cluster::Cluster),
             Kind::Issuer => schemars::schema_for!(issuer::Issuer),
+            Kind::SpiffeFederation => schemars::schema_for!(federation::SpiffeFederation),
         }
     }
 }
@@ -197,6 +202,7 @@ pub enum Document {
     WorkloadIdentity(workload_identity::WorkloadIdentity),
     Cluster(cluster::Cluster),
     Issuer(issuer::Issuer),
+    SpiffeFederation(federation::SpiffeFederation),
 }
 
 impl Document {
@@ -209,6 +215,7 @@ impl Document {
             Document::WorkloadIdentity(_) => Kind::WorkloadIdentity,
             Document::Cluster(_) => Kind::Cluster,
             Document::Issuer(_) => Kind::Issuer,
+            Document::SpiffeFederation(_) => Kind::SpiffeFederation,
         }
     }
 
@@ -222,6 +229,7 @@ impl Document {
             Document::WorkloadIdentity(d) => &d.metadata.name,
             Document::Cluster(d) => &d.metadata.name,
             Document::Issuer(d) => &d.metadata.name,
+            Document::SpiffeFederation(d) => &d.metadata.name,
         }
     }
 

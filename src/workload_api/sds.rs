@@ -151,6 +151,17 @@ fn secrets(
     };
     let own = format!("spiffe://{}", bundles.trust_domain);
     let ours: [(&str, &[Vec<u8>]); 1] = [(bundles.trust_domain.as_str(), &bundles.x509_authorities)];
+    // Every trust domain, this one first.
+    let all: Vec<(&str, &[Vec<u8>])> = ours
+        .iter()
+        .copied()
+        .chain(
+            bundles
+                .federated
+                .values()
+                .map(|b| (b.trust_domain.as_str(), b.x509_authorities.as_slice())),
+        )
+        .collect();
     if names.is_empty() {
         let mut out: Vec<_> = ready.iter().map(|m| tls_certificate(&m.svid.spiffe_id, m)).collect();
         out.push(validation_context(&own, &ours, mode));
@@ -168,9 +179,17 @@ fn secrets(
                      `disable_spiffe_cert_validation` in the node metadata); ask for `ROOTCA` instead",
                 )));
             }
-            // One entry per trust domain, this one first (no federated trust domains yet).
-            ALL_BUNDLES => out.push(validation_context(name, &ours, mode)),
+            // One entry per trust domain, this one first.
+            ALL_BUNDLES => out.push(validation_context(name, &all, mode)),
             name if name == own => out.push(validation_context(name, &ours, mode)),
+            name if name
+                .strip_prefix("spiffe://")
+                .is_some_and(|td| bundles.federated.contains_key(td)) =>
+            {
+                let td = &name["spiffe://".len()..];
+                let cas = &bundles.federated[td].x509_authorities;
+                out.push(validation_context(name, &[(td, cas.as_slice())], mode));
+            }
             name => match ready.iter().find(|m| m.svid.spiffe_id == name) {
                 Some(m) => out.push(tls_certificate(name, m)),
                 None => unknown.push(name.to_owned()),

@@ -110,6 +110,15 @@ fn x509_bundle(bundles: &Bundles) -> Vec<u8> {
     bundles.x509_authorities.concat()
 }
 
+/// Every federated trust domain's CAs, keyed `spiffe://<td>` (`federated_bundles`).
+fn federated_x509(bundles: &Bundles) -> HashMap<String, Vec<u8>> {
+    bundles
+        .federated
+        .values()
+        .map(|b| (format!("spiffe://{}", b.trust_domain), b.x509_authorities.concat()))
+        .collect()
+}
+
 /// The caller's issued SVIDs, in slot order; `None` while one is still being issued, and
 /// `PermissionDenied` with every reason when none could be.
 pub(super) fn issued(slots: &[watch::Receiver<Slot>]) -> Option<Result<Vec<Arc<X509Material>>, Status>> {
@@ -157,7 +166,7 @@ fn x509_response(
     Some(Ok(X509svidResponse {
         svids,
         crl: vec![],
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_x509(bundles),
     }))
 }
 
@@ -446,9 +455,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&request)?;
         let workload = attested(&request)?;
-        let stream = bundle_stream(self, workload, |b| X509BundlesResponse {
-            crl: vec![],
-            bundles: [(bundle_key(b), x509_bundle(b))].into(),
+        let stream = bundle_stream(self, workload, |b| {
+            let mut bundles = federated_x509(b);
+            bundles.insert(bundle_key(b), x509_bundle(b));
+            X509BundlesResponse { crl: vec![], bundles }
         });
         Ok(Response::new(stream.await?))
     }
@@ -508,8 +518,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
         let workload = attested(&request)?;
-        let stream = bundle_stream(self, workload, |b| JwtBundlesResponse {
-            bundles: [(bundle_key(b), serde_json::to_vec(&b.jwks()).expect("json"))].into(),
+        let stream = bundle_stream(self, workload, |b| {
+            let jwks = |keys: &[Value]| serde_json::to_vec(&serde_json::json!({ "keys": keys })).expect("json");
+            let mut bundles: HashMap<String, Vec<u8>> = b
+                .federated
+                .values()
+                .map(|f| (format!("spiffe://{}", f.trust_domain), jwks(&f.jwt_keys)))
+                .collect();
+            bundles.insert(bundle_key(b), jwks(&b.jwt_keys));
+            JwtBundlesResponse { bundles }
         });
         Ok(Response::new(stream.await?))
     }
@@ -580,11 +597,39 @@ pub fn validate_jwt(token: &str, audience: &str, bundles: &Bundles) -> Result<Va
         .get("kid")
         .and_then(Value::as_str)
         .ok_or("the JWT-SVID's header has no `kid`")?;
-    let jwk = bundles
-        .jwt_keys
+    // The key comes from the bundle of the trust domain the token claims (`sub`): this one, or a
+    // federated one. Which domain is checked again once the signature is.
+    let unverified: Value = serde_json::from_slice(&decode(payload, "payload")?)
+        .map_err(|_| "the JWT-SVID's claims are not JSON".to_owned())?;
+    let claimed = unverified
+        .get("sub")
+        .and_then(Value::as_str)
+        .and_then(|sub| crate::resource::spiffe_id::SpiffeId::parse(sub).ok())
+        .map(|id| id.trust_domain().as_str().to_owned())
+        .ok_or("the JWT-SVID's `sub` is not a SPIFFE ID")?;
+    let keys = if claimed == bundles.trust_domain {
+        &bundles.jwt_keys
+    } else {
+        &bundles
+            .federated
+            .get(&claimed)
+            .ok_or_else(|| {
+                format!(
+                    "the JWT-SVID is of trust domain {claimed}, which is neither {} nor one it federates with",
+                    bundles.trust_domain
+                )
+            })?
+            .jwt_keys
+    };
+    let jwk = keys
         .iter()
         .find(|k| k.get("kid").and_then(Value::as_str) == Some(kid))
-        .ok_or_else(|| format!("no key `{kid}` in the JWT bundle of {}", bundles.trust_domain))?;
+        .ok_or_else(|| format!("no key `{kid}` in the JWT bundle of {claimed}"))?;
+    if jwk.get("kty").and_then(Value::as_str) != Some("EC") || jwk.get("crv").and_then(Value::as_str) != Some("P-256") {
+        return Err(format!(
+            "the key `{kid}` of {claimed} is not an EC P-256 key; only ES256 is validated"
+        ));
+    }
     let coordinate = |name: &str| {
         jwk.get(name)
             .and_then(Value::as_str)
@@ -619,12 +664,9 @@ pub fn validate_jwt(token: &str, audience: &str, bundles: &Bundles) -> Result<Va
     }
     let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
     let ours = crate::resource::spiffe_id::SpiffeId::parse(sub)
-        .is_ok_and(|id| id.trust_domain().as_str() == bundles.trust_domain && !id.path().is_empty());
+        .is_ok_and(|id| id.trust_domain().as_str() == claimed && !id.path().is_empty());
     if !ours {
-        return Err(format!(
-            "the JWT-SVID's `sub` is not a SPIFFE ID of {}",
-            bundles.trust_domain
-        ));
+        return Err(format!("the JWT-SVID's `sub` is not a SPIFFE ID of {claimed}"));
     }
     Ok(claims)
 }

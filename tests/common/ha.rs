@@ -61,6 +61,11 @@ impl Replicas {
 
     /// Like [`Replicas::start`], with `issuer.spec.proxy_protocol` set as given.
     pub fn start_with(n: usize, proxy_protocol: bool) -> Option<Replicas> {
+        Replicas::start_edited(n, proxy_protocol, &[])
+    }
+
+    /// Like [`Replicas::start_with`], with `edits` (file, from, to) on every replica's documents.
+    pub fn start_edited(n: usize, proxy_protocol: bool, edits: &[(&str, &str, &str)]) -> Option<Replicas> {
         let etcd = EtcdCluster::start(3)?;
         let keys = tempfile::tempdir().unwrap();
         let kek = keys.path().join("issuer.kek");
@@ -79,7 +84,7 @@ impl Replicas {
             haproxy: None,
         };
         // All at once: no ordering helps any of them create the CA first.
-        let spawned: Vec<Replica> = (0..n).map(|i| set.spawn(i, &[])).collect();
+        let spawned: Vec<Replica> = (0..n).map(|i| set.spawn(i, edits)).collect();
         for (i, replica) in spawned.into_iter().enumerate() {
             set.replicas[i] = Some(wait_ready(replica));
         }

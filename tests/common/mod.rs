@@ -519,3 +519,53 @@ pub async fn child_fetch(var: &str) {
         Err(e) => println!("ERROR={e:?}"),
     }
 }
+
+pub type Shared<T> = std::sync::Arc<std::sync::Mutex<T>>;
+
+/// Checks each SVID of every context the stream delivers against the bundle delivered with it
+/// (an ECDSA P-256 signature by a CA of that bundle); records the failures and every CA seen.
+pub fn verify_stream(mut stream: Contexts) -> (Shared<Vec<String>>, Shared<std::collections::BTreeSet<Vec<u8>>>) {
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let (f, s) = (failures.clone(), seen.clone());
+    tokio::spawn(async move {
+        use tokio_stream::StreamExt;
+        while let Some(next) = stream.next().await {
+            let ctx = match next {
+                Ok(ctx) => ctx,
+                Err(e) => {
+                    f.lock().unwrap().push(format!("stream error: {e}"));
+                    break;
+                }
+            };
+            for svid in ctx.svids() {
+                let td = svid.spiffe_id().trust_domain();
+                let cas: Vec<Vec<u8>> = ctx
+                    .bundle_set()
+                    .get(td)
+                    .map(|b| b.authorities().iter().map(|c| c.as_ref().to_vec()).collect())
+                    .unwrap_or_default();
+                s.lock().unwrap().extend(cas.iter().cloned());
+                let leaf = svid.leaf().as_ref();
+                let (_, cert) = x509_parser::parse_x509_certificate(leaf).unwrap();
+                let signed = cas.iter().any(|ca| {
+                    let (_, ca) = x509_parser::parse_x509_certificate(ca).unwrap();
+                    aws_lc_rs::signature::UnparsedPublicKey::new(
+                        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+                        &ca.public_key().subject_public_key.data,
+                    )
+                    .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+                    .is_ok()
+                });
+                if !signed {
+                    f.lock().unwrap().push(format!(
+                        "{} does not verify against the {} CAs sent with it",
+                        svid.spiffe_id(),
+                        cas.len()
+                    ));
+                }
+            }
+        }
+    });
+    (failures, seen)
+}

@@ -54,24 +54,39 @@ impl ServingCert {
 
     /// Makes a new one (the CA changed, or the old one is half way through its life).
     pub fn renew(&self, issuer: &LocalIssuer, names: &[String]) -> Result<(), IssuerError> {
-        let new = make(issuer, names)?;
-        *self.current.write().expect("serving certificate poisoned") = Arc::new(new);
+        self.replace(make(issuer, names)?);
         Ok(())
+    }
+
+    /// A certificate made elsewhere (the bundle endpoint's).
+    pub fn of(key: CertifiedKey) -> Arc<ServingCert> {
+        Arc::new(ServingCert {
+            current: RwLock::new(Arc::new(key)),
+        })
+    }
+
+    /// Serves `key` from the next handshake on.
+    pub fn replace(&self, key: CertifiedKey) {
+        *self.current.write().expect("serving certificate poisoned") = Arc::new(key);
     }
 }
 
-fn make(issuer: &LocalIssuer, names: &[String]) -> Result<CertifiedKey, IssuerError> {
-    let made = issuer.serving_certificate(names, SERVING_TTL)?;
-    let (cert, ca) = (made.certificate, made.ca);
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(made.key));
+/// A chain (DER, leaf first) and its PKCS#8 key, ready to serve.
+pub fn certified(chain: Vec<Vec<u8>>, pkcs8: Vec<u8>) -> Result<CertifiedKey, IssuerError> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
     let signing = provider()
         .key_provider
         .load_private_key(key)
         .map_err(|e| IssuerError::Crypto(e.to_string()))?;
     Ok(CertifiedKey::new(
-        vec![CertificateDer::from(cert), CertificateDer::from(ca)],
+        chain.into_iter().map(CertificateDer::from).collect(),
         signing,
     ))
+}
+
+fn make(issuer: &LocalIssuer, names: &[String]) -> Result<CertifiedKey, IssuerError> {
+    let made = issuer.serving_certificate(names, SERVING_TTL)?;
+    certified(vec![made.certificate, made.ca], made.key)
 }
 
 impl ResolvesServerCert for ServingCert {

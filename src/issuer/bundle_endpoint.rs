@@ -1,0 +1,200 @@
+//! The SPIFFE bundle endpoint (SPIFFE Federation §4–5): HTTPS on `issuer.spec.bundle_endpoint.listen`,
+//! every `GET` (any path) answered with this trust domain's bundle — each CA as a JWK with `use:
+//! x509-svid`, each JWT key with `use: jwt-svid`, `spiffe_sequence` and `spiffe_refresh_hint`.
+//! `https_spiffe` presents the issuer's own X509-SVID `spiffe://<td>/tbot/bundle-endpoint`, re-made
+//! on every bundle change and at half its life; `https_web` serves `cert_file`/`key_file`, re-read
+//! when either file changes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
+
+use super::LocalIssuer;
+use super::server::tls::{self, ServingCert};
+use crate::resource::issuer::{BundleEndpoint, BundleProfile};
+
+/// The endpoint SVID's lifetime (capped by the CA's end); re-made at half of it.
+const SVID_TTL: Duration = Duration::from_secs(3600);
+/// How often `https_web` certificate files are looked at.
+const FILE_CHECK: Duration = Duration::from_secs(10);
+/// How long a connection may take to say what it wants.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The refresh hint when the document gives none.
+pub const DEFAULT_REFRESH_HINT: Duration = Duration::from_secs(300);
+
+fn web_key(cert_file: &PathBuf, key_file: &PathBuf) -> Result<CertifiedKey, String> {
+    let chain: Vec<Vec<u8>> = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?
+        .filter_map(Result::ok)
+        .map(|c| c.to_vec())
+        .collect();
+    if chain.is_empty() {
+        return Err(format!("{} holds no PEM certificate", cert_file.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("cannot read a PEM private key from {}: {e}", key_file.display()))?;
+    let signing = tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+    Ok(CertifiedKey::new(
+        chain.into_iter().map(CertificateDer::from).collect(),
+        signing,
+    ))
+}
+
+fn modified(paths: &[&PathBuf]) -> Vec<Option<SystemTime>> {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+fn spiffe_key(issuer: &LocalIssuer) -> Result<CertifiedKey, String> {
+    let svid = issuer.endpoint_svid(SVID_TTL).map_err(|e| e.to_string())?;
+    tls::certified(vec![svid.certificate], svid.key).map_err(|e| e.to_string())
+}
+
+/// Binds the endpoint and serves it until `stop`. Errors (the address, the files) are returned
+/// before anything is served.
+pub async fn serve(
+    issuer: Arc<LocalIssuer>,
+    settings: BundleEndpoint,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SocketAddr, String> {
+    let hint = settings.refresh_hint.map_or(DEFAULT_REFRESH_HINT, |d| d.as_std());
+    let cert = match settings.profile {
+        BundleProfile::HttpsSpiffe => ServingCert::of(spiffe_key(&issuer)?),
+        BundleProfile::HttpsWeb => {
+            let (cert_file, key_file) = (
+                settings.cert_file.clone().unwrap_or_default(),
+                settings.key_file.clone().unwrap_or_default(),
+            );
+            ServingCert::of(web_key(&cert_file, &key_file)?)
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} for the bundle endpoint: {e}", settings.listen))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    // Keeps the certificate fresh.
+    {
+        let (issuer, cert, settings, mut stop) = (issuer.clone(), cert.clone(), settings.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut bundles = crate::issuer::Issuer::bundles(&*issuer);
+            let files = [
+                settings.cert_file.clone().unwrap_or_default(),
+                settings.key_file.clone().unwrap_or_default(),
+            ];
+            let mut seen = modified(&[&files[0], &files[1]]);
+            loop {
+                let wait = match settings.profile {
+                    BundleProfile::HttpsSpiffe => SVID_TTL / 2,
+                    BundleProfile::HttpsWeb => FILE_CHECK,
+                };
+                tokio::select! {
+                    changed = bundles.changed(), if settings.profile == BundleProfile::HttpsSpiffe => {
+                        if changed.is_err() { break }
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = async { stop.wait_for(|s| *s).await.map(drop) } => break,
+                }
+                bundles.borrow_and_update();
+                let made = match settings.profile {
+                    BundleProfile::HttpsSpiffe => spiffe_key(&issuer),
+                    BundleProfile::HttpsWeb => {
+                        let now = modified(&[&files[0], &files[1]]);
+                        if now == seen {
+                            continue;
+                        }
+                        seen = now;
+                        web_key(&files[0], &files[1])
+                    }
+                };
+                match made {
+                    Ok(key) => cert.replace(key),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot renew the bundle endpoint's certificate; the current one stays")
+                    }
+                }
+            }
+        });
+    }
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tracing::info!(%address, profile = %settings.profile, "bundle endpoint listening");
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the bundle endpoint cannot accept");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = async { stop.wait_for(|s| *s).await.map(drop) } => break,
+            };
+            let (acceptor, issuer) = (acceptor.clone(), issuer.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(REQUEST_TIMEOUT, acceptor.accept(tcp)).await else {
+                    tracing::debug!(%peer, "a bundle endpoint handshake failed or timed out");
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let issuer = issuer.clone();
+                    async move { Ok::<_, Infallible>(answer(&issuer, request.method(), hint)) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .header_read_timeout(REQUEST_TIMEOUT)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT * 3, connection).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// The bundle for a `GET` (and headers for a `HEAD`); `405` for anything else.
+fn answer(issuer: &LocalIssuer, method: &http::Method, hint: Duration) -> http::Response<Full<Bytes>> {
+    if method != http::Method::GET && method != http::Method::HEAD {
+        return http::Response::builder()
+            .status(http::StatusCode::METHOD_NOT_ALLOWED)
+            .header(http::header::ALLOW, "GET, HEAD")
+            .body(Full::new(Bytes::from_static(b"the bundle endpoint answers GET\n")))
+            .expect("a valid response");
+    }
+    let bundles = issuer.current_bundles();
+    let body = crate::spiffe_bundle::encode(
+        &bundles.x509_authorities,
+        &bundles.jwt_keys,
+        issuer.bundle_sequence(),
+        hint,
+    );
+    let len = body.len();
+    let body = if method == http::Method::HEAD { Vec::new() } else { body };
+    http::Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_LENGTH, len)
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}

@@ -1,0 +1,406 @@
+//! SPIFFE federation, the consuming side: one task per `spiffe_federation` document keeps that
+//! foreign trust domain's bundle. `static` is read once; `https_web` and `https_spiffe` endpoints are
+//! fetched at their refresh hint (clamped to [1 s, 24 h]; 5 min without one), with backoff after a
+//! failure. The last good bundle stays in force while an endpoint is down, across restarts too (it
+//! is kept in the issuer's store), and a malformed or oversized bundle never replaces it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::TrustBundle;
+use super::backing::{Backing, json};
+use crate::kv::Op;
+use crate::resource::federation::FederationSpec;
+use crate::spiffe_bundle;
+
+/// The refresh hint when the endpoint gives none.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+const MAX_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// One fetch, connection included.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `tbotctl status` shows of one foreign trust domain.
+#[derive(Debug, Clone, Default)]
+pub struct FederationState {
+    pub trust_domain: String,
+    pub source: String,
+    /// The last good fetch (or load of a static bundle).
+    pub synced_at: Option<OffsetDateTime>,
+    /// Why the last fetch failed.
+    pub error: Option<String>,
+    pub next_sync: Option<OffsetDateTime>,
+    pub x509_authorities: usize,
+    pub jwt_keys: usize,
+    pub sequence: u64,
+}
+
+/// Where a task delivers its bundle: into the issuer's published bundles.
+pub type Publish = Arc<dyn Fn(Option<Arc<TrustBundle>>) + Send + Sync>;
+
+/// A running federation: its spec, its task and what it reports.
+pub struct Running {
+    pub spec: FederationSpec,
+    pub state: Arc<Mutex<FederationState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The last good bundle, as kept in the store.
+#[derive(Debug, Serialize, Deserialize)]
+struct Kept {
+    /// The bundle JSON as fetched.
+    bundle: String,
+    /// Unix seconds.
+    synced_at: i64,
+}
+
+/// The store key of a foreign domain's last good bundle.
+pub fn kept_key(dir: &str, foreign: &str) -> String {
+    format!("{dir}/federation/{foreign}.json")
+}
+
+/// Where a federation's bundle comes from, in one phrase.
+pub fn source_name(spec: &FederationSpec) -> String {
+    let s = &spec.bundle_source;
+    if let Some(web) = &s.https_web {
+        format!("https_web {}", web.bundle_endpoint_url)
+    } else if let Some(spiffe) = &s.https_spiffe {
+        format!(
+            "https_spiffe {} ({})",
+            spiffe.bundle_endpoint_url, spiffe.endpoint_spiffe_id
+        )
+    } else {
+        "static".into()
+    }
+}
+
+fn to_bundle(trust_domain: &str, parsed: spiffe_bundle::Parsed) -> Result<Arc<TrustBundle>, String> {
+    if parsed.x509_authorities.is_empty() && parsed.jwt_keys.is_empty() {
+        return Err("the bundle holds no key: trusting it would distrust every SVID of the domain".into());
+    }
+    Ok(Arc::new(TrustBundle {
+        trust_domain: trust_domain.to_owned(),
+        x509_authorities: parsed.x509_authorities,
+        jwt_keys: parsed.jwt_keys,
+    }))
+}
+
+/// Starts keeping `trust_domain`'s bundle as `spec` says.
+pub fn start(trust_domain: String, spec: FederationSpec, backing: Backing, dir: String, publish: Publish) -> Running {
+    let state = Arc::new(Mutex::new(FederationState {
+        trust_domain: trust_domain.clone(),
+        source: source_name(&spec),
+        ..FederationState::default()
+    }));
+    let task = tokio::spawn(keep(trust_domain, spec.clone(), backing, dir, publish, state.clone()));
+    Running { spec, state, task }
+}
+
+async fn keep(
+    trust_domain: String,
+    spec: FederationSpec,
+    backing: Backing,
+    dir: String,
+    publish: Publish,
+    state: Arc<Mutex<FederationState>>,
+) {
+    let update = |f: &dyn Fn(&mut FederationState)| f(&mut state.lock().expect("federation state poisoned"));
+    let source = &spec.bundle_source;
+    if let Some(fixed) = &source.fixed {
+        match spiffe_bundle::parse(fixed.bundle.as_bytes()).and_then(|p| to_bundle(&trust_domain, p)) {
+            Ok(bundle) => {
+                update(&|s| {
+                    s.synced_at = Some(OffsetDateTime::now_utc());
+                    s.x509_authorities = bundle.x509_authorities.len();
+                    s.jwt_keys = bundle.jwt_keys.len();
+                });
+                publish(Some(bundle));
+            }
+            Err(why) => update(&|s| s.error = Some(why.clone())),
+        }
+        return;
+    }
+    let store_key = kept_key(&dir, &trust_domain);
+    // The last good bundle (kept across restarts), else the bootstrap bundle.
+    let mut current: Option<Arc<TrustBundle>> = None;
+    if let Ok(Some((kept, _))) = backing.get_json::<Kept>(&store_key).await
+        && let Ok(bundle) = spiffe_bundle::parse(kept.bundle.as_bytes()).and_then(|p| to_bundle(&trust_domain, p))
+    {
+        update(&|s| {
+            s.synced_at = OffsetDateTime::from_unix_timestamp(kept.synced_at).ok();
+            s.x509_authorities = bundle.x509_authorities.len();
+            s.jwt_keys = bundle.jwt_keys.len();
+        });
+        current = Some(bundle);
+    } else if let Some(bootstrap) = source.https_spiffe.as_ref().and_then(|s| s.bootstrap_bundle.as_ref())
+        && let Ok(bundle) = spiffe_bundle::parse(bootstrap.as_bytes()).and_then(|p| to_bundle(&trust_domain, p))
+    {
+        current = Some(bundle);
+    }
+    if current.is_some() {
+        publish(current.clone());
+    }
+    let mut backoff = MIN_REFRESH;
+    loop {
+        let fetched = fetch_once(&spec, current.as_deref()).await.and_then(|body| {
+            let parsed = spiffe_bundle::parse(&body)?;
+            let (sequence, hint) = (parsed.sequence, parsed.refresh_hint);
+            Ok((body, to_bundle(&trust_domain, parsed)?, sequence, hint))
+        });
+        let wait = match fetched {
+            Ok((body, bundle, sequence, hint)) => {
+                backoff = MIN_REFRESH;
+                if current.as_deref() != Some(&*bundle) {
+                    tracing::info!(
+                        trust_domain = %trust_domain,
+                        cas = bundle.x509_authorities.len(),
+                        jwt_keys = bundle.jwt_keys.len(),
+                        sequence = sequence.unwrap_or_default(),
+                        "a federated bundle changed"
+                    );
+                    let kept = Kept {
+                        bundle: String::from_utf8_lossy(&body).into_owned(),
+                        synced_at: OffsetDateTime::now_utc().unix_timestamp(),
+                    };
+                    if let Err(e) = backing.kv.txn(vec![], vec![Op::put(&store_key, json(&kept))]).await {
+                        tracing::warn!(error = %e, trust_domain = %trust_domain, "cannot keep the federated bundle in the store; a restart while its endpoint is down will not have it");
+                    }
+                    current = Some(bundle.clone());
+                    publish(Some(bundle.clone()));
+                }
+                update(&|s| {
+                    s.synced_at = Some(OffsetDateTime::now_utc());
+                    s.error = None;
+                    s.x509_authorities = bundle.x509_authorities.len();
+                    s.jwt_keys = bundle.jwt_keys.len();
+                    s.sequence = sequence.unwrap_or_default();
+                });
+                hint.unwrap_or(DEFAULT_REFRESH).clamp(MIN_REFRESH, MAX_REFRESH)
+            }
+            Err(why) => {
+                let kept = if current.is_some() {
+                    "the last good bundle stays in force"
+                } else {
+                    "no bundle of this domain is known yet"
+                };
+                tracing::warn!(trust_domain = %trust_domain, error = %why, "cannot refresh a federated bundle; {kept}");
+                update(&|s| s.error = Some(format!("{why}; {kept}")));
+                let wait = backoff;
+                backoff = (backoff * 2).min(DEFAULT_REFRESH);
+                wait
+            }
+        };
+        update(&|s| s.next_sync = Some(OffsetDateTime::now_utc() + wait));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One GET of the bundle endpoint, TLS checked as the profile says.
+async fn fetch_once(spec: &FederationSpec, current: Option<&TrustBundle>) -> Result<Vec<u8>, String> {
+    let provider = super::server::tls::provider();
+    let source = &spec.bundle_source;
+    let (url, config) = if let Some(web) = &source.https_web {
+        let mut roots = rustls::RootCertStore::empty();
+        match &web.ca_file {
+            Some(path) => {
+                use rustls::pki_types::pem::PemObject;
+                let text = std::fs::read(path).map_err(|e| format!("cannot read `ca_file` {}: {e}", path.display()))?;
+                for der in CertificateDer::pem_slice_iter(&text).flatten() {
+                    let _ = roots.add(der);
+                }
+                if roots.is_empty() {
+                    return Err(format!("`ca_file` {} holds no PEM certificate", path.display()));
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (web.bundle_endpoint_url.as_str(), config)
+    } else if let Some(spiffe) = &source.https_spiffe {
+        let anchors = current.map(|b| b.x509_authorities.clone()).unwrap_or_default();
+        if anchors.is_empty() {
+            return Err(
+                "no bundle of this domain is known to check its endpoint's SVID with: set `bootstrap_bundle`".into(),
+            );
+        }
+        let verifier = SpiffeVerifier {
+            provider: provider.clone(),
+            anchors,
+            id: spiffe.endpoint_spiffe_id.clone(),
+        };
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        (spiffe.bundle_endpoint_url.as_str(), config)
+    } else {
+        return Err("a static bundle is not fetched".into());
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, get(url, config))
+        .await
+        .map_err(|_| format!("{url} did not answer within {FETCH_TIMEOUT:?}"))?
+}
+
+/// `GET url` over TLS with `config`: the body of a 200, at most [`spiffe_bundle::MAX_BYTES`].
+pub async fn get(url: &str, mut config: rustls::ClientConfig) -> Result<Vec<u8>, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("`{url}` is not an https:// URL"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h, p.parse::<u16>().map_err(|_| format!("`{url}` has a bad port"))?)
+        }
+        _ => (authority, 443),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("`{host}` is not a host name: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {authority} failed: {}", crate::error_chain(&e)))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("HTTP with {authority} failed: {e}"))?;
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, authority)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("bad request for {url}: {e}"))?;
+    let response = sender.send_request(request).await.map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status();
+    if status != http::StatusCode::OK {
+        connection.abort();
+        return Err(format!("{url} answered {status}"));
+    }
+    let body = Limited::new(response.into_body(), spiffe_bundle::MAX_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            format!(
+                "{url}: the body could not be read, or is larger than {} bytes: {e}",
+                spiffe_bundle::MAX_BYTES
+            )
+        })?
+        .to_bytes();
+    connection.abort();
+    Ok(body.to_vec())
+}
+
+/// The `https_spiffe` check: the endpoint's chain reaches a CA of the foreign domain's bundle, and
+/// its leaf carries exactly the configured SPIFFE ID (no host name is checked: SVIDs have none).
+#[derive(Debug)]
+pub struct SpiffeVerifier {
+    pub provider: Arc<CryptoProvider>,
+    pub anchors: Vec<Vec<u8>>,
+    pub id: String,
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let refuse = |why: String| rustls::Error::General(why);
+        let ders: Vec<CertificateDer<'static>> = self.anchors.iter().map(|d| CertificateDer::from(d.clone())).collect();
+        let anchors: Vec<_> = ders
+            .iter()
+            .filter_map(|d| webpki::anchor_from_trusted_cert(d).ok())
+            .collect();
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| refuse(format!("bad certificate: {e}")))?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            refuse(format!(
+                "the endpoint's SVID does not chain to the domain's bundle ({e}); if the domain rotated its CA \
+                 while this issuer could not fetch, set `bootstrap_bundle` to its current bundle"
+            ))
+        })?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(end_entity).map_err(|e| refuse(format!("bad certificate: {e}")))?;
+        let ids: Vec<String> = parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ids != [self.id.clone()] {
+            return Err(refuse(format!(
+                "the endpoint presented {:?}, not `{}`; check `endpoint_spiffe_id`",
+                ids, self.id
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
