@@ -76,6 +76,27 @@ impl Backing {
         self.decode(key, &entry.value).map(|v| Some((v, entry.mod_revision)))
     }
 
+    /// Writes `value` as JSON to `key`, with `ops` in the same transaction, if `key` is still at
+    /// `*revision` (the one it was read at), and moves `*revision` on. Returns whether it was
+    /// written; when not, someone else wrote first: read again and decide again.
+    pub async fn put_json_if_unchanged<T: Serialize>(
+        &self,
+        key: String,
+        value: &T,
+        revision: &mut i64,
+        mut ops: Vec<crate::kv::Op>,
+    ) -> Result<bool, IssuerError> {
+        ops.push(crate::kv::Op::put(&key, json(value)));
+        let (written, now) = self
+            .kv
+            .txn(vec![crate::kv::Condition::ModRevision(key, *revision)], ops)
+            .await?;
+        if written {
+            *revision = now;
+        }
+        Ok(written)
+    }
+
     /// Decodes a JSON value read from `key`.
     pub fn decode<T: DeserializeOwned>(&self, key: &str, value: &[u8]) -> Result<T, IssuerError> {
         serde_json::from_slice(value).map_err(|e| IssuerError::Corrupt {

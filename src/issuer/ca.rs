@@ -15,9 +15,9 @@ use crate::resource::cluster::KeyAlgorithm;
 use crate::resource::spiffe_id::TrustDomain;
 use std::sync::Arc;
 
-use super::backing::{Backing, json};
+use super::backing::Backing;
 use super::rotation::{self, KeyRecord, KeyStatus, Phase, Rotation, Step};
-use crate::kv::{Condition, Op};
+use crate::kv::Op;
 
 /// The CA's validity when `cluster.spec.ca.validity` is not set: one year.
 pub const DEFAULT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(8760 * 3600);
@@ -470,19 +470,15 @@ impl Authority {
 
     /// Writes `ca.json` (with `ops` in the same transaction) if nobody wrote it since this copy was
     /// read. Returns whether it was written; when not, load the newer one and decide again.
-    pub async fn save(&mut self, backing: &Backing, mut ops: Vec<Op>) -> Result<bool, IssuerError> {
+    pub async fn save(&mut self, backing: &Backing, ops: Vec<Op>) -> Result<bool, IssuerError> {
         let file = CaFile {
             active: self.active,
             cas: self.records.clone(),
         };
-        let key = file_key(&self.trust_domain);
-        ops.push(Op::put(&key, json(&file)));
-        let (written, revision) = backing
-            .kv
-            .txn(vec![Condition::ModRevision(key, self.revision)], ops)
+        let written = backing
+            .put_json_if_unchanged(file_key(&self.trust_domain), &file, &mut self.revision, ops)
             .await?;
         if written {
-            self.revision = revision;
             self.unsaved = false;
         }
         Ok(written)

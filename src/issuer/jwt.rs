@@ -16,9 +16,9 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::IssuerError;
-use super::backing::{Backing, json as to_json};
+use super::backing::Backing;
 use super::rotation::{self, KeyRecord, KeyStatus, Rotation, Step};
-use crate::kv::{Condition, Op};
+use crate::kv::Op;
 use crate::resource::cluster::DEFAULT_KEY_VALIDITY;
 use crate::resource::spiffe_id::TrustDomain;
 
@@ -309,21 +309,14 @@ impl JwtKeys {
 
     /// Writes `jwt.json` (with `ops`) if nobody wrote it since this copy was read. Returns whether
     /// it was written; when not, load the newer one and decide again.
-    pub async fn save(&mut self, backing: &Backing, mut ops: Vec<Op>) -> Result<bool, IssuerError> {
+    pub async fn save(&mut self, backing: &Backing, ops: Vec<Op>) -> Result<bool, IssuerError> {
         let file = JwtFile {
             active: self.active,
             keys: self.records.clone(),
         };
-        let key = file_key(&self.trust_domain);
-        ops.push(Op::put(&key, to_json(&file)));
-        let (written, revision) = backing
-            .kv
-            .txn(vec![Condition::ModRevision(key, self.revision)], ops)
-            .await?;
-        if written {
-            self.revision = revision;
-        }
-        Ok(written)
+        backing
+            .put_json_if_unchanged(file_key(&self.trust_domain), &file, &mut self.revision, ops)
+            .await
     }
 }
 
