@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -166,6 +166,129 @@ fn trust_domains(ctx: &spiffe::X509Context) -> BTreeSet<String> {
         .collect()
 }
 
+/// A test CA (`web-ca.pem`) and a certificate for 127.0.0.1 it signed (`web.pem`, `web.key`) in
+/// `dir`: what an `https_web` endpoint serves and its clients trust with `ca_file`.
+fn web_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (cert, key, ca_file) = (dir.join("web.pem"), dir.join("web.key"), dir.join("web-ca.pem"));
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test web CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    (cert, key, ca_file)
+}
+
+/// A SPIFFE bundle document with `cas` new CAs, refreshed every second.
+fn bundle_of_new_cas(cas: usize, sequence: u64) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let ders: Vec<Vec<u8>> = (0..cas)
+        .map(|_| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::default();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.self_signed(&key).unwrap().der().to_vec()
+        })
+        .collect();
+    let doc = tbot::spiffe_bundle::encode(&ders, &[], sequence, Duration::from_secs(1));
+    (ders, doc)
+}
+
+/// A foreign endpoint (Python's `http.server` over TLS) serving a good bundle, then a malformed one,
+/// then one too large, then a good one again: the two bad ones are refused with their reason and
+/// the last good bundle stays on the Workload API until the next good one replaces it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_or_oversized_foreign_bundle_never_replaces_the_last_good_one() {
+    let Some(python) = venv_python("ssl, http.server") else {
+        return;
+    };
+    let served = tempfile::tempdir().unwrap();
+    let (cert, key, ca_file) = web_certificate(served.path());
+    let docs = served.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    let bundle = docs.join("bundle.json");
+    let (first_cas, first) = bundle_of_new_cas(1, 1);
+    std::fs::write(&bundle, &first).unwrap();
+    let port = free_port();
+    let mut server = Command::new(&python)
+        .arg(common::root().join("tests/peers/https_files.py"))
+        .args([docs.to_str().unwrap(), &port.to_string()])
+        .args([&cert, &key])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut said).unwrap();
+    assert_eq!(said.trim(), "serving");
+
+    let daemon = domain("home.test", "", None);
+    std::fs::write(
+        daemon.dir.path().join("etc/federation-web.yaml"),
+        federation(
+            "web.test",
+            &format!(
+                "    https_web:\n      bundle_endpoint_url: https://127.0.0.1:{port}/bundle.json\n      ca_file: {}\n",
+                ca_file.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let web = spiffe::TrustDomain::new("web.test").unwrap();
+    let client = spiffe::WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let web_cas = || async {
+        let ctx = client.fetch_x509_context().await.unwrap();
+        ctx.bundle_set()
+            .get(&web)
+            .map(|b| b.authorities().iter().map(|c| c.as_ref().to_vec()).collect::<Vec<_>>())
+    };
+    let status = || stdout(&daemon.tbotctl(&["status"]));
+    wait_until("the first bundle", Duration::from_secs(20), || {
+        status().contains("federation web.test: https_web").then_some(())
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while web_cas().await.as_ref() != Some(&first_cas) {
+        assert!(tokio::time::Instant::now() < deadline, "{}\n{}", status(), daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let bad: [(&[u8], &str); 2] = [
+        (
+            br#"{"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["not base64!"]}]}"#,
+            "keys[0]",
+        ),
+        (&vec![b' '; 300 * 1024], "larger than"),
+    ];
+    for (doc, reason) in bad {
+        std::fs::write(&bundle, doc).unwrap();
+        let said = wait_until(reason, Duration::from_secs(30), || {
+            let s = status();
+            (s.contains("FAILING") && s.contains(reason)).then_some(s)
+        });
+        assert!(said.contains("the last good bundle stays in force"), "{said}");
+        assert_eq!(web_cas().await, Some(first_cas.clone()), "{said}");
+    }
+
+    let (second_cas, second) = bundle_of_new_cas(2, 2);
+    std::fs::write(&bundle, &second).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while web_cas().await.as_ref() != Some(&second_cas) {
+        assert!(tokio::time::Instant::now() < deadline, "{}\n{}", status(), daemon.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!status().contains("FAILING"), "{}", status());
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_the_last_bundle() {
     let Some(python) = venv_python("spiffe, jwt, cryptography") else {
@@ -176,26 +299,7 @@ async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_
     let b = domain("b.test", "", Some(&issuer_doc(pb, "profile: https_spiffe")));
     // C serves over https_web with a certificate for 127.0.0.1 from a test CA.
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = (certs.path().join("web.pem"), certs.path().join("web.key"));
-    let web_ca = certs.path().join("web-ca.pem");
-    {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test web CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
-        std::fs::write(&web_ca, ca.pem()).unwrap();
-        std::fs::write(&cert, leaf.pem()).unwrap();
-        std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
-    }
+    let (cert, key, web_ca) = web_certificate(certs.path());
     let web = format!(
         "profile: https_web\n    cert_file: {}\n    key_file: {}",
         cert.display(),
