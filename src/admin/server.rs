@@ -433,7 +433,12 @@ fn key_states(issuer: &crate::issuer::LocalIssuer) -> Vec<KeyState> {
 }
 
 fn federation(f: &crate::issuer::federation::FederationState) -> Federation {
-    let at = |t: Option<time::OffsetDateTime>| t.map(rfc3339).unwrap_or_default();
+    // Whole seconds, as every other time `tbotctl status` shows.
+    let at = |t: Option<time::OffsetDateTime>| {
+        t.and_then(|t| t.replace_nanosecond(0).ok())
+            .map(rfc3339)
+            .unwrap_or_default()
+    };
     Federation {
         trust_domain: f.trust_domain.clone(),
         source: f.source.clone(),
