@@ -73,15 +73,14 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> Result<SocketAddr, String> {
     let hint = settings.refresh_hint.map_or(DEFAULT_REFRESH_HINT, |d| d.as_std());
+    // https_web's files (the document requires both for that profile).
+    let files = [
+        settings.cert_file.clone().unwrap_or_default(),
+        settings.key_file.clone().unwrap_or_default(),
+    ];
     let cert = match settings.profile {
         BundleProfile::HttpsSpiffe => ServingCert::of(spiffe_key(&issuer)?),
-        BundleProfile::HttpsWeb => {
-            let (cert_file, key_file) = (
-                settings.cert_file.clone().unwrap_or_default(),
-                settings.key_file.clone().unwrap_or_default(),
-            );
-            ServingCert::of(web_key(&cert_file, &key_file)?)
-        }
+        BundleProfile::HttpsWeb => ServingCert::of(web_key(&files[0], &files[1])?),
     };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -92,10 +91,6 @@ pub async fn serve(
         let (issuer, cert, settings, mut stop) = (issuer.clone(), cert.clone(), settings.clone(), stop.clone());
         tokio::spawn(async move {
             let mut bundles = crate::issuer::Issuer::bundles(&*issuer);
-            let files = [
-                settings.cert_file.clone().unwrap_or_default(),
-                settings.key_file.clone().unwrap_or_default(),
-            ];
             let mut seen = modified(&[&files[0], &files[1]]);
             loop {
                 let wait = match settings.profile {
@@ -124,7 +119,12 @@ pub async fn serve(
                 match made {
                     Ok(key) => cert.replace(key),
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot renew the bundle endpoint's certificate; the current one stays")
+                        tracing::error!(
+                            error = %e,
+                            "cannot renew the bundle endpoint's certificate; the current one stays and it is tried \
+                             again at the next check (https_web: fix `cert_file`/`key_file`, re-read when they \
+                             change; https_spiffe: see the issuer's error above)"
+                        )
                     }
                 }
             }
