@@ -457,11 +457,15 @@ async fn behind_haproxy_with_the_proxy_protocol_agents_are_seen_at_their_own_add
         .await
         .unwrap_err();
     assert!(err.is_transient(), "{err}");
-    let log = set.get(1).daemon.log();
-    assert!(
-        log.contains("does not start with a PROXY protocol v2 header") && log.contains("send-proxy-v2"),
-        "{log}"
-    );
+    // The refusal is logged by the replica's accept loop, which may write it just after the client
+    // has its error.
+    let says_why =
+        |log: &str| log.contains("does not start with a PROXY protocol v2 header") && log.contains("send-proxy-v2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !says_why(&set.get(1).daemon.log()) {
+        assert!(Instant::now() < deadline, "{}", set.get(1).daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[test]
