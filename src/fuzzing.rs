@@ -22,7 +22,7 @@ pub fn load(data: &[u8]) {
         if let Some(pos) = d.location.pos {
             assert!(pos.line as usize <= lines, "line {} of {lines}: {d:?}", pos.line);
         }
-        std::hint::black_box(crate::cli::render::diagnostic(d));
+        std::hint::black_box(crate::manifest::render::diagnostic(d));
     }
     if !loaded.has_errors() {
         for object in loaded.state.objects.values() {

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod aws;
 pub mod cli;
 pub mod controller;
+pub mod daemon;
 pub mod fuzzing;
 pub mod issuer;
 pub mod kv;

@@ -15,7 +15,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PKCS_ED25519, SigningKey};
-use tbot::controller::daemon::DEBOUNCE;
+use tbot::daemon::DEBOUNCE;
 use tbot::workload_api::client;
 use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tbot::workload_api::proto::{X509svidRequest, X509svidResponse};

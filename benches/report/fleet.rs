@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PublicKeyData};
 use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
-use tbot::controller::daemon::DEBOUNCE;
+use tbot::daemon::DEBOUNCE;
 use tbot::issuer::{Attributes, Issuer, JoinProof, JoinRequest, PolicyEvent, X509Request};
 use tbot::store::Store;
 use tokio::sync::watch;

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 
 use super::metrics::metrics;
-use super::server::DaemonInfo;
+use crate::controller::status::{Status, StatusReader};
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
@@ -22,25 +22,21 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
         .expect("a valid response")
 }
 
-fn route(path: &str, info: &DaemonInfo, expected: &[String]) -> Response<Full<Bytes>> {
-    let serving: Vec<&String> = info
-        .services
-        .iter()
-        .filter(|s| !s.listen.is_empty() || s.healthy)
-        .map(|s| &s.name)
-        .collect();
-    let state = |name: &String| if serving.contains(&name) { "ready" } else { "not ready" };
+fn route(path: &str, status: &Status, expected: &[String]) -> Response<Full<Bytes>> {
+    let info = &status.host;
+    let serving: Vec<&str> = info.serving().collect();
+    let state = |name: &str| if serving.contains(&name) { "ready" } else { "not ready" };
     match path {
         "/livez" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let all = !info.bot.is_empty() && expected.iter().all(|n| serving.contains(&n));
+            let all = !info.bot.is_empty() && expected.iter().all(|n| serving.contains(&n.as_str()));
             let services: serde_json::Map<String, serde_json::Value> = expected
                 .iter()
                 .map(|n| (n.clone(), json!({"status": state(n)})))
                 .collect();
             // A file that fails to load does not make the daemon unready (it serves the last good
             // state), but it is counted here so that a probe's log shows it.
-            let failing = metrics().files_failing.load(std::sync::atomic::Ordering::Relaxed);
+            let failing = status.table.file_errors.len();
             let body = json!({
                 "status": if all { "ready" } else { "not ready" },
                 "services": services,
@@ -56,8 +52,7 @@ fn route(path: &str, info: &DaemonInfo, expected: &[String]) -> Response<Full<By
         "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics().render()),
         other => match other.strip_prefix("/readyz/") {
             Some(name) if expected.iter().any(|n| n == name) => {
-                let name = name.to_owned();
-                let ready = serving.contains(&&name);
+                let ready = serving.contains(&name);
                 let code = if ready {
                     StatusCode::OK
                 } else {
@@ -66,7 +61,7 @@ fn route(path: &str, info: &DaemonInfo, expected: &[String]) -> Response<Full<By
                 reply(
                     code,
                     "application/json",
-                    format!("{}\n", json!({"status": state(&name)})),
+                    format!("{}\n", json!({"status": state(name)})),
                 )
             }
             _ => reply(
@@ -79,19 +74,18 @@ fn route(path: &str, info: &DaemonInfo, expected: &[String]) -> Response<Full<By
 }
 
 /// Serves diagnostics on `addr` in the background.
-pub async fn serve(addr: SocketAddr, info: Arc<RwLock<DaemonInfo>>, expected: Vec<String>) -> Result<(), String> {
+pub async fn serve(addr: SocketAddr, status: StatusReader, expected: Vec<String>) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot serve diagnostics on {addr}: {e}"))?;
     let expected = Arc::new(expected);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let info = info.clone();
+            let status = status.clone();
             let expected = expected.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let info = info.read().expect("info poisoned").clone();
-                    let response = route(request.uri().path(), &info, &expected);
+                    let response = route(request.uri().path(), &status.get(), &expected);
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()

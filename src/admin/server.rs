@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -10,42 +10,18 @@ use tonic::{Request, Response, Status};
 
 use super::proto::admin_server::{Admin, AdminServer};
 use super::proto::*;
-use crate::controller::status::{self, StatusTable};
+use crate::controller::status::{self, StatusReader, StatusTable};
 use crate::workload_api::listener::{self, CallerInfo};
-
-/// What `Status` reports besides the objects.
-#[derive(Debug, Clone, Default)]
-pub struct DaemonInfo {
-    pub trust_domain: String,
-    /// `sha256:<hex>` of each CA certificate's SubjectPublicKeyInfo in the trust bundle.
-    pub ca_pins: Vec<String>,
-    pub bot: String,
-    pub bot_expires: String,
-    /// The sockets served and the file outputs.
-    pub services: Vec<ServiceStatus>,
-    /// The issuer API's address, on an issuer host.
-    pub issuer_listen: String,
-    /// The link to the remote issuer, on an agent of one.
-    pub issuer_link: Option<crate::agent::remote::Link>,
-    /// The issuer's store (`etcd http://…`), on an issuer host.
-    pub issuer_storage: String,
-    /// This replica's name, on an issuer host.
-    pub replica: String,
-    /// The bundle endpoint's URL, when it serves one.
-    pub bundle_endpoint: String,
-}
 
 /// The daemon's side of the admin API.
 #[derive(Clone)]
 pub struct AdminApi {
-    pub status: Arc<RwLock<StatusTable>>,
-    /// Moves whenever `status` changes.
-    pub status_version: watch::Receiver<u64>,
-    pub info: Arc<RwLock<DaemonInfo>>,
+    /// The daemon's status (its one writer is the daemon).
+    pub status: StatusReader,
     /// Asks the loop for a reload; answered when it is done.
     pub reload: mpsc::Sender<oneshot::Sender<()>>,
     /// What the daemon last applied.
-    pub applied: Arc<RwLock<Arc<crate::manifest::DesiredState>>>,
+    pub applied: watch::Receiver<Arc<crate::manifest::DesiredState>>,
     /// The issuer in this process, for its bot instances.
     pub issuer: Option<Arc<crate::issuer::LocalIssuer>>,
     /// The agents connected to the issuer API, on an issuer host.
@@ -96,8 +72,9 @@ fn authorize<T>(request: &Request<T>) -> Result<(), Status> {
 
 impl AdminApi {
     fn objects(&self, kind: &str, name: &str) -> Vec<ObjectStatus> {
-        let table = self.status.read().expect("status poisoned");
-        table
+        let status = self.status.get();
+        status
+            .table
             .objects
             .values()
             .filter(|s| (kind.is_empty() || s.kind == kind) && (name.is_empty() || s.name == name))
@@ -114,12 +91,7 @@ impl AdminApi {
     }
 
     fn all_ready(&self) -> bool {
-        self.status
-            .read()
-            .expect("status poisoned")
-            .objects
-            .values()
-            .all(|s| s.is_ready())
+        self.status.get().all_ready()
     }
 }
 
@@ -213,7 +185,7 @@ impl Admin for AdminApi {
                 ..PlanResponse::default()
             }));
         }
-        let applied = self.applied.read().expect("applied poisoned").clone();
+        let applied = self.applied.borrow().clone();
         let plan = crate::controller::plan(&loaded.state, Some(&applied));
         let (add, change, destroy) = plan.counts();
         Ok(Response::new(PlanResponse {
@@ -237,13 +209,12 @@ impl Admin for AdminApi {
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         authorize(&request)?;
         let (tx, rx) = mpsc::channel(64);
-        let table = self.status.clone();
-        let mut version = self.status_version.clone();
-        version.mark_unchanged();
+        let mut status = self.status.clone();
+        status.mark_unchanged();
         tokio::spawn(async move {
-            let mut before = table.read().expect("status poisoned").clone();
-            while version.changed().await.is_ok() {
-                let after = table.read().expect("status poisoned").clone();
+            let mut before = status.get().table.clone();
+            while status.changed().await {
+                let after = status.get().table.clone();
                 for event in events(&before, &after) {
                     if tx.send(Ok(event)).await.is_err() {
                         return;
@@ -260,7 +231,7 @@ impl Admin for AdminApi {
         let GetRequest { kind, name } = request.into_inner();
         Ok(Response::new(GetResponse {
             objects: self.objects(&kind, &name),
-            file_errors: file_errors(&self.status.read().expect("status poisoned")),
+            file_errors: file_errors(&self.status.get().table),
         }))
     }
 
@@ -273,13 +244,13 @@ impl Admin for AdminApi {
             .await
             .map_err(|_| Status::unavailable("the daemon is stopping"))?;
         let _ = done_rx.await;
-        let mut version = self.status_version.clone();
+        let mut status = self.status.clone();
         let converged = tokio::time::timeout(wait, async {
             loop {
                 if self.all_ready() {
                     return;
                 }
-                if version.changed().await.is_err() {
+                if !status.changed().await {
                     return;
                 }
             }
@@ -295,23 +266,42 @@ impl Admin for AdminApi {
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         authorize(&request)?;
-        let info = self.info.read().expect("info poisoned").clone();
+        let (info, objects, not_ready, failing) = {
+            let status = self.status.get();
+            let objects = &status.table.objects;
+            let not_ready = objects.values().filter(|s| !s.is_ready()).count();
+            (
+                status.host.clone(),
+                objects.len(),
+                not_ready,
+                file_errors(&status.table),
+            )
+        };
         // Replicas recorded in a shared store (a lone issuer's own record is not worth a table).
         let replicas = match &self.issuer {
             Some(issuer) if !issuer.backing().local => issuer.replicas(),
             _ => Vec::new(),
         };
-        let table = self.status.read().expect("status poisoned");
         Ok(Response::new(StatusResponse {
             trust_domain: info.trust_domain,
             ca_pins: info.ca_pins,
             bot: info.bot,
             bot_expires: info.bot_expires,
-            services: info.services,
-            objects: table.objects.len() as u64,
-            not_ready: table.objects.values().filter(|s| !s.is_ready()).count() as u64,
+            services: info
+                .services
+                .into_iter()
+                .map(|s| ServiceStatus {
+                    name: s.name,
+                    listen: s.listen,
+                    destination: s.destination,
+                    state: s.state,
+                    healthy: s.healthy,
+                })
+                .collect(),
+            objects: objects as u64,
+            not_ready: not_ready as u64,
             pid: std::process::id(),
-            file_errors: file_errors(&table),
+            file_errors: failing,
             issuer_listen: info.issuer_listen,
             agents: self
                 .sessions

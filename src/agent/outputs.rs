@@ -50,6 +50,19 @@ pub struct OutputSpec {
     pub federated: bool,
 }
 
+/// Where an output stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputState {
+    /// The last issuance or write failed.
+    Failing,
+    /// Written, but `on_update` failed.
+    HookFailed,
+    /// Not written yet.
+    Pending,
+    /// Written, and its hook ran.
+    Written,
+}
+
 /// What an output last did, for `tbotctl status`, the conditions and `--oneshot`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
@@ -69,7 +82,7 @@ pub struct Report {
 impl Report {
     /// Whether the output has done what it is for (written, and its hook ran).
     pub fn healthy(&self) -> bool {
-        self.condition().0
+        self.state() == OutputState::Written
     }
 
     /// Whether the last issuance, write or hook failed.
@@ -77,13 +90,13 @@ impl Report {
         self.error.is_some() || self.hook_error.is_some()
     }
 
-    /// The output's condition: whether it holds, and why.
-    pub fn condition(&self) -> (bool, &'static str) {
+    /// Where the output stands.
+    pub fn state(&self) -> OutputState {
         match (&self.error, &self.hook_error, self.writes) {
-            (Some(_), _, _) => (false, "Failing"),
-            (None, Some(_), _) => (false, "HookFailed"),
-            (None, None, 0) => (false, "Pending"),
-            (None, None, _) => (true, "Written"),
+            (Some(_), _, _) => OutputState::Failing,
+            (None, Some(_), _) => OutputState::HookFailed,
+            (None, None, 0) => OutputState::Pending,
+            (None, None, _) => OutputState::Written,
         }
     }
 

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use super::render;
 use super::tbotctl::InputArgs;
 use crate::admin::proto::admin_client::AdminClient;
 use crate::admin::proto::{ApplyRequest, FileError, GetRequest, ObjectStatus, StatusRequest};
+use crate::manifest::render;
 use crate::manifest::{self, Input};
 use crate::resource::duration::Duration as GoDuration;
 

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::render;
 use super::tbotctl::InputArgs;
 use crate::controller::{Change, inventory, plan};
+use crate::manifest::render;
 use crate::manifest::{self, DesiredState};
 use crate::resource::Document;
 use crate::resource::agent::{JoinMethod, StorageType};

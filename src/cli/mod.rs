@@ -4,6 +4,5 @@ pub mod admin_cmds;
 pub mod diff;
 pub mod inspect;
 pub mod install;
-pub mod render;
 pub mod tbot;
 pub mod tbotctl;

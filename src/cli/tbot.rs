@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use super::inspect;
-use crate::controller::daemon as start;
+use crate::daemon as start;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,7 +73,7 @@ enum Install {
 
 /// Sets up logging; returns how to switch debug logging on and off later (`debug:` in the agent
 /// config), unless `RUST_LOG` decides the levels.
-fn init_logging(format: LogFormat, debug: bool) -> Option<crate::controller::daemon::LogLevel> {
+fn init_logging(format: LogFormat, debug: bool) -> Option<crate::daemon::LogLevel> {
     use std::io::IsTerminal;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, fmt, reload};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::render;
+use crate::manifest::render;
 use crate::manifest::{self, Input, schema};
 use crate::resource::Kind;
 

@@ -1,10 +1,12 @@
-//! The loop: watch the directories, reload, plan against what was last applied, converge.
+//! The pure reconciler parts: the plan, status conditions and reasons, persistence of the records,
+//! the inventory, file watching, the service manager's protocol, and retry (back off or wait for an
+//! edit). The daemon (`crate::daemon`) composes them.
 
-pub mod daemon;
 pub mod inventory;
 pub mod notify;
 pub mod persist;
 pub mod plan;
+pub mod retry;
 pub mod status;
 pub mod watch;
 

@@ -1,15 +1,18 @@
 //! Writing the controller's records (`controller/applied.json`, `controller/status.json`) off the
 //! reconcile path: a reload hands over the latest applied state and moves on; one task writes the
-//! newest version (several reloads in a row cost one write). A write that fails is shown as the
-//! agent config's `StorageWritable` condition until a write succeeds again (tried every 5 s);
-//! serving never depends on these files.
+//! newest version (several reloads in a row cost one write). Whether writes fail is published on
+//! [`Persist::failures`]; the daemon shows it as the agent config's `StorageWritable` condition (the
+//! status has one writer), and writes are tried again every 5 s until one succeeds. Serving never
+//! depends on these files.
 
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::status::StatusTable;
+use super::status::{ObjectStatus, StatusReader, StatusTable};
 use crate::manifest::DesiredState;
+use crate::resource::ObjectRef;
 use crate::store::Store;
 
 /// How often a failing write is tried again.
@@ -17,27 +20,28 @@ const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Persist {
     tx: watch::Sender<Arc<DesiredState>>,
+    failures: watch::Receiver<Option<String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What was last written, so a reload that changed nothing writes nothing.
+#[derive(Default)]
+struct Written {
+    applied: Option<Arc<DesiredState>>,
+    objects: Option<BTreeMap<ObjectRef, ObjectStatus>>,
+}
+
 impl Persist {
-    /// Starts the writer; `on_change` runs when writes start failing (with the reason) or succeed
-    /// again (with `None`), to show it in the status, which is then written again.
-    pub fn spawn(
-        store: Store,
-        status: Arc<RwLock<StatusTable>>,
-        applied: Arc<DesiredState>,
-        on_change: impl Fn(Option<&str>) + Send + 'static,
-    ) -> Persist {
+    /// Starts the writer of `applied` and of the status `status` reads.
+    pub fn spawn(store: Store, status: StatusReader, applied: Arc<DesiredState>) -> Persist {
         let (tx, mut rx) = watch::channel(applied);
+        let (failures_tx, failures) = watch::channel(None);
         rx.mark_changed();
         let task = tokio::spawn(async move {
-            let mut written: Option<Arc<DesiredState>> = None;
-            // Why the last write failed, while it did.
-            let mut failure: Option<String> = None;
+            let written = Arc::new(std::sync::Mutex::new(Written::default()));
             loop {
                 // While writes fail, try again every RETRY even if nothing new comes.
-                let next = if failure.is_some() {
+                let next = if failures_tx.borrow().is_some() {
                     tokio::time::timeout(RETRY, rx.changed()).await.unwrap_or(Ok(()))
                 } else {
                     rx.changed().await
@@ -46,38 +50,37 @@ impl Persist {
                     break;
                 }
                 let applied = rx.borrow_and_update().clone();
-                let fresh = !written.as_ref().is_some_and(|w| Arc::ptr_eq(w, &applied));
-                let (store, status) = (store.clone(), status.clone());
-                let job = move || write(&store, &status, fresh.then_some(&*applied)).map(|()| applied);
-                let result = tokio::task::spawn_blocking(job).await.unwrap_or_else(|e| {
+                let (store, status, written) = (store.clone(), status.clone(), written.clone());
+                let job = move || {
+                    write(
+                        &store,
+                        &status,
+                        &applied,
+                        &mut written.lock().expect("persist poisoned"),
+                    )
+                };
+                let after = tokio::task::spawn_blocking(job).await.unwrap_or_else(|e| {
                     Err(format!(
                         "writing the controller's records failed: {e}; it is tried again in 5 s, and \
-                             serving goes on from memory"
+                         serving goes on from memory"
                     ))
                 });
-                let after = match result {
-                    Ok(applied) => {
-                        written = Some(applied);
-                        None
-                    }
-                    Err(message) => {
-                        written = None;
-                        Some(message)
-                    }
-                };
-                if failure != after {
+                let after = after.err();
+                if *failures_tx.borrow() != after {
                     match &after {
                         Some(message) => tracing::error!("{message}"),
                         None => tracing::info!("the storage directory is writable again"),
                     }
-                    on_change(after.as_deref());
-                    failure = after;
-                    // Write again, so the file shows the condition's change too.
-                    rx.mark_changed();
+                    failures_tx.send_replace(after);
                 }
             }
         });
-        Persist { tx, task }
+        Persist { tx, failures, task }
+    }
+
+    /// Why writes fail, while they do (`None` once one succeeds).
+    pub fn failures(&self) -> watch::Receiver<Option<String>> {
+        self.failures.clone()
     }
 
     /// Writes `applied` (and the status) soon.
@@ -97,8 +100,14 @@ impl Persist {
     }
 }
 
-fn write(store: &Store, status: &RwLock<StatusTable>, applied: Option<&DesiredState>) -> Result<(), String> {
-    if let Some(applied) = applied {
+fn write(
+    store: &Store,
+    status: &StatusReader,
+    applied: &Arc<DesiredState>,
+    written: &mut Written,
+) -> Result<(), String> {
+    if !written.applied.as_ref().is_some_and(|w| Arc::ptr_eq(w, applied)) {
+        written.applied = None;
         super::inventory::save(store, applied).map_err(|e| {
             format!(
                 "cannot save the applied state: {e}; {}; serving goes on from memory, and `tbotctl diff` \
@@ -106,11 +115,17 @@ fn write(store: &Store, status: &RwLock<StatusTable>, applied: Option<&DesiredSt
                 e.hint()
             )
         })?;
+        written.applied = Some(applied.clone());
     }
-    let Some(snapshot) = status.write().expect("status poisoned").unsaved() else {
-        return Ok(());
+    let objects = {
+        let status = status.get();
+        if written.objects.as_ref() == Some(&status.table.objects) {
+            return Ok(());
+        }
+        status.table.objects.clone()
     };
-    StatusTable::save_snapshot(store, &snapshot).inspect_err(|_| {
-        status.write().expect("status poisoned").forget_saved();
-    })
+    written.objects = None;
+    StatusTable::save(store, &objects).map_err(|e| format!("cannot save the status: {e}; {}", e.hint()))?;
+    written.objects = Some(objects);
+    Ok(())
 }

@@ -1,22 +1,121 @@
-//! Status per object: `generation` (moves when the canonical hash does), `observedGeneration` (the
-//! generation last converged), and conditions `Ready` / `Reconciling` / `Stalled` / `Invalid` /
-//! `RestartRequired` with reason, message and a transition time that moves only on a flip. Kept in
-//! memory and in the storage directory (`controller/status.json`), never in the watched directory.
+//! Status: per object `generation` (moves when the canonical hash does), `observedGeneration` (the
+//! generation last converged), and typed conditions with reason, message and a transition time that
+//! moves only on a flip; the files that fail to load; and what the host runs (CA pins, the issuer
+//! link, services, outputs). One value with one writer ([`StatusWriter`], owned by the daemon) and
+//! cheap readers ([`StatusReader`]: the admin API, `/readyz`, the records in the storage directory),
+//! so every reader sees the same thing. Never kept in the watched directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::watch;
 
 use crate::manifest::DesiredState;
 use crate::resource::ObjectRef;
-use crate::store::{Secrecy, Store};
+use crate::store::{Secrecy, Store, StoreError};
 
 pub const FILE: &str = "controller/status.json";
 
+/// A condition's type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConditionType {
+    /// The object runs what its document asks for.
+    Ready,
+    /// A new generation is being converged.
+    Reconciling,
+    /// The last attempt failed; it is retried or waits for an edit (the message says which).
+    Stalled,
+    /// The object's file fails to load; its last good version stays in force.
+    Invalid,
+    /// A field changed that takes effect only at the next start.
+    RestartRequired,
+    /// On a bot (or the agent config): how and when it joined.
+    Joined,
+    /// On the agent config: whether the controller's records can be written.
+    StorageWritable,
+    /// On the agent config: one file output's state.
+    Output(String),
+}
+
+impl ConditionType {
+    pub fn name(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            ConditionType::Ready => "Ready".into(),
+            ConditionType::Reconciling => "Reconciling".into(),
+            ConditionType::Stalled => "Stalled".into(),
+            ConditionType::Invalid => "Invalid".into(),
+            ConditionType::RestartRequired => "RestartRequired".into(),
+            ConditionType::Joined => "Joined".into(),
+            ConditionType::StorageWritable => "StorageWritable".into(),
+            ConditionType::Output(name) => format!("Output/{name}").into(),
+        }
+    }
+}
+
+/// Why a condition is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Converged,
+    SpecChanged,
+    LoadFailed,
+    Loaded,
+    FieldNeedsRestart,
+    /// The issuer refused or could not take the new documents.
+    IssuerFailed,
+    RotationFailed,
+    JoinFailed,
+    RejoinFailed,
+    ListenFailed,
+    OutputFailed,
+    RenewalFailed,
+    IssuerUnreachable,
+    Joined,
+    Rejoined,
+    WriteFailed,
+    Written,
+    /// An output was removed; its files stay.
+    Removed,
+    /// An output's last issuance or write failed.
+    Failing,
+    /// An output's `on_update` hook failed.
+    HookFailed,
+    /// An output has not written yet.
+    Pending,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Converged => "Converged",
+            Reason::SpecChanged => "SpecChanged",
+            Reason::LoadFailed => "LoadFailed",
+            Reason::Loaded => "Loaded",
+            Reason::FieldNeedsRestart => "FieldNeedsRestart",
+            Reason::IssuerFailed => "IssuerFailed",
+            Reason::RotationFailed => "RotationFailed",
+            Reason::JoinFailed => "JoinFailed",
+            Reason::RejoinFailed => "RejoinFailed",
+            Reason::ListenFailed => "ListenFailed",
+            Reason::OutputFailed => "OutputFailed",
+            Reason::RenewalFailed => "RenewalFailed",
+            Reason::IssuerUnreachable => "IssuerUnreachable",
+            Reason::Joined => "Joined",
+            Reason::Rejoined => "Rejoined",
+            Reason::WriteFailed => "WriteFailed",
+            Reason::Written => "Written",
+            Reason::Removed => "Removed",
+            Reason::Failing => "Failing",
+            Reason::HookFailed => "HookFailed",
+            Reason::Pending => "Pending",
+        }
+    }
+}
+
+/// A condition as shown and saved (`type`, `status`, `reason` as text: `controller/status.json`
+/// and the admin API keep their shape).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Condition {
     #[serde(rename = "type")]
@@ -66,7 +165,8 @@ impl ObjectStatus {
     }
 
     /// Sets a condition; its transition time moves only when its status flips.
-    fn set(&mut self, kind: &str, status: bool, reason: &str, message: &str) {
+    fn set(&mut self, kind: &ConditionType, status: bool, reason: Reason, message: &str) {
+        let (kind, reason) = (kind.name(), reason.as_str());
         match self.conditions.iter_mut().find(|c| c.kind == kind) {
             Some(c) if c.status == status && c.reason == reason && c.message == message => {}
             Some(c) => {
@@ -78,7 +178,7 @@ impl ObjectStatus {
                 c.message = message.to_owned();
             }
             None => self.conditions.push(Condition {
-                kind: kind.to_owned(),
+                kind: kind.into_owned(),
                 status,
                 reason: reason.to_owned(),
                 message: message.to_owned(),
@@ -104,14 +204,12 @@ pub struct FileError {
     pub errors: usize,
 }
 
-/// Every object's status.
+/// Every object's status, and the files that fail to load.
 #[derive(Debug, Clone, Default)]
 pub struct StatusTable {
     pub objects: BTreeMap<ObjectRef, ObjectStatus>,
     /// The files that fail to load now, by path.
     pub file_errors: Vec<FileError>,
-    /// What was last written to the store, so a reload that changed nothing writes nothing.
-    saved: Arc<BTreeMap<ObjectRef, ObjectStatus>>,
 }
 
 impl StatusTable {
@@ -120,10 +218,7 @@ impl StatusTable {
     pub fn observe(&mut self, desired: &DesiredState) {
         self.objects.retain(|r, _| desired.objects.contains_key(r));
         for (r, o) in &desired.objects {
-            if !self.objects.contains_key(r) {
-                self.objects.insert(r.clone(), ObjectStatus::new(r));
-            }
-            let status = self.objects.get_mut(r).expect("just inserted");
+            let status = self.objects.entry(r.clone()).or_insert_with(|| ObjectStatus::new(r));
             // Only what changed is rebuilt: a reload of 10,000 objects after one edit touches one.
             if Path::new(&status.path) != o.location.path {
                 status.path = o.location.path.display().to_string();
@@ -137,51 +232,51 @@ impl StatusTable {
                 status.document_json = serde_json::to_string(&o.document).unwrap_or_default();
             }
         }
-        let pending: Vec<ObjectRef> = self
-            .objects
-            .iter()
-            .filter(|(_, s)| s.observed_generation != s.generation)
-            .map(|(r, _)| r.clone())
-            .collect();
-        for r in pending {
-            self.set(
-                &r,
-                "Reconciling",
-                true,
-                "SpecChanged",
-                "converging to the new generation",
-            );
+        for status in self.objects.values_mut() {
+            if status.observed_generation != status.generation {
+                status.set(
+                    &ConditionType::Reconciling,
+                    true,
+                    Reason::SpecChanged,
+                    "converging to the new generation",
+                );
+            }
         }
     }
 
     /// Sets a condition; its transition time moves only when its status flips.
-    pub fn set(&mut self, r: &ObjectRef, kind: &str, status: bool, reason: &str, message: &str) {
+    pub fn set(&mut self, r: &ObjectRef, kind: ConditionType, status: bool, reason: Reason, message: &str) {
         if let Some(object) = self.objects.get_mut(r) {
-            object.set(kind, status, reason, message);
+            object.set(&kind, status, reason, message);
         }
     }
 
+    /// Sets `Stalled` and not `Ready`, for the same reason.
+    pub fn stalled(&mut self, r: &ObjectRef, reason: Reason, message: &str) {
+        self.set(r, ConditionType::Stalled, true, reason, message);
+        self.set(r, ConditionType::Ready, false, reason, message);
+    }
+
     /// Every object but `failed` converged at its generation.
-    pub fn converged_except(&mut self, failed: &std::collections::BTreeSet<ObjectRef>) {
+    pub fn converged_except(&mut self, failed: &BTreeSet<ObjectRef>) {
         for (_, o) in self.objects.iter_mut().filter(|(r, _)| !failed.contains(*r)) {
             o.observed_generation = o.generation;
-            o.set("Ready", true, "Converged", "running what the document asks for");
-            o.set("Reconciling", false, "Converged", "");
-            o.set("Stalled", false, "Converged", "");
+            o.set(
+                &ConditionType::Ready,
+                true,
+                Reason::Converged,
+                "running what the document asks for",
+            );
+            o.set(&ConditionType::Reconciling, false, Reason::Converged, "");
+            o.set(&ConditionType::Stalled, false, Reason::Converged, "");
         }
     }
 
     /// The objects of `path` keep their last good version: the file fails to load now.
     pub fn invalid(&mut self, path: &Path, message: &str) {
         let shown = path.display().to_string();
-        let refs: Vec<ObjectRef> = self
-            .objects
-            .iter()
-            .filter(|(_, s)| s.path == shown)
-            .map(|(r, _)| r.clone())
-            .collect();
-        for r in refs {
-            self.set(&r, "Invalid", true, "LoadFailed", message);
+        for o in self.objects.values_mut().filter(|s| s.path == shown) {
+            o.set(&ConditionType::Invalid, true, Reason::LoadFailed, message);
         }
     }
 
@@ -202,47 +297,181 @@ impl StatusTable {
             }
         }
         self.file_errors = files;
-        let loads_again: Vec<ObjectRef> = self
-            .objects
-            .iter()
-            .filter(|(_, s)| s.condition("Invalid").is_some_and(|c| c.status))
-            .filter(|(_, s)| !self.file_errors.iter().any(|f| f.path == s.path))
-            .map(|(r, _)| r.clone())
-            .collect();
-        for r in loads_again {
-            self.set(&r, "Invalid", false, "Loaded", "");
+        let failing: BTreeSet<&str> = self.file_errors.iter().map(|f| f.path.as_str()).collect();
+        for o in self.objects.values_mut() {
+            if o.condition("Invalid").is_some_and(|c| c.status) && !failing.contains(o.path.as_str()) {
+                o.set(&ConditionType::Invalid, false, Reason::Loaded, "");
+            }
         }
     }
 
     pub fn restart_required(&mut self, r: &ObjectRef, field: &str) {
         self.set(
             r,
-            "RestartRequired",
+            ConditionType::RestartRequired,
             true,
-            "FieldNeedsRestart",
+            Reason::FieldNeedsRestart,
             &format!("`{field}` changed: restart tbot to apply it"),
         );
     }
 
-    /// The table to write, when it changed since the last write (which it then counts as written).
-    pub fn unsaved(&mut self) -> Option<Arc<BTreeMap<ObjectRef, ObjectStatus>>> {
-        if self.objects == *self.saved {
-            return None;
+    /// Writes the objects' status to `controller/status.json`.
+    pub fn save(store: &Store, objects: &BTreeMap<ObjectRef, ObjectStatus>) -> Result<(), StoreError> {
+        let list: Vec<&ObjectStatus> = objects.values().collect();
+        store.write_json(FILE, &list, Secrecy::Secret)
+    }
+}
+
+/// The link from an agent to its remote issuer, as status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IssuerLink {
+    pub address: String,
+    pub connected: bool,
+    /// Why it is down, or what it last did.
+    pub message: String,
+}
+
+/// A socket served or a file output, as status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceState {
+    pub name: String,
+    /// The socket, for a `workload-identity-api` service.
+    pub listen: String,
+    /// The directory, for a file output.
+    pub destination: String,
+    /// What the output last did.
+    pub state: String,
+    /// Whether it does what it is for: serving, or written with its hook run.
+    pub healthy: bool,
+}
+
+/// What the host runs, besides the objects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostStatus {
+    pub trust_domain: String,
+    /// `sha256:<hex>` of each CA certificate's SubjectPublicKeyInfo in the trust bundle in force.
+    pub ca_pins: Vec<String>,
+    pub bot: String,
+    pub bot_expires: String,
+    /// The sockets served and the file outputs.
+    pub services: Vec<ServiceState>,
+    /// The issuer API's address, on an issuer host.
+    pub issuer_listen: String,
+    /// The link to the remote issuer, on an agent of one.
+    pub issuer_link: Option<IssuerLink>,
+    /// The issuer's store (`etcd http://…`), on an issuer host.
+    pub issuer_storage: String,
+    /// This replica's name, on an issuer host.
+    pub replica: String,
+    /// The bundle endpoint's URL, when it serves one.
+    pub bundle_endpoint: String,
+}
+
+impl HostStatus {
+    /// The names of the services that do what they are for.
+    pub fn serving(&self) -> impl Iterator<Item = &str> {
+        self.services
+            .iter()
+            .filter(|s| !s.listen.is_empty() || s.healthy)
+            .map(|s| s.name.as_str())
+    }
+}
+
+/// Everything status shows: one value.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub table: StatusTable,
+    pub host: HostStatus,
+}
+
+impl Status {
+    /// Whether every object runs its current generation and is `Ready`.
+    pub fn all_ready(&self) -> bool {
+        self.table.objects.values().all(|s| s.is_ready())
+    }
+}
+
+/// The one writer of the status. Not `Clone`: the daemon owns it.
+pub struct StatusWriter {
+    tx: watch::Sender<Status>,
+}
+
+impl StatusWriter {
+    pub fn new(status: Status) -> StatusWriter {
+        StatusWriter {
+            tx: watch::Sender::new(status),
         }
-        self.saved = Arc::new(self.objects.clone());
-        Some(self.saved.clone())
     }
 
-    /// The last write failed: the next one writes whatever the table holds.
-    pub fn forget_saved(&mut self) {
-        self.saved = Arc::default();
+    /// A reader: sees every update, and is woken by each.
+    pub fn reader(&self) -> StatusReader {
+        StatusReader {
+            rx: self.tx.subscribe(),
+        }
     }
 
-    /// Writes a table taken with [`StatusTable::unsaved`].
-    pub fn save_snapshot(store: &Store, snapshot: &BTreeMap<ObjectRef, ObjectStatus>) -> Result<(), String> {
-        let list: Vec<&ObjectStatus> = snapshot.values().collect();
-        store
-            .write_json(FILE, &list, Secrecy::Secret)
-            .map_err(|e| format!("cannot save the status: {e}; {}", e.hint()))
+    /// Changes the status and wakes every reader.
+    pub fn update<R>(&mut self, change: impl FnOnce(&mut Status) -> R) -> R {
+        let mut out = None;
+        self.tx.send_modify(|s| out = Some(change(s)));
+        out.expect("send_modify runs the closure")
+    }
+
+    /// The status as it is now.
+    pub fn get(&self) -> watch::Ref<'_, Status> {
+        self.tx.borrow()
+    }
+}
+
+/// A cheap, cloneable reader of the status.
+#[derive(Clone)]
+pub struct StatusReader {
+    rx: watch::Receiver<Status>,
+}
+
+impl StatusReader {
+    /// The status as it is now (a read lock: do not hold it across an await).
+    pub fn get(&self) -> watch::Ref<'_, Status> {
+        self.rx.borrow()
+    }
+
+    /// Waits for the next update; `false` once the writer is gone.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+
+    /// Counts what is there now as seen: [`StatusReader::changed`] waits for the next update.
+    pub fn mark_unchanged(&mut self) {
+        self.rx.mark_unchanged();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_reader_sees_the_one_writers_update_and_is_woken_by_it() {
+        let mut writer = StatusWriter::new(Status::default());
+        let (mut admin, diag) = (writer.reader(), writer.reader());
+        admin.mark_unchanged();
+        writer.update(|s| s.host.ca_pins = vec!["sha256:ab".into()]);
+        assert!(admin.changed().await);
+        assert_eq!(admin.get().host.ca_pins, diag.get().host.ca_pins);
+        drop(writer);
+        assert!(!admin.changed().await, "a reader learns that the writer is gone");
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_until_its_status_flips() {
+        let r = ObjectRef::new(crate::resource::Kind::Bot, "b");
+        let mut o = ObjectStatus::new(&r);
+        o.set(&ConditionType::Ready, false, Reason::JoinFailed, "no");
+        let first = o.condition("Ready").unwrap().last_transition_time.clone();
+        o.set(&ConditionType::Ready, false, Reason::RejoinFailed, "still no");
+        assert_eq!(o.condition("Ready").unwrap().last_transition_time, first);
+        assert_eq!(o.condition("Ready").unwrap().reason, "RejoinFailed");
+        o.set(&ConditionType::Output("web".into()), true, Reason::Written, "");
+        assert!(o.condition("Output/web").unwrap().status);
     }
 }

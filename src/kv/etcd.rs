@@ -65,6 +65,24 @@ pub struct EtcdSettings {
     pub tls: Option<EtcdTls>,
 }
 
+impl EtcdSettings {
+    /// The settings of an `issuer` document's `spec.storage` (for `type: etcd`).
+    pub fn of(storage: &crate::resource::issuer::IssuerStorage) -> EtcdSettings {
+        EtcdSettings {
+            endpoints: storage.endpoints.clone(),
+            prefix: storage
+                .prefix
+                .clone()
+                .unwrap_or_else(|| crate::resource::issuer::IssuerStorage::DEFAULT_PREFIX.into()),
+            tls: storage.tls.as_ref().map(|t| EtcdTls {
+                ca_file: t.ca_file.clone(),
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+            }),
+        }
+    }
+}
+
 /// Client TLS to etcd (PEM files).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EtcdTls {

@@ -4,6 +4,7 @@ mod checks;
 pub mod diagnostic;
 mod document;
 pub mod files;
+pub mod render;
 pub mod schema;
 pub mod yaml;
 

@@ -182,19 +182,6 @@ pub struct EtcdTlsFiles {
 impl IssuerStorage {
     /// The default etcd key prefix.
     pub const DEFAULT_PREFIX: &str = "/tbot";
-
-    /// The etcd settings (for `type: etcd`).
-    pub fn etcd(&self) -> crate::kv::EtcdSettings {
-        crate::kv::EtcdSettings {
-            endpoints: self.endpoints.clone(),
-            prefix: self.prefix.clone().unwrap_or_else(|| Self::DEFAULT_PREFIX.into()),
-            tls: self.tls.as_ref().map(|t| crate::kv::EtcdTls {
-                ca_file: t.ca_file.clone(),
-                cert_file: t.cert_file.clone(),
-                key_file: t.key_file.clone(),
-            }),
-        }
-    }
 }
 
 impl IssuerStorage {

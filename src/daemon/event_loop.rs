@@ -1,0 +1,92 @@
+//! The loop: every wake-up is a reconcile. A file event (debounced), SIGHUP, `tbotctl apply`, the
+//! periodic resync and a retry falling due all reload and converge; a poke (something shown by
+//! status changed outside the loop) re-reports; a key-lifecycle tick runs the issuer's one
+//! scheduler. SIGTERM and SIGINT stop it.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::boot::Booted;
+use super::{DEBOUNCE, RESYNC};
+use crate::agent::bot::jitter;
+use crate::controller::notify;
+
+/// How often the issuer's key lifecycle runs (rotation points, pruning retired keys and expired
+/// bot instances).
+const KEY_LIFECYCLE: Duration = Duration::from_secs(60);
+
+pub(super) async fn run(booted: Booted) -> ExitCode {
+    let Booted {
+        mut daemon,
+        mut signals,
+        mut events,
+        watcher: _watcher,
+        mut reloads,
+        stop,
+        mut retry_at,
+        oneshot,
+    } = booted;
+    if let Some(config) = oneshot {
+        let code = super::outputs::oneshot(&mut daemon, Some(&config)).await;
+        let _ = stop.send(true);
+        daemon.shutdown().await;
+        return code;
+    }
+    let mut storage = daemon.persist.failures();
+    let mut resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
+    let mut key_lifecycle = tokio::time::interval(KEY_LIFECYCLE);
+    loop {
+        let retry_sleep = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            Some(()) = events.recv() => {
+                let m = &crate::admin::metrics::metrics().watch_events;
+                m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(DEBOUNCE).await;
+                while events.try_recv().is_ok() {
+                    m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            _ = signals.hup.recv() => tracing::info!("SIGHUP: reloading"),
+            _ = daemon.poke.notified() => {
+                daemon.report(&daemon.retry.waiting());
+                continue;
+            }
+            Ok(()) = storage.changed() => {
+                daemon.report(&daemon.retry.waiting());
+                continue;
+            }
+            Some(done) = reloads.recv() => {
+                retry_at = daemon.reconcile().await;
+                let _ = done.send(());
+                continue;
+            }
+            _ = tokio::time::sleep_until(resync) => {}
+            _ = retry_sleep => {}
+            _ = key_lifecycle.tick() => {
+                if let Some(issuer) = daemon.host.local()
+                    && let Err(e) = issuer.prune().await
+                {
+                    tracing::warn!(error = %e, hint = %e.hint(), "cannot prune retired CAs and expired bot instances");
+                }
+                continue;
+            }
+        }
+        resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
+        notify::reloading();
+        retry_at = daemon.reconcile().await;
+        notify::ready();
+    }
+    notify::stopping();
+    let _ = stop.send(true);
+    tracing::info!("stopping: no new connections; open streams end");
+    daemon.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
