@@ -7,7 +7,6 @@ pub mod aws;
 pub mod cli;
 pub mod controller;
 pub mod daemon;
-pub mod fuzzing;
 pub mod issuer;
 pub mod kv;
 pub mod manifest;
@@ -15,6 +14,9 @@ pub mod pem;
 pub mod resource;
 pub mod spiffe_bundle;
 pub mod store;
+pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod workload_api;
 
 /// Crash testing: with `TBOT_FAILPOINT=<name>[@<n>]` in its environment the process aborts the `n`th

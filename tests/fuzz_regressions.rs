@@ -33,22 +33,22 @@ fn run(target: &str, body: fn(&[u8])) {
 
 #[test]
 fn the_loader_survives_every_recorded_input() {
-    run("load", tbot::fuzzing::load);
+    run("load", tbot::testing::fuzz::load);
 }
 
 #[test]
 fn the_template_parser_survives_every_recorded_input() {
-    run("template", tbot::fuzzing::template);
+    run("template", tbot::testing::fuzz::template);
 }
 
 #[test]
 fn the_spiffe_id_parser_survives_every_recorded_input() {
-    run("spiffe_id", tbot::fuzzing::spiffe_id);
+    run("spiffe_id", tbot::testing::fuzz::spiffe_id);
 }
 
 #[test]
 fn the_issuer_api_survives_every_recorded_input() {
-    run("issuer_request", tbot::fuzzing::issuer_request);
+    run("issuer_request", tbot::testing::fuzz::issuer_request);
 }
 
 /// A stable-Rust stand-in for the fuzzer between fuzzing runs: every seed, mutated 3,000 times by a
@@ -83,7 +83,7 @@ fn the_issuer_api_survives_mutated_seeds() {
                 }
             }
         }
-        let outcome = std::panic::catch_unwind(|| tbot::fuzzing::issuer_request(&data));
+        let outcome = std::panic::catch_unwind(|| tbot::testing::fuzz::issuer_request(&data));
         assert!(outcome.is_ok(), "the issuer API panics on {data:?}");
     }
 }
@@ -186,6 +186,6 @@ fn issuer_request_seeds_are_well_formed_messages() {
             "missing seed {}; write it with TBOT_BLESS=1",
             path.display()
         );
-        tbot::fuzzing::issuer_request(&data);
+        tbot::testing::fuzz::issuer_request(&data);
     }
 }

@@ -34,7 +34,7 @@ fn client(address: String, pin: &str) -> Arc<RemoteIssuer> {
         ca_path: None,
         insecure: false,
     };
-    RemoteIssuer::new(settings, Store::memory()).unwrap()
+    RemoteIssuer::new(settings, Store::memory(), &Default::default()).unwrap()
 }
 
 /// An X509-SVID request of the test workload (uid 1000) with a new key, by the bot holding `bot`.

@@ -616,7 +616,7 @@ async fn a_copy_renewing_over_the_network_locks_the_instance_and_ends_its_open_w
     );
     let (settings, _stop) = over_the_network(&issuer).await;
     // The holder joins, renews once, and watches with its current certificate.
-    let holder = RemoteIssuer::new(settings.clone(), Store::memory()).unwrap();
+    let holder = RemoteIssuer::new(settings.clone(), Store::memory(), &Default::default()).unwrap();
     let k1 = KeyPair::generate().unwrap();
     let first = holder.join(token_join(&k1, "secret-token-1")).await.unwrap();
     holder.present(&first.der, &k1.serialize_der());
@@ -630,7 +630,7 @@ async fn a_copy_renewing_over_the_network_locks_the_instance_and_ends_its_open_w
         .expect("the holder's Watch stream is up")
         .unwrap();
     // A copy of the first certificate renews from elsewhere.
-    let copy = RemoteIssuer::new(settings, Store::memory()).unwrap();
+    let copy = RemoteIssuer::new(settings, Store::memory(), &Default::default()).unwrap();
     copy.present(&first.der, &k1.serialize_der());
     let stranger = KeyPair::generate().unwrap();
     let err = copy.renew(renewal(&first.der, &k1, &stranger)).await.unwrap_err();
@@ -656,7 +656,7 @@ async fn the_watch_stream_moves_to_a_renewed_certificate_at_once() {
             .unwrap(),
     );
     let (settings, _stop) = over_the_network(&issuer).await;
-    let client = RemoteIssuer::new(settings, Store::memory()).unwrap();
+    let client = RemoteIssuer::new(settings, Store::memory(), &Default::default()).unwrap();
     let mut key = KeyPair::generate().unwrap();
     let mut cert = client.join(token_join(&key, "secret-token-1")).await.unwrap();
     client.present(&cert.der, &key.serialize_der());
@@ -695,6 +695,7 @@ async fn over_the_network(
         vec!["127.0.0.1".into()],
         false,
         stop,
+        Default::default(),
     )
     .await
     .unwrap();

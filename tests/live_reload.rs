@@ -352,9 +352,18 @@ fn the_admin_api_refuses_another_uid() {
 }
 
 fn http_get(port: u16, path: &str) -> String {
+    http_get_with(port, path, "")
+}
+
+/// A GET with extra header lines (each ending in `\r\n`).
+fn http_get_with(port: u16, path: &str, headers: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -383,6 +392,53 @@ async fn diagnostics_report_liveness_readiness_and_metrics() {
         "# TYPE tbot_reconciles_total counter",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    assert!(metrics.contains("content-type: text/plain; version=0.0.4"), "{metrics}");
+    let open = http_get_with(
+        port,
+        "/metrics",
+        "Accept: application/openmetrics-text; version=1.0.0\r\n",
+    );
+    assert!(
+        open.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{open}"
+    );
+    assert!(open.trim_end().ends_with("# EOF"), "{open}");
+    // The Prometheus project's own parser reads both expositions, and finds the same samples.
+    let Some(python) = common::venv_python("prometheus_client") else {
+        return;
+    };
+    let parse = |format: &str, response: &str| {
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let mut child = std::process::Command::new(&python)
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/metrics_peer.py"))
+            .arg(format)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{format}: {}\n{body}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (text, openmetrics) = (parse("prometheus", &metrics), parse("openmetrics", &open));
+    assert!(text.lines().count() > 5, "{text}");
+    for sample in [
+        "counter tbot_x509_svids_issued_total 1",
+        "gauge tbot_workload_api_streams 1",
+    ] {
+        assert!(text.lines().any(|l| l == sample), "{sample:?} not in\n{text}");
+        assert!(
+            openmetrics.lines().any(|l| l == sample),
+            "{sample:?} not in\n{openmetrics}"
+        );
     }
 }
 

@@ -173,7 +173,7 @@ pub async fn run(scale: Scale) -> Vec<Row> {
         ttl: Duration::from_secs(3600),
         renewal_interval: Duration::from_secs(1200),
     };
-    let agent = Arc::new(Agent::start(issuer, settings, store).await.unwrap());
+    let agent = Arc::new(Agent::start(issuer, settings, store, Default::default()).await.unwrap());
     let minted = agent.clone();
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
 
@@ -184,9 +184,9 @@ pub async fn run(scale: Scale) -> Vec<Row> {
         ttl: Duration::from_secs(3600),
     };
     let (config_tx, config_rx) = tokio::sync::watch::channel(config);
-    let api = WorkloadApi::new(agent, config_rx, stop);
+    let api = WorkloadApi::new(agent, config_rx, stop, Default::default());
     let attest = tokio::sync::watch::channel(Default::default()).1;
-    let incoming = incoming_unix(bind_unix(&api_path).unwrap(), attest);
+    let incoming = incoming_unix(bind_unix(&api_path).unwrap(), attest, Default::default());
     tokio::spawn(
         Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(api))

@@ -173,7 +173,7 @@ async fn join(host: &IssuerHost, i: usize) -> SimAgent {
 
 /// Joins simulated agent `i` (token `agent-i`) through `settings`.
 pub async fn join_at(settings: RemoteSettings, i: usize) -> SimAgent {
-    let issuer = RemoteIssuer::new(settings, Store::memory()).unwrap();
+    let issuer = RemoteIssuer::new(settings, Store::memory(), &Default::default()).unwrap();
     // Each simulated host has its own source address, as the issuer's per-address limits expect.
     issuer.set_local_address(std::net::IpAddr::from([127, 1, (i / 250) as u8, (i % 250 + 1) as u8]));
     let key = KeyPair::generate().unwrap();

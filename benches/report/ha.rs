@@ -23,7 +23,7 @@ const FIRST_JOIN: usize = ISSUERS + 2 * RENEWERS;
 
 /// `settings` with a source address of its own per simulated host (the per-address join limit).
 fn client(settings: RemoteSettings, i: usize) -> Arc<RemoteIssuer> {
-    let issuer = RemoteIssuer::new(settings, Store::memory()).unwrap();
+    let issuer = RemoteIssuer::new(settings, Store::memory(), &Default::default()).unwrap();
     issuer.set_local_address(std::net::IpAddr::from([127, 2, (i / 250) as u8, (i % 250 + 1) as u8]));
     issuer
 }

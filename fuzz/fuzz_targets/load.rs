@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tbot::fuzzing::load(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tbot::testing::fuzz::load(data));

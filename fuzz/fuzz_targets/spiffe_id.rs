@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| tbot::fuzzing::spiffe_id(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tbot::testing::fuzz::spiffe_id(data));

@@ -1,5 +1,6 @@
 //! The diagnostics HTTP endpoint on `diag_addr`: `/livez`, `/readyz` (JSON, per service; 503 until
-//! every service is ready), `/readyz/<service>`, and `/metrics` (Prometheus text).
+//! every service is ready), `/readyz/<service>`, and `/metrics` (Prometheus text 0.0.4, or OpenMetrics
+//! when the caller accepts `application/openmetrics-text`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,8 +12,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
-use super::metrics::metrics;
 use crate::controller::status::{Status, StatusReader};
+use crate::telemetry::Metrics;
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
@@ -22,7 +23,14 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
         .expect("a valid response")
 }
 
-fn route(path: &str, status: &Status, expected: &[String]) -> Response<Full<Bytes>> {
+/// What to answer for `path`; `openmetrics` when the caller accepts OpenMetrics.
+fn route(
+    path: &str,
+    status: &Status,
+    expected: &[String],
+    metrics: &Metrics,
+    openmetrics: bool,
+) -> Response<Full<Bytes>> {
     let info = &status.host;
     let serving: Vec<&str> = info.serving().collect();
     let state = |name: &str| if serving.contains(&name) { "ready" } else { "not ready" };
@@ -49,7 +57,12 @@ fn route(path: &str, status: &Status, expected: &[String]) -> Response<Full<Byte
             };
             reply(code, "application/json", format!("{body}\n"))
         }
-        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics().render()),
+        "/metrics" if openmetrics => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.openmetrics(),
+        ),
+        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics.prometheus_text()),
         other => match other.strip_prefix("/readyz/") {
             Some(name) if expected.iter().any(|n| n == name) => {
                 let ready = serving.contains(&name);
@@ -74,7 +87,12 @@ fn route(path: &str, status: &Status, expected: &[String]) -> Response<Full<Byte
 }
 
 /// Serves diagnostics on `addr` in the background.
-pub async fn serve(addr: SocketAddr, status: StatusReader, expected: Vec<String>) -> Result<(), String> {
+pub async fn serve(
+    addr: SocketAddr,
+    status: StatusReader,
+    expected: Vec<String>,
+    metrics: Arc<Metrics>,
+) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot serve diagnostics on {addr}: {e}"))?;
@@ -83,9 +101,15 @@ pub async fn serve(addr: SocketAddr, status: StatusReader, expected: Vec<String>
         while let Ok((stream, _)) = listener.accept().await {
             let status = status.clone();
             let expected = expected.clone();
+            let metrics = metrics.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = route(request.uri().path(), &status.get(), &expected);
+                    let openmetrics = request
+                        .headers()
+                        .get_all(hyper::header::ACCEPT)
+                        .iter()
+                        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
+                    let response = route(request.uri().path(), &status.get(), &expected, &metrics, openmetrics);
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()

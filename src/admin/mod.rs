@@ -2,7 +2,6 @@
 //! peer credentials) through which `tbotctl` reads status and asks for a convergence.
 
 pub mod diag;
-pub mod metrics;
 pub mod server;
 
 /// The generated protobuf messages and gRPC service (from `proto/admin.proto`).

@@ -503,7 +503,7 @@ pub fn serve(api: AdminApi, path: &Path, mut stop: watch::Receiver<bool>) -> Res
     let socket = listener::bind_unix(path).map_err(|e| format!("admin socket: {e}; {}", e.hint()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("admin socket: cannot chmod {}: {e}", path.display()))?;
-    let incoming = listener::incoming_unix(socket, watch::channel(Default::default()).1);
+    let incoming = listener::incoming_unix(socket, watch::channel(Default::default()).1, Default::default());
     let path = path.to_owned();
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()

@@ -9,6 +9,7 @@ use std::time::Duration;
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
 use tokio::sync::watch;
 
+use super::AgentMetrics;
 use crate::aws::{self, Imds};
 use crate::issuer::{BotCertificate, Issuer, IssuerError, JoinProof, JoinRequest, RenewRequest};
 use crate::resource::agent::JoinMethod;
@@ -50,10 +51,11 @@ pub async fn join(
     settings: &JoinSettings,
     store: &Store,
     current: Option<&BotIdentity>,
+    metrics: &AgentMetrics,
 ) -> Result<BotIdentity, IssuerError> {
     let method = settings.method.as_str();
     let joined = join_once(issuer, settings, store, current).await;
-    crate::admin::metrics::metrics().join(method, if joined.is_ok() { "joined" } else { "refused" });
+    metrics.join(method, if joined.is_ok() { "joined" } else { "refused" });
     let identity = match joined {
         Ok(identity) => identity,
         Err(error) => {
@@ -140,9 +142,10 @@ pub async fn refresh(
     settings: &JoinSettings,
     current: &BotIdentity,
     store: &Store,
+    metrics: &AgentMetrics,
 ) -> Result<BotIdentity, IssuerError> {
     if settings.method == JoinMethod::Iam {
-        return join(issuer, settings, store, Some(current)).await;
+        return join(issuer, settings, store, Some(current), metrics).await;
     }
     let key = pending_key(store, PENDING_KEY_FILE)?;
     let public_key = key.subject_public_key_info();
@@ -255,6 +258,7 @@ pub async fn keep_fresh(
     tx: watch::Sender<Arc<BotIdentity>>,
     health: watch::Sender<Option<String>>,
     overdue: bool,
+    metrics: AgentMetrics,
 ) {
     let mut backoff = Duration::from_secs(1);
     // Every `renewal_interval`, and before half the certificate's life has gone at the latest: a
@@ -281,7 +285,7 @@ pub async fn keep_fresh(
         }
         let settings = settings_rx.borrow().clone();
         let current = tx.borrow().clone();
-        match refresh(issuer.as_ref(), &settings, &current, &store).await {
+        match refresh(issuer.as_ref(), &settings, &current, &store, &metrics).await {
             Ok(identity) => {
                 tracing::info!(
                     bot = %identity.certificate.bot,

@@ -79,6 +79,7 @@ pub struct SvidCache {
     jwts: Mutex<HashMap<JwtKey, (JwtSvid, OffsetDateTime)>>,
     issued: AtomicU64,
     next_slot_id: AtomicU64,
+    metrics: super::AgentMetrics,
 }
 
 /// How long an SVID waits for the bundle holding its CA.
@@ -117,7 +118,11 @@ fn remaining(until: OffsetDateTime) -> Duration {
 }
 
 impl SvidCache {
-    pub fn new(issuer: Arc<dyn Issuer>, bot: watch::Receiver<Arc<BotIdentity>>) -> Arc<SvidCache> {
+    pub fn new(
+        issuer: Arc<dyn Issuer>,
+        bot: watch::Receiver<Arc<BotIdentity>>,
+        metrics: super::AgentMetrics,
+    ) -> Arc<SvidCache> {
         Arc::new(SvidCache {
             issuer,
             bot,
@@ -125,6 +130,7 @@ impl SvidCache {
             jwts: Mutex::new(HashMap::new()),
             issued: AtomicU64::new(0),
             next_slot_id: AtomicU64::new(0),
+            metrics,
         })
     }
 
@@ -264,9 +270,7 @@ impl SvidCache {
             .await?;
         self.bundle_covering(&svid.certificate).await;
         self.issued.fetch_add(1, Ordering::Relaxed);
-        crate::admin::metrics::metrics()
-            .svids_issued
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.x509_issued.inc();
         Ok(X509Material {
             svid,
             key: pair.serialize_der(),
@@ -340,9 +344,7 @@ impl SvidCache {
                 ttl,
             })
             .await?;
-        crate::admin::metrics::metrics()
-            .jwt_svids_issued
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.jwt_issued.inc();
         Ok(svid)
     }
 
@@ -420,14 +422,14 @@ mod tests {
     use super::*;
     use crate::agent::bot::{self, JoinSettings};
     use crate::issuer::LocalIssuer;
-    use crate::issuer::policy::policy_from_text;
     use crate::resource::agent::JoinMethod;
     use crate::store::Store;
+    use crate::testing::examples::policy_from_text;
 
     const HOUR: Duration = Duration::from_secs(3600);
 
     async fn cache() -> Arc<SvidCache> {
-        let policy = policy_from_text(crate::issuer::policy::EXAMPLE_DOCUMENTS);
+        let policy = policy_from_text(crate::testing::examples::EXAMPLE_DOCUMENTS);
         let issuer: Arc<dyn Issuer> = Arc::new(LocalIssuer::open(Store::memory(), policy).await.unwrap());
         let settings = JoinSettings {
             method: JoinMethod::Token,
@@ -435,12 +437,12 @@ mod tests {
             ttl: HOUR,
             renewal_interval: HOUR,
         };
-        let identity = bot::join(issuer.as_ref(), &settings, &Store::memory(), None)
+        let identity = bot::join(issuer.as_ref(), &settings, &Store::memory(), None, &Default::default())
             .await
             .unwrap();
         // The receiver keeps the last identity after its sender is gone: no renewals in these tests.
         let (_, rx) = watch::channel(Arc::new(identity));
-        SvidCache::new(issuer, rx)
+        SvidCache::new(issuer, rx, Default::default())
     }
 
     fn resolved() -> Resolved {

@@ -4,6 +4,7 @@
 pub mod attest;
 pub mod bot;
 pub mod cache;
+pub mod metrics;
 pub mod outputs;
 pub mod remote;
 
@@ -16,6 +17,7 @@ use crate::resource::agent::JoinMethod;
 use crate::store::Store;
 pub use bot::{BotIdentity, JoinSettings};
 pub use cache::{Slot, SvidCache, X509Material};
+pub use metrics::AgentMetrics;
 
 /// A joined agent.
 pub struct Agent {
@@ -29,6 +31,8 @@ pub struct Agent {
     /// Why the bot identity cannot be renewed, while it cannot.
     renewal: watch::Receiver<Option<String>>,
     pub cache: Arc<SvidCache>,
+    /// The agent's metric families.
+    pub metrics: AgentMetrics,
     /// Recent answers of the issuer's `resolve`, valid while the documents and the bot identity are
     /// the ones they were made with (as a stream's own resolution is): a stream open or a JWT fetch
     /// by a known caller asks the issuer nothing.
@@ -64,7 +68,12 @@ impl Resolutions {
 impl Agent {
     /// Renews the identity saved in `store` (a restart), else joins; then keeps the bot identity
     /// fresh in the background.
-    pub async fn start(issuer: Arc<dyn Issuer>, settings: JoinSettings, store: Store) -> Result<Agent, IssuerError> {
+    pub async fn start(
+        issuer: Arc<dyn Issuer>,
+        settings: JoinSettings,
+        store: Store,
+        metrics: AgentMetrics,
+    ) -> Result<Agent, IssuerError> {
         let saved = match settings.method {
             JoinMethod::Token => BotIdentity::load(&store)?,
             JoinMethod::Iam => None,
@@ -73,7 +82,7 @@ impl Agent {
         // bot from it, and renewing the older saved identity would then look like a copy.
         let mut finished = None;
         if settings.method == JoinMethod::Token && bot::join_pending(&store)? {
-            match bot::join(issuer.as_ref(), &settings, &store, None).await {
+            match bot::join(issuer.as_ref(), &settings, &store, None, &metrics).await {
                 Ok(joined) => {
                     tracing::info!(bot = %joined.certificate.bot, "a join interrupted by a stop completed");
                     finished = Some(joined);
@@ -89,7 +98,7 @@ impl Agent {
         let mut unrenewed = None;
         let identity = match (finished, saved) {
             (Some(joined), _) => joined,
-            (None, Some(saved)) => match bot::refresh(issuer.as_ref(), &settings, &saved, &store).await {
+            (None, Some(saved)) => match bot::refresh(issuer.as_ref(), &settings, &saved, &store, &metrics).await {
                 Ok(renewed) => {
                     tracing::info!(bot = %renewed.certificate.bot, expires = %renewed.certificate.not_after, "saved bot identity renewed");
                     renewed
@@ -107,11 +116,11 @@ impl Agent {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "the saved bot identity cannot be renewed; joining again");
-                    bot::join(issuer.as_ref(), &settings, &store, None).await?
+                    bot::join(issuer.as_ref(), &settings, &store, None, &metrics).await?
                 }
             },
             (None, None) => {
-                let joined = bot::join(issuer.as_ref(), &settings, &store, None).await?;
+                let joined = bot::join(issuer.as_ref(), &settings, &store, None, &metrics).await?;
                 tracing::info!(
                     bot = %joined.certificate.bot,
                     method = %settings.method,
@@ -131,8 +140,9 @@ impl Agent {
             tx.clone(),
             health_tx,
             unrenewed.is_some(),
+            metrics.clone(),
         ));
-        let cache = SvidCache::new(issuer.clone(), rx.clone());
+        let cache = SvidCache::new(issuer.clone(), rx.clone(), metrics.clone());
         Ok(Agent {
             issuer,
             bot: rx,
@@ -142,13 +152,14 @@ impl Agent {
             policy: watch::channel(0).0,
             renewal,
             cache,
+            metrics,
             resolutions: Default::default(),
         })
     }
 
     /// Joins again with new terms. The current identity stays in force until the join succeeds.
     pub async fn rejoin(&self, settings: JoinSettings) -> Result<(), IssuerError> {
-        let identity = bot::join(self.issuer.as_ref(), &settings, &self.store, None).await?;
+        let identity = bot::join(self.issuer.as_ref(), &settings, &self.store, None, &self.metrics).await?;
         tracing::info!(
             bot = %identity.certificate.bot,
             method = %settings.method,
@@ -322,10 +333,10 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::issuer::policy::{EXAMPLE_DOCUMENTS, policy_from_text};
     use crate::issuer::{
         BotCertificate, JoinRequest, JwtRequest, JwtSvid, LocalIssuer, RenewRequest, X509Request, X509Svid,
     };
+    use crate::testing::examples::{EXAMPLE_DOCUMENTS, policy_from_text};
 
     /// The in-process issuer, counting how often it is asked to resolve.
     struct Counting {
@@ -377,7 +388,9 @@ mod tests {
             ttl: std::time::Duration::from_secs(3600),
             renewal_interval: std::time::Duration::from_secs(3600),
         };
-        let agent = Agent::start(issuer.clone(), settings, Store::memory()).await.unwrap();
+        let agent = Agent::start(issuer.clone(), settings, Store::memory(), AgentMetrics::default())
+            .await
+            .unwrap();
         (agent, issuer)
     }
 

@@ -248,7 +248,7 @@ async fn run(
             }
             Err(error) => {
                 tracing::warn!(output = %spec.name, %error, "the output cannot be written");
-                crate::admin::metrics::metrics().output(&spec.name, "failed");
+                agent.metrics.output(&spec.name, "failed");
                 report.send_modify(|r| r.error = Some(error));
                 if once {
                     return;
@@ -373,7 +373,7 @@ impl Job<'_> {
     /// After a write: the hook, the report, the metric.
     async fn wrote(&self, spiffe_id: &str, expires: OffsetDateTime) {
         let spec = self.spec;
-        let metrics = crate::admin::metrics::metrics();
+        let metrics = &self.agent.metrics;
         metrics.output(&spec.name, "written");
         let hook = match &spec.on_update {
             Some(hook) => run_hook(hook).await.err(),

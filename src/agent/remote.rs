@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::issuer::ca::spki_pin;
-use crate::issuer::server::tls::{self, provider};
+use crate::issuer::tls::{self, provider};
 use crate::issuer::wire::{self, proto};
 use crate::issuer::{
     Attributes, BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest,
@@ -85,6 +85,8 @@ pub struct RemoteIssuer {
     /// The local address connections come from (a load generator posing as many hosts); `None`
     /// lets the kernel choose, as for every real agent.
     local_ip: Mutex<Option<std::net::IpAddr>>,
+    /// `tbot_remote_issuer_connected`.
+    connected: crate::telemetry::Gauge,
 }
 
 struct PendingJoin {
@@ -103,7 +105,12 @@ struct Target {
 
 impl RemoteIssuer {
     /// A client of the issuer at `settings.address`; nothing is dialled until the first call.
-    pub fn new(settings: RemoteSettings, store: Store) -> Result<Arc<RemoteIssuer>, IssuerError> {
+    /// `metrics.issuer_connected` follows the link.
+    pub fn new(
+        settings: RemoteSettings,
+        store: Store,
+        metrics: &super::AgentMetrics,
+    ) -> Result<Arc<RemoteIssuer>, IssuerError> {
         let saved = load_bundle(&store);
         let bundles = watch::channel(Arc::new(saved.unwrap_or_default())).0;
         let target = Target::new(settings.clone(), bundles.subscribe())?;
@@ -131,6 +138,7 @@ impl RemoteIssuer {
             pending: Mutex::new(Vec::new()),
             watching: std::sync::Once::new(),
             local_ip: Mutex::new(None),
+            connected: metrics.issuer_connected.clone(),
         }))
     }
 
@@ -153,6 +161,7 @@ impl RemoteIssuer {
 
     /// Connects from `ip` from now on (a load generator posing as many hosts, each with its own
     /// address, as the issuer's per-address limits expect).
+    #[cfg(feature = "testing")]
     pub fn set_local_address(&self, ip: std::net::IpAddr) {
         *self.local_ip.lock().expect("local address poisoned") = Some(ip);
         self.epoch.send_modify(|e| *e += 1);
@@ -217,9 +226,7 @@ impl RemoteIssuer {
     }
 
     fn set_link(&self, connected: bool, message: String) {
-        crate::admin::metrics::metrics()
-            .issuer_connected
-            .store(i64::from(connected), std::sync::atomic::Ordering::Relaxed);
+        self.connected.set(i64::from(connected));
         self.link.send_if_modified(|l| {
             if l.connected && !connected {
                 tracing::warn!(issuer = %l.address, reason = %message,

@@ -119,6 +119,7 @@ async fn serve_issuer(
     applied: &watch::Sender<Arc<manifest::DesiredState>>,
     status: &mut Status,
     stop: &watch::Receiver<bool>,
+    metrics: crate::issuer::server::metrics::IssuerApiMetrics,
 ) -> Result<Arc<crate::issuer::server::Sessions>, ExitCode> {
     let serving = crate::issuer::server::serve(
         issuer.clone(),
@@ -126,6 +127,7 @@ async fn serve_issuer(
         doc.serving_names(),
         doc.spec.proxy_protocol,
         stop.clone(),
+        metrics,
     )
     .await
     .map_err(|e| fail(e, "fix `issuer.spec.listen`, or stop whatever holds the address"))?;
@@ -170,6 +172,7 @@ pub(super) fn poke_on<T: Send + Sync + 'static>(mut rx: watch::Receiver<T>, poke
 pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     // 1. Load.
     let (inputs, load_cache, loaded) = load(options)?;
+    let telemetry = super::Telemetry::register();
     let role = HostRole::of(loaded.state.objects.keys().map(|r| r.kind));
     let config = agent_config(&loaded.state).cloned();
     let issuer_spec = issuer_doc(&loaded.state).cloned();
@@ -202,7 +205,7 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
             let settings = remote_settings(config);
             tracing::info!(issuer = %settings.address, "agent of a remote issuer");
             let store = opened.agent.clone().expect("an agent store");
-            let remote = RemoteIssuer::new(settings, store).map_err(|e| fail(&e, &e.hint()))?;
+            let remote = RemoteIssuer::new(settings, store, &telemetry.agent).map_err(|e| fail(&e, &e.hint()))?;
             Host::Agent { remote }
         }
         (_, HostRole::Issuer { .. }) => Host::Issuer {
@@ -223,7 +226,10 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     let (stop, stop_rx) = watch::channel(false);
     let applied = watch::Sender::new(Arc::new(loaded.state));
     let sessions = match (&issuer_spec, &host) {
-        (Some(doc), Host::Issuer { issuer }) => Some(serve_issuer(doc, issuer, &applied, &mut status, &stop_rx).await?),
+        (Some(doc), Host::Issuer { issuer }) => {
+            let metrics = telemetry.issuer_api.clone();
+            Some(serve_issuer(doc, issuer, &applied, &mut status, &stop_rx, metrics).await?)
+        }
         _ => None,
     };
 
@@ -254,6 +260,7 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
         persist,
         services: BTreeMap::new(),
         outputs: BTreeMap::new(),
+        telemetry,
     };
 
     // 7. The admin API.
@@ -303,7 +310,8 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
             .iter()
             .flat_map(|c| c.services.iter().map(|s| s.display_name().to_owned()))
             .collect();
-        match crate::admin::diag::serve(addr, daemon.status.reader(), names).await {
+        let metrics = daemon.telemetry.metrics.clone();
+        match crate::admin::diag::serve(addr, daemon.status.reader(), names, metrics).await {
             Ok(()) => tracing::info!(%addr, "diagnostics listening: /livez /readyz /metrics"),
             Err(e) => tracing::warn!(error = %e, "no diagnostics endpoint"),
         }

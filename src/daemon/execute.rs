@@ -65,7 +65,7 @@ impl Daemon {
     /// Executes a plan; returns the steps that failed.
     pub(super) async fn execute(&mut self, plan: &Plan, desired: &DesiredState) -> Vec<Failure> {
         let mut failures = Vec::new();
-        let metrics = crate::admin::metrics::metrics();
+        let errors = self.telemetry.daemon.errors.clone();
         let causes_of = |wanted: fn(&Action) -> bool| -> Vec<ObjectRef> {
             plan.steps
                 .iter()
@@ -94,7 +94,7 @@ impl Daemon {
                     }
                 }
                 Err(e) => {
-                    metrics.error("issuer_policy");
+                    errors.count("issuer_policy");
                     tracing::error!(error = %e, hint = %e.hint(), "cannot apply the new documents to the issuer");
                     failures.push(Failure::issuer(cluster_side, Reason::IssuerFailed, &e));
                 }
@@ -107,7 +107,7 @@ impl Daemon {
             && let Some(issuer) = self.host.local()
             && let Err(e) = issuer.rotate_ca_for_settings().await
         {
-            metrics.error("ca_rotation");
+            errors.count("ca_rotation");
             tracing::error!(error = %e, hint = %e.hint(), "cannot rotate the CA");
             failures.push(Failure::issuer(rotate, Reason::RotationFailed, &e));
         }
@@ -121,7 +121,7 @@ impl Daemon {
             && let Some(config) = &config
             && let Err(e) = self.rejoin(config).await
         {
-            metrics.error("rejoin");
+            errors.count("rejoin");
             tracing::error!(error = %e, hint = %e.hint(), "the rejoin failed; the current identity stays in force");
             failures.push(Failure::issuer(rejoin, Reason::RejoinFailed, &e));
         }
@@ -130,7 +130,7 @@ impl Daemon {
         {
             self.sync_outputs(config).await;
             if let Err(e) = self.sync_services(config).await {
-                metrics.error("listener");
+                errors.count("listener");
                 tracing::error!(error = %e, "cannot serve every listener");
                 failures.push(Failure {
                     causes: vec![agent_ref()],
@@ -180,7 +180,8 @@ impl Daemon {
                 store
             }
         };
-        let agent = Arc::new(Agent::start(self.host.issuer(), join_settings(config), store).await?);
+        let metrics = self.telemetry.agent.clone();
+        let agent = Arc::new(Agent::start(self.host.issuer(), join_settings(config), store, metrics).await?);
         agent.follow_policy_events();
         agent.follow_rotations();
         if let Host::Agent { remote } = &self.host {

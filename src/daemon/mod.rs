@@ -7,6 +7,7 @@
 mod boot;
 mod event_loop;
 mod execute;
+mod metrics;
 mod outputs;
 mod reconcile;
 mod report;
@@ -116,6 +117,31 @@ pub(crate) struct Daemon {
     persist: Persist,
     services: BTreeMap<String, services::Running>,
     outputs: BTreeMap<String, outputs::RunningOutput>,
+    telemetry: Telemetry,
+}
+
+/// Every subsystem's metric families, registered once at boot.
+pub(crate) struct Telemetry {
+    pub daemon: metrics::DaemonMetrics,
+    pub agent: crate::agent::AgentMetrics,
+    pub workload_api: crate::workload_api::metrics::WorkloadApiMetrics,
+    pub issuer_api: crate::issuer::server::metrics::IssuerApiMetrics,
+    /// The registry `/metrics` renders.
+    pub metrics: Arc<crate::telemetry::Metrics>,
+}
+
+impl Telemetry {
+    fn register() -> Telemetry {
+        let mut metrics = crate::telemetry::Metrics::default();
+        let errors = crate::telemetry::Errors::register(&mut metrics);
+        Telemetry {
+            daemon: metrics::DaemonMetrics::register(&mut metrics, &errors),
+            agent: crate::agent::AgentMetrics::register(&mut metrics),
+            workload_api: crate::workload_api::metrics::WorkloadApiMetrics::register(&mut metrics, &errors),
+            issuer_api: crate::issuer::server::metrics::IssuerApiMetrics::register(&mut metrics),
+            metrics: Arc::new(metrics),
+        }
+    }
 }
 
 impl Daemon {

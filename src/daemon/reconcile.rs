@@ -73,12 +73,9 @@ impl Daemon {
     pub(super) async fn reconcile(&mut self) -> Option<tokio::time::Instant> {
         let started = std::time::Instant::now();
         let retry = self.reconcile_once().await;
-        let m = crate::admin::metrics::metrics();
-        m.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        m.reconcile_micros.fetch_add(
-            started.elapsed().as_micros() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let m = &self.telemetry.daemon;
+        m.reconciles.inc();
+        m.reconcile_seconds.inc_by(started.elapsed().as_secs_f64());
         retry
     }
 
@@ -176,11 +173,10 @@ impl Daemon {
     /// Takes in what was loaded: the files that fail, their objects `Invalid`, the new generations
     /// `Reconciling`. Watchers see `Reconciling` before the work starts.
     fn observe(&mut self, loaded: &Loaded, desired: &DesiredState) {
+        let files_failing = &self.telemetry.daemon.files_failing;
         self.status.update(|s| {
             s.table.files_failing(&loaded.diagnostics);
-            crate::admin::metrics::metrics()
-                .files_failing
-                .store(s.table.file_errors.len() as i64, std::sync::atomic::Ordering::Relaxed);
+            files_failing.set(s.table.file_errors.len() as i64);
             for d in loaded.diagnostics.iter().filter(|d| d.is_error()) {
                 s.table.invalid(
                     &d.location.path,

@@ -77,7 +77,7 @@ impl Daemon {
         let incoming = match listen {
             Listen::Unix(path) => {
                 let l = listener::bind_unix(path).map_err(|e| format!("{e}; {}", e.hint()))?;
-                listener::incoming_unix(l, attest_rx)
+                listener::incoming_unix(l, attest_rx, self.telemetry.workload_api.connections.clone())
             }
             Listen::Tcp(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
@@ -91,7 +91,7 @@ impl Daemon {
                 listener::incoming_tcp(l)
             }
         };
-        let api = WorkloadApi::new(agent, config_rx, stop_rx.clone());
+        let api = WorkloadApi::new(agent, config_rx, stop_rx.clone(), self.telemetry.workload_api.clone());
         let task = tokio::spawn(serve(api, incoming, stop_rx));
         tracing::info!(service = service.display_name(), %listen, "Workload API and SDS listening");
         Ok(Running {

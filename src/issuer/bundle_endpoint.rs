@@ -19,7 +19,7 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
 use super::LocalIssuer;
-use super::server::tls::{self, ServingCert};
+use super::tls::{self, ServingCert};
 use crate::resource::issuer::{BundleEndpoint, BundleProfile};
 
 /// The endpoint SVID's lifetime (capped by the CA's end); re-made at half of it.

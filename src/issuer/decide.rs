@@ -400,7 +400,7 @@ fn check_dns_name(name: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::issuer::policy::policy_from_text;
+    use crate::testing::examples::policy_from_text;
 
     /// A policy where bot `b` may issue everything labelled `app: x`, plus the given identity spec.
     fn policy(identity_spec: &str) -> Policy {

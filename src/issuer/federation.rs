@@ -212,7 +212,7 @@ async fn keep(
 
 /// One GET of the bundle endpoint, TLS checked as the profile says.
 async fn fetch_once(spec: &FederationSpec, current: Option<&TrustBundle>) -> Result<Vec<u8>, String> {
-    let provider = super::server::tls::provider();
+    let provider = super::tls::provider();
     let source = &spec.bundle_source;
     let (url, config) = if let Some(web) = &source.https_web {
         let mut roots = rustls::RootCertStore::empty();

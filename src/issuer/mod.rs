@@ -17,6 +17,7 @@ pub mod rbac;
 pub mod replicas;
 pub mod rotation;
 pub mod server;
+pub mod tls;
 pub mod wire;
 
 use std::collections::BTreeMap;

@@ -135,7 +135,7 @@ fn render_labels(labels: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::issuer::policy::policy_from_text;
+    use crate::testing::examples::policy_from_text;
 
     const BASE: &str = "
 kind: cluster

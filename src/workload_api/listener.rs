@@ -169,6 +169,7 @@ async fn accept_or_stop<T>(
 pub fn incoming_unix(
     listener: UnixListener,
     settings: tokio::sync::watch::Receiver<AttestSettings>,
+    connections: crate::telemetry::CounterMetric,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -178,9 +179,7 @@ pub fn incoming_unix(
                 Accepted::Failed => continue,
                 Accepted::Conn((stream, _)) => stream,
             };
-            crate::admin::metrics::metrics()
-                .connections
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            connections.inc();
             let tx = tx.clone();
             let settings = settings.borrow().clone();
             tokio::spawn(async move {

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod codec;
 pub mod listener;
+pub mod metrics;
 pub mod sds;
 pub mod server;
 

@@ -253,7 +253,7 @@ struct SdsWatch {
     last_sent: Option<Made>,
     nonce: String,
     version: u64,
-    _open: OpenStream,
+    open: OpenStream,
 }
 
 impl SdsWatch {
@@ -276,7 +276,7 @@ impl SdsWatch {
             return Ok(());
         }
         if let Some(error) = &request.error_detail {
-            crate::admin::metrics::metrics().error("sds_nack");
+            self.open.0.errors.count("sds_nack");
             tracing::warn!(
                 code = error.code,
                 error = %error.message,
@@ -396,7 +396,7 @@ impl SecretDiscoveryService for WorkloadApi {
             last_sent: None,
             nonce: String::new(),
             version: 0,
-            _open: OpenStream::new(),
+            open: OpenStream::new(&self.metrics),
         })))
     }
 

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::SECURITY_HEADER;
 use super::listener::CallerInfo;
+use super::metrics::WorkloadApiMetrics;
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::*;
 use crate::agent::attest::AttestError;
@@ -36,11 +37,22 @@ pub struct WorkloadApi {
     config: watch::Receiver<ServiceConfig>,
     /// Becomes `true` when the service stops: open streams end.
     stop: watch::Receiver<bool>,
+    pub(super) metrics: WorkloadApiMetrics,
 }
 
 impl WorkloadApi {
-    pub fn new(agent: Arc<Agent>, config: watch::Receiver<ServiceConfig>, stop: watch::Receiver<bool>) -> WorkloadApi {
-        WorkloadApi { agent, config, stop }
+    pub fn new(
+        agent: Arc<Agent>,
+        config: watch::Receiver<ServiceConfig>,
+        stop: watch::Receiver<bool>,
+        metrics: WorkloadApiMetrics,
+    ) -> WorkloadApi {
+        WorkloadApi {
+            agent,
+            config,
+            stop,
+            metrics,
+        }
     }
 }
 
@@ -324,22 +336,18 @@ impl Made {
 }
 
 /// Counts an open stream for `/metrics` while it lives.
-pub(super) struct OpenStream;
+pub(super) struct OpenStream(pub(super) WorkloadApiMetrics);
 
 impl OpenStream {
-    pub(super) fn new() -> OpenStream {
-        crate::admin::metrics::metrics()
-            .active_streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        OpenStream
+    pub(super) fn new(metrics: &WorkloadApiMetrics) -> OpenStream {
+        metrics.streams.inc();
+        OpenStream(metrics.clone())
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        crate::admin::metrics::metrics()
-            .active_streams
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.streams.dec();
     }
 }
 
@@ -445,7 +453,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             first: Some(first),
             svids: None,
             last_sent: None,
-            _open: OpenStream::new(),
+            _open: OpenStream::new(&self.metrics),
         })))
     }
 

@@ -4,6 +4,7 @@
 //! decisions are the in-process issuer's: this module only carries them.
 
 pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod tls;
 
@@ -48,6 +49,8 @@ pub struct AgentSession {
 /// The connected agents, and when each bot certificate last called.
 #[derive(Default)]
 pub struct Sessions {
+    /// `tbot_issuer_api_agents_connected`.
+    connected: crate::telemetry::Gauge,
     next: AtomicU64,
     open: Mutex<BTreeMap<u64, AgentSession>>,
     last_seen: Mutex<HashMap<String, OffsetDateTime>>,
@@ -89,9 +92,7 @@ impl Sessions {
     fn open(self: &Arc<Self>, session: AgentSession) -> SessionGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.open.lock().expect("sessions poisoned").insert(id, session);
-        crate::admin::metrics::metrics()
-            .agents_connected
-            .fetch_add(1, Ordering::Relaxed);
+        self.connected.inc();
         SessionGuard {
             sessions: self.clone(),
             id,
@@ -108,9 +109,7 @@ struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.sessions.open.lock().expect("sessions poisoned").remove(&self.id);
-        crate::admin::metrics::metrics()
-            .agents_connected
-            .fetch_sub(1, Ordering::Relaxed);
+        self.sessions.connected.dec();
     }
 }
 
@@ -124,6 +123,7 @@ pub struct IssuerApi {
     /// Added to the policy revision so revisions never repeat across restarts (an agent that saw
     /// revision N before a restart must not take the new N for the same documents).
     revision_base: u64,
+    metrics: metrics::IssuerApiMetrics,
 }
 
 impl IssuerApi {
@@ -139,7 +139,18 @@ impl IssuerApi {
             joins: Arc::new(Buckets::new("joins", joins)),
             calls: Arc::new(Buckets::new("calls", calls)),
             revision_base: (OffsetDateTime::now_utc().unix_timestamp() as u64) << 20,
+            metrics: Default::default(),
         }
+    }
+
+    /// Counts into `metrics` (registered at boot) instead of families nobody renders.
+    pub fn metered(mut self, metrics: metrics::IssuerApiMetrics) -> IssuerApi {
+        self.sessions = Arc::new(Sessions {
+            connected: metrics.agents_connected.clone(),
+            ..Sessions::default()
+        });
+        self.metrics = metrics;
+        self
     }
 
     pub fn sessions(&self) -> Arc<Sessions> {
@@ -393,9 +404,7 @@ impl WorkloadIdentityService for IssuerApi {
             })
             .await
             .map_err(status)?;
-        crate::admin::metrics::metrics()
-            .remote_issued
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.x509_issued.inc();
         Ok(Response::new(wire::x509_to_wire(svid)))
     }
 
@@ -556,6 +565,7 @@ pub async fn serve(
     names: Vec<String>,
     proxy_protocol: bool,
     mut stop: watch::Receiver<bool>,
+    metrics: metrics::IssuerApiMetrics,
 ) -> Result<Serving, String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -580,7 +590,7 @@ pub async fn serve(
             }
         });
     }
-    let api = IssuerApi::new(issuer);
+    let api = IssuerApi::new(issuer).metered(metrics);
     let sessions = api.sessions();
     let incoming = tls::incoming(listener, config, proxy_protocol);
     let max = limits::MAX_MESSAGE_BYTES;

@@ -7,16 +7,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,89 +24,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::issuer::{IssuerError, LocalIssuer};
+use crate::issuer::IssuerError;
+pub use crate::issuer::tls::{SERVING_TTL, ServingCert, certified, provider, tls12_refused, tls13_signature};
 
-/// The crypto provider of every TLS config in tbot.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-/// How long a serving certificate lives; it is re-made at half that, or when the CA changes.
-pub const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The serving certificate, swapped whole.
-#[derive(Debug)]
-pub struct ServingCert {
-    current: RwLock<Arc<CertifiedKey>>,
-}
-
-impl ServingCert {
-    /// Makes the first serving certificate.
-    pub fn new(issuer: &LocalIssuer, names: &[String]) -> Result<Arc<ServingCert>, IssuerError> {
-        Ok(Arc::new(ServingCert {
-            current: RwLock::new(Arc::new(make(issuer, names)?)),
-        }))
-    }
-
-    /// Makes a new one (the CA changed, or the old one is half way through its life).
-    pub fn renew(&self, issuer: &LocalIssuer, names: &[String]) -> Result<(), IssuerError> {
-        self.replace(make(issuer, names)?);
-        Ok(())
-    }
-
-    /// A certificate made elsewhere (the bundle endpoint's).
-    pub fn of(key: CertifiedKey) -> Arc<ServingCert> {
-        Arc::new(ServingCert {
-            current: RwLock::new(Arc::new(key)),
-        })
-    }
-
-    /// Serves `key` from the next handshake on.
-    pub fn replace(&self, key: CertifiedKey) {
-        *self.current.write().expect("serving certificate poisoned") = Arc::new(key);
-    }
-}
-
-/// A chain (DER, leaf first) and its PKCS#8 key, ready to serve.
-pub fn certified(chain: Vec<Vec<u8>>, pkcs8: Vec<u8>) -> Result<CertifiedKey, IssuerError> {
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
-    let signing = provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| IssuerError::Crypto(e.to_string()))?;
-    Ok(CertifiedKey::new(
-        chain.into_iter().map(CertificateDer::from).collect(),
-        signing,
-    ))
-}
-
-fn make(issuer: &LocalIssuer, names: &[String]) -> Result<CertifiedKey, IssuerError> {
-    let made = issuer.serving_certificate(names, SERVING_TTL)?;
-    certified(vec![made.certificate, made.ca], made.key)
-}
-
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().expect("serving certificate poisoned").clone())
-    }
-}
-
-/// Both ends of the issuer API speak TLS 1.3 only: a TLS 1.2 signature is never checked.
-pub fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
-    Err(rustls::Error::General("the issuer API speaks only TLS 1.3".into()))
-}
-
-/// Checks a TLS 1.3 handshake signature with `provider`'s algorithms (both ends use this).
-pub fn tls13_signature(
-    provider: &CryptoProvider,
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls13_signature(message, cert, dss, &provider.signature_verification_algorithms)
-}
 
 /// Asks for a client certificate, accepts any (or none), and checks the handshake signature: the
 /// issuer decides per call whether the certificate is a bot certificate it accepts.

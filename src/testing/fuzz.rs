@@ -152,7 +152,7 @@ fn fuzz_issuer() -> &'static (
 
     static ISSUER: OnceLock<(IssuerApi, Arc<LocalIssuer>, Vec<u8>)> = OnceLock::new();
     ISSUER.get_or_init(|| {
-        let policy = crate::issuer::policy::policy_from_text(crate::issuer::policy::EXAMPLE_DOCUMENTS);
+        let policy = crate::testing::examples::policy_from_text(crate::testing::examples::EXAMPLE_DOCUMENTS);
         let issuer = Arc::new(
             LocalIssuer::open(crate::store::Store::memory(), policy)
                 .now_or_never()
