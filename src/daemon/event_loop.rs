@@ -1,19 +1,14 @@
 //! The loop: every wake-up is a reconcile. A file event (debounced), SIGHUP, `tbotctl apply`, the
 //! periodic resync and a retry falling due all reload and converge; a poke (something shown by
-//! status changed outside the loop) re-reports; a key-lifecycle tick runs the issuer's one
-//! scheduler. SIGTERM and SIGINT stop it.
+//! status changed outside the loop) re-reports. The issuer's key lifecycle (rotation and pruning) is
+//! its own scheduler's, not the loop's. SIGTERM and SIGINT stop it.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use super::boot::Booted;
 use super::{DEBOUNCE, RESYNC};
 use crate::agent::bot::jitter;
 use crate::controller::notify;
-
-/// How often the issuer's key lifecycle runs (rotation points, pruning retired keys and expired
-/// bot instances).
-const KEY_LIFECYCLE: Duration = Duration::from_secs(60);
 
 pub(super) async fn run(booted: Booted) -> ExitCode {
     let Booted {
@@ -34,7 +29,6 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
     }
     let mut storage = daemon.persist.failures();
     let mut resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
-    let mut key_lifecycle = tokio::time::interval(KEY_LIFECYCLE);
     loop {
         let retry_sleep = async {
             match retry_at {
@@ -46,11 +40,11 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
             Some(()) = events.recv() => {
-                let m = &crate::admin::metrics::metrics().watch_events;
-                m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let m = &daemon.telemetry.daemon.watch_events;
+                m.inc();
                 tokio::time::sleep(DEBOUNCE).await;
                 while events.try_recv().is_ok() {
-                    m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    m.inc();
                 }
             }
             _ = signals.hup.recv() => tracing::info!("SIGHUP: reloading"),
@@ -69,14 +63,6 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
             }
             _ = tokio::time::sleep_until(resync) => {}
             _ = retry_sleep => {}
-            _ = key_lifecycle.tick() => {
-                if let Some(issuer) = daemon.host.local()
-                    && let Err(e) = issuer.prune().await
-                {
-                    tracing::warn!(error = %e, hint = %e.hint(), "cannot prune retired CAs and expired bot instances");
-                }
-                continue;
-            }
         }
         resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
         notify::reloading();

@@ -1,0 +1,321 @@
+//! Joins and renewals: `token` joins (a token consumed by one conditional write), `iam` joins
+//! (a fresh challenge, the signed STS request), and renewals that move a bot instance's generation
+//! by compare-and-swap (a copied certificate loses the race and is locked).
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+use x509_parser::prelude::FromDer;
+
+use crate::aws::{self, AwsError};
+use crate::issuer::backing::json;
+use crate::issuer::bots::{
+    self, BotClaims, BotRecord, Consumed, InstanceInfo, bot_record_key, instance_key, token_key, token_record_key,
+};
+use crate::issuer::{BotCertificate, IssuerError, JoinRequest, RenewRequest, join};
+use crate::kv::{Condition, Op};
+use crate::resource::agent::JoinMethod;
+
+use super::follower::{put_if_unchanged, read_record};
+use super::{CHALLENGE_TTL, CONFLICT_RETRIES, LocalIssuer, REPLACED_GRACE, is_token, now, rfc3339};
+
+/// SHA-256 (hex) of a public key, as the ledger records it.
+pub(super) fn key_digest(public_key: &[u8]) -> String {
+    crate::sha256_hex(public_key)
+}
+
+/// Checks that the holder of the certificate's key signed the new public key.
+pub(super) fn check_possession(certificate_spki: &[u8], message: &[u8], signature: &[u8]) -> Result<(), IssuerError> {
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(certificate_spki)
+        .map_err(|_| IssuerError::Unauthenticated("the certificate's public key cannot be read".into()))?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &spki.subject_public_key.data)
+        .verify(message, signature)
+        .map_err(|_| IssuerError::Unauthenticated("the renewal was not signed with the certificate's key".into()))
+}
+impl LocalIssuer {
+    pub(super) fn take_challenge(&self, challenge: &str) -> Result<(), IssuerError> {
+        let mut challenges = self.inner.challenges.lock().expect("challenges poisoned");
+        let now = now();
+        challenges.retain(|_, issued| *issued + CHALLENGE_TTL > now);
+        challenges.remove(challenge).map(drop).ok_or_else(|| {
+            IssuerError::JoinRefused(
+                "challenge: it was not issued by this issuer, was already used, or is older than 5 minutes".into(),
+            )
+        })
+    }
+
+    /// A `token` join, after its terms were checked: consume the token and make a bot instance at
+    /// generation 1, in one transaction that only one joiner of the token wins, on any replica. The
+    /// same joiner retrying (the same key: its answer was lost, or the store applied a write that
+    /// timed out) gets its instance's certificate again.
+    pub(super) async fn join_token(&self, request: &JoinRequest) -> Result<BotCertificate, IssuerError> {
+        let refuse = IssuerError::JoinRefused;
+        let (bot, roles, dir) = {
+            let state = self.lock();
+            let token = state.policy.tokens.get(&request.token).ok_or_else(|| {
+                refuse(
+                    "no token by that name exists (for `token` joins the name is the secret; check `onboarding.token`)"
+                        .into(),
+                )
+            })?;
+            join::check_token_terms(token, JoinMethod::Token, now()).map_err(refuse)?;
+            let bot = token.spec.bot_name.to_string();
+            (bot.clone(), state.bot_roles(&bot)?, state.dir())
+        };
+        let backing = &self.inner.backing;
+        let token_file = token_record_key(&dir, &token_key(&request.token));
+        let joiner = key_digest(&request.public_key);
+        let instance = bots::new_instance_id()?;
+        let record = BotRecord {
+            generation: 1,
+            info: Some(InstanceInfo {
+                bot: bot.clone(),
+                join_method: "token".into(),
+                address: request.address.clone(),
+                joined_at: rfc3339(now()),
+                not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
+                ..InstanceInfo::default()
+            }),
+            locked: None,
+            key: Some(joiner.clone()),
+            replaced: None,
+        };
+        let consumed = Consumed {
+            bot: bot.clone(),
+            at: rfc3339(now()),
+            key: Some(joiner.clone()),
+            instance: Some(instance.clone()),
+        };
+        let key = instance_key(&bot, &instance);
+        let bot_file = bot_record_key(&dir, &key);
+        let (won, revision) = backing
+            .kv
+            .txn(
+                vec![Condition::Absent(token_file.clone())],
+                vec![Op::put(&token_file, json(&consumed)), Op::put(&bot_file, json(&record))],
+            )
+            .await?;
+        let instance = if won {
+            self.lock().remember(key, record, revision);
+            instance
+        } else {
+            // Used: by this same joiner (the same key, the instance untouched since), or by another.
+            let (used, _) = backing
+                .get_json::<Consumed>(&token_file)
+                .await?
+                .ok_or_else(|| IssuerError::Unavailable("the token's record vanished during the join; retry".into()))?;
+            let instance = used.instance.clone().unwrap_or_default();
+            let key = instance_key(&bot, &instance);
+            let (record, revision) = read_record(backing, &bot_record_key(&dir, &key)).await?;
+            let retry = used.key.as_deref() == Some(joiner.as_str())
+                && record.generation == 1
+                && record.locked.is_none()
+                && record.key.as_ref() == Some(&joiner);
+            if !retry {
+                return Err(refuse(format!(
+                    "the token was already used by bot `{}` at {}; `token` joins are single-use: create a new token",
+                    used.bot, used.at
+                )));
+            }
+            self.lock().remember(key, record, revision);
+            instance
+        };
+        let claims = BotClaims {
+            bot,
+            roles,
+            generation: 1,
+            join: [
+                ("join.meta.join_method".to_owned(), "token".to_owned()),
+                ("join.meta.join_token_name".to_owned(), request.token.clone()),
+            ]
+            .into(),
+            instance,
+        };
+        self.inner.sign_bot(&claims, &request.public_key, request.ttl)
+    }
+
+    /// Renews a `token` bot: checks and moves the instance's generation by compare-and-swap on its
+    /// record. Of two holders of one certificate, one wins and the other finds the generation moved:
+    /// the instance is locked. The winner retrying with the same new key is signed again.
+    pub(super) async fn renew_token(&self, request: &RenewRequest) -> Result<BotCertificate, IssuerError> {
+        let (verified, dir) = {
+            let state = self.lock();
+            (
+                bots::verify_bot_certificate(&state.authority, &request.certificate, now())?,
+                state.dir(),
+            )
+        };
+        let (claims, spki) = (verified.claims, verified.public_key);
+        if !is_token(&claims) {
+            return Err(IssuerError::Unauthenticated(
+                "only `token`-joined bots renew; `iam` bots join again".into(),
+            ));
+        }
+        check_possession(&spki, &request.public_key, &request.proof)?;
+        let bot = claims.bot.clone();
+        let instance = claims.instance_key();
+        let file = bot_record_key(&dir, &instance);
+        let key = key_digest(&request.public_key);
+        let backing = &self.inner.backing;
+        for _ in 0..CONFLICT_RETRIES {
+            let (record, revision) = read_record(backing, &file).await?;
+            if let Some(reason) = record.locked {
+                return Err(IssuerError::Locked { bot, reason });
+            }
+            // The holder retrying a renewal whose answer it lost: the previous generation, the same
+            // new key. Sign that generation again.
+            let retry = record.generation == claims.generation + 1 && record.key.as_deref() == Some(key.as_str());
+            if record.generation != claims.generation && !retry {
+                let reason = format!(
+                    "a renewal presented generation {} while this instance of the bot is at generation {}: two \
+                     holders share one identity",
+                    claims.generation, record.generation
+                );
+                let locked = BotRecord {
+                    locked: Some(reason.clone()),
+                    ..record
+                };
+                let Some(at) = put_if_unchanged(backing, &file, revision, &locked).await? else {
+                    continue;
+                };
+                self.lock().remember(instance, locked, at);
+                self.inner.locks.send_modify(|n| *n += 1);
+                return Err(IssuerError::Locked { bot, reason });
+            }
+            let roles = self.lock().bot_roles(&bot)?;
+            let generation = if retry {
+                record.generation
+            } else {
+                record.generation + 1
+            };
+            let info = record.info.clone().map(|info| InstanceInfo {
+                address: if request.address.is_empty() {
+                    info.address.clone()
+                } else {
+                    request.address.clone()
+                },
+                last_renewal: rfc3339(now()),
+                not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
+                ..info
+            });
+            let next = BotRecord {
+                generation,
+                info,
+                locked: None,
+                key: Some(key.clone()),
+                replaced: Some((generation - 1, (now() + REPLACED_GRACE).unix_timestamp())),
+            };
+            let Some(at) = put_if_unchanged(backing, &file, revision, &next).await? else {
+                continue;
+            };
+            self.lock().remember(instance, next, at);
+            let claims = BotClaims {
+                roles,
+                generation,
+                ..claims
+            };
+            return self.inner.sign_bot(&claims, &request.public_key, request.ttl);
+        }
+        Err(IssuerError::Unavailable(format!(
+            "the record of bot instance `{instance}` kept changing during the renewal; retry"
+        )))
+    }
+
+    /// An `iam` join. `registered`: the challenge came from [`Issuer::challenge`] and is taken from
+    /// the table; else it was made inside the caller's own join stream (the issuer API), which
+    /// already guarantees it is fresh and used once.
+    pub async fn join_iam(
+        &self,
+        request: &JoinRequest,
+        challenge: &str,
+        signed: &aws::SignedRequest,
+        registered: bool,
+    ) -> Result<BotCertificate, IssuerError> {
+        let refuse = IssuerError::JoinRefused;
+        let (token, sts_override) = {
+            let state = self.lock();
+            let token = state.policy.tokens.get(&request.token).cloned().ok_or_else(|| {
+                refuse(format!(
+                    "no token named `{}` exists; check `onboarding.token`",
+                    request.token
+                ))
+            })?;
+            (token, state.policy.sts_endpoint.clone())
+        };
+        join::check_token_terms(&token, JoinMethod::Iam, now()).map_err(refuse)?;
+        let real_endpoint = join::check_signed_request(signed, challenge).map_err(refuse)?;
+        if registered {
+            self.take_challenge(challenge)?;
+        }
+        let endpoint = sts_override.unwrap_or(real_endpoint);
+        let identity = aws::get_caller_identity(signed, &endpoint).await.map_err(|e| match e {
+            AwsError::Refused(why) => refuse(format!("signature refused by STS: {why}")),
+            AwsError::Malformed(why) => refuse(why),
+            other => IssuerError::StsUnavailable(other),
+        })?;
+        join::check_allow(&token, &identity).map_err(refuse)?;
+        let bot = token.spec.bot_name.to_string();
+        let (roles, dir, kept) = {
+            let state = self.lock();
+            // A joiner that holds a certificate of this bot from an earlier `iam` join keeps its instance.
+            let kept = request
+                .current
+                .as_deref()
+                .and_then(|der| bots::verify_bot_certificate(&state.authority, der, now()).ok())
+                .map(|v| v.claims)
+                .filter(|c| c.bot == bot && c.join.get("join.meta.join_method").map(String::as_str) == Some("iam"))
+                .map(|c| c.instance)
+                .filter(|i| !i.is_empty());
+            (state.bot_roles(&bot)?, state.dir(), kept)
+        };
+        let instance = match kept {
+            Some(instance) => instance,
+            None => bots::new_instance_id()?,
+        };
+        let key = instance_key(&bot, &instance);
+        let file = bot_record_key(&dir, &key);
+        let backing = &self.inner.backing;
+        for _ in 0..CONFLICT_RETRIES {
+            let (previous, revision) = read_record(backing, &file).await?;
+            let generation = previous.generation + 1;
+            let joined_at = previous
+                .info
+                .as_ref()
+                .map_or_else(|| rfc3339(now()), |i| i.joined_at.clone());
+            let record = BotRecord {
+                generation,
+                info: Some(InstanceInfo {
+                    bot: bot.clone(),
+                    join_method: "iam".into(),
+                    iam_arn: identity.arn.clone(),
+                    address: request.address.clone(),
+                    joined_at,
+                    last_renewal: if generation > 1 { rfc3339(now()) } else { String::new() },
+                    not_after: (now() + request.ttl.min(bots::MAX_BOT_TTL)).unix_timestamp(),
+                }),
+                locked: None,
+                key: Some(key_digest(&request.public_key)),
+                replaced: None,
+            };
+            let Some(at) = put_if_unchanged(backing, &file, revision, &record).await? else {
+                continue;
+            };
+            self.lock().remember(key, record, at);
+            let claims = BotClaims {
+                bot,
+                roles,
+                generation,
+                join: [
+                    ("join.meta.join_method".to_owned(), "iam".to_owned()),
+                    ("join.meta.join_token_name".to_owned(), request.token.clone()),
+                    ("join.iam.account".to_owned(), identity.account),
+                    ("join.iam.arn".to_owned(), identity.arn),
+                ]
+                .into(),
+                instance,
+            };
+            return self.inner.sign_bot(&claims, &request.public_key, request.ttl);
+        }
+        Err(IssuerError::Unavailable(format!(
+            "the record of bot instance `{key}` kept changing during the join; retry"
+        )))
+    }
+}

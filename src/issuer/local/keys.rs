@@ -1,0 +1,345 @@
+//! Key lifecycle, with one scheduler: signing bot certificates and noting what the active CA
+//! signed, the rotation steps of the CA and the JWT key (scheduled or by hand), and pruning retired
+//! CAs and expired bot instances. The schedule wakes at the next due step, when the keys or the
+//! settings change, and at least every minute, when it also prunes.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::issuer::bots::{self, BotClaims, bot_record_key};
+use crate::issuer::ca::Authority;
+use crate::issuer::rotation::{KeyStatus, Step};
+use crate::issuer::{BotCertificate, IssuerError};
+use crate::kv::{Condition, Op};
+
+use super::{CONFLICT_RETRIES, INSTANCE_RETENTION, Inner, LocalIssuer, State, now};
+
+/// The longest the schedule sleeps without looking again (a clock jump, a missed wake-up).
+pub(super) const SCHEDULE_RECHECK: Duration = Duration::from_secs(60);
+
+/// Steps the CA's and the JWT key's rotations when they are due: wakes at the next due time (or
+/// when the keys or the settings change), takes the step (one replica wins each by a conditional
+/// write; the others take its keys from the store), and looks again. A failed step is retried.
+/// Every [`SCHEDULE_RECHECK`] it also prunes retired CAs and expired bot instances.
+pub(super) async fn schedule(inner: Weak<Inner>) {
+    let mut failures = 0u32;
+    let mut pruned = tokio::time::Instant::now();
+    loop {
+        let Some(strong) = inner.upgrade() else { return };
+        if pruned.elapsed() >= SCHEDULE_RECHECK {
+            pruned = tokio::time::Instant::now();
+            if let Err(e) = strong.prune().await {
+                tracing::warn!(error = %e, hint = %e.hint(), "cannot prune retired CAs and expired bot instances");
+            }
+        }
+        let (ca_next, jwt_next) = {
+            let state = strong.lock();
+            (
+                state.authority.due(&state.policy.ca, now()),
+                state.jwt.due(&state.policy.jwt, now()),
+            )
+        };
+        let mut wait = SCHEDULE_RECHECK;
+        for (jwt, (step, next)) in [(false, ca_next), (true, jwt_next)] {
+            if step.is_some() {
+                let taken = strong
+                    .step(jwt, |state| {
+                        Ok(if jwt {
+                            state.jwt.due(&state.policy.jwt, now()).0
+                        } else {
+                            state.authority.due(&state.policy.ca, now()).0
+                        })
+                    })
+                    .await;
+                match taken {
+                    Ok(_) => {
+                        failures = 0;
+                        wait = Duration::ZERO;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, hint = %e.hint(), key = if jwt { "jwt" } else { "ca" }, "a rotation step failed; retrying");
+                        wait = wait.min(Duration::from_secs(1 << failures.min(5)));
+                    }
+                }
+            } else if let Some(at) = next {
+                let until = Duration::try_from(OffsetDateTime::from_unix_timestamp(at).unwrap_or(now()) - now())
+                    .unwrap_or(Duration::ZERO);
+                // A second late at most: the due time is in whole seconds.
+                wait = wait.min(until + Duration::from_millis(50));
+            }
+        }
+        if wait.is_zero() {
+            continue;
+        }
+        // Held while waiting: the issuer's drop aborts this task.
+        let notified = strong.reschedule.notified();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = notified => {}
+        }
+    }
+}
+impl Inner {
+    /// Signs a bot certificate with the CA in memory, noting its expiry.
+    pub(super) fn sign_bot(
+        self: &Arc<Self>,
+        claims: &BotClaims,
+        public_key: &[u8],
+        ttl: Duration,
+    ) -> Result<BotCertificate, IssuerError> {
+        let authority = self.lock().authority.clone();
+        let cert = bots::sign_bot_certificate(&authority, claims, public_key, ttl, now())?;
+        self.note_issued(cert.not_after);
+        Ok(cert)
+    }
+
+    /// Records the expiry of something the active CA signed (see [`Authority::note_issued`]). When a
+    /// write is due: a store in this process is written at once; a shared one in the background, so
+    /// that issuance never waits for (or fails with) etcd.
+    pub(super) fn note_issued(self: &Arc<Self>, not_after: OffsetDateTime) {
+        let due = self.lock().authority.note_issued(not_after);
+        if !due {
+            return;
+        }
+        // A store in this process answers at once: write now, as part of the call.
+        if self.backing.local {
+            use futures_util::FutureExt;
+            if let Some(Err(e)) = self.save_authority().now_or_never() {
+                tracing::warn!(error = %e, "cannot record the CA's issued-until; retrying at the next issuance");
+            }
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.saving.swap(true, Ordering::SeqCst) {
+            let inner = Arc::downgrade(self);
+            runtime.spawn(async move {
+                let Some(inner) = inner.upgrade() else { return };
+                if let Err(e) = inner.save_authority().await {
+                    tracing::warn!(error = %e, "cannot record the CA's issued-until in the store; retrying at the next issuance");
+                }
+                inner.saving.store(false, Ordering::SeqCst);
+            });
+        }
+    }
+
+    /// Writes the in-memory `ca.json` (its `issued_until`), merging with another replica's newer one.
+    pub(super) async fn save_authority(&self) -> Result<(), IssuerError> {
+        let mut copy = self.lock().authority.clone();
+        for _ in 0..CONFLICT_RETRIES {
+            if copy.save(&self.backing, Vec::new()).await? {
+                // Memory takes the saved revision, keeping any note made since the copy was taken.
+                let mut state = self.lock();
+                if copy.revision() > state.authority.revision() && state.authority.same_cas(&copy) {
+                    let mut mine = state.authority.clone();
+                    mine.merge_from(copy);
+                    state.authority = mine;
+                }
+                return Ok(());
+            }
+            let td = copy.trust_domain().clone();
+            let Some(fresh) = Authority::load(&self.backing, &td).await? else {
+                return Ok(());
+            };
+            if !fresh.same_cas(&copy) {
+                // A rotation elsewhere: the watch brings it; the next note saves on top of it.
+                return Ok(());
+            }
+            copy.merge_from(fresh);
+        }
+        Err(IssuerError::Unavailable(
+            "ca.json keeps changing under this replica".into(),
+        ))
+    }
+
+    /// Takes one rotation step of the CA (`jwt`: of the JWT key) if it is still what the keys in
+    /// memory call for (`None`: the schedule's own due step; `Some`: a step by hand, checked by
+    /// `check` against the keys as they are when written). Conditional on the store's revision;
+    /// when another replica wrote first, memory takes its keys and the step is decided again.
+    pub(super) async fn step(
+        &self,
+        jwt: bool,
+        decide: impl Fn(&State) -> Result<Option<Step>, String>,
+    ) -> Result<Option<Step>, IssuerError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let (step, settings) = {
+                let state = self.lock();
+                let step = decide(&state).map_err(IssuerError::Invalid)?;
+                (step, state.policy.clone())
+            };
+            let Some(step) = step else { return Ok(None) };
+            let written = if jwt {
+                let current = self.lock().jwt.clone();
+                let (mut next, ops) = current.stepped(&self.backing, step, &settings.jwt, now())?;
+                let written = next.save(&self.backing, ops).await?;
+                if written {
+                    self.lock().jwt = next;
+                }
+                written
+            } else {
+                let current = self.lock().authority.clone();
+                let (mut next, ops) = current.stepped(&self.backing, step, &settings.ca, now())?;
+                let written = next.save(&self.backing, ops).await?;
+                if written {
+                    let mut state = self.lock();
+                    state.authority = next;
+                    state.verified.clear();
+                }
+                written
+            };
+            if written {
+                tracing::info!(key = if jwt { "jwt" } else { "ca" }, ?step, "rotation step taken");
+                let mut state = self.lock();
+                self.publish(&mut state);
+                drop(state);
+                self.reschedule.notify_one();
+                return Ok(Some(step));
+            }
+            if jwt {
+                self.reload_jwt().await;
+            } else {
+                self.reload_authority().await;
+            }
+        }
+        Err(IssuerError::Unavailable(
+            "the keys keep changing under this replica; retry".into(),
+        ))
+    }
+
+    /// Drops CAs whose overlap has ended (publishing the bundle when it changed) and forgets bot
+    /// instances that expired a day ago.
+    pub(super) async fn prune(&self) -> Result<(), IssuerError> {
+        let backing = &self.backing;
+        for _ in 0..CONFLICT_RETRIES {
+            let mut copy = self.lock().authority.clone();
+            if !copy.prune(now()) {
+                break;
+            }
+            if copy.save(backing, Vec::new()).await? {
+                let mut state = self.lock();
+                state.authority = copy;
+                state.verified.clear();
+                self.publish(&mut state);
+                break;
+            }
+            self.reload_authority().await;
+        }
+        let horizon = (now() - INSTANCE_RETENTION).unix_timestamp();
+        let (dir, expired): (String, Vec<(String, i64)>) = {
+            let state = self.lock();
+            let expired = state
+                .bots
+                .iter()
+                .filter(|(_, (r, _))| r.locked.is_none() && r.info.as_ref().is_some_and(|i| i.not_after <= horizon))
+                .map(|(k, (_, rev))| (k.clone(), *rev))
+                .collect();
+            (state.dir(), expired)
+        };
+        for (key, revision) in expired {
+            let file = bot_record_key(&dir, &key);
+            let (deleted, _) = backing
+                .kv
+                .txn(
+                    vec![Condition::ModRevision(file.clone(), revision)],
+                    vec![Op::Delete(file)],
+                )
+                .await?;
+            if deleted {
+                self.lock().bots.remove(&key);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LocalIssuer {
+    /// The bundle sequence the bundle endpoint serves: moves whenever the CAs or JWT keys change,
+    /// on any replica (the store's revisions only grow).
+    pub fn bundle_sequence(&self) -> u64 {
+        let state = self.lock();
+        (state.authority.revision().max(0) + state.jwt.revision().max(0)) as u64
+    }
+
+    /// A rotation by hand (`tbotctl rotate`) of the CA or (`jwt`) the JWT key: prepares a successor
+    /// that activates after `grace`; refused while a rotation is in progress, unless `force`, which
+    /// takes its next step now (activates the prepared key, or retires the old one).
+    pub async fn rotate_by_hand(&self, jwt: bool, grace: Duration, force: bool) -> Result<Step, IssuerError> {
+        let step = self
+            .inner
+            .step(jwt, |state| {
+                if jwt {
+                    state.jwt.by_hand(grace, force, now())
+                } else {
+                    state.authority.by_hand(grace, force, now())
+                }
+                .map(Some)
+            })
+            .await?;
+        Ok(step.expect("a rotation by hand always decides a step"))
+    }
+
+    /// Every CA's and JWT key's phase and dates.
+    pub fn key_statuses(&self) -> Vec<KeyStatus> {
+        let state = self.lock();
+        let mut out = state.authority.statuses();
+        out.extend(state.jwt.statuses());
+        out
+    }
+
+    /// Rotates the CA: a new CA signs from now on; both are in the bundle until everything the old
+    /// one signed has expired ([`LocalIssuer::prune`] then drops it). With several replicas, the
+    /// first to write wins; the others adopt its CA.
+    pub async fn rotate_ca(&self) -> Result<(), IssuerError> {
+        let backing = &self.inner.backing;
+        for _ in 0..CONFLICT_RETRIES {
+            let (current, settings) = {
+                let state = self.lock();
+                (state.authority.clone(), state.policy.ca.clone())
+            };
+            let (mut next, ops) = current.rotated(backing, &settings, now())?;
+            if next.save(backing, ops).await? {
+                let mut state = self.lock();
+                state.authority = next;
+                state.verified.clear();
+                self.inner.publish(&mut state);
+                return Ok(());
+            }
+            let active = current.active().certificate_der().to_vec();
+            self.inner.reload_authority().await;
+            if self.lock().authority.active().certificate_der() != active {
+                // Another replica rotated at the same moment: one rotation, theirs.
+                return Ok(());
+            }
+        }
+        Err(IssuerError::Unavailable(
+            "ca.json keeps changing under this replica".into(),
+        ))
+    }
+
+    /// Rotates the CA for the policy's CA settings, unless the active CA already has them: every
+    /// replica applies a `cluster` edit, and only the first to get there rotates (the others see its
+    /// new CA, through the store, and do nothing). Returns whether this call rotated.
+    pub async fn rotate_ca_for_settings(&self) -> Result<bool, IssuerError> {
+        self.inner.reload_authority().await;
+        let matches = {
+            let state = self.lock();
+            state.authority.active_matches(&state.policy.ca)
+        };
+        if matches {
+            return Ok(false);
+        }
+        self.rotate_ca().await?;
+        Ok(true)
+    }
+
+    /// Drops CAs whose overlap has ended (publishing the bundle when it changed) and forgets bot
+    /// instances that expired a day ago.
+    pub async fn prune(&self) -> Result<(), IssuerError> {
+        self.inner.prune().await
+    }
+}

@@ -1,0 +1,395 @@
+//! The in-process issuer: one trust domain's CA, JWT key and bot instances over a [`Kv`] store
+//! (a directory, memory, or etcd shared by several replicas), enforcing a `Policy` that the daemon
+//! swaps on reload.
+//!
+//! What must be exact goes to the store in one conditional transaction: a token is consumed by
+//! creating its record (one creator wins, on any replica), a generation moves by compare-and-swap on
+//! the instance's record (a copied certificate loses the race and is locked), a CA is created or
+//! rotated on the `ca.json` revision it was read at. What issuance reads — the policy, the CA, each
+//! instance's generation and lock — is in memory, kept current by a watch on the store: SVIDs keep
+//! flowing while the store is unreachable; only joins and renewals need it.
+//!
+//! Split by concern: [`view`] (memory), [`follower`] (the store into memory), [`keys`] (key
+//! lifecycle, one scheduler), [`joins`] (joins and renewals), [`federations`] (foreign bundles).
+
+mod federations;
+mod follower;
+mod joins;
+mod keys;
+mod view;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use base64::Engine;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::watch;
+
+use super::backing::Backing;
+use super::bots::{BotClaims, BotRecord};
+use super::ca::Authority;
+use super::decide::{self, Attributes};
+use super::jwt::JwtKeys;
+use super::replicas::ReplicaRecord;
+use super::{
+    BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
+    Policy, RenewRequest, Resolved, X509Request, X509Svid, mint,
+};
+use crate::resource::spiffe_id::TrustDomain;
+use crate::store::Store;
+
+use self::follower::{follow, load_state};
+use self::keys::schedule;
+
+/// How long an `iam` challenge may wait for its join.
+const CHALLENGE_TTL: time::Duration = time::Duration::minutes(5);
+/// How many `iam` challenges may wait at once (each is 32 random bytes and a timestamp).
+const MAX_CHALLENGES: usize = 10_000;
+/// Verified bot certificates remembered, so issuance does not verify a signature every time.
+const VERIFIED_CACHE: usize = 4096;
+/// How long the generation a renewal replaced may still issue (not renew).
+const REPLACED_GRACE: time::Duration = time::Duration::seconds(30);
+/// How long after its certificate expired a bot instance is forgotten (unless locked).
+const INSTANCE_RETENTION: time::Duration = time::Duration::days(1);
+/// Conditional writes retried on a conflict before giving up (each retry re-reads).
+const CONFLICT_RETRIES: usize = 8;
+
+struct State {
+    policy: Arc<Policy>,
+    authority: Authority,
+    jwt: JwtKeys,
+    /// Each bot instance's record as the store has it, with its `mod_revision`, by instance key.
+    bots: BTreeMap<String, (BotRecord, i64)>,
+    /// Replica records seen in the store, by name.
+    replicas: BTreeMap<String, ReplicaRecord>,
+    verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime)>,
+    sequence: u64,
+    /// The bundles of the trust domains this one federates with.
+    federated: BTreeMap<String, Arc<super::TrustBundle>>,
+}
+
+struct Inner {
+    backing: Backing,
+    state: Mutex<State>,
+    challenges: Mutex<HashMap<String, OffsetDateTime>>,
+    bundles: watch::Sender<Arc<Bundles>>,
+    policy_events: watch::Sender<Arc<PolicyEvent>>,
+    /// Moves whenever an instance was locked: open streams of that instance end.
+    locks: watch::Sender<u64>,
+    /// A `ca.json` save is under way (one at a time, off the issuance path).
+    saving: AtomicBool,
+    /// Wakes the rotation schedule (the keys or the settings changed).
+    reschedule: tokio::sync::Notify,
+}
+
+/// The issuer, in this process.
+pub struct LocalIssuer {
+    inner: Arc<Inner>,
+    /// Follows the store's changes (other replicas' writes) into memory.
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Steps the CA's and the JWT key's rotations when they are due.
+    schedule: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// One task per foreign trust domain, keeping its bundle.
+    federations: Mutex<BTreeMap<String, super::federation::Running>>,
+}
+
+impl Drop for LocalIssuer {
+    fn drop(&mut self) {
+        for task in [&self.follower, &self.schedule] {
+            if let Some(task) = task.lock().expect("task poisoned").take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// A change of the documents that decide who gets what, as remote agents are told of it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyEvent {
+    /// Moves by one on every change.
+    pub revision: u64,
+    /// The identities whose SVIDs to re-decide.
+    pub identities: std::collections::BTreeSet<String>,
+    /// Re-decide every identity (an agent that missed revisions).
+    pub all: bool,
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// The store directory of a trust domain's state: `issuer/<trust domain>`.
+fn dir_of(td: &TrustDomain) -> String {
+    format!("issuer/{}", td.as_str())
+}
+
+fn is_token(claims: &BotClaims) -> bool {
+    claims.join.get("join.meta.join_method").map(String::as_str) == Some("token")
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("issuer state poisoned")
+    }
+
+    fn publish(&self, state: &mut State) {
+        state.sequence += 1;
+        self.bundles.send_replace(Arc::new(state.bundles()));
+    }
+}
+
+impl LocalIssuer {
+    /// Opens the issuer over a local `store` (a directory or memory), creating the CA and JWT key
+    /// of the policy's trust domain on first use.
+    pub async fn open(store: Store, policy: Policy) -> Result<LocalIssuer, IssuerError> {
+        LocalIssuer::open_backing(Backing::local(store)?, policy).await
+    }
+
+    /// Opens the issuer over any store (etcd for replicas).
+    pub async fn open_backing(backing: Backing, policy: Policy) -> Result<LocalIssuer, IssuerError> {
+        let (state, revision) = load_state(&backing, policy).await?;
+        let dir = state.dir();
+        let (bundles, _) = watch::channel(Arc::new(state.bundles()));
+        let inner = Arc::new(Inner {
+            backing,
+            state: Mutex::new(state),
+            challenges: Mutex::new(HashMap::new()),
+            bundles,
+            policy_events: watch::channel(Arc::new(PolicyEvent::default())).0,
+            locks: watch::channel(0).0,
+            saving: AtomicBool::new(false),
+            reschedule: tokio::sync::Notify::new(),
+        });
+        // Without a runtime (a synchronous harness) nothing else writes the store: no follower.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let task = runtime
+            .as_ref()
+            .map(|runtime| runtime.spawn(follow(Arc::downgrade(&inner), dir, revision + 1)));
+        let schedule = runtime.map(|runtime| runtime.spawn(schedule(Arc::downgrade(&inner))));
+        let issuer = LocalIssuer {
+            inner,
+            follower: Mutex::new(task),
+            schedule: Mutex::new(schedule),
+            federations: Mutex::new(BTreeMap::new()),
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            issuer.sync_federations();
+        }
+        Ok(issuer)
+    }
+
+    /// The store the issuer keeps its state in.
+    pub fn backing(&self) -> &Backing {
+        &self.inner.backing
+    }
+
+    /// Tells remote agents that the documents changed: they forget their resolutions and
+    /// re-decide the SVIDs of `identities`.
+    pub fn announce(&self, identities: std::collections::BTreeSet<String>) {
+        self.inner.policy_events.send_modify(|event| {
+            *event = Arc::new(PolicyEvent {
+                revision: event.revision + 1,
+                identities,
+                all: false,
+            })
+        });
+    }
+
+    /// The last policy change, and every new one.
+    pub fn policy_events(&self) -> watch::Receiver<Arc<PolicyEvent>> {
+        self.inner.policy_events.subscribe()
+    }
+
+    /// Moves whenever an instance is locked (a copied identity, on this replica or another): whoever
+    /// holds a connection for a certificate checks it again.
+    pub fn locks(&self) -> watch::Receiver<u64> {
+        self.inner.locks.subscribe()
+    }
+
+    /// Verifies a bot certificate as issuance does (ours, valid, not locked, not renewed since).
+    pub fn authenticate(&self, der: &[u8]) -> Result<BotClaims, IssuerError> {
+        self.lock().authenticate(der)
+    }
+
+    /// A serving certificate for the issuer API.
+    pub fn serving_certificate(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<mint::ServingCertificate, IssuerError> {
+        mint::serving_certificate(&self.lock().authority, names, ttl, now())
+    }
+
+    /// The bundle endpoint's X509-SVID, `spiffe://<trust domain>/tbot/bundle-endpoint`.
+    pub fn endpoint_svid(&self, ttl: Duration) -> Result<mint::ServingCertificate, IssuerError> {
+        let state = self.lock();
+        let id = format!("spiffe://{}/tbot/bundle-endpoint", state.policy.trust_domain.as_str());
+        mint::endpoint_svid(&state.authority, &id, ttl, now())
+    }
+
+    /// The bot instances (all, or one bot's), by instance key.
+    pub fn instances(&self, bot: Option<&str>) -> Vec<(String, BotRecord)> {
+        let state = self.lock();
+        state
+            .bots
+            .iter()
+            .filter(|(key, (record, _))| {
+                bot.is_none_or(|b| record.info.as_ref().map_or(key.as_str() == b, |i| i.bot == b))
+            })
+            .map(|(k, (r, _))| (k.clone(), r.clone()))
+            .collect()
+    }
+
+    /// The issuer replicas recorded in the store (with their heartbeats), by name.
+    pub fn replicas(&self) -> Vec<ReplicaRecord> {
+        self.lock().replicas.values().cloned().collect()
+    }
+
+    /// One replica's record, as the store has it.
+    pub fn replica(&self, name: &str) -> Option<ReplicaRecord> {
+        self.lock().replicas.get(name).cloned()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.lock()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.lock().policy.clone()
+    }
+
+    /// Swaps the policy. A new trust domain loads (or creates) that domain's CA and publishes its bundle.
+    pub async fn set_policy(&self, policy: Policy) -> Result<(), IssuerError> {
+        // New rotation settings are looked at at once.
+        self.inner.reschedule.notify_one();
+        if policy.trust_domain == self.lock().policy.trust_domain {
+            self.lock().policy = Arc::new(policy);
+            self.sync_federations();
+            return Ok(());
+        }
+        let (fresh, revision) = load_state(&self.inner.backing, policy).await?;
+        let dir = fresh.dir();
+        {
+            let mut state = self.lock();
+            let sequence = state.sequence;
+            *state = fresh;
+            state.sequence = sequence;
+            self.inner.publish(&mut state);
+        }
+        let task = tokio::spawn(follow(Arc::downgrade(&self.inner), dir, revision + 1));
+        if let Some(old) = self.follower.lock().expect("follower poisoned").replace(task) {
+            old.abort();
+        }
+        // Another trust domain's federations start afresh.
+        self.federations.lock().expect("federations poisoned").clear();
+        self.sync_federations();
+        Ok(())
+    }
+
+    /// The current bundle.
+    pub fn current_bundles(&self) -> Arc<Bundles> {
+        self.inner.bundles.borrow().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Issuer for LocalIssuer {
+    async fn challenge(&self) -> Result<String, IssuerError> {
+        let mut bytes = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+        let challenge = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let mut challenges = self.inner.challenges.lock().expect("challenges poisoned");
+        let now = now();
+        challenges.retain(|_, issued| *issued + CHALLENGE_TTL > now);
+        if challenges.len() >= MAX_CHALLENGES {
+            return Err(IssuerError::Invalid(format!(
+                "{MAX_CHALLENGES} join challenges are already waiting; try again in a few minutes"
+            )));
+        }
+        challenges.insert(challenge.clone(), now);
+        Ok(challenge)
+    }
+
+    async fn join(&self, request: JoinRequest) -> Result<BotCertificate, IssuerError> {
+        match &request.proof {
+            JoinProof::Token => self.join_token(&request).await,
+            JoinProof::Iam {
+                challenge,
+                request: signed,
+            } => self.join_iam(&request, challenge, signed, true).await,
+        }
+    }
+
+    async fn renew(&self, request: RenewRequest) -> Result<BotCertificate, IssuerError> {
+        self.renew_token(&request).await
+    }
+
+    async fn resolve(
+        &self,
+        bot_certificate: &[u8],
+        selector: &IdentitySelector,
+        workload: &Attributes,
+    ) -> Result<Vec<Resolved>, IssuerError> {
+        let mut state = self.lock();
+        let names = match selector {
+            IdentitySelector::Name(name) => {
+                state.decide(bot_certificate, name, workload)?;
+                vec![name.clone()]
+            }
+            IdentitySelector::Labels(labels) => {
+                let claims = state.authenticate(bot_certificate)?;
+                let attrs = state.attributes(&claims, workload);
+                let decisions =
+                    decide::select(&state.policy, &claims.bot, labels, &attrs).map_err(IssuerError::Denied)?;
+                decisions.into_iter().map(|d| d.identity).collect()
+            }
+        };
+        Ok(names
+            .into_iter()
+            .map(|name| Resolved {
+                reads: state
+                    .policy
+                    .identities
+                    .get(&name)
+                    .map(|wi| decide::workload_attributes_read(wi))
+                    .unwrap_or_default(),
+                name,
+            })
+            .collect())
+    }
+
+    async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {
+        let svid = {
+            let mut state = self.lock();
+            let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
+            mint::x509_svid(&state.authority, &decision, &request.public_key, request.ttl, now())?
+        };
+        self.inner.note_issued(svid.not_after);
+        Ok(svid)
+    }
+
+    async fn issue_jwt(&self, request: JwtRequest) -> Result<JwtSvid, IssuerError> {
+        let mut state = self.lock();
+        let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
+        mint::jwt_svid(
+            state.jwt.active(),
+            state.policy.jwt_issuer.as_deref(),
+            &decision,
+            &request.audience,
+            request.ttl,
+            now(),
+        )
+    }
+
+    fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {
+        self.inner.bundles.subscribe()
+    }
+}

@@ -1,0 +1,121 @@
+//! The in-memory view of the trust domain: the policy, the CA and JWT key, the bot instances and
+//! what issuance decides from them (authentication of bot certificates, attributes, decisions).
+
+use sha2::{Digest, Sha256};
+
+use crate::issuer::bots::{self, BotClaims, BotRecord};
+use crate::issuer::decide::{self, Attributes, Decision};
+use crate::issuer::{Bundles, IssuerError};
+
+use super::{State, VERIFIED_CACHE, dir_of, is_token, now};
+
+impl State {
+    pub(super) fn dir(&self) -> String {
+        dir_of(&self.policy.trust_domain)
+    }
+
+    pub(super) fn bundles(&self) -> Bundles {
+        Bundles {
+            trust_domain: self.authority.trust_domain().as_str().to_owned(),
+            x509_authorities: self
+                .authority
+                .cas()
+                .iter()
+                .map(|ca| ca.certificate_der().to_vec())
+                .collect(),
+            jwt_keys: self.jwt.jwks(),
+            sequence: self.sequence,
+            active_ca: self.authority.active_index(),
+            active_kid: self.jwt.active().kid().to_owned(),
+            federated: self.federated.clone(),
+        }
+    }
+
+    pub(super) fn record(&self, key: &str) -> BotRecord {
+        self.bots.get(key).map(|(r, _)| r.clone()).unwrap_or_default()
+    }
+
+    /// Takes a record read from or written to the store, unless memory already has a newer one.
+    pub(super) fn remember(&mut self, key: String, record: BotRecord, revision: i64) -> bool {
+        if self.bots.get(&key).is_some_and(|(_, known)| *known >= revision) {
+            return false;
+        }
+        let newly_locked = record.locked.is_some() && self.bots.get(&key).is_none_or(|(r, _)| r.locked.is_none());
+        self.bots.insert(key, (record, revision));
+        newly_locked
+    }
+
+    /// Verifies a bot certificate for issuance: ours, valid, not locked, not renewed since.
+    pub(super) fn authenticate(&mut self, der: &[u8]) -> Result<BotClaims, IssuerError> {
+        let digest: [u8; 32] = Sha256::digest(der).into();
+        let claims = match self.verified.get(&digest) {
+            Some((claims, not_after)) if *not_after > now() => claims.clone(),
+            _ => {
+                let verified = bots::verify_bot_certificate(&self.authority, der, now())?;
+                if self.verified.len() >= VERIFIED_CACHE {
+                    self.verified.clear();
+                }
+                self.verified
+                    .insert(digest, (verified.claims.clone(), verified.not_after));
+                verified.claims
+            }
+        };
+        if is_token(&claims) {
+            let record = self.record(&claims.instance_key());
+            if let Some(reason) = record.locked {
+                return Err(IssuerError::Locked {
+                    bot: claims.bot,
+                    reason,
+                });
+            }
+            let just_replaced = record
+                .replaced
+                .is_some_and(|(generation, until)| generation == claims.generation && now().unix_timestamp() < until);
+            // A generation above the one in memory was signed by a replica whose write this one
+            // has not seen yet: the signature proves it.
+            if claims.generation < record.generation && !just_replaced {
+                return Err(IssuerError::Unauthenticated(format!(
+                    "the certificate is generation {}, and this instance of bot `{}` is at generation {}; it was renewed since",
+                    claims.generation, claims.bot, record.generation
+                )));
+            }
+        }
+        Ok(claims)
+    }
+
+    /// The attributes a decision reads: the caller's `workload.*`, the bot's `user.*`, the join's `join.*`.
+    pub(super) fn attributes(&self, claims: &BotClaims, workload: &Attributes) -> Attributes {
+        let mut attrs = workload.workload_only();
+        attrs.set("user.name", format!("bot-{}", claims.bot));
+        attrs.set("user.bot_name", &claims.bot);
+        attrs.set("user.is_bot", true);
+        if let Some(bot) = self.policy.bots.get(&claims.bot) {
+            for (k, v) in &bot.metadata.labels {
+                attrs.set(format!("user.labels.{k}"), v);
+            }
+            for t in &bot.spec.traits {
+                attrs.set_many(format!("user.traits.{}", t.name), t.values.clone());
+            }
+        }
+        attrs.extend(&claims.join_attributes());
+        attrs
+    }
+
+    pub(super) fn decide(
+        &mut self,
+        der: &[u8],
+        identity: &str,
+        workload: &Attributes,
+    ) -> Result<Decision, IssuerError> {
+        let claims = self.authenticate(der)?;
+        let attrs = self.attributes(&claims, workload);
+        decide::decide(&self.policy, &claims.bot, identity, &attrs).map_err(IssuerError::Denied)
+    }
+
+    pub(super) fn bot_roles(&self, bot: &str) -> Result<Vec<String>, IssuerError> {
+        let doc = self.policy.bots.get(bot).ok_or_else(|| {
+            IssuerError::JoinRefused(format!("the token names bot `{bot}`, and there is no bot by that name"))
+        })?;
+        Ok(doc.spec.roles.iter().map(|r| r.to_string()).collect())
+    }
+}
