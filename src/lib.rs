@@ -7,6 +7,7 @@ pub mod aws;
 pub mod cli;
 pub mod controller;
 pub mod daemon;
+pub mod error;
 pub mod issuer;
 pub mod kv;
 pub mod manifest;

@@ -66,10 +66,10 @@ pub enum StoreError {
     Sealed { key: String, store: String, reason: String },
 }
 
-impl StoreError {
+impl crate::error::Explain for StoreError {
     /// What the operator can do about it.
-    pub fn hint(&self) -> &'static str {
-        match self {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        std::borrow::Cow::Borrowed(match self {
             StoreError::Locked { .. } => "stop the other tbot, or give this one its own `storage.path`",
             StoreError::Io { .. } => "check the directory's owner, permissions and free space",
             StoreError::Corrupt { .. } => {
@@ -83,11 +83,11 @@ impl StoreError {
                 "give this replica the same `key_encryption_key_file` as the replica that created the CA (the same \
                  32 bytes on every replica)"
             }
-        }
+        })
     }
 
     /// I/O may succeed on a retry (space freed, permissions fixed); a held lock or a damaged file will not.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(
             self,
             StoreError::Io { .. } | StoreError::Unavailable { .. } | StoreError::Compacted { .. }
@@ -367,6 +367,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Explain;
 
     #[test]
     fn writes_replace_files_atomically_with_the_right_modes() {

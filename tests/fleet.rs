@@ -431,7 +431,7 @@ fn openssl_verifies_the_issuer_api_against_the_pinned_ca_over_tls_1_3_only() {
     )
     .unwrap();
     assert_eq!(
-        tbot::issuer::ca::spki_pin(&ca_der).unwrap(),
+        tbot::issuer::keys::ca::spki_pin(&ca_der).unwrap(),
         issuer.pin,
         "the pin names this CA"
     );

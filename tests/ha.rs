@@ -13,6 +13,7 @@ use common::ha::{Replicas, issuer_document, write_kek};
 use common::{Daemon, copy_manifests, renewal, save, stdout, token_join};
 use rcgen::{KeyPair, PublicKeyData};
 use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
+use tbot::error::Explain;
 use tbot::issuer::{Attributes, Issuer, IssuerError, X509Request};
 use tbot::store::Store;
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PublicKeyData};
 use tbot::aws::{Imds, SignedRequest, iam_join_proof};
+use tbot::error::Explain;
 use tbot::issuer::{BotCertificate, Issuer, IssuerError, JoinProof, JoinRequest, LocalIssuer, Policy};
 use tbot::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use rcgen::{KeyPair, PublicKeyData};
+use tbot::error::Explain;
 use tbot::issuer::{Attributes, IdentitySelector, Issuer, IssuerError, JwtRequest, LocalIssuer, X509Request};
 use tbot::store::Store;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
@@ -687,7 +688,7 @@ async fn the_watch_stream_moves_to_a_renewed_certificate_at_once() {
 async fn over_the_network(
     issuer: &std::sync::Arc<LocalIssuer>,
 ) -> (tbot::agent::remote::RemoteSettings, tokio::sync::watch::Sender<bool>) {
-    let pin = tbot::issuer::ca::spki_pin(&issuer.current_bundles().x509_authorities[0]).unwrap();
+    let pin = tbot::issuer::keys::ca::spki_pin(&issuer.current_bundles().x509_authorities[0]).unwrap();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let serving = tbot::issuer::server::serve(
         issuer.clone(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::etcd::EtcdCluster;
+use tbot::error::Explain;
 use tbot::kv::{Condition, EtcdSettings, EtcdTls, Event, Kv, MemoryKv, Op, SharedKv, connect_etcd};
 use tbot::store::{Store, StoreError};
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rcgen::{KeyPair, PublicKeyData, SigningKey};
 use tbot::agent::remote::{RemoteIssuer, RemoteSettings};
+use tbot::error::Explain;
 use tbot::issuer::{Issuer, RenewRequest};
 use tbot::store::Store;
 

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use super::proto::admin_server::{Admin, AdminServer};
 use super::proto::*;
 use crate::controller::status::{self, StatusReader, StatusTable};
+use crate::error::Explain;
 use crate::workload_api::listener::{self, CallerInfo};
 
 /// The daemon's side of the admin API.
@@ -327,7 +328,7 @@ impl Admin for AdminApi {
             }),
             issuer_storage: info.issuer_storage,
             replicas: replicas.iter().map(|r| replica(r, &info.replica)).collect(),
-            drift: crate::issuer::replicas::drift(&replicas)
+            drift: crate::issuer::state::replicas::drift(&replicas)
                 .into_iter()
                 .map(|d| DocumentDrift {
                     document: d.document,
@@ -374,19 +375,19 @@ impl Admin for AdminApi {
             .await
             .map_err(|e| match e {
                 crate::issuer::IssuerError::Invalid(why) => Status::failed_precondition(why),
-                e => Status::unavailable(format!("{e}; {}", e.hint())),
+                e => Status::unavailable(e.explain()),
             })?;
         let what = if jwt { "JWT key" } else { "CA" };
         let message = match step {
-            crate::issuer::rotation::Step::Prepare { activate_at } => format!(
+            crate::issuer::keys::rotation::Step::Prepare { activate_at } => format!(
                 "a new {what} is prepared: published in every bundle now, signing from {}",
-                crate::issuer::rotation::rfc3339(activate_at)
+                crate::issuer::keys::rotation::rfc3339(activate_at)
             ),
-            crate::issuer::rotation::Step::Activate { id } => {
+            crate::issuer::keys::rotation::Step::Activate { id } => {
                 format!("{what} {id} signs from now on; the old one stays published until what it signed has expired")
             }
-            crate::issuer::rotation::Step::Retire => format!("the retiring {what} is no longer published"),
-            crate::issuer::rotation::Step::RetireEarly => {
+            crate::issuer::keys::rotation::Step::Retire => format!("the retiring {what} is no longer published"),
+            crate::issuer::keys::rotation::Step::RetireEarly => {
                 format!("the retiring {what} is withdrawn from every bundle now; what it signed no longer verifies")
             }
         };
@@ -404,7 +405,7 @@ fn key_states(issuer: &crate::issuer::LocalIssuer) -> Vec<KeyState> {
         if t == 0 {
             String::new()
         } else {
-            crate::issuer::rotation::rfc3339(t)
+            crate::issuer::keys::rotation::rfc3339(t)
         }
     };
     issuer
@@ -441,7 +442,7 @@ fn federation(f: &crate::issuer::federation::FederationState) -> Federation {
     }
 }
 
-fn replica(r: &crate::issuer::replicas::ReplicaRecord, this: &str) -> Replica {
+fn replica(r: &crate::issuer::state::replicas::ReplicaRecord, this: &str) -> Replica {
     let heartbeat = time::OffsetDateTime::from_unix_timestamp(r.heartbeat)
         .map(rfc3339)
         .unwrap_or_default();

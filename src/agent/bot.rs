@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use super::AgentMetrics;
 use crate::aws::{self, Imds};
+use crate::error::Explain;
 use crate::issuer::{BotCertificate, Issuer, IssuerError, JoinProof, JoinRequest, RenewRequest};
 use crate::resource::agent::JoinMethod;
 use crate::store::{Secrecy, Store};

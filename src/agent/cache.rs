@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
 
 use super::bot::{BotIdentity, jitter};
+use crate::error::Explain;
 use crate::issuer::{Attributes, Issuer, IssuerError, JwtRequest, JwtSvid, Resolved, X509Request, X509Svid};
 
 /// An X509-SVID with its private key.
@@ -298,7 +299,7 @@ impl SvidCache {
                     if denied || !still_valid {
                         tx.send_replace(Slot::Failed {
                             denied,
-                            error: format!("{error}; {}", error.hint()),
+                            error: error.explain(),
                         });
                     }
                     let wait = backoff.mul_f64(jitter(0.2));

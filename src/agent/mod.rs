@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::error::Explain;
 use crate::issuer::{Attributes, Bundles, IdentitySelector, Issuer, IssuerError, Resolved};
 use crate::resource::agent::JoinMethod;
 use crate::store::Store;

@@ -17,7 +17,8 @@ use tokio::task::JoinHandle;
 
 use super::bot::jitter;
 use super::{Agent, Slot, X509Material};
-use crate::issuer::{Attributes, Bundles, IdentitySelector, Resolved};
+use crate::error::Explain;
+use crate::issuer::{Attributes, Bundles, IdentitySelector, IssuerError, Resolved};
 use crate::resource::agent::{Destination, FileMode, OnUpdate, ServiceType, SignalName};
 use crate::store::{Owner, replace_file};
 
@@ -162,38 +163,119 @@ pub async fn write_once(agent: Arc<Agent>, spec: OutputSpec) -> Report {
     report.borrow_and_update().clone()
 }
 
+/// Why an output cannot issue or write. Each message says what to do next; the output tries again
+/// with backoff, and its condition shows the message meanwhile.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("{source}; {} (an output acts as the bot itself: no workload attributes are attested)", source.hint())]
+    Resolve { source: IssuerError },
+    #[error("no workload identity matches the output's selector; check `selector` and the identities' rules")]
+    NoMatch,
+    #[error("the selector matches {} workload identities ({}); an output writes one: select it by `name`", .0.len(), .0.join(", "))]
+    Several(Vec<String>),
+    #[error(
+        "workload_identity/{identity} reads {}, which an output cannot have (it acts as the bot itself, with no \
+         workload attestation); give the output an identity whose rules and templates read only `bot.*` \
+         and `join.*` attributes, or serve this one on a `workload-identity-api` socket",
+        reads.join(", ")
+    )]
+    ReadsWorkload { identity: String, reads: Vec<String> },
+    /// The shared cache's slot could not issue the X509-SVID (its message says why).
+    #[error("{0}")]
+    Issue(String),
+    #[error("{source}; {}", source.hint())]
+    Jwt { source: IssuerError },
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// Why an output's files could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(
+        "cannot {action} {}: {source}; check the owner and permissions of its parent, or choose another `destination.path`",
+        path.display()
+    )]
+    Directory {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot {action} {}: {source}; check that tbot may write there (owner, permissions, free space), \
+         or choose another `destination.path`",
+        path.display()
+    )]
+    Replace {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {file}: {source}")]
+    IdFile { file: &'static str, source: std::io::Error },
+    #[error("no {what} `{name}` in {file}; write its numeric id instead")]
+    NoId {
+        what: &'static str,
+        name: String,
+        file: &'static str,
+    },
+}
+
+/// Why `on_update` failed: each says what failed and what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error(
+        "cannot read the pid file {}: {source}; is the process running, and is `pid_file` its pid file?",
+        path.display()
+    )]
+    PidFile { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{} does not hold a pid (`{text}`); point `pid_file` at the file the process writes its pid to",
+        path.display()
+    )]
+    NotAPid { path: PathBuf, text: String },
+    #[error(
+        "cannot send {signal} to pid {pid} (from {}): {source}; the process may have exited (a stale pid file), \
+         or tbot may not signal it (run tbot as its user or as root)",
+        path.display()
+    )]
+    Signal {
+        signal: SignalName,
+        pid: i32,
+        path: PathBuf,
+        source: rustix::io::Errno,
+    },
+    #[error(
+        "`{command}` ran longer than {timeout:?} and was killed; make it return sooner, or raise `on_update.timeout`"
+    )]
+    Timeout { command: String, timeout: Duration },
+    #[error("cannot run `{command}`: {source}; write the program's absolute path in `on_update.exec`")]
+    Spawn { command: String, source: std::io::Error },
+    #[error("`{command}` failed ({status}): {stderr}; run it by hand to see why")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        /// The end of what it said on stderr: the error is usually last.
+        stderr: String,
+    },
+}
+
 /// The one identity an output is for, checked to need no workload attributes.
-async fn resolve(agent: &Agent, spec: &OutputSpec) -> Result<Resolved, String> {
-    let resolved = agent.resolve(&spec.selector, &Attributes::new()).await.map_err(|e| {
-        format!(
-            "{e}; {} (an output acts as the bot itself: no workload attributes are attested)",
-            e.hint()
-        )
-    })?;
+async fn resolve(agent: &Agent, spec: &OutputSpec) -> Result<Resolved, OutputError> {
+    let resolved = agent
+        .resolve(&spec.selector, &Attributes::new())
+        .await
+        .map_err(|source| OutputError::Resolve { source })?;
     let resolved = match resolved.as_slice() {
         [one] => one.clone(),
-        [] => {
-            return Err(
-                "no workload identity matches the output's selector; check `selector` and the identities' rules".into(),
-            );
-        }
-        many => {
-            let names: Vec<&str> = many.iter().map(|r| r.name.as_str()).collect();
-            return Err(format!(
-                "the selector matches {} workload identities ({}); an output writes one: select it by `name`",
-                many.len(),
-                names.join(", ")
-            ));
-        }
+        [] => return Err(OutputError::NoMatch),
+        many => return Err(OutputError::Several(many.iter().map(|r| r.name.clone()).collect())),
     };
     if !resolved.reads.is_empty() {
-        return Err(format!(
-            "workload_identity/{} reads {}, which an output cannot have (it acts as the bot itself, with no \
-             workload attestation); give the output an identity whose rules and templates read only `bot.*` \
-             and `join.*` attributes, or serve this one on a `workload-identity-api` socket",
-            resolved.name,
-            resolved.reads.join(", ")
-        ));
+        return Err(OutputError::ReadsWorkload {
+            identity: resolved.name.clone(),
+            reads: resolved.reads.clone(),
+        });
     }
     Ok(resolved)
 }
@@ -249,7 +331,7 @@ async fn run(
             Err(error) => {
                 tracing::warn!(output = %spec.name, %error, "the output cannot be written");
                 agent.metrics.output(&spec.name, "failed");
-                report.send_modify(|r| r.error = Some(error));
+                report.send_modify(|r| r.error = Some(error.to_string()));
                 if once {
                     return;
                 }
@@ -300,7 +382,7 @@ impl Job<'_> {
         resolved: &Resolved,
         stop: &mut watch::Receiver<bool>,
         last: &mut Written,
-    ) -> Result<Ended, String> {
+    ) -> Result<Ended, OutputError> {
         let spec = self.spec;
         let mut slot = self
             .agent
@@ -312,7 +394,7 @@ impl Job<'_> {
             let bundle = bundles.borrow_and_update().clone();
             match current {
                 Slot::Pending => {}
-                Slot::Failed { error, .. } => return Err(error),
+                Slot::Failed { error, .. } => return Err(OutputError::Issue(error)),
                 Slot::Ready(material) => {
                     let same = last
                         .as_ref()
@@ -335,7 +417,7 @@ impl Job<'_> {
 
     /// Issues a JWT-SVID, writes it with the JWKS, and again at half its lifetime (or every
     /// `renewal_interval`); a bundle change rewrites the JWKS.
-    async fn jwt(&self, resolved: &Resolved, stop: &mut watch::Receiver<bool>) -> Result<Ended, String> {
+    async fn jwt(&self, resolved: &Resolved, stop: &mut watch::Receiver<bool>) -> Result<Ended, OutputError> {
         let spec = self.spec;
         let (mut bundles, mut policy) = (self.agent.bundles(), self.agent.policy_changes());
         loop {
@@ -345,7 +427,7 @@ impl Job<'_> {
                 .cache
                 .jwt_uncached(resolved, &Attributes::new(), &spec.audiences, spec.ttl)
                 .await
-                .map_err(|e| format!("{e}; {}", e.hint()))?;
+                .map_err(|source| OutputError::Jwt { source })?;
             let lifetime: Duration = (svid.expires - issued).try_into().unwrap_or(Duration::ZERO);
             let renew_at = tokio::time::Instant::now()
                 + spec
@@ -390,39 +472,32 @@ impl Job<'_> {
             r.spiffe_id = spiffe_id.to_owned();
             r.expires = Some(expires);
             r.error = None;
-            r.hook_error = hook;
+            r.hook_error = hook.map(|h| h.to_string());
         });
     }
 }
 
 /// Sends the signal, or runs the command. An error says what failed and what to check.
-pub async fn run_hook(hook: &OnUpdate) -> Result<(), String> {
+pub async fn run_hook(hook: &OnUpdate) -> Result<(), HookError> {
     if let (Some(signal), Some(pid_file)) = (hook.signal, &hook.pid_file) {
-        let text = std::fs::read_to_string(pid_file).map_err(|e| {
-            format!(
-                "cannot read the pid file {}: {e}; is the process running, and is `pid_file` its pid file?",
-                pid_file.display()
-            )
+        let text = std::fs::read_to_string(pid_file).map_err(|source| HookError::PidFile {
+            path: pid_file.clone(),
+            source,
         })?;
         let pid = text
             .trim()
             .parse::<i32>()
             .ok()
             .and_then(rustix::process::Pid::from_raw)
-            .ok_or_else(|| {
-                format!(
-                    "{} does not hold a pid (`{}`); point `pid_file` at the file the process writes its pid to",
-                    pid_file.display(),
-                    text.trim()
-                )
+            .ok_or_else(|| HookError::NotAPid {
+                path: pid_file.clone(),
+                text: text.trim().to_owned(),
             })?;
-        return rustix::process::kill_process(pid, signal_of(signal)).map_err(|e| {
-            format!(
-                "cannot send {signal} to pid {} (from {}): {e}; the process may have exited (a stale pid file), \
-                 or tbot may not signal it (run tbot as its user or as root)",
-                pid.as_raw_nonzero(),
-                pid_file.display()
-            )
+        return rustix::process::kill_process(pid, signal_of(signal)).map_err(|source| HookError::Signal {
+            signal,
+            pid: pid.as_raw_nonzero().get(),
+            path: pid_file.clone(),
+            source,
         });
     }
     let Some((program, args)) = hook.exec.split_first() else {
@@ -434,25 +509,21 @@ pub async fn run_hook(hook: &OnUpdate) -> Result<(), String> {
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
-    let shown = hook.exec.join(" ");
+    let command = hook.exec.join(" ");
     match tokio::time::timeout(timeout, child).await {
-        Err(_) => Err(format!(
-            "`{shown}` ran longer than {timeout:?} and was killed; make it return sooner, or raise `on_update.timeout`"
-        )),
-        Ok(Err(e)) => Err(format!(
-            "cannot run `{shown}`: {e}; write the program's absolute path in `on_update.exec`"
-        )),
+        Err(_) => Err(HookError::Timeout { command, timeout }),
+        Ok(Err(source)) => Err(HookError::Spawn { command, source }),
         Ok(Ok(out)) if out.status.success() => Ok(()),
         Ok(Ok(out)) => {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let stderr = stderr.trim();
             // The end of what it said: the error is usually last.
             let start = stderr.char_indices().rev().nth(299).map_or(0, |(i, _)| i);
-            Err(format!(
-                "`{shown}` failed ({}): {}; run it by hand to see why",
-                out.status,
-                &stderr[start..]
-            ))
+            Err(HookError::Failed {
+                command,
+                status: out.status,
+                stderr: stderr[start..].to_owned(),
+            })
         }
     }
 }
@@ -476,7 +547,7 @@ pub fn write_x509(
     material: &X509Material,
     bundles: &Bundles,
     federated: bool,
-) -> Result<(), String> {
+) -> Result<(), WriteError> {
     let dir = Directory::open(destination)?;
     let key = crate::pem::private_key(&material.key);
     let chain = crate::pem::certificates([&material.svid.certificate]);
@@ -494,7 +565,7 @@ pub fn write_x509(
 }
 
 /// Writes the JWT-SVID (no trailing newline) and the JWT bundle (a JWK Set).
-pub fn write_jwt(destination: &Destination, token: &str, bundles: &Bundles) -> Result<(), String> {
+pub fn write_jwt(destination: &Destination, token: &str, bundles: &Bundles) -> Result<(), WriteError> {
     let dir = Directory::open(destination)?;
     dir.replace(JWT_FILES[0], token.as_bytes())?;
     let jwks = serde_json::to_vec_pretty(&bundles.jwks()).expect("JSON");
@@ -511,7 +582,7 @@ struct Directory {
 impl Directory {
     /// Creates the directory if missing (with the files' mode plus `x` where `r`), and resolves the
     /// owner and group.
-    fn open(destination: &Destination) -> Result<Directory, String> {
+    fn open(destination: &Destination) -> Result<Directory, WriteError> {
         let mode = destination.mode.unwrap_or(FileMode::DEFAULT);
         let owner = Owner {
             uid: destination
@@ -526,11 +597,10 @@ impl Directory {
                 .transpose()?,
         };
         let path = destination.path.clone();
-        let fail = |what: &str, e: std::io::Error| {
-            format!(
-                "cannot {what} {}: {e}; check the owner and permissions of its parent, or choose another `destination.path`",
-                path.display()
-            )
+        let fail = |action: &'static str, source: std::io::Error| WriteError::Directory {
+            action,
+            path: path.clone(),
+            source,
         };
         if !path.is_dir() {
             std::fs::DirBuilder::new()
@@ -550,24 +620,22 @@ impl Directory {
     }
 
     /// Replaces `name` atomically ([`crate::store::replace_file`]).
-    fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+    fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
         let target = self.path.join(name);
-        replace_file(&target, bytes, self.mode.0, self.owner).map_err(|(action, e)| {
-            format!(
-                "cannot {action} {}: {e}; check that tbot may write there (owner, permissions, free space), \
-                 or choose another `destination.path`",
-                target.display()
-            )
+        replace_file(&target, bytes, self.mode.0, self.owner).map_err(|(action, source)| WriteError::Replace {
+            action,
+            path: target.clone(),
+            source,
         })
     }
 }
 
 /// A user or group by name (from `file`) or by number.
-fn id_of(name: &str, file: &str, what: &str) -> Result<u32, String> {
+fn id_of(name: &str, file: &'static str, what: &'static str) -> Result<u32, WriteError> {
     if let Ok(id) = name.parse::<u32>() {
         return Ok(id);
     }
-    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let text = std::fs::read_to_string(file).map_err(|source| WriteError::IdFile { file, source })?;
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split(':');
@@ -575,5 +643,9 @@ fn id_of(name: &str, file: &str, what: &str) -> Result<u32, String> {
         })
         .find(|(n, _)| *n == name)
         .and_then(|(_, id)| id.parse().ok())
-        .ok_or_else(|| format!("no {what} `{name}` in {file}; write its numeric id instead"))
+        .ok_or_else(|| WriteError::NoId {
+            what,
+            name: name.to_owned(),
+            file,
+        })
 }

@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::issuer::ca::spki_pin;
+use crate::error::Explain;
+use crate::issuer::keys::ca::spki_pin;
 use crate::issuer::tls::{self, provider};
 use crate::issuer::wire::{self, proto};
 use crate::issuer::{
@@ -205,7 +206,7 @@ impl RemoteIssuer {
         };
         // Until the `Watch` stream is up, the last failed call is why the agent is not connected.
         if matches!(error, IssuerError::Unavailable(_)) && !self.link.borrow().connected {
-            self.set_link(false, format!("{error}; {}", error.hint()));
+            self.set_link(false, error.explain());
         }
         error
     }
@@ -574,7 +575,7 @@ async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
         let was_up = match issuer.watch_once(&mut revision, &mut epoch).await {
             Ok(was_up) => was_up,
             Err(e) => {
-                issuer.set_link(false, format!("{e}; {}", e.hint()));
+                issuer.set_link(false, e.explain());
                 false
             }
         };
@@ -626,7 +627,7 @@ impl RemoteIssuer {
                 }
                 Err(status) => {
                     let e = self.unreachable(&status);
-                    self.set_link(false, format!("{e}; {}", e.hint()));
+                    self.set_link(false, e.explain());
                     return Ok(up);
                 }
             };

@@ -28,9 +28,20 @@ pub enum AwsError {
     Malformed(String),
 }
 
-impl AwsError {
+impl crate::error::Explain for AwsError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            AwsError::Imds(_) => "run on EC2 with IMDSv2 reachable (hop limit 2 in containers), or set AWS credentials",
+            AwsError::Sign(_) => "check the AWS credentials in the environment",
+            AwsError::Unreachable(_) => "tbot retries with backoff; check the network path to STS",
+            AwsError::Refused(_) => "check the instance's IAM role and the clock",
+            AwsError::Malformed(_) => "check that the STS endpoint is AWS's",
+        }
+        .into()
+    }
+
     /// Network and server-side failures may pass; refusals will not.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(self, AwsError::Imds(_) | AwsError::Unreachable(_))
     }
 }

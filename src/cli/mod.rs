@@ -1,7 +1,6 @@
 //! Command-line definitions and rendering for both binaries; `src/bin/*` stay thin.
 
-pub mod admin_cmds;
-pub mod diff;
+pub mod args;
 pub mod inspect;
 pub mod install;
 pub mod tbot;

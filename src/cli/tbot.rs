@@ -118,7 +118,7 @@ pub fn main() -> ExitCode {
         } => {
             let log_level = init_logging(log_format, debug);
             if config_dirs.is_empty() && config.is_none() {
-                config_dirs.push(super::tbotctl::DEFAULT_DIR.into());
+                config_dirs.push(super::args::DEFAULT_DIR.into());
             }
             runtime.block_on(start::run(start::StartOptions {
                 config_dirs,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::status::{ObjectStatus, StatusReader, StatusTable};
+use crate::error::Explain;
 use crate::manifest::DesiredState;
 use crate::resource::ObjectRef;
 use crate::store::Store;

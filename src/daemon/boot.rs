@@ -32,6 +32,7 @@ use crate::agent::remote::RemoteIssuer;
 use crate::controller::persist::Persist;
 use crate::controller::retry::Retry;
 use crate::controller::status::{Reason, Status, StatusWriter};
+use crate::error::Explain;
 use crate::issuer::{Issuer, LocalIssuer, Policy};
 use crate::manifest::{self, Input, render};
 use crate::resource::HostRole;
@@ -91,7 +92,7 @@ async fn open_issuer(
     let policy = Policy::from_state(state).map_err(|e| fail(&e, &e.hint()))?;
     let backing = stores::issuer_backing(state, store)
         .await
-        .map_err(|(message, hint)| fail(message, &hint))?;
+        .map_err(|e| fail(&e, &e.hint()))?;
     tracing::info!(trust_domain = %policy.trust_domain.as_str(), storage = %backing.describe(), "starting the issuer");
     let mut delay = std::time::Duration::from_secs(1);
     loop {
@@ -136,9 +137,9 @@ async fn serve_issuer(
     status.host.issuer_storage = issuer.backing().describe();
     status.host.replica = doc.metadata.name.to_string();
     if !issuer.backing().local {
-        let record = crate::issuer::replicas::ReplicaRecord::this_process(&doc.metadata.name, serving.address);
+        let record = crate::issuer::state::replicas::ReplicaRecord::this_process(&doc.metadata.name, serving.address);
         let applied = applied.subscribe();
-        tokio::spawn(crate::issuer::replicas::heartbeat(
+        tokio::spawn(crate::issuer::state::replicas::heartbeat(
             issuer.clone(),
             record,
             move || cluster_documents(&applied.borrow()),
@@ -146,7 +147,7 @@ async fn serve_issuer(
         ));
     }
     if let Some(endpoint) = &doc.spec.bundle_endpoint {
-        let address = crate::issuer::bundle_endpoint::serve(issuer.clone(), endpoint.clone(), stop.clone())
+        let address = crate::issuer::federation::bundle_endpoint::serve(issuer.clone(), endpoint.clone(), stop.clone())
             .await
             .map_err(|e| {
                 fail(
@@ -196,7 +197,7 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     let watcher = Box::new(crate::controller::watch::watch_inputs(&inputs, events_tx));
 
     // 3. Stores.
-    let opened = stores::Opened::open(config.as_ref(), issuer_spec.as_ref()).map_err(|e| fail(&e, e.hint()))?;
+    let opened = stores::Opened::open(config.as_ref(), issuer_spec.as_ref()).map_err(|e| fail(&e, &e.hint()))?;
     tracing::info!(storage = %opened.records.describe(), role = ?role, "storage opened");
 
     // 4. The issuer, or the client of the remote one.
@@ -339,10 +340,12 @@ async fn first_convergence(booted: &mut Booted, config: &AgentConfig) -> Result<
     }
     if daemon.agent.is_some() {
         daemon.sync_outputs(config).await;
-        daemon
-            .sync_services(config)
-            .await
-            .map_err(|e| fail(e, "fix the listener's address, or stop whatever holds it"))?;
+        daemon.sync_services(config).await.map_err(|e| {
+            fail(
+                super::services::explain_all(&e),
+                "fix the listener's address, or stop whatever holds it",
+            )
+        })?;
     }
     Ok(())
 }

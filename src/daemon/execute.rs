@@ -11,6 +11,7 @@ use crate::agent::remote::RemoteSettings;
 use crate::agent::{Agent, JoinSettings};
 use crate::controller::plan::{Action, Plan};
 use crate::controller::status::{ConditionType, Reason};
+use crate::error::Explain;
 use crate::issuer::{IssuerError, Policy};
 use crate::manifest::DesiredState;
 use crate::resource::agent::AgentConfig;
@@ -32,7 +33,7 @@ impl Failure {
         Failure {
             causes,
             reason,
-            message: format!("{error}; {}", error.hint()),
+            message: error.explain(),
             transient: error.is_transient(),
         }
     }
@@ -131,11 +132,12 @@ impl Daemon {
             self.sync_outputs(config).await;
             if let Err(e) = self.sync_services(config).await {
                 errors.count("listener");
-                tracing::error!(error = %e, "cannot serve every listener");
+                let message = super::services::explain_all(&e);
+                tracing::error!(error = %message, "cannot serve every listener");
                 failures.push(Failure {
                     causes: vec![agent_ref()],
                     reason: Reason::ListenFailed,
-                    message: e,
+                    message,
                     transient: true,
                 });
             }

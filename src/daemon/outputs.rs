@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::{Daemon, agent_ref, fail};
 use crate::agent::outputs::{Output, OutputSpec};
 use crate::controller::status::{ConditionType, Reason};
+use crate::error::Explain;
 use crate::resource::agent::{AgentConfig, Service};
 
 /// One running file output, with the service it was started from and the agent's lifetime then.

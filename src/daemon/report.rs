@@ -17,7 +17,7 @@ pub(super) fn ca_pins(bundles: &crate::issuer::Bundles) -> Vec<String> {
     bundles
         .x509_authorities
         .iter()
-        .filter_map(|der| crate::issuer::ca::spki_pin(der))
+        .filter_map(|der| crate::issuer::keys::ca::spki_pin(der))
         .collect()
 }
 

@@ -10,12 +10,50 @@ use tonic::transport::Server;
 
 use super::Daemon;
 use crate::agent::attest::{AttestSettings, DEFAULT_HASH_LIMIT};
+use crate::error::Explain;
 use crate::issuer::IdentitySelector;
 use crate::resource::agent::{AgentConfig, Listen, Service};
 use crate::workload_api::listener;
 use crate::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::workload_api::sds::proto::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use crate::workload_api::server::{ServiceConfig, WorkloadApi};
+
+/// Why a service's socket is not served.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ServiceError {
+    #[error("service {service}: {source}")]
+    Bind {
+        service: String,
+        source: listener::ListenError,
+    },
+    #[error("service {service}: cannot listen on {addr}: {source}")]
+    Tcp {
+        service: String,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("service {service}: the bot has not joined yet")]
+    NotJoined { service: String },
+}
+
+impl Explain for ServiceError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            ServiceError::Bind { source, .. } => source.hint(),
+            ServiceError::Tcp { .. } => "choose a free address".into(),
+            ServiceError::NotJoined { .. } => "it is served once the bot joins".into(),
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        true
+    }
+}
+
+/// Every failure of one sync, each with what to do next.
+pub(super) fn explain_all(errors: &[ServiceError]) -> String {
+    errors.iter().map(Explain::explain).collect::<Vec<_>>().join("; ")
+}
 
 /// One serving `workload-identity-api` service.
 pub(super) struct Running {
@@ -69,20 +107,36 @@ fn replace_if_changed<T: PartialEq>(current: &mut T, new: T) -> bool {
 }
 
 impl Daemon {
-    async fn start_service(&self, service: &Service, listen: &Listen, config: &AgentConfig) -> Result<Running, String> {
-        let agent = self.agent.clone().ok_or("the bot has not joined yet")?;
+    async fn start_service(
+        &self,
+        service: &Service,
+        listen: &Listen,
+        config: &AgentConfig,
+    ) -> Result<Running, ServiceError> {
+        let name = || service.display_name().to_owned();
+        let agent = self
+            .agent
+            .clone()
+            .ok_or_else(|| ServiceError::NotJoined { service: name() })?;
         let (config_tx, config_rx) = watch::channel(service_config(service, config));
         let (attest_tx, attest_rx) = watch::channel(attest_settings(service));
         let (stop_tx, stop_rx) = watch::channel(false);
         let incoming = match listen {
             Listen::Unix(path) => {
-                let l = listener::bind_unix(path).map_err(|e| format!("{e}; {}", e.hint()))?;
+                let l = listener::bind_unix(path).map_err(|source| ServiceError::Bind {
+                    service: name(),
+                    source,
+                })?;
                 listener::incoming_unix(l, attest_rx, self.telemetry.workload_api.connections.clone())
             }
             Listen::Tcp(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
                     .await
-                    .map_err(|e| format!("cannot listen on {addr}: {e}; choose a free address"))?;
+                    .map_err(|source| ServiceError::Tcp {
+                        service: name(),
+                        addr: *addr,
+                        source,
+                    })?;
                 tracing::warn!(
                     service = service.display_name(),
                     %addr,
@@ -105,7 +159,7 @@ impl Daemon {
 
     /// Brings the listeners in line with `config`: new ones bound, moved ones bound at the new
     /// address before the old one closes, removed ones closed, the others reconfigured in place.
-    pub(super) async fn sync_services(&mut self, config: &AgentConfig) -> Result<(), String> {
+    pub(super) async fn sync_services(&mut self, config: &AgentConfig) -> Result<(), Vec<ServiceError>> {
         let mut errors = Vec::new();
         for service in &config.services {
             let Some(listen) = service.socket() else { continue };
@@ -126,7 +180,7 @@ impl Daemon {
                             old.stop().await;
                         }
                     }
-                    Err(e) => errors.push(format!("service {name}: {e}")),
+                    Err(e) => errors.push(e),
                 },
             }
         }
@@ -148,11 +202,7 @@ impl Daemon {
                 old.stop().await;
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 }
 

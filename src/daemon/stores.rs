@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::manifest::DesiredState;
+use crate::error::Explain;
+use crate::manifest::{DesiredState, Location};
 use crate::resource::agent::{AgentConfig, StorageType};
 use crate::resource::issuer::IssuerStorageType;
 use crate::resource::{Document, Kind};
@@ -81,36 +82,59 @@ fn open_issuer_store(doc: &crate::resource::issuer::Issuer) -> Result<Store, Sto
     }
 }
 
+/// Why the issuer's store cannot be opened. Each names the `issuer` document's file, line and field.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BackingError {
+    #[error(transparent)]
+    Local(#[from] StoreError),
+    #[error("{location}: spec.storage.key_encryption_key_file: {why}")]
+    Kek { location: Location, why: String },
+    #[error("{location}: spec.storage: {source}")]
+    Etcd { location: Location, source: StoreError },
+}
+
+impl Explain for BackingError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            BackingError::Local(e) | BackingError::Etcd { source: e, .. } => e.hint(),
+            BackingError::Kek { .. } => {
+                "every replica needs the same 32-byte file, mode 0600; fix the file or the path, then start again"
+                    .into()
+            }
+        }
+    }
+}
+
 /// The issuer's store: the local store (a directory, or memory), or etcd with the key encryption
-/// key. Errors name the `issuer` document's file and line and the field, and what to do next.
+/// key.
 pub(super) async fn issuer_backing(
     state: &DesiredState,
     local: &Store,
-) -> Result<crate::issuer::backing::Backing, (String, String)> {
-    use crate::issuer::backing::Backing;
+) -> Result<crate::issuer::state::backing::Backing, BackingError> {
+    use crate::issuer::state::backing::Backing;
     let etcd = state.objects.values().find_map(|o| match &o.document {
         Document::Issuer(doc) if doc.spec.storage.kind == IssuerStorageType::Etcd => Some((doc, &o.location)),
         _ => None,
     });
     let Some((doc, location)) = etcd else {
-        return Backing::local(local.clone()).map_err(|e| (e.to_string(), e.hint().to_owned()));
+        return Ok(Backing::local(local.clone())?);
     };
     let storage = &doc.spec.storage;
     let kek_path = storage
         .key_encryption_key_file
         .as_deref()
         .expect("validation requires key_encryption_key_file for etcd");
-    let kek = crate::kv::Kek::load(kek_path).map_err(|e| {
-        (
-            format!("{location}: spec.storage.key_encryption_key_file: {e}"),
-            "every replica needs the same 32-byte file, mode 0600; fix the file or the path, then start again"
-                .to_owned(),
-        )
+    let kek = crate::kv::Kek::load(kek_path).map_err(|why| BackingError::Kek {
+        location: location.clone(),
+        why,
     })?;
     tracing::info!(kek_id = %kek.id(), file = %kek_path.display(), "key encryption key loaded");
     let kv = crate::kv::connect_etcd(&crate::kv::EtcdSettings::of(storage))
         .await
-        .map_err(|e| (format!("{location}: spec.storage: {e}"), e.hint().to_owned()))?;
+        .map_err(|source| BackingError::Etcd {
+            location: location.clone(),
+            source,
+        })?;
     Ok(Backing::new(Arc::new(kv), Some(kek)))
 }
 

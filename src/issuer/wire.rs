@@ -10,7 +10,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use tonic::{Code, Status};
 
-use super::{Attributes, BotCertificate, Bundles, IssuerError, JwtSvid, Resolved, X509Svid};
+use crate::issuer::{Attributes, BotCertificate, Bundles, IssuerError, JwtSvid, Resolved, X509Svid};
 
 /// The generated messages, clients and servers.
 #[allow(clippy::all, missing_docs)]

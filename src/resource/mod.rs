@@ -245,8 +245,12 @@ pub type FormatCheck = fn(&str) -> Result<(), String>;
 /// every bad value in a document is reported at once, each with its own reason.
 pub const FORMATS: [(&str, FormatCheck); 7] = [
     ("tbot-duration", |s| Duration::parse(s).map(drop)),
-    ("tbot-template", |s| template::Template::parse(s).map(drop)),
-    ("tbot-attribute", |s| template::Attribute::parse(s).map(drop)),
+    ("tbot-template", |s| {
+        template::Template::parse(s).map(drop).map_err(|e| e.to_string())
+    }),
+    ("tbot-attribute", |s| {
+        template::Attribute::parse(s).map(drop).map_err(|e| e.to_string())
+    }),
     ("tbot-listen", |s| agent::Listen::parse(s).map(drop)),
     ("tbot-file-mode", |s| agent::FileMode::parse(s).map(drop)),
     ("tbot-name", |s| Name::parse(s).map(drop)),

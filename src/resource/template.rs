@@ -58,17 +58,52 @@ string_form!(
     )
 );
 
+/// Why a template or an attribute name does not parse; each says how to write it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("`{0}` has an unclosed `[`")]
+    UnclosedBracket(String),
+    #[error("`{0}`: write the key in quotes, like `user.traits[\"team\"]`")]
+    UnquotedKey(String),
+    #[error("`{0}` is not an attribute name; attributes look like `workload.unix.uid`")]
+    NotAName(String),
+    #[error("`{0}` is a map; name one key, like `{0}.team` or `{0}[\"team\"]`")]
+    MapWithoutKey(String),
+    #[error("`{0}` is not a map and takes no `[key]`")]
+    NotAMap(String),
+    /// `near`: the closest known attribute, when one is close.
+    #[error("unknown attribute `{path}`; {}", match near {
+        Some(near) => format!("did you mean `{near}`?"),
+        None => "run `tbotctl schema workload_identity` for the list of attributes".to_owned(),
+    })]
+    Unknown { path: String, near: Option<String> },
+    #[error("`{{{{ }}}}` is empty; put an attribute inside, like `{{{{workload.systemd.service}}}}`")]
+    Empty,
+    #[error("`{0}` has an unclosed `(`")]
+    UnclosedParen(String),
+    #[error("unknown function `{0}`; the functions are `strings.lower` and `strings.upper`")]
+    UnknownFunction(String),
+    #[error("`{0}` has a `{{{{` without its closing `}}}}`")]
+    Unclosed(String),
+    #[error("`}}}}` without an opening `{{{{` in `{0}`")]
+    StrayClose(String),
+}
+
+/// A template read an attribute the caller does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("attribute `{0}` is not set for this workload")]
+pub struct Unset(pub String);
+
 impl Attribute {
     /// Parses `workload.unix.uid`, `user.traits.team` or `user.labels["team"]`.
-    pub fn parse(text: &str) -> Result<Attribute, String> {
+    pub fn parse(text: &str) -> Result<Attribute, TemplateError> {
         let text = text.trim();
         let (path, bracket_key) = match text.split_once('[') {
             Some((path, rest)) => {
                 let inner = rest
                     .strip_suffix(']')
-                    .ok_or_else(|| format!("`{text}` has an unclosed `[`"))?;
-                let key = unquote(inner.trim())
-                    .ok_or_else(|| format!("`{text}`: write the key in quotes, like `user.traits[\"team\"]`"))?;
+                    .ok_or_else(|| TemplateError::UnclosedBracket(text.to_owned()))?;
+                let key = unquote(inner.trim()).ok_or_else(|| TemplateError::UnquotedKey(text.to_owned()))?;
                 (path, Some(key))
             }
             None => (text, None),
@@ -78,17 +113,13 @@ impl Attribute {
                 .split('.')
                 .any(|seg| seg.is_empty() || !seg.chars().all(is_ident_char))
         {
-            return Err(format!(
-                "`{text}` is not an attribute name; attributes look like `workload.unix.uid`"
-            ));
+            return Err(TemplateError::NotAName(text.to_owned()));
         }
         if let Some(&(base, ty)) = CATALOGUE.iter().find(|(name, _)| *name == path) {
             return match (ty, bracket_key) {
                 (AttrType::Map, Some(key)) => Ok(Attribute { base, key: Some(key) }),
-                (AttrType::Map, None) => Err(format!(
-                    "`{path}` is a map; name one key, like `{path}.team` or `{path}[\"team\"]`"
-                )),
-                (_, Some(_)) => Err(format!("`{path}` is not a map and takes no `[key]`")),
+                (AttrType::Map, None) => Err(TemplateError::MapWithoutKey(path.to_owned())),
+                (_, Some(_)) => Err(TemplateError::NotAMap(path.to_owned())),
                 (_, None) => Ok(Attribute { base, key: None }),
             };
         }
@@ -105,7 +136,6 @@ impl Attribute {
                 }
             }
         }
-        let mut message = format!("unknown attribute `{path}`");
         // `user.trait.team` is a key of a misspelt map: suggest the map with the same key.
         let map_key = path.rsplit_once('.').and_then(|(prefix, key)| {
             let maps = CATALOGUE
@@ -114,14 +144,11 @@ impl Attribute {
                 .map(|(name, _)| *name);
             super::closest(prefix, maps).map(|base| format!("{base}.{key}"))
         });
-        if let Some(near) = map_key {
-            message.push_str(&format!("; did you mean `{near}`?"));
-        } else if let Some(near) = super::closest(path, CATALOGUE.iter().map(|(name, _)| *name)) {
-            message.push_str(&format!("; did you mean `{near}`?"));
-        } else {
-            message.push_str("; run `tbotctl schema workload_identity` for the list of attributes");
-        }
-        Err(message)
+        let near = map_key.or_else(|| super::closest(path, CATALOGUE.iter().map(|(name, _)| *name)).map(str::to_owned));
+        Err(TemplateError::Unknown {
+            path: path.to_owned(),
+            near,
+        })
     }
 }
 
@@ -156,23 +183,21 @@ pub enum Expr {
 }
 
 impl Expr {
-    fn parse(text: &str) -> Result<Expr, String> {
+    fn parse(text: &str) -> Result<Expr, TemplateError> {
         let text = text.trim();
         if text.is_empty() {
-            return Err("`{{ }}` is empty; put an attribute inside, like `{{workload.systemd.service}}`".into());
+            return Err(TemplateError::Empty);
         }
         if let Some(open) = text.find('(') {
             let function = text[..open].trim();
             let inner = text[open + 1..]
                 .strip_suffix(')')
-                .ok_or_else(|| format!("`{text}` has an unclosed `(`"))?;
+                .ok_or_else(|| TemplateError::UnclosedParen(text.to_owned()))?;
             let inner = Box::new(Expr::parse(inner)?);
             return match function {
                 "strings.lower" => Ok(Expr::Lower(inner)),
                 "strings.upper" => Ok(Expr::Upper(inner)),
-                other => Err(format!(
-                    "unknown function `{other}`; the functions are `strings.lower` and `strings.upper`"
-                )),
+                other => Err(TemplateError::UnknownFunction(other.to_owned())),
             };
         }
         Attribute::parse(text).map(Expr::Attribute)
@@ -216,7 +241,7 @@ impl fmt::Display for Template {
 }
 
 impl Template {
-    pub fn parse(source: &str) -> Result<Template, String> {
+    pub fn parse(source: &str) -> Result<Template, TemplateError> {
         let mut parts = Vec::new();
         let mut rest = source;
         while !rest.is_empty() {
@@ -230,7 +255,7 @@ impl Template {
                     let after = &rest[open + 2..];
                     let close = after
                         .find("}}")
-                        .ok_or_else(|| format!("`{source}` has a `{{{{` without its closing `}}}}`"))?;
+                        .ok_or_else(|| TemplateError::Unclosed(source.to_owned()))?;
                     parts.push(Part::Expr(Expr::parse(&after[..close])?));
                     rest = &after[close + 2..];
                 }
@@ -265,7 +290,7 @@ impl Template {
 
     /// Renders the template with `value` giving each attribute's value; an attribute that is not set
     /// is an error naming it.
-    pub fn render(&self, mut value: impl FnMut(&Attribute) -> Option<String>) -> Result<String, String> {
+    pub fn render(&self, mut value: impl FnMut(&Attribute) -> Option<String>) -> Result<String, Unset> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -277,17 +302,17 @@ impl Template {
     }
 }
 
-fn eval(expr: &Expr, value: &mut impl FnMut(&Attribute) -> Option<String>) -> Result<String, String> {
+fn eval(expr: &Expr, value: &mut impl FnMut(&Attribute) -> Option<String>) -> Result<String, Unset> {
     match expr {
-        Expr::Attribute(a) => value(a).ok_or_else(|| format!("attribute `{a}` is not set for this workload")),
+        Expr::Attribute(a) => value(a).ok_or_else(|| Unset(a.to_string())),
         Expr::Lower(e) => eval(e, value).map(|s| s.to_lowercase()),
         Expr::Upper(e) => eval(e, value).map(|s| s.to_uppercase()),
     }
 }
 
-fn check_literal(literal: &str) -> Result<(), String> {
+fn check_literal(literal: &str) -> Result<(), TemplateError> {
     if literal.contains("}}") {
-        return Err(format!("`}}}}` without an opening `{{{{` in `{literal}`"));
+        return Err(TemplateError::StrayClose(literal.to_owned()));
     }
     Ok(())
 }
@@ -315,7 +340,9 @@ mod tests {
 
     #[test]
     fn unknown_attributes_are_refused_with_a_suggestion() {
-        let err = Template::parse("/svc/{{workload.systemd.servce}}").unwrap_err();
+        let err = Template::parse("/svc/{{workload.systemd.servce}}")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown attribute `workload.systemd.servce`"), "{err}");
         assert!(err.contains("did you mean `workload.systemd.service`"), "{err}");
     }
@@ -346,6 +373,11 @@ mod tests {
     #[test]
     fn rendering_names_an_unset_attribute() {
         let t = Template::parse("/svc/{{workload.systemd.service}}").unwrap();
-        assert!(t.render(|_| None).unwrap_err().contains("workload.systemd.service"));
+        assert!(
+            t.render(|_| None)
+                .unwrap_err()
+                .to_string()
+                .contains("workload.systemd.service")
+        );
     }
 }

@@ -224,7 +224,7 @@ fn check_claim_templates(out: &mut Vec<Problem>, at: &str, value: &serde_json::V
     match value {
         serde_json::Value::String(text) => {
             if let Err(message) = Template::parse(text) {
-                out.push(Problem::error(at, message).hint(TEMPLATE_HINT));
+                out.push(Problem::error(at, message.to_string()).hint(TEMPLATE_HINT));
             }
         }
         serde_json::Value::Array(items) => {

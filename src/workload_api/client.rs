@@ -8,17 +8,25 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::SECURITY_HEADER;
 
+/// Why a Workload API socket could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("`{0}` is not a unix socket address; write unix:///absolute/path.sock")]
+    NotUnix(String),
+    /// The cause chain is kept whole (the socket's path and the OS error).
+    #[error("cannot connect to {address}: {chain}")]
+    Connect { address: String, chain: String },
+}
+
 /// Connects to `unix:///path` (or `unix:/path`, or a bare absolute path).
-pub async fn connect(address: &str) -> Result<Channel, String> {
+pub async fn connect(address: &str) -> Result<Channel, ConnectError> {
     let path: PathBuf = address
         .strip_prefix("unix://")
         .or_else(|| address.strip_prefix("unix:"))
         .unwrap_or(address)
         .into();
     if !path.is_absolute() {
-        return Err(format!(
-            "`{address}` is not a unix socket address; write unix:///absolute/path.sock"
-        ));
+        return Err(ConnectError::NotUnix(address.to_owned()));
     }
     Endpoint::from_static("http://workload.api")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -26,7 +34,10 @@ pub async fn connect(address: &str) -> Result<Channel, String> {
             async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|e| format!("cannot connect to {address}: {}", crate::error_chain(&e)))
+        .map_err(|e| ConnectError::Connect {
+            address: address.to_owned(),
+            chain: crate::error_chain(&e),
+        })
 }
 
 /// A request with the security header set.

@@ -101,13 +101,14 @@ pub enum ListenError {
     },
 }
 
-impl ListenError {
-    pub fn hint(&self) -> &'static str {
+impl crate::error::Explain for ListenError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
         match self {
             ListenError::InUse { .. } => "stop the other daemon, or give this service another `listen` path",
             ListenError::NotASocket { .. } => "move the file away, or choose another `listen` path",
             ListenError::Io { .. } => "check the directory's owner and permissions",
         }
+        .into()
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod jwt;
 pub mod listener;
 pub mod metrics;
 pub mod sds;

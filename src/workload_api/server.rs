@@ -5,9 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -21,6 +18,7 @@ use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::*;
 use crate::agent::attest::AttestError;
 use crate::agent::{Agent, Slot, X509Material};
+use crate::error::Explain;
 use crate::issuer::{Attributes, Bundles, IdentitySelector, IssuerError, Resolved};
 
 /// What a service decides by: its selector and the lifetime of the SVIDs it serves. Swapped live.
@@ -106,7 +104,7 @@ pub(super) fn attested<T>(request: &Request<T>) -> Result<Arc<Attributes>, Statu
 
 /// The gRPC status for an issuer error, with what the operator can do about it.
 pub(super) fn status(error: IssuerError) -> Status {
-    let message = format!("{error}; {}", error.hint());
+    let message = error.explain();
     if error.is_transient() {
         Status::unavailable(message)
     } else {
@@ -553,7 +551,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be set"));
         }
         let bundles = self.agent.bundles().borrow().clone();
-        let claims = validate_jwt(&svid, &audience, &bundles).map_err(Status::invalid_argument)?;
+        let claims = super::jwt::validate_jwt(&svid, &audience, &bundles)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let spiffe_id = claims.get("sub").and_then(Value::as_str).unwrap_or_default().to_owned();
         let Value::Object(map) = claims else {
             unreachable!("checked to be an object")
@@ -582,99 +581,4 @@ fn to_prost(value: Value) -> prost_types::Value {
         }),
     };
     prost_types::Value { kind: Some(kind) }
-}
-
-/// Validates a JWT-SVID against the JWT bundle: ES256 signature by a key of the bundle (by `kid`),
-/// not expired, `audience` among `aud`, `sub` a SPIFFE ID of the trust domain. Returns the claims.
-pub fn validate_jwt(token: &str, audience: &str, bundles: &Bundles) -> Result<Value, String> {
-    let mut parts = token.split('.');
-    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("the JWT-SVID is not a compact JWS (three dot-separated parts)".into());
-    };
-    let decode = |part: &str, what: &str| {
-        B64.decode(part)
-            .map_err(|_| format!("the JWT-SVID's {what} is not base64url"))
-    };
-    let header: Value = serde_json::from_slice(&decode(header, "header")?)
-        .map_err(|_| "the JWT-SVID's header is not JSON".to_owned())?;
-    if header.get("alg").and_then(Value::as_str) != Some("ES256") {
-        return Err("the JWT-SVID's `alg` is not ES256".into());
-    }
-    let kid = header
-        .get("kid")
-        .and_then(Value::as_str)
-        .ok_or("the JWT-SVID's header has no `kid`")?;
-    // The key comes from the bundle of the trust domain the token claims (`sub`): this one, or a
-    // federated one. Which domain is checked again once the signature is.
-    let unverified: Value = serde_json::from_slice(&decode(payload, "payload")?)
-        .map_err(|_| "the JWT-SVID's claims are not JSON".to_owned())?;
-    let claimed = unverified
-        .get("sub")
-        .and_then(Value::as_str)
-        .and_then(|sub| crate::resource::spiffe_id::SpiffeId::parse(sub).ok())
-        .map(|id| id.trust_domain().as_str().to_owned())
-        .ok_or("the JWT-SVID's `sub` is not a SPIFFE ID")?;
-    let keys = if claimed == bundles.trust_domain {
-        &bundles.jwt_keys
-    } else {
-        &bundles
-            .federated
-            .get(&claimed)
-            .ok_or_else(|| {
-                format!(
-                    "the JWT-SVID is of trust domain {claimed}, which is neither {} nor one it federates with",
-                    bundles.trust_domain
-                )
-            })?
-            .jwt_keys
-    };
-    let jwk = keys
-        .iter()
-        .find(|k| k.get("kid").and_then(Value::as_str) == Some(kid))
-        .ok_or_else(|| format!("no key `{kid}` in the JWT bundle of {claimed}"))?;
-    if jwk.get("kty").and_then(Value::as_str) != Some("EC") || jwk.get("crv").and_then(Value::as_str) != Some("P-256") {
-        return Err(format!(
-            "the key `{kid}` of {claimed} is not an EC P-256 key; only ES256 is validated"
-        ));
-    }
-    let coordinate = |name: &str| {
-        jwk.get(name)
-            .and_then(Value::as_str)
-            .and_then(|c| B64.decode(c).ok())
-            .ok_or_else(|| format!("the bundle's key `{kid}` has no `{name}`"))
-    };
-    let mut point = vec![4u8];
-    point.extend(coordinate("x")?);
-    point.extend(coordinate("y")?);
-    let signing_input = &token[..token.len() - signature.len() - 1];
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
-        .verify(signing_input.as_bytes(), &decode(signature, "signature")?)
-        .map_err(|_| "the JWT-SVID's signature does not verify".to_owned())?;
-    let claims: Value = serde_json::from_slice(&decode(payload, "payload")?)
-        .map_err(|_| "the JWT-SVID's claims are not JSON".to_owned())?;
-    if !claims.is_object() {
-        return Err("the JWT-SVID's claims are not an object".into());
-    }
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    match claims.get("exp").and_then(Value::as_i64) {
-        Some(exp) if exp > now => {}
-        Some(_) => return Err("the JWT-SVID has expired".into()),
-        None => return Err("the JWT-SVID has no `exp`".into()),
-    }
-    let audiences: Vec<&str> = match claims.get("aud") {
-        Some(Value::String(one)) => vec![one],
-        Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
-        _ => vec![],
-    };
-    if !audiences.contains(&audience) {
-        return Err(format!("the JWT-SVID is not for audience `{audience}`"));
-    }
-    let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
-    let ours = crate::resource::spiffe_id::SpiffeId::parse(sub)
-        .is_ok_and(|id| id.trust_domain().as_str() == claimed && !id.path().is_empty());
-    if !ours {
-        return Err(format!("the JWT-SVID's `sub` is not a SPIFFE ID of {claimed}"));
-    }
-    Ok(claims)
 }

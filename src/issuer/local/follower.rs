@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::issuer::backing::{Backing, json};
 use crate::issuer::bots::{self, BotRecord, instance_of_record};
-use crate::issuer::ca::Authority;
-use crate::issuer::jwt::JwtKeys;
-use crate::issuer::replicas::{self, ReplicaRecord};
+use crate::issuer::keys::ca::Authority;
+use crate::issuer::keys::jwt::JwtKeys;
+use crate::issuer::state::backing::{Backing, json};
+use crate::issuer::state::replicas::{self, ReplicaRecord};
 use crate::issuer::{IssuerError, Policy};
 use crate::kv::{Condition, Event, Op};
 use crate::store::StoreError;

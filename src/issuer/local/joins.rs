@@ -6,11 +6,12 @@ use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
 use x509_parser::prelude::FromDer;
 
 use crate::aws::{self, AwsError};
-use crate::issuer::backing::json;
+use crate::issuer::bots::join;
 use crate::issuer::bots::{
     self, BotClaims, BotRecord, Consumed, InstanceInfo, bot_record_key, instance_key, token_key, token_record_key,
 };
-use crate::issuer::{BotCertificate, IssuerError, JoinRequest, RenewRequest, join};
+use crate::issuer::state::backing::json;
+use crate::issuer::{BotCertificate, IssuerError, JoinRequest, RenewRequest};
 use crate::kv::{Condition, Op};
 use crate::resource::agent::JoinMethod;
 
@@ -56,7 +57,7 @@ impl LocalIssuer {
                         .into(),
                 )
             })?;
-            join::check_token_terms(token, JoinMethod::Token, now()).map_err(refuse)?;
+            join::check_token_terms(token, JoinMethod::Token, now())?;
             let bot = token.spec.bot_name.to_string();
             (bot.clone(), state.bot_roles(&bot)?, state.dir())
         };
@@ -240,8 +241,8 @@ impl LocalIssuer {
             })?;
             (token, state.policy.sts_endpoint.clone())
         };
-        join::check_token_terms(&token, JoinMethod::Iam, now()).map_err(refuse)?;
-        let real_endpoint = join::check_signed_request(signed, challenge).map_err(refuse)?;
+        join::check_token_terms(&token, JoinMethod::Iam, now())?;
+        let real_endpoint = join::check_signed_request(signed, challenge)?;
         if registered {
             self.take_challenge(challenge)?;
         }
@@ -251,7 +252,7 @@ impl LocalIssuer {
             AwsError::Malformed(why) => refuse(why),
             other => IssuerError::StsUnavailable(other),
         })?;
-        join::check_allow(&token, &identity).map_err(refuse)?;
+        join::check_allow(&token, &identity)?;
         let bot = token.spec.bot_name.to_string();
         let (roles, dir, kept) = {
             let state = self.lock();

@@ -10,12 +10,13 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::issuer::bots::{self, BotClaims, bot_record_key};
-use crate::issuer::ca::Authority;
-use crate::issuer::rotation::{KeyStatus, Step};
+use crate::issuer::keys::ca::Authority;
+use crate::issuer::keys::rotation::{InProgress, KeyStatus, Step};
 use crate::issuer::{BotCertificate, IssuerError};
 use crate::kv::{Condition, Op};
 
 use super::{CONFLICT_RETRIES, INSTANCE_RETENTION, Inner, LocalIssuer, State, now};
+use crate::error::Explain;
 
 /// The longest the schedule sleeps without looking again (a clock jump, a missed wake-up).
 pub(super) const SCHEDULE_RECHECK: Duration = Duration::from_secs(60);
@@ -164,12 +165,12 @@ impl Inner {
     pub(super) async fn step(
         &self,
         jwt: bool,
-        decide: impl Fn(&State) -> Result<Option<Step>, String>,
+        decide: impl Fn(&State) -> Result<Option<Step>, InProgress>,
     ) -> Result<Option<Step>, IssuerError> {
         for _ in 0..CONFLICT_RETRIES {
             let (step, settings) = {
                 let state = self.lock();
-                let step = decide(&state).map_err(IssuerError::Invalid)?;
+                let step = decide(&state).map_err(|e| IssuerError::Invalid(e.to_string()))?;
                 (step, state.policy.clone())
             };
             let Some(step) = step else { return Ok(None) };

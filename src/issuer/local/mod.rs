@@ -28,15 +28,16 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
 
-use super::backing::Backing;
-use super::bots::{BotClaims, BotRecord};
-use super::ca::Authority;
-use super::decide::{self, Attributes};
-use super::jwt::JwtKeys;
-use super::replicas::ReplicaRecord;
-use super::{
+use crate::issuer::bots::{BotClaims, BotRecord};
+use crate::issuer::keys::ca::Authority;
+use crate::issuer::keys::jwt::JwtKeys;
+use crate::issuer::keys::mint;
+use crate::issuer::policy::decide::{self, Attributes};
+use crate::issuer::state::backing::Backing;
+use crate::issuer::state::replicas::ReplicaRecord;
+use crate::issuer::{
     BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
-    Policy, RenewRequest, Resolved, X509Request, X509Svid, mint,
+    Policy, RenewRequest, Resolved, X509Request, X509Svid,
 };
 use crate::resource::spiffe_id::TrustDomain;
 use crate::store::Store;
@@ -68,7 +69,7 @@ struct State {
     verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime)>,
     sequence: u64,
     /// The bundles of the trust domains this one federates with.
-    federated: BTreeMap<String, Arc<super::TrustBundle>>,
+    federated: BTreeMap<String, Arc<crate::issuer::TrustBundle>>,
 }
 
 struct Inner {
@@ -93,7 +94,7 @@ pub struct LocalIssuer {
     /// Steps the CA's and the JWT key's rotations when they are due.
     schedule: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// One task per foreign trust domain, keeping its bundle.
-    federations: Mutex<BTreeMap<String, super::federation::Running>>,
+    federations: Mutex<BTreeMap<String, crate::issuer::federation::Running>>,
 }
 
 impl Drop for LocalIssuer {
@@ -347,8 +348,7 @@ impl Issuer for LocalIssuer {
             IdentitySelector::Labels(labels) => {
                 let claims = state.authenticate(bot_certificate)?;
                 let attrs = state.attributes(&claims, workload);
-                let decisions =
-                    decide::select(&state.policy, &claims.bot, labels, &attrs).map_err(IssuerError::Denied)?;
+                let decisions = decide::select(&state.policy, &claims.bot, labels, &attrs)?;
                 decisions.into_iter().map(|d| d.identity).collect()
             }
         };

@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::issuer::bots::{self, BotClaims, BotRecord};
-use crate::issuer::decide::{self, Attributes, Decision};
+use crate::issuer::policy::decide::{self, Attributes, Decision};
 use crate::issuer::{Bundles, IssuerError};
 
 use super::{State, VERIFIED_CACHE, dir_of, is_token, now};
@@ -109,7 +109,7 @@ impl State {
     ) -> Result<Decision, IssuerError> {
         let claims = self.authenticate(der)?;
         let attrs = self.attributes(&claims, workload);
-        decide::decide(&self.policy, &claims.bot, identity, &attrs).map_err(IssuerError::Denied)
+        Ok(decide::decide(&self.policy, &claims.bot, identity, &attrs)?)
     }
 
     pub(super) fn bot_roles(&self, bot: &str) -> Result<Vec<String>, IssuerError> {

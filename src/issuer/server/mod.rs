@@ -21,12 +21,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use self::limits::{Buckets, check_len};
 use self::tls::PeerInfo;
-use super::wire::{self, proto};
-use super::{
+use crate::aws::SignedRequest;
+use crate::issuer::wire::{self, proto};
+use crate::issuer::{
     Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, LocalIssuer, PolicyEvent,
     RenewRequest, X509Request,
 };
-use crate::aws::SignedRequest;
 use proto::bot_service_server::{BotService, BotServiceServer};
 use proto::join_service_server::{JoinService, JoinServiceServer};
 use proto::workload_identity_service_server::{WorkloadIdentityService, WorkloadIdentityServiceServer};
@@ -187,7 +187,7 @@ impl IssuerApi {
     }
 }
 
-fn workload(attributes: &[proto::Attribute]) -> Result<super::Attributes, IssuerError> {
+fn workload(attributes: &[proto::Attribute]) -> Result<crate::issuer::Attributes, IssuerError> {
     if attributes.len() > limits::MAX_ATTRIBUTES {
         return Err(IssuerError::Invalid(format!(
             "{} workload attributes; the limit is {}",
@@ -271,7 +271,7 @@ async fn run_join(
     inbound: &mut Streaming<proto::JoinRequest>,
     tx: &mpsc::Sender<Result<proto::JoinResponse, Status>>,
     peer: &PeerInfo,
-) -> Result<super::BotCertificate, IssuerError> {
+) -> Result<crate::issuer::BotCertificate, IssuerError> {
     use proto::join_request::Request as R;
     let Some(R::Init(init)) = next_message(inbound).await?.request else {
         return Err(IssuerError::Invalid("a join starts with `init`".into()));
@@ -557,6 +557,27 @@ pub struct Serving {
 }
 
 /// Binds `listen`, makes the serving certificate for `names`, and serves until `stop` turns true.
+/// Why the issuer API cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {listen}: {source}")]
+    Listen { listen: SocketAddr, source: std::io::Error },
+    /// The serving certificate (or the TLS configuration) could not be made.
+    #[error("the issuer API's serving certificate: {0}")]
+    Certificate(#[from] IssuerError),
+}
+
+impl crate::error::Explain for ServeError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            ServeError::Listen { .. } => {
+                "choose a free address in `issuer.spec.listen`, or stop whatever holds it".into()
+            }
+            ServeError::Certificate(e) => e.hint(),
+        }
+    }
+}
+
 /// The serving certificate is re-made when the CA changes and at half its life. With
 /// `proxy_protocol`, every connection starts with a PROXY v2 header naming the agent's address.
 pub async fn serve(
@@ -566,13 +587,15 @@ pub async fn serve(
     proxy_protocol: bool,
     mut stop: watch::Receiver<bool>,
     metrics: metrics::IssuerApiMetrics,
-) -> Result<Serving, String> {
+) -> Result<Serving, ServeError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}; choose a free address in `issuer.spec.listen`"))?;
-    let address = listener.local_addr().map_err(|e| e.to_string())?;
-    let cert = tls::ServingCert::new(&issuer, &names).map_err(|e| format!("{e}; {}", e.hint()))?;
-    let config = tls::server_config(cert.clone()).map_err(|e| e.to_string())?;
+        .map_err(|source| ServeError::Listen { listen, source })?;
+    let address = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { listen, source })?;
+    let cert = tls::ServingCert::new(&issuer, &names)?;
+    let config = tls::server_config(cert.clone())?;
     {
         let (issuer, names, mut stop) = (issuer.clone(), names.clone(), stop.clone());
         let mut bundles = issuer.bundles();

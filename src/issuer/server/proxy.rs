@@ -12,33 +12,47 @@ const SIGNATURE: [u8; 12] = [0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x5
 /// The most header (addresses and TLVs) we read after the fixed 16 bytes.
 const MAX_BODY: usize = 1024;
 
+/// What is wrong with a connection's PROXY header, for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the connection ended before a PROXY header: {0}")]
+    Ended(std::io::Error),
+    #[error("the connection does not start with a PROXY protocol v2 header")]
+    NotProxy,
+    #[error("PROXY protocol version {0}; only version 2 is read")]
+    Version(u8),
+    #[error("a PROXY header of {0} bytes; at most {MAX_BODY} are read")]
+    TooLong(usize),
+    #[error("the PROXY header is truncated: {0}")]
+    Truncated(std::io::Error),
+    #[error("PROXY command {0} is neither LOCAL nor PROXY")]
+    Command(u8),
+    #[error("PROXY address family {family} with {length} bytes of addresses; only TCP over IPv4 and IPv6 are read")]
+    Family { family: u8, length: usize },
+}
+
 /// Reads a PROXY v2 header from `io`: the source address it carries, or `None` for a `LOCAL`
-/// connection (the balancer's own health check) and an `UNSPEC` family. The error says what was
-/// wrong, for the log.
-pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<SocketAddr>, String> {
+/// connection (the balancer's own health check) and an `UNSPEC` family.
+pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<SocketAddr>, ProxyError> {
     let mut fixed = [0u8; 16];
-    io.read_exact(&mut fixed)
-        .await
-        .map_err(|e| format!("the connection ended before a PROXY header: {e}"))?;
+    io.read_exact(&mut fixed).await.map_err(ProxyError::Ended)?;
     if fixed[..12] != SIGNATURE {
-        return Err("the connection does not start with a PROXY protocol v2 header".into());
+        return Err(ProxyError::NotProxy);
     }
     let (version, command) = (fixed[12] >> 4, fixed[12] & 0x0f);
     if version != 2 {
-        return Err(format!("PROXY protocol version {version}; only version 2 is read"));
+        return Err(ProxyError::Version(version));
     }
     let length = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
     if length > MAX_BODY {
-        return Err(format!("a PROXY header of {length} bytes; at most {MAX_BODY} are read"));
+        return Err(ProxyError::TooLong(length));
     }
     let mut body = vec![0u8; length];
-    io.read_exact(&mut body)
-        .await
-        .map_err(|e| format!("the PROXY header is truncated: {e}"))?;
+    io.read_exact(&mut body).await.map_err(ProxyError::Truncated)?;
     match command {
         0 => return Ok(None),
         1 => {}
-        other => return Err(format!("PROXY command {other} is neither LOCAL nor PROXY")),
+        other => return Err(ProxyError::Command(other)),
     }
     let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
     match fixed[13] >> 4 {
@@ -51,9 +65,7 @@ pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<Sock
             let octets: [u8; 16] = body[..16].try_into().expect("16 bytes");
             Ok(Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), port(32))))
         }
-        family => Err(format!(
-            "PROXY address family {family} with {length} bytes of addresses; only TCP over IPv4 and IPv6 are read"
-        )),
+        family => Err(ProxyError::Family { family, length }),
     }
 }
 
@@ -72,7 +84,7 @@ mod tests {
 
     async fn read(bytes: &[u8]) -> Result<Option<SocketAddr>, String> {
         let mut io = bytes;
-        read_header(&mut io).await
+        read_header(&mut io).await.map_err(|e| e.to_string())
     }
 
     #[tokio::test]

@@ -10,13 +10,13 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 
-use super::IssuerError;
+use crate::issuer::IssuerError;
 use crate::resource::cluster::KeyAlgorithm;
 use crate::resource::spiffe_id::TrustDomain;
 use std::sync::Arc;
 
-use super::backing::Backing;
-use super::rotation::{self, KeyRecord, KeyStatus, Phase, Rotation, Step};
+use crate::issuer::keys::rotation::{self, KeyRecord, KeyStatus, Phase, Rotation, Step};
+use crate::issuer::state::backing::Backing;
 use crate::kv::Op;
 
 /// The CA's validity when `cluster.spec.ca.validity` is not set: one year.
@@ -72,7 +72,7 @@ impl Ca {
         self.algorithm
     }
 
-    pub(super) fn issuer(&self) -> &rcgen::Issuer<'static, KeyPair> {
+    pub(in crate::issuer) fn issuer(&self) -> &rcgen::Issuer<'static, KeyPair> {
         &self.issuer
     }
 
@@ -257,7 +257,12 @@ impl Authority {
     }
 
     /// What `tbotctl rotate ca` would do now, or why it is refused.
-    pub fn by_hand(&self, grace: std::time::Duration, force: bool, now: OffsetDateTime) -> Result<Step, String> {
+    pub fn by_hand(
+        &self,
+        grace: std::time::Duration,
+        force: bool,
+        now: OffsetDateTime,
+    ) -> Result<Step, rotation::InProgress> {
         rotation::by_hand(&self.records, self.active, grace, force, unix(now))
     }
 

@@ -1,17 +1,21 @@
-//! `tbotctl`: validate documents and print their schemas (diff, apply, get and status come with the
-//! daemon's admin API).
+//! `tbotctl`: the command and its subcommands, one file each (`diff`, `apply`, `get`, `status`,
+//! `rotate`); `validate` and `schema` are here.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::manifest::render;
-use crate::manifest::{self, Input, schema};
-use crate::resource::Kind;
+mod apply;
+mod diff;
+mod get;
+mod rotate;
+mod status;
 
-/// The directory read when no `--dir` or `-f` is given.
-pub const DEFAULT_DIR: &str = "/etc/tbot.d";
+use crate::cli::args::{DaemonArgs, InputArgs, block_on};
+use crate::manifest::render;
+use crate::manifest::{self, schema};
+use crate::resource::Kind;
 
 #[derive(Debug, Parser)]
 #[command(name = "tbotctl", version, about = "Check and manage the documents of a tbot agent")]
@@ -27,56 +31,19 @@ enum Command {
     Validate(ValidateArgs),
     /// Show what applying the documents would change: object diffs, runtime actions, the plan.
     /// Exit 0 when nothing changes, 1 when something does, 2 on an error (invalid input included).
-    Diff(super::diff::DiffArgs),
+    Diff(diff::DiffArgs),
     /// Write documents (`-f`) into the directory after validating them, and wait until the running
     /// daemon has converged: one line per object, `created|configured|unchanged`.
-    Apply(super::admin_cmds::ApplyArgs),
+    Apply(apply::ApplyArgs),
     /// The running daemon's objects with their status (generation, conditions).
-    Get(super::admin_cmds::GetArgs),
+    Get(get::GetArgs),
     /// The running daemon: trust domain, bot, listeners, objects not ready.
-    Status(super::admin_cmds::DaemonArgs),
+    Status(DaemonArgs),
     /// Print the JSON Schema of a kind, or write every kind's schema to a directory.
     Schema(SchemaArgs),
     /// Rotate the CA or the JWT signing key now (a suspected key compromise): a successor is
     /// published at once and signs after `--grace`; the old key goes once what it signed expired.
-    Rotate(super::admin_cmds::RotateArgs),
-}
-
-/// Where documents come from.
-#[derive(Debug, Args)]
-pub struct InputArgs {
-    /// A directory of documents (every *.yaml and *.yml in it); repeatable. Default: /etc/tbot.d.
-    #[arg(long = "dir", value_name = "DIR")]
-    dirs: Vec<PathBuf>,
-    /// A document file; repeatable.
-    #[arg(short = 'f', long = "file", value_name = "FILE")]
-    files: Vec<PathBuf>,
-}
-
-impl InputArgs {
-    /// One directory.
-    pub fn dir(dir: PathBuf) -> InputArgs {
-        InputArgs {
-            dirs: vec![dir],
-            files: vec![],
-        }
-    }
-
-    pub fn dirs(&self) -> &[PathBuf] {
-        &self.dirs
-    }
-
-    pub fn files(&self) -> &[PathBuf] {
-        &self.files
-    }
-
-    pub fn inputs(&self) -> Vec<Input> {
-        if self.dirs.is_empty() && self.files.is_empty() {
-            return vec![Input::Dir(DEFAULT_DIR.into())];
-        }
-        let dirs = self.dirs.iter().cloned().map(Input::Dir);
-        dirs.chain(self.files.iter().cloned().map(Input::File)).collect()
-    }
+    Rotate(rotate::RotateArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,21 +79,13 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate(args) => validate(&args),
-        Command::Diff(args) => super::diff::run(&args),
-        Command::Apply(args) => block_on(super::admin_cmds::apply(&args)),
-        Command::Get(args) => block_on(super::admin_cmds::get(&args)),
-        Command::Status(args) => block_on(super::admin_cmds::status(&args)),
+        Command::Diff(args) => diff::run(&args),
+        Command::Apply(args) => block_on(apply::apply(&args)),
+        Command::Get(args) => block_on(get::get(&args)),
+        Command::Status(args) => block_on(status::status(&args)),
         Command::Schema(args) => schema_command(&args),
-        Command::Rotate(args) => block_on(super::admin_cmds::rotate(&args)),
+        Command::Rotate(args) => block_on(rotate::rotate(&args)),
     }
-}
-
-fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-        .block_on(future)
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {

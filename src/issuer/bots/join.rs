@@ -11,21 +11,54 @@ use crate::aws::{CallerIdentity, SignedRequest};
 use crate::resource::agent::JoinMethod;
 use crate::resource::token::Token;
 
+/// Why a join's terms are refused: each names the check that failed (and, for the token's own
+/// terms, what to change).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefusal {
+    #[error("the token is for `{token}` joins, and this join used `{used}`; set `onboarding.join_method: {token}`")]
+    WrongMethod { token: JoinMethod, used: JoinMethod },
+    #[error("the token expired at {0}; create a new token or move `metadata.expires` later")]
+    Expired(String),
+    #[error("the signed request's URL `{0}` cannot be read")]
+    Url(String),
+    #[error("host not on the allowlist: `{0}` is not an AWS STS endpoint (sts[-fips].<region>.amazonaws.com)")]
+    NotSts(String),
+    #[error("host not on the allowlist: the Host header `{0}` differs from the URL's host")]
+    HostHeader(String),
+    #[error("the signed request is a `{0}`, not a POST")]
+    Method(String),
+    #[error("the signed request's path is not `/`")]
+    Path,
+    #[error("the signed request's body is not exactly `{BODY}`")]
+    Body,
+    #[error("challenge: the request carries no SigV4 Authorization header")]
+    Unsigned,
+    #[error("challenge: the `{CHALLENGE_HEADER}` header is not among the signed headers")]
+    ChallengeUnsigned,
+    #[error("challenge: the `{CHALLENGE_HEADER}` header does not equal the challenge this issuer sent")]
+    ChallengeMismatch,
+    #[error("challenge: the request has no `{CHALLENGE_HEADER}` header")]
+    ChallengeMissing,
+    #[error("the token has no `allow` rules, so no AWS identity may join with it")]
+    NoAllowRules,
+    #[error("account: `{0}` is not an `aws_account` of the token's `allow` rules")]
+    Account(String),
+    #[error("ARN: `{arn}` matches no `aws_arn` of the token's rules for account {account}")]
+    Arn { arn: String, account: String },
+}
+
 /// Checks a token's own terms for a join by `method`: right method, not expired.
-pub fn check_token_terms(token: &Token, method: JoinMethod, now: OffsetDateTime) -> Result<(), String> {
+pub fn check_token_terms(token: &Token, method: JoinMethod, now: OffsetDateTime) -> Result<(), JoinRefusal> {
     if token.spec.join_method != method {
-        return Err(format!(
-            "the token is for `{}` joins, and this join used `{}`; set `onboarding.join_method: {}`",
-            token.spec.join_method, method, token.spec.join_method
-        ));
+        return Err(JoinRefusal::WrongMethod {
+            token: token.spec.join_method,
+            used: method,
+        });
     }
     if let Some(expires) = &token.metadata.expires
         && expires.0 <= now
     {
-        return Err(format!(
-            "the token expired at {}; create a new token or move `metadata.expires` later",
-            expires.0.format(&Rfc3339).unwrap_or_default()
-        ));
+        return Err(JoinRefusal::Expired(expires.0.format(&Rfc3339).unwrap_or_default()));
     }
     Ok(())
 }
@@ -57,68 +90,52 @@ fn is_region(region: &str) -> bool {
 }
 
 /// The checks made on a signed request before anything is sent: returns the STS URL for its host.
-pub fn check_signed_request(request: &SignedRequest, challenge: &str) -> Result<String, String> {
-    let uri: http::Uri = request
-        .url
-        .parse()
-        .map_err(|_| format!("the signed request's URL `{}` cannot be read", request.url))?;
+pub fn check_signed_request(request: &SignedRequest, challenge: &str) -> Result<String, JoinRefusal> {
+    let uri: http::Uri = request.url.parse().map_err(|_| JoinRefusal::Url(request.url.clone()))?;
     let host = uri.host().unwrap_or("");
     if uri.scheme_str() != Some("https") || uri.port().is_some() || !is_sts_host(host) {
-        return Err(format!(
-            "host not on the allowlist: `{}` is not an AWS STS endpoint (sts[-fips].<region>.amazonaws.com)",
-            uri.authority().map(|a| a.as_str()).unwrap_or("")
-        ));
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+        return Err(JoinRefusal::NotSts(authority.to_owned()));
     }
     if let Some(header_host) = request.header("host")
         && !header_host.eq_ignore_ascii_case(host)
     {
-        return Err(format!(
-            "host not on the allowlist: the Host header `{header_host}` differs from the URL's host"
-        ));
+        return Err(JoinRefusal::HostHeader(header_host.to_owned()));
     }
     if request.method != "POST" {
-        return Err(format!("the signed request is a `{}`, not a POST", request.method));
+        return Err(JoinRefusal::Method(request.method.clone()));
     }
     if uri.path() != "/" || uri.query().is_some() {
-        return Err("the signed request's path is not `/`".into());
+        return Err(JoinRefusal::Path);
     }
     if request.body != BODY {
-        return Err(format!("the signed request's body is not exactly `{BODY}`"));
+        return Err(JoinRefusal::Body);
     }
-    let authorization = request
-        .header("authorization")
-        .ok_or("challenge: the request carries no SigV4 Authorization header")?;
+    let authorization = request.header("authorization").ok_or(JoinRefusal::Unsigned)?;
     let signed_headers = authorization
         .split(',')
         .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
         .unwrap_or("");
     let challenge_name = CHALLENGE_HEADER.to_ascii_lowercase();
     if !signed_headers.split(';').any(|h| h == challenge_name) {
-        return Err(format!(
-            "challenge: the `{CHALLENGE_HEADER}` header is not among the signed headers"
-        ));
+        return Err(JoinRefusal::ChallengeUnsigned);
     }
     match request.header(CHALLENGE_HEADER) {
         Some(value) if value == challenge => Ok(format!("https://{host}/")),
-        Some(_) => Err(format!(
-            "challenge: the `{CHALLENGE_HEADER}` header does not equal the challenge this issuer sent"
-        )),
-        None => Err(format!("challenge: the request has no `{CHALLENGE_HEADER}` header")),
+        Some(_) => Err(JoinRefusal::ChallengeMismatch),
+        None => Err(JoinRefusal::ChallengeMissing),
     }
 }
 
 /// Matches STS's answer against the token's `allow` rules: any rule, account exact, ARN glob.
-pub fn check_allow(token: &Token, identity: &CallerIdentity) -> Result<(), String> {
+pub fn check_allow(token: &Token, identity: &CallerIdentity) -> Result<(), JoinRefusal> {
     let rules = &token.spec.allow;
     if rules.is_empty() {
-        return Err("the token has no `allow` rules, so no AWS identity may join with it".into());
+        return Err(JoinRefusal::NoAllowRules);
     }
     let account_rules: Vec<_> = rules.iter().filter(|r| r.aws_account == identity.account).collect();
     if account_rules.is_empty() {
-        return Err(format!(
-            "account: `{}` is not an `aws_account` of the token's `allow` rules",
-            identity.account
-        ));
+        return Err(JoinRefusal::Account(identity.account.clone()));
     }
     if account_rules.iter().any(|r| {
         r.aws_arn
@@ -127,10 +144,10 @@ pub fn check_allow(token: &Token, identity: &CallerIdentity) -> Result<(), Strin
     }) {
         return Ok(());
     }
-    Err(format!(
-        "ARN: `{}` matches no `aws_arn` of the token's rules for account {}",
-        identity.arn, identity.account
-    ))
+    Err(JoinRefusal::Arn {
+        arn: identity.arn.clone(),
+        account: identity.account.clone(),
+    })
 }
 
 /// An anchored glob: `*` any run of characters, `?` exactly one.

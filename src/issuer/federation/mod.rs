@@ -4,6 +4,9 @@
 //! failure. The last good bundle stays in force while an endpoint is down, across restarts too (it
 //! is kept in the issuer's store), and a malformed or oversized bundle never replaces it.
 
+pub mod bundle_endpoint;
+
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,8 +19,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::TrustBundle;
-use super::backing::{Backing, json};
+use crate::issuer::TrustBundle;
+use crate::issuer::state::backing::{Backing, json};
 use crate::kv::Op;
 use crate::resource::federation::FederationSpec;
 use crate::spiffe_bundle;
@@ -89,14 +92,87 @@ pub fn source_name(spec: &FederationSpec) -> String {
     }
 }
 
-fn to_bundle(trust_domain: &str, parsed: spiffe_bundle::Parsed) -> Result<Arc<TrustBundle>, String> {
+/// Why a foreign bundle could not be fetched or taken. The last good bundle stays in force; the
+/// fetch is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot read `ca_file` {}: {source}", path.display())]
+    CaFile { path: PathBuf, source: std::io::Error },
+    #[error("`ca_file` {} holds no PEM certificate", .0.display())]
+    CaFileEmpty(PathBuf),
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    #[error("no bundle of this domain is known to check its endpoint's SVID with: set `bootstrap_bundle`")]
+    NoAnchors,
+    #[error("a static bundle is not fetched")]
+    Static,
+    #[error("{url} did not answer within {FETCH_TIMEOUT:?}")]
+    Timeout { url: String },
+    #[error("`{0}` is not an https:// URL")]
+    NotHttps(String),
+    #[error("`{0}` has a bad port")]
+    BadPort(String),
+    #[error("cannot connect to {authority}: {source}")]
+    Connect { authority: String, source: std::io::Error },
+    #[error("`{host}` is not a host name: {source}")]
+    HostName {
+        host: String,
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// The handshake failed; the cause chain is kept whole (a certificate refusal names its reason).
+    #[error("TLS with {authority} failed: {chain}")]
+    Handshake { authority: String, chain: String },
+    #[error("HTTP with {authority} failed: {source}")]
+    Http { authority: String, source: hyper::Error },
+    #[error("bad request for {url}: {source}")]
+    Request { url: String, source: http::Error },
+    #[error("{url}: {source}")]
+    Send { url: String, source: hyper::Error },
+    #[error("{url} answered {status}")]
+    Status { url: String, status: http::StatusCode },
+    #[error(
+        "{url}: the body could not be read, or is larger than {} bytes: {why}",
+        spiffe_bundle::MAX_BYTES
+    )]
+    Body { url: String, why: String },
+    /// The bundle document's own refusal.
+    #[error("{0}")]
+    Bundle(String),
+    #[error("the bundle holds no key: trusting it would distrust every SVID of the domain")]
+    Empty,
+}
+
+impl crate::error::Explain for FetchError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            FetchError::CaFile { .. } | FetchError::CaFileEmpty(_) => "fix `ca_file` in the spiffe_federation document",
+            FetchError::NoAnchors => "set `bootstrap_bundle` in the spiffe_federation document",
+            FetchError::NotHttps(_) | FetchError::BadPort(_) | FetchError::HostName { .. } | FetchError::Static => {
+                "fix `bundle_endpoint_url` in the spiffe_federation document"
+            }
+            _ => "it is retried with backoff; the last good bundle stays in force",
+        }
+        .into()
+    }
+
+    fn is_transient(&self) -> bool {
+        true
+    }
+}
+
+fn parse(trust_domain: &str, bytes: &[u8]) -> Result<(Arc<TrustBundle>, spiffe_bundle::Parsed), FetchError> {
+    let parsed = spiffe_bundle::parse(bytes).map_err(FetchError::Bundle)?;
+    Ok((to_bundle(trust_domain, &parsed)?, parsed))
+}
+
+fn to_bundle(trust_domain: &str, parsed: &spiffe_bundle::Parsed) -> Result<Arc<TrustBundle>, FetchError> {
     if parsed.x509_authorities.is_empty() && parsed.jwt_keys.is_empty() {
-        return Err("the bundle holds no key: trusting it would distrust every SVID of the domain".into());
+        return Err(FetchError::Empty);
     }
     Ok(Arc::new(TrustBundle {
         trust_domain: trust_domain.to_owned(),
-        x509_authorities: parsed.x509_authorities,
-        jwt_keys: parsed.jwt_keys,
+        x509_authorities: parsed.x509_authorities.clone(),
+        jwt_keys: parsed.jwt_keys.clone(),
     }))
 }
 
@@ -122,8 +198,8 @@ async fn keep(
     let update = |f: &dyn Fn(&mut FederationState)| f(&mut state.lock().expect("federation state poisoned"));
     let source = &spec.bundle_source;
     if let Some(fixed) = &source.fixed {
-        match spiffe_bundle::parse(fixed.bundle.as_bytes()).and_then(|p| to_bundle(&trust_domain, p)) {
-            Ok(bundle) => {
+        match parse(&trust_domain, fixed.bundle.as_bytes()) {
+            Ok((bundle, _)) => {
                 update(&|s| {
                     s.synced_at = Some(OffsetDateTime::now_utc());
                     s.x509_authorities = bundle.x509_authorities.len();
@@ -131,7 +207,7 @@ async fn keep(
                 });
                 publish(Some(bundle));
             }
-            Err(why) => update(&|s| s.error = Some(why.clone())),
+            Err(why) => update(&|s| s.error = Some(why.to_string())),
         }
         return;
     }
@@ -139,7 +215,7 @@ async fn keep(
     // The last good bundle (kept across restarts), else the bootstrap bundle.
     let mut current: Option<Arc<TrustBundle>> = None;
     if let Ok(Some((kept, _))) = backing.get_json::<Kept>(&store_key).await
-        && let Ok(bundle) = spiffe_bundle::parse(kept.bundle.as_bytes()).and_then(|p| to_bundle(&trust_domain, p))
+        && let Ok((bundle, _)) = parse(&trust_domain, kept.bundle.as_bytes())
     {
         update(&|s| {
             s.synced_at = OffsetDateTime::from_unix_timestamp(kept.synced_at).ok();
@@ -148,7 +224,7 @@ async fn keep(
         });
         current = Some(bundle);
     } else if let Some(bootstrap) = source.https_spiffe.as_ref().and_then(|s| s.bootstrap_bundle.as_ref())
-        && let Ok(bundle) = spiffe_bundle::parse(bootstrap.as_bytes()).and_then(|p| to_bundle(&trust_domain, p))
+        && let Ok((bundle, _)) = parse(&trust_domain, bootstrap.as_bytes())
     {
         current = Some(bundle);
     }
@@ -158,9 +234,8 @@ async fn keep(
     let mut backoff = MIN_REFRESH;
     loop {
         let fetched = fetch_once(&spec, current.as_deref()).await.and_then(|body| {
-            let parsed = spiffe_bundle::parse(&body)?;
-            let (sequence, hint) = (parsed.sequence, parsed.refresh_hint);
-            Ok((body, to_bundle(&trust_domain, parsed)?, sequence, hint))
+            let (bundle, parsed) = parse(&trust_domain, &body)?;
+            Ok((body, bundle, parsed.sequence, parsed.refresh_hint))
         });
         let wait = match fetched {
             Ok((body, bundle, sequence, hint)) => {
@@ -211,36 +286,36 @@ async fn keep(
 }
 
 /// One GET of the bundle endpoint, TLS checked as the profile says.
-async fn fetch_once(spec: &FederationSpec, current: Option<&TrustBundle>) -> Result<Vec<u8>, String> {
-    let provider = super::tls::provider();
+async fn fetch_once(spec: &FederationSpec, current: Option<&TrustBundle>) -> Result<Vec<u8>, FetchError> {
+    let provider = crate::issuer::tls::provider();
     let source = &spec.bundle_source;
     let (url, config) = if let Some(web) = &source.https_web {
         let mut roots = rustls::RootCertStore::empty();
         match &web.ca_file {
             Some(path) => {
                 use rustls::pki_types::pem::PemObject;
-                let text = std::fs::read(path).map_err(|e| format!("cannot read `ca_file` {}: {e}", path.display()))?;
+                let text = std::fs::read(path).map_err(|source| FetchError::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
                 for der in CertificateDer::pem_slice_iter(&text).flatten() {
                     let _ = roots.add(der);
                 }
                 if roots.is_empty() {
-                    return Err(format!("`ca_file` {} holds no PEM certificate", path.display()));
+                    return Err(FetchError::CaFileEmpty(path.clone()));
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
         let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
         (web.bundle_endpoint_url.as_str(), config)
     } else if let Some(spiffe) = &source.https_spiffe {
         let anchors = current.map(|b| b.x509_authorities.clone()).unwrap_or_default();
         if anchors.is_empty() {
-            return Err(
-                "no bundle of this domain is known to check its endpoint's SVID with: set `bootstrap_bundle`".into(),
-            );
+            return Err(FetchError::NoAnchors);
         }
         let verifier = SpiffeVerifier {
             provider: provider.clone(),
@@ -248,68 +323,86 @@ async fn fetch_once(spec: &FederationSpec, current: Option<&TrustBundle>) -> Res
             id: spiffe.endpoint_spiffe_id.clone(),
         };
         let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
         (spiffe.bundle_endpoint_url.as_str(), config)
     } else {
-        return Err("a static bundle is not fetched".into());
+        return Err(FetchError::Static);
     };
     tokio::time::timeout(FETCH_TIMEOUT, get(url, config))
         .await
-        .map_err(|_| format!("{url} did not answer within {FETCH_TIMEOUT:?}"))?
+        .map_err(|_| FetchError::Timeout { url: url.to_owned() })?
 }
 
 /// `GET url` over TLS with `config`: the body of a 200, at most [`spiffe_bundle::MAX_BYTES`].
-pub async fn get(url: &str, mut config: rustls::ClientConfig) -> Result<Vec<u8>, String> {
+pub async fn get(url: &str, mut config: rustls::ClientConfig) -> Result<Vec<u8>, FetchError> {
     let rest = url
         .strip_prefix("https://")
-        .ok_or_else(|| format!("`{url}` is not an https:// URL"))?;
+        .ok_or_else(|| FetchError::NotHttps(url.to_owned()))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let (host, port) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h, p.parse::<u16>().map_err(|_| format!("`{url}` has a bad port"))?)
+            (h, p.parse::<u16>().map_err(|_| FetchError::BadPort(url.to_owned()))?)
         }
         _ => (authority, 443),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = tokio::net::TcpStream::connect((host, port))
         .await
-        .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+        .map_err(|source| FetchError::Connect {
+            authority: authority.to_owned(),
+            source,
+        })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("`{host}` is not a host name: {e}"))?;
+    let name = ServerName::try_from(host.to_owned()).map_err(|source| FetchError::HostName {
+        host: host.to_owned(),
+        source,
+    })?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("TLS with {authority} failed: {}", crate::error_chain(&e)))?;
+        .map_err(|e| FetchError::Handshake {
+            authority: authority.to_owned(),
+            chain: crate::error_chain(&e),
+        })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
-        .map_err(|e| format!("HTTP with {authority} failed: {e}"))?;
+        .map_err(|source| FetchError::Http {
+            authority: authority.to_owned(),
+            source,
+        })?;
     let connection = tokio::spawn(connection);
     let request = http::Request::get(path)
         .header(http::header::HOST, authority)
         .header(http::header::ACCEPT, "application/json")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("bad request for {url}: {e}"))?;
-    let response = sender.send_request(request).await.map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|source| FetchError::Request {
+            url: url.to_owned(),
+            source,
+        })?;
+    let response = sender.send_request(request).await.map_err(|source| FetchError::Send {
+        url: url.to_owned(),
+        source,
+    })?;
     let status = response.status();
     if status != http::StatusCode::OK {
         connection.abort();
-        return Err(format!("{url} answered {status}"));
+        return Err(FetchError::Status {
+            url: url.to_owned(),
+            status,
+        });
     }
     let body = Limited::new(response.into_body(), spiffe_bundle::MAX_BYTES)
         .collect()
         .await
-        .map_err(|e| {
-            format!(
-                "{url}: the body could not be read, or is larger than {} bytes: {e}",
-                spiffe_bundle::MAX_BYTES
-            )
+        .map_err(|e| FetchError::Body {
+            url: url.to_owned(),
+            why: e.to_string(),
         })?
         .to_bytes();
     connection.abort();

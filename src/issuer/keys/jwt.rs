@@ -1,6 +1,6 @@
 //! The JWT-SVID signing keys (ES256) of a trust domain: the active one signs, a prepared one and the
 //! retiring ones are published in the JWKS, each with a stable `kid` derived from its public key.
-//! `jwt.json` records them and the rotation schedule (`issuer::rotation`); each key is
+//! `jwt.json` records them and the rotation schedule (`issuer::keys::rotation`); each key is
 //! `jwt-<id>.key` (sealed), or `jwt.key` for the one key of earlier versions.
 
 use std::sync::Arc;
@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use super::IssuerError;
-use super::backing::Backing;
-use super::rotation::{self, KeyRecord, KeyStatus, Rotation, Step};
+use crate::issuer::IssuerError;
+use crate::issuer::keys::rotation::{self, KeyRecord, KeyStatus, Rotation, Step};
+use crate::issuer::state::backing::Backing;
 use crate::kv::Op;
 use crate::resource::cluster::DEFAULT_KEY_VALIDITY;
 use crate::resource::spiffe_id::TrustDomain;
@@ -52,9 +52,8 @@ pub struct JwtKey {
 }
 
 impl JwtKey {
-    fn from_pkcs8(pkcs8: &[u8], not_after: i64) -> Result<JwtKey, String> {
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)
-            .map_err(|e| format!("not an ES256 PKCS#8 key: {e}"))?;
+    fn from_pkcs8(pkcs8: &[u8], not_after: i64) -> Result<JwtKey, aws_lc_rs::error::KeyRejected> {
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8)?;
         // The public key is the uncompressed point 04 || x || y.
         let point = pair.public_key().as_ref();
         let (x, y) = point[1..].split_at(32);
@@ -117,7 +116,7 @@ struct JwtFile {
 }
 
 /// Every JWT key of a trust domain. Cheap to clone; changed on a copy written conditionally, as
-/// the CA's [`super::ca::Authority`].
+/// the CA's [`crate::issuer::keys::ca::Authority`].
 #[derive(Clone)]
 pub struct JwtKeys {
     trust_domain: TrustDomain,
@@ -165,7 +164,8 @@ impl JwtKeys {
                 .ok_or_else(|| backing.corrupt(&name, "it is missing"))?
                 .value;
             let pkcs8 = backing.unseal(&name, stored)?;
-            let key = JwtKey::from_pkcs8(&pkcs8, record.not_after).map_err(|e| backing.corrupt(&name, e))?;
+            let key = JwtKey::from_pkcs8(&pkcs8, record.not_after)
+                .map_err(|e| backing.corrupt(&name, format!("not an ES256 PKCS#8 key: {e}")))?;
             keys.push(Arc::new(key));
         }
         if !file.keys.iter().any(|r| r.id == file.active) {
@@ -239,7 +239,7 @@ impl JwtKeys {
     }
 
     /// What `tbotctl rotate jwt` would do now, or why it is refused.
-    pub fn by_hand(&self, grace: Duration, force: bool, now: OffsetDateTime) -> Result<Step, String> {
+    pub fn by_hand(&self, grace: Duration, force: bool, now: OffsetDateTime) -> Result<Step, rotation::InProgress> {
         rotation::by_hand(&self.records, self.active, grace, force, now.unix_timestamp())
     }
 
@@ -295,7 +295,8 @@ impl JwtKeys {
         let first = self.records.is_empty();
         let pkcs8 = new_pkcs8()?;
         let record = record(id, settings, now, if first { None } else { activate_at });
-        let key = JwtKey::from_pkcs8(&pkcs8, record.not_after).map_err(IssuerError::Crypto)?;
+        let key = JwtKey::from_pkcs8(&pkcs8, record.not_after)
+            .map_err(|e| IssuerError::Crypto(format!("not an ES256 PKCS#8 key: {e}")))?;
         let name = key_name(&self.trust_domain, id);
         let ops = vec![Op::put(&name, backing.seal(&name, &pkcs8))];
         let mut next = self.clone();

@@ -11,9 +11,9 @@ use rcgen::{
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::ca::{Authority, random_serial};
-use super::jwt::JwtKey;
-use super::{Decision, IssuerError, JwtSvid, X509Svid};
+use crate::issuer::keys::ca::{Authority, random_serial};
+use crate::issuer::keys::jwt::JwtKey;
+use crate::issuer::{Decision, IssuerError, JwtSvid, X509Svid};
 
 fn invalid(e: impl std::fmt::Display) -> IssuerError {
     IssuerError::Invalid(e.to_string())
@@ -51,7 +51,7 @@ pub fn x509_svid(
             .subject_alt_names
             .push(SanType::DnsName(san.as_str().try_into().map_err(invalid)?));
     }
-    super::ca::end_entity(&mut params, public_key);
+    crate::issuer::keys::ca::end_entity(&mut params, public_key);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
@@ -169,7 +169,7 @@ fn serving(
     dn.push(DnType::CommonName, cn);
     params.distinguished_name = dn;
     params.subject_alt_names = sans;
-    super::ca::end_entity(&mut params, &spki);
+    crate::issuer::keys::ca::end_entity(&mut params, &spki);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;

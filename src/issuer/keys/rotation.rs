@@ -182,8 +182,20 @@ pub fn retire<T>(records: &mut Vec<KeyRecord>, keys: &mut Vec<T>, active: u32, n
     true
 }
 
+/// A rotation by hand refused: one is already in progress.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a rotation is in progress: key {id} is {phase} until {until}; wait for it, or pass --force to {forced} now")]
+pub struct InProgress {
+    pub id: u32,
+    pub phase: &'static str,
+    /// When the phase ends (RFC 3339).
+    pub until: String,
+    /// What `--force` would do: `activate it` or `retire it`.
+    pub forced: &'static str,
+}
+
 /// A rotation asked for by hand (`tbotctl rotate`): what to do, or why not.
-pub fn by_hand(records: &[KeyRecord], active: u32, grace: Duration, force: bool, now: i64) -> Result<Step, String> {
+pub fn by_hand(records: &[KeyRecord], active: u32, grace: Duration, force: bool, now: i64) -> Result<Step, InProgress> {
     let busy = records
         .iter()
         .map(|r| (r, phase(r, active)))
@@ -194,17 +206,16 @@ pub fn by_hand(records: &[KeyRecord], active: u32, grace: Duration, force: bool,
         }),
         Some((record, Phase::Prepared { .. })) if force => Ok(Step::Activate { id: record.id }),
         Some(_) if force => Ok(Step::RetireEarly),
-        Some((record, phase)) => Err(format!(
-            "a rotation is in progress: key {} is {} until {}; wait for it, or pass --force to {} now",
-            record.id,
-            phase.name(),
-            rfc3339(phase.ends().unwrap_or(record.not_after)),
-            if matches!(phase, Phase::Prepared { .. }) {
+        Some((record, phase)) => Err(InProgress {
+            id: record.id,
+            phase: phase.name(),
+            until: rfc3339(phase.ends().unwrap_or(record.not_after)),
+            forced: if matches!(phase, Phase::Prepared { .. }) {
                 "activate it"
             } else {
                 "retire it"
-            }
-        )),
+            },
+        }),
     }
 }
 
@@ -353,7 +364,9 @@ mod tests {
         let mut prepared = key(2, 5 * HOUR, 100 * HOUR);
         prepared.activate_at = Some(5 * HOUR + 600);
         records.push(prepared);
-        let refused = by_hand(&records, active, Duration::from_secs(600), false, 5 * HOUR).unwrap_err();
+        let refused = by_hand(&records, active, Duration::from_secs(600), false, 5 * HOUR)
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("key 2 is prepared until"), "{refused}");
         assert!(refused.contains("--force"), "{refused}");
         assert_eq!(

@@ -18,8 +18,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
-use super::LocalIssuer;
-use super::tls::{self, ServingCert};
+use crate::issuer::LocalIssuer;
+use crate::issuer::tls::{self, ServingCert};
 use crate::resource::issuer::{BundleEndpoint, BundleProfile};
 
 /// The endpoint SVID's lifetime (capped by the CA's end); re-made at half of it.
@@ -32,21 +32,55 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The refresh hint when the document gives none.
 pub const DEFAULT_REFRESH_HINT: Duration = Duration::from_secs(300);
 
-fn web_key(cert_file: &PathBuf, key_file: &PathBuf) -> Result<CertifiedKey, String> {
+/// Why the bundle endpoint cannot serve (at start) or renew its certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{} holds no PEM certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("cannot read a PEM private key from {}: {source}", path.display())]
+    Key {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    KeyRejected { path: PathBuf, source: rustls::Error },
+    /// The endpoint's SVID (`https_spiffe`) could not be made.
+    #[error(transparent)]
+    Issuer(#[from] crate::issuer::IssuerError),
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot listen on {listen} for the bundle endpoint: {source}")]
+    Listen { listen: SocketAddr, source: std::io::Error },
+}
+
+fn web_key(cert_file: &PathBuf, key_file: &PathBuf) -> Result<CertifiedKey, EndpointError> {
     let chain: Vec<Vec<u8>> = CertificateDer::pem_file_iter(cert_file)
-        .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?
+        .map_err(|source| EndpointError::Read {
+            path: cert_file.clone(),
+            source,
+        })?
         .filter_map(Result::ok)
         .map(|c| c.to_vec())
         .collect();
     if chain.is_empty() {
-        return Err(format!("{} holds no PEM certificate", cert_file.display()));
+        return Err(EndpointError::NoCertificate(cert_file.clone()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| format!("cannot read a PEM private key from {}: {e}", key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| EndpointError::Key {
+        path: key_file.clone(),
+        source,
+    })?;
     let signing = tls::provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| format!("{}: {e}", key_file.display()))?;
+        .map_err(|source| EndpointError::KeyRejected {
+            path: key_file.clone(),
+            source,
+        })?;
     Ok(CertifiedKey::new(
         chain.into_iter().map(CertificateDer::from).collect(),
         signing,
@@ -60,9 +94,9 @@ fn modified(paths: &[&PathBuf]) -> Vec<Option<SystemTime>> {
         .collect()
 }
 
-fn spiffe_key(issuer: &LocalIssuer) -> Result<CertifiedKey, String> {
-    let svid = issuer.endpoint_svid(SVID_TTL).map_err(|e| e.to_string())?;
-    tls::certified(vec![svid.certificate], svid.key).map_err(|e| e.to_string())
+fn spiffe_key(issuer: &LocalIssuer) -> Result<CertifiedKey, EndpointError> {
+    let svid = issuer.endpoint_svid(SVID_TTL)?;
+    Ok(tls::certified(vec![svid.certificate], svid.key)?)
 }
 
 /// Binds the endpoint and serves it until `stop`. Errors (the address, the files) are returned
@@ -71,7 +105,7 @@ pub async fn serve(
     issuer: Arc<LocalIssuer>,
     settings: BundleEndpoint,
     mut stop: watch::Receiver<bool>,
-) -> Result<SocketAddr, String> {
+) -> Result<SocketAddr, EndpointError> {
     let hint = settings.refresh_hint.map_or(DEFAULT_REFRESH_HINT, |d| d.as_std());
     // https_web's files (the document requires both for that profile).
     let files = [
@@ -82,10 +116,13 @@ pub async fn serve(
         BundleProfile::HttpsSpiffe => ServingCert::of(spiffe_key(&issuer)?),
         BundleProfile::HttpsWeb => ServingCert::of(web_key(&files[0], &files[1])?),
     };
-    let listener = tokio::net::TcpListener::bind(settings.listen)
+    let listen = settings.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {} for the bundle endpoint: {e}", settings.listen))?;
-    let address = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| EndpointError::Listen { listen, source })?;
+    let address = listener
+        .local_addr()
+        .map_err(|source| EndpointError::Listen { listen, source })?;
     // Keeps the certificate fresh.
     {
         let (issuer, cert, settings, mut stop) = (issuer.clone(), cert.clone(), settings.clone(), stop.clone());
@@ -131,8 +168,7 @@ pub async fn serve(
         });
     }
     let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

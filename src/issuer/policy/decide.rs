@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::policy::Policy;
-use super::rbac;
+use crate::issuer::policy::Policy;
+use crate::issuer::policy::rbac;
 use crate::resource::spiffe_id::{TrustDomain, check_id};
 use crate::resource::template::{Attribute, Template};
 use crate::resource::workload_identity::{Condition, WorkloadIdentity};
@@ -76,14 +76,14 @@ impl Attributes {
     }
 
     /// The one value of an attribute, for templates: unset or several values is an error.
-    fn single(&self, attribute: &Attribute) -> Result<&str, String> {
+    fn single(&self, attribute: &Attribute) -> Result<&str, Unrenderable> {
         match self.get(attribute) {
-            None | Some([]) => Err(format!("`{attribute}` is not set for this workload")),
+            None | Some([]) => Err(Unrenderable::Unset(attribute.to_string())),
             Some([one]) => Ok(one),
-            Some(many) => Err(format!(
-                "`{attribute}` has {} values and a template needs exactly one",
-                many.len()
-            )),
+            Some(many) => Err(Unrenderable::Several {
+                attribute: attribute.to_string(),
+                count: many.len(),
+            }),
         }
     }
 }
@@ -111,17 +111,79 @@ pub struct Decision {
     pub jwt_max_ttl: Duration,
 }
 
+/// Why a template cannot be rendered for a caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unrenderable {
+    #[error("`{0}` is not set for this workload")]
+    Unset(String),
+    #[error("`{attribute}` has {count} values and a template needs exactly one")]
+    Several { attribute: String, count: usize },
+    /// An attribute the template reads is not set.
+    #[error(transparent)]
+    Template(#[from] crate::resource::template::Unset),
+}
+
+/// Why a caller does not get an identity. Each message names the document and what failed; the
+/// operator's move is an edit of that document (or of the workload's attributes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("bot `{0}` no longer exists")]
+    NoBot(String),
+    #[error("workload_identity `{0}` does not exist")]
+    NoIdentity(String),
+    /// The bot's roles do not allow the identity.
+    #[error(transparent)]
+    Rbac(#[from] rbac::RbacDenial),
+    /// No rule of `rules.allow` holds for the caller; one reason per rule.
+    #[error("workload_identity `{identity}` does not allow this workload: {}", reasons.join("; "))]
+    Rules { identity: String, reasons: Vec<String> },
+    #[error("workload_identity `{identity}`: `{field}` cannot be rendered: {why}")]
+    Render {
+        identity: String,
+        field: String,
+        why: Unrenderable,
+    },
+    #[error("workload_identity `{identity}`: the rendered SPIFFE ID path `{path}` is not valid: {why}")]
+    SpiffeId {
+        identity: String,
+        path: String,
+        why: String,
+    },
+    #[error("workload_identity `{identity}`: DNS SAN `{san}` is not a DNS name: {why}")]
+    DnsSan {
+        identity: String,
+        san: String,
+        why: &'static str,
+    },
+    #[error("workload_identity `{identity}`: claim `{key}`: {why}")]
+    Claim { identity: String, key: String, why: String },
+    #[error(
+        "the label selector picks {count} workload identities for this caller, more than the limit of {MAX_SELECTED}; narrow the selector's labels"
+    )]
+    TooMany { count: usize },
+}
+
+impl crate::error::Explain for Denial {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Denial::TooMany { .. } => "".into(),
+            Denial::NoBot(_) | Denial::NoIdentity(_) => "check the name, or add the document".into(),
+            _ => "edit the document it names (`tbotctl diff` shows what the edit does)".into(),
+        }
+    }
+}
+
 /// Decides `identity` for a caller of `bot_name` with `attributes` (the workload's, the bot's and
 /// its join's, already merged).
-pub fn decide(policy: &Policy, bot_name: &str, identity: &str, attributes: &Attributes) -> Result<Decision, String> {
+pub fn decide(policy: &Policy, bot_name: &str, identity: &str, attributes: &Attributes) -> Result<Decision, Denial> {
     let bot = policy
         .bots
         .get(bot_name)
-        .ok_or_else(|| format!("bot `{bot_name}` no longer exists"))?;
+        .ok_or_else(|| Denial::NoBot(bot_name.to_owned()))?;
     let wi = policy
         .identities
         .get(identity)
-        .ok_or_else(|| format!("workload_identity `{identity}` does not exist"))?;
+        .ok_or_else(|| Denial::NoIdentity(identity.to_owned()))?;
     rbac::may_issue(policy, bot, wi)?;
     check_rules(wi, attributes)?;
     render(&policy.trust_domain, wi, attributes)
@@ -134,7 +196,7 @@ pub fn select(
     bot_name: &str,
     labels: &BTreeMap<String, String>,
     attributes: &Attributes,
-) -> Result<Vec<Decision>, String> {
+) -> Result<Vec<Decision>, Denial> {
     let mut out = Vec::new();
     for (name, wi) in &policy.identities {
         if !labels.iter().all(|(k, v)| wi.metadata.labels.get(k) == Some(v)) {
@@ -145,10 +207,7 @@ pub fn select(
         }
     }
     if out.len() > MAX_SELECTED {
-        return Err(format!(
-            "the label selector picks {} workload identities for this caller, more than the limit of {MAX_SELECTED}; narrow the selector's labels",
-            out.len()
-        ));
+        return Err(Denial::TooMany { count: out.len() });
     }
     Ok(out)
 }
@@ -204,7 +263,7 @@ fn collect_claim_attributes(value: &Value, names: &mut std::collections::BTreeSe
 }
 
 /// `rules.allow`: no rules allow everyone; otherwise some rule must have all its conditions true.
-fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), String> {
+fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), Denial> {
     let rules = &wi.spec.rules.allow;
     if rules.is_empty() {
         return Ok(());
@@ -216,11 +275,10 @@ fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), Str
             Some(why) => reasons.push(format!("rule {}: {why}", i + 1)),
         }
     }
-    Err(format!(
-        "workload_identity `{}` does not allow this workload: {}",
-        wi.metadata.name,
-        reasons.join("; ")
-    ))
+    Err(Denial::Rules {
+        identity: wi.metadata.name.to_string(),
+        reasons,
+    })
 }
 
 /// Why a condition is false, or `None` when it holds.
@@ -268,7 +326,7 @@ fn render_field(
     field: &str,
     template: &Template,
     attributes: &Attributes,
-) -> Result<String, String> {
+) -> Result<String, Denial> {
     let mut failure = None;
     let out = template.render(|a| match attributes.single(a) {
         Ok(v) => Some(v.to_owned()),
@@ -277,21 +335,21 @@ fn render_field(
             None
         }
     });
-    out.map_err(|fallback| {
-        format!(
-            "workload_identity `{}`: `{field}` cannot be rendered: {}",
-            wi.metadata.name,
-            failure.unwrap_or(fallback)
-        )
+    out.map_err(|fallback| Denial::Render {
+        identity: wi.metadata.name.to_string(),
+        field: field.to_owned(),
+        why: failure.unwrap_or(Unrenderable::Template(fallback)),
     })
 }
 
-fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> Result<Decision, String> {
+fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> Result<Decision, Denial> {
     let spiffe = &wi.spec.spiffe;
     let name: &str = &wi.metadata.name;
     let path = render_field(wi, "spiffe.id", &spiffe.id, attributes)?;
-    check_id(td, &path).map_err(|why| {
-        format!("workload_identity `{name}`: the rendered SPIFFE ID path `{path}` is not valid: {why}")
+    check_id(td, &path).map_err(|why| Denial::SpiffeId {
+        identity: name.to_owned(),
+        path: path.clone(),
+        why: why.to_string(),
     })?;
     let hint = spiffe
         .hint
@@ -307,8 +365,11 @@ fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> R
         .enumerate()
     {
         let san = render_field(wi, &format!("spiffe.x509.dns_sans[{i}]"), t, attributes)?;
-        check_dns_name(&san)
-            .map_err(|why| format!("workload_identity `{name}`: DNS SAN `{san}` is not a DNS name: {why}"))?;
+        check_dns_name(&san).map_err(|why| Denial::DnsSan {
+            identity: name.to_owned(),
+            san: san.clone(),
+            why,
+        })?;
         dns_sans.push(san);
     }
     let mut subject = Subject::default();
@@ -350,11 +411,14 @@ fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> R
 }
 
 /// Extra claims: strings are templates; arrays and objects are rendered inside; other values stay.
-fn render_claim(wi: &WorkloadIdentity, key: &str, value: &Value, attributes: &Attributes) -> Result<Value, String> {
+fn render_claim(wi: &WorkloadIdentity, key: &str, value: &Value, attributes: &Attributes) -> Result<Value, Denial> {
     Ok(match value {
         Value::String(s) if s.contains("{{") => {
-            let template = Template::parse(s)
-                .map_err(|why| format!("workload_identity `{}`: claim `{key}`: {why}", wi.metadata.name))?;
+            let template = Template::parse(s).map_err(|why| Denial::Claim {
+                identity: wi.metadata.name.to_string(),
+                key: key.to_owned(),
+                why: why.to_string(),
+            })?;
             Value::String(render_field(
                 wi,
                 &format!("spiffe.jwt.extra_claims.{key}"),
@@ -371,7 +435,7 @@ fn render_claim(wi: &WorkloadIdentity, key: &str, value: &Value, attributes: &At
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| Ok((k.clone(), render_claim(wi, &format!("{key}.{k}"), v, attributes)?)))
-                .collect::<Result<_, String>>()?,
+                .collect::<Result<_, Denial>>()?,
         ),
         other => other.clone(),
     })
@@ -451,7 +515,7 @@ spec:
     }
 
     fn decide_uid(policy: &Policy, uid: u32) -> Result<Decision, String> {
-        decide(policy, "b", "wi", &workload(uid))
+        decide(policy, "b", "wi", &workload(uid)).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -572,7 +636,7 @@ spec:
         let p = policy("  spiffe: {id: '/svc/{{workload.systemd.service}}'}");
         let mut attrs = workload(1);
         attrs.set("workload.systemd.service", "..");
-        let err = decide(&p, "b", "wi", &attrs).unwrap_err();
+        let err = decide(&p, "b", "wi", &attrs).unwrap_err().to_string();
         assert!(err.contains("is not valid"), "{err}");
     }
 
@@ -597,11 +661,13 @@ spec:
         assert!(
             decide(&p, "ghost", "wi", &workload(1))
                 .unwrap_err()
+                .to_string()
                 .contains("bot `ghost`")
         );
         assert!(
             decide(&p, "b", "nope", &workload(1))
                 .unwrap_err()
+                .to_string()
                 .contains("`nope` does not exist")
         );
     }

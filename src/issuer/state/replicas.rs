@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::error::Explain;
 use serde::{Deserialize, Serialize};
 
 /// How often a replica rewrites its record; the record lives on a lease of three times that.
@@ -122,7 +123,7 @@ pub fn drift(replicas: &[ReplicaRecord]) -> Vec<Drift> {
 /// heartbeats (a killed replica's record goes by itself), removed at once on a clean stop.
 /// `documents` gives the documents applied now.
 pub async fn heartbeat(
-    issuer: std::sync::Arc<super::LocalIssuer>,
+    issuer: std::sync::Arc<crate::issuer::LocalIssuer>,
     mut record: ReplicaRecord,
     documents: impl Fn() -> BTreeMap<String, String> + Send + 'static,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -181,7 +182,7 @@ pub async fn heartbeat(
             }
             Ok(_) => {}
             Err(e) if !failing => {
-                tracing::warn!(error = %e, hint = e.hint(), "cannot record the replica's heartbeat in the store");
+                tracing::warn!(error = %e, hint = %e.hint(), "cannot record the replica's heartbeat in the store");
                 failing = true;
             }
             Err(_) => {}

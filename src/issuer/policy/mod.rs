@@ -1,13 +1,16 @@
 //! The issuer's view of the documents: the trust domain and cluster settings, and the bots, tokens,
 //! roles and workload identities by name. Built from a validated `DesiredState`; swapped whole on reload.
 
+pub mod decide;
+pub mod rbac;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::IssuerError;
-use super::ca::{CaSettings, DEFAULT_VALIDITY};
-use super::jwt::JwtSettings;
-use super::rotation::Rotation;
+use crate::issuer::IssuerError;
+use crate::issuer::keys::ca::{CaSettings, DEFAULT_VALIDITY};
+use crate::issuer::keys::jwt::JwtSettings;
+use crate::issuer::keys::rotation::Rotation;
 use crate::resource::cluster::RotationSpec;
 
 /// The rotation thresholds a document sets, with the defaults filled in.

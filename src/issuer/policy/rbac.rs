@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::policy::Policy;
+use crate::issuer::policy::Policy;
 use crate::resource::bot::Bot;
 use crate::resource::role::{LabelValues, Role, RoleConditions, Verb};
 use crate::resource::workload_identity::WorkloadIdentity;
@@ -85,14 +85,36 @@ fn why_not_allowed(role: &Role, identity: &WorkloadIdentity) -> Option<String> {
     None
 }
 
+/// Why a bot may not issue an identity: a sentence naming every role and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bot `{bot}` may not issue workload_identity `{identity}`: {why}")]
+pub struct RbacDenial {
+    pub bot: String,
+    pub identity: String,
+    pub why: RbacReason,
+}
+
+/// What in the bot's roles refuses the identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RbacReason {
+    #[error("the bot has no roles")]
+    NoRoles,
+    #[error("role `{role}` denies it: {why}")]
+    Denied { role: String, why: String },
+    /// One reason per role.
+    #[error("no role allows it ({})", .0.join("; "))]
+    NotAllowed(Vec<String>),
+}
+
 /// Decides whether `bot` may issue `identity`; the error is a sentence naming every role and why.
-pub fn may_issue(policy: &Policy, bot: &Bot, identity: &WorkloadIdentity) -> Result<(), String> {
-    let subject = format!(
-        "bot `{}` may not issue workload_identity `{}`",
-        bot.metadata.name, identity.metadata.name
-    );
+pub fn may_issue(policy: &Policy, bot: &Bot, identity: &WorkloadIdentity) -> Result<(), RbacDenial> {
+    let refuse = |why| RbacDenial {
+        bot: bot.metadata.name.to_string(),
+        identity: identity.metadata.name.to_string(),
+        why,
+    };
     if bot.spec.roles.is_empty() {
-        return Err(format!("{subject}: the bot has no roles"));
+        return Err(refuse(RbacReason::NoRoles));
     }
     let mut reasons = Vec::new();
     let mut allowed = false;
@@ -102,7 +124,8 @@ pub fn may_issue(policy: &Policy, bot: &Bot, identity: &WorkloadIdentity) -> Res
             continue;
         };
         if let Some(why) = denies(role, identity) {
-            return Err(format!("{subject}: role `{}` denies it: {why}", name));
+            let role = name.to_string();
+            return Err(refuse(RbacReason::Denied { role, why }));
         }
         match why_not_allowed(role, identity) {
             None => allowed = true,
@@ -112,7 +135,7 @@ pub fn may_issue(policy: &Policy, bot: &Bot, identity: &WorkloadIdentity) -> Res
     if allowed {
         Ok(())
     } else {
-        Err(format!("{subject}: no role allows it ({})", reasons.join("; ")))
+        Err(refuse(RbacReason::NotAllowed(reasons)))
     }
 }
 
@@ -155,7 +178,7 @@ spec: {spiffe: {id: /web}}
             bot_roles.join(", ")
         );
         let policy = policy_from_text(&format!("{BASE}{roles}{bot}"));
-        may_issue(&policy, &policy.bots["b"], &policy.identities["web"])
+        may_issue(&policy, &policy.bots["b"], &policy.identities["web"]).map_err(|e| e.to_string())
     }
 
     fn role(name: &str, body: &str) -> String {

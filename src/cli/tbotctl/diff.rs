@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::tbotctl::InputArgs;
+use crate::cli::args::InputArgs;
 use crate::controller::{Change, inventory, plan};
 use crate::manifest::render;
 use crate::manifest::{self, DesiredState};

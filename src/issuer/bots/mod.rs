@@ -2,6 +2,8 @@
 //! its renewal generation; reading such a certificate back; and the persisted ledgers of consumed
 //! tokens and of each bot's generation (a mismatch means a copied identity and locks the bot).
 
+pub mod join;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -13,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::oid_registry::Oid;
 
-use super::backing::{Backing, json};
-use super::ca::{Authority, random_serial};
-use super::{Attributes, BotCertificate, IssuerError};
+use crate::issuer::keys::ca::{Authority, random_serial};
+use crate::issuer::state::backing::{Backing, json};
+use crate::issuer::{Attributes, BotCertificate, IssuerError};
 use crate::kv::{Condition, Op};
 
 /// The (unregistered, private) OID of the extension holding a bot certificate's claims as JSON.
@@ -95,7 +97,7 @@ pub fn sign_bot_certificate(
     dn.push(DnType::OrganizationName, "tbot bot");
     dn.push(DnType::CommonName, claims.bot.as_str());
     params.distinguished_name = dn;
-    super::ca::end_entity(&mut params, public_key);
+    crate::issuer::keys::ca::end_entity(&mut params, public_key);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::IssuerError;
+use crate::issuer::IssuerError;
 use crate::kv::{Kek, MemoryKv, SharedKv};
 use crate::store::{Store, StoreError};
 

@@ -1,0 +1,116 @@
+//! What every command line shares: where documents come from, how to reach the daemon, and how an
+//! error is printed (cause first, then what to do next). A leaf: it imports no other `cli` file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::admin::proto::admin_client::AdminClient;
+use crate::manifest::{self, Input, render};
+
+/// The directory read when no `--dir` or `-f` is given.
+pub const DEFAULT_DIR: &str = "/etc/tbot.d";
+
+/// Where documents come from.
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// A directory of documents (every *.yaml and *.yml in it); repeatable. Default: /etc/tbot.d.
+    #[arg(long = "dir", value_name = "DIR")]
+    dirs: Vec<PathBuf>,
+    /// A document file; repeatable.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+impl InputArgs {
+    /// One directory.
+    pub fn dir(dir: PathBuf) -> InputArgs {
+        InputArgs {
+            dirs: vec![dir],
+            files: vec![],
+        }
+    }
+
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    pub fn inputs(&self) -> Vec<Input> {
+        if self.dirs.is_empty() && self.files.is_empty() {
+            return vec![Input::Dir(DEFAULT_DIR.into())];
+        }
+        let dirs = self.dirs.iter().cloned().map(Input::Dir);
+        dirs.chain(self.files.iter().cloned().map(Input::File)).collect()
+    }
+}
+
+/// How to reach the daemon.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// The daemon's admin socket; by default found from the directory's agent config.
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+}
+
+pub fn fail(message: impl std::fmt::Display, hint: &str) -> ExitCode {
+    eprintln!("error: {message}\n  = hint: {hint}");
+    ExitCode::from(2)
+}
+
+impl DaemonArgs {
+    fn socket(&self) -> Result<PathBuf, String> {
+        if let Some(path) = &self.admin_socket {
+            return Ok(path.clone());
+        }
+        let loaded = manifest::load(&self.input.inputs()).map_err(|d| render::diagnostic(&d))?;
+        crate::admin::socket_for(&loaded.state).ok_or_else(|| {
+            "no agent config and no `issuer` document in these documents to find the admin socket from".to_owned()
+        })
+    }
+
+    pub async fn connect(&self) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
+        let socket = self
+            .socket()
+            .map_err(|e| fail(e, "pass --dir with the daemon's directory, or --admin-socket PATH"))?;
+        match crate::workload_api::client::connect(&socket.display().to_string()).await {
+            Ok(channel) => Ok(AdminClient::new(channel)),
+            Err(e) => Err(fail(
+                e,
+                "is `tbot start` running with this directory? (`tbotctl diff` works without a daemon)",
+            )),
+        }
+    }
+}
+
+pub fn explain(status: tonic::Status) -> ExitCode {
+    let message = format!("{:?}: {}", status.code(), status.message());
+    match status.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            fail(message, "run tbotctl as root or as the daemon's user")
+        }
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => fail(
+            message,
+            "is the daemon still running? its log says more (`journalctl -u tbot` or its terminal)",
+        ),
+        // The daemon's own message says what to do next.
+        _ => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}

@@ -1,0 +1,57 @@
+//! `tbotctl rotate ca|jwt`: a rotation by hand on the issuer's admin socket.
+
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+
+use super::status::print_keys;
+use crate::cli::args::{DaemonArgs, explain};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RotatedKey {
+    /// The X.509 CA.
+    Ca,
+    /// The JWT-SVID signing key.
+    Jwt,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// `ca` or `jwt`.
+    #[arg(value_enum)]
+    pub key: RotatedKey,
+    /// How long the successor is published before it signs (every agent gets it first).
+    #[arg(long, default_value = "10m", value_parser = crate::resource::Duration::parse)]
+    pub grace: crate::resource::Duration,
+    /// While a rotation is in progress: take its next step now (activate the successor, or retire
+    /// the old key).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// `tbotctl rotate ca|jwt`.
+pub async fn rotate(args: &RotateArgs) -> ExitCode {
+    let mut client = match args.daemon.connect().await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let request = crate::admin::proto::RotateRequest {
+        key: match args.key {
+            RotatedKey::Ca => "ca".into(),
+            RotatedKey::Jwt => "jwt".into(),
+        },
+        grace_seconds: args.grace.as_std().as_secs().min(u64::from(u32::MAX)) as u32,
+        force: args.force,
+    };
+    match client.rotate(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            println!("{}", r.message);
+            print_keys(&r.keys);
+            ExitCode::SUCCESS
+        }
+        Err(status) => explain(status),
+    }
+}
