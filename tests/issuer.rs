@@ -84,7 +84,7 @@ fn x509_request(bot_cert: &[u8], key: &KeyPair, uid: u32) -> X509Request {
     }
 }
 
-/// Checks an X509-SVID against every rule of DESIGN §6 with x509-parser, then the chain and the key
+/// Checks an X509-SVID against every X509-SVID rule of the SPIFFE standard with x509-parser, then the chain and the key
 /// match with the `openssl` command.
 fn check_x509_svid(leaf: &[u8], key: &KeyPair, bundle: &[Vec<u8>], spiffe_id: &str) {
     let (rest, cert) = parse_x509_certificate(leaf).expect("the leaf parses");

@@ -1,4 +1,4 @@
-//! Live convergence, one test per row of DESIGN §4: a running `tbot start` is driven by editing its
+//! Live convergence, one test per row of the hot-reload table in docs/architecture.md: a running `tbot start` is driven by editing its
 //! directory the way editors do, and observed from outside with the `spiffe` crate.
 
 mod common;

@@ -135,7 +135,7 @@ impl Kind {
     }
 }
 
-/// What the documents of a directory make of this host (DESIGN §3).
+/// What the documents of a directory make of this host (docs/architecture.md, "What runs").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostRole {
     /// Agent config and cluster documents, no `issuer`: the issuer runs in this process, nothing

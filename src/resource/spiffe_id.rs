@@ -1,4 +1,4 @@
-//! The SPIFFE ID rules (DESIGN §6): trust domain names and ID paths.
+//! The SPIFFE ID rules (the SPIFFE ID standard): trust domain names and ID paths.
 
 use std::fmt;
 

@@ -6,12 +6,13 @@
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+mod sessions;
 pub mod tls;
 
-use std::collections::{BTreeMap, HashMap};
+use sessions::SessionGuard;
+pub use sessions::{AgentSession, Sessions};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -33,85 +34,6 @@ use proto::workload_identity_service_server::{WorkloadIdentityService, WorkloadI
 
 /// How long a join stream may wait for the agent's next message.
 const JOIN_STEP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// An agent with an open `Watch` stream.
-#[derive(Debug, Clone)]
-pub struct AgentSession {
-    pub bot: String,
-    pub instance: String,
-    pub address: SocketAddr,
-    pub generation: u64,
-    pub connected_at: OffsetDateTime,
-    /// SHA-256 (hex) of the certificate the stream was opened with: calls with it count as seen.
-    certificate: String,
-}
-
-/// The connected agents, and when each bot certificate last called.
-#[derive(Default)]
-pub struct Sessions {
-    /// `tbot_issuer_api_agents_connected`.
-    connected: crate::telemetry::Gauge,
-    next: AtomicU64,
-    open: Mutex<BTreeMap<u64, AgentSession>>,
-    last_seen: Mutex<HashMap<String, OffsetDateTime>>,
-}
-
-impl Sessions {
-    /// Every connected agent with when it last called, oldest connection first.
-    pub fn list(&self) -> Vec<(AgentSession, OffsetDateTime)> {
-        let seen = self.last_seen.lock().expect("sessions poisoned");
-        self.open
-            .lock()
-            .expect("sessions poisoned")
-            .values()
-            .map(|s| (s.clone(), seen.get(&s.certificate).copied().unwrap_or(s.connected_at)))
-            .collect()
-    }
-
-    fn seen(&self, certificate: &str) {
-        let mut seen = self.last_seen.lock().expect("sessions poisoned");
-        // Renewed certificates leave their digests behind: keep only those of open streams.
-        if seen.len() > 100_000 {
-            let open: std::collections::HashSet<String> = self
-                .open
-                .lock()
-                .expect("sessions poisoned")
-                .values()
-                .map(|s| s.certificate.clone())
-                .collect();
-            seen.retain(|digest, _| open.contains(digest));
-        }
-        match seen.get_mut(certificate) {
-            Some(at) => *at = OffsetDateTime::now_utc(),
-            None => {
-                seen.insert(certificate.to_owned(), OffsetDateTime::now_utc());
-            }
-        }
-    }
-
-    fn open(self: &Arc<Self>, session: AgentSession) -> SessionGuard {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.open.lock().expect("sessions poisoned").insert(id, session);
-        self.connected.inc();
-        SessionGuard {
-            sessions: self.clone(),
-            id,
-        }
-    }
-}
-
-/// Removes a session when its stream ends.
-struct SessionGuard {
-    sessions: Arc<Sessions>,
-    id: u64,
-}
-
-impl Drop for SessionGuard {
-    fn drop(&mut self) {
-        self.sessions.open.lock().expect("sessions poisoned").remove(&self.id);
-        self.sessions.connected.dec();
-    }
-}
 
 /// The three services, sharing the issuer, the sessions and the limits.
 #[derive(Clone)]
@@ -145,10 +67,7 @@ impl IssuerApi {
 
     /// Counts into `metrics` (registered at boot) instead of families nobody renders.
     pub fn metered(mut self, metrics: metrics::IssuerApiMetrics) -> IssuerApi {
-        self.sessions = Arc::new(Sessions {
-            connected: metrics.agents_connected.clone(),
-            ..Sessions::default()
-        });
+        self.sessions = Arc::new(Sessions::counted(metrics.agents_connected.clone()));
         self.metrics = metrics;
         self
     }

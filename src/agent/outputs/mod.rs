@@ -6,8 +6,6 @@
 //! consistent in a single read. After each write `on_update` runs; a failure is reported and tried
 //! again at the next write, never in a loop.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,21 +17,13 @@ use super::bot::jitter;
 use super::{Agent, Slot, X509Material};
 use crate::error::Explain;
 use crate::issuer::{Attributes, Bundles, IdentitySelector, IssuerError, Resolved};
-use crate::resource::agent::{Destination, FileMode, OnUpdate, ServiceType, SignalName};
-use crate::store::{Owner, replace_file};
+use crate::resource::agent::{Destination, OnUpdate, ServiceType};
 
-/// The x509 output's files, in the order they are replaced.
-pub const X509_FILES: [&str; 4] = [
-    "svid_key.pem",
-    "svid.pem",
-    "svid_bundle.pem",
-    "credential-bundle.private-key.pem",
-];
-/// The jwt output's files.
-pub const JWT_FILES: [&str; 2] = ["jwt_svid", "jwt_bundle.json"];
+mod files;
+mod hook;
 
-/// How long `exec` may run by default.
-pub const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+pub use files::{JWT_FILES, WriteError, X509_FILES, write_jwt, write_x509};
+pub use hook::{HOOK_TIMEOUT, HookError, run_hook};
 
 /// What one output does, from its service in the agent config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,77 +177,6 @@ pub enum OutputError {
     Jwt { source: IssuerError },
     #[error(transparent)]
     Write(#[from] WriteError),
-}
-
-/// Why an output's files could not be written.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error(
-        "cannot {action} {}: {source}; check the owner and permissions of its parent, or choose another `destination.path`",
-        path.display()
-    )]
-    Directory {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "cannot {action} {}: {source}; check that tbot may write there (owner, permissions, free space), \
-         or choose another `destination.path`",
-        path.display()
-    )]
-    Replace {
-        action: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot read {file}: {source}")]
-    IdFile { file: &'static str, source: std::io::Error },
-    #[error("no {what} `{name}` in {file}; write its numeric id instead")]
-    NoId {
-        what: &'static str,
-        name: String,
-        file: &'static str,
-    },
-}
-
-/// Why `on_update` failed: each says what failed and what to check.
-#[derive(Debug, thiserror::Error)]
-pub enum HookError {
-    #[error(
-        "cannot read the pid file {}: {source}; is the process running, and is `pid_file` its pid file?",
-        path.display()
-    )]
-    PidFile { path: PathBuf, source: std::io::Error },
-    #[error(
-        "{} does not hold a pid (`{text}`); point `pid_file` at the file the process writes its pid to",
-        path.display()
-    )]
-    NotAPid { path: PathBuf, text: String },
-    #[error(
-        "cannot send {signal} to pid {pid} (from {}): {source}; the process may have exited (a stale pid file), \
-         or tbot may not signal it (run tbot as its user or as root)",
-        path.display()
-    )]
-    Signal {
-        signal: SignalName,
-        pid: i32,
-        path: PathBuf,
-        source: rustix::io::Errno,
-    },
-    #[error(
-        "`{command}` ran longer than {timeout:?} and was killed; make it return sooner, or raise `on_update.timeout`"
-    )]
-    Timeout { command: String, timeout: Duration },
-    #[error("cannot run `{command}`: {source}; write the program's absolute path in `on_update.exec`")]
-    Spawn { command: String, source: std::io::Error },
-    #[error("`{command}` failed ({status}): {stderr}; run it by hand to see why")]
-    Failed {
-        command: String,
-        status: std::process::ExitStatus,
-        /// The end of what it said on stderr: the error is usually last.
-        stderr: String,
-    },
 }
 
 /// The one identity an output is for, checked to need no workload attributes.
@@ -475,177 +394,4 @@ impl Job<'_> {
             r.hook_error = hook.map(|h| h.to_string());
         });
     }
-}
-
-/// Sends the signal, or runs the command. An error says what failed and what to check.
-pub async fn run_hook(hook: &OnUpdate) -> Result<(), HookError> {
-    if let (Some(signal), Some(pid_file)) = (hook.signal, &hook.pid_file) {
-        let text = std::fs::read_to_string(pid_file).map_err(|source| HookError::PidFile {
-            path: pid_file.clone(),
-            source,
-        })?;
-        let pid = text
-            .trim()
-            .parse::<i32>()
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-            .ok_or_else(|| HookError::NotAPid {
-                path: pid_file.clone(),
-                text: text.trim().to_owned(),
-            })?;
-        return rustix::process::kill_process(pid, signal_of(signal)).map_err(|source| HookError::Signal {
-            signal,
-            pid: pid.as_raw_nonzero().get(),
-            path: pid_file.clone(),
-            source,
-        });
-    }
-    let Some((program, args)) = hook.exec.split_first() else {
-        return Ok(());
-    };
-    let timeout = hook.timeout.map(|t| t.as_std()).unwrap_or(HOOK_TIMEOUT);
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let command = hook.exec.join(" ");
-    match tokio::time::timeout(timeout, child).await {
-        Err(_) => Err(HookError::Timeout { command, timeout }),
-        Ok(Err(source)) => Err(HookError::Spawn { command, source }),
-        Ok(Ok(out)) if out.status.success() => Ok(()),
-        Ok(Ok(out)) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let stderr = stderr.trim();
-            // The end of what it said: the error is usually last.
-            let start = stderr.char_indices().rev().nth(299).map_or(0, |(i, _)| i);
-            Err(HookError::Failed {
-                command,
-                status: out.status,
-                stderr: stderr[start..].to_owned(),
-            })
-        }
-    }
-}
-
-fn signal_of(signal: SignalName) -> rustix::process::Signal {
-    use rustix::process::Signal;
-    match signal {
-        SignalName::SIGHUP => Signal::HUP,
-        SignalName::SIGUSR1 => Signal::USR1,
-        SignalName::SIGUSR2 => Signal::USR2,
-        SignalName::SIGINT => Signal::INT,
-        SignalName::SIGQUIT => Signal::QUIT,
-        SignalName::SIGTERM => Signal::TERM,
-        SignalName::SIGWINCH => Signal::WINCH,
-    }
-}
-
-/// Writes the x509 files: the key first, then the certificate, the bundle, the combined file.
-pub fn write_x509(
-    destination: &Destination,
-    material: &X509Material,
-    bundles: &Bundles,
-    federated: bool,
-) -> Result<(), WriteError> {
-    let dir = Directory::open(destination)?;
-    let key = crate::pem::private_key(&material.key);
-    let chain = crate::pem::certificates([&material.svid.certificate]);
-    let foreign = bundles
-        .federated
-        .values()
-        .filter(|_| federated)
-        .flat_map(|b| b.x509_authorities.iter());
-    let bundle = crate::pem::certificates(bundles.x509_authorities.iter().chain(foreign));
-    let combined = format!("{key}{chain}");
-    for (name, text) in X509_FILES.iter().zip([&key, &chain, &bundle, &combined]) {
-        dir.replace(name, text.as_bytes())?;
-    }
-    Ok(())
-}
-
-/// Writes the JWT-SVID (no trailing newline) and the JWT bundle (a JWK Set).
-pub fn write_jwt(destination: &Destination, token: &str, bundles: &Bundles) -> Result<(), WriteError> {
-    let dir = Directory::open(destination)?;
-    dir.replace(JWT_FILES[0], token.as_bytes())?;
-    let jwks = serde_json::to_vec_pretty(&bundles.jwks()).expect("JSON");
-    dir.replace(JWT_FILES[1], &jwks)
-}
-
-/// An output directory, ready for atomic replacements.
-struct Directory {
-    path: PathBuf,
-    mode: FileMode,
-    owner: Owner,
-}
-
-impl Directory {
-    /// Creates the directory if missing (with the files' mode plus `x` where `r`), and resolves the
-    /// owner and group.
-    fn open(destination: &Destination) -> Result<Directory, WriteError> {
-        let mode = destination.mode.unwrap_or(FileMode::DEFAULT);
-        let owner = Owner {
-            uid: destination
-                .owner
-                .as_deref()
-                .map(|o| id_of(o, "/etc/passwd", "user"))
-                .transpose()?,
-            gid: destination
-                .group
-                .as_deref()
-                .map(|g| id_of(g, "/etc/group", "group"))
-                .transpose()?,
-        };
-        let path = destination.path.clone();
-        let fail = |action: &'static str, source: std::io::Error| WriteError::Directory {
-            action,
-            path: path.clone(),
-            source,
-        };
-        if !path.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode.directory())
-                .create(&path)
-                .map_err(|e| fail("create the directory", e))?;
-            // The umask may have taken bits away.
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode.directory()))
-                .map_err(|e| fail("set the mode of", e))?;
-            if owner != Owner::default() {
-                std::os::unix::fs::chown(&path, owner.uid, owner.gid)
-                    .map_err(|e| fail("give its owner and group", e))?;
-            }
-        }
-        Ok(Directory { path, mode, owner })
-    }
-
-    /// Replaces `name` atomically ([`crate::store::replace_file`]).
-    fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), WriteError> {
-        let target = self.path.join(name);
-        replace_file(&target, bytes, self.mode.0, self.owner).map_err(|(action, source)| WriteError::Replace {
-            action,
-            path: target.clone(),
-            source,
-        })
-    }
-}
-
-/// A user or group by name (from `file`) or by number.
-fn id_of(name: &str, file: &'static str, what: &'static str) -> Result<u32, WriteError> {
-    if let Ok(id) = name.parse::<u32>() {
-        return Ok(id);
-    }
-    let text = std::fs::read_to_string(file).map_err(|source| WriteError::IdFile { file, source })?;
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            Some((fields.next()?, fields.nth(1)?))
-        })
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, id)| id.parse().ok())
-        .ok_or_else(|| WriteError::NoId {
-            what,
-            name: name.to_owned(),
-            file,
-        })
 }

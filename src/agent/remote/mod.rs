@@ -8,29 +8,29 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::Explain;
-use crate::issuer::keys::ca::spki_pin;
-use crate::issuer::tls::{self, provider};
+use crate::issuer::tls::provider;
 use crate::issuer::wire::{self, proto};
 use crate::issuer::{
     Attributes, BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest,
     JwtSvid, PolicyEvent, RenewRequest, Resolved, X509Request, X509Svid,
 };
-use crate::store::{Secrecy, Store};
+use crate::store::Store;
 use proto::bot_service_client::BotServiceClient;
 use proto::join_service_client::JoinServiceClient;
 use proto::workload_identity_service_client::WorkloadIdentityServiceClient;
+
+mod trust;
+mod watching;
+
+use trust::{Target, connect, load_bundle, save_bundle};
+use watching::watch_loop;
 
 /// Where the remote issuer is and how to trust it: the agent config's `proxy_server` (or
 /// `auth_server`) and `onboarding`.
@@ -50,22 +50,6 @@ pub struct Link {
     pub connected: bool,
     /// Why not, while not connected; empty when connected.
     pub message: String,
-}
-
-/// The saved trust bundle: a restart while the issuer is down still knows whom to trust.
-const BUNDLE_FILE: &str = "agent/bundle.json";
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SavedBundle {
-    trust_domain: String,
-    /// Base64 DER.
-    x509_authorities: Vec<String>,
-    jwt_keys: Vec<serde_json::Value>,
-    sequence: u64,
-    #[serde(default)]
-    active_ca: usize,
-    #[serde(default)]
-    active_kid: String,
 }
 
 /// The remote issuer.
@@ -95,13 +79,6 @@ struct PendingJoin {
     tx: mpsc::Sender<proto::JoinRequest>,
     responses: tonic::Streaming<proto::JoinResponse>,
     started: std::time::Instant,
-}
-
-/// The address and the trust of one configuration.
-struct Target {
-    settings: RemoteSettings,
-    server_name: ServerName<'static>,
-    verifier: Arc<PinVerifier>,
 }
 
 impl RemoteIssuer {
@@ -301,357 +278,6 @@ fn source_chain(status: &tonic::Status) -> String {
         source = s.source();
     }
     out
-}
-
-fn load_bundle(store: &Store) -> Option<Bundles> {
-    use base64::Engine;
-    let saved: SavedBundle = store.read_json(BUNDLE_FILE).ok().flatten()?;
-    let engine = base64::engine::general_purpose::STANDARD;
-    Some(Bundles {
-        trust_domain: saved.trust_domain,
-        x509_authorities: saved
-            .x509_authorities
-            .iter()
-            .filter_map(|b| engine.decode(b).ok())
-            .collect(),
-        jwt_keys: saved.jwt_keys,
-        sequence: saved.sequence,
-        active_ca: saved.active_ca,
-        active_kid: saved.active_kid,
-        federated: Default::default(),
-    })
-}
-
-fn save_bundle(store: &Store, bundles: &Bundles) {
-    use base64::Engine;
-    let engine = base64::engine::general_purpose::STANDARD;
-    let saved = SavedBundle {
-        trust_domain: bundles.trust_domain.clone(),
-        x509_authorities: bundles.x509_authorities.iter().map(|d| engine.encode(d)).collect(),
-        jwt_keys: bundles.jwt_keys.clone(),
-        sequence: bundles.sequence,
-        active_ca: bundles.active_ca,
-        active_kid: bundles.active_kid.clone(),
-    };
-    if let Err(e) = store.write_json(BUNDLE_FILE, &saved, Secrecy::Public) {
-        tracing::warn!(error = %e, "cannot save the trust bundle; a restart while the issuer is down will not know it");
-    }
-}
-
-impl Target {
-    fn new(settings: RemoteSettings, bundles: watch::Receiver<Arc<Bundles>>) -> Result<Target, IssuerError> {
-        let host = crate::resource::agent::server_host(&settings.address).map_err(IssuerError::Invalid)?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let server_name = ServerName::try_from(host)
-            .map_err(|e| IssuerError::Invalid(format!("`{}` is not a host name: {e}", settings.address)))?;
-        let mut files = Vec::new();
-        if let Some(path) = &settings.ca_path {
-            let pem = std::fs::read(path).map_err(|e| {
-                IssuerError::Invalid(format!(
-                    "cannot read `onboarding.ca_path` {}: {e}; copy the issuer's CA certificate there",
-                    path.display()
-                ))
-            })?;
-            use rustls::pki_types::pem::PemObject;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| {
-                    IssuerError::Invalid(format!(
-                        "`onboarding.ca_path` {} is not a PEM certificate file: {e}; copy the issuer's CA \
-                         certificate there",
-                        path.display()
-                    ))
-                })?;
-                files.push(cert.to_vec());
-            }
-            if files.is_empty() {
-                return Err(IssuerError::Invalid(format!(
-                    "`onboarding.ca_path` {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-        }
-        Ok(Target {
-            verifier: Arc::new(PinVerifier {
-                provider: provider(),
-                address: settings.address.clone(),
-                pins: settings.ca_pins.clone(),
-                files,
-                bundles,
-                insecure: settings.insecure,
-                last_refusal: Mutex::new(None),
-            }),
-            settings,
-            server_name,
-        })
-    }
-}
-
-/// Dials the issuer lazily: TCP, then TLS 1.3 with ALPN h2, presenting `identity` when there is one.
-fn connect(
-    target: &Target,
-    identity: Option<Arc<CertifiedKey>>,
-    local: Option<std::net::IpAddr>,
-) -> Result<Channel, IssuerError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| IssuerError::Crypto(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(target.verifier.clone());
-    let mut config = match identity {
-        Some(key) => builder.with_client_cert_resolver(Arc::new(Present(key))),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let (address, name) = (target.settings.address.clone(), target.server_name.clone());
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| IssuerError::Invalid(format!("`{address}` is not an address: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-        let (connector, address, name) = (connector.clone(), address.clone(), name.clone());
-        async move {
-            let tcp = match local {
-                None => tokio::net::TcpStream::connect(&address).await?,
-                Some(ip) => {
-                    let remote = tokio::net::lookup_host(&address)
-                        .await?
-                        .next()
-                        .ok_or_else(|| std::io::Error::other(format!("{address} resolves to nothing")))?;
-                    let socket = if ip.is_ipv4() {
-                        tokio::net::TcpSocket::new_v4()?
-                    } else {
-                        tokio::net::TcpSocket::new_v6()?
-                    };
-                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
-                    socket.connect(remote).await?
-                }
-            };
-            tcp.set_nodelay(true)?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
-        }
-    })))
-}
-
-/// Presents the bot certificate when the server asks for one.
-#[derive(Debug)]
-struct Present(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for Present {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// Trusts the issuer's certificate when it chains to a CA that is pinned, in `ca_path`, or in the
-/// trust bundle the issuer pushed since (rotations); names and dates are checked by webpki.
-#[derive(Debug)]
-struct PinVerifier {
-    provider: Arc<CryptoProvider>,
-    address: String,
-    pins: Vec<String>,
-    files: Vec<Vec<u8>>,
-    bundles: watch::Receiver<Arc<Bundles>>,
-    insecure: bool,
-    /// Why the last handshake was refused, for the error the caller sees.
-    last_refusal: Mutex<Option<String>>,
-}
-
-impl PinVerifier {
-    fn refuse(&self, why: String) -> rustls::Error {
-        *self.last_refusal.lock().expect("refusal poisoned") = Some(why.clone());
-        rustls::Error::General(why)
-    }
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.insecure {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let mut roots = RootCertStore::empty();
-        let mut presented = Vec::new();
-        for ca in intermediates {
-            let pin = spki_pin(ca).unwrap_or_default();
-            if self.pins.contains(&pin) {
-                let _ = roots.add(ca.clone().into_owned());
-            }
-            presented.push(pin);
-        }
-        for der in self.files.iter().chain(self.bundles.borrow().x509_authorities.iter()) {
-            let _ = roots.add(CertificateDer::from(der.clone()));
-        }
-        // Nothing trusted signed it: say which CA the server presented, and where trust comes from.
-        let untrusted = || {
-            let presented = if presented.is_empty() {
-                "no CA certificate".to_owned()
-            } else {
-                format!("CA pin {}", presented.join(", "))
-            };
-            let trusted = if self.files.is_empty() {
-                "`onboarding.ca_pins`"
-            } else {
-                "`onboarding.ca_pins` nor the CA file `onboarding.ca_path`"
-            };
-            self.refuse(format!(
-                "the server at {} presented {presented}, which is not in {trusted}; check the pin with `tbotctl \
-                 status` on the issuer host (or `proxy_server` points at the wrong server)",
-                self.address
-            ))
-        };
-        if roots.is_empty() {
-            return Err(untrusted());
-        }
-        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| self.refuse(format!("cannot build the verifier: {e}")))?;
-        verifier
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            .map_err(|e| match e {
-                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => untrusted(),
-                e => self.refuse(format!(
-                    "the server at {} is not the pinned issuer: {e}; check `proxy_server` against the issuer's \
-                     `public_addrs`, and the pin",
-                    self.address
-                )),
-            })
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls::tls12_refused()
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls::tls13_signature(&self.provider, message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Reconnect delays: full jitter, 1 s doubling to 60 s; after a connection that was up, the first
-/// retry waits a random 0–5 s so that agents do not all come back in the same instant.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-const SPREAD_AFTER_DROP: Duration = Duration::from_secs(5);
-
-fn random_below(max: Duration) -> Duration {
-    max.mul_f64((crate::agent::bot::jitter(1.0) / 2.0).clamp(0.0, 1.0))
-}
-
-async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
-    let mut backoff = BACKOFF_MIN;
-    let mut revision = 0u64;
-    loop {
-        let Some(issuer) = weak.upgrade() else { return };
-        let mut epoch = issuer.epoch.subscribe();
-        let started = *epoch.borrow_and_update();
-        let was_up = match issuer.watch_once(&mut revision, &mut epoch).await {
-            Ok(was_up) => was_up,
-            Err(e) => {
-                issuer.set_link(false, e.explain());
-                false
-            }
-        };
-        // A new identity (a renewal) or target: reconnect at once with it. Compared by value:
-        // `watch_once` has already seen the change (`changed()` marks it seen), so `has_changed`
-        // would say no, and every renewal would leave the agent without a stream for 0–5 s.
-        if *epoch.borrow() != started {
-            backoff = BACKOFF_MIN;
-            continue;
-        }
-        let wait = if was_up {
-            backoff = BACKOFF_MIN;
-            random_below(SPREAD_AFTER_DROP)
-        } else {
-            let wait = random_below(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            wait
-        };
-        drop(issuer);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = epoch.changed() => backoff = BACKOFF_MIN,
-        }
-    }
-}
-
-impl RemoteIssuer {
-    /// One `Watch` stream, until it ends or the identity/target changes. Returns whether it was up.
-    async fn watch_once(&self, revision: &mut u64, epoch: &mut watch::Receiver<u64>) -> Result<bool, IssuerError> {
-        let mut client = WorkloadIdentityServiceClient::new(self.channel()?);
-        let request = proto::WatchRequest {
-            policy_revision: *revision,
-        };
-        let mut stream = tokio::select! {
-            r = client.watch(request) => r.map_err(|s| self.unreachable(&s))?.into_inner(),
-            _ = epoch.changed() => return Ok(false),
-        };
-        let mut up = false;
-        loop {
-            let message = tokio::select! {
-                m = stream.message() => m,
-                _ = epoch.changed() => return Ok(up),
-            };
-            let update = match message {
-                Ok(Some(update)) => update,
-                Ok(None) => {
-                    self.set_link(false, "the issuer ended the stream; reconnecting".into());
-                    return Ok(up);
-                }
-                Err(status) => {
-                    let e = self.unreachable(&status);
-                    self.set_link(false, e.explain());
-                    return Ok(up);
-                }
-            };
-            if !up {
-                up = true;
-                tracing::info!(issuer = %self.settings().address, "connected to the issuer");
-                self.set_link(true, String::new());
-            }
-            if let Some(bundle) = update.bundle {
-                self.set_bundles(wire::bundle_from_wire(bundle)?);
-            }
-            let first = *revision == 0;
-            if update.policy_revision != *revision {
-                *revision = update.policy_revision;
-                if !first || update.all {
-                    self.events.send_replace(Arc::new(PolicyEvent {
-                        revision: update.policy_revision,
-                        identities: update.identities.into_iter().collect(),
-                        all: update.all,
-                    }));
-                }
-            }
-        }
-    }
 }
 
 /// Pending `iam` join streams older than this are dropped (the issuer gives up after a minute).
