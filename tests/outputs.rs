@@ -215,6 +215,43 @@ fn outputs_converge_live_say_why_they_fail_and_leave_their_files_when_removed() 
 }
 
 #[test]
+fn oneshot_without_an_agent_config_fails_and_says_what_to_add() {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let issuer = format!(
+        "kind: issuer\nversion: v1\nmetadata: {{name: only}}\nspec:\n  listen: 127.0.0.1:0\n  storage: {{type: directory, path: {}}}\n",
+        dir.path().join("var").display()
+    );
+    std::fs::write(etc.join("issuer.yaml"), issuer).unwrap();
+    std::fs::write(
+        etc.join("cluster.yaml"),
+        "kind: cluster\nversion: v1\nmetadata: {name: oneshot.test}\nspec: {}\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args(["start", "--oneshot", "--config-dir"])
+        .arg(&etc)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must end by itself, and fail: an issuer host has no outputs to write.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tbot start --oneshot without an agent config kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("there is no agent config"), "{stderr}");
+}
+
+#[test]
 fn oneshot_writes_every_output_once_and_names_what_failed() {
     let (dir, _) = setup(&BOTH.replace(
         "    destination: {type: directory, path: DIR/out/server}\n",

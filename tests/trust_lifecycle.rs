@@ -94,6 +94,13 @@ async fn rotating_by_hand_prepares_then_refuses_a_second_rotation_unless_forced(
     let daemon = domain("by-hand.test", "", None);
     let ca = daemon.tbotctl(&["rotate", "ca"]);
     assert!(ca.status.success(), "{}", String::from_utf8_lossy(&ca.stderr));
+    // `tbotctl status` shows the CA pins of the bundle presented now (the prepared CA is in it), the
+    // same ones as its key table, without waiting for a resync.
+    wait_until("status to show the prepared CA's pin", Duration::from_secs(5), || {
+        let status = stdout(&daemon.tbotctl(&["status"]));
+        let (shown, keys) = ca_pins(&status);
+        (shown.len() == 2 && shown == keys).then_some(())
+    });
     // By hand: a JWT rotation now, a second one refused while the first is in progress, forced on.
     let started = daemon.tbotctl(&["rotate", "jwt", "--grace", "1h"]);
     assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
@@ -124,6 +131,22 @@ async fn rotating_by_hand_prepares_then_refuses_a_second_rotation_unless_forced(
         jwt_rows.iter().all(|l| !l.contains("retiring")) && jwt_rows.iter().any(|l| l.contains("active")),
         "{status}"
     );
+}
+
+/// The `CA pin:` lines of `tbotctl status`, and the pins of its key table's `ca` rows.
+fn ca_pins(status: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let shown = status
+        .lines()
+        .filter_map(|l| l.strip_prefix("CA pin: "))
+        .map(str::to_owned)
+        .collect();
+    let keys = status
+        .lines()
+        .filter(|l| l.trim_start().starts_with("ca "))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+        .map(str::to_owned)
+        .collect();
+    (shown, keys)
 }
 
 /// An `issuer` document with a bundle endpoint on `port`.

@@ -165,6 +165,19 @@ pub fn attest(peer: Peer, settings: &AttestSettings) -> Result<Attributes, Attes
     Ok(attrs)
 }
 
+impl crate::error::Explain for AttestError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            AttestError::PidReused { .. } => "".into(),
+            AttestError::Proc { .. } => "tbot reads /proc as root (or with CAP_SYS_PTRACE); check how it runs".into(),
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        matches!(self, AttestError::PidReused { .. })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,8 @@ pub(super) struct Booted {
     pub stop: watch::Sender<bool>,
     /// When the first retry is due, if start-up left one.
     pub retry_at: Option<tokio::time::Instant>,
-    pub oneshot: Option<AgentConfig>,
+    /// `--oneshot`: write every output once (the agent config's, if there is one) and exit.
+    pub oneshot: Option<Option<AgentConfig>>,
 }
 
 pub(super) struct Signals {
@@ -131,7 +132,7 @@ async fn serve_issuer(
         metrics,
     )
     .await
-    .map_err(|e| fail(e, "fix `issuer.spec.listen`, or stop whatever holds the address"))?;
+    .map_err(|e| fail(&e, &e.hint()))?;
     tracing::info!(listen = %serving.address, names = ?doc.serving_names(), "issuer API listening");
     status.host.issuer_listen = serving.address.to_string();
     status.host.issuer_storage = issuer.backing().describe();
@@ -239,10 +240,15 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     let status = StatusWriter::new(status);
     let persist = Persist::spawn(opened.records.clone(), status.reader(), applied.borrow().clone());
     let poke = Arc::new(tokio::sync::Notify::new());
-    if let Host::Agent { remote } = &host {
+    match &host {
         // The link and the bundle the remote issuer pushes show in `tbotctl status`.
-        poke_on(remote.link(), poke.clone());
-        poke_on(remote.bundles(), poke.clone());
+        Host::Agent { remote } => {
+            poke_on(remote.link(), poke.clone());
+            poke_on(remote.bundles(), poke.clone());
+        }
+        // So does every bundle change of the issuer in process (a rotation step, by hand or
+        // scheduled, another replica's, a prune): the CA pins shown are the ones presented.
+        Host::Single { issuer } | Host::Issuer { issuer } => poke_on(issuer.bundles(), poke.clone()),
     }
     let daemon = Daemon {
         inputs,
@@ -289,7 +295,7 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
         oneshot: None,
     };
     if options.oneshot {
-        booted.oneshot = config;
+        booted.oneshot = Some(config);
         return Ok(booted);
     }
 

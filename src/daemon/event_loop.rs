@@ -22,7 +22,7 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
         oneshot,
     } = booted;
     if let Some(config) = oneshot {
-        let code = super::outputs::oneshot(&mut daemon, Some(&config)).await;
+        let code = super::outputs::oneshot(&mut daemon, config.as_ref()).await;
         let _ = stop.send(true);
         daemon.shutdown().await;
         return code;

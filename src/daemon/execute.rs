@@ -192,6 +192,7 @@ impl Daemon {
         // A renewal's outcome (and the new certificate's expiry) shows in `tbotctl status`.
         super::boot::poke_on(agent.renewal(), self.poke.clone());
         super::boot::poke_on(agent.bot_changes(), self.poke.clone());
+        super::boot::poke_on(agent.bundles(), self.poke.clone());
         self.agent = Some(agent);
         self.note_join(Reason::Joined);
         Ok(())

@@ -79,7 +79,8 @@ impl Daemon {
         retry
     }
 
-    async fn load(&self) -> Option<Loaded> {
+    /// Loads the documents; `Err` carries when to try again (`None`: at the next event or resync).
+    async fn load(&self) -> Result<Loaded, Option<tokio::time::Instant>> {
         let inputs = self.inputs.clone();
         let cache = self.load_cache.clone();
         let load = move || manifest::load_with(&inputs, &mut cache.lock().expect("load cache poisoned"));
@@ -87,11 +88,11 @@ impl Daemon {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(diagnostic)) => {
                 tracing::error!("{}", render::diagnostic(&diagnostic).trim_end());
-                return None;
+                return Err(None);
             }
             Err(e) => {
-                tracing::error!(error = %e, "the reload failed; it is tried again at the next event or resync");
-                return None;
+                tracing::error!(error = %e, "the reload failed; it is tried again in 1 s");
+                return Err(Some(tokio::time::Instant::now() + Duration::from_secs(1)));
             }
         };
         for d in loaded.diagnostics.iter().filter(|d| d.is_error()) {
@@ -100,13 +101,14 @@ impl Daemon {
                 render::diagnostic(d).trim_end()
             );
         }
-        Some(loaded)
+        Ok(loaded)
     }
 
     async fn reconcile_once(&mut self) -> Option<tokio::time::Instant> {
         let mut phases = Phases::new();
-        let Some(mut loaded) = self.load().await else {
-            return self.retry.next_due();
+        let mut loaded = match self.load().await {
+            Ok(loaded) => loaded,
+            Err(again) => return again.into_iter().chain(self.retry.next_due()).min(),
         };
         phases.mark("load");
         let applied = self.applied();
@@ -214,5 +216,61 @@ impl Daemon {
             }
         });
         requeues
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Input, load};
+    use crate::resource::Kind;
+
+    fn quickstart() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/quickstart");
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_file_that_fails_to_load_keeps_its_last_good_objects_and_the_others_move_on() {
+        let dir = quickstart();
+        let mut first = load(&[Input::Dir(dir.path().to_owned())]).unwrap();
+        let last = keep_last_good(&mut first, &DesiredState::default());
+        let bot = ObjectRef::new(Kind::Bot, "quickstart");
+        assert!(last.objects.contains_key(&bot));
+        // bot.yaml breaks; the role file changes.
+        std::fs::write(
+            dir.path().join("bot.yaml"),
+            "kind: bot\nversion: v1\nmetadata: {name: [\n",
+        )
+        .unwrap();
+        let role = std::fs::read_to_string(dir.path().join("role.yaml")).unwrap();
+        std::fs::write(dir.path().join("role.yaml"), format!("{role}\n# edited\n")).unwrap();
+        let mut second = load(&[Input::Dir(dir.path().to_owned())]).unwrap();
+        assert!(second.has_errors());
+        let next = keep_last_good(&mut second, &last);
+        assert_eq!(
+            next.objects.get(&bot),
+            last.objects.get(&bot),
+            "the broken file's bot stays as it was"
+        );
+        let role = ObjectRef::new(Kind::Role, "quickstart-issuer");
+        assert!(
+            next.objects[&role].source.contains("# edited"),
+            "a file that loads is taken as it is now"
+        );
+    }
+
+    #[test]
+    fn the_phases_of_a_reconcile_are_listed_in_order() {
+        let mut phases = Phases::new();
+        phases.mark("load");
+        phases.mark("plan");
+        let shown = phases.to_string();
+        assert!(shown.starts_with("load ") && shown.contains(", plan "), "{shown}");
     }
 }

@@ -317,6 +317,19 @@ fn check_literal(literal: &str) -> Result<(), TemplateError> {
     Ok(())
 }
 
+impl crate::error::Explain for Unset {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        "give the workload the attribute (its attestor, or the bot's traits), or change the template".into()
+    }
+}
+
+impl crate::error::Explain for TemplateError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        // Each message says how to write it.
+        "".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,3 +48,16 @@ pub fn request<T>(message: T) -> tonic::Request<T> {
         .insert(SECURITY_HEADER, MetadataValue::from_static("true"));
     request
 }
+
+impl crate::error::Explain for ConnectError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            ConnectError::NotUnix(_) => "".into(),
+            ConnectError::Connect { .. } => "is `tbot start` running and serving this socket?".into(),
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        matches!(self, ConnectError::Connect { .. })
+    }
+}

@@ -137,3 +137,9 @@ pub fn validate_jwt(token: &str, audience: &str, bundles: &Bundles) -> Result<Va
     }
     Ok(claims)
 }
+
+impl crate::error::Explain for JwtInvalid {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        "fetch a fresh JWT-SVID for this audience from the Workload API (`FetchJWTSVID`)".into()
+    }
+}

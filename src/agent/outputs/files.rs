@@ -160,3 +160,14 @@ fn id_of(name: &str, file: &'static str, what: &'static str) -> Result<u32, Writ
             file,
         })
 }
+
+impl crate::error::Explain for WriteError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        // Each message says what to check.
+        "".into()
+    }
+
+    fn is_transient(&self) -> bool {
+        matches!(self, WriteError::Replace { .. })
+    }
+}

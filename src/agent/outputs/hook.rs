@@ -110,3 +110,10 @@ fn signal_of(signal: SignalName) -> rustix::process::Signal {
         SignalName::SIGWINCH => Signal::WINCH,
     }
 }
+
+impl crate::error::Explain for HookError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        // Each message says what to check.
+        "".into()
+    }
+}

@@ -395,3 +395,20 @@ impl Job<'_> {
         });
     }
 }
+
+impl crate::error::Explain for OutputError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            OutputError::Issue(_) => "the output tries again with backoff".into(),
+            // The others say what to do.
+            _ => "".into(),
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            OutputError::Issue(_) | OutputError::Jwt { .. } | OutputError::Write(_)
+        )
+    }
+}

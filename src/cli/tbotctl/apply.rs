@@ -27,10 +27,11 @@ pub struct ApplyArgs {
 }
 
 /// Writes a document with [`crate::store::replace_file`] (never a torn file for the watcher to
-/// read), keeping the mode of the file it replaces (`0644` for a new one).
+/// read), keeping the mode of the file it replaces; a new file gets `0666` less the umask, as any
+/// editor would make it (a `token` document names a secret: a umask of 077 keeps it `0600`).
 fn write_document(path: &Path, text: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path).map_or(0o644, |m| m.permissions().mode() & 0o7777);
+    let mode = std::fs::metadata(path).map_or_else(|_| 0o666 & !umask(), |m| m.permissions().mode() & 0o7777);
     crate::store::replace_file(path, text, mode, crate::store::Owner::default()).map_err(|(_, e)| e)
 }
 
@@ -160,4 +161,12 @@ pub async fn apply(args: &ApplyArgs) -> ExitCode {
         }
         ExitCode::from(1)
     }
+}
+
+/// The process's umask (read by setting it and setting it back; `tbotctl` has one thread here).
+fn umask() -> u32 {
+    use rustix::fs::Mode;
+    let old = rustix::process::umask(Mode::from_raw_mode(0o077));
+    rustix::process::umask(old);
+    old.as_raw_mode()
 }

@@ -174,6 +174,12 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
+impl crate::error::Explain for JoinRefusal {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        "fix the token document or the agent's `onboarding`, then save".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -234,3 +234,22 @@ fn answer(issuer: &LocalIssuer, method: &http::Method, hint: Duration) -> http::
         .body(Full::new(Bytes::from(body)))
         .expect("a valid response")
 }
+
+impl crate::error::Explain for EndpointError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            EndpointError::Read { .. }
+            | EndpointError::NoCertificate(_)
+            | EndpointError::Key { .. }
+            | EndpointError::KeyRejected { .. } => {
+                "fix `cert_file`/`key_file` of `issuer.spec.bundle_endpoint` (they are read again when they change)"
+                    .into()
+            }
+            EndpointError::Issuer(e) => e.hint(),
+            EndpointError::Tls(_) => "this is a bug or a broken TLS library; report it with the log".into(),
+            EndpointError::Listen { .. } => {
+                "choose a free address in `issuer.spec.bundle_endpoint.listen`, or stop whatever holds it".into()
+            }
+        }
+    }
+}

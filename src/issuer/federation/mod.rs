@@ -155,8 +155,18 @@ impl crate::error::Explain for FetchError {
         .into()
     }
 
+    /// A fetch may pass later; a document error waits for an edit (the task still retries).
     fn is_transient(&self) -> bool {
-        true
+        !matches!(
+            self,
+            FetchError::CaFile { .. }
+                | FetchError::CaFileEmpty(_)
+                | FetchError::NoAnchors
+                | FetchError::Static
+                | FetchError::NotHttps(_)
+                | FetchError::BadPort(_)
+                | FetchError::HostName { .. }
+        )
     }
 }
 

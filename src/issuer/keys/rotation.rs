@@ -240,6 +240,13 @@ pub struct KeyStatus {
     pub not_after: i64,
 }
 
+impl crate::error::Explain for InProgress {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        // The message says it: wait, or `--force`.
+        "".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

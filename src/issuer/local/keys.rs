@@ -27,11 +27,12 @@ pub(super) const SCHEDULE_RECHECK: Duration = Duration::from_secs(60);
 /// Every [`SCHEDULE_RECHECK`] it also prunes retired CAs and expired bot instances.
 pub(super) async fn schedule(inner: Weak<Inner>) {
     let mut failures = 0u32;
-    let mut pruned = tokio::time::Instant::now();
+    // The first look prunes at once (what retired while the issuer was stopped goes at start).
+    let mut pruned: Option<tokio::time::Instant> = None;
     loop {
         let Some(strong) = inner.upgrade() else { return };
-        if pruned.elapsed() >= SCHEDULE_RECHECK {
-            pruned = tokio::time::Instant::now();
+        if pruned.is_none_or(|at| at.elapsed() >= SCHEDULE_RECHECK) {
+            pruned = Some(tokio::time::Instant::now());
             if let Err(e) = strong.prune().await {
                 tracing::warn!(error = %e, hint = %e.hint(), "cannot prune retired CAs and expired bot instances");
             }

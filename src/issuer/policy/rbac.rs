@@ -155,6 +155,12 @@ fn render_labels(labels: &BTreeMap<String, String>) -> String {
     format!("{{{}}}", pairs.join(", "))
 }
 
+impl crate::error::Explain for RbacDenial {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        "give the bot a role whose `allow.workload_identity_labels` match the identity's labels and whose `allow.rules` grant `read` and `list` on `workload_identity`".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

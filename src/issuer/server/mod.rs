@@ -475,7 +475,6 @@ pub struct Serving {
     pub sessions: Arc<Sessions>,
 }
 
-/// Binds `listen`, makes the serving certificate for `names`, and serves until `stop` turns true.
 /// Why the issuer API cannot serve.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -497,6 +496,7 @@ impl crate::error::Explain for ServeError {
     }
 }
 
+/// Binds `listen`, makes the serving certificate for `names`, and serves until `stop` turns true.
 /// The serving certificate is re-made when the CA changes and at half its life. With
 /// `proxy_protocol`, every connection starts with a PROXY v2 header naming the agent's address.
 pub async fn serve(

@@ -69,6 +69,12 @@ pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Option<Sock
     }
 }
 
+impl crate::error::Explain for ProxyError {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        "turn on `send-proxy-v2` (haproxy) or the proxy protocol v2 (AWS NLB) on the balancer, or turn off `issuer.spec.proxy_protocol`".into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

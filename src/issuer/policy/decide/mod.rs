@@ -163,6 +163,12 @@ pub enum Denial {
     TooMany { count: usize },
 }
 
+impl crate::error::Explain for Unrenderable {
+    fn hint(&self) -> std::borrow::Cow<'_, str> {
+        "give the workload the attribute (its attestor, or the bot's traits), or change the template".into()
+    }
+}
+
 impl crate::error::Explain for Denial {
     fn hint(&self) -> std::borrow::Cow<'_, str> {
         match self {
