@@ -121,7 +121,7 @@ fn events(before: &StatusTable, after: &StatusTable) -> Vec<Event> {
             out.push(event("ObservedGeneration", "", "Converged", ""));
         }
         for c in &s.conditions {
-            let was = old.and_then(|o| o.condition(&c.kind));
+            let was = old.and_then(|o| o.conditions.iter().find(|w| w.kind == c.kind));
             if was.map(|w| (w.status, &w.message)) != Some((c.status, &c.message)) {
                 let status = if c.status { "True" } else { "False" };
                 out.push(event(&c.kind, status, &c.reason, &c.message));

@@ -156,12 +156,19 @@ impl ObjectStatus {
         }
     }
 
-    pub fn condition(&self, kind: &str) -> Option<&Condition> {
+    /// The condition of `kind`, if set.
+    pub fn condition(&self, kind: &ConditionType) -> Option<&Condition> {
+        let kind = kind.name();
         self.conditions.iter().find(|c| c.kind == kind)
     }
 
+    /// Whether the condition of `kind` is set and true.
+    pub fn holds(&self, kind: &ConditionType) -> bool {
+        self.condition(kind).is_some_and(|c| c.status)
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.observed_generation == self.generation && self.condition("Ready").is_some_and(|c| c.status)
+        self.observed_generation == self.generation && self.holds(&ConditionType::Ready)
     }
 
     /// Sets a condition; its transition time moves only when its status flips.
@@ -299,7 +306,7 @@ impl StatusTable {
         self.file_errors = files;
         let failing: BTreeSet<&str> = self.file_errors.iter().map(|f| f.path.as_str()).collect();
         for o in self.objects.values_mut() {
-            if o.condition("Invalid").is_some_and(|c| c.status) && !failing.contains(o.path.as_str()) {
+            if o.holds(&ConditionType::Invalid) && !failing.contains(o.path.as_str()) {
                 o.set(&ConditionType::Invalid, false, Reason::Loaded, "");
             }
         }
@@ -467,11 +474,12 @@ mod tests {
         let r = ObjectRef::new(crate::resource::Kind::Bot, "b");
         let mut o = ObjectStatus::new(&r);
         o.set(&ConditionType::Ready, false, Reason::JoinFailed, "no");
-        let first = o.condition("Ready").unwrap().last_transition_time.clone();
+        let ready = ConditionType::Ready;
+        let first = o.condition(&ready).unwrap().last_transition_time.clone();
         o.set(&ConditionType::Ready, false, Reason::RejoinFailed, "still no");
-        assert_eq!(o.condition("Ready").unwrap().last_transition_time, first);
-        assert_eq!(o.condition("Ready").unwrap().reason, "RejoinFailed");
+        assert_eq!(o.condition(&ready).unwrap().last_transition_time, first);
+        assert_eq!(o.condition(&ready).unwrap().reason, "RejoinFailed");
         o.set(&ConditionType::Output("web".into()), true, Reason::Written, "");
-        assert!(o.condition("Output/web").unwrap().status);
+        assert!(o.holds(&ConditionType::Output("web".into())));
     }
 }

@@ -122,7 +122,7 @@ impl Daemon {
             }
             // Whether the controller's records can be written shows on the agent config.
             if let Some(r) = s.table.objects.keys().find(|r| r.kind == Kind::AgentConfig).cloned() {
-                let shown = s.table.objects[&r].condition("StorageWritable").is_some();
+                let shown = s.table.objects[&r].condition(&ConditionType::StorageWritable).is_some();
                 match &storage {
                     Some(message) => {
                         s.table
