@@ -345,3 +345,65 @@ impl LocalIssuer {
         self.inner.prune().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::issuer::LocalIssuer;
+    use crate::issuer::bots::{BotRecord, InstanceInfo, bot_record_key};
+    use crate::issuer::state::backing::json;
+    use crate::kv::Op;
+    use crate::store::Store;
+    use crate::testing::examples::{EXAMPLE_DOCUMENTS, policy_from_text};
+
+    /// Waits (on paused time) until `done` holds, looking every 10 ms for at most 10 s.
+    async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        for _ in 0..1000 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_key_schedule_also_prunes_bot_instances_expired_a_day_ago() {
+        let issuer = LocalIssuer::open(Store::memory(), policy_from_text(EXAMPLE_DOCUMENTS))
+            .await
+            .unwrap();
+        let two_days_ago = (time::OffsetDateTime::now_utc() - time::Duration::days(2)).unix_timestamp();
+        let record = |bot: &str, not_after| BotRecord {
+            generation: 1,
+            info: Some(InstanceInfo {
+                bot: bot.into(),
+                join_method: "token".into(),
+                not_after,
+                ..InstanceInfo::default()
+            }),
+            ..BotRecord::default()
+        };
+        let dir = issuer.lock().dir();
+        let far = two_days_ago + 10 * 86_400;
+        let writes = vec![
+            Op::put(bot_record_key(&dir, "b/expired"), json(&record("b", two_days_ago))),
+            Op::put(bot_record_key(&dir, "b/current"), json(&record("b", far))),
+        ];
+        issuer.inner.backing.kv.txn(vec![], writes).await.unwrap();
+        let keys = || -> Vec<String> { issuer.instances(None).into_iter().map(|(k, _)| k).collect() };
+        // Nobody here calls `prune`: the schedule does (it wakes at least every minute).
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(
+            eventually(|| keys() == ["b/current"]).await,
+            "only the expired instance goes from memory: {:?}",
+            keys()
+        );
+        let kv = &issuer.inner.backing.kv;
+        assert!(
+            kv.get(&bot_record_key(&dir, "b/expired")).await.unwrap().is_none(),
+            "and from the store"
+        );
+        assert!(kv.get(&bot_record_key(&dir, "b/current")).await.unwrap().is_some());
+    }
+}
