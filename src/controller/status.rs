@@ -424,10 +424,6 @@ impl StatusWriter {
         out.expect("send_modify runs the closure")
     }
 
-    /// The status as it is now.
-    pub fn get(&self) -> watch::Ref<'_, Status> {
-        self.tx.borrow()
-    }
 }
 
 /// A cheap, cloneable reader of the status.
