@@ -233,3 +233,27 @@ fn every_guide_document_passes_its_committed_schema_alone() {
         assert!(errors.is_empty(), "{file}: {errors:?}");
     }
 }
+
+#[test]
+fn a_closed_pipe_ends_a_command_quietly_instead_of_a_panic() {
+    let quickstart = root().join("manifests/quickstart");
+    let dir = quickstart.to_str().unwrap();
+    for args in [
+        &["schema", "workload_identity"][..],
+        &["validate", "--dir", dir][..],
+        &["diff", "--dir", dir][..],
+    ] {
+        // The reader is gone before tbotctl writes a byte: every write fails with EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_tbotctl"))
+            .args(args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

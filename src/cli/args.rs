@@ -114,3 +114,35 @@ pub fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode
         .expect("a tokio runtime")
         .block_on(future)
 }
+
+/// Writes to standard output. A reader that went away (`tbotctl get | head -1`) ends the command
+/// quietly with 141, as a closed pipe ends any Unix tool, instead of a panic.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: cannot write to standard output: {e}\n  = hint: check where the output goes");
+        std::process::exit(2);
+    }
+}
+
+/// `print!` that ends the command quietly on a closed pipe (see [`write_stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::args::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` that ends the command quietly on a closed pipe (see [`write_stdout`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::args::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::args::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+pub(crate) use {out, outln};

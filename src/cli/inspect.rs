@@ -188,7 +188,6 @@ pub async fn run(path: String, audiences: Vec<String>) -> ExitCode {
             }
         }
     }
-    use std::io::Write as _;
-    let _ = std::io::stdout().write_all(out.as_bytes());
+    crate::cli::args::write_stdout(format_args!("{}", out));
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }

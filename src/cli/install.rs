@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::cli::args::{out, outln};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -71,13 +72,13 @@ pub fn run(args: &SystemdArgs) -> ExitCode {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/local/bin/tbot"));
     let text = unit(args, &exe);
     if !args.write {
-        print!("{text}");
+        out!("{text}");
         return ExitCode::SUCCESS;
     }
     let path = args.systemd_directory.join(format!("{}.service", args.name));
     match std::fs::read_to_string(&path) {
         Ok(existing) if existing == text => {
-            println!("{} is already up to date", path.display());
+            outln!("{} is already up to date", path.display());
         }
         Ok(_) if !args.force => {
             eprintln!(
@@ -96,10 +97,10 @@ pub fn run(args: &SystemdArgs) -> ExitCode {
                 );
                 return ExitCode::from(1);
             }
-            println!("wrote {}", path.display());
+            outln!("wrote {}", path.display());
         }
     }
-    println!(
+    outln!(
         "next:\n  systemctl daemon-reload\n  systemctl enable --now {}.service",
         args.name
     );

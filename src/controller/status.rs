@@ -423,7 +423,6 @@ impl StatusWriter {
         self.tx.send_modify(|s| out = Some(change(s)));
         out.expect("send_modify runs the closure")
     }
-
 }
 
 /// A cheap, cloneable reader of the status.

@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::get::{problems, ready, shown_name};
 use crate::admin::proto::{ApplyRequest, GetRequest, ObjectStatus};
+use crate::cli::args::outln;
 use crate::cli::args::{DaemonArgs, InputArgs, explain, fail};
 use crate::manifest::render;
 use crate::manifest::{self, Input};
@@ -147,7 +148,7 @@ pub async fn apply(args: &ApplyArgs) -> ExitCode {
         } else {
             &r.name
         };
-        println!("{}/{shown} {outcome}", r.kind);
+        outln!("{}/{shown} {outcome}", r.kind);
     }
     let failures: Vec<&ObjectStatus> = response.objects.iter().filter(|o| !ready(o)).collect();
     for o in &failures {

@@ -188,8 +188,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
     p.line(&format!(
         "Plan: {add} to add, {change} to change, {destroy} to destroy."
     ));
-    use std::io::Write as _;
-    let _ = std::io::stdout().write_all(p.out.as_bytes());
+    crate::cli::args::write_stdout(format_args!("{}", p.out));
     ExitCode::from(u8::from(!plan.is_empty()))
 }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::admin::proto::{FileError, GetRequest, ObjectStatus};
 use crate::cli::args::{DaemonArgs, explain, fail};
+use crate::cli::args::{out, outln};
 use crate::manifest::{self};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -176,9 +177,9 @@ pub async fn get(args: &GetArgs) -> ExitCode {
             }
             .expect("json");
             if args.output == GetOutput::Json {
-                println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+                outln!("{}", serde_json::to_string_pretty(&out).expect("json"));
             } else {
-                print!("{}", manifest::yaml::to_string(&out).unwrap_or_default());
+                out!("{}", manifest::yaml::to_string(&out).unwrap_or_default());
             }
         }
     }
@@ -208,14 +209,14 @@ pub(super) fn print_table<const N: usize>(indent: &str, header: [&str; N], rows:
         .collect();
     for row in [&header].into_iter().chain(rows.iter()) {
         let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{indent}{}", line.join("  ").trim_end());
+        outln!("{indent}{}", line.join("  ").trim_end());
     }
 }
 
 /// A bot's instances on an issuer host (one per join).
 pub(super) fn print_instances(o: &ObjectStatus) {
-    println!();
-    println!("Instances of bot/{} ({}):", o.name, o.instances.len());
+    outln!();
+    outln!("Instances of bot/{} ({}):", o.name, o.instances.len());
     let rows: Vec<[String; 8]> = o
         .instances
         .iter()
@@ -270,8 +271,8 @@ pub(super) fn print_file_errors(files: &[FileError]) {
     if files.is_empty() {
         return;
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "Files that fail to load (the last good version of their objects stays in force; a new file is not applied):"
     );
     for f in files {
@@ -279,7 +280,7 @@ pub(super) fn print_file_errors(files: &[FileError]) {
             0 | 1 => String::new(),
             n => format!(" (and {} more)", n - 1),
         };
-        println!("  {}: {}{more}", f.location, f.message);
+        outln!("  {}: {}{more}", f.location, f.message);
     }
-    println!("  run `tbotctl validate` on the directory for every error with its hint");
+    outln!("  run `tbotctl validate` on the directory for every error with its hint");
 }

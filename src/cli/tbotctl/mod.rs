@@ -13,6 +13,7 @@ mod rotate;
 mod status;
 
 use crate::cli::args::{DaemonArgs, InputArgs, block_on};
+use crate::cli::args::{out, outln};
 use crate::manifest::render;
 use crate::manifest::{self, schema};
 use crate::resource::Kind;
@@ -99,13 +100,13 @@ fn validate(args: &ValidateArgs) -> ExitCode {
     match args.output {
         Output::Text => {
             for d in &loaded.diagnostics {
-                print!("{}", render::diagnostic(d));
+                out!("{}", render::diagnostic(d));
             }
-            println!("{}", render::summary(&loaded));
+            outln!("{}", render::summary(&loaded));
         }
         Output::Json => {
             let report = render::json_report(&loaded);
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&report).expect("JSON values serialize")
             );
@@ -129,7 +130,7 @@ fn schema_command(args: &SchemaArgs) -> ExitCode {
             );
             return ExitCode::from(2);
         };
-        print!("{}", pretty(kind));
+        out!("{}", pretty(kind));
         return ExitCode::SUCCESS;
     }
     let out = args.out.as_ref().expect("clap requires --out with --all");
@@ -149,7 +150,7 @@ fn schema_command(args: &SchemaArgs) -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     ExitCode::SUCCESS
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 
 use super::status::print_keys;
+use crate::cli::args::outln;
 use crate::cli::args::{DaemonArgs, explain};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,7 +49,7 @@ pub async fn rotate(args: &RotateArgs) -> ExitCode {
     match client.rotate(request).await {
         Ok(r) => {
             let r = r.into_inner();
-            println!("{}", r.message);
+            outln!("{}", r.message);
             print_keys(&r.keys);
             ExitCode::SUCCESS
         }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use super::get::{print_file_errors, print_table};
 use crate::admin::proto::StatusRequest;
+use crate::cli::args::outln;
 use crate::cli::args::{DaemonArgs, explain};
 
 pub async fn status(args: &DaemonArgs) -> ExitCode {
@@ -17,25 +18,25 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         Err(status) => return explain(status),
     };
     if s.trust_domain.is_empty() {
-        println!(
+        outln!(
             "tbot (pid {}), trust domain not known yet (the agent has not reached its issuer)",
             s.pid
         );
     } else {
-        println!("tbot (pid {}) for trust domain {}", s.pid, s.trust_domain);
+        outln!("tbot (pid {}) for trust domain {}", s.pid, s.trust_domain);
     }
     for pin in &s.ca_pins {
-        println!("CA pin: {pin}");
+        outln!("CA pin: {pin}");
     }
     if let Some(link) = &s.issuer {
         if link.connected {
-            println!("issuer: {} (connected)", link.address);
+            outln!("issuer: {} (connected)", link.address);
         } else {
-            println!("issuer: {} (NOT connected: {})", link.address, link.message);
+            outln!("issuer: {} (NOT connected: {})", link.address, link.message);
         }
     }
     if !s.issuer_listen.is_empty() {
-        println!("issuer API: {} ({} agents connected)", s.issuer_listen, s.agents.len());
+        outln!("issuer API: {} ({} agents connected)", s.issuer_listen, s.agents.len());
         // A fleet has thousands: the longest-connected first, then a count.
         const SHOWN: usize = 25;
         if !s.agents.is_empty() {
@@ -61,27 +62,27 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         }
     }
     if !s.issuer_storage.is_empty() {
-        println!("issuer storage: {}", s.issuer_storage);
+        outln!("issuer storage: {}", s.issuer_storage);
     }
     print_replicas(&s.replicas, &s.drift);
     print_keys(&s.keys);
     if !s.bundle_endpoint.is_empty() {
-        println!("bundle endpoint: {}", s.bundle_endpoint);
+        outln!("bundle endpoint: {}", s.bundle_endpoint);
     }
     print_federations(&s.federations);
     if s.bot.is_empty() {
-        println!("bot: none on this host (no agent config)");
+        outln!("bot: none on this host (no agent config)");
     } else {
-        println!("bot: {} (certificate expires {})", s.bot, s.bot_expires);
+        outln!("bot: {} (certificate expires {})", s.bot, s.bot_expires);
     }
     for svc in &s.services {
         if svc.destination.is_empty() {
-            println!("listener {}: {} (Workload API and SDS)", svc.name, svc.listen);
+            outln!("listener {}: {} (Workload API and SDS)", svc.name, svc.listen);
         } else {
-            println!("output {}: {}: {}", svc.name, svc.destination, svc.state);
+            outln!("output {}: {}: {}", svc.name, svc.destination, svc.state);
         }
     }
-    println!("objects: {} ({} not ready)", s.objects, s.not_ready);
+    outln!("objects: {} ({} not ready)", s.objects, s.not_ready);
     print_file_errors(&s.file_errors);
     let conflicts = s.replicas.iter().any(|r| !r.conflict.is_empty());
     if s.not_ready == 0 && s.file_errors.is_empty() && s.drift.is_empty() && !conflicts {
@@ -96,7 +97,7 @@ pub(super) fn print_keys(keys: &[crate::admin::proto::KeyState]) {
     if keys.is_empty() {
         return;
     }
-    println!("keys:");
+    outln!("keys:");
     let rows: Vec<[String; 6]> = keys
         .iter()
         .map(|k| {
@@ -145,9 +146,13 @@ pub(super) fn print_federations(federations: &[crate::admin::proto::Federation])
         } else {
             format!("; FAILING: {}", f.error)
         };
-        println!(
+        outln!(
             "federation {}: {} ({} CAs, {} JWT keys, {synced}, next {}){error}",
-            f.trust_domain, f.source, f.x509_authorities, f.jwt_keys, f.next_sync
+            f.trust_domain,
+            f.source,
+            f.x509_authorities,
+            f.jwt_keys,
+            f.next_sync
         );
     }
 }
@@ -157,7 +162,7 @@ pub(super) fn print_replicas(replicas: &[crate::admin::proto::Replica], drift: &
     if replicas.is_empty() {
         return;
     }
-    println!("replicas: {}", replicas.len());
+    outln!("replicas: {}", replicas.len());
     let rows: Vec<[String; 5]> = replicas
         .iter()
         .map(|r| {
@@ -176,16 +181,17 @@ pub(super) fn print_replicas(replicas: &[crate::admin::proto::Replica], drift: &
         .collect();
     print_table("  ", ["NAME", "ADDRESS", "STARTED", "LAST HEARTBEAT", "READY"], &rows);
     for r in replicas.iter().filter(|r| !r.conflict.is_empty()) {
-        println!(
+        outln!(
             "  WARNING: {} is claimed by two processes ({} and another): give each replica its own `metadata.name`",
-            r.name, r.conflict
+            r.name,
+            r.conflict
         );
     }
     if drift.is_empty() {
-        println!("documents: the same on every replica");
+        outln!("documents: the same on every replica");
         return;
     }
-    println!(
+    outln!(
         "documents that differ between replicas ({}): a rollout has not reached every replica",
         drift.len()
     );
@@ -202,7 +208,7 @@ pub(super) fn print_replicas(replicas: &[crate::admin::proto::Replica], drift: &
                 format!("{}={hash}", v.replica)
             })
             .collect();
-        println!("  {}: {}", d.document, versions.join(" "));
+        outln!("  {}: {}", d.document, versions.join(" "));
     }
-    println!("  = hint: deploy the same documents to every replica (each reloads them live)");
+    outln!("  = hint: deploy the same documents to every replica (each reloads them live)");
 }
