@@ -88,7 +88,7 @@ async fn the_issuer_killed_and_restarted_under_an_open_stream_changes_nothing_fo
     let agent = agent(&issuer);
     let (mut stream, first) = open_stream(&agent).await;
     wait_for_status(&issuer.daemon, "the agent shows as connected", |s| {
-        s.contains("(1 agents connected)")
+        s.contains("(1 agent connected)")
     });
 
     let etc = issuer.etc();
@@ -209,7 +209,7 @@ fn the_issuer_and_the_agent_report_each_other() {
         "{on_agent}"
     );
     assert!(on_agent.contains(&format!("CA pin: {}", issuer.pin)), "{on_agent}");
-    let on_issuer = wait_for_status(&issuer.daemon, "one agent", |s| s.contains("(1 agents connected)"));
+    let on_issuer = wait_for_status(&issuer.daemon, "one agent", |s| s.contains("(1 agent connected)"));
     assert!(on_issuer.contains("example-bot/"), "{on_issuer}");
     assert!(on_issuer.contains("bot: none on this host"), "{on_issuer}");
     // An issuer directory without an agent config: `tbotctl` found its admin socket from the

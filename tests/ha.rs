@@ -298,7 +298,7 @@ async fn agents_behind_haproxy_ride_out_a_lost_replica_and_a_lost_etcd_quorum() 
     let holder = |set: &Replicas, except: Option<usize>| {
         (0..3)
             .filter(|i| Some(*i) != except)
-            .find(|i| set.replicas[*i].is_some() && set.status(*i).contains("(1 agents connected)"))
+            .find(|i| set.replicas[*i].is_some() && set.status(*i).contains("(1 agent connected)"))
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let held = loop {

@@ -90,7 +90,8 @@ impl DaemonArgs {
 }
 
 pub fn explain(status: tonic::Status) -> ExitCode {
-    let message = format!("{:?}: {}", status.code(), status.message());
+    // The daemon's own words; the gRPC code decides only the hint.
+    let message = status.message().to_owned();
     match status.code() {
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
             fail(message, "run tbotctl as root or as the daemon's user")

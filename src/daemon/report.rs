@@ -139,7 +139,7 @@ impl Daemon {
             if let Some(agent) = &agent {
                 let bot = agent.bot();
                 host.bot = bot.certificate.bot.clone();
-                host.bot_expires = bot.certificate.not_after.to_string();
+                host.bot_expires = crate::rfc3339(bot.certificate.not_after);
             }
             if let Some(bundles) = &bundles {
                 host.ca_pins = ca_pins(bundles);

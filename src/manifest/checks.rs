@@ -241,7 +241,7 @@ fn dangling(pointer: &str, kind: &str, name: &str, known: &BTreeSet<&str>) -> Pr
         Some(near) => problem.hint(format!("did you mean `{near}`?")),
         None if known.is_empty() => problem.hint(format!("add a `{kind}` document named `{name}`")),
         None => problem.hint(format!(
-            "add a `{kind}` document named `{name}`; the {kind}s here are {}",
+            "add a `{kind}` document named `{name}`; the `{kind}` documents here are {}",
             known.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
         )),
     }

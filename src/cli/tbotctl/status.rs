@@ -36,7 +36,11 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         }
     }
     if !s.issuer_listen.is_empty() {
-        outln!("issuer API: {} ({} agents connected)", s.issuer_listen, s.agents.len());
+        let agents = match s.agents.len() {
+            1 => "1 agent".to_owned(),
+            n => format!("{n} agents"),
+        };
+        outln!("issuer API: {} ({agents} connected)", s.issuer_listen);
         // A fleet has thousands: the longest-connected first, then a count.
         const SHOWN: usize = 25;
         if !s.agents.is_empty() {
