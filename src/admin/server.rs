@@ -98,9 +98,7 @@ impl AdminApi {
 
 /// The events between two snapshots of the status table.
 fn events(before: &StatusTable, after: &StatusTable) -> Vec<Event> {
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let now = crate::rfc3339(time::OffsetDateTime::now_utc());
     let mut out = Vec::new();
     for (r, s) in &after.objects {
         let old = before.objects.get(r);
@@ -457,10 +455,7 @@ fn replica(r: &crate::issuer::state::replicas::ReplicaRecord, this: &str) -> Rep
     }
 }
 
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
+use crate::rfc3339;
 
 /// A bot's instances, as the issuer's ledger has them.
 fn instances(issuer: &crate::issuer::LocalIssuer, bot: &str) -> Vec<BotInstance> {

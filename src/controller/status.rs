@@ -10,7 +10,6 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
 
 use crate::manifest::DesiredState;
@@ -196,7 +195,7 @@ impl ObjectStatus {
 }
 
 fn now() -> String {
-    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+    crate::rfc3339(OffsetDateTime::now_utc())
 }
 
 /// A file of the watched directory that fails to load, with its first error. Listed until the

@@ -225,10 +225,8 @@ impl Daemon {
         let message = format!(
             "joined by `{}` at {}; the certificate expires {}",
             agent.join_method(),
-            time::OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
-            bot.certificate.not_after
+            crate::rfc3339(time::OffsetDateTime::now_utc()),
+            crate::rfc3339(bot.certificate.not_after)
         );
         let agent = agent.clone();
         self.status.update(|s| {

@@ -93,10 +93,7 @@ impl Report {
 
     /// One line for status and logs.
     pub fn describe(&self) -> String {
-        let format = |t: &OffsetDateTime| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        };
+        let format = |t: &OffsetDateTime| crate::rfc3339(*t);
         let mut out = match (&self.written, &self.expires) {
             (Some(w), Some(e)) => format!("{} written {}, expires {}", self.spiffe_id, format(w), format(e)),
             _ => "not written yet".to_owned(),

@@ -221,10 +221,7 @@ pub fn by_hand(records: &[KeyRecord], active: u32, grace: Duration, force: bool,
 
 /// A Unix time as RFC 3339.
 pub fn rfc3339(unix: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| unix.to_string())
+    OffsetDateTime::from_unix_timestamp(unix).map_or_else(|_| unix.to_string(), crate::rfc3339)
 }
 
 /// One key's state, for `tbotctl status`.

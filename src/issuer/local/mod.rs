@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
 
 use crate::issuer::bots::{BotClaims, BotRecord};
@@ -131,9 +130,7 @@ fn is_token(claims: &BotClaims) -> bool {
     claims.join.get("join.meta.join_method").map(String::as_str) == Some("token")
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
-}
+use crate::rfc3339;
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -49,9 +49,7 @@ impl ReplicaRecord {
                 address.to_string()
             },
             process: format!("{host}:{}", std::process::id()),
-            started: time::OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            started: crate::rfc3339(time::OffsetDateTime::now_utc()),
             ..ReplicaRecord::default()
         }
     }
