@@ -52,8 +52,8 @@ pub(super) struct Booted {
     pub stop: watch::Sender<bool>,
     /// When the first retry is due, if start-up left one.
     pub retry_at: Option<tokio::time::Instant>,
-    /// `--oneshot`: write every output once (the agent config's, if there is one) and exit.
-    pub oneshot: Option<Option<AgentConfig>>,
+    /// `--oneshot`: write every output of the agent config once and exit.
+    pub oneshot: bool,
 }
 
 pub(super) struct Signals {
@@ -150,12 +150,7 @@ async fn serve_issuer(
     if let Some(endpoint) = &doc.spec.bundle_endpoint {
         let address = crate::issuer::federation::bundle_endpoint::serve(issuer.clone(), endpoint.clone(), stop.clone())
             .await
-            .map_err(|e| {
-                fail(
-                    e,
-                    "fix `issuer.spec.bundle_endpoint` (its `listen` address, or its `cert_file`/`key_file`)",
-                )
-            })?;
+            .map_err(|e| fail(&e, &e.hint()))?;
         status.host.bundle_endpoint = format!("https://{address}");
     }
     Ok(serving.sessions)
@@ -292,10 +287,9 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
         reloads,
         stop,
         retry_at: None,
-        oneshot: None,
+        oneshot: options.oneshot,
     };
     if options.oneshot {
-        booted.oneshot = Some(config);
         return Ok(booted);
     }
 

@@ -21,7 +21,8 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
         mut retry_at,
         oneshot,
     } = booted;
-    if let Some(config) = oneshot {
+    if oneshot {
+        let config = super::agent_config(&daemon.applied()).cloned();
         let code = super::outputs::oneshot(&mut daemon, config.as_ref()).await;
         let _ = stop.send(true);
         daemon.shutdown().await;

@@ -19,6 +19,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::error::Explain;
 use crate::issuer::TrustBundle;
 use crate::issuer::state::backing::{Backing, json};
 use crate::kv::Op;
@@ -150,7 +151,7 @@ impl crate::error::Explain for FetchError {
             FetchError::NotHttps(_) | FetchError::BadPort(_) | FetchError::HostName { .. } | FetchError::Static => {
                 "fix `bundle_endpoint_url` in the spiffe_federation document"
             }
-            _ => "it is retried with backoff; the last good bundle stays in force",
+            _ => "it is retried with backoff; check that the endpoint answers at `bundle_endpoint_url`",
         }
         .into()
     }
@@ -217,7 +218,7 @@ async fn keep(
                 });
                 publish(Some(bundle));
             }
-            Err(why) => update(&|s| s.error = Some(why.to_string())),
+            Err(why) => update(&|s| s.error = Some(why.explain())),
         }
         return;
     }
@@ -283,6 +284,7 @@ async fn keep(
                 } else {
                     "no bundle of this domain is known yet"
                 };
+                let why = why.explain();
                 tracing::warn!(trust_domain = %trust_domain, error = %why, "cannot refresh a federated bundle; {kept}");
                 update(&|s| s.error = Some(format!("{why}; {kept}")));
                 let wait = backoff;
