@@ -522,3 +522,94 @@ fn an_agent_trusting_the_issuers_ca_file_joins_and_one_for_another_ca_is_refused
     wait_for_socket(&agent);
     wait_for_status(&agent, "connected", |s| s.contains("(connected)"));
 }
+
+/// The issuer name of the first SVID's leaf: which CA signed it.
+fn leaf_issuer(ctx: &X509Context) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(ctx.svids()[0].leaf().as_ref()).unwrap();
+    cert.issuer().to_string()
+}
+
+/// The `CA` column of the issuer's agent table, for every connected agent.
+fn agent_cas(status: &str) -> Vec<String> {
+    let mut lines = status.lines().skip_while(|l| !l.trim_start().starts_with("BOT/INSTANCE"));
+    let Some(header) = lines.next() else { return vec![] };
+    let at = header.find(" CA ").expect("a CA column") + 1;
+    lines
+        .take_while(|l| l.starts_with("  ") && !l.trim_start().starts_with("REFUSED"))
+        .map(|l| l[at..].split_whitespace().next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn rotate(issuer: &Issuer, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["rotate", "ca"];
+    all.extend_from_slice(args);
+    issuer.daemon.tbotctl(&all)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forced_ca_rotation_moves_a_remote_agent_at_each_step_and_one_it_would_strand_is_named_on_both_hosts() {
+    let issuer = Issuer::start(UID_TEMPLATE, &[]);
+    let agent = agent(&issuer);
+    let (stream, first) = open_stream(&agent).await;
+    let (failures, _) = common::verify_stream(stream);
+    let (mut stream, _) = open_stream(&agent).await;
+    wait_for_status(&issuer.daemon, "the agent holds a certificate of CA 1", |s| {
+        agent_cas(s) == ["1"]
+    });
+
+    // Prepare, then activate at once: the agent signs its SVIDs again and renews onto CA 2.
+    assert!(rotate(&issuer, &["--grace", "1h"]).status.success());
+    wait_for_status(&agent, "both CAs reach the agent", |s| s.matches("CA pin: ").count() == 2);
+    let out = rotate(&issuer, &["--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ctx = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("an SVID of the new CA on the open stream at activation")
+            .unwrap()
+            .unwrap();
+        if leaf_issuer(&ctx) != leaf_issuer(&first) {
+            break;
+        }
+    }
+    wait_for_status(&issuer.daemon, "the agent renewed onto CA 2", |s| agent_cas(s) == ["2"]);
+
+    // Retire now: nobody is stranded, so it goes ahead, and the workload notices nothing.
+    let out = rotate(&issuer, &["--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for_status(&agent, "one CA left on the agent", |s| s.matches("CA pin: ").count() == 1);
+    let status = agent.tbotctl(&["status"]);
+    assert!(status.status.success(), "{}", stdout(&status));
+    assert!(stdout(&status).contains("(connected)"), "{}", stdout(&status));
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    let ctx = client.fetch_x509_context().await.expect("a new fetch after the retire");
+    assert_eq!(id(&ctx), id(&first));
+
+    // An agent that cannot renew (stopped) across the next activation would be stranded: the
+    // forced retire names it and refuses, unless told to strand it.
+    assert!(rotate(&issuer, &["--grace", "1h"]).status.success());
+    wait_for_status(&agent, "CA 3 reaches the agent", |s| s.matches("CA pin: ").count() == 2);
+    let pid = agent.pid().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(rotate(&issuer, &["--force"]).status.success(), "activates CA 3");
+    let refused = rotate(&issuer, &["--force"]);
+    let said = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains("1 connected agent still holds"), "{said}");
+    assert!(said.contains("--strand"), "{said}");
+    let out = rotate(&issuer, &["--force", "--strand"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+
+    let stalled = wait_for_status(&agent, "the agent says it is refused", |s| s.contains("REFUSES"));
+    assert!(stalled.contains("bot certificate"), "{stalled}");
+    let status = agent.tbotctl(&["status"]);
+    assert_eq!(status.status.code(), Some(1), "{}", stdout(&status));
+    let get = stdout(&agent.tbotctl(&["get", "agent_config"]));
+    assert!(get.contains("refuses this agent's bot certificate"), "{get}");
+    assert!(agent.log().contains("ERROR"), "{}", agent.log());
+    let listed = wait_for_status(&issuer.daemon, "the issuer lists it as refused", |s| s.contains("REFUSED"));
+    assert!(listed.contains("(0 agents connected)"), "{listed}");
+    assert!(failures.lock().unwrap().is_empty(), "{:?}", failures.lock().unwrap());
+}

@@ -315,6 +315,23 @@ impl Admin for AdminApi {
                             generation: a.generation,
                             connected_at: rfc3339(a.connected_at),
                             last_seen: rfc3339(seen),
+                            ca: a.ca,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            refused: self
+                .sessions
+                .as_ref()
+                .map(|s| {
+                    s.refusals()
+                        .into_iter()
+                        .map(|r| RefusedAgent {
+                            bot: r.bot,
+                            instance: r.instance,
+                            address: r.address.to_string(),
+                            at: rfc3339(r.at),
+                            reason: r.reason,
                         })
                         .collect()
                 })
@@ -323,6 +340,7 @@ impl Admin for AdminApi {
                 address: l.address,
                 connected: l.connected,
                 message: l.message,
+                refused: l.refused,
             }),
             issuer_storage: info.issuer_storage,
             replicas: replicas.iter().map(|r| replica(r, &info.replica)).collect(),
@@ -368,6 +386,9 @@ impl Admin for AdminApi {
             }
         };
         let grace = Duration::from_secs(request.grace_seconds.into());
+        if request.force && !jwt && issuer.next_forced_step_retires_ca() {
+            self.wait_for_renewals_off_retiring_cas(issuer, request.strand).await?;
+        }
         let step = issuer
             .rotate_by_hand(jwt, grace, request.force)
             .await
@@ -394,6 +415,68 @@ impl Admin for AdminApi {
             message,
             keys: key_states(issuer),
         }))
+    }
+}
+
+/// How long a forced CA retire waits for connected agents to renew onto the active CA.
+const RENEWAL_WAIT: Duration = Duration::from_secs(10);
+
+impl AdminApi {
+    /// Before a forced retire withdraws a CA: the connected agents whose bot certificates it signed
+    /// were told to renew when the successor activated (the bundle on their `Watch` streams); waits
+    /// up to [`RENEWAL_WAIT`] for them, then refuses to strand the rest unless `strand`.
+    async fn wait_for_renewals_off_retiring_cas(
+        &self,
+        issuer: &crate::issuer::LocalIssuer,
+        strand: bool,
+    ) -> Result<(), Status> {
+        let Some(sessions) = &self.sessions else { return Ok(()) };
+        let stranded = || {
+            let retiring = issuer.retiring_cas();
+            let mut out: Vec<crate::issuer::server::AgentSession> = sessions
+                .list()
+                .into_iter()
+                .map(|(s, _)| s)
+                .filter(|s| retiring.contains(&s.ca))
+                .collect();
+            out.sort_by(|a, b| (&a.bot, &a.instance).cmp(&(&b.bot, &b.instance)));
+            out.dedup_by(|a, b| a.bot == b.bot && a.instance == b.instance);
+            out
+        };
+        let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
+        let mut left = stranded();
+        while !left.is_empty() && !strand && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = stranded();
+        }
+        if left.is_empty() {
+            return Ok(());
+        }
+        const NAMED: usize = 10;
+        let mut names: Vec<String> = left
+            .iter()
+            .take(NAMED)
+            .map(|s| format!("{}/{} ({})", s.bot, s.instance, s.address))
+            .collect();
+        if left.len() > NAMED {
+            names.push(format!("and {} more", left.len() - NAMED));
+        }
+        let count = match left.len() {
+            1 => "1 connected agent still holds".to_owned(),
+            n => format!("{n} connected agents still hold"),
+        };
+        if strand {
+            tracing::warn!(agents = left.len(), names = %names.join(", "),
+                "retiring the CA now although connected agents hold bot certificates it signed (--strand): they are refused from now on");
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "{count} a bot certificate of the CA this would withdraw, and did not renew onto the active CA \
+             within {}s: {}. Withdrawing it now would refuse them (a `token` agent then needs a new token). \
+             Wait until they renew (see `tbotctl status`, column CA), or pass --strand to withdraw it anyway",
+            RENEWAL_WAIT.as_secs(),
+            names.join(", ")
+        )))
     }
 }
 

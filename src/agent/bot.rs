@@ -249,8 +249,8 @@ pub fn jitter(spread: f64) -> f64 {
     1.0 - spread + 2.0 * spread * unit
 }
 
-/// Keeps the identity fresh forever (`overdue`: start with a retry): every `renewal_interval`, and with backoff (1 s doubling to
-/// 5 min, ±20% jitter) after a failure. Publishes each new identity, and on `health` why renewals
+/// Keeps the identity fresh forever (`overdue`: start with a retry): every `renewal_interval`, at
+/// once when `now` is notified, and with backoff (1 s doubling to 5 min, ±20% jitter) after a failure. Publishes each new identity, and on `health` why renewals
 /// fail (`None` once one succeeds).
 pub async fn keep_fresh(
     issuer: Arc<dyn Issuer>,
@@ -260,6 +260,7 @@ pub async fn keep_fresh(
     health: watch::Sender<Option<String>>,
     overdue: bool,
     metrics: AgentMetrics,
+    now: Arc<tokio::sync::Notify>,
 ) {
     let mut backoff = Duration::from_secs(1);
     // Every `renewal_interval`, and before half the certificate's life has gone at the latest: a
@@ -278,6 +279,8 @@ pub async fn keep_fresh(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            // Asked to renew at once (the CA that signs changed: the certificate moves onto it).
+            _ = now.notified() => {}
             // New terms (a rejoin happened): start the renewal interval afresh.
             Ok(()) = settings_rx.changed() => {
                 wait = due(&settings_rx.borrow(), &tx.borrow());

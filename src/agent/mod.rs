@@ -31,6 +31,8 @@ pub struct Agent {
     policy: watch::Sender<u64>,
     /// Why the bot identity cannot be renewed, while it cannot.
     renewal: watch::Receiver<Option<String>>,
+    /// Wakes the renewal task to renew now.
+    renew_now: Arc<tokio::sync::Notify>,
     pub cache: Arc<SvidCache>,
     /// The agent's metric families.
     pub metrics: AgentMetrics,
@@ -134,6 +136,7 @@ impl Agent {
         let (tx, rx) = watch::channel(Arc::new(identity));
         let (settings_tx, settings_rx) = watch::channel(settings);
         let (health_tx, renewal) = watch::channel(unrenewed.clone());
+        let renew_now = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(bot::keep_fresh(
             issuer.clone(),
             settings_rx,
@@ -142,6 +145,7 @@ impl Agent {
             health_tx,
             unrenewed.is_some(),
             metrics.clone(),
+            renew_now.clone(),
         ));
         let cache = SvidCache::new(issuer.clone(), rx.clone(), metrics.clone());
         Ok(Agent {
@@ -152,6 +156,7 @@ impl Agent {
             store,
             policy: watch::channel(0).0,
             renewal,
+            renew_now,
             cache,
             metrics,
             resolutions: Default::default(),
@@ -239,9 +244,20 @@ impl Agent {
                         "the signing CA changed; signing cached SVIDs again"
                     );
                     agent.cache.redecide(&identities);
+                    // The bot certificate moves onto the new CA too, long before the old one retires.
+                    let signing = last.0.as_deref().unwrap_or_default();
+                    if !signed_by(&agent.bot().certificate.der, signing) {
+                        tracing::info!("renewing the bot certificate onto the CA that signs now");
+                        agent.renew_now.notify_one();
+                    }
                 }
             }
         });
+    }
+
+    /// Renews the bot identity now (in the background; [`Agent::renewal`] says if it fails).
+    pub fn renew_now(&self) {
+        self.renew_now.notify_one();
     }
 
     /// Moves whenever callers must be re-resolved.
@@ -327,6 +343,18 @@ impl Agent {
     pub fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {
         self.issuer.bundles()
     }
+}
+
+/// Whether `ca` (DER) issued `certificate` (DER), by name (each CA's subject names its trust
+/// domain and number).
+pub fn signed_by(certificate: &[u8], ca: &[u8]) -> bool {
+    let (Ok((_, cert)), Ok((_, ca))) = (
+        x509_parser::parse_x509_certificate(certificate),
+        x509_parser::parse_x509_certificate(ca),
+    ) else {
+        return false;
+    };
+    cert.issuer().as_raw() == ca.subject().as_raw()
 }
 
 #[cfg(test)]

@@ -71,6 +71,8 @@ pub enum Reason {
     OutputFailed,
     RenewalFailed,
     IssuerUnreachable,
+    /// The issuer refuses the agent's bot certificate.
+    BotRefused,
     Joined,
     Rejoined,
     WriteFailed,
@@ -101,6 +103,7 @@ impl Reason {
             Reason::OutputFailed => "OutputFailed",
             Reason::RenewalFailed => "RenewalFailed",
             Reason::IssuerUnreachable => "IssuerUnreachable",
+            Reason::BotRefused => "BotRefused",
             Reason::Joined => "Joined",
             Reason::Rejoined => "Rejoined",
             Reason::WriteFailed => "WriteFailed",
@@ -335,6 +338,8 @@ pub struct IssuerLink {
     pub connected: bool,
     /// Why it is down, or what it last did.
     pub message: String,
+    /// Why the issuer refuses the bot certificate, while it does; empty otherwise.
+    pub refused: String,
 }
 
 /// A socket served or a file output, as status shows it.

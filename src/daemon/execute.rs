@@ -188,6 +188,7 @@ impl Daemon {
         agent.follow_rotations();
         if let Host::Agent { remote } = &self.host {
             remote.follow();
+            renew_when_refused(remote.link(), Arc::downgrade(&agent));
         }
         // A renewal's outcome (and the new certificate's expiry) shows in `tbotctl status`.
         super::boot::poke_on(agent.renewal(), self.poke.clone());
@@ -234,4 +235,23 @@ impl Daemon {
             s.table.set(&r, ConditionType::Joined, true, reason, &message);
         });
     }
+}
+
+/// When the issuer starts refusing the bot certificate, renews at once: a certificate of a CA that
+/// is retiring moves onto the active one, and an `iam` agent joins again.
+fn renew_when_refused(
+    mut link: tokio::sync::watch::Receiver<crate::agent::remote::Link>,
+    agent: std::sync::Weak<Agent>,
+) {
+    tokio::spawn(async move {
+        let mut was = link.borrow_and_update().refused.is_some();
+        while link.changed().await.is_ok() {
+            let now = link.borrow_and_update().refused.is_some();
+            let Some(agent) = agent.upgrade() else { return };
+            if now && !was {
+                agent.renew_now();
+            }
+            was = now;
+        }
+    });
 }

@@ -61,7 +61,10 @@ impl Daemon {
         let renewal = self.agent.as_ref().and_then(|a| a.renewal().borrow().clone());
         // An agent of a remote issuer that cannot reach it is stalled: it serves what it holds.
         let link = self.host.remote().map(|r| r.link().borrow().clone());
-        let unlinked = link.clone().filter(|l| !l.connected && self.agent.is_some());
+        let unlinked = link
+            .clone()
+            .filter(|l| !l.connected && l.refused.is_none() && self.agent.is_some());
+        let refused = link.as_ref().and_then(|l| l.refused.clone().map(|why| (l.address.clone(), why)));
         let failing: Vec<String> = reports
             .iter()
             .filter(|(_, _, report)| report.failing())
@@ -97,7 +100,7 @@ impl Daemon {
             if renewal.is_some() {
                 failed.insert(bot.clone());
             }
-            if unlinked.is_some() || !failing.is_empty() {
+            if unlinked.is_some() || refused.is_some() || !failing.is_empty() {
                 failed.insert(agent_ref());
             }
             s.table.converged_except(&failed);
@@ -119,6 +122,15 @@ impl Daemon {
                     link.address, link.message
                 );
                 s.table.stalled(&agent_ref(), Reason::IssuerUnreachable, &message);
+            }
+            if let Some((address, why)) = &refused {
+                let message = format!(
+                    "the issuer at {address} refuses this agent's bot certificate: {why}; workloads get no new \
+                     SVIDs until it holds one the issuer accepts. The agent renews by itself (an `iam` agent joins \
+                     again); if renewing is refused too, put a new token (a `token` document on the issuer) in \
+                     `onboarding.token` here"
+                );
+                s.table.stalled(&agent_ref(), Reason::BotRefused, &message);
             }
             // Whether the controller's records can be written shows on the agent config.
             if let Some(r) = s.table.objects.keys().find(|r| r.kind == Kind::AgentConfig).cloned() {
@@ -151,6 +163,7 @@ impl Daemon {
                 address: l.address,
                 connected: l.connected,
                 message: l.message,
+                refused: l.refused.unwrap_or_default(),
             });
             host.services = services;
         });

@@ -50,6 +50,9 @@ pub struct Link {
     pub connected: bool,
     /// Why not, while not connected; empty when connected.
     pub message: String,
+    /// Why the issuer refuses this agent's bot certificate, while it does (a withdrawn CA, a locked
+    /// or superseded instance): workloads are denied until the agent holds one it accepts.
+    pub refused: Option<String>,
 }
 
 /// The remote issuer.
@@ -110,6 +113,7 @@ impl RemoteIssuer {
                 address: settings.address.clone(),
                 connected: false,
                 message: "not connected yet".into(),
+                refused: None,
             })
             .0,
             store,
@@ -185,14 +189,39 @@ impl RemoteIssuer {
         if matches!(error, IssuerError::Unavailable(_)) && !self.link.borrow().connected {
             self.set_link(false, error.explain());
         }
+        if matches!(error, IssuerError::Unauthenticated(_) | IssuerError::Locked { .. }) {
+            // The next step is the agent's own (see `set_refused`), not the generic hint.
+            self.set_refused(error.to_string());
+        }
         error
+    }
+
+    /// The issuer refused the bot certificate: said once at ERROR, and shown until a `Watch` stream
+    /// is up again.
+    fn set_refused(&self, why: String) {
+        self.link.send_if_modified(|l| {
+            if l.refused.is_none() {
+                tracing::error!(issuer = %l.address, reason = %why,
+                    "the issuer refuses this agent's bot certificate: workloads are denied new SVIDs until the agent \
+                     holds one it accepts; the agent renews (an `iam` agent joins again) by itself, and a `token` \
+                     agent whose renewal is refused needs a new token in `onboarding.token`");
+            }
+            let changed = l.refused.as_ref() != Some(&why);
+            l.refused = Some(why);
+            changed
+        });
     }
 
     fn set_bundles(&self, bundles: Bundles) {
         let changed = self.bundles.send_if_modified(|current| {
+            // Everything but the sequence: an activation changes only which CA or key signs, and
+            // the agent must hear of it to sign its SVIDs again and renew its bot certificate.
             let same = current.trust_domain == bundles.trust_domain
                 && current.x509_authorities == bundles.x509_authorities
-                && current.jwt_keys == bundles.jwt_keys;
+                && current.jwt_keys == bundles.jwt_keys
+                && current.active_ca == bundles.active_ca
+                && current.active_kid == bundles.active_kid
+                && current.federated == bundles.federated;
             if !same {
                 *current = Arc::new(bundles);
             }
@@ -210,7 +239,13 @@ impl RemoteIssuer {
                 tracing::warn!(issuer = %l.address, reason = %message,
                     "lost the connection to the issuer; cached SVIDs keep being served while it reconnects");
             }
-            let changed = l.connected != connected || l.message != message;
+            // A stream that is up means the certificate is accepted again.
+            let accepted = connected && l.refused.is_some();
+            if accepted {
+                tracing::info!(issuer = %l.address, "the issuer accepts this agent's bot certificate again");
+                l.refused = None;
+            }
+            let changed = accepted || l.connected != connected || l.message != message;
             l.connected = connected;
             l.message = message;
             changed

@@ -37,6 +37,17 @@ pub(super) struct SavedBundle {
     pub(super) active_ca: usize,
     #[serde(default)]
     pub(super) active_kid: String,
+    /// The foreign trust domains' bundles, so a restart while the issuer is down still serves them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    federated: Vec<SavedForeign>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedForeign {
+    trust_domain: String,
+    /// Base64 DER.
+    x509_authorities: Vec<String>,
+    jwt_keys: Vec<serde_json::Value>,
 }
 
 /// The address and the trust of one configuration.
@@ -61,7 +72,18 @@ pub(super) fn load_bundle(store: &Store) -> Option<Bundles> {
         sequence: saved.sequence,
         active_ca: saved.active_ca,
         active_kid: saved.active_kid,
-        federated: Default::default(),
+        federated: saved
+            .federated
+            .into_iter()
+            .map(|f| {
+                let bundle = crate::issuer::TrustBundle {
+                    trust_domain: f.trust_domain.clone(),
+                    x509_authorities: f.x509_authorities.iter().filter_map(|b| engine.decode(b).ok()).collect(),
+                    jwt_keys: f.jwt_keys,
+                };
+                (f.trust_domain, Arc::new(bundle))
+            })
+            .collect(),
     })
 }
 
@@ -75,6 +97,15 @@ pub(super) fn save_bundle(store: &Store, bundles: &Bundles) {
         sequence: bundles.sequence,
         active_ca: bundles.active_ca,
         active_kid: bundles.active_kid.clone(),
+        federated: bundles
+            .federated
+            .values()
+            .map(|f| SavedForeign {
+                trust_domain: f.trust_domain.clone(),
+                x509_authorities: f.x509_authorities.iter().map(|d| engine.encode(d)).collect(),
+                jwt_keys: f.jwt_keys.clone(),
+            })
+            .collect(),
     };
     if let Err(e) = store.write_json(BUNDLE_FILE, &saved, Secrecy::Public) {
         tracing::warn!(error = %e, "cannot save the trust bundle; a restart while the issuer is down will not know it");

@@ -28,6 +28,11 @@ pub struct RotateArgs {
     /// the old key).
     #[arg(long)]
     pub force: bool,
+    /// With `--force` on a retiring CA: withdraw it even though connected agents still hold bot
+    /// certificates it signed (they are refused from then on, and a `token` agent needs a new token).
+    /// Without it, the retire waits a few seconds for them to renew and otherwise refuses, naming them.
+    #[arg(long, requires = "force")]
+    pub strand: bool,
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -45,6 +50,7 @@ pub async fn rotate(args: &RotateArgs) -> ExitCode {
         },
         grace_seconds: args.grace.as_std().as_secs().min(u64::from(u32::MAX)) as u32,
         force: args.force,
+        strand: args.strand,
     };
     match client.rotate(request).await {
         Ok(r) => {

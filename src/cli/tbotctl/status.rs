@@ -29,7 +29,13 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         outln!("CA pin: {pin}");
     }
     if let Some(link) = &s.issuer {
-        if link.connected {
+        if !link.refused.is_empty() {
+            outln!(
+                "issuer: {} (REFUSES this agent's bot certificate: {})",
+                link.address,
+                link.refused
+            );
+        } else if link.connected {
             outln!("issuer: {} (connected)", link.address);
         } else {
             outln!("issuer: {} (NOT connected: {})", link.address, link.message);
@@ -44,7 +50,7 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         // A fleet has thousands: the longest-connected first, then a count.
         const SHOWN: usize = 25;
         if !s.agents.is_empty() {
-            let rows: Vec<[String; 5]> = s
+            let rows: Vec<[String; 6]> = s
                 .agents
                 .iter()
                 .take(SHOWN)
@@ -53,6 +59,7 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
                         format!("{}/{}", a.bot, a.instance),
                         a.address.clone(),
                         a.generation.to_string(),
+                        if a.ca == 0 { "-".into() } else { a.ca.to_string() },
                         a.connected_at.clone(),
                         a.last_seen.clone(),
                     ]
@@ -60,8 +67,21 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
                 .collect();
             print_table(
                 "  ",
-                ["BOT/INSTANCE", "ADDRESS", "GENERATION", "CONNECTED", "LAST SEEN"],
+                ["BOT/INSTANCE", "ADDRESS", "GENERATION", "CA", "CONNECTED", "LAST SEEN"],
                 &rows,
+            );
+            if s.agents.len() > SHOWN {
+                outln!("  and {} more", s.agents.len() - SHOWN);
+            }
+        }
+        for r in s.refused.iter().take(SHOWN) {
+            outln!(
+                "  REFUSED {}/{} ({}) at {}: {}",
+                r.bot,
+                r.instance,
+                r.address,
+                r.at,
+                r.reason
             );
         }
     }

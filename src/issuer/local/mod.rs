@@ -216,6 +216,22 @@ impl LocalIssuer {
         self.lock().authenticate(der)
     }
 
+    /// The id of the trusted CA that signed `der` (a bot certificate), if one does.
+    pub fn signer_id(&self, der: &[u8]) -> Option<u32> {
+        self.lock().authority.signer_id(der)
+    }
+
+    /// The ids of the retiring CAs: what `tbotctl rotate ca --force` would withdraw now.
+    pub fn retiring_cas(&self) -> Vec<u32> {
+        self.lock().authority.retiring()
+    }
+
+    /// Whether `tbotctl rotate ca --force` would now withdraw a retiring CA.
+    pub fn next_forced_step_retires_ca(&self) -> bool {
+        let step = self.lock().authority.by_hand(Duration::ZERO, true, now());
+        step == Ok(crate::issuer::keys::rotation::Step::RetireEarly)
+    }
+
     /// A serving certificate for the issuer API.
     pub fn serving_certificate(
         &self,

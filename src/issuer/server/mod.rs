@@ -368,7 +368,9 @@ impl WorkloadIdentityService for IssuerApi {
             generation: claims.generation,
             connected_at: OffsetDateTime::now_utc(),
             certificate: digest,
+            ca: self.issuer.signer_id(&cert).unwrap_or_default(),
         });
+        let cas = self.issuer.current_bundles().x509_authorities.len();
         let seen_revision = request.into_inner().policy_revision;
         let state = WatchState {
             bundles: self.issuer.bundles(),
@@ -384,6 +386,8 @@ impl WorkloadIdentityService for IssuerApi {
             until: tokio::time::Instant::now()
                 + Duration::try_from(not_after - OffsetDateTime::now_utc()).unwrap_or_default(),
             ended: false,
+            cas,
+            sessions: self.sessions.clone(),
             _guard: guard,
         };
         let stream = futures_util::stream::unfold(state, |mut state| async move {
@@ -410,6 +414,9 @@ struct WatchState {
     until: tokio::time::Instant,
     /// After an error the stream ends.
     ended: bool,
+    /// How many CAs the bundle held when last sent: when one leaves, the certificate is checked again.
+    cas: usize,
+    sessions: Arc<Sessions>,
     _guard: SessionGuard,
 }
 
@@ -433,7 +440,16 @@ impl WatchState {
             tokio::select! {
                 changed = self.bundles.changed() => {
                     changed.ok()?;
-                    self.bundles.borrow_and_update();
+                    let cas = self.bundles.borrow_and_update().x509_authorities.len();
+                    // A CA withdrawn (a forced retire) may be the one that signed this agent's
+                    // certificate: then the stream ends with the refusal, and the agent says so.
+                    let withdrawn = cas < self.cas;
+                    self.cas = cas;
+                    if withdrawn && let Err(e) = self.issuer.authenticate(&self.certificate) {
+                        self.ended = true;
+                        self.sessions.refused(&self._guard, &e.to_string());
+                        return Some(Err(status(e)));
+                    }
                     return Some(Ok(self.update(last, Vec::new(), false)));
                 }
                 changed = self.events.changed() => {
@@ -451,6 +467,7 @@ impl WatchState {
                     // A locked instance hears nothing more.
                     if let Err(e @ IssuerError::Locked { .. }) = self.issuer.authenticate(&self.certificate) {
                         self.ended = true;
+                        self.sessions.refused(&self._guard, &e.to_string());
                         return Some(Err(status(e)));
                     }
                 }

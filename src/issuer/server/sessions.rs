@@ -18,7 +18,23 @@ pub struct AgentSession {
     pub connected_at: OffsetDateTime,
     /// SHA-256 (hex) of the certificate the stream was opened with: calls with it count as seen.
     pub(super) certificate: String,
+    /// The id of the CA that signed that certificate.
+    pub ca: u32,
 }
+
+/// An instance whose `Watch` stream the issuer ended because it no longer accepts its certificate
+/// (its CA withdrawn, the instance locked), until it connects again.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub bot: String,
+    pub instance: String,
+    pub address: SocketAddr,
+    pub at: OffsetDateTime,
+    pub reason: String,
+}
+
+/// Refused instances remembered, at most (the oldest go first).
+const MAX_REFUSED: usize = 1000;
 
 /// The connected agents, and when each bot certificate last called.
 #[derive(Default)]
@@ -28,6 +44,8 @@ pub struct Sessions {
     next: AtomicU64,
     open: Mutex<BTreeMap<u64, AgentSession>>,
     last_seen: Mutex<HashMap<String, OffsetDateTime>>,
+    /// By `bot/instance`.
+    refused: Mutex<BTreeMap<String, Refusal>>,
 }
 
 impl Sessions {
@@ -48,6 +66,47 @@ impl Sessions {
             .values()
             .map(|s| (s.clone(), seen.get(&s.certificate).copied().unwrap_or(s.connected_at)))
             .collect()
+    }
+
+    /// The instances refused since they last connected, most recent first.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        // A day later the instance has most likely been replaced (a new token, a new instance).
+        let since = OffsetDateTime::now_utc() - time::Duration::days(1);
+        let mut out: Vec<Refusal> = self
+            .refused
+            .lock()
+            .expect("sessions poisoned")
+            .values()
+            .filter(|r| r.at > since)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| b.at.cmp(&a.at));
+        out
+    }
+
+    /// The session of `guard` was refused: its stream ends, and the instance is listed as refused.
+    pub(super) fn refused(&self, guard: &SessionGuard, reason: &str) {
+        let Some(session) = self.open.lock().expect("sessions poisoned").get(&guard.id).cloned() else {
+            return;
+        };
+        tracing::warn!(bot = %session.bot, instance = %session.instance, address = %session.address, %reason,
+            "an agent's bot certificate is no longer accepted; its stream ends");
+        let mut refused = self.refused.lock().expect("sessions poisoned");
+        if refused.len() >= MAX_REFUSED
+            && let Some(oldest) = refused.iter().min_by_key(|(_, r)| r.at).map(|(k, _)| k.clone())
+        {
+            refused.remove(&oldest);
+        }
+        refused.insert(
+            format!("{}/{}", session.bot, session.instance),
+            Refusal {
+                bot: session.bot,
+                instance: session.instance,
+                address: session.address,
+                at: OffsetDateTime::now_utc(),
+                reason: reason.to_owned(),
+            },
+        );
     }
 
     pub(super) fn seen(&self, certificate: &str) {
@@ -73,6 +132,12 @@ impl Sessions {
 
     pub(super) fn open(self: &Arc<Self>, session: AgentSession) -> SessionGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut refused = self.refused.lock().expect("sessions poisoned");
+            if !refused.is_empty() {
+                refused.remove(&format!("{}/{}", session.bot, session.instance));
+            }
+        }
         self.open.lock().expect("sessions poisoned").insert(id, session);
         self.connected.inc();
         SessionGuard {

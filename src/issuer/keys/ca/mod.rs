@@ -320,6 +320,21 @@ impl Authority {
         &self.cas
     }
 
+    /// The ids of the CAs that are retiring (what a forced retire withdraws).
+    pub fn retiring(&self) -> Vec<u32> {
+        self.records
+            .iter()
+            .filter(|r| matches!(rotation::phase(r, self.active), rotation::Phase::Retiring { .. }))
+            .map(|r| r.id)
+            .collect()
+    }
+
+    /// The id of the CA that signed `der`, if one of ours did.
+    pub fn signer_id(&self, der: &[u8]) -> Option<u32> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        self.signer_of(&cert).map(|ca| ca.id)
+    }
+
     /// The CA that signed `cert`, if any of ours did.
     pub fn signer_of(&self, cert: &X509Certificate<'_>) -> Option<&Ca> {
         self.cas.iter().rev().find(|ca| ca.signed(cert)).map(|ca| &**ca)
