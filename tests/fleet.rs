@@ -97,10 +97,22 @@ async fn the_issuer_killed_and_restarted_under_an_open_stream_changes_nothing_fo
         s.contains("NOT connected")
     });
     assert!(stalled.contains("issuer: 127.0.0.1:"), "{stalled}");
-    // While the issuer is down the workload is served what the agent holds.
+    // While the issuer is down the workload is served what the agent holds: on a new connection,
+    // and from new processes (py-spiffe one-shot fetches, each its own pid).
     let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
     let held = client.fetch_x509_svid().await.expect("served from the agent's cache");
     assert_eq!(held.spiffe_id().to_string(), id(&first));
+    if let Some(python) = common::venv_python("spiffe") {
+        for _ in 0..3 {
+            let out = Command::new(&python)
+                .arg(common::root().join("tests/peers/spiffe_peer.py"))
+                .args(["once", agent.socket.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.contains(&id(&first)), "a new process during the outage: {said}");
+        }
+    }
     let out = agent.tbotctl(&["get", "agent_config"]);
     assert!(
         stdout(&out).contains("IssuerUnreachable") || stdout(&out).contains("Stalled"),

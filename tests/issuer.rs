@@ -276,6 +276,8 @@ async fn a_workload_the_rules_do_not_allow_gets_nothing_and_a_reason() {
         .resolve(&bot.der, &IdentitySelector::Name("web".into()), &forged)
         .await
         .unwrap();
+    assert_eq!(names.decided_on.as_deref(), Some(&["workload.unix.uid".to_owned()][..]));
+    let names = names.identities;
     assert_eq!(names.len(), 1);
     assert_eq!(names[0].name, "web");
     assert_eq!(names[0].reads, ["workload.unix.uid"]);
@@ -530,12 +532,16 @@ async fn label_selectors_resolve_to_the_identities_the_caller_may_have() {
     let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
     let selector = IdentitySelector::Labels([("app".to_owned(), "web".to_owned())].into());
     let resolved = issuer.resolve(&bot.der, &selector, &workload(1000)).await.unwrap();
-    assert_eq!(resolved.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["web"]);
+    let names: Vec<&str> = resolved.identities.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["web"]);
+    // The rules of every identity the labels could pick decide: their attributes, no more.
+    assert_eq!(resolved.decided_on.as_deref(), Some(&["workload.unix.uid".to_owned()][..]));
     assert!(
         issuer
             .resolve(&bot.der, &selector, &workload(1))
             .await
             .unwrap()
+            .identities
             .is_empty()
     );
 }

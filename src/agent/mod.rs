@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::error::Explain;
-use crate::issuer::{Attributes, Bundles, IdentitySelector, Issuer, IssuerError, Resolved};
+use crate::issuer::{Attributes, Bundles, IdentitySelector, Issuer, IssuerError, Resolution, Resolved};
 use crate::resource::agent::JoinMethod;
 use crate::store::Store;
 pub use bot::{BotIdentity, JoinSettings};
@@ -38,7 +38,8 @@ pub struct Agent {
     pub metrics: AgentMetrics,
     /// Recent answers of the issuer's `resolve`, valid while the documents and the bot identity are
     /// the ones they were made with (as a stream's own resolution is): a stream open or a JWT fetch
-    /// by a known caller asks the issuer nothing.
+    /// by a caller that agrees with a known one on what the decision reads asks the issuer nothing
+    /// (a new process, a new connection, and so also while the issuer is down).
     resolutions: std::sync::Mutex<Resolutions>,
 }
 
@@ -47,9 +48,39 @@ pub struct Agent {
 struct Resolutions {
     policy: u64,
     bot: Option<Arc<BotIdentity>>,
-    by_selector: std::collections::HashMap<IdentitySelector, std::collections::HashMap<Attributes, Vec<Resolved>>>,
+    by_selector: std::collections::HashMap<IdentitySelector, Answers>,
     /// Moves on every [`Agent::forget_resolutions`]: an answer asked for before must not be kept.
     forgotten: u64,
+}
+
+/// One selector's answers, keyed on the attributes the issuer's decision read (all of them when
+/// the issuer does not say which): never on the pid unless a document reads it.
+#[derive(Default)]
+struct Answers {
+    decided_on: Option<Vec<String>>,
+    by_attributes: std::collections::HashMap<Attributes, Vec<Resolved>>,
+}
+
+impl Answers {
+    fn key(&self, workload: &Attributes) -> Option<Attributes> {
+        self.decided_on.as_ref().map(|names| workload.only(names))
+    }
+
+    fn get(&self, workload: &Attributes) -> Option<&Vec<Resolved>> {
+        match self.key(workload) {
+            Some(key) => self.by_attributes.get(&key),
+            None => self.by_attributes.get(workload),
+        }
+    }
+
+    fn insert(&mut self, workload: &Attributes, answer: Resolution) {
+        if self.decided_on != answer.decided_on {
+            self.by_attributes.clear();
+            self.decided_on = answer.decided_on;
+        }
+        let key = self.key(workload).unwrap_or_else(|| workload.clone());
+        self.by_attributes.insert(key, answer.identities);
+    }
 }
 
 /// Cached resolutions at most; when full, the cache starts again (a caller not seen since asks again).
@@ -319,16 +350,22 @@ impl Agent {
         let mut cache = self.resolutions.lock().expect("resolutions poisoned");
         // Only if nothing changed meanwhile: an answer from before a change must not outlive it.
         if cache.at(policy, &bot) && cache.forgotten == forgotten && *self.policy.borrow() == policy {
-            if cache.by_selector.values().map(|m| m.len()).sum::<usize>() >= MAX_RESOLUTIONS {
+            if cache
+                .by_selector
+                .values()
+                .map(|m| m.by_attributes.len())
+                .sum::<usize>()
+                >= MAX_RESOLUTIONS
+            {
                 cache.by_selector.clear();
             }
             cache
                 .by_selector
                 .entry(selector.clone())
                 .or_default()
-                .insert(workload.clone(), resolved.clone());
+                .insert(workload, resolved.clone());
         }
-        Ok(resolved)
+        Ok(resolved.identities)
     }
 
     /// The issuer's documents changed: forget every cached resolution (open streams keep theirs
@@ -389,7 +426,7 @@ mod tests {
             bot_certificate: &[u8],
             selector: &IdentitySelector,
             workload: &Attributes,
-        ) -> Result<Vec<Resolved>, IssuerError> {
+        ) -> Result<Resolution, IssuerError> {
             self.resolves.fetch_add(1, Ordering::Relaxed);
             self.inner.resolve(bot_certificate, selector, workload).await
         }
@@ -427,6 +464,28 @@ mod tests {
         let mut a = Attributes::new();
         a.set("workload.unix.uid", uid);
         a
+    }
+
+    #[tokio::test]
+    async fn a_new_process_that_agrees_on_what_the_rules_read_is_resolved_from_the_cache() {
+        let (agent, issuer) = agent().await;
+        let selector = IdentitySelector::Name("wi".into());
+        let process = |pid: u32| {
+            let mut a = caller(1000);
+            a.set("workload.unix.pid", pid).set("workload.unix.gid", pid % 7);
+            a
+        };
+        let first = agent.resolve(&selector, &process(10)).await.unwrap();
+        for pid in 11..20 {
+            assert_eq!(agent.resolve(&selector, &process(pid)).await.unwrap(), first);
+        }
+        assert_eq!(
+            issuer.resolves.load(Ordering::Relaxed),
+            1,
+            "the pid and gid are read by no document: one question for ten processes"
+        );
+        agent.resolve(&selector, &caller(1001)).await.unwrap();
+        assert_eq!(issuer.resolves.load(Ordering::Relaxed), 2, "another uid is asked for");
     }
 
     #[tokio::test]

@@ -255,6 +255,15 @@ pub struct Resolved {
     pub reads: Vec<String>,
 }
 
+/// The answer to a `resolve`: the identities, and the `workload.*` attributes the decision read
+/// (every caller that agrees on them gets the same answer while the documents stay the same).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Resolution {
+    pub identities: Vec<Resolved>,
+    /// `None` from an issuer that does not say (then only the same attributes get the same answer).
+    pub decided_on: Option<Vec<String>>,
+}
+
 /// Which identities a service serves: one by name, or all that carry some labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum IdentitySelector {
@@ -278,7 +287,7 @@ pub trait Issuer: Send + Sync {
         bot_certificate: &[u8],
         selector: &IdentitySelector,
         workload: &Attributes,
-    ) -> Result<Vec<Resolved>, IssuerError>;
+    ) -> Result<Resolution, IssuerError>;
     /// Mints an X509-SVID.
     async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError>;
     /// Mints a JWT-SVID.

@@ -10,7 +10,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use tonic::{Code, Status};
 
-use crate::issuer::{Attributes, BotCertificate, Bundles, IssuerError, JwtSvid, Resolved, X509Svid};
+use crate::issuer::{Attributes, BotCertificate, Bundles, IssuerError, JwtSvid, Resolution, Resolved, X509Svid};
 
 /// The generated messages, clients and servers.
 #[allow(clippy::all, missing_docs)]
@@ -207,15 +207,31 @@ pub fn bot_from_wire(c: proto::BotCertificate) -> Result<(BotCertificate, Option
     ))
 }
 
-pub fn resolved_to_wire(r: Vec<Resolved>) -> proto::ResolveResponse {
+pub fn resolved_to_wire(r: Resolution) -> proto::ResolveResponse {
     proto::ResolveResponse {
         identities: r
+            .identities
             .into_iter()
             .map(|r| proto::Resolved {
                 name: r.name,
                 reads: r.reads,
             })
             .collect(),
+        decided_on: r.decided_on.map(|attributes| proto::DecidedOn { attributes }),
+    }
+}
+
+pub fn resolved_from_wire(r: proto::ResolveResponse) -> Resolution {
+    Resolution {
+        identities: r
+            .identities
+            .into_iter()
+            .map(|r| Resolved {
+                name: r.name,
+                reads: r.reads,
+            })
+            .collect(),
+        decided_on: r.decided_on.map(|d| d.attributes),
     }
 }
 

@@ -5,6 +5,7 @@ Usage (the test venv from scripts/test.sh has the packages):
     spiffe_peer.py authorities SOCKET [ADMIN_SOCKET]
     spiffe_peer.py pyspiffe SOCKET AUDIENCE
     spiffe_peer.py sequential SOCKET COUNT
+    spiffe_peer.py once SOCKET       (one fetch in a new process: {"spiffe_id"} or {"code", "details"})
     spiffe_peer.py bundles SOCKET
     spiffe_peer.py der FILE...       (each file: DER or PEM certificates)
     spiffe_peer.py watch SOCKET      (one line per update, until killed: scripts/fleet.sh)
@@ -127,6 +128,17 @@ def sequential(socket, count):
     return {"fetches": count, "distinct_serials": len(serials)}
 
 
+def once(socket):
+    """One X509-SVID fetch on a new connection, from a new process: what a one-shot client does."""
+    from spiffe import WorkloadApiClient
+
+    try:
+        with WorkloadApiClient(socket_path="unix://" + socket) as client:
+            return {"spiffe_id": str(client.fetch_x509_svid().spiffe_id)}
+    except Exception as e:  # py-spiffe wraps the gRPC error; keep its words
+        return {"error": type(e).__name__, "details": str(e)}
+
+
 def bundles(socket):
     """The bundle streams, for a caller the socket may or may not have an identity for."""
     with channel(socket) as chan:
@@ -229,6 +241,8 @@ def main(argv):
         result = sequential(args[0], int(args[1]))
     elif command == "bundles":
         result = bundles(args[0])
+    elif command == "once":
+        result = once(args[0])
     elif command == "der":
         result = der(args)
     else:

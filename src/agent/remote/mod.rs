@@ -19,7 +19,7 @@ use crate::issuer::tls::provider;
 use crate::issuer::wire::{self, proto};
 use crate::issuer::{
     Attributes, BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest,
-    JwtSvid, PolicyEvent, RenewRequest, Resolved, X509Request, X509Svid,
+    JwtSvid, PolicyEvent, RenewRequest, Resolution, X509Request, X509Svid,
 };
 use crate::store::Store;
 use proto::bot_service_client::BotServiceClient;
@@ -430,7 +430,7 @@ impl Issuer for RemoteIssuer {
         _bot_certificate: &[u8],
         selector: &IdentitySelector,
         workload: &Attributes,
-    ) -> Result<Vec<Resolved>, IssuerError> {
+    ) -> Result<Resolution, IssuerError> {
         let mut client = WorkloadIdentityServiceClient::new(self.channel()?);
         let selector = match selector {
             IdentitySelector::Name(name) => proto::resolve_request::Selector::Name(name.clone()),
@@ -444,14 +444,7 @@ impl Issuer for RemoteIssuer {
             .await
             .map_err(|s| self.unreachable(&s))?
             .into_inner();
-        Ok(answer
-            .identities
-            .into_iter()
-            .map(|r| Resolved {
-                name: r.name,
-                reads: r.reads,
-            })
-            .collect())
+        Ok(wire::resolved_from_wire(answer))
     }
 
     async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {

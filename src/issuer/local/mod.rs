@@ -36,7 +36,7 @@ use crate::issuer::state::backing::Backing;
 use crate::issuer::state::replicas::ReplicaRecord;
 use crate::issuer::{
     BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
-    Policy, RenewRequest, Resolved, X509Request, X509Svid,
+    Policy, RenewRequest, Resolution, Resolved, X509Request, X509Svid,
 };
 use crate::resource::spiffe_id::TrustDomain;
 use crate::store::Store;
@@ -351,7 +351,7 @@ impl Issuer for LocalIssuer {
         bot_certificate: &[u8],
         selector: &IdentitySelector,
         workload: &Attributes,
-    ) -> Result<Vec<Resolved>, IssuerError> {
+    ) -> Result<Resolution, IssuerError> {
         let mut state = self.lock();
         let names = match selector {
             IdentitySelector::Name(name) => {
@@ -365,18 +365,37 @@ impl Issuer for LocalIssuer {
                 decisions.into_iter().map(|d| d.identity).collect()
             }
         };
-        Ok(names
-            .into_iter()
-            .map(|name| Resolved {
-                reads: state
-                    .policy
-                    .identities
-                    .get(&name)
-                    .map(|wi| decide::workload_attributes_read(wi))
-                    .unwrap_or_default(),
-                name,
-            })
-            .collect())
+        let reads = |name: &str| {
+            state
+                .policy
+                .identities
+                .get(name)
+                .map(|wi| decide::workload_attributes_read(wi))
+                .unwrap_or_default()
+        };
+        // What the answer depends on besides the bot: the rules and templates of every identity
+        // the selector could pick (the roles read no workload attributes).
+        let mut decided_on: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        match selector {
+            IdentitySelector::Name(name) => decided_on.extend(reads(name)),
+            IdentitySelector::Labels(labels) => {
+                for (name, wi) in &state.policy.identities {
+                    if labels.iter().all(|(k, v)| wi.metadata.labels.get(k) == Some(v)) {
+                        decided_on.extend(reads(name));
+                    }
+                }
+            }
+        }
+        Ok(Resolution {
+            identities: names
+                .into_iter()
+                .map(|name| Resolved {
+                    reads: reads(&name),
+                    name,
+                })
+                .collect(),
+            decided_on: Some(decided_on.into_iter().collect()),
+        })
     }
 
     async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {

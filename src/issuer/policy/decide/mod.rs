@@ -64,6 +64,17 @@ impl Attributes {
         )
     }
 
+    /// Only the attributes named in `names`.
+    pub fn only(&self, names: &[String]) -> Attributes {
+        Attributes(
+            self.0
+                .iter()
+                .filter(|(k, _)| names.iter().any(|n| n == *k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
     /// Adds every attribute of `other`, replacing any of the same name.
     pub fn extend(&mut self, other: &Attributes) {
         for (k, v) in &other.0 {
