@@ -569,9 +569,36 @@ async fn a_forced_ca_rotation_moves_a_remote_agent_at_each_step_and_one_it_would
         agent_cas(s) == ["1"]
     });
 
+    // Tokens for the new agents that join along the way.
+    let tokens: String = (1..=3)
+        .map(|n| format!("kind: token\nversion: v2\nmetadata: {{name: later-{n}}}\nspec: {{roles: [Bot], join_method: token, bot_name: example-bot}}\n---\n"))
+        .collect();
+    save(&issuer.etc().join("later-tokens.yaml"), &tokens);
+    let joins = |token: &str, pin: &str| {
+        let (port, onboarding) = (issuer.port, token_onboarding(token, pin));
+        let daemon = start_agent(
+            |dir| agent_config(dir, port, &onboarding, "example-workload-identity"),
+            &[],
+        );
+        // An agent that cannot join has no workload socket.
+        wait_for_socket(&daemon);
+    };
+
     // Prepare, then activate at once: the agent signs its SVIDs again and renews onto CA 2.
     assert!(rotate(&issuer, &["--grace", "1h"]).status.success());
     wait_for_status(&agent, "both CAs reach the agent", |s| s.matches("CA pin: ").count() == 2);
+    // Every pin status prints joins a new agent now, the prepared CA's too.
+    let (old_pin, new_pin) = {
+        let status = wait_for_status(&issuer.daemon, "two pins on the issuer", |s| s.matches("CA pin: ").count() == 2);
+        let pins: Vec<String> = status
+            .lines()
+            .filter_map(|l| l.strip_prefix("CA pin: ").map(str::to_owned))
+            .collect();
+        assert_eq!(pins.len(), 2, "{pins:?}");
+        assert_eq!(pins[0], issuer.pin);
+        (pins[0].clone(), pins[1].clone())
+    };
+    joins("later-1", &new_pin);
     let out = rotate(&issuer, &["--force"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -585,12 +612,15 @@ async fn a_forced_ca_rotation_moves_a_remote_agent_at_each_step_and_one_it_would
             break;
         }
     }
-    wait_for_status(&issuer.daemon, "the agent renewed onto CA 2", |s| agent_cas(s) == ["2"]);
+    wait_for_status(&issuer.daemon, "the agent renewed onto CA 2", |s| agent_cas(s)[0] == "2");
+    // The pin from before the rotation keeps joining new agents while its CA is published.
+    joins("later-2", &old_pin);
 
     // Retire now: nobody is stranded, so it goes ahead, and the workload notices nothing.
     let out = rotate(&issuer, &["--force"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for_status(&agent, "one CA left on the agent", |s| s.matches("CA pin: ").count() == 1);
+    joins("later-3", &new_pin);
     let status = agent.tbotctl(&["status"]);
     assert!(status.status.success(), "{}", stdout(&status));
     assert!(stdout(&status).contains("(connected)"), "{}", stdout(&status));
@@ -609,6 +639,7 @@ async fn a_forced_ca_rotation_moves_a_remote_agent_at_each_step_and_one_it_would
     let said = String::from_utf8_lossy(&refused.stderr).to_string();
     assert!(!refused.status.success(), "{said}");
     assert!(said.contains("1 connected agent still holds"), "{said}");
+    assert!(said.contains("example-bot/"), "names it: {said}");
     assert!(said.contains("--strand"), "{said}");
     let out = rotate(&issuer, &["--force", "--strand"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

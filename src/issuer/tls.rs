@@ -84,7 +84,9 @@ impl ServingCert {
 
 fn make(issuer: &LocalIssuer, names: &[String]) -> Result<CertifiedKey, IssuerError> {
     let made = issuer.serving_certificate(names, SERVING_TTL)?;
-    certified(vec![made.certificate, made.ca], made.key)
+    let mut chain = vec![made.certificate, made.ca];
+    chain.extend(made.cross);
+    certified(chain, made.key)
 }
 
 impl ResolvesServerCert for ServingCert {

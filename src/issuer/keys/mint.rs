@@ -116,6 +116,9 @@ pub struct ServingCertificate {
     pub certificate: Vec<u8>,
     pub ca: Vec<u8>,
     pub key: Vec<u8>,
+    /// Served after the CA: the active CA cross-signed by each other published CA, and that CA
+    /// (the issuer API's only; see [`Authority::cross_chain`]).
+    pub cross: Vec<Vec<u8>>,
 }
 
 /// A serving certificate for the issuer API: the names and addresses agents reach it by, signed by
@@ -139,7 +142,9 @@ pub fn serving_certificate(
         });
     }
     let cn = names.first().map_or("tbot issuer", String::as_str);
-    serving(authority, sans, cn, ttl, now)
+    let mut made = serving(authority, sans, cn, ttl, now)?;
+    made.cross = authority.cross_chain(now)?;
+    Ok(made)
 }
 
 /// The bundle endpoint's X509-SVID (`https_spiffe`): `spiffe_id` as its only name.
@@ -183,5 +188,6 @@ fn serving(
         certificate: cert.der().to_vec(),
         ca: ca.certificate_der().to_vec(),
         key: pair.serialize_der(),
+        cross: Vec::new(),
     })
 }

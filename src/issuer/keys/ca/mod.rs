@@ -320,6 +320,30 @@ impl Authority {
         &self.cas
     }
 
+    /// Certificates that let a client holding the pin of any published CA (prepared, retiring)
+    /// verify what the active CA signs: for each such CA, the active CA's key and name certified by
+    /// it (a cross-signature), and that CA's own certificate. The issuer API serves them after its
+    /// leaf, so a pin from before a rotation keeps joining new agents until its CA leaves the bundle,
+    /// and so does the pin of a CA that is only prepared.
+    pub fn cross_chain(&self, now: OffsetDateTime) -> Result<Vec<Vec<u8>>, IssuerError> {
+        let active = self.active();
+        let spki = x509_parser::parse_x509_certificate(active.certificate_der())
+            .map(|(_, c)| c.tbs_certificate.subject_pki.raw.to_vec())
+            .map_err(|e| IssuerError::Crypto(e.to_string()))?;
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(&spki).map_err(crypto)?;
+        let mut out = Vec::new();
+        for other in self.cas.iter().filter(|ca| ca.id != active.id) {
+            let mut params = ca_params(&self.trust_domain, active.id)?;
+            params.not_before = now - time::Duration::minutes(1);
+            let end = active.not_after.min(other.not_after);
+            params.not_after = OffsetDateTime::from_unix_timestamp(end).map_err(crypto)?;
+            let cross = params.signed_by(&public_key, &other.issuer).map_err(crypto)?;
+            out.push(cross.der().to_vec());
+            out.push(other.cert_der.clone());
+        }
+        Ok(out)
+    }
+
     /// The ids of the CAs that are retiring (what a forced retire withdraws).
     pub fn retiring(&self) -> Vec<u32> {
         self.records
@@ -436,22 +460,7 @@ impl Authority {
         let id = self.cas.iter().map(|ca| ca.id).max().unwrap_or(0) + 1;
         let key = generate_key(settings.algorithm)?;
         let not_after = now + settings.validity;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, self.trust_domain.as_str());
-        dn.push(
-            DnType::CommonName,
-            format!("tbot CA {id} for {}", self.trust_domain.as_str()),
-        );
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{}", self.trust_domain.as_str())
-                .try_into()
-                .map_err(crypto)?,
-        )];
-        params.serial_number = Some(random_serial()?);
+        let mut params = ca_params(&self.trust_domain, id)?;
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = not_after;
         let cert = params.self_signed(&key).map_err(crypto)?;
@@ -518,6 +527,25 @@ fn crypto(e: impl std::fmt::Display) -> IssuerError {
 }
 
 /// A new key pair of the given algorithm.
+/// A CA certificate's name, constraints and serial (dates left to the caller): CA `id` of
+/// `trust_domain`. The same name for its self-signed certificate and its cross-signatures.
+fn ca_params(trust_domain: &TrustDomain, id: u32) -> Result<CertificateParams, IssuerError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain.as_str());
+    dn.push(DnType::CommonName, format!("tbot CA {id} for {}", trust_domain.as_str()));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{}", trust_domain.as_str())
+            .try_into()
+            .map_err(crypto)?,
+    )];
+    params.serial_number = Some(random_serial()?);
+    Ok(params)
+}
+
 pub fn generate_key(algorithm: KeyAlgorithm) -> Result<KeyPair, IssuerError> {
     match algorithm {
         KeyAlgorithm::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),

@@ -44,3 +44,34 @@ async fn a_second_creator_adopts_the_first_ca_and_a_swapped_certificate_is_refus
     };
     assert!(err.to_string().contains("the CA certificate was replaced"), "{err}");
 }
+
+#[tokio::test]
+async fn the_cross_chain_certifies_the_active_ca_under_every_other_published_ca() {
+    let backing = Backing::new(Arc::new(MemoryKv::new()), None);
+    let now = OffsetDateTime::now_utc();
+    let settings = CaSettings::default();
+    let first = Authority::load_or_create(&backing, &td("example.org"), &settings, now)
+        .await
+        .unwrap();
+    assert!(first.cross_chain(now).unwrap().is_empty(), "one CA: nothing to cross-sign");
+    let (prepared, _) = first
+        .stepped(&backing, Step::Prepare { activate_at: 0 }, &settings, now)
+        .unwrap();
+    let (active2, _) = prepared
+        .stepped(&backing, Step::Activate { id: 2 }, &settings, now)
+        .unwrap();
+    for authority in [&prepared, &active2] {
+        let chain = authority.cross_chain(now).unwrap();
+        assert_eq!(chain.len(), 2);
+        let (_, cross) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let (_, active) = x509_parser::parse_x509_certificate(authority.active().certificate_der()).unwrap();
+        let other = authority.cas().iter().find(|ca| ca.id != authority.active().id).unwrap();
+        assert_eq!(chain[1], other.certificate_der(), "the other CA follows its cross-signature");
+        // The active CA's exact name and key, signed by the other CA: a path from a leaf of the
+        // active CA to a client that pinned the other one.
+        assert_eq!(cross.subject().as_raw(), active.subject().as_raw());
+        assert_eq!(cross.public_key().raw, active.public_key().raw);
+        assert!(other.signed(&cross), "signed by the other CA");
+        assert!(cross.is_ca());
+    }
+}
