@@ -367,15 +367,12 @@ async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_
     let (failures, _) = verify_stream(stream);
     let (mut stream, _) = common::open_stream(&a).await;
     let etc_a = a.dir.path().join("etc");
+    // B is first known by a static copy of its bundle; later A switches to B's endpoint.
     std::fs::write(
         etc_a.join("federation-b.yaml"),
         federation(
             "b.test",
-            &format!(
-                "    https_spiffe:\n      bundle_endpoint_url: https://127.0.0.1:{pb}/bundle.json\n      \
-                 endpoint_spiffe_id: spiffe://b.test/tbot/bundle-endpoint\n      bootstrap_bundle: |\n{}",
-                indented(&b_bundle, 8)
-            ),
+            &format!("    static:\n      bundle: |\n{}", indented(&b_bundle, 8)),
         ),
     )
     .unwrap();
@@ -457,7 +454,7 @@ async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_
     }
     let status = stdout(&a.tbotctl(&["status"]));
     for line in [
-        "federation b.test: https_spiffe",
+        "federation b.test: static",
         "federation c.test: https_web",
         "federation d.test: static",
     ] {
@@ -467,6 +464,26 @@ async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_
         !status.contains("FAILING") && status.contains("s ago), next"),
         "{status}"
     );
+
+    // A switches B's source from the static copy to B's endpoint, without a bootstrap bundle: the
+    // bundle A holds checks the endpoint's SVID, and nothing is lost meanwhile.
+    std::fs::write(
+        etc_a.join("federation-b.yaml"),
+        federation(
+            "b.test",
+            &format!(
+                "    https_spiffe:\n      bundle_endpoint_url: https://127.0.0.1:{pb}/bundle.json\n      \
+                 endpoint_spiffe_id: spiffe://b.test/tbot/bundle-endpoint\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let status = wait_until("A fetches B's endpoint", Duration::from_secs(20), || {
+        let s = stdout(&a.tbotctl(&["status"]));
+        let line = s.lines().find(|l| l.starts_with("federation b.test: https_spiffe"))?.to_owned();
+        line.contains("s ago), next").then_some(line)
+    });
+    assert!(!status.contains("FAILING") && status.contains("1 CAs"), "{status}");
 
     // B rotates its CA: A's open stream gets B's bundle with both CAs within a few refresh hints.
     let rotated = b.tbotctl(&["rotate", "ca", "--grace", "1h"]);

@@ -328,3 +328,29 @@ impl ServerCertVerifier for PinVerifier {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_saved_bundle_keeps_the_federated_domains_across_a_restart() {
+        let store = Store::memory();
+        let foreign = crate::issuer::TrustBundle {
+            trust_domain: "b.test".into(),
+            x509_authorities: vec![vec![1, 2, 3]],
+            jwt_keys: vec![serde_json::json!({"kid": "k"})],
+        };
+        let bundles = Bundles {
+            trust_domain: "a.test".into(),
+            x509_authorities: vec![vec![9; 4], vec![8; 4]],
+            sequence: 7,
+            active_ca: 1,
+            active_kid: "j".into(),
+            federated: [("b.test".to_owned(), Arc::new(foreign))].into(),
+            ..Bundles::default()
+        };
+        save_bundle(&store, &bundles);
+        assert_eq!(load_bundle(&store), Some(bundles));
+    }
+}

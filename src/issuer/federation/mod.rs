@@ -187,20 +187,34 @@ fn to_bundle(trust_domain: &str, parsed: &spiffe_bundle::Parsed) -> Result<Arc<T
     }))
 }
 
+/// Where a federation starts from: the bundle of that domain in force now (its spec was edited, say
+/// from `static` to `https_spiffe`), kept across the change.
+pub struct Start {
+    pub trust_domain: String,
+    pub spec: FederationSpec,
+    pub known: Option<Arc<TrustBundle>>,
+}
+
 /// Starts keeping `trust_domain`'s bundle as `spec` says.
-pub fn start(trust_domain: String, spec: FederationSpec, backing: Backing, dir: String, publish: Publish) -> Running {
+pub fn start(start: Start, backing: Backing, dir: String, publish: Publish) -> Running {
+    let Start {
+        trust_domain,
+        spec,
+        known,
+    } = start;
     let state = Arc::new(Mutex::new(FederationState {
         trust_domain: trust_domain.clone(),
         source: source_name(&spec),
         ..FederationState::default()
     }));
-    let task = tokio::spawn(keep(trust_domain, spec.clone(), backing, dir, publish, state.clone()));
+    let task = tokio::spawn(keep(trust_domain, spec.clone(), known, backing, dir, publish, state.clone()));
     Running { spec, state, task }
 }
 
 async fn keep(
     trust_domain: String,
     spec: FederationSpec,
+    known: Option<Arc<TrustBundle>>,
     backing: Backing,
     dir: String,
     publish: Publish,
@@ -208,6 +222,7 @@ async fn keep(
 ) {
     let update = |f: &dyn Fn(&mut FederationState)| f(&mut state.lock().expect("federation state poisoned"));
     let source = &spec.bundle_source;
+    let store_key = kept_key(&dir, &trust_domain);
     if let Some(fixed) = &source.fixed {
         match parse(&trust_domain, fixed.bundle.as_bytes()) {
             Ok((bundle, _)) => {
@@ -216,16 +231,24 @@ async fn keep(
                     s.x509_authorities = bundle.x509_authorities.len();
                     s.jwt_keys = bundle.jwt_keys.len();
                 });
+                // Kept like a fetched one: a later switch to an endpoint starts from it.
+                keep_in_store(&backing, &store_key, &trust_domain, fixed.bundle.as_bytes()).await;
                 publish(Some(bundle));
             }
             Err(why) => update(&|s| s.error = Some(why.explain())),
         }
         return;
     }
-    let store_key = kept_key(&dir, &trust_domain);
-    // The last good bundle (kept across restarts), else the bootstrap bundle.
+    // The bundle in force (the source was edited), else the last good one (kept across restarts),
+    // else the bootstrap bundle.
     let mut current: Option<Arc<TrustBundle>> = None;
-    if let Ok(Some((kept, _))) = backing.get_json::<Kept>(&store_key).await
+    if let Some(bundle) = known {
+        update(&|s| {
+            s.x509_authorities = bundle.x509_authorities.len();
+            s.jwt_keys = bundle.jwt_keys.len();
+        });
+        current = Some(bundle);
+    } else if let Ok(Some((kept, _))) = backing.get_json::<Kept>(&store_key).await
         && let Ok((bundle, _)) = parse(&trust_domain, kept.bundle.as_bytes())
     {
         update(&|s| {
@@ -259,13 +282,7 @@ async fn keep(
                         sequence = sequence.unwrap_or_default(),
                         "a federated bundle changed"
                     );
-                    let kept = Kept {
-                        bundle: String::from_utf8_lossy(&body).into_owned(),
-                        synced_at: OffsetDateTime::now_utc().unix_timestamp(),
-                    };
-                    if let Err(e) = backing.kv.txn(vec![], vec![Op::put(&store_key, json(&kept))]).await {
-                        tracing::warn!(error = %e, trust_domain = %trust_domain, "cannot keep the federated bundle in the store; a restart while its endpoint is down will not have it");
-                    }
+                    keep_in_store(&backing, &store_key, &trust_domain, &body).await;
                     current = Some(bundle.clone());
                     publish(Some(bundle.clone()));
                 }
@@ -294,6 +311,17 @@ async fn keep(
         };
         update(&|s| s.next_sync = Some(OffsetDateTime::now_utc() + wait));
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Keeps `body`, a good bundle of `trust_domain`, in the store.
+async fn keep_in_store(backing: &Backing, store_key: &str, trust_domain: &str, body: &[u8]) {
+    let kept = Kept {
+        bundle: String::from_utf8_lossy(body).into_owned(),
+        synced_at: OffsetDateTime::now_utc().unix_timestamp(),
+    };
+    if let Err(e) = backing.kv.txn(vec![], vec![Op::put(store_key, json(&kept))]).await {
+        tracing::warn!(error = %e, trust_domain = %trust_domain, "cannot keep the federated bundle in the store; a restart while its endpoint is down will not have it");
     }
 }
 

@@ -66,8 +66,14 @@ impl LocalIssuer {
                     inner.set_federated(&name, bundle);
                 }
             });
-            let started =
-                crate::issuer::federation::start(td.clone(), spec, self.inner.backing.clone(), dir.clone(), publish);
+            // An edited source starts from the bundle in force (the old task's, still published).
+            let known = self.lock().federated.get(&td).cloned();
+            let start = crate::issuer::federation::Start {
+                trust_domain: td.clone(),
+                spec,
+                known,
+            };
+            let started = crate::issuer::federation::start(start, self.inner.backing.clone(), dir.clone(), publish);
             running.insert(td, started);
         }
     }
