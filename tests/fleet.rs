@@ -387,6 +387,12 @@ async fn a_ca_rotation_on_the_issuer_puts_both_cas_in_a_remote_agents_bundle_bef
         "  name: example.teleport.sh\n",
         "  name: example.teleport.sh\nspec:\n  ca: {key_algorithm: ed25519}\n",
     );
+    // The edit prepares the new CA; activate it now rather than after the grace.
+    wait_for_status(&issuer.daemon, "the new CA is prepared", |s| {
+        s.matches("CA pin: ").count() == 2
+    });
+    let forced = issuer.daemon.tbotctl(&["rotate", "ca", "--force"]);
+    assert!(forced.status.success(), "{}", String::from_utf8_lossy(&forced.stderr));
     // Every message from now on holds an SVID whose CA is in the bundle it comes with (the two CAs
     // differ in algorithm, so the leaf's signature algorithm names its CA); the last holds both CAs
     // and an SVID of the new one.
@@ -543,7 +549,9 @@ fn leaf_issuer(ctx: &X509Context) -> String {
 
 /// The `CA` column of the issuer's agent table, for every connected agent.
 fn agent_cas(status: &str) -> Vec<String> {
-    let mut lines = status.lines().skip_while(|l| !l.trim_start().starts_with("BOT/INSTANCE"));
+    let mut lines = status
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("BOT/INSTANCE"));
     let Some(header) = lines.next() else { return vec![] };
     let at = header.find(" CA ").expect("a CA column") + 1;
     lines
@@ -586,10 +594,14 @@ async fn a_forced_ca_rotation_moves_a_remote_agent_at_each_step_and_one_it_would
 
     // Prepare, then activate at once: the agent signs its SVIDs again and renews onto CA 2.
     assert!(rotate(&issuer, &["--grace", "1h"]).status.success());
-    wait_for_status(&agent, "both CAs reach the agent", |s| s.matches("CA pin: ").count() == 2);
+    wait_for_status(&agent, "both CAs reach the agent", |s| {
+        s.matches("CA pin: ").count() == 2
+    });
     // Every pin status prints joins a new agent now, the prepared CA's too.
     let (old_pin, new_pin) = {
-        let status = wait_for_status(&issuer.daemon, "two pins on the issuer", |s| s.matches("CA pin: ").count() == 2);
+        let status = wait_for_status(&issuer.daemon, "two pins on the issuer", |s| {
+            s.matches("CA pin: ").count() == 2
+        });
         let pins: Vec<String> = status
             .lines()
             .filter_map(|l| l.strip_prefix("CA pin: ").map(str::to_owned))
@@ -612,14 +624,18 @@ async fn a_forced_ca_rotation_moves_a_remote_agent_at_each_step_and_one_it_would
             break;
         }
     }
-    wait_for_status(&issuer.daemon, "the agent renewed onto CA 2", |s| agent_cas(s)[0] == "2");
+    wait_for_status(&issuer.daemon, "the agent renewed onto CA 2", |s| {
+        agent_cas(s)[0] == "2"
+    });
     // The pin from before the rotation keeps joining new agents while its CA is published.
     joins("later-2", &old_pin);
 
     // Retire now: nobody is stranded, so it goes ahead, and the workload notices nothing.
     let out = rotate(&issuer, &["--force"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    wait_for_status(&agent, "one CA left on the agent", |s| s.matches("CA pin: ").count() == 1);
+    wait_for_status(&agent, "one CA left on the agent", |s| {
+        s.matches("CA pin: ").count() == 1
+    });
     joins("later-3", &new_pin);
     let status = agent.tbotctl(&["status"]);
     assert!(status.status.success(), "{}", stdout(&status));
@@ -652,7 +668,9 @@ async fn a_forced_ca_rotation_moves_a_remote_agent_at_each_step_and_one_it_would
     let get = stdout(&agent.tbotctl(&["get", "agent_config"]));
     assert!(get.contains("refuses this agent's bot certificate"), "{get}");
     assert!(agent.log().contains("ERROR"), "{}", agent.log());
-    let listed = wait_for_status(&issuer.daemon, "the issuer lists it as refused", |s| s.contains("REFUSED"));
+    let listed = wait_for_status(&issuer.daemon, "the issuer lists it as refused", |s| {
+        s.contains("REFUSED")
+    });
     assert!(listed.contains("(0 agents connected)"), "{listed}");
     assert!(failures.lock().unwrap().is_empty(), "{:?}", failures.lock().unwrap());
 }

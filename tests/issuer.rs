@@ -469,7 +469,9 @@ async fn ca_rotation_keeps_both_cas_in_the_bundle_until_old_svids_expire() {
     let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
     let old_key = KeyPair::generate().unwrap();
     let old = issuer.issue_x509(x509_request(&bot.der, &old_key, 1000)).await.unwrap();
-    issuer.rotate_ca().await.unwrap();
+    // Prepared, then activated at once (`tbotctl rotate ca`, then `--force`).
+    issuer.rotate_by_hand(false, Duration::ZERO, false).await.unwrap();
+    issuer.rotate_by_hand(false, Duration::ZERO, true).await.unwrap();
     assert!(bundles.has_changed().unwrap(), "watchers see the rotation");
     let bundle = bundles.borrow_and_update().clone();
     assert_eq!(bundle.x509_authorities.len(), 2);
@@ -535,7 +537,10 @@ async fn label_selectors_resolve_to_the_identities_the_caller_may_have() {
     let names: Vec<&str> = resolved.identities.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["web"]);
     // The rules of every identity the labels could pick decide: their attributes, no more.
-    assert_eq!(resolved.decided_on.as_deref(), Some(&["workload.unix.uid".to_owned()][..]));
+    assert_eq!(
+        resolved.decided_on.as_deref(),
+        Some(&["workload.unix.uid".to_owned()][..])
+    );
     assert!(
         issuer
             .resolve(&bot.der, &selector, &workload(1))

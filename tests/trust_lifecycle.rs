@@ -480,7 +480,10 @@ async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_
     .unwrap();
     let status = wait_until("A fetches B's endpoint", Duration::from_secs(20), || {
         let s = stdout(&a.tbotctl(&["status"]));
-        let line = s.lines().find(|l| l.starts_with("federation b.test: https_spiffe"))?.to_owned();
+        let line = s
+            .lines()
+            .find(|l| l.starts_with("federation b.test: https_spiffe"))?
+            .to_owned();
         line.contains("s ago), next").then_some(line)
     });
     assert!(!status.contains("FAILING") && status.contains("1 CAs"), "{status}");

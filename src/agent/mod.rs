@@ -350,13 +350,7 @@ impl Agent {
         let mut cache = self.resolutions.lock().expect("resolutions poisoned");
         // Only if nothing changed meanwhile: an answer from before a change must not outlive it.
         if cache.at(policy, &bot) && cache.forgotten == forgotten && *self.policy.borrow() == policy {
-            if cache
-                .by_selector
-                .values()
-                .map(|m| m.by_attributes.len())
-                .sum::<usize>()
-                >= MAX_RESOLUTIONS
-            {
+            if cache.by_selector.values().map(|m| m.by_attributes.len()).sum::<usize>() >= MAX_RESOLUTIONS {
                 cache.by_selector.clear();
             }
             cache

@@ -64,7 +64,9 @@ impl Daemon {
         let unlinked = link
             .clone()
             .filter(|l| !l.connected && l.refused.is_none() && self.agent.is_some());
-        let refused = link.as_ref().and_then(|l| l.refused.clone().map(|why| (l.address.clone(), why)));
+        let refused = link
+            .as_ref()
+            .and_then(|l| l.refused.clone().map(|why| (l.address.clone(), why)));
         let failing: Vec<String> = reports
             .iter()
             .filter(|(_, _, report)| report.failing())

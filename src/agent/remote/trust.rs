@@ -78,7 +78,11 @@ pub(super) fn load_bundle(store: &Store) -> Option<Bundles> {
             .map(|f| {
                 let bundle = crate::issuer::TrustBundle {
                     trust_domain: f.trust_domain.clone(),
-                    x509_authorities: f.x509_authorities.iter().filter_map(|b| engine.decode(b).ok()).collect(),
+                    x509_authorities: f
+                        .x509_authorities
+                        .iter()
+                        .filter_map(|b| engine.decode(b).ok())
+                        .collect(),
                     jwt_keys: f.jwt_keys,
                 };
                 (f.trust_domain, Arc::new(bundle))

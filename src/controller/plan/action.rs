@@ -106,7 +106,10 @@ impl fmt::Display for Action {
                 f,
                 "- federation {trust_domain}: withdraw its bundle from every workload"
             ),
-            Action::RotateCa { trust_domain } => write!(f, "~ ca {trust_domain}: rotate; old and new CA in the bundle"),
+            Action::RotateCa { trust_domain } => write!(
+                f,
+                "~ ca {trust_domain}: prepare a CA with the new settings; in every bundle now, signing after 10m (`tbotctl rotate ca --force` activates it now)"
+            ),
             Action::Join => write!(f, "+ bot: join"),
             Action::Rejoin => write!(f, "~ bot: rejoin with the new terms"),
             Action::Retrust => write!(

@@ -239,6 +239,8 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
                 redecide_all.push(cause.clone());
             }
         }
+        // Nothing is reissued now: the new CA only signs once it activates, and then every agent
+        // signs its SVIDs again by itself.
         (Some((td, cause)), Some(_)) if ca_settings(desired) != ca_settings(before) => {
             step(
                 Action::RotateCa {
@@ -246,7 +248,6 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
                 },
                 vec![cause.clone()],
             );
-            redecide_all.push(cause.clone());
         }
         _ => {}
     }

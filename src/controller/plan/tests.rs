@@ -164,7 +164,7 @@ fn a_rotation_schedule_edit_reschedules_without_a_new_ca_and_a_validity_edit_rot
     );
     assert_eq!(
         actions(&p)[0],
-        "~ ca quickstart.tbot.local: rotate; old and new CA in the bundle"
+        "~ ca quickstart.tbot.local: prepare a CA with the new settings; in every bundle now, signing after 10m (`tbotctl rotate ca --force` activates it now)"
     );
     assert!(
         !actions(&p).iter().any(|a| a.starts_with("~ ca rotation")),
@@ -249,8 +249,7 @@ fn a_key_algorithm_edit_rotates_the_ca() {
     assert_eq!(
         actions(&p),
         [
-            "~ ca quickstart.tbot.local: rotate; old and new CA in the bundle",
-            "~ SVIDs of workload_identity/quickstart reissued"
+            "~ ca quickstart.tbot.local: prepare a CA with the new settings; in every bundle now, signing after 10m (`tbotctl rotate ca --force` activates it now)",
         ]
     );
 }

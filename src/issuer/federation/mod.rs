@@ -207,7 +207,15 @@ pub fn start(start: Start, backing: Backing, dir: String, publish: Publish) -> R
         source: source_name(&spec),
         ..FederationState::default()
     }));
-    let task = tokio::spawn(keep(trust_domain, spec.clone(), known, backing, dir, publish, state.clone()));
+    let task = tokio::spawn(keep(
+        trust_domain,
+        spec.clone(),
+        known,
+        backing,
+        dir,
+        publish,
+        state.clone(),
+    ));
     Running { spec, state, task }
 }
 

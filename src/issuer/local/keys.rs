@@ -293,50 +293,21 @@ impl LocalIssuer {
         out
     }
 
-    /// Rotates the CA: a new CA signs from now on; both are in the bundle until everything the old
-    /// one signed has expired ([`LocalIssuer::prune`] then drops it). With several replicas, the
-    /// first to write wins; the others adopt its CA.
-    pub async fn rotate_ca(&self) -> Result<(), IssuerError> {
-        let backing = &self.inner.backing;
-        for _ in 0..CONFLICT_RETRIES {
-            let (current, settings) = {
-                let state = self.lock();
-                (state.authority.clone(), state.policy.ca.clone())
-            };
-            let (mut next, ops) = current.rotated(backing, &settings, now())?;
-            if next.save(backing, ops).await? {
-                let mut state = self.lock();
-                state.authority = next;
-                state.verified.clear();
-                self.inner.publish(&mut state);
-                return Ok(());
-            }
-            let active = current.active().certificate_der().to_vec();
-            self.inner.reload_authority().await;
-            if self.lock().authority.active().certificate_der() != active {
-                // Another replica rotated at the same moment: one rotation, theirs.
-                return Ok(());
-            }
-        }
-        Err(IssuerError::Unavailable(
-            "ca.json keeps changing under this replica".into(),
-        ))
-    }
-
-    /// Rotates the CA for the policy's CA settings, unless the active CA already has them: every
-    /// replica applies a `cluster` edit, and only the first to get there rotates (the others see its
-    /// new CA, through the store, and do nothing). Returns whether this call rotated.
+    /// Prepares a successor CA with the policy's CA settings (the `cluster` document's `ca` was
+    /// edited), unless the active CA or a prepared one already has them: it is published in every
+    /// bundle now and signs after `SETTINGS_GRACE`, the same path as `tbotctl rotate ca`. Every
+    /// replica applies the edit; only the first to write prepares (the others see its CA through
+    /// the store). Returns whether this call prepared one.
     pub async fn rotate_ca_for_settings(&self) -> Result<bool, IssuerError> {
         self.inner.reload_authority().await;
-        let matches = {
-            let state = self.lock();
-            state.authority.active_matches(&state.policy.ca)
-        };
-        if matches {
-            return Ok(false);
-        }
-        self.rotate_ca().await?;
-        Ok(true)
+        let step = self
+            .inner
+            .step(false, |state| {
+                let (step, _) = state.authority.due(&state.policy.ca, now());
+                Ok(step.filter(|s| matches!(s, Step::Prepare { .. })))
+            })
+            .await?;
+        Ok(step.is_some())
     }
 
     /// Drops CAs whose overlap has ended (publishing the bundle when it changed) and forgets bot

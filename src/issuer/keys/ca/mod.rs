@@ -22,6 +22,10 @@ use crate::kv::Op;
 /// The CA's validity when `cluster.spec.ca.validity` is not set: one year.
 pub const DEFAULT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(8760 * 3600);
 
+/// How long a CA made for edited settings is published before it signs: every agent and every
+/// federated domain gets it first (as `tbotctl rotate ca`'s default `--grace`).
+pub const SETTINGS_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// What the `cluster` document says about the CA.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaSettings {
@@ -252,8 +256,23 @@ impl Authority {
     }
 
     /// The rotation step due at `now`, or when the next one is.
+    /// When the CA settings (`key_algorithm`, `validity`) were edited, a successor made with them
+    /// is prepared, activating after [`SETTINGS_GRACE`], unless one is prepared already (then,
+    /// once it is active, the next look prepares one with the new settings if it still differs).
     pub fn due(&self, settings: &CaSettings, now: OffsetDateTime) -> (Option<Step>, Option<i64>) {
-        rotation::due(&self.records, self.active, &settings.rotation, unix(now))
+        let (step, next) = rotation::due(&self.records, self.active, &settings.rotation, unix(now));
+        if step.is_some() {
+            return (step, next);
+        }
+        let prepared = self
+            .records
+            .iter()
+            .any(|r| matches!(rotation::phase(r, self.active), Phase::Prepared { .. }));
+        if !prepared && !self.active_matches(settings) {
+            let activate_at = unix(now) + i64::try_from(SETTINGS_GRACE.as_secs()).unwrap_or(i64::MAX);
+            return (Some(Step::Prepare { activate_at }), None);
+        }
+        (step, next)
     }
 
     /// What `tbotctl rotate ca` would do now, or why it is refused.
@@ -364,33 +383,6 @@ impl Authority {
         self.cas.iter().rev().find(|ca| ca.signed(cert)).map(|ca| &**ca)
     }
 
-    /// A copy rotated: a new CA signs from now on; the old one stays in the bundle until the last
-    /// certificate it signed has expired. Returns the store writes of the new CA's key and certificate
-    /// (then [`Authority::save`] it).
-    pub fn rotated(
-        &self,
-        backing: &Backing,
-        settings: &CaSettings,
-        now: OffsetDateTime,
-    ) -> Result<(Authority, Vec<Op>), IssuerError> {
-        // A prepared CA signed nothing: it goes, and the new one takes over at once.
-        let mut base = self.clone();
-        let active = base.active;
-        let keep: Vec<bool> = base
-            .records
-            .iter()
-            .map(|r| !matches!(rotation::phase(r, active), Phase::Prepared { .. }))
-            .collect();
-        let mut i = 0;
-        base.records.retain(|_| (keep[i], i += 1).0);
-        let mut i = 0;
-        base.cas.retain(|_| (keep[i], i += 1).0);
-        let (prepared, ops) = base.with_new_ca(backing, settings, now, Some(unix(now)))?;
-        let id = prepared.records.last().expect("just made").id;
-        let (next, _) = prepared.stepped(backing, Step::Activate { id }, settings, now)?;
-        Ok((next, ops))
-    }
-
     /// Whether the active CA was made with `settings`: a replica applying a CA settings change that
     /// another replica already rotated for has nothing to do.
     pub fn active_matches(&self, settings: &CaSettings) -> bool {
@@ -399,7 +391,9 @@ impl Authority {
             .iter()
             .find(|r| r.id == self.active)
             .expect("an authority always has its active CA");
-        record.algorithm == settings.algorithm.as_str() && record.validity == Some(settings.validity.as_secs())
+        // A key of an earlier version does not record its validity: only its algorithm is compared.
+        record.algorithm == settings.algorithm.as_str()
+            && record.validity.is_none_or(|v| v == settings.validity.as_secs())
     }
 
     /// Drops retired CAs whose overlap has ended (in memory; then [`Authority::save`]). Returns
@@ -533,7 +527,10 @@ fn ca_params(trust_domain: &TrustDomain, id: u32) -> Result<CertificateParams, I
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain.as_str());
-    dn.push(DnType::CommonName, format!("tbot CA {id} for {}", trust_domain.as_str()));
+    dn.push(
+        DnType::CommonName,
+        format!("tbot CA {id} for {}", trust_domain.as_str()),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

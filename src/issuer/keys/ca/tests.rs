@@ -53,7 +53,10 @@ async fn the_cross_chain_certifies_the_active_ca_under_every_other_published_ca(
     let first = Authority::load_or_create(&backing, &td("example.org"), &settings, now)
         .await
         .unwrap();
-    assert!(first.cross_chain(now).unwrap().is_empty(), "one CA: nothing to cross-sign");
+    assert!(
+        first.cross_chain(now).unwrap().is_empty(),
+        "one CA: nothing to cross-sign"
+    );
     let (prepared, _) = first
         .stepped(&backing, Step::Prepare { activate_at: 0 }, &settings, now)
         .unwrap();
@@ -65,8 +68,16 @@ async fn the_cross_chain_certifies_the_active_ca_under_every_other_published_ca(
         assert_eq!(chain.len(), 2);
         let (_, cross) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
         let (_, active) = x509_parser::parse_x509_certificate(authority.active().certificate_der()).unwrap();
-        let other = authority.cas().iter().find(|ca| ca.id != authority.active().id).unwrap();
-        assert_eq!(chain[1], other.certificate_der(), "the other CA follows its cross-signature");
+        let other = authority
+            .cas()
+            .iter()
+            .find(|ca| ca.id != authority.active().id)
+            .unwrap();
+        assert_eq!(
+            chain[1],
+            other.certificate_der(),
+            "the other CA follows its cross-signature"
+        );
         // The active CA's exact name and key, signed by the other CA: a path from a leaf of the
         // active CA to a client that pinned the other one.
         assert_eq!(cross.subject().as_raw(), active.subject().as_raw());
@@ -74,4 +85,31 @@ async fn the_cross_chain_certifies_the_active_ca_under_every_other_published_ca(
         assert!(other.signed(&cross), "signed by the other CA");
         assert!(cross.is_ca());
     }
+}
+
+#[tokio::test]
+async fn edited_ca_settings_prepare_a_successor_first_and_only_once() {
+    let backing = Backing::new(Arc::new(MemoryKv::new()), None);
+    let now = OffsetDateTime::now_utc();
+    let first = Authority::load_or_create(&backing, &td("example.org"), &CaSettings::default(), now)
+        .await
+        .unwrap();
+    assert_eq!(first.due(&CaSettings::default(), now).0, None);
+    let edited = CaSettings {
+        algorithm: KeyAlgorithm::Ed25519,
+        ..CaSettings::default()
+    };
+    let step = first.due(&edited, now).0;
+    let activate_at = now.unix_timestamp() + SETTINGS_GRACE.as_secs() as i64;
+    assert_eq!(step, Some(Step::Prepare { activate_at }), "published before it signs");
+    let (prepared, _) = first.stepped(&backing, step.unwrap(), &edited, now).unwrap();
+    assert_eq!(prepared.cas().len(), 2);
+    assert_eq!(
+        prepared.active().algorithm(),
+        KeyAlgorithm::EcdsaP256,
+        "the old CA still signs"
+    );
+    assert_eq!(prepared.due(&edited, now).0, None, "one successor, not one per look");
+    let later = OffsetDateTime::from_unix_timestamp(activate_at).unwrap();
+    assert_eq!(prepared.due(&edited, later).0, Some(Step::Activate { id: 2 }));
 }
