@@ -138,6 +138,27 @@ fn x509_and_jwt_outputs_hold_what_openssl_and_jsonwebtoken_accept() {
         "{text}"
     );
     assert_eq!(status.status.code(), Some(0), "both outputs written: {text}");
+
+    // An edit of the other identity rewrites the x509 files and leaves the JWT-SVID alone; an edit
+    // of its own identity re-issues it.
+    let identities = daemon.dir.path().join("etc/outputs.yaml");
+    let text = std::fs::read_to_string(&identities).unwrap();
+    let before = std::fs::read(&cert).unwrap();
+    save(&identities, &text.replace("id: /svc/server", "id: /svc/server-edited"));
+    wait_until("the server output rewritten", Duration::from_secs(15), || {
+        (std::fs::read(&cert).unwrap() != before).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let unchanged = std::fs::read_to_string(jwt_dir.join("jwt_svid")).unwrap();
+    assert_eq!(
+        unchanged, token,
+        "an edit of another identity does not re-issue the JWT output"
+    );
+    let text = std::fs::read_to_string(&identities).unwrap();
+    save(&identities, &text.replace("id: /svc/client", "id: /svc/client-edited"));
+    wait_until("the JWT output re-issued", Duration::from_secs(15), || {
+        (std::fs::read_to_string(jwt_dir.join("jwt_svid")).unwrap() != token).then_some(())
+    });
 }
 
 #[test]
@@ -161,7 +182,8 @@ fn outputs_converge_live_say_why_they_fail_and_leave_their_files_when_removed() 
     assert_eq!(mode(&cert), 0o640);
     assert_eq!(mode(&root.join("out/server")), 0o750);
 
-    // An output given an identity that reads workload attributes fails, and says why.
+    // An output given an identity that reads workload attributes could never be written: the
+    // edit is refused at load, naming every such attribute at once, and the running output goes on.
     append_services(
         &root,
         "  - type: workload-identity-x509
@@ -170,17 +192,33 @@ fn outputs_converge_live_say_why_they_fail_and_leave_their_files_when_removed() 
     destination: {type: directory, path: DIR/out/wrong}
 ",
     );
-    let status = wait_until("the failing output in status", Duration::from_secs(15), || {
+    let validate = daemon.tbotctl(&["validate"]);
+    let text = String::from_utf8_lossy(&validate.stderr).into_owned() + &common::stdout(&validate);
+    assert!(!validate.status.success(), "{text}");
+    assert!(
+        text.contains("tbot.yaml:")
+            && text.contains("the output `wrong` writes `quickstart`")
+            && text.contains("`workload.unix.attested`, `workload.unix.uid`"),
+        "{text}"
+    );
+    let status = wait_until("the refused edit in status", Duration::from_secs(15), || {
         let out = daemon.tbotctl(&["status"]);
         let text = common::stdout(&out);
-        text.contains("output wrong:").then_some((out.status.code(), text))
+        text.contains("the output `wrong` writes")
+            .then_some((out.status.code(), text))
     });
-    assert_eq!(status.0, Some(1), "a failing output makes status exit 1: {}", status.1);
-    assert!(
-        status.1.contains("FAILING") && status.1.contains("acts as the bot itself"),
-        "{}",
+    assert_eq!(
+        status.0,
+        Some(1),
+        "a file that fails to load makes status exit 1: {}",
         status.1
     );
+    assert!(
+        !status.1.contains("output wrong:"),
+        "nothing of the refused edit runs: {}",
+        status.1
+    );
+    assert!(status.1.contains("output server:"), "{}", status.1);
 
     // A config error is refused with its place, and the running outputs go on.
     let config = root.join("etc/tbot.yaml");
@@ -570,4 +608,50 @@ fn a_reader_polling_through_1000_replacements_never_sees_an_empty_or_torn_file()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left.len(), 4, "no temp file left behind: {left:?}");
+}
+
+#[test]
+fn parents_created_for_an_owner_let_that_owner_read_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    // A tempdir is 0700 root: open it up as an operator's /var/lib would be.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let destination = tbot::resource::agent::Destination {
+        kind: tbot::resource::agent::DestinationType::Directory,
+        path: dir.path().join("missing/parents/out"),
+        owner: Some("nobody".into()),
+        group: None,
+        mode: None,
+    };
+    let bundles = tbot::issuer::Bundles {
+        trust_domain: TD.into(),
+        x509_authorities: vec![material(0).svid.certificate],
+        ..Default::default()
+    };
+    tbot::agent::outputs::write_x509(&destination, &material(1), &bundles, false).unwrap();
+    let nobody = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(destination.path.join("svid.pem")).unwrap());
+    for parent in ["missing", "missing/parents", "missing/parents/out"] {
+        let meta = std::fs::metadata(dir.path().join(parent)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            nobody,
+            "{parent} is the owner's"
+        );
+        assert_eq!(mode(&dir.path().join(parent)), 0o700, "{parent}");
+    }
+    // And the owner reads its file, as itself.
+    let read = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "head",
+            "-c",
+            "27",
+        ])
+        .arg(destination.path.join("svid.pem"))
+        .output();
+    if let Ok(read) = read {
+        assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
+        assert_eq!(String::from_utf8_lossy(&read.stdout), "-----BEGIN CERTIFICATE-----");
+    }
 }

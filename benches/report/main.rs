@@ -364,7 +364,7 @@ const SECTION_NOTES: [(&str, &str); 9] = [
     ),
     (
         "streams",
-        "1,000 open `FetchX509SVID` streams, each on its own connection: the daemon's memory (in all, and per stream against a bare attested connection), and a CA rotation (a `key_algorithm` edit) until every stream has a new SVID",
+        "1,000 open `FetchX509SVID` streams, each on its own connection: the daemon's memory (in all, and per stream against a bare attested connection), and a CA rotation (`tbotctl rotate ca`, then `--force` to activate it) from activation until every stream has a new SVID",
     ),
     (
         "fleet",

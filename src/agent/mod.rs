@@ -41,6 +41,15 @@ pub struct Agent {
     /// by a caller that agrees with a known one on what the decision reads asks the issuer nothing
     /// (a new process, a new connection, and so also while the issuer is down).
     resolutions: std::sync::Mutex<Resolutions>,
+    /// At which policy generation each identity was last re-decided (`all`: every identity), so
+    /// that a JWT output re-issues only when its own identity was.
+    redecided: std::sync::Mutex<Redecided>,
+}
+
+#[derive(Default)]
+struct Redecided {
+    all: u64,
+    by_identity: std::collections::HashMap<String, u64>,
 }
 
 /// Cached resolutions by selector and workload attributes, for one (policy, bot identity) epoch.
@@ -191,6 +200,7 @@ impl Agent {
             cache,
             metrics,
             resolutions: Default::default(),
+            redecided: Default::default(),
         })
     }
 
@@ -213,6 +223,13 @@ impl Agent {
     /// Returns when every cached SVID concerned has been reissued or revoked (or after `wait`).
     pub async fn redecide(&self, identities: &std::collections::BTreeSet<String>, wait: std::time::Duration) {
         let mut woken = self.cache.redecide(identities);
+        {
+            let next = *self.policy.borrow() + 1;
+            let mut redecided = self.redecided.lock().expect("redecided poisoned");
+            for identity in identities {
+                redecided.by_identity.insert(identity.clone(), next);
+            }
+        }
         self.policy.send_modify(|g| *g += 1);
         let all_done = async {
             for rx in &mut woken {
@@ -245,6 +262,11 @@ impl Agent {
                     "the issuer's documents changed; re-deciding"
                 );
                 agent.forget_resolutions();
+                if event.all {
+                    // Identities nothing holds now (a JWT output's) are re-decided too.
+                    let next = *agent.policy.borrow() + 1;
+                    agent.redecided.lock().expect("redecided poisoned").all = next;
+                }
                 agent.redecide(&identities, std::time::Duration::ZERO).await;
             }
         });
@@ -294,6 +316,13 @@ impl Agent {
     /// Moves whenever callers must be re-resolved.
     pub fn policy_changes(&self) -> watch::Receiver<u64> {
         self.policy.subscribe()
+    }
+
+    /// Whether `identity` was re-decided after policy generation `since` (a value of
+    /// [`Agent::policy_changes`]).
+    pub fn redecided_since(&self, identity: &str, since: u64) -> bool {
+        let redecided = self.redecided.lock().expect("redecided poisoned");
+        redecided.all > since || redecided.by_identity.get(identity).is_some_and(|g| *g > since)
     }
 
     /// Why renewing the bot identity fails (`None` while it works), now and on every change.

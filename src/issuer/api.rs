@@ -89,7 +89,11 @@ impl crate::error::Explain for IssuerError {
                 "find where the bot's identity was copied, then create a new token for the bot and rejoin with it"
                     .into()
             }
-            IssuerError::Denied(_) => "change the role, the bot's roles or the workload_identity's rules".into(),
+            IssuerError::Denied(_) => {
+                "the message names what refused it: change that document (`tbotctl diff` shows what an edit does), \
+                 or the way the workload runs"
+                    .into()
+            }
             IssuerError::Invalid(_) => "fix the request".into(),
         }
     }

@@ -220,6 +220,7 @@ fn references(ctx: &mut Ctx) {
                         ));
                     }
                 }
+                found.extend(outputs_reading_workloads(ctx.parsed, agent).into_iter().map(|p| (i, p)));
                 if !ctx.maybe_unloaded(Kind::Token, None) {
                     found.extend(onboarding(ctx.parsed, agent).into_iter().map(|p| (i, p)));
                 }
@@ -245,6 +246,43 @@ fn dangling(pointer: &str, kind: &str, name: &str, known: &BTreeSet<&str>) -> Pr
             known.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
         )),
     }
+}
+
+/// An output has no workload process behind it: an identity it writes must not read `workload.*`
+/// attributes, or it could never be issued. Every such attribute is named at once.
+fn outputs_reading_workloads(parsed: &[Parsed], agent: &AgentConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (j, service) in agent.services.iter().enumerate() {
+        let Some(name) = service.selector.name.as_deref().filter(|_| service.kind.is_output()) else {
+            continue;
+        };
+        let Some(wi) = parsed.iter().find_map(|p| match &p.document {
+            Document::WorkloadIdentity(wi) if p.document.name() == name => Some(wi),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let read = wi.workload_attributes_read();
+        if read.is_empty() {
+            continue;
+        }
+        let listed = read.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ");
+        out.push(
+            Problem::error(
+                format!("/services/{j}/selector/name"),
+                format!(
+                    "the output `{}` writes `{name}`, whose rules or templates read {listed}: an output has no \
+                     workload process, so these are never set and it could never be issued",
+                    service.display_name()
+                ),
+            )
+            .hint(format!(
+                "give the output a `workload_identity` that reads no `workload.*` attribute (it may read `user.*` \
+                 and `join.*`), or serve `{name}` on a `workload-identity-api` socket instead"
+            )),
+        );
+    }
+    out
 }
 
 fn labels_match_any(parsed: &[Parsed], wanted: &BTreeMap<String, String>) -> bool {

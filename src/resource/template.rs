@@ -91,8 +91,29 @@ pub enum TemplateError {
 
 /// A template read an attribute the caller does not have.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("attribute `{0}` is not set for this workload")]
+#[error("attribute `{0}` is not set for this workload: {remedy}", remedy = unset_remedy(.0))]
 pub struct Unset(pub String);
+
+/// What makes `attribute` set for a caller, or what to do instead: said wherever an identity is
+/// refused because a template or a rule reads an attribute the caller does not have.
+pub fn unset_remedy(attribute: &str) -> &'static str {
+    if attribute.starts_with("workload.systemd.") {
+        "it is set only for a process that runs in a systemd service and calls a `unix://` socket whose \
+         `systemd` attestor is enabled; run the process as a service, or use an identity whose templates \
+         and rules do not read it"
+    } else if attribute.starts_with("workload.") {
+        "it is set only for a process calling a `unix://` Workload API socket (never for an output or a \
+         `tcp://` listener); call through such a socket, or use an identity whose templates and rules do \
+         not read it"
+    } else if attribute.starts_with("user.traits") || attribute.starts_with("user.labels") {
+        "it comes from the bot: add it to the `bot` document's traits or labels, or use a template that does \
+         not read it"
+    } else if attribute.starts_with("join.iam.") {
+        "it is set only for a bot that joined by `iam`; join that way, or use a template that does not read it"
+    } else {
+        "use a template that does not read it"
+    }
+}
 
 impl Attribute {
     /// Parses `workload.unix.uid`, `user.traits.team` or `user.labels["team"]`.
@@ -319,7 +340,8 @@ fn check_literal(literal: &str) -> Result<(), TemplateError> {
 
 impl crate::error::Explain for Unset {
     fn hint(&self) -> std::borrow::Cow<'_, str> {
-        "give the workload the attribute (its attestor, or the bot's traits), or change the template".into()
+        // The message says what sets it.
+        "".into()
     }
 }
 

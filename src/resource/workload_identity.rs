@@ -140,6 +140,44 @@ pub struct Jwt {
 }
 
 impl WorkloadIdentity {
+    /// The `workload.*` attributes its rules and templates read, sorted: what a caller must have
+    /// for it (and so what an agent's cache and an output's check look at).
+    pub fn workload_attributes_read(&self) -> Vec<String> {
+        let spiffe = &self.spec.spiffe;
+        let mut templates: Vec<&Template> = vec![&spiffe.id];
+        templates.extend(spiffe.hint.iter());
+        if let Some(x509) = &spiffe.x509 {
+            templates.extend(x509.dns_sans.iter());
+            if let Some(st) = &x509.subject_template {
+                templates.extend(
+                    [&st.common_name, &st.organization, &st.organizational_unit]
+                        .into_iter()
+                        .flatten(),
+                );
+            }
+        }
+        let mut names: std::collections::BTreeSet<String> = templates
+            .iter()
+            .flat_map(|t| t.attributes())
+            .map(|a| a.to_string())
+            .collect();
+        names.extend(
+            self.spec
+                .rules
+                .allow
+                .iter()
+                .flat_map(|r| r.conditions.iter())
+                .map(|c| c.attribute.to_string()),
+        );
+        if let Some(jwt) = &spiffe.jwt {
+            // Claims are templates only where they contain `{{`; read them all to be safe.
+            for value in jwt.extra_claims.values() {
+                collect_claim_attributes(value, &mut names);
+            }
+        }
+        names.into_iter().filter(|n| n.starts_with("workload.")).collect()
+    }
+
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         check_id_template(&mut out, &self.spec.spiffe.id);
@@ -247,4 +285,18 @@ const TEMPLATE_HINT: &str =
 /// Escapes one JSON pointer segment.
 pub fn escape_pointer(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
+}
+
+fn collect_claim_attributes(value: &serde_json::Value, names: &mut std::collections::BTreeSet<String>) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains("{{") => {
+            if let Ok(t) = Template::parse(s) {
+                names.extend(t.attributes().map(|a| a.to_string()));
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_claim_attributes(v, names)),
+        Value::Object(map) => map.values().for_each(|v| collect_claim_attributes(v, names)),
+        _ => {}
+    }
 }

@@ -2,7 +2,7 @@
 //! certificate, bundle, combined file; the directory created with the files' mode.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::agent::X509Material;
 use crate::issuer::Bundles;
@@ -108,23 +108,27 @@ impl Directory {
                 .transpose()?,
         };
         let path = destination.path.clone();
-        let fail = |action: &'static str, source: std::io::Error| WriteError::Directory {
-            action,
-            path: path.clone(),
-            source,
-        };
-        if !path.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode.directory())
-                .create(&path)
-                .map_err(|e| fail("create the directory", e))?;
+        // The directory and every missing parent, outermost first, each with the directory's mode
+        // and owner: the owner must be able to reach its files (a parent made `root` `0700` would
+        // lock it out). Parents that exist are left as they are.
+        let missing: Vec<&Path> = path.ancestors().take_while(|p| !p.is_dir()).collect();
+        for dir in missing.into_iter().rev() {
+            let fail = |action: &'static str, source: std::io::Error| WriteError::Directory {
+                action,
+                path: dir.to_owned(),
+                source,
+            };
+            match std::fs::DirBuilder::new().mode(mode.directory()).create(dir) {
+                Ok(()) => {}
+                // Made meanwhile by someone else (another output): theirs stays as it is.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => continue,
+                Err(e) => return Err(fail("create the directory", e)),
+            }
             // The umask may have taken bits away.
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode.directory()))
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode.directory()))
                 .map_err(|e| fail("set the mode of", e))?;
             if owner != Owner::default() {
-                std::os::unix::fs::chown(&path, owner.uid, owner.gid)
-                    .map_err(|e| fail("give its owner and group", e))?;
+                std::os::unix::fs::chown(dir, owner.uid, owner.gid).map_err(|e| fail("give its owner and group", e))?;
             }
         }
         Ok(Directory { path, mode, owner })

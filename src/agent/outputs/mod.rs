@@ -338,6 +338,8 @@ impl Job<'_> {
         let (mut bundles, mut policy) = (self.agent.bundles(), self.agent.policy_changes());
         loop {
             let issued = OffsetDateTime::now_utc();
+            // An edit that does not re-decide this identity leaves the token as it is.
+            let generation = *policy.borrow();
             let svid = self
                 .agent
                 .cache
@@ -350,17 +352,24 @@ impl Job<'_> {
                     .renewal
                     .unwrap_or_else(|| lifetime.mul_f64(0.5 * jitter(0.1)))
                     .min(lifetime.mul_f64(0.9));
+            let mut write = true;
             loop {
-                let bundle = bundles.borrow_and_update().clone();
-                write_jwt(&spec.destination, &svid.token, &bundle)?;
-                self.wrote(&svid.spiffe_id, svid.expires).await;
-                if self.once {
-                    return Ok(Ended::Stop);
+                if write {
+                    let bundle = bundles.borrow_and_update().clone();
+                    write_jwt(&spec.destination, &svid.token, &bundle)?;
+                    self.wrote(&svid.spiffe_id, svid.expires).await;
+                    if self.once {
+                        return Ok(Ended::Stop);
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep_until(renew_at) => break,
                     ended = changed(None, &mut bundles, &mut policy, stop) => match ended {
-                        None => continue,
+                        // The bundle changed: the JWKS is written again.
+                        None => write = true,
+                        Some(Ended::Resolve) if !self.agent.redecided_since(&resolved.name, generation) => {
+                            write = false;
+                        }
                         Some(ended) => return Ok(ended),
                     },
                 }

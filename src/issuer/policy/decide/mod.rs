@@ -125,7 +125,7 @@ pub struct Decision {
 /// Why a template cannot be rendered for a caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unrenderable {
-    #[error("`{0}` is not set for this workload")]
+    #[error("`{0}` is not set for this workload: {remedy}", remedy = crate::resource::template::unset_remedy(.0))]
     Unset(String),
     #[error("`{attribute}` has {count} values and a template needs exactly one")]
     Several { attribute: String, count: usize },
@@ -176,7 +176,11 @@ pub enum Denial {
 
 impl crate::error::Explain for Unrenderable {
     fn hint(&self) -> std::borrow::Cow<'_, str> {
-        "give the workload the attribute (its attestor, or the bot's traits), or change the template".into()
+        match self {
+            // The message says what sets it.
+            Unrenderable::Unset(_) | Unrenderable::Template(_) => "".into(),
+            Unrenderable::Several { .. } => "use a rule or a template that reads one value".into(),
+        }
     }
 }
 
@@ -231,52 +235,7 @@ pub fn select(
 
 /// The `workload.*` attributes an identity's rules and templates read, sorted.
 pub fn workload_attributes_read(wi: &WorkloadIdentity) -> Vec<String> {
-    let spiffe = &wi.spec.spiffe;
-    let mut templates: Vec<&Template> = vec![&spiffe.id];
-    templates.extend(spiffe.hint.iter());
-    if let Some(x509) = &spiffe.x509 {
-        templates.extend(x509.dns_sans.iter());
-        if let Some(st) = &x509.subject_template {
-            templates.extend(
-                [&st.common_name, &st.organization, &st.organizational_unit]
-                    .into_iter()
-                    .flatten(),
-            );
-        }
-    }
-    let mut names: std::collections::BTreeSet<String> = templates
-        .iter()
-        .flat_map(|t| t.attributes())
-        .map(|a| a.to_string())
-        .collect();
-    names.extend(
-        wi.spec
-            .rules
-            .allow
-            .iter()
-            .flat_map(|r| r.conditions.iter())
-            .map(|c| c.attribute.to_string()),
-    );
-    if let Some(jwt) = &spiffe.jwt {
-        // Claims are templates only where they contain `{{`; read them all to be safe.
-        for value in jwt.extra_claims.values() {
-            collect_claim_attributes(value, &mut names);
-        }
-    }
-    names.into_iter().filter(|n| n.starts_with("workload.")).collect()
-}
-
-fn collect_claim_attributes(value: &Value, names: &mut std::collections::BTreeSet<String>) {
-    match value {
-        Value::String(s) if s.contains("{{") => {
-            if let Ok(t) = Template::parse(s) {
-                names.extend(t.attributes().map(|a| a.to_string()));
-            }
-        }
-        Value::Array(items) => items.iter().for_each(|v| collect_claim_attributes(v, names)),
-        Value::Object(map) => map.values().for_each(|v| collect_claim_attributes(v, names)),
-        _ => {}
-    }
+    wi.workload_attributes_read()
 }
 
 /// `rules.allow`: no rules allow everyone; otherwise some rule must have all its conditions true.
@@ -302,7 +261,7 @@ fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), Den
 fn condition_fails(condition: &Condition, attributes: &Attributes) -> Option<String> {
     let attribute = &condition.attribute;
     let Some(values) = attributes.get(attribute) else {
-        return Some(format!("`{attribute}` is not set for this workload"));
+        return Some(Unrenderable::Unset(attribute.to_string()).to_string());
     };
     let shown = match values {
         [one] => format!("`{one}`"),
