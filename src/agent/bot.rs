@@ -249,6 +249,16 @@ pub fn jitter(spread: f64) -> f64 {
     1.0 - spread + 2.0 * spread * unit
 }
 
+/// What the renewal task publishes and listens to.
+pub struct Renewal {
+    /// Each new identity.
+    pub tx: watch::Sender<Arc<BotIdentity>>,
+    /// Why renewals fail (`None` once one succeeds).
+    pub health: watch::Sender<Option<String>>,
+    /// Renew at once.
+    pub now: Arc<tokio::sync::Notify>,
+}
+
 /// Keeps the identity fresh forever (`overdue`: start with a retry): every `renewal_interval`, at
 /// once when `now` is notified, and with backoff (1 s doubling to 5 min, ±20% jitter) after a failure. Publishes each new identity, and on `health` why renewals
 /// fail (`None` once one succeeds).
@@ -256,12 +266,11 @@ pub async fn keep_fresh(
     issuer: Arc<dyn Issuer>,
     mut settings_rx: watch::Receiver<JoinSettings>,
     store: Store,
-    tx: watch::Sender<Arc<BotIdentity>>,
-    health: watch::Sender<Option<String>>,
+    renewal: Renewal,
     overdue: bool,
     metrics: AgentMetrics,
-    now: Arc<tokio::sync::Notify>,
 ) {
+    let Renewal { tx, health, now } = renewal;
     let mut backoff = Duration::from_secs(1);
     // Every `renewal_interval`, and before half the certificate's life has gone at the latest: a
     // certificate capped by the CA's end (a CA rotation coming) is renewed in time.

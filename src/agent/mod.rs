@@ -181,11 +181,13 @@ impl Agent {
             issuer.clone(),
             settings_rx,
             store.clone(),
-            tx.clone(),
-            health_tx,
+            bot::Renewal {
+                tx: tx.clone(),
+                health: health_tx,
+                now: renew_now.clone(),
+            },
             unrenewed.is_some(),
             metrics.clone(),
-            renew_now.clone(),
         ));
         let cache = SvidCache::new(issuer.clone(), rx.clone(), metrics.clone());
         Ok(Agent {

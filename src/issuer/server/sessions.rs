@@ -80,7 +80,7 @@ impl Sessions {
             .filter(|r| r.at > since)
             .cloned()
             .collect();
-        out.sort_by(|a, b| b.at.cmp(&a.at));
+        out.sort_by_key(|r| std::cmp::Reverse(r.at));
         out
     }
 
