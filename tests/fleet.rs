@@ -157,6 +157,17 @@ fn a_wrong_pin_is_refused_naming_the_pin_the_server_presented_and_the_agent_keep
     assert!(get.contains("not in `onboarding.ca_pins`"), "{get}");
     let status = agent.tbotctl(&["status"]);
     assert_eq!(status.status.code(), Some(1), "not ready: {}", stdout(&status));
+    assert!(
+        stdout(&status).contains("bot: not joined yet: ") && stdout(&status).contains("presented CA pin"),
+        "{}",
+        stdout(&status)
+    );
+    assert!(
+        !agent.log().contains("documents changed; converging add=0"),
+        "{}",
+        agent.log()
+    );
+    assert!(!agent.log().contains("interrupted"), "{}", agent.log());
     assert!(!agent.socket.exists(), "no workload socket without an identity");
     // The token was never sent anywhere: the right pin joins with it.
     let dir = agent.dir.path().join("etc");

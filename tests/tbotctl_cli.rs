@@ -168,6 +168,24 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn an_admin_command_without_a_directory_says_how_to_find_the_daemon() {
+    // Only where the default directory does not exist (a development machine, CI).
+    if std::path::Path::new("/etc/tbot.d").exists() {
+        return;
+    }
+    for args in [&["rotate", "ca"][..], &["status"], &["get"]] {
+        let out = tbotctl(args);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        assert!(
+            said.contains("no daemon to talk to") && said.contains("--dir") && said.contains("--admin-socket"),
+            "{args:?}: {said}"
+        );
+        assert!(!said.contains("create it"), "{args:?}: {said}");
+    }
+}
+
+#[test]
 fn snippets_underline_the_offending_key() {
     let out = tbotctl(&["validate", "-f", "tests/fixtures/invalid/bot-typo-in-spec.yaml"]);
     assert!(

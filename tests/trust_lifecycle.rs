@@ -131,6 +131,8 @@ async fn rotating_by_hand_prepares_then_refuses_a_second_rotation_unless_forced(
         jwt_rows.iter().all(|l| !l.contains("retiring")) && jwt_rows.iter().any(|l| l.contains("active")),
         "{status}"
     );
+    // One host, no replicas: nothing is attributed to one.
+    assert!(!daemon.log().contains("replica"), "{}", daemon.log());
 }
 
 /// The `CA pin:` lines of `tbotctl status`, and the pins of its key table's `ca` rows.

@@ -286,6 +286,7 @@ impl Admin for AdminApi {
             ca_pins: info.ca_pins,
             bot: info.bot,
             bot_expires: info.bot_expires,
+            bot_pending: info.bot_pending,
             services: info
                 .services
                 .into_iter()

@@ -260,8 +260,8 @@ pub struct Renewal {
 }
 
 /// Keeps the identity fresh forever (`overdue`: start with a retry): every `renewal_interval`, at
-/// once when `now` is notified, and with backoff (1 s doubling to 5 min, ±20% jitter) after a failure. Publishes each new identity, and on `health` why renewals
-/// fail (`None` once one succeeds).
+/// once when `renewal.now` is notified, and with backoff (1 s doubling to 5 min, ±20% jitter) after
+/// a failure; publishes as [`Renewal`] says.
 pub async fn keep_fresh(
     issuer: Arc<dyn Issuer>,
     mut settings_rx: watch::Receiver<JoinSettings>,

@@ -121,17 +121,19 @@ impl Agent {
             JoinMethod::Token => BotIdentity::load(&store)?,
             JoinMethod::Iam => None,
         };
-        // A join the last run did not see answered comes first: the issuer may already count the
-        // bot from it, and renewing the older saved identity would then look like a copy.
+        // A join (a rejoin with a new token) the last run did not see answered comes before the
+        // saved identity: the issuer may already count the bot from it, and renewing the older
+        // saved identity would then look like a copy. Without a saved identity, the join below
+        // retries it anyway, with the same key.
         let mut finished = None;
-        if settings.method == JoinMethod::Token && bot::join_pending(&store)? {
+        if settings.method == JoinMethod::Token && saved.is_some() && bot::join_pending(&store)? {
             match bot::join(issuer.as_ref(), &settings, &store, None, &metrics).await {
                 Ok(joined) => {
-                    tracing::info!(bot = %joined.certificate.bot, "a join interrupted by a stop completed");
+                    tracing::info!(bot = %joined.certificate.bot, "a join the last run did not see answered is done");
                     finished = Some(joined);
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "an interrupted join cannot be completed now")
+                    tracing::warn!(%error, "a join the last run did not see answered cannot be done now; renewing the saved identity instead")
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! What every command line shares: where documents come from, how to reach the daemon, and how an
 //! error is printed (cause first, then what to do next). A leaf: it imports no other `cli` file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -69,6 +69,12 @@ impl DaemonArgs {
         if let Some(path) = &self.admin_socket {
             return Ok(path.clone());
         }
+        // Nothing given and no default directory: the daemon runs elsewhere, say where to point.
+        if self.input.dirs().is_empty() && self.input.files().is_empty() && !Path::new(DEFAULT_DIR).is_dir() {
+            return Err(format!(
+                "no daemon to talk to: {DEFAULT_DIR} (where the daemon's documents are by default) does not exist"
+            ));
+        }
         let loaded = manifest::load(&self.input.inputs()).map_err(|d| render::diagnostic(&d))?;
         crate::admin::socket_for(&loaded.state).ok_or_else(|| {
             "no agent config and no `issuer` document in these documents to find the admin socket from".to_owned()
@@ -76,9 +82,13 @@ impl DaemonArgs {
     }
 
     pub async fn connect(&self) -> Result<AdminClient<tonic::transport::Channel>, ExitCode> {
-        let socket = self
-            .socket()
-            .map_err(|e| fail(e, "pass --dir with the daemon's directory, or --admin-socket PATH"))?;
+        let socket = self.socket().map_err(|e| {
+            fail(
+                e.trim_end(),
+                "pass --dir with the directory the daemon was started with (`tbot start --config-dir DIR`), or \
+                     --admin-socket PATH",
+            )
+        })?;
         match crate::workload_api::client::connect(&socket.display().to_string()).await {
             Ok(channel) => Ok(AdminClient::new(channel)),
             Err(e) => Err(fail(

@@ -364,6 +364,9 @@ pub struct HostStatus {
     pub ca_pins: Vec<String>,
     pub bot: String,
     pub bot_expires: String,
+    /// Why the host has no bot yet although it has an agent config (it has not joined); empty
+    /// otherwise.
+    pub bot_pending: String,
     /// The sockets served and the file outputs.
     pub services: Vec<ServiceState>,
     /// The issuer API's address, on an issuer host.

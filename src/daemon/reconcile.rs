@@ -134,8 +134,12 @@ impl Daemon {
             self.report(&self.retry.waiting());
             return self.retry.next_due();
         }
-        let (add, change, destroy) = plan.counts();
-        tracing::info!(add, change, destroy, "documents changed; converging");
+        if plan.is_empty() {
+            tracing::info!("the agent has not joined yet; trying again");
+        } else {
+            let (add, change, destroy) = plan.counts();
+            tracing::info!(add, change, destroy, "documents changed; converging");
+        }
         for step in &plan.steps {
             let causes: Vec<String> = step.causes.iter().map(|c| c.to_string()).collect();
             tracing::info!(causes = %causes.join(", "), "{}", step.action);

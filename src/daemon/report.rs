@@ -149,7 +149,18 @@ impl Daemon {
                     None => {}
                 }
             }
+            // An agent config that has not joined yet: why, from its own condition.
+            let pending = match (&agent, s.table.objects.get(&agent_ref())) {
+                (None, Some(object)) => Some(
+                    object
+                        .condition(&ConditionType::Ready)
+                        .filter(|c| !c.status && !c.message.is_empty())
+                        .map_or_else(|| "joining".to_owned(), |c| c.message.clone()),
+                ),
+                _ => None,
+            };
             let host = &mut s.host;
+            host.bot_pending = pending.unwrap_or_default();
             if let Some(agent) = &agent {
                 let bot = agent.bot();
                 host.bot = bot.certificate.bot.clone();

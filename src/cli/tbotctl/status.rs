@@ -94,7 +94,9 @@ pub async fn status(args: &DaemonArgs) -> ExitCode {
         outln!("bundle endpoint: {}", s.bundle_endpoint);
     }
     print_federations(&s.federations);
-    if s.bot.is_empty() {
+    if !s.bot_pending.is_empty() {
+        outln!("bot: not joined yet: {}", s.bot_pending);
+    } else if s.bot.is_empty() {
         outln!("bot: none on this host (no agent config)");
     } else {
         outln!("bot: {} (certificate expires {})", s.bot, s.bot_expires);

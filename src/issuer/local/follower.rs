@@ -205,10 +205,17 @@ impl Inner {
         if fresh.revision() <= state.jwt.revision() || td != state.policy.trust_domain {
             return;
         }
-        tracing::info!(
-            keys = fresh.jwks().len(),
-            "the JWT keys changed in the store (a rotation step by another replica)"
-        );
+        if self.backing.local {
+            tracing::info!(
+                keys = fresh.jwks().len(),
+                "the JWT keys changed in the store; taking them"
+            );
+        } else {
+            tracing::info!(
+                keys = fresh.jwks().len(),
+                "the JWT keys changed in the store (a rotation step by another replica)"
+            );
+        }
         state.jwt = fresh;
         self.publish(&mut state);
         drop(state);
@@ -236,10 +243,14 @@ impl Inner {
             mine.merge_from(fresh);
             state.authority = mine;
         } else {
-            tracing::info!(
-                cas = fresh.cas().len(),
-                "the CA changed in the store (a rotation by another replica)"
-            );
+            if self.backing.local {
+                tracing::info!(cas = fresh.cas().len(), "the CA changed in the store; taking it");
+            } else {
+                tracing::info!(
+                    cas = fresh.cas().len(),
+                    "the CA changed in the store (a rotation by another replica)"
+                );
+            }
             state.authority = fresh;
             state.verified.clear();
             self.publish(&mut state);
