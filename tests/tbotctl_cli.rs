@@ -186,6 +186,24 @@ fn an_admin_command_without_a_directory_says_how_to_find_the_daemon() {
 }
 
 #[test]
+fn one_file_of_1700_small_documents_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("roles.yaml");
+    let docs: Vec<String> = (0..1700)
+        .map(|i| format!("kind: role\nversion: v7\nmetadata: {{name: r{i}}}\nspec: {{allow: {{workload_identity_labels: {{a: b}}}}}}\n"))
+        .collect();
+    std::fs::write(&file, docs.join("---\n")).unwrap();
+    let out = tbotctl(&["validate", "-f", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).contains("1700 documents"), "{}", stdout(&out));
+}
+
+#[test]
 fn snippets_underline_the_offending_key() {
     let out = tbotctl(&["validate", "-f", "tests/fixtures/invalid/bot-typo-in-spec.yaml"]);
     assert!(

@@ -8,6 +8,10 @@ use serde_saphyr::{DuplicateKeyPolicy, SnippetMode, Spanned};
 
 /// The deepest nesting of mappings and sequences a document may have.
 pub const MAX_DEPTH: usize = 64;
+/// Documents in one file, at most (a file is at most 1 MiB: some 10,000 small documents).
+pub const MAX_DOCUMENTS: usize = 10_000;
+/// Nodes (mappings, sequences and scalars, aliases expanded) in one file, at most.
+pub const MAX_NODES: usize = 250_000;
 
 /// The stack [`parse`] needs: the decoder recurses once per nesting level, and at [`MAX_DEPTH`] an
 /// unoptimised build outgrows the 2 MiB of a spawned thread. Callers run it on a thread this big.
@@ -78,7 +82,7 @@ pub fn source_lines(text: &str) -> impl Iterator<Item = &str> {
 /// Parses every document of a file. Empty documents are skipped. Needs [`PARSE_STACK_BYTES`] of stack.
 pub fn parse(text: &str) -> Result<Vec<Node>, SyntaxError> {
     let options = serde_saphyr::options! {
-        budget: serde_saphyr::budget! { max_depth: MAX_DEPTH },
+        budget: serde_saphyr::budget! { max_depth: MAX_DEPTH, max_documents: MAX_DOCUMENTS, max_nodes: MAX_NODES },
         duplicate_keys: DuplicateKeyPolicy::Error,
         strict_booleans: true,
         with_snippet: false,
@@ -114,8 +118,22 @@ fn friendly(rendered: &str) -> String {
     if text.contains("budget breached: Depth") {
         return format!("the document nests deeper than {MAX_DEPTH} levels");
     }
+    if text.contains("budget breached: Documents") {
+        return format!("the file holds more than {MAX_DOCUMENTS} documents; split it into several files");
+    }
+    if text.contains("budget breached: Nodes") {
+        return format!(
+            "the file expands to more than {MAX_NODES} YAML nodes (mappings, lists and values, aliases expanded); \
+             split it into several files, or use fewer aliases"
+        );
+    }
     if text.contains("budget breached") {
-        return "the document expands to too many nodes (aliases that repeat aliases: an alias bomb?)".into();
+        let what = text.split("budget breached: ").nth(1).unwrap_or(text);
+        let what = what.split([' ', '{', '(']).next().unwrap_or(what);
+        return format!(
+            "the file breaks the parser's `{what}` limit (aliases that repeat aliases, or too much in one file); \
+             split it into several files"
+        );
     }
     if let Some(key) = text.strip_prefix("duplicate mapping key: ") {
         let key = key.split(", set DuplicateKeyPolicy").next().unwrap_or(key);
