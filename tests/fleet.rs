@@ -685,3 +685,52 @@ async fn a_forced_ca_rotation_moves_a_remote_agent_at_each_step_and_one_it_would
     assert!(listed.contains("(0 agents connected)"), "{listed}");
     assert!(failures.lock().unwrap().is_empty(), "{:?}", failures.lock().unwrap());
 }
+
+#[test]
+fn a_second_daemon_on_a_socket_in_use_stops_before_it_spends_its_token() {
+    let second_token = "kind: token\nversion: v2\nmetadata:\n  name: second-token\nspec:\n  roles: [Bot]\n  \
+                        join_method: token\n  bot_name: example-bot\n";
+    let extra = format!("bot_name: example-bot\n---\n{second_token}");
+    let issuer = Issuer::start(UID_TEMPLATE, &[("bot-token.yaml", "bot_name: example-bot\n", &extra)]);
+    let first = agent(&issuer);
+    let (port, pin) = (issuer.port, issuer.pin.clone());
+    // Its own storage and admin socket, but the first agent's workload socket.
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let config = agent_config(
+        dir.path(),
+        port,
+        &token_onboarding("second-token", &pin),
+        "example-workload-identity",
+    )
+    .replace(
+        &format!("unix://{}/workload.sock", dir.path().display()),
+        &format!("unix://{}", first.socket.display()),
+    );
+    std::fs::write(etc.join("tbot.yaml"), config).unwrap();
+    let mut second = Daemon::spawn(dir, first.socket.clone(), &[]);
+    let status = second.wait();
+    assert!(!status.success(), "{}", second.log());
+    assert!(
+        second.log().contains("is in use by another running process"),
+        "{}",
+        second.log()
+    );
+    assert!(!second.dir.path().join("state/agent").exists(), "nothing was created");
+    // The first agent goes on, and the token was not spent: a third agent joins with it.
+    let client = std::os::unix::net::UnixStream::connect(&first.socket);
+    assert!(client.is_ok(), "the first agent still serves");
+    let third = start_agent(
+        |dir| {
+            agent_config(
+                dir,
+                port,
+                &token_onboarding("second-token", &pin),
+                "example-workload-identity",
+            )
+        },
+        &[],
+    );
+    wait_for_socket(&third);
+}

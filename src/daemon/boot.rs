@@ -1,7 +1,8 @@
 //! Start-up, in numbered phases. Each phase's ordering rule is written once, at the phase:
 //!
 //! 1. **Load** the documents: any error stops the start (a daemon never starts on a broken
-//!    directory; after start, a broken file keeps its last good version instead).
+//!    directory; after start, a broken file keeps its last good version instead). Then the sockets
+//!    it will serve must be free, before anything is created or a token spent.
 //! 2. **Signals and the watcher**, before anything serves: a SIGHUP right after start reloads, and
 //!    an edit made the moment a socket answers is not missed.
 //! 3. **Stores**: the issuer's, the agent's, and where the records go. One directory is opened (and
@@ -81,6 +82,39 @@ fn load(options: &StartOptions) -> Result<(Vec<Input>, manifest::LoadCache, mani
         ));
     }
     Ok((inputs, cache, loaded))
+}
+
+/// Phase 1, last: the sockets this daemon will serve must not be another live process's. Checked
+/// before anything is created or spent: a second daemon given the same socket stops here instead of
+/// after it made a CA or used its token. A socket file nobody answers on is stale and is replaced
+/// later.
+fn sockets_free(state: &manifest::DesiredState, config: Option<&AgentConfig>) -> Result<(), ExitCode> {
+    use crate::resource::agent::Listen;
+    let mut sockets: Vec<(String, std::path::PathBuf)> = Vec::new();
+    if let Some(path) = crate::admin::socket_for(state) {
+        sockets.push(("the admin socket (`admin_socket`)".into(), path));
+    }
+    for service in config.map(|c| c.services.as_slice()).unwrap_or_default() {
+        if let Some(Listen::Unix(path)) = service.socket() {
+            sockets.push((
+                format!("the `listen` socket of service `{}`", service.display_name()),
+                path.clone(),
+            ));
+        }
+    }
+    for (what, path) in sockets {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(fail(
+                format!(
+                    "{what} {} is in use by another running process (another tbot?)",
+                    path.display()
+                ),
+                "stop the other daemon, or give this one its own `admin_socket` and `listen` paths; nothing was \
+                 created and no token was used",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Phase 4: the issuer in this process, waiting for a shared store that does not answer yet (etcd
@@ -182,6 +216,7 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     if let (Some(set), Some(config)) = (&options.log_level, &config) {
         set(config.debug);
     }
+    sockets_free(&loaded.state, config.as_ref())?;
 
     // 2. Signals and the watcher.
     let mut signals = Signals {
