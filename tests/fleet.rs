@@ -734,3 +734,24 @@ fn a_second_daemon_on_a_socket_in_use_stops_before_it_spends_its_token() {
     );
     wait_for_socket(&third);
 }
+
+#[test]
+fn an_onboarding_edit_made_while_the_agent_was_stopped_is_acted_on_at_the_next_start() {
+    let second_token = "kind: token\nversion: v2\nmetadata:\n  name: second-token\nspec:\n  roles: [Bot]\n  \
+                        join_method: token\n  bot_name: example-bot\n";
+    let extra = format!("bot_name: example-bot\n---\n{second_token}");
+    let issuer = Issuer::start(UID_TEMPLATE, &[("bot-token.yaml", "bot_name: example-bot\n", &extra)]);
+    let agent = agent(&issuer);
+    let (dir, socket) = agent.crash();
+    let etc = dir.path().join("etc");
+    edit(&etc, "tbot.yaml", &format!("token: {TOKEN}"), "token: second-token");
+    let agent = Daemon::start(dir, socket);
+    assert!(
+        common::wait_for_log(&agent, "joined again on the new terms"),
+        "{}",
+        agent.log()
+    );
+    // The instances of the bot: the first join's and the second's.
+    let bots = stdout(&issuer.daemon.tbotctl(&["get", "bot/example-bot"]));
+    assert!(bots.contains("Instances of bot/example-bot (2):"), "{bots}");
+}

@@ -69,11 +69,44 @@ pub async fn join(
     };
     crate::failpoint("join-answered");
     identity.save(store)?;
+    save_terms(store, settings)?;
     identity.present(issuer);
     // The new identity replaces the old one, and any renewal of the old one that was in flight.
     store.remove(PENDING_JOIN_KEY_FILE)?;
     store.remove(PENDING_KEY_FILE)?;
     Ok(identity)
+}
+
+/// What the saved identity joined with: its method and (a digest of) its token, so that an edit of
+/// `onboarding` made while the daemon was stopped is seen at the next start.
+const TERMS_FILE: &str = "agent/terms.json";
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+struct Terms {
+    method: String,
+    token_sha256: String,
+}
+
+impl Terms {
+    fn of(settings: &JoinSettings) -> Terms {
+        Terms {
+            method: settings.method.as_str().to_owned(),
+            token_sha256: crate::sha256_hex(settings.token.as_bytes()),
+        }
+    }
+}
+
+fn save_terms(store: &Store, settings: &JoinSettings) -> Result<(), IssuerError> {
+    store.write_json(TERMS_FILE, &Terms::of(settings), Secrecy::Public)?;
+    Ok(())
+}
+
+/// Whether the saved identity joined on other terms than `settings` (`onboarding` was edited while
+/// the daemon was stopped). An identity saved by a version that did not record them counts as joined
+/// on these.
+pub fn terms_changed(store: &Store, settings: &JoinSettings) -> bool {
+    let saved: Option<Terms> = store.read_json(TERMS_FILE).ok().flatten();
+    saved.is_some_and(|saved| saved != Terms::of(settings))
 }
 
 /// Whether a `token` join was in flight when the process stopped: its answer may have been lost,

@@ -137,6 +137,19 @@ impl Agent {
                 }
             }
         }
+        // `onboarding` edited while the daemon was stopped: join on the new terms now, as a running
+        // daemon would on the edit; the saved identity stays in force if that fails.
+        if finished.is_none() && saved.is_some() && bot::terms_changed(&store, &settings) {
+            match bot::join(issuer.as_ref(), &settings, &store, None, &metrics).await {
+                Ok(joined) => {
+                    tracing::info!(bot = %joined.certificate.bot, method = %settings.method,
+                        "`onboarding` was edited while stopped: joined again on the new terms");
+                    finished = Some(joined);
+                }
+                Err(error) => tracing::warn!(%error, hint = %error.hint(),
+                    "`onboarding` was edited while stopped, and joining on the new terms failed; the saved identity stays in force"),
+            }
+        }
         if let Some(saved) = &saved {
             saved.present(issuer.as_ref());
         }
