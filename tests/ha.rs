@@ -583,3 +583,72 @@ async fn replicas_take_each_automatic_rotation_step_once_and_a_restarted_replica
     );
     assert!(seen.lock().unwrap().len() >= 3, "the agent's workload saw every CA");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumed_token_with_an_expiry_leaves_etcd_a_day_after_it() {
+    let Some(set) = Replicas::start(1) else { return };
+    let pin = pin(&set.status(0));
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
+    let token = format!(
+        "kind: token\nversion: v2\nmetadata:\n  name: expiring-token\n  expires: \"{}\"\nspec:\n  roles: [Bot]\n  \
+         join_method: token\n  bot_name: example-bot\n",
+        expires.format(&time::format_description::well_known::Rfc3339).unwrap()
+    );
+    save(&set.get(0).daemon.dir.path().join("etc/expiring-token.yaml"), &token);
+    let remote = client(format!("127.0.0.1:{}", set.get(0).port), &pin);
+    let key = KeyPair::generate().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match remote.join(token_join(&key, "expiring-token")).await {
+            Ok(_) => break,
+            // The document is picked up after the reload's debounce.
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The consumed record of this token is on a lease that ends a day after the token.
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &set.etcd.endpoints().join(","),
+            "get",
+            "--prefix",
+            "/tbot/",
+            "-w",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let digest = tbot::sha256_hex(b"expiring-token");
+    let leased: Vec<i64> = json["kvs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|kv| {
+            use base64::Engine;
+            let k = base64::engine::general_purpose::STANDARD
+                .decode(kv["key"].as_str().unwrap())
+                .unwrap();
+            String::from_utf8_lossy(&k).ends_with(&format!("/tokens/{digest}.json"))
+        })
+        .map(|kv| kv["lease"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(leased.len(), 1, "{json:#}");
+    assert_ne!(leased[0], 0, "the record is on a lease");
+    let ttl = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &set.etcd.endpoints().join(","), "lease", "timetolive"])
+        .arg(format!("{:x}", leased[0]))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&ttl.stdout);
+    let seconds: i64 = said
+        .split("remaining(")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!((26 * 3600 - 120..=26 * 3600).contains(&seconds), "{said}");
+}

@@ -18,6 +18,12 @@ use crate::resource::agent::JoinMethod;
 use super::follower::{put_if_unchanged, read_record};
 use super::{CHALLENGE_TTL, CONFLICT_RETRIES, LocalIssuer, REPLACED_GRACE, is_token, now, rfc3339};
 
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// How long a consumed token's record outlives the token (see `consumed_lease`).
+const CONSUMED_SLACK: Duration = Duration::from_secs(24 * 3600);
+
 /// SHA-256 (hex) of a public key, as the ledger records it.
 pub(super) fn key_digest(public_key: &[u8]) -> String {
     crate::sha256_hex(public_key)
@@ -43,13 +49,25 @@ impl LocalIssuer {
         })
     }
 
+    /// The lease a consumed token's record lives on in a shared store (etcd): until a day after the
+    /// token expires, when every replica refuses it anyway, so the store does not keep one key per
+    /// join forever. `None` (kept) for a token without `expires`, whose record is what keeps it
+    /// single-use, and in a store in this process (which keeps no leased key across a restart).
+    async fn consumed_lease(&self, expires: Option<OffsetDateTime>) -> Result<Option<i64>, IssuerError> {
+        let Some(expires) = expires.filter(|_| !self.inner.backing.local) else {
+            return Ok(None);
+        };
+        let ttl = Duration::try_from(expires - now()).unwrap_or(Duration::ZERO) + CONSUMED_SLACK;
+        Ok(Some(self.inner.backing.kv.grant(ttl).await?))
+    }
+
     /// A `token` join, after its terms were checked: consume the token and make a bot instance at
     /// generation 1, in one transaction that only one joiner of the token wins, on any replica. The
     /// same joiner retrying (the same key: its answer was lost, or the store applied a write that
     /// timed out) gets its instance's certificate again.
     pub(super) async fn join_token(&self, request: &JoinRequest) -> Result<BotCertificate, IssuerError> {
         let refuse = IssuerError::JoinRefused;
-        let (bot, roles, dir) = {
+        let (bot, roles, dir, expires) = {
             let state = self.lock();
             let token = state.policy.tokens.get(&request.token).ok_or_else(|| {
                 refuse(
@@ -59,7 +77,8 @@ impl LocalIssuer {
             })?;
             join::check_token_terms(token, JoinMethod::Token, now())?;
             let bot = token.spec.bot_name.to_string();
-            (bot.clone(), state.bot_roles(&bot)?, state.dir())
+            let expires = token.metadata.expires.as_ref().map(|t| t.0);
+            (bot.clone(), state.bot_roles(&bot)?, state.dir(), expires)
         };
         let backing = &self.inner.backing;
         let token_file = token_record_key(&dir, &token_key(&request.token));
@@ -87,11 +106,19 @@ impl LocalIssuer {
         };
         let key = instance_key(&bot, &instance);
         let bot_file = bot_record_key(&dir, &key);
+        let consumed_op = match self.consumed_lease(expires).await? {
+            Some(lease) => Op::Put {
+                key: token_file.clone(),
+                value: json(&consumed),
+                lease,
+            },
+            None => Op::put(&token_file, json(&consumed)),
+        };
         let (won, revision) = backing
             .kv
             .txn(
                 vec![Condition::Absent(token_file.clone())],
-                vec![Op::put(&token_file, json(&consumed)), Op::put(&bot_file, json(&record))],
+                vec![consumed_op, Op::put(&bot_file, json(&record))],
             )
             .await?;
         let instance = if won {
