@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fleet::{self, Issuer, agent_config, start_agent, token_onboarding, wait_for_socket, wait_for_status};
+use common::fleet::{
+    self, Issuer, agent_cas, agent_config, start_agent, token_onboarding, wait_for_socket, wait_for_status,
+};
 use common::{Contexts, Daemon, id, open_stream, save, service_cgroup, stdout};
 use spiffe::{WorkloadApiClient, X509Context};
 use tokio_stream::StreamExt;
@@ -556,19 +558,6 @@ fn an_agent_trusting_the_issuers_ca_file_joins_and_one_for_another_ca_is_refused
 fn leaf_issuer(ctx: &X509Context) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(ctx.svids()[0].leaf().as_ref()).unwrap();
     cert.issuer().to_string()
-}
-
-/// The `CA` column of the issuer's agent table, for every connected agent.
-fn agent_cas(status: &str) -> Vec<String> {
-    let mut lines = status
-        .lines()
-        .skip_while(|l| !l.trim_start().starts_with("BOT/INSTANCE"));
-    let Some(header) = lines.next() else { return vec![] };
-    let at = header.find(" CA ").expect("a CA column") + 1;
-    lines
-        .take_while(|l| l.starts_with("  ") && !l.trim_start().starts_with("REFUSED"))
-        .map(|l| l[at..].split_whitespace().next().unwrap_or_default().to_owned())
-        .collect()
 }
 
 fn rotate(issuer: &Issuer, args: &[&str]) -> std::process::Output {

@@ -152,3 +152,16 @@ pub fn tbotctl_dir(dir: &Path, args: &[&str]) -> std::process::Output {
     all.extend(["--dir", dir.to_str().unwrap()]);
     tbotctl(&all)
 }
+
+/// The `CA` column of the issuer's agent table, for every connected agent.
+pub fn agent_cas(status: &str) -> Vec<String> {
+    let mut lines = status
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("BOT/INSTANCE"));
+    let Some(header) = lines.next() else { return vec![] };
+    let at = header.find(" CA ").expect("a CA column") + 1;
+    lines
+        .take_while(|l| l.starts_with("  ") && !l.trim_start().starts_with("REFUSED"))
+        .map(|l| l[at..].split_whitespace().next().unwrap_or_default().to_owned())
+        .collect()
+}

@@ -5,7 +5,8 @@ Usage (the test venv from scripts/test.sh has the packages):
     spiffe_peer.py authorities SOCKET [ADMIN_SOCKET]
     spiffe_peer.py pyspiffe SOCKET AUDIENCE
     spiffe_peer.py sequential SOCKET COUNT
-    spiffe_peer.py once SOCKET       (one fetch in a new process: {"spiffe_id"} or {"code", "details"})
+    spiffe_peer.py once SOCKET [AUDIENCE]   (one fetch in a new process, a JWT-SVID too with an
+                                             audience: {"spiffe_id", "jwt"} or {"error", "details"})
     spiffe_peer.py bundles SOCKET
     spiffe_peer.py der FILE...       (each file: DER or PEM certificates)
     spiffe_peer.py watch SOCKET      (one line per update, until killed: scripts/fleet.sh)
@@ -128,15 +129,22 @@ def sequential(socket, count):
     return {"fetches": count, "distinct_serials": len(serials)}
 
 
-def once(socket):
-    """One X509-SVID fetch on a new connection, from a new process: what a one-shot client does."""
-    from spiffe import WorkloadApiClient
+def once(socket, audience=None):
+    """One X509-SVID fetch on a new connection, from a new process: what a one-shot client does.
+    With an audience, also a JWT-SVID, validated offline against the JWT bundle fetched beside it."""
+    from spiffe import JwtSvid, WorkloadApiClient
 
     try:
         with WorkloadApiClient(socket_path="unix://" + socket) as client:
-            return {"spiffe_id": str(client.fetch_x509_svid().spiffe_id)}
+            out = {"spiffe_id": str(client.fetch_x509_svid().spiffe_id)}
+            if audience:
+                jwt = client.fetch_jwt_svid(audience={audience})
+                bundle = client.fetch_jwt_bundles().get_bundle_for_trust_domain(jwt.spiffe_id.trust_domain)
+                JwtSvid.parse_and_validate(jwt.token, bundle, {audience})
+                out["jwt"] = "validated"
+            return out
     except Exception as e:  # py-spiffe wraps the gRPC error; keep its words
-        return {"error": type(e).__name__, "details": str(e)}
+        return {"error": type(e).__name__, "details": str(e).replace("\n", " ")}
 
 
 def bundles(socket):
@@ -207,8 +215,10 @@ def der(paths):
 
 
 def watch(socket):
-    """Prints `<unix ms> <SPIFFE ID>` for every X509 context the stream delivers, and `<unix ms> ERROR
-    <what>` for every error, until killed (scripts/fleet.sh runs one per agent)."""
+    """Prints `<unix ms> <SPIFFE ID> verified|UNVERIFIED` for every X509 context the stream delivers
+    (whether Python `cryptography` finds the SVID signed by a CA of the bundle delivered with it), and
+    `<unix ms> ERROR <what>` for every error, until killed (scripts/fleet.sh runs one per agent; the
+    scenario tests check every line)."""
     import threading
     import time
 
@@ -217,8 +227,19 @@ def watch(socket):
     def now():
         return int(time.time() * 1000)
 
+    def verified(context):
+        svid = context.default_svid
+        bundle = context.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        for ca in (bundle.x509_authorities if bundle else []):
+            try:
+                svid.leaf.verify_directly_issued_by(ca)
+                return "verified"
+            except Exception:  # another CA of the bundle, or none signed it
+                continue
+        return "UNVERIFIED"
+
     def on_success(context):
-        print(now(), context.default_svid.spiffe_id, flush=True)
+        print(now(), context.default_svid.spiffe_id, verified(context), flush=True)
 
     def on_error(error):
         print(now(), "ERROR", type(error).__name__, str(error).replace("\n", " "), flush=True)
@@ -242,7 +263,7 @@ def main(argv):
     elif command == "bundles":
         result = bundles(args[0])
     elif command == "once":
-        result = once(args[0])
+        result = once(*args)
     elif command == "der":
         result = der(args)
     else:
