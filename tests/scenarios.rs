@@ -92,12 +92,17 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
     // joins with each pin status prints.
     let t = Instant::now();
     tbotctl_ok(&issuer.daemon, &["rotate", "ca", "--grace", "3s"]);
-    let shown = pins(&common::fleet::wait_for_status(&issuer.daemon, "two pins", |s| pins(s).len() == 2));
+    let shown = pins(&common::fleet::wait_for_status(&issuer.daemon, "two pins", |s| {
+        pins(s).len() == 2
+    }));
     for (pin, token) in shown.iter().zip(["later-1", "later-2"]) {
         drop(joined(port, token, pin));
     }
     let took = until("both agents renew onto CA 2", || both_on("2"));
-    timeline.record("CA rotation by hand (3 s grace) → both agents on CA 2", t.elapsed().max(took));
+    timeline.record(
+        "CA rotation by hand (3 s grace) → both agents on CA 2",
+        t.elapsed().max(took),
+    );
 
     // 2. The retiring CA withdrawn at once: nobody holds a certificate of it, so nobody is stranded.
     let t = Instant::now();
@@ -114,14 +119,20 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
     });
     let t = Instant::now();
     tbotctl_ok(&issuer.daemon, &["rotate", "ca", "--force"]);
-    timeline.record("forced activation → both agents on CA 3", until("CA 3", || both_on("3")));
+    timeline.record(
+        "forced activation → both agents on CA 3",
+        until("CA 3", || both_on("3")),
+    );
     std::thread::sleep(Duration::from_secs(2).saturating_sub(t.elapsed()));
     let t = Instant::now();
     tbotctl_ok(&issuer.daemon, &["rotate", "ca", "--force"]);
     until("one pin on both agents", || {
         pins(&status(&a)).len() == 1 && pins(&status(&b)).len() == 1
     });
-    timeline.record("forced retire 2 s after activation → one CA on both agents", t.elapsed());
+    timeline.record(
+        "forced retire 2 s after activation → one CA on both agents",
+        t.elapsed(),
+    );
 
     // 4. A JWT key rotation, forced through: the one-shot processes validate every JWT-SVID.
     tbotctl_ok(&issuer.daemon, &["rotate", "jwt", "--grace", "1h"]);
@@ -142,7 +153,10 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
     let edited = start_id.replace("/uid/", "/edited/");
     wa.wait_for_id(&edited);
     wb.wait_for_id(&edited);
-    timeline.record("workload_identity edit → new processes on both agents get it", t.elapsed());
+    timeline.record(
+        "workload_identity edit → new processes on both agents get it",
+        t.elapsed(),
+    );
 
     // 6. The issuer SIGKILLed for 3 s: the workloads notice nothing.
     let (dir, admin) = issuer.daemon.crash();
@@ -182,7 +196,10 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
     wa.end_window();
     let (stream, _) = open_stream(&a).await;
     wa.restarted(stream);
-    timeline.record("issuer back after agent a restarted in the outage → a serves", t.elapsed());
+    timeline.record(
+        "issuer back after agent a restarted in the outage → a serves",
+        t.elapsed(),
+    );
 
     // 8. A new agent with the pin status prints now.
     let now = pins(&status(&issuer.daemon));
@@ -202,4 +219,200 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
     // `Unavailable`, while its status said so: the invariants above checked that.
     assert!(sa.failed > 0, "the window was exercised: {sa:?}");
     assert_eq!(sb.failed, 0, "{sb:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_host_through_scheduled_and_forced_rotations_an_edit_and_a_restart() {
+    let Some(python) = venv_python("spiffe") else { return };
+    // The CA lives 40 s: a successor is prepared 20 s and activated 10 s before its end.
+    let schedule =
+        "key_algorithm: ecdsa-p256\n    validity: 40s\n    rotation: {prepare_before: 20s, activate_before: 10s}";
+    let mut edits = common::QUICKSTART_ON_DISK.to_vec();
+    edits.push(("cluster.yaml", "key_algorithm: ecdsa-p256", schedule));
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &edits);
+    let mut daemon = Daemon::start(dir, socket);
+    let timeline = Timeline::default();
+    let (stream, first) = open_stream(&daemon).await;
+    let mut w = Workloads::start("single host", &daemon, &python, stream).await;
+    let start_id = id(&first);
+    w.wait_for_id(&start_id);
+    let key_phase = |daemon: &Daemon, key: &str| {
+        status(daemon)
+            .lines()
+            .find(|l| l.trim_start().starts_with(key))
+            .map(|l| l.split_whitespace().nth(2).unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+
+    // 1. While the schedule prepares the next CA: a JWT key rotation by hand, forced through.
+    tbotctl_ok(&daemon, &["rotate", "jwt", "--grace", "1h"]);
+    let t = Instant::now();
+    tbotctl_ok(&daemon, &["rotate", "jwt", "--force"]);
+    tbotctl_ok(&daemon, &["rotate", "jwt", "--force"]);
+    std::thread::sleep(Duration::from_secs(2));
+    timeline.record("JWT key activated and retired (forced)", t.elapsed());
+
+    // 2. A document edit.
+    let t = Instant::now();
+    edit(
+        &daemon,
+        "workload-identity.yaml",
+        "/user/{{workload.unix.uid}}",
+        "/edited/{{workload.unix.uid}}",
+    );
+    let edited = start_id.replace("/user/", "/edited/");
+    w.wait_for_id(&edited);
+    timeline.record("workload_identity edit → a new process gets it", t.elapsed());
+
+    // 3. The scheduled activation of CA 2 (about 30 s after start).
+    until_long("the schedule activates CA 2", || key_phase(&daemon, "ca 2") == "active");
+    let t = Instant::now();
+    let client = spiffe::WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    loop {
+        let ctx = client.fetch_x509_context().await.unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(ctx.svids()[0].leaf().as_ref()).unwrap();
+        if leaf.issuer().to_string().contains("CA 2") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no SVID of CA 2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    timeline.record("scheduled CA activation → a fetch gets an SVID of CA 2", t.elapsed());
+
+    // 4. The retiring CA withdrawn by hand.
+    let t = Instant::now();
+    tbotctl_ok(&daemon, &["rotate", "ca", "--force"]);
+    until("one pin", || pins(&status(&daemon)).len() == 1);
+    timeline.record("forced retire → one CA", t.elapsed());
+
+    // 5. A restart (SIGTERM, start): the window while the daemon is down is declared.
+    w.begin_window();
+    let t = Instant::now();
+    daemon = daemon.restart();
+    w.wait_for_id(&edited);
+    w.end_window();
+    timeline.record("restart → a new process is served", t.elapsed());
+    let (stream, _) = open_stream(&daemon).await;
+    w.restarted(stream);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let summary = w.finish();
+    timeline.print("single host");
+    println!("  {summary:?}");
+    assert!(summary.stream_messages >= 3, "{summary:?}");
+}
+
+/// Polls `f` every 100 ms until it returns true (60 s): for the schedule's own steps.
+fn until_long(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(60), "{what}: not within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_behind_haproxy_and_two_agents_through_a_replica_kill_an_etcd_member_loss_and_a_rotation() {
+    let Some(python) = venv_python("spiffe") else { return };
+    let Some(mut set) = common::ha::Replicas::start_with(3, false) else {
+        return;
+    };
+    if set.start_haproxy().is_none() {
+        return;
+    }
+    let pin = pins(&set.status(0)).remove(0);
+    let lb = set.lb_port;
+    let timeline = Timeline::default();
+    let a = joined(lb, TOKEN, &pin);
+    let b = joined(lb, "second-token", &pin);
+    let (stream, first) = open_stream(&a).await;
+    let wa = Workloads::start("agent a", &a, &python, stream).await;
+    let (stream, _) = open_stream(&b).await;
+    let wb = Workloads::start("agent b", &b, &python, stream).await;
+    let start_id = id(&first);
+    wa.wait_for_id(&start_id);
+    wb.wait_for_id(&start_id);
+    // How many agents replica `i` has connected.
+    let connected_to = |set: &common::ha::Replicas, i: usize| -> usize {
+        set.status(i)
+            .split(" connected)")
+            .next()
+            .and_then(|head| head.rsplit('(').next())
+            .and_then(|n| n.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    until("both agents connected", || {
+        (0..3).map(|i| connected_to(&set, i)).sum::<usize>() == 2
+    });
+    let victim = (0..3).max_by_key(|i| connected_to(&set, *i)).unwrap();
+    let live: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    let on_live = |set: &common::ha::Replicas| -> usize { live.iter().map(|i| connected_to(set, *i)).sum() };
+
+    // 1. The replica with agents on it SIGKILLed: they reconnect through haproxy to another.
+    let (dir, admin) = set.kill(victim);
+    let t = Instant::now();
+    until("both agents on the live replicas", || on_live(&set) == 2);
+    timeline.record(
+        "replica SIGKILL → both agents connected to the live replicas",
+        t.elapsed(),
+    );
+
+    // 2. An etcd member lost while a CA rotation runs by hand on another replica.
+    set.etcd.kill_member(0);
+    let t = Instant::now();
+    tbotctl_ok(&set.get(live[0]).daemon, &["rotate", "ca", "--grace", "3s"]);
+    until("the new CA on both agents", || {
+        pins(&status(&a)).len() == 2 && pins(&status(&b)).len() == 2
+    });
+    timeline.record(
+        "CA prepared with an etcd member down → both agents have it",
+        t.elapsed(),
+    );
+    // Activated by the schedule of whichever replica gets there first.
+    until_long("CA 2 active", || {
+        status(&set.get(live[1]).daemon)
+            .lines()
+            .any(|l| l.trim_start().starts_with("ca 2") && l.contains("active"))
+    });
+    let t = Instant::now();
+    tbotctl_ok(&set.get(live[1]).daemon, &["rotate", "ca", "--force"]);
+    until("one pin on both agents", || {
+        pins(&status(&a)).len() == 1 && pins(&status(&b)).len() == 1
+    });
+    timeline.record("forced retire → one CA on both agents", t.elapsed());
+
+    // 3. The member and the replica come back.
+    set.etcd.start_member(0);
+    let t = Instant::now();
+    set.restart(victim, dir, admin);
+    timeline.record("killed replica restarted → ready", t.elapsed());
+
+    // 4. A rollout of an edit to every replica.
+    let t = Instant::now();
+    for i in 0..3 {
+        edit(
+            &set.get(i).daemon,
+            "workload-identity.yaml",
+            "/uid/{{workload.unix.uid}}",
+            "/rolled/{{workload.unix.uid}}",
+        );
+    }
+    let rolled = start_id.replace("/uid/", "/rolled/");
+    wa.wait_for_id(&rolled);
+    wb.wait_for_id(&rolled);
+    timeline.record(
+        "edit rolled out to 3 replicas → new processes on both agents",
+        t.elapsed(),
+    );
+
+    // 5. A new agent with the pin a replica shows now.
+    let now = pins(&set.status(victim)).remove(0);
+    let t = Instant::now();
+    drop(joined(lb, "third-token", &now));
+    timeline.record("a new agent joins through haproxy with the pin shown now", t.elapsed());
+
+    let (sa, sb) = (wa.finish(), wb.finish());
+    timeline.print("3 replicas on etcd behind haproxy + two agents");
+    println!("  agent a: {sa:?}\n  agent b: {sb:?}");
+    assert_eq!((sa.failed, sb.failed), (0, 0));
 }

@@ -76,9 +76,9 @@ impl Workloads {
                         .args(["once", socket.to_str().unwrap(), AUDIENCE])
                         .output()
                         .unwrap();
-                    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-                        serde_json::json!({"error": "no output", "details": String::from_utf8_lossy(&out.stderr)})
-                    });
+                    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(
+                        |_| serde_json::json!({"error": "no output", "details": String::from_utf8_lossy(&out.stderr)}),
+                    );
                     let outcome = match (value["spiffe_id"].as_str(), value["jwt"].as_str()) {
                         (Some(id), Some("validated")) => Ok(id.to_owned()),
                         _ => Err(value.to_string()),
@@ -115,7 +115,8 @@ impl Workloads {
 
     /// From now until [`Workloads::end_window`], fetches may fail with `Unavailable`.
     pub fn begin_window(&mut self) {
-        self.allowed.push((Instant::now(), Instant::now() + Duration::from_secs(3600)));
+        self.allowed
+            .push((Instant::now(), Instant::now() + Duration::from_secs(3600)));
     }
 
     pub fn end_window(&mut self) {
@@ -159,7 +160,11 @@ impl Workloads {
             if seen {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "{}: no fetch of {id} in 30 s", self.name);
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{}: no fetch of {id} in 30 s",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -175,7 +180,10 @@ impl Workloads {
         let name = &self.name;
         // Invariant 1: every SVID verifies against the bundle it came with, for both clients.
         let rust = self.rust_failures.lock().unwrap().clone();
-        assert!(rust.is_empty(), "[{name}] every_svid_verifies_against_its_bundle (Rust): {rust:?}");
+        assert!(
+            rust.is_empty(),
+            "[{name}] every_svid_verifies_against_its_bundle (Rust): {rust:?}"
+        );
         let watch = std::fs::read_to_string(&self.watch_log).unwrap_or_default();
         let lines: Vec<&str> = watch.lines().collect();
         assert!(!lines.is_empty(), "[{name}] the py-spiffe stream saw nothing");
@@ -195,7 +203,10 @@ impl Workloads {
                     !e.contains("PERMISSION_DENIED") && !e.contains("PermissionDenied"),
                     "[{name}] no_held_identity_is_denied: {e}"
                 );
-                assert!(allowed(f), "[{name}] no_held_identity_is_denied (outside any window): {e}");
+                assert!(
+                    allowed(f),
+                    "[{name}] no_held_identity_is_denied (outside any window): {e}"
+                );
             }
         }
         // Invariant 3: status agrees with the workloads within a few seconds: a fetch that fails
@@ -203,7 +214,11 @@ impl Workloads {
         for f in fetches.iter().filter(|f| f.outcome.is_err()) {
             let near = |at: Instant| at + AGREE >= f.at && at <= f.ended + AGREE;
             let unhealthy = statuses.iter().any(|(at, code)| near(*at) && *code != Some(0));
-            assert!(unhealthy, "[{name}] status_is_not_healthy_while_fetches_fail: {:?}", f.outcome);
+            assert!(
+                unhealthy,
+                "[{name}] status_is_not_healthy_while_fetches_fail: {:?}",
+                f.outcome
+            );
         }
         Summary {
             fetches: fetches.len(),

@@ -18,6 +18,9 @@ use crate::kv::{Condition, Op};
 use super::{CONFLICT_RETRIES, INSTANCE_RETENTION, Inner, LocalIssuer, State, now};
 use crate::error::Explain;
 
+/// How long a rotation by hand retries a store that does not answer.
+const BY_HAND_RETRY: Duration = Duration::from_secs(15);
+
 /// The longest the schedule sleeps without looking again (a clock jump, a missed wake-up).
 pub(super) const SCHEDULE_RECHECK: Duration = Duration::from_secs(60);
 
@@ -270,18 +273,30 @@ impl LocalIssuer {
     /// A rotation by hand (`tbotctl rotate`) of the CA or (`jwt`) the JWT key: prepares a successor
     /// that activates after `grace`; refused while a rotation is in progress, unless `force`, which
     /// takes its next step now (activates the prepared key, or retires the old one).
+    /// A shared store that does not answer for a moment (an etcd leader election after a member
+    /// loss) is retried for up to [`BY_HAND_RETRY`]: the operator's command waits instead of failing.
     pub async fn rotate_by_hand(&self, jwt: bool, grace: Duration, force: bool) -> Result<Step, IssuerError> {
-        let step = self
-            .inner
-            .step(jwt, |state| {
-                if jwt {
-                    state.jwt.by_hand(grace, force, now())
-                } else {
-                    state.authority.by_hand(grace, force, now())
+        let deadline = tokio::time::Instant::now() + BY_HAND_RETRY;
+        let step = loop {
+            let taken = self
+                .inner
+                .step(jwt, |state| {
+                    if jwt {
+                        state.jwt.by_hand(grace, force, now())
+                    } else {
+                        state.authority.by_hand(grace, force, now())
+                    }
+                    .map(Some)
+                })
+                .await;
+            match taken {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "the store does not answer; retrying the rotation by hand");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                .map(Some)
-            })
-            .await?;
+                other => break other?,
+            }
+        };
         Ok(step.expect("a rotation by hand always decides a step"))
     }
 
