@@ -5,7 +5,9 @@
 //! callers (a cron job, py-spiffe's `fetch_x509_svid()`) share one issuance; then it goes instead of
 //! renewing. At most [`MAX_IDLE_SLOTS`] idle slots are kept (the least recently used go first), so
 //! callers with ever new attributes cannot grow the cache without limit. JWT-SVIDs are cached per
-//! (identity, attributes, audiences) until half their lifetime, at most [`MAX_JWTS`] of them.
+//! (identity, attributes, audiences) and served until half their lifetime or a re-decision, then
+//! issued again; while the issuer cannot be reached the held one is served until it expires. At most
+//! [`MAX_JWTS`] of them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,8 +56,11 @@ struct Key {
 /// about 1.5 KiB (certificate, key, the slot's task), so the bound is about 6 MiB.
 pub const MAX_IDLE_SLOTS: usize = 4096;
 
-/// Cached JWT-SVIDs, at most (about 1 KiB each); the ones that stop being fresh first go first.
+/// Cached JWT-SVIDs, at most (about 1 KiB each); the ones that expire first go first.
 pub const MAX_JWTS: usize = 4096;
+
+/// A held JWT-SVID is served during an outage only with at least this much life left.
+const JWT_MARGIN: time::Duration = time::Duration::seconds(5);
 
 /// One slot in the cache: its channel, the wake-up that makes its task reissue (or leave) now, and
 /// when a caller last subscribed (the least recently used idle slots are evicted first).
@@ -65,6 +70,15 @@ struct SlotHandle {
     /// Tells this slot from a later one with the same key (its task removes only its own).
     id: u64,
     last_used: tokio::time::Instant,
+}
+
+/// A cached JWT-SVID: served until `fresh_until` (half its lifetime) unless re-decided since
+/// (`stale`); after that it is issued again, and the held one is served only while the issuer cannot
+/// be reached, until it expires (as a cached X509-SVID is).
+struct HeldJwt {
+    svid: JwtSvid,
+    fresh_until: OffsetDateTime,
+    stale: bool,
 }
 
 /// A JWT-SVID's cache key: the identity's key and the sorted audiences.
@@ -77,7 +91,7 @@ pub struct SvidCache {
     /// Each slot's channel, and how to wake its task to reissue now.
     slots: Mutex<HashMap<Key, SlotHandle>>,
     /// JWT-SVIDs with the time they stop being served from the cache (half their lifetime).
-    jwts: Mutex<HashMap<JwtKey, (JwtSvid, OffsetDateTime)>>,
+    jwts: Mutex<HashMap<JwtKey, HeldJwt>>,
     issued: AtomicU64,
     next_slot_id: AtomicU64,
     metrics: super::AgentMetrics,
@@ -231,10 +245,11 @@ impl SvidCache {
                 handle.wake.notify_one();
             }
         }
-        self.jwts
-            .lock()
-            .expect("cache poisoned")
-            .retain(|(key, _), _| !identities.contains(&key.identity));
+        for ((key, _), held) in self.jwts.lock().expect("cache poisoned").iter_mut() {
+            if identities.contains(&key.identity) {
+                held.stale = true;
+            }
+        }
         woken
     }
 
@@ -369,25 +384,47 @@ impl SvidCache {
             },
             audience.clone(),
         );
-        if let Some((svid, fresh_until)) = self.jwts.lock().expect("cache poisoned").get(&key)
-            && now() < *fresh_until
+        if let Some(held) = self.jwts.lock().expect("cache poisoned").get(&key)
+            && !held.stale
+            && now() < held.fresh_until
         {
-            return Ok(svid.clone());
+            return Ok(held.svid.clone());
         }
         let issued_at = now();
-        let svid = self.jwt_uncached(resolved, workload, &audience, ttl).await?;
+        let svid = match self.jwt_uncached(resolved, workload, &audience, ttl).await {
+            Ok(svid) => svid,
+            Err(error) => {
+                let mut jwts = self.jwts.lock().expect("cache poisoned");
+                if error.is_transient()
+                    && let Some(held) = jwts.get(&key).filter(|h| now() + JWT_MARGIN < h.svid.expires)
+                {
+                    tracing::debug!(identity = %resolved.name, %error, "the issuer cannot be reached; serving the JWT-SVID held");
+                    return Ok(held.svid.clone());
+                }
+                // A "no" (or nothing valid held): nothing of it is served again.
+                jwts.remove(&key);
+                return Err(error);
+            }
+        };
         let mut jwts = self.jwts.lock().expect("cache poisoned");
-        jwts.retain(|_, (_, fresh_until)| now() < *fresh_until);
+        jwts.retain(|_, held| now() < held.svid.expires);
         while jwts.len() >= MAX_JWTS {
             let soonest = jwts
                 .iter()
-                .min_by_key(|(_, (_, fresh_until))| *fresh_until)
+                .min_by_key(|(_, held)| held.svid.expires)
                 .map(|(k, _)| k.clone())
                 .expect("not empty");
             jwts.remove(&soonest);
         }
         let fresh_until = issued_at + (svid.expires - issued_at) / 2;
-        jwts.insert(key, (svid.clone(), fresh_until));
+        jwts.insert(
+            key,
+            HeldJwt {
+                svid: svid.clone(),
+                fresh_until,
+                stale: false,
+            },
+        );
         Ok(svid)
     }
 }
@@ -556,5 +593,86 @@ mod tests {
             .await
             .unwrap();
         assert_ne!(first.token, other.token, "another audience, another token");
+    }
+
+    /// The in-process issuer, made unreachable for JWT-SVIDs at will.
+    struct Outage {
+        inner: LocalIssuer,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Issuer for Outage {
+        async fn challenge(&self) -> Result<String, IssuerError> {
+            self.inner.challenge().await
+        }
+        async fn join(
+            &self,
+            request: crate::issuer::JoinRequest,
+        ) -> Result<crate::issuer::BotCertificate, IssuerError> {
+            self.inner.join(request).await
+        }
+        async fn renew(
+            &self,
+            request: crate::issuer::RenewRequest,
+        ) -> Result<crate::issuer::BotCertificate, IssuerError> {
+            self.inner.renew(request).await
+        }
+        async fn resolve(
+            &self,
+            bot_certificate: &[u8],
+            selector: &crate::issuer::IdentitySelector,
+            workload: &Attributes,
+        ) -> Result<crate::issuer::Resolution, IssuerError> {
+            self.inner.resolve(bot_certificate, selector, workload).await
+        }
+        async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {
+            self.inner.issue_x509(request).await
+        }
+        async fn issue_jwt(&self, request: JwtRequest) -> Result<JwtSvid, IssuerError> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(IssuerError::Unavailable("the issuer is down".into()));
+            }
+            self.inner.issue_jwt(request).await
+        }
+        fn bundles(&self) -> watch::Receiver<Arc<crate::issuer::Bundles>> {
+            self.inner.bundles()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_re_decided_jwt_svid_is_issued_again_and_still_served_while_the_issuer_is_down() {
+        let policy = policy_from_text(crate::testing::examples::EXAMPLE_DOCUMENTS);
+        let outage = Arc::new(Outage {
+            inner: LocalIssuer::open(Store::memory(), policy).await.unwrap(),
+            down: Default::default(),
+        });
+        let settings = JoinSettings {
+            method: JoinMethod::Token,
+            token: "t".into(),
+            ttl: HOUR,
+            renewal_interval: HOUR,
+        };
+        let issuer: Arc<dyn Issuer> = outage.clone();
+        let identity = bot::join(issuer.as_ref(), &settings, &Store::memory(), None, &Default::default())
+            .await
+            .unwrap();
+        let (_, rx) = watch::channel(Arc::new(identity));
+        let cache = SvidCache::new(issuer, rx, Default::default());
+        let aud = ["a".to_owned()];
+        let held = cache.jwt(&resolved(), &caller(1000, 1), &aud, HOUR).await.unwrap();
+        // A gap in the issuer's events re-decides everything; then the issuer goes away.
+        cache.redecide(&["wi".to_owned()].into());
+        outage.down.store(true, Ordering::Relaxed);
+        let served = cache.jwt(&resolved(), &caller(1000, 1), &aud, HOUR).await.unwrap();
+        assert_eq!(served.token, held.token, "the held JWT-SVID, still valid, is served");
+        // Back: a re-decided one is issued anew.
+        outage.down.store(false, Ordering::Relaxed);
+        let fresh = cache.jwt(&resolved(), &caller(1000, 1), &aud, HOUR).await.unwrap();
+        assert_ne!(fresh.token, held.token);
+        // A caller never served gets the outage, not someone else's token.
+        outage.down.store(true, Ordering::Relaxed);
+        let never = cache.jwt(&resolved(), &caller(2000, 1), &aud, HOUR).await.unwrap_err();
+        assert!(never.is_transient(), "{never}");
     }
 }

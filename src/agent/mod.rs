@@ -58,6 +58,11 @@ struct Resolutions {
     policy: u64,
     bot: Option<Arc<BotIdentity>>,
     by_selector: std::collections::HashMap<IdentitySelector, Answers>,
+    /// The answers of the epoch before (a renewal, a policy event): asked only when the issuer
+    /// cannot be reached, so a new process right after a renewal or a reconnect is still served
+    /// during an outage (its SVID comes from the cache, which the re-decision already revoked if the
+    /// documents took it away).
+    previous: std::collections::HashMap<IdentitySelector, Answers>,
     /// Moves on every [`Agent::forget_resolutions`]: an answer asked for before must not be kept.
     forgotten: u64,
 }
@@ -100,11 +105,18 @@ impl Resolutions {
     fn at(&mut self, policy: u64, bot: &Arc<BotIdentity>) -> bool {
         let same = self.policy == policy && self.bot.as_ref().is_some_and(|b| Arc::ptr_eq(b, bot));
         if !same {
-            self.by_selector.clear();
+            self.forget();
             self.policy = policy;
             self.bot = Some(bot.clone());
         }
         same
+    }
+
+    /// Starts a new epoch; the current answers become the fallback.
+    fn forget(&mut self) {
+        if !self.by_selector.is_empty() {
+            self.previous = std::mem::take(&mut self.by_selector);
+        }
     }
 }
 
@@ -392,12 +404,22 @@ impl Agent {
             }
             cache.forgotten
         };
-        let resolved = self.issuer.resolve(&bot.certificate.der, selector, workload).await?;
+        let resolved = match self.issuer.resolve(&bot.certificate.der, selector, workload).await {
+            Ok(resolved) => resolved,
+            Err(error) if error.is_transient() => {
+                let cache = self.resolutions.lock().expect("resolutions poisoned");
+                return match cache.previous.get(selector).and_then(|m| m.get(workload)) {
+                    Some(held) => Ok(held.clone()),
+                    None => Err(error),
+                };
+            }
+            Err(error) => return Err(error),
+        };
         let mut cache = self.resolutions.lock().expect("resolutions poisoned");
         // Only if nothing changed meanwhile: an answer from before a change must not outlive it.
         if cache.at(policy, &bot) && cache.forgotten == forgotten && *self.policy.borrow() == policy {
             if cache.by_selector.values().map(|m| m.by_attributes.len()).sum::<usize>() >= MAX_RESOLUTIONS {
-                cache.by_selector.clear();
+                cache.forget();
             }
             cache
                 .by_selector
@@ -412,7 +434,7 @@ impl Agent {
     /// until [`Agent::redecide`] tells them).
     pub fn forget_resolutions(&self) {
         let mut cache = self.resolutions.lock().expect("resolutions poisoned");
-        cache.by_selector.clear();
+        cache.forget();
         cache.forgotten += 1;
     }
 
@@ -448,6 +470,8 @@ mod tests {
     struct Counting {
         inner: LocalIssuer,
         resolves: AtomicUsize,
+        /// Resolve answers `Unavailable` (the issuer is down).
+        down: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -468,6 +492,9 @@ mod tests {
             workload: &Attributes,
         ) -> Result<Resolution, IssuerError> {
             self.resolves.fetch_add(1, Ordering::Relaxed);
+            if self.down.load(Ordering::Relaxed) {
+                return Err(IssuerError::Unavailable("the issuer is down".into()));
+            }
             self.inner.resolve(bot_certificate, selector, workload).await
         }
         async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {
@@ -487,6 +514,7 @@ mod tests {
                 .await
                 .unwrap(),
             resolves: AtomicUsize::new(0),
+            down: Default::default(),
         });
         let settings = JoinSettings {
             method: JoinMethod::Token,
@@ -526,6 +554,24 @@ mod tests {
         );
         agent.resolve(&selector, &caller(1001)).await.unwrap();
         assert_eq!(issuer.resolves.load(Ordering::Relaxed), 2, "another uid is asked for");
+    }
+
+    #[tokio::test]
+    async fn after_a_policy_event_the_last_answers_still_serve_while_the_issuer_is_down() {
+        let (agent, issuer) = agent().await;
+        let selector = IdentitySelector::Name("wi".into());
+        let first = agent.resolve(&selector, &caller(1)).await.unwrap();
+        // A reconnect's "re-decide everything", then the issuer goes away.
+        agent.forget_resolutions();
+        issuer.down.store(true, Ordering::Relaxed);
+        assert_eq!(agent.resolve(&selector, &caller(1)).await.unwrap(), first);
+        let never = agent.resolve(&selector, &caller(2)).await.unwrap_err();
+        assert!(never.is_transient(), "a caller never resolved gets the outage: {never}");
+        // Back: the issuer is asked again.
+        issuer.down.store(false, Ordering::Relaxed);
+        let before = issuer.resolves.load(Ordering::Relaxed);
+        agent.resolve(&selector, &caller(1)).await.unwrap();
+        assert_eq!(issuer.resolves.load(Ordering::Relaxed), before + 1);
     }
 
     #[tokio::test]

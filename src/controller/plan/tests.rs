@@ -190,18 +190,28 @@ fn a_selector_edit_reconfigures_the_service() {
 
 #[test]
 fn outputs_are_written_rewritten_on_an_edit_or_a_new_agent_lifetime_and_stopped() {
-    const OUTPUT: &str = "    attestors:\n      unix: {}\n      systemd:\n        enabled: true\n  - type: workload-identity-x509\n    name: files\n    selector: {name: quickstart}\n    destination: {type: directory, path: /tmp/out}\n";
+    // An output writes an identity that reads no workload attribute (its own document here).
+    const OUTPUT: &str = "    attestors:\n      unix: {}\n      systemd:\n        enabled: true\n  - type: workload-identity-x509\n    name: files\n    selector: {name: files}\n    destination: {type: directory, path: /tmp/out}\n";
+    const CLAIM: &str = "team: \"{{ strings.lower(user.bot_name) }}\"";
+    let identity = format!(
+        "{CLAIM}\n---\nkind: workload_identity\nversion: v1\nmetadata:\n  name: files\nspec:\n  spiffe:\n    id: /svc/files\n"
+    );
     let with = |extra: &[(&str, &str, &str)]| {
-        let mut edits = vec![(
-            "tbot.yaml",
-            "    attestors:\n      unix: {}\n      systemd:\n        enabled: true\n",
-            OUTPUT,
-        )];
+        let mut edits = vec![
+            (
+                "tbot.yaml",
+                "    attestors:\n      unix: {}\n      systemd:\n        enabled: true\n",
+                OUTPUT,
+            ),
+            ("workload-identity.yaml", CLAIM, identity.as_str()),
+        ];
         edits.extend_from_slice(extra);
         edited_many(&edits)
     };
+    // The outputs' steps (the identity's own come and go with it).
+    let outputs = |p: &Plan| -> Vec<String> { actions(p).into_iter().filter(|a| a.contains(" output ")).collect() };
     assert_eq!(
-        actions(&plan(&with(&[]), Some(&base()))),
+        outputs(&plan(&with(&[]), Some(&base()))),
         ["+ output files: write /tmp/out"]
     );
     let p = plan(
@@ -209,7 +219,7 @@ fn outputs_are_written_rewritten_on_an_edit_or_a_new_agent_lifetime_and_stopped(
         Some(&with(&[])),
     );
     assert_eq!(
-        actions(&p),
+        outputs(&p),
         ["~ output files: issue again and replace the files in /tmp/elsewhere"]
     );
     // The output takes the agent's lifetime: a new one issues again (and re-decides the listener).
@@ -223,7 +233,7 @@ fn outputs_are_written_rewritten_on_an_edit_or_a_new_agent_lifetime_and_stopped(
         actions(&p)
     );
     assert_eq!(
-        actions(&plan(&base(), Some(&with(&[])))),
+        outputs(&plan(&base(), Some(&with(&[])))),
         ["- output files: stop renewing; the files in /tmp/out are left in place"]
     );
 }
