@@ -368,18 +368,30 @@ async fn three_replicas_behind_haproxy_and_two_agents_through_a_replica_kill_an_
         "CA prepared with an etcd member down → both agents have it",
         t.elapsed(),
     );
-    // Activated by the schedule of whichever replica gets there first.
+    // Activated by the schedule of whichever replica gets there first. The retire is forced on the
+    // replica with fewer agents: it must wait for the other replica's agents to renew too.
+    let on = *live.iter().min_by_key(|i| connected_to(&set, **i)).unwrap();
     until_long("CA 2 active", || {
-        status(&set.get(live[1]).daemon)
+        status(&set.get(on).daemon)
             .lines()
             .any(|l| l.trim_start().starts_with("ca 2") && l.contains("active"))
     });
     let t = Instant::now();
-    tbotctl_ok(&set.get(live[1]).daemon, &["rotate", "ca", "--force"]);
+    tbotctl_ok(&set.get(on).daemon, &["rotate", "ca", "--force"]);
     until("one pin on both agents", || {
         pins(&status(&a)).len() == 1 && pins(&status(&b)).len() == 1
     });
-    timeline.record("forced retire → one CA on both agents", t.elapsed());
+    timeline.record(
+        "forced retire (on the other replica) → one CA on both agents",
+        t.elapsed(),
+    );
+    for agent in [&a, &b] {
+        let now = status(agent);
+        assert!(
+            now.contains("(connected)") && !now.contains("REFUSES"),
+            "nobody stranded: {now}"
+        );
+    }
 
     // 3. The member and the replica come back.
     set.etcd.start_member(0);

@@ -419,8 +419,9 @@ impl Admin for AdminApi {
     }
 }
 
-/// How long a forced CA retire waits for connected agents to renew onto the active CA.
-const RENEWAL_WAIT: Duration = Duration::from_secs(10);
+/// How long a forced CA retire waits for connected agents to renew onto the active CA: other
+/// replicas' counts arrive with their heartbeats (every 5 s).
+const RENEWAL_WAIT: Duration = Duration::from_secs(15);
 
 impl AdminApi {
     /// Before a forced retire withdraws a CA: the connected agents whose bot certificates it signed
@@ -432,42 +433,59 @@ impl AdminApi {
         strand: bool,
     ) -> Result<(), Status> {
         let Some(sessions) = &self.sessions else { return Ok(()) };
+        let this = self.status.get().host.replica.clone();
+        // This replica's agents by name; the other replicas' by count, from their heartbeats.
         let stranded = || {
             let retiring = issuer.retiring_cas();
-            let mut out: Vec<crate::issuer::server::AgentSession> = sessions
+            let mut here: Vec<crate::issuer::server::AgentSession> = sessions
                 .list()
                 .into_iter()
                 .map(|(s, _)| s)
                 .filter(|s| retiring.contains(&s.ca))
                 .collect();
-            out.sort_by(|a, b| (&a.bot, &a.instance).cmp(&(&b.bot, &b.instance)));
-            out.dedup_by(|a, b| a.bot == b.bot && a.instance == b.instance);
-            out
+            here.sort_by(|a, b| (&a.bot, &a.instance).cmp(&(&b.bot, &b.instance)));
+            here.dedup_by(|a, b| a.bot == b.bot && a.instance == b.instance);
+            let elsewhere: Vec<(String, u64)> = issuer
+                .replicas()
+                .into_iter()
+                .filter(|r| r.name != this)
+                .map(|r| {
+                    let n = retiring
+                        .iter()
+                        .map(|ca| r.agents_by_ca.get(ca).copied().unwrap_or(0))
+                        .sum();
+                    (r.name, n)
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            (here, elsewhere)
         };
         let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
-        let mut left = stranded();
-        while !left.is_empty() && !strand && tokio::time::Instant::now() < deadline {
+        let (mut here, mut elsewhere) = stranded();
+        while !(here.is_empty() && elsewhere.is_empty()) && !strand && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            left = stranded();
+            (here, elsewhere) = stranded();
         }
-        if left.is_empty() {
+        if here.is_empty() && elsewhere.is_empty() {
             return Ok(());
         }
         const NAMED: usize = 10;
-        let mut names: Vec<String> = left
+        let mut names: Vec<String> = here
             .iter()
             .take(NAMED)
             .map(|s| format!("{}/{} ({})", s.bot, s.instance, s.address))
             .collect();
-        if left.len() > NAMED {
-            names.push(format!("and {} more", left.len() - NAMED));
+        if here.len() > NAMED {
+            names.push(format!("and {} more", here.len() - NAMED));
         }
-        let count = match left.len() {
+        names.extend(elsewhere.iter().map(|(replica, n)| format!("{n} on replica {replica}")));
+        let total = here.len() as u64 + elsewhere.iter().map(|(_, n)| n).sum::<u64>();
+        let count = match total {
             1 => "1 connected agent still holds".to_owned(),
             n => format!("{n} connected agents still hold"),
         };
         if strand {
-            tracing::warn!(agents = left.len(), names = %names.join(", "),
+            tracing::warn!(agents = total, names = %names.join(", "),
                 "retiring the CA now although connected agents hold bot certificates it signed (--strand): they are refused from now on");
             return Ok(());
         }

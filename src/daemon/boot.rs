@@ -174,10 +174,12 @@ async fn serve_issuer(
     if !issuer.backing().local {
         let record = crate::issuer::state::replicas::ReplicaRecord::this_process(&doc.metadata.name, serving.address);
         let applied = applied.subscribe();
+        let sessions = serving.sessions.clone();
         tokio::spawn(crate::issuer::state::replicas::heartbeat(
             issuer.clone(),
             record,
             move || cluster_documents(&applied.borrow()),
+            move || sessions.by_ca(),
             stop.clone(),
         ));
     }

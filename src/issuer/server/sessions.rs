@@ -68,6 +68,15 @@ impl Sessions {
             .collect()
     }
 
+    /// How many agents are connected, by the id of their certificate's CA.
+    pub fn by_ca(&self) -> std::collections::BTreeMap<u32, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for session in self.open.lock().expect("sessions poisoned").values() {
+            *out.entry(session.ca).or_default() += 1;
+        }
+        out
+    }
+
     /// The instances refused since they last connected, most recent first.
     pub fn refusals(&self) -> Vec<Refusal> {
         // A day later the instance has most likely been replaced (a new token, a new instance).

@@ -32,6 +32,10 @@ pub struct ReplicaRecord {
     /// replicas were given one `metadata.name`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub conflict: String,
+    /// How many agents have a `Watch` stream open on it, by the id of the CA that signed the bot
+    /// certificate each opened it with: a forced CA retire on any replica waits for them all.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agents_by_ca: BTreeMap<u32, u64>,
 }
 
 impl ReplicaRecord {
@@ -119,11 +123,12 @@ pub fn drift(replicas: &[ReplicaRecord]) -> Vec<Drift> {
 
 /// Keeps this replica's record in the store: rewritten every [`HEARTBEAT`] on a lease of three
 /// heartbeats (a killed replica's record goes by itself), removed at once on a clean stop.
-/// `documents` gives the documents applied now.
+/// `documents` gives the documents applied now, `agents_by_ca` its agents by their certificates' CA.
 pub async fn heartbeat(
     issuer: std::sync::Arc<crate::issuer::LocalIssuer>,
     mut record: ReplicaRecord,
     documents: impl Fn() -> BTreeMap<String, String> + Send + 'static,
+    agents_by_ca: impl Fn() -> BTreeMap<u32, u64> + Send + 'static,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use crate::kv::Op;
@@ -136,6 +141,7 @@ pub async fn heartbeat(
         let dir = format!("issuer/{}", issuer.policy().trust_domain.as_str());
         record.heartbeat = time::OffsetDateTime::now_utc().unix_timestamp();
         record.documents = documents();
+        record.agents_by_ca = agents_by_ca();
         record.ready = true;
         let key = record_key(&dir, &record.name);
         // Someone else writing under our name: say so in the record (every replica's status shows
