@@ -230,9 +230,11 @@ impl SvidCache {
     }
 
     /// Re-decides the cached SVIDs of these identities now (their documents or the rules that apply
-    /// to them changed): each is reissued, or revoked if the caller may no longer have it.
+    /// to them changed): each is reissued, or revoked if the caller may no longer have it. Held
+    /// JWT-SVIDs too, in the background: reissued, dropped on a "no", and on an unreachable issuer
+    /// kept only as a fallback for while it stays unreachable.
     /// Returns the woken slots' channels, marked seen: each changes when its re-decision is done.
-    pub fn redecide(&self, identities: &BTreeSet<String>) -> Vec<watch::Receiver<Slot>> {
+    pub fn redecide(self: &Arc<Self>, identities: &BTreeSet<String>) -> Vec<watch::Receiver<Slot>> {
         let mut woken = Vec::new();
         for (key, handle) in self.slots.lock().expect("cache poisoned").iter() {
             if identities.contains(&key.identity) {
@@ -245,10 +247,25 @@ impl SvidCache {
                 handle.wake.notify_one();
             }
         }
-        for ((key, _), held) in self.jwts.lock().expect("cache poisoned").iter_mut() {
+        let mut again = Vec::new();
+        for ((key, audience), held) in self.jwts.lock().expect("cache poisoned").iter_mut() {
             if identities.contains(&key.identity) {
                 held.stale = true;
+                again.push((key.clone(), audience.clone()));
             }
+        }
+        if !again.is_empty() {
+            let cache = self.clone();
+            tokio::spawn(async move {
+                for (key, audience) in again {
+                    // What the held one was issued for: its identity and the attributes it read.
+                    let resolved = Resolved {
+                        name: key.identity.clone(),
+                        reads: key.attributes.iter().map(|(name, _)| name.to_owned()).collect(),
+                    };
+                    let _ = cache.jwt(&resolved, &key.attributes, &audience, key.ttl).await;
+                }
+            });
         }
         woken
     }
@@ -395,7 +412,8 @@ impl SvidCache {
             Ok(svid) => svid,
             Err(error) => {
                 let mut jwts = self.jwts.lock().expect("cache poisoned");
-                if error.is_transient()
+                // Only an unreachable issuer (not a rate limit a caller can provoke).
+                if matches!(error, IssuerError::Unavailable(_))
                     && let Some(held) = jwts.get(&key).filter(|h| now() + JWT_MARGIN < h.svid.expires)
                 {
                     tracing::debug!(identity = %resolved.name, %error, "the issuer cannot be reached; serving the JWT-SVID held");

@@ -106,6 +106,14 @@ impl Resolutions {
         let same = self.policy == policy && self.bot.as_ref().is_some_and(|b| Arc::ptr_eq(b, bot));
         if !same {
             self.forget();
+            // Another bot (a rejoin on other terms): nothing the last one was told holds.
+            if self
+                .bot
+                .as_ref()
+                .is_some_and(|b| b.certificate.bot != bot.certificate.bot)
+            {
+                self.previous.clear();
+            }
             self.policy = policy;
             self.bot = Some(bot.clone());
         }
@@ -158,8 +166,10 @@ impl Agent {
                         "`onboarding` was edited while stopped: joined again on the new terms");
                     finished = Some(joined);
                 }
+                // Unreachable: the start is retried (the edit must not be forgotten by serving on).
+                Err(error) if error.is_transient() => return Err(error),
                 Err(error) => tracing::warn!(%error, hint = %error.hint(),
-                    "`onboarding` was edited while stopped, and joining on the new terms failed; the saved identity stays in force"),
+                    "`onboarding` was edited while stopped, and the new terms were refused; the saved identity stays in force"),
             }
         }
         if let Some(saved) = &saved {
@@ -406,7 +416,9 @@ impl Agent {
         };
         let resolved = match self.issuer.resolve(&bot.certificate.der, selector, workload).await {
             Ok(resolved) => resolved,
-            Err(error) if error.is_transient() => {
+            // Only an unreachable issuer (not a rate limit a caller can provoke); what comes of the
+            // answer is decided by the cache, whose SVIDs were re-decided when the documents changed.
+            Err(error @ IssuerError::Unavailable(_)) => {
                 let cache = self.resolutions.lock().expect("resolutions poisoned");
                 return match cache.previous.get(selector).and_then(|m| m.get(workload)) {
                     Some(held) => Ok(held.clone()),

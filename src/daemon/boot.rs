@@ -88,8 +88,12 @@ fn load(options: &StartOptions) -> Result<(Vec<Input>, manifest::LoadCache, mani
 /// before anything is created or spent: a second daemon given the same socket stops here instead of
 /// after it made a CA or used its token. A socket file nobody answers on is stale and is replaced
 /// later.
-fn sockets_free(state: &manifest::DesiredState, config: Option<&AgentConfig>) -> Result<(), ExitCode> {
+fn sockets_free(state: &manifest::DesiredState, config: Option<&AgentConfig>, oneshot: bool) -> Result<(), ExitCode> {
     use crate::resource::agent::Listen;
+    // `--oneshot` binds no listener, and runs without an admin API when its socket is taken.
+    if oneshot {
+        return Ok(());
+    }
     let mut sockets: Vec<(String, std::path::PathBuf)> = Vec::new();
     if let Some(path) = crate::admin::socket_for(state) {
         sockets.push(("the admin socket (`admin_socket`)".into(), path));
@@ -218,7 +222,7 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     if let (Some(set), Some(config)) = (&options.log_level, &config) {
         set(config.debug);
     }
-    sockets_free(&loaded.state, config.as_ref())?;
+    sockets_free(&loaded.state, config.as_ref(), options.oneshot)?;
 
     // 2. Signals and the watcher.
     let mut signals = Signals {

@@ -29,7 +29,7 @@ use proto::workload_identity_service_client::WorkloadIdentityServiceClient;
 mod trust;
 mod watching;
 
-use trust::{Target, connect, load_bundle, save_bundle};
+use trust::{Target, Withdrawn, connect, load_bundle, load_withdrawn, note_withdrawn, save_bundle};
 use watching::watch_loop;
 
 /// Where the remote issuer is and how to trust it: the agent config's `proxy_server` (or
@@ -64,6 +64,8 @@ pub struct RemoteIssuer {
     epoch: watch::Sender<u64>,
     channel: Mutex<Option<(u64, Channel)>>,
     bundles: watch::Sender<Arc<Bundles>>,
+    /// The pins of CAs seen leaving the bundle: not trusted by pin any more.
+    withdrawn: Withdrawn,
     events: watch::Sender<Arc<PolicyEvent>>,
     link: watch::Sender<Link>,
     store: Store,
@@ -94,7 +96,8 @@ impl RemoteIssuer {
     ) -> Result<Arc<RemoteIssuer>, IssuerError> {
         let saved = load_bundle(&store);
         let bundles = watch::channel(Arc::new(saved.unwrap_or_default())).0;
-        let target = Target::new(settings.clone(), bundles.subscribe())?;
+        let withdrawn = load_withdrawn(&store);
+        let target = Target::new(settings.clone(), bundles.subscribe(), withdrawn.clone())?;
         if settings.insecure {
             tracing::warn!(
                 issuer = %settings.address,
@@ -108,6 +111,7 @@ impl RemoteIssuer {
             epoch: watch::channel(0).0,
             channel: Mutex::new(None),
             bundles,
+            withdrawn,
             events: watch::channel(Arc::new(PolicyEvent::default())).0,
             link: watch::channel(Link {
                 address: settings.address.clone(),
@@ -134,7 +138,7 @@ impl RemoteIssuer {
         if self.settings() == settings {
             return Ok(());
         }
-        let target = Target::new(settings.clone(), self.bundles.subscribe())?;
+        let target = Target::new(settings.clone(), self.bundles.subscribe(), self.withdrawn.clone())?;
         *self.target.write().expect("target poisoned") = Arc::new(target);
         self.link.send_modify(|l| l.address = settings.address.clone());
         self.epoch.send_modify(|e| *e += 1);
@@ -196,8 +200,20 @@ impl RemoteIssuer {
         error
     }
 
-    /// The issuer refused the bot certificate: said once at ERROR, and shown until a `Watch` stream
-    /// is up again.
+    /// A call was answered: the bot certificate is accepted (a refusal from a replica that had not
+    /// seen a renewal yet is over).
+    fn accepted(&self) {
+        self.link.send_if_modified(|l| {
+            let was = l.refused.take().is_some();
+            if was {
+                tracing::info!(issuer = %l.address, "the issuer accepts this agent's bot certificate again");
+            }
+            was
+        });
+    }
+
+    /// The issuer refused the bot certificate: said once at ERROR, and shown until a call is
+    /// answered or a `Watch` stream is up again.
     fn set_refused(&self, why: String) {
         self.link.send_if_modified(|l| {
             if l.refused.is_none() {
@@ -223,6 +239,7 @@ impl RemoteIssuer {
                 && current.active_kid == bundles.active_kid
                 && current.federated == bundles.federated;
             if !same {
+                note_withdrawn(&self.store, &self.withdrawn, current, &bundles);
                 *current = Arc::new(bundles);
             }
             !same
@@ -420,7 +437,8 @@ impl Issuer for RemoteIssuer {
                 ttl_seconds: wire::seconds(request.ttl),
             })
             .await
-            .map_err(|s| self.unreachable(&s))?
+            .map_err(|s| self.unreachable(&s))
+            .inspect(|_| self.accepted())?
             .into_inner();
         self.accept_bot(cert)
     }
@@ -442,7 +460,8 @@ impl Issuer for RemoteIssuer {
                 workload: wire::attributes_to_wire(workload),
             })
             .await
-            .map_err(|s| self.unreachable(&s))?
+            .map_err(|s| self.unreachable(&s))
+            .inspect(|_| self.accepted())?
             .into_inner();
         Ok(wire::resolved_from_wire(answer))
     }
@@ -457,7 +476,8 @@ impl Issuer for RemoteIssuer {
                 ttl_seconds: wire::seconds(request.ttl),
             })
             .await
-            .map_err(|s| self.unreachable(&s))?
+            .map_err(|s| self.unreachable(&s))
+            .inspect(|_| self.accepted())?
             .into_inner();
         wire::x509_from_wire(svid)
     }
@@ -472,7 +492,8 @@ impl Issuer for RemoteIssuer {
                 ttl_seconds: wire::seconds(request.ttl),
             })
             .await
-            .map_err(|s| self.unreachable(&s))?
+            .map_err(|s| self.unreachable(&s))
+            .inspect(|_| self.accepted())?
             .into_inner();
         wire::jwt_from_wire(svid)
     }

@@ -26,6 +26,34 @@ use super::RemoteSettings;
 /// The saved trust bundle: a restart while the issuer is down still knows whom to trust.
 pub(super) const BUNDLE_FILE: &str = "agent/bundle.json";
 
+/// The pins of CAs this agent saw leave the trust bundle (retired, or withdrawn after a
+/// compromise): a pin in `onboarding.ca_pins` no longer makes such a CA trusted.
+pub(super) type Withdrawn = Arc<Mutex<std::collections::BTreeSet<String>>>;
+const WITHDRAWN_FILE: &str = "agent/withdrawn-pins.json";
+
+pub(super) fn load_withdrawn(store: &Store) -> Withdrawn {
+    let pins: std::collections::BTreeSet<String> = store.read_json(WITHDRAWN_FILE).ok().flatten().unwrap_or_default();
+    Arc::new(Mutex::new(pins))
+}
+
+/// Notes the CAs of `before` that `after` no longer holds; saves when that adds any.
+pub(super) fn note_withdrawn(store: &Store, withdrawn: &Withdrawn, before: &Bundles, after: &Bundles) {
+    let gone: Vec<String> = before
+        .x509_authorities
+        .iter()
+        .filter(|ca| !after.x509_authorities.contains(ca))
+        .filter_map(|ca| spki_pin(ca))
+        .collect();
+    if gone.is_empty() || before.trust_domain != after.trust_domain {
+        return;
+    }
+    let mut pins = withdrawn.lock().expect("withdrawn poisoned");
+    pins.extend(gone);
+    if let Err(e) = store.write_json(WITHDRAWN_FILE, &*pins, Secrecy::Public) {
+        tracing::warn!(error = %e, "cannot save the pins of withdrawn CAs");
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct SavedBundle {
     pub(super) trust_domain: String,
@@ -117,7 +145,11 @@ pub(super) fn save_bundle(store: &Store, bundles: &Bundles) {
 }
 
 impl Target {
-    pub(super) fn new(settings: RemoteSettings, bundles: watch::Receiver<Arc<Bundles>>) -> Result<Target, IssuerError> {
+    pub(super) fn new(
+        settings: RemoteSettings,
+        bundles: watch::Receiver<Arc<Bundles>>,
+        withdrawn: Withdrawn,
+    ) -> Result<Target, IssuerError> {
         let host = crate::resource::agent::server_host(&settings.address).map_err(IssuerError::Invalid)?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
         let server_name = ServerName::try_from(host)
@@ -155,6 +187,7 @@ impl Target {
                 pins: settings.ca_pins.clone(),
                 files,
                 bundles,
+                withdrawn,
                 insecure: settings.insecure,
                 last_refusal: Mutex::new(None),
             }),
@@ -238,6 +271,7 @@ pub(super) struct PinVerifier {
     pub(super) pins: Vec<String>,
     pub(super) files: Vec<Vec<u8>>,
     pub(super) bundles: watch::Receiver<Arc<Bundles>>,
+    pub(super) withdrawn: Withdrawn,
     pub(super) insecure: bool,
     /// Why the last handshake was refused, for the error the caller sees.
     pub(super) last_refusal: Mutex<Option<String>>,
@@ -264,9 +298,11 @@ impl ServerCertVerifier for PinVerifier {
         }
         let mut roots = RootCertStore::empty();
         let mut presented = Vec::new();
+        let withdrawn = self.withdrawn.lock().expect("withdrawn poisoned").clone();
         for ca in intermediates {
             let pin = spki_pin(ca).unwrap_or_default();
-            if self.pins.contains(&pin) {
+            // A pinned CA that left the bundle since (retired, withdrawn) is trusted no more.
+            if self.pins.contains(&pin) && !withdrawn.contains(&pin) {
                 let _ = roots.add(ca.clone().into_owned());
             }
             presented.push(pin);
@@ -356,5 +392,61 @@ mod tests {
         };
         save_bundle(&store, &bundles);
         assert_eq!(load_bundle(&store), Some(bundles));
+    }
+
+    #[test]
+    fn a_pinned_ca_that_left_the_bundle_is_trusted_no_more() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "a retired CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let pin = spki_pin(ca_cert.der()).unwrap();
+        let settings = RemoteSettings {
+            address: "127.0.0.1:3025".into(),
+            ca_pins: vec![pin.clone()],
+            ca_path: None,
+            insecure: false,
+        };
+        let bundles = watch::channel(Arc::new(Bundles::default())).1;
+        let withdrawn: Withdrawn = Arc::default();
+        let target = Target::new(settings, bundles, withdrawn.clone()).unwrap();
+        let verify = || {
+            target.verifier.verify_server_cert(
+                &CertificateDer::from(leaf.der().to_vec()),
+                &[CertificateDer::from(ca_cert.der().to_vec())],
+                &target.server_name,
+                &[],
+                UnixTime::now(),
+            )
+        };
+        assert!(verify().is_ok(), "pinned: trusted");
+        // The agent saw the CA leave its bundle: the pin no longer trusts it (a compromised CA's
+        // key cannot impersonate the issuer to agents that were told).
+        let store = Store::memory();
+        let before = Bundles {
+            trust_domain: "a.test".into(),
+            x509_authorities: vec![ca_cert.der().to_vec(), vec![1]],
+            ..Bundles::default()
+        };
+        let after = Bundles {
+            trust_domain: "a.test".into(),
+            x509_authorities: vec![vec![1]],
+            ..Bundles::default()
+        };
+        note_withdrawn(&store, &withdrawn, &before, &after);
+        assert!(verify().is_err(), "withdrawn: refused");
+        assert!(
+            load_withdrawn(&store).lock().unwrap().contains(&pin),
+            "remembered across a restart"
+        );
     }
 }

@@ -21,8 +21,9 @@ use super::{CHALLENGE_TTL, CONFLICT_RETRIES, LocalIssuer, REPLACED_GRACE, is_tok
 use std::time::Duration;
 use time::OffsetDateTime;
 
-/// How long a consumed token's record outlives the token (see `consumed_lease`).
-const CONSUMED_SLACK: Duration = Duration::from_secs(24 * 3600);
+/// How long a consumed token's record outlives the token (see `consumed_lease`): long enough that
+/// replicas whose documents disagree on `expires` during a rollout all refuse the token by then.
+const CONSUMED_SLACK: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// SHA-256 (hex) of a public key, as the ledger records it.
 pub(super) fn key_digest(public_key: &[u8]) -> String {
@@ -49,9 +50,10 @@ impl LocalIssuer {
         })
     }
 
-    /// The lease a consumed token's record lives on in a shared store (etcd): until a day after the
+    /// The lease a consumed token's record lives on in a shared store (etcd): until a week after the
     /// token expires, when every replica refuses it anyway, so the store does not keep one key per
-    /// join forever. `None` (kept) for a token without `expires`, whose record is what keeps it
+    /// join forever. (Editing a used token's `expires` to a later date after that makes it usable
+    /// again: make a new token instead.) `None` (kept) for a token without `expires`, whose record is what keeps it
     /// single-use, and in a store in this process (which keeps no leased key across a restart).
     async fn consumed_lease(&self, expires: Option<OffsetDateTime>) -> Result<Option<i64>, IssuerError> {
         let Some(expires) = expires.filter(|_| !self.inner.backing.local) else {

@@ -317,10 +317,7 @@ impl LocalIssuer {
         self.inner.reload_authority().await;
         let step = self
             .inner
-            .step(false, |state| {
-                let (step, _) = state.authority.due(&state.policy.ca, now());
-                Ok(step.filter(|s| matches!(s, Step::Prepare { .. })))
-            })
+            .step(false, |state| Ok(state.authority.for_settings(&state.policy.ca, now())))
             .await?;
         Ok(step.is_some())
     }

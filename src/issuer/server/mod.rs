@@ -370,7 +370,7 @@ impl WorkloadIdentityService for IssuerApi {
             certificate: digest,
             ca: self.issuer.signer_id(&cert).unwrap_or_default(),
         });
-        let cas = self.issuer.current_bundles().x509_authorities.len();
+        let cas = self.issuer.current_bundles();
         let seen_revision = request.into_inner().policy_revision;
         let state = WatchState {
             bundles: self.issuer.bundles(),
@@ -414,8 +414,9 @@ struct WatchState {
     until: tokio::time::Instant,
     /// After an error the stream ends.
     ended: bool,
-    /// How many CAs the bundle held when last sent: when one leaves, the certificate is checked again.
-    cas: usize,
+    /// The bundle when last sent (shared, not copied): when a CA leaves, the certificate is checked
+    /// again.
+    cas: Arc<Bundles>,
     sessions: Arc<Sessions>,
     _guard: SessionGuard,
 }
@@ -440,11 +441,11 @@ impl WatchState {
             tokio::select! {
                 changed = self.bundles.changed() => {
                     changed.ok()?;
-                    let cas = self.bundles.borrow_and_update().x509_authorities.len();
+                    let now = self.bundles.borrow_and_update().clone();
                     // A CA withdrawn (a forced retire) may be the one that signed this agent's
                     // certificate: then the stream ends with the refusal, and the agent says so.
-                    let withdrawn = cas < self.cas;
-                    self.cas = cas;
+                    let withdrawn = self.cas.x509_authorities.iter().any(|ca| !now.x509_authorities.contains(ca));
+                    self.cas = now;
                     if withdrawn && let Err(e) = self.issuer.authenticate(&self.certificate) {
                         self.ended = true;
                         self.sessions.refused(&self._guard, &e.to_string());

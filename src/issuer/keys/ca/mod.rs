@@ -256,23 +256,22 @@ impl Authority {
     }
 
     /// The rotation step due at `now`, or when the next one is.
-    /// When the CA settings (`key_algorithm`, `validity`) were edited, a successor made with them
-    /// is prepared, activating after [`SETTINGS_GRACE`], unless one is prepared already (then,
-    /// once it is active, the next look prepares one with the new settings if it still differs).
     pub fn due(&self, settings: &CaSettings, now: OffsetDateTime) -> (Option<Step>, Option<i64>) {
-        let (step, next) = rotation::due(&self.records, self.active, &settings.rotation, unix(now));
-        if step.is_some() {
-            return (step, next);
-        }
+        rotation::due(&self.records, self.active, &settings.rotation, unix(now))
+    }
+
+    /// The step a CA settings edit (`key_algorithm`, `validity`) calls for: a successor made with
+    /// them, activating after [`SETTINGS_GRACE`], unless the active CA has them or a successor is
+    /// prepared already. Taken only when the edit is applied (not by the schedule: replicas whose
+    /// documents differ during a rollout would otherwise rotate back and forth).
+    pub fn for_settings(&self, settings: &CaSettings, now: OffsetDateTime) -> Option<Step> {
         let prepared = self
             .records
             .iter()
             .any(|r| matches!(rotation::phase(r, self.active), Phase::Prepared { .. }));
-        if !prepared && !self.active_matches(settings) {
-            let activate_at = unix(now) + i64::try_from(SETTINGS_GRACE.as_secs()).unwrap_or(i64::MAX);
-            return (Some(Step::Prepare { activate_at }), None);
-        }
-        (step, next)
+        (!prepared && !self.active_matches(settings)).then(|| Step::Prepare {
+            activate_at: unix(now) + i64::try_from(SETTINGS_GRACE.as_secs()).unwrap_or(i64::MAX),
+        })
     }
 
     /// What `tbotctl rotate ca` would do now, or why it is refused.

@@ -94,12 +94,14 @@ async fn edited_ca_settings_prepare_a_successor_first_and_only_once() {
     let first = Authority::load_or_create(&backing, &td("example.org"), &CaSettings::default(), now)
         .await
         .unwrap();
-    assert_eq!(first.due(&CaSettings::default(), now).0, None);
+    assert_eq!(first.for_settings(&CaSettings::default(), now), None);
     let edited = CaSettings {
         algorithm: KeyAlgorithm::Ed25519,
         ..CaSettings::default()
     };
-    let step = first.due(&edited, now).0;
+    // The schedule itself never rotates for settings (replicas in a rollout would disagree).
+    assert_eq!(first.due(&edited, now).0, None);
+    let step = first.for_settings(&edited, now);
     let activate_at = now.unix_timestamp() + SETTINGS_GRACE.as_secs() as i64;
     assert_eq!(step, Some(Step::Prepare { activate_at }), "published before it signs");
     let (prepared, _) = first.stepped(&backing, step.unwrap(), &edited, now).unwrap();
@@ -109,7 +111,11 @@ async fn edited_ca_settings_prepare_a_successor_first_and_only_once() {
         KeyAlgorithm::EcdsaP256,
         "the old CA still signs"
     );
-    assert_eq!(prepared.due(&edited, now).0, None, "one successor, not one per look");
+    assert_eq!(
+        prepared.for_settings(&edited, now),
+        None,
+        "one successor, not one per edit"
+    );
     let later = OffsetDateTime::from_unix_timestamp(activate_at).unwrap();
     assert_eq!(prepared.due(&edited, later).0, Some(Step::Activate { id: 2 }));
 }
