@@ -462,11 +462,12 @@ impl AdminApi {
         };
         let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
         let (mut here, mut elsewhere) = stranded();
-        while !(here.is_empty() && elsewhere.is_empty()) && !strand && tokio::time::Instant::now() < deadline {
+        let stranding = |here: &Vec<_>, elsewhere: &Vec<_>| !here.is_empty() || !elsewhere.is_empty();
+        while stranding(&here, &elsewhere) && !strand && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
             (here, elsewhere) = stranded();
         }
-        if here.is_empty() && elsewhere.is_empty() {
+        if !stranding(&here, &elsewhere) {
             return Ok(());
         }
         const NAMED: usize = 10;
