@@ -3,6 +3,7 @@
 
 pub mod diag;
 pub mod server;
+mod strand;
 
 /// The generated protobuf messages and gRPC service (from `proto/admin.proto`).
 #[allow(clippy::all, missing_docs)]
