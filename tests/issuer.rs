@@ -269,11 +269,17 @@ async fn a_workload_the_rules_do_not_allow_gets_nothing_and_a_reason() {
         err.to_string().contains("`workload.unix.uid` is `0`, not `1000`"),
         "{err}"
     );
-    // The agent cannot claim the bot's attributes for the workload: `user.*` comes from the bot.
+    // The agent cannot claim the bot's attributes for the workload: `user.*` comes from the bot, and
+    // a request that sends one is refused, naming it.
     let mut forged = workload(1000);
     forged.set("user.bot_name", "someone-else");
-    let names = issuer
+    let refused = issuer
         .resolve(&bot.der, &IdentitySelector::Name("web".into()), &forged)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("`user.bot_name`"), "{refused}");
+    let names = issuer
+        .resolve(&bot.der, &IdentitySelector::Name("web".into()), &workload(1000))
         .await
         .unwrap();
     assert_eq!(names.decided_on.as_deref(), Some(&["workload.unix.uid".to_owned()][..]));
@@ -285,7 +291,7 @@ async fn a_workload_the_rules_do_not_allow_gets_nothing_and_a_reason() {
         .issue_jwt(JwtRequest {
             bot_certificate: bot.der.clone(),
             identity: "web".into(),
-            workload: forged,
+            workload: workload(1000),
             audience: vec!["a".into()],
             ttl: HOUR,
         })
@@ -718,4 +724,122 @@ async fn over_the_network(
         insecure: false,
     };
     (settings, stop_tx)
+}
+
+/// Identities whose templates a hostile value could make collide: `web` (`/svc/{uid}`, any uid) and
+/// `db` (`/svc/{uid}/db`), which the bot's role does not allow.
+const PREFIXED: &str = "
+---
+kind: workload_identity
+version: v1
+metadata: {name: any, labels: {app: web}}
+spec:
+  spiffe:
+    id: '/svc/{{workload.unix.uid}}'
+---
+kind: workload_identity
+version: v1
+metadata: {name: db, labels: {app: db}}
+spec:
+  spiffe:
+    id: '/svc/{{workload.unix.uid}}/db'
+";
+
+#[tokio::test]
+async fn a_hostile_attribute_value_never_renders_another_identitys_spiffe_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", PREFIXED)).await;
+    let bot_key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+    let key = KeyPair::generate().unwrap();
+    let hostile = [
+        "0/db",
+        "root",
+        "..",
+        "%2f",
+        "0\u{2215}db",
+        "-1",
+        "007",
+        "4294967296",
+        "1\n2",
+        &"9".repeat(4096),
+    ];
+    for value in hostile {
+        let mut workload = Attributes::new();
+        workload.set("workload.unix.uid", value);
+        let request = X509Request {
+            bot_certificate: bot.der.clone(),
+            identity: "any".into(),
+            workload,
+            public_key: key.subject_public_key_info(),
+            ttl: HOUR,
+        };
+        let refused = issuer.issue_x509(request).await.unwrap_err().to_string();
+        assert!(refused.contains("workload.unix.uid"), "{value:?}: {refused}");
+        assert!(!refused.contains('\n'), "the value is shown escaped: {refused}");
+    }
+    // A string attribute may hold a `/`, but never into a SPIFFE ID's segment.
+    let dir = tempfile::tempdir().unwrap();
+    let by_service = PREFIXED.replace("{{workload.unix.uid}}'", "{{workload.systemd.service}}'");
+    let issuer = open(dir.path(), &docs("{}", &by_service)).await;
+    let bot = issuer.join(token_join(&bot_key, "secret-token-1")).await.unwrap();
+    let mut workload = Attributes::new();
+    workload.set("workload.systemd.service", "x/db");
+    let refused = issuer
+        .issue_x509(X509Request {
+            bot_certificate: bot.der.clone(),
+            identity: "any".into(),
+            workload,
+            public_key: key.subject_public_key_info(),
+            ttl: HOUR,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("holds a `/`"), "{refused}");
+    // An unknown attribute is refused too.
+    let mut workload = Attributes::new();
+    workload.set("workload.unix.nonsense", "1");
+    let refused = issuer
+        .resolve(&bot.der, &IdentitySelector::Name("any".into()), &workload)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("not a workload attribute"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_join_or_renewal_with_a_malformed_key_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", "")).await;
+    let good = KeyPair::generate().unwrap();
+    let mut bad = token_join(&good, "secret-token-1");
+    bad.public_key = vec![0x5a; 64];
+    let refused = issuer.join(bad).await.unwrap_err().to_string();
+    assert!(refused.contains("the public key"), "{refused}");
+    assert!(issuer.instances(None).is_empty(), "no instance was recorded");
+    // The token is unspent: the same join with a real key goes through.
+    let bot = issuer.join(token_join(&good, "secret-token-1")).await.unwrap();
+    // A renewal with a malformed key leaves the generation where it was: the next good one works.
+    let next = KeyPair::generate().unwrap();
+    let mut bad = renewal(&bot.der, &good, &next);
+    bad.public_key = vec![0x04; 65];
+    bad.proof = {
+        use rcgen::SigningKey;
+        good.sign(&bad.public_key).unwrap()
+    };
+    let refused = issuer.renew(bad).await.unwrap_err().to_string();
+    assert!(refused.contains("the public key"), "{refused}");
+    let renewed = issuer.renew(renewal(&bot.der, &good, &next)).await.unwrap();
+    assert_eq!(renewed.generation, 2, "not taken for a copy");
+    // And an X509-SVID is never signed for the CA's own key.
+    let ca_spki = {
+        let ca = issuer.current_bundles().x509_authorities[0].clone();
+        let (_, cert) = parse_x509_certificate(&ca).unwrap();
+        cert.tbs_certificate.subject_pki.raw.to_vec()
+    };
+    let mut request = x509_request(&renewed.der, &next, 1000);
+    request.public_key = ca_spki;
+    let refused = issuer.issue_x509(request).await.unwrap_err().to_string();
+    assert!(refused.contains("a CA's own key"), "{refused}");
 }

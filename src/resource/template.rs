@@ -36,6 +36,35 @@ pub const CATALOGUE: &[(&str, AttrType)] = &[
     ("join.iam.arn", AttrType::String),
 ];
 
+/// Why `values` cannot be what a workload holds for `name`, if they cannot: a bot sends them, and
+/// each must have the catalogue's type (`Int`: decimal digits, `Bool`: `true`/`false`, strings
+/// without control characters), one value each.
+pub fn workload_value_problem(name: &str, values: &[String]) -> Option<String> {
+    let Some((_, kind)) = CATALOGUE.iter().find(|(n, _)| *n == name && n.starts_with("workload.")) else {
+        return Some("is not a workload attribute of the catalogue".into());
+    };
+    let [value] = values else {
+        return Some(format!("has {} values; a workload attribute has one", values.len()));
+    };
+    match kind {
+        AttrType::Int => {
+            let digits = !value.is_empty() && value.len() <= 10 && value.bytes().all(|b| b.is_ascii_digit());
+            let canonical = value == "0" || !value.starts_with('0');
+            if !(digits && canonical && value.parse::<u32>().is_ok()) {
+                return Some("is not a number (decimal digits, at most 4294967295)".into());
+            }
+        }
+        AttrType::Bool if value != "true" && value != "false" => {
+            return Some("is not `true` or `false`".into());
+        }
+        AttrType::String | AttrType::Map if value.chars().any(char::is_control) => {
+            return Some("holds a control character".into());
+        }
+        _ => {}
+    }
+    None
+}
+
 fn catalogue_names() -> String {
     CATALOGUE.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
 }

@@ -71,6 +71,8 @@ impl LocalIssuer {
         let refuse = IssuerError::JoinRefused;
         let (bot, roles, dir, expires) = {
             let state = self.lock();
+            // Validate, then write: a refused key spends no token and makes no instance.
+            state.check_key(&request.public_key)?;
             let token = state.policy.tokens.get(&request.token).ok_or_else(|| {
                 refuse(
                     "no token by that name exists (for `token` joins the name is the secret; check `onboarding.token`)"
@@ -168,10 +170,10 @@ impl LocalIssuer {
     pub(super) async fn renew_token(&self, request: &RenewRequest) -> Result<BotCertificate, IssuerError> {
         let (verified, dir) = {
             let state = self.lock();
-            (
-                bots::verify_bot_certificate(&state.authority, &request.certificate, now())?,
-                state.dir(),
-            )
+            let verified = bots::verify_bot_certificate(&state.authority, &request.certificate, now())?;
+            // Validate, then write: a refused key leaves the generation where it was.
+            state.check_key(&request.public_key)?;
+            (verified, state.dir())
         };
         let (claims, spki) = (verified.claims, verified.public_key);
         if !is_token(&claims) {
@@ -262,6 +264,7 @@ impl LocalIssuer {
         let refuse = IssuerError::JoinRefused;
         let (token, sts_override) = {
             let state = self.lock();
+            state.check_key(&request.public_key)?;
             let token = state.policy.tokens.get(&request.token).cloned().ok_or_else(|| {
                 refuse(format!(
                     "no token named `{}` exists; check `onboarding.token`",

@@ -360,7 +360,7 @@ impl Issuer for LocalIssuer {
             }
             IdentitySelector::Labels(labels) => {
                 let claims = state.authenticate(bot_certificate)?;
-                let attrs = state.attributes(&claims, workload);
+                let attrs = state.attributes(&claims, workload)?;
                 let decisions = decide::select(&state.policy, &claims.bot, labels, &attrs)?;
                 decisions.into_iter().map(|d| d.identity).collect()
             }
@@ -402,6 +402,7 @@ impl Issuer for LocalIssuer {
         let svid = {
             let mut state = self.lock();
             let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
+            state.check_key(&request.public_key)?;
             mint::x509_svid(&state.authority, &decision, &request.public_key, request.ttl, now())?
         };
         self.inner.note_issued(svid.not_after);

@@ -10,6 +10,12 @@ use crate::issuer::{Bundles, IssuerError};
 use super::{State, VERIFIED_CACHE, dir_of, is_token, now};
 
 impl State {
+    /// Checks a public key a bot sent before anything is recorded or signed for it.
+    pub(super) fn check_key(&self, spki: &[u8]) -> Result<(), IssuerError> {
+        let cas: Vec<&[u8]> = self.authority.cas().iter().map(|ca| ca.certificate_der()).collect();
+        crate::issuer::keys::public::check(spki, &cas)
+    }
+
     pub(super) fn dir(&self) -> String {
         dir_of(&self.policy.trust_domain)
     }
@@ -83,8 +89,19 @@ impl State {
         Ok(claims)
     }
 
-    /// The attributes a decision reads: the caller's `workload.*`, the bot's `user.*`, the join's `join.*`.
-    pub(super) fn attributes(&self, claims: &BotClaims, workload: &Attributes) -> Attributes {
+    /// The attributes a decision reads: the caller's `workload.*` (each of its catalogue type, or
+    /// the request is refused naming it), the bot's `user.*`, the join's `join.*`.
+    pub(super) fn attributes(&self, claims: &BotClaims, workload: &Attributes) -> Result<Attributes, IssuerError> {
+        for (name, values) in workload.iter() {
+            if let Some(why) = crate::resource::template::workload_value_problem(name, values) {
+                // The name and values are the bot's: shown escaped, never raw.
+                return Err(IssuerError::Invalid(format!(
+                    "workload attribute `{}` = {:?} {why}",
+                    name.escape_debug(),
+                    values
+                )));
+            }
+        }
         let mut attrs = workload.workload_only();
         attrs.set("user.name", format!("bot-{}", claims.bot));
         attrs.set("user.bot_name", &claims.bot);
@@ -98,7 +115,7 @@ impl State {
             }
         }
         attrs.extend(&claims.join_attributes());
-        attrs
+        Ok(attrs)
     }
 
     pub(super) fn decide(
@@ -108,7 +125,7 @@ impl State {
         workload: &Attributes,
     ) -> Result<Decision, IssuerError> {
         let claims = self.authenticate(der)?;
-        let attrs = self.attributes(&claims, workload);
+        let attrs = self.attributes(&claims, workload)?;
         Ok(decide::decide(&self.policy, &claims.bot, identity, &attrs)?)
     }
 

@@ -129,6 +129,9 @@ pub enum Unrenderable {
     Unset(String),
     #[error("`{attribute}` has {count} values and a template needs exactly one")]
     Several { attribute: String, count: usize },
+    /// A value would add a path segment to a SPIFFE ID.
+    #[error("`{attribute}` holds a `/`, and a value fills one segment of a SPIFFE ID")]
+    Slash { attribute: String },
     /// An attribute the template reads is not set.
     #[error(transparent)]
     Template(#[from] crate::resource::template::Unset),
@@ -180,6 +183,11 @@ impl crate::error::Explain for Unrenderable {
             // The message says what sets it.
             Unrenderable::Unset(_) | Unrenderable::Template(_) => "".into(),
             Unrenderable::Several { .. } => "use a rule or a template that reads one value".into(),
+            Unrenderable::Slash { .. } => {
+                "a value fills one path segment; put the `/` in the template instead, or use a rule to refuse such \
+                 values"
+                    .into()
+            }
         }
     }
 }
@@ -304,7 +312,15 @@ fn render_field(
     attributes: &Attributes,
 ) -> Result<String, Denial> {
     let mut failure = None;
+    // In a SPIFFE ID a value fills one segment: it never adds a `/`.
+    let one_segment = field == "spiffe.id";
     let out = template.render(|a| match attributes.single(a) {
+        Ok(v) if one_segment && v.contains('/') => {
+            failure.get_or_insert(Unrenderable::Slash {
+                attribute: a.to_string(),
+            });
+            None
+        }
         Ok(v) => Some(v.to_owned()),
         Err(why) => {
             failure.get_or_insert(why);

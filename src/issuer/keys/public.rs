@@ -1,0 +1,105 @@
+//! What the issuer signs a certificate for: only a real public key. A bot sends the
+//! SubjectPublicKeyInfo of the key it holds; it is parsed and checked (a P-256 point on the curve,
+//! an Ed25519 key of 32 bytes, RSA of 2048 to 8192 bits) before anything is recorded or signed, and
+//! a CA's own key is refused.
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use crate::issuer::IssuerError;
+
+const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const P256: &str = "1.2.840.10045.3.1.7";
+const ED25519_OID: &str = "1.3.101.112";
+const RSA: &str = "1.2.840.113549.1.1.1";
+
+/// Checks `spki` (DER) is a public key the issuer signs for; `cas` are the CA certificates (DER)
+/// whose keys must never be certified again.
+pub fn check(spki: &[u8], cas: &[&[u8]]) -> Result<(), IssuerError> {
+    let invalid = |why: &str| IssuerError::Invalid(format!("the public key {why}"));
+    let (rest, parsed) =
+        SubjectPublicKeyInfo::from_der(spki).map_err(|_| invalid("is not a DER SubjectPublicKeyInfo"))?;
+    if !rest.is_empty() {
+        return Err(invalid("has bytes after its SubjectPublicKeyInfo"));
+    }
+    let algorithm = parsed.algorithm.algorithm.to_id_string();
+    let key = parsed.subject_public_key.data.as_ref();
+    let checked = match algorithm.as_str() {
+        EC_PUBLIC_KEY => {
+            let curve = parsed
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|oid| oid.to_id_string());
+            if curve.as_deref() != Some(P256) {
+                return Err(invalid("is an EC key of another curve than P-256"));
+            }
+            ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key).map(|_| ())
+        }
+        ED25519_OID => ParsedPublicKey::new(&ED25519, key).map(|_| ()),
+        RSA => ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, key).map(|_| ()),
+        other => {
+            return Err(invalid(&format!(
+                "has algorithm {other}; use an ECDSA P-256, Ed25519 or RSA (2048 bits or more) key"
+            )));
+        }
+    };
+    checked.map_err(|e| invalid(&format!("is not a valid key of its algorithm ({e})")))?;
+    let is_ca_key = cas.iter().any(|ca| {
+        x509_parser::parse_x509_certificate(ca).is_ok_and(|(_, c)| c.tbs_certificate.subject_pki.raw == spki)
+    });
+    if is_ca_key {
+        return Err(invalid("is a CA's own key"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::PublicKeyData;
+
+    fn ec_spki(point: &[u8]) -> Vec<u8> {
+        // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING point }
+        let mut alg = vec![0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+        alg.extend([0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]);
+        let mut bits = vec![0x03, (point.len() + 1) as u8, 0x00];
+        bits.extend(point);
+        let mut out = vec![0x30, (alg.len() + bits.len()) as u8];
+        out.extend(alg);
+        out.extend(bits);
+        out
+    }
+
+    #[test]
+    fn only_real_keys_pass() {
+        let good = rcgen::KeyPair::generate().unwrap().subject_public_key_info();
+        assert!(check(&good, &[]).is_ok());
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+            .unwrap()
+            .subject_public_key_info();
+        assert!(check(&ed, &[]).is_ok());
+        // A point not on the curve, a 2-byte key, random bytes.
+        let mut off_curve = vec![0x04];
+        off_curve.extend([7u8; 64]);
+        for bad in [ec_spki(&off_curve), ec_spki(&[0x04, 0x01]), vec![0x5a; 64]] {
+            let why = check(&bad, &[]).unwrap_err().to_string();
+            assert!(why.contains("the public key"), "{why}");
+        }
+        // A 31-byte Ed25519 key.
+        let mut short = ed.clone();
+        short.truncate(ed.len() - 1);
+        short[1] -= 1;
+        short[ed.len() - 34] -= 1;
+        assert!(check(&short, &[]).is_err());
+        // A CA's own key.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).unwrap();
+        let why = check(&ca_key.subject_public_key_info(), &[ca.der().as_ref()]).unwrap_err();
+        assert!(why.to_string().contains("a CA's own key"), "{why}");
+    }
+}
