@@ -843,3 +843,19 @@ async fn a_join_or_renewal_with_a_malformed_key_changes_nothing() {
     let refused = issuer.issue_x509(request).await.unwrap_err().to_string();
     assert!(refused.contains("a CA's own key"), "{refused}");
 }
+
+#[tokio::test]
+async fn a_token_joins_bot_certificate_never_carries_the_tokens_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open(dir.path(), &docs("{}", "")).await;
+    let key = KeyPair::generate().unwrap();
+    let bot = issuer.join(token_join(&key, "secret-token-1")).await.unwrap();
+    let next = KeyPair::generate().unwrap();
+    let renewed = issuer.renew(renewal(&bot.der, &key, &next)).await.unwrap();
+    for der in [&bot.der, &renewed.der] {
+        let text = String::from_utf8_lossy(der);
+        assert!(!text.contains("secret-token-1"), "the token's name is the secret");
+    }
+    let names: Vec<&str> = bot.join.iter().map(|(name, _)| name).collect();
+    assert_eq!(names, ["join.meta.join_method"], "nothing but the method");
+}

@@ -217,7 +217,8 @@ impl BotIdentity {
     /// The certificate goes first: a crash between the two writes leaves the new certificate with
     /// the old key file, and [`BotIdentity::load`] then finds the new key among the pending ones.
     pub fn save(&self, store: &Store) -> Result<(), IssuerError> {
-        store.write(CERT_FILE, &self.certificate.der, Secrecy::Public)?;
+        // 0600 like the key: whoever reads it learns the bot's claims.
+        store.write(CERT_FILE, &self.certificate.der, Secrecy::Secret)?;
         crate::failpoint("identity-half-saved");
         store.write(KEY_FILE, &self.key.serialize_der(), Secrecy::Secret)?;
         Ok(())

@@ -44,14 +44,23 @@ impl BotClaims {
         instance_key(&self.bot, &self.instance)
     }
 
+    /// The join's attributes for templates and rules; a `token` join's token name is not one (it is
+    /// the secret: a certificate of an earlier version may still carry it).
     pub fn join_attributes(&self) -> Attributes {
+        let token = self.join.get("join.meta.join_method").is_some_and(|m| m == "token");
         let mut attrs = Attributes::new();
         for (k, v) in &self.join {
+            if token && k == TOKEN_NAME_CLAIM {
+                continue;
+            }
             attrs.set(k.clone(), v);
         }
         attrs
     }
 }
+
+/// The join claim that names the token (kept for `iam` joins, whose token name is not a secret).
+pub const TOKEN_NAME_CLAIM: &str = "join.meta.join_token_name";
 
 /// DER UTF8String of `text`.
 fn der_utf8(text: &str) -> Vec<u8> {

@@ -154,11 +154,8 @@ impl LocalIssuer {
             bot,
             roles,
             generation: 1,
-            join: [
-                ("join.meta.join_method".to_owned(), "token".to_owned()),
-                ("join.meta.join_token_name".to_owned(), request.token.clone()),
-            ]
-            .into(),
+            // Not the token's name: for a `token` join it is the secret, and the certificate is public.
+            join: [("join.meta.join_method".to_owned(), "token".to_owned())].into(),
             instance,
         };
         self.inner.sign_bot(&claims, &request.public_key, request.ttl)
@@ -242,6 +239,12 @@ impl LocalIssuer {
             let claims = BotClaims {
                 roles,
                 generation,
+                // A certificate of an earlier version may carry the token's name: it stops here.
+                join: claims
+                    .join
+                    .into_iter()
+                    .filter(|(k, _)| k != bots::TOKEN_NAME_CLAIM)
+                    .collect(),
                 ..claims
             };
             return self.inner.sign_bot(&claims, &request.public_key, request.ttl);
