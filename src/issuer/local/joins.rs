@@ -268,12 +268,13 @@ impl LocalIssuer {
         let (token, sts_override) = {
             let state = self.lock();
             state.check_key(&request.public_key)?;
-            let token = state.policy.tokens.get(&request.token).cloned().ok_or_else(|| {
-                refuse(format!(
-                    "no token named `{}` exists; check `onboarding.token`",
-                    request.token
-                ))
-            })?;
+            // The name is not repeated: it may be a secret its owner mistyped.
+            let token = state
+                .policy
+                .tokens
+                .get(&request.token)
+                .cloned()
+                .ok_or_else(|| refuse("no token by that name exists; check `onboarding.token`".into()))?;
             (token, state.policy.sts_endpoint.clone())
         };
         join::check_token_terms(&token, JoinMethod::Iam, now())?;

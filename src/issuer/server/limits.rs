@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::issuer::IssuerError;
 
@@ -108,5 +108,53 @@ mod tests {
         let e = b.take("10.0.0.1").unwrap_err().to_string();
         assert!(e.contains("at most 0.001 joins per second"), "{e}");
         b.take("10.0.0.2").expect("another address has its own bucket");
+    }
+
+    #[test]
+    fn refusals_from_one_source_are_logged_once_per_interval() {
+        let log = RefusalLog::default();
+        let address: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let e = IssuerError::Invalid("join method \"x\\n2026 INFO forged\" is not one".into());
+        for _ in 0..50 {
+            log.refused(address, &e);
+        }
+        let table = log.table.lock().unwrap();
+        assert_eq!(table[&address.ip()].1, 49, "one line, 49 held for the next");
+    }
+}
+
+/// Logs refused joins at most once per source address every [`REFUSAL_LOG_EVERY`], with how many
+/// were refused since: one source cannot fill the log (or hide other lines) by failing fast. Every
+/// string a client sent is shown escaped: a newline or a terminal escape is printed, not acted on.
+#[derive(Default)]
+pub struct RefusalLog {
+    /// By source address: when it was last logged, and the refusals not logged since.
+    table: Mutex<HashMap<std::net::IpAddr, (Option<Instant>, u64)>>,
+}
+
+/// How often one source's refusals are logged at most.
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl RefusalLog {
+    pub fn refused(&self, address: std::net::SocketAddr, error: &IssuerError) {
+        let now = Instant::now();
+        let mut table = self.table.lock().expect("refusal log poisoned");
+        if table.len() >= MAX_KEYS {
+            table.retain(|_, (at, _)| at.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY));
+        }
+        let (at, held) = table.entry(address.ip()).or_insert((None, 0));
+        if at.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
+            *held += 1;
+            return;
+        }
+        let also = std::mem::take(held);
+        *at = Some(now);
+        drop(table);
+        let error = error.to_string().escape_debug().to_string();
+        if also > 0 {
+            tracing::info!(%address, %error, also_refused = also, "join refused (and {also} more from this address since the last line)");
+        } else {
+            tracing::info!(%address, %error, "join refused");
+        }
     }
 }

@@ -42,6 +42,7 @@ pub struct IssuerApi {
     sessions: Arc<Sessions>,
     joins: Arc<Buckets>,
     calls: Arc<Buckets>,
+    refusals: Arc<limits::RefusalLog>,
     /// Added to the policy revision so revisions never repeat across restarts (an agent that saw
     /// revision N before a restart must not take the new N for the same documents).
     revision_base: u64,
@@ -60,6 +61,7 @@ impl IssuerApi {
             sessions: Arc::default(),
             joins: Arc::new(Buckets::new("joins", joins)),
             calls: Arc::new(Buckets::new("calls", calls)),
+            refusals: Arc::default(),
             revision_base: (OffsetDateTime::now_utc().unix_timestamp() as u64) << 20,
             metrics: Default::default(),
         }
@@ -136,10 +138,14 @@ impl JoinService for IssuerApi {
         request: Request<Streaming<proto::JoinRequest>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
         let peer = peer(&request)?;
-        self.joins.take(&peer.address.ip().to_string()).map_err(status)?;
+        if let Err(e) = self.joins.take(&peer.address.ip().to_string()) {
+            self.refusals.refused(peer.address, &e);
+            return Err(status(e));
+        }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(2);
         let issuer = self.issuer.clone();
+        let refusals = self.refusals.clone();
         tokio::spawn(async move {
             let answer = match run_join(&issuer, &mut inbound, &tx, &peer).await {
                 Ok(cert) => Ok(proto::JoinResponse {
@@ -149,7 +155,7 @@ impl JoinService for IssuerApi {
                     ))),
                 }),
                 Err(e) => {
-                    tracing::info!(address = %peer.address, error = %e, "join refused");
+                    refusals.refused(peer.address, &e);
                     Err(status(e))
                 }
             };
@@ -247,7 +253,8 @@ async fn run_join(
             issuer.join_iam(&request, &challenge, &signed, false).await
         }
         other => Err(IssuerError::Invalid(format!(
-            "join method `{other}` is not one of `token`, `iam`"
+            "join method {:?} is not one of `token`, `iam`",
+            other.chars().take(64).collect::<String>()
         ))),
     }
 }
