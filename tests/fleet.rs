@@ -744,3 +744,72 @@ fn an_onboarding_edit_made_while_the_agent_was_stopped_is_acted_on_at_the_next_s
     let bots = stdout(&issuer.daemon.tbotctl(&["get", "bot/example-bot"]));
     assert!(bots.contains("Instances of bot/example-bot (2):"), "{bots}");
 }
+
+/// `tests/peers/issuer_peer.py hostile`: a grpcio client of the issuer API (stubs generated from
+/// `proto/issuer.proto` by grpcio-tools) sending what a real agent never would.
+#[test]
+fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
+    let Some(python) = common::venv_python("grpc, grpc_tools, cryptography") else {
+        return;
+    };
+    let extra = "bot_name: example-bot\n---\nkind: token\nversion: v2\nmetadata:\n  name: hostile-token\nspec:\n  \
+                 roles: [Bot]\n  join_method: token\n  bot_name: example-bot\n";
+    let issuer = Issuer::start(UID_TEMPLATE, &[("bot-token.yaml", "bot_name: example-bot\n", extra)]);
+    let ca = std::fs::read(
+        issuer
+            .daemon
+            .dir
+            .path()
+            .join("state/issuer/example.teleport.sh/ca-1.der"),
+    )
+    .unwrap();
+    let ca_pem = issuer.daemon.dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, common::pem("CERTIFICATE", &ca)).unwrap();
+    let out = Command::new(&python)
+        .arg(common::root().join("tests/peers/issuer_peer.py"))
+        .args([
+            "hostile",
+            &format!("127.0.0.1:{}", issuer.port),
+            ca_pem.to_str().unwrap(),
+            "hostile-token",
+            "example-workload-identity",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let code = |k: &str| report[k]["code"].as_str().unwrap_or_default().to_owned();
+    // A refused join spends nothing; the next one with a real key goes through.
+    assert_eq!(code("forged_log_line"), "INVALID_ARGUMENT", "{report:#}");
+    assert_eq!(code("malformed_key_join"), "INVALID_ARGUMENT", "{report:#}");
+    assert_eq!(code("join_after_malformed_key"), "OK", "{report:#}");
+    assert!(
+        report["join_claims"].get("join.meta.join_token_name").is_none(),
+        "no token name in the certificate: {report:#}"
+    );
+    // Hostile attribute values are refused naming the attribute; a number is not.
+    for k in ["uid_slash", "uid_word", "uid_signed", "uid_escape"] {
+        assert_eq!(code(k), "INVALID_ARGUMENT", "{k}: {report:#}");
+        let details = report[k]["details"].as_str().unwrap_or_default();
+        assert!(details.contains("workload.unix.uid"), "{k}: {details}");
+    }
+    assert_ne!(code("uid_number"), "INVALID_ARGUMENT", "{report:#}");
+    assert_eq!(code("off_curve_svid_key"), "INVALID_ARGUMENT", "{report:#}");
+    // A renewal with a malformed key moves nothing: the next good one is not taken for a copy.
+    assert_eq!(code("malformed_key_renewal"), "INVALID_ARGUMENT", "{report:#}");
+    assert_eq!(code("renewal_after_malformed_key"), "OK", "{report:#}");
+    assert_eq!(report["renewal_after_malformed_key"]["generation"], 2, "{report:#}");
+    // The forged line never became a line of the issuer's log, and no escape reached it raw.
+    let log = issuer.daemon.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-12-04T00:00:00.000000Z")),
+        "a forged log line:\n{log}"
+    );
+    assert!(!log.contains('\x1b'), "a raw terminal escape in the log");
+    assert!(!log.contains("hostile-token"), "the token's name is logged");
+}
