@@ -84,6 +84,7 @@ pub(super) fn run(parsed: &[Parsed], sources: &Sources, unloaded: &[Unloaded], c
         references(&mut ctx);
     }
     trust_domain(&mut ctx);
+    federations_of_others(&mut ctx);
     Outcome {
         diagnostics: ctx.out,
         shadowed,
@@ -341,6 +342,35 @@ fn remote_trust(agent: &AgentConfig) -> Option<Problem> {
 
 /// The trust domain is the `cluster` document's name, else the host of `proxy_server`/`auth_server`;
 /// an agent of a remote issuer takes the issuer's.
+/// A `spiffe_federation` names another trust domain: one named after the host's own would be
+/// ignored, and its bundle never used.
+fn federations_of_others(ctx: &mut Ctx) {
+    let own = ctx.parsed.iter().find_map(|p| match &p.document {
+        Document::Cluster(c) => Some(c.metadata.name.to_string()),
+        _ => None,
+    });
+    let Some(own) = own else { return };
+    let found: Vec<usize> = ctx
+        .parsed
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.document.kind() == Kind::SpiffeFederation && p.document.name() == own)
+        .map(|(i, _)| i)
+        .collect();
+    for i in found {
+        ctx.report(
+            i,
+            Problem::error(
+                "/metadata/name",
+                format!("`{own}` is this host's own trust domain: a federation is with another one"),
+            )
+            .hint(
+                "name the document after the foreign trust domain, or remove it: a domain trusts its own CAs already",
+            ),
+        );
+    }
+}
+
 fn trust_domain(ctx: &mut Ctx) {
     if ctx.parsed.iter().any(|p| p.document.kind() == Kind::Cluster) || ctx.maybe_unloaded(Kind::Cluster, None) {
         return;

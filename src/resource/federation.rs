@@ -183,13 +183,22 @@ impl SpiffeFederation {
                 );
             }
         }
-        if let Some(fixed) = &source.fixed
-            && let Err(why) = crate::spiffe_bundle::parse(fixed.bundle.as_bytes())
-        {
-            out.push(
-                Problem::error("/spec/bundle_source/static/bundle", why)
-                    .hint("write the foreign domain's bundle as SPIFFE bundle JSON (a JWK Set)"),
-            );
+        if let Some(fixed) = &source.fixed {
+            match crate::spiffe_bundle::parse(fixed.bundle.as_bytes()) {
+                Err(why) => out.push(
+                    Problem::error("/spec/bundle_source/static/bundle", why)
+                        .hint("write the foreign domain's bundle as SPIFFE bundle JSON (a JWK Set)"),
+                ),
+                // A bundle of no CA and no JWT key trusts nothing: a mistake, never a choice.
+                Ok(parsed) if parsed.x509_authorities.is_empty() && parsed.jwt_keys.is_empty() => out.push(
+                    Problem::error(
+                        "/spec/bundle_source/static/bundle",
+                        "the bundle holds no `x509-svid` or `jwt-svid` key: it trusts nothing",
+                    )
+                    .hint("copy the foreign domain's bundle as its bundle endpoint serves it"),
+                ),
+                Ok(_) => {}
+            }
         }
         out
     }

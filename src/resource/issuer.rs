@@ -309,6 +309,22 @@ impl Issuer {
         out.extend(self.spec.storage.problems());
         if let Some(endpoint) = &self.spec.bundle_endpoint {
             out.extend(endpoint.problems());
+            if endpoint.listen.port() == self.spec.listen.port()
+                && (endpoint.listen.ip() == self.spec.listen.ip()
+                    || endpoint.listen.ip().is_unspecified()
+                    || self.spec.listen.ip().is_unspecified())
+            {
+                out.push(
+                    Problem::error(
+                        "/spec/bundle_endpoint/listen",
+                        format!(
+                            "the bundle endpoint's `listen` ({}) is the issuer API's port ({}): one of them could not bind",
+                            endpoint.listen, self.spec.listen
+                        ),
+                    )
+                    .hint("give the bundle endpoint its own port, such as 8443"),
+                );
+            }
         }
         if self.spec.admin_socket.as_ref().is_some_and(|p| p.is_relative()) {
             out.push(Problem::error(

@@ -120,6 +120,12 @@ pub fn check_pin(pin: &str) -> Result<(), String> {
             hex.len()
         ));
     }
+    if hex.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "`{pin}` has upper-case hex digits; pins are written in lower case, as `tbotctl status` prints them: `sha256:{}`",
+            hex.to_ascii_lowercase()
+        ));
+    }
     Ok(())
 }
 
@@ -229,6 +235,15 @@ impl AgentConfig {
                         .hint("copy the pin `tbotctl status` prints on the issuer host"),
                 );
             }
+        }
+        if self.onboarding.insecure && (!self.onboarding.ca_pins.is_empty() || self.onboarding.ca_path.is_some()) {
+            out.push(
+                Problem::error(
+                    "/onboarding/insecure",
+                    "`insecure: true` turns off the check that `ca_pins` and `ca_path` ask for: the issuer's identity would not be checked at all",
+                )
+                .hint("remove `insecure` (keep the pins), or remove `ca_pins` and `ca_path` if an unchecked issuer is really meant"),
+            );
         }
         if let Some(path) = &self.onboarding.ca_path
             && path.is_relative()
