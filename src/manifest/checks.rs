@@ -254,6 +254,35 @@ fn dangling(pointer: &str, kind: &str, name: &str, known: &BTreeSet<&str>) -> Pr
 fn outputs_reading_workloads(parsed: &[Parsed], agent: &AgentConfig) -> Vec<Problem> {
     let mut out = Vec::new();
     for (j, service) in agent.services.iter().enumerate() {
+        // An output writes exactly one identity: labels that pick several cannot be written.
+        if service.kind.is_output() && !service.selector.labels.is_empty() {
+            let picked: Vec<&str> = parsed
+                .iter()
+                .filter(|p| match &p.document {
+                    Document::WorkloadIdentity(wi) => service
+                        .selector
+                        .labels
+                        .iter()
+                        .all(|(k, v)| wi.metadata.labels.get(k) == Some(v)),
+                    _ => false,
+                })
+                .map(|p| p.document.name())
+                .collect();
+            if picked.len() > 1 {
+                out.push(
+                    Problem::error(
+                        format!("/services/{j}/selector/labels"),
+                        format!(
+                            "the output `{}` writes one identity, and these labels pick {}: {}",
+                            service.display_name(),
+                            picked.len(),
+                            picked.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                    .hint("select it by `name`, or give it a label the others do not have"),
+                );
+            }
+        }
         let Some(name) = service.selector.name.as_deref().filter(|_| service.kind.is_output()) else {
             continue;
         };
