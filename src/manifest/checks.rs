@@ -85,6 +85,7 @@ pub(super) fn run(parsed: &[Parsed], sources: &Sources, unloaded: &[Unloaded], c
     }
     trust_domain(&mut ctx);
     federations_of_others(&mut ctx);
+    only_for_issuers(&mut ctx);
     Outcome {
         diagnostics: ctx.out,
         shadowed,
@@ -371,6 +372,32 @@ fn remote_trust(agent: &AgentConfig) -> Option<Problem> {
 
 /// The trust domain is the `cluster` document's name, else the host of `proxy_server`/`auth_server`;
 /// an agent of a remote issuer takes the issuer's.
+/// On an agent of a remote issuer, a `spiffe_federation` has nothing to act on: its issuer keeps
+/// the foreign bundles and pushes them. It is an error at its own place, not a silent change of
+/// what the host is.
+fn only_for_issuers(ctx: &mut Ctx) {
+    if ctx.role() != HostRole::Agent {
+        return;
+    }
+    let found: Vec<usize> = ctx
+        .parsed
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.document.kind() == Kind::SpiffeFederation)
+        .map(|(i, _)| i)
+        .collect();
+    for i in found {
+        ctx.report(
+            i,
+            Problem::error(
+                "",
+                "a `spiffe_federation` belongs on the issuer host, beside the `cluster` document; this directory is an agent of a remote issuer (only an agent config, no `cluster` or `issuer` document), which receives the federated bundles from its issuer",
+            )
+            .hint("move this document to the issuer host's directory"),
+        );
+    }
+}
+
 /// A `spiffe_federation` names another trust domain: one named after the host's own would be
 /// ignored, and its bundle never used.
 fn federations_of_others(ctx: &mut Ctx) {

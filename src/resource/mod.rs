@@ -155,6 +155,9 @@ impl HostRole {
             match kind {
                 Kind::AgentConfig => agent = true,
                 Kind::Issuer => issuer = true,
+                // Federations need an issuer of this host's own: alone, one never makes a host
+                // its own CA (it is an error on an agent's host instead).
+                Kind::SpiffeFederation => {}
                 _ => cluster_side = true,
             }
         }
