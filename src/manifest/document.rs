@@ -134,6 +134,16 @@ fn typed<T: DeserializeOwned>(json: &Json) -> Result<T, Problem> {
                 _ => {}
             }
         }
-        Problem::error(pointer, err.into_inner().to_string())
+        let message = err.into_inner().to_string();
+        // The standard library's words for a bad `ip:port` say neither the value nor the form.
+        if message.contains("invalid socket address syntax") {
+            let value = json.pointer(&pointer).and_then(Json::as_str).unwrap_or_default();
+            return Problem::error(
+                pointer,
+                format!("`{value}` is not an `ip:port` address to listen on"),
+            )
+            .hint("write the IP address and the port, such as `0.0.0.0:3025` (all addresses) or `10.0.1.5:3025`; a host name is not an address to listen on");
+        }
+        Problem::error(pointer, message)
     })
 }
