@@ -12,8 +12,8 @@ use super::{State, VERIFIED_CACHE, dir_of, is_token, now};
 impl State {
     /// Checks a public key a bot sent before anything is recorded or signed for it.
     pub(super) fn check_key(&self, spki: &[u8]) -> Result<(), IssuerError> {
-        let cas: Vec<&[u8]> = self.authority.cas().iter().map(|ca| ca.certificate_der()).collect();
-        crate::issuer::keys::public::check(spki, &cas)
+        let ca_keys: Vec<&[u8]> = self.authority.cas().iter().map(|ca| ca.public_key_raw()).collect();
+        crate::issuer::keys::public::check(spki, &ca_keys)
     }
 
     pub(super) fn dir(&self) -> String {

@@ -64,6 +64,11 @@ pub struct Ca {
 }
 
 impl Ca {
+    /// The CA's public key as its certificate's `subjectPublicKey` holds it.
+    pub fn public_key_raw(&self) -> &[u8] {
+        &self.public_key
+    }
+
     pub fn certificate_der(&self) -> &[u8] {
         &self.cert_der
     }
