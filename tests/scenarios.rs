@@ -302,13 +302,9 @@ async fn a_single_host_through_scheduled_and_forced_rotations_an_edit_and_a_rest
     assert!(summary.stream_messages >= 3, "{summary:?}");
 }
 
-/// Polls `f` every 100 ms until it returns true (60 s): for the schedule's own steps.
+/// Waits until `f` holds (60 s): for the schedule's own steps.
 fn until_long(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(60), "{what}: not within 60 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_until(what, Duration::from_secs(60), || f().then_some(()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

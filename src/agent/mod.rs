@@ -338,7 +338,7 @@ impl Agent {
                     agent.cache.redecide(&identities);
                     // The bot certificate moves onto the new CA too, long before the old one retires.
                     let signing = last.0.as_deref().unwrap_or_default();
-                    if !signed_by(&agent.bot().certificate.der, signing) {
+                    if !cache::signed_by(&agent.bot().certificate.der, signing) {
                         tracing::info!("renewing the bot certificate onto the CA that signs now");
                         agent.renew_now.notify_one();
                     }
@@ -454,18 +454,6 @@ impl Agent {
     pub fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {
         self.issuer.bundles()
     }
-}
-
-/// Whether `ca` (DER) issued `certificate` (DER), by name (each CA's subject names its trust
-/// domain and number).
-pub fn signed_by(certificate: &[u8], ca: &[u8]) -> bool {
-    let (Ok((_, cert)), Ok((_, ca))) = (
-        x509_parser::parse_x509_certificate(certificate),
-        x509_parser::parse_x509_certificate(ca),
-    ) else {
-        return false;
-    };
-    cert.issuer().as_raw() == ca.subject().as_raw()
 }
 
 #[cfg(test)]

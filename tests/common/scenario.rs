@@ -263,12 +263,9 @@ impl Timeline {
     }
 }
 
-/// Polls `f` every 50 ms until it returns true (30 s); returns how long it took.
+/// Waits until `f` holds (30 s, [`super::wait_until`]); returns how long it took.
 pub fn until(what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(30), "{what}: not within 30 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    super::wait_until(what, Duration::from_secs(30), || f().then_some(()));
     start.elapsed()
 }

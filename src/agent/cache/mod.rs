@@ -103,14 +103,19 @@ const BUNDLE_WAIT: Duration = Duration::from_secs(10);
 /// Whether one of the bundle's CAs is the issuer of `certificate` (by name: each CA's subject
 /// names its trust domain and number).
 pub fn covers(bundles: &crate::issuer::Bundles, certificate: &[u8]) -> bool {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(certificate) else {
+    bundles.x509_authorities.iter().any(|ca| signed_by(certificate, ca))
+}
+
+/// Whether `ca` (DER) issued `certificate` (DER), by name (each CA's subject names its trust
+/// domain and number).
+pub fn signed_by(certificate: &[u8], ca: &[u8]) -> bool {
+    let (Ok((_, cert)), Ok((_, ca))) = (
+        x509_parser::parse_x509_certificate(certificate),
+        x509_parser::parse_x509_certificate(ca),
+    ) else {
         return false;
     };
-    let issuer = cert.issuer().as_raw();
-    bundles
-        .x509_authorities
-        .iter()
-        .any(|ca| x509_parser::parse_x509_certificate(ca).is_ok_and(|(_, ca)| ca.subject().as_raw() == issuer))
+    cert.issuer().as_raw() == ca.subject().as_raw()
 }
 
 /// Only the attributes an identity reads: callers that agree on them share an SVID.

@@ -251,18 +251,16 @@ impl RemoteIssuer {
 
     fn set_link(&self, connected: bool, message: String) {
         self.connected.set(i64::from(connected));
+        // A stream that is up means the certificate is accepted again.
+        if connected {
+            self.accepted();
+        }
         self.link.send_if_modified(|l| {
             if l.connected && !connected {
                 tracing::warn!(issuer = %l.address, reason = %message,
                     "lost the connection to the issuer; cached SVIDs keep being served while it reconnects");
             }
-            // A stream that is up means the certificate is accepted again.
-            let accepted = connected && l.refused.is_some();
-            if accepted {
-                tracing::info!(issuer = %l.address, "the issuer accepts this agent's bot certificate again");
-                l.refused = None;
-            }
-            let changed = accepted || l.connected != connected || l.message != message;
+            let changed = l.connected != connected || l.message != message;
             l.connected = connected;
             l.message = message;
             changed

@@ -377,7 +377,7 @@ impl WorkloadIdentityService for IssuerApi {
             certificate: digest,
             ca: self.issuer.signer_id(&cert).unwrap_or_default(),
         });
-        let cas = self.issuer.current_bundles();
+        let last_bundle = self.issuer.current_bundles();
         let seen_revision = request.into_inner().policy_revision;
         let state = WatchState {
             bundles: self.issuer.bundles(),
@@ -393,7 +393,7 @@ impl WorkloadIdentityService for IssuerApi {
             until: tokio::time::Instant::now()
                 + Duration::try_from(not_after - OffsetDateTime::now_utc()).unwrap_or_default(),
             ended: false,
-            cas,
+            last_bundle,
             sessions: self.sessions.clone(),
             _guard: guard,
         };
@@ -423,7 +423,7 @@ struct WatchState {
     ended: bool,
     /// The bundle when last sent (shared, not copied): when a CA leaves, the certificate is checked
     /// again.
-    cas: Arc<Bundles>,
+    last_bundle: Arc<Bundles>,
     sessions: Arc<Sessions>,
     _guard: SessionGuard,
 }
@@ -451,8 +451,8 @@ impl WatchState {
                     let now = self.bundles.borrow_and_update().clone();
                     // A CA withdrawn (a forced retire) may be the one that signed this agent's
                     // certificate: then the stream ends with the refusal, and the agent says so.
-                    let withdrawn = self.cas.x509_authorities.iter().any(|ca| !now.x509_authorities.contains(ca));
-                    self.cas = now;
+                    let withdrawn = self.last_bundle.x509_authorities.iter().any(|ca| !now.x509_authorities.contains(ca));
+                    self.last_bundle = now;
                     if withdrawn && let Err(e) = self.issuer.authenticate(&self.certificate) {
                         self.ended = true;
                         self.sessions.refused(&self._guard, &e.to_string());
