@@ -122,7 +122,11 @@ impl LocalIssuer {
             .kv
             .txn(
                 vec![Condition::Absent(token_file.clone())],
-                vec![consumed_op, Op::put(&bot_file, json(&record))],
+                // The instance first, the token's record last: a store that writes the two one
+                // after the other (the directory store) and is killed between them leaves an
+                // unused token (and an instance nothing can use, pruned later), never a used token
+                // without the instance its retry needs.
+                vec![Op::put(&bot_file, json(&record)), consumed_op],
             )
             .await?;
         let instance = if won {
