@@ -106,7 +106,7 @@ pub fn sign_bot_certificate(
     dn.push(DnType::OrganizationName, "tbot bot");
     dn.push(DnType::CommonName, claims.bot.as_str());
     params.distinguished_name = dn;
-    crate::issuer::keys::ca::end_entity(&mut params, public_key);
+    crate::issuer::keys::mint::end_entity(&mut params, public_key);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;

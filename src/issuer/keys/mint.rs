@@ -51,7 +51,7 @@ pub fn x509_svid(
             .subject_alt_names
             .push(SanType::DnsName(san.as_str().try_into().map_err(invalid)?));
     }
-    crate::issuer::keys::ca::end_entity(&mut params, public_key);
+    end_entity(&mut params, public_key);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
@@ -174,7 +174,7 @@ fn serving(
     dn.push(DnType::CommonName, cn);
     params.distinguished_name = dn;
     params.subject_alt_names = sans;
-    crate::issuer::keys::ca::end_entity(&mut params, &spki);
+    end_entity(&mut params, &spki);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
@@ -190,4 +190,25 @@ fn serving(
         key: pair.serialize_der(),
         cross: Vec::new(),
     })
+}
+
+/// Marks `params` as an end-entity certificate in strict DER: a critical basicConstraints whose
+/// `cA` is left out (DER forbids encoding a DEFAULT value, X.690 §11.5, and `cA` defaults to FALSE;
+/// rcgen's `ExplicitNoCa` writes `cA FALSE`, which Python `cryptography`, BoringSSL and Go reject),
+/// and a subjectKeyIdentifier (the first 20 bytes of SHA-256 over the SubjectPublicKeyInfo).
+pub fn end_entity(params: &mut rcgen::CertificateParams, public_key: &[u8]) {
+    use sha2::Digest;
+    const BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
+    const SUBJECT_KEY_IDENTIFIER: &[u64] = &[2, 5, 29, 14];
+    params.is_ca = rcgen::IsCa::NoCa;
+    // An empty SEQUENCE: cA FALSE by default, no pathLenConstraint.
+    let mut basic = rcgen::CustomExtension::from_oid_content(BASIC_CONSTRAINTS, vec![0x30, 0x00]);
+    basic.set_criticality(true);
+    let digest = sha2::Sha256::digest(public_key);
+    let mut ski = vec![0x04, 20];
+    ski.extend_from_slice(&digest[..20]);
+    params.custom_extensions.push(basic);
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(SUBJECT_KEY_IDENTIFIER, ski));
 }

@@ -565,27 +565,6 @@ pub fn random_serial() -> Result<SerialNumber, IssuerError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-/// Marks `params` as an end-entity certificate in strict DER: a critical basicConstraints whose
-/// `cA` is left out (DER forbids encoding a DEFAULT value, X.690 §11.5, and `cA` defaults to FALSE;
-/// rcgen's `ExplicitNoCa` writes `cA FALSE`, which Python `cryptography`, BoringSSL and Go reject),
-/// and a subjectKeyIdentifier (the first 20 bytes of SHA-256 over the SubjectPublicKeyInfo).
-pub fn end_entity(params: &mut rcgen::CertificateParams, public_key: &[u8]) {
-    use sha2::Digest;
-    const BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
-    const SUBJECT_KEY_IDENTIFIER: &[u64] = &[2, 5, 29, 14];
-    params.is_ca = rcgen::IsCa::NoCa;
-    // An empty SEQUENCE: cA FALSE by default, no pathLenConstraint.
-    let mut basic = rcgen::CustomExtension::from_oid_content(BASIC_CONSTRAINTS, vec![0x30, 0x00]);
-    basic.set_criticality(true);
-    let digest = sha2::Sha256::digest(public_key);
-    let mut ski = vec![0x04, 20];
-    ski.extend_from_slice(&digest[..20]);
-    params.custom_extensions.push(basic);
-    params
-        .custom_extensions
-        .push(rcgen::CustomExtension::from_oid_content(SUBJECT_KEY_IDENTIFIER, ski));
-}
-
 /// The pin of a CA certificate (DER), as Teleport writes it: `sha256:` and the hex SHA-256 of the
 /// certificate's SubjectPublicKeyInfo. `None` when the certificate does not parse.
 pub fn spki_pin(cert_der: &[u8]) -> Option<String> {
