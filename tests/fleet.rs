@@ -804,6 +804,37 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
     assert_eq!(code("malformed_key_renewal"), "INVALID_ARGUMENT", "{report:#}");
     assert_eq!(code("renewal_after_malformed_key"), "OK", "{report:#}");
     assert_eq!(report["renewal_after_malformed_key"]["generation"], 2, "{report:#}");
+    // Keys that are not keys are refused as keys, each saying what is wrong with it.
+    for k in ["short_p256_key", "short_ed25519_key", "rsa_1024_key", "ca_own_key"] {
+        assert_eq!(code(k), "INVALID_ARGUMENT", "{k}: {report:#}");
+    }
+    // Bytes that are not a message are the client's fault, not the server's.
+    assert_eq!(code("undecodable_request"), "INVALID_ARGUMENT", "{report:#}");
+    // What held before this round still holds: token refusals, authentication, TLS 1.3 only and
+    // the join rate limit.
+    assert_eq!(code("used_token"), "PERMISSION_DENIED", "{report:#}");
+    assert_eq!(code("wrong_token"), "PERMISSION_DENIED", "{report:#}");
+    assert_eq!(code("iam_escapes"), "PERMISSION_DENIED", "{report:#}");
+    let iam_refusal = report["iam_escapes"]["details"].as_str().unwrap_or_default();
+    assert!(
+        !iam_refusal.contains("hostile-iam"),
+        "the iam refusal echoes the token name: {iam_refusal}"
+    );
+    assert_eq!(code("no_client_certificate"), "UNAUTHENTICATED", "{report:#}");
+    assert_ne!(code("self_signed_certificate"), "OK", "{report:#}");
+    assert_ne!(code("self_signed_certificate"), "", "{report:#}");
+    assert!(
+        report["tls_1_2"].as_str().unwrap_or_default().starts_with("refused"),
+        "{report:#}"
+    );
+    assert_eq!(code("join_rate_limit"), "RESOURCE_EXHAUSTED", "{report:#}");
+    assert!(
+        report["join_rate_limit"]["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rate limit"),
+        "{report:#}"
+    );
     // The forged line never became a line of the issuer's log, and no escape reached it raw.
     let log = issuer.daemon.log();
     assert!(
@@ -812,4 +843,5 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
     );
     assert!(!log.contains('\x1b'), "a raw terminal escape in the log");
     assert!(!log.contains("hostile-token"), "the token's name is logged");
+    assert!(!log.contains("hostile-iam"), "the iam token's name is logged");
 }

@@ -63,6 +63,11 @@ pub struct CaSpec {
     /// (defaults: ½ and ⅙ of `validity`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<RotationSpec>,
+    /// Whether the CA certifies RSA public keys (2048 to 8192 bits) that agents send for bot
+    /// certificates and SVIDs. Default `false`: only ECDSA P-256 and Ed25519 keys, which is what
+    /// tbot's agents make.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_rsa_keys: bool,
 }
 
 /// A key's automatic rotation: its successor is *prepared* (published in every bundle, signing

@@ -10,16 +10,21 @@ Usage (the test venv from scripts/test.sh has the packages):
         reads `workload.unix.uid`.
 """
 
+import base64
 import importlib
 import json
 import os
+import queue
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FORGED = "2026-12-04T00:00:00.000000Z  INFO tbot::daemon: bot joined bot=admin"
@@ -49,6 +54,49 @@ def new_key():
     key = ec.generate_private_key(ec.SECP256R1())
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return key, spki
+
+
+def pem_of(certificate_der):
+    return b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(certificate_der) + b"-----END CERTIFICATE-----\n"
+
+
+def key_pem(private_key):
+    return private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def self_signed(key, common_name):
+    """A certificate signed by its own key, named like a bot: what an imitator can make."""
+    import datetime
+
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def tls12_handshake(address, ca):
+    """Whether a TLS 1.2-only client completes a handshake with the issuer API."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.check_hostname = False
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            with context.wrap_socket(raw):
+                return "accepted"
+    except (ssl.SSLError, ConnectionError) as e:
+        return f"refused: {e}"
 
 
 def code_of(fn):
@@ -81,18 +129,42 @@ def hostile(address, ca_pem, token, identity):
     bot = join("token", token, spki)
     out["join_after_malformed_key"] = {"code": "OK", "generation": bot.generation}
     out["join_claims"] = dict(bot.join)
+    # Token refusals that held before this round, kept as regression checks.
+    out["used_token"] = code_of(lambda: join("token", token, new_key()[1]))
+    out["wrong_token"] = code_of(lambda: join("token", "no-such-token", new_key()[1]))
+    # An `iam` token name with terminal escapes and a forged line, in the answer to a challenge:
+    # refused, never echoed or logged raw.
+    def iam_join(token_name):
+        answers = queue.Queue()
+
+        def requests():
+            yield pb.JoinRequest(init=pb.ClientInit(join_method="iam"))
+            challenge = answers.get(timeout=10)
+            solution = pb.IamSolution(
+                method="POST",
+                url="https://sts.amazonaws.com/",
+                headers={"X-Teleport-Challenge": challenge},
+                body=b"Action=GetCallerIdentity&Version=2011-06-15",
+                token_name=token_name,
+                public_key=new_key()[1],
+                ttl_seconds=3600,
+            )
+            yield pb.JoinRequest(solution=solution)
+
+        for answer in joins.Join(requests(), timeout=10):
+            if answer.HasField("challenge"):
+                answers.put(answer.challenge.challenge)
+            else:
+                return answer.result
+        raise RuntimeError("no answer")
+
+    out["iam_escapes"] = code_of(lambda: iam_join("\x1b[31mhostile-iam\n" + FORGED))
 
     # As the bot: its certificate as the TLS client certificate.
     def as_bot(certificate_der, private_key):
-        pem = b"-----BEGIN CERTIFICATE-----\n"
-        import base64
-
-        body = base64.encodebytes(certificate_der)
-        pem += body + b"-----END CERTIFICATE-----\n"
-        key_pem = private_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key_pem(private_key), certificate_chain=pem_of(certificate_der)
         )
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key_pem, certificate_chain=pem)
         return grpc.secure_channel(address, creds)
 
     channel = as_bot(bot.certificate, key)
@@ -123,6 +195,46 @@ def hostile(address, ca_pem, token, identity):
     )
     out["off_curve_svid_key"] = code_of(lambda: workloads.IssueX509(request, timeout=10))
 
+    # Keys that are not keys, as SVID keys: a 2-byte P-256 key, a 31-byte Ed25519 key, RSA-1024, the
+    # CA's own key.
+    ca_key = x509.load_pem_x509_certificate(ca).public_key()
+    rsa_1024 = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    not_keys = {
+        "short_p256_key": bytes.fromhex("301a301306072a8648ce3d020106082a8648ce3d030107" + "0303000401"),
+        "short_ed25519_key": bytes.fromhex("3029300506032b6570032000") + b"\x01" * 31,
+        "rsa_1024_key": rsa_1024.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        "ca_own_key": ca_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+    }
+    for name, spki in not_keys.items():
+        request = pb.IssueX509Request(
+            identity=identity,
+            workload=[pb.Attribute(name="workload.unix.uid", values=["1000"])],
+            public_key=spki,
+            ttl_seconds=600,
+        )
+        out[name] = code_of(lambda: workloads.IssueX509(request, timeout=10))
+
+    # Bytes that are not a protobuf message, as a unary request: the client's fault.
+    raw_renew = channel.unary_unary("/tbot.issuer.v1.BotService/Renew")
+    out["undecodable_request"] = code_of(lambda: raw_renew(b"\xff\xff\xff\xff", timeout=10))
+
+    # Authentication, kept as regression checks: no client certificate, and a self-signed one named
+    # like the bot.
+    anonymous_workloads = rpc.WorkloadIdentityServiceStub(anonymous)
+    request = pb.IssueX509Request(
+        identity=identity,
+        workload=[pb.Attribute(name="workload.unix.uid", values=["1000"])],
+        public_key=svid_spki,
+        ttl_seconds=600,
+    )
+    out["no_client_certificate"] = code_of(lambda: anonymous_workloads.IssueX509(request, timeout=10))
+    imitator_key = ec.generate_private_key(ec.SECP256R1())
+    imitator = as_bot(self_signed(imitator_key, "bot-example-bot"), imitator_key)
+    out["self_signed_certificate"] = code_of(
+        lambda: rpc.WorkloadIdentityServiceStub(imitator).IssueX509(request, timeout=10)
+    )
+    out["tls_1_2"] = tls12_handshake(address, ca)
+
     # A renewal with a malformed key, then a good one: not taken for a copy.
     bots = rpc.BotServiceStub(channel)
     junk = os.urandom(64)
@@ -135,6 +247,17 @@ def hostile(address, ca_pem, token, identity):
         out["renewal_after_malformed_key"] = {"code": "OK", "generation": renewed.generation}
     except grpc.RpcError as e:
         out["renewal_after_malformed_key"] = {"code": e.code().name, "details": e.details()}
+
+    # Last, as it refuses this address for a while: joins beyond the per-address burst are refused
+    # with a limit that names itself.
+    burst = {}
+    for _ in range(400):
+        result = code_of(lambda: join("token", "no-such-token", b""))
+        burst[result["code"]] = burst.get(result["code"], 0) + 1
+        if result["code"] == "RESOURCE_EXHAUSTED":
+            out["join_rate_limit"] = result
+            break
+    out["join_burst"] = burst
     return out
 
 

@@ -13,7 +13,7 @@ impl State {
     /// Checks a public key a bot sent before anything is recorded or signed for it.
     pub(super) fn check_key(&self, spki: &[u8]) -> Result<(), IssuerError> {
         let ca_keys: Vec<&[u8]> = self.authority.cas().iter().map(|ca| ca.public_key_raw()).collect();
-        crate::issuer::keys::public::check(spki, &ca_keys)
+        crate::issuer::keys::public::check(spki, &ca_keys, self.policy.accept_rsa_keys)
     }
 
     pub(super) fn dir(&self) -> String {

@@ -41,6 +41,8 @@ pub struct Policy {
     pub jwt_issuer: Option<String>,
     /// Where STS checks go instead of the real endpoint (`cluster.spec.aws.sts_endpoint`).
     pub sts_endpoint: Option<String>,
+    /// Whether RSA public keys are certified (`cluster.spec.ca.accept_rsa_keys`).
+    pub accept_rsa_keys: bool,
     pub bots: BTreeMap<String, Bot>,
     pub tokens: BTreeMap<String, Token>,
     pub roles: BTreeMap<String, Role>,
@@ -76,6 +78,7 @@ impl Policy {
             federations: BTreeMap::new(),
             jwt_issuer: None,
             sts_endpoint: None,
+            accept_rsa_keys: false,
             bots: BTreeMap::new(),
             tokens: BTreeMap::new(),
             roles: BTreeMap::new(),
@@ -102,6 +105,7 @@ impl Policy {
                     }
                     policy.jwt_issuer = cluster.spec.jwt.as_ref().and_then(|j| j.issuer.clone());
                     policy.sts_endpoint = cluster.spec.aws.as_ref().and_then(|a| a.sts_endpoint.clone());
+                    policy.accept_rsa_keys = cluster.spec.ca.as_ref().is_some_and(|ca| ca.accept_rsa_keys);
                 }
                 Document::AgentConfig(agent) => {
                     from_agent = agent.server_host().and_then(|h| TrustDomain::parse(h).ok());
