@@ -100,6 +100,25 @@ fn issuer_request_seeds_are_well_formed_messages() {
     };
     let key = rcgen::KeyPair::generate().unwrap();
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let issue_x509 = |identity: &str, workload: &[proto::Attribute], public_key: Vec<u8>| {
+        proto::IssueX509Request {
+            identity: identity.into(),
+            workload: workload.to_vec(),
+            public_key,
+            ttl_seconds: 3600,
+        }
+        .encode_to_vec()
+    };
+    // A P-256 point that is not on the curve.
+    let mut off_curve = hex("3059301306072a8648ce3d020106082a8648ce3d030107034200");
+    off_curve.push(0x04);
+    off_curve.extend([7u8; 64]);
+    // An Ed25519 key of 31 bytes.
+    let mut short_ed25519 = hex("3029300506032b6570032000");
+    short_ed25519.extend([1u8; 31]);
+    let rsa = rcgen::PublicKeyData::subject_public_key_info(
+        &rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap(),
+    );
     let seeds: Vec<(&str, u8, Vec<u8>)> = vec![
         (
             "resolve-name",
@@ -149,9 +168,83 @@ fn issuer_request_seeds_are_well_formed_messages() {
                 request: Some(proto::join_request::Request::Init(proto::ClientInit {
                     token_name: "t".into(),
                     join_method: "token".into(),
-                    public_key: spki,
+                    public_key: spki.clone(),
                     ttl_seconds: 3600,
                 })),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "issue-x509-granted",
+            1,
+            issue_x509("wi", &[attr("workload.unix.uid", "1000")], spki.clone()),
+        ),
+        // The shapes of issue 26: attribute values that would add a segment or are not numbers,
+        // the denied identity asked for by name and by label, and keys that are not keys.
+        (
+            "issue-x509-uid-slash",
+            1,
+            issue_x509("wi", &[attr("workload.unix.uid", "0/db")], spki.clone()),
+        ),
+        (
+            "issue-x509-uid-fullwidth-digits",
+            1,
+            issue_x509("wi", &[attr("workload.unix.uid", "\u{ff11}\u{ff12}")], spki.clone()),
+        ),
+        (
+            "issue-x509-uid-long",
+            1,
+            issue_x509("wi", &[attr("workload.unix.uid", &"9".repeat(4096))], spki.clone()),
+        ),
+        (
+            "issue-x509-denied-identity",
+            1,
+            issue_x509("db", &[attr("workload.unix.uid", "0")], spki.clone()),
+        ),
+        (
+            "issue-x509-off-curve-key",
+            1,
+            issue_x509("wi", &[attr("workload.unix.uid", "0")], off_curve),
+        ),
+        (
+            "issue-x509-short-ed25519-key",
+            1,
+            issue_x509("wi", &[attr("workload.unix.uid", "0")], short_ed25519),
+        ),
+        (
+            "issue-x509-rsa-key",
+            1,
+            issue_x509("wi", &[attr("workload.unix.uid", "0")], rsa),
+        ),
+        (
+            "resolve-denied-labels",
+            0,
+            proto::ResolveRequest {
+                selector: Some(proto::resolve_request::Selector::Labels(proto::Labels {
+                    labels: [("tier".to_owned(), "db".to_owned())].into(),
+                })),
+                workload: vec![attr("workload.unix.uid", "0")],
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "issue-jwt-uid-word",
+            2,
+            proto::IssueJwtRequest {
+                identity: "wi".into(),
+                workload: vec![attr("workload.unix.uid", "root")],
+                audience: vec!["api.example.com".into()],
+                ttl_seconds: 300,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "renew-random-key",
+            3,
+            proto::RenewRequest {
+                public_key: vec![0x5a; 64],
+                proof: vec![0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01],
+                ttl_seconds: 3600,
             }
             .encode_to_vec(),
         ),
@@ -188,4 +281,11 @@ fn issuer_request_seeds_are_well_formed_messages() {
         );
         tbot::testing::fuzz::issuer_request(&data);
     }
+}
+
+fn hex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
 }

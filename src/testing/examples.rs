@@ -2,8 +2,9 @@
 //! benches.
 
 /// A trust domain (`example.org`), a bot `b` with the token `t` and a role that may issue
-/// everything, and the identity `wi` (`/u/<uid>`): what unit tests and the `issuer_request` fuzz
-/// target run against.
+/// everything but what is labelled `tier: db`, the identity `wi` (`/u/<uid>`) and the denied `db`
+/// (`/u/<uid>/db`, whose ID a value of `wi` holding a `/` would be): what unit tests and the
+/// `issuer_request` fuzz target run against.
 pub const EXAMPLE_DOCUMENTS: &str = "
 kind: cluster
 version: v1
@@ -17,6 +18,8 @@ spec:
   allow:
     workload_identity_labels: {'*': '*'}
     rules: [{resources: [workload_identity], verbs: [read, list]}]
+  deny:
+    workload_identity_labels: {tier: db}
 ---
 kind: bot
 version: v1
@@ -32,6 +35,11 @@ kind: workload_identity
 version: v1
 metadata: {name: wi}
 spec: {spiffe: {id: '/u/{{workload.unix.uid}}'}}
+---
+kind: workload_identity
+version: v1
+metadata: {name: db, labels: {tier: db}}
+spec: {spiffe: {id: '/u/{{workload.unix.uid}}/db'}}
 ";
 
 /// The policy of documents given as text (a set of loose files: references need not resolve).

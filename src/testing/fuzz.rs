@@ -57,7 +57,8 @@ pub fn spiffe_id(data: &[u8]) {
 /// The issuer API's request decoding and handling: the first byte picks a message, the rest is its
 /// protobuf encoding. A request that decodes goes through the real handler of an in-process issuer
 /// (with a joined bot's certificate as the TLS client certificate); answers sent to agents decode
-/// through the client's conversions. Nothing may panic; every refusal is a gRPC status.
+/// through the client's conversions. Nothing may panic; every refusal is a gRPC status; whatever is
+/// granted is an ID the bot may have (never the denied `db`'s) and signed for a real key.
 pub fn issuer_request(data: &[u8]) {
     use futures_util::FutureExt;
     use prost::Message;
@@ -84,23 +85,37 @@ pub fn issuer_request(data: &[u8]) {
     }
     match which % 8 {
         0 => {
-            if let Ok(m) = proto::ResolveRequest::decode(body) {
-                let _ = api.resolve(request(m, &peer)).now_or_never();
+            if let Ok(m) = proto::ResolveRequest::decode(body)
+                && let Some(Ok(answer)) = api.resolve(request(m, &peer)).now_or_never()
+            {
+                for resolved in answer.into_inner().identities {
+                    assert_ne!(resolved.name, "db", "a denied identity resolved");
+                }
             }
         }
         1 => {
             if let Ok(m) = proto::IssueX509Request::decode(body) {
-                let _ = api.issue_x509(request(m, &peer)).now_or_never();
+                let key = m.public_key.clone();
+                if let Some(Ok(svid)) = api.issue_x509(request(m, &peer)).now_or_never() {
+                    let svid = svid.into_inner();
+                    assert_granted(&svid.spiffe_id);
+                    assert_real_key(&key);
+                }
             }
         }
         2 => {
-            if let Ok(m) = proto::IssueJwtRequest::decode(body) {
-                let _ = api.issue_jwt(request(m, &peer)).now_or_never();
+            if let Ok(m) = proto::IssueJwtRequest::decode(body)
+                && let Some(Ok(svid)) = api.issue_jwt(request(m, &peer)).now_or_never()
+            {
+                assert_granted(&svid.into_inner().spiffe_id);
             }
         }
         3 => {
             if let Ok(m) = proto::RenewRequest::decode(body) {
-                let _ = api.renew(request(m, &peer)).now_or_never();
+                let key = m.public_key.clone();
+                if let Some(Ok(_)) = api.renew(request(m, &peer)).now_or_never() {
+                    assert_real_key(&key);
+                }
             }
         }
         4 => {
@@ -110,7 +125,10 @@ pub fn issuer_request(data: &[u8]) {
             }) = proto::JoinRequest::decode(body)
                 && let Ok(request) = crate::issuer::server::token_join_request(init, &peer)
             {
-                let _ = issuer.join(request).now_or_never();
+                let key = request.public_key.clone();
+                if let Some(Ok(_)) = issuer.join(request).now_or_never() {
+                    assert_real_key(&key);
+                }
             }
         }
         5 => {
@@ -133,6 +151,25 @@ pub fn issuer_request(data: &[u8]) {
                 let _ = wire::jwt_from_wire(m);
             }
         }
+    }
+}
+
+/// What the fuzz issuer's bot may hold: `wi`'s ID, `/u/<uid>`, one segment of decimal digits. The
+/// bot's role denies `db` (`/u/<uid>/db`), which a value holding a `/` would make.
+fn assert_granted(spiffe_id: &str) {
+    let uid = spiffe_id
+        .strip_prefix("spiffe://example.org/u/")
+        .unwrap_or_else(|| panic!("an ID the bot may not have: {spiffe_id}"));
+    assert!(
+        !uid.is_empty() && uid.bytes().all(|b| b.is_ascii_digit()),
+        "a uid that is not a number: {spiffe_id}"
+    );
+}
+
+/// A key the issuer signed for is a real key of an algorithm it certifies.
+fn assert_real_key(spki: &[u8]) {
+    if let Err(why) = crate::issuer::keys::public::check(spki, &[], false) {
+        panic!("signed for a key that is not one: {why}");
     }
 }
 

@@ -454,4 +454,6 @@ fn check_dns_name(name: &str) -> Result<(), &'static str> {
 }
 
 #[cfg(test)]
+mod hostile;
+#[cfg(test)]
 mod tests;
