@@ -149,6 +149,34 @@ fn json_output_gives_every_diagnostic_with_its_position() {
     assert!(d["hint"].as_str().unwrap().starts_with("did you mean `roles`?"));
 }
 
+/// A field under another name: named at the unknown field, root cause first, with the field it
+/// stands for; the missing field it leaves is not a second error.
+#[test]
+fn a_field_far_from_its_name_gets_a_did_you_mean() {
+    for (fixture, line, wanted) in [
+        (
+            "federation-field-under-another-name",
+            9,
+            "did you mean `bundle_endpoint_url`? It is required here and missing",
+        ),
+        (
+            "federation-url-for-bundle-endpoint-url",
+            9,
+            "did you mean `bundle_endpoint_url`?",
+        ),
+        ("cluster-rotation-field-half-named", 8, "did you mean `prepare_before`?"),
+    ] {
+        let path = format!("tests/fixtures/invalid/{fixture}.yaml");
+        let out = tbotctl(&["validate", "-o", "json", "-f", &path]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+        let diagnostics = report["diagnostics"].as_array().unwrap();
+        assert_eq!(diagnostics.len(), 1, "{fixture}: {report:#}");
+        assert_eq!(diagnostics[0]["location"]["line"], line, "{fixture}");
+        let hint = diagnostics[0]["hint"].as_str().unwrap();
+        assert!(hint.starts_with(wanted), "{fixture}: {hint}");
+    }
+}
+
 #[test]
 fn a_missing_directory_is_an_io_error_with_exit_2() {
     let out = tbotctl(&["validate", "--dir", "no/such/dir"]);

@@ -63,6 +63,9 @@ pub fn validate(kind: Kind, instance: &Value) -> Vec<Problem> {
             error.instance(),
         );
     }
+    // A field named far from its real name (`url:` for `bundle_endpoint_url`) shows up as one unknown
+    // and one missing field of the same mapping: that pair is one mistake, a rename.
+    pair_renames(&mut out);
     // A misspelt field also shows up as a missing one: the "did you mean" says it all.
     let misspelt: Vec<String> = out
         .iter()
@@ -90,6 +93,53 @@ pub fn validate(kind: Kind, instance: &Value) -> Vec<Problem> {
         ));
     }
     out
+}
+
+/// Where a mapping has exactly one unknown field with no near name and exactly one missing field,
+/// the unknown one is taken for the missing one under another name: its hint says which, and the
+/// missing-field problem goes (the unknown field, at its own line, is the root cause).
+fn pair_renames(out: &mut Vec<Problem>) {
+    let parent_of = |p: &Problem| p.pointer.rfind('/').map(|i| p.pointer[..i].to_owned());
+    let unknown_without_near = |p: &Problem| {
+        p.on_key
+            && p.message.starts_with("unknown field")
+            && !p.hint.as_deref().is_some_and(|h| h.starts_with("did you mean"))
+    };
+    let mut renamed = Vec::new();
+    for i in 0..out.len() {
+        if !unknown_without_near(&out[i]) {
+            continue;
+        }
+        let Some(parent) = parent_of(&out[i]) else { continue };
+        let unknowns = out
+            .iter()
+            .filter(|p| p.on_key && p.message.starts_with("unknown field") && parent_of(p).as_deref() == Some(&parent))
+            .count();
+        let missing: Vec<usize> = (0..out.len())
+            .filter(|&j| out[j].pointer == parent && out[j].message.starts_with("missing field `"))
+            .collect();
+        if unknowns != 1 || missing.len() != 1 {
+            continue;
+        }
+        let field = out[missing[0]].message["missing field `".len()..]
+            .trim_end_matches('`')
+            .to_owned();
+        let listing = out[i].hint.take().unwrap_or_default();
+        out[i].hint = Some(format!(
+            "did you mean `{field}`? It is required here and missing{}",
+            if listing.is_empty() {
+                String::new()
+            } else {
+                format!(" ({listing})")
+            }
+        ));
+        renamed.push(missing[0]);
+    }
+    let mut index = 0;
+    out.retain(|_| {
+        index += 1;
+        !renamed.contains(&(index - 1))
+    });
 }
 
 fn describe(

@@ -275,14 +275,31 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// The closest candidate to `word` when it is close enough to be a likely typo.
+/// The closest candidate to `word` when it is close enough to be a likely typo, else the one
+/// candidate that holds `word` as whole `_`-separated parts (`prepare` for `prepare_before`).
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .into_iter()
-        .map(|c| (edit_distance(word, c), c))
+    let candidates: Vec<&str> = candidates.into_iter().collect();
+    let typo = candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
         .filter(|(d, c)| *d > 0 && *d <= (c.len().max(word.len()) / 3).max(1))
         .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
+        .map(|(_, c)| c);
+    typo.or_else(|| {
+        if word.len() < 3 || word.contains('_') && word.split('_').any(str::is_empty) {
+            return None;
+        }
+        let mut holding = candidates.iter().filter(|c| {
+            **c != word
+                && (c.starts_with(&format!("{word}_"))
+                    || c.ends_with(&format!("_{word}"))
+                    || c.contains(&format!("_{word}_")))
+        });
+        match (holding.next(), holding.next()) {
+            (Some(only), None) => Some(*only),
+            _ => None,
+        }
+    })
 }
 
 /// A problem with one document found after decoding, located by a JSON pointer into the document
