@@ -844,4 +844,16 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
     assert!(!log.contains('\x1b'), "a raw terminal escape in the log");
     assert!(!log.contains("hostile-token"), "the token's name is logged");
     assert!(!log.contains("hostile-iam"), "the iam token's name is logged");
+    // A malformed request of an authenticated bot is a warning naming the bot instance, once per
+    // source per interval however many were sent.
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("a bot sent a request no tbot agent of this version sends"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains("bot=example-bot/"),
+        "{}",
+        warned[0]
+    );
 }

@@ -209,6 +209,8 @@ impl LocalIssuer {
                 let Some(at) = put_if_unchanged(backing, &file, revision, &locked).await? else {
                     continue;
                 };
+                tracing::warn!(%bot, %instance, %reason,
+                    "bot instance locked: find where its identity was copied, then create a new token for the bot and join with it");
                 self.lock().remember(instance, locked, at);
                 self.inner.locks.send_modify(|n| *n += 1);
                 return Err(IssuerError::Locked { bot, reason });

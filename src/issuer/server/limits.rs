@@ -123,7 +123,7 @@ mod tests {
     }
 }
 
-/// Logs refused joins at most once per source address every [`REFUSAL_LOG_EVERY`], with how many
+/// Logs refusals (joins, or malformed requests of bots: one log each) at most once per source address every [`REFUSAL_LOG_EVERY`], with how many
 /// were refused since: one source cannot fill the log (or hide other lines) by failing fast. Every
 /// string a client sent is shown escaped: a newline or a terminal escape is printed, not acted on.
 #[derive(Default)]
@@ -136,7 +136,30 @@ pub struct RefusalLog {
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl RefusalLog {
+    /// A refused join (INFO: wrong tokens and rate limits are what a port on a network sees).
     pub fn refused(&self, address: std::net::SocketAddr, error: &IssuerError) {
+        let Some(also) = self.due(address) else { return };
+        let error = error.to_string().escape_debug().to_string();
+        if also > 0 {
+            tracing::info!(%address, %error, also_refused = also, "join refused (and {also} more from this address since the last line)");
+        } else {
+            tracing::info!(%address, %error, "join refused");
+        }
+    }
+
+    /// A malformed request from an authenticated bot (WARN: no tbot agent of this version sends
+    /// one, so its holder is a client of another kind, or the bot's key is in other hands). `bot`
+    /// names the certificate's bot instance; it is asked only when a line is written.
+    pub fn malformed(&self, address: std::net::SocketAddr, bot: impl FnOnce() -> String, error: &IssuerError) {
+        let Some(also) = self.due(address) else { return };
+        let error = error.to_string().escape_debug().to_string();
+        let bot = bot();
+        tracing::warn!(%address, %bot, %error, also_refused = also,
+            "a bot sent a request no tbot agent of this version sends; refused (check who holds this bot instance's key: `tbotctl get bot/...`)");
+    }
+
+    /// Whether a line for `address` is due now, and how many refusals were held since the last.
+    fn due(&self, address: std::net::SocketAddr) -> Option<u64> {
         let now = Instant::now();
         let mut table = self.table.lock().expect("refusal log poisoned");
         if table.len() >= MAX_KEYS {
@@ -145,16 +168,9 @@ impl RefusalLog {
         let (at, held) = table.entry(address.ip()).or_insert((None, 0));
         if at.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
             *held += 1;
-            return;
+            return None;
         }
-        let also = std::mem::take(held);
         *at = Some(now);
-        drop(table);
-        let error = error.to_string().escape_debug().to_string();
-        if also > 0 {
-            tracing::info!(%address, %error, also_refused = also, "join refused (and {also} more from this address since the last line)");
-        } else {
-            tracing::info!(%address, %error, "join refused");
-        }
+        Some(std::mem::take(held))
     }
 }

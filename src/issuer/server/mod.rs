@@ -43,6 +43,8 @@ pub struct IssuerApi {
     joins: Arc<Buckets>,
     calls: Arc<Buckets>,
     refusals: Arc<limits::RefusalLog>,
+    /// Malformed requests of authenticated bots.
+    malformed: Arc<limits::RefusalLog>,
     /// Added to the policy revision so revisions never repeat across restarts (an agent that saw
     /// revision N before a restart must not take the new N for the same documents).
     revision_base: u64,
@@ -62,6 +64,7 @@ impl IssuerApi {
             joins: Arc::new(Buckets::new("joins", joins)),
             calls: Arc::new(Buckets::new("calls", calls)),
             refusals: Arc::default(),
+            malformed: Arc::default(),
             revision_base: (OffsetDateTime::now_utc().unix_timestamp() as u64) << 20,
             metrics: Default::default(),
         }
@@ -106,6 +109,19 @@ impl IssuerApi {
         self.sessions.seen(&digest);
         Ok((cert, peer, digest))
     }
+
+    /// The status of a refused call of a bot; a malformed request (what a tbot agent never sends:
+    /// attribute values of the wrong type, keys that are not keys, oversize fields) is also logged.
+    fn refuse(&self, peer: &PeerInfo, cert: &[u8], e: IssuerError) -> Status {
+        if matches!(e, IssuerError::Invalid(_)) {
+            let bot = || match self.issuer.authenticate(cert) {
+                Ok(claims) => format!("{}/{}", claims.bot, claims.instance),
+                Err(_) => "a bot whose certificate is no longer accepted".into(),
+            };
+            self.malformed.malformed(peer.address, bot, &e);
+        }
+        status(e)
+    }
 }
 
 fn workload(attributes: &[proto::Attribute]) -> Result<crate::issuer::Attributes, IssuerError> {
@@ -148,12 +164,21 @@ impl JoinService for IssuerApi {
         let refusals = self.refusals.clone();
         tokio::spawn(async move {
             let answer = match run_join(&issuer, &mut inbound, &tx, &peer).await {
-                Ok(cert) => Ok(proto::JoinResponse {
-                    response: Some(proto::join_response::Response::Result(wire::bot_to_wire(
-                        &cert,
-                        &issuer.current_bundles(),
-                    ))),
-                }),
+                Ok(cert) => {
+                    let method = cert
+                        .join
+                        .iter()
+                        .find(|(k, _)| *k == "join.meta.join_method")
+                        .map(|(_, v)| v.join(","));
+                    tracing::info!(bot = %cert.bot, instance = %cert.instance, method = method.unwrap_or_default(),
+                        address = %peer.address, generation = cert.generation, "bot joined");
+                    Ok(proto::JoinResponse {
+                        response: Some(proto::join_response::Response::Result(wire::bot_to_wire(
+                            &cert,
+                            &issuer.current_bundles(),
+                        ))),
+                    })
+                }
                 Err(e) => {
                     refusals.refused(peer.address, &e);
                     Err(status(e))
@@ -263,9 +288,10 @@ async fn run_join(
 impl BotService for IssuerApi {
     async fn renew(&self, request: Request<proto::RenewRequest>) -> Result<Response<proto::BotCertificate>, Status> {
         let (cert, peer, _) = self.bot_certificate(&request)?;
+        let refuse = |e: IssuerError| self.refuse(&peer, &cert, e);
         let m = request.into_inner();
-        check_len("public_key", m.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES).map_err(status)?;
-        check_len("proof", m.proof.len(), 1024).map_err(status)?;
+        check_len("public_key", m.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES).map_err(refuse)?;
+        check_len("proof", m.proof.len(), 1024).map_err(refuse)?;
         let renewed = self
             .issuer
             .renew(RenewRequest {
@@ -276,7 +302,7 @@ impl BotService for IssuerApi {
                 address: peer.address.to_string(),
             })
             .await
-            .map_err(status)?;
+            .map_err(refuse)?;
         Ok(Response::new(wire::bot_to_wire(
             &renewed,
             &self.issuer.current_bundles(),
@@ -292,73 +318,76 @@ impl WorkloadIdentityService for IssuerApi {
         &self,
         request: Request<proto::ResolveRequest>,
     ) -> Result<Response<proto::ResolveResponse>, Status> {
-        let (cert, _, _) = self.bot_certificate(&request)?;
+        let (cert, peer, _) = self.bot_certificate(&request)?;
+        let refuse = |e: IssuerError| self.refuse(&peer, &cert, e);
         let m = request.into_inner();
         let selector = match m.selector {
             Some(proto::resolve_request::Selector::Name(name)) => {
-                check_len("name", name.len(), limits::MAX_NAME_BYTES).map_err(status)?;
+                check_len("name", name.len(), limits::MAX_NAME_BYTES).map_err(refuse)?;
                 IdentitySelector::Name(name)
             }
             Some(proto::resolve_request::Selector::Labels(labels)) => {
                 if labels.labels.len() > limits::MAX_ATTRIBUTES {
-                    return Err(status(IssuerError::Invalid(
+                    return Err(refuse(IssuerError::Invalid(
                         "more than 64 labels in the selector".into(),
                     )));
                 }
                 IdentitySelector::Labels(labels.labels.into_iter().collect())
             }
-            None => return Err(status(IssuerError::Invalid("the selector is empty".into()))),
+            None => return Err(refuse(IssuerError::Invalid("the selector is empty".into()))),
         };
-        let workload = workload(&m.workload).map_err(status)?;
-        let resolved = self.issuer.resolve(&cert, &selector, &workload).await.map_err(status)?;
+        let workload = workload(&m.workload).map_err(refuse)?;
+        let resolved = self.issuer.resolve(&cert, &selector, &workload).await.map_err(refuse)?;
         Ok(Response::new(wire::resolved_to_wire(resolved)))
     }
 
     async fn issue_x509(&self, request: Request<proto::IssueX509Request>) -> Result<Response<proto::X509Svid>, Status> {
-        let (cert, _, _) = self.bot_certificate(&request)?;
+        let (cert, peer, _) = self.bot_certificate(&request)?;
+        let refuse = |e: IssuerError| self.refuse(&peer, &cert, e);
         let m = request.into_inner();
-        check_len("identity", m.identity.len(), limits::MAX_NAME_BYTES).map_err(status)?;
-        check_len("public_key", m.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES).map_err(status)?;
+        check_len("identity", m.identity.len(), limits::MAX_NAME_BYTES).map_err(refuse)?;
+        check_len("public_key", m.public_key.len(), limits::MAX_PUBLIC_KEY_BYTES).map_err(refuse)?;
         let svid = self
             .issuer
             .issue_x509(X509Request {
                 bot_certificate: cert.to_vec(),
                 identity: m.identity,
-                workload: workload(&m.workload).map_err(status)?,
+                workload: workload(&m.workload).map_err(refuse)?,
                 public_key: m.public_key,
                 ttl: ttl(m.ttl_seconds),
             })
             .await
-            .map_err(status)?;
+            .map_err(refuse)?;
         self.metrics.x509_issued.inc();
         Ok(Response::new(wire::x509_to_wire(svid)))
     }
 
     async fn issue_jwt(&self, request: Request<proto::IssueJwtRequest>) -> Result<Response<proto::JwtSvid>, Status> {
-        let (cert, _, _) = self.bot_certificate(&request)?;
+        let (cert, peer, _) = self.bot_certificate(&request)?;
+        let refuse = |e: IssuerError| self.refuse(&peer, &cert, e);
         let m = request.into_inner();
-        check_len("identity", m.identity.len(), limits::MAX_NAME_BYTES).map_err(status)?;
+        check_len("identity", m.identity.len(), limits::MAX_NAME_BYTES).map_err(refuse)?;
         if m.audience.len() > limits::MAX_AUDIENCES {
-            return Err(status(IssuerError::Invalid(format!(
+            return Err(refuse(IssuerError::Invalid(format!(
                 "{} audiences; the limit is {}",
                 m.audience.len(),
                 limits::MAX_AUDIENCES
             ))));
         }
         for a in &m.audience {
-            check_len("audience", a.len(), limits::MAX_NAME_BYTES).map_err(status)?;
+            check_len("audience", a.len(), limits::MAX_NAME_BYTES).map_err(refuse)?;
         }
         let svid = self
             .issuer
             .issue_jwt(JwtRequest {
                 bot_certificate: cert.to_vec(),
                 identity: m.identity,
-                workload: workload(&m.workload).map_err(status)?,
+                workload: workload(&m.workload).map_err(refuse)?,
                 audience: m.audience,
                 ttl: ttl(m.ttl_seconds),
             })
             .await
-            .map_err(status)?;
+            .map_err(refuse)?;
         Ok(Response::new(wire::jwt_to_wire(svid)))
     }
 
