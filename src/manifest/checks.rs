@@ -86,6 +86,7 @@ pub(super) fn run(parsed: &[Parsed], sources: &Sources, unloaded: &[Unloaded], c
     trust_domain(&mut ctx);
     federations_of_others(&mut ctx);
     only_for_issuers(&mut ctx);
+    cluster_documents_beside_remote_trust(&mut ctx);
     Outcome {
         diagnostics: ctx.out,
         shadowed,
@@ -370,8 +371,6 @@ fn remote_trust(agent: &AgentConfig) -> Option<Problem> {
     })
 }
 
-/// The trust domain is the `cluster` document's name, else the host of `proxy_server`/`auth_server`;
-/// an agent of a remote issuer takes the issuer's.
 /// On an agent of a remote issuer, a `spiffe_federation` has nothing to act on: its issuer keeps
 /// the foreign bundles and pushes them. It is an error at its own place, not a silent change of
 /// what the host is.
@@ -394,6 +393,53 @@ fn only_for_issuers(ctx: &mut Ctx) {
                 "a `spiffe_federation` belongs on the issuer host, beside the `cluster` document; this directory is an agent of a remote issuer (only an agent config, no `cluster` or `issuer` document), which receives the federated bundles from its issuer",
             )
             .hint("move this document to the issuer host's directory"),
+        );
+    }
+}
+
+/// An agent config that says how to trust a remote issuer (`ca_pins`, `ca_path`, `insecure`) makes
+/// this host an agent of that issuer: cluster documents beside it, without an `issuer` document,
+/// would make the host its own CA instead and ignore what the agent config says. Each is an error
+/// at its own place, saying where it belongs, not a silent change of what the host is.
+fn cluster_documents_beside_remote_trust(ctx: &mut Ctx) {
+    if ctx.role() != HostRole::Single {
+        return;
+    }
+    let remote = ctx.parsed.iter().find_map(|p| match &p.document {
+        Document::AgentConfig(a) => {
+            let o = &a.onboarding;
+            if !o.ca_pins.is_empty() {
+                Some("`onboarding.ca_pins`")
+            } else if o.ca_path.is_some() {
+                Some("`onboarding.ca_path`")
+            } else if o.insecure {
+                Some("`onboarding.insecure`")
+            } else {
+                None
+            }
+        }
+        _ => None,
+    });
+    let Some(setting) = remote else { return };
+    let found: Vec<(usize, Kind)> = ctx
+        .parsed
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, p.document.kind()))
+        .filter(|(_, kind)| !matches!(kind, Kind::AgentConfig | Kind::SpiffeFederation))
+        .collect();
+    for (i, kind) in found {
+        ctx.report(
+            i,
+            Problem::error(
+                "",
+                format!(
+                    "a `{kind}` belongs on the issuer host: this directory's agent config sets {setting}, so it is an agent of a remote issuer, and a `{kind}` here would make this host its own CA instead, ignoring {setting}"
+                ),
+            )
+            .hint(format!(
+                "move this document to the issuer host's directory; if this host is meant to be its own issuer, remove {setting} from the agent config"
+            )),
         );
     }
 }
