@@ -1,9 +1,11 @@
-//! Compiles `proto/workload.proto`, `proto/admin.proto`, `proto/issuer.proto` and `proto/sds.proto` with protox (pure Rust: no `protoc` on the machine) and generates
-//! the tonic server and client.
+//! Compiles the protos in `proto/` with protox (pure Rust: no `protoc` on the machine) and generates
+//! the tonic code: servers and clients of tbot's own APIs (`workload.proto`, `admin.proto`,
+//! `issuer.proto`, `sds.proto`), and a client of etcd's (`etcd.proto`, the part the etcd store uses).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(
+    commit();
+    let ours = protox::compile(
         ["workload.proto", "admin.proto", "issuer.proto", "sds.proto"],
         ["proto"],
     )?;
@@ -12,6 +14,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Smaller per-call buffers than tonic's default (see src/workload_api/codec.rs).
         .codec_path("crate::workload_api::codec::LeanCodec")
-        .compile_fds(descriptors)?;
+        .compile_fds(ours)?;
+    let etcd = protox::compile(["etcd.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .codec_path("crate::workload_api::codec::LeanCodec")
+        .compile_fds(etcd)?;
     Ok(())
+}
+
+/// `TBOT_GIT_COMMIT` for `--version`: the commit of the checkout being built (with `-dirty` when
+/// tracked files changed), else the `TBOT_GIT_COMMIT` of the environment (a build from a release
+/// tarball), else `unknown`.
+fn commit() {
+    println!("cargo:rerun-if-env-changed=TBOT_GIT_COMMIT");
+    for watched in [".git/HEAD", ".git/refs/heads", ".git/packed-refs", ".git/index"] {
+        if std::path::Path::new(watched).exists() {
+            println!("cargo:rerun-if-changed={watched}");
+        }
+    }
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"])
+        .filter(|c| !c.is_empty())
+        .map(|c| match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(changes) if !changes.is_empty() => format!("{c}-dirty"),
+            _ => c,
+        })
+        .or_else(|| std::env::var("TBOT_GIT_COMMIT").ok())
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=TBOT_GIT_COMMIT={commit}");
 }

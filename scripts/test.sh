@@ -2,18 +2,17 @@
 # The whole test suite: unit tests, integration tests (the real binaries on real files and sockets,
 # moto as the STS stand-in for `iam` joins, py-spiffe/grpcio/cryptography as independent clients) and
 # doc tests.
-# Usage: scripts/test.sh   (from anywhere). Needs python3 (3.10+, with venv), openssl, protoc, etcd,
+# Usage: scripts/test.sh   (from anywhere). Needs python3 (3.10+, with venv), openssl, etcd,
 # haproxy and cargo-nextest (falls back to cargo test); creates target/test-venv with the Python peers
 # of tests/peers/requirements.txt (moto, py-spiffe, grpcio, cryptography) on first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the build and the tests use: protobuf-compiler (the etcd-client crate compiles
-# etcd's protos with protoc), openssl (an independent check of every certificate), python3's venv,
+# Debian packages the tests use (the build needs none: no `protoc`): openssl (an independent check
+# of every certificate), python3's venv,
 # node, etcd (a real 3-member cluster for the HA issuer) and haproxy (the load balancer in front of
 # the replicas). Installed with apt-get when missing (as root; else say what to install).
 missing=()
-command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v haproxy >/dev/null || missing+=(haproxy)

@@ -20,6 +20,9 @@ pub mod telemetry;
 pub mod testing;
 pub mod workload_api;
 
+/// What `--version` prints: the package version and the commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("TBOT_GIT_COMMIT"), ")");
+
 /// Crash testing: with `TBOT_FAILPOINT=<name>[@<n>]` in its environment the process aborts the `n`th
 /// time (default the first) it reaches the point of that name — no destructor, no flush, like
 /// SIGKILL. `tests/crash_safety.rs` uses it to crash inside the windows a random kill rarely hits:

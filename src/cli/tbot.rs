@@ -11,7 +11,7 @@ use crate::daemon as start;
 #[derive(Debug, Parser)]
 #[command(
     name = "tbot",
-    version,
+    version = crate::VERSION,
     about = "A declarative machine & workload identity agent",
     arg_required_else_help = true
 )]

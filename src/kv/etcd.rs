@@ -1,52 +1,79 @@
-//! The `etcd` backend (etcd v3 API through the `etcd-client` crate): keys live under `prefix`;
-//! conditions become `Txn` compares on `create_revision`/`mod_revision`; watches are prefix watches
-//! from a start revision; leases are etcd leases. Every call has a deadline, so a cluster without
-//! quorum answers with `StoreError::Unavailable` naming the endpoints instead of hanging.
+//! The `etcd` backend (etcd's v3 gRPC API, `proto/etcd.proto`, through tonic): keys live under
+//! `prefix`; conditions become `Txn` compares on `create_revision`/`mod_revision`; watches are prefix
+//! watches from a start revision; leases are etcd leases. Every call has a deadline, so a cluster
+//! without quorum answers with `StoreError::Unavailable` naming the endpoints instead of hanging.
+//! Calls are spread over the endpoints, and one that reaches a member that is down or has no leader
+//! is tried again until the deadline.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, Txn, TxnOp,
-    WatchOptions,
-};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
 
 use super::{Condition, Entry, Event, Kv, Op, WatchItem};
 use crate::store::StoreError;
+
+/// The generated client of etcd's API.
+#[allow(clippy::all, missing_docs)]
+mod proto {
+    tonic::include_proto!("etcdserverpb");
+}
+
+use proto::compare::{CompareResult, CompareTarget, TargetUnion};
+use proto::kv_client::KvClient;
+use proto::lease_client::LeaseClient;
+use proto::watch_client::WatchClient;
 
 /// How long one store call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A key as etcd returned it, without the `prefix` it lives under.
-fn entry_of(prefix: &str, kv: &etcd_client::KeyValue) -> Entry {
+fn entry_of(prefix: &str, kv: &proto::KeyValue) -> Entry {
     Entry {
-        key: String::from_utf8_lossy(kv.key())
+        key: String::from_utf8_lossy(&kv.key)
             .strip_prefix(prefix)
             .unwrap_or_default()
             .to_owned(),
-        value: kv.value().to_vec(),
-        create_revision: kv.create_revision(),
-        mod_revision: kv.mod_revision(),
-        lease: kv.lease(),
+        value: kv.value.clone(),
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        lease: kv.lease,
     }
+}
+
+/// The end of the range of every key that starts with `prefix`: the prefix with its last byte
+/// below 0xff incremented (and what follows it dropped); `\0` (every key) when there is none.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// The pause before trying a call again after an election or a lost member.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
-/// Errors worth one more try: no leader yet, or the member the call went to is gone.
-fn retriable(chain: &str) -> bool {
-    [
-        "leader changed",
-        "no leader",
-        "tcp connect error",
-        "Connection refused",
-        "connection reset",
-        "broken pipe",
-    ]
-    .iter()
-    .any(|sign| chain.contains(sign))
+/// Errors worth one more try: no leader yet, or the member the call went to is gone (etcd and
+/// the transport both say `UNAVAILABLE`).
+fn retriable(status: &Status, chain: &str) -> bool {
+    status.code() == Code::Unavailable
+        || [
+            "leader changed",
+            "no leader",
+            "tcp connect error",
+            "Connection refused",
+            "connection reset",
+            "broken pipe",
+        ]
+        .iter()
+        .any(|sign| chain.contains(sign))
 }
 
 fn no_answer() -> String {
@@ -93,9 +120,21 @@ pub struct EtcdTls {
 
 /// The etcd store.
 pub struct EtcdKv {
-    client: Client,
+    channel: Channel,
     prefix: String,
     describe: String,
+}
+
+/// An endpoint as the `issuer` document names it: with its scheme, or `host:port` (then `https://`
+/// when TLS is configured, else `http://`).
+fn endpoint_url(endpoint: &str, tls: bool) -> String {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        endpoint.to_owned()
+    } else if tls {
+        format!("https://{endpoint}")
+    } else {
+        format!("http://{endpoint}")
+    }
 }
 
 /// Connects to the cluster (lazily: an unreachable cluster fails the first call, not this one).
@@ -105,30 +144,46 @@ pub async fn connect_etcd(settings: &EtcdSettings) -> Result<EtcdKv, StoreError>
         store: describe.clone(),
         reason,
     };
-    let mut options = ConnectOptions::new()
-        .with_timeout(CALL_TIMEOUT)
-        .with_connect_timeout(CALL_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true);
-    if let Some(tls) = &settings.tls {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))
-        };
-        let mut config = TlsOptions::new();
-        if let Some(ca) = &tls.ca_file {
-            config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    let tls = match &settings.tls {
+        None => None,
+        Some(tls) => {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|e| unavailable(format!("cannot read {}: {e}", path.display())))
+            };
+            let mut config = ClientTlsConfig::new();
+            if let Some(ca) = &tls.ca_file {
+                config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            Some(config)
         }
-        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    };
+    let mut endpoints = Vec::new();
+    for endpoint in &settings.endpoints {
+        let url = endpoint_url(endpoint, tls.is_some());
+        let mut e = Endpoint::from_shared(url.clone())
+            .map_err(|e| unavailable(format!("`{url}` is not an endpoint URL: {e}")))?
+            .timeout(CALL_TIMEOUT)
+            .connect_timeout(CALL_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        if let Some(config) = &tls {
+            e = e
+                .tls_config(config.clone())
+                .map_err(|e| unavailable(format!("TLS for `{url}`: {}", crate::error_chain(&e))))?;
         }
-        options = options.with_tls(config);
+        endpoints.push(e);
     }
-    let client = Client::connect(&settings.endpoints, Some(options))
-        .await
-        .map_err(|e| unavailable(crate::error_chain(&e)))?;
+    if endpoints.is_empty() {
+        return Err(unavailable("no endpoints".into()));
+    }
+    let channel = Channel::balance_list(endpoints.into_iter());
     let prefix = format!("{}/", settings.prefix.trim_end_matches('/'));
     Ok(EtcdKv {
-        client,
+        channel,
         describe: format!("{describe} (prefix {prefix})"),
         prefix,
     })
@@ -139,7 +194,15 @@ impl EtcdKv {
         format!("{}{key}", self.prefix)
     }
 
-    fn unavailable(&self, e: etcd_client::Error) -> StoreError {
+    fn kv(&self) -> KvClient<Channel> {
+        KvClient::new(self.channel.clone())
+    }
+
+    fn lease(&self) -> LeaseClient<Channel> {
+        LeaseClient::new(self.channel.clone())
+    }
+
+    fn unavailable(&self, e: Status) -> StoreError {
         let chain = crate::error_chain(&e);
         // A call that ran out of time is the usual sign of a cluster without quorum (or none up):
         // say that, not the transport's wording.
@@ -154,26 +217,26 @@ impl EtcdKv {
         }
     }
 
-    fn entry(&self, kv: &etcd_client::KeyValue) -> Entry {
+    fn entry(&self, kv: &proto::KeyValue) -> Entry {
         entry_of(&self.prefix, kv)
     }
 
-    /// Runs `call` (on a fresh handle each time) until it answers or the deadline passes, trying
-    /// again after the errors a leader election or a lost member gives: the request reached no
-    /// leader, or its member is gone. Safe for the issuer's writes, which are conditional and
-    /// recognise their own retries.
+    /// Runs `call` until it answers or the deadline passes, trying again after the errors a leader
+    /// election or a lost member gives: the request reached no leader, or its member is gone. Safe
+    /// for the issuer's writes, which are conditional and recognise their own retries.
     async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
     where
-        F: FnMut(Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(left, call(self.client.clone())).await {
-                Ok(Ok(answer)) => return Ok(answer),
+            match tokio::time::timeout(left, call()).await {
+                Ok(Ok(answer)) => return Ok(answer.into_inner()),
                 Ok(Err(e))
-                    if retriable(&crate::error_chain(&e)) && tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
+                    if retriable(&e, &crate::error_chain(&e))
+                        && tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
                 {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
@@ -189,7 +252,7 @@ impl EtcdKv {
     }
 
     /// Runs a call with the deadline (a watch or keep-alive stream has none of its own).
-    async fn timed<T>(&self, call: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, StoreError> {
+    async fn timed<T>(&self, call: impl Future<Output = Result<T, Status>>) -> Result<T, StoreError> {
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(result) => result.map_err(|e| self.unavailable(e)),
             Err(_) => Err(StoreError::Unavailable {
@@ -207,67 +270,121 @@ impl Kv for EtcdKv {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let key = self.full(key);
+        let request = proto::RangeRequest {
+            key: self.full(key).into_bytes(),
+            ..Default::default()
+        };
         let response = self
-            .retrying(|mut client| {
-                let key = key.clone();
-                async move { client.get(key, None).await }
+            .retrying(|| {
+                let (mut client, request) = (self.kv(), request.clone());
+                async move { client.range(request).await }
             })
             .await?;
-        Ok(response.kvs().first().map(|kv| self.entry(kv)))
+        Ok(response.kvs.first().map(|kv| self.entry(kv)))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Entry>, i64), StoreError> {
-        let prefix = self.full(prefix);
+        let key = self.full(prefix).into_bytes();
+        let request = proto::RangeRequest {
+            range_end: prefix_end(&key),
+            key,
+            ..Default::default()
+        };
         let response = self
-            .retrying(|mut client| {
-                let prefix = prefix.clone();
-                async move { client.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            .retrying(|| {
+                let (mut client, request) = (self.kv(), request.clone());
+                async move { client.range(request).await }
             })
             .await?;
-        let revision = response.header().map_or(0, |h| h.revision());
-        Ok((response.kvs().iter().map(|kv| self.entry(kv)).collect(), revision))
+        let revision = response.header.map_or(0, |h| h.revision);
+        Ok((response.kvs.iter().map(|kv| self.entry(kv)).collect(), revision))
     }
 
     async fn txn(&self, conditions: Vec<Condition>, ops: Vec<Op>) -> Result<(bool, i64), StoreError> {
-        let compares: Vec<Compare> = conditions
+        let compare = |key: String, result: CompareResult, target: CompareTarget, union: TargetUnion| proto::Compare {
+            result: result as i32,
+            target: target as i32,
+            key: self.full(&key).into_bytes(),
+            target_union: Some(union),
+        };
+        let compare: Vec<proto::Compare> = conditions
             .into_iter()
             .map(|c| match c {
-                Condition::Absent(key) => Compare::create_revision(self.full(&key), CompareOp::Equal, 0),
-                Condition::Present(key) => Compare::create_revision(self.full(&key), CompareOp::NotEqual, 0),
-                Condition::ModRevision(key, revision) => {
-                    Compare::mod_revision(self.full(&key), CompareOp::Equal, revision)
-                }
-            })
-            .collect();
-        let ops: Vec<TxnOp> = ops
-            .into_iter()
-            .map(|op| match op {
-                Op::Put { key, value, lease } => TxnOp::put(
-                    self.full(&key),
-                    value,
-                    (lease != 0).then(|| etcd_client::PutOptions::new().with_lease(lease)),
+                Condition::Absent(key) => compare(
+                    key,
+                    CompareResult::Equal,
+                    CompareTarget::Create,
+                    TargetUnion::CreateRevision(0),
                 ),
-                Op::Delete(key) => TxnOp::delete(self.full(&key), None),
+                Condition::Present(key) => compare(
+                    key,
+                    CompareResult::NotEqual,
+                    CompareTarget::Create,
+                    TargetUnion::CreateRevision(0),
+                ),
+                Condition::ModRevision(key, revision) => compare(
+                    key,
+                    CompareResult::Equal,
+                    CompareTarget::Mod,
+                    TargetUnion::ModRevision(revision),
+                ),
             })
             .collect();
-        let txn = Txn::new().when(compares).and_then(ops);
+        let success: Vec<proto::RequestOp> = ops
+            .into_iter()
+            .map(|op| proto::RequestOp {
+                request: Some(match op {
+                    Op::Put { key, value, lease } => proto::request_op::Request::RequestPut(proto::PutRequest {
+                        key: self.full(&key).into_bytes(),
+                        value,
+                        lease,
+                    }),
+                    Op::Delete(key) => proto::request_op::Request::RequestDeleteRange(proto::DeleteRangeRequest {
+                        key: self.full(&key).into_bytes(),
+                        range_end: Vec::new(),
+                    }),
+                }),
+            })
+            .collect();
+        let request = proto::TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
         let response = self
-            .retrying(|mut client| {
-                let txn = txn.clone();
-                async move { client.txn(txn).await }
+            .retrying(|| {
+                let (mut client, request) = (self.kv(), request.clone());
+                async move { client.txn(request).await }
             })
             .await?;
-        Ok((response.succeeded(), response.header().map_or(0, |h| h.revision())))
+        Ok((response.succeeded, response.header.map_or(0, |h| h.revision)))
     }
 
     async fn watch(&self, prefix: &str, from: i64) -> Result<mpsc::Receiver<WatchItem>, StoreError> {
-        let mut client = self.client.clone();
-        let options = WatchOptions::new().with_prefix().with_start_revision(from);
-        let mut stream = self.timed(client.watch(self.full(prefix), Some(options))).await?;
+        let key = self.full(prefix).into_bytes();
+        let create = proto::WatchRequest {
+            request_union: Some(proto::watch_request::RequestUnion::CreateRequest(
+                proto::WatchCreateRequest {
+                    range_end: prefix_end(&key),
+                    key,
+                    start_revision: from,
+                    progress_notify: false,
+                },
+            )),
+        };
+        // The request side stays open for as long as the watch runs: etcd ends a watch stream
+        // whose client closed its side.
+        let (requests, outbound) = mpsc::channel(1);
+        requests.try_send(create).expect("an empty channel takes one request");
+        let mut client = WatchClient::new(self.channel.clone());
+        let mut stream = self
+            .timed(client.watch(ReceiverStream::new(outbound)))
+            .await?
+            .into_inner();
         let (tx, rx) = mpsc::channel(1024);
         let (strip, describe) = (self.prefix.clone(), self.describe.clone());
         tokio::spawn(async move {
+            let _requests = requests;
             loop {
                 let message = tokio::select! {
                     message = stream.message() => message,
@@ -286,29 +403,29 @@ impl Kv for EtcdKv {
                         return;
                     }
                 };
-                if response.compact_revision() > 0 {
+                if response.compact_revision > 0 {
                     let _ = tx
                         .send(Err(StoreError::Compacted {
-                            revision: response.compact_revision(),
+                            revision: response.compact_revision,
                         }))
                         .await;
                     return;
                 }
-                if response.canceled() {
+                if response.canceled {
                     let _ = tx
                         .send(Err(StoreError::Unavailable {
                             store: describe.clone(),
-                            reason: format!("the watch was canceled: {}", response.cancel_reason()),
+                            reason: format!("the watch was canceled: {}", response.cancel_reason),
                         }))
                         .await;
                     return;
                 }
                 // One message may carry several revisions: deliver one batch per revision.
-                let events = response.events().iter().filter_map(|event| {
-                    let entry = entry_of(&strip, event.kv()?);
-                    Some(match event.event_type() {
-                        EventType::Put => Event::Put(entry),
-                        EventType::Delete => Event::Delete {
+                let events = response.events.iter().filter_map(|event| {
+                    let entry = entry_of(&strip, event.kv.as_ref()?);
+                    Some(match event.r#type() {
+                        proto::event::EventType::Put => Event::Put(entry),
+                        proto::event::EventType::Delete => Event::Delete {
                             key: entry.key,
                             mod_revision: entry.mod_revision,
                         },
@@ -325,22 +442,41 @@ impl Kv for EtcdKv {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
-        let seconds = ttl.as_secs().max(1) as i64;
+        let request = proto::LeaseGrantRequest {
+            ttl: ttl.as_secs().max(1) as i64,
+            id: 0,
+        };
         let response = self
-            .retrying(|mut client| async move { client.lease_grant(seconds, None).await })
+            .retrying(|| {
+                let mut client = self.lease();
+                async move { client.lease_grant(request).await }
+            })
             .await?;
-        Ok(response.id())
+        if !response.error.is_empty() {
+            return Err(StoreError::Unavailable {
+                store: self.describe.clone(),
+                reason: format!("no lease granted: {}", response.error),
+            });
+        }
+        Ok(response.id)
     }
 
     async fn keep_alive(&self, lease: i64) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
+        let (requests, outbound) = mpsc::channel(1);
+        requests
+            .try_send(proto::LeaseKeepAliveRequest { id: lease })
+            .expect("an empty channel takes one request");
         let renewed = async {
-            let (mut keeper, mut stream) = self.timed(client.lease_keep_alive(lease)).await?;
-            self.timed(keeper.keep_alive()).await?;
+            let mut stream = self
+                .timed(self.lease().lease_keep_alive(ReceiverStream::new(outbound)))
+                .await?
+                .into_inner();
             self.timed(stream.message()).await
         };
-        match renewed.await {
-            Ok(Some(response)) if response.ttl() > 0 => Ok(()),
+        let answer = renewed.await;
+        drop(requests);
+        match answer {
+            Ok(Some(response)) if response.ttl > 0 => Ok(()),
             Ok(_) => Err(StoreError::LeaseExpired { lease }),
             Err(StoreError::Unavailable { reason, .. }) if reason.contains("lease not found") => {
                 Err(StoreError::LeaseExpired { lease })
@@ -350,8 +486,12 @@ impl Kv for EtcdKv {
     }
 
     async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+        let request = proto::LeaseRevokeRequest { id: lease };
         match self
-            .retrying(|mut client| async move { client.lease_revoke(lease).await })
+            .retrying(|| {
+                let mut client = self.lease();
+                async move { client.lease_revoke(request).await }
+            })
             .await
         {
             Err(StoreError::Unavailable { reason, .. }) if reason.contains("not found") => Ok(()),
@@ -360,8 +500,35 @@ impl Kv for EtcdKv {
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        self.retrying(|mut client| async move { client.compact(revision, None).await })
-            .await
-            .map(drop)
+        let request = proto::CompactionRequest {
+            revision,
+            physical: false,
+        };
+        self.retrying(|| {
+            let mut client = self.kv();
+            async move { client.compact(request).await }
+        })
+        .await
+        .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_after_the_last_key_under_it() {
+        assert_eq!(prefix_end(b"/tbot/"), b"/tbot0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(prefix_end(b""), vec![0]);
+    }
+
+    #[test]
+    fn endpoints_without_a_scheme_take_the_tls_setting() {
+        assert_eq!(endpoint_url("10.0.0.1:2379", false), "http://10.0.0.1:2379");
+        assert_eq!(endpoint_url("10.0.0.1:2379", true), "https://10.0.0.1:2379");
+        assert_eq!(endpoint_url("https://etcd:2379", false), "https://etcd:2379");
     }
 }

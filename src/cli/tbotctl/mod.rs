@@ -19,7 +19,7 @@ use crate::manifest::{self, schema};
 use crate::resource::Kind;
 
 #[derive(Debug, Parser)]
-#[command(name = "tbotctl", version, about = "Check and manage the documents of a tbot agent")]
+#[command(name = "tbotctl", version = crate::VERSION, about = "Check and manage the documents of a tbot agent")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
