@@ -234,7 +234,24 @@ impl AgentConfig {
                     Problem::error(format!("/onboarding/ca_pins/{i}"), message)
                         .hint("copy the pin `tbotctl status` prints on the issuer host"),
                 );
+            } else if pin.trim_start_matches("sha256:").bytes().all(|b| b == b'0') {
+                out.push(
+                    Problem::warning(
+                        format!("/onboarding/ca_pins/{i}"),
+                        "this is the placeholder pin of the shipped examples: no issuer presents it, so the issuer will be refused until it is replaced",
+                    )
+                    .hint("run `tbotctl status` on the issuer host and copy its `CA pin: sha256:…` here"),
+                );
             }
+        }
+        if self.onboarding.insecure && self.onboarding.ca_pins.is_empty() && self.onboarding.ca_path.is_none() {
+            out.push(
+                Problem::warning(
+                    "/onboarding/insecure",
+                    "`insecure: true`: the agent trusts whatever server answers at its issuer's address on its first join, and sends it its join token",
+                )
+                .hint("for anything but a trial, set `onboarding.ca_pins` to the pin `tbotctl status` prints on the issuer host and remove `insecure`"),
+            );
         }
         if self.onboarding.insecure && (!self.onboarding.ca_pins.is_empty() || self.onboarding.ca_path.is_some()) {
             out.push(
