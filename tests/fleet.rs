@@ -753,7 +753,12 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
         return;
     };
     let extra = "bot_name: example-bot\n---\nkind: token\nversion: v2\nmetadata:\n  name: hostile-token\nspec:\n  \
-                 roles: [Bot]\n  join_method: token\n  bot_name: example-bot\n";
+                 roles: [Bot]\n  join_method: token\n  bot_name: example-bot\n---\nkind: token\nversion: v2\nmetadata:\n  \
+                 name: hostile-token-2\nspec:\n  roles: [Bot]\n  join_method: token\n  bot_name: example-bot\n---\nkind: \
+                 token\nversion: v2\nmetadata:\n  name: hostile-iam-token\nspec:\n  roles: [Bot]\n  join_method: iam\n  \
+                 bot_name: example-bot\n  allow: [{aws_account: \"123456789012\"}]\n---\nkind: workload_identity\nversion: \
+                 v1\nmetadata:\n  name: svc-wi\n  labels: {example: getting-started}\nspec:\n  spiffe:\n    id: \
+                 \"/svc/{{workload.systemd.service}}\"\n    x509: {dns_sans: [\"{{workload.systemd.service}}.internal\"]}\n";
     let issuer = Issuer::start(UID_TEMPLATE, &[("bot-token.yaml", "bot_name: example-bot\n", extra)]);
     let ca = std::fs::read(
         issuer
@@ -773,6 +778,9 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
             ca_pem.to_str().unwrap(),
             "hostile-token",
             "example-workload-identity",
+            "hostile-iam-token",
+            "svc-wi",
+            "hostile-token-2",
         ])
         .output()
         .unwrap();
@@ -798,14 +806,42 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
         let details = report[k]["details"].as_str().unwrap_or_default();
         assert!(details.contains("workload.unix.uid"), "{k}: {details}");
     }
-    assert_ne!(code("uid_number"), "INVALID_ARGUMENT", "{report:#}");
+    assert_eq!(code("uid_number"), "OK", "{report:#}");
+    assert!(
+        report["uid_number"]["spiffe_id"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/uid/1000"),
+        "{report:#}"
+    );
+    // A string value fills one segment of the ID and one label of a DNS SAN.
+    assert_eq!(code("service_wildcard"), "PERMISSION_DENIED", "{report:#}");
+    for k in ["service_slash", "service_dot"] {
+        assert_eq!(code(k), "PERMISSION_DENIED", "{k}: {report:#}");
+        assert!(
+            report[k]["details"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("workload.systemd.service"),
+            "{k}: {report:#}"
+        );
+    }
+    // An Ed25519 bot renews.
+    assert_eq!(code("ed25519_bot_renewal"), "OK", "{report:#}");
     assert_eq!(code("off_curve_svid_key"), "INVALID_ARGUMENT", "{report:#}");
     // A renewal with a malformed key moves nothing: the next good one is not taken for a copy.
     assert_eq!(code("malformed_key_renewal"), "INVALID_ARGUMENT", "{report:#}");
     assert_eq!(code("renewal_after_malformed_key"), "OK", "{report:#}");
     assert_eq!(report["renewal_after_malformed_key"]["generation"], 2, "{report:#}");
     // Keys that are not keys are refused as keys, each saying what is wrong with it.
-    for k in ["short_p256_key", "short_ed25519_key", "rsa_1024_key", "ca_own_key"] {
+    for k in [
+        "short_p256_key",
+        "short_ed25519_key",
+        "rsa_1024_key",
+        "ca_own_key",
+        "ca_key_compressed",
+        "ca_key_nested",
+    ] {
         assert_eq!(code(k), "INVALID_ARGUMENT", "{k}: {report:#}");
     }
     // Bytes that are not a message are the client's fault, not the server's.
@@ -842,6 +878,13 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
         "a forged log line:\n{log}"
     );
     assert!(!log.contains('\x1b'), "a raw terminal escape in the log");
+    // The first refusal from the address is logged, its client-chosen method escaped on one line.
+    assert_eq!(code("iam_forged_method"), "PERMISSION_DENIED", "{report:#}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("join refused") && l.contains("GET\\u{1b}[31m\\n2026-12-04T00:00:00")),
+        "the refused method is not shown escaped:\n{log}"
+    );
     assert!(!log.contains("hostile-token"), "the token's name is logged");
     assert!(!log.contains("hostile-iam"), "the iam token's name is logged");
     // A malformed request of an authenticated bot is a warning naming the bot instance, once per

@@ -162,7 +162,30 @@ pub fn attest(peer: Peer, settings: &AttestSettings) -> Result<Attributes, Attes
     if start_time(&settings.proc_root, pid) != Some(before) {
         return Err(AttestError::PidReused { pid });
     }
-    Ok(attrs)
+    Ok(only_valid(attrs, pid))
+}
+
+/// The attributes whose values the issuer takes (`resource::template::workload_value_problem`): one
+/// that is not (an executable path with a newline in it) is left unset, as if not attested, so an
+/// identity that reads it is denied naming it, and the others are decided as usual.
+fn only_valid(attrs: Attributes, pid: i32) -> Attributes {
+    let mut out = Attributes::new();
+    for (name, values) in attrs.iter() {
+        match crate::resource::template::workload_value_problem(name, values) {
+            None => {
+                out.set_many(name, values.to_vec());
+            }
+            Some(why) => {
+                tracing::debug!(
+                    pid,
+                    attribute = name,
+                    why,
+                    "an attested value the issuer would refuse is left unset"
+                );
+            }
+        }
+    }
+    out
 }
 
 impl crate::error::Explain for AttestError {
@@ -228,6 +251,17 @@ mod tests {
             Some(std::env::current_exe().unwrap().display().to_string())
         );
         assert_eq!(get("workload.unix.binary_hash").map(|h| h.len()), Some(64));
+    }
+
+    #[test]
+    fn a_value_the_issuer_would_refuse_is_left_unset() {
+        let mut attrs = Attributes::new();
+        attrs
+            .set("workload.unix.uid", 1000)
+            .set("workload.unix.binary_path", "/tmp/a\nb");
+        let kept = only_valid(attrs, 1);
+        let names: Vec<&str> = kept.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["workload.unix.uid"]);
     }
 
     #[test]

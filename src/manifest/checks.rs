@@ -225,7 +225,7 @@ fn references(ctx: &mut Ctx) {
                 }
                 found.extend(outputs_reading_workloads(ctx.parsed, agent).into_iter().map(|p| (i, p)));
                 if !ctx.maybe_unloaded(Kind::Token, None) {
-                    found.extend(onboarding(ctx.parsed, agent).into_iter().map(|p| (i, p)));
+                    found.extend(onboarding(ctx.parsed, agent, remote).into_iter().map(|p| (i, p)));
                 }
                 if remote {
                     found.extend(remote_trust(agent).into_iter().map(|p| (i, p)));
@@ -324,9 +324,10 @@ fn labels_match_any(parsed: &[Parsed], wanted: &BTreeMap<String, String>) -> boo
     })
 }
 
-/// The agent's `onboarding.token` must name a token of the same join method when the directory
-/// holds tokens. Token names are secrets, so the messages never print them.
-fn onboarding(parsed: &[Parsed], agent: &AgentConfig) -> Option<Problem> {
+/// The agent's `onboarding.token` must name a token of the same join method when this host is its
+/// own issuer (the agent joins it in this process), or when the directory holds tokens. Token names
+/// are secrets, so the messages never print them.
+fn onboarding(parsed: &[Parsed], agent: &AgentConfig, remote: bool) -> Option<Problem> {
     let tokens: Vec<_> = parsed
         .iter()
         .filter_map(|p| match &p.document {
@@ -334,16 +335,23 @@ fn onboarding(parsed: &[Parsed], agent: &AgentConfig) -> Option<Problem> {
             _ => None,
         })
         .collect();
-    if tokens.is_empty() {
+    if tokens.is_empty() && remote {
         return None;
     }
     let Some(token) = tokens.iter().find(|t| *t.metadata.name == agent.onboarding.token) else {
+        let hint = if tokens.is_empty() {
+            "this directory holds cluster documents, so this host is its own issuer and its agent joins it with a `token` \
+             of this directory: add one; if this host is meant to be an agent of a remote issuer, move the cluster \
+             documents to the issuer host and set `onboarding.ca_pins`"
+        } else {
+            "set it to the `metadata.name` of one of the directory's `token` documents"
+        };
         return Some(
             Problem::error(
                 "/onboarding/token",
                 "`onboarding.token` names no `token` in this directory",
             )
-            .hint("set it to the `metadata.name` of one of the directory's `token` documents"),
+            .hint(hint),
         );
     };
     let (wanted, actual) = (agent.onboarding.join_method, token.spec.join_method);
@@ -402,25 +410,44 @@ fn only_for_issuers(ctx: &mut Ctx) {
 /// would make the host its own CA instead and ignore what the agent config says. Each is an error
 /// at its own place, saying where it belongs, not a silent change of what the host is.
 fn cluster_documents_beside_remote_trust(ctx: &mut Ctx) {
-    if ctx.role() != HostRole::Single {
-        return;
-    }
-    let remote = ctx.parsed.iter().find_map(|p| match &p.document {
+    let remote = ctx.parsed.iter().enumerate().find_map(|(i, p)| match &p.document {
         Document::AgentConfig(a) => {
             let o = &a.onboarding;
             if !o.ca_pins.is_empty() {
-                Some("`onboarding.ca_pins`")
+                Some((i, "`onboarding.ca_pins`", "/onboarding/ca_pins"))
             } else if o.ca_path.is_some() {
-                Some("`onboarding.ca_path`")
+                Some((i, "`onboarding.ca_path`", "/onboarding/ca_path"))
             } else if o.insecure {
-                Some("`onboarding.insecure`")
+                Some((i, "`onboarding.insecure`", "/onboarding/insecure"))
             } else {
                 None
             }
         }
         _ => None,
     });
-    let Some(setting) = remote else { return };
+    let Some((agent, setting, pointer)) = remote else {
+        return;
+    };
+    if let HostRole::Issuer { agent: true } = ctx.role() {
+        // An issuer host's agent uses the issuer in this process: remote trust settings would be
+        // silently ignored.
+        ctx.report(
+            agent,
+            Problem::error(
+                pointer,
+                format!(
+                    "this directory holds an `issuer` document, so this host is the issuer and its agent uses it in this process; {setting} is for an agent of a remote issuer and would be ignored"
+                ),
+            )
+            .hint(format!(
+                "remove {setting}; if this host is meant to be an agent of another issuer, move the `issuer` and cluster documents to that issuer's host"
+            )),
+        );
+        return;
+    }
+    if ctx.role() != HostRole::Single {
+        return;
+    }
     let found: Vec<(usize, Kind)> = ctx
         .parsed
         .iter()
@@ -447,9 +474,17 @@ fn cluster_documents_beside_remote_trust(ctx: &mut Ctx) {
 /// A `spiffe_federation` names another trust domain: one named after the host's own would be
 /// ignored, and its bundle never used.
 fn federations_of_others(ctx: &mut Ctx) {
-    let own = ctx.parsed.iter().find_map(|p| match &p.document {
+    // The trust domain as the issuer takes it: the `cluster` document's name, else the host of the
+    // agent config's `proxy_server`/`auth_server`.
+    let cluster = ctx.parsed.iter().find_map(|p| match &p.document {
         Document::Cluster(c) => Some(c.metadata.name.to_string()),
         _ => None,
+    });
+    let own = cluster.or_else(|| {
+        ctx.parsed.iter().find_map(|p| match &p.document {
+            Document::AgentConfig(a) => a.server_host().map(str::to_owned),
+            _ => None,
+        })
     });
     let Some(own) = own else { return };
     let found: Vec<usize> = ctx

@@ -36,9 +36,12 @@ pub const CATALOGUE: &[(&str, AttrType)] = &[
     ("join.iam.arn", AttrType::String),
 ];
 
+/// The longest string value of a workload attribute (a path is at most 4096 bytes on Linux).
+pub const MAX_VALUE_BYTES: usize = 4096;
+
 /// Why `values` cannot be what a workload holds for `name`, if they cannot: a bot sends them, and
 /// each must have the catalogue's type (`Int`: decimal digits, `Bool`: `true`/`false`, strings
-/// without control characters), one value each.
+/// without control characters and at most [`MAX_VALUE_BYTES`]), one value each.
 pub fn workload_value_problem(name: &str, values: &[String]) -> Option<String> {
     let Some((_, kind)) = CATALOGUE.iter().find(|(n, _)| *n == name && n.starts_with("workload.")) else {
         return Some("is not a workload attribute of the catalogue".into());
@@ -59,6 +62,9 @@ pub fn workload_value_problem(name: &str, values: &[String]) -> Option<String> {
         }
         AttrType::String | AttrType::Map if value.chars().any(char::is_control) => {
             return Some("holds a control character".into());
+        }
+        AttrType::String | AttrType::Map if value.len() > MAX_VALUE_BYTES => {
+            return Some(format!("is longer than {MAX_VALUE_BYTES} bytes"));
         }
         _ => {}
     }

@@ -277,12 +277,13 @@ impl SdsWatch {
         }
         if let Some(error) = &request.error_detail {
             self.open.0.errors.count("sds_nack");
+            // Escaped: these strings come from the client.
             tracing::warn!(
                 code = error.code,
-                error = %error.message,
-                version = %request.version_info,
+                error = %error.message.escape_debug(),
+                version = %request.version_info.escape_debug(),
                 rejected = self.version,
-                node = self.node.as_ref().map(|n| n.id.as_str()).unwrap_or(""),
+                node = %self.node.as_ref().map(|n| n.id.as_str()).unwrap_or("").escape_debug(),
                 "Envoy rejected the secrets (NACK); they are not sent again until an SVID or the bundle changes"
             );
         }

@@ -4,10 +4,12 @@ real agent never would and prints one JSON object of what the issuer answered; t
 on it.
 
 Usage (the test venv from scripts/test.sh has the packages):
-    issuer_peer.py hostile ADDRESS CA_PEM TOKEN IDENTITY
+    issuer_peer.py hostile ADDRESS CA_PEM TOKEN IDENTITY IAM_TOKEN SVC_IDENTITY [TOKEN2]
         ADDRESS: host:port of the issuer API; CA_PEM: the trust domain's CA; TOKEN: an unused
         single-use token; IDENTITY: a workload identity the token's bot may have whose SPIFFE ID
-        reads `workload.unix.uid`.
+        reads `workload.unix.uid`; IAM_TOKEN: an `iam` token; SVC_IDENTITY: one whose SPIFFE ID and
+        a DNS SAN read `workload.systemd.service`; TOKEN2: another unused token, joined with an
+        Ed25519 key.
 """
 
 import base64
@@ -24,7 +26,7 @@ import tempfile
 import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FORGED = "2026-12-04T00:00:00.000000Z  INFO tbot::daemon: bot joined bot=admin"
@@ -85,6 +87,18 @@ def self_signed(key, common_name):
     return cert.public_bytes(serialization.Encoding.DER)
 
 
+def nested_spki(inner):
+    """An EC SubjectPublicKeyInfo whose bit string holds a whole SubjectPublicKeyInfo."""
+    algorithm = bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107")
+    bits = b"\x03" + der_length(len(inner) + 1) + b"\x00" + inner
+    body = algorithm + bits
+    return b"\x30" + der_length(len(body)) + body
+
+
+def der_length(n):
+    return bytes([n]) if n < 0x80 else bytes([0x81, n])
+
+
 def tls12_handshake(address, ca):
     """Whether a TLS 1.2-only client completes a handshake with the issuer API."""
     host, port = address.rsplit(":", 1)
@@ -107,7 +121,7 @@ def code_of(fn):
         return {"code": e.code().name, "details": e.details()}
 
 
-def hostile(address, ca_pem, token, identity):
+def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=None):
     pb, rpc = stubs()
     with open(ca_pem, "rb") as f:
         ca = f.read()
@@ -121,27 +135,16 @@ def hostile(address, ca_pem, token, identity):
             return answer.result
         raise RuntimeError("no answer")
 
-    # A join method that carries a forged log line.
-    out["forged_log_line"] = code_of(lambda: join("token\n" + FORGED + "\x1b[31m", token, new_key()[1]))
-    # 64 random bytes as the key: refused, and the token stays unspent.
-    out["malformed_key_join"] = code_of(lambda: join("token", token, os.urandom(64)))
-    key, spki = new_key()
-    bot = join("token", token, spki)
-    out["join_after_malformed_key"] = {"code": "OK", "generation": bot.generation}
-    out["join_claims"] = dict(bot.join)
-    # Token refusals that held before this round, kept as regression checks.
-    out["used_token"] = code_of(lambda: join("token", token, new_key()[1]))
-    out["wrong_token"] = code_of(lambda: join("token", "no-such-token", new_key()[1]))
     # An `iam` token name with terminal escapes and a forged line, in the answer to a challenge:
     # refused, never echoed or logged raw.
-    def iam_join(token_name):
+    def iam_join(token_name, method="POST"):
         answers = queue.Queue()
 
         def requests():
             yield pb.JoinRequest(init=pb.ClientInit(join_method="iam"))
             challenge = answers.get(timeout=10)
             solution = pb.IamSolution(
-                method="POST",
+                method=method,
                 url="https://sts.amazonaws.com/",
                 headers={"X-Teleport-Challenge": challenge},
                 body=b"Action=GetCallerIdentity&Version=2011-06-15",
@@ -158,7 +161,22 @@ def hostile(address, ca_pem, token, identity):
                 return answer.result
         raise RuntimeError("no answer")
 
+    # First, so the issuer logs it (one line per source every 10 s): a method that carries a
+    # terminal escape and a forged line, which the refusal quotes.
+    out["iam_forged_method"] = code_of(lambda: iam_join(iam_token, "GET\x1b[31m\n" + FORGED))
     out["iam_escapes"] = code_of(lambda: iam_join("\x1b[31mhostile-iam\n" + FORGED))
+
+    # A join method that carries a forged log line.
+    out["forged_log_line"] = code_of(lambda: join("token\n" + FORGED + "\x1b[31m", token, new_key()[1]))
+    # 64 random bytes as the key: refused, and the token stays unspent.
+    out["malformed_key_join"] = code_of(lambda: join("token", token, os.urandom(64)))
+    key, spki = new_key()
+    bot = join("token", token, spki)
+    out["join_after_malformed_key"] = {"code": "OK", "generation": bot.generation}
+    out["join_claims"] = dict(bot.join)
+    # Token refusals that held before this round, kept as regression checks.
+    out["used_token"] = code_of(lambda: join("token", token, new_key()[1]))
+    out["wrong_token"] = code_of(lambda: join("token", "no-such-token", new_key()[1]))
 
     # As the bot: its certificate as the TLS client certificate.
     def as_bot(certificate_der, private_key):
@@ -184,7 +202,17 @@ def hostile(address, ca_pem, token, identity):
         public_key=svid_spki,
         ttl_seconds=600,
     )
-    out["uid_number"] = code_of(lambda: workloads.IssueX509(request, timeout=10))
+    granted = workloads.IssueX509(request, timeout=10)
+    out["uid_number"] = {"code": "OK", "spiffe_id": granted.spiffe_id}
+    # A string attribute: a `/` in the ID's segment, a dot or a wildcard in the DNS SAN's label.
+    for name, value in [("slash", "a/db"), ("dot", "admin.prod"), ("wildcard", "*")]:
+        request = pb.IssueX509Request(
+            identity=svc_identity,
+            workload=[pb.Attribute(name="workload.systemd.service", values=[value])],
+            public_key=svid_spki,
+            ttl_seconds=600,
+        )
+        out[f"service_{name}"] = code_of(lambda: workloads.IssueX509(request, timeout=10))
     # A point that is not on the curve, as an SVID key.
     off_curve = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200") + b"\x04" + b"\x07" * 64
     request = pb.IssueX509Request(
@@ -204,6 +232,11 @@ def hostile(address, ca_pem, token, identity):
         "short_ed25519_key": bytes.fromhex("3029300506032b6570032000") + b"\x01" * 31,
         "rsa_1024_key": rsa_1024.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
         "ca_own_key": ca_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        # The CA's point compressed, and the CA's whole SubjectPublicKeyInfo inside the bit string:
+        # forms a lenient parser takes for the same key.
+        "ca_key_compressed": bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200")
+        + ca_key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint),
+        "ca_key_nested": nested_spki(ca_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)),
     }
     for name, spki in not_keys.items():
         request = pb.IssueX509Request(
@@ -247,6 +280,20 @@ def hostile(address, ca_pem, token, identity):
         out["renewal_after_malformed_key"] = {"code": "OK", "generation": renewed.generation}
     except grpc.RpcError as e:
         out["renewal_after_malformed_key"] = {"code": e.code().name, "details": e.details()}
+
+    # An Ed25519 bot key joins and renews: the renewal's proof is checked with the key's algorithm.
+    if token2:
+        ed_key = ed25519.Ed25519PrivateKey.generate()
+        ed_spki = ed_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        ed_bot = join("token", token2, ed_spki)
+        next_key, next_spki = new_key()
+        try:
+            renewed = rpc.BotServiceStub(as_bot(ed_bot.certificate, ed_key)).Renew(
+                pb.RenewRequest(public_key=next_spki, proof=ed_key.sign(next_spki), ttl_seconds=3600), timeout=10
+            )
+            out["ed25519_bot_renewal"] = {"code": "OK", "generation": renewed.generation}
+        except grpc.RpcError as e:
+            out["ed25519_bot_renewal"] = {"code": e.code().name, "details": e.details()}
 
     # Last, as it refuses this address for a while: joins beyond the per-address burst are refused
     # with a limit that names itself.

@@ -1,9 +1,18 @@
 //! What the issuer signs a certificate for: only a real public key. A bot sends the
-//! SubjectPublicKeyInfo of the key it holds; it is parsed and checked (a P-256 point on the curve,
-//! an Ed25519 key of 32 bytes, and RSA of 2048 to 8192 bits only where `cluster.spec.ca.accept_rsa_keys`
-//! allows it) before anything is recorded or signed, and a CA's own key is refused.
+//! SubjectPublicKeyInfo of the key it holds; it is parsed and checked before anything is recorded or
+//! signed:
+//! - ECDSA P-256: an uncompressed point (65 bytes, `04 || x || y`) on the curve;
+//! - Ed25519: exactly 32 bytes;
+//! - RSA of 2048 to 8192 bits, only where `cluster.spec.ca.accept_rsa_keys` allows it.
+//!
+//! Only these exact forms pass (a compressed point, or a whole SubjectPublicKeyInfo inside the bit
+//! string, is refused even where a parser would take it), so one key has one form, and a key the
+//! issuer holds itself (a CA's, a JWT signing key's, its serving certificates') is recognised and
+//! refused.
 
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_ASN1, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
+};
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
@@ -14,19 +23,47 @@ const P256: &str = "1.2.840.10045.3.1.7";
 const ED25519_OID: &str = "1.3.101.112";
 const RSA: &str = "1.2.840.113549.1.1.1";
 
-/// Checks `spki` (DER) is a public key the issuer signs for; `ca_keys` are the CAs' public keys
-/// (their `subjectPublicKey` bits, held in memory: nothing is parsed per call), never certified again;
-/// RSA keys pass only with `accept_rsa`.
-pub fn check(spki: &[u8], ca_keys: &[&[u8]], accept_rsa: bool) -> Result<(), IssuerError> {
-    let invalid = |why: &str| IssuerError::Invalid(format!("the public key {why}"));
+/// A public key in its one accepted form: what [`check`] compares against the keys the issuer holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// The uncompressed point.
+    P256(Vec<u8>),
+    Ed25519(Vec<u8>),
+    /// The modulus (without leading zeros) and the public exponent.
+    Rsa {
+        modulus: Vec<u8>,
+        exponent: Vec<u8>,
+        bits: usize,
+    },
+}
+
+impl Key {
+    /// The key of a certificate the issuer made itself (a CA's, a serving certificate's).
+    pub fn of_certificate(der: &[u8]) -> Option<Key> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        parse(cert.public_key().raw).ok()
+    }
+}
+
+fn invalid(why: &str) -> IssuerError {
+    IssuerError::Invalid(format!("the public key {why}"))
+}
+
+/// Parses a SubjectPublicKeyInfo (DER) into its one accepted form, checking the key is valid.
+/// (An RSA key has 2048 to 8192 bits.)
+pub fn parse(spki: &[u8]) -> Result<Key, IssuerError> {
     let (rest, parsed) =
         SubjectPublicKeyInfo::from_der(spki).map_err(|_| invalid("is not a DER SubjectPublicKeyInfo"))?;
     if !rest.is_empty() {
         return Err(invalid("has bytes after its SubjectPublicKeyInfo"));
     }
-    let algorithm = parsed.algorithm.algorithm.to_id_string();
-    let key = parsed.subject_public_key.data.as_ref();
-    let checked = match algorithm.as_str() {
+    let bits = parsed.subject_public_key.data.as_ref();
+    let valid = |algorithm, bytes: &[u8]| {
+        ParsedPublicKey::new(algorithm, bytes)
+            .map(drop)
+            .map_err(|e| invalid(&format!("is not a valid key of its algorithm ({e})")))
+    };
+    match parsed.algorithm.algorithm.to_id_string().as_str() {
         EC_PUBLIC_KEY => {
             let curve = parsed
                 .algorithm
@@ -37,39 +74,80 @@ pub fn check(spki: &[u8], ca_keys: &[&[u8]], accept_rsa: bool) -> Result<(), Iss
             if curve.as_deref() != Some(P256) {
                 return Err(invalid("is an EC key of another curve than P-256"));
             }
-            ParsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key).map(|_| ())
+            if bits.len() != 65 || bits[0] != 0x04 {
+                return Err(invalid(
+                    "is not an uncompressed P-256 point (65 bytes starting with 04)",
+                ));
+            }
+            valid(&ECDSA_P256_SHA256_ASN1, bits)?;
+            Ok(Key::P256(bits.to_vec()))
         }
-        ED25519_OID => ParsedPublicKey::new(&ED25519, key).map(|_| ()),
-        RSA if !accept_rsa => {
-            return Err(invalid(
-                "is an RSA key, which this trust domain does not certify; use an ECDSA P-256 or \
-                 Ed25519 key (or set `cluster.spec.ca.accept_rsa_keys: true`)",
-            ));
+        ED25519_OID => {
+            if bits.len() != 32 {
+                return Err(invalid(&format!("is an Ed25519 key of {} bytes, not 32", bits.len())));
+            }
+            valid(&ED25519, bits)?;
+            Ok(Key::Ed25519(bits.to_vec()))
         }
         RSA => {
-            // aws-lc checks the modulus size when it verifies, not when it parses.
-            let bits = match parsed.parsed() {
-                Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => rsa.key_size(),
-                _ => 0,
+            let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = parsed.parsed() else {
+                return Err(invalid("is not an RSA public key (modulus, exponent)"));
             };
-            if !(2048..=8192).contains(&bits) {
+            let trim = |b: &[u8]| b.iter().skip_while(|&&x| x == 0).copied().collect::<Vec<u8>>();
+            let key = Key::Rsa {
+                modulus: trim(rsa.modulus),
+                exponent: trim(rsa.exponent),
+                bits: rsa.key_size(),
+            };
+            if !(2048..=8192).contains(&rsa.key_size()) {
                 return Err(invalid(&format!(
-                    "is an RSA key of {bits} bits; an RSA key has 2048 to 8192 bits"
+                    "is an RSA key of {} bits; an RSA key has 2048 to 8192 bits",
+                    rsa.key_size()
                 )));
             }
-            ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, key).map(|_| ())
+            // aws-lc checks the modulus size when it verifies, not when it parses.
+            valid(&RSA_PKCS1_2048_8192_SHA256, bits)?;
+            Ok(key)
         }
-        other => {
-            return Err(invalid(&format!(
-                "has algorithm {other}; use an ECDSA P-256 or Ed25519 key"
-            )));
-        }
-    };
-    checked.map_err(|e| invalid(&format!("is not a valid key of its algorithm ({e})")))?;
-    if ca_keys.contains(&key) {
-        return Err(invalid("is a CA's own key"));
+        other => Err(invalid(&format!(
+            "has algorithm {other}; use an ECDSA P-256 or Ed25519 key"
+        ))),
+    }
+}
+
+/// Checks `spki` (DER) is a public key the issuer signs for: a real key in its accepted form, an RSA
+/// key only with `accept_rsa`, and none of `held` (the keys the issuer holds itself).
+pub fn check(spki: &[u8], held: &[Key], accept_rsa: bool) -> Result<(), IssuerError> {
+    let key = parse(spki)?;
+    if matches!(key, Key::Rsa { .. }) && !accept_rsa {
+        return Err(invalid(
+            "is an RSA key, which this trust domain does not certify; use an ECDSA P-256 or \
+             Ed25519 key (or set `cluster.spec.ca.accept_rsa_keys: true`)",
+        ));
+    }
+    if held.contains(&key) {
+        return Err(invalid(
+            "is a key the issuer holds itself (a CA's, or one it signs or serves with)",
+        ));
     }
     Ok(())
+}
+
+/// Checks that the holder of the key of `spki` (a bot certificate's SubjectPublicKeyInfo) signed
+/// `message`: ECDSA P-256 with SHA-256 (ASN.1), Ed25519, or RSA PKCS#1 v1.5 with SHA-256.
+pub fn verify(spki: &[u8], message: &[u8], signature: &[u8]) -> Result<(), IssuerError> {
+    let unreadable = || IssuerError::Unauthenticated("the certificate's public key cannot be read".into());
+    let (_, parsed) = SubjectPublicKeyInfo::from_der(spki).map_err(|_| unreadable())?;
+    let algorithm: &'static dyn aws_lc_rs::signature::VerificationAlgorithm =
+        match parsed.algorithm.algorithm.to_id_string().as_str() {
+            EC_PUBLIC_KEY => &ECDSA_P256_SHA256_ASN1,
+            ED25519_OID => &ED25519,
+            RSA => &RSA_PKCS1_2048_8192_SHA256,
+            _ => return Err(unreadable()),
+        };
+    UnparsedPublicKey::new(algorithm, parsed.subject_public_key.data.as_ref())
+        .verify(message, signature)
+        .map_err(|_| IssuerError::Unauthenticated("the renewal was not signed with the certificate's key".into()))
 }
 
 #[cfg(test)]
@@ -84,6 +162,18 @@ mod tests {
         let mut bits = vec![0x03, (point.len() + 1) as u8, 0x00];
         bits.extend(point);
         let mut out = vec![0x30, (alg.len() + bits.len()) as u8];
+        out.extend(alg);
+        out.extend(bits);
+        out
+    }
+
+    /// An EC SubjectPublicKeyInfo whose bit string holds `bytes` (any length up to 255).
+    fn ec_spki_long(bytes: &[u8]) -> Vec<u8> {
+        let mut alg = vec![0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+        alg.extend([0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]);
+        let mut bits = vec![0x03, 0x81, (bytes.len() + 1) as u8, 0x00];
+        bits.extend(bytes);
+        let mut out = vec![0x30, 0x81, (alg.len() + bits.len()) as u8];
         out.extend(alg);
         out.extend(bits);
         out
@@ -116,9 +206,16 @@ mod tests {
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = params.self_signed(&ca_key).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(ca.der()).unwrap();
-        let ca_raw = parsed.public_key().subject_public_key.data.to_vec();
-        let why = check(&ca_key.subject_public_key_info(), &[ca_raw.as_slice()], false).unwrap_err();
-        assert!(why.to_string().contains("a CA's own key"), "{why}");
+        let held = parse(parsed.public_key().raw).unwrap();
+        let why = check(&ca_key.subject_public_key_info(), &[held], false).unwrap_err();
+        assert!(why.to_string().contains("a key the issuer holds"), "{why}");
+        // The same point compressed, and a whole SubjectPublicKeyInfo inside the bit string.
+        let point = parsed.public_key().subject_public_key.data.to_vec();
+        let mut compressed = vec![0x02 + (point[64] & 1)];
+        compressed.extend(&point[1..33]);
+        assert!(check(&ec_spki(&compressed), &[], false).is_err());
+        let nested = ec_spki_long(&ca_key.subject_public_key_info());
+        assert!(check(&nested, &[], false).is_err());
         // RSA only where the cluster allows it, and then of 2048 bits or more.
         let rsa = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
             .unwrap()

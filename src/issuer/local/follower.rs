@@ -91,6 +91,7 @@ pub(super) async fn load_state(backing: &Backing, policy: Policy) -> Result<(Sta
         bots,
         replicas,
         verified: HashMap::new(),
+        served: Default::default(),
         sequence: 1,
     };
     Ok((state, revision))

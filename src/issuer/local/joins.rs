@@ -2,9 +2,6 @@
 //! (a fresh challenge, the signed STS request), and renewals that move a bot instance's generation
 //! by compare-and-swap (a copied certificate loses the race and is locked).
 
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
-use x509_parser::prelude::FromDer;
-
 use crate::aws::{self, AwsError};
 use crate::issuer::bots::join;
 use crate::issuer::bots::{
@@ -30,14 +27,6 @@ pub(super) fn key_digest(public_key: &[u8]) -> String {
     crate::sha256_hex(public_key)
 }
 
-/// Checks that the holder of the certificate's key signed the new public key.
-pub(super) fn check_possession(certificate_spki: &[u8], message: &[u8], signature: &[u8]) -> Result<(), IssuerError> {
-    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(certificate_spki)
-        .map_err(|_| IssuerError::Unauthenticated("the certificate's public key cannot be read".into()))?;
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &spki.subject_public_key.data)
-        .verify(message, signature)
-        .map_err(|_| IssuerError::Unauthenticated("the renewal was not signed with the certificate's key".into()))
-}
 impl LocalIssuer {
     pub(super) fn take_challenge(&self, challenge: &str) -> Result<(), IssuerError> {
         let mut challenges = self.inner.challenges.lock().expect("challenges poisoned");
@@ -182,7 +171,7 @@ impl LocalIssuer {
                 "only `token`-joined bots renew; `iam` bots join again".into(),
             ));
         }
-        check_possession(&spki, &request.public_key, &request.proof)?;
+        crate::issuer::keys::public::verify(&spki, &request.public_key, &request.proof)?;
         let bot = claims.bot.clone();
         let instance = claims.instance_key();
         let file = bot_record_key(&dir, &instance);

@@ -69,7 +69,13 @@ struct State {
     sequence: u64,
     /// The bundles of the trust domains this one federates with.
     federated: BTreeMap<String, Arc<crate::issuer::TrustBundle>>,
+    /// The keys of the serving certificates and bundle-endpoint SVIDs this process minted (the
+    /// latest [`SERVED_KEYS`]): no bot gets them certified.
+    served: std::collections::VecDeque<crate::issuer::keys::public::Key>,
 }
+
+/// Serving keys remembered (a serving certificate is renewed every few hours).
+const SERVED_KEYS: usize = 16;
 
 struct Inner {
     backing: Backing,
@@ -238,14 +244,20 @@ impl LocalIssuer {
         names: &[String],
         ttl: Duration,
     ) -> Result<mint::ServingCertificate, IssuerError> {
-        mint::serving_certificate(&self.lock().authority, names, ttl, now())
+        let mut state = self.lock();
+        let minted = mint::serving_certificate(&state.authority, names, ttl, now())?;
+        state.remember_served(&minted.certificate);
+        Ok(minted)
     }
 
     /// The bundle endpoint's X509-SVID, `spiffe://<trust domain>/tbot/bundle-endpoint`.
     pub fn endpoint_svid(&self, ttl: Duration) -> Result<mint::ServingCertificate, IssuerError> {
         let state = self.lock();
         let id = format!("spiffe://{}/tbot/bundle-endpoint", state.policy.trust_domain.as_str());
-        mint::endpoint_svid(&state.authority, &id, ttl, now())
+        let minted = mint::endpoint_svid(&state.authority, &id, ttl, now())?;
+        let mut state = state;
+        state.remember_served(&minted.certificate);
+        Ok(minted)
     }
 
     /// The bot instances (all, or one bot's), by instance key.

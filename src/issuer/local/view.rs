@@ -12,8 +12,22 @@ use super::{State, VERIFIED_CACHE, dir_of, is_token, now};
 impl State {
     /// Checks a public key a bot sent before anything is recorded or signed for it.
     pub(super) fn check_key(&self, spki: &[u8]) -> Result<(), IssuerError> {
-        let ca_keys: Vec<&[u8]> = self.authority.cas().iter().map(|ca| ca.public_key_raw()).collect();
-        crate::issuer::keys::public::check(spki, &ca_keys, self.policy.accept_rsa_keys)
+        let held: Vec<crate::issuer::keys::public::Key> = (self.authority.cas().iter())
+            .filter_map(|ca| ca.held_key().cloned())
+            .chain(self.jwt.held_keys())
+            .chain(self.served.iter().cloned())
+            .collect();
+        crate::issuer::keys::public::check(spki, &held, self.policy.accept_rsa_keys)
+    }
+
+    /// Remembers the key of a serving certificate or endpoint SVID this process minted.
+    pub(super) fn remember_served(&mut self, certificate: &[u8]) {
+        if let Some(key) = crate::issuer::keys::public::Key::of_certificate(certificate) {
+            if self.served.len() >= super::SERVED_KEYS {
+                self.served.pop_front();
+            }
+            self.served.push_back(key);
+        }
     }
 
     pub(super) fn dir(&self) -> String {

@@ -158,6 +158,14 @@ impl RefusalLog {
             "a bot sent a request no tbot agent of this version sends; refused (check who holds this bot instance's key: `tbotctl get bot/...`)");
     }
 
+    /// A connection refused before TLS (a PROXY header missing or malformed: WARN, as it is most
+    /// likely the balancer's configuration).
+    pub fn connection(&self, address: std::net::SocketAddr, error: &str) {
+        let Some(also) = self.due(address) else { return };
+        let error = error.escape_debug().to_string();
+        tracing::warn!(peer = %address, %error, also_refused = also, "issuer API: connection refused");
+    }
+
     /// Whether a line for `address` is due now, and how many refusals were held since the last.
     fn due(&self, address: std::net::SocketAddr) -> Option<u64> {
         let now = Instant::now();

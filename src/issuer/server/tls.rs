@@ -155,6 +155,8 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(128);
+    // A misconfigured balancer refuses every connection: one line per source every 10 s says so.
+    let refusals = Arc::new(super::limits::RefusalLog::default());
     tokio::spawn(async move {
         loop {
             let (mut tcp, peer) = match listener.accept().await {
@@ -169,7 +171,7 @@ pub fn incoming(
             if tx.is_closed() {
                 break;
             }
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), refusals.clone());
             tokio::spawn(async move {
                 // What went wrong, and whether the operator must hear of it (a missing PROXY header
                 // is a misconfigured balancer; a failed TLS handshake is a client's business).
@@ -211,7 +213,7 @@ pub fn incoming(
                             }))
                             .await;
                     }
-                    Ok(Err((true, e))) => tracing::warn!(%peer, error = %e, "issuer API: connection refused"),
+                    Ok(Err((true, e))) => refusals.connection(peer, &e),
                     Ok(Err((false, e))) => tracing::debug!(%peer, error = %e, "issuer API: connection dropped"),
                     Err(_) => tracing::debug!(%peer, "issuer API: handshake timed out"),
                 }

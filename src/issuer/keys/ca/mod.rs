@@ -60,10 +60,17 @@ pub struct Ca {
     cert_der: Vec<u8>,
     issuer: rcgen::Issuer<'static, KeyPair>,
     public_key: Vec<u8>,
+    /// The key in the form `keys::public` compares bots' keys against.
+    held: Option<crate::issuer::keys::public::Key>,
     algorithm: KeyAlgorithm,
 }
 
 impl Ca {
+    /// The CA's key as [`crate::issuer::keys::public::check`] compares it: no bot gets it certified.
+    pub fn held_key(&self) -> Option<&crate::issuer::keys::public::Key> {
+        self.held.as_ref()
+    }
+
     /// The CA's public key as its certificate's `subjectPublicKey` holds it.
     pub fn public_key_raw(&self) -> &[u8] {
         &self.public_key
@@ -181,6 +188,7 @@ impl Authority {
             let ca = Ca {
                 id: record.id,
                 not_after: record.not_after,
+                held: crate::issuer::keys::public::Key::of_certificate(&cert_der),
                 cert_der,
                 issuer,
                 public_key,
@@ -488,6 +496,7 @@ impl Authority {
             id,
             not_after: unix(not_after),
             cert_der: cert.der().to_vec(),
+            held: crate::issuer::keys::public::Key::of_certificate(cert.der()),
             issuer: rcgen::Issuer::new(params, key),
             public_key,
             algorithm: settings.algorithm,

@@ -26,6 +26,8 @@ fn hostile_values() -> Vec<String> {
         "a\u{2044}db".into(),  // FRACTION SLASH
         "\u{0430}dmin".into(), // Cyrillic a
         "a\\db".into(),
+        "*".into(),
+        "admin.prod".into(),
         "a?db".into(),
         "a#db".into(),
         "a\ndb".into(),
@@ -52,31 +54,38 @@ fn ordinary(name: &str) -> String {
 
 const HOLE: &str = "\u{1}";
 
-/// The pieces between the holes of an identity's SPIFFE ID path.
-fn skeleton(wi: &WorkloadIdentity) -> Vec<String> {
-    let shape = wi
-        .spec
-        .spiffe
-        .id
+/// The pieces between the holes of a template.
+fn pieces(template: &Template) -> Vec<String> {
+    let shape = template
         .render(|_| Some(HOLE.to_owned()))
         .expect("every attribute has a value");
     shape.split(HOLE).map(str::to_owned).collect()
 }
 
+/// The pieces between the holes of an identity's SPIFFE ID path.
+fn skeleton(wi: &WorkloadIdentity) -> Vec<String> {
+    pieces(&wi.spec.spiffe.id)
+}
+
 /// Whether `path` can be what `pieces` render to with each hole one non-empty segment (no `/`).
 fn fits(pieces: &[String], path: &str) -> bool {
+    fits_holes(pieces, path, &['/'])
+}
+
+/// Whether `text` can be what `pieces` render to with each hole non-empty and free of `forbidden`.
+fn fits_holes(pieces: &[String], text: &str, forbidden: &[char]) -> bool {
     let Some((first, rest)) = pieces.split_first() else {
-        return path.is_empty();
+        return text.is_empty();
     };
-    let Some(after) = path.strip_prefix(first.as_str()) else {
+    let Some(after) = text.strip_prefix(first.as_str()) else {
         return false;
     };
     if rest.is_empty() {
         return after.is_empty();
     }
     (1..=after.len())
-        .filter(|&n| after.is_char_boundary(n) && !after[..n].contains('/'))
-        .any(|n| fits(rest, &after[n..]))
+        .filter(|&n| after.is_char_boundary(n) && !after[..n].contains(forbidden))
+        .any(|n| fits_holes(rest, &after[n..], forbidden))
 }
 
 /// The `workload_identity` documents of one file (or README block), by a name saying where they came from.
@@ -120,11 +129,14 @@ fn example_identities() -> Vec<(String, WorkloadIdentity)> {
             out.extend(identities_in(&format!("README.md yaml block {}", i + 1), block));
         }
     }
-    // The case the issue found: an allowed template that is a prefix of a denied identity's.
+    // The case the issue found: an allowed template that is a prefix of a denied identity's; and a
+    // DNS SAN made of a value a workload's owner chooses.
     out.extend(identities_in(
         "issue 26",
         "kind: workload_identity\nversion: v1\nmetadata: {name: uid}\nspec: {spiffe: {id: '/uid/{{workload.unix.uid}}'}}\n---\n\
-         kind: workload_identity\nversion: v1\nmetadata: {name: db-wi}\nspec: {spiffe: {id: '/uid/{{workload.unix.uid}}/db'}}\n",
+         kind: workload_identity\nversion: v1\nmetadata: {name: db-wi}\nspec: {spiffe: {id: '/uid/{{workload.unix.uid}}/db'}}\n---\n\
+         kind: workload_identity\nversion: v1\nmetadata: {name: svc}\nspec: {spiffe: {id: '/svc/{{workload.systemd.service}}', \
+         x509: {dns_sans: ['{{workload.systemd.service}}.internal']}}}\n",
     ));
     out
 }
@@ -138,7 +150,18 @@ fn no_hostile_value_renders_another_identitys_spiffe_id() {
     let prefix = "spiffe://example.org";
     let (mut refused_at_the_boundary, mut refused_by_the_render, mut rendered) = (0, 0, 0);
     for (i, (name, wi)) in identities.iter().enumerate() {
-        let read: Vec<String> = wi.spec.spiffe.id.attributes().map(|a| a.to_string()).collect();
+        let sans: Vec<&Template> = wi
+            .spec
+            .spiffe
+            .x509
+            .as_ref()
+            .map(|x| x.dns_sans.iter().collect())
+            .unwrap_or_default();
+        let read: Vec<String> = std::iter::once(&wi.spec.spiffe.id)
+            .chain(sans.iter().copied())
+            .flat_map(|t| t.attributes())
+            .map(|a| a.to_string())
+            .collect();
         for attacked in &read {
             for value in hostile_values() {
                 // The issuer refuses a workload attribute of the wrong type before any decision.
@@ -166,6 +189,13 @@ fn no_hostile_value_renders_another_identitys_spiffe_id() {
                     fits(&skeletons[i], path),
                     "{name}: `{attacked}` = {value:?} rendered {path}, which is not one segment per value"
                 );
+                // A value fills one DNS label: no dot, no wildcard.
+                for (template, san) in sans.iter().zip(&decision.dns_sans) {
+                    assert!(
+                        fits_holes(&pieces(template), san, &['.', '*']),
+                        "{name}: `{attacked}` = {value:?} rendered the DNS SAN {san}, which is not one label per value"
+                    );
+                }
                 for (j, (other, _)) in identities.iter().enumerate() {
                     if i == j || !fits(&skeletons[j], path) {
                         continue;

@@ -132,6 +132,11 @@ pub enum Unrenderable {
     /// A value would add a path segment to a SPIFFE ID.
     #[error("`{attribute}` holds a `/`, and a value fills one segment of a SPIFFE ID")]
     Slash { attribute: String },
+    /// A value in a DNS SAN is not one DNS label (it would add labels, or a wildcard).
+    #[error(
+        "`{attribute}` is not one DNS label (letters, digits and `-`, at most 63, not starting or ending with `-`), and a value fills one label of a DNS SAN"
+    )]
+    DnsLabel { attribute: String },
     /// An attribute the template reads is not set.
     #[error(transparent)]
     Template(#[from] crate::resource::template::Unset),
@@ -186,6 +191,10 @@ impl crate::error::Explain for Unrenderable {
             Unrenderable::Slash { .. } => {
                 "a value fills one path segment; put the `/` in the template instead, or use a rule to refuse such \
                  values"
+                    .into()
+            }
+            Unrenderable::DnsLabel { .. } => {
+                "a value fills one DNS label; put the dots in the template instead, or use a rule to refuse such values"
                     .into()
             }
         }
@@ -312,11 +321,19 @@ fn render_field(
     attributes: &Attributes,
 ) -> Result<String, Denial> {
     let mut failure = None;
-    // In a SPIFFE ID a value fills one segment: it never adds a `/`.
+    // In a SPIFFE ID a value fills one segment: it never adds a `/`. In a DNS SAN it fills one
+    // label: it never adds a label or a wildcard.
     let one_segment = field == "spiffe.id";
+    let one_label = field.starts_with("spiffe.x509.dns_sans");
     let out = template.render(|a| match attributes.single(a) {
         Ok(v) if one_segment && v.contains('/') => {
             failure.get_or_insert(Unrenderable::Slash {
+                attribute: a.to_string(),
+            });
+            None
+        }
+        Ok(v) if one_label && !is_dns_label(v) => {
+            failure.get_or_insert(Unrenderable::DnsLabel {
                 attribute: a.to_string(),
             });
             None
@@ -332,6 +349,14 @@ fn render_field(
         field: field.to_owned(),
         why: failure.unwrap_or(Unrenderable::Template(fallback)),
     })
+}
+
+/// One DNS label: 1 to 63 letters, digits and `-`, not starting or ending with `-`.
+fn is_dns_label(value: &str) -> bool {
+    (1..=63).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-')
 }
 
 fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> Result<Decision, Denial> {
