@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// The floors, lowest first. `root` is what `src/lib.rs` itself defines (hex, failpoints, the error
-/// chain); a module imports its own floor and those below.
+/// chain, `VERSION`); a module imports its own floor and those below.
 const FLOORS: &[&[&str]] = &[
     &["root", "telemetry", "error", "pem", "spiffe_bundle"],
     &["resource"],
@@ -29,7 +29,7 @@ const PRIVATE_ROOMS: &[(&str, &[&str])] = &[
 ];
 
 /// What `src/lib.rs` defines itself, reached as `crate::<name>`.
-const ROOT_ITEMS: &[&str] = &["hex", "sha256_hex", "failpoint", "error_chain", "rfc3339"];
+const ROOT_ITEMS: &[&str] = &["hex", "sha256_hex", "failpoint", "error_chain", "rfc3339", "VERSION"];
 
 fn floor(module: &str) -> Option<usize> {
     let module = if ROOT_ITEMS.contains(&module) { "root" } else { module };
