@@ -10,14 +10,16 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use (the build needs none: no `protoc`): openssl (an independent check
 # of every certificate), python3's venv,
-# node, etcd (a real 3-member cluster for the HA issuer) and haproxy (the load balancer in front of
-# the replicas). Installed with apt-get when missing (as root; else say what to install).
+# node, etcd (a real 3-member cluster for the HA issuer), haproxy (the load balancer in front of
+# the replicas) and lintian (checks the Debian package of scripts/package.sh). Installed with
+# apt-get when missing (as root; else say what to install).
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v lintian >/dev/null || missing+=(lintian)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)

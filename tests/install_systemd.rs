@@ -8,39 +8,97 @@ fn tbot(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tbot")).args(args).output().unwrap()
 }
 
+/// A user that exists on any Linux machine, for the tests that write a unit.
+const ROOT: [&str; 4] = ["--user", "root", "--group", "root"];
+
 #[test]
-fn the_unit_runs_tbot_start_under_type_notify_and_reloads_by_sighup() {
-    let out = tbot(&["install", "systemd", "--config", "/etc/tbot.yaml"]);
+fn the_unit_runs_the_installed_tbot_under_type_notify_idle_until_the_documents_exist() {
+    let out = tbot(&[
+        "install",
+        "systemd",
+        "--config",
+        "/etc/tbot.yaml",
+        "--exe",
+        "/usr/bin/tbot",
+    ]);
     assert!(out.status.success());
     let unit = common::stdout(&out);
     for line in [
         "Type=notify",
-        "User=teleport",
-        "Group=teleport",
-        " start -c /etc/tbot.yaml",
+        "User=tbot",
+        "Group=tbot",
+        "ExecStart=/usr/bin/tbot start -c /etc/tbot.yaml",
+        "ConditionPathExists=/etc/tbot.yaml",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=always",
         "RestartSec=5",
         "LimitNOFILE=524288",
+        "RuntimeDirectory=tbot",
+        "StateDirectory=tbot",
+        "StateDirectoryMode=0700",
         "WantedBy=multi-user.target",
     ] {
         assert!(unit.contains(line), "missing {line:?} in\n{unit}");
     }
+    // A directory, which need not exist where the unit is made (the package builder's machine).
+    let out = tbot(&[
+        "install",
+        "systemd",
+        "--config",
+        "/etc/tbot.d",
+        "--exe",
+        "/usr/bin/tbot",
+    ]);
+    let unit = common::stdout(&out);
+    assert!(
+        unit.contains("ExecStart=/usr/bin/tbot start --config-dir /etc/tbot.d"),
+        "{unit}"
+    );
+    assert!(unit.contains("ConditionPathExistsGlob=|/etc/tbot.d/*.yaml"), "{unit}");
+}
+
+#[test]
+fn a_tbot_in_a_build_tree_is_not_what_the_unit_runs() {
+    // This test's tbot is target/debug/tbot: the unit names an installed one, or says to install.
+    let out = Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args(["install", "systemd", "--config", "/etc/tbot.d"])
+        .env("CARGO_HOME", "/nonexistent")
+        .output()
+        .unwrap();
+    let unit = common::stdout(&out);
+    if std::path::Path::new("/usr/bin/tbot").is_file() || std::path::Path::new("/usr/local/bin/tbot").is_file() {
+        assert!(out.status.success());
+        assert!(!unit.contains("target/debug"), "{unit}");
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("runs from a build tree") && err.contains("--exe"), "{err}");
+    }
+}
+
+#[test]
+fn writing_refuses_a_user_that_does_not_exist() {
     let dir = tempfile::tempdir().unwrap();
     let out = tbot(&[
         "install",
         "systemd",
         "--config",
-        dir.path().to_str().unwrap(),
+        "/etc/tbot.d",
+        "--exe",
+        "/usr/bin/tbot",
         "--user",
-        "tbot",
+        "no-such-user-tbot-test",
+        "--write",
+        "--systemd-directory",
+        dir.path().to_str().unwrap(),
     ]);
-    let unit = common::stdout(&out);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        unit.contains(&format!(" start --config-dir {}", dir.path().display())),
-        "{unit}"
+        err.contains("`no-such-user-tbot-test` does not exist") && err.contains("adduser --system"),
+        "{err}"
     );
-    assert!(unit.contains("User=tbot"), "{unit}");
+    assert!(!dir.path().join("tbot.service").exists());
 }
 
 #[test]
@@ -53,10 +111,13 @@ fn writing_refuses_a_different_unit_without_force() {
             "systemd",
             "--config",
             config,
+            "--exe",
+            "/usr/bin/tbot",
             "--write",
             "--systemd-directory",
             sd,
         ];
+        args.extend(ROOT);
         if force {
             args.push("--force");
         }
