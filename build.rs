@@ -24,12 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// `TBOT_GIT_COMMIT` for `--version`: the commit of the checkout being built (with `-dirty` when
-/// tracked files changed), else the `TBOT_GIT_COMMIT` of the environment (a build from a release
-/// tarball), else `unknown`.
+/// `TBOT_GIT_COMMIT` for `--version`: the commit of the checkout being built, else the
+/// `TBOT_GIT_COMMIT` of the environment (a build from a release tarball), else `unknown`. Only a
+/// new commit or branch reruns this (not every `git add`, which would rebuild the crate each time),
+/// so it does not say whether the work tree had changes.
 fn commit() {
     println!("cargo:rerun-if-env-changed=TBOT_GIT_COMMIT");
-    for watched in [".git/HEAD", ".git/refs/heads", ".git/packed-refs", ".git/index"] {
+    for watched in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
         if std::path::Path::new(watched).exists() {
             println!("cargo:rerun-if-changed={watched}");
         }
@@ -44,10 +45,6 @@ fn commit() {
     };
     let commit = git(&["rev-parse", "--short=12", "HEAD"])
         .filter(|c| !c.is_empty())
-        .map(|c| match git(&["status", "--porcelain", "--untracked-files=no"]) {
-            Some(changes) if !changes.is_empty() => format!("{c}-dirty"),
-            _ => c,
-        })
         .or_else(|| std::env::var("TBOT_GIT_COMMIT").ok())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=TBOT_GIT_COMMIT={commit}");

@@ -166,6 +166,10 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
     out["iam_forged_method"] = code_of(lambda: iam_join(iam_token, "GET\x1b[31m\n" + FORGED))
     out["iam_escapes"] = code_of(lambda: iam_join("\x1b[31mhostile-iam\n" + FORGED))
 
+    def x509_request(identity, attribute, value, public_key):
+        workload = [pb.Attribute(name=attribute, values=[value])]
+        return pb.IssueX509Request(identity=identity, workload=workload, public_key=public_key, ttl_seconds=600)
+
     # A join method that carries a forged log line.
     out["forged_log_line"] = code_of(lambda: join("token\n" + FORGED + "\x1b[31m", token, new_key()[1]))
     # 64 random bytes as the key: refused, and the token stays unspent.
@@ -189,38 +193,18 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
     workloads = rpc.WorkloadIdentityServiceStub(channel)
     svid_key, svid_spki = new_key()
     for name, value in [("slash", "0/db"), ("word", "root"), ("signed", "-1"), ("escape", "1\n2")]:
-        request = pb.IssueX509Request(
-            identity=identity,
-            workload=[pb.Attribute(name="workload.unix.uid", values=[value])],
-            public_key=svid_spki,
-            ttl_seconds=600,
-        )
+        request = x509_request(identity, "workload.unix.uid", value, svid_spki)
         out[f"uid_{name}"] = code_of(lambda: workloads.IssueX509(request, timeout=10))
-    request = pb.IssueX509Request(
-        identity=identity,
-        workload=[pb.Attribute(name="workload.unix.uid", values=["1000"])],
-        public_key=svid_spki,
-        ttl_seconds=600,
-    )
+    request = x509_request(identity, "workload.unix.uid", "1000", svid_spki)
     granted = workloads.IssueX509(request, timeout=10)
     out["uid_number"] = {"code": "OK", "spiffe_id": granted.spiffe_id}
     # A string attribute: a `/` in the ID's segment, a dot or a wildcard in the DNS SAN's label.
     for name, value in [("slash", "a/db"), ("dot", "admin.prod"), ("wildcard", "*")]:
-        request = pb.IssueX509Request(
-            identity=svc_identity,
-            workload=[pb.Attribute(name="workload.systemd.service", values=[value])],
-            public_key=svid_spki,
-            ttl_seconds=600,
-        )
+        request = x509_request(svc_identity, "workload.systemd.service", value, svid_spki)
         out[f"service_{name}"] = code_of(lambda: workloads.IssueX509(request, timeout=10))
     # A point that is not on the curve, as an SVID key.
     off_curve = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200") + b"\x04" + b"\x07" * 64
-    request = pb.IssueX509Request(
-        identity=identity,
-        workload=[pb.Attribute(name="workload.unix.uid", values=["1000"])],
-        public_key=off_curve,
-        ttl_seconds=600,
-    )
+    request = x509_request(identity, "workload.unix.uid", "1000", off_curve)
     out["off_curve_svid_key"] = code_of(lambda: workloads.IssueX509(request, timeout=10))
 
     # Keys that are not keys, as SVID keys: a 2-byte P-256 key, a 31-byte Ed25519 key, RSA-1024, the
@@ -239,12 +223,7 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
         "ca_key_nested": nested_spki(ca_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)),
     }
     for name, spki in not_keys.items():
-        request = pb.IssueX509Request(
-            identity=identity,
-            workload=[pb.Attribute(name="workload.unix.uid", values=["1000"])],
-            public_key=spki,
-            ttl_seconds=600,
-        )
+        request = x509_request(identity, "workload.unix.uid", "1000", spki)
         out[name] = code_of(lambda: workloads.IssueX509(request, timeout=10))
 
     # Bytes that are not a protobuf message, as a unary request: the client's fault.
@@ -254,12 +233,7 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
     # Authentication, kept as regression checks: no client certificate, and a self-signed one named
     # like the bot.
     anonymous_workloads = rpc.WorkloadIdentityServiceStub(anonymous)
-    request = pb.IssueX509Request(
-        identity=identity,
-        workload=[pb.Attribute(name="workload.unix.uid", values=["1000"])],
-        public_key=svid_spki,
-        ttl_seconds=600,
-    )
+    request = x509_request(identity, "workload.unix.uid", "1000", svid_spki)
     out["no_client_certificate"] = code_of(lambda: anonymous_workloads.IssueX509(request, timeout=10))
     imitator_key = ec.generate_private_key(ec.SECP256R1())
     imitator = as_bot(self_signed(imitator_key, "bot-example-bot"), imitator_key)

@@ -1,5 +1,5 @@
 //! Every `workload_identity` template in the project's examples (`manifests/`, the valid fixtures,
-//! the README's YAML), rendered with hostile attribute values: what a bot or a workload's owner
+//! the YAML of the README and docs/), rendered with hostile attribute values: what a bot or a workload's owner
 //! would send to make the SPIFFE ID of another identity. A value is either refused where the issuer
 //! takes it (the catalogue's types), refused by the render (a `/`, or an ID that is not a SPIFFE
 //! ID), or fills exactly one segment of its own identity's ID, which then equals no other
@@ -105,7 +105,11 @@ fn identities_in(source: &str, text: &str) -> Vec<(String, WorkloadIdentity)> {
 fn example_identities() -> Vec<(String, WorkloadIdentity)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
-    let mut dirs = vec![root.join("manifests"), root.join("tests/fixtures/valid")];
+    let mut dirs = vec![
+        root.join("manifests"),
+        root.join("tests/fixtures/valid"),
+        root.join("packaging/etc"),
+    ];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).expect("an examples directory") {
             let path = entry.expect("a directory entry").path();
@@ -122,11 +126,24 @@ fn example_identities() -> Vec<(String, WorkloadIdentity)> {
         let text = std::fs::read_to_string(&path).expect("a readable example");
         out.extend(identities_in(&path.display().to_string(), &text));
     }
-    let readme = std::fs::read_to_string(root.join("README.md")).expect("the README");
-    for (i, block) in readme.split("```yaml").skip(1).enumerate() {
-        let block = block.split("```").next().unwrap_or_default();
-        if block.contains("kind: workload_identity") {
-            out.extend(identities_in(&format!("README.md yaml block {}", i + 1), block));
+    let mut prose = vec![root.join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    prose.extend(docs);
+    for path in prose {
+        let text = std::fs::read_to_string(&path).expect("a readable document");
+        for (i, block) in text.split("```yaml").skip(1).enumerate() {
+            let block = block.split("```").next().unwrap_or_default();
+            if block.contains("kind: workload_identity") {
+                out.extend(identities_in(
+                    &format!("{} yaml block {}", path.display(), i + 1),
+                    block,
+                ));
+            }
         }
     }
     // The case the issue found: an allowed template that is a prefix of a denied identity's; and a
