@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests use (the build needs none: no `protoc`): openssl (an independent check
 # of every certificate), python3's venv,
 # node, etcd (a real 3-member cluster for the HA issuer), haproxy (the load balancer in front of
-# the replicas) and lintian (checks the Debian package of scripts/package.sh). Installed with
-# apt-get when missing (as root; else say what to install).
+# the replicas), lintian (checks the Debian package of scripts/package.sh), and podman with runc,
+# busybox-static and catatonit (a real container engine for the container attestors). Installed
+# with apt-get when missing (as root; else say what to install).
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v etcdctl >/dev/null || missing+=(etcd-client)
@@ -20,6 +21,10 @@ command -v haproxy >/dev/null || missing+=(haproxy)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v lintian >/dev/null || missing+=(lintian)
+command -v podman >/dev/null || missing+=(podman)
+command -v runc >/dev/null || [ -x /usr/sbin/runc ] || missing+=(runc)
+command -v busybox >/dev/null || missing+=(busybox-static)
+command -v catatonit >/dev/null || [ -x /usr/libexec/podman/catatonit ] || missing+=(catatonit)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)

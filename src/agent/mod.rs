@@ -4,6 +4,7 @@
 pub mod attest;
 pub mod bot;
 pub mod cache;
+pub mod containers;
 pub mod metrics;
 pub mod outputs;
 pub mod remote;

@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod ha;
 pub mod haproxy;
+pub mod podman;
 pub mod scenario;
 
 /// The repository root; the tests run the binaries from here so that printed paths are relative.
