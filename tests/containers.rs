@@ -60,3 +60,112 @@ fn the_cgroup_of_a_real_containers_process_names_that_container() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A copy of the quickstart whose service asks `engine_socket` with both container attestors, and
+/// whose identities include `/podman/<container name>` (for containers labelled `team=blue`) and
+/// `/docker/<container name>`.
+fn daemon_with_engines(engine_socket: &std::path::Path) -> common::Daemon {
+    let addr = format!("unix://{}", engine_socket.display());
+    let attestors = format!(
+        "      unix: {{}}\n      podman: {{enabled: true, addr: \"{addr}\"}}\n      docker: {{enabled: true, addr: \"{addr}\"}}"
+    );
+    let identities = "team: \"{{ strings.lower(user.bot_name) }}\"\n---\nkind: workload_identity\nversion: v1\nmetadata:\n  \
+                      name: by-podman\n  labels: {app: quickstart}\nspec:\n  rules:\n    allow:\n      - conditions:\n          \
+                      - attribute: workload.podman.container.labels.team\n            eq: {value: blue}\n  spiffe:\n    \
+                      id: \"/podman/{{workload.podman.container.name}}\"\n---\nkind: workload_identity\nversion: v1\n\
+                      metadata:\n  name: by-docker\n  labels: {app: quickstart}\nspec:\n  spiffe:\n    \
+                      id: \"/docker/{{workload.docker.container.name}}\"\n";
+    let mut edits: Vec<(&str, &str, &str)> = common::QUICKSTART_IN_MEMORY.to_vec();
+    edits.push((
+        "tbot.yaml",
+        "selector:\n      name: quickstart",
+        "selector:\n      labels: {app: quickstart}",
+    ));
+    edits.push(("tbot.yaml", "      unix: {}", &attestors));
+    edits.push((
+        "workload-identity.yaml",
+        "team: \"{{ strings.lower(user.bot_name) }}\"\n",
+        identities,
+    ));
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &edits);
+    common::Daemon::start(dir, socket)
+}
+
+/// `tbot spiffe-inspect` run inside a container on the daemon's socket: the host's binary and
+/// libraries mounted read-only into the busybox image.
+fn inspect_from_container(podman: &Podman, daemon: &common::Daemon, name: &str, extra: &[&str]) -> String {
+    let socket_dir = daemon.endpoint().trim_start_matches("unix:").to_owned();
+    let socket_dir = std::path::Path::new(&socket_dir).parent().unwrap().to_owned();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_tbot"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let mounts = [
+        "/usr:/usr:ro".to_owned(),
+        "/lib:/lib:ro".to_owned(),
+        "/lib64:/lib64:ro".to_owned(),
+        format!("{}:/tbot:ro", bin.display()),
+        format!("{}:/run/tbot-test", socket_dir.display()),
+    ];
+    let mut args: Vec<&str> = vec!["run", "--rm", "--network", "none", "--name", name];
+    for m in &mounts {
+        args.extend(["-v", m.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    let socket = format!(
+        "unix:///run/tbot-test/{}",
+        daemon.endpoint().rsplit('/').next().unwrap()
+    );
+    args.extend([common::podman::IMAGE, "/tbot/tbot", "spiffe-inspect", "--path", &socket]);
+    let out = podman.command(&args).output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_process_in_a_podman_container_gets_the_identities_its_container_attests() {
+    let Some(mut podman) = Podman::start() else { return };
+    let engine = podman.serve();
+    let daemon = daemon_with_engines(&engine);
+    let td = "spiffe://quickstart.tbot.local";
+
+    // Labelled `team=blue`: the podman identity (its rule reads the label) and the docker one, the
+    // name without Docker's leading `/` (the Docker-compatible API of the same podman service).
+    let blue = inspect_from_container(&podman, &daemon, "web", &["--label", "team=blue"]);
+    assert!(blue.contains(&format!("- {td}/podman/web")), "{blue}\n{}", daemon.log());
+    assert!(blue.contains(&format!("- {td}/docker/web")), "{blue}");
+    // Without the label: the podman identity's rule does not hold.
+    let red = inspect_from_container(&podman, &daemon, "api", &["--label", "team=red"]);
+    assert!(!red.contains("/podman/"), "{red}");
+    assert!(red.contains(&format!("- {td}/docker/api")), "{red}");
+    // A host process is in no container: neither.
+    let host = std::process::Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args([
+            "spiffe-inspect",
+            "--path",
+            &daemon.endpoint().replace("unix:", "unix://"),
+        ])
+        .output()
+        .unwrap();
+    let host = String::from_utf8_lossy(&host.stdout);
+    assert!(!host.contains("/podman/") && !host.contains("/docker/"), "{host}");
+    assert!(host.contains(&format!("- {td}/user/")), "{host}");
+
+    // The engine's API stops: a container's caller gets what does not need it, and the log says why.
+    podman.stop_serving();
+    let _ = std::fs::remove_file(&engine);
+    let unasked = inspect_from_container(&podman, &daemon, "late", &["--label", "team=blue"]);
+    assert!(
+        !unasked.contains("/podman/") && !unasked.contains("/docker/"),
+        "{unasked}"
+    );
+    assert!(unasked.contains(&format!("- {td}/user/0")), "{unasked}");
+    assert!(
+        daemon.log().contains("the container engine cannot be asked"),
+        "{}",
+        daemon.log()
+    );
+}

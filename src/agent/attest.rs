@@ -32,6 +32,8 @@ pub struct AttestSettings {
     pub systemd: bool,
     /// Where `/proc` is (tests point it elsewhere).
     pub proc_root: PathBuf,
+    /// The container engines asked about a caller's container (`docker`, `podman` attestors).
+    pub engines: Vec<crate::agent::containers::engine::EngineSettings>,
 }
 
 impl Default for AttestSettings {
@@ -40,6 +42,7 @@ impl Default for AttestSettings {
             hash_limit: DEFAULT_HASH_LIMIT,
             systemd: false,
             proc_root: PathBuf::from("/proc"),
+            engines: Vec::new(),
         }
     }
 }
@@ -159,6 +162,28 @@ pub fn attest(peer: Peer, settings: &AttestSettings) -> Result<Attributes, Attes
             }
         }
     }
+    if start_time(&settings.proc_root, pid) != Some(before) {
+        return Err(AttestError::PidReused { pid });
+    }
+    Ok(only_valid(attrs, pid))
+}
+
+/// The container attestors (`docker`, `podman`): the engines are asked about the caller's
+/// container, then the pid is checked again, as the engine call took time in which it could have
+/// been reused. Nothing to do without engines.
+pub async fn attest_containers(peer: Peer, settings: &AttestSettings) -> Result<Attributes, AttestError> {
+    if settings.engines.is_empty() {
+        return Ok(Attributes::new());
+    }
+    let pid = peer.pid;
+    let before = start_time(&settings.proc_root, pid).ok_or(AttestError::PidReused { pid })?;
+    let cgroup = std::fs::read_to_string(settings.proc_root.join(pid.to_string()).join("cgroup")).map_err(|e| {
+        AttestError::Proc {
+            pid,
+            reason: e.to_string(),
+        }
+    })?;
+    let attrs = crate::agent::containers::engine::attest(&cgroup, &settings.engines, &settings.proc_root).await;
     if start_time(&settings.proc_root, pid) != Some(before) {
         return Err(AttestError::PidReused { pid });
     }

@@ -11,6 +11,8 @@
 //! Kubernetes pod, and a `user@<uid>.service` segment marks a subtree whose names that user chose
 //! (rootless engines). The engine is asked afterwards whether the ID is real and the caller's.
 
+pub mod engine;
+
 /// Where a caller's cgroup puts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {

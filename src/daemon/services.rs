@@ -10,9 +10,10 @@ use tonic::transport::Server;
 
 use super::Daemon;
 use crate::agent::attest::{AttestSettings, DEFAULT_HASH_LIMIT};
+use crate::agent::containers::engine::EngineSettings;
 use crate::error::Explain;
 use crate::issuer::IdentitySelector;
-use crate::resource::agent::{AgentConfig, Listen, Service};
+use crate::resource::agent::{AgentConfig, Engine, Listen, Service};
 use crate::workload_api::listener;
 use crate::workload_api::proto::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::workload_api::sds::proto::secret_discovery_service_server::SecretDiscoveryServiceServer;
@@ -95,6 +96,21 @@ fn attest_settings(service: &Service) -> AttestSettings {
             .and_then(|u| u.binary_hash_max_size_bytes)
             .unwrap_or(DEFAULT_HASH_LIMIT),
         systemd: service.attestors.systemd.as_ref().is_some_and(|s| s.enabled),
+        engines: [
+            (Engine::Docker, &service.attestors.docker),
+            (Engine::Podman, &service.attestors.podman),
+        ]
+        .into_iter()
+        .filter_map(|(engine, settings)| {
+            let settings = settings.as_ref().filter(|s| s.enabled)?;
+            Some(EngineSettings {
+                engine,
+                // A bad `addr` is a load error, so the document that gets here has a good one.
+                socket: settings.socket(engine).ok()?,
+                allow_rootless: settings.allow_rootless,
+            })
+        })
+        .collect(),
         ..AttestSettings::default()
     }
 }

@@ -25,6 +25,18 @@ pub const CATALOGUE: &[(&str, AttrType)] = &[
     ("workload.unix.binary_hash", AttrType::String),
     ("workload.systemd.attested", AttrType::Bool),
     ("workload.systemd.service", AttrType::String),
+    ("workload.docker.attested", AttrType::Bool),
+    ("workload.docker.container.name", AttrType::String),
+    ("workload.docker.container.image", AttrType::String),
+    ("workload.docker.container.image_digest", AttrType::String),
+    ("workload.docker.container.labels", AttrType::Map),
+    ("workload.podman.attested", AttrType::Bool),
+    ("workload.podman.container.name", AttrType::String),
+    ("workload.podman.container.image", AttrType::String),
+    ("workload.podman.container.image_digest", AttrType::String),
+    ("workload.podman.container.labels", AttrType::Map),
+    ("workload.podman.pod.name", AttrType::String),
+    ("workload.podman.pod.labels", AttrType::Map),
     ("user.name", AttrType::String),
     ("user.bot_name", AttrType::String),
     ("user.is_bot", AttrType::Bool),
@@ -43,7 +55,16 @@ pub const MAX_VALUE_BYTES: usize = 4096;
 /// each must have the catalogue's type (`Int`: decimal digits, `Bool`: `true`/`false`, strings
 /// without control characters and at most [`MAX_VALUE_BYTES`]), one value each.
 pub fn workload_value_problem(name: &str, values: &[String]) -> Option<String> {
-    let Some((_, kind)) = CATALOGUE.iter().find(|(n, _)| *n == name && n.starts_with("workload.")) else {
+    // A map's entries are named `<map>.<key>` or `<map>["<key>"]`.
+    let entry = CATALOGUE.iter().find(|(n, kind)| {
+        n.starts_with("workload.")
+            && (*n == name
+                || *kind == AttrType::Map
+                    && name
+                        .strip_prefix(n)
+                        .is_some_and(|rest| rest.len() > 1 && (rest.starts_with('.') || rest.starts_with("[\""))))
+    });
+    let Some((_, kind)) = entry else {
         return Some("is not a workload attribute of the catalogue".into());
     };
     let [value] = values else {
@@ -132,7 +153,11 @@ pub struct Unset(pub String);
 /// What makes `attribute` set for a caller, or what to do instead: said wherever an identity is
 /// refused because a template or a rule reads an attribute the caller does not have.
 pub fn unset_remedy(attribute: &str) -> &'static str {
-    if attribute.starts_with("workload.systemd.") {
+    if attribute.starts_with("workload.docker.") || attribute.starts_with("workload.podman.") {
+        "it is set only for a process in a container of that engine that calls a `unix://` socket whose \
+         `docker` or `podman` attestor is enabled and can reach the engine; run the process in such a \
+         container, or use an identity whose templates and rules do not read it"
+    } else if attribute.starts_with("workload.systemd.") {
         "it is set only for a process that runs in a systemd service and calls a `unix://` socket whose \
          `systemd` attestor is enabled; run the process as a service, or use an identity whose templates \
          and rules do not read it"

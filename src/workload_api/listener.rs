@@ -192,12 +192,22 @@ pub fn incoming_unix(
                     })
                 });
                 let attested = match peer {
-                    Some(peer) => tokio::task::spawn_blocking(move || attest::attest(peer, &settings))
-                        .await
-                        .unwrap_or(Err(AttestError::Proc {
-                            pid: peer.pid,
-                            reason: "attestation panicked".into(),
-                        })),
+                    Some(peer) => {
+                        let blocking = settings.clone();
+                        let host = tokio::task::spawn_blocking(move || attest::attest(peer, &blocking))
+                            .await
+                            .unwrap_or(Err(AttestError::Proc {
+                                pid: peer.pid,
+                                reason: "attestation panicked".into(),
+                            }));
+                        match host {
+                            Ok(mut attrs) => attest::attest_containers(peer, &settings).await.map(|more| {
+                                attrs.extend(&more);
+                                attrs
+                            }),
+                            Err(e) => Err(e),
+                        }
+                    }
                     None => Err(AttestError::Proc {
                         pid: 0,
                         reason: "the socket gave no peer credentials".into(),

@@ -13,6 +13,7 @@ pub const IMAGE: &str = "localhost/tbot-test-busybox:1";
 
 pub struct Podman {
     dir: tempfile::TempDir,
+    service: Option<std::process::Child>,
 }
 
 fn found(program: &str) -> Option<PathBuf> {
@@ -47,7 +48,7 @@ impl Podman {
              [engine]\nruntime = \"runc\"\nevents_logger = \"file\"\n",
         )
         .unwrap();
-        let podman = Podman { dir };
+        let podman = Podman { dir, service: None };
         let rootfs = podman.dir.path().join("rootfs");
         std::fs::create_dir_all(rootfs.join("bin")).unwrap();
         std::fs::copy(found("busybox").unwrap(), rootfs.join("bin/busybox")).unwrap();
@@ -117,8 +118,42 @@ impl Podman {
     }
 }
 
+impl Podman {
+    /// Starts `podman system service` (its REST API: libpod and Docker-compatible) on a socket in
+    /// this instance's directory, and returns the socket's path once the engine answers.
+    pub fn serve(&mut self) -> PathBuf {
+        let socket = self.dir.path().join("podman.sock");
+        let child = self
+            .command(&[
+                "system",
+                "service",
+                "--time",
+                "0",
+                &format!("unix://{}", socket.display()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.service = Some(child);
+        super::wait_until("podman's API socket", std::time::Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket).ok().map(drop)
+        });
+        socket
+    }
+
+    /// Stops the API service (the engine's containers keep running: podman has no daemon).
+    pub fn stop_serving(&mut self) {
+        if let Some(mut child) = self.service.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for Podman {
     fn drop(&mut self) {
+        self.stop_serving();
         let _ = self.command(&["pod", "rm", "-a", "-f", "-t", "0"]).output();
         let _ = self.command(&["rm", "-a", "-f", "-t", "0"]).output();
         // Overlay mounts under the storage directory must go before the directory can.

@@ -213,6 +213,67 @@ pub struct Attestors {
     /// The systemd attestor: the caller's `.service` unit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub systemd: Option<SystemdAttestor>,
+    /// The docker attestor: the caller's container, asked of the Docker Engine API
+    /// (`workload.docker.*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<EngineAttestor>,
+    /// The podman attestor: the caller's container and pod, asked of Podman's libpod API
+    /// (`workload.podman.*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub podman: Option<EngineAttestor>,
+}
+
+/// The two container engines tbot asks about a caller's container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        }
+    }
+}
+
+/// Settings of the `docker` and `podman` attestors (Teleport's keys, and `allow_rootless`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EngineAttestor {
+    pub enabled: bool,
+    /// The engine's API socket, `unix:///absolute/path`. Docker: `unix:///var/run/docker.sock` by
+    /// default. Podman has no default: `unix:///run/podman/podman.sock` for the root engine
+    /// (`systemctl enable --now podman.socket`), `unix:///run/user/<uid>/podman/podman.sock` for a user's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// Whether containers in a user's delegated cgroup subtree (`user@<uid>.service`: rootless
+    /// engines) are attested. Default `false`: that user chose those cgroup names, and serves the
+    /// engine socket it would be asked on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_rootless: bool,
+}
+
+impl EngineAttestor {
+    /// The engine's socket path, or why `addr` is not one (or missing).
+    pub fn socket(&self, engine: Engine) -> Result<PathBuf, String> {
+        let addr = match (&self.addr, engine) {
+            (Some(addr), _) => addr.as_str(),
+            (None, Engine::Docker) => "unix:///var/run/docker.sock",
+            (None, Engine::Podman) => {
+                return Err("the podman attestor has no default socket: set `addr`".into());
+            }
+        };
+        match Listen::parse(addr) {
+            Ok(Listen::Unix(path)) => Ok(path),
+            Ok(Listen::Tcp(_)) => Err(format!(
+                "`{addr}` is a TCP address; the engine's API is asked on its unix socket"
+            )),
+            Err(why) => Err(why),
+        }
+    }
 }
 
 impl Attestors {
@@ -306,6 +367,25 @@ pub(super) fn service_fields(out: &mut Vec<Problem>, at: &str, service: &Service
         Problem::error(format!("{at}/type"), format!("a `{kind}` service needs `{field}`"))
             .hint(format!("add `{field}: {example}`"))
     };
+    for (engine, settings) in [
+        (Engine::Docker, &service.attestors.docker),
+        (Engine::Podman, &service.attestors.podman),
+    ] {
+        let Some(settings) = settings.as_ref().filter(|s| s.enabled) else {
+            continue;
+        };
+        if let Err(why) = settings.socket(engine) {
+            let hint = match engine {
+                Engine::Docker => "write the engine's socket, such as `addr: unix:///var/run/docker.sock`",
+                Engine::Podman => {
+                    "the root engine: `addr: unix:///run/podman/podman.sock` (`systemctl enable --now podman.socket`); \
+                     a user's: `addr: unix:///run/user/<uid>/podman/podman.sock`"
+                }
+            };
+            let field = if settings.addr.is_some() { "addr" } else { "enabled" };
+            out.push(Problem::error(format!("{at}/attestors/{}/{field}", engine.name()), why).hint(hint));
+        }
+    }
     let outputs = "`workload-identity-x509` and `workload-identity-jwt`";
     if kind.is_output() {
         if service.listen.is_some() {
