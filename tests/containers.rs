@@ -91,38 +91,75 @@ fn daemon_with_engines(engine_socket: &std::path::Path) -> common::Daemon {
     common::Daemon::start(dir, socket)
 }
 
-/// `tbot spiffe-inspect` run inside a container on the daemon's socket: the host's binary and
-/// libraries mounted read-only into the busybox image.
-fn inspect_from_container(podman: &Podman, daemon: &common::Daemon, name: &str, extra: &[&str]) -> String {
+/// The mounts that let the host's `tbot` run in the busybox image and reach the daemon's socket
+/// (at `/run/tbot-test`).
+fn mounts(daemon: &common::Daemon) -> Vec<String> {
     let socket_dir = daemon.endpoint().trim_start_matches("unix:").to_owned();
     let socket_dir = std::path::Path::new(&socket_dir).parent().unwrap().to_owned();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_tbot"))
         .parent()
         .unwrap()
         .to_owned();
-    let mounts = [
+    let mut out = Vec::new();
+    for m in [
         "/usr:/usr:ro".to_owned(),
         "/lib:/lib:ro".to_owned(),
         "/lib64:/lib64:ro".to_owned(),
         format!("{}:/tbot:ro", bin.display()),
         format!("{}:/run/tbot-test", socket_dir.display()),
-    ];
-    let mut args: Vec<&str> = vec!["run", "--rm", "--network", "none", "--name", name];
-    for m in &mounts {
-        args.extend(["-v", m.as_str()]);
+    ] {
+        out.extend(["-v".to_owned(), m]);
     }
-    args.extend_from_slice(extra);
+    out
+}
+
+/// The `spiffe-inspect` command line for the daemon's socket, as seen inside a container.
+fn inspect_command(daemon: &common::Daemon) -> Vec<String> {
     let socket = format!(
         "unix:///run/tbot-test/{}",
         daemon.endpoint().rsplit('/').next().unwrap()
     );
-    args.extend([common::podman::IMAGE, "/tbot/tbot", "spiffe-inspect", "--path", &socket]);
-    let out = podman.command(&args).output().unwrap();
+    ["/tbot/tbot", "spiffe-inspect", "--path", &socket]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+fn text(out: std::process::Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// `tbot spiffe-inspect` run in a new container on the daemon's socket: the host's binary and
+/// libraries mounted read-only into the busybox image.
+fn inspect_from_container(podman: &Podman, daemon: &common::Daemon, name: &str, extra: &[&str]) -> String {
+    let mut args: Vec<String> = ["run", "--rm", "--network", "none", "--name", name]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend(mounts(daemon));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(common::podman::IMAGE.to_owned());
+    args.extend(inspect_command(daemon));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    text(podman.command(&args).output().unwrap())
+}
+
+/// A container that sleeps with the mounts of [`inspect_from_container`]; its ID.
+fn mounted(podman: &Podman, daemon: &common::Daemon, name: &str, extra: &[&str]) -> String {
+    let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    extra.extend(mounts(daemon));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    podman.sleeper(name, &extra)
+}
+
+/// `tbot spiffe-inspect` run by `podman exec` in a [`mounted`] container.
+fn exec_inspect(podman: &Podman, daemon: &common::Daemon, container: &str) -> String {
+    let mut args = vec!["exec".to_owned(), container.to_owned()];
+    args.extend(inspect_command(daemon));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    text(podman.command(&args).output().unwrap())
 }
 
 #[test]
@@ -153,6 +190,25 @@ fn a_process_in_a_podman_container_gets_the_identities_its_container_attests() {
     let host = String::from_utf8_lossy(&host.stdout);
     assert!(!host.contains("/podman/") && !host.contains("/docker/"), "{host}");
     assert!(host.contains(&format!("- {td}/user/")), "{host}");
+
+    // In a pod: the pod's name comes from the engine (it need not appear in the cgroup path).
+    podman.run(&["pod", "create", "--name", "shop", "--label", "tier=front"]);
+    let in_pod = inspect_from_container(&podman, &daemon, "cart", &["--pod", "shop", "--label", "team=blue"]);
+    assert!(in_pod.contains(&format!("- {td}/podman/cart")), "{in_pod}");
+
+    // A container named like another's ID never passes for it, nor the other way round: the
+    // engine's answer for an ID must carry that ID.
+    let victim = mounted(&podman, &daemon, "victim", &["--label", "team=blue"]);
+    let impostor = mounted(&podman, &daemon, &victim, &["--label", "team=blue"]);
+    assert_ne!(impostor, victim);
+    let as_victim = exec_inspect(&podman, &daemon, &victim);
+    assert!(!as_victim.contains(&format!("/podman/{victim}")), "{as_victim}");
+    let as_impostor = exec_inspect(&podman, &daemon, &impostor);
+    assert!(!as_impostor.contains("/podman/victim"), "{as_impostor}");
+    assert!(
+        as_impostor.contains(&format!("- {td}/podman/{victim}")),
+        "its own name: {as_impostor}"
+    );
 
     // The engine's API stops: a container's caller gets what does not need it, and the log says why.
     podman.stop_serving();
