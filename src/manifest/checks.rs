@@ -224,6 +224,7 @@ fn references(ctx: &mut Ctx) {
                     }
                 }
                 found.extend(outputs_reading_workloads(ctx.parsed, agent).into_iter().map(|p| (i, p)));
+                found.extend(engines_not_attested(ctx.parsed, agent).into_iter().map(|p| (i, p)));
                 if !ctx.maybe_unloaded(Kind::Token, None) {
                     found.extend(onboarding(ctx.parsed, agent, remote).into_iter().map(|p| (i, p)));
                 }
@@ -253,6 +254,61 @@ fn dangling(pointer: &str, kind: &str, name: &str, known: &BTreeSet<&str>) -> Pr
 
 /// An output has no workload process behind it: an identity it writes must not read `workload.*`
 /// attributes, or it could never be issued. Every such attribute is named at once.
+/// An identity that reads `workload.docker.*` or `workload.podman.*`, selected by a Workload API
+/// service whose attestors do not include that engine, can never hold for that service's callers.
+fn engines_not_attested(parsed: &[Parsed], agent: &AgentConfig) -> Vec<Problem> {
+    use crate::resource::agent::Engine;
+    let mut out = Vec::new();
+    for (j, service) in agent.services.iter().enumerate().filter(|(_, s)| !s.kind.is_output()) {
+        for (engine, settings) in [
+            (Engine::Docker, &service.attestors.docker),
+            (Engine::Podman, &service.attestors.podman),
+        ] {
+            if settings.as_ref().is_some_and(|s| s.enabled) {
+                continue;
+            }
+            let prefix = format!("workload.{}.", engine.name());
+            let reading: Vec<&str> = parsed
+                .iter()
+                .filter_map(|p| match &p.document {
+                    Document::WorkloadIdentity(wi) => Some(wi),
+                    _ => None,
+                })
+                .filter(|wi| match &service.selector.name {
+                    Some(name) => *wi.metadata.name == **name,
+                    None => {
+                        !service.selector.labels.is_empty()
+                            && service
+                                .selector
+                                .labels
+                                .iter()
+                                .all(|(k, v)| wi.metadata.labels.get(k) == Some(v))
+                    }
+                })
+                .filter(|wi| wi.workload_attributes_read().iter().any(|a| a.starts_with(&prefix)))
+                .map(|wi| &*wi.metadata.name)
+                .collect();
+            if reading.is_empty() {
+                continue;
+            }
+            out.push(
+                Problem::warning(
+                    format!("/services/{j}/selector"),
+                    format!(
+                        "{} read{} `workload.{e}.*`, which this service never sets: it has no `{e}` attestor, so {} can never hold here",
+                        reading.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+                        if reading.len() == 1 { "s" } else { "" },
+                        if reading.len() == 1 { "it" } else { "they" },
+                        e = engine.name()
+                    ),
+                )
+                .hint(format!("add `attestors: {{{}: {{enabled: true, addr: unix:///…}}}}` to the service", engine.name())),
+            );
+        }
+    }
+    out
+}
+
 fn outputs_reading_workloads(parsed: &[Parsed], agent: &AgentConfig) -> Vec<Problem> {
     let mut out = Vec::new();
     for (j, service) in agent.services.iter().enumerate() {
