@@ -203,6 +203,8 @@ fn a_process_in_a_podman_container_gets_the_identities_its_container_attests() {
     assert_ne!(impostor, victim);
     let as_victim = exec_inspect(&podman, &daemon, &victim);
     assert!(!as_victim.contains(&format!("/podman/{victim}")), "{as_victim}");
+    // (Podman resolves a full ID before a name, so the real container is attested as itself.)
+    assert!(as_victim.contains(&format!("- {td}/podman/victim")), "{as_victim}");
     let as_impostor = exec_inspect(&podman, &daemon, &impostor);
     assert!(!as_impostor.contains("/podman/victim"), "{as_impostor}");
     assert!(
@@ -224,4 +226,34 @@ fn a_process_in_a_podman_container_gets_the_identities_its_container_attests() {
         "{}",
         daemon.log()
     );
+}
+
+#[test]
+fn an_attestor_turned_off_and_on_again_takes_effect_without_a_restart() {
+    let Some(mut podman) = Podman::start() else { return };
+    let engine = podman.serve();
+    let mut daemon = daemon_with_engines(&engine);
+    let td = "spiffe://quickstart.tbot.local";
+    let config = daemon.dir.path().join("etc/tbot.yaml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let podman_line = original
+        .lines()
+        .find(|l| l.trim_start().starts_with("podman: {enabled: true"))
+        .unwrap()
+        .to_owned();
+    // Off: the podman identity is gone on the next call; the docker one stays.
+    std::fs::write(&config, original.replace(&format!("{podman_line}\n"), "")).unwrap();
+    let off = common::wait_until("the podman attestor off", std::time::Duration::from_secs(20), || {
+        let out = inspect_from_container(&podman, &daemon, "off", &["--label", "team=blue"]);
+        (!out.contains("/podman/") && out.contains(&format!("- {td}/docker/off"))).then_some(out)
+    });
+    assert!(off.contains("/docker/off"));
+    // On again.
+    std::fs::write(&config, &original).unwrap();
+    common::wait_until("the podman attestor on", std::time::Duration::from_secs(20), || {
+        let out = inspect_from_container(&podman, &daemon, "on", &["--label", "team=blue"]);
+        out.contains(&format!("- {td}/podman/on")).then_some(())
+    });
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon never restarted");
+    podman.stop_serving();
 }
