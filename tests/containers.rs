@@ -191,6 +191,16 @@ fn a_process_in_a_podman_container_gets_the_identities_its_container_attests() {
     assert!(!host.contains("/podman/") && !host.contains("/docker/"), "{host}");
     assert!(host.contains(&format!("- {td}/user/")), "{host}");
 
+    // A container in a private cgroup namespace sees `0::/` for itself; tbot, in the host's, sees
+    // the full path, so the workload cannot hide or rename its container.
+    let private = inspect_from_container(
+        &podman,
+        &daemon,
+        "private",
+        &["--cgroupns", "private", "--label", "team=blue"],
+    );
+    assert!(private.contains(&format!("- {td}/podman/private")), "{private}");
+
     // In a pod: the pod's name comes from the engine (it need not appear in the cgroup path).
     podman.run(&["pod", "create", "--name", "shop", "--label", "tier=front"]);
     let in_pod = inspect_from_container(&podman, &daemon, "cart", &["--pod", "shop", "--label", "team=blue"]);
