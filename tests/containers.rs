@@ -69,23 +69,30 @@ fn daemon_with_engines(engine_socket: &std::path::Path) -> common::Daemon {
     let attestors = format!(
         "      unix: {{}}\n      podman: {{enabled: true, addr: \"{addr}\"}}\n      docker: {{enabled: true, addr: \"{addr}\"}}"
     );
+    daemon_with(&attestors, "")
+}
+
+/// A copy of the quickstart whose service has `attestors` (YAML lines under `attestors:`) and whose
+/// identities (all selected by the service's label) add the podman and docker ones and `more`.
+fn daemon_with(attestors: &str, more: &str) -> common::Daemon {
     let identities = "team: \"{{ strings.lower(user.bot_name) }}\"\n---\nkind: workload_identity\nversion: v1\nmetadata:\n  \
                       name: by-podman\n  labels: {app: quickstart}\nspec:\n  rules:\n    allow:\n      - conditions:\n          \
                       - attribute: workload.podman.container.labels.team\n            eq: {value: blue}\n  spiffe:\n    \
                       id: \"/podman/{{workload.podman.container.name}}\"\n---\nkind: workload_identity\nversion: v1\n\
                       metadata:\n  name: by-docker\n  labels: {app: quickstart}\nspec:\n  spiffe:\n    \
                       id: \"/docker/{{workload.docker.container.name}}\"\n";
+    let identities = format!("{identities}{more}");
     let mut edits: Vec<(&str, &str, &str)> = common::QUICKSTART_IN_MEMORY.to_vec();
     edits.push((
         "tbot.yaml",
         "selector:\n      name: quickstart",
         "selector:\n      labels: {app: quickstart}",
     ));
-    edits.push(("tbot.yaml", "      unix: {}", &attestors));
+    edits.push(("tbot.yaml", "      unix: {}", attestors));
     edits.push((
         "workload-identity.yaml",
         "team: \"{{ strings.lower(user.bot_name) }}\"\n",
-        identities,
+        &identities,
     ));
     let (dir, socket) = common::copy_manifests("manifests/quickstart", &edits);
     common::Daemon::start(dir, socket)
@@ -266,4 +273,146 @@ fn an_attestor_turned_off_and_on_again_takes_effect_without_a_restart() {
     });
     assert!(daemon.try_wait().unwrap().is_none(), "the daemon never restarted");
     podman.stop_serving();
+}
+
+/// The kubelet stand-in (`tests/peers/kubelet_standin.py`), serving `pods.json` of its directory.
+struct Kubelet {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+    port: String,
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Kubelet {
+    fn start(python: &std::path::Path) -> Kubelet {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "kubelet-token\n").unwrap();
+        let child = std::process::Command::new(python)
+            .arg(common::root().join("tests/peers/kubelet_standin.py"))
+            .args([dir.path().to_str().unwrap(), "kubelet-token"])
+            .spawn()
+            .unwrap();
+        let port = common::wait_until("the kubelet stand-in", std::time::Duration::from_secs(30), || {
+            std::fs::read_to_string(dir.path().join("port")).ok()
+        });
+        Kubelet { dir, child, port }
+    }
+
+    /// Lists these pods from now on: (uid, [(container name, id)], [(init container, id, restart policy)]).
+    fn list(&self, pods: &[(&str, Vec<(&str, &str)>, Vec<(&str, &str, Option<&str>)>)]) {
+        let image_id = format!("docker-pullable://localhost/app@sha256:{}", "ab".repeat(32));
+        let pods: Vec<serde_json::Value> = pods
+            .iter()
+            .map(|(uid, containers, inits)| {
+                serde_json::json!({
+                    "uid": uid, "name": "cart-7d9f", "namespace": "shop", "service_account": "cart",
+                    "labels": {"tier": "web"},
+                    "containers": containers.iter().map(|(name, id)| serde_json::json!(
+                        {"name": name, "id": id, "image": "localhost/app:1", "image_id": image_id})).collect::<Vec<_>>(),
+                    "init_containers": inits.iter().map(|(name, id, policy)| serde_json::json!(
+                        {"name": name, "id": id, "image": "localhost/app:1", "image_id": image_id, "restart_policy": policy}))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let tmp = self.dir.path().join("pods.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&pods).unwrap()).unwrap();
+        std::fs::rename(tmp, self.dir.path().join("pods.json")).unwrap();
+    }
+
+    /// Makes every later `GET /pods` answer `code` (or normally again with `None`).
+    fn force(&self, code: Option<u16>) {
+        let path = self.dir.path().join("status");
+        match code {
+            Some(code) => std::fs::write(path, code.to_string()).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    fn attestor(&self) -> String {
+        let d = self.dir.path().display();
+        format!(
+            "      unix: {{}}\n      kubernetes:\n        enabled: true\n        node_name: 127.0.0.1\n        pod_wait: 5s\n        \
+             kubelet: {{secure_port: {}, token_path: {d}/token, ca_path: {d}/ca.pem}}",
+            self.port.trim()
+        )
+    }
+}
+
+#[test]
+fn a_process_in_a_pods_container_gets_its_kubernetes_identity_from_the_kubelet() {
+    let Some(podman) = Podman::start() else { return };
+    let Some(python) = common::venv_python("kubernetes, cryptography") else {
+        return;
+    };
+    let kubelet = Kubelet::start(&python);
+    let identity = "---\nkind: workload_identity\nversion: v1\nmetadata:\n  name: by-pod\n  labels: {app: quickstart}\n\
+                    spec:\n  rules:\n    allow:\n      - conditions:\n          - attribute: workload.kubernetes.labels.tier\n            \
+                    eq: {value: web}\n  spiffe:\n    \
+                    id: \"/k8s/{{workload.kubernetes.namespace}}/{{workload.kubernetes.service_account}}\"\n";
+    let daemon = daemon_with(&kubelet.attestor(), identity);
+    let td = "spiffe://quickstart.tbot.local";
+    let uid = "3f1c2b4a-5d6e-4f70-8a9b-0c1d2e3f4a5b";
+    let parent = format!("/kubepods/besteffort/pod{uid}");
+    let in_pod = |name: &str| mounted(&podman, &daemon, name, &["--cgroup-parent", &parent]);
+
+    // A container of the pod, listed by the kubelet: its namespace and service account.
+    let app = in_pod("app");
+    kubelet.list(&[(uid, vec![("app", &app)], vec![])]);
+    let got = exec_inspect(&podman, &daemon, &app);
+    assert!(
+        got.contains(&format!("- {td}/k8s/shop/cart")),
+        "{got}\n{}",
+        daemon.log()
+    );
+
+    // A container listed a moment after it asks: the attestor waits for it.
+    let late = in_pod("late");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            kubelet.list(&[(uid, vec![("app", &app), ("late", &late)], vec![])]);
+        });
+        let got = exec_inspect(&podman, &daemon, &late);
+        assert!(got.contains(&format!("- {td}/k8s/shop/cart")), "{got}");
+    });
+
+    // A plain init container is not vouched for; a native sidecar is.
+    let init = in_pod("init");
+    let sidecar = in_pod("sidecar");
+    kubelet.list(&[(
+        uid,
+        vec![("app", &app)],
+        vec![("init", &init, None), ("sidecar", &sidecar, Some("Always"))],
+    )]);
+    let got = exec_inspect(&podman, &daemon, &init);
+    assert!(!got.contains("/k8s/"), "{got}");
+    let got = exec_inspect(&podman, &daemon, &sidecar);
+    assert!(got.contains(&format!("- {td}/k8s/shop/cart")), "{got}");
+
+    // A kubelet that refuses: no kubernetes identity, and the log says what to grant.
+    kubelet.force(Some(403));
+    let got = exec_inspect(&podman, &daemon, &app);
+    assert!(!got.contains("/k8s/"), "{got}");
+    assert!(daemon.log().contains("`get` on `nodes/proxy`"), "{}", daemon.log());
+    kubelet.force(None);
+
+    // A host process is in no pod.
+    let host = std::process::Command::new(env!("CARGO_BIN_EXE_tbot"))
+        .args([
+            "spiffe-inspect",
+            "--path",
+            &daemon.endpoint().replace("unix:", "unix://"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&host.stdout).contains("/k8s/"));
 }

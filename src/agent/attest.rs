@@ -34,6 +34,8 @@ pub struct AttestSettings {
     pub proc_root: PathBuf,
     /// The container engines asked about a caller's container (`docker`, `podman` attestors).
     pub engines: Vec<crate::agent::containers::engine::EngineSettings>,
+    /// The kubelet asked about a caller's pod (`kubernetes` attestor).
+    pub kubelet: Option<crate::agent::containers::kubernetes::KubeletSettings>,
 }
 
 impl Default for AttestSettings {
@@ -43,6 +45,7 @@ impl Default for AttestSettings {
             systemd: false,
             proc_root: PathBuf::from("/proc"),
             engines: Vec::new(),
+            kubelet: None,
         }
     }
 }
@@ -168,11 +171,11 @@ pub fn attest(peer: Peer, settings: &AttestSettings) -> Result<Attributes, Attes
     Ok(only_valid(attrs, pid))
 }
 
-/// The container attestors (`docker`, `podman`): the engines are asked about the caller's
+/// The container attestors (`docker`, `podman`, `kubernetes`): the engines (or the kubelet) are asked about the caller's
 /// container, then the pid is checked again, as the engine call took time in which it could have
 /// been reused. Nothing to do without engines.
 pub async fn attest_containers(peer: Peer, settings: &AttestSettings) -> Result<Attributes, AttestError> {
-    if settings.engines.is_empty() {
+    if settings.engines.is_empty() && settings.kubelet.is_none() {
         return Ok(Attributes::new());
     }
     let pid = peer.pid;
@@ -183,7 +186,10 @@ pub async fn attest_containers(peer: Peer, settings: &AttestSettings) -> Result<
             reason: e.to_string(),
         }
     })?;
-    let attrs = crate::agent::containers::engine::attest(&cgroup, &settings.engines, &settings.proc_root).await;
+    let mut attrs = crate::agent::containers::engine::attest(&cgroup, &settings.engines, &settings.proc_root).await;
+    if let Some(kubelet) = &settings.kubelet {
+        attrs.extend(&crate::agent::containers::kubernetes::attest(&cgroup, kubelet).await);
+    }
     if start_time(&settings.proc_root, pid) != Some(before) {
         return Err(AttestError::PidReused { pid });
     }

@@ -12,6 +12,7 @@
 //! (rootless engines). The engine is asked afterwards whether the ID is real and the caller's.
 
 pub mod engine;
+pub mod kubernetes;
 
 /// Where a caller's cgroup puts it.
 #[derive(Debug, Clone, PartialEq, Eq)]

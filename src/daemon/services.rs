@@ -111,6 +111,12 @@ fn attest_settings(service: &Service) -> AttestSettings {
             })
         })
         .collect(),
+        kubelet: service
+            .attestors
+            .kubernetes
+            .as_ref()
+            .filter(|k| k.enabled)
+            .map(crate::agent::containers::kubernetes::KubeletSettings::of),
         ..AttestSettings::default()
     }
 }

@@ -254,20 +254,21 @@ fn dangling(pointer: &str, kind: &str, name: &str, known: &BTreeSet<&str>) -> Pr
 
 /// An output has no workload process behind it: an identity it writes must not read `workload.*`
 /// attributes, or it could never be issued. Every such attribute is named at once.
-/// An identity that reads `workload.docker.*` or `workload.podman.*`, selected by a Workload API
-/// service whose attestors do not include that engine, can never hold for that service's callers.
+/// An identity that reads `workload.docker.*`, `workload.podman.*` or `workload.kubernetes.*`,
+/// selected by a Workload API service whose attestors do not include that one, can never hold for that service's callers.
 fn engines_not_attested(parsed: &[Parsed], agent: &AgentConfig) -> Vec<Problem> {
-    use crate::resource::agent::Engine;
     let mut out = Vec::new();
     for (j, service) in agent.services.iter().enumerate().filter(|(_, s)| !s.kind.is_output()) {
-        for (engine, settings) in [
-            (Engine::Docker, &service.attestors.docker),
-            (Engine::Podman, &service.attestors.podman),
+        let kubernetes = service.attestors.kubernetes.as_ref().is_some_and(|k| k.enabled);
+        for (name, enabled) in [
+            ("docker", service.attestors.docker.as_ref().is_some_and(|s| s.enabled)),
+            ("podman", service.attestors.podman.as_ref().is_some_and(|s| s.enabled)),
+            ("kubernetes", kubernetes),
         ] {
-            if settings.as_ref().is_some_and(|s| s.enabled) {
+            if enabled {
                 continue;
             }
-            let prefix = format!("workload.{}.", engine.name());
+            let prefix = format!("workload.{name}.");
             let reading: Vec<&str> = parsed
                 .iter()
                 .filter_map(|p| match &p.document {
@@ -299,10 +300,10 @@ fn engines_not_attested(parsed: &[Parsed], agent: &AgentConfig) -> Vec<Problem> 
                         reading.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
                         if reading.len() == 1 { "s" } else { "" },
                         if reading.len() == 1 { "it" } else { "they" },
-                        e = engine.name()
+                        e = name
                     ),
                 )
-                .hint(format!("add `attestors: {{{}: {{enabled: true, addr: unix:///…}}}}` to the service", engine.name())),
+                .hint(format!("add `attestors: {{{name}: {{enabled: true, …}}}}` to the service")),
             );
         }
     }

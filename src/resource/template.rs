@@ -30,6 +30,15 @@ pub const CATALOGUE: &[(&str, AttrType)] = &[
     ("workload.docker.container.image", AttrType::String),
     ("workload.docker.container.image_digest", AttrType::String),
     ("workload.docker.container.labels", AttrType::Map),
+    ("workload.kubernetes.attested", AttrType::Bool),
+    ("workload.kubernetes.namespace", AttrType::String),
+    ("workload.kubernetes.pod_name", AttrType::String),
+    ("workload.kubernetes.service_account", AttrType::String),
+    ("workload.kubernetes.pod_uid", AttrType::String),
+    ("workload.kubernetes.labels", AttrType::Map),
+    ("workload.kubernetes.container.name", AttrType::String),
+    ("workload.kubernetes.container.image", AttrType::String),
+    ("workload.kubernetes.container.image_digest", AttrType::String),
     ("workload.podman.attested", AttrType::Bool),
     ("workload.podman.container.name", AttrType::String),
     ("workload.podman.container.image", AttrType::String),
@@ -153,7 +162,11 @@ pub struct Unset(pub String);
 /// What makes `attribute` set for a caller, or what to do instead: said wherever an identity is
 /// refused because a template or a rule reads an attribute the caller does not have.
 pub fn unset_remedy(attribute: &str) -> &'static str {
-    if attribute.starts_with("workload.docker.") || attribute.starts_with("workload.podman.") {
+    if attribute.starts_with("workload.kubernetes.") {
+        "it is set only for a process in a pod's container on this node that calls a `unix://` socket whose \
+         `kubernetes` attestor is enabled and can reach the kubelet; run the process in such a pod, or use \
+         an identity whose templates and rules do not read it"
+    } else if attribute.starts_with("workload.docker.") || attribute.starts_with("workload.podman.") {
         "it is set only for a process in a container of that engine that calls a `unix://` socket whose \
          `docker` or `podman` attestor is enabled and can reach the engine; run the process in such a \
          container, or use an identity whose templates and rules do not read it"

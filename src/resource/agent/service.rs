@@ -221,6 +221,69 @@ pub struct Attestors {
     /// (`workload.podman.*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub podman: Option<EngineAttestor>,
+    /// The kubernetes attestor: the caller's pod and container, asked of the node's kubelet
+    /// (`workload.kubernetes.*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesAttestor>,
+}
+
+/// Settings of the `kubernetes` attestor (Teleport's keys, and `node_name`, `pod_wait`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesAttestor {
+    pub enabled: bool,
+    #[serde(default)]
+    pub kubelet: Kubelet,
+    /// The node whose kubelet is asked. Default: the `TELEPORT_NODE_NAME` environment variable (set
+    /// it from the downward API's `spec.nodeName`), else `127.0.0.1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// How long to wait for a just-started pod or container to be listed by the kubelet
+    /// (default `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_wait: Option<Duration>,
+}
+
+/// How the kubelet is reached.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Kubelet {
+    /// The HTTPS port (default `10250`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_port: Option<u16>,
+    /// The plain-HTTP read-only port, instead of `secure_port` (most clusters turn it off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_port: Option<u16>,
+    /// The service account token sent to the kubelet (default
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_path: Option<PathBuf>,
+    /// The CA that signs the kubelet's certificate (default
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/ca.crt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_path: Option<PathBuf>,
+    /// Do not check the kubelet's certificate (self-signed kubelets).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_verify: bool,
+    /// Send no token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub anonymous: bool,
+}
+
+impl KubernetesAttestor {
+    /// The URL of the kubelet's pod list, from the settings and `TELEPORT_NODE_NAME`.
+    pub fn pods_url(&self) -> String {
+        let node = self
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("TELEPORT_NODE_NAME").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let host = if node.contains(':') { format!("[{node}]") } else { node };
+        match self.kubelet.read_only_port {
+            Some(port) => format!("http://{host}:{port}/pods"),
+            None => format!("https://{host}:{}/pods", self.kubelet.secure_port.unwrap_or(10250)),
+        }
+    }
 }
 
 /// The two container engines tbot asks about a caller's container.
@@ -384,6 +447,29 @@ pub(super) fn service_fields(out: &mut Vec<Problem>, at: &str, service: &Service
             };
             let field = if settings.addr.is_some() { "addr" } else { "enabled" };
             out.push(Problem::error(format!("{at}/attestors/{}/{field}", engine.name()), why).hint(hint));
+        }
+    }
+    if let Some(k) = service.attestors.kubernetes.as_ref().filter(|k| k.enabled) {
+        let at = format!("{at}/attestors/kubernetes/kubelet");
+        if k.kubelet.secure_port.is_some() && k.kubelet.read_only_port.is_some() {
+            out.push(
+                Problem::error(
+                    format!("{at}/read_only_port"),
+                    "`secure_port` and `read_only_port` are both set",
+                )
+                .hint("keep one: `secure_port` (HTTPS, the default 10250) or `read_only_port` (plain HTTP)"),
+            );
+        }
+        for (field, path) in [("token_path", &k.kubelet.token_path), ("ca_path", &k.kubelet.ca_path)] {
+            if let Some(path) = path.as_ref().filter(|p| p.is_relative()) {
+                out.push(
+                    Problem::error(
+                        format!("{at}/{field}"),
+                        format!("`{}` is not an absolute path", path.display()),
+                    )
+                    .hint("write the file's absolute path"),
+                );
+            }
         }
     }
     let outputs = "`workload-identity-x509` and `workload-identity-jwt`";
