@@ -275,6 +275,14 @@ fn an_attestor_turned_off_and_on_again_takes_effect_without_a_restart() {
     podman.stop_serving();
 }
 
+/// A pod as the stand-in lists it: its UID, its containers (name, ID) and its init containers
+/// (name, ID, restart policy).
+type PodListing<'a> = (
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    Vec<(&'a str, &'a str, Option<&'a str>)>,
+);
+
 /// The kubelet stand-in (`tests/peers/kubelet_standin.py`), serving `pods.json` of its directory.
 struct Kubelet {
     dir: tempfile::TempDir,
@@ -304,8 +312,8 @@ impl Kubelet {
         Kubelet { dir, child, port }
     }
 
-    /// Lists these pods from now on: (uid, [(container name, id)], [(init container, id, restart policy)]).
-    fn list(&self, pods: &[(&str, Vec<(&str, &str)>, Vec<(&str, &str, Option<&str>)>)]) {
+    /// Lists these pods from now on.
+    fn list(&self, pods: &[PodListing<'_>]) {
         let image_id = format!("docker-pullable://localhost/app@sha256:{}", "ab".repeat(32));
         let pods: Vec<serde_json::Value> = pods
             .iter()
