@@ -290,6 +290,11 @@ fn a_process_in_a_systemd_service_gets_its_svid_and_others_are_denied() {
         answer.starts_with("ERROR=") && answer.contains("PermissionDenied"),
         "{answer}"
     );
+    // The denial says what each attestor found.
+    assert!(
+        answer.contains("the caller was attested as: unix: uid") && answer.contains("systemd: none found"),
+        "{answer}"
+    );
 }
 
 // ---- mutual TLS between two processes, each with an SVID from the socket ----
