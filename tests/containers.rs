@@ -411,7 +411,21 @@ fn a_process_in_a_pods_container_gets_its_kubernetes_identity_from_the_kubelet()
     let got = exec_inspect(&podman, &daemon, &app);
     assert!(!got.contains("/k8s/"), "{got}");
     assert!(daemon.log().contains("`get` on `nodes/proxy`"), "{}", daemon.log());
+    // A token the kubelet does not take, and a kubelet that fails: the same, each said.
+    std::fs::write(kubelet.dir.path().join("token"), "stale-token\n").unwrap();
     kubelet.force(None);
+    let got = exec_inspect(&podman, &daemon, &app);
+    assert!(!got.contains("/k8s/"), "{got}");
+    assert!(daemon.log().contains("refused the token (401)"), "{}", daemon.log());
+    std::fs::write(kubelet.dir.path().join("token"), "kubelet-token\n").unwrap();
+    kubelet.force(Some(500));
+    let got = exec_inspect(&podman, &daemon, &app);
+    assert!(!got.contains("/k8s/"), "{got}");
+    assert!(daemon.log().contains("answered 500"), "{}", daemon.log());
+    kubelet.force(None);
+    // And back: the same container gets its identity again.
+    let got = exec_inspect(&podman, &daemon, &app);
+    assert!(got.contains(&format!("- {td}/k8s/shop/cart")), "{got}");
 
     // A host process is in no pod.
     let host = std::process::Command::new(env!("CARGO_BIN_EXE_tbot"))

@@ -281,6 +281,22 @@ fn digest(image_id: &str) -> Option<String> {
         .then(|| format!("sha256:{hex}"))
 }
 
+/// Logs that the kubelet cannot be asked: each distinct reason at most every 10 s, so a kubelet
+/// that is down does not log once per connection, and a new reason is not held back.
+fn warn_once(why: &str) {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+    static LAST: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    let mut last = LAST.get_or_init(Default::default).lock().expect("log table poisoned");
+    last.retain(|_, at| at.elapsed() < Duration::from_secs(10));
+    if last.contains_key(why) {
+        return;
+    }
+    last.insert(why.to_owned(), Instant::now());
+    tracing::warn!(error = %why, "the kubelet cannot be asked; workload.kubernetes.* stay unset");
+}
+
 /// The `workload.kubernetes.*` attributes of the caller whose `/proc/<pid>/cgroup` reads `cgroup`.
 pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
     let mut out = Attributes::new();
@@ -302,7 +318,7 @@ pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
         let list = match pods(settings).await {
             Ok(list) => list,
             Err(why) => {
-                tracing::warn!(error = %why, "the kubelet cannot be asked; workload.kubernetes.* stay unset");
+                warn_once(&why);
                 return out;
             }
         };
