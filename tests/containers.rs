@@ -406,19 +406,24 @@ fn a_process_in_a_pods_container_gets_its_kubernetes_identity_from_the_kubelet()
     let got = exec_inspect(&podman, &daemon, &sidecar);
     assert!(got.contains(&format!("- {td}/k8s/shop/cart")), "{got}");
 
-    // A kubelet that refuses: no kubernetes identity, and the log says what to grant.
+    // A kubelet that refuses: no kubernetes identity, and the log says what to grant. (Its pod list
+    // is shared for a second, so each change is looked at a second later.)
+    let shared_for = || std::thread::sleep(std::time::Duration::from_millis(1100));
     kubelet.force(Some(403));
+    shared_for();
     let got = exec_inspect(&podman, &daemon, &app);
     assert!(!got.contains("/k8s/"), "{got}");
     assert!(daemon.log().contains("`get` on `nodes/proxy`"), "{}", daemon.log());
     // A token the kubelet does not take, and a kubelet that fails: the same, each said.
     std::fs::write(kubelet.dir.path().join("token"), "stale-token\n").unwrap();
     kubelet.force(None);
+    shared_for();
     let got = exec_inspect(&podman, &daemon, &app);
     assert!(!got.contains("/k8s/"), "{got}");
     assert!(daemon.log().contains("refused the token (401)"), "{}", daemon.log());
     std::fs::write(kubelet.dir.path().join("token"), "kubelet-token\n").unwrap();
     kubelet.force(Some(500));
+    shared_for();
     let got = exec_inspect(&podman, &daemon, &app);
     assert!(!got.contains("/k8s/"), "{got}");
     assert!(daemon.log().contains("answered 500"), "{}", daemon.log());

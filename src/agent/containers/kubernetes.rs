@@ -204,6 +204,28 @@ async fn pods(settings: &KubeletSettings) -> Result<Value, String> {
     })
 }
 
+/// [`pods`], shared by the callers of the last second: a burst of connections from a node's pods
+/// is one request to the kubelet. (A container not listed yet is asked for again after the second.)
+async fn pods_cached(settings: &KubeletSettings) -> Result<Value, String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+    type Lists = Mutex<HashMap<String, (Instant, Arc<Value>)>>;
+    static LISTS: OnceLock<Lists> = OnceLock::new();
+    let lists = LISTS.get_or_init(Default::default);
+    if let Some((at, list)) = lists.lock().expect("pod lists poisoned").get(&settings.url)
+        && at.elapsed() < Duration::from_secs(1)
+    {
+        return Ok((**list).clone());
+    }
+    let list = pods(settings).await?;
+    lists
+        .lock()
+        .expect("pod lists poisoned")
+        .insert(settings.url.clone(), (Instant::now(), Arc::new(list.clone())));
+    Ok(list)
+}
+
 /// What the pod list says of a container.
 enum Found {
     /// The container, with its pod.
@@ -315,7 +337,7 @@ pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
     };
     let deadline = tokio::time::Instant::now() + settings.pod_wait;
     let (pod, status) = loop {
-        let list = match pods(settings).await {
+        let list = match pods_cached(settings).await {
             Ok(list) => list,
             Err(why) => {
                 warn_once(&why);
