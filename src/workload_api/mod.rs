@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod codec;
+mod denial;
 pub mod jwt;
 pub mod listener;
 pub mod metrics;

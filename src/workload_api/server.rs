@@ -69,68 +69,17 @@ async fn resolve_for(
             Status::permission_denied(format!(
                 "{}; the caller was attested as: {}",
                 denied.message(),
-                attested_summary(workload)
+                super::denial::attested_summary(workload)
             ))
         }
     })?;
     if resolved.is_empty() {
         return Err(Status::permission_denied(format!(
             "no workload identity of this service matches the caller; check the service's selector and the identities' rules (`tbotctl get workload_identity`); the caller was attested as: {}",
-            attested_summary(workload)
+            super::denial::attested_summary(workload)
         )));
     }
     Ok((resolved, ttl))
-}
-
-/// What each attestor found about a caller, for denials: `unix` (uid, gid, binary), and for each of
-/// `systemd`, `docker`, `podman`, `kubernetes` that answered, what it found or that it found
-/// nothing. (An engine or kubelet that could not be asked sets nothing, so it is not listed; the
-/// daemon's log says why.)
-fn attested_summary(workload: &Attributes) -> String {
-    let get = |name: &str| {
-        workload
-            .iter()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.first().cloned())
-    };
-    let mut parts = vec![format!(
-        "unix: uid {}, gid {}, binary {}",
-        get("workload.unix.uid").unwrap_or_else(|| "?".into()),
-        get("workload.unix.gid").unwrap_or_else(|| "?".into()),
-        get("workload.unix.binary_path").unwrap_or_else(|| "(unreadable)".into()),
-    )];
-    let found = |attestor: &str, what: Option<String>| match get(&format!("workload.{attestor}.attested")).as_deref() {
-        Some("true") => format!("{attestor}: {}", what.unwrap_or_default()),
-        _ => format!("{attestor}: none found"),
-    };
-    let ran = |attestor: &str| {
-        workload
-            .iter()
-            .any(|(n, _)| n.starts_with(&format!("workload.{attestor}.")))
-    };
-    if ran("systemd") {
-        parts.push(found(
-            "systemd",
-            get("workload.systemd.service").map(|s| format!("service `{s}`")),
-        ));
-    }
-    for engine in ["docker", "podman"] {
-        if ran(engine) {
-            let name = get(&format!("workload.{engine}.container.name"));
-            parts.push(found(engine, name.map(|n| format!("container `{n}`"))));
-        }
-    }
-    if ran("kubernetes") {
-        let pod = get("workload.kubernetes.pod_name").map(|p| {
-            format!(
-                "pod `{}/{p}`, container `{}`",
-                get("workload.kubernetes.namespace").unwrap_or_default(),
-                get("workload.kubernetes.container.name").unwrap_or_default()
-            )
-        });
-        parts.push(found("kubernetes", pod));
-    }
-    parts.join("; ").escape_debug().to_string()
 }
 
 /// Waits until the daemon stops.

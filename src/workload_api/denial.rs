@@ -1,0 +1,54 @@
+//! What a denied Workload API caller is told about itself: what each attestor found.
+
+use crate::issuer::Attributes;
+
+/// What each attestor found about a caller, for denials: `unix` (uid, gid, binary), and for each of
+/// `systemd`, `docker`, `podman`, `kubernetes` that answered, what it found or that it found
+/// nothing. (An engine or kubelet that could not be asked sets nothing, so it is not listed; the
+/// daemon's log says why.)
+pub(super) fn attested_summary(workload: &Attributes) -> String {
+    let get = |name: &str| {
+        workload
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.first().cloned())
+    };
+    let mut parts = vec![format!(
+        "unix: uid {}, gid {}, binary {}",
+        get("workload.unix.uid").unwrap_or_else(|| "?".into()),
+        get("workload.unix.gid").unwrap_or_else(|| "?".into()),
+        get("workload.unix.binary_path").unwrap_or_else(|| "(unreadable)".into()),
+    )];
+    let found = |attestor: &str, what: Option<String>| match get(&format!("workload.{attestor}.attested")).as_deref() {
+        Some("true") => format!("{attestor}: {}", what.unwrap_or_default()),
+        _ => format!("{attestor}: none found"),
+    };
+    let ran = |attestor: &str| {
+        workload
+            .iter()
+            .any(|(n, _)| n.starts_with(&format!("workload.{attestor}.")))
+    };
+    if ran("systemd") {
+        parts.push(found(
+            "systemd",
+            get("workload.systemd.service").map(|s| format!("service `{s}`")),
+        ));
+    }
+    for engine in ["docker", "podman"] {
+        if ran(engine) {
+            let name = get(&format!("workload.{engine}.container.name"));
+            parts.push(found(engine, name.map(|n| format!("container `{n}`"))));
+        }
+    }
+    if ran("kubernetes") {
+        let pod = get("workload.kubernetes.pod_name").map(|p| {
+            format!(
+                "pod `{}/{p}`, container `{}`",
+                get("workload.kubernetes.namespace").unwrap_or_default(),
+                get("workload.kubernetes.container.name").unwrap_or_default()
+            )
+        });
+        parts.push(found("kubernetes", pod));
+    }
+    parts.join("; ").escape_debug().to_string()
+}
