@@ -153,6 +153,17 @@ fn inspect_from_container(podman: &Podman, daemon: &common::Daemon, name: &str, 
     text(podman.command(&args).output().unwrap())
 }
 
+/// `tbot spiffe-inspect` run by this test process, on the host: in no container.
+fn inspect_from_host(daemon: &common::Daemon) -> String {
+    let path = daemon.endpoint().replace("unix:", "unix://");
+    text(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tbot"))
+            .args(["spiffe-inspect", "--path", &path])
+            .output()
+            .unwrap(),
+    )
+}
+
 /// A container that sleeps with the mounts of [`inspect_from_container`]; its ID.
 fn mounted(podman: &Podman, daemon: &common::Daemon, name: &str, extra: &[&str]) -> String {
     let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -186,15 +197,7 @@ fn a_process_in_a_podman_container_gets_the_identities_its_container_attests() {
     assert!(!red.contains("/podman/"), "{red}");
     assert!(red.contains(&format!("- {td}/docker/api")), "{red}");
     // A host process is in no container: neither.
-    let host = std::process::Command::new(env!("CARGO_BIN_EXE_tbot"))
-        .args([
-            "spiffe-inspect",
-            "--path",
-            &daemon.endpoint().replace("unix:", "unix://"),
-        ])
-        .output()
-        .unwrap();
-    let host = String::from_utf8_lossy(&host.stdout);
+    let host = inspect_from_host(&daemon);
     assert!(!host.contains("/podman/") && !host.contains("/docker/"), "{host}");
     assert!(host.contains(&format!("- {td}/user/")), "{host}");
 
@@ -433,13 +436,5 @@ fn a_process_in_a_pods_container_gets_its_kubernetes_identity_from_the_kubelet()
     assert!(got.contains(&format!("- {td}/k8s/shop/cart")), "{got}");
 
     // A host process is in no pod.
-    let host = std::process::Command::new(env!("CARGO_BIN_EXE_tbot"))
-        .args([
-            "spiffe-inspect",
-            "--path",
-            &daemon.endpoint().replace("unix:", "unix://"),
-        ])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&host.stdout).contains("/k8s/"));
+    assert!(!inspect_from_host(&daemon).contains("/k8s/"));
 }
