@@ -48,6 +48,24 @@ pub struct Disagreement {
     pub second: String,
 }
 
+/// Logs, at most once a minute, that tbot cannot see its callers' cgroups: it runs in a private
+/// cgroup namespace, so no container attestor can tell containers apart.
+pub(crate) fn warn_hidden() {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().expect("warning clock poisoned");
+    if last.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+        return;
+    }
+    *last = Some(Instant::now());
+    tracing::warn!(
+        "tbot sees the cgroup `/` for its callers: it runs in a private cgroup namespace, so the container attestors \
+         set nothing; run tbot in the host's cgroup namespace (`--cgroupns=host`, or a DaemonSet's `hostPID` with \
+         the host's cgroup mount)"
+    );
+}
+
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }

@@ -246,6 +246,11 @@ pub async fn attest(cgroup: &str, engines: &[EngineSettings], proc_root: &Path) 
     }
     let located = match locate(cgroup) {
         Ok(Location::Container(c)) => Some(c),
+        // Not "no container": tbot cannot see. Nothing is set, and the log says why.
+        Ok(Location::HiddenByCgroupNamespace) => {
+            super::warn_hidden();
+            return out;
+        }
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(error = %e, "a caller's cgroup names two containers; it is attested as in none");
@@ -303,5 +308,24 @@ fn set_map(out: &mut Attributes, prefix: &str, map: &str, entries: &BTreeMap<Str
             key: Some(key.clone()),
         };
         out.set(name.to_string(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_caller_tbot_cannot_see_is_neither_attested_nor_refused() {
+        let engines = [EngineSettings {
+            engine: Engine::Podman,
+            socket: PathBuf::from("/nonexistent/podman.sock"),
+            allow_rootless: false,
+        }];
+        let hidden = attest("0::/\n1:name=systemd:/", &engines, Path::new("/proc")).await;
+        assert_eq!(hidden.iter().count(), 0, "nothing set");
+        let host = attest("0::/system.slice/nginx.service", &engines, Path::new("/proc")).await;
+        let attested: Vec<_> = host.iter().collect();
+        assert_eq!(attested, [("workload.podman.attested", &["false".to_owned()][..])]);
     }
 }

@@ -323,6 +323,10 @@ fn warn_once(why: &str) {
 pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
     let mut out = Attributes::new();
     let (pod_uid, id) = match locate(cgroup) {
+        Ok(Location::HiddenByCgroupNamespace) => {
+            super::warn_hidden();
+            return out;
+        }
         Ok(Location::Container(c)) => match c.pod_uid {
             Some(pod) => (pod, c.id),
             None => {
