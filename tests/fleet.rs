@@ -453,14 +453,7 @@ async fn a_ca_rotation_on_the_issuer_puts_both_cas_in_a_remote_agents_bundle_bef
 #[test]
 fn openssl_verifies_the_issuer_api_against_the_pinned_ca_over_tls_1_3_only() {
     let issuer = Issuer::start(UID_TEMPLATE, &[]);
-    let ca_der = std::fs::read(
-        issuer
-            .daemon
-            .dir
-            .path()
-            .join("state/issuer/example.teleport.sh/ca-1.der"),
-    )
-    .unwrap();
+    let ca_der = issuer.ca_der();
     assert_eq!(
         tbot::issuer::keys::ca::spki_pin(&ca_der).unwrap(),
         issuer.pin,
@@ -511,11 +504,7 @@ fn openssl_verifies_the_issuer_api_against_the_pinned_ca_over_tls_1_3_only() {
 #[test]
 fn an_agent_trusting_the_issuers_ca_file_joins_and_one_for_another_ca_is_refused() {
     let issuer = Issuer::start(UID_TEMPLATE, &[]);
-    let der = issuer
-        .daemon
-        .dir
-        .path()
-        .join("state/issuer/example.teleport.sh/ca-1.der");
+    let der = issuer.ca_path();
     let pem = issuer.daemon.dir.path().join("issuer-ca.pem");
     common::openssl(&[
         "x509",
@@ -760,14 +749,7 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
                  v1\nmetadata:\n  name: svc-wi\n  labels: {example: getting-started}\nspec:\n  spiffe:\n    id: \
                  \"/svc/{{workload.systemd.service}}\"\n    x509: {dns_sans: [\"{{workload.systemd.service}}.internal\"]}\n";
     let issuer = Issuer::start(UID_TEMPLATE, &[("bot-token.yaml", "bot_name: example-bot\n", extra)]);
-    let ca = std::fs::read(
-        issuer
-            .daemon
-            .dir
-            .path()
-            .join("state/issuer/example.teleport.sh/ca-1.der"),
-    )
-    .unwrap();
+    let ca = issuer.ca_der();
     let ca_pem = issuer.daemon.dir.path().join("ca.pem");
     std::fs::write(&ca_pem, common::pem("CERTIFICATE", &ca)).unwrap();
     let out = Command::new(&python)

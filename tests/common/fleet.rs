@@ -60,6 +60,16 @@ impl Issuer {
         self.daemon.dir.path().join("etc")
     }
 
+    /// Where the issuer keeps its first CA certificate (DER).
+    pub fn ca_path(&self) -> PathBuf {
+        self.daemon.dir.path().join("state/issuer/example.teleport.sh/ca-1.der")
+    }
+
+    /// The issuer's first CA certificate (DER).
+    pub fn ca_der(&self) -> Vec<u8> {
+        std::fs::read(self.ca_path()).unwrap()
+    }
+
     /// `tbotctl status` on the issuer's directory.
     pub fn status(&self) -> String {
         stdout(&self.daemon.tbotctl(&["status"]))

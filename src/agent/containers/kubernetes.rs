@@ -34,7 +34,7 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 const DEFAULT_POD_WAIT: Duration = Duration::from_secs(10);
 
 /// How a service asks its kubelet.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeletSettings {
     pub url: String,
     pub token_path: Option<PathBuf>,
@@ -42,26 +42,6 @@ pub struct KubeletSettings {
     pub skip_verify: bool,
     pub pod_wait: Duration,
 }
-
-impl PartialEq for KubeletSettings {
-    fn eq(&self, other: &Self) -> bool {
-        (
-            &self.url,
-            &self.token_path,
-            &self.ca_path,
-            self.skip_verify,
-            self.pod_wait,
-        ) == (
-            &other.url,
-            &other.token_path,
-            &other.ca_path,
-            other.skip_verify,
-            other.pod_wait,
-        )
-    }
-}
-
-impl Eq for KubeletSettings {}
 
 impl KubeletSettings {
     pub fn of(k: &KubernetesAttestor) -> KubeletSettings {
