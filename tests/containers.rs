@@ -69,12 +69,13 @@ fn daemon_with_engines(engine_socket: &std::path::Path) -> common::Daemon {
     let attestors = format!(
         "      unix: {{}}\n      podman: {{enabled: true, addr: \"{addr}\"}}\n      docker: {{enabled: true, addr: \"{addr}\"}}"
     );
-    daemon_with(&attestors, "")
+    daemon_with("{app: quickstart}", &attestors, "")
 }
 
-/// A copy of the quickstart whose service has `attestors` (YAML lines under `attestors:`) and whose
-/// identities (all selected by the service's label) add the podman and docker ones and `more`.
-fn daemon_with(attestors: &str, more: &str) -> common::Daemon {
+/// A copy of the quickstart whose service has `attestors` (YAML lines under `attestors:`) and
+/// selects the identities labelled `selector` (the quickstart's own and the podman and docker ones
+/// are labelled `app: quickstart`), with the identities `more` added.
+fn daemon_with(selector: &str, attestors: &str, more: &str) -> common::Daemon {
     let identities = "team: \"{{ strings.lower(user.bot_name) }}\"\n---\nkind: workload_identity\nversion: v1\nmetadata:\n  \
                       name: by-podman\n  labels: {app: quickstart}\nspec:\n  rules:\n    allow:\n      - conditions:\n          \
                       - attribute: workload.podman.container.labels.team\n            eq: {value: blue}\n  spiffe:\n    \
@@ -83,11 +84,8 @@ fn daemon_with(attestors: &str, more: &str) -> common::Daemon {
                       id: \"/docker/{{workload.docker.container.name}}\"\n";
     let identities = format!("{identities}{more}");
     let mut edits: Vec<(&str, &str, &str)> = common::QUICKSTART_IN_MEMORY.to_vec();
-    edits.push((
-        "tbot.yaml",
-        "selector:\n      name: quickstart",
-        "selector:\n      labels: {app: quickstart}",
-    ));
+    let selector = format!("selector:\n      labels: {selector}");
+    edits.push(("tbot.yaml", "selector:\n      name: quickstart", &selector));
     edits.push(("tbot.yaml", "      unix: {}", attestors));
     edits.push((
         "workload-identity.yaml",
@@ -301,12 +299,17 @@ impl Drop for Kubelet {
 }
 
 impl Kubelet {
-    fn start(python: &std::path::Path) -> Kubelet {
+    /// A stand-in on its secure port (`secure: true`: TLS, the token checked) or its read-only port
+    /// (plain HTTP, and a request that carries a token refused).
+    fn start(python: &std::path::Path, secure: bool) -> Kubelet {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("token"), "kubelet-token\n").unwrap();
         let child = std::process::Command::new(python)
             .arg(common::root().join("tests/peers/kubelet_standin.py"))
-            .args([dir.path().to_str().unwrap(), "kubelet-token"])
+            .args([
+                dir.path().to_str().unwrap(),
+                if secure { "kubelet-token" } else { "--read-only" },
+            ])
             .spawn()
             .unwrap();
         let port = common::wait_until("the kubelet stand-in", std::time::Duration::from_secs(30), || {
@@ -350,12 +353,47 @@ impl Kubelet {
 
     fn attestor(&self) -> String {
         let d = self.dir.path().display();
+        self.attestor_with(&format!(
+            "{{secure_port: {}, token_path: {d}/token, ca_path: {d}/ca.pem}}",
+            self.port.trim()
+        ))
+    }
+
+    fn attestor_with(&self, kubelet: &str) -> String {
         format!(
             "      unix: {{}}\n      kubernetes:\n        enabled: true\n        node_name: 127.0.0.1\n        pod_wait: 5s\n        \
-             kubelet: {{secure_port: {}, token_path: {d}/token, ca_path: {d}/ca.pem}}",
-            self.port.trim()
+             kubelet: {kubelet}"
         )
     }
+}
+
+/// The identity the kubernetes tests' service selects: `/k8s/<namespace>/<service account>` for the
+/// containers of pods labelled `tier=web`.
+const BY_POD: &str = "---\nkind: workload_identity\nversion: v1\nmetadata:\n  name: by-pod\n  labels: {app: quickstart, via: k8s}\n\
+                      spec:\n  rules:\n    allow:\n      - conditions:\n          - attribute: workload.kubernetes.labels.tier\n            \
+                      eq: {value: web}\n  spiffe:\n    \
+                      id: \"/k8s/{{workload.kubernetes.namespace}}/{{workload.kubernetes.service_account}}\"\n";
+
+#[test]
+fn the_kubelets_read_only_port_is_asked_over_plain_http_without_a_token() {
+    let Some(podman) = Podman::start() else { return };
+    let Some(python) = common::venv_python("kubernetes, cryptography") else {
+        return;
+    };
+    let kubelet = Kubelet::start(&python, false);
+    let attestor = kubelet.attestor_with(&format!("{{read_only_port: {}}}", kubelet.port.trim()));
+    let daemon = daemon_with("{app: quickstart, via: k8s}", &attestor, BY_POD);
+    let uid = "7a0e4c1b-2d3f-4a5b-9c8d-7e6f5a4b3c2d";
+    let parent = format!("/kubepods/burstable/pod{uid}");
+    let app = mounted(&podman, &daemon, "app", &["--cgroup-parent", &parent]);
+    kubelet.list(&[(uid, vec![("app", &app)], vec![])]);
+    // The stand-in answers 400 to a request with a token: a pass shows none was sent.
+    let got = exec_inspect(&podman, &daemon, &app);
+    assert!(
+        got.contains("- spiffe://quickstart.tbot.local/k8s/shop/cart"),
+        "{got}\n{}",
+        daemon.log()
+    );
 }
 
 #[test]
@@ -364,12 +402,10 @@ fn a_process_in_a_pods_container_gets_its_kubernetes_identity_from_the_kubelet()
     let Some(python) = common::venv_python("kubernetes, cryptography") else {
         return;
     };
-    let kubelet = Kubelet::start(&python);
-    let identity = "---\nkind: workload_identity\nversion: v1\nmetadata:\n  name: by-pod\n  labels: {app: quickstart}\n\
-                    spec:\n  rules:\n    allow:\n      - conditions:\n          - attribute: workload.kubernetes.labels.tier\n            \
-                    eq: {value: web}\n  spiffe:\n    \
-                    id: \"/k8s/{{workload.kubernetes.namespace}}/{{workload.kubernetes.service_account}}\"\n";
-    let daemon = daemon_with(&kubelet.attestor(), identity);
+    let kubelet = Kubelet::start(&python, true);
+    // The service selects the pod identity only, so a caller without it is denied, and the denial
+    // says what the kubernetes attestor found (or why it could not ask).
+    let daemon = daemon_with("{app: quickstart, via: k8s}", &kubelet.attestor(), BY_POD);
     let td = "spiffe://quickstart.tbot.local";
     let uid = "3f1c2b4a-5d6e-4f70-8a9b-0c1d2e3f4a5b";
     let parent = format!("/kubepods/besteffort/pod{uid}");
@@ -405,7 +441,7 @@ fn a_process_in_a_pods_container_gets_its_kubernetes_identity_from_the_kubelet()
         vec![("init", &init, None), ("sidecar", &sidecar, Some("Always"))],
     )]);
     let got = exec_inspect(&podman, &daemon, &init);
-    assert!(!got.contains("/k8s/"), "{got}");
+    assert!(got.contains("kubernetes: none found"), "{got}");
     let got = exec_inspect(&podman, &daemon, &sidecar);
     assert!(got.contains(&format!("- {td}/k8s/shop/cart")), "{got}");
 
@@ -415,7 +451,13 @@ fn a_process_in_a_pods_container_gets_its_kubernetes_identity_from_the_kubelet()
     kubelet.force(Some(403));
     shared_for();
     let got = exec_inspect(&podman, &daemon, &app);
-    assert!(!got.contains("/k8s/"), "{got}");
+    assert!(
+        got.contains(&format!(
+            "kubernetes: not asked (the kubelet at https://127.0.0.1:{}/pods denied GET /pods (403)",
+            kubelet.port.trim()
+        )),
+        "{got}"
+    );
     assert!(daemon.log().contains("`get` on `nodes/proxy`"), "{}", daemon.log());
     // A token the kubelet does not take, and a kubelet that fails: the same, each said.
     std::fs::write(kubelet.dir.path().join("token"), "stale-token\n").unwrap();
@@ -436,5 +478,6 @@ fn a_process_in_a_pods_container_gets_its_kubernetes_identity_from_the_kubelet()
     assert!(got.contains(&format!("- {td}/k8s/shop/cart")), "{got}");
 
     // A host process is in no pod.
-    assert!(!inspect_from_host(&daemon).contains("/k8s/"));
+    let host = inspect_from_host(&daemon);
+    assert!(host.contains("kubernetes: none found"), "{host}");
 }

@@ -6,7 +6,7 @@
 //! cargo bench --bench report                      # the whole table (release build)
 //! cargo bench --bench report -- --json FILE       # the same rows as JSON
 //! cargo bench --bench report -- --markdown FILE   # the docs page (docs/benchmarks.md)
-//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams fleet ha consumers
+//! cargo bench --bench report -- --only mint,api   # some sections: mint load api edit scale streams fleet ha consumers containers
 //! ```
 //!
 //! Without `--bench` (as `cargo test` and `cargo nextest` run it, as the test `smoke`) every
@@ -15,6 +15,7 @@
 mod api;
 mod common;
 mod consumers;
+mod containers;
 mod daemon;
 // The tests' etcd cluster helper, shared (the benches use part of it).
 #[allow(dead_code)]
@@ -26,6 +27,9 @@ mod ha;
 mod haproxy;
 mod load;
 mod mint;
+// The tests' podman (its own storage, a busybox image, the API service), for the `containers` section.
+#[path = "../../tests/common/podman.rs"]
+mod podman;
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -203,9 +207,23 @@ fn options() -> Option<Options> {
     })
 }
 
-/// A peer the `ha` section needs (etcd, haproxy) is not installed: the section is skipped.
+/// A peer a section needs (etcd, haproxy, podman) is not installed: the section is skipped, or with
+/// `CI=true` (the smoke run in CI, where `scripts/test.sh` installs them) the run fails.
 pub fn peer_missing(message: &str) {
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
     eprintln!("skipping: {message}");
+}
+
+/// Polls `f` every 50 ms until it gives a value; panics after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn main() {
@@ -243,6 +261,9 @@ fn main() {
     }
     if runs("consumers") {
         rows.extend(runtime.block_on(consumers::run(scale)));
+    }
+    if runs("containers") {
+        rows.extend(runtime.block_on(containers::run(scale)));
     }
     let machine = machine();
     print!("{}", table(&rows));
@@ -341,7 +362,7 @@ fn now() -> String {
 }
 
 /// What each section measures, for the docs page.
-const SECTION_NOTES: [(&str, &str); 9] = [
+const SECTION_NOTES: [(&str, &str); 10] = [
     (
         "mint",
         "the issuer's whole path per SVID (bot certificate check, RBAC, rules, templates, certificate, signature), in process",
@@ -377,6 +398,10 @@ const SECTION_NOTES: [(&str, &str); 9] = [
     (
         "consumers",
         "the consumers that do not speak the Workload API: Envoy SDS's first secret after connecting (our own tonic client of the SDS subset, a cached identity) against `FetchX509SVID`'s first message on the same daemon; and an x509 output's rotation (four atomic file replacements and an `on_update` exec of `true`) against the same files written in place and the same hook",
+    ),
+    (
+        "containers",
+        "a caller in a real podman container (this process, moved into the container's cgroups as `podman exec` moves a process) on a daemon whose service has the podman attestor on `podman system service`: the first `FetchX509SVID` message when the engine is asked, and when its answer is cached (2 s), against the same for a host process",
     ),
 ];
 

@@ -12,6 +12,7 @@ use std::sync::{Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
+use crate::agent::containers::Findings;
 use crate::issuer::Attributes;
 
 /// Executables larger than this are not hashed unless the service says otherwise.
@@ -174,9 +175,9 @@ pub fn attest(peer: Peer, settings: &AttestSettings) -> Result<Attributes, Attes
 /// The container attestors (`docker`, `podman`, `kubernetes`): the engines (or the kubelet) are asked about the caller's
 /// container, then the pid is checked again, as the engine call took time in which it could have
 /// been reused. Nothing to do without engines.
-pub async fn attest_containers(peer: Peer, settings: &AttestSettings) -> Result<Attributes, AttestError> {
+pub async fn attest_containers(peer: Peer, settings: &AttestSettings) -> Result<Findings, AttestError> {
     if settings.engines.is_empty() && settings.kubelet.is_none() {
-        return Ok(Attributes::new());
+        return Ok(Findings::default());
     }
     let pid = peer.pid;
     let before = start_time(&settings.proc_root, pid).ok_or(AttestError::PidReused { pid })?;
@@ -186,14 +187,15 @@ pub async fn attest_containers(peer: Peer, settings: &AttestSettings) -> Result<
             reason: e.to_string(),
         }
     })?;
-    let mut attrs = crate::agent::containers::engine::attest(&cgroup, &settings.engines, &settings.proc_root).await;
+    let mut found = crate::agent::containers::engine::attest(&cgroup, &settings.engines, &settings.proc_root).await;
     if let Some(kubelet) = &settings.kubelet {
-        attrs.extend(&crate::agent::containers::kubernetes::attest(&cgroup, kubelet).await);
+        found.extend(crate::agent::containers::kubernetes::attest(&cgroup, kubelet).await);
     }
     if start_time(&settings.proc_root, pid) != Some(before) {
         return Err(AttestError::PidReused { pid });
     }
-    Ok(only_valid(attrs, pid))
+    found.attributes = only_valid(found.attributes, pid);
+    Ok(found)
 }
 
 /// The attributes whose values the issuer takes (`resource::template::workload_value_problem`): one

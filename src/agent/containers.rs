@@ -48,6 +48,31 @@ pub struct Disagreement {
     pub second: String,
 }
 
+/// What the container attestors found about a caller: the attributes they set, and for each
+/// attestor that could not be asked (an engine socket refused, a kubelet's 403, a pod not listed in
+/// time, a cgroup namespace that hides the caller) why, for the denial message. Such an attestor
+/// sets nothing, so an identity that reads its attributes is denied rather than decided without it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Findings {
+    pub attributes: crate::issuer::Attributes,
+    pub unasked: Vec<String>,
+}
+
+impl Findings {
+    /// Records that `attestor` could not be asked, and why.
+    pub(crate) fn unasked(&mut self, attestor: &str, why: impl std::fmt::Display) {
+        self.unasked.push(format!("{attestor}: not asked ({why})"));
+    }
+
+    pub(crate) fn extend(&mut self, other: Findings) {
+        self.attributes.extend(&other.attributes);
+        self.unasked.extend(other.unasked);
+    }
+}
+
+/// Why a container attestor sets nothing when tbot sees `/` for its callers.
+pub(crate) const HIDDEN: &str = "tbot runs in a private cgroup namespace and cannot see the caller's container";
+
 /// Logs, at most once a minute, that tbot cannot see its callers' cgroups: it runs in a private
 /// cgroup namespace, so no container attestor can tell containers apart.
 pub(crate) fn warn_hidden() {

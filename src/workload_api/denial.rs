@@ -1,12 +1,13 @@
 //! What a denied Workload API caller is told about itself: what each attestor found.
 
-use crate::issuer::Attributes;
+use super::listener::Attested;
 
 /// What each attestor found about a caller, for denials: `unix` (uid, gid, binary), and for each of
 /// `systemd`, `docker`, `podman`, `kubernetes` that answered, what it found or that it found
-/// nothing. (An engine or kubelet that could not be asked sets nothing, so it is not listed; the
-/// daemon's log says why.)
-pub(super) fn attested_summary(workload: &Attributes) -> String {
+/// nothing; and each attestor that could not be asked, with why (an engine's socket refused, a
+/// kubelet's 403), as it set nothing.
+pub(super) fn attested_summary(attested: &Attested) -> String {
+    let workload = &attested.attributes;
     let get = |name: &str| {
         workload
             .iter()
@@ -50,5 +51,6 @@ pub(super) fn attested_summary(workload: &Attributes) -> String {
         });
         parts.push(found("kubernetes", pod));
     }
+    parts.extend(attested.unasked.iter().cloned());
     parts.join("; ").escape_debug().to_string()
 }

@@ -23,7 +23,15 @@ pub struct Caller {
     /// `None` over TCP, where there are no peer credentials.
     pub peer: Option<Peer>,
     /// Shared by every request of the connection.
-    pub attested: Result<Arc<Attributes>, AttestError>,
+    pub attested: Result<Arc<Attested>, AttestError>,
+}
+
+/// What attestation found about a caller: its attributes, and the attestors that could not be
+/// asked (why each set nothing), which a denial names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attested {
+    pub attributes: Attributes,
+    pub unasked: Vec<String>,
 }
 
 /// The connection info tonic hands to every request of a connection.
@@ -201,9 +209,12 @@ pub fn incoming_unix(
                                 reason: "attestation panicked".into(),
                             }));
                         match host {
-                            Ok(mut attrs) => attest::attest_containers(peer, &settings).await.map(|more| {
-                                attrs.extend(&more);
-                                attrs
+                            Ok(mut attributes) => attest::attest_containers(peer, &settings).await.map(|found| {
+                                attributes.extend(&found.attributes);
+                                Attested {
+                                    attributes,
+                                    unasked: found.unasked,
+                                }
                             }),
                             Err(e) => Err(e),
                         }
@@ -241,7 +252,7 @@ pub fn incoming_tcp(listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
             };
             let info = CallerInfo(Arc::new(Caller {
                 peer: None,
-                attested: Ok(Arc::new(Attributes::new())),
+                attested: Ok(Arc::new(Attested::default())),
             }));
             if tx
                 .send(Ok(Conn {

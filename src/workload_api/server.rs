@@ -12,14 +12,14 @@ use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Request, Response, Status};
 
 use super::SECURITY_HEADER;
-use super::listener::CallerInfo;
+use super::listener::{Attested, CallerInfo};
 use super::metrics::WorkloadApiMetrics;
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::*;
 use crate::agent::attest::AttestError;
 use crate::agent::{Agent, Slot, X509Material};
 use crate::error::Explain;
-use crate::issuer::{Attributes, Bundles, IdentitySelector, IssuerError, Resolved};
+use crate::issuer::{Bundles, IdentitySelector, IssuerError, Resolved};
 
 /// What a service decides by: its selector and the lifetime of the SVIDs it serves. Swapped live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,10 +58,10 @@ impl WorkloadApi {
 async fn resolve_for(
     agent: &Agent,
     config: &watch::Receiver<ServiceConfig>,
-    workload: &Attributes,
+    workload: &Attested,
 ) -> Result<(Vec<Resolved>, Duration), Status> {
     let ServiceConfig { selector, ttl } = config.borrow().clone();
-    let resolved = agent.resolve(&selector, workload).await.map_err(|e| {
+    let resolved = agent.resolve(&selector, &workload.attributes).await.map_err(|e| {
         if e.is_transient() {
             status(e)
         } else {
@@ -102,7 +102,7 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
 }
 
 /// The caller's attested attributes.
-pub(super) fn attested<T>(request: &Request<T>) -> Result<Arc<Attributes>, Status> {
+pub(super) fn attested<T>(request: &Request<T>) -> Result<Arc<Attested>, Status> {
     let info = request
         .extensions()
         .get::<CallerInfo>()
@@ -197,7 +197,7 @@ fn x509_response(
 pub(super) struct Follow {
     agent: Arc<Agent>,
     config: watch::Receiver<ServiceConfig>,
-    workload: Arc<Attributes>,
+    workload: Arc<Attested>,
     policy: watch::Receiver<u64>,
     config_changes: watch::Receiver<ServiceConfig>,
     stop: watch::Receiver<bool>,
@@ -215,7 +215,7 @@ pub(super) enum Woke<T> {
 
 impl Follow {
     /// Starts following: changes from now on count.
-    pub(super) fn new(api: &WorkloadApi, workload: Arc<Attributes>) -> Follow {
+    pub(super) fn new(api: &WorkloadApi, workload: Arc<Attested>) -> Follow {
         let mut config_changes = api.config.clone();
         config_changes.mark_unchanged();
         Follow {
@@ -295,7 +295,10 @@ impl Svids {
             None => follow.resolve().await?,
         };
         let (agent, workload) = (&follow.agent, &follow.workload);
-        let slots: Vec<_> = resolved.iter().map(|r| agent.cache.x509(r, workload, ttl)).collect();
+        let slots: Vec<_> = resolved
+            .iter()
+            .map(|r| agent.cache.x509(r, &workload.attributes, ttl))
+            .collect();
         let bundles = agent.bundles();
         let mut changes: StreamMap<usize, Changes> = StreamMap::new();
         for (i, slot) in slots.iter().enumerate() {
@@ -431,7 +434,7 @@ impl<T: Send + 'static> Watch for BundleWatch<T> {
 /// The bundle stream for a caller found entitled (an error, `PermissionDenied`, otherwise).
 async fn bundle_stream<T: Send + 'static>(
     api: &WorkloadApi,
-    workload: Arc<Attributes>,
+    workload: Arc<Attested>,
     build: fn(&Bundles) -> T,
 ) -> Result<Stream<T>, Status> {
     let follow = Follow::new(api, workload);
@@ -506,7 +509,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             let svid = self
                 .agent
                 .cache
-                .jwt(&resolved, &workload, &audience, ttl)
+                .jwt(&resolved, &workload.attributes, &audience, ttl)
                 .await
                 .map_err(status)?;
             if !wanted.is_empty() && svid.spiffe_id != wanted {

@@ -5,9 +5,12 @@ bearer token check. What is real around it: the container is a real podman conta
 kubelet-shaped cgroup (`--cgroup-parent=/kubepods/besteffort/pod<uid>`).
 
 Usage: kubelet_standin.py DIR TOKEN
+       kubelet_standin.py DIR --read-only
     Writes DIR/ca.pem (the CA of its certificate for 127.0.0.1, which tbot's `ca_path` trusts)
     and DIR/port once listening. Answers GET /pods with:
       401 unless `Authorization: Bearer TOKEN`;
+      (with --read-only, as a kubelet's read-only port: plain HTTP and no authentication, and 400
+      to a request that carries a token anyway, which would have crossed the network in the clear;)
       the status code in DIR/status, when that file exists;
       else the pods of DIR/pods.json (read on every request, so a test can list a pod late):
       [{"uid", "name", "namespace", "service_account", "labels": {}, "containers": [{"name", "id",
@@ -111,13 +114,17 @@ def pod_list(directory):
 
 
 def main(directory, token):
+    read_only = token == "--read-only"
     cert, key = certificate(directory)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path != "/pods":
                 return self.answer(404, {"message": "not found"})
-            if self.headers.get("Authorization") != "Bearer " + token:
+            if read_only:
+                if self.headers.get("Authorization") is not None:
+                    return self.answer(400, {"message": "a token was sent over plain HTTP"})
+            elif self.headers.get("Authorization") != "Bearer " + token:
                 return self.answer(401, {"message": "Unauthorized"})
             forced = os.path.join(directory, "status")
             if os.path.exists(forced):
@@ -137,9 +144,10 @@ def main(directory, token):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    if not read_only:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     with open(os.path.join(directory, "port.tmp"), "w") as f:
         f.write(str(server.server_address[1]))
     os.rename(os.path.join(directory, "port.tmp"), os.path.join(directory, "port"))

@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-use super::{Location, locate};
+use super::{Findings, Location, locate};
 use crate::issuer::Attributes;
 use crate::resource::agent::Engine;
 use crate::resource::template::Attribute;
@@ -239,17 +239,20 @@ fn log_unreachable(settings: &EngineSettings, why: &str) {
 }
 
 /// The `workload.<engine>.*` attributes of the caller whose `/proc/<pid>/cgroup` reads `cgroup`.
-pub async fn attest(cgroup: &str, engines: &[EngineSettings], proc_root: &Path) -> Attributes {
-    let mut out = Attributes::new();
+pub async fn attest(cgroup: &str, engines: &[EngineSettings], proc_root: &Path) -> Findings {
+    let mut found = Findings::default();
     if engines.is_empty() {
-        return out;
+        return found;
     }
     let located = match locate(cgroup) {
         Ok(Location::Container(c)) => Some(c),
         // Not "no container": tbot cannot see. Nothing is set, and the log says why.
         Ok(Location::HiddenByCgroupNamespace) => {
             super::warn_hidden();
-            return out;
+            for settings in engines {
+                found.unasked(settings.engine.name(), super::HIDDEN);
+            }
+            return found;
         }
         Ok(_) => None,
         Err(e) => {
@@ -257,18 +260,20 @@ pub async fn attest(cgroup: &str, engines: &[EngineSettings], proc_root: &Path) 
             None
         }
     };
+    let out = &mut found.attributes;
+    let mut unasked = Vec::new();
     for settings in engines {
         let prefix = format!("workload.{}", settings.engine.name());
         let set_false = |out: &mut Attributes| {
             out.set(format!("{prefix}.attested"), false);
         };
         let Some(container) = &located else {
-            set_false(&mut out);
+            set_false(out);
             continue;
         };
         if container.delegated && !settings.allow_rootless {
             tracing::debug!(path = %container.path, "a container in a user-delegated cgroup is not attested (allow_rootless)");
-            set_false(&mut out);
+            set_false(out);
             continue;
         }
         match inspect_cached(settings, &container.id, proc_root).await {
@@ -279,21 +284,27 @@ pub async fn attest(cgroup: &str, engines: &[EngineSettings], proc_root: &Path) 
                 if let Some(digest) = &facts.image_digest {
                     out.set(format!("{prefix}.container.image_digest"), digest);
                 }
-                set_map(&mut out, &prefix, "container.labels", &facts.labels);
+                set_map(out, &prefix, "container.labels", &facts.labels);
                 if let Some((pod, labels)) = &facts.pod {
                     out.set(format!("{prefix}.pod.name"), pod);
-                    set_map(&mut out, &prefix, "pod.labels", labels);
+                    set_map(out, &prefix, "pod.labels", labels);
                 }
             }
             Err(Refusal::NotThis(why)) => {
                 tracing::warn!(engine = settings.engine.name(), container = &container.id[..12], %why,
                     "a caller's container is not attested");
-                set_false(&mut out);
+                set_false(out);
             }
-            Err(Refusal::Unreachable(why)) => log_unreachable(settings, &why),
+            Err(Refusal::Unreachable(why)) => {
+                log_unreachable(settings, &why);
+                unasked.push((settings.engine.name(), why));
+            }
         }
     }
-    out
+    for (engine, why) in unasked {
+        found.unasked(engine, why);
+    }
+    found
 }
 
 /// Sets each entry of a map attribute under the name templates read it by.
@@ -323,9 +334,14 @@ mod tests {
             allow_rootless: false,
         }];
         let hidden = attest("0::/\n1:name=systemd:/", &engines, Path::new("/proc")).await;
-        assert_eq!(hidden.iter().count(), 0, "nothing set");
+        assert_eq!(hidden.attributes.iter().count(), 0, "nothing set");
+        assert_eq!(
+            hidden.unasked,
+            ["podman: not asked (tbot runs in a private cgroup namespace and cannot see the caller's container)"]
+        );
         let host = attest("0::/system.slice/nginx.service", &engines, Path::new("/proc")).await;
-        let attested: Vec<_> = host.iter().collect();
+        assert!(host.unasked.is_empty());
+        let attested: Vec<_> = host.attributes.iter().collect();
         assert_eq!(attested, [("workload.podman.attested", &["false".to_owned()][..])]);
     }
 }

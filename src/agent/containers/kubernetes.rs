@@ -1,6 +1,7 @@
 //! The `kubernetes` attestor: the pod UID and container ID a caller's cgroup names
 //! ([`super::locate`]), looked up in the node's kubelet pod list (`GET /pods`, with the service
-//! account token, the kubelet's certificate checked against `ca_path` unless `skip_verify`). The
+//! account token, the kubelet's certificate checked against `ca_path` unless `skip_verify`; on the
+//! `read_only_port`, plain HTTP with no token, which would otherwise cross the network in the clear). The
 //! pod must have that UID, and the container must be one of its containers (an init container only
 //! as a native sidecar, `restartPolicy: Always`; never an ephemeral debug container).
 //!
@@ -22,8 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use super::{Location, locate};
-use crate::issuer::Attributes;
+use super::{Findings, Location, locate};
 use crate::resource::agent::KubernetesAttestor;
 use crate::resource::template::Attribute;
 
@@ -47,7 +47,8 @@ impl KubeletSettings {
     pub fn of(k: &KubernetesAttestor) -> KubeletSettings {
         KubeletSettings {
             url: k.pods_url(),
-            token_path: (!k.kubelet.anonymous).then(|| {
+            // The read-only port is plain HTTP and unauthenticated: no token crosses it.
+            token_path: (!k.kubelet.anonymous && k.kubelet.read_only_port.is_none()).then(|| {
                 k.kubelet
                     .token_path
                     .clone()
@@ -134,11 +135,22 @@ fn tls(settings: &KubeletSettings) -> Result<rustls::ClientConfig, String> {
 
 /// The kubelet's pod list, or what to tell the operator.
 async fn pods(settings: &KubeletSettings) -> Result<Value, String> {
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls(settings)?)
-        .https_or_http()
-        .enable_http1()
-        .build();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = if settings.url.starts_with("https://") {
+        builder.with_tls_config(tls(settings)?).https_only()
+    } else {
+        // The read-only port: plain HTTP, so there is no certificate to check (nor a CA to read).
+        builder
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| e.to_string())?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            )
+            .https_or_http()
+    };
+    let connector = builder.enable_http1().build();
     let client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector);
     let mut request = http::Request::get(&settings.url);
@@ -300,23 +312,24 @@ fn warn_once(why: &str) {
 }
 
 /// The `workload.kubernetes.*` attributes of the caller whose `/proc/<pid>/cgroup` reads `cgroup`.
-pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
-    let mut out = Attributes::new();
+pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Findings {
+    let mut found = Findings::default();
     let (pod_uid, id) = match locate(cgroup) {
         Ok(Location::HiddenByCgroupNamespace) => {
             super::warn_hidden();
-            return out;
+            found.unasked("kubernetes", super::HIDDEN);
+            return found;
         }
         Ok(Location::Container(c)) => match c.pod_uid {
             Some(pod) => (pod, c.id),
             None => {
-                out.set("workload.kubernetes.attested", false);
-                return out;
+                found.attributes.set("workload.kubernetes.attested", false);
+                return found;
             }
         },
         _ => {
-            out.set("workload.kubernetes.attested", false);
-            return out;
+            found.attributes.set("workload.kubernetes.attested", false);
+            return found;
         }
     };
     let deadline = tokio::time::Instant::now() + settings.pod_wait;
@@ -325,15 +338,16 @@ pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
             Ok(list) => list,
             Err(why) => {
                 warn_once(&why);
-                return out;
+                found.unasked("kubernetes", why);
+                return found;
             }
         };
         match find(&list, &pod_uid, &id) {
             Found::Container { pod, status } => break (pod, status),
             Found::Refused(why) => {
                 tracing::warn!(pod = %pod_uid, container = &id[..12], %why, "a caller's container is not attested");
-                out.set("workload.kubernetes.attested", false);
-                return out;
+                found.attributes.set("workload.kubernetes.attested", false);
+                return found;
             }
             Found::Missing if tokio::time::Instant::now() + POLL_EVERY < deadline => {
                 tokio::time::sleep(POLL_EVERY).await;
@@ -342,7 +356,15 @@ pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
                 tracing::warn!(pod = %pod_uid, container = &id[..12], url = %settings.url,
                     "the kubelet does not list the caller's pod and container after {} s; workload.kubernetes.* stay unset (retry)",
                     settings.pod_wait.as_secs());
-                return out;
+                found.unasked(
+                    "kubernetes",
+                    format_args!(
+                        "the kubelet at {} did not list pod {pod_uid} with this container within {} s",
+                        settings.url,
+                        settings.pod_wait.as_secs()
+                    ),
+                );
+                return found;
             }
         }
     };
@@ -352,6 +374,7 @@ pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
             .unwrap_or_default()
             .to_owned()
     };
+    let out = &mut found.attributes;
     out.set("workload.kubernetes.attested", true)
         .set("workload.kubernetes.namespace", text(&pod, "/metadata/namespace"))
         .set("workload.kubernetes.pod_name", text(&pod, "/metadata/name"))
@@ -376,7 +399,7 @@ pub async fn attest(cgroup: &str, settings: &KubeletSettings) -> Attributes {
             }
         }
     }
-    out
+    found
 }
 
 #[cfg(test)]

@@ -460,6 +460,15 @@ pub(super) fn service_fields(out: &mut Vec<Problem>, at: &str, service: &Service
                 .hint("keep one: `secure_port` (HTTPS, the default 10250) or `read_only_port` (plain HTTP)"),
             );
         }
+        if k.kubelet.read_only_port.is_some() && k.kubelet.token_path.is_some() {
+            out.push(
+                Problem::error(
+                    format!("{at}/token_path"),
+                    "a token is never sent to the read-only port: it is plain HTTP, and the token would cross the network in the clear",
+                )
+                .hint("remove `token_path`, or ask the kubelet on `secure_port` (HTTPS) with the token"),
+            );
+        }
         for (field, path) in [("token_path", &k.kubelet.token_path), ("ca_path", &k.kubelet.ca_path)] {
             if let Some(path) = path.as_ref().filter(|p| p.is_relative()) {
                 out.push(
