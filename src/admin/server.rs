@@ -369,6 +369,11 @@ impl Admin for AdminApi {
         }))
     }
 
+    async fn issued(&self, request: Request<IssuedRequest>) -> Result<Response<IssuedResponse>, Status> {
+        authorize(&request)?;
+        super::issued::answer(self.issuer.as_deref(), request.into_inner()).await
+    }
+
     async fn rotate(&self, request: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
         authorize(&request)?;
         let request = request.into_inner();

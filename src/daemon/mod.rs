@@ -164,6 +164,11 @@ impl Daemon {
             running.output.stop().await;
         }
         self.persist.flush().await;
+        if let Some(issuer) = self.host.local()
+            && let Err(e) = issuer.flush_issued().await
+        {
+            tracing::warn!(error = %e, "the issuance log's last records could not be written; they are in this log only");
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! `tbotctl get`: the running daemon's objects with their generation and conditions (a table, YAML
-//! or JSON), bot instances and the files that fail to load.
+//! or JSON), bot instances and the files that fail to load; `tbotctl get svids`, the issuer's
+//! issuance log.
 
 use std::process::ExitCode;
 
@@ -27,6 +28,16 @@ pub struct GetArgs {
     /// Print token names instead of masking them.
     #[arg(long)]
     pub show_secrets: bool,
+    /// With `svids`: only what this bot got.
+    #[arg(long)]
+    pub bot: Option<String>,
+    /// With `svids`: only SVIDs of this SPIFFE ID.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// With `svids`: only what was issued since then: a time back from now (`12h`, `30m`) or an
+    /// RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -80,6 +91,15 @@ pub(super) fn ready(o: &ObjectStatus) -> bool {
 }
 
 pub async fn get(args: &GetArgs) -> ExitCode {
+    if args.what.as_deref() == Some("svids") {
+        return super::issued::svids(args).await;
+    }
+    if args.bot.is_some() || args.spiffe_id.is_some() || args.since.is_some() {
+        return fail(
+            "`--bot`, `--spiffe-id` and `--since` choose records of the issuance log",
+            "run `tbotctl get svids` with them",
+        );
+    }
     let (kind, name) = match args.what.as_deref() {
         None => (String::new(), String::new()),
         Some(what) => match what.split_once('/') {
@@ -90,7 +110,7 @@ pub async fn get(args: &GetArgs) -> ExitCode {
     if !kind.is_empty() && !crate::resource::Kind::ALL.iter().any(|k| k.as_str() == kind) {
         return fail(
             format!("unknown kind `{kind}`"),
-            "the kinds are agent_config, cluster, issuer, bot, token, role, workload_identity",
+            "the kinds are agent_config, cluster, issuer, bot, token, role, workload_identity; `svids` lists what the issuer issued",
         );
     }
     let mut client = match args.daemon.connect().await {

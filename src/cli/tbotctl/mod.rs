@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 mod apply;
 mod diff;
 mod get;
+mod issued;
 mod rotate;
 mod status;
 

@@ -97,7 +97,7 @@ pub fn sign_bot_certificate(
     public_key: &[u8],
     ttl: Duration,
     now: OffsetDateTime,
-) -> Result<BotCertificate, IssuerError> {
+) -> Result<crate::issuer::keys::mint::Minted<BotCertificate>, IssuerError> {
     let key = SubjectPublicKeyInfo::from_der(public_key)
         .map_err(|e| IssuerError::Invalid(format!("the bot's public key is not a DER SubjectPublicKeyInfo: {e}")))?;
     let not_after = (now + ttl.min(MAX_BOT_TTL)).min(authority.active().not_after());
@@ -110,7 +110,9 @@ pub fn sign_bot_certificate(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
-    params.serial_number = Some(random_serial()?);
+    let serial = random_serial()?;
+    let serial_hex = crate::hex(serial.as_ref());
+    params.serial_number = Some(serial);
     params.not_before = now - time::Duration::minutes(1);
     params.not_after = not_after;
     let json = serde_json::to_string(claims).expect("claims serialize");
@@ -120,14 +122,17 @@ pub fn sign_bot_certificate(
     let cert = params
         .signed_by(&key, authority.active().issuer())
         .map_err(|e| IssuerError::Crypto(e.to_string()))?;
-    Ok(BotCertificate {
-        der: cert.der().to_vec(),
-        bot: claims.bot.clone(),
-        roles: claims.roles.clone(),
-        generation: claims.generation,
-        not_after,
-        join: claims.join_attributes(),
-        instance: claims.instance.clone(),
+    Ok(crate::issuer::keys::mint::Minted {
+        made: BotCertificate {
+            der: cert.der().to_vec(),
+            bot: claims.bot.clone(),
+            roles: claims.roles.clone(),
+            generation: claims.generation,
+            not_after,
+            join: claims.join_attributes(),
+            instance: claims.instance.clone(),
+        },
+        serial: serial_hex,
     })
 }
 

@@ -19,6 +19,12 @@ fn invalid(e: impl std::fmt::Display) -> IssuerError {
     IssuerError::Invalid(e.to_string())
 }
 
+/// What a mint made, with the serial number (lower-case hex) or `jti` the issuance log records.
+pub struct Minted<T> {
+    pub made: T,
+    pub serial: String,
+}
+
 /// Signs an X509-SVID for `public_key` (SPKI DER). The lifetime is `ttl` capped by the identity's
 /// `x509.maximum_ttl` and by the CA's own expiry.
 pub fn x509_svid(
@@ -27,7 +33,7 @@ pub fn x509_svid(
     public_key: &[u8],
     ttl: Duration,
     now: OffsetDateTime,
-) -> Result<X509Svid, IssuerError> {
+) -> Result<Minted<X509Svid>, IssuerError> {
     let key = SubjectPublicKeyInfo::from_der(public_key)
         .map_err(|e| invalid(format!("the public key is not a DER SubjectPublicKeyInfo: {e}")))?;
     let ca = authority.active();
@@ -55,18 +61,23 @@ pub fn x509_svid(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
-    params.serial_number = Some(random_serial()?);
+    let serial = random_serial()?;
+    let serial_hex = crate::hex(serial.as_ref());
+    params.serial_number = Some(serial);
     params.not_before = now - time::Duration::minutes(1);
     params.not_after = not_after;
     let cert = params
         .signed_by(&key, ca.issuer())
         .map_err(|e| IssuerError::Crypto(e.to_string()))?;
-    Ok(X509Svid {
-        identity: decision.identity.clone(),
-        spiffe_id: decision.spiffe_id.clone(),
-        hint: decision.hint.clone(),
-        certificate: cert.der().to_vec(),
-        not_after,
+    Ok(Minted {
+        made: X509Svid {
+            identity: decision.identity.clone(),
+            spiffe_id: decision.spiffe_id.clone(),
+            hint: decision.hint.clone(),
+            certificate: cert.der().to_vec(),
+            not_after,
+        },
+        serial: serial_hex,
     })
 }
 
@@ -79,7 +90,7 @@ pub fn jwt_svid(
     audience: &[String],
     ttl: Duration,
     now: OffsetDateTime,
-) -> Result<JwtSvid, IssuerError> {
+) -> Result<Minted<JwtSvid>, IssuerError> {
     if audience.is_empty() || audience.iter().any(String::is_empty) {
         return Err(invalid("a JWT-SVID needs at least one non-empty audience"));
     }
@@ -97,17 +108,21 @@ pub fn jwt_svid(
     );
     claims.insert("exp".into(), json!(expires.unix_timestamp()));
     claims.insert("iat".into(), json!(now.unix_timestamp()));
-    claims.insert("jti".into(), json!(crate::hex(&jti)));
+    let jti = crate::hex(&jti);
+    claims.insert("jti".into(), json!(jti));
     if let Some(iss) = issuer {
         claims.insert("iss".into(), json!(iss));
     }
     let token = key.sign(&Value::Object(claims))?;
-    Ok(JwtSvid {
-        identity: decision.identity.clone(),
-        spiffe_id: decision.spiffe_id.clone(),
-        hint: decision.hint.clone(),
-        token,
-        expires,
+    Ok(Minted {
+        made: JwtSvid {
+            identity: decision.identity.clone(),
+            spiffe_id: decision.spiffe_id.clone(),
+            hint: decision.hint.clone(),
+            token,
+            expires,
+        },
+        serial: jti,
     })
 }
 

@@ -97,7 +97,20 @@ impl Inner {
         ttl: Duration,
     ) -> Result<BotCertificate, IssuerError> {
         let authority = self.lock().authority.clone();
-        let cert = bots::sign_bot_certificate(&authority, claims, public_key, ttl, now())?;
+        let minted = bots::sign_bot_certificate(&authority, claims, public_key, ttl, now())?;
+        let cert = minted.made;
+        self.issued.record(crate::issuer::state::issued::Issued {
+            kind: crate::issuer::state::issued::IssuedKind::BotCertificate,
+            serial: minted.serial,
+            spiffe_id: String::new(),
+            bot: cert.bot.clone(),
+            instance: cert.instance.clone(),
+            identity: String::new(),
+            attributes: Default::default(),
+            audience: Vec::new(),
+            issued_at: now(),
+            not_after: cert.not_after,
+        });
         self.note_issued(cert.not_after);
         Ok(cert)
     }

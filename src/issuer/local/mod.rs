@@ -33,6 +33,7 @@ use crate::issuer::keys::jwt::JwtKeys;
 use crate::issuer::keys::mint;
 use crate::issuer::policy::decide::{self, Attributes};
 use crate::issuer::state::backing::Backing;
+use crate::issuer::state::issued::{IssuanceLog, IssuedKind};
 use crate::issuer::state::replicas::ReplicaRecord;
 use crate::issuer::{
     BotCertificate, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, JwtSvid,
@@ -89,6 +90,8 @@ struct Inner {
     saving: AtomicBool,
     /// Wakes the rotation schedule (the keys or the settings changed).
     reschedule: tokio::sync::Notify,
+    /// What was issued, to whom.
+    issued: IssuanceLog,
 }
 
 /// The issuer, in this process.
@@ -98,13 +101,15 @@ pub struct LocalIssuer {
     follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Steps the CA's and the JWT key's rotations when they are due.
     schedule: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Writes the issuance log.
+    flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// One task per foreign trust domain, keeping its bundle.
     federations: Mutex<BTreeMap<String, crate::issuer::federation::Running>>,
 }
 
 impl Drop for LocalIssuer {
     fn drop(&mut self) {
-        for task in [&self.follower, &self.schedule] {
+        for task in [&self.follower, &self.schedule, &self.flusher] {
             if let Some(task) = task.lock().expect("task poisoned").take() {
                 task.abort();
             }
@@ -121,6 +126,22 @@ pub struct PolicyEvent {
     pub identities: std::collections::BTreeSet<String>,
     /// Re-decide every identity (an agent that missed revisions).
     pub all: bool,
+}
+
+/// Writes the issuance log every [`FLUSH_EVERY`](crate::issuer::state::issued::FLUSH_EVERY) while
+/// the issuer lives; a store that fails is said (at most once a minute) and tried again.
+async fn flush_issued(inner: std::sync::Weak<Inner>) {
+    let mut said: Option<std::time::Instant> = None;
+    loop {
+        tokio::time::sleep(crate::issuer::state::issued::FLUSH_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if let Err(e) = inner.issued.flush().await
+            && said.is_none_or(|at| at.elapsed() > Duration::from_secs(60))
+        {
+            said = Some(std::time::Instant::now());
+            tracing::warn!(error = %e, "cannot write the issuance log; its records are kept and written when the store answers");
+        }
+    }
 }
 
 fn now() -> OffsetDateTime {
@@ -160,6 +181,7 @@ impl LocalIssuer {
     pub async fn open_backing(backing: Backing, policy: Policy) -> Result<LocalIssuer, IssuerError> {
         let (state, revision) = load_state(&backing, policy).await?;
         let dir = state.dir();
+        let issued = IssuanceLog::open(backing.kv.clone(), state.policy.trust_domain.as_str()).await?;
         let (bundles, _) = watch::channel(Arc::new(state.bundles()));
         let inner = Arc::new(Inner {
             backing,
@@ -170,23 +192,41 @@ impl LocalIssuer {
             locks: watch::channel(0).0,
             saving: AtomicBool::new(false),
             reschedule: tokio::sync::Notify::new(),
+            issued,
         });
         // Without a runtime (a synchronous harness) nothing else writes the store: no follower.
         let runtime = tokio::runtime::Handle::try_current().ok();
         let task = runtime
             .as_ref()
             .map(|runtime| runtime.spawn(follow(Arc::downgrade(&inner), dir, revision + 1)));
-        let schedule = runtime.map(|runtime| runtime.spawn(schedule(Arc::downgrade(&inner))));
+        let schedule = runtime
+            .as_ref()
+            .map(|runtime| runtime.spawn(schedule(Arc::downgrade(&inner))));
+        let flusher = runtime.map(|runtime| runtime.spawn(flush_issued(Arc::downgrade(&inner))));
         let issuer = LocalIssuer {
             inner,
             follower: Mutex::new(task),
             schedule: Mutex::new(schedule),
+            flusher: Mutex::new(flusher),
             federations: Mutex::new(BTreeMap::new()),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             issuer.sync_federations();
         }
         Ok(issuer)
+    }
+
+    /// The issuance log's records that `filter` keeps, oldest first.
+    pub async fn issued(
+        &self,
+        filter: &crate::issuer::state::issued::Filter,
+    ) -> Result<Vec<crate::issuer::state::issued::Issued>, IssuerError> {
+        Ok(self.inner.issued.list(filter).await?)
+    }
+
+    /// Writes what the issuance log holds now (before a stop).
+    pub async fn flush_issued(&self) -> Result<(), IssuerError> {
+        Ok(self.inner.issued.flush().await?)
     }
 
     /// The store the issuer keeps its state in.
@@ -411,27 +451,53 @@ impl Issuer for LocalIssuer {
     }
 
     async fn issue_x509(&self, request: X509Request) -> Result<X509Svid, IssuerError> {
-        let svid = {
+        let (svid, record) = {
             let mut state = self.lock();
-            let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
+            let (decision, claims) = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
             state.check_key(&request.public_key)?;
-            mint::x509_svid(&state.authority, &decision, &request.public_key, request.ttl, now())?
+            let minted = mint::x509_svid(&state.authority, &decision, &request.public_key, request.ttl, now())?;
+            let kind = IssuedKind::X509Svid;
+            let record = state.issued(
+                kind,
+                &claims,
+                &decision,
+                &request.workload,
+                minted.serial,
+                minted.made.not_after,
+            );
+            (minted.made, record)
         };
+        self.inner.issued.record(record);
         self.inner.note_issued(svid.not_after);
         Ok(svid)
     }
 
     async fn issue_jwt(&self, request: JwtRequest) -> Result<JwtSvid, IssuerError> {
-        let mut state = self.lock();
-        let decision = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
-        mint::jwt_svid(
-            state.jwt.active(),
-            state.policy.jwt_issuer.as_deref(),
-            &decision,
-            &request.audience,
-            request.ttl,
-            now(),
-        )
+        let (svid, record) = {
+            let mut state = self.lock();
+            let (decision, claims) = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
+            let minted = mint::jwt_svid(
+                state.jwt.active(),
+                state.policy.jwt_issuer.as_deref(),
+                &decision,
+                &request.audience,
+                request.ttl,
+                now(),
+            )?;
+            let kind = IssuedKind::JwtSvid;
+            let mut record = state.issued(
+                kind,
+                &claims,
+                &decision,
+                &request.workload,
+                minted.serial,
+                minted.made.expires,
+            );
+            record.audience = request.audience;
+            (minted.made, record)
+        };
+        self.inner.issued.record(record);
+        Ok(svid)
     }
 
     fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {

@@ -5,6 +5,7 @@ use sha2::{Digest, Sha256};
 
 use crate::issuer::bots::{self, BotClaims, BotRecord};
 use crate::issuer::policy::decide::{self, Attributes, Decision};
+use crate::issuer::state::issued::{Issued, IssuedKind};
 use crate::issuer::{Bundles, IssuerError};
 
 use super::{State, VERIFIED_CACHE, dir_of, is_token, now};
@@ -137,10 +138,54 @@ impl State {
         der: &[u8],
         identity: &str,
         workload: &Attributes,
-    ) -> Result<Decision, IssuerError> {
+    ) -> Result<(Decision, BotClaims), IssuerError> {
         let claims = self.authenticate(der)?;
         let attrs = self.attributes(&claims, workload)?;
-        Ok(decide::decide(&self.policy, &claims.bot, identity, &attrs)?)
+        let decision = decide::decide(&self.policy, &claims.bot, identity, &attrs)?;
+        Ok((decision, claims))
+    }
+
+    /// An issuance log record of an SVID `minted` for `claims`' bot instance: the workload
+    /// attributes recorded are those the identity reads.
+    pub(super) fn issued(
+        &self,
+        kind: IssuedKind,
+        claims: &BotClaims,
+        decision: &Decision,
+        workload: &Attributes,
+        serial: String,
+        not_after: time::OffsetDateTime,
+    ) -> Issued {
+        let reads = self
+            .policy
+            .identities
+            .get(&decision.identity)
+            .map(|wi| decide::workload_attributes_read(wi))
+            .unwrap_or_default();
+        let read = |name: &str| {
+            reads.iter().any(|r| {
+                name == r
+                    || name
+                        .strip_prefix(r.as_str())
+                        .is_some_and(|rest| rest.starts_with(['.', '[']))
+            })
+        };
+        Issued {
+            kind,
+            serial,
+            spiffe_id: decision.spiffe_id.clone(),
+            bot: claims.bot.clone(),
+            instance: claims.instance.clone(),
+            identity: decision.identity.clone(),
+            attributes: workload
+                .iter()
+                .filter(|(name, _)| read(name))
+                .map(|(name, values)| (name.to_owned(), values.to_vec()))
+                .collect(),
+            audience: Vec::new(),
+            issued_at: time::OffsetDateTime::now_utc(),
+            not_after,
+        }
     }
 
     pub(super) fn bot_roles(&self, bot: &str) -> Result<Vec<String>, IssuerError> {

@@ -1,0 +1,303 @@
+//! The issuance log: every X509-SVID, JWT-SVID and bot certificate the issuer signed — serial (or
+//! the JWT's `jti`), SPIFFE ID, bot and instance, the `workload_identity` and the workload
+//! attributes that decided it, when it was issued and when it expires — so an operator can find what
+//! to revoke, or answer "what did this bot instance get last night".
+//!
+//! Records are said in the daemon's log at INFO as they are made, and kept in the issuer's store as
+//! JSON lines: what one process issued in a second is one key, `issuer/<trust domain>@issued/
+//! <written, ms>-<last expiry, s>-<writer>`, outside the trust domain's own directory (which every
+//! replica follows into memory). The directory backend keeps each as a file; on etcd every replica
+//! writes its own and reads them all. The log keeps what is still valid plus [`HISTORY`], within
+//! [`MAX_BYTES`] (the oldest go first, with a WARN); records not yet written when the process dies
+//! are only in its log.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::kv::{Op, SharedKv};
+use crate::store::StoreError;
+
+/// How long a record is kept after what it records expired.
+pub const HISTORY: time::Duration = time::Duration::hours(24);
+/// The most the log may take in the store.
+pub const MAX_BYTES: usize = 64 << 20;
+/// How often what was issued is written.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// What was issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IssuedKind {
+    X509Svid,
+    JwtSvid,
+    BotCertificate,
+}
+
+impl IssuedKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssuedKind::X509Svid => "x509-svid",
+            IssuedKind::JwtSvid => "jwt-svid",
+            IssuedKind::BotCertificate => "bot-certificate",
+        }
+    }
+}
+
+/// One record of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    pub kind: IssuedKind,
+    /// The certificate's serial number in lower-case hex, or the JWT's `jti`.
+    pub serial: String,
+    /// The SVID's SPIFFE ID (empty for a bot certificate).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spiffe_id: String,
+    pub bot: String,
+    /// The bot instance (one per join).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
+    /// The `workload_identity` an SVID was issued for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
+    /// The workload attributes the identity's rules and templates read, as the agent attested them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, Vec<String>>,
+    /// A JWT-SVID's audience.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audience: Vec<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+}
+
+/// Which records a reader wants.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub bot: Option<String>,
+    pub spiffe_id: Option<String>,
+    /// Issued at or after.
+    pub since: Option<OffsetDateTime>,
+}
+
+impl Filter {
+    fn keeps(&self, r: &Issued) -> bool {
+        self.bot.as_ref().is_none_or(|b| &r.bot == b)
+            && self.spiffe_id.as_ref().is_none_or(|id| &r.spiffe_id == id)
+            && self.since.is_none_or(|t| r.issued_at >= t)
+    }
+}
+
+/// The log of one trust domain's issuer process.
+pub struct IssuanceLog {
+    kv: SharedKv,
+    /// `issuer/<trust domain>@issued/`.
+    prefix: String,
+    /// This process, in the names of its keys.
+    writer: String,
+    /// Not yet written.
+    pending: Mutex<Vec<Issued>>,
+    /// Every key of the log this process knows of (those there at its start, and its own since),
+    /// with its size: what [`IssuanceLog::prune`] looks at.
+    keys: Mutex<BTreeMap<String, usize>>,
+    /// One flush at a time.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+/// The store prefix of a trust domain's log (`@` is in no trust domain name, so it is never a
+/// trust domain's own directory).
+pub fn prefix_of(trust_domain: &str) -> String {
+    format!("issuer/{trust_domain}@issued/")
+}
+
+/// The unix time a key says its records expire by.
+fn expiry_of(key: &str, prefix: &str) -> Option<i64> {
+    key.strip_prefix(prefix)?.split('-').nth(1)?.parse().ok()
+}
+
+impl IssuanceLog {
+    /// The log of `trust_domain` in `kv`, knowing the keys already there.
+    pub async fn open(kv: SharedKv, trust_domain: &str) -> Result<IssuanceLog, StoreError> {
+        let prefix = prefix_of(trust_domain);
+        let (entries, _) = kv.list(&prefix).await?;
+        let keys = entries.into_iter().map(|e| (e.key, e.value.len())).collect();
+        let mut writer = [0u8; 4];
+        let _ = aws_lc_rs::rand::fill(&mut writer);
+        Ok(IssuanceLog {
+            kv,
+            prefix,
+            writer: crate::hex(&writer),
+            pending: Mutex::new(Vec::new()),
+            keys: Mutex::new(keys),
+            flushing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Records what was issued: said in the log now, written to the store within [`FLUSH_EVERY`].
+    pub fn record(&self, issued: Issued) {
+        tracing::info!(
+            kind = issued.kind.as_str(),
+            serial = %issued.serial,
+            spiffe_id = %issued.spiffe_id,
+            bot = %issued.bot,
+            instance = %issued.instance,
+            identity = %issued.identity,
+            not_after = %crate::rfc3339(issued.not_after),
+            "issued"
+        );
+        self.pending.lock().expect("issuance log poisoned").push(issued);
+    }
+
+    /// Writes what is pending as one key, then drops what is past its history or over the cap.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let _one = self.flushing.lock().await;
+        let batch = std::mem::take(&mut *self.pending.lock().expect("issuance log poisoned"));
+        if !batch.is_empty() {
+            let last = batch.iter().map(|r| r.not_after.unix_timestamp()).max().unwrap_or(0);
+            let written = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+            let key = format!("{}{written:013}-{last:010}-{}", self.prefix, self.writer);
+            let mut value = Vec::new();
+            for record in &batch {
+                serde_json::to_writer(&mut value, record).expect("a record serializes");
+                value.push(b'\n');
+            }
+            let size = value.len();
+            if let Err(e) = self.kv.txn(Vec::new(), vec![Op::put(&key, value)]).await {
+                // Kept for the next flush: the store may be back by then.
+                let mut pending = self.pending.lock().expect("issuance log poisoned");
+                let newer = std::mem::replace(&mut *pending, batch);
+                pending.extend(newer);
+                return Err(e);
+            }
+            self.keys.lock().expect("issuance log poisoned").insert(key, size);
+        }
+        self.prune().await
+    }
+
+    /// Drops the keys whose records all expired more than [`HISTORY`] ago, then the oldest while the
+    /// log is over [`MAX_BYTES`].
+    async fn prune(&self) -> Result<(), StoreError> {
+        let gone: Vec<String> = {
+            let keys = self.keys.lock().expect("issuance log poisoned");
+            let horizon = (OffsetDateTime::now_utc() - HISTORY).unix_timestamp();
+            let mut gone: Vec<String> = keys
+                .keys()
+                .filter(|k| expiry_of(k, &self.prefix).is_some_and(|e| e < horizon))
+                .cloned()
+                .collect();
+            let mut total: usize = keys.iter().filter(|(k, _)| !gone.contains(k)).map(|(_, s)| s).sum();
+            for (key, size) in keys.iter() {
+                if total <= MAX_BYTES {
+                    break;
+                }
+                if !gone.contains(key) {
+                    tracing::warn!(key = %key, "the issuance log is over its size cap: its oldest records are dropped");
+                    gone.push(key.clone());
+                    total -= size;
+                }
+            }
+            gone
+        };
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let ops = gone.iter().cloned().map(Op::Delete).collect();
+        self.kv.txn(Vec::new(), ops).await?;
+        let mut keys = self.keys.lock().expect("issuance log poisoned");
+        for key in gone {
+            keys.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// The records `filter` keeps, oldest first: those in the store (every replica's) and those
+    /// not written yet.
+    pub async fn list(&self, filter: &Filter) -> Result<Vec<Issued>, StoreError> {
+        let (entries, _) = self.kv.list(&self.prefix).await?;
+        let mut out = Vec::new();
+        for entry in entries {
+            for line in entry.value.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                match serde_json::from_slice::<Issued>(line) {
+                    Ok(r) if filter.keeps(&r) => out.push(r),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(key = %entry.key, error = %e, "an issuance log line does not parse; it is skipped")
+                    }
+                }
+            }
+        }
+        out.extend(
+            self.pending
+                .lock()
+                .expect("issuance log poisoned")
+                .iter()
+                .filter(|r| filter.keeps(r))
+                .cloned(),
+        );
+        out.sort_by_key(|r| r.issued_at);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(serial: &str, bot: &str, not_after: OffsetDateTime) -> Issued {
+        Issued {
+            kind: IssuedKind::X509Svid,
+            serial: serial.into(),
+            spiffe_id: format!("spiffe://example.org/{bot}"),
+            bot: bot.into(),
+            instance: "i1".into(),
+            identity: "web".into(),
+            attributes: BTreeMap::from([("workload.unix.uid".to_owned(), vec!["1000".to_owned()])]),
+            audience: Vec::new(),
+            issued_at: OffsetDateTime::now_utc(),
+            not_after,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_are_written_read_back_filtered_and_dropped_after_their_history() {
+        let kv: SharedKv = std::sync::Arc::new(crate::kv::MemoryKv::new());
+        let log = IssuanceLog::open(kv.clone(), "example.org").await.unwrap();
+        let now = OffsetDateTime::now_utc();
+        log.record(record("aa", "web", now + time::Duration::hours(1)));
+        log.record(record("bb", "db", now + time::Duration::hours(1)));
+        // Readable before it is written, and after.
+        assert_eq!(log.list(&Filter::default()).await.unwrap().len(), 2);
+        log.flush().await.unwrap();
+        let (entries, _) = kv.list("issuer/example.org@issued/").await.unwrap();
+        assert_eq!(entries.len(), 1, "one key per flush");
+        let db = Filter {
+            bot: Some("db".into()),
+            ..Filter::default()
+        };
+        let got = log.list(&db).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].serial, "bb");
+        assert_eq!(got[0].attributes["workload.unix.uid"], ["1000"]);
+
+        // Another process (a restart, a replica) reads what this one wrote.
+        let again = IssuanceLog::open(kv.clone(), "example.org").await.unwrap();
+        assert_eq!(again.list(&Filter::default()).await.unwrap().len(), 2);
+
+        // Long expired: gone at the next flush.
+        log.record(record("cc", "old", now - HISTORY - time::Duration::hours(1)));
+        log.flush().await.unwrap();
+        log.flush().await.unwrap();
+        let serials: Vec<String> = log
+            .list(&Filter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.serial)
+            .collect();
+        assert_eq!(serials, ["aa", "bb"]);
+    }
+}
