@@ -89,3 +89,229 @@ async fn the_issuance_log_lists_what_was_issued_to_which_instance_and_survives_a
     let after = svids(&daemon, &[]);
     assert!(after.iter().any(|r| r["serial"] == serial.as_str()), "{after:#?}");
 }
+
+/// The revocation document of `serials`.
+fn revocation(name: &str, serials: &[&str]) -> String {
+    let list: Vec<String> = serials.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "kind: revocation\nversion: v1\nmetadata:\n  name: {name}\nspec:\n  reason: the key was in a public repository\n  serials: [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// `openssl verify` of `leaf` (DER) against `cas` (DER) with the CRL `crl` (DER); its output.
+fn verify_with_crl(leaf: &[u8], cas: &[u8], crl: &[u8]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, label: &str, ders: Vec<Vec<u8>>| {
+        let path = dir.path().join(name);
+        let text: String = ders.iter().map(|d| common::pem(label, d)).collect();
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let ca_file = write("cas.pem", "CERTIFICATE", split_der(cas));
+    let crl_file = write("crl.pem", "X509 CRL", vec![crl.to_vec()]);
+    let leaf_file = write("leaf.pem", "CERTIFICATE", vec![leaf.to_vec()]);
+    let out = std::process::Command::new("openssl")
+        .args([
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            &ca_file,
+            "-CRLfile",
+            &crl_file,
+            &leaf_file,
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Concatenated DER certificates, one by one.
+fn split_der(mut der: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(der).unwrap();
+        out.push(der[..der.len() - rest.len()].to_vec());
+        der = rest;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_svid_is_in_the_crl_every_peer_reads_and_its_workload_gets_a_fresh_one_at_once() {
+    use tbot::workload_api::client;
+    use tbot::workload_api::proto::X509svidRequest;
+    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use tokio_stream::StreamExt;
+
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
+    let daemon = common::Daemon::start(dir, socket.clone());
+    let channel = client::connect(&daemon.endpoint().replace("unix:", "unix://"))
+        .await
+        .unwrap();
+    let mut stream = SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(client::request(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.crl.is_empty(), "nothing is revoked yet");
+    let old = first.svids[0].x509_svid.clone();
+    let cas = first.svids[0].bundle.clone();
+    let serial = serial_of(&old);
+
+    // `tbotctl diff` shows the revocation before it is applied; the serial as openssl prints it
+    // (upper case, `:` between bytes) is the same serial.
+    let spelled: Vec<String> = serial
+        .to_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|c| String::from_utf8(c.to_vec()).unwrap())
+        .collect();
+    let spelled = spelled.join(":");
+    let etc = daemon.dir.path().join("etc");
+    let staged = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&etc).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, staged.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(staged.path().join("revocation.yaml"), revocation("leaked", &[&spelled])).unwrap();
+    let diff = common::tbotctl(&["diff", "--dir", staged.path().to_str().unwrap()]);
+    let diff_text = common::stdout(&diff);
+    assert!(diff_text.contains("+ revocation/leaked"), "{diff_text}");
+
+    // Applied: the stream's next messages carry a CRL that lists it, and a new SVID.
+    common::save(&etc.join("revocation.yaml"), &revocation("leaked", &[&spelled]));
+    let fresh = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if !m.crl.is_empty() && m.svids[0].x509_svid != old {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("a CRL and a fresh SVID within 10 s");
+    let crl = fresh.crl[fresh.crl.len() - 1].clone();
+
+    // openssl: the revoked SVID is refused, the fresh one accepted, with the same CRL.
+    let (ok, text) = verify_with_crl(&old, &cas, &crl);
+    assert!(!ok && text.contains("certificate revoked"), "{text}");
+    let (ok, text) = verify_with_crl(&fresh.svids[0].x509_svid, &fresh.svids[0].bundle, &crl);
+    assert!(ok, "{text}");
+
+    // py-spiffe's own protos and `cryptography`: the same CRL in both messages' `crl` fields,
+    // signed by a bundle CA, listing the serial; the SVID served now is another.
+    if let Some(python) = common::venv_python("spiffe, cryptography") {
+        let out = std::process::Command::new(python)
+            .arg(common::root().join("tests/peers/spiffe_peer.py"))
+            .args(["crl", socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for field in ["svid_crls", "bundle_crls"] {
+            let crls = seen[field].as_array().unwrap();
+            assert!(!crls.is_empty(), "{seen:#}");
+            for c in crls {
+                assert_eq!(c["signed_by_bundle_ca"], true, "{seen:#}");
+                assert_eq!(c["next_update_after_last_update"], true, "{seen:#}");
+                assert!(
+                    c["revoked"].as_array().unwrap().iter().any(|s| s == serial.as_str()),
+                    "{seen:#}"
+                );
+            }
+        }
+        assert!(
+            seen["svid_serials"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s != serial.as_str()),
+            "{seen:#}"
+        );
+    }
+
+    // The revocation is lifted: the next message has no CRL.
+    std::fs::remove_file(etc.join("revocation.yaml")).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !stream.next().await.unwrap().unwrap().crl.is_empty() {}
+    })
+    .await
+    .expect("no CRL once the revocation is removed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revocation_on_the_issuer_reaches_a_remote_agents_open_stream_and_its_log_names_the_agent() {
+    use common::fleet::{Issuer, agent_config, start_agent, token_onboarding, wait_for_socket};
+    use tbot::workload_api::client;
+    use tbot::workload_api::proto::X509svidRequest;
+    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use tokio_stream::StreamExt;
+
+    let issuer = Issuer::start("/uid/{{workload.unix.uid}}", &[]);
+    let (port, pin) = (issuer.port, issuer.pin.clone());
+    let agent = start_agent(
+        |dir| {
+            agent_config(
+                dir,
+                port,
+                &token_onboarding("fleet-token-change-me", &pin),
+                "example-workload-identity",
+            )
+        },
+        &[],
+    );
+    wait_for_socket(&agent);
+    let channel = client::connect(&agent.endpoint().replace("unix:", "unix://"))
+        .await
+        .unwrap();
+    let mut stream = SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(client::request(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let old = first.svids[0].x509_svid.clone();
+    let serial = serial_of(&old);
+
+    // The issuer's log has the remote agent's SVID, with the bot instance the agent joined as.
+    let records = svids(&issuer.daemon, &["--spiffe-id", &first.svids[0].spiffe_id]);
+    let record = records
+        .iter()
+        .find(|r| r["serial"] == serial.as_str())
+        .unwrap_or_else(|| panic!("{records:#?}"));
+    let instance = record["instance"].as_str().unwrap();
+    let instances = common::stdout(&issuer.daemon.tbotctl(&["get", "bot/example-bot"]));
+    assert!(
+        !instance.is_empty() && instances.contains(instance),
+        "{instance} in {instances}"
+    );
+
+    // Revoked on the issuer host: the remote agent's open stream gets the CRL and a fresh SVID.
+    let started = std::time::Instant::now();
+    common::save(&issuer.etc().join("revocation.yaml"), &revocation("leaked", &[&serial]));
+    let fresh = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if !m.crl.is_empty() && m.svids[0].x509_svid != old {
+                return m;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the CRL on the remote agent within 15 s\n{}", agent.log()));
+    eprintln!(
+        "revocation saved → CRL and fresh SVID on the remote agent: {:?}",
+        started.elapsed()
+    );
+    let (ok, text) = verify_with_crl(&old, &fresh.svids[0].bundle, &fresh.crl[0]);
+    assert!(!ok && text.contains("certificate revoked"), "{text}");
+    let (ok, text) = verify_with_crl(&fresh.svids[0].x509_svid, &fresh.svids[0].bundle, &fresh.crl[0]);
+    assert!(ok, "{text}");
+}

@@ -319,11 +319,19 @@ impl Agent {
         let mut bundles = self.issuer.bundles();
         let signer = |b: &Bundles| (b.signing_ca().map(<[u8]>::to_vec), b.active_kid.clone());
         let mut last = signer(&bundles.borrow_and_update());
+        let mut last_revoked = bundles.borrow().revoked.clone();
         let agent = Arc::downgrade(self);
         tokio::spawn(async move {
             while bundles.changed().await.is_ok() {
-                let now = signer(&bundles.borrow_and_update());
+                let (now, revoked) = {
+                    let b = bundles.borrow_and_update();
+                    (signer(&b), b.revoked.clone())
+                };
                 let Some(agent) = agent.upgrade() else { break };
+                if revoked != last_revoked {
+                    last_revoked = revoked.clone();
+                    agent.follow_revocations(&revoked);
+                }
                 let (ca, jwt) = (now.0 != last.0, now.1 != last.1);
                 last = now;
                 if jwt {
@@ -346,6 +354,22 @@ impl Agent {
                 }
             }
         });
+    }
+
+    /// Something was revoked: cached X509-SVIDs it names are issued again at once, and the bot
+    /// certificate is renewed if it is among them.
+    fn follow_revocations(&self, revoked: &std::collections::BTreeSet<String>) {
+        let reissued = self.cache.reissue_revoked(revoked);
+        tracing::info!(
+            revoked = revoked.len(),
+            reissued,
+            "the issuer's revocation list changed"
+        );
+        let bot = cache::serial_of(&self.bot().certificate.der);
+        if bot.is_some_and(|s| revoked.contains(&s)) {
+            tracing::warn!("this agent's bot certificate was revoked; renewing it");
+            self.renew_now.notify_one();
+        }
     }
 
     /// Renews the bot identity now (in the background; [`Agent::renewal`] says if it fails).

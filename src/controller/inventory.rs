@@ -53,6 +53,7 @@ pub fn decode(kind: Kind, value: Value) -> Result<Document, serde_json::Error> {
         Kind::Cluster => Document::Cluster(serde_json::from_value(value)?),
         Kind::Issuer => Document::Issuer(serde_json::from_value(value)?),
         Kind::SpiffeFederation => Document::SpiffeFederation(serde_json::from_value(value)?),
+        Kind::Revocation => Document::Revocation(serde_json::from_value(value)?),
     })
 }
 

@@ -225,6 +225,10 @@ pub struct Bundles {
     pub active_kid: String,
     /// The bundles of foreign trust domains (`spiffe_federation`), by trust domain name.
     pub federated: BTreeMap<String, Arc<TrustBundle>>,
+    /// The certificate revocation lists (DER), one per CA, while something is revoked.
+    pub crls: Arc<Vec<Vec<u8>>>,
+    /// The serial numbers (lower-case hex) they list: a cached SVID among them is issued again.
+    pub revoked: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// A foreign trust domain's bundle, as its bundle endpoint (or a static document) gave it.

@@ -132,6 +132,8 @@ pub fn bundle_to_wire(b: &Bundles) -> proto::Bundle {
         sequence: b.sequence,
         active_ca: b.active_ca as u32,
         active_kid: b.active_kid.clone(),
+        crls: b.crls.to_vec(),
+        revoked: b.revoked.iter().cloned().collect(),
         federated: b
             .federated
             .values()
@@ -170,6 +172,8 @@ pub fn bundle_from_wire(b: proto::Bundle) -> Result<Bundles, IssuerError> {
         active_ca: b.active_ca as usize,
         active_kid: b.active_kid,
         federated,
+        crls: std::sync::Arc::new(b.crls),
+        revoked: std::sync::Arc::new(b.revoked.into_iter().collect()),
     })
 }
 

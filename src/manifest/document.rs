@@ -29,6 +29,7 @@ pub(super) fn decode(node: &Node) -> (Option<Document>, Vec<Problem>) {
         Kind::Cluster => typed(&json).map(Document::Cluster),
         Kind::Issuer => typed(&json).map(Document::Issuer),
         Kind::SpiffeFederation => typed(&json).map(Document::SpiffeFederation),
+        Kind::Revocation => typed(&json).map(Document::Revocation),
     };
     let document = match decoded {
         Ok(document) => document,
@@ -43,6 +44,7 @@ pub(super) fn decode(node: &Node) -> (Option<Document>, Vec<Problem>) {
         Document::Cluster(d) => d.problems(),
         Document::Issuer(d) => d.problems(),
         Document::SpiffeFederation(d) => d.problems(),
+        Document::Revocation(d) => d.problems(),
     };
     let valid = problems.iter().all(|p| p.warning);
     (valid.then_some(document), problems)

@@ -40,6 +40,7 @@ fn kind_words(kind: Kind, n: usize) -> String {
         Kind::Cluster => ("cluster", "clusters"),
         Kind::Issuer => ("issuer", "issuers"),
         Kind::SpiffeFederation => ("spiffe_federation", "spiffe_federations"),
+        Kind::Revocation => ("revocation", "revocations"),
         Kind::Bot => ("bot", "bots"),
         Kind::Token => ("token", "tokens"),
         Kind::Role => ("role", "roles"),

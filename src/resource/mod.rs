@@ -7,6 +7,7 @@ pub mod duration;
 pub mod federation;
 pub mod issuer;
 mod meta;
+pub mod revocation;
 pub mod role;
 pub mod spiffe_id;
 pub mod template;
@@ -84,12 +85,14 @@ vocabulary! {
         Issuer = "issuer",
         /// Trust another SPIFFE trust domain.
         SpiffeFederation = "spiffe_federation",
+        /// Certificates the issuer's CRL lists (a leaked key).
+        Revocation = "revocation",
     }
 }
 
 impl Kind {
     /// All kinds, in the order summaries list them.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::AgentConfig,
         Kind::Cluster,
         Kind::Issuer,
@@ -98,6 +101,7 @@ impl Kind {
         Kind::Role,
         Kind::WorkloadIdentity,
         Kind::SpiffeFederation,
+        Kind::Revocation,
     ];
 
     /// The kinds that carry a `kind` field, i.e. every kind but the agent config.
@@ -114,7 +118,12 @@ impl Kind {
     pub fn versions(self) -> &'static [&'static str] {
         match self {
             Kind::AgentConfig => &["v2"],
-            Kind::Bot | Kind::WorkloadIdentity | Kind::Cluster | Kind::Issuer | Kind::SpiffeFederation => &["v1"],
+            Kind::Bot
+            | Kind::WorkloadIdentity
+            | Kind::Cluster
+            | Kind::Issuer
+            | Kind::SpiffeFederation
+            | Kind::Revocation => &["v1"],
             Kind::Token => &["v2"],
             Kind::Role => &["v6", "v7", "v8"],
         }
@@ -131,6 +140,7 @@ impl Kind {
             Kind::Cluster => schemars::schema_for!(cluster::Cluster),
             Kind::Issuer => schemars::schema_for!(issuer::Issuer),
             Kind::SpiffeFederation => schemars::schema_for!(federation::SpiffeFederation),
+            Kind::Revocation => schemars::schema_for!(revocation::Revocation),
         }
     }
 }
@@ -206,6 +216,7 @@ pub enum Document {
     Cluster(cluster::Cluster),
     Issuer(issuer::Issuer),
     SpiffeFederation(federation::SpiffeFederation),
+    Revocation(revocation::Revocation),
 }
 
 impl Document {
@@ -219,6 +230,7 @@ impl Document {
             Document::Cluster(_) => Kind::Cluster,
             Document::Issuer(_) => Kind::Issuer,
             Document::SpiffeFederation(_) => Kind::SpiffeFederation,
+            Document::Revocation(_) => Kind::Revocation,
         }
     }
 
@@ -233,6 +245,7 @@ impl Document {
             Document::Cluster(d) => &d.metadata.name,
             Document::Issuer(d) => &d.metadata.name,
             Document::SpiffeFederation(d) => &d.metadata.name,
+            Document::Revocation(d) => &d.metadata.name,
         }
     }
 
@@ -246,7 +259,7 @@ pub type FormatCheck = fn(&str) -> Result<(), String>;
 
 /// The `format`s the schemas use, with their checks. The loader validates them with the schema, so
 /// every bad value in a document is reported at once, each with its own reason.
-pub const FORMATS: [(&str, FormatCheck); 7] = [
+pub const FORMATS: [(&str, FormatCheck); 8] = [
     ("tbot-duration", |s| Duration::parse(s).map(drop)),
     ("tbot-template", |s| {
         template::Template::parse(s).map(drop).map_err(|e| e.to_string())
@@ -258,6 +271,7 @@ pub const FORMATS: [(&str, FormatCheck); 7] = [
     ("tbot-file-mode", |s| agent::FileMode::parse(s).map(drop)),
     ("tbot-name", |s| Name::parse(s).map(drop)),
     ("tbot-timestamp", |s| Timestamp::parse(s).map(drop)),
+    ("tbot-serial", |s| revocation::Serial::parse(s).map(drop)),
 ];
 
 /// Edit distance, for "did you mean" hints.

@@ -187,7 +187,7 @@ fn x509_response(
     }
     Some(Ok(X509svidResponse {
         svids,
-        crl: vec![],
+        crl: bundles.crls.to_vec(),
         federated_bundles: federated_x509(bundles),
     }))
 }
@@ -479,7 +479,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let stream = bundle_stream(self, workload, |b| {
             let mut bundles = federated_x509(b);
             bundles.insert(bundle_key(b), x509_bundle(b));
-            X509BundlesResponse { crl: vec![], bundles }
+            X509BundlesResponse {
+                crl: b.crls.to_vec(),
+                bundles,
+            }
         });
         Ok(Response::new(stream.await?))
     }

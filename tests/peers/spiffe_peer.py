@@ -10,6 +10,8 @@ Usage (the test venv from scripts/test.sh has the packages):
     spiffe_peer.py bundles SOCKET
     spiffe_peer.py der FILE...       (each file: DER or PEM certificates)
     spiffe_peer.py watch SOCKET      (one line per update, until killed: scripts/fleet.sh)
+    spiffe_peer.py crl SOCKET        (the CRLs of FetchX509SVID's and FetchX509Bundles' first messages,
+                                      parsed by `cryptography` and checked against the bundle's CAs)
 """
 
 import json
@@ -157,6 +159,44 @@ def bundles(socket):
         }
 
 
+def crl(socket):
+    """What the `crl` fields of the first X509-SVID and X509 bundles messages hold: for each CRL its
+    issuer, whether one of the bundle's CAs signed it, and the revoked serials (lower-case hex);
+    and the serials of the SVIDs."""
+    from cryptography import x509
+    from spiffe._proto import workload_pb2
+
+    def described(crls, cas):
+        out = []
+        for der in crls:
+            parsed = x509.load_der_x509_crl(der)
+            out.append(
+                {
+                    "issuer": parsed.issuer.rfc4514_string(),
+                    "signed_by_bundle_ca": any(parsed.is_signature_valid(ca.public_key()) for ca in cas),
+                    "revoked": sorted(format(r.serial_number, "x") for r in parsed),
+                    "next_update_after_last_update": parsed.next_update_utc > parsed.last_update_utc,
+                }
+            )
+        return out
+
+    with channel(socket) as chan:
+        svid = workload_pb2.X509SVIDResponse.FromString(
+            raw_call(chan, "/SpiffeWorkloadAPI/FetchX509SVID", stream=True)
+        )
+        bundles = workload_pb2.X509BundlesResponse.FromString(
+            raw_call(chan, "/SpiffeWorkloadAPI/FetchX509Bundles", stream=True)
+        )
+    cas = [x509.load_der_x509_certificate(c) for c in certificates(svid.svids[0].bundle)]
+    return {
+        "svid_serials": [
+            format(x509.load_der_x509_certificate(certificates(s.x509_svid)[0]).serial_number, "x") for s in svid.svids
+        ],
+        "svid_crls": described(svid.crl, cas),
+        "bundle_crls": described(bundles.crl, cas),
+    }
+
+
 def certificates(data):
     """Splits DER (concatenated) or PEM data into single DER certificates."""
     if data.lstrip().startswith(b"-----BEGIN"):
@@ -266,6 +306,8 @@ def main(argv):
         result = once(*args)
     elif command == "der":
         result = der(args)
+    elif command == "crl":
+        result = crl(args[0])
     else:
         raise SystemExit(f"unknown command {command}; see the usage at the top of this file")
     print(json.dumps(result, indent=1, sort_keys=True))

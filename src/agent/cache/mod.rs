@@ -118,6 +118,19 @@ pub fn signed_by(certificate: &[u8], ca: &[u8]) -> bool {
     cert.issuer().as_raw() == ca.subject().as_raw()
 }
 
+/// A certificate's serial number as CRLs and the issuance log write it: lower-case hex, no leading
+/// zeros.
+pub fn serial_of(certificate: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(certificate).ok()?;
+    let hex = crate::hex(cert.tbs_certificate.raw_serial());
+    let trimmed = hex.trim_start_matches('0');
+    Some(if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.to_owned()
+    })
+}
+
 /// Only the attributes an identity reads: callers that agree on them share an SVID.
 fn project(resolved: &Resolved, workload: &Attributes) -> Attributes {
     let mut out = Attributes::new();
@@ -271,6 +284,21 @@ impl SvidCache {
                     let _ = cache.jwt(&resolved, &key.attributes, &audience, key.ttl).await;
                 }
             });
+        }
+        woken
+    }
+
+    /// Issues again now every cached X509-SVID whose serial is `revoked` (its key leaked: a relying
+    /// party that reads the CRL refuses it already). Returns how many.
+    pub fn reissue_revoked(&self, revoked: &BTreeSet<String>) -> usize {
+        let mut woken = 0;
+        for handle in self.slots.lock().expect("cache poisoned").values() {
+            let hit = matches!(&*handle.tx.borrow(), Slot::Ready(m)
+                if serial_of(&m.svid.certificate).is_some_and(|s| revoked.contains(&s)));
+            if hit {
+                handle.wake.notify_one();
+                woken += 1;
+            }
         }
         woken
     }

@@ -231,13 +231,12 @@ impl RemoteIssuer {
     fn set_bundles(&self, bundles: Bundles) {
         let changed = self.bundles.send_if_modified(|current| {
             // Everything but the sequence: an activation changes only which CA or key signs, and
-            // the agent must hear of it to sign its SVIDs again and renew its bot certificate.
-            let same = current.trust_domain == bundles.trust_domain
-                && current.x509_authorities == bundles.x509_authorities
-                && current.jwt_keys == bundles.jwt_keys
-                && current.active_ca == bundles.active_ca
-                && current.active_kid == bundles.active_kid
-                && current.federated == bundles.federated;
+            // the agent must hear of it to sign its SVIDs again and renew its bot certificate; a
+            // revocation changes only the CRLs.
+            let same = Bundles {
+                sequence: current.sequence,
+                ..bundles.clone()
+            } == **current;
             if !same {
                 note_withdrawn(&self.store, &self.withdrawn, current, &bundles);
                 *current = Arc::new(bundles);

@@ -116,6 +116,9 @@ pub(super) fn load_bundle(store: &Store) -> Option<Bundles> {
                 (f.trust_domain, Arc::new(bundle))
             })
             .collect(),
+        // Not saved: the issuer sends its CRLs again when the agent connects.
+        crls: Default::default(),
+        revoked: Default::default(),
     })
 }
 

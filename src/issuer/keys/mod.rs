@@ -3,6 +3,7 @@
 //! public key must be to be signed for ([`public`]).
 
 pub mod ca;
+pub mod crl;
 pub mod jwt;
 pub mod mint;
 pub mod public;

@@ -92,6 +92,7 @@ pub(super) async fn load_state(backing: &Backing, policy: Policy) -> Result<(Sta
         replicas,
         verified: HashMap::new(),
         served: Default::default(),
+        crls: None,
         sequence: 1,
     };
     Ok((state, revision))

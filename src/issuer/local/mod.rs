@@ -73,6 +73,17 @@ struct State {
     /// The keys of the serving certificates and bundle-endpoint SVIDs this process minted (the
     /// latest [`SERVED_KEYS`]): no bot gets them certified.
     served: std::collections::VecDeque<crate::issuer::keys::public::Key>,
+    /// The signed CRLs while something is revoked.
+    crls: Option<Crls>,
+}
+
+/// CRLs as signed, with what they were signed for.
+struct Crls {
+    /// The CAs (ids) that signed them.
+    cas: Vec<u32>,
+    revoked: std::collections::BTreeSet<crate::resource::revocation::Serial>,
+    serials: Arc<std::collections::BTreeSet<String>>,
+    crls: Arc<Vec<Vec<u8>>>,
 }
 
 /// Serving keys remembered (a serving certificate is renewed every few hours).
@@ -166,7 +177,25 @@ impl Inner {
 
     fn publish(&self, state: &mut State) {
         state.sequence += 1;
+        let revoked = self.revoked(&state.policy);
+        state.update_crls(revoked);
         self.bundles.send_replace(Arc::new(state.bundles()));
+    }
+}
+
+impl Inner {
+    /// The serials the CRL lists now: those of `revocation` documents not past `metadata.expires`
+    /// whose certificates have not expired (as far as the issuance log knows).
+    fn revoked(&self, policy: &Policy) -> std::collections::BTreeSet<crate::resource::revocation::Serial> {
+        let now = now();
+        policy
+            .revocations
+            .values()
+            .filter(|r| r.metadata.expires.is_none_or(|e| e.0 > now))
+            .flat_map(|r| r.spec.serials.iter())
+            .filter(|s| self.issued.expiry(s.as_str()).is_none_or(|end| end > now))
+            .cloned()
+            .collect()
     }
 }
 
@@ -194,6 +223,10 @@ impl LocalIssuer {
             reschedule: tokio::sync::Notify::new(),
             issued,
         });
+        // The first bundle with the CRLs of the revocations already in force.
+        if !inner.lock().policy.revocations.is_empty() {
+            inner.publish(&mut inner.lock());
+        }
         // Without a runtime (a synchronous harness) nothing else writes the store: no follower.
         let runtime = tokio::runtime::Handle::try_current().ok();
         let task = runtime
@@ -337,7 +370,14 @@ impl LocalIssuer {
         // New rotation settings are looked at at once.
         self.inner.reschedule.notify_one();
         if policy.trust_domain == self.lock().policy.trust_domain {
-            self.lock().policy = Arc::new(policy);
+            {
+                let mut state = self.lock();
+                let revocations_changed = state.policy.revocations != policy.revocations;
+                state.policy = Arc::new(policy);
+                if revocations_changed {
+                    self.inner.publish(&mut state);
+                }
+            }
             self.sync_federations();
             return Ok(());
         }

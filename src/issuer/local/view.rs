@@ -8,7 +8,10 @@ use crate::issuer::policy::decide::{self, Attributes, Decision};
 use crate::issuer::state::issued::{Issued, IssuedKind};
 use crate::issuer::{Bundles, IssuerError};
 
-use super::{State, VERIFIED_CACHE, dir_of, is_token, now};
+use super::{Crls, State, VERIFIED_CACHE, dir_of, is_token, now};
+use crate::resource::revocation::Serial;
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
 impl State {
     /// Checks a public key a bot sent before anything is recorded or signed for it.
@@ -49,6 +52,33 @@ impl State {
             active_ca: self.authority.active_index(),
             active_kid: self.jwt.active().kid().to_owned(),
             federated: self.federated.clone(),
+            crls: self.crls.as_ref().map(|c| c.crls.clone()).unwrap_or_default(),
+            revoked: self.crls.as_ref().map(|c| c.serials.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Signs the CRLs again if what is revoked or the CAs changed since they were signed; none while
+    /// nothing is revoked.
+    pub(super) fn update_crls(&mut self, revoked: BTreeSet<Serial>) {
+        let cas: Vec<u32> = self.authority.statuses().iter().map(|s| s.id).collect();
+        if revoked.is_empty() {
+            self.crls = None;
+            return;
+        }
+        if self.crls.as_ref().is_some_and(|c| c.cas == cas && c.revoked == revoked) {
+            return;
+        }
+        match crate::issuer::keys::crl::sign(&self.authority, &revoked, now()) {
+            Ok(crls) => {
+                tracing::info!(revoked = revoked.len(), "certificate revocation lists signed");
+                self.crls = Some(Crls {
+                    cas,
+                    serials: Arc::new(revoked.iter().map(|s| s.as_str().to_owned()).collect()),
+                    revoked,
+                    crls: Arc::new(crls),
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot sign the certificate revocation lists; the last ones stay"),
         }
     }
 

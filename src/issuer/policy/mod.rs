@@ -48,6 +48,8 @@ pub struct Policy {
     pub roles: BTreeMap<String, Role>,
     /// Shared with the loaded state, not copied: a reload of 10,000 identities copies none.
     pub identities: BTreeMap<String, Identity>,
+    /// The `revocation` documents, by name.
+    pub revocations: BTreeMap<String, crate::resource::revocation::Revocation>,
 }
 
 /// A `workload_identity` document of the loaded state.
@@ -83,6 +85,7 @@ impl Policy {
             tokens: BTreeMap::new(),
             roles: BTreeMap::new(),
             identities: BTreeMap::new(),
+            revocations: BTreeMap::new(),
         };
         for object in state.objects.values() {
             match &object.document {
@@ -122,6 +125,9 @@ impl Policy {
                 Document::Issuer(_) => {}
                 Document::SpiffeFederation(f) => {
                     policy.federations.insert(f.metadata.name.to_string(), f.spec.clone());
+                }
+                Document::Revocation(r) => {
+                    policy.revocations.insert(r.metadata.name.to_string(), r.clone());
                 }
                 Document::WorkloadIdentity(identity) => {
                     policy

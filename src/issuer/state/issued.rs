@@ -106,6 +106,9 @@ pub struct IssuanceLog {
     keys: Mutex<BTreeMap<String, usize>>,
     /// One flush at a time.
     flushing: tokio::sync::Mutex<()>,
+    /// When each certificate this process knows of expires, by serial (those in the store at its
+    /// start, and its own since): a revocation ends when what it names has expired.
+    expiries: Mutex<std::collections::HashMap<String, OffsetDateTime>>,
 }
 
 /// The store prefix of a trust domain's log (`@` is in no trust domain name, so it is never a
@@ -124,6 +127,16 @@ impl IssuanceLog {
     pub async fn open(kv: SharedKv, trust_domain: &str) -> Result<IssuanceLog, StoreError> {
         let prefix = prefix_of(trust_domain);
         let (entries, _) = kv.list(&prefix).await?;
+        let mut expiries = std::collections::HashMap::new();
+        for entry in &entries {
+            for line in entry.value.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                if let Ok(r) = serde_json::from_slice::<Issued>(line)
+                    && r.kind != IssuedKind::JwtSvid
+                {
+                    expiries.insert(r.serial, r.not_after);
+                }
+            }
+        }
         let keys = entries.into_iter().map(|e| (e.key, e.value.len())).collect();
         let mut writer = [0u8; 4];
         let _ = aws_lc_rs::rand::fill(&mut writer);
@@ -134,6 +147,7 @@ impl IssuanceLog {
             pending: Mutex::new(Vec::new()),
             keys: Mutex::new(keys),
             flushing: tokio::sync::Mutex::new(()),
+            expiries: Mutex::new(expiries),
         })
     }
 
@@ -149,7 +163,22 @@ impl IssuanceLog {
             not_after = %crate::rfc3339(issued.not_after),
             "issued"
         );
+        if issued.kind != IssuedKind::JwtSvid {
+            self.expiries
+                .lock()
+                .expect("issuance log poisoned")
+                .insert(issued.serial.clone(), issued.not_after);
+        }
         self.pending.lock().expect("issuance log poisoned").push(issued);
+    }
+
+    /// When the certificate with this serial (lower-case hex) expires, if this process knows it.
+    pub fn expiry(&self, serial: &str) -> Option<OffsetDateTime> {
+        self.expiries
+            .lock()
+            .expect("issuance log poisoned")
+            .get(serial)
+            .copied()
     }
 
     /// Writes what is pending as one key, then drops what is past its history or over the cap.
@@ -181,6 +210,11 @@ impl IssuanceLog {
     /// Drops the keys whose records all expired more than [`HISTORY`] ago, then the oldest while the
     /// log is over [`MAX_BYTES`].
     async fn prune(&self) -> Result<(), StoreError> {
+        let now = OffsetDateTime::now_utc();
+        self.expiries
+            .lock()
+            .expect("issuance log poisoned")
+            .retain(|_, not_after| *not_after > now);
         let gone: Vec<String> = {
             let keys = self.keys.lock().expect("issuance log poisoned");
             let horizon = (OffsetDateTime::now_utc() - HISTORY).unix_timestamp();
