@@ -131,6 +131,13 @@ fn verify_with_crl(leaf: &[u8], cas: &[u8], crl: &[u8]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Whether the CRL (DER) lists `serial` (lower-case hex).
+fn crl_lists(crl: &[u8], serial: &str) -> bool {
+    let (_, crl) = x509_parser::parse_x509_crl(crl).unwrap();
+    crl.iter_revoked_certificates()
+        .any(|r| tbot::issuer::keys::crl::serial_of_raw(r.raw_serial()) == serial)
+}
+
 /// Concatenated DER certificates, one by one.
 fn split_der(mut der: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
@@ -160,10 +167,15 @@ async fn a_revoked_svid_is_in_the_crl_every_peer_reads_and_its_workload_gets_a_f
         .unwrap()
         .into_inner();
     let first = stream.next().await.unwrap().unwrap();
-    assert!(first.crl.is_empty(), "nothing is revoked yet");
     let old = first.svids[0].x509_svid.clone();
     let cas = first.svids[0].bundle.clone();
     let serial = serial_of(&old);
+    // There is always a CRL (a relying party configured with one always has a current one); it
+    // lists nothing yet.
+    assert!(!first.crl.is_empty());
+    assert!(!first.crl.iter().any(|c| crl_lists(c, &serial)));
+    let (ok, text) = verify_with_crl(&old, &cas, &first.crl[0]);
+    assert!(ok, "{text}");
 
     // `tbotctl diff` shows the revocation before it is applied; the serial as openssl prints it
     // (upper case, `:` between bytes) is the same serial.
@@ -190,7 +202,7 @@ async fn a_revoked_svid_is_in_the_crl_every_peer_reads_and_its_workload_gets_a_f
     let fresh = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         loop {
             let m = stream.next().await.unwrap().unwrap();
-            if !m.crl.is_empty() && m.svids[0].x509_svid != old {
+            if m.crl.iter().any(|c| crl_lists(c, &serial)) && m.svids[0].x509_svid != old {
                 return m;
             }
         }
@@ -237,13 +249,21 @@ async fn a_revoked_svid_is_in_the_crl_every_peer_reads_and_its_workload_gets_a_f
         );
     }
 
-    // The revocation is lifted: the next message has no CRL.
+    // The revocation is lifted: the next CRL lists nothing.
     std::fs::remove_file(etc.join("revocation.yaml")).unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while !stream.next().await.unwrap().unwrap().crl.is_empty() {}
+        while stream
+            .next()
+            .await
+            .unwrap()
+            .unwrap()
+            .crl
+            .iter()
+            .any(|c| crl_lists(c, &serial))
+        {}
     })
     .await
-    .expect("no CRL once the revocation is removed");
+    .expect("a CRL without the serial once the revocation is removed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -299,7 +319,7 @@ async fn a_revocation_on_the_issuer_reaches_a_remote_agents_open_stream_and_its_
     let fresh = tokio::time::timeout(std::time::Duration::from_secs(15), async {
         loop {
             let m = stream.next().await.unwrap().unwrap();
-            if !m.crl.is_empty() && m.svids[0].x509_svid != old {
+            if m.crl.iter().any(|c| crl_lists(c, &serial)) && m.svids[0].x509_svid != old {
                 return m;
             }
         }
@@ -310,8 +330,162 @@ async fn a_revocation_on_the_issuer_reaches_a_remote_agents_open_stream_and_its_
         "revocation saved → CRL and fresh SVID on the remote agent: {:?}",
         started.elapsed()
     );
-    let (ok, text) = verify_with_crl(&old, &fresh.svids[0].bundle, &fresh.crl[0]);
+    let crl = fresh.crl.iter().find(|c| crl_lists(c, &serial)).unwrap();
+    let (ok, text) = verify_with_crl(&old, &fresh.svids[0].bundle, crl);
     assert!(!ok && text.contains("certificate revoked"), "{text}");
-    let (ok, text) = verify_with_crl(&fresh.svids[0].x509_svid, &fresh.svids[0].bundle, &fresh.crl[0]);
+    let (ok, text) = verify_with_crl(&fresh.svids[0].x509_svid, &fresh.svids[0].bundle, crl);
     assert!(ok, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tbotctl_revoke_finds_the_certificates_of_a_spiffe_id_or_a_bot_instance_in_the_log() {
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
+    let daemon = common::Daemon::start(dir, socket);
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let svid = client.fetch_x509_svid().await.unwrap();
+    let serial = serial_of(svid.leaf().as_ref());
+    let id = svid.spiffe_id().to_string();
+    let etc = daemon.dir.path().join("etc");
+
+    // A bot instance: its SVIDs and its bot certificate, shown without writing anything.
+    let instance = svids(&daemon, &["--spiffe-id", &id])[0]["instance"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dry = daemon.tbotctl(&[
+        "revoke",
+        "--bot-instance",
+        &format!("quickstart/{instance}"),
+        "--reason",
+        "host reimaged",
+        "--dry-run",
+    ]);
+    let text = common::stdout(&dry);
+    assert!(dry.status.success(), "{text}{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(
+        text.contains(&serial) && text.contains("bot certificate of quickstart/"),
+        "{text}"
+    );
+    assert!(
+        !etc.read_dir()
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("revocation-"))
+    );
+
+    // By SPIFFE ID: written, applied, and the workload is served another SVID.
+    let out = daemon.tbotctl(&[
+        "revoke",
+        "--spiffe-id",
+        &id,
+        "--reason",
+        "key in a public repository",
+        "--name",
+        "leak",
+    ]);
+    let said = common::stdout(&out);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("revocation/leak applied"), "{said}");
+    let written = std::fs::read_to_string(etc.join("revocation-leak.yaml")).unwrap();
+    assert!(
+        written.contains(&serial) && written.contains("reason: \"key in a public repository\""),
+        "{written}"
+    );
+    assert!(common::stdout(&daemon.tbotctl(&["validate"])).contains("ok:"));
+    let again = common::wait_until("another SVID", std::time::Duration::from_secs(10), || {
+        let client = block_on(client_fetch(&daemon));
+        (client != serial).then_some(client)
+    });
+    assert_ne!(again, serial);
+
+    // Nothing to revoke is an error that says where to look.
+    let none = daemon.tbotctl(&[
+        "revoke",
+        "--spiffe-id",
+        "spiffe://quickstart.tbot.local/nobody",
+        "--reason",
+        "x",
+    ]);
+    assert_eq!(none.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("nothing to revoke"));
+}
+
+/// The serial of the X509-SVID a new connection is served now.
+async fn client_fetch(daemon: &common::Daemon) -> String {
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    serial_of(client.fetch_x509_svid().await.unwrap().leaf().as_ref())
+}
+
+/// Runs a future to completion from synchronous code inside the test's runtime.
+fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bot_instance_locked_by_hand_loses_its_watch_and_its_issuance_until_unlocked() {
+    use common::fleet::{Issuer, agent_config, start_agent, token_onboarding, wait_for_socket, wait_for_status};
+
+    let issuer = Issuer::start("/uid/{{workload.unix.uid}}", &[]);
+    let (port, pin) = (issuer.port, issuer.pin.clone());
+    let agent = start_agent(
+        |dir| {
+            agent_config(
+                dir,
+                port,
+                &token_onboarding("fleet-token-change-me", &pin),
+                "example-workload-identity",
+            )
+        },
+        &[],
+    );
+    wait_for_socket(&agent);
+    wait_for_status(&issuer.daemon, "the agent connected", |s| {
+        s.contains("(1 agent connected)")
+    });
+    let records = svids(&issuer.daemon, &["--bot", "example-bot"]);
+    let instance = records
+        .iter()
+        .find(|r| r["kind"] == "bot-certificate")
+        .and_then(|r| r["instance"].as_str())
+        .unwrap_or_else(|| panic!("{records:#?}"))
+        .to_owned();
+    let which = format!("example-bot/{instance}");
+
+    // A lock needs a reason, and an instance that exists.
+    let no_reason = issuer.daemon.tbotctl(&["lock", &which]);
+    assert_eq!(no_reason.status.code(), Some(2));
+    let unknown = issuer.daemon.tbotctl(&["lock", "example-bot/nope", "--reason", "x"]);
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("has no instance `nope`"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+
+    let locked = issuer
+        .daemon
+        .tbotctl(&["lock", &which, "--reason", "its disk was imaged by someone else"]);
+    assert!(locked.status.success(), "{}", String::from_utf8_lossy(&locked.stderr));
+    assert!(common::stdout(&locked).contains("locked"));
+    // Its Watch ends and is refused from then on: the issuer counts no agent, and the agent's
+    // status is not healthy and says it is locked.
+    wait_for_status(&issuer.daemon, "the agent's stream ended", |s| {
+        !s.contains("(1 agent connected)")
+    });
+    let said = wait_for_status(&agent, "the agent says it is locked", |s| s.contains("locked"));
+    let status = agent.tbotctl(&["status"]);
+    assert_ne!(status.status.code(), Some(0), "{said}");
+    // `tbotctl get bot/…` on the issuer shows the lock.
+    let bots = common::stdout(&issuer.daemon.tbotctl(&["get", "bot/example-bot", "-o", "json"]));
+    assert!(bots.contains("its disk was imaged by someone else"), "{bots}");
+
+    // Unlocked: the same agent comes back by itself, with the certificate it holds.
+    let unlocked = issuer.daemon.tbotctl(&["unlock", &which]);
+    assert!(
+        unlocked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unlocked.stderr)
+    );
+    wait_for_status(&issuer.daemon, "the agent reconnected", |s| {
+        s.contains("(1 agent connected)")
+    });
+    wait_for_status(&agent, "the agent is healthy again", |s| s.contains("(connected)"));
 }

@@ -390,6 +390,11 @@ async fn diagnostics_report_liveness_readiness_and_metrics() {
         "tbot_workload_api_streams 1",
         "tbot_joins_total{method=\"token\",outcome=\"joined\"} 1",
         "# TYPE tbot_reconciles_total counter",
+        // The issuer's own: what it signed, and its (empty) revocation list.
+        "tbot_issuer_x509_svids_signed_total 1",
+        "tbot_issuer_bot_certificates_signed_total 1",
+        "tbot_issuer_revoked_certificates 0",
+        "# TYPE tbot_issuer_crl_signed_timestamp_seconds gauge",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }

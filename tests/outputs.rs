@@ -371,7 +371,9 @@ fn nginx_binary() -> Option<PathBuf> {
 }
 
 impl Nginx {
-    fn start(binary: &Path, dir: &Path, server: &Path, client_bundle: &Path) -> Nginx {
+    /// nginx serving the `server` output's SVID over mutual TLS, trusting `client_bundle`, and
+    /// refusing what the CRL file `crl` lists when given (`ssl_crl`).
+    fn start(binary: &Path, dir: &Path, server: &Path, client_bundle: &Path, crl: Option<&Path>) -> Nginx {
         let port = common::free_port();
         let prefix = dir.join("nginx");
         std::fs::create_dir_all(prefix.join("logs")).unwrap();
@@ -394,6 +396,7 @@ http {{
     ssl_certificate_key {server}/svid_key.pem;
     ssl_client_certificate {bundle};
     ssl_verify_client on;
+    {crl}
     location / {{ return 200 \"hello $ssl_client_verify\\n\"; }}
   }}
 }}
@@ -402,6 +405,7 @@ http {{
             prefix = prefix.display(),
             server = server.display(),
             bundle = client_bundle.display(),
+            crl = crl.map(|c| format!("ssl_crl {};", c.display())).unwrap_or_default(),
         );
         let path = prefix.join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
@@ -465,7 +469,7 @@ fn nginx_serves_mutual_tls_from_outputs_and_reloads_on_rotation_through_on_updat
     wait_until("both outputs", Duration::from_secs(15), || {
         (server.join("svid.pem").exists() && client.join("svid.pem").exists()).then_some(())
     });
-    let nginx = Nginx::start(&binary, &root, &server, &client.join("svid_bundle.pem"));
+    let nginx = Nginx::start(&binary, &root, &server, &client.join("svid_bundle.pem"), None);
     let master = wait_until("nginx's pid file", Duration::from_secs(10), || {
         std::fs::read_to_string(&nginx.pid_file)
             .ok()
@@ -654,4 +658,78 @@ fn parents_created_for_an_owner_let_that_owner_read_its_files() {
         assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
         assert_eq!(String::from_utf8_lossy(&read.stdout), "-----BEGIN CERTIFICATE-----");
     }
+}
+
+#[test]
+fn nginx_refuses_a_revoked_client_svid_with_the_crl_of_an_output_and_takes_the_fresh_one() {
+    let Some(binary) = nginx_binary() else { return };
+    let (dir, socket) = setup(
+        "  - type: workload-identity-x509
+    name: server
+    selector: {name: server}
+    destination: {type: directory, path: DIR/out/server}
+    on_update: {signal: SIGHUP, pid_file: DIR/nginx/nginx.pid}
+  - type: workload-identity-x509
+    name: client
+    selector: {name: client}
+    destination: {type: directory, path: DIR/out/client}
+",
+    );
+    let daemon = Daemon::start(dir, socket);
+    let root = daemon.dir.path().to_owned();
+    let (server, client) = (root.join("out/server"), root.join("out/client"));
+    // The output holds a CRL from the start (listing nothing), so nginx can be pointed at it.
+    wait_until("both outputs, with the CRL", Duration::from_secs(15), || {
+        (server.join("svid_crl.pem").exists() && client.join("svid.pem").exists()).then_some(())
+    });
+    let nginx = Nginx::start(
+        &binary,
+        &root,
+        &server,
+        &client.join("svid_bundle.pem"),
+        Some(&server.join("svid_crl.pem")),
+    );
+    wait_until("nginx answering over mTLS", Duration::from_secs(10), || {
+        request(nginx.port, &client).ok()
+    });
+
+    // The client's key leaks: a copy of its files is what the thief holds.
+    let stolen = root.join("out/stolen");
+    std::fs::create_dir_all(&stolen).unwrap();
+    for f in ["svid.pem", "svid_key.pem", "svid_bundle.pem"] {
+        std::fs::copy(client.join(f), stolen.join(f)).unwrap();
+    }
+    let leaked = serial(&client.join("svid.pem"));
+    let hex = leaked.trim().trim_start_matches("serial=").to_owned();
+    std::fs::write(
+        root.join("etc/revocation.yaml"),
+        format!("kind: revocation\nversion: v1\nmetadata: {{name: leaked}}\nspec:\n  reason: client key leaked\n  serials: [\"{hex}\"]\n"),
+    )
+    .unwrap();
+    // The server output's CRL file lists it, nginx reloads (on_update), the thief is refused, and
+    // the client output, issued again at once, is let in.
+    let refused = wait_until(
+        "nginx refusing the revoked certificate",
+        Duration::from_secs(20),
+        || request(nginx.port, &stolen).err(),
+    );
+    assert!(!refused.contains("hello SUCCESS"), "{refused}");
+    let crl_text = openssl(&[
+        "crl",
+        "-in",
+        server.join("svid_crl.pem").to_str().unwrap(),
+        "-noout",
+        "-text",
+    ]);
+    assert!(crl_text.to_uppercase().contains(&hex.to_uppercase()), "{crl_text}");
+    assert_ne!(
+        serial(&client.join("svid.pem")),
+        leaked,
+        "the client output was issued again"
+    );
+    let (text, _) = wait_until("nginx taking the fresh client SVID", Duration::from_secs(10), || {
+        request(nginx.port, &client).ok()
+    });
+    assert!(text.contains("hello SUCCESS"), "{text}");
+    assert!(nginx.error_log().contains("revoked"), "{}", nginx.error_log());
 }

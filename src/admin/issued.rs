@@ -1,21 +1,55 @@
-//! The admin API's `Issued`: the issuer's issuance log, filtered, for `tbotctl get svids`.
+//! The admin API's answers for a leaked key: `Issued` (the issuer's issuance log, filtered, for
+//! `tbotctl get svids` and `tbotctl revoke`) and `Lock` (`tbotctl lock`/`unlock`).
 
 use tonic::{Response, Status};
 
-use super::proto::{IssuedRequest, IssuedResponse};
+use super::proto::{IssuedRequest, IssuedResponse, LockRequest, LockResponse};
 use crate::error::Explain;
 use crate::issuer::LocalIssuer;
 use crate::issuer::state::issued::Filter;
+
+/// The issuer in this process, or the refusal an agent of a remote issuer gives.
+fn local<'a>(issuer: Option<&'a LocalIssuer>, what: &str) -> Result<&'a LocalIssuer, Status> {
+    issuer.ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "this daemon is an agent of a remote issuer: {what} is on the issuer host; run tbotctl against its admin socket"
+        ))
+    })
+}
+
+pub(super) async fn lock(issuer: Option<&LocalIssuer>, request: LockRequest) -> Result<Response<LockResponse>, Status> {
+    let issuer = local(issuer, "the bot instances' ledger")?;
+    let reason = if request.unlock {
+        None
+    } else if request.reason.trim().is_empty() {
+        return Err(Status::invalid_argument(
+            "a lock needs a reason: say why, for whoever unlocks it",
+        ));
+    } else {
+        Some(request.reason.trim().to_owned())
+    };
+    issuer
+        .set_lock(&request.bot, &request.instance, reason.clone())
+        .await
+        .map_err(|e| match e {
+            crate::issuer::IssuerError::Invalid(why) => Status::not_found(why),
+            e => Status::unavailable(e.explain()),
+        })?;
+    let message = match reason {
+        Some(_) => format!(
+            "bot/{}/{} locked: its issuance, renewals and Watch stream are refused on every replica (`tbotctl unlock` reverses it)",
+            request.bot, request.instance
+        ),
+        None => format!("bot/{}/{} unlocked", request.bot, request.instance),
+    };
+    Ok(Response::new(LockResponse { message }))
+}
 
 pub(super) async fn answer(
     issuer: Option<&LocalIssuer>,
     request: IssuedRequest,
 ) -> Result<Response<IssuedResponse>, Status> {
-    let Some(issuer) = issuer else {
-        return Err(Status::failed_precondition(
-            "this daemon is an agent of a remote issuer: the issuance log is on the issuer host; run `tbotctl get svids` against its admin socket",
-        ));
-    };
+    let issuer = local(issuer, "the issuance log")?;
     let since = match request.since.as_str() {
         "" => None,
         text => Some(

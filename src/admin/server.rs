@@ -374,6 +374,11 @@ impl Admin for AdminApi {
         super::issued::answer(self.issuer.as_deref(), request.into_inner()).await
     }
 
+    async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        authorize(&request)?;
+        super::issued::lock(self.issuer.as_deref(), request.into_inner()).await
+    }
+
     async fn rotate(&self, request: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
         authorize(&request)?;
         let request = request.into_inner();

@@ -367,7 +367,11 @@ impl Agent {
         );
         let bot = cache::serial_of(&self.bot().certificate.der);
         if bot.is_some_and(|s| revoked.contains(&s)) {
-            tracing::warn!("this agent's bot certificate was revoked; renewing it");
+            // The issuer refuses it from now on, a renewal included: the renewal's refusal is what
+            // the status shows, with what to do.
+            tracing::error!(
+                "this agent's bot certificate was revoked: the issuer refuses it; join again with a new token"
+            );
             self.renew_now.notify_one();
         }
     }

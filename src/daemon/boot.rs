@@ -255,6 +255,7 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     };
     let mut status = Status::default();
     if let Some(issuer) = host.local() {
+        issuer.set_metrics(telemetry.issuer.clone());
         status.host.trust_domain = issuer.policy().trust_domain.as_str().to_owned();
         status.host.ca_pins = super::report::ca_pins(&issuer.current_bundles());
         tracing::info!(ca_pin = %status.host.ca_pins.join(", "), "the trust domain's CA");

@@ -126,6 +126,7 @@ pub(crate) struct Telemetry {
     pub agent: crate::agent::AgentMetrics,
     pub workload_api: crate::workload_api::metrics::WorkloadApiMetrics,
     pub issuer_api: crate::issuer::server::metrics::IssuerApiMetrics,
+    pub issuer: crate::issuer::metrics::IssuerMetrics,
     /// The registry `/metrics` renders.
     pub metrics: Arc<crate::telemetry::Metrics>,
 }
@@ -139,6 +140,7 @@ impl Telemetry {
             agent: crate::agent::AgentMetrics::register(&mut metrics),
             workload_api: crate::workload_api::metrics::WorkloadApiMetrics::register(&mut metrics, &errors),
             issuer_api: crate::issuer::server::metrics::IssuerApiMetrics::register(&mut metrics),
+            issuer: crate::issuer::metrics::IssuerMetrics::register(&mut metrics),
             metrics: Arc::new(metrics),
         }
     }

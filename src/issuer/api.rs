@@ -225,7 +225,7 @@ pub struct Bundles {
     pub active_kid: String,
     /// The bundles of foreign trust domains (`spiffe_federation`), by trust domain name.
     pub federated: BTreeMap<String, Arc<TrustBundle>>,
-    /// The certificate revocation lists (DER), one per CA, while something is revoked.
+    /// The certificate revocation lists (DER), one per CA (listing nothing while nothing is revoked).
     pub crls: Arc<Vec<Vec<u8>>>,
     /// The serial numbers (lower-case hex) they list: a cached SVID among them is issued again.
     pub revoked: Arc<std::collections::BTreeSet<String>>,

@@ -11,6 +11,7 @@ pub mod bots;
 pub mod federation;
 pub mod keys;
 mod local;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod state;

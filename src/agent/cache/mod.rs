@@ -118,18 +118,7 @@ pub fn signed_by(certificate: &[u8], ca: &[u8]) -> bool {
     cert.issuer().as_raw() == ca.subject().as_raw()
 }
 
-/// A certificate's serial number as CRLs and the issuance log write it: lower-case hex, no leading
-/// zeros.
-pub fn serial_of(certificate: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(certificate).ok()?;
-    let hex = crate::hex(cert.tbs_certificate.raw_serial());
-    let trimmed = hex.trim_start_matches('0');
-    Some(if trimmed.is_empty() {
-        "0".into()
-    } else {
-        trimmed.to_owned()
-    })
-}
+pub use crate::issuer::keys::crl::serial_of;
 
 /// Only the attributes an identity reads: callers that agree on them share an SVID.
 fn project(resolved: &Resolved, workload: &Attributes) -> Attributes {

@@ -1,5 +1,5 @@
 //! An output's files: each replaced atomically with `store::replace_file`, in the order key,
-//! certificate, bundle, combined file; the directory created with the files' mode.
+//! certificate, bundle, combined file, CRL; the directory created with the files' mode.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -16,6 +16,10 @@ pub const X509_FILES: [&str; 4] = [
     "svid_bundle.pem",
     "credential-bundle.private-key.pem",
 ];
+
+/// The x509 output's certificate revocation lists (PEM, one per CA of the trust domain), for
+/// relying parties that read a CRL file (nginx `ssl_crl`); written when the issuer sent CRLs.
+pub const CRL_FILE: &str = "svid_crl.pem";
 
 /// The jwt output's files.
 pub const JWT_FILES: [&str; 2] = ["jwt_svid", "jwt_bundle.json"];
@@ -71,6 +75,14 @@ pub fn write_x509(
     let combined = format!("{key}{chain}");
     for (name, text) in X509_FILES.iter().zip([&key, &chain, &bundle, &combined]) {
         dir.replace(name, text.as_bytes())?;
+    }
+    if !bundles.crls.is_empty() {
+        let crls: String = bundles
+            .crls
+            .iter()
+            .map(|der| crate::pem::block("X509 CRL", der))
+            .collect();
+        dir.replace(CRL_FILE, crls.as_bytes())?;
     }
     Ok(())
 }

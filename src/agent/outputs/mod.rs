@@ -22,7 +22,7 @@ use crate::resource::agent::{Destination, OnUpdate, ServiceType};
 mod files;
 mod hook;
 
-pub use files::{JWT_FILES, WriteError, X509_FILES, write_jwt, write_x509};
+pub use files::{CRL_FILE, JWT_FILES, WriteError, X509_FILES, write_jwt, write_x509};
 pub use hook::{HOOK_TIMEOUT, HookError, run_hook};
 
 /// What one output does, from its service in the agent config.

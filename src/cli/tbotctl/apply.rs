@@ -30,7 +30,7 @@ pub struct ApplyArgs {
 /// Writes a document with [`crate::store::replace_file`] (never a torn file for the watcher to
 /// read), keeping the mode of the file it replaces; a new file gets `0666` less the umask, as any
 /// editor would make it (a `token` document names a secret: a umask of 077 keeps it `0600`).
-fn write_document(path: &Path, text: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_document(path: &Path, text: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).map_or_else(|_| 0o666 & !umask(), |m| m.permissions().mode() & 0o7777);
     crate::store::replace_file(path, text, mode, crate::store::Owner::default()).map_err(|(_, e)| e)

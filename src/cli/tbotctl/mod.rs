@@ -10,6 +10,8 @@ mod apply;
 mod diff;
 mod get;
 mod issued;
+mod lock;
+mod revoke;
 mod rotate;
 mod status;
 
@@ -46,6 +48,15 @@ enum Command {
     /// Rotate the CA or the JWT signing key now (a suspected key compromise): a successor is
     /// published at once and signs after `--grace`; the old key goes once what it signed expired.
     Rotate(rotate::RotateArgs),
+    /// Revoke certificates whose keys leaked: by serial, or every still-valid one of a SPIFFE ID or
+    /// a bot instance (from the issuance log). Writes a `revocation` document into the directory and
+    /// waits until the daemon has applied it.
+    Revoke(revoke::RevokeArgs),
+    /// Lock a bot instance whose key leaked: its issuance, renewals and Watch stream are refused on
+    /// every replica until `tbotctl unlock`.
+    Lock(lock::LockArgs),
+    /// Unlock a bot instance locked by hand (or after a copied identity was found and dealt with).
+    Unlock(lock::LockArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -87,6 +98,9 @@ pub fn main() -> ExitCode {
         Command::Status(args) => block_on(status::status(&args)),
         Command::Schema(args) => schema_command(&args),
         Command::Rotate(args) => block_on(rotate::rotate(&args)),
+        Command::Revoke(args) => block_on(revoke::revoke(&args)),
+        Command::Lock(args) => block_on(lock::lock(&args, false)),
+        Command::Unlock(args) => block_on(lock::lock(&args, true)),
     }
 }
 

@@ -15,6 +15,24 @@ use crate::resource::revocation::Serial;
 /// that long; the issuer signs a new one whenever what is revoked or the CAs change.
 pub const CRL_VALIDITY: time::Duration = time::Duration::days(7);
 
+/// A certificate's serial number as CRLs and the issuance log write it: lower-case hex, no leading
+/// zeros.
+pub fn serial_of(certificate: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(certificate).ok()?;
+    Some(serial_of_raw(cert.tbs_certificate.raw_serial()))
+}
+
+/// A serial number's DER INTEGER content as lower-case hex without leading zeros.
+pub fn serial_of_raw(raw: &[u8]) -> String {
+    let hex = crate::hex(raw);
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
 /// Signs a CRL of `revoked` with each CA of `authority` (DER, in the bundle's CA order).
 pub fn sign(
     authority: &Authority,

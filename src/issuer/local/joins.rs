@@ -161,6 +161,7 @@ impl LocalIssuer {
         let (verified, dir) = {
             let state = self.lock();
             let verified = bots::verify_bot_certificate(&state.authority, &request.certificate, now())?;
+            state.not_revoked(&request.certificate)?;
             // Validate, then write: a refused key leaves the generation where it was.
             state.check_key(&request.public_key)?;
             (verified, state.dir())

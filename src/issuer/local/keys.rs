@@ -99,7 +99,7 @@ impl Inner {
         let authority = self.lock().authority.clone();
         let minted = bots::sign_bot_certificate(&authority, claims, public_key, ttl, now())?;
         let cert = minted.made;
-        self.issued.record(crate::issuer::state::issued::Issued {
+        self.record(crate::issuer::state::issued::Issued {
             kind: crate::issuer::state::issued::IssuedKind::BotCertificate,
             serial: minted.serial,
             spiffe_id: String::new(),

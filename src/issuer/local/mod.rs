@@ -16,6 +16,7 @@ mod federations;
 mod follower;
 mod joins;
 mod keys;
+mod locks;
 mod view;
 
 use std::collections::{BTreeMap, HashMap};
@@ -73,12 +74,13 @@ struct State {
     /// The keys of the serving certificates and bundle-endpoint SVIDs this process minted (the
     /// latest [`SERVED_KEYS`]): no bot gets them certified.
     served: std::collections::VecDeque<crate::issuer::keys::public::Key>,
-    /// The signed CRLs while something is revoked.
+    /// The signed CRLs (none only until the first publish).
     crls: Option<Crls>,
 }
 
 /// CRLs as signed, with what they were signed for.
 struct Crls {
+    signed_at: OffsetDateTime,
     /// The CAs (ids) that signed them.
     cas: Vec<u32>,
     revoked: std::collections::BTreeSet<crate::resource::revocation::Serial>,
@@ -103,6 +105,7 @@ struct Inner {
     reschedule: tokio::sync::Notify,
     /// What was issued, to whom.
     issued: IssuanceLog,
+    metrics: std::sync::RwLock<crate::issuer::metrics::IssuerMetrics>,
 }
 
 /// The issuer, in this process.
@@ -141,12 +144,23 @@ pub struct PolicyEvent {
 
 /// Writes the issuance log every [`FLUSH_EVERY`](crate::issuer::state::issued::FLUSH_EVERY) while
 /// the issuer lives; a store that fails is said (at most once a minute) and tried again.
+/// Each minute it also signs the CRLs again when they are [due](State::crls_due).
 async fn flush_issued(inner: std::sync::Weak<Inner>) {
     let mut said: Option<std::time::Instant> = None;
+    let mut ticks: u64 = 0;
     loop {
         tokio::time::sleep(crate::issuer::state::issued::FLUSH_EVERY).await;
         let Some(inner) = inner.upgrade() else { return };
-        if let Err(e) = inner.issued.flush().await
+        ticks += 1;
+        if ticks.is_multiple_of(60) {
+            let mut state = inner.lock();
+            if state.crls_due() {
+                inner.publish(&mut state);
+            }
+        }
+        let flushed = inner.issued.flush().await;
+        inner.metrics().log_bytes.set(inner.issued.bytes() as i64);
+        if let Err(e) = flushed
             && said.is_none_or(|at| at.elapsed() > Duration::from_secs(60))
         {
             said = Some(std::time::Instant::now());
@@ -179,11 +193,34 @@ impl Inner {
         state.sequence += 1;
         let revoked = self.revoked(&state.policy);
         state.update_crls(revoked);
+        if let Some(crls) = &state.crls {
+            let metrics = self.metrics();
+            metrics.revoked.set(crls.revoked.len() as i64);
+            metrics
+                .crl_bytes
+                .set(crls.crls.iter().map(Vec::len).sum::<usize>() as i64);
+            metrics.crl_signed.set(crls.signed_at.unix_timestamp());
+        }
         self.bundles.send_replace(Arc::new(state.bundles()));
     }
 }
 
 impl Inner {
+    fn metrics(&self) -> crate::issuer::metrics::IssuerMetrics {
+        self.metrics.read().expect("metrics poisoned").clone()
+    }
+
+    /// Records what was issued: in the issuance log, and counted.
+    fn record(&self, record: crate::issuer::state::issued::Issued) {
+        let metrics = self.metrics();
+        match record.kind {
+            IssuedKind::X509Svid => metrics.x509_signed.inc(),
+            IssuedKind::JwtSvid => metrics.jwt_signed.inc(),
+            IssuedKind::BotCertificate => metrics.bots_signed.inc(),
+        };
+        self.issued.record(record);
+    }
+
     /// The serials the CRL lists now: those of `revocation` documents not past `metadata.expires`
     /// whose certificates have not expired (as far as the issuance log knows).
     fn revoked(&self, policy: &Policy) -> std::collections::BTreeSet<crate::resource::revocation::Serial> {
@@ -222,11 +259,10 @@ impl LocalIssuer {
             saving: AtomicBool::new(false),
             reschedule: tokio::sync::Notify::new(),
             issued,
+            metrics: Default::default(),
         });
-        // The first bundle with the CRLs of the revocations already in force.
-        if !inner.lock().policy.revocations.is_empty() {
-            inner.publish(&mut inner.lock());
-        }
+        // The first bundle with the CRLs (of the revocations already in force, or none).
+        inner.publish(&mut inner.lock());
         // Without a runtime (a synchronous harness) nothing else writes the store: no follower.
         let runtime = tokio::runtime::Handle::try_current().ok();
         let task = runtime
@@ -255,6 +291,12 @@ impl LocalIssuer {
         filter: &crate::issuer::state::issued::Filter,
     ) -> Result<Vec<crate::issuer::state::issued::Issued>, IssuerError> {
         Ok(self.inner.issued.list(filter).await?)
+    }
+
+    /// Counts into `metrics` from now on (registered at boot), and fills its gauges now.
+    pub fn set_metrics(&self, metrics: crate::issuer::metrics::IssuerMetrics) {
+        *self.inner.metrics.write().expect("metrics poisoned") = metrics;
+        self.inner.publish(&mut self.lock());
     }
 
     /// Writes what the issuance log holds now (before a stop).
@@ -507,7 +549,7 @@ impl Issuer for LocalIssuer {
             );
             (minted.made, record)
         };
-        self.inner.issued.record(record);
+        self.inner.record(record);
         self.inner.note_issued(svid.not_after);
         Ok(svid)
     }
@@ -536,7 +578,7 @@ impl Issuer for LocalIssuer {
             record.audience = request.audience;
             (minted.made, record)
         };
-        self.inner.issued.record(record);
+        self.inner.record(record);
         Ok(svid)
     }
 

@@ -57,21 +57,27 @@ impl State {
         }
     }
 
-    /// Signs the CRLs again if what is revoked or the CAs changed since they were signed; none while
-    /// nothing is revoked.
+    /// Whether the CRLs are due to be signed again: half their validity is gone.
+    pub(super) fn crls_due(&self) -> bool {
+        self.crls
+            .as_ref()
+            .is_none_or(|c| now() - c.signed_at > crate::issuer::keys::crl::CRL_VALIDITY / 2)
+    }
+
+    /// Signs the CRLs again if what is revoked or the CAs changed since they were signed, or they
+    /// are [due](Self::crls_due). There is always one (listing nothing while nothing is revoked), so
+    /// a relying party configured with a CRL file always has a current one.
     pub(super) fn update_crls(&mut self, revoked: BTreeSet<Serial>) {
         let cas: Vec<u32> = self.authority.statuses().iter().map(|s| s.id).collect();
-        if revoked.is_empty() {
-            self.crls = None;
+        if !self.crls_due() && self.crls.as_ref().is_some_and(|c| c.cas == cas && c.revoked == revoked) {
             return;
         }
-        if self.crls.as_ref().is_some_and(|c| c.cas == cas && c.revoked == revoked) {
-            return;
-        }
-        match crate::issuer::keys::crl::sign(&self.authority, &revoked, now()) {
+        let signed_at = now();
+        match crate::issuer::keys::crl::sign(&self.authority, &revoked, signed_at) {
             Ok(crls) => {
                 tracing::info!(revoked = revoked.len(), "certificate revocation lists signed");
                 self.crls = Some(Crls {
+                    signed_at,
                     cas,
                     serials: Arc::new(revoked.iter().map(|s| s.as_str().to_owned()).collect()),
                     revoked,
@@ -96,8 +102,24 @@ impl State {
         newly_locked
     }
 
-    /// Verifies a bot certificate for issuance: ours, valid, not locked, not renewed since.
+    /// Refuses a bot certificate a `revocation` names: neither its holder nor a thief of its key
+    /// gets anything with it, a renewal included (the instance must join again).
+    pub(super) fn not_revoked(&self, der: &[u8]) -> Result<(), IssuerError> {
+        let Some(crls) = self.crls.as_ref() else {
+            return Ok(());
+        };
+        match crate::issuer::keys::crl::serial_of(der) {
+            Some(serial) if crls.serials.contains(&serial) => Err(IssuerError::Unauthenticated(format!(
+                "this bot certificate (serial {serial}) is revoked by a `revocation` document: the agent must join again with a new token"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Verifies a bot certificate for issuance: ours, valid, not revoked, not locked, not renewed
+    /// since.
     pub(super) fn authenticate(&mut self, der: &[u8]) -> Result<BotClaims, IssuerError> {
+        self.not_revoked(der)?;
         let digest: [u8; 32] = Sha256::digest(der).into();
         let claims = match self.verified.get(&digest) {
             Some((claims, not_after)) if *not_after > now() => claims.clone(),
@@ -111,14 +133,14 @@ impl State {
                 verified.claims
             }
         };
+        let record = self.record(&claims.instance_key());
+        if let Some(reason) = record.locked {
+            return Err(IssuerError::Locked {
+                bot: claims.bot,
+                reason,
+            });
+        }
         if is_token(&claims) {
-            let record = self.record(&claims.instance_key());
-            if let Some(reason) = record.locked {
-                return Err(IssuerError::Locked {
-                    bot: claims.bot,
-                    reason,
-                });
-            }
             let just_replaced = record
                 .replaced
                 .is_some_and(|(generation, until)| generation == claims.generation && now().unix_timestamp() < until);

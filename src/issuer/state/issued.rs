@@ -172,6 +172,11 @@ impl IssuanceLog {
         self.pending.lock().expect("issuance log poisoned").push(issued);
     }
 
+    /// What the keys of the log this process knows of take in the store.
+    pub fn bytes(&self) -> usize {
+        self.keys.lock().expect("issuance log poisoned").values().sum()
+    }
+
     /// When the certificate with this serial (lower-case hex) expires, if this process knows it.
     pub fn expiry(&self, serial: &str) -> Option<OffsetDateTime> {
         self.expiries
