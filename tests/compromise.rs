@@ -90,6 +90,51 @@ async fn the_issuance_log_lists_what_was_issued_to_which_instance_and_survives_a
     assert!(after.iter().any(|r| r["serial"] == serial.as_str()), "{after:#?}");
 }
 
+/// An issuer host (`manifests/fleet/issuer`, SPIFFE IDs by uid) and an agent of it joined with the
+/// fleet token, its workload socket up.
+fn issuer_and_agent() -> (common::fleet::Issuer, common::Daemon) {
+    use common::fleet::{Issuer, agent_config, start_agent, token_onboarding, wait_for_socket};
+    let issuer = Issuer::start("/uid/{{workload.unix.uid}}", &[]);
+    let (port, pin) = (issuer.port, issuer.pin.clone());
+    let agent = start_agent(
+        |dir| {
+            agent_config(
+                dir,
+                port,
+                &token_onboarding("fleet-token-change-me", &pin),
+                "example-workload-identity",
+            )
+        },
+        &[],
+    );
+    wait_for_socket(&agent);
+    (issuer, agent)
+}
+
+/// A `FetchX509SVID` stream on `daemon`'s socket (our own client, which shows the `crl` field), and
+/// its first message.
+async fn x509_stream(
+    daemon: &common::Daemon,
+) -> (
+    tonic::Streaming<tbot::workload_api::proto::X509svidResponse>,
+    tbot::workload_api::proto::X509svidResponse,
+) {
+    use tbot::workload_api::client;
+    use tbot::workload_api::proto::X509svidRequest;
+    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use tokio_stream::StreamExt;
+    let channel = client::connect(&daemon.endpoint().replace("unix:", "unix://"))
+        .await
+        .unwrap();
+    let mut stream = SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(client::request(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    (stream, first)
+}
+
 /// The revocation document of `serials`.
 fn revocation(name: &str, serials: &[&str]) -> String {
     let list: Vec<String> = serials.iter().map(|s| format!("\"{s}\"")).collect();
@@ -151,22 +196,11 @@ fn split_der(mut der: &[u8]) -> Vec<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_svid_is_in_the_crl_every_peer_reads_and_its_workload_gets_a_fresh_one_at_once() {
-    use tbot::workload_api::client;
-    use tbot::workload_api::proto::X509svidRequest;
-    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     use tokio_stream::StreamExt;
 
     let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
     let daemon = common::Daemon::start(dir, socket.clone());
-    let channel = client::connect(&daemon.endpoint().replace("unix:", "unix://"))
-        .await
-        .unwrap();
-    let mut stream = SpiffeWorkloadApiClient::new(channel)
-        .fetch_x509svid(client::request(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = stream.next().await.unwrap().unwrap();
+    let (mut stream, first) = x509_stream(&daemon).await;
     let old = first.svids[0].x509_svid.clone();
     let cas = first.svids[0].bundle.clone();
     let serial = serial_of(&old);
@@ -268,35 +302,10 @@ async fn a_revoked_svid_is_in_the_crl_every_peer_reads_and_its_workload_gets_a_f
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revocation_on_the_issuer_reaches_a_remote_agents_open_stream_and_its_log_names_the_agent() {
-    use common::fleet::{Issuer, agent_config, start_agent, token_onboarding, wait_for_socket};
-    use tbot::workload_api::client;
-    use tbot::workload_api::proto::X509svidRequest;
-    use tbot::workload_api::proto::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     use tokio_stream::StreamExt;
 
-    let issuer = Issuer::start("/uid/{{workload.unix.uid}}", &[]);
-    let (port, pin) = (issuer.port, issuer.pin.clone());
-    let agent = start_agent(
-        |dir| {
-            agent_config(
-                dir,
-                port,
-                &token_onboarding("fleet-token-change-me", &pin),
-                "example-workload-identity",
-            )
-        },
-        &[],
-    );
-    wait_for_socket(&agent);
-    let channel = client::connect(&agent.endpoint().replace("unix:", "unix://"))
-        .await
-        .unwrap();
-    let mut stream = SpiffeWorkloadApiClient::new(channel)
-        .fetch_x509svid(client::request(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = stream.next().await.unwrap().unwrap();
+    let (issuer, agent) = issuer_and_agent();
+    let (mut stream, first) = x509_stream(&agent).await;
     let old = first.svids[0].x509_svid.clone();
     let serial = serial_of(&old);
 
@@ -422,22 +431,9 @@ fn block_on<T: Send + 'static>(f: impl std::future::Future<Output = T> + Send) -
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bot_instance_locked_by_hand_loses_its_watch_and_its_issuance_until_unlocked() {
-    use common::fleet::{Issuer, agent_config, start_agent, token_onboarding, wait_for_socket, wait_for_status};
+    use common::fleet::wait_for_status;
 
-    let issuer = Issuer::start("/uid/{{workload.unix.uid}}", &[]);
-    let (port, pin) = (issuer.port, issuer.pin.clone());
-    let agent = start_agent(
-        |dir| {
-            agent_config(
-                dir,
-                port,
-                &token_onboarding("fleet-token-change-me", &pin),
-                "example-workload-identity",
-            )
-        },
-        &[],
-    );
-    wait_for_socket(&agent);
+    let (issuer, agent) = issuer_and_agent();
     wait_for_status(&issuer.daemon, "the agent connected", |s| {
         s.contains("(1 agent connected)")
     });
