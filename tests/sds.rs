@@ -207,6 +207,15 @@ fn a_rotation_is_pushed_on_the_open_sds_stream() {
     assert_ne!(first["version"], pushed["version"]);
 }
 
+/// A `revocation` document of the certificate in the PEM file `cert`.
+fn revocation_of(cert: &Path) -> String {
+    let serial = common::openssl(&["x509", "-in", cert.to_str().unwrap(), "-noout", "-serial"]);
+    let hex = serial.trim().trim_start_matches("serial=");
+    format!(
+        "kind: revocation\nversion: v1\nmetadata: {{name: leaked}}\nspec:\n  reason: client key leaked\n  serials: [\"{hex}\"]\n"
+    )
+}
+
 /// A running Envoy, killed on drop.
 struct Envoy {
     child: Reaped,
@@ -217,6 +226,11 @@ struct Envoy {
 
 impl Envoy {
     fn start(dir: &Path, sds_socket: &Path) -> Option<Envoy> {
+        Envoy::start_with(dir, sds_socket, |config| config)
+    }
+
+    /// [`Envoy::start`] with `edit` applied to its configuration.
+    fn start_with(dir: &Path, sds_socket: &Path, edit: impl Fn(String) -> String) -> Option<Envoy> {
         let envoy = common::peer_dir("TBOT_TEST_VENV", "target/test-venv").join("bin/envoy");
         if !envoy.exists() {
             common::peer_missing(&format!(
@@ -226,8 +240,7 @@ impl Envoy {
             return None;
         }
         let (admin, port) = (common::free_port(), common::free_port());
-        let config = std::fs::read_to_string(root().join("tests/peers/envoy/envoy.yaml"))
-            .unwrap()
+        let config = edit(std::fs::read_to_string(root().join("tests/peers/envoy/envoy.yaml")).unwrap())
             .replace("SDS_SOCKET", sds_socket.to_str().unwrap())
             .replace("ADMIN_PORT", &admin.to_string())
             .replace("LISTEN_PORT", &port.to_string());
@@ -362,4 +375,62 @@ fn envoy_terminates_mutual_tls_with_secrets_from_sds_and_takes_a_rotation_withou
     assert!(config.contains("envoy.tls.cert_validator.spiffe"), "{config}");
     mtls_get(envoy.port, Some((&cert, &key)), &bundle)
         .unwrap_or_else(|e| panic!("mTLS after the rotation failed: {e}\n{}", envoy.log()));
+
+    // A revocation reaches Envoy in the validation context (`crl`). Envoy's SPIFFE validator does
+    // not check it (the next test has Envoy's default validator refuse a revoked SVID).
+    std::fs::write(daemon.dir.path().join("etc/revocation.yaml"), revocation_of(&cert)).unwrap();
+    wait_until("the CRL in Envoy's validation context", Duration::from_secs(20), || {
+        let config = envoy.admin("/config_dump?resource=dynamic_active_secrets");
+        (config.contains("\"crl\"") && envoy.stat("sds.ALL.update_success") >= 2).then_some(())
+    });
+    assert_eq!(envoy.stat("sds.ALL.update_rejected"), 0, "{}", envoy.log());
+}
+
+#[test]
+fn envoy_with_a_plain_trusted_ca_refuses_a_revoked_client_svid_and_takes_the_one_issued_again() {
+    if python().is_none() {
+        return;
+    }
+    let daemon = daemon("1h");
+    // Envoy's default validator (what a node with `disable_spiffe_cert_validation` gets) checks the
+    // `crl` of its validation context.
+    let Some(envoy) = Envoy::start_with(daemon.dir.path(), &daemon.socket, |config| {
+        config
+            .replace(
+                "node: {id: tbot-envoy-test, cluster: tests}",
+                "node: {id: tbot-envoy-test, cluster: tests, metadata: {disable_spiffe_cert_validation: true}}",
+            )
+            .replace("name: ALL", "name: ROOTCA")
+    }) else {
+        return;
+    };
+    let client = daemon.dir.path().join("client");
+    let (cert, key, bundle) = (
+        client.join("svid.pem"),
+        client.join("svid_key.pem"),
+        client.join("svid_bundle.pem"),
+    );
+    wait_until("the client output", Duration::from_secs(10), || {
+        cert.exists().then_some(())
+    });
+    wait_until("Envoy answering over mTLS", Duration::from_secs(60), || {
+        mtls_get(envoy.port, Some((&cert, &key)), &bundle).ok()
+    });
+    // The client's key leaks: a thief holds a copy of its files.
+    let stolen = daemon.dir.path().join("stolen");
+    std::fs::create_dir(&stolen).unwrap();
+    let (scert, skey) = (stolen.join("svid.pem"), stolen.join("svid_key.pem"));
+    std::fs::copy(&cert, &scert).unwrap();
+    std::fs::copy(&key, &skey).unwrap();
+    std::fs::write(daemon.dir.path().join("etc/revocation.yaml"), revocation_of(&scert)).unwrap();
+    let refused = wait_until(
+        "Envoy refusing the revoked client SVID",
+        Duration::from_secs(20),
+        || mtls_get(envoy.port, Some((&scert, &skey)), &bundle).err(),
+    );
+    assert!(!refused.contains("hello from envoy"), "{refused}");
+    wait_until("the client SVID issued again, let in", Duration::from_secs(20), || {
+        mtls_get(envoy.port, Some((&cert, &key)), &bundle).ok()
+    });
+    assert_eq!(envoy.stat("sds.ROOTCA.update_rejected"), 0, "{}", envoy.log());
 }

@@ -105,11 +105,24 @@ fn tls_certificate(name: &str, material: &X509Material) -> prost_types::Any {
     )
 }
 
-/// A validation context trusting `bundles` (each entry: a trust domain and its CAs, DER).
-fn validation_context(name: &str, bundles: &[(&str, &[Vec<u8>])], mode: Validation) -> prost_types::Any {
-    let context = match mode {
+/// A validation context trusting `bundles` (each entry: a trust domain and its CAs, DER), refusing
+/// what `crls` (DER) revoke. Envoy refuses a chain that has a CRL for some of its CAs and not for
+/// others, so the CRLs go only into a context of this trust domain alone (one CRL per CA of it).
+fn validation_context(
+    name: &str,
+    bundles: &[(&str, &[Vec<u8>])],
+    crls: &[Vec<u8>],
+    mode: Validation,
+) -> prost_types::Any {
+    let crl = (!crls.is_empty()).then(|| {
+        crls.iter()
+            .map(|der| crate::pem::block("X509 CRL", der))
+            .collect::<String>()
+    });
+    let mut context = match mode {
         Validation::TrustedCa => CertificateValidationContext {
             trusted_ca: inline(crate::pem::certificates(bundles.iter().flat_map(|(_, cas)| cas.iter()))),
+            crl: None,
             custom_validator_config: None,
         },
         Validation::Spiffe => {
@@ -124,6 +137,7 @@ fn validation_context(name: &str, bundles: &[(&str, &[Vec<u8>])], mode: Validati
             };
             CertificateValidationContext {
                 trusted_ca: None,
+                crl: None,
                 custom_validator_config: Some(TypedExtensionConfig {
                     name: SPIFFE_VALIDATOR.into(),
                     typed_config: Some(prost_types::Any {
@@ -134,6 +148,7 @@ fn validation_context(name: &str, bundles: &[(&str, &[Vec<u8>])], mode: Validati
             }
         }
     };
+    context.crl = crl.and_then(inline);
     any(name, secret::Type::ValidationContext(context))
 }
 
@@ -150,6 +165,7 @@ fn secrets(
         Err(status) => return Some(Err(status)),
     };
     let own = format!("spiffe://{}", bundles.trust_domain);
+    let crls: &[Vec<u8>] = &bundles.crls;
     let ours: [(&str, &[Vec<u8>]); 1] = [(bundles.trust_domain.as_str(), &bundles.x509_authorities)];
     // Every trust domain, this one first.
     let all: Vec<(&str, &[Vec<u8>])> = ours
@@ -164,7 +180,7 @@ fn secrets(
         .collect();
     if names.is_empty() {
         let mut out: Vec<_> = ready.iter().map(|m| tls_certificate(&m.svid.spiffe_id, m)).collect();
-        out.push(validation_context(&own, &ours, mode));
+        out.push(validation_context(&own, &ours, crls, mode));
         return Some(Ok(out));
     }
     let mut out = Vec::new();
@@ -172,7 +188,7 @@ fn secrets(
     for name in names {
         match name.as_str() {
             DEFAULT_SVID => out.push(tls_certificate(name, &ready[0])),
-            ROOT_CA => out.push(validation_context(name, &ours, mode)),
+            ROOT_CA => out.push(validation_context(name, &ours, crls, mode)),
             ALL_BUNDLES if mode == Validation::TrustedCa => {
                 return Some(Err(Status::failed_precondition(
                     "`ALL` needs Envoy's SPIFFE certificate validator (Envoy 1.18 or later, and no \
@@ -180,15 +196,18 @@ fn secrets(
                 )));
             }
             // One entry per trust domain, this one first.
-            ALL_BUNDLES => out.push(validation_context(name, &all, mode)),
-            name if name == own => out.push(validation_context(name, &ours, mode)),
+            ALL_BUNDLES => {
+                let crls = if all.len() == 1 { crls } else { &[] };
+                out.push(validation_context(name, &all, crls, mode))
+            }
+            name if name == own => out.push(validation_context(name, &ours, crls, mode)),
             name if name
                 .strip_prefix("spiffe://")
                 .is_some_and(|td| bundles.federated.contains_key(td)) =>
             {
                 let td = &name["spiffe://".len()..];
                 let cas = &bundles.federated[td].x509_authorities;
-                out.push(validation_context(name, &[(td, cas.as_slice())], mode));
+                out.push(validation_context(name, &[(td, cas.as_slice())], &[], mode));
             }
             name => match ready.iter().find(|m| m.svid.spiffe_id == name) {
                 Some(m) => out.push(tls_certificate(name, m)),
