@@ -576,4 +576,32 @@ async fn agents_on_other_hosts_join_a_remote_issuer_by_iam_as_instances_of_one_b
         generations.iter().all(|g| *g >= 2),
         "each instance joined again: {bots}"
     );
+
+    // One instance locked by hand stays locked while its agent keeps joining again (every 2 s):
+    // a join with a certificate of a locked instance is refused, and the lock is not rewritten.
+    let listed = common::stdout(&issuer.daemon.tbotctl(&["get", "bot/example-bot", "-o", "json"]));
+    let view: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let instance = view[0]["instances"][0]["id"].as_str().unwrap().to_owned();
+    let lock = issuer.daemon.tbotctl(&[
+        "lock",
+        &format!("example-bot/{instance}"),
+        "--reason",
+        "imaged elsewhere",
+    ]);
+    assert!(lock.status.success(), "{}", String::from_utf8_lossy(&lock.stderr));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let listed = common::stdout(&issuer.daemon.tbotctl(&["get", "bot/example-bot", "-o", "json"]));
+    let view: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let locked = view[0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == instance.as_str())
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(locked["locked"], "imaged elsewhere", "{listed}");
+    let refused = [&first, &second]
+        .iter()
+        .filter(|a| a.log().contains("is locked: imaged elsewhere"))
+        .count();
+    assert_eq!(refused, 1, "one agent is refused, naming the lock");
 }

@@ -370,7 +370,7 @@ impl Agent {
             // The issuer refuses it from now on, a renewal included: the renewal's refusal is what
             // the status shows, with what to do.
             tracing::error!(
-                "this agent's bot certificate was revoked: the issuer refuses it; join again with a new token"
+                "this agent's bot certificate was revoked: the issuer refuses it (a `token` agent must join again with a new token; an `iam` agent joins again by itself)"
             );
             self.renew_now.notify_one();
         }

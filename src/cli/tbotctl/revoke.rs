@@ -74,7 +74,7 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
         }
     }
     let mut jwts = 0;
-    let mut found = Vec::new();
+    let mut found: Vec<Issued> = Vec::new();
     if let Some(id) = &args.spiffe_id {
         let request = IssuedRequest {
             spiffe_id: id.clone(),
@@ -89,6 +89,27 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
         Ok(locking) => locking,
         Err(code) => return code,
     };
+    // A bot instance is locked before anything else: nothing more is issued to its key while the
+    // revocation is written and applied.
+    if let Some((bot, instance)) = &locking
+        && !args.dry_run
+    {
+        let locked = super::lock::send(&args.daemon, bot.clone(), instance.clone(), args.reason.clone(), false).await;
+        if locked != ExitCode::SUCCESS {
+            return locked;
+        }
+    }
+    if locking.is_none() && args.spiffe_id.is_none() {
+        // Revocations belong on the issuer host: asking for its log (nothing, from the far future)
+        // is refused by an agent of a remote issuer, before anything is written.
+        let probe = IssuedRequest {
+            since: "9999-01-01T00:00:00Z".into(),
+            ..Default::default()
+        };
+        if let Err(code) = from_log(args, probe, |_| false).await {
+            return code;
+        }
+    }
     if let Some((bot, instance)) = &locking {
         let request = IssuedRequest {
             bot: bot.clone(),
@@ -99,6 +120,13 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
             Err(code) => return code,
         }
     }
+    // When every serial came from the log, the document ends when the last of them expires.
+    let expires = found
+        .iter()
+        .filter(|r| r.kind != IssuedKind::JwtSvid)
+        .map(|r| r.not_after)
+        .max()
+        .filter(|_| args.serial.is_empty());
     for r in found {
         if r.kind == IssuedKind::JwtSvid {
             jwts += 1;
@@ -137,7 +165,11 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
     }
     let mut text = format!(
         "# Written by `tbotctl revoke`. The issuer's CRL lists these certificates until they expire.\n\
-         kind: revocation\nversion: v1\nmetadata:\n  name: {name}\nspec:\n  reason: {}\n  serials:\n",
+         kind: revocation\nversion: v1\nmetadata:\n  name: {name}\n{}spec:\n  reason: {}\n  serials:\n",
+        expires.map_or_else(String::new, |e| format!(
+            "  # When the last of these certificates expires: the revocation ends by itself.\n  expires: {}\n",
+            crate::rfc3339(e)
+        )),
         serde_json::to_string(args.reason.trim()).expect("a string serializes")
     );
     for (serial, note) in &serials {
@@ -185,18 +217,15 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
     match client.apply(ApplyRequest { wait_seconds: 30 }).await {
         Ok(r) if r.get_ref().converged => {
             outln!(
-                "revocation/{name} applied: the issuer's CRL lists it (`tbotctl get svids` shows what was issued since)"
+                "revocation/{name} applied on this issuer: its CRL lists it (other replicas list it once the document is deployed to them)"
             );
-            // A bot instance is locked too: nothing more is issued to its key.
-            match locking {
-                Some((bot, instance)) => {
-                    super::lock::send(&args.daemon, bot, instance, args.reason.clone(), false).await
-                }
-                None => ExitCode::SUCCESS,
-            }
+            ExitCode::SUCCESS
         }
         Ok(_) => {
-            eprintln!("revocation/{name} written, but the daemon has not converged within 30 s: see `tbotctl get`");
+            eprintln!(
+                "revocation/{name} is written, but the daemon has not converged within 30 s, so its CRL may not list it yet: \
+                 `tbotctl get` shows what is not ready"
+            );
             ExitCode::from(1)
         }
         Err(status) => explain(status),

@@ -288,10 +288,12 @@ impl LocalIssuer {
         let bot = token.spec.bot_name.to_string();
         let (roles, dir, kept) = {
             let state = self.lock();
-            // A joiner that holds a certificate of this bot from an earlier `iam` join keeps its instance.
+            // A joiner that holds a certificate of this bot from an earlier `iam` join keeps its
+            // instance (a revoked certificate keeps nothing).
             let kept = request
                 .current
                 .as_deref()
+                .filter(|der| state.not_revoked(der).is_ok())
                 .and_then(|der| bots::verify_bot_certificate(&state.authority, der, now()).ok())
                 .map(|v| v.claims)
                 .filter(|c| c.bot == bot && c.join.get("join.meta.join_method").map(String::as_str) == Some("iam"))
@@ -308,6 +310,10 @@ impl LocalIssuer {
         let backing = &self.inner.backing;
         for _ in 0..CONFLICT_RETRIES {
             let (previous, revision) = read_record(backing, &file).await?;
+            // A locked instance stays locked: joining again does not lift it (`tbotctl unlock` does).
+            if let Some(reason) = previous.locked {
+                return Err(IssuerError::Locked { bot, reason });
+            }
             let generation = previous.generation + 1;
             let joined_at = previous
                 .info

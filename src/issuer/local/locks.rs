@@ -30,8 +30,12 @@ impl LocalIssuer {
                 continue;
             };
             let newly_locked = self.lock().remember(key.clone(), updated, at);
+            let (bot, instance) = (bot.escape_debug(), instance.escape_debug());
             match &reason {
-                Some(reason) => tracing::warn!(%bot, %instance, %reason, "bot instance locked by hand"),
+                Some(reason) => {
+                    let reason = reason.escape_debug();
+                    tracing::warn!(%bot, %instance, %reason, "bot instance locked by hand")
+                }
                 None => tracing::warn!(%bot, %instance, "bot instance unlocked by hand"),
             }
             if newly_locked {

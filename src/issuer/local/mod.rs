@@ -105,6 +105,8 @@ struct Inner {
     reschedule: tokio::sync::Notify,
     /// What was issued, to whom.
     issued: IssuanceLog,
+    /// When each serial a `revocation` names expires, once the log told (see [`Inner::revoked`]).
+    revoked_expiries: Mutex<HashMap<String, OffsetDateTime>>,
     metrics: std::sync::RwLock<crate::issuer::metrics::IssuerMetrics>,
 }
 
@@ -153,8 +155,10 @@ async fn flush_issued(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         ticks += 1;
         if ticks.is_multiple_of(60) {
+            // Due, or a revoked certificate expired (its serial leaves the CRL).
             let mut state = inner.lock();
-            if state.crls_due() {
+            let revoked = inner.revoked(&state.policy);
+            if state.crls_due() || state.crls.as_ref().is_some_and(|c| c.revoked != revoked) {
                 inner.publish(&mut state);
             }
         }
@@ -223,14 +227,29 @@ impl Inner {
 
     /// The serials the CRL lists now: those of `revocation` documents not past `metadata.expires`
     /// whose certificates have not expired (as far as the issuance log knows).
+    /// A revoked serial's expiry is remembered once the log tells it, while a document names it
+    /// (the log forgets expired certificates after its history).
     fn revoked(&self, policy: &Policy) -> std::collections::BTreeSet<crate::resource::revocation::Serial> {
         let now = now();
-        policy
+        let mut known = self.revoked_expiries.lock().expect("revoked expiries poisoned");
+        let named: std::collections::BTreeSet<&crate::resource::revocation::Serial> = policy
             .revocations
             .values()
             .filter(|r| r.metadata.expires.is_none_or(|e| e.0 > now))
             .flat_map(|r| r.spec.serials.iter())
-            .filter(|s| self.issued.expiry(s.as_str()).is_none_or(|end| end > now))
+            .collect();
+        known.retain(|serial, _| named.iter().any(|s| s.as_str() == serial));
+        named
+            .into_iter()
+            .filter(|s| {
+                let expiry = match known.get(s.as_str()) {
+                    Some(end) => Some(*end),
+                    None => self.issued.expiry(s.as_str()).inspect(|end| {
+                        known.insert(s.as_str().to_owned(), *end);
+                    }),
+                };
+                expiry.is_none_or(|end| end > now)
+            })
             .cloned()
             .collect()
     }
@@ -247,7 +266,15 @@ impl LocalIssuer {
     pub async fn open_backing(backing: Backing, policy: Policy) -> Result<LocalIssuer, IssuerError> {
         let (state, revision) = load_state(&backing, policy).await?;
         let dir = state.dir();
-        let issued = IssuanceLog::open(backing.kv.clone(), state.policy.trust_domain.as_str()).await?;
+        let td = state.policy.trust_domain.as_str();
+        let issued = match IssuanceLog::open(backing.kv.clone(), td).await {
+            Ok(log) => log,
+            // The log is evidence, not state issuance needs: the issuer starts without reading it.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the issuance log; starting without what it holds (tbotctl get svids reads it again)");
+                IssuanceLog::unread(backing.kv.clone(), td)
+            }
+        };
         let (bundles, _) = watch::channel(Arc::new(state.bundles()));
         let inner = Arc::new(Inner {
             backing,
@@ -259,6 +286,7 @@ impl LocalIssuer {
             saving: AtomicBool::new(false),
             reschedule: tokio::sync::Notify::new(),
             issued,
+            revoked_expiries: Mutex::new(HashMap::new()),
             metrics: Default::default(),
         });
         // The first bundle with the CRLs (of the revocations already in force, or none).
@@ -333,6 +361,19 @@ impl LocalIssuer {
     }
 
     /// Verifies a bot certificate as issuance does (ours, valid, not locked, not renewed since).
+    /// The refusal of a bot certificate that a `revocation` names or whose instance is locked; `None`
+    /// for any other outcome (a certificate renewed since keeps its open stream until it reconnects).
+    pub fn revoked_or_locked(&self, der: &[u8]) -> Option<IssuerError> {
+        let mut state = self.lock();
+        if let Err(e) = state.not_revoked(der) {
+            return Some(e);
+        }
+        match state.authenticate(der) {
+            Err(e @ IssuerError::Locked { .. }) => Some(e),
+            _ => None,
+        }
+    }
+
     pub fn authenticate(&self, der: &[u8]) -> Result<BotClaims, IssuerError> {
         self.lock().authenticate(der)
     }

@@ -342,10 +342,19 @@ impl WatchState {
                     changed.ok()?;
                     let now = self.bundles.borrow_and_update().clone();
                     // A CA withdrawn (a forced retire) may be the one that signed this agent's
-                    // certificate: then the stream ends with the refusal, and the agent says so.
+                    // certificate, and a new revocation may name it: then the stream ends with the
+                    // refusal, and the agent says so.
                     let withdrawn = self.last_bundle.x509_authorities.iter().any(|ca| !now.x509_authorities.contains(ca));
+                    let revoked = self.last_bundle.revoked != now.revoked;
                     self.last_bundle = now;
-                    if withdrawn && let Err(e) = self.issuer.authenticate(&self.certificate) {
+                    let refused = if withdrawn {
+                        self.issuer.authenticate(&self.certificate).err()
+                    } else if revoked {
+                        self.issuer.revoked_or_locked(&self.certificate)
+                    } else {
+                        None
+                    };
+                    if let Some(e) = refused {
                         self.ended = true;
                         self.sessions.refused(&self._guard, &e.to_string());
                         return Some(Err(status(e)));
@@ -364,8 +373,9 @@ impl WatchState {
                 changed = self.locks.changed() => {
                     changed.ok()?;
                     self.locks.borrow_and_update();
-                    // A locked instance hears nothing more.
-                    if let Err(e @ IssuerError::Locked { .. }) = self.issuer.authenticate(&self.certificate) {
+                    // A locked instance hears nothing more (nor a revoked certificate, which is
+                    // refused before the lock is looked at).
+                    if let Some(e) = self.issuer.revoked_or_locked(&self.certificate) {
                         self.ended = true;
                         self.sessions.refused(&self._guard, &e.to_string());
                         return Some(Err(status(e)));

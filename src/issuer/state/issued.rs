@@ -27,6 +27,11 @@ pub const HISTORY: time::Duration = time::Duration::hours(24);
 pub const MAX_BYTES: usize = 64 << 20;
 /// How often what was issued is written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// The most one key holds: a second's records are split into keys of at most this (etcd refuses a
+/// request over 1.5 MiB by default).
+pub const MAX_KEY_BYTES: usize = 512 << 10;
+/// The most records kept in memory while the store does not take them; the oldest go first.
+pub const MAX_PENDING: usize = 100_000;
 
 /// What was issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +132,17 @@ impl IssuanceLog {
     pub async fn open(kv: SharedKv, trust_domain: &str) -> Result<IssuanceLog, StoreError> {
         let prefix = prefix_of(trust_domain);
         let (entries, _) = kv.list(&prefix).await?;
+        Ok(IssuanceLog::with(kv, trust_domain, entries))
+    }
+
+    /// A log that knows none of the keys already in the store (they could not be read): it writes
+    /// and prunes its own, and lists them all when asked.
+    pub fn unread(kv: SharedKv, trust_domain: &str) -> IssuanceLog {
+        IssuanceLog::with(kv, trust_domain, Vec::new())
+    }
+
+    fn with(kv: SharedKv, trust_domain: &str, entries: Vec<crate::kv::Entry>) -> IssuanceLog {
+        let prefix = prefix_of(trust_domain);
         let mut expiries = std::collections::HashMap::new();
         for entry in &entries {
             for line in entry.value.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -140,7 +156,7 @@ impl IssuanceLog {
         let keys = entries.into_iter().map(|e| (e.key, e.value.len())).collect();
         let mut writer = [0u8; 4];
         let _ = aws_lc_rs::rand::fill(&mut writer);
-        Ok(IssuanceLog {
+        IssuanceLog {
             kv,
             prefix,
             writer: crate::hex(&writer),
@@ -148,7 +164,7 @@ impl IssuanceLog {
             keys: Mutex::new(keys),
             flushing: tokio::sync::Mutex::new(()),
             expiries: Mutex::new(expiries),
-        })
+        }
     }
 
     /// Records what was issued: said in the log now, written to the store within [`FLUSH_EVERY`].
@@ -169,7 +185,16 @@ impl IssuanceLog {
                 .expect("issuance log poisoned")
                 .insert(issued.serial.clone(), issued.not_after);
         }
-        self.pending.lock().expect("issuance log poisoned").push(issued);
+        let mut pending = self.pending.lock().expect("issuance log poisoned");
+        pending.push(issued);
+        if pending.len() > MAX_PENDING {
+            let dropped = pending.len() - MAX_PENDING;
+            pending.drain(..dropped);
+            tracing::warn!(
+                dropped,
+                "the store has not taken the issuance log for a while: its oldest unwritten records are dropped (they are in this log at INFO)"
+            );
+        }
     }
 
     /// What the keys of the log this process knows of take in the store.
@@ -189,25 +214,40 @@ impl IssuanceLog {
     /// Writes what is pending as one key, then drops what is past its history or over the cap.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _one = self.flushing.lock().await;
-        let batch = std::mem::take(&mut *self.pending.lock().expect("issuance log poisoned"));
-        if !batch.is_empty() {
-            let last = batch.iter().map(|r| r.not_after.unix_timestamp()).max().unwrap_or(0);
-            let written = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-            let key = format!("{}{written:013}-{last:010}-{}", self.prefix, self.writer);
+        let mut batch = std::mem::take(&mut *self.pending.lock().expect("issuance log poisoned"));
+        let written = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let mut part = 0;
+        while !batch.is_empty() {
+            // As many records as fit in one key (at least one).
             let mut value = Vec::new();
+            let mut taken = 0;
             for record in &batch {
+                let before = value.len();
                 serde_json::to_writer(&mut value, record).expect("a record serializes");
                 value.push(b'\n');
+                if value.len() > MAX_KEY_BYTES && taken > 0 {
+                    value.truncate(before);
+                    break;
+                }
+                taken += 1;
             }
+            let last = batch[..taken]
+                .iter()
+                .map(|r| r.not_after.unix_timestamp())
+                .max()
+                .unwrap_or(0);
+            let key = format!("{}{written:013}-{last:010}-{}-{part}", self.prefix, self.writer);
             let size = value.len();
             if let Err(e) = self.kv.txn(Vec::new(), vec![Op::put(&key, value)]).await {
-                // Kept for the next flush: the store may be back by then.
+                // Kept for the next flush, before what came since: the store may be back by then.
                 let mut pending = self.pending.lock().expect("issuance log poisoned");
                 let newer = std::mem::replace(&mut *pending, batch);
                 pending.extend(newer);
                 return Err(e);
             }
             self.keys.lock().expect("issuance log poisoned").insert(key, size);
+            batch.drain(..taken);
+            part += 1;
         }
         self.prune().await
     }
@@ -219,7 +259,7 @@ impl IssuanceLog {
         self.expiries
             .lock()
             .expect("issuance log poisoned")
-            .retain(|_, not_after| *not_after > now);
+            .retain(|_, not_after| *not_after + HISTORY > now);
         let gone: Vec<String> = {
             let keys = self.keys.lock().expect("issuance log poisoned");
             let horizon = (OffsetDateTime::now_utc() - HISTORY).unix_timestamp();
@@ -338,5 +378,23 @@ mod tests {
             .map(|r| r.serial)
             .collect();
         assert_eq!(serials, ["aa", "bb"]);
+    }
+
+    #[tokio::test]
+    async fn a_busy_second_is_written_as_several_keys_none_over_the_limit() {
+        let kv: SharedKv = std::sync::Arc::new(crate::kv::MemoryKv::new());
+        let log = IssuanceLog::open(kv.clone(), "example.org").await.unwrap();
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        for i in 0..3000 {
+            let mut r = record(&format!("{i:x}"), "web", later);
+            r.attributes
+                .insert("workload.unix.binary_path".into(), vec!["/x".repeat(150)]);
+            log.record(r);
+        }
+        log.flush().await.unwrap();
+        let (entries, _) = kv.list("issuer/example.org@issued/").await.unwrap();
+        assert!(entries.len() >= 2, "{} keys", entries.len());
+        assert!(entries.iter().all(|e| e.value.len() <= MAX_KEY_BYTES));
+        assert_eq!(log.list(&Filter::default()).await.unwrap().len(), 3000);
     }
 }
