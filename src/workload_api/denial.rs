@@ -1,6 +1,36 @@
-//! What a denied Workload API caller is told about itself: what each attestor found.
+//! What a refused Workload API caller is told: the security header's check, the status of an
+//! issuer's refusal, and what each attestor found about the caller.
 
+use tonic::{Request, Status};
+
+use super::SECURITY_HEADER;
 use super::listener::Attested;
+use crate::error::Explain;
+use crate::issuer::IssuerError;
+
+/// The header check every call starts with: exactly one value, exactly `true`.
+pub(super) fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+    let values: Vec<_> = request.metadata().get_all(SECURITY_HEADER).iter().collect();
+    match values.as_slice() {
+        [one] if one.as_bytes() == b"true" => Ok(()),
+        [] => Err(Status::invalid_argument(format!(
+            "security header missing from request: set `{SECURITY_HEADER}: true`"
+        ))),
+        _ => Err(Status::invalid_argument(format!(
+            "security header `{SECURITY_HEADER}` must be exactly one value `true`"
+        ))),
+    }
+}
+
+/// The gRPC status for an issuer error, with what the operator can do about it.
+pub(super) fn status(error: IssuerError) -> Status {
+    let message = error.explain();
+    if error.is_transient() {
+        Status::unavailable(message)
+    } else {
+        Status::permission_denied(message)
+    }
+}
 
 /// What each attestor found about a caller, for denials: `unix` (uid, gid, binary), and for each of
 /// `systemd`, `docker`, `podman`, `kubernetes` that answered, what it found or that it found

@@ -268,3 +268,16 @@ pub fn incoming_tcp(listener: TcpListener) -> ReceiverStream<io::Result<Conn>> {
     });
     ReceiverStream::new(rx)
 }
+
+/// The caller's attested attributes.
+pub(super) fn attested<T>(request: &tonic::Request<T>) -> Result<Arc<Attested>, tonic::Status> {
+    let info = request
+        .extensions()
+        .get::<CallerInfo>()
+        .ok_or_else(|| tonic::Status::internal("the connection carries no caller information"))?;
+    match &info.0.attested {
+        Ok(attrs) => Ok(attrs.clone()),
+        Err(e @ AttestError::PidReused { .. }) => Err(tonic::Status::unavailable(e.to_string())),
+        Err(e) => Err(tonic::Status::unavailable(format!("attestation failed: {e}"))),
+    }
+}

@@ -11,7 +11,8 @@ use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::server::{Follow, Made, OpenStream, Stream, Svids, Watch, Woke, WorkloadApi, attested, into_stream, issued};
+use super::listener::attested;
+use super::server::{Follow, Made, OpenStream, Stream, Svids, Watch, Woke, WorkloadApi, into_stream, issued};
 use crate::agent::{Slot, X509Material};
 use crate::issuer::{Bundles, Resolved};
 

@@ -11,15 +11,14 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Request, Response, Status};
 
-use super::SECURITY_HEADER;
-use super::listener::{Attested, CallerInfo};
+use super::denial::{check_header, status};
+use super::listener::{Attested, attested};
 use super::metrics::WorkloadApiMetrics;
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::*;
-use crate::agent::attest::AttestError;
 use crate::agent::{Agent, Slot, X509Material};
 use crate::error::Explain;
-use crate::issuer::{Bundles, IdentitySelector, IssuerError, Resolved};
+use crate::issuer::{Bundles, IdentitySelector, Resolved};
 
 /// What a service decides by: its selector and the lifetime of the SVIDs it serves. Swapped live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,43 +86,6 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// The header check every call starts with: exactly one value, exactly `true`.
-fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
-    let values: Vec<_> = request.metadata().get_all(SECURITY_HEADER).iter().collect();
-    match values.as_slice() {
-        [one] if one.as_bytes() == b"true" => Ok(()),
-        [] => Err(Status::invalid_argument(format!(
-            "security header missing from request: set `{SECURITY_HEADER}: true`"
-        ))),
-        _ => Err(Status::invalid_argument(format!(
-            "security header `{SECURITY_HEADER}` must be exactly one value `true`"
-        ))),
-    }
-}
-
-/// The caller's attested attributes.
-pub(super) fn attested<T>(request: &Request<T>) -> Result<Arc<Attested>, Status> {
-    let info = request
-        .extensions()
-        .get::<CallerInfo>()
-        .ok_or_else(|| Status::internal("the connection carries no caller information"))?;
-    match &info.0.attested {
-        Ok(attrs) => Ok(attrs.clone()),
-        Err(e @ AttestError::PidReused { .. }) => Err(Status::unavailable(e.to_string())),
-        Err(e) => Err(Status::unavailable(format!("attestation failed: {e}"))),
-    }
-}
-
-/// The gRPC status for an issuer error, with what the operator can do about it.
-pub(super) fn status(error: IssuerError) -> Status {
-    let message = error.explain();
-    if error.is_transient() {
-        Status::unavailable(message)
-    } else {
-        Status::permission_denied(message)
-    }
-}
-
 fn bundle_key(bundles: &Bundles) -> String {
     format!("spiffe://{}", bundles.trust_domain)
 }
@@ -141,20 +103,34 @@ fn federated_x509(bundles: &Bundles) -> HashMap<String, Vec<u8>> {
         .collect()
 }
 
-/// The caller's issued SVIDs, in slot order; `None` while one is still being issued, and
-/// `PermissionDenied` with every reason when none could be.
+/// The caller's issued SVIDs, in slot order; `None` while one is still being issued; when none
+/// could be, every reason: `Unavailable` when each failure is transient (the issuer could not be
+/// asked: retry), so an outage never reads as a denial; else `PermissionDenied`.
 pub(super) fn issued(slots: &[watch::Receiver<Slot>]) -> Option<Result<Vec<Arc<X509Material>>, Status>> {
     let mut ready = Vec::new();
     let mut failures = Vec::new();
+    let mut transient = true;
     for slot in slots {
         match &*slot.borrow() {
             Slot::Pending => return None,
-            Slot::Failed { error, .. } => failures.push(error.clone()),
+            Slot::Failed {
+                error,
+                transient: passing,
+                ..
+            } => {
+                failures.push(error.clone());
+                transient &= *passing;
+            }
             Slot::Ready(m) => ready.push(m.clone()),
         }
     }
     if ready.is_empty() {
-        return Some(Err(Status::permission_denied(failures.join("; "))));
+        let reasons = failures.join("; ");
+        return Some(Err(if transient {
+            Status::unavailable(reasons)
+        } else {
+            Status::permission_denied(reasons)
+        }));
     }
     Some(Ok(ready))
 }

@@ -36,10 +36,12 @@ pub enum Slot {
     /// The first issuance is under way.
     Pending,
     Ready(Arc<X509Material>),
-    /// Issuance failed and nothing valid is cached. `denied`: the caller may not have it at all.
+    /// Issuance failed and nothing valid is cached. `denied`: the caller may not have it at all;
+    /// `transient`: the issuer could not be asked (a retry may pass).
     Failed {
         error: String,
         denied: bool,
+        transient: bool,
     },
 }
 
@@ -353,6 +355,7 @@ impl SvidCache {
                     if denied || !still_valid {
                         tx.send_replace(Slot::Failed {
                             denied,
+                            transient: error.is_transient(),
                             error: error.explain(),
                         });
                     }

@@ -12,6 +12,7 @@
 //! Split by concern: [`view`] (memory), [`follower`] (the store into memory), [`keys`] (key
 //! lifecycle, one scheduler), [`joins`] (joins and renewals), [`federations`] (foreign bundles).
 
+mod evidence;
 mod federations;
 mod follower;
 mod joins;
@@ -43,6 +44,7 @@ use crate::issuer::{
 use crate::resource::spiffe_id::TrustDomain;
 use crate::store::Store;
 
+use self::evidence::{Crls, flush_issued};
 use self::follower::{follow, load_state};
 use self::keys::schedule;
 
@@ -76,16 +78,6 @@ struct State {
     served: std::collections::VecDeque<crate::issuer::keys::public::Key>,
     /// The signed CRLs (none only until the first publish).
     crls: Option<Crls>,
-}
-
-/// CRLs as signed, with what they were signed for.
-struct Crls {
-    signed_at: OffsetDateTime,
-    /// The CAs (ids) that signed them.
-    cas: Vec<u32>,
-    revoked: std::collections::BTreeSet<crate::resource::revocation::Serial>,
-    serials: Arc<std::collections::BTreeSet<String>>,
-    crls: Arc<Vec<Vec<u8>>>,
 }
 
 /// Serving keys remembered (a serving certificate is renewed every few hours).
@@ -144,35 +136,6 @@ pub struct PolicyEvent {
     pub all: bool,
 }
 
-/// Writes the issuance log every [`FLUSH_EVERY`](crate::issuer::state::issued::FLUSH_EVERY) while
-/// the issuer lives; a store that fails is said (at most once a minute) and tried again.
-/// Each minute it also signs the CRLs again when they are [due](State::crls_due).
-async fn flush_issued(inner: std::sync::Weak<Inner>) {
-    let mut said: Option<std::time::Instant> = None;
-    let mut ticks: u64 = 0;
-    loop {
-        tokio::time::sleep(crate::issuer::state::issued::FLUSH_EVERY).await;
-        let Some(inner) = inner.upgrade() else { return };
-        ticks += 1;
-        if ticks.is_multiple_of(60) {
-            // Due, or a revoked certificate expired (its serial leaves the CRL).
-            let mut state = inner.lock();
-            let revoked = inner.revoked(&state.policy);
-            if state.crls_due() || state.crls.as_ref().is_some_and(|c| c.revoked != revoked) {
-                inner.publish(&mut state);
-            }
-        }
-        let flushed = inner.issued.flush().await;
-        inner.metrics().log_bytes.set(inner.issued.bytes() as i64);
-        if let Err(e) = flushed
-            && said.is_none_or(|at| at.elapsed() > Duration::from_secs(60))
-        {
-            said = Some(std::time::Instant::now());
-            tracing::warn!(error = %e, "cannot write the issuance log; its records are kept and written when the store answers");
-        }
-    }
-}
-
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
@@ -206,52 +169,6 @@ impl Inner {
             metrics.crl_signed.set(crls.signed_at.unix_timestamp());
         }
         self.bundles.send_replace(Arc::new(state.bundles()));
-    }
-}
-
-impl Inner {
-    fn metrics(&self) -> crate::issuer::metrics::IssuerMetrics {
-        self.metrics.read().expect("metrics poisoned").clone()
-    }
-
-    /// Records what was issued: in the issuance log, and counted.
-    fn record(&self, record: crate::issuer::state::issued::Issued) {
-        let metrics = self.metrics();
-        match record.kind {
-            IssuedKind::X509Svid => metrics.x509_signed.inc(),
-            IssuedKind::JwtSvid => metrics.jwt_signed.inc(),
-            IssuedKind::BotCertificate => metrics.bots_signed.inc(),
-        };
-        self.issued.record(record);
-    }
-
-    /// The serials the CRL lists now: those of `revocation` documents not past `metadata.expires`
-    /// whose certificates have not expired (as far as the issuance log knows).
-    /// A revoked serial's expiry is remembered once the log tells it, while a document names it
-    /// (the log forgets expired certificates after its history).
-    fn revoked(&self, policy: &Policy) -> std::collections::BTreeSet<crate::resource::revocation::Serial> {
-        let now = now();
-        let mut known = self.revoked_expiries.lock().expect("revoked expiries poisoned");
-        let named: std::collections::BTreeSet<&crate::resource::revocation::Serial> = policy
-            .revocations
-            .values()
-            .filter(|r| r.metadata.expires.is_none_or(|e| e.0 > now))
-            .flat_map(|r| r.spec.serials.iter())
-            .collect();
-        known.retain(|serial, _| named.iter().any(|s| s.as_str() == serial));
-        named
-            .into_iter()
-            .filter(|s| {
-                let expiry = match known.get(s.as_str()) {
-                    Some(end) => Some(*end),
-                    None => self.issued.expiry(s.as_str()).inspect(|end| {
-                        known.insert(s.as_str().to_owned(), *end);
-                    }),
-                };
-                expiry.is_none_or(|end| end > now)
-            })
-            .cloned()
-            .collect()
     }
 }
 
