@@ -207,6 +207,20 @@ fn a_rotation_is_pushed_on_the_open_sds_stream() {
     assert_ne!(first["version"], pushed["version"]);
 }
 
+/// The client output's certificate, key and bundle, once written.
+fn client_output(daemon: &Daemon) -> (PathBuf, PathBuf, PathBuf) {
+    let client = daemon.dir.path().join("client");
+    let files = (
+        client.join("svid.pem"),
+        client.join("svid_key.pem"),
+        client.join("svid_bundle.pem"),
+    );
+    wait_until("the client output", Duration::from_secs(10), || {
+        files.0.exists().then_some(())
+    });
+    files
+}
+
 /// A `revocation` document of the certificate in the PEM file `cert`.
 fn revocation_of(cert: &Path) -> String {
     let serial = common::openssl(&["x509", "-in", cert.to_str().unwrap(), "-noout", "-serial"]);
@@ -324,15 +338,7 @@ fn envoy_terminates_mutual_tls_with_secrets_from_sds_and_takes_a_rotation_withou
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let client = daemon.dir.path().join("client");
-    let (cert, key, bundle) = (
-        client.join("svid.pem"),
-        client.join("svid_key.pem"),
-        client.join("svid_bundle.pem"),
-    );
-    wait_until("the client output", Duration::from_secs(10), || {
-        cert.exists().then_some(())
-    });
+    let (cert, key, bundle) = client_output(&daemon);
 
     // Envoy's SPIFFE validator accepts an SVID of the trust domain, and the client verifies Envoy's.
     let answer = mtls_get(envoy.port, Some((&cert, &key)), &bundle)
@@ -404,15 +410,7 @@ fn envoy_with_a_plain_trusted_ca_refuses_a_revoked_client_svid_and_takes_the_one
     }) else {
         return;
     };
-    let client = daemon.dir.path().join("client");
-    let (cert, key, bundle) = (
-        client.join("svid.pem"),
-        client.join("svid_key.pem"),
-        client.join("svid_bundle.pem"),
-    );
-    wait_until("the client output", Duration::from_secs(10), || {
-        cert.exists().then_some(())
-    });
+    let (cert, key, bundle) = client_output(&daemon);
     wait_until("Envoy answering over mTLS", Duration::from_secs(60), || {
         mtls_get(envoy.port, Some((&cert, &key)), &bundle).ok()
     });
