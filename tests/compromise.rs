@@ -485,3 +485,38 @@ async fn a_bot_instance_locked_by_hand_loses_its_watch_and_its_issuance_until_un
     });
     wait_for_status(&agent, "the agent is healthy again", |s| s.contains("(connected)"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_bot_certificate_ends_its_agents_watch_and_is_refused() {
+    use common::fleet::wait_for_status;
+
+    let (issuer, agent) = issuer_and_agent();
+    wait_for_status(&issuer.daemon, "the agent connected", |s| {
+        s.contains("(1 agent connected)")
+    });
+    let records = svids(&issuer.daemon, &["--bot", "example-bot"]);
+    let bot_certificate = records
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == "bot-certificate")
+        .and_then(|r| r["serial"].as_str())
+        .unwrap_or_else(|| panic!("{records:#?}"))
+        .to_owned();
+    let out = issuer.daemon.tbotctl(&[
+        "revoke",
+        "--serial",
+        &bot_certificate,
+        "--reason",
+        "the agent's key was copied",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Its open Watch ends (the issuer counts no agent), and the agent is refused from then on: not
+    // healthy, naming the revocation.
+    wait_for_status(&issuer.daemon, "the agent's stream ended", |s| {
+        !s.contains("(1 agent connected)")
+    });
+    wait_for_status(&agent, "the agent says its certificate is revoked", |s| {
+        s.contains("revoked")
+    });
+    assert_ne!(agent.tbotctl(&["status"]).status.code(), Some(0));
+}
