@@ -105,12 +105,14 @@ impl State {
     /// Refuses a bot certificate a `revocation` names: neither its holder nor a thief of its key
     /// gets anything with it, a renewal included (the instance must join again).
     pub(super) fn not_revoked(&self, der: &[u8]) -> Result<(), IssuerError> {
-        let Some(crls) = self.crls.as_ref() else {
+        // There is always a CRL: a certificate is parsed (on every issuance) only while it lists
+        // something.
+        let Some(crls) = self.crls.as_ref().filter(|c| !c.serials.is_empty()) else {
             return Ok(());
         };
         match crate::issuer::keys::crl::serial_of(der) {
             Some(serial) if crls.serials.contains(&serial) => Err(IssuerError::Unauthenticated(format!(
-                "this bot certificate (serial {serial}) is revoked by a `revocation` document: the agent must join again with a new token"
+                "this bot certificate (serial {serial}) is revoked by a `revocation` document: the agent must join again (a `token` agent with a new token)"
             ))),
             _ => Ok(()),
         }
