@@ -520,3 +520,192 @@ async fn a_revoked_bot_certificate_ends_its_agents_watch_and_is_refused() {
     });
     assert_ne!(agent.tbotctl(&["status"]).status.code(), Some(0));
 }
+
+/// A key's row in `tbotctl status` (`ca 1`, `jwt 2`): its phase and its dependents
+/// (`AGENTS/SVIDS`), empty when the key is not listed.
+fn key_row(daemon: &common::Daemon, key: &str) -> (String, String) {
+    let status = common::stdout(&daemon.tbotctl(&["status"]));
+    let row = status
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{key} ")))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .unwrap_or_default();
+    (
+        row.get(2).cloned().unwrap_or_default(),
+        row.get(3).cloned().unwrap_or_default(),
+    )
+}
+
+/// `tbotctl ARGS` on `daemon`, which must succeed; its standard output.
+fn tbotctl_ok(daemon: &common::Daemon, args: &[&str]) -> String {
+    let out = daemon.tbotctl(args);
+    assert!(
+        out.status.success(),
+        "tbotctl {args:?}: {}{}",
+        common::stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::stdout(&out)
+}
+
+/// PyJWT's verdict on `token` with the JWT bundle `daemon` serves now.
+fn pyjwt_accepts(python: &std::path::Path, daemon: &common::Daemon, token: &str, audience: &str) -> serde_json::Value {
+    let out = std::process::Command::new(python)
+        .arg(common::root().join("tests/peers/spiffe_peer.py"))
+        .args(["jwt_check", daemon.socket.to_str().unwrap(), token, audience])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The `kid` in a JWT's header.
+fn kid(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let header: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    header["kid"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ca_and_a_jwt_key_tainted_then_revoked_on_one_host_while_workloads_verify_everything() {
+    use common::scenario::{Workloads, until};
+    let Some(python) = common::venv_python("spiffe") else {
+        return;
+    };
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_ON_DISK);
+    let daemon = common::Daemon::start(dir, socket);
+    let (stream, first) = common::open_stream(&daemon).await;
+    let w = Workloads::start("one host", &daemon, &python, stream).await;
+    w.wait_for_id(&common::id(&first));
+    let client = WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let old_jwt = client.fetch_jwt_svid(&["db"], None).await.unwrap();
+    let old_kid = kid(old_jwt.token());
+
+    // Nothing to taint or revoke while one key signs: each says what to do instead.
+    let refused = daemon.tbotctl(&["rotate", "ca", "--taint-old"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("nothing to taint") && said.contains("--grace"),
+        "{said}"
+    );
+    let refused = daemon.tbotctl(&["rotate", "jwt", "--revoke-old"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("nothing to revoke"));
+
+    // The agent reports what it holds: its SVIDs and bot certificate of CA 1, its JWT-SVIDs of key 1.
+    until("the agent depends on CA 1", || {
+        key_row(&daemon, "ca 1").1.starts_with("1/")
+    });
+    until("the agent depends on JWT key 1", || {
+        key_row(&daemon, "jwt 1").1 != "0/0"
+    });
+
+    // The CA: a successor prepared; taint activates it and taints CA 1, which stays published.
+    tbotctl_ok(&daemon, &["rotate", "ca", "--grace", "1h"]);
+    let said = tbotctl_ok(&daemon, &["rotate", "ca", "--taint-old"]);
+    assert!(
+        said.contains("CA 2 signs from now on") && said.contains("tainted"),
+        "{said}"
+    );
+    assert_eq!(key_row(&daemon, "ca 1").0, "tainted");
+    assert_eq!(key_row(&daemon, "ca 2").0, "active");
+    // Every SVID and the bot certificate move off CA 1: the agent reports it holds nothing of it.
+    until("nothing depends on CA 1", || key_row(&daemon, "ca 1").1 == "0/0");
+    let (active, dependents) = key_row(&daemon, "ca 2");
+    assert!(active == "active" && dependents.starts_with("1/"), "{dependents}");
+    let ctx = client.fetch_x509_context().await.unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(ctx.svids()[0].leaf().as_ref()).unwrap();
+    assert!(leaf.issuer().to_string().contains("CA 2"), "{}", leaf.issuer());
+    // Revoked: gone from the bundle, listed as revoked.
+    let said = tbotctl_ok(&daemon, &["rotate", "ca", "--revoke-old"]);
+    assert!(said.contains("withdrawn from every bundle"), "{said}");
+    assert_eq!(key_row(&daemon, "ca 1").0, "revoked");
+    until("one CA in the bundle", || {
+        block_on({
+            let endpoint = daemon.endpoint();
+            async move {
+                let client = WorkloadApiClient::connect_to(endpoint).await.unwrap();
+                let ctx = client.fetch_x509_context().await.unwrap();
+                let td = ctx.svids()[0].spiffe_id().trust_domain().clone();
+                ctx.bundle_set().get(&td).unwrap().authorities().len() == 1
+            }
+        })
+    });
+
+    // The JWT key: tokens of the tainted kid are issued again, then the kid is withdrawn.
+    tbotctl_ok(&daemon, &["rotate", "jwt", "--grace", "1h"]);
+    tbotctl_ok(&daemon, &["rotate", "jwt", "--taint-old"]);
+    assert_eq!(key_row(&daemon, "jwt 1").0, "tainted");
+    let fresh = client.fetch_jwt_svid(&["db"], None).await.unwrap();
+    assert_ne!(
+        kid(fresh.token()),
+        old_kid,
+        "a token of the tainted key was served from the cache"
+    );
+    until("nothing depends on JWT key 1", || key_row(&daemon, "jwt 1").1 == "0/0");
+    // Still published while tainted: the old token still verifies (nothing fails mid-flight).
+    assert_eq!(pyjwt_accepts(&python, &daemon, old_jwt.token(), "db")["valid"], true);
+    tbotctl_ok(&daemon, &["rotate", "jwt", "--revoke-old"]);
+    assert_eq!(key_row(&daemon, "jwt 1").0, "revoked");
+    let verdict = pyjwt_accepts(&python, &daemon, old_jwt.token(), "db");
+    assert_eq!(verdict["valid"], false, "PyJWT with the JWKS served now: {verdict}");
+    assert!(
+        client.validate_jwt_token("db", old_jwt.token()).await.is_err(),
+        "ValidateJWTSVID refuses a token of the revoked key"
+    );
+    assert_eq!(pyjwt_accepts(&python, &daemon, fresh.token(), "db")["valid"], true);
+    assert!(client.validate_jwt_token("db", fresh.token()).await.is_ok());
+
+    // Throughout: every SVID verified against the bundle it came with, nothing was denied, and
+    // the status was never healthy while a fetch failed.
+    let summary = w.finish();
+    assert_eq!(summary.failed, 0, "{summary:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_a_tainted_ca_waits_for_the_remote_agent_and_names_it_while_it_does_not_move() {
+    use common::fleet::wait_for_status;
+    use std::process::Command;
+
+    let (issuer, agent) = issuer_and_agent();
+    wait_for_status(&issuer.daemon, "the agent connected", |s| {
+        s.contains("(1 agent connected)")
+    });
+    let client = WorkloadApiClient::connect_to(agent.endpoint()).await.unwrap();
+    client.fetch_x509_svid().await.unwrap();
+    // The issuer knows what the remote agent holds: its bot certificate and an SVID of CA 1.
+    common::scenario::until("the remote agent depends on CA 1", || {
+        key_row(&issuer.daemon, "ca 1").1 == "1/1"
+    });
+    tbotctl_ok(&issuer.daemon, &["rotate", "ca", "--grace", "1h"]);
+    wait_for_status(&agent, "the prepared CA reaches the agent", |s| {
+        s.matches("CA pin: ").count() == 2
+    });
+
+    // The agent stopped: it cannot move off CA 1, so the revoke waits, then names it.
+    let pid = agent.pid().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    tbotctl_ok(&issuer.daemon, &["rotate", "ca", "--taint-old"]);
+    let refused = issuer.daemon.tbotctl(&["rotate", "ca", "--revoke-old"]);
+    let said = String::from_utf8_lossy(&refused.stderr).to_string();
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("example-bot/") && said.contains("1 SVIDs and its bot certificate"),
+        "{said}"
+    );
+    assert!(said.contains("--force"), "{said}");
+    assert_eq!(key_row(&issuer.daemon, "ca 1").0, "tainted", "nothing changed");
+
+    // Running again, it re-signs its SVID and renews its bot certificate onto CA 2 at once.
+    common::scenario::until("nothing depends on CA 1", || key_row(&issuer.daemon, "ca 1").1 == "0/0");
+    tbotctl_ok(&issuer.daemon, &["rotate", "ca", "--revoke-old"]);
+    wait_for_status(&agent, "CA 1 leaves the agent's bundle", |s| {
+        s.matches("CA pin: ").count() == 1
+    });
+    let status = agent.tbotctl(&["status"]);
+    assert_eq!(status.status.code(), Some(0), "{}", common::stdout(&status));
+    let svid = client.fetch_x509_svid().await.unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).unwrap();
+    assert!(leaf.issuer().to_string().contains("CA 2"), "{}", leaf.issuer());
+}

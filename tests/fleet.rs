@@ -826,6 +826,17 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
     ] {
         assert_eq!(code(k), "INVALID_ARGUMENT", "{k}: {report:#}");
     }
+    // Holdings reports refused whole when oversize, and only with a bot certificate.
+    for k in ["report_many_keys", "report_long_name"] {
+        assert_eq!(code(k), "INVALID_ARGUMENT", "{k}: {report:#}");
+        assert!(
+            report[k]["details"].as_str().unwrap_or_default().contains("limit")
+                || report[k]["details"].as_str().unwrap_or_default().contains("at most"),
+            "{k}: {report:#}"
+        );
+    }
+    assert_eq!(code("report_plain"), "OK", "{report:#}");
+    assert_eq!(code("report_anonymous"), "UNAUTHENTICATED", "{report:#}");
     // Bytes that are not a message are the client's fault, not the server's.
     assert_eq!(code("undecodable_request"), "INVALID_ARGUMENT", "{report:#}");
     // What held before this round still holds: token refusals, authentication, TLS 1.3 only and

@@ -499,10 +499,11 @@ fn key_rows(status: &str) -> Vec<(String, u32, String, String)> {
         .take_while(|l| l.starts_with("  "))
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() != 7 {
+            // KEY (two words), PHASE, AGENTS/SVIDS, PHASE ENDS, CREATED, NOT AFTER, PIN / KID.
+            if f.len() != 8 {
                 return None;
             }
-            Some((f[0].to_owned(), f[1].parse().ok()?, f[2].to_owned(), f[6].to_owned()))
+            Some((f[0].to_owned(), f[1].parse().ok()?, f[2].to_owned(), f[7].to_owned()))
         })
         .collect()
 }

@@ -476,8 +476,13 @@ async fn ca_rotation_keeps_both_cas_in_the_bundle_until_old_svids_expire() {
     let old_key = KeyPair::generate().unwrap();
     let old = issuer.issue_x509(x509_request(&bot.der, &old_key, 1000)).await.unwrap();
     // Prepared, then activated at once (`tbotctl rotate ca`, then `--force`).
-    issuer.rotate_by_hand(false, Duration::ZERO, false).await.unwrap();
-    issuer.rotate_by_hand(false, Duration::ZERO, true).await.unwrap();
+    use tbot::issuer::keys::rotation::ByHand;
+    let rotate = |force| ByHand::Rotate {
+        grace: Duration::ZERO,
+        force,
+    };
+    issuer.rotate_by_hand(false, rotate(false)).await.unwrap();
+    issuer.rotate_by_hand(false, rotate(true)).await.unwrap();
     assert!(bundles.has_changed().unwrap(), "watchers see the rotation");
     let bundle = bundles.borrow_and_update().clone();
     assert_eq!(bundle.x509_authorities.len(), 2);

@@ -542,6 +542,7 @@ fn material(id: u32) -> tbot::agent::X509Material {
             not_after: time::OffsetDateTime::now_utc(),
         },
         key: key.serialize_der(),
+        signer: String::new(),
     }
 }
 
@@ -732,4 +733,55 @@ fn nginx_refuses_a_revoked_client_svid_with_the_crl_of_an_output_and_takes_the_f
     });
     assert!(text.contains("hello SUCCESS"), "{text}");
     assert!(nginx.error_log().contains("revoked"), "{}", nginx.error_log());
+}
+
+/// The `kid` in the header of the token in `file`.
+fn token_kid(file: &Path) -> String {
+    use base64::Engine;
+    let token = std::fs::read_to_string(file).unwrap();
+    let header = token.split('.').next().unwrap();
+    let header: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    header["kid"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_jwt_output_is_issued_again_when_its_key_is_tainted_and_the_x509_output_when_its_ca_is() {
+    let (dir, socket) = setup(BOTH);
+    let daemon = Daemon::start(dir, socket);
+    let (jwt, cert) = (
+        daemon.dir.path().join("out/jwt/jwt_svid"),
+        daemon.dir.path().join("out/server/svid.pem"),
+    );
+    wait_until("both outputs", Duration::from_secs(10), || {
+        (jwt.exists() && cert.exists()).then_some(())
+    });
+    let (kid, issuer) = (
+        token_kid(&jwt),
+        openssl(&["x509", "-in", cert.to_str().unwrap(), "-noout", "-issuer"]),
+    );
+    assert!(issuer.contains("CA 1"), "{issuer}");
+    // A successor activated: the token stays until its renewal (it still verifies); taint makes
+    // it go now.
+    for args in [&["rotate", "jwt", "--grace", "1h"][..], &["rotate", "jwt", "--force"]] {
+        assert!(daemon.tbotctl(args).status.success());
+    }
+    assert_eq!(
+        token_kid(&jwt),
+        kid,
+        "the token is kept at activation (its key stays published)"
+    );
+    let tainted = daemon.tbotctl(&["rotate", "jwt", "--taint-old"]);
+    assert!(tainted.status.success(), "{}", String::from_utf8_lossy(&tainted.stderr));
+    wait_until("a token of the new key", Duration::from_secs(10), || {
+        (token_kid(&jwt) != kid).then_some(())
+    });
+    // The CA: taint activates the prepared one and the x509 output moves at once.
+    assert!(daemon.tbotctl(&["rotate", "ca", "--grace", "1h"]).status.success());
+    assert!(daemon.tbotctl(&["rotate", "ca", "--taint-old"]).status.success());
+    wait_until("an SVID of CA 2 in the output", Duration::from_secs(10), || {
+        openssl(&["x509", "-in", cert.to_str().unwrap(), "-noout", "-issuer"])
+            .contains("CA 2")
+            .then_some(())
+    });
 }

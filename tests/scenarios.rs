@@ -142,7 +142,42 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
     std::thread::sleep(Duration::from_secs(2));
     timeline.record("JWT key activated and retired (forced)", t.elapsed());
 
-    // 5. A document edit on the issuer reaches both agents' new processes.
+    // 5. Two CA rotations and two JWT key rotations in a row, each with a grace of seconds: the
+    // second is prepared while the first key still retires (no --force). Then a compromise of
+    // both: the replaced keys tainted (the agents move off them), then revoked.
+    let t = Instant::now();
+    for (key, ids) in [("ca", ["4", "5"]), ("jwt", ["3", "4"])] {
+        for id in ids {
+            tbotctl_ok(&issuer.daemon, &["rotate", key, "--grace", "2s"]);
+            let row = format!("{key} {id} ");
+            until_long(&format!("{key} {id} active"), || {
+                status(&issuer.daemon)
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&row) && l.contains(" active "))
+            });
+        }
+    }
+    timeline.record("two CA and two JWT rotations in a row (2 s graces)", t.elapsed());
+    until("both agents renew onto CA 5", || both_on("5"));
+    let t = Instant::now();
+    for key in ["ca", "jwt"] {
+        tbotctl_ok(&issuer.daemon, &["rotate", key, "--taint-old"]);
+        until(&format!("nothing depends on a tainted {key} key"), || {
+            let now = status(&issuer.daemon);
+            let tainted: Vec<&str> = now.lines().filter(|l| l.contains(" tainted ")).collect();
+            !tainted.is_empty() && tainted.iter().all(|l| l.contains(" 0/0 "))
+        });
+        tbotctl_ok(&issuer.daemon, &["rotate", key, "--revoke-old"]);
+    }
+    until("one pin on both agents", || {
+        pins(&status(&a)).len() == 1 && pins(&status(&b)).len() == 1
+    });
+    timeline.record(
+        "CA and JWT key tainted, then revoked → one CA on both agents",
+        t.elapsed(),
+    );
+
+    // 6. A document edit on the issuer reaches both agents' new processes.
     let t = Instant::now();
     edit(
         &issuer.daemon,
@@ -158,7 +193,7 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
         t.elapsed(),
     );
 
-    // 6. The issuer SIGKILLed for 3 s: the workloads notice nothing.
+    // 7. The issuer SIGKILLed for 3 s: the workloads notice nothing.
     let (dir, admin) = issuer.daemon.crash();
     let t = Instant::now();
     until("both agents see the outage", || {
@@ -178,7 +213,7 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
     });
     timeline.record("issuer restarted → both agents connected", t.elapsed());
 
-    // 7. Agent a restarted while the issuer is down: it holds no SVID yet, so its callers get
+    // 8. Agent a restarted while the issuer is down: it holds no SVID yet, so its callers get
     // `Unavailable` (declared) and its status says so, until the issuer is back.
     let (dir, admin) = issuer.daemon.crash();
     wa.begin_window();
@@ -201,7 +236,7 @@ async fn an_issuer_and_two_agents_through_rotations_an_outage_restarts_and_new_j
         t.elapsed(),
     );
 
-    // 8. A new agent with the pin status prints now.
+    // 9. A new agent with the pin status prints now.
     let now = pins(&status(&issuer.daemon));
     let t = Instant::now();
     for (pin, token) in now.iter().zip(["later-3", "later-4"]) {
@@ -389,13 +424,33 @@ async fn three_replicas_behind_haproxy_and_two_agents_through_a_replica_kill_an_
         );
     }
 
-    // 3. The member and the replica come back.
+    // 3. A key compromise across the replicas: the successor prepared on one, the old CA tainted
+    // on the other (activating the successor), and revoked on the replica with fewer agents once
+    // every agent moved off it (the other replica's agents count through its heartbeats).
+    let t = Instant::now();
+    tbotctl_ok(&set.get(live[0]).daemon, &["rotate", "ca", "--grace", "1h"]);
+    until("CA 3 on both agents", || {
+        pins(&status(&a)).len() == 2 && pins(&status(&b)).len() == 2
+    });
+    tbotctl_ok(&set.get(live[1]).daemon, &["rotate", "ca", "--taint-old"]);
+    tbotctl_ok(&set.get(on).daemon, &["rotate", "ca", "--revoke-old"]);
+    until("one pin on both agents and both live replicas", || {
+        pins(&status(&a)).len() == 1
+            && pins(&status(&b)).len() == 1
+            && live.iter().all(|i| pins(&set.status(*i)).len() == 1)
+    });
+    timeline.record(
+        "CA tainted on one replica, revoked on another → one CA everywhere",
+        t.elapsed(),
+    );
+
+    // 4. The member and the replica come back.
     set.etcd.start_member(0);
     let t = Instant::now();
     set.restart(victim, dir, admin);
     timeline.record("killed replica restarted → ready", t.elapsed());
 
-    // 4. A rollout of an edit to every replica.
+    // 5. A rollout of an edit to every replica.
     let t = Instant::now();
     for i in 0..3 {
         edit(
@@ -413,7 +468,7 @@ async fn three_replicas_behind_haproxy_and_two_agents_through_a_replica_kill_an_
         t.elapsed(),
     );
 
-    // 5. A new agent with the pin a replica shows now.
+    // 6. A new agent with the pin a replica shows now.
     let now = pins(&set.status(victim)).remove(0);
     let t = Instant::now();
     drop(joined(lb, "third-token", &now));

@@ -138,5 +138,6 @@ fn material() -> tbot::agent::X509Material {
             not_after: time::OffsetDateTime::now_utc(),
         },
         key: key.serialize_der(),
+        signer: String::new(),
     }
 }

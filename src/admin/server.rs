@@ -359,7 +359,7 @@ impl Admin for AdminApi {
                         .collect(),
                 })
                 .collect(),
-            keys: self.issuer.as_ref().map(|i| key_states(i)).unwrap_or_default(),
+            keys: self.issuer.as_ref().map(|i| self.key_states(i)).unwrap_or_default(),
             bundle_endpoint: info.bundle_endpoint,
             federations: self
                 .issuer
@@ -396,61 +396,106 @@ impl Admin for AdminApi {
                 )));
             }
         };
-        let grace = Duration::from_secs(request.grace_seconds.into());
-        if request.force && !jwt && issuer.next_forced_step_retires_ca() {
-            self.wait_for_renewals_off_retiring_cas(issuer, request.strand).await?;
+        use crate::issuer::keys::rotation::{ByHand, Step};
+        issuer.refresh_keys().await;
+        let asked = match (request.taint_old, request.revoke_old) {
+            (true, true) => {
+                return Err(Status::invalid_argument(
+                    "--taint-old and --revoke-old are two steps: taint first, revoke once every agent moved off the key",
+                ));
+            }
+            (true, false) => ByHand::TaintOld,
+            (false, true) => ByHand::RevokeOld,
+            (false, false) => ByHand::Rotate {
+                grace: Duration::from_secs(request.grace_seconds.into()),
+                force: request.force,
+            },
+        };
+        if asked == ByHand::RevokeOld {
+            let names: Vec<String> = issuer
+                .key_statuses()
+                .into_iter()
+                .filter(|k| k.kind == if jwt { "jwt" } else { "ca" })
+                .filter(|k| matches!(k.phase, crate::issuer::keys::rotation::Phase::Tainted { .. }))
+                .map(|k| k.name)
+                .collect();
+            self.wait_for_dependents(issuer, &names, request.force).await?;
         }
-        let step = issuer
-            .rotate_by_hand(jwt, grace, request.force)
-            .await
-            .map_err(|e| match e {
-                crate::issuer::IssuerError::Invalid(why) => Status::failed_precondition(why),
-                e => Status::unavailable(e.explain()),
-            })?;
+        let withdrawn = if jwt { Vec::new() } else { issuer.withdrawn_cas(asked) };
+        if !withdrawn.is_empty() {
+            let strand = request.strand || (asked == ByHand::RevokeOld && request.force);
+            self.wait_for_renewals_off(issuer, &withdrawn, strand).await?;
+        }
+        let step = issuer.rotate_by_hand(jwt, asked).await.map_err(|e| match e {
+            crate::issuer::IssuerError::Invalid(why) => Status::failed_precondition(why),
+            e => Status::unavailable(e.explain()),
+        })?;
         let what = if jwt { "JWT key" } else { "CA" };
         let message = match step {
-            crate::issuer::keys::rotation::Step::Prepare { activate_at } => format!(
+            Step::Prepare { activate_at } => format!(
                 "a new {what} is prepared: published in every bundle now, signing from {}",
                 crate::issuer::keys::rotation::rfc3339(activate_at)
             ),
-            crate::issuer::keys::rotation::Step::Activate { id } => {
+            Step::Activate { id } => {
                 format!("{what} {id} signs from now on; the old one stays published until what it signed has expired")
             }
-            crate::issuer::keys::rotation::Step::Retire => format!("the retiring {what} is no longer published"),
-            crate::issuer::keys::rotation::Step::RetireEarly => {
+            Step::Retire => format!("the retiring {what} is no longer published"),
+            Step::RetireEarly => {
                 format!("the retiring {what} is withdrawn from every bundle now; what it signed no longer verifies")
             }
+            Step::Taint { activate } => format!(
+                "{}the old {what} is tainted: every agent issues again now what it signed, while it stays published. \
+                 Watch `tbotctl status` until no agent depends on it, then withdraw it with --revoke-old",
+                activate
+                    .map(|id| format!("{what} {id} signs from now on; "))
+                    .unwrap_or_default()
+            ),
+            Step::Revoke => format!(
+                "the tainted {what} is withdrawn from every bundle (agents, replicas, the bundle endpoint): \
+                 what it signed no longer verifies"
+            ),
         };
         tracing::info!(%message, "rotation by hand");
         Ok(Response::new(RotateResponse {
             message,
-            keys: key_states(issuer),
+            keys: self.key_states(issuer),
         }))
     }
 }
 
-/// Every CA's and JWT key's phase, for `tbotctl status` and `tbotctl rotate`.
-fn key_states(issuer: &crate::issuer::LocalIssuer) -> Vec<KeyState> {
-    let at = |t: i64| {
-        if t == 0 {
-            String::new()
-        } else {
-            crate::issuer::keys::rotation::rfc3339(t)
-        }
-    };
-    issuer
-        .key_statuses()
-        .into_iter()
-        .map(|k| KeyState {
-            key: k.kind.to_owned(),
-            id: k.id,
-            name: k.name,
-            phase: k.phase.name().to_owned(),
-            created: at(k.created),
-            not_after: at(k.not_after),
-            phase_ends: k.phase.ends().map(at).unwrap_or_default(),
-        })
-        .collect()
+impl AdminApi {
+    /// Every CA's and JWT key's phase and who still depends on it, for `tbotctl status` and
+    /// `tbotctl rotate`.
+    fn key_states(&self, issuer: &crate::issuer::LocalIssuer) -> Vec<KeyState> {
+        let at = |t: i64| {
+            if t == 0 {
+                String::new()
+            } else {
+                crate::issuer::keys::rotation::rfc3339(t)
+            }
+        };
+        issuer
+            .key_statuses()
+            .into_iter()
+            .map(|k| KeyState {
+                key: k.kind.to_owned(),
+                id: k.id,
+                name: k.name,
+                phase: k.phase.name().to_owned(),
+                created: at(k.created),
+                not_after: at(k.not_after),
+                phase_ends: k.phase.ends().map(at).unwrap_or_default(),
+                ..Default::default()
+            })
+            .map(|mut k| {
+                if k.phase != "revoked" {
+                    let d = self.dependents(issuer, &k.name);
+                    (k.agents, k.svids) = (d.agents, d.svids);
+                }
+                k
+            })
+            .collect()
+    }
 }
 
 fn federation(f: &crate::issuer::federation::FederationState) -> Federation {

@@ -1,5 +1,6 @@
-//! The forced CA retire's check: before a CA leaves every bundle, the connected agents (on every
-//! replica) whose bot certificates it signed must have renewed onto the active CA, or be named.
+//! The checks before a key leaves every bundle (a forced CA retire, `--revoke-old`): the connected
+//! agents (on every replica) whose bot certificates the CA signed must have renewed onto the active
+//! CA, and no agent may still hold an SVID the key signed; otherwise they are named.
 
 use std::time::Duration;
 
@@ -7,29 +8,150 @@ use tonic::Status;
 
 use super::server::AdminApi;
 
-/// How long a forced CA retire waits for connected agents to renew onto the active CA: other
-/// replicas' counts arrive with their heartbeats (every 5 s).
+/// How long a withdrawal waits for connected agents to move off the key: other replicas' counts
+/// arrive with their heartbeats (every 5 s).
 const RENEWAL_WAIT: Duration = Duration::from_secs(15);
 
+/// Agents named in a refusal, at most.
+const NAMED: usize = 10;
+
+/// Who still depends on a key: this replica's agents by name (with how many SVIDs), the other
+/// replicas' by count.
+#[derive(Debug, Default)]
+pub(super) struct Dependents {
+    pub here: Vec<String>,
+    pub elsewhere: Vec<(String, u64)>,
+    pub agents: u64,
+    pub svids: u64,
+}
+
+impl Dependents {
+    fn none(&self) -> bool {
+        self.agents == 0
+    }
+
+    /// The agents named, then the other replicas' counts.
+    fn names(&self) -> String {
+        let mut names: Vec<String> = self.here.iter().take(NAMED).cloned().collect();
+        if self.here.len() > NAMED {
+            names.push(format!("and {} more", self.here.len() - NAMED));
+        }
+        names.extend(
+            self.elsewhere
+                .iter()
+                .map(|(replica, n)| format!("{n} on replica {replica}")),
+        );
+        names.join(", ")
+    }
+}
+
+fn agents(n: u64) -> String {
+    match n {
+        1 => "1 agent".into(),
+        n => format!("{n} agents"),
+    }
+}
+
 impl AdminApi {
-    /// Before a forced retire withdraws a CA: the connected agents whose bot certificates it signed
-    /// were told to renew when the successor activated (the bundle on their `Watch` streams); waits
-    /// up to [`RENEWAL_WAIT`] for them, then refuses to strand the rest unless `strand`.
-    pub(super) async fn wait_for_renewals_off_retiring_cas(
+    /// Who holds something the key named `name` (a CA's pin, a `kid`) signed, as the agents
+    /// report it: this replica's connected agents, the agent in this process, and the counts other
+    /// replicas' heartbeats carry.
+    pub(super) fn dependents(&self, issuer: &crate::issuer::LocalIssuer, name: &str) -> Dependents {
+        let mut out = Dependents::default();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut add = |who: String, held: &crate::issuer::Holdings, out: &mut Dependents| {
+            let (svids, bot) = held.on(name);
+            if (svids > 0 || bot) && seen.insert(who.clone()) {
+                let bot = if bot { " and its bot certificate" } else { "" };
+                out.here.push(format!("{who}: {svids} SVIDs{bot}"));
+                out.agents += 1;
+                out.svids += svids;
+            }
+        };
+        if let Some(sessions) = &self.sessions {
+            let mut list: Vec<_> = sessions.list().into_iter().map(|(s, _)| s).collect();
+            list.sort_by(|a, b| (&a.bot, &a.instance).cmp(&(&b.bot, &b.instance)));
+            for s in list {
+                add(format!("{}/{} ({})", s.bot, s.instance, s.address), &s.held, &mut out);
+            }
+        }
+        if let Some((who, held)) = issuer.local_holdings() {
+            add(format!("{who} (this host)"), &held, &mut out);
+        }
+        let this = self.status.get().host.replica.clone();
+        for replica in issuer.replicas().into_iter().filter(|r| r.name != this) {
+            if let Some([n, svids]) = replica.held.get(name).copied()
+                && n > 0
+            {
+                out.elsewhere.push((replica.name, n));
+                out.agents += n;
+                out.svids += svids;
+            }
+        }
+        out
+    }
+
+    /// Before `--revoke-old` withdraws the keys named `names`: every agent was told to issue again
+    /// what they signed when they were tainted; waits up to [`RENEWAL_WAIT`] for the last to report
+    /// it did, then refuses, naming who still depends on them, unless `force`.
+    pub(super) async fn wait_for_dependents(
         &self,
         issuer: &crate::issuer::LocalIssuer,
+        names: &[String],
+        force: bool,
+    ) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
+        let depending = || {
+            names
+                .iter()
+                .map(|n| (n.clone(), self.dependents(issuer, n)))
+                .filter(|(_, d)| !d.none())
+                .collect::<Vec<_>>()
+        };
+        let mut left = depending();
+        while !left.is_empty() && !force && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = depending();
+        }
+        if left.is_empty() {
+            return Ok(());
+        }
+        let said: Vec<String> = left
+            .iter()
+            .map(|(name, d)| format!("{name}: {} holding {} SVIDs ({})", agents(d.agents), d.svids, d.names()))
+            .collect();
+        if force {
+            tracing::warn!(dependents = %said.join("; "),
+                "revoking keys although agents still hold what they signed (--force): it no longer verifies");
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "agents still hold what the tainted key signed, {}s after being told to issue it again: {}. Revoking \
+             now would make it fail verification. Look at why those agents did not move (their logs, `tbotctl \
+             status` on them), wait, or pass --force to revoke anyway",
+            RENEWAL_WAIT.as_secs(),
+            said.join("; ")
+        )))
+    }
+
+    /// Before the CAs `withdrawn` leave every bundle: the connected agents whose bot certificates
+    /// they signed were told to renew (at the successor's activation, or the taint); waits up to
+    /// [`RENEWAL_WAIT`] for them, then refuses to strand the rest unless `strand`.
+    pub(super) async fn wait_for_renewals_off(
+        &self,
+        issuer: &crate::issuer::LocalIssuer,
+        withdrawn: &[u32],
         strand: bool,
     ) -> Result<(), Status> {
         let Some(sessions) = &self.sessions else { return Ok(()) };
         let this = self.status.get().host.replica.clone();
         // This replica's agents by name; the other replicas' by count, from their heartbeats.
         let stranded = || {
-            let retiring = issuer.retiring_cas();
             let mut here: Vec<crate::issuer::server::AgentSession> = sessions
                 .list()
                 .into_iter()
                 .map(|(s, _)| s)
-                .filter(|s| retiring.contains(&s.ca))
+                .filter(|s| withdrawn.contains(&s.ca))
                 .collect();
             here.sort_by(|a, b| (&a.bot, &a.instance).cmp(&(&b.bot, &b.instance)));
             here.dedup_by(|a, b| a.bot == b.bot && a.instance == b.instance);
@@ -38,7 +160,7 @@ impl AdminApi {
                 .into_iter()
                 .filter(|r| r.name != this)
                 .map(|r| {
-                    let n = retiring
+                    let n = withdrawn
                         .iter()
                         .map(|ca| r.agents_by_ca.get(ca).copied().unwrap_or(0))
                         .sum();
@@ -46,36 +168,32 @@ impl AdminApi {
                 })
                 .filter(|(_, n)| *n > 0)
                 .collect();
-            (here, elsewhere)
+            Dependents {
+                agents: here.len() as u64 + elsewhere.iter().map(|(_, n)| n).sum::<u64>(),
+                here: here
+                    .iter()
+                    .map(|s| format!("{}/{} ({})", s.bot, s.instance, s.address))
+                    .collect(),
+                elsewhere,
+                svids: 0,
+            }
         };
         let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
-        let (mut here, mut elsewhere) = stranded();
-        let stranding = |here: &Vec<_>, elsewhere: &Vec<_>| !here.is_empty() || !elsewhere.is_empty();
-        while stranding(&here, &elsewhere) && !strand && tokio::time::Instant::now() < deadline {
+        let mut left = stranded();
+        while !left.none() && !strand && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            (here, elsewhere) = stranded();
+            left = stranded();
         }
-        if !stranding(&here, &elsewhere) {
+        if left.none() {
             return Ok(());
         }
-        const NAMED: usize = 10;
-        let mut names: Vec<String> = here
-            .iter()
-            .take(NAMED)
-            .map(|s| format!("{}/{} ({})", s.bot, s.instance, s.address))
-            .collect();
-        if here.len() > NAMED {
-            names.push(format!("and {} more", here.len() - NAMED));
-        }
-        names.extend(elsewhere.iter().map(|(replica, n)| format!("{n} on replica {replica}")));
-        let total = here.len() as u64 + elsewhere.iter().map(|(_, n)| n).sum::<u64>();
-        let count = match total {
+        let count = match left.agents {
             1 => "1 connected agent still holds".to_owned(),
             n => format!("{n} connected agents still hold"),
         };
         if strand {
-            tracing::warn!(agents = total, names = %names.join(", "),
-                "retiring the CA now although connected agents hold bot certificates it signed (--strand): they are refused from now on");
+            tracing::warn!(agents = left.agents, names = %left.names(),
+                "withdrawing the CA now although connected agents hold bot certificates it signed: they are refused from now on");
             return Ok(());
         }
         Err(Status::failed_precondition(format!(
@@ -83,7 +201,7 @@ impl AdminApi {
              within {}s: {}. Withdrawing it now would refuse them (a `token` agent then needs a new token). \
              Wait until they renew (see `tbotctl status`, column CA), or pass --strand to withdraw it anyway",
             RENEWAL_WAIT.as_secs(),
-            names.join(", ")
+            left.names()
         )))
     }
 }

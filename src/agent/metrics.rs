@@ -25,6 +25,9 @@ pub struct AgentMetrics {
     pub x509_issued: CounterMetric,
     /// `tbot_jwt_svids_issued_total`.
     pub jwt_issued: CounterMetric,
+    /// `tbot_tainted_svids_reissued_total`: SVIDs issued again (or forgotten, JWT) because a key
+    /// that signed them was tainted.
+    pub tainted_reissued: CounterMetric,
     /// `tbot_remote_issuer_connected`: 1 while the `Watch` stream to the remote issuer is up.
     pub issuer_connected: Gauge,
     joins: Family<JoinLabels, CounterMetric>,
@@ -36,6 +39,11 @@ impl AgentMetrics {
         let m = AgentMetrics::default();
         metrics.register("tbot_x509_svids_issued", "X509-SVIDs issued.", m.x509_issued.clone());
         metrics.register("tbot_jwt_svids_issued", "JWT-SVIDs issued.", m.jwt_issued.clone());
+        metrics.register(
+            "tbot_tainted_svids_reissued",
+            "SVIDs issued again because the key that signed them was tainted.",
+            m.tainted_reissued.clone(),
+        );
         metrics.register("tbot_joins", "Joins by method and outcome.", m.joins.clone());
         metrics.register(
             "tbot_output_events",

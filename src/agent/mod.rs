@@ -320,17 +320,23 @@ impl Agent {
         let signer = |b: &Bundles| (b.signing_ca().map(<[u8]>::to_vec), b.active_kid.clone());
         let mut last = signer(&bundles.borrow_and_update());
         let mut last_revoked = bundles.borrow().revoked.clone();
+        let mut last_tainted = Tainted::default();
         let agent = Arc::downgrade(self);
         tokio::spawn(async move {
-            while bundles.changed().await.is_ok() {
-                let (now, revoked) = {
+            loop {
+                let (now, revoked, tainted) = {
                     let b = bundles.borrow_and_update();
-                    (signer(&b), b.revoked.clone())
+                    (signer(&b), b.revoked.clone(), Tainted::of(&b))
                 };
                 let Some(agent) = agent.upgrade() else { break };
                 if revoked != last_revoked {
                     last_revoked = revoked.clone();
                     agent.follow_revocations(&revoked);
+                }
+                // Also at start: a tainted key is dealt with whenever this agent first learns of it.
+                if tainted != last_tainted {
+                    agent.follow_taint(&tainted);
+                    last_tainted = tainted;
                 }
                 let (ca, jwt) = (now.0 != last.0, now.1 != last.1);
                 last = now;
@@ -351,6 +357,61 @@ impl Agent {
                         tracing::info!("renewing the bot certificate onto the CA that signs now");
                         agent.renew_now.notify_one();
                     }
+                }
+                drop(agent);
+                if bundles.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// A key was tainted: every cached X509-SVID its CA signed is issued again now, cached JWT-SVIDs
+    /// it signed are forgotten, and the bot certificate is renewed if the CA signed it. The key
+    /// stays in the bundle meanwhile, so nothing fails to verify.
+    fn follow_taint(&self, tainted: &Tainted) {
+        if tainted.cas.is_empty() && tainted.kids.is_empty() {
+            return;
+        }
+        let x509 = self.cache.reissue_signed_by(&tainted.cas);
+        let jwt = self.cache.forget_jwts_of(&tainted.kids);
+        tracing::warn!(x509, jwt, "a signing key was tainted: issuing again what it signed");
+        self.metrics.tainted_reissued.inc_by((x509 + jwt) as u64);
+        let bot = &self.bot().certificate.der;
+        let bundles = self.bundles().borrow().clone();
+        if bundles.tainted_x509().any(|ca| cache::signed_by(bot, ca)) {
+            tracing::warn!("this agent's bot certificate was signed by a tainted CA: renewing it now");
+            self.renew_now.notify_one();
+        }
+    }
+
+    /// Tells the issuer what this agent holds, by signing key, whenever that changes (looked at
+    /// every second), so an operator sees who still depends on a key before revoking it.
+    pub fn report_holdings(self: &Arc<Self>) {
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last = crate::issuer::Holdings::default();
+            let mut first = true;
+            loop {
+                if !std::mem::take(&mut first) {
+                    tokio::time::sleep(HOLDINGS_EVERY).await;
+                }
+                let Some(agent) = agent.upgrade() else { return };
+                let mut now = agent.cache.holdings();
+                let bot = agent.bot();
+                let bundles = agent.bundles().borrow().clone();
+                now.bot = bundles
+                    .x509_authorities
+                    .iter()
+                    .find(|ca| cache::signed_by(&bot.certificate.der, ca))
+                    .and_then(|ca| crate::issuer::keys::ca::spki_pin(ca))
+                    .unwrap_or_default();
+                if now == last {
+                    continue;
+                }
+                match agent.issuer.report(&bot.certificate.der, now.clone()).await {
+                    Ok(()) => last = now,
+                    Err(e) => tracing::debug!(error = %e, "cannot report what this agent holds; retrying"),
                 }
             }
         });
@@ -482,6 +543,28 @@ impl Agent {
     /// The trust bundle, now and on every change.
     pub fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {
         self.issuer.bundles()
+    }
+}
+
+/// How often the agent looks whether what it holds changed (and then tells the issuer).
+const HOLDINGS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The tainted keys a bundle names: CA pins and JWT `kid`s.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Tainted {
+    cas: std::collections::BTreeSet<String>,
+    kids: std::collections::BTreeSet<String>,
+}
+
+impl Tainted {
+    fn of(bundles: &Bundles) -> Tainted {
+        Tainted {
+            cas: bundles
+                .tainted_x509()
+                .filter_map(crate::issuer::keys::ca::spki_pin)
+                .collect(),
+            kids: bundles.tainted_kids.iter().cloned().collect(),
+        }
     }
 }
 

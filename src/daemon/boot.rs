@@ -183,7 +183,16 @@ async fn serve_issuer(
             issuer.clone(),
             record,
             move || cluster_documents(&applied.borrow()),
-            move || sessions.by_ca(),
+            {
+                let issuer = issuer.clone();
+                move || {
+                    let mut held = sessions.held_by_key();
+                    if let Some((_, local)) = issuer.local_holdings() {
+                        crate::issuer::server::add_held(&mut held, &local);
+                    }
+                    (sessions.by_ca(), held)
+                }
+            },
             stop.clone(),
         ));
     }

@@ -186,6 +186,7 @@ impl Daemon {
         let agent = Arc::new(Agent::start(self.host.issuer(), join_settings(config), store, metrics).await?);
         agent.follow_policy_events();
         agent.follow_rotations();
+        agent.report_holdings();
         if let Host::Agent { remote } = &self.host {
             remote.follow();
             renew_when_refused(remote.link(), Arc::downgrade(&agent));

@@ -229,6 +229,32 @@ pub struct Bundles {
     pub crls: Arc<Vec<Vec<u8>>>,
     /// The serial numbers (lower-case hex) they list: a cached SVID among them is issued again.
     pub revoked: Arc<std::collections::BTreeSet<String>>,
+    /// The positions in `x509_authorities` of the tainted CAs (`tbotctl rotate ca --taint-old`):
+    /// what they signed is issued again now, the bot certificate included.
+    pub tainted_cas: Vec<usize>,
+    /// The `kid`s of the tainted JWT keys: JWT-SVIDs they signed are issued again now.
+    pub tainted_kids: Vec<String>,
+}
+
+/// What an agent holds that is still valid, by the key that signed it: how the issuer knows who
+/// still depends on a key (`tbotctl status`, `tbotctl rotate --revoke-old`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holdings {
+    /// Cached X509-SVIDs by the SPKI pin of the CA that signed them.
+    pub x509: BTreeMap<String, u32>,
+    /// Cached JWT-SVIDs by `kid`.
+    pub jwt: BTreeMap<String, u32>,
+    /// The SPKI pin of the CA that signed the agent's bot certificate.
+    pub bot: String,
+}
+
+impl Holdings {
+    /// How many SVIDs signed by the key named `key` (a CA's pin or a `kid`), and whether the bot
+    /// certificate is one of them.
+    pub fn on(&self, key: &str) -> (u64, bool) {
+        let svids = self.x509.get(key).copied().unwrap_or(0) + self.jwt.get(key).copied().unwrap_or(0);
+        (u64::from(svids), self.bot == key)
+    }
 }
 
 /// A foreign trust domain's bundle, as its bundle endpoint (or a static document) gave it.
@@ -245,6 +271,13 @@ impl Bundles {
     /// The CA certificate that signs now (DER), if the bundle has one.
     pub fn signing_ca(&self) -> Option<&[u8]> {
         self.x509_authorities.get(self.active_ca).map(Vec::as_slice)
+    }
+
+    /// The tainted CA certificates (DER).
+    pub fn tainted_x509(&self) -> impl Iterator<Item = &[u8]> {
+        self.tainted_cas
+            .iter()
+            .filter_map(|i| self.x509_authorities.get(*i).map(Vec::as_slice))
     }
 }
 
@@ -310,5 +343,9 @@ pub trait Issuer: Send + Sync {
     /// none: the daemon that loads the documents tells the agent itself.
     fn policy_events(&self) -> Option<watch::Receiver<Arc<PolicyEvent>>> {
         None
+    }
+    /// What the agent holds now, by signing key (sent when it changes, and again after a reconnect).
+    async fn report(&self, _bot_certificate: &[u8], _holdings: Holdings) -> Result<(), IssuerError> {
+        Ok(())
     }
 }

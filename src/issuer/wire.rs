@@ -124,6 +124,46 @@ pub fn seconds(ttl: Duration) -> u32 {
     ttl.as_secs().min(u64::from(u32::MAX)) as u32
 }
 
+pub fn holdings_to_wire(h: crate::issuer::Holdings) -> proto::HoldingsReport {
+    proto::HoldingsReport {
+        x509: h.x509.into_iter().collect(),
+        jwt: h.jwt.into_iter().collect(),
+        bot: h.bot,
+    }
+}
+
+/// The key names a report may carry, at most, and how long each may be: an agent names the few
+/// keys of one trust domain (a pin is 71 bytes, a `kid` 22).
+pub const MAX_HELD_KEYS: usize = 16;
+const MAX_HELD_NAME: usize = 128;
+
+/// A report as the issuer takes it: refused whole when it is not what an agent sends.
+pub fn holdings_from_wire(h: proto::HoldingsReport) -> Result<crate::issuer::Holdings, IssuerError> {
+    if h.x509.len() + h.jwt.len() > MAX_HELD_KEYS {
+        return Err(IssuerError::Invalid(format!(
+            "a holdings report names {} keys; the limit is {MAX_HELD_KEYS}",
+            h.x509.len() + h.jwt.len()
+        )));
+    }
+    if let Some(long) = h
+        .x509
+        .keys()
+        .chain(h.jwt.keys())
+        .chain(std::iter::once(&h.bot))
+        .find(|k| k.len() > MAX_HELD_NAME)
+    {
+        return Err(IssuerError::Invalid(format!(
+            "a holdings report names a key of {} bytes; a key's name is at most {MAX_HELD_NAME}",
+            long.len()
+        )));
+    }
+    Ok(crate::issuer::Holdings {
+        x509: h.x509.into_iter().collect(),
+        jwt: h.jwt.into_iter().collect(),
+        bot: h.bot,
+    })
+}
+
 pub fn bundle_to_wire(b: &Bundles) -> proto::Bundle {
     proto::Bundle {
         trust_domain: b.trust_domain.clone(),
@@ -134,6 +174,8 @@ pub fn bundle_to_wire(b: &Bundles) -> proto::Bundle {
         active_kid: b.active_kid.clone(),
         crls: b.crls.to_vec(),
         revoked: b.revoked.iter().cloned().collect(),
+        tainted_cas: b.tainted_cas.iter().map(|i| *i as u32).collect(),
+        tainted_kids: b.tainted_kids.clone(),
         federated: b
             .federated
             .values()
@@ -174,6 +216,8 @@ pub fn bundle_from_wire(b: proto::Bundle) -> Result<Bundles, IssuerError> {
         federated,
         crls: std::sync::Arc::new(b.crls),
         revoked: std::sync::Arc::new(b.revoked.into_iter().collect()),
+        tainted_cas: b.tainted_cas.into_iter().map(|i| i as usize).collect(),
+        tainted_kids: b.tainted_kids,
     })
 }
 

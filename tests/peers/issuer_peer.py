@@ -226,6 +226,19 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
         request = x509_request(identity, "workload.unix.uid", "1000", spki)
         out[name] = code_of(lambda: workloads.IssueX509(request, timeout=10))
 
+    # Holdings reports an agent never sends: 200 keys, a name of 10 KB; then a real one.
+    many = {f"sha256:{i:064x}": 1 for i in range(200)}
+    out["report_many_keys"] = code_of(lambda: workloads.Report(pb.HoldingsReport(x509=many), timeout=10))
+    out["report_long_name"] = code_of(lambda: workloads.Report(pb.HoldingsReport(jwt={"k" * 10000: 1}), timeout=10))
+    try:
+        workloads.Report(pb.HoldingsReport(jwt={"some-kid": 2}), timeout=10)
+        out["report_plain"] = {"code": "OK"}
+    except grpc.RpcError as e:
+        out["report_plain"] = {"code": e.code().name, "details": e.details()}
+    out["report_anonymous"] = code_of(
+        lambda: rpc.WorkloadIdentityServiceStub(anonymous).Report(pb.HoldingsReport(), timeout=10)
+    )
+
     # Bytes that are not a protobuf message, as a unary request: the client's fault.
     raw_renew = channel.unary_unary("/tbot.issuer.v1.BotService/Renew")
     out["undecodable_request"] = code_of(lambda: raw_renew(b"\xff\xff\xff\xff", timeout=10))

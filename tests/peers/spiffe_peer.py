@@ -12,6 +12,8 @@ Usage (the test venv from scripts/test.sh has the packages):
     spiffe_peer.py watch SOCKET      (one line per update, until killed: scripts/fleet.sh)
     spiffe_peer.py crl SOCKET        (the CRLs of FetchX509SVID's and FetchX509Bundles' first messages,
                                       parsed by `cryptography` and checked against the bundle's CAs)
+    spiffe_peer.py jwt_check SOCKET TOKEN AUDIENCE
+                                     (PyJWT's verdict on TOKEN with the JWT bundle the socket serves now)
 """
 
 import json
@@ -147,6 +149,27 @@ def once(socket, audience=None):
             return out
     except Exception as e:  # py-spiffe wraps the gRPC error; keep its words
         return {"error": type(e).__name__, "details": str(e).replace("\n", " ")}
+
+
+def jwt_check(socket, token, audience):
+    """Whether PyJWT accepts `token` for `audience` with the key of its `kid` from the JWT bundle
+    the socket serves now (fetched with py-spiffe): what a relying party holding the JWKS decides."""
+    import jwt as pyjwt
+    from spiffe import TrustDomain, WorkloadApiClient
+
+    kid = pyjwt.get_unverified_header(token).get("kid")
+    with WorkloadApiClient(socket_path="unix://" + socket) as client:
+        bundles = client.fetch_jwt_bundles()
+    claims = pyjwt.decode(token, options={"verify_signature": False})
+    bundle = bundles.get_bundle_for_trust_domain(TrustDomain(claims["sub"].split("/")[2]))
+    key = bundle.get_jwt_authority(kid) if bundle else None
+    if key is None:
+        return {"kid": kid, "valid": False, "error": "no key with this kid in the JWT bundle"}
+    try:
+        pyjwt.decode(token, key=key, algorithms=["ES256", "ES384", "RS256", "PS256"], audience=audience)
+        return {"kid": kid, "valid": True}
+    except Exception as e:
+        return {"kid": kid, "valid": False, "error": f"{type(e).__name__}: {e}"}
 
 
 def bundles(socket):
@@ -308,6 +331,8 @@ def main(argv):
         result = der(args)
     elif command == "crl":
         result = crl(args[0])
+    elif command == "jwt_check":
+        result = jwt_check(*args)
     else:
         raise SystemExit(f"unknown command {command}; see the usage at the top of this file")
     print(json.dumps(result, indent=1, sort_keys=True))

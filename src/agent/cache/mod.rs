@@ -28,6 +28,9 @@ pub struct X509Material {
     pub svid: X509Svid,
     /// PKCS#8 DER.
     pub key: Vec<u8>,
+    /// The SPKI pin of the bundle's CA that signed it (empty if none did): what the agent reports
+    /// it depends on, and how a tainted CA's SVIDs are found.
+    pub signer: String,
 }
 
 /// What a cache slot holds.
@@ -121,6 +124,15 @@ pub fn signed_by(certificate: &[u8], ca: &[u8]) -> bool {
 }
 
 pub use crate::issuer::keys::crl::serial_of;
+
+/// The `kid` in a JWT's header.
+pub fn kid_of(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    value.get("kid")?.as_str().map(str::to_owned)
+}
 
 /// Only the attributes an identity reads: callers that agree on them share an SVID.
 fn project(resolved: &Resolved, workload: &Attributes) -> Attributes {
@@ -294,6 +306,51 @@ impl SvidCache {
         woken
     }
 
+    /// Issues again now every cached X509-SVID signed by a CA whose pin is in `pins` (tainted:
+    /// still trusted, but nothing it signed may stay in use). Returns how many.
+    pub fn reissue_signed_by(&self, pins: &BTreeSet<String>) -> usize {
+        let mut woken = 0;
+        for handle in self.slots.lock().expect("cache poisoned").values() {
+            if matches!(&*handle.tx.borrow(), Slot::Ready(m) if pins.contains(&m.signer)) {
+                handle.wake.notify_one();
+                woken += 1;
+            }
+        }
+        woken
+    }
+
+    /// Forgets the cached JWT-SVIDs signed by a key whose `kid` is in `kids` (tainted): they are
+    /// issued again when asked for. Returns how many.
+    pub fn forget_jwts_of(&self, kids: &BTreeSet<String>) -> usize {
+        let mut jwts = self.jwts.lock().expect("cache poisoned");
+        let before = jwts.len();
+        jwts.retain(|_, held| kid_of(&held.svid.token).is_none_or(|kid| !kids.contains(&kid)));
+        before - jwts.len()
+    }
+
+    /// What the cache holds that is still valid, by the key that signed it: X509-SVIDs by their
+    /// CA's pin, JWT-SVIDs by `kid`.
+    pub fn holdings(&self) -> crate::issuer::Holdings {
+        let mut out = crate::issuer::Holdings::default();
+        let now = now();
+        for handle in self.slots.lock().expect("cache poisoned").values() {
+            if let Slot::Ready(m) = &*handle.tx.borrow()
+                && m.svid.not_after > now
+                && !m.signer.is_empty()
+            {
+                *out.x509.entry(m.signer.clone()).or_default() += 1;
+            }
+        }
+        for held in self.jwts.lock().expect("cache poisoned").values() {
+            if held.svid.expires > now
+                && let Some(kid) = kid_of(&held.svid.token)
+            {
+                *out.jwt.entry(kid).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// Forgets every cached JWT-SVID (the signing key changed).
     pub fn forget_jwts(&self) {
         self.jwts.lock().expect("cache poisoned").clear();
@@ -328,9 +385,20 @@ impl SvidCache {
         self.bundle_covering(&svid.certificate).await;
         self.issued.fetch_add(1, Ordering::Relaxed);
         self.metrics.x509_issued.inc();
+        let signer = {
+            let bundles = self.issuer.bundles();
+            let bundles = bundles.borrow();
+            bundles
+                .x509_authorities
+                .iter()
+                .find(|ca| signed_by(&svid.certificate, ca))
+                .and_then(|ca| crate::issuer::keys::ca::spki_pin(ca))
+                .unwrap_or_default()
+        };
         Ok(X509Material {
             svid,
             key: pair.serialize_der(),
+            signer,
         })
     }
 

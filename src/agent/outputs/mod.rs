@@ -268,6 +268,14 @@ async fn run(
 /// The SVID and bundle an x509 output's files hold.
 type Written = Option<(Arc<X509Material>, Arc<Bundles>)>;
 
+/// Whether the key that signed `token` was tainted, or is no longer in the bundle.
+fn signer_gone(token: &str, bundles: &Bundles) -> bool {
+    let Some(kid) = crate::agent::cache::kid_of(token) else {
+        return false;
+    };
+    bundles.tainted_kids.contains(&kid) || !bundles.jwt_keys.iter().any(|k| k["kid"] == kid.as_str())
+}
+
 /// Waits for a change of the SVID (`slot`, when there is one) or the bundle (`None`), or for a
 /// reason to end.
 async fn changed(
@@ -365,6 +373,8 @@ impl Job<'_> {
                 tokio::select! {
                     _ = tokio::time::sleep_until(renew_at) => break,
                     ended = changed(None, &mut bundles, &mut policy, stop) => match ended {
+                        // The key that signed the token was tainted or withdrawn: a new token now.
+                        None if signer_gone(&svid.token, &bundles.borrow()) => break,
                         // The bundle changed: the JWKS is written again.
                         None => write = true,
                         Some(Ended::Resolve) if !self.agent.redecided_since(&resolved.name, generation) => {

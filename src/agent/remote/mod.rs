@@ -77,6 +77,9 @@ pub struct RemoteIssuer {
     local_ip: Mutex<Option<std::net::IpAddr>>,
     /// `tbot_remote_issuer_connected`.
     connected: crate::telemetry::Gauge,
+    /// What the agent last reported holding: sent again on every new `Watch` stream (the issuer
+    /// keeps it with the stream).
+    held: Mutex<Option<crate::issuer::Holdings>>,
 }
 
 struct PendingJoin {
@@ -125,7 +128,28 @@ impl RemoteIssuer {
             watching: std::sync::Once::new(),
             local_ip: Mutex::new(None),
             connected: metrics.issuer_connected.clone(),
+            held: Mutex::new(None),
         }))
+    }
+
+    /// Sends what the agent holds (see [`Issuer::report`]).
+    async fn send_holdings(&self, holdings: crate::issuer::Holdings) -> Result<(), IssuerError> {
+        let mut client = WorkloadIdentityServiceClient::new(self.channel()?);
+        client
+            .report(wire::holdings_to_wire(holdings))
+            .await
+            .map_err(|s| self.unreachable(&s))?;
+        Ok(())
+    }
+
+    /// Sends the last report again (a new `Watch` stream: the issuer keeps reports with streams).
+    pub(super) async fn resend_holdings(&self) {
+        let held = self.held.lock().expect("held poisoned").clone();
+        if let Some(holdings) = held
+            && let Err(e) = self.send_holdings(holdings).await
+        {
+            tracing::debug!(error = %e, "cannot report what this agent holds after reconnecting");
+        }
     }
 
     /// The settings in force.
@@ -493,6 +517,11 @@ impl Issuer for RemoteIssuer {
             .inspect(|_| self.accepted())?
             .into_inner();
         wire::jwt_from_wire(svid)
+    }
+
+    async fn report(&self, _bot_certificate: &[u8], holdings: crate::issuer::Holdings) -> Result<(), IssuerError> {
+        *self.held.lock().expect("held poisoned") = Some(holdings.clone());
+        self.send_holdings(holdings).await
     }
 
     fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {

@@ -119,6 +119,8 @@ pub(super) fn load_bundle(store: &Store) -> Option<Bundles> {
         // Not saved: the issuer sends its CRLs again when the agent connects.
         crls: Default::default(),
         revoked: Default::default(),
+        tainted_cas: Vec::new(),
+        tainted_kids: Vec::new(),
     })
 }
 

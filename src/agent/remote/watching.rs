@@ -97,6 +97,7 @@ impl RemoteIssuer {
                 up = true;
                 tracing::info!(issuer = %self.settings().address, "connected to the issuer");
                 self.set_link(true, String::new());
+                self.resend_holdings().await;
             }
             if let Some(bundle) = update.bundle {
                 self.set_bundles(wire::bundle_from_wire(bundle)?);

@@ -25,9 +25,19 @@ pub struct RotateArgs {
     #[arg(long, default_value = "10m", value_parser = crate::resource::Duration::parse)]
     pub grace: crate::resource::Duration,
     /// While a rotation is in progress: take its next step now (activate the successor, or retire
-    /// the old key).
+    /// the old key). With `--revoke-old`: revoke although agents still hold what the key signed.
     #[arg(long)]
     pub force: bool,
+    /// Key compromise, step one: activate the prepared successor now (if there is one) and taint
+    /// every replaced key: every agent issues again at once what it signed (SVIDs, bot
+    /// certificates, outputs), while it stays published so nothing fails to verify meanwhile.
+    #[arg(long, conflicts_with_all = ["revoke_old", "strand"])]
+    pub taint_old: bool,
+    /// Key compromise, step two: withdraw every tainted key from every bundle (agents, replicas, the
+    /// bundle endpoint). Refused while an agent still holds something it signed (named), unless
+    /// `--force`.
+    #[arg(long, conflicts_with = "strand")]
+    pub revoke_old: bool,
     /// With `--force` on a retiring CA: withdraw it even though connected agents still hold bot
     /// certificates it signed (they are refused from then on, and a `token` agent needs a new token).
     /// Without it, the retire waits a few seconds for them to renew and otherwise refuses, naming them.
@@ -51,6 +61,8 @@ pub async fn rotate(args: &RotateArgs) -> ExitCode {
         grace_seconds: args.grace.as_std().as_secs().min(u64::from(u32::MAX)) as u32,
         force: args.force,
         strand: args.strand,
+        taint_old: args.taint_old,
+        revoke_old: args.revoke_old,
     };
     match client.rotate(request).await {
         Ok(r) => {

@@ -124,12 +124,17 @@ pub(super) fn print_keys(keys: &[crate::admin::proto::KeyState]) {
         return;
     }
     outln!("keys:");
-    let rows: Vec<[String; 6]> = keys
+    let rows: Vec<[String; 7]> = keys
         .iter()
         .map(|k| {
             [
                 format!("{} {}", k.key, k.id),
                 k.phase.clone(),
+                if k.phase == "revoked" {
+                    "-".into()
+                } else {
+                    format!("{}/{}", k.agents, k.svids)
+                },
                 if k.phase_ends.is_empty() {
                     "-".into()
                 } else {
@@ -147,7 +152,15 @@ pub(super) fn print_keys(keys: &[crate::admin::proto::KeyState]) {
         .collect();
     print_table(
         "  ",
-        ["KEY", "PHASE", "PHASE ENDS", "CREATED", "NOT AFTER", "PIN / KID"],
+        [
+            "KEY",
+            "PHASE",
+            "AGENTS/SVIDS",
+            "PHASE ENDS",
+            "CREATED",
+            "NOT AFTER",
+            "PIN / KID",
+        ],
         &rows,
     );
 }

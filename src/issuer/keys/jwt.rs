@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::issuer::IssuerError;
-use crate::issuer::keys::rotation::{self, KeyRecord, KeyStatus, Rotation, Step};
+use crate::issuer::keys::rotation::{self, KeyRecord, KeyStatus, RevokedKey, Rotation, Step};
 use crate::issuer::state::backing::Backing;
 use crate::kv::Op;
 use crate::resource::cluster::DEFAULT_KEY_VALIDITY;
@@ -118,6 +118,9 @@ impl JwtKey {
 struct JwtFile {
     active: u32,
     keys: Vec<KeyRecord>,
+    /// Keys withdrawn by hand, until their own end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revoked: Vec<RevokedKey>,
 }
 
 /// Every JWT key of a trust domain. Cheap to clone; changed on a copy written conditionally, as
@@ -128,6 +131,8 @@ pub struct JwtKeys {
     keys: Vec<Arc<JwtKey>>,
     records: Vec<KeyRecord>,
     active: u32,
+    /// Keys withdrawn by hand (`tbotctl rotate jwt --revoke-old`), until their own end.
+    revoked: Vec<RevokedKey>,
     revision: i64,
 }
 
@@ -181,6 +186,7 @@ impl JwtKeys {
             keys,
             records: file.keys,
             active: file.active,
+            revoked: file.revoked,
             revision,
         }))
     }
@@ -204,6 +210,7 @@ impl JwtKeys {
                 keys: Vec::new(),
                 records: Vec::new(),
                 active: 0,
+                revoked: Vec::new(),
                 revision: 0,
             };
             let (mut created, ops) = if legacy {
@@ -249,8 +256,18 @@ impl JwtKeys {
     }
 
     /// What `tbotctl rotate jwt` would do now, or why it is refused.
-    pub fn by_hand(&self, grace: Duration, force: bool, now: OffsetDateTime) -> Result<Step, rotation::InProgress> {
-        rotation::by_hand(&self.records, self.active, grace, force, now.unix_timestamp())
+    pub fn by_hand(&self, asked: rotation::ByHand, now: OffsetDateTime) -> Result<Step, rotation::Refused> {
+        rotation::by_hand(&self.records, self.active, asked, now.unix_timestamp())
+    }
+
+    /// The `kid`s of the tainted keys: agents issue again the JWT-SVIDs they signed.
+    pub fn tainted_kids(&self) -> Vec<String> {
+        self.records
+            .iter()
+            .zip(&self.keys)
+            .filter(|(r, _)| r.tainted.is_some())
+            .map(|(_, k)| k.kid().to_owned())
+            .collect()
     }
 
     /// A copy with `step` taken, and the store writes it needs besides `jwt.json`.
@@ -268,7 +285,22 @@ impl JwtKeys {
             Step::Activate { id } => rotation::activate(&mut next.records, &mut next.active, id, |r| {
                 (now_unix + LONGEST_JWT).min(r.not_after).max(now_unix)
             }),
+            Step::Taint { activate } => {
+                if let Some(id) = activate {
+                    rotation::activate(&mut next.records, &mut next.active, id, |r| {
+                        (now_unix + LONGEST_JWT).min(r.not_after).max(now_unix)
+                    });
+                }
+                rotation::taint(&mut next.records, next.active, now_unix);
+            }
+            Step::Revoke => {
+                let revoked = rotation::revoke(&mut next.records, &mut next.keys, next.active, now_unix, |k| {
+                    k.kid().to_owned()
+                });
+                next.revoked.extend(revoked);
+            }
             Step::Retire => {
+                next.revoked.retain(|r| r.not_after > now_unix);
                 rotation::retire(&mut next.records, &mut next.keys, next.active, now_unix);
             }
             Step::RetireEarly => {
@@ -291,6 +323,7 @@ impl JwtKeys {
                 created: r.created,
                 not_after: r.not_after,
             })
+            .chain(self.revoked.iter().map(|r| KeyStatus::revoked("jwt", r)))
             .collect()
     }
 
@@ -324,6 +357,7 @@ impl JwtKeys {
         let file = JwtFile {
             active: self.active,
             keys: self.records.clone(),
+            revoked: self.revoked.clone(),
         };
         backing
             .put_json_if_unchanged(file_key(&self.trust_domain), &file, &mut self.revision, ops)
@@ -342,5 +376,6 @@ fn record(id: u32, settings: &JwtSettings, now: OffsetDateTime, activate_at: Opt
         validity: Some(settings.validity.as_secs()),
         activate_at,
         created: now,
+        tainted: None,
     }
 }

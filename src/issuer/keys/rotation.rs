@@ -30,6 +30,23 @@ pub struct KeyRecord {
     /// When the key was made (Unix seconds; 0 in keys of earlier versions).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub created: i64,
+    /// Set when an operator tainted the key (`tbotctl rotate --taint-old`, Unix seconds): still
+    /// published, so what it signed keeps verifying, while every agent issues that again now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tainted: Option<i64>,
+}
+
+/// A key withdrawn from every bundle by hand (`tbotctl rotate --revoke-old`): remembered in the key
+/// file for `tbotctl status` until its own end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokedKey {
+    pub id: u32,
+    /// The CA's SPKI pin, or the JWT key's `kid`.
+    pub name: String,
+    pub created: i64,
+    pub not_after: i64,
+    /// When it was withdrawn (Unix seconds).
+    pub revoked_at: i64,
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -62,6 +79,11 @@ pub enum Phase {
     Active,
     /// Replaced; published until `until`.
     Retiring { until: i64 },
+    /// Replaced and tainted by an operator: published until `until` (or until revoked), while
+    /// every agent issues again what it signed.
+    Tainted { until: i64 },
+    /// Withdrawn from every bundle by an operator at `at` (only ever a [`RevokedKey`]).
+    Revoked { at: i64 },
 }
 
 impl Phase {
@@ -70,6 +92,16 @@ impl Phase {
             Phase::Prepared { .. } => "prepared",
             Phase::Active => "active",
             Phase::Retiring { .. } => "retiring",
+            Phase::Tainted { .. } => "tainted",
+            Phase::Revoked { .. } => "revoked",
+        }
+    }
+
+    /// Until when a replaced key (retiring or tainted) stays published.
+    pub fn published_until(&self) -> Option<i64> {
+        match self {
+            Phase::Retiring { until } | Phase::Tainted { until } => Some(*until),
+            _ => None,
         }
     }
 
@@ -78,8 +110,8 @@ impl Phase {
     pub fn ends(&self) -> Option<i64> {
         match self {
             Phase::Prepared { activate_at } => Some(*activate_at),
-            Phase::Active => None,
-            Phase::Retiring { until } => Some(*until),
+            Phase::Active | Phase::Revoked { .. } => None,
+            Phase::Retiring { until } | Phase::Tainted { until } => Some(*until),
         }
     }
 }
@@ -94,8 +126,10 @@ pub fn phase(record: &KeyRecord, active: u32) -> Phase {
         // A replica that signed with the key before it saw the activation notes that later
         // (`issued_until`): the key stays until that has expired too, never past its own end.
         let until = record.retire_after.unwrap_or(record.not_after);
-        Phase::Retiring {
-            until: until.max(record.issued_until.min(record.not_after)),
+        let until = until.max(record.issued_until.min(record.not_after));
+        match record.tainted {
+            Some(_) => Phase::Tainted { until },
+            None => Phase::Retiring { until },
         }
     }
 }
@@ -112,6 +146,11 @@ pub enum Step {
     /// Drop every retiring key now, by hand (`tbotctl rotate --force`): what they signed stops
     /// verifying.
     RetireEarly,
+    /// Taint every replaced key (`tbotctl rotate --taint-old`), after activating the prepared key
+    /// `activate` first if there is one: agents issue again now what a tainted key signed.
+    Taint { activate: Option<u32> },
+    /// Withdraw every tainted key from the bundles now (`tbotctl rotate --revoke-old`).
+    Revoke,
 }
 
 fn secs(d: Duration) -> i64 {
@@ -127,13 +166,13 @@ pub fn due(records: &[KeyRecord], active: u32, rotation: &Rotation, now: i64) ->
     };
     for record in records {
         match phase(record, active) {
-            Phase::Retiring { until } if until <= now => return (Some(Step::Retire), None),
-            Phase::Retiring { until } => at(until),
+            Phase::Retiring { until } | Phase::Tainted { until } if until <= now => return (Some(Step::Retire), None),
+            Phase::Retiring { until } | Phase::Tainted { until } => at(until),
             Phase::Prepared { activate_at } if activate_at <= now => {
                 return (Some(Step::Activate { id: record.id }), None);
             }
             Phase::Prepared { activate_at } => at(activate_at),
-            Phase::Active => {}
+            Phase::Active | Phase::Revoked { .. } => {}
         }
     }
     let prepared = records
@@ -170,7 +209,7 @@ pub fn activate(records: &mut [KeyRecord], active: &mut u32, id: u32, retire_aft
 pub fn retire<T>(records: &mut Vec<KeyRecord>, keys: &mut Vec<T>, active: u32, now: i64) -> bool {
     let keep: Vec<bool> = records
         .iter()
-        .map(|r| !matches!(phase(r, active), Phase::Retiring { until } if until <= now))
+        .map(|r| phase(r, active).published_until().is_none_or(|until| until > now))
         .collect();
     if keep.iter().all(|k| *k) {
         return false;
@@ -182,41 +221,115 @@ pub fn retire<T>(records: &mut Vec<KeyRecord>, keys: &mut Vec<T>, active: u32, n
     true
 }
 
-/// A rotation by hand refused: one is already in progress.
+/// A rotation by hand refused: what is in the way, and what to do instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("a rotation is in progress: key {id} is {phase} until {until}; wait for it, or pass --force to {forced} now")]
-pub struct InProgress {
-    pub id: u32,
-    pub phase: &'static str,
-    /// When the phase ends (RFC 3339).
-    pub until: String,
-    /// What `--force` would do: `activate it` or `retire it`.
-    pub forced: &'static str,
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// What an operator asks of a key (`tbotctl rotate ca|jwt`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByHand {
+    /// Prepare a successor that signs after `grace`; with `force`, take the rotation's next step
+    /// now instead (activate the prepared key, or withdraw the replaced ones).
+    Rotate { grace: Duration, force: bool },
+    /// `--taint-old`: activate the prepared key if there is one, and taint every replaced key.
+    TaintOld,
+    /// `--revoke-old`: withdraw every tainted key from the bundles.
+    RevokeOld,
 }
 
-/// A rotation asked for by hand (`tbotctl rotate`): what to do, or why not.
-pub fn by_hand(records: &[KeyRecord], active: u32, grace: Duration, force: bool, now: i64) -> Result<Step, InProgress> {
-    let busy = records
-        .iter()
-        .map(|r| (r, phase(r, active)))
-        .find(|(_, p)| !matches!(p, Phase::Active));
-    match busy {
-        None => Ok(Step::Prepare {
+/// A rotation asked for by hand (`tbotctl rotate`): what to do, or why not. A successor can be
+/// prepared while older keys are still retiring (SPIRE allows it: the bundle then carries three
+/// keys), so two rotations in a row need no `--force`; only a key that is prepared already is in
+/// the way.
+pub fn by_hand(records: &[KeyRecord], active: u32, asked: ByHand, now: i64) -> Result<Step, Refused> {
+    let phases: Vec<(u32, Phase)> = records.iter().map(|r| (r.id, phase(r, active))).collect();
+    let prepared = phases.iter().find(|(_, p)| matches!(p, Phase::Prepared { .. }));
+    let replaced = |tainted: bool| {
+        phases
+            .iter()
+            .filter(|(_, p)| matches!(p, Phase::Tainted { .. }) == tainted && p.published_until().is_some())
+            .map(|(id, _)| id.to_string())
+            .collect::<Vec<_>>()
+    };
+    let (retiring, tainted) = (replaced(false), replaced(true));
+    let prepared_id = prepared.map(|(id, _)| *id);
+    match (asked, prepared_id) {
+        (ByHand::Rotate { force: true, .. }, Some(id)) => Ok(Step::Activate { id }),
+        (ByHand::Rotate { force: true, .. }, None) if !retiring.is_empty() || !tainted.is_empty() => {
+            Ok(Step::RetireEarly)
+        }
+        (ByHand::Rotate { .. }, Some(id)) => Err(Refused(format!(
+            "a rotation is in progress: key {id} is prepared until {}; wait for it, or pass --force to activate it now",
+            rfc3339(prepared.and_then(|(_, p)| p.ends()).unwrap_or(now))
+        ))),
+        (ByHand::Rotate { grace, .. }, None) => Ok(Step::Prepare {
             activate_at: now + secs(grace),
         }),
-        Some((record, Phase::Prepared { .. })) if force => Ok(Step::Activate { id: record.id }),
-        Some(_) if force => Ok(Step::RetireEarly),
-        Some((record, phase)) => Err(InProgress {
-            id: record.id,
-            phase: phase.name(),
-            until: rfc3339(phase.ends().unwrap_or(record.not_after)),
-            forced: if matches!(phase, Phase::Prepared { .. }) {
-                "activate it"
-            } else {
-                "retire it"
-            },
-        }),
+        (ByHand::TaintOld, Some(id)) => Ok(Step::Taint { activate: Some(id) }),
+        (ByHand::TaintOld, None) if !retiring.is_empty() => Ok(Step::Taint { activate: None }),
+        (ByHand::TaintOld, None) if !tainted.is_empty() => Err(Refused(format!(
+            "key {} is tainted already and no other key is replaced: withdraw it with --revoke-old",
+            tainted.join(", ")
+        ))),
+        (ByHand::TaintOld, None) => Err(Refused(format!(
+            "nothing to taint: key {active} is the only key and it signs. Prepare a successor first \
+             (`tbotctl rotate KEY --grace 1m`), then pass --taint-old: it activates the successor at once \
+             and taints key {active}"
+        ))),
+        (ByHand::RevokeOld, _) if !tainted.is_empty() => Ok(Step::Revoke),
+        (ByHand::RevokeOld, _) if !retiring.is_empty() => Err(Refused(format!(
+            "key {} is retiring, not tainted: taint it first (--taint-old) so that every agent issues again \
+             what it signed, then revoke it",
+            retiring.join(", ")
+        ))),
+        (ByHand::RevokeOld, _) => Err(Refused(format!(
+            "nothing to revoke: no key is tainted (key {active} signs). Prepare a successor, taint the old key \
+             with --taint-old, then revoke it"
+        ))),
     }
+}
+
+/// Taints every replaced key not tainted yet (after `activate` made the prepared key the active
+/// one). Returns the ids tainted.
+pub fn taint(records: &mut [KeyRecord], active: u32, now: i64) -> Vec<u32> {
+    let mut out = Vec::new();
+    for record in records.iter_mut() {
+        if matches!(phase(record, active), Phase::Retiring { .. }) {
+            record.tainted = Some(now);
+            out.push(record.id);
+        }
+    }
+    out
+}
+
+/// Withdraws every tainted key (its record and its key), returning what `tbotctl status` keeps of
+/// each; `name` gives a key's pin or `kid`.
+pub fn revoke<T>(
+    records: &mut Vec<KeyRecord>,
+    keys: &mut Vec<T>,
+    active: u32,
+    now: i64,
+    name: impl Fn(&T) -> String,
+) -> Vec<RevokedKey> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < records.len() {
+        if matches!(phase(&records[i], active), Phase::Tainted { .. }) {
+            let record = records.remove(i);
+            let key = keys.remove(i);
+            out.push(RevokedKey {
+                id: record.id,
+                name: name(&key),
+                created: record.created,
+                not_after: record.not_after,
+                revoked_at: now,
+            });
+        } else {
+            i += 1;
+        }
+    }
+    out
 }
 
 /// A Unix time as RFC 3339.
@@ -237,9 +350,23 @@ pub struct KeyStatus {
     pub not_after: i64,
 }
 
-impl crate::error::Explain for InProgress {
+impl KeyStatus {
+    /// A key withdrawn by hand, as `tbotctl status` shows it.
+    pub fn revoked(kind: &'static str, key: &RevokedKey) -> KeyStatus {
+        KeyStatus {
+            kind,
+            id: key.id,
+            name: key.name.clone(),
+            phase: Phase::Revoked { at: key.revoked_at },
+            created: key.created,
+            not_after: key.not_after,
+        }
+    }
+}
+
+impl crate::error::Explain for Refused {
     fn hint(&self) -> std::borrow::Cow<'_, str> {
-        // The message says it: wait, or `--force`.
+        // The message says what to do.
         "".into()
     }
 }
@@ -260,6 +387,7 @@ mod tests {
             validity: Some(validity as u64),
             activate_at: None,
             created,
+            tainted: None,
         }
     }
 
@@ -297,6 +425,7 @@ mod tests {
                 Step::Retire | Step::RetireEarly => {
                     assert!(retire(&mut records, &mut keys, active, now));
                 }
+                Step::Taint { .. } | Step::Revoke => unreachable!("only ever by hand"),
             }
             let phases = records.iter().map(|r| (r.id, phase(r, active))).collect();
             log.push((now, step, phases));
@@ -358,7 +487,11 @@ mod tests {
     fn a_rotation_by_hand_prepares_now_and_a_second_is_refused_unless_forced() {
         let mut records = vec![key(1, 0, 100 * HOUR)];
         let active = 1;
-        let step = by_hand(&records, active, Duration::from_secs(600), false, 5 * HOUR).unwrap();
+        let rotate = |grace: u64, force| ByHand::Rotate {
+            grace: Duration::from_secs(grace),
+            force,
+        };
+        let step = by_hand(&records, active, rotate(600, false), 5 * HOUR).unwrap();
         assert_eq!(
             step,
             Step::Prepare {
@@ -368,13 +501,13 @@ mod tests {
         let mut prepared = key(2, 5 * HOUR, 100 * HOUR);
         prepared.activate_at = Some(5 * HOUR + 600);
         records.push(prepared);
-        let refused = by_hand(&records, active, Duration::from_secs(600), false, 5 * HOUR)
+        let refused = by_hand(&records, active, rotate(600, false), 5 * HOUR)
             .unwrap_err()
             .to_string();
         assert!(refused.contains("key 2 is prepared until"), "{refused}");
         assert!(refused.contains("--force"), "{refused}");
         assert_eq!(
-            by_hand(&records, active, Duration::ZERO, true, 5 * HOUR),
+            by_hand(&records, active, rotate(0, true), 5 * HOUR),
             Ok(Step::Activate { id: 2 })
         );
         // And the schedule itself activates it at the grace's end, not at the automatic time.
@@ -388,5 +521,109 @@ mod tests {
             .0,
             Some(Step::Activate { id: 2 })
         );
+    }
+
+    #[test]
+    fn a_second_rotation_prepares_while_the_first_key_retires_and_a_third_key_is_published() {
+        let mut records = vec![key(1, 0, 100 * HOUR), key(2, HOUR, 100 * HOUR)];
+        records[0].retire_after = Some(3 * HOUR);
+        let active = 2;
+        let rotate = ByHand::Rotate {
+            grace: Duration::from_secs(30),
+            force: false,
+        };
+        assert_eq!(
+            by_hand(&records, active, rotate, 2 * HOUR),
+            Ok(Step::Prepare {
+                activate_at: 2 * HOUR + 30
+            }),
+            "a retiring key is not in the way"
+        );
+        let mut third = key(3, 2 * HOUR, 100 * HOUR);
+        third.activate_at = Some(2 * HOUR + 30);
+        records.push(third);
+        let phases: Vec<&str> = records.iter().map(|r| phase(r, active).name()).collect();
+        assert_eq!(phases, ["retiring", "active", "prepared"]);
+        let mut active = active;
+        activate(&mut records, &mut active, 3, |_| 2 * HOUR + 60);
+        let phases: Vec<&str> = records.iter().map(|r| phase(r, active).name()).collect();
+        assert_eq!(phases, ["retiring", "retiring", "active"]);
+        // Each retires on its own schedule.
+        let mut keys = vec![(); 3];
+        assert!(retire(&mut records, &mut keys, active, 2 * HOUR + 61));
+        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 3]);
+        assert!(retire(&mut records, &mut keys, active, 3 * HOUR));
+        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn taint_activates_the_prepared_key_and_taints_the_replaced_ones_then_revoke_withdraws_them() {
+        let now = 5 * HOUR;
+        let mut records = vec![key(1, 0, 100 * HOUR)];
+        let mut keys = vec!["one"];
+        let mut active = 1;
+        let refused = by_hand(&records, active, ByHand::TaintOld, now).unwrap_err().0;
+        assert!(
+            refused.contains("nothing to taint") && refused.contains("--grace"),
+            "{refused}"
+        );
+        let refused = by_hand(&records, active, ByHand::RevokeOld, now).unwrap_err().0;
+        assert!(refused.contains("nothing to revoke"), "{refused}");
+        let mut prepared = key(2, now, 100 * HOUR);
+        prepared.activate_at = Some(now + 600);
+        records.push(prepared);
+        keys.push("two");
+        let step = by_hand(&records, active, ByHand::TaintOld, now).unwrap();
+        assert_eq!(step, Step::Taint { activate: Some(2) });
+        activate(&mut records, &mut active, 2, |_| now + HOUR);
+        assert_eq!(taint(&mut records, active, now), [1]);
+        assert_eq!(phase(&records[0], active), Phase::Tainted { until: now + HOUR });
+        assert_eq!(phase(&records[1], active), Phase::Active);
+        // Tainted already: a second taint has nothing to do; the schedule would still retire it.
+        let refused = by_hand(&records, active, ByHand::TaintOld, now).unwrap_err().0;
+        assert!(refused.contains("--revoke-old"), "{refused}");
+        assert_eq!(
+            due(
+                &records,
+                active,
+                &Rotation::default_for(Duration::from_secs(100 * 3600)),
+                now + HOUR
+            )
+            .0,
+            Some(Step::Retire)
+        );
+        assert_eq!(by_hand(&records, active, ByHand::RevokeOld, now), Ok(Step::Revoke));
+        let revoked = revoke(&mut records, &mut keys, active, now + 1, |k| k.to_string());
+        assert_eq!(keys, ["two"]);
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            revoked,
+            [RevokedKey {
+                id: 1,
+                name: "one".into(),
+                created: 0,
+                not_after: 100 * HOUR,
+                revoked_at: now + 1
+            }]
+        );
+    }
+
+    #[test]
+    fn a_retiring_key_that_is_not_tainted_is_not_revoked() {
+        let mut records = vec![key(1, 0, 100 * HOUR), key(2, HOUR, 100 * HOUR)];
+        records[0].retire_after = Some(3 * HOUR);
+        let refused = by_hand(&records, 2, ByHand::RevokeOld, 2 * HOUR).unwrap_err().0;
+        assert!(refused.contains("key 1 is retiring, not tainted"), "{refused}");
+        assert_eq!(
+            by_hand(&records, 2, ByHand::TaintOld, 2 * HOUR),
+            Ok(Step::Taint { activate: None })
+        );
+        // A forced rotation withdraws a tainted key as it does a retiring one.
+        records[0].tainted = Some(2 * HOUR);
+        let forced = ByHand::Rotate {
+            grace: Duration::ZERO,
+            force: true,
+        };
+        assert_eq!(by_hand(&records, 2, forced, 2 * HOUR), Ok(Step::RetireEarly));
     }
 }

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use crate::issuer::bots::{self, BotClaims, bot_record_key};
 use crate::issuer::keys::ca::Authority;
-use crate::issuer::keys::rotation::{InProgress, KeyStatus, Step};
+use crate::issuer::keys::rotation::{ByHand, KeyStatus, Refused, Step};
 use crate::issuer::{BotCertificate, IssuerError};
 use crate::kv::{Condition, Op};
 
@@ -182,7 +182,7 @@ impl Inner {
     pub(super) async fn step(
         &self,
         jwt: bool,
-        decide: impl Fn(&State) -> Result<Option<Step>, InProgress>,
+        decide: impl Fn(&State) -> Result<Option<Step>, Refused>,
     ) -> Result<Option<Step>, IssuerError> {
         for _ in 0..CONFLICT_RETRIES {
             let (step, settings) = {
@@ -284,20 +284,21 @@ impl LocalIssuer {
     }
 
     /// A rotation by hand (`tbotctl rotate`) of the CA or (`jwt`) the JWT key: prepares a successor
-    /// that activates after `grace`; refused while a rotation is in progress, unless `force`, which
-    /// takes its next step now (activates the prepared key, or retires the old one).
+    /// that activates after `grace` (refused while one is prepared, unless forced, which activates
+    /// it now; forced with nothing prepared withdraws the replaced keys), or taints or revokes the
+    /// replaced keys (see [`ByHand`]).
     /// A shared store that does not answer for a moment (an etcd leader election after a member
     /// loss) is retried for up to [`BY_HAND_RETRY`]: the operator's command waits instead of failing.
-    pub async fn rotate_by_hand(&self, jwt: bool, grace: Duration, force: bool) -> Result<Step, IssuerError> {
+    pub async fn rotate_by_hand(&self, jwt: bool, asked: ByHand) -> Result<Step, IssuerError> {
         let deadline = tokio::time::Instant::now() + BY_HAND_RETRY;
         let step = loop {
             let taken = self
                 .inner
                 .step(jwt, |state| {
                     if jwt {
-                        state.jwt.by_hand(grace, force, now())
+                        state.jwt.by_hand(asked, now())
                     } else {
-                        state.authority.by_hand(grace, force, now())
+                        state.authority.by_hand(asked, now())
                     }
                     .map(Some)
                 })
@@ -311,6 +312,13 @@ impl LocalIssuer {
             }
         };
         Ok(step.expect("a rotation by hand always decides a step"))
+    }
+
+    /// Takes the CAs and JWT keys as the store has them now: a step by hand on this replica decides
+    /// on what another replica did a moment ago (its watch event may not have arrived yet).
+    pub async fn refresh_keys(&self) {
+        self.inner.reload_authority().await;
+        self.inner.reload_jwt().await;
     }
 
     /// Every CA's and JWT key's phase and dates.

@@ -100,6 +100,8 @@ struct Inner {
     /// When each serial a `revocation` names expires, once the log told (see [`Inner::revoked`]).
     revoked_expiries: Mutex<HashMap<String, OffsetDateTime>>,
     metrics: std::sync::RwLock<crate::issuer::metrics::IssuerMetrics>,
+    /// What the agent in this process last reported holding (`bot/instance`, holdings).
+    local_held: Mutex<Option<(String, crate::issuer::Holdings)>>,
 }
 
 /// The issuer, in this process.
@@ -205,6 +207,7 @@ impl LocalIssuer {
             issued,
             revoked_expiries: Mutex::new(HashMap::new()),
             metrics: Default::default(),
+            local_held: Mutex::new(None),
         });
         // The first bundle with the CRLs (of the revocations already in force, or none).
         inner.publish(&mut inner.lock());
@@ -266,6 +269,11 @@ impl LocalIssuer {
         });
     }
 
+    /// What the agent in this process last reported holding (`bot/instance`, holdings).
+    pub fn local_holdings(&self) -> Option<(String, crate::issuer::Holdings)> {
+        self.inner.local_held.lock().expect("holdings poisoned").clone()
+    }
+
     /// The last policy change, and every new one.
     pub fn policy_events(&self) -> watch::Receiver<Arc<PolicyEvent>> {
         self.inner.policy_events.subscribe()
@@ -300,15 +308,16 @@ impl LocalIssuer {
         self.lock().authority.signer_id(der)
     }
 
-    /// The ids of the retiring CAs: what `tbotctl rotate ca --force` would withdraw now.
-    pub fn retiring_cas(&self) -> Vec<u32> {
-        self.lock().authority.retiring()
-    }
-
-    /// Whether `tbotctl rotate ca --force` would now withdraw a retiring CA.
-    pub fn next_forced_step_retires_ca(&self) -> bool {
-        let step = self.lock().authority.by_hand(Duration::ZERO, true, now());
-        step == Ok(crate::issuer::keys::rotation::Step::RetireEarly)
+    /// The ids of the CAs that `asked` would withdraw from the bundles now (none if it withdraws
+    /// nothing): every replaced CA for a forced retire, the tainted ones for a revoke.
+    pub fn withdrawn_cas(&self, asked: crate::issuer::keys::rotation::ByHand) -> Vec<u32> {
+        use crate::issuer::keys::rotation::Step;
+        let state = self.lock();
+        match state.authority.by_hand(asked, now()) {
+            Ok(Step::RetireEarly) => state.authority.retiring(),
+            Ok(Step::Revoke) => state.authority.tainted(),
+            _ => Vec::new(),
+        }
     }
 
     /// A serving certificate for the issuer API.
@@ -538,6 +547,13 @@ impl Issuer for LocalIssuer {
         };
         self.inner.record(record);
         Ok(svid)
+    }
+
+    async fn report(&self, bot_certificate: &[u8], holdings: crate::issuer::Holdings) -> Result<(), IssuerError> {
+        let claims = self.authenticate(bot_certificate)?;
+        *self.inner.local_held.lock().expect("holdings poisoned") =
+            Some((format!("{}/{}", claims.bot, claims.instance), holdings));
+        Ok(())
     }
 
     fn bundles(&self) -> watch::Receiver<Arc<Bundles>> {

@@ -54,6 +54,8 @@ impl State {
             federated: self.federated.clone(),
             crls: self.crls.as_ref().map(|c| c.crls.clone()).unwrap_or_default(),
             revoked: self.crls.as_ref().map(|c| c.serials.clone()).unwrap_or_default(),
+            tainted_cas: self.authority.tainted_indices(),
+            tainted_kids: self.jwt.tainted_kids(),
         }
     }
 

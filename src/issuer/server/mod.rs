@@ -12,7 +12,7 @@ pub mod tls;
 
 pub use join::token_join_request;
 use sessions::SessionGuard;
-pub use sessions::{AgentSession, Sessions};
+pub use sessions::{AgentSession, Sessions, add_held};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -254,6 +254,15 @@ impl WorkloadIdentityService for IssuerApi {
         Ok(Response::new(wire::jwt_to_wire(svid)))
     }
 
+    async fn report(&self, request: Request<proto::HoldingsReport>) -> Result<Response<proto::ReportAck>, Status> {
+        let (cert, peer, digest) = self.bot_certificate(&request)?;
+        self.issuer.authenticate(&cert).map_err(status)?;
+        // Validated whole before anything is kept.
+        let held = wire::holdings_from_wire(request.into_inner()).map_err(|e| self.refuse(&peer, &cert, e))?;
+        self.sessions.hold(&digest, held);
+        Ok(Response::new(proto::ReportAck {}))
+    }
+
     async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let (cert, peer, digest) = self.bot_certificate(&request)?;
         let claims = self.issuer.authenticate(&cert).map_err(status)?;
@@ -268,6 +277,7 @@ impl WorkloadIdentityService for IssuerApi {
             connected_at: OffsetDateTime::now_utc(),
             certificate: digest,
             ca: self.issuer.signer_id(&cert).unwrap_or_default(),
+            held: Default::default(),
         });
         let last_bundle = self.issuer.current_bundles();
         let seen_revision = request.into_inner().policy_revision;

@@ -20,6 +20,8 @@ pub struct AgentSession {
     pub(super) certificate: String,
     /// The id of the CA that signed that certificate.
     pub ca: u32,
+    /// What the agent last reported holding, by signing key.
+    pub held: crate::issuer::Holdings,
 }
 
 /// An instance whose `Watch` stream the issuer ended because it no longer accepts its certificate
@@ -73,6 +75,25 @@ impl Sessions {
         let mut out = std::collections::BTreeMap::new();
         for session in self.open.lock().expect("sessions poisoned").values() {
             *out.entry(session.ca).or_default() += 1;
+        }
+        out
+    }
+
+    /// Keeps what the agent with `certificate` (its digest) reports holding, with its open streams.
+    pub(super) fn hold(&self, certificate: &str, held: crate::issuer::Holdings) {
+        for session in self.open.lock().expect("sessions poisoned").values_mut() {
+            if session.certificate == certificate {
+                session.held = held.clone();
+            }
+        }
+    }
+
+    /// By key name (a CA's pin, a `kid`): how many connected agents hold something it signed (an
+    /// SVID, or their bot certificate), and how many SVIDs.
+    pub fn held_by_key(&self) -> BTreeMap<String, [u64; 2]> {
+        let mut out = BTreeMap::new();
+        for session in self.open.lock().expect("sessions poisoned").values() {
+            add_held(&mut out, &session.held);
         }
         out
     }
@@ -153,6 +174,22 @@ impl Sessions {
             sessions: self.clone(),
             id,
         }
+    }
+}
+
+/// Adds one agent's holdings to per-key counts (agents, SVIDs).
+pub fn add_held(out: &mut BTreeMap<String, [u64; 2]>, held: &crate::issuer::Holdings) {
+    let keys: std::collections::BTreeSet<&String> = held
+        .x509
+        .keys()
+        .chain(held.jwt.keys())
+        .chain((!held.bot.is_empty()).then_some(&held.bot))
+        .collect();
+    for key in keys {
+        let (svids, _) = held.on(key);
+        let entry = out.entry(key.clone()).or_default();
+        entry[0] += 1;
+        entry[1] += svids;
     }
 }
 

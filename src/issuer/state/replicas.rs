@@ -36,6 +36,10 @@ pub struct ReplicaRecord {
     /// certificate each opened it with: a forced CA retire on any replica waits for them all.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub agents_by_ca: BTreeMap<u32, u64>,
+    /// By key name (a CA's pin, a `kid`): how many of its agents hold something the key signed,
+    /// and how many SVIDs, as they report it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held: BTreeMap<String, [u64; 2]>,
 }
 
 impl ReplicaRecord {
@@ -123,12 +127,13 @@ pub fn drift(replicas: &[ReplicaRecord]) -> Vec<Drift> {
 
 /// Keeps this replica's record in the store: rewritten every [`HEARTBEAT`] on a lease of three
 /// heartbeats (a killed replica's record goes by itself), removed at once on a clean stop.
-/// `documents` gives the documents applied now, `agents_by_ca` its agents by their certificates' CA.
+/// `documents` gives the documents applied now, `agents` its agents by their certificates' CA and
+/// what they hold by signing key.
 pub async fn heartbeat(
     issuer: std::sync::Arc<crate::issuer::LocalIssuer>,
     mut record: ReplicaRecord,
     documents: impl Fn() -> BTreeMap<String, String> + Send + 'static,
-    agents_by_ca: impl Fn() -> BTreeMap<u32, u64> + Send + 'static,
+    agents: impl Fn() -> (BTreeMap<u32, u64>, BTreeMap<String, [u64; 2]>) + Send + 'static,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     use crate::kv::Op;
@@ -141,7 +146,7 @@ pub async fn heartbeat(
         let dir = format!("issuer/{}", issuer.policy().trust_domain.as_str());
         record.heartbeat = time::OffsetDateTime::now_utc().unix_timestamp();
         record.documents = documents();
-        record.agents_by_ca = agents_by_ca();
+        (record.agents_by_ca, record.held) = agents();
         record.ready = true;
         let key = record_key(&dir, &record.name);
         // Someone else writing under our name: say so in the record (every replica's status shows

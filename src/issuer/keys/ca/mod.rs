@@ -15,7 +15,7 @@ use crate::resource::cluster::KeyAlgorithm;
 use crate::resource::spiffe_id::TrustDomain;
 use std::sync::Arc;
 
-use crate::issuer::keys::rotation::{self, KeyRecord, KeyStatus, Phase, Rotation, Step};
+use crate::issuer::keys::rotation::{self, KeyRecord, KeyStatus, Phase, RevokedKey, Rotation, Step};
 use crate::issuer::state::backing::Backing;
 use crate::kv::Op;
 
@@ -51,6 +51,9 @@ type CaRecord = KeyRecord;
 struct CaFile {
     active: u32,
     cas: Vec<CaRecord>,
+    /// CAs withdrawn by hand, until their own end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revoked: Vec<RevokedKey>,
 }
 
 /// A CA with its key, ready to sign.
@@ -120,6 +123,8 @@ pub struct Authority {
     records: Vec<CaRecord>,
     /// The id of the CA that signs.
     active: u32,
+    /// CAs withdrawn by hand (`tbotctl rotate ca --revoke-old`), until their own end.
+    revoked: Vec<RevokedKey>,
     /// The `mod_revision` of `ca.json` this copy was read or written at.
     revision: i64,
     /// `issued_until` moved in memory and is not in the store yet.
@@ -205,6 +210,7 @@ impl Authority {
             cas,
             records,
             active: file.active,
+            revoked: file.revoked,
             revision,
             unsaved: false,
         }))
@@ -228,6 +234,7 @@ impl Authority {
                 cas: Vec::new(),
                 records: Vec::new(),
                 active: 0,
+                revoked: Vec::new(),
                 revision: 0,
                 unsaved: false,
             };
@@ -288,13 +295,8 @@ impl Authority {
     }
 
     /// What `tbotctl rotate ca` would do now, or why it is refused.
-    pub fn by_hand(
-        &self,
-        grace: std::time::Duration,
-        force: bool,
-        now: OffsetDateTime,
-    ) -> Result<Step, rotation::InProgress> {
-        rotation::by_hand(&self.records, self.active, grace, force, unix(now))
+    pub fn by_hand(&self, asked: rotation::ByHand, now: OffsetDateTime) -> Result<Step, rotation::Refused> {
+        rotation::by_hand(&self.records, self.active, asked, unix(now))
     }
 
     /// A copy with `step` taken, and the store writes it needs besides `ca.json` (then
@@ -327,6 +329,22 @@ impl Authority {
                 rotation::retire(&mut next.records, &mut next.cas, next.active, i64::MAX);
                 Ok((next, Vec::new()))
             }
+            Step::Taint { activate } => {
+                let (mut next, _) = match activate {
+                    Some(id) => self.stepped(backing, Step::Activate { id }, settings, now)?,
+                    None => (self.clone(), Vec::new()),
+                };
+                rotation::taint(&mut next.records, next.active, unix(now));
+                Ok((next, Vec::new()))
+            }
+            Step::Revoke => {
+                let mut next = self.clone();
+                let revoked = rotation::revoke(&mut next.records, &mut next.cas, next.active, unix(now), |ca| {
+                    spki_pin(ca.certificate_der()).unwrap_or_default()
+                });
+                next.revoked.extend(revoked);
+                Ok((next, Vec::new()))
+            }
         }
     }
 
@@ -343,6 +361,17 @@ impl Authority {
                 created: r.created,
                 not_after: r.not_after,
             })
+            .chain(self.revoked.iter().map(|r| KeyStatus::revoked("ca", r)))
+            .collect()
+    }
+
+    /// The positions in [`Authority::cas`] of the tainted CAs: agents issue again what they signed.
+    pub fn tainted_indices(&self) -> Vec<usize> {
+        self.records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.tainted.is_some())
+            .map(|(i, _)| i)
             .collect()
     }
 
@@ -375,11 +404,20 @@ impl Authority {
         Ok(out)
     }
 
-    /// The ids of the CAs that are retiring (what a forced retire withdraws).
+    /// The ids of the tainted CAs (what `--revoke-old` withdraws).
+    pub fn tainted(&self) -> Vec<u32> {
+        self.records
+            .iter()
+            .filter(|r| r.tainted.is_some())
+            .map(|r| r.id)
+            .collect()
+    }
+
+    /// The ids of the CAs that are replaced, retiring or tainted (what a forced retire withdraws).
     pub fn retiring(&self) -> Vec<u32> {
         self.records
             .iter()
-            .filter(|r| matches!(rotation::phase(r, self.active), rotation::Phase::Retiring { .. }))
+            .filter(|r| rotation::phase(r, self.active).published_until().is_some())
             .map(|r| r.id)
             .collect()
     }
@@ -411,7 +449,9 @@ impl Authority {
     /// Drops retired CAs whose overlap has ended (in memory; then [`Authority::save`]). Returns
     /// whether the bundle changed.
     pub fn prune(&mut self, now: OffsetDateTime) -> bool {
-        rotation::retire(&mut self.records, &mut self.cas, self.active, unix(now))
+        let revoked = self.revoked.len();
+        self.revoked.retain(|r| r.not_after > unix(now));
+        rotation::retire(&mut self.records, &mut self.cas, self.active, unix(now)) || self.revoked.len() != revoked
     }
 
     /// Records that the active CA signed something valid until `not_after`, so a rotation keeps the
@@ -451,7 +491,7 @@ impl Authority {
                 .records
                 .iter()
                 .zip(&other.records)
-                .all(|(a, b)| a.activate_at == b.activate_at)
+                .all(|(a, b)| a.activate_at == b.activate_at && a.tainted == b.tainted)
     }
 
     /// A copy with a new CA made with `settings`: prepared (activating at `activate_at`), or, for
@@ -488,6 +528,7 @@ impl Authority {
             validity: Some(settings.validity.as_secs()),
             activate_at: if first { None } else { activate_at },
             created: unix(now),
+            tainted: None,
         });
         if first {
             next.active = id;
@@ -510,6 +551,7 @@ impl Authority {
         let file = CaFile {
             active: self.active,
             cas: self.records.clone(),
+            revoked: self.revoked.clone(),
         };
         let written = backing
             .put_json_if_unchanged(file_key(&self.trust_domain), &file, &mut self.revision, ops)
