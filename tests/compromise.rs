@@ -709,3 +709,104 @@ async fn revoking_a_tainted_ca_waits_for_the_remote_agent_and_names_it_while_it_
     let (_, leaf) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).unwrap();
     assert!(leaf.issuer().to_string().contains("CA 2"), "{}", leaf.issuer());
 }
+
+/// The revocation time a CRL gives `serial`.
+fn revoked_at(crl: &[u8], serial: &str) -> Option<i64> {
+    let (_, crl) = x509_parser::parse_x509_crl(crl).unwrap();
+    crl.iter_revoked_certificates()
+        .find(|r| tbot::issuer::keys::crl::serial_of_raw(r.raw_serial()) == serial)
+        .map(|r| r.revocation_date.timestamp())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revocation_on_one_replica_reaches_the_agents_of_another_with_one_revocation_time() {
+    use common::fleet::{agent_config, start_agent, token_onboarding, wait_for_socket};
+    use tokio_stream::StreamExt;
+
+    let Some(set) = common::ha::Replicas::start(2) else {
+        return;
+    };
+    let pin = set
+        .status(0)
+        .lines()
+        .find_map(|l| l.strip_prefix("CA pin: ").map(str::to_owned))
+        .unwrap();
+    // The agent joins replica 1; the revocation is written on replica 0 only.
+    let port = set.get(1).port;
+    let agent = start_agent(
+        |dir| {
+            agent_config(
+                dir,
+                port,
+                &token_onboarding("fleet-token-change-me", &pin),
+                "example-workload-identity",
+            )
+        },
+        &[],
+    );
+    wait_for_socket(&agent);
+    let (mut stream, first) = x509_stream(&agent).await;
+    let old = first.svids[0].x509_svid.clone();
+    let serial = serial_of(&old);
+    common::scenario::until("the SVID is in the issuance log replica 0 reads", || {
+        svids(&set.get(0).daemon, &[])
+            .iter()
+            .any(|r| r["serial"] == serial.as_str())
+    });
+    tbotctl_ok(
+        &set.get(0).daemon,
+        &[
+            "revoke",
+            "--serial",
+            &serial,
+            "--reason",
+            "copied from a backup",
+            "--name",
+            "backup",
+        ],
+    );
+    let fresh = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if m.crl.iter().any(|c| crl_lists(c, &serial)) && m.svids[0].x509_svid != old {
+                return m;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the CRL of replica 1's agent lists the serial within 15 s\n{}",
+            agent.log()
+        )
+    });
+    // One revocation time, kept in the store: replica 1 restarted signs new CRLs with the same.
+    let on_agent = fresh.crl.iter().find_map(|c| revoked_at(c, &serial)).unwrap();
+    let signed: Vec<Vec<u8>> = fresh.crl.clone();
+    let mut set = set;
+    let (dir, admin) = set.kill(1);
+    set.restart(1, dir, admin);
+    let again = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if m.crl != signed && m.crl.iter().any(|c| crl_lists(c, &serial)) {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("new CRLs from the restarted replica");
+    assert_eq!(again.crl.iter().find_map(|c| revoked_at(c, &serial)), Some(on_agent));
+    // Removed on replica 0: the shared record goes, and replica 1's agent gets a CRL without it.
+    std::fs::remove_file(set.get(0).daemon.dir.path().join("etc/revocation-backup.yaml")).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if !m.crl.is_empty() && !m.crl.iter().any(|c| crl_lists(c, &serial)) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a CRL without the serial on replica 1's agent once the revocation is removed");
+}

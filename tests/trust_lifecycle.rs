@@ -348,6 +348,54 @@ async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_
         "{report:#}"
     );
     assert_eq!(report["refresh_hint"], 1);
+    // The CRLs beside it: `/crl` the active CA's (DER), `/crl.pem` every CA's; openssl checks each
+    // against the bundle's CA.
+    let bundle: serde_json::Value = serde_json::from_slice(&c_bundle).unwrap();
+    let ca_pem: String = bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "x509-svid")
+        .map(|k| {
+            use base64::Engine;
+            let der = base64::engine::general_purpose::STANDARD
+                .decode(k["x5c"][0].as_str().unwrap())
+                .unwrap();
+            common::pem("CERTIFICATE", &der)
+        })
+        .collect();
+    let ca_file = certs.path().join("c-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let url = |path: &str| format!("https://127.0.0.1:{pc}{path}");
+    let der = certs.path().join("c.crl");
+    std::fs::write(&der, curl(&["--cacert", web_ca.to_str().unwrap(), &url("/crl")])).unwrap();
+    let pem = certs.path().join("c.crl.pem");
+    std::fs::write(&pem, curl(&["--cacert", web_ca.to_str().unwrap(), &url("/crl.pem")])).unwrap();
+    for (file, form) in [(&der, "DER"), (&pem, "PEM")] {
+        let out = Command::new("openssl")
+            .args([
+                "crl",
+                "-inform",
+                form,
+                "-in",
+                file.to_str().unwrap(),
+                "-noout",
+                "-issuer",
+                "-CAfile",
+            ])
+            .arg(&ca_file)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.contains("verify OK") && said.contains("c.test"),
+            "{form}: {said}"
+        );
+    }
     // Every path answers; the https_spiffe endpoints are fetched once, out of band, to bootstrap.
     let bundle_of = |port: u16| String::from_utf8(curl(&["-k", &format!("https://127.0.0.1:{port}/")])).unwrap();
     let (a_bundle, b_bundle) = (bundle_of(pa), bundle_of(pb));

@@ -195,7 +195,7 @@ pub async fn serve(
                 };
                 let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                     let issuer = issuer.clone();
-                    async move { Ok::<_, Infallible>(answer(&issuer, request.method(), hint)) }
+                    async move { Ok::<_, Infallible>(answer(&issuer, request.method(), request.uri().path(), hint)) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .header_read_timeout(REQUEST_TIMEOUT)
@@ -209,8 +209,10 @@ pub async fn serve(
     Ok(address)
 }
 
-/// The bundle for a `GET` (and headers for a `HEAD`); `405` for anything else.
-fn answer(issuer: &LocalIssuer, method: &http::Method, hint: Duration) -> http::Response<Full<Bytes>> {
+/// The bundle for a `GET` (and headers for a `HEAD`) of any path but the CRLs'; `405` for anything
+/// else. `/crl` is the active CA's CRL (DER, `application/pkix-crl`: AWS IAM Roles Anywhere imports
+/// it), `/crl.pem` every CA's (PEM, for nginx `ssl_crl` or `curl --crlfile`).
+fn answer(issuer: &LocalIssuer, method: &http::Method, path: &str, hint: Duration) -> http::Response<Full<Bytes>> {
     if method != http::Method::GET && method != http::Method::HEAD {
         return http::Response::builder()
             .status(http::StatusCode::METHOD_NOT_ALLOWED)
@@ -219,16 +221,34 @@ fn answer(issuer: &LocalIssuer, method: &http::Method, hint: Duration) -> http::
             .expect("a valid response");
     }
     let bundles = issuer.current_bundles();
-    let body = crate::spiffe_bundle::encode(
-        &bundles.x509_authorities,
-        &bundles.jwt_keys,
-        issuer.bundle_sequence(),
-        hint,
-    );
+    let (body, content_type) = match path {
+        "/crl" => (
+            bundles.crls.get(bundles.active_ca).cloned().unwrap_or_default(),
+            "application/pkix-crl",
+        ),
+        "/crl.pem" => (
+            bundles
+                .crls
+                .iter()
+                .map(|crl| crate::pem::block("X509 CRL", crl))
+                .collect::<String>()
+                .into_bytes(),
+            "application/x-pem-file",
+        ),
+        _ => (
+            crate::spiffe_bundle::encode(
+                &bundles.x509_authorities,
+                &bundles.jwt_keys,
+                issuer.bundle_sequence(),
+                hint,
+            ),
+            "application/json",
+        ),
+    };
     let len = body.len();
     let body = if method == http::Method::HEAD { Vec::new() } else { body };
     http::Response::builder()
-        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_TYPE, content_type)
         .header(http::header::CONTENT_LENGTH, len)
         .header(http::header::CACHE_CONTROL, "no-store")
         .body(Full::new(Bytes::from(body)))

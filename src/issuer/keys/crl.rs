@@ -2,7 +2,7 @@
 //! the CA that issued what it lists; the serials are random, so listing every revoked serial in
 //! each is harmless), `keyCompromise`, valid for [`CRL_VALIDITY`].
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber};
 use time::OffsetDateTime;
@@ -36,7 +36,7 @@ pub fn serial_of_raw(raw: &[u8]) -> String {
 /// Signs a CRL of `revoked` with each CA of `authority` (DER, in the bundle's CA order).
 pub fn sign(
     authority: &Authority,
-    revoked: &BTreeSet<Serial>,
+    revoked: &BTreeMap<Serial, OffsetDateTime>,
     now: OffsetDateTime,
 ) -> Result<Vec<Vec<u8>>, IssuerError> {
     // Increases with every CRL this trust domain signs (milliseconds since the epoch).
@@ -48,9 +48,9 @@ pub fn sign(
         issuing_distribution_point: None,
         revoked_certs: revoked
             .iter()
-            .map(|serial| RevokedCertParams {
+            .map(|(serial, at)| RevokedCertParams {
                 serial_number: SerialNumber::from_slice(&serial.to_bytes()),
-                revocation_time: now,
+                revocation_time: *at,
                 reason_code: Some(RevocationReason::KeyCompromise),
                 invalidity_date: None,
             })

@@ -8,18 +8,16 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::issuer::Policy;
 use crate::issuer::state::issued::IssuedKind;
-use crate::resource::revocation::Serial;
 
-use super::{Inner, now};
+use super::Inner;
 
 /// CRLs as signed, with what they were signed for.
 pub(super) struct Crls {
     pub(super) signed_at: OffsetDateTime,
     /// The CAs (ids) that signed them.
     pub(super) cas: Vec<u32>,
-    pub(super) revoked: BTreeSet<Serial>,
+    pub(super) revoked: super::revocations::Revoked,
     pub(super) serials: Arc<BTreeSet<String>>,
     pub(super) crls: Arc<Vec<Vec<u8>>>,
 }
@@ -37,7 +35,7 @@ pub(super) async fn flush_issued(inner: std::sync::Weak<Inner>) {
         if ticks.is_multiple_of(60) {
             // Due, or a revoked certificate expired (its serial leaves the CRL).
             let mut state = inner.lock();
-            let revoked = inner.revoked(&state.policy);
+            let revoked = inner.revoked(&state);
             if state.crls_due() || state.crls.as_ref().is_some_and(|c| c.revoked != revoked) {
                 inner.publish(&mut state);
             }
@@ -67,34 +65,5 @@ impl Inner {
             IssuedKind::BotCertificate => metrics.bots_signed.inc(),
         };
         self.issued.record(record);
-    }
-
-    /// The serials the CRL lists now: those of `revocation` documents not past `metadata.expires`
-    /// whose certificates have not expired (as far as the issuance log knows).
-    /// A revoked serial's expiry is remembered once the log tells it, while a document names it
-    /// (the log forgets expired certificates after its history).
-    pub(super) fn revoked(&self, policy: &Policy) -> BTreeSet<Serial> {
-        let now = now();
-        let mut known = self.revoked_expiries.lock().expect("revoked expiries poisoned");
-        let named: BTreeSet<&Serial> = policy
-            .revocations
-            .values()
-            .filter(|r| r.metadata.expires.is_none_or(|e| e.0 > now))
-            .flat_map(|r| r.spec.serials.iter())
-            .collect();
-        known.retain(|serial, _| named.iter().any(|s| s.as_str() == serial));
-        named
-            .into_iter()
-            .filter(|s| {
-                let expiry = match known.get(s.as_str()) {
-                    Some(end) => Some(*end),
-                    None => self.issued.expiry(s.as_str()).inspect(|end| {
-                        known.insert(s.as_str().to_owned(), *end);
-                    }),
-                };
-                expiry.is_none_or(|end| end > now)
-            })
-            .cloned()
-            .collect()
     }
 }

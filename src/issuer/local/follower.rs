@@ -94,6 +94,7 @@ pub(super) async fn load_state(backing: &Backing, policy: Policy) -> Result<(Sta
         served: Default::default(),
         crls: None,
         sequence: 1,
+        stored_revocations: super::revocations::load(backing, &dir).await?,
     };
     Ok((state, revision))
 }
@@ -146,6 +147,7 @@ impl Inner {
         let mut reload_ca = false;
         let mut reload_jwt = false;
         let mut locked = false;
+        let mut revocations = false;
         {
             let mut state = self.lock();
             let dir = state.dir();
@@ -167,6 +169,21 @@ impl Inner {
                             state.bots.remove(&instance);
                         }
                     }
+                } else if let Some(name) = super::revocations::name_of_record(&dir, &key) {
+                    revocations = true;
+                    match event {
+                        Event::Put(entry) => match self.backing.decode(&key, &entry.value) {
+                            Ok(record) => {
+                                state.stored_revocations.insert(name, record);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "a stored revocation does not decode; it is not listed")
+                            }
+                        },
+                        Event::Delete { .. } => {
+                            state.stored_revocations.remove(&name);
+                        }
+                    }
                 } else if let Some(name) = replicas::name_of_record(&dir, &key) {
                     match event {
                         Event::Put(entry) => {
@@ -179,6 +196,9 @@ impl Inner {
                         }
                     }
                 }
+            }
+            if revocations {
+                self.publish(&mut state);
             }
         }
         if locked {
@@ -267,11 +287,16 @@ impl Inner {
         let dir = self.lock().dir();
         let (bots, revision) = load_bots(&self.backing, &dir).await?;
         let replicas = load_replicas(&self.backing, &dir).await?;
+        let stored = super::revocations::load(&self.backing, &dir).await?;
         {
             let mut state = self.lock();
             if state.dir() == dir {
                 state.bots = bots;
                 state.replicas = replicas;
+                if state.stored_revocations != stored {
+                    state.stored_revocations = stored;
+                    self.publish(&mut state);
+                }
             }
         }
         self.reload_authority().await;

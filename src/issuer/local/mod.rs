@@ -18,6 +18,7 @@ mod follower;
 mod joins;
 mod keys;
 mod locks;
+mod revocations;
 mod view;
 
 use std::collections::{BTreeMap, HashMap};
@@ -78,6 +79,8 @@ struct State {
     served: std::collections::VecDeque<crate::issuer::keys::public::Key>,
     /// The signed CRLs (none only until the first publish).
     crls: Option<Crls>,
+    /// The revocations in the store (every replica's), by name.
+    stored_revocations: BTreeMap<String, revocations::StoredRevocation>,
 }
 
 /// Serving keys remembered (a serving certificate is renewed every few hours).
@@ -102,6 +105,8 @@ struct Inner {
     metrics: std::sync::RwLock<crate::issuer::metrics::IssuerMetrics>,
     /// What the agent in this process last reported holding (`bot/instance`, holdings).
     local_held: Mutex<Option<(String, crate::issuer::Holdings)>>,
+    /// When this replica first applied each revocation document not in the store yet.
+    first_seen: Mutex<HashMap<String, OffsetDateTime>>,
 }
 
 /// The issuer, in this process.
@@ -160,7 +165,7 @@ impl Inner {
 
     fn publish(&self, state: &mut State) {
         state.sequence += 1;
-        let revoked = self.revoked(&state.policy);
+        let revoked = self.revoked(state);
         state.update_crls(revoked);
         if let Some(crls) = &state.crls {
             let metrics = self.metrics();
@@ -208,9 +213,13 @@ impl LocalIssuer {
             revoked_expiries: Mutex::new(HashMap::new()),
             metrics: Default::default(),
             local_held: Mutex::new(None),
+            first_seen: Mutex::new(HashMap::new()),
         });
-        // The first bundle with the CRLs (of the revocations already in force, or none).
+        // The first bundle with the CRLs (of the revocations already in force, or none), and this
+        // replica's revocations shared with the others.
         inner.publish(&mut inner.lock());
+        let policy = inner.lock().policy.clone();
+        inner.share_revocations(&BTreeMap::new(), &policy).await;
         // Without a runtime (a synchronous harness) nothing else writes the store: no follower.
         let runtime = tokio::runtime::Handle::try_current().ok();
         let task = runtime
@@ -379,13 +388,18 @@ impl LocalIssuer {
         // New rotation settings are looked at at once.
         self.inner.reschedule.notify_one();
         if policy.trust_domain == self.lock().policy.trust_domain {
-            {
+            let before = {
                 let mut state = self.lock();
-                let revocations_changed = state.policy.revocations != policy.revocations;
-                state.policy = Arc::new(policy);
-                if revocations_changed {
+                let before = std::mem::replace(&mut state.policy, Arc::new(policy));
+                if before.revocations != state.policy.revocations {
                     self.inner.publish(&mut state);
+                    Some((before, state.policy.clone()))
+                } else {
+                    None
                 }
+            };
+            if let Some((before, after)) = before {
+                self.inner.share_revocations(&before.revocations, &after).await;
             }
             self.sync_federations();
             return Ok(());

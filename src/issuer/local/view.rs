@@ -9,8 +9,6 @@ use crate::issuer::state::issued::{Issued, IssuedKind};
 use crate::issuer::{Bundles, IssuerError};
 
 use super::{Crls, State, VERIFIED_CACHE, dir_of, is_token, now};
-use crate::resource::revocation::Serial;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 impl State {
@@ -69,7 +67,7 @@ impl State {
     /// Signs the CRLs again if what is revoked or the CAs changed since they were signed, or they
     /// are [due](Self::crls_due). There is always one (listing nothing while nothing is revoked), so
     /// a relying party configured with a CRL file always has a current one.
-    pub(super) fn update_crls(&mut self, revoked: BTreeSet<Serial>) {
+    pub(super) fn update_crls(&mut self, revoked: super::revocations::Revoked) {
         let cas: Vec<u32> = self.authority.statuses().iter().map(|s| s.id).collect();
         if !self.crls_due() && self.crls.as_ref().is_some_and(|c| c.cas == cas && c.revoked == revoked) {
             return;
@@ -81,7 +79,7 @@ impl State {
                 self.crls = Some(Crls {
                     signed_at,
                     cas,
-                    serials: Arc::new(revoked.iter().map(|s| s.as_str().to_owned()).collect()),
+                    serials: Arc::new(revoked.keys().map(|s| s.as_str().to_owned()).collect()),
                     revoked,
                     crls: Arc::new(crls),
                 });
