@@ -110,6 +110,18 @@ fn a_token_edit_rejoins_and_masks_the_secret_unless_asked() {
 }
 
 #[test]
+fn an_issuance_log_edit_says_what_is_kept() {
+    let dir = setup(true);
+    edit(
+        dir.path(),
+        "cluster.yaml",
+        "    key_algorithm: ecdsa-p256",
+        "    key_algorithm: ecdsa-p256\n  issuance_log: {history: 72h, max_mib: 256}",
+    );
+    check("issuance_log_edit", dir.path(), &[], 1);
+}
+
+#[test]
 fn a_listen_edit_rebinds() {
     let dir = setup(true);
     edit(dir.path(), "tbot.yaml", "workload.sock", "moved.sock");

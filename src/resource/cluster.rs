@@ -47,6 +47,36 @@ pub struct ClusterSpec {
     pub jwt: Option<JwtSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuance_log: Option<IssuanceLogSpec>,
+}
+
+/// How much of the issuance log (every SVID and bot certificate signed: `tbotctl get svids`) the
+/// issuer keeps in its store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceLogSpec {
+    /// How long a record is kept after what it records expired (default `24h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Duration>,
+    /// The most the log takes in the store, in MiB (default 64, at most 4096); over it, the oldest
+    /// records go first, with a WARN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_mib: Option<u32>,
+}
+
+/// The issuance log's limits when `cluster.spec.issuance_log` does not say.
+pub const DEFAULT_LOG_HISTORY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+pub const DEFAULT_LOG_MIB: u32 = 64;
+const MAX_LOG_MIB: u32 = 4096;
+
+impl IssuanceLogSpec {
+    /// The history and the size cap in bytes, with the defaults.
+    pub fn limits(spec: Option<&IssuanceLogSpec>) -> (std::time::Duration, usize) {
+        let history = spec.and_then(|s| s.history).map_or(DEFAULT_LOG_HISTORY, |h| h.as_std());
+        let mib = spec.and_then(|s| s.max_mib).unwrap_or(DEFAULT_LOG_MIB);
+        (history, (mib as usize) << 20)
+    }
 }
 
 /// The certificate authority.
@@ -189,6 +219,17 @@ impl Cluster {
         if let Some(jwt) = &self.spec.jwt {
             let validity = jwt.validity.map_or(DEFAULT_KEY_VALIDITY, |v| v.as_std());
             RotationSpec::problems(jwt.rotation.as_ref(), validity, "/spec/jwt", &mut out);
+        }
+        if let Some(mib) = self.spec.issuance_log.as_ref().and_then(|l| l.max_mib)
+            && !(1..=MAX_LOG_MIB).contains(&mib)
+        {
+            out.push(
+                Problem::error(
+                    "/spec/issuance_log/max_mib",
+                    format!("{mib} MiB is outside 1 to {MAX_LOG_MIB}"),
+                )
+                .hint("the log lives in the issuer's store (etcd's default quota is 2 GiB for everything)"),
+            );
         }
         if let Some(endpoint) = self.spec.aws.as_ref().and_then(|a| a.sts_endpoint.as_deref())
             && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))

@@ -78,6 +78,10 @@ pub enum Action {
         key: String,
         schedule: String,
     },
+    /// The issuance log's limits changed (`cluster.spec.issuance_log`): kept from the next write on.
+    IssuanceLog {
+        settings: String,
+    },
     /// A change that only takes effect at the next start.
     RestartRequired {
         field: String,
@@ -134,6 +138,7 @@ impl fmt::Display for Action {
             Action::Reschedule { key, schedule } => {
                 write!(f, "~ {key} rotation: {schedule}; the active key keeps its dates")
             }
+            Action::IssuanceLog { settings } => write!(f, "~ issuance log: {settings}"),
             Action::RestartRequired { field } => write!(f, "! {field} changed: takes effect at the next restart"),
         }
     }

@@ -99,6 +99,21 @@ fn trust_domain(state: &DesiredState) -> Option<(String, ObjectRef)> {
 
 /// The CA settings that make a new CA: the algorithm and the validity (not the rotation schedule,
 /// which the issuer follows without a new CA).
+/// The issuance log's limits as `tbotctl diff` says them.
+fn log_settings(state: &DesiredState) -> Option<String> {
+    state.objects.values().find_map(|o| match &o.document {
+        Document::Cluster(c) => {
+            let (history, bytes) = crate::resource::cluster::IssuanceLogSpec::limits(c.spec.issuance_log.as_ref());
+            Some(format!(
+                "keep records {} past their expiry, at most {} MiB",
+                crate::resource::Duration::from_secs(history.as_secs()),
+                bytes >> 20
+            ))
+        }
+        _ => None,
+    })
+}
+
 fn ca_settings(state: &DesiredState) -> Option<String> {
     state.objects.values().find_map(|o| match &o.document {
         Document::Cluster(c) => Some(
@@ -266,6 +281,12 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
                 }
             }
         }
+    }
+
+    if let (Some((_, cause)), Some(new), Some(old)) = (&td_new, log_settings(desired), log_settings(before))
+        && new != old
+    {
+        step(Action::IssuanceLog { settings: new }, vec![cause.clone()]);
     }
 
     // The bot.

@@ -219,6 +219,7 @@ impl LocalIssuer {
         // replica's revocations shared with the others.
         inner.publish(&mut inner.lock());
         let policy = inner.lock().policy.clone();
+        inner.issued.set_limits(policy.issuance_log.0, policy.issuance_log.1);
         inner.share_revocations(&BTreeMap::new(), &policy).await;
         // Without a runtime (a synchronous harness) nothing else writes the store: no follower.
         let runtime = tokio::runtime::Handle::try_current().ok();
@@ -388,6 +389,9 @@ impl LocalIssuer {
         // New rotation settings are looked at at once.
         self.inner.reschedule.notify_one();
         if policy.trust_domain == self.lock().policy.trust_domain {
+            self.inner
+                .issued
+                .set_limits(policy.issuance_log.0, policy.issuance_log.1);
             let before = {
                 let mut state = self.lock();
                 let before = std::mem::replace(&mut state.policy, Arc::new(policy));

@@ -43,6 +43,8 @@ pub struct Policy {
     pub sts_endpoint: Option<String>,
     /// Whether RSA public keys are certified (`cluster.spec.ca.accept_rsa_keys`).
     pub accept_rsa_keys: bool,
+    /// The issuance log's history and size cap in bytes (`cluster.spec.issuance_log`).
+    pub issuance_log: (std::time::Duration, usize),
     pub bots: BTreeMap<String, Bot>,
     pub tokens: BTreeMap<String, Token>,
     pub roles: BTreeMap<String, Role>,
@@ -81,6 +83,7 @@ impl Policy {
             jwt_issuer: None,
             sts_endpoint: None,
             accept_rsa_keys: false,
+            issuance_log: crate::resource::cluster::IssuanceLogSpec::limits(None),
             bots: BTreeMap::new(),
             tokens: BTreeMap::new(),
             roles: BTreeMap::new(),
@@ -109,6 +112,8 @@ impl Policy {
                     policy.jwt_issuer = cluster.spec.jwt.as_ref().and_then(|j| j.issuer.clone());
                     policy.sts_endpoint = cluster.spec.aws.as_ref().and_then(|a| a.sts_endpoint.clone());
                     policy.accept_rsa_keys = cluster.spec.ca.as_ref().is_some_and(|ca| ca.accept_rsa_keys);
+                    policy.issuance_log =
+                        crate::resource::cluster::IssuanceLogSpec::limits(cluster.spec.issuance_log.as_ref());
                 }
                 Document::AgentConfig(agent) => {
                     from_agent = agent.server_host().and_then(|h| TrustDomain::parse(h).ok());

@@ -21,9 +21,10 @@ use time::OffsetDateTime;
 use crate::kv::{Op, SharedKv};
 use crate::store::StoreError;
 
-/// How long a record is kept after what it records expired.
+/// How long a record is kept after what it records expired, unless `cluster.spec.issuance_log.history`
+/// says.
 pub const HISTORY: time::Duration = time::Duration::hours(24);
-/// The most the log may take in the store.
+/// The most the log may take in the store, unless `cluster.spec.issuance_log.max_mib` says.
 pub const MAX_BYTES: usize = 64 << 20;
 /// How often what was issued is written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -114,6 +115,8 @@ pub struct IssuanceLog {
     /// When each certificate this process knows of expires, by serial (those in the store at its
     /// start, and its own since): a revocation ends when what it names has expired.
     expiries: Mutex<std::collections::HashMap<String, OffsetDateTime>>,
+    /// The history kept and the size cap (see [`IssuanceLog::set_limits`]).
+    limits: Mutex<(time::Duration, usize)>,
 }
 
 /// The store prefix of a trust domain's log (`@` is in no trust domain name, so it is never a
@@ -164,6 +167,7 @@ impl IssuanceLog {
             keys: Mutex::new(keys),
             flushing: tokio::sync::Mutex::new(()),
             expiries: Mutex::new(expiries),
+            limits: Mutex::new((HISTORY, MAX_BYTES)),
         }
     }
 
@@ -252,17 +256,25 @@ impl IssuanceLog {
         self.prune().await
     }
 
-    /// Drops the keys whose records all expired more than [`HISTORY`] ago, then the oldest while the
-    /// log is over [`MAX_BYTES`].
+    /// Keeps `history` after expiry and at most `max_bytes` (`cluster.spec.issuance_log`), from the
+    /// next flush on.
+    pub fn set_limits(&self, history: Duration, max_bytes: usize) {
+        let history = time::Duration::try_from(history).unwrap_or(HISTORY);
+        *self.limits.lock().expect("issuance log poisoned") = (history, max_bytes);
+    }
+
+    /// Drops the keys whose records all expired more than the history ago, then the oldest while
+    /// the log is over its size cap.
     async fn prune(&self) -> Result<(), StoreError> {
+        let (history, max_bytes) = *self.limits.lock().expect("issuance log poisoned");
         let now = OffsetDateTime::now_utc();
         self.expiries
             .lock()
             .expect("issuance log poisoned")
-            .retain(|_, not_after| *not_after + HISTORY > now);
+            .retain(|_, not_after| *not_after + history > now);
         let gone: Vec<String> = {
             let keys = self.keys.lock().expect("issuance log poisoned");
-            let horizon = (OffsetDateTime::now_utc() - HISTORY).unix_timestamp();
+            let horizon = (OffsetDateTime::now_utc() - history).unix_timestamp();
             let mut gone: Vec<String> = keys
                 .keys()
                 .filter(|k| expiry_of(k, &self.prefix).is_some_and(|e| e < horizon))
@@ -270,7 +282,7 @@ impl IssuanceLog {
                 .collect();
             let mut total: usize = keys.iter().filter(|(k, _)| !gone.contains(k)).map(|(_, s)| s).sum();
             for (key, size) in keys.iter() {
-                if total <= MAX_BYTES {
+                if total <= max_bytes {
                     break;
                 }
                 if !gone.contains(key) {
@@ -396,5 +408,28 @@ mod tests {
         assert!(entries.len() >= 2, "{} keys", entries.len());
         assert!(entries.iter().all(|e| e.value.len() <= MAX_KEY_BYTES));
         assert_eq!(log.list(&Filter::default()).await.unwrap().len(), 3000);
+    }
+
+    #[tokio::test]
+    async fn the_history_and_the_size_cap_are_the_clusters() {
+        let kv: SharedKv = std::sync::Arc::new(crate::kv::MemoryKv::new());
+        let log = IssuanceLog::open(kv.clone(), "example.org").await.unwrap();
+        let now = OffsetDateTime::now_utc();
+        // Expired two hours ago: kept with the default day of history, gone with one hour.
+        log.record(record("old", "web", now - time::Duration::hours(2)));
+        log.flush().await.unwrap();
+        assert_eq!(log.list(&Filter::default()).await.unwrap().len(), 1);
+        log.set_limits(Duration::from_secs(3600), MAX_BYTES);
+        log.flush().await.unwrap();
+        assert!(log.list(&Filter::default()).await.unwrap().is_empty());
+        // Over a cap of 1 byte nothing fits: every key goes, the oldest first.
+        log.record(record("a", "web", now + time::Duration::hours(1)));
+        log.flush().await.unwrap();
+        assert_eq!(log.list(&Filter::default()).await.unwrap().len(), 1);
+        log.set_limits(Duration::from_secs(3600), 1);
+        log.record(record("b", "web", now + time::Duration::hours(1)));
+        log.flush().await.unwrap();
+        let (entries, _) = kv.list("issuer/example.org@issued/").await.unwrap();
+        assert!(entries.is_empty(), "{} keys kept over a 1-byte cap", entries.len());
     }
 }
