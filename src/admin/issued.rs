@@ -45,10 +45,19 @@ pub(super) async fn lock(issuer: Option<&LocalIssuer>, request: LockRequest) -> 
     Ok(Response::new(LockResponse { message }))
 }
 
+/// Records per message of the `Issued` stream: each message stays far below the 4 MiB a gRPC client
+/// takes by default (a record is a few hundred bytes).
+const RECORDS_PER_MESSAGE: usize = 1000;
+
+pub(super) type IssuedStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<IssuedResponse, Status>> + Send>>;
+
+/// The log's records the request selects, streamed in parts of [`RECORDS_PER_MESSAGE`] (an empty
+/// log is one empty part).
 pub(super) async fn answer(
     issuer: Option<&LocalIssuer>,
     request: IssuedRequest,
-) -> Result<Response<IssuedResponse>, Status> {
+) -> Result<Response<IssuedStream>, Status> {
     let issuer = local(issuer, "the issuance log")?;
     let since = match request.since.as_str() {
         "" => None,
@@ -70,10 +79,26 @@ pub(super) async fn answer(
         .issued(&filter)
         .await
         .map_err(|e| Status::unavailable(e.explain()))?;
-    Ok(Response::new(IssuedResponse {
-        records: records
-            .iter()
-            .map(|r| serde_json::to_string(r).expect("a record serializes"))
-            .collect(),
-    }))
+    let mut parts: Vec<Result<IssuedResponse, Status>> = records
+        .chunks(RECORDS_PER_MESSAGE)
+        .map(|chunk| {
+            Ok(IssuedResponse {
+                records: chunk
+                    .iter()
+                    .map(|r| serde_json::to_string(r).expect("a record serializes"))
+                    .collect(),
+            })
+        })
+        .collect();
+    if parts.is_empty() {
+        parts.push(Ok(IssuedResponse::default()));
+    }
+    Ok(Response::new(Box::pin(futures_util::stream::iter(parts))))
+}
+
+/// Every record of an `Issued` stream, as JSON lines (for `tbotctl`).
+pub async fn collect(stream: tonic::Streaming<IssuedResponse>) -> Result<Vec<String>, Status> {
+    use futures_util::TryStreamExt;
+    let parts: Vec<IssuedResponse> = stream.try_collect().await?;
+    Ok(parts.into_iter().flat_map(|p| p.records).collect())
 }

@@ -2,7 +2,7 @@
 //! peer credentials) through which `tbotctl` reads status and asks for a convergence.
 
 pub mod diag;
-mod issued;
+pub(crate) mod issued;
 pub mod server;
 mod strand;
 

@@ -369,7 +369,9 @@ impl Admin for AdminApi {
         }))
     }
 
-    async fn issued(&self, request: Request<IssuedRequest>) -> Result<Response<IssuedResponse>, Status> {
+    type IssuedStream = super::issued::IssuedStream;
+
+    async fn issued(&self, request: Request<IssuedRequest>) -> Result<Response<Self::IssuedStream>, Status> {
         authorize(&request)?;
         super::issued::answer(self.issuer.as_deref(), request.into_inner()).await
     }

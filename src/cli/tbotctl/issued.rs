@@ -35,8 +35,12 @@ pub(super) async fn svids(args: &GetArgs) -> ExitCode {
         spiffe_id: args.spiffe_id.clone().unwrap_or_default(),
         since,
     };
-    let lines = match client.issued(request).await {
-        Ok(r) => r.into_inner().records,
+    let answer = match client.issued(request).await {
+        Ok(r) => crate::admin::issued::collect(r.into_inner()).await,
+        Err(status) => Err(status),
+    };
+    let lines = match answer {
+        Ok(lines) => lines,
         Err(status) => return explain(status),
     };
     let records: Vec<Issued> = match lines.iter().map(|l| serde_json::from_str(l)).collect() {

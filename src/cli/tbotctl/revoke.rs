@@ -45,7 +45,8 @@ async fn from_log(
     keep: impl Fn(&Issued) -> bool,
 ) -> Result<Vec<Issued>, ExitCode> {
     let mut client = args.daemon.connect().await?;
-    let lines = client.issued(request).await.map_err(explain)?.into_inner().records;
+    let stream = client.issued(request).await.map_err(explain)?.into_inner();
+    let lines = crate::admin::issued::collect(stream).await.map_err(explain)?;
     let now = time::OffsetDateTime::now_utc();
     let mut out = Vec::new();
     for line in lines {
