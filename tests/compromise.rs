@@ -86,7 +86,10 @@ async fn the_issuance_log_lists_what_was_issued_to_which_instance_and_survives_a
 
     // More records than one message of the answer carries (1,000): every one arrives.
     for i in 0..1100 {
-        client.fetch_jwt_svid(&[format!("aud-{i}").as_str()], None).await.unwrap();
+        client
+            .fetch_jwt_svid(&[format!("aud-{i}").as_str()], None)
+            .await
+            .unwrap();
     }
     let many = svids(&daemon, &["--spiffe-id", &id]);
     let jwts = many.iter().filter(|r| r["kind"] == "jwt-svid").count();

@@ -543,6 +543,7 @@ fn material(id: u32) -> tbot::agent::X509Material {
         },
         key: key.serialize_der(),
         signer: String::new(),
+        tainted: false,
     }
 }
 

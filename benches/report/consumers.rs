@@ -139,5 +139,6 @@ fn material() -> tbot::agent::X509Material {
         },
         key: key.serialize_der(),
         signer: String::new(),
+        tainted: false,
     }
 }

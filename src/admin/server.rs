@@ -491,7 +491,7 @@ impl AdminApi {
             })
             .map(|mut k| {
                 if k.phase != "revoked" {
-                    let d = self.dependents(issuer, &k.name);
+                    let d = self.dependents(issuer, &k.name, None);
                     (k.agents, k.svids) = (d.agents, d.svids);
                 }
                 k

@@ -54,14 +54,20 @@ fn agents(n: u64) -> String {
 
 impl AdminApi {
     /// Who holds something the key named `name` (a CA's pin, a `kid`) signed, as the agents
-    /// report it: this replica's connected agents, the agent in this process, and the counts other
-    /// replicas' heartbeats carry.
-    pub(super) fn dependents(&self, issuer: &crate::issuer::LocalIssuer, name: &str) -> Dependents {
+    /// report it: this replica's connected agents (one that has not reported yet may hold anything,
+    /// and counts), the agent in this process, and the counts other replicas' heartbeats carry
+    /// (with `since`, a replica whose last heartbeat is older counts as one dependent: what it says
+    /// may predate the change being waited for).
+    pub(super) fn dependents(&self, issuer: &crate::issuer::LocalIssuer, name: &str, since: Option<i64>) -> Dependents {
         let mut out = Dependents::default();
-        let mut seen = std::collections::BTreeSet::new();
-        let mut add = |who: String, held: &crate::issuer::Holdings, out: &mut Dependents| {
+        let add = |who: String, held: Option<&crate::issuer::Holdings>, out: &mut Dependents| {
+            let Some(held) = held else {
+                out.here.push(format!("{who}: has not reported what it holds yet"));
+                out.agents += 1;
+                return;
+            };
             let (svids, bot) = held.on(name);
-            if (svids > 0 || bot) && seen.insert(who.clone()) {
+            if svids > 0 || bot {
                 let bot = if bot { " and its bot certificate" } else { "" };
                 out.here.push(format!("{who}: {svids} SVIDs{bot}"));
                 out.agents += 1;
@@ -69,20 +75,24 @@ impl AdminApi {
             }
         };
         if let Some(sessions) = &self.sessions {
-            let mut list: Vec<_> = sessions.list().into_iter().map(|(s, _)| s).collect();
-            list.sort_by(|a, b| (&a.bot, &a.instance).cmp(&(&b.bot, &b.instance)));
-            for s in list {
-                add(format!("{}/{} ({})", s.bot, s.instance, s.address), &s.held, &mut out);
+            for s in sessions.agents() {
+                add(
+                    format!("{}/{} ({})", s.bot, s.instance, s.address),
+                    s.held.as_ref(),
+                    &mut out,
+                );
             }
         }
         if let Some((who, held)) = issuer.local_holdings() {
-            add(format!("{who} (this host)"), &held, &mut out);
+            add(format!("{who} (this host)"), Some(&held), &mut out);
         }
         let this = self.status.get().host.replica.clone();
         for replica in issuer.replicas().into_iter().filter(|r| r.name != this) {
-            if let Some([n, svids]) = replica.held.get(name).copied()
-                && n > 0
-            {
+            let [n, svids] = replica.held.get(name).copied().unwrap_or_default();
+            let unreported = replica.held.get("").map_or(0, |c| c[0]);
+            let stale = since.is_some_and(|t| replica.heartbeat < t);
+            let n = n + unreported + u64::from(stale);
+            if n > 0 {
                 out.elsewhere.push((replica.name, n));
                 out.agents += n;
                 out.svids += svids;
@@ -101,10 +111,12 @@ impl AdminApi {
         force: bool,
     ) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
+        // Other replicas' counts are taken from a heartbeat after this moment only.
+        let since = time::OffsetDateTime::now_utc().unix_timestamp() + 1;
         let depending = || {
             names
                 .iter()
-                .map(|n| (n.clone(), self.dependents(issuer, n)))
+                .map(|n| (n.clone(), self.dependents(issuer, n, Some(since))))
                 .filter(|(_, d)| !d.none())
                 .collect::<Vec<_>>()
         };

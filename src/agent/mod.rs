@@ -321,6 +321,7 @@ impl Agent {
         let mut last = signer(&bundles.borrow_and_update());
         let mut last_revoked = bundles.borrow().revoked.clone();
         let mut last_tainted = Tainted::default();
+        let mut last_cas = bundles.borrow().x509_authorities.clone();
         let agent = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -337,6 +338,20 @@ impl Agent {
                 if tainted != last_tainted {
                     agent.follow_taint(&tainted);
                     last_tainted = tainted;
+                }
+                // A CA withdrawn (revoked, or retired by force): what it signed no longer verifies
+                // anywhere, so it is issued again now rather than at its renewal.
+                let cas = bundles.borrow().x509_authorities.clone();
+                if cas != last_cas {
+                    let published: std::collections::BTreeSet<String> = cas
+                        .iter()
+                        .filter_map(|ca| crate::issuer::keys::ca::spki_pin(ca))
+                        .collect();
+                    let woken = agent.cache.reissue_signed_by(|signer| !published.contains(signer));
+                    if woken > 0 {
+                        tracing::warn!(woken, "a CA left the bundle: issuing again the SVIDs it signed");
+                    }
+                    last_cas = cas;
                 }
                 let (ca, jwt) = (now.0 != last.0, now.1 != last.1);
                 last = now;
@@ -373,7 +388,7 @@ impl Agent {
         if tainted.cas.is_empty() && tainted.kids.is_empty() {
             return;
         }
-        let x509 = self.cache.reissue_signed_by(&tainted.cas);
+        let x509 = self.cache.reissue_signed_by(|signer| tainted.cas.contains(signer));
         let jwt = self.cache.forget_jwts_of(&tainted.kids);
         tracing::warn!(x509, jwt, "a signing key was tainted: issuing again what it signed");
         self.metrics.tainted_reissued.inc_by((x509 + jwt) as u64);
@@ -385,36 +400,63 @@ impl Agent {
         }
     }
 
-    /// Tells the issuer what this agent holds, by signing key, whenever that changes (looked at
-    /// every second), so an operator sees who still depends on a key before revoking it.
+    /// Tells the issuer what this agent holds, by signing key, whenever that changes (the cache,
+    /// the bundle or the bot certificate moved; a burst is told once), so an operator sees who still
+    /// depends on a key before revoking it. A report that fails is sent again a second later.
     pub fn report_holdings(self: &Arc<Self>) {
         let agent = Arc::downgrade(self);
+        let (mut changes, mut bundles, mut bots) = (self.cache.changes(), self.bundles(), self.bot_changes());
         tokio::spawn(async move {
-            let mut last = crate::issuer::Holdings::default();
-            let mut first = true;
+            let mut last: Option<crate::issuer::Holdings> = None;
+            let mut sequence = 0u64;
             loop {
-                if !std::mem::take(&mut first) {
-                    tokio::time::sleep(HOLDINGS_EVERY).await;
+                let failed = {
+                    let Some(agent) = agent.upgrade() else { return };
+                    let now = agent.holdings();
+                    if last.as_ref() == Some(&now) {
+                        false
+                    } else {
+                        sequence += 1;
+                        let report = crate::issuer::Holdings {
+                            sequence,
+                            ..now.clone()
+                        };
+                        let bot = agent.bot();
+                        match agent.issuer.report(&bot.certificate.der, report).await {
+                            Ok(()) => {
+                                last = Some(now);
+                                false
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "cannot report what this agent holds; retrying");
+                                true
+                            }
+                        }
+                    }
+                };
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    r = bundles.changed() => if r.is_err() { return },
+                    r = bots.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(HOLDINGS_RETRY), if failed => {}
                 }
-                let Some(agent) = agent.upgrade() else { return };
-                let mut now = agent.cache.holdings();
-                let bot = agent.bot();
-                let bundles = agent.bundles().borrow().clone();
-                now.bot = bundles
-                    .x509_authorities
-                    .iter()
-                    .find(|ca| cache::signed_by(&bot.certificate.der, ca))
-                    .and_then(|ca| crate::issuer::keys::ca::spki_pin(ca))
-                    .unwrap_or_default();
-                if now == last {
-                    continue;
-                }
-                match agent.issuer.report(&bot.certificate.der, now.clone()).await {
-                    Ok(()) => last = now,
-                    Err(e) => tracing::debug!(error = %e, "cannot report what this agent holds; retrying"),
-                }
+                tokio::time::sleep(HOLDINGS_SETTLE).await;
             }
         });
+    }
+
+    /// What this agent holds now, by signing key (the report's `sequence` left at 0).
+    fn holdings(&self) -> crate::issuer::Holdings {
+        let mut now = self.cache.holdings();
+        let bot = self.bot();
+        let bundles = self.bundles().borrow().clone();
+        now.bot = bundles
+            .x509_authorities
+            .iter()
+            .find(|ca| cache::signed_by(&bot.certificate.der, ca))
+            .and_then(|ca| crate::issuer::keys::ca::spki_pin(ca))
+            .unwrap_or_default();
+        now
     }
 
     /// Something was revoked: cached X509-SVIDs it names are issued again at once, and the bot
@@ -546,8 +588,11 @@ impl Agent {
     }
 }
 
-/// How often the agent looks whether what it holds changed (and then tells the issuer).
-const HOLDINGS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// After a change of what the agent holds, how long it lets the rest of a burst come before it
+/// tells the issuer (a rotation re-signs every SVID within a few milliseconds).
+const HOLDINGS_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+/// When a report failed, how soon it is sent again.
+const HOLDINGS_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The tainted keys a bundle names: CA pins and JWT `kid`s.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -188,7 +188,7 @@ async fn serve_issuer(
                 move || {
                     let mut held = sessions.held_by_key();
                     if let Some((_, local)) = issuer.local_holdings() {
-                        crate::issuer::server::add_held(&mut held, &local);
+                        crate::issuer::server::add_held(&mut held, Some(&local));
                     }
                     (sessions.by_ca(), held)
                 }

@@ -246,14 +246,17 @@ pub struct Holdings {
     pub jwt: BTreeMap<String, u32>,
     /// The SPKI pin of the CA that signed the agent's bot certificate.
     pub bot: String,
+    /// Increases with every report of one agent process: a report that arrives after a newer one
+    /// is not kept.
+    pub sequence: u64,
 }
 
 impl Holdings {
     /// How many SVIDs signed by the key named `key` (a CA's pin or a `kid`), and whether the bot
     /// certificate is one of them.
     pub fn on(&self, key: &str) -> (u64, bool) {
-        let svids = self.x509.get(key).copied().unwrap_or(0) + self.jwt.get(key).copied().unwrap_or(0);
-        (u64::from(svids), self.bot == key)
+        let count = |m: &BTreeMap<String, u32>| u64::from(m.get(key).copied().unwrap_or(0));
+        (count(&self.x509) + count(&self.jwt), self.bot == key)
     }
 }
 

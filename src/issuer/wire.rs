@@ -129,6 +129,7 @@ pub fn holdings_to_wire(h: crate::issuer::Holdings) -> proto::HoldingsReport {
         x509: h.x509.into_iter().collect(),
         jwt: h.jwt.into_iter().collect(),
         bot: h.bot,
+        sequence: h.sequence,
     }
 }
 
@@ -161,6 +162,7 @@ pub fn holdings_from_wire(h: proto::HoldingsReport) -> Result<crate::issuer::Hol
         x509: h.x509.into_iter().collect(),
         jwt: h.jwt.into_iter().collect(),
         bot: h.bot,
+        sequence: h.sequence,
     })
 }
 

@@ -31,6 +31,8 @@ pub struct X509Material {
     /// The SPKI pin of the bundle's CA that signed it (empty if none did): what the agent reports
     /// it depends on, and how a tainted CA's SVIDs are found.
     pub signer: String,
+    /// Its CA was tainted when it arrived: the slot issues again at once.
+    pub tainted: bool,
 }
 
 /// What a cache slot holds.
@@ -100,6 +102,9 @@ pub struct SvidCache {
     issued: AtomicU64,
     next_slot_id: AtomicU64,
     metrics: super::AgentMetrics,
+    /// Moves whenever what the cache holds changes (an SVID issued, a slot gone, a JWT-SVID kept
+    /// or dropped): the agent's report to the issuer follows it.
+    changes: watch::Sender<u64>,
 }
 
 /// How long an SVID waits for the bundle holding its CA.
@@ -167,7 +172,17 @@ impl SvidCache {
             issued: AtomicU64::new(0),
             next_slot_id: AtomicU64::new(0),
             metrics,
+            changes: watch::channel(0).0,
         })
+    }
+
+    /// Moves whenever what the cache holds changes.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// How many X509-SVIDs this cache has had issued (for tests and benchmarks).
@@ -306,12 +321,13 @@ impl SvidCache {
         woken
     }
 
-    /// Issues again now every cached X509-SVID signed by a CA whose pin is in `pins` (tainted:
-    /// still trusted, but nothing it signed may stay in use). Returns how many.
-    pub fn reissue_signed_by(&self, pins: &BTreeSet<String>) -> usize {
+    /// Issues again now every cached X509-SVID whose signer (its CA's pin) `stale` says must go: a
+    /// tainted CA (still trusted, but nothing it signed may stay in use), or one no longer in the
+    /// bundle. Returns how many.
+    pub fn reissue_signed_by(&self, stale: impl Fn(&str) -> bool) -> usize {
         let mut woken = 0;
         for handle in self.slots.lock().expect("cache poisoned").values() {
-            if matches!(&*handle.tx.borrow(), Slot::Ready(m) if pins.contains(&m.signer)) {
+            if matches!(&*handle.tx.borrow(), Slot::Ready(m) if !m.signer.is_empty() && stale(&m.signer)) {
                 handle.wake.notify_one();
                 woken += 1;
             }
@@ -325,7 +341,11 @@ impl SvidCache {
         let mut jwts = self.jwts.lock().expect("cache poisoned");
         let before = jwts.len();
         jwts.retain(|_, held| kid_of(&held.svid.token).is_none_or(|kid| !kids.contains(&kid)));
-        before - jwts.len()
+        let dropped = before - jwts.len();
+        if dropped > 0 {
+            self.changed();
+        }
+        dropped
     }
 
     /// What the cache holds that is still valid, by the key that signed it: X509-SVIDs by their
@@ -354,6 +374,7 @@ impl SvidCache {
     /// Forgets every cached JWT-SVID (the signing key changed).
     pub fn forget_jwts(&self) {
         self.jwts.lock().expect("cache poisoned").clear();
+        self.changed();
     }
 
     /// Waits (a little) until the bundle holds the CA that signed `certificate`: a remote issuer's
@@ -385,17 +406,25 @@ impl SvidCache {
         self.bundle_covering(&svid.certificate).await;
         self.issued.fetch_add(1, Ordering::Relaxed);
         self.metrics.x509_issued.inc();
-        let signer = {
+        let (signer, tainted) = {
             let bundles = self.issuer.bundles();
             let bundles = bundles.borrow();
-            bundles
+            let signer = bundles
                 .x509_authorities
                 .iter()
-                .find(|ca| signed_by(&svid.certificate, ca))
-                .and_then(|ca| crate::issuer::keys::ca::spki_pin(ca))
-                .unwrap_or_default()
+                .position(|ca| signed_by(&svid.certificate, ca));
+            let pin = signer
+                .and_then(|i| crate::issuer::keys::ca::spki_pin(&bundles.x509_authorities[i]))
+                .unwrap_or_default();
+            (pin, signer.is_some_and(|i| bundles.tainted_cas.contains(&i)))
         };
+        if tainted {
+            // Issued before the issuer's taint reached it (a remote issuer's reply in flight):
+            // served for now, and issued again at once.
+            tracing::info!(identity = %key.identity, "an X509-SVID arrived signed by a tainted CA; issuing it again");
+        }
         Ok(X509Material {
+            tainted,
             svid,
             key: pair.serialize_der(),
             signer,
@@ -408,11 +437,17 @@ impl SvidCache {
             let wait = match self.issue(&key).await {
                 Ok(material) => {
                     let lifetime = remaining(material.svid.not_after);
+                    let again_now = material.tainted;
                     tracing::debug!(identity = %key.identity, spiffe_id = %material.svid.spiffe_id, "X509-SVID issued");
                     tx.send_replace(Slot::Ready(Arc::new(material)));
+                    self.changed();
                     backoff = Duration::from_secs(1);
                     let half = lifetime.mul_f64(0.5 * jitter(0.1));
-                    key.renew_every.map_or(half, |every| every.min(half))
+                    if again_now {
+                        Duration::from_millis(100)
+                    } else {
+                        key.renew_every.map_or(half, |every| every.min(half))
+                    }
                 }
                 Err(error) => {
                     let still_valid =
@@ -446,6 +481,8 @@ impl SvidCache {
                 if slots.get(&key).is_some_and(|h| h.id == id) {
                     slots.remove(&key);
                 }
+                drop(slots);
+                self.changed();
                 return;
             }
         }
@@ -514,6 +551,7 @@ impl SvidCache {
                 }
                 // A "no" (or nothing valid held): nothing of it is served again.
                 jwts.remove(&key);
+                self.changed();
                 return Err(error);
             }
         };
@@ -528,6 +566,7 @@ impl SvidCache {
             jwts.remove(&soonest);
         }
         let fresh_until = issued_at + (svid.expires - issued_at) / 2;
+        self.changed();
         jwts.insert(
             key,
             HeldJwt {

@@ -142,14 +142,28 @@ impl RemoteIssuer {
         Ok(())
     }
 
-    /// Sends the last report again (a new `Watch` stream: the issuer keeps reports with streams).
-    pub(super) async fn resend_holdings(&self) {
-        let held = self.held.lock().expect("held poisoned").clone();
-        if let Some(holdings) = held
-            && let Err(e) = self.send_holdings(holdings).await
-        {
-            tracing::debug!(error = %e, "cannot report what this agent holds after reconnecting");
-        }
+    /// Sends the last report again (a new `Watch` stream: the issuer keeps reports with streams),
+    /// in the background, retrying a few times: until it arrives the issuer counts this agent as
+    /// one that may hold anything.
+    pub(super) fn resend_holdings(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_millis(500);
+            for _ in 0..5 {
+                let Some(issuer) = weak.upgrade() else { return };
+                let held = issuer.held.lock().expect("held poisoned").clone();
+                let Some(holdings) = held else { return };
+                match issuer.send_holdings(holdings).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot report what this agent holds after reconnecting; retrying")
+                    }
+                }
+                drop(issuer);
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        });
     }
 
     /// The settings in force.

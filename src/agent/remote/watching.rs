@@ -63,7 +63,7 @@ pub(super) async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
 impl RemoteIssuer {
     /// One `Watch` stream, until it ends or the identity/target changes. Returns whether it was up.
     pub(super) async fn watch_once(
-        &self,
+        self: &Arc<Self>,
         revision: &mut u64,
         epoch: &mut watch::Receiver<u64>,
     ) -> Result<bool, IssuerError> {
@@ -97,7 +97,7 @@ impl RemoteIssuer {
                 up = true;
                 tracing::info!(issuer = %self.settings().address, "connected to the issuer");
                 self.set_link(true, String::new());
-                self.resend_holdings().await;
+                self.resend_holdings();
             }
             if let Some(bundle) = update.bundle {
                 self.set_bundles(wire::bundle_from_wire(bundle)?);

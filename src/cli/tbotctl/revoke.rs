@@ -218,7 +218,8 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
     match client.apply(ApplyRequest { wait_seconds: 30 }).await {
         Ok(r) if r.get_ref().converged => {
             outln!(
-                "revocation/{name} applied on this issuer: its CRL lists it (other replicas list it once the document is deployed to them)"
+                "revocation/{name} applied: the CRLs list it, on every issuer replica (it is shared through the store; \
+                 deploy the document to the other replicas too, so that removing it later lifts it everywhere)"
             );
             ExitCode::SUCCESS
         }

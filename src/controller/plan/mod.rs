@@ -97,8 +97,6 @@ fn trust_domain(state: &DesiredState) -> Option<(String, ObjectRef)> {
         .map(|h| (h.to_owned(), agent_ref()))
 }
 
-/// The CA settings that make a new CA: the algorithm and the validity (not the rotation schedule,
-/// which the issuer follows without a new CA).
 /// The issuance log's limits as `tbotctl diff` says them.
 fn log_settings(state: &DesiredState) -> Option<String> {
     state.objects.values().find_map(|o| match &o.document {
@@ -114,6 +112,8 @@ fn log_settings(state: &DesiredState) -> Option<String> {
     })
 }
 
+/// The CA settings that make a new CA: the algorithm and the validity (not the rotation schedule,
+/// which the issuer follows without a new CA).
 fn ca_settings(state: &DesiredState) -> Option<String> {
     state.objects.values().find_map(|o| match &o.document {
         Document::Cluster(c) => Some(

@@ -245,6 +245,15 @@ fn answer(issuer: &LocalIssuer, method: &http::Method, path: &str, hint: Duratio
             "application/json",
         ),
     };
+    if body.is_empty() {
+        return http::Response::builder()
+            .status(http::StatusCode::SERVICE_UNAVAILABLE)
+            .header(http::header::RETRY_AFTER, "1")
+            .body(Full::new(Bytes::from_static(
+                b"no CRL is signed yet: the issuer signs one at start; try again in a second\n",
+            )))
+            .expect("a valid response");
+    }
     let len = body.len();
     let body = if method == http::Method::HEAD { Vec::new() } else { body };
     http::Response::builder()

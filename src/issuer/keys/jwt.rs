@@ -304,7 +304,7 @@ impl JwtKeys {
                 rotation::retire(&mut next.records, &mut next.keys, next.active, now_unix);
             }
             Step::RetireEarly => {
-                rotation::retire(&mut next.records, &mut next.keys, next.active, i64::MAX);
+                rotation::retire_early(&mut next.records, &mut next.keys, next.active);
             }
         }
         Ok((next, Vec::new()))

@@ -205,6 +205,20 @@ pub fn activate(records: &mut [KeyRecord], active: &mut u32, id: u32, retire_aft
     *active = id;
 }
 
+/// Drops every retiring key now (`tbotctl rotate --force`), but not a tainted one: that goes by
+/// [`revoke`], which is checked first. Returns whether any went.
+pub fn retire_early<T>(records: &mut Vec<KeyRecord>, keys: &mut Vec<T>, active: u32) -> bool {
+    let keep: Vec<bool> = records
+        .iter()
+        .map(|r| !matches!(phase(r, active), Phase::Retiring { .. }))
+        .collect();
+    let mut i = 0;
+    records.retain(|_| (keep[i], i += 1).0);
+    let mut i = 0;
+    keys.retain(|_| (keep[i], i += 1).0);
+    keep.iter().any(|k| !k)
+}
+
 /// Drops the retiring keys whose time has come; returns whether any went.
 pub fn retire<T>(records: &mut Vec<KeyRecord>, keys: &mut Vec<T>, active: u32, now: i64) -> bool {
     let keep: Vec<bool> = records
@@ -256,9 +270,11 @@ pub fn by_hand(records: &[KeyRecord], active: u32, asked: ByHand, now: i64) -> R
     let prepared_id = prepared.map(|(id, _)| *id);
     match (asked, prepared_id) {
         (ByHand::Rotate { force: true, .. }, Some(id)) => Ok(Step::Activate { id }),
-        (ByHand::Rotate { force: true, .. }, None) if !retiring.is_empty() || !tainted.is_empty() => {
-            Ok(Step::RetireEarly)
-        }
+        (ByHand::Rotate { force: true, .. }, None) if !retiring.is_empty() => Ok(Step::RetireEarly),
+        (ByHand::Rotate { force: true, .. }, None) if !tainted.is_empty() => Err(Refused(format!(
+            "key {} is tainted: withdraw it with --revoke-old, which first checks that no agent still depends on it",
+            tainted.join(", ")
+        ))),
         (ByHand::Rotate { .. }, Some(id)) => Err(Refused(format!(
             "a rotation is in progress: key {id} is prepared until {}; wait for it, or pass --force to activate it now",
             rfc3339(prepared.and_then(|(_, p)| p.ends()).unwrap_or(now))
@@ -618,12 +634,23 @@ mod tests {
             by_hand(&records, 2, ByHand::TaintOld, 2 * HOUR),
             Ok(Step::Taint { activate: None })
         );
-        // A forced rotation withdraws a tainted key as it does a retiring one.
+        // A forced rotation does not withdraw a tainted key: --revoke-old does, after its check.
         records[0].tainted = Some(2 * HOUR);
         let forced = ByHand::Rotate {
             grace: Duration::ZERO,
             force: true,
         };
+        let refused = by_hand(&records, 2, forced, 2 * HOUR).unwrap_err().0;
+        assert!(refused.contains("--revoke-old"), "{refused}");
+        records.insert(1, key(3, HOUR, 100 * HOUR));
+        records[1].retire_after = Some(3 * HOUR);
         assert_eq!(by_hand(&records, 2, forced, 2 * HOUR), Ok(Step::RetireEarly));
+        let mut keys = vec![(); 3];
+        assert!(retire_early(&mut records, &mut keys, 2));
+        assert_eq!(
+            records.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [1, 2],
+            "the tainted key stays"
+        );
     }
 }

@@ -40,6 +40,7 @@ pub(super) async fn flush_issued(inner: std::sync::Weak<Inner>) {
                 inner.publish(&mut state);
             }
         }
+        inner.tend_revocations(ticks.is_multiple_of(60)).await;
         let flushed = inner.issued.flush().await;
         inner.metrics().log_bytes.set(inner.issued.bytes() as i64);
         if let Err(e) = flushed

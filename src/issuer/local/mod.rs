@@ -107,6 +107,8 @@ struct Inner {
     local_held: Mutex<Option<(String, crate::issuer::Holdings)>>,
     /// When this replica first applied each revocation document not in the store yet.
     first_seen: Mutex<HashMap<String, OffsetDateTime>>,
+    /// Sharing a revocation through the store failed: tried again each second.
+    share_failed: AtomicBool,
 }
 
 /// The issuer, in this process.
@@ -214,6 +216,7 @@ impl LocalIssuer {
             metrics: Default::default(),
             local_held: Mutex::new(None),
             first_seen: Mutex::new(HashMap::new()),
+            share_failed: AtomicBool::new(false),
         });
         // The first bundle with the CRLs (of the revocations already in force, or none), and this
         // replica's revocations shared with the others.

@@ -117,10 +117,56 @@ impl Inner {
         for name in gone {
             ops.push((vec![], Op::Delete(record_key(&dir, &name))));
         }
+        let mut failed = false;
         for (conditions, op) in ops {
             if let Err(e) = self.backing.kv.txn(conditions, vec![op]).await {
-                tracing::warn!(error = %e, "cannot share a revocation with the other replicas through the store; \
-                    this replica's CRLs list it meanwhile, and the next apply tries again");
+                if !self.share_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "cannot share a revocation with the other replicas through the store; \
+                        this replica's CRLs list it meanwhile, and it is tried again each second");
+                }
+                failed = true;
+            }
+        }
+        self.share_failed.store(failed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Shares again what failed to reach the store (each second while it fails), and forgets
+    /// stored revocations that ended: past their `expires`, or every serial they name expired as
+    /// the issuance log knows (a minute's check).
+    pub(super) async fn tend_revocations(&self, minute: bool) {
+        let policy = self.lock().policy.clone();
+        if self.share_failed.load(std::sync::atomic::Ordering::Relaxed) {
+            self.share_revocations(&policy.revocations, &policy).await;
+        }
+        if !minute {
+            return;
+        }
+        let now = now();
+        let ended: Vec<String> = {
+            let state = self.lock();
+            state
+                .stored_revocations
+                .iter()
+                .filter(|(name, _)| !policy.revocations.contains_key(*name))
+                .filter(|(_, r)| {
+                    r.expires.is_some_and(|e| e <= now.unix_timestamp())
+                        || (!r.serials.is_empty()
+                            && r.serials
+                                .iter()
+                                .all(|s| self.issued.expiry(s).is_some_and(|end| end <= now)))
+                })
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        let dir = super::dir_of(&policy.trust_domain);
+        for name in ended {
+            if let Err(e) = self
+                .backing
+                .kv
+                .txn(vec![], vec![Op::Delete(record_key(&dir, &name))])
+                .await
+            {
+                tracing::debug!(error = %e, "cannot forget an ended revocation in the store; tried again in a minute");
             }
         }
     }
@@ -144,7 +190,10 @@ impl Inner {
             }
             let at = match state.stored_revocations.get(doc_name) {
                 Some(stored) => OffsetDateTime::from_unix_timestamp(stored.revoked_at).unwrap_or(now),
-                None => *first_seen.entry(doc_name.clone()).or_insert(now),
+                // Whole seconds, as the store keeps it: the CRL does not change when it arrives.
+                None => *first_seen
+                    .entry(doc_name.clone())
+                    .or_insert(OffsetDateTime::from_unix_timestamp(now.unix_timestamp()).unwrap_or(now)),
             };
             for serial in &doc.spec.serials {
                 name(serial.clone(), at);

@@ -258,7 +258,16 @@ impl WorkloadIdentityService for IssuerApi {
         let (cert, peer, digest) = self.bot_certificate(&request)?;
         self.issuer.authenticate(&cert).map_err(status)?;
         // Validated whole before anything is kept.
-        let held = wire::holdings_from_wire(request.into_inner()).map_err(|e| self.refuse(&peer, &cert, e))?;
+        let mut held = wire::holdings_from_wire(request.into_inner()).map_err(|e| self.refuse(&peer, &cert, e))?;
+        // Only the names of this trust domain's keys are kept (what a bot says of others means
+        // nothing here, and goes no further, heartbeats included).
+        let known: std::collections::BTreeSet<String> =
+            self.issuer.key_statuses().into_iter().map(|k| k.name).collect();
+        held.x509.retain(|k, _| known.contains(k));
+        held.jwt.retain(|k, _| known.contains(k));
+        if !known.contains(&held.bot) {
+            held.bot.clear();
+        }
         self.sessions.hold(&digest, held);
         Ok(Response::new(proto::ReportAck {}))
     }
@@ -277,7 +286,7 @@ impl WorkloadIdentityService for IssuerApi {
             connected_at: OffsetDateTime::now_utc(),
             certificate: digest,
             ca: self.issuer.signer_id(&cert).unwrap_or_default(),
-            held: Default::default(),
+            held: None,
         });
         let last_bundle = self.issuer.current_bundles();
         let seen_revision = request.into_inner().policy_revision;

@@ -20,8 +20,9 @@ pub struct AgentSession {
     pub(super) certificate: String,
     /// The id of the CA that signed that certificate.
     pub ca: u32,
-    /// What the agent last reported holding, by signing key.
-    pub held: crate::issuer::Holdings,
+    /// What the agent last reported holding, by signing key (`None`: nothing reported on this
+    /// stream yet, so it may hold anything).
+    pub held: Option<crate::issuer::Holdings>,
 }
 
 /// An instance whose `Watch` stream the issuer ended because it no longer accepts its certificate
@@ -80,20 +81,33 @@ impl Sessions {
     }
 
     /// Keeps what the agent with `certificate` (its digest) reports holding, with its open streams.
+    /// Only a report newer than the one kept replaces it (reports and their resends may cross).
     pub(super) fn hold(&self, certificate: &str, held: crate::issuer::Holdings) {
         for session in self.open.lock().expect("sessions poisoned").values_mut() {
-            if session.certificate == certificate {
-                session.held = held.clone();
+            if session.certificate == certificate && session.held.as_ref().is_none_or(|h| h.sequence <= held.sequence) {
+                session.held = Some(held.clone());
             }
         }
     }
 
+    /// Every connected agent once (its latest stream: a renewal or a reconnect may leave an older
+    /// one open a while), with what it reported.
+    pub fn agents(&self) -> Vec<AgentSession> {
+        let open = self.open.lock().expect("sessions poisoned");
+        let mut latest: BTreeMap<(&str, &str), &AgentSession> = BTreeMap::new();
+        for session in open.values() {
+            latest.insert((&session.bot, &session.instance), session);
+        }
+        latest.into_values().cloned().collect()
+    }
+
     /// By key name (a CA's pin, a `kid`): how many connected agents hold something it signed (an
-    /// SVID, or their bot certificate), and how many SVIDs.
+    /// SVID, or their bot certificate), and how many SVIDs; under the empty name, the agents that
+    /// have not reported yet (they may hold anything).
     pub fn held_by_key(&self) -> BTreeMap<String, [u64; 2]> {
         let mut out = BTreeMap::new();
-        for session in self.open.lock().expect("sessions poisoned").values() {
-            add_held(&mut out, &session.held);
+        for session in self.agents() {
+            add_held(&mut out, session.held.as_ref());
         }
         out
     }
@@ -177,8 +191,13 @@ impl Sessions {
     }
 }
 
-/// Adds one agent's holdings to per-key counts (agents, SVIDs).
-pub fn add_held(out: &mut BTreeMap<String, [u64; 2]>, held: &crate::issuer::Holdings) {
+/// Adds one agent's holdings to per-key counts (agents, SVIDs); an agent that has not reported is
+/// counted under the empty name.
+pub fn add_held(out: &mut BTreeMap<String, [u64; 2]>, held: Option<&crate::issuer::Holdings>) {
+    let Some(held) = held else {
+        out.entry(String::new()).or_default()[0] += 1;
+        return;
+    };
     let keys: std::collections::BTreeSet<&String> = held
         .x509
         .keys()

@@ -326,7 +326,7 @@ impl Authority {
             }
             Step::RetireEarly => {
                 let mut next = self.clone();
-                rotation::retire(&mut next.records, &mut next.cas, next.active, i64::MAX);
+                rotation::retire_early(&mut next.records, &mut next.cas, next.active);
                 Ok((next, Vec::new()))
             }
             Step::Taint { activate } => {
@@ -413,11 +413,11 @@ impl Authority {
             .collect()
     }
 
-    /// The ids of the CAs that are replaced, retiring or tainted (what a forced retire withdraws).
+    /// The ids of the CAs that are retiring, not tainted (what a forced retire withdraws).
     pub fn retiring(&self) -> Vec<u32> {
         self.records
             .iter()
-            .filter(|r| rotation::phase(r, self.active).published_until().is_some())
+            .filter(|r| matches!(rotation::phase(r, self.active), Phase::Retiring { .. }))
             .map(|r| r.id)
             .collect()
     }
