@@ -581,3 +581,69 @@ async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_
     drop(c);
     assert!(failures.lock().unwrap().is_empty(), "{:?}", failures.lock().unwrap());
 }
+
+/// Runs a future to completion from synchronous code inside the test's runtime.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// The CA certificates (DER) a workload of `daemon` holds for trust domain `td` now.
+async fn federated_cas(daemon: &Daemon, td: &str) -> Vec<Vec<u8>> {
+    let client = spiffe::WorkloadApiClient::connect_to(daemon.endpoint()).await.unwrap();
+    let ctx = client.fetch_x509_context().await.unwrap();
+    ctx.bundle_set()
+        .get(&spiffe::TrustDomain::new(td).unwrap())
+        .map(|b| b.authorities().iter().map(|a| a.as_ref().to_vec()).collect())
+        .unwrap_or_default()
+}
+
+/// A CA tainted and revoked in one trust domain leaves the bundle a federated domain holds for it
+/// at its next refresh, and that domain keeps fetching the bundle endpoint (whose own SVID moved to
+/// the new CA at the taint).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_ca_leaves_a_federated_domains_bundle_at_its_next_refresh() {
+    let pa = free_port();
+    let a = domain("a.test", "", Some(&issuer_doc(pa, "profile: https_spiffe")));
+    let b = domain("b.test", "", None);
+    let a_bundle = String::from_utf8(curl(&["-k", &format!("https://127.0.0.1:{pa}/")])).unwrap();
+    std::fs::write(
+        b.dir.path().join("etc/federation-a.yaml"),
+        federation(
+            "a.test",
+            &format!(
+                "    https_spiffe:\n      bundle_endpoint_url: https://127.0.0.1:{pa}\n      \
+                 endpoint_spiffe_id: spiffe://a.test/tbot/bundle-endpoint\n      bootstrap_bundle: |\n{}",
+                indented(&a_bundle, 8)
+            ),
+        ),
+    )
+    .unwrap();
+    let old = federated_cas(&a, "a.test").await;
+    assert_eq!(old.len(), 1);
+    let held_by_b = || block_on(federated_cas(&b, "a.test"));
+    wait_until("B holds A's bundle", Duration::from_secs(20), || {
+        (held_by_b() == old).then_some(())
+    });
+
+    let run = |args: &[&str]| {
+        let out = a.tbotctl(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["rotate", "ca", "--grace", "1h"]);
+    wait_until("B holds both of A's CAs", Duration::from_secs(20), || {
+        (held_by_b().len() == 2).then_some(())
+    });
+    run(&["rotate", "ca", "--taint-old"]);
+    wait_until("nothing on A depends on CA 1", Duration::from_secs(20), || {
+        stdout(&a.tbotctl(&["status"]))
+            .lines()
+            .any(|l| l.trim_start().starts_with("ca 1 ") && l.contains(" tainted ") && l.contains(" 0/0 "))
+            .then_some(())
+    });
+    run(&["rotate", "ca", "--revoke-old"]);
+    let new = federated_cas(&a, "a.test").await;
+    assert!(new.len() == 1 && new != old, "A's own bundle holds only its new CA");
+    wait_until("B drops A's revoked CA", Duration::from_secs(20), || {
+        (held_by_b() == new).then_some(())
+    });
+}
