@@ -104,22 +104,28 @@ async fn the_issuance_log_lists_what_was_issued_to_which_instance_and_survives_a
 /// An issuer host (`manifests/fleet/issuer`, SPIFFE IDs by uid) and an agent of it joined with the
 /// fleet token, its workload socket up.
 fn issuer_and_agent() -> (common::fleet::Issuer, common::Daemon) {
-    use common::fleet::{Issuer, agent_config, start_agent, token_onboarding, wait_for_socket};
-    let issuer = Issuer::start("/uid/{{workload.unix.uid}}", &[]);
-    let (port, pin) = (issuer.port, issuer.pin.clone());
+    let issuer = common::fleet::Issuer::start("/uid/{{workload.unix.uid}}", &[]);
+    let agent = agent_of(issuer.port, &issuer.pin);
+    (issuer, agent)
+}
+
+/// An agent of the issuer at `port` (trusting `pin`) joined with the fleet token, its workload
+/// socket up.
+fn agent_of(port: u16, pin: &str) -> common::Daemon {
+    use common::fleet::{agent_config, start_agent, token_onboarding, wait_for_socket};
     let agent = start_agent(
         |dir| {
             agent_config(
                 dir,
                 port,
-                &token_onboarding("fleet-token-change-me", &pin),
+                &token_onboarding("fleet-token-change-me", pin),
                 "example-workload-identity",
             )
         },
         &[],
     );
     wait_for_socket(&agent);
-    (issuer, agent)
+    agent
 }
 
 /// A `FetchX509SVID` stream on `daemon`'s socket (our own client, which shows the `crl` field), and
@@ -144,6 +150,26 @@ async fn x509_stream(
         .into_inner();
     let first = stream.next().await.unwrap().unwrap();
     (stream, first)
+}
+
+/// The next message of `stream` whose CRLs list `serial` and whose SVID is not `old`, within
+/// `seconds`.
+async fn revoked_and_fresh(
+    stream: &mut tonic::Streaming<tbot::workload_api::proto::X509svidResponse>,
+    serial: &str,
+    old: &[u8],
+    seconds: u64,
+) -> Result<tbot::workload_api::proto::X509svidResponse, tokio::time::error::Elapsed> {
+    use tokio_stream::StreamExt;
+    tokio::time::timeout(std::time::Duration::from_secs(seconds), async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if m.crl.iter().any(|c| crl_lists(c, serial)) && m.svids[0].x509_svid != old {
+                return m;
+            }
+        }
+    })
+    .await
 }
 
 /// The revocation document of `serials`.
@@ -244,16 +270,9 @@ async fn a_revoked_svid_is_in_the_crl_every_peer_reads_and_its_workload_gets_a_f
 
     // Applied: the stream's next messages carry a CRL that lists it, and a new SVID.
     common::save(&etc.join("revocation.yaml"), &revocation("leaked", &[&spelled]));
-    let fresh = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        loop {
-            let m = stream.next().await.unwrap().unwrap();
-            if m.crl.iter().any(|c| crl_lists(c, &serial)) && m.svids[0].x509_svid != old {
-                return m;
-            }
-        }
-    })
-    .await
-    .expect("a CRL and a fresh SVID within 10 s");
+    let fresh = revoked_and_fresh(&mut stream, &serial, &old, 10)
+        .await
+        .expect("a CRL and a fresh SVID within 10 s");
     let crl = fresh.crl[fresh.crl.len() - 1].clone();
 
     // openssl: the revoked SVID is refused, the fresh one accepted, with the same CRL.
@@ -313,8 +332,6 @@ async fn a_revoked_svid_is_in_the_crl_every_peer_reads_and_its_workload_gets_a_f
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revocation_on_the_issuer_reaches_a_remote_agents_open_stream_and_its_log_names_the_agent() {
-    use tokio_stream::StreamExt;
-
     let (issuer, agent) = issuer_and_agent();
     let (mut stream, first) = x509_stream(&agent).await;
     let old = first.svids[0].x509_svid.clone();
@@ -336,16 +353,9 @@ async fn a_revocation_on_the_issuer_reaches_a_remote_agents_open_stream_and_its_
     // Revoked on the issuer host: the remote agent's open stream gets the CRL and a fresh SVID.
     let started = std::time::Instant::now();
     common::save(&issuer.etc().join("revocation.yaml"), &revocation("leaked", &[&serial]));
-    let fresh = tokio::time::timeout(std::time::Duration::from_secs(15), async {
-        loop {
-            let m = stream.next().await.unwrap().unwrap();
-            if m.crl.iter().any(|c| crl_lists(c, &serial)) && m.svids[0].x509_svid != old {
-                return m;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the CRL on the remote agent within 15 s\n{}", agent.log()));
+    let fresh = revoked_and_fresh(&mut stream, &serial, &old, 15)
+        .await
+        .unwrap_or_else(|_| panic!("the CRL on the remote agent within 15 s\n{}", agent.log()));
     eprintln!(
         "revocation saved → CRL and fresh SVID on the remote agent: {:?}",
         started.elapsed()
@@ -731,7 +741,6 @@ fn revoked_at(crl: &[u8], serial: &str) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revocation_on_one_replica_reaches_the_agents_of_another_with_one_revocation_time() {
-    use common::fleet::{agent_config, start_agent, token_onboarding, wait_for_socket};
     use tokio_stream::StreamExt;
 
     let Some(set) = common::ha::Replicas::start(2) else {
@@ -743,19 +752,7 @@ async fn a_revocation_on_one_replica_reaches_the_agents_of_another_with_one_revo
         .find_map(|l| l.strip_prefix("CA pin: ").map(str::to_owned))
         .unwrap();
     // The agent joins replica 1; the revocation is written on replica 0 only.
-    let port = set.get(1).port;
-    let agent = start_agent(
-        |dir| {
-            agent_config(
-                dir,
-                port,
-                &token_onboarding("fleet-token-change-me", &pin),
-                "example-workload-identity",
-            )
-        },
-        &[],
-    );
-    wait_for_socket(&agent);
+    let agent = agent_of(set.get(1).port, &pin);
     let (mut stream, first) = x509_stream(&agent).await;
     let old = first.svids[0].x509_svid.clone();
     let serial = serial_of(&old);
@@ -776,21 +773,14 @@ async fn a_revocation_on_one_replica_reaches_the_agents_of_another_with_one_revo
             "backup",
         ],
     );
-    let fresh = tokio::time::timeout(std::time::Duration::from_secs(15), async {
-        loop {
-            let m = stream.next().await.unwrap().unwrap();
-            if m.crl.iter().any(|c| crl_lists(c, &serial)) && m.svids[0].x509_svid != old {
-                return m;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "the CRL of replica 1's agent lists the serial within 15 s\n{}",
-            agent.log()
-        )
-    });
+    let fresh = revoked_and_fresh(&mut stream, &serial, &old, 15)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the CRL of replica 1's agent lists the serial within 15 s\n{}",
+                agent.log()
+            )
+        });
     // One revocation time, kept in the store: replica 1 restarted signs new CRLs with the same.
     let on_agent = fresh.crl.iter().find_map(|c| revoked_at(c, &serial)).unwrap();
     let signed: Vec<Vec<u8>> = fresh.crl.clone();

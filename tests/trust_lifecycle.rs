@@ -179,6 +179,18 @@ fn federation(td: &str, source: &str) -> String {
     format!("kind: spiffe_federation\nversion: v1\nmetadata:\n  name: {td}\nspec:\n  bundle_source:\n{source}")
 }
 
+/// A federation with `a.test` over `https_spiffe` at `port`, bootstrapped with `bundle`.
+fn a_over_https_spiffe(port: u16, bundle: &str) -> String {
+    federation(
+        "a.test",
+        &format!(
+            "    https_spiffe:\n      bundle_endpoint_url: https://127.0.0.1:{port}\n      \
+             endpoint_spiffe_id: spiffe://a.test/tbot/bundle-endpoint\n      bootstrap_bundle: |\n{}",
+            indented(bundle, 8)
+        ),
+    )
+}
+
 fn indented(text: &str, by: usize) -> String {
     text.lines().map(|l| format!("{}{l}\n", " ".repeat(by))).collect()
 }
@@ -447,14 +459,7 @@ async fn trust_domains_federate_over_https_spiffe_https_web_and_static_and_keep_
     .unwrap();
     std::fs::write(
         b.dir.path().join("etc/federation-a.yaml"),
-        federation(
-            "a.test",
-            &format!(
-                "    https_spiffe:\n      bundle_endpoint_url: https://127.0.0.1:{pa}\n      \
-                 endpoint_spiffe_id: spiffe://a.test/tbot/bundle-endpoint\n      bootstrap_bundle: |\n{}",
-                indented(&a_bundle, 8)
-            ),
-        ),
+        a_over_https_spiffe(pa, &a_bundle),
     )
     .unwrap();
     let every = BTreeSet::from(["a.test", "b.test", "c.test", "d.test"].map(str::to_owned));
@@ -608,14 +613,7 @@ async fn a_revoked_ca_leaves_a_federated_domains_bundle_at_its_next_refresh() {
     let a_bundle = String::from_utf8(curl(&["-k", &format!("https://127.0.0.1:{pa}/")])).unwrap();
     std::fs::write(
         b.dir.path().join("etc/federation-a.yaml"),
-        federation(
-            "a.test",
-            &format!(
-                "    https_spiffe:\n      bundle_endpoint_url: https://127.0.0.1:{pa}\n      \
-                 endpoint_spiffe_id: spiffe://a.test/tbot/bundle-endpoint\n      bootstrap_bundle: |\n{}",
-                indented(&a_bundle, 8)
-            ),
-        ),
+        a_over_https_spiffe(pa, &a_bundle),
     )
     .unwrap();
     let old = federated_cas(&a, "a.test").await;
@@ -627,7 +625,11 @@ async fn a_revoked_ca_leaves_a_federated_domains_bundle_at_its_next_refresh() {
 
     let run = |args: &[&str]| {
         let out = a.tbotctl(args);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     run(&["rotate", "ca", "--grace", "1h"]);
     wait_until("B holds both of A's CAs", Duration::from_secs(20), || {
