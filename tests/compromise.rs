@@ -427,6 +427,24 @@ async fn tbotctl_revoke_finds_the_certificates_of_a_spiffe_id_or_a_bot_instance_
     });
     assert_ne!(again, serial);
 
+    // A name YAML would read as syntax, longer than a file name takes: written quoted, in a file
+    // with a shorter name, and shared through the store under its hash.
+    let odd = format!("#[odd]&{}", "x".repeat(240));
+    let out = daemon.tbotctl(&[
+        "revoke",
+        "--serial",
+        &serial,
+        "--reason",
+        "the same key",
+        "--name",
+        &odd,
+    ]);
+    let said = common::stdout(&out);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains(&format!("revocation/{odd} applied")), "{said}");
+    assert!(common::stdout(&daemon.tbotctl(&["validate"])).contains("ok:"));
+    assert!(!daemon.log().contains("cannot share a revocation"), "{}", daemon.log());
+
     // Nothing to revoke is an error that says where to look.
     let none = daemon.tbotctl(&[
         "revoke",

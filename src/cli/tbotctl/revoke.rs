@@ -166,7 +166,9 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
     }
     let mut text = format!(
         "# Written by `tbotctl revoke`. The issuer's CRL lists these certificates until they expire.\n\
-         kind: revocation\nversion: v1\nmetadata:\n  name: {name}\n{}spec:\n  reason: {}\n  serials:\n",
+         kind: revocation\nversion: v1\nmetadata:\n  name: {}\n{}spec:\n  reason: {}\n  serials:\n",
+        // Quoted: a name may start with a character YAML reads as syntax (`#`, `[`, `&`, `!`, …).
+        serde_json::to_string(&name).expect("a string serializes"),
         expires.map_or_else(String::new, |e| format!(
             "  # When the last of these certificates expires: the revocation ends by itself.\n  expires: {}\n",
             crate::rfc3339(e)
@@ -187,7 +189,14 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
         .first()
         .cloned()
         .unwrap_or_else(|| crate::cli::args::DEFAULT_DIR.into());
-    let path = dir.join(format!("revocation-{name}.yaml"));
+    // A name may be 253 bytes; a file name at most 255: a long one is cut and made unique.
+    let file = if name.len() > 200 {
+        let cut: String = name.chars().take(100).collect();
+        format!("revocation-{cut}-{}.yaml", &crate::sha256_hex(name.as_bytes())[..12])
+    } else {
+        format!("revocation-{name}.yaml")
+    };
+    let path = dir.join(file);
     if path.exists() {
         return fail(
             format!("{} already exists", path.display()),

@@ -169,7 +169,7 @@ impl Inner {
                             state.bots.remove(&instance);
                         }
                     }
-                } else if let Some(name) = super::revocations::name_of_record(&dir, &key) {
+                } else if let Some(name) = super::revocations::id_of_record(&dir, &key) {
                     revocations = true;
                     match event {
                         Event::Put(entry) => match self.backing.decode(&key, &entry.value) {

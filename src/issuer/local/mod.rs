@@ -79,7 +79,7 @@ struct State {
     served: std::collections::VecDeque<crate::issuer::keys::public::Key>,
     /// The signed CRLs (none only until the first publish).
     crls: Option<Crls>,
-    /// The revocations in the store (every replica's), by name.
+    /// The revocations in the store (every replica's), by id (the SHA-256 of the name).
     stored_revocations: BTreeMap<String, revocations::StoredRevocation>,
 }
 

@@ -19,9 +19,12 @@ use super::{Inner, State, now};
 /// Serial → when it was revoked.
 pub(super) type Revoked = BTreeMap<Serial, OffsetDateTime>;
 
-/// A revocation as the store keeps it, at `issuer/<td>/revocations/<name>.json`.
+/// A revocation as the store keeps it, at `issuer/<td>/revocations/<SHA-256 of its name>.json` (a
+/// name may be 253 bytes, more than a file name takes).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredRevocation {
+    /// The document's `metadata.name`.
+    pub name: String,
     pub reason: String,
     /// Lower-case hex.
     pub serials: Vec<String>,
@@ -35,6 +38,7 @@ pub struct StoredRevocation {
 impl StoredRevocation {
     fn of(doc: &Revocation, at: OffsetDateTime) -> StoredRevocation {
         StoredRevocation {
+            name: doc.metadata.name.to_string(),
             reason: doc.spec.reason.clone(),
             serials: doc.spec.serials.iter().map(|s| s.as_str().to_owned()).collect(),
             expires: doc.metadata.expires.as_ref().map(|e| e.0.unix_timestamp()),
@@ -43,28 +47,33 @@ impl StoredRevocation {
     }
 }
 
-fn record_key(dir: &str, name: &str) -> String {
-    format!("{dir}/revocations/{name}.json")
+/// A revocation's id in the store: the SHA-256 of its name.
+pub(super) fn id_of(name: &str) -> String {
+    crate::sha256_hex(name.as_bytes())
 }
 
-/// The revocation's name if `key` is a stored revocation under `dir`.
-pub(super) fn name_of_record(dir: &str, key: &str) -> Option<String> {
+fn record_key(dir: &str, name: &str) -> String {
+    format!("{dir}/revocations/{}.json", id_of(name))
+}
+
+/// The revocation's id if `key` is a stored revocation under `dir`.
+pub(super) fn id_of_record(dir: &str, key: &str) -> Option<String> {
     key.strip_prefix(&format!("{dir}/revocations/"))?
         .strip_suffix(".json")
         .map(str::to_owned)
 }
 
-/// Every stored revocation under `dir`, by name (one that does not decode is skipped, and said).
+/// Every stored revocation under `dir`, by id (one that does not decode is skipped, and said).
 pub(super) async fn load(backing: &Backing, dir: &str) -> Result<BTreeMap<String, StoredRevocation>, IssuerError> {
     let (entries, _) = backing.kv.list(&format!("{dir}/revocations/")).await?;
     let mut out = BTreeMap::new();
     for entry in entries {
-        let Some(name) = name_of_record(dir, &entry.key) else {
+        let Some(id) = id_of_record(dir, &entry.key) else {
             continue;
         };
         match backing.decode::<StoredRevocation>(&entry.key, &entry.value) {
             Ok(record) => {
-                out.insert(name, record);
+                out.insert(id, record);
             }
             Err(e) => tracing::warn!(error = %e, "a stored revocation does not decode; it is not listed"),
         }
@@ -82,7 +91,7 @@ impl Inner {
         let mut ops = Vec::new();
         for (name, doc) in &after.revocations {
             let key = record_key(&dir, name);
-            let stored = self.lock().stored_revocations.get(name).cloned();
+            let stored = self.lock().stored_revocations.get(&id_of(name)).cloned();
             match stored {
                 // An edited document keeps the time it was first applied at.
                 Some(stored) => {
@@ -109,9 +118,9 @@ impl Inner {
             gone.extend(
                 self.lock()
                     .stored_revocations
-                    .keys()
-                    .filter(|n| !after.revocations.contains_key(*n))
-                    .cloned(),
+                    .values()
+                    .filter(|r| !after.revocations.contains_key(&r.name))
+                    .map(|r| r.name.clone()),
             );
         }
         for name in gone {
@@ -147,7 +156,7 @@ impl Inner {
             state
                 .stored_revocations
                 .iter()
-                .filter(|(name, _)| !policy.revocations.contains_key(*name))
+                .filter(|(_, r)| !policy.revocations.contains_key(&r.name))
                 .filter(|(_, r)| {
                     r.expires.is_some_and(|e| e <= now.unix_timestamp())
                         || (!r.serials.is_empty()
@@ -155,7 +164,7 @@ impl Inner {
                                 .iter()
                                 .all(|s| self.issued.expiry(s).is_some_and(|end| end <= now)))
                 })
-                .map(|(name, _)| name.clone())
+                .map(|(_, r)| r.name.clone())
                 .collect()
         };
         let dir = super::dir_of(&policy.trust_domain);
@@ -188,7 +197,7 @@ impl Inner {
             if doc.metadata.expires.as_ref().is_some_and(|e| e.0 <= now) {
                 continue;
             }
-            let at = match state.stored_revocations.get(doc_name) {
+            let at = match state.stored_revocations.get(&id_of(doc_name)) {
                 Some(stored) => OffsetDateTime::from_unix_timestamp(stored.revoked_at).unwrap_or(now),
                 // Whole seconds, as the store keeps it: the CRL does not change when it arrives.
                 None => *first_seen
