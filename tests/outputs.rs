@@ -29,6 +29,31 @@ fn append_services(dir: &Path, services: &str) {
     save(&config, &text);
 }
 
+/// The daemon with a `server` x509 output (with `server_extra` settings, SIGHUP to nginx on update)
+/// and a `client` one, once the server's `server_file` and the client's SVID are written: the
+/// daemon, its directory, and the two outputs' directories.
+fn server_and_client(server_extra: &str, server_file: &str) -> (Daemon, PathBuf, PathBuf, PathBuf) {
+    let (dir, socket) = setup(&format!(
+        "  - type: workload-identity-x509
+    name: server
+    selector: {{name: server}}
+    destination: {{type: directory, path: DIR/out/server}}
+{server_extra}    on_update: {{signal: SIGHUP, pid_file: DIR/nginx/nginx.pid}}
+  - type: workload-identity-x509
+    name: client
+    selector: {{name: client}}
+    destination: {{type: directory, path: DIR/out/client}}
+"
+    ));
+    let daemon = Daemon::start(dir, socket);
+    let root = daemon.dir.path().to_owned();
+    let (server, client) = (root.join("out/server"), root.join("out/client"));
+    wait_until("both outputs", Duration::from_secs(15), || {
+        (server.join(server_file).exists() && client.join("svid.pem").exists()).then_some(())
+    });
+    (daemon, root, server, client)
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
@@ -449,26 +474,8 @@ fn request(port: u16, client: &Path) -> Result<(String, String), String> {
 #[test]
 fn nginx_serves_mutual_tls_from_outputs_and_reloads_on_rotation_through_on_update() {
     let Some(binary) = nginx_binary() else { return };
-    let (dir, socket) = setup(
-        "  - type: workload-identity-x509
-    name: server
-    selector: {name: server}
-    destination: {type: directory, path: DIR/out/server}
-    credential_ttl: 30s
-    renewal_interval: 6s
-    on_update: {signal: SIGHUP, pid_file: DIR/nginx/nginx.pid}
-  - type: workload-identity-x509
-    name: client
-    selector: {name: client}
-    destination: {type: directory, path: DIR/out/client}
-",
-    );
-    let daemon = Daemon::start(dir, socket);
-    let root = daemon.dir.path().to_owned();
-    let (server, client) = (root.join("out/server"), root.join("out/client"));
-    wait_until("both outputs", Duration::from_secs(15), || {
-        (server.join("svid.pem").exists() && client.join("svid.pem").exists()).then_some(())
-    });
+    let (_daemon, root, server, client) =
+        server_and_client("    credential_ttl: 30s\n    renewal_interval: 6s\n", "svid.pem");
     let nginx = Nginx::start(&binary, &root, &server, &client.join("svid_bundle.pem"), None);
     let master = wait_until("nginx's pid file", Duration::from_secs(10), || {
         std::fs::read_to_string(&nginx.pid_file)
@@ -665,25 +672,8 @@ fn parents_created_for_an_owner_let_that_owner_read_its_files() {
 #[test]
 fn nginx_refuses_a_revoked_client_svid_with_the_crl_of_an_output_and_takes_the_fresh_one() {
     let Some(binary) = nginx_binary() else { return };
-    let (dir, socket) = setup(
-        "  - type: workload-identity-x509
-    name: server
-    selector: {name: server}
-    destination: {type: directory, path: DIR/out/server}
-    on_update: {signal: SIGHUP, pid_file: DIR/nginx/nginx.pid}
-  - type: workload-identity-x509
-    name: client
-    selector: {name: client}
-    destination: {type: directory, path: DIR/out/client}
-",
-    );
-    let daemon = Daemon::start(dir, socket);
-    let root = daemon.dir.path().to_owned();
-    let (server, client) = (root.join("out/server"), root.join("out/client"));
     // The output holds a CRL from the start (listing nothing), so nginx can be pointed at it.
-    wait_until("both outputs, with the CRL", Duration::from_secs(15), || {
-        (server.join("svid_crl.pem").exists() && client.join("svid.pem").exists()).then_some(())
-    });
+    let (_daemon, root, server, client) = server_and_client("", "svid_crl.pem");
     let nginx = Nginx::start(
         &binary,
         &root,
