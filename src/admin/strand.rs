@@ -45,6 +45,18 @@ impl Dependents {
     }
 }
 
+/// Looks every 100 ms, for up to [`RENEWAL_WAIT`], until `look` finds what `done` wants (once only
+/// when `bypass`: the operator said to go ahead anyway); the last look.
+async fn settle<T>(bypass: bool, look: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
+    let mut last = look();
+    while !done(&last) && !bypass && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = look();
+    }
+    last
+}
+
 fn agents(n: u64) -> String {
     match n {
         1 => "1 agent".into(),
@@ -110,7 +122,6 @@ impl AdminApi {
         names: &[String],
         force: bool,
     ) -> Result<(), Status> {
-        let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
         // Other replicas' counts are taken from a heartbeat after this moment only.
         let since = time::OffsetDateTime::now_utc().unix_timestamp() + 1;
         let depending = || {
@@ -120,11 +131,7 @@ impl AdminApi {
                 .filter(|(_, d)| !d.none())
                 .collect::<Vec<_>>()
         };
-        let mut left = depending();
-        while !left.is_empty() && !force && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            left = depending();
-        }
+        let left = settle(force, depending, |left| left.is_empty()).await;
         if left.is_empty() {
             return Ok(());
         }
@@ -159,14 +166,12 @@ impl AdminApi {
         let this = self.status.get().host.replica.clone();
         // This replica's agents by name; the other replicas' by count, from their heartbeats.
         let stranded = || {
-            let mut here: Vec<crate::issuer::server::AgentSession> = sessions
-                .list()
+            // Each agent's latest stream: one opened with a renewed certificate counts, not the old.
+            let here: Vec<crate::issuer::server::AgentSession> = sessions
+                .agents()
                 .into_iter()
-                .map(|(s, _)| s)
                 .filter(|s| withdrawn.contains(&s.ca))
                 .collect();
-            here.sort_by(|a, b| (&a.bot, &a.instance).cmp(&(&b.bot, &b.instance)));
-            here.dedup_by(|a, b| a.bot == b.bot && a.instance == b.instance);
             let elsewhere: Vec<(String, u64)> = issuer
                 .replicas()
                 .into_iter()
@@ -190,12 +195,7 @@ impl AdminApi {
                 svids: 0,
             }
         };
-        let deadline = tokio::time::Instant::now() + RENEWAL_WAIT;
-        let mut left = stranded();
-        while !left.none() && !strand && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            left = stranded();
-        }
+        let left = settle(strand, stranded, Dependents::none).await;
         if left.none() {
             return Ok(());
         }

@@ -227,8 +227,9 @@ pub async fn revoke(args: &RevokeArgs) -> ExitCode {
     match client.apply(ApplyRequest { wait_seconds: 30 }).await {
         Ok(r) if r.get_ref().converged => {
             outln!(
-                "revocation/{name} applied: the CRLs list it, on every issuer replica (it is shared through the store; \
-                 deploy the document to the other replicas too, so that removing it later lifts it everywhere)"
+                "revocation/{name} applied: this issuer's CRLs list it, and the other replicas' once it reaches the \
+                 store (their logs warn while it cannot; deploy the document to them too, so that removing it later \
+                 lifts it everywhere)"
             );
             ExitCode::SUCCESS
         }

@@ -130,7 +130,7 @@ impl Inner {
         for (conditions, op) in ops {
             if let Err(e) = self.backing.kv.txn(conditions, vec![op]).await {
                 if !self.share_failed.load(std::sync::atomic::Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "cannot share a revocation with the other replicas through the store; \
+                    tracing::warn!(error = %e, hint = %crate::error::Explain::hint(&e), "cannot share a revocation with the other replicas through the store; \
                         this replica's CRLs list it meanwhile, and it is tried again each second");
                 }
                 failed = true;

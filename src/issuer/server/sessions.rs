@@ -71,10 +71,10 @@ impl Sessions {
             .collect()
     }
 
-    /// How many agents are connected, by the id of their certificate's CA.
+    /// How many agents are connected, by the id of their latest stream's certificate's CA.
     pub fn by_ca(&self) -> std::collections::BTreeMap<u32, u64> {
         let mut out = std::collections::BTreeMap::new();
-        for session in self.open.lock().expect("sessions poisoned").values() {
+        for session in self.agents() {
             *out.entry(session.ca).or_default() += 1;
         }
         out
