@@ -1,18 +1,24 @@
 //! File watching: `notify` on each configured directory (never on single files: a watch on a file
 //! dies when an editor replaces it). `Access` events are ignored (our own reads must not wake us);
-//! any other event, the rescan flag and any watcher error all mean "reload everything".
+//! every other event says which paths changed, and the rescan flag, an event without paths and any
+//! watcher error all mean "reload everything" (see [`Changes`]).
 
 use tokio::sync::mpsc;
 
-use crate::manifest::Input;
+use crate::manifest::{Changes, Input};
 
-/// Watches the inputs' directories; every relevant event sends `()`. Keep the watcher alive.
-pub fn watch_inputs(inputs: &[Input], events: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+/// Watches the inputs' directories; every relevant event sends what it changed. Keep the watcher
+/// alive.
+pub fn watch_inputs(inputs: &[Input], events: mpsc::UnboundedSender<Changes>) -> Option<notify::RecommendedWatcher> {
     use notify::{EventKind, RecursiveMode, Watcher};
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if !matches!(&event, Ok(e) if matches!(e.kind, EventKind::Access(_)) && !e.need_rescan()) {
-            let _ = events.send(());
-        }
+        let changes = match event {
+            Ok(e) if matches!(e.kind, EventKind::Access(_)) && !e.need_rescan() => return,
+            Ok(e) if e.need_rescan() || e.paths.is_empty() => Changes::Everything,
+            Ok(e) => Changes::Paths(e.paths.into_iter().collect()),
+            Err(_) => Changes::Everything,
+        };
+        let _ = events.send(changes);
     })
     .map_err(
         |e| tracing::warn!(error = %e, "cannot watch the configuration; the periodic resync still applies changes"),

@@ -44,7 +44,7 @@ pub(super) struct Booted {
     pub daemon: Daemon,
     pub signals: Signals,
     /// File events from the watched directories.
-    pub events: mpsc::UnboundedReceiver<()>,
+    pub events: mpsc::UnboundedReceiver<crate::manifest::Changes>,
     /// Keeps the watcher alive.
     pub watcher: Box<dyn std::any::Any + Send>,
     /// `tbotctl apply`: reload, then answer.

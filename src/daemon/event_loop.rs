@@ -1,5 +1,6 @@
-//! The loop: every wake-up is a reconcile. A file event (debounced), SIGHUP, `tbotctl apply`, the
-//! periodic resync and a retry falling due all reload and converge; a poke (something shown by
+//! The loop: every wake-up is a reconcile. A file event (debounced) reloads the files it names;
+//! SIGHUP, `tbotctl apply`, the periodic resync and a retry falling due reload everything; each
+//! then converges; a poke (something shown by
 //! status changed outside the loop) re-reports. The issuer's key lifecycle (rotation and pruning) is
 //! its own scheduler's, not the loop's. SIGTERM and SIGINT stop it.
 
@@ -9,6 +10,7 @@ use super::boot::Booted;
 use super::{DEBOUNCE, RESYNC};
 use crate::agent::bot::jitter;
 use crate::controller::notify;
+use crate::manifest::Changes;
 
 pub(super) async fn run(booted: Booted) -> ExitCode {
     let Booted {
@@ -40,13 +42,20 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
         tokio::select! {
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
-            Some(()) = events.recv() => {
+            Some(first) = events.recv() => {
                 let m = &daemon.telemetry.daemon.watch_events;
                 m.inc();
                 tokio::time::sleep(DEBOUNCE).await;
-                while events.try_recv().is_ok() {
+                let mut changes = first;
+                while let Ok(more) = events.try_recv() {
                     m.inc();
+                    changes.add(more);
                 }
+                // Only what the watcher named is read again; everything else stays as loaded.
+                notify::reloading();
+                retry_at = daemon.reconcile(&changes).await;
+                notify::ready();
+                continue;
             }
             _ = signals.hup.recv() => tracing::info!("SIGHUP: reloading"),
             _ = daemon.poke.notified() => {
@@ -58,7 +67,7 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
                 continue;
             }
             Some(done) = reloads.recv() => {
-                retry_at = daemon.reconcile().await;
+                retry_at = daemon.reconcile(&Changes::Everything).await;
                 let _ = done.send(());
                 continue;
             }
@@ -67,7 +76,7 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
         }
         resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
         notify::reloading();
-        retry_at = daemon.reconcile().await;
+        retry_at = daemon.reconcile(&Changes::Everything).await;
         notify::ready();
     }
     notify::stopping();

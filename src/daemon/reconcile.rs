@@ -12,7 +12,7 @@ use super::{Daemon, agent_config, agent_ref};
 use crate::agent::bot::jitter;
 use crate::controller::plan::{Action, plan};
 use crate::controller::retry::{Requeue, SPREAD};
-use crate::manifest::{self, DesiredState, Loaded, render};
+use crate::manifest::{self, Changes, DesiredState, Loaded, render};
 use crate::resource::ObjectRef;
 
 /// The state to converge to: the loaded objects, with the last good version of every object from a
@@ -70,9 +70,9 @@ impl std::fmt::Display for Phases {
 
 impl Daemon {
     /// Reloads the documents and converges. Returns when to retry objects that failed, if any.
-    pub(super) async fn reconcile(&mut self) -> Option<tokio::time::Instant> {
+    pub(super) async fn reconcile(&mut self, changes: &Changes) -> Option<tokio::time::Instant> {
         let started = std::time::Instant::now();
-        let retry = self.reconcile_once().await;
+        let retry = self.reconcile_once(changes).await;
         let m = &self.telemetry.daemon;
         m.reconciles.inc();
         m.reconcile_seconds.inc_by(started.elapsed().as_secs_f64());
@@ -80,10 +80,11 @@ impl Daemon {
     }
 
     /// Loads the documents; `Err` carries when to try again (`None`: at the next event or resync).
-    async fn load(&self) -> Result<Loaded, Option<tokio::time::Instant>> {
+    async fn load(&self, changes: &Changes) -> Result<Loaded, Option<tokio::time::Instant>> {
         let inputs = self.inputs.clone();
         let cache = self.load_cache.clone();
-        let load = move || manifest::load_with(&inputs, &mut cache.lock().expect("load cache poisoned"));
+        let changes = changes.clone();
+        let load = move || manifest::load_changed(&inputs, &mut cache.lock().expect("load cache poisoned"), &changes);
         let loaded = match tokio::task::spawn_blocking(load).await {
             Ok(Ok(loaded)) => loaded,
             Ok(Err(diagnostic)) => {
@@ -104,9 +105,9 @@ impl Daemon {
         Ok(loaded)
     }
 
-    async fn reconcile_once(&mut self) -> Option<tokio::time::Instant> {
+    async fn reconcile_once(&mut self, changes: &Changes) -> Option<tokio::time::Instant> {
         let mut phases = Phases::new();
-        let mut loaded = match self.load().await {
+        let mut loaded = match self.load(changes).await {
             Ok(loaded) => loaded,
             Err(again) => return again.into_iter().chain(self.retry.next_due()).min(),
         };

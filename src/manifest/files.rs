@@ -35,10 +35,15 @@ pub fn is_document_name(name: &str) -> bool {
 /// Lists the document files of the inputs, in order: each directory's files sorted by name.
 /// A directory that cannot be listed is an error that ends the load (`Err`).
 pub fn discover(inputs: &[Input]) -> Result<Vec<PathBuf>, Box<Diagnostic>> {
+    Ok(listing(inputs)?.into_iter().map(|(_, path)| path).collect())
+}
+
+/// [`discover`], each file with the index of the input it came from: sorted by (input, path).
+pub fn listing(inputs: &[Input]) -> Result<Vec<(usize, PathBuf)>, Box<Diagnostic>> {
     let mut files = Vec::new();
-    for input in inputs {
+    for (i, input) in inputs.iter().enumerate() {
         match input {
-            Input::File(path) => files.push(path.clone()),
+            Input::File(path) => files.push((i, path.clone())),
             Input::Dir(dir) => {
                 let entries = fs::read_dir(dir).map_err(|e| {
                     let hint = match e.kind() {
@@ -59,7 +64,7 @@ pub fn discover(inputs: &[Input]) -> Result<Vec<PathBuf>, Box<Diagnostic>> {
                     .map(|e| e.path())
                     .collect();
                 paths.sort();
-                files.extend(paths);
+                files.extend(paths.into_iter().map(|p| (i, p)));
             }
         }
     }

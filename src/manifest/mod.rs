@@ -1,5 +1,6 @@
 //! Reading document files into a validated [`DesiredState`] plus located [`Diagnostic`]s.
 
+pub mod changes;
 mod checks;
 pub mod diagnostic;
 mod document;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub use changes::Changes;
 pub use diagnostic::{Diagnostic, Location, Note, Severity};
 pub use files::Input;
 
@@ -86,6 +88,9 @@ pub(crate) struct Parsed<'a> {
     pub document: &'a Document,
     pub node: &'a Node,
     pub file: usize,
+    /// The `workload.*` attributes a `workload_identity` reads (empty for other kinds), worked out
+    /// once when its file is parsed: the checks ask for it on every reload.
+    pub workload_reads: &'a [String],
 }
 
 /// The files read during a load, for locating and quoting.
@@ -158,6 +163,23 @@ pub fn load_with(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<
     on_loader_thread(|| load_here(inputs, cache))
 }
 
+/// [`load_with`] after the watcher said what changed: only those paths are read again (and listed
+/// or unlisted); every other file is taken from `cache` without being examined. Falls back to a
+/// full load when `changes` cannot be trusted alone (see [`changes::classify`]) or nothing was
+/// listed yet.
+pub fn load_changed(inputs: &[Input], cache: &mut LoadCache, changes: &Changes) -> Result<Loaded, Box<Diagnostic>> {
+    on_loader_thread(|| {
+        let relisted = match (changes, &cache.listed) {
+            (Changes::Paths(paths), Some(listed)) => changes::relist(inputs, listed, paths),
+            _ => None,
+        };
+        match relisted {
+            Some((listing, reread)) => load_listing(inputs, cache, listing, Some(&reread)),
+            None => load_here(inputs, cache),
+        }
+    })
+}
+
 /// Runs `f` on a thread with the stack the YAML decoder needs (see [`yaml::PARSE_STACK_BYTES`]).
 fn on_loader_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| {
@@ -175,6 +197,8 @@ fn on_loader_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 #[derive(Default)]
 pub struct LoadCache {
     files: HashMap<PathBuf, Arc<ReadFile>>,
+    /// The document files the last load found, by input (`None` until a load listed them).
+    listed: Option<Vec<(usize, PathBuf)>>,
 }
 
 /// Identifies one version of a file without reading it. Every write moves `ctime`, and a rename
@@ -259,6 +283,7 @@ impl Unloaded {
 struct ReadDocument {
     object: Arc<Object>,
     node: Node,
+    workload_reads: Vec<String>,
 }
 
 fn is_racy(meta: &std::fs::Metadata) -> bool {
@@ -324,9 +349,14 @@ fn parse_text(path: &Path, text: &str) -> (Vec<Diagnostic>, Vec<ReadDocument>, V
                 hash,
                 source,
             };
+            let workload_reads = match &object.document {
+                Document::WorkloadIdentity(wi) => wi.workload_attributes_read(),
+                _ => Vec::new(),
+            };
             documents.push(ReadDocument {
                 object: Arc::new(object),
                 node,
+                workload_reads,
             });
         }
     }
@@ -368,14 +398,29 @@ fn read_file(path: &Path, cache: &LoadCache) -> Result<Arc<ReadFile>, Box<Diagno
 }
 
 fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diagnostic>> {
-    let paths = files::discover(inputs)?;
+    let listing = files::listing(inputs)?;
+    load_listing(inputs, cache, listing, None)
+}
+
+/// Loads the files of `listing`. `changed: None` examines every file (its stamp vouches for the
+/// cached parse); `Some` reads only those paths and takes every other cached file as it is.
+fn load_listing(
+    inputs: &[Input],
+    cache: &mut LoadCache,
+    listing: Vec<(usize, PathBuf)>,
+    changed: Option<&std::collections::BTreeSet<PathBuf>>,
+) -> Result<Loaded, Box<Diagnostic>> {
     let mut diagnostics = Vec::new();
-    let mut read = Vec::with_capacity(paths.len());
+    let mut read = Vec::with_capacity(listing.len());
     // A file that cannot be read might have defined anything.
     let mut unloaded = Vec::new();
-    for path in paths {
-        match read_file(&path, cache) {
-            Ok(file) => read.push((path, file)),
+    for (_, path) in &listing {
+        let cached = match changed {
+            Some(changed) if !changed.contains(path) => cache.files.get(path).cloned(),
+            _ => None,
+        };
+        match cached.map_or_else(|| read_file(path, cache), Ok) {
+            Ok(file) => read.push((path.clone(), file)),
             Err(diagnostic) => {
                 diagnostics.push(*diagnostic);
                 unloaded.push(Unloaded::ANYTHING);
@@ -387,7 +432,20 @@ fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diag
         Input::File(_) => None,
     });
     let loaded = assemble(&read, diagnostics, unloaded, require_agent_config.as_deref());
-    cache.files = read.into_iter().collect();
+    match changed {
+        // Only the changed entries move (a file leaves the listing only by changing); the rest of
+        // the cache is what was just used.
+        Some(changed) => {
+            for path in changed {
+                cache.files.remove(path);
+            }
+            cache
+                .files
+                .extend(read.into_iter().filter(|(p, _)| changed.contains(p)));
+        }
+        None => cache.files = read.into_iter().collect(),
+    }
+    cache.listed = Some(listing);
     Ok(loaded)
 }
 
@@ -427,6 +485,7 @@ fn assemble(
             document: &d.object.document,
             node: &d.node,
             file,
+            workload_reads: &d.workload_reads,
         }));
     }
     let outcome = checks::run(&parsed, &sources, &unloaded, complete_dir);

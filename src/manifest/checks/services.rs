@@ -21,8 +21,11 @@ pub(super) fn engines_not_attested(parsed: &[Parsed], agent: &AgentConfig) -> Ve
                 continue;
             }
             let prefix = format!("workload.{name}.");
+            // What a document reads was worked out when it was parsed; most read no engine's
+            // attributes, so that test goes first and the selector is matched for the few left.
             let reading: Vec<&str> = parsed
                 .iter()
+                .filter(|p| p.workload_reads.iter().any(|a| a.starts_with(&prefix)))
                 .filter_map(|p| match &p.document {
                     Document::WorkloadIdentity(wi) => Some(wi),
                     _ => None,
@@ -38,7 +41,6 @@ pub(super) fn engines_not_attested(parsed: &[Parsed], agent: &AgentConfig) -> Ve
                                 .all(|(k, v)| wi.metadata.labels.get(k) == Some(v))
                     }
                 })
-                .filter(|wi| wi.workload_attributes_read().iter().any(|a| a.starts_with(&prefix)))
                 .map(|wi| &*wi.metadata.name)
                 .collect();
             if reading.is_empty() {
