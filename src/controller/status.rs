@@ -229,7 +229,8 @@ impl StatusTable {
         for (r, o) in &desired.objects {
             let status = self.objects.entry(r.clone()).or_insert_with(|| ObjectStatus::new(r));
             // Only what changed is rebuilt: a reload of 10,000 objects after one edit touches one.
-            if Path::new(&status.path) != o.location.path {
+            // Compared as bytes (a path's `!=` walks its components).
+            if o.location.path.as_os_str() != std::ffi::OsStr::new(&status.path) {
                 status.path = o.location.path.display().to_string();
             }
             if status.source != o.source {

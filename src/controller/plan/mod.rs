@@ -223,18 +223,35 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
     let empty = DesiredState::default();
     let before = actual.unwrap_or(&empty);
     let mut out = Plan::default();
-    for (r, o) in &desired.objects {
-        match before.objects.get(r) {
-            None => out.changes.push((r.clone(), Change::Create)),
-            Some(old) if old.hash != o.hash => out.changes.push((r.clone(), Change::Update)),
-            Some(_) => {}
+    // Both maps are sorted by reference: one walk over the two side by side (no lookups), creates
+    // and updates in order, then deletes in order.
+    let mut deletes = Vec::new();
+    let (mut new, mut old) = (desired.objects.iter().peekable(), before.objects.iter().peekable());
+    loop {
+        let order = match (new.peek(), old.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let (r, _) = new.next().expect("peeked");
+                out.changes.push((r.clone(), Change::Create));
+            }
+            std::cmp::Ordering::Greater => {
+                let (r, _) = old.next().expect("peeked");
+                deletes.push((r.clone(), Change::Delete));
+            }
+            std::cmp::Ordering::Equal => {
+                let ((r, o), (_, was)) = (new.next().expect("peeked"), old.next().expect("peeked"));
+                if !std::sync::Arc::ptr_eq(o, was) && was.hash != o.hash {
+                    out.changes.push((r.clone(), Change::Update));
+                }
+            }
         }
     }
-    for r in before.objects.keys() {
-        if !desired.objects.contains_key(r) {
-            out.changes.push((r.clone(), Change::Delete));
-        }
-    }
+    out.changes.extend(deletes);
     let changed: BTreeMap<&ObjectRef, Change> = out.changes.iter().map(|(r, c)| (r, *c)).collect();
     let mut steps: Vec<Step> = Vec::new();
     let mut step = |action: Action, causes: Vec<ObjectRef>| steps.push(Step { action, causes });
