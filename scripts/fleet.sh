@@ -222,11 +222,11 @@ directory) and {n} agents, each `tbot start` on only a `tbot.yaml` in its own ne
 | reconnects in the busiest second / the busiest 100 ms | {report['reconnects_busiest_second']} / {report['reconnects_busiest_100ms']} of {n} (busiest second over the mean until the last: {report['reconnects_peak_per_second_over_mean']}x) |
 | errors seen by workloads while the issuer was down | {errors} |
 
-Agents keep serving the SVIDs they hold while the issuer is down; they retry with full-jitter
-exponential backoff (1 s doubling to 60 s), and after a connection that was up the first retry waits
-a random 0–5 s, so the restarted issuer does not meet every agent in the same instant. The longer the
-outage, the wider the spread (and the longer the tail): after a 5 s outage an agent's retry window
-is 2–8 s when the issuer comes back.
+Agents keep serving the SVIDs they hold while the issuer is down. They try it again on a steady
+5 s period, each agent with its own random phase (the first try waits a random 0–5 s, each next one
+5 s ±10%), so a restarted issuer meets the fleet spread evenly over 5 s (about a fifth of the
+agents in any second, with the noise of a random draw) and every agent is back within about one
+period, however long the outage was. After a minute down the period doubles, up to 60 s.
 
 Everything here shares the machine's cores: the issuer, every agent and every Python workload (and
 the script's own polling, every 20 ms). The edit figure is the time until the last of them has

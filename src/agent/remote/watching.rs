@@ -1,5 +1,5 @@
 //! The `Watch` stream to the issuer: the bundle and the policy revision kept current, reconnecting
-//! with full-jitter exponential backoff.
+//! on a steady period with a random phase (see [`Retry`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,18 +13,58 @@ use proto::workload_identity_service_client::WorkloadIdentityServiceClient;
 
 use super::RemoteIssuer;
 
-// Reconnect delays: full jitter, 1 s doubling to 60 s; after a connection that was up, the first
-// retry waits a random 0–5 s so that agents do not all come back in the same instant.
-const BACKOFF_MIN: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-const SPREAD_AFTER_DROP: Duration = Duration::from_secs(5);
+/// When to try the issuer again while the `Watch` stream is down.
+///
+/// The first try waits a random part of [`PERIOD`], and each next one the period (±10%): every agent
+/// keeps its own random phase, so when a restarted issuer comes back the fleet arrives spread evenly
+/// over one period (about a fifth of the agents in any second) and every agent is back within one
+/// period, however long the outage was. Exponential backoff, full jitter or decorrelated jitter
+/// would front-load the return (each agent's next try is more likely soon than late) and stretch
+/// the tail. An outage longer than [`STEADY_FOR`] is a down issuer, not a restart: the period then
+/// doubles up to [`PERIOD_MAX`], so a fleet does not knock on a dead host at full rate for hours.
+#[derive(Debug)]
+pub(super) struct Retry {
+    since: Option<tokio::time::Instant>,
+    period: Duration,
+}
 
-fn random_below(max: Duration) -> Duration {
-    max.mul_f64((crate::agent::bot::jitter(1.0) / 2.0).clamp(0.0, 1.0))
+pub(super) const PERIOD: Duration = Duration::from_secs(5);
+pub(super) const STEADY_FOR: Duration = Duration::from_secs(60);
+pub(super) const PERIOD_MAX: Duration = Duration::from_secs(60);
+
+impl Retry {
+    pub(super) fn new() -> Retry {
+        Retry {
+            since: None,
+            period: PERIOD,
+        }
+    }
+
+    /// Connected (or a new identity or target): the next loss starts afresh.
+    pub(super) fn reset(&mut self) {
+        *self = Retry::new();
+    }
+
+    /// How long to wait before the next try, `unit` in [0, 1) being a fresh random draw.
+    pub(super) fn next(&mut self, now: tokio::time::Instant, unit: f64) -> Duration {
+        let Some(since) = self.since else {
+            self.since = Some(now);
+            return self.period.mul_f64(unit);
+        };
+        if now.duration_since(since) >= STEADY_FOR {
+            self.period = (self.period * 2).min(PERIOD_MAX);
+        }
+        self.period.mul_f64(0.9 + 0.2 * unit)
+    }
+}
+
+/// A uniform draw in [0, 1).
+fn unit() -> f64 {
+    ((crate::agent::bot::jitter(1.0) / 2.0).clamp(0.0, 1.0)).min(1.0 - f64::EPSILON)
 }
 
 pub(super) async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut retry = Retry::new();
     let mut revision = 0u64;
     loop {
         let Some(issuer) = weak.upgrade() else { return };
@@ -41,21 +81,17 @@ pub(super) async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
         // `watch_once` has already seen the change (`changed()` marks it seen), so `has_changed`
         // would say no, and every renewal would leave the agent without a stream for 0–5 s.
         if *epoch.borrow() != started {
-            backoff = BACKOFF_MIN;
+            retry.reset();
             continue;
         }
-        let wait = if was_up {
-            backoff = BACKOFF_MIN;
-            random_below(SPREAD_AFTER_DROP)
-        } else {
-            let wait = random_below(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            wait
-        };
+        if was_up {
+            retry.reset();
+        }
+        let wait = retry.next(tokio::time::Instant::now(), unit());
         drop(issuer);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = epoch.changed() => backoff = BACKOFF_MIN,
+            _ = epoch.changed() => retry.reset(),
         }
     }
 }
@@ -114,5 +150,67 @@ impl RemoteIssuer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_keep_a_random_phase_on_a_steady_period_then_slow_down() {
+        let start = tokio::time::Instant::now();
+        let mut retry = Retry::new();
+        assert_eq!(
+            retry.next(start, 0.5),
+            PERIOD / 2,
+            "the first try: a random part of the period"
+        );
+        let mut at = start + PERIOD / 2;
+        for _ in 0..10 {
+            let wait = retry.next(at, 0.5);
+            assert_eq!(wait, PERIOD, "then the period itself (±10%)");
+            at += wait;
+        }
+        assert!(retry.next(at, 0.0) >= PERIOD.mul_f64(0.9));
+        assert!(retry.next(at, 0.999) <= PERIOD.mul_f64(1.1));
+        // A minute down: the period doubles up to its cap.
+        let later = start + STEADY_FOR;
+        let waits: Vec<Duration> = (0..5).map(|_| retry.next(later, 0.5)).collect();
+        assert_eq!(waits[0], PERIOD * 2);
+        assert_eq!(waits[4], PERIOD_MAX);
+        retry.reset();
+        assert_eq!(retry.next(later, 0.2), PERIOD.mul_f64(0.2), "a reconnect starts afresh");
+    }
+
+    #[test]
+    fn a_fleet_that_lost_its_issuer_comes_back_spread_over_one_period() {
+        // 10,000 agents lose the issuer at 0 and it is back at 5.3 s: each agent's first try after
+        // that is when it reconnects. Deterministic draws stand in for the random ones.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut draw = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let start = tokio::time::Instant::now();
+        let back = Duration::from_millis(5300);
+        let mut per_second = [0usize; 16];
+        for _ in 0..10_000 {
+            let mut retry = Retry::new();
+            let mut t = Duration::ZERO;
+            while t < back {
+                t += retry.next(start + t, draw());
+            }
+            per_second[((t - back).as_secs_f64()) as usize] += 1;
+        }
+        let busiest = *per_second.iter().max().unwrap();
+        assert!(busiest <= 2_300, "at most about a fifth in any second: {per_second:?}");
+        let within = per_second[..6].iter().sum::<usize>();
+        assert_eq!(
+            within, 10_000,
+            "all back within a period and its jitter: {per_second:?}"
+        );
     }
 }
