@@ -62,9 +62,11 @@ enum Next<B> {
 
 /// Initialize the connection with this amount of write buffer.
 ///
-/// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
-/// frame that big.
-const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
+/// tbot patch (see TBOT-PATCH.md): 2 KiB instead of 16 KiB. The buffer grows when a frame needs
+/// more (a HEADERS frame is encoded into it whatever its capacity), and payloads above the chain
+/// threshold are never copied into it; most connections here carry a few small messages, and the
+/// 16 KiB every connection held from its start was half of an idle connection's memory.
+const DEFAULT_BUFFER_CAPACITY: usize = 2 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says

@@ -38,16 +38,21 @@ where
 
     /// Returns a new `Codec` with the given maximum frame size
     pub fn with_max_recv_frame_size(io: T, max_frame_size: usize) -> Self {
+        const INITIAL_READ_CAPACITY: usize = 1024;
         // Wrap with writer
         let framed_write = FramedWrite::new(io);
 
         // Delimit the frames
-        let delimited = length_delimited::Builder::new()
+        //
+        // tbot patch (see TBOT-PATCH.md): the read buffer starts at 1 KiB, not tokio-util's 8 KiB;
+        // it grows to the largest frame read.
+        let codec = length_delimited::Builder::new()
             .big_endian()
             .length_field_length(3)
             .length_adjustment(9)
             .num_skip(0) // Don't skip the header
-            .new_read(framed_write);
+            .new_codec();
+        let delimited = tokio_util::codec::FramedRead::with_capacity(framed_write, codec, INITIAL_READ_CAPACITY);
 
         let mut inner = FramedRead::new(delimited);
 
