@@ -77,15 +77,15 @@ pub fn read(storage: &Path) -> Result<Option<DesiredState>, String> {
         let document = decode(kind, entry.document).map_err(|e| format!("{}: {e}", path.display()))?;
         state.objects.insert(
             ObjectRef::new(kind, entry.name),
-            std::sync::Arc::new(Object {
+            std::sync::Arc::new(Object::new(
                 document,
-                location: Location {
+                Location {
                     path: entry.path,
                     pos: None,
                 },
-                hash: entry.hash,
-                source: entry.source,
-            }),
+                entry.hash,
+                entry.source,
+            )),
         );
     }
     Ok(Some(state))

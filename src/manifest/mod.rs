@@ -33,6 +33,25 @@ pub struct Object {
     pub hash: String,
     /// The document's text as written (comments included), for `tbotctl diff`.
     pub source: String,
+    /// The `workload.*` attributes a `workload_identity`'s rules and templates read (sorted; empty
+    /// for other kinds), worked out once: the checks, label selection and every issuance record ask.
+    pub reads: Vec<String>,
+}
+
+impl Object {
+    pub fn new(document: Document, location: Location, hash: String, source: String) -> Object {
+        let reads = match &document {
+            Document::WorkloadIdentity(wi) => wi.workload_attributes_read(),
+            _ => Vec::new(),
+        };
+        Object {
+            document,
+            location,
+            hash,
+            source,
+            reads,
+        }
+    }
 }
 
 /// The text of the document that contains 1-based `line`: from after the previous `---` line (so
@@ -283,7 +302,6 @@ impl Unloaded {
 struct ReadDocument {
     object: Arc<Object>,
     node: Node,
-    workload_reads: Vec<String>,
 }
 
 fn is_racy(meta: &std::fs::Metadata) -> bool {
@@ -343,20 +361,10 @@ fn parse_text(path: &Path, text: &str) -> (Vec<Diagnostic>, Vec<ReadDocument>, V
         if let Some(document) = document {
             let hash = canonical_hash(&document);
             let source = document_text(text, node.pos.line as usize);
-            let object = Object {
-                document,
-                location: Location::at(path, node.pos),
-                hash,
-                source,
-            };
-            let workload_reads = match &object.document {
-                Document::WorkloadIdentity(wi) => wi.workload_attributes_read(),
-                _ => Vec::new(),
-            };
+            let object = Object::new(document, Location::at(path, node.pos), hash, source);
             documents.push(ReadDocument {
                 object: Arc::new(object),
                 node,
-                workload_reads,
             });
         }
     }
@@ -485,7 +493,7 @@ fn assemble(
             document: &d.object.document,
             node: &d.node,
             file,
-            workload_reads: &d.workload_reads,
+            workload_reads: &d.object.reads,
         }));
     }
     let outcome = checks::run(&parsed, &sources, &unloaded, complete_dir);

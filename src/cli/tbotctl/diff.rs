@@ -221,15 +221,15 @@ fn from_daemon(socket: &std::path::Path) -> Option<(Option<DesiredState>, String
             let document = inventory::decode(kind, serde_json::from_str(&o.document_json).ok()?).ok()?;
             state.objects.insert(
                 crate::resource::ObjectRef::new(kind, o.name),
-                std::sync::Arc::new(manifest::Object {
+                std::sync::Arc::new(manifest::Object::new(
                     document,
-                    location: manifest::Location {
+                    manifest::Location {
                         path: o.path.into(),
                         pos: None,
                     },
-                    hash: o.hash,
-                    source: o.source,
-                }),
+                    o.hash,
+                    o.source,
+                )),
             );
         }
         Some((Some(state), format!("Compared with the running daemon (pid {pid}).")))

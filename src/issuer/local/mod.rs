@@ -492,18 +492,26 @@ impl Issuer for LocalIssuer {
                 .policy
                 .identities
                 .get(name)
-                .map(|wi| decide::workload_attributes_read(wi))
+                .map(|wi| wi.reads())
                 .unwrap_or_default()
         };
         // What the answer depends on besides the bot: the rules and templates of every identity
-        // the selector could pick (the roles read no workload attributes).
+        // the selector could pick (the roles read no workload attributes). Worked out when each
+        // identity was loaded; only names not seen yet are copied.
         let mut decided_on: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut add = |read: &[String]| {
+            for attribute in read {
+                if !decided_on.contains(attribute) {
+                    decided_on.insert(attribute.clone());
+                }
+            }
+        };
         match selector {
-            IdentitySelector::Name(name) => decided_on.extend(reads(name)),
+            IdentitySelector::Name(name) => add(reads(name)),
             IdentitySelector::Labels(labels) => {
-                for (name, wi) in &state.policy.identities {
+                for wi in state.policy.identities.values() {
                     if labels.iter().all(|(k, v)| wi.metadata.labels.get(k) == Some(v)) {
-                        decided_on.extend(reads(name));
+                        add(wi.reads());
                     }
                 }
             }
@@ -512,7 +520,7 @@ impl Issuer for LocalIssuer {
             identities: names
                 .into_iter()
                 .map(|name| Resolved {
-                    reads: reads(&name),
+                    reads: reads(&name).to_vec(),
                     name,
                 })
                 .collect(),

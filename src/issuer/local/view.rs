@@ -214,7 +214,7 @@ impl State {
             .policy
             .identities
             .get(&decision.identity)
-            .map(|wi| decide::workload_attributes_read(wi))
+            .map(|wi| wi.reads())
             .unwrap_or_default();
         let read = |name: &str| {
             reads.iter().any(|r| {

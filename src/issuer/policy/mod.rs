@@ -58,6 +58,13 @@ pub struct Policy {
 #[derive(Debug, Clone)]
 pub struct Identity(Arc<Object>);
 
+impl Identity {
+    /// The `workload.*` attributes its rules and templates read (worked out when it was loaded).
+    pub fn reads(&self) -> &[String] {
+        &self.0.reads
+    }
+}
+
 impl std::ops::Deref for Identity {
     type Target = WorkloadIdentity;
 

@@ -45,7 +45,12 @@ impl Attributes {
     }
 
     pub fn get(&self, attribute: &Attribute) -> Option<&[String]> {
-        self.0.get(&attribute.to_string()).map(Vec::as_slice)
+        // Most attributes have no key: looked up by their catalogue name, with no string built.
+        match &attribute.key {
+            None => self.0.get(attribute.base),
+            Some(_) => self.0.get(&attribute.to_string()),
+        }
+        .map(Vec::as_slice)
     }
 
     /// Only the `workload.*` attributes: what an agent may assert about a caller.
@@ -237,7 +242,8 @@ pub fn select(
 ) -> Result<Vec<Decision>, Denial> {
     let mut out = Vec::new();
     for (name, wi) in &policy.identities {
-        if !labels.iter().all(|(k, v)| wi.metadata.labels.get(k) == Some(v)) {
+        // The cheap tests first: most identities a broad selector names are not this caller's.
+        if !labels.iter().all(|(k, v)| wi.metadata.labels.get(k) == Some(v)) || !rules_pass(wi, attributes) {
             continue;
         }
         if let Ok(decision) = decide(policy, bot_name, name, attributes) {
@@ -248,11 +254,6 @@ pub fn select(
         return Err(Denial::TooMany { count: out.len() });
     }
     Ok(out)
-}
-
-/// The `workload.*` attributes an identity's rules and templates read, sorted.
-pub fn workload_attributes_read(wi: &WorkloadIdentity) -> Vec<String> {
-    wi.workload_attributes_read()
 }
 
 /// `rules.allow`: no rules allow everyone; otherwise some rule must have all its conditions true.
@@ -275,7 +276,38 @@ fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), Den
 }
 
 /// Why a condition is false, or `None` when it holds.
+/// Whether the condition holds, with nothing built: most conditions checked during a label
+/// selection fail, and only the one decision asked for needs to say why.
+fn condition_holds(condition: &Condition, attributes: &Attributes) -> bool {
+    let Some(values) = attributes.get(&condition.attribute) else {
+        return false;
+    };
+    let any = |pred: &dyn Fn(&str) -> bool| values.iter().any(|v| pred(v));
+    condition.eq.as_ref().is_none_or(|eq| any(&|v| v == eq.value))
+        && condition.not_eq.as_ref().is_none_or(|n| !any(&|v| v == n.value))
+        && condition
+            .is_in
+            .as_ref()
+            .is_none_or(|is_in| any(&|v| is_in.values.iter().any(|w| w == v)))
+        && condition
+            .not_in
+            .as_ref()
+            .is_none_or(|not_in| !any(&|v| not_in.values.iter().any(|w| w == v)))
+}
+
+/// Whether some rule of `wi` lets the caller through (no rules: everyone), with nothing built.
+fn rules_pass(wi: &WorkloadIdentity, attributes: &Attributes) -> bool {
+    let rules = &wi.spec.rules.allow;
+    rules.is_empty()
+        || rules
+            .iter()
+            .any(|rule| rule.conditions.iter().all(|c| condition_holds(c, attributes)))
+}
+
 fn condition_fails(condition: &Condition, attributes: &Attributes) -> Option<String> {
+    if condition_holds(condition, attributes) {
+        return None;
+    }
     let attribute = &condition.attribute;
     let Some(values) = attributes.get(attribute) else {
         return Some(Unrenderable::Unset(attribute.to_string()).to_string());
