@@ -7,8 +7,10 @@
 //! - edit on the issuer → new SVID on a remote agent's open stream, p50/p99;
 //! - scale: a load generator speaking the issuer protocol as many simulated agents (each its own
 //!   TLS connection, source address, bot instance and `Watch` stream), two SVIDs each: joins per
-//!   second, the issuer's CPU and memory at rest and while every SVID is renewed, and edit → every
-//!   agent notified.
+//!   second (beside TLS 1.3 handshakes per second, the floor of a join's two handshakes), the
+//!   issuer's CPU and memory at rest and while every SVID is renewed, and edit → every agent
+//!   notified. 5,000 agents; `TBOT_BENCH_AGENTS=N` runs the scale part with N (each agent is an
+//!   open file in this process and in the issuer's, which inherits this process's limit).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -396,8 +398,36 @@ async fn agent_paths(scale: Scale, host: &IssuerHost) -> Vec<Row> {
 }
 
 /// Many simulated agents against one issuer.
+/// How many simulated agents the scale part runs (`TBOT_BENCH_AGENTS`, default 5,000).
+fn agents_at_scale(scale: Scale) -> usize {
+    let n = std::env::var("TBOT_BENCH_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    // Each agent is one connection in this process and one in the issuer's, which inherits this
+    // process's limit: raise the soft open-file limit to the hard one, and say when it cannot fit.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if let (Some(current), Some(maximum)) = (limit.current, limit.maximum)
+        && current < maximum
+    {
+        let raised = rustix::process::Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, raised);
+    }
+    if let Some(maximum) = limit.maximum.filter(|m| (n as u64) + 512 > *m) {
+        eprintln!(
+            "{n} agents need about {} open files in this process and in the issuer's; the hard limit here \
+             is {maximum}",
+            n + 512
+        );
+    }
+    scale.pick(n, 40)
+}
+
 async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
-    let agents_n = scale.pick(5_000, 40);
+    let agents_n = agents_at_scale(scale);
     let host = IssuerHost::start(agents_n).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (cpu0, idle_rss) = host.usage();
@@ -427,6 +457,7 @@ async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let joins_per_second = agents_n as f64 / join_time.as_secs_f64();
+    let handshakes_per_second = tls_handshakes(agents_n, 32).await;
 
     // Two SVIDs per agent (the first issuance), then at rest.
     let issue_all = |agents: Arc<Vec<Arc<SimAgent>>>| {
@@ -489,6 +520,17 @@ async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
             "in-process `issue_x509` with a new key (a join signs one certificate)",
             in_process,
         ),
+        Row::rate(
+            "fleet",
+            format!(
+                "the same {n} joins against bare TLS (a join makes two handshakes: the join, then `Watch` \
+                 with its client certificate)"
+            ),
+            joins_per_second,
+            "TLS 1.3 handshakes on loopback (P-256 server certificate, no client certificate, each a new TCP \
+             connection, 32 at once)",
+            handshakes_per_second,
+        ),
         Row::cost(
             "fleet",
             format!("issuer CPU at rest, {n} agents connected and {svids} SVIDs issued (cores busy)"),
@@ -544,4 +586,63 @@ pub async fn run(scale: Scale) -> Vec<Row> {
     drop(host);
     rows.extend(at_scale(scale, in_process).await);
     rows
+}
+
+/// TLS 1.3 handshakes per second on loopback, `in_flight` at once, each on a new TCP connection: a
+/// rustls server with a P-256 certificate (the issuer's kind), a rustls client that verifies it, and
+/// nothing sent after the handshake. The floor of a join, which makes two such handshakes.
+async fn tls_handshakes(n: usize, in_flight: usize) -> f64 {
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let key = KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepting = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    // Hold the connection until the client closes it, as a server would.
+                    let mut byte = [0u8; 1];
+                    let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut byte).await;
+                }
+            });
+        }
+    });
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let elapsed = spread(n, in_flight, move |_| {
+        let (connector, name) = (connector.clone(), name.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            // The server's half of the handshake is done once its first record is read.
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+        }
+    })
+    .await;
+    accepting.abort();
+    n as f64 / elapsed.as_secs_f64()
 }

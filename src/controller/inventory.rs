@@ -2,7 +2,9 @@
 //! directory (`controller/applied.json`, never the watched directory) after each convergence, so
 //! `tbotctl diff` can compare against it when no daemon answers.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -26,20 +28,39 @@ struct Entry {
 
 /// Saves the applied state.
 pub fn save(store: &Store, state: &DesiredState) -> Result<(), StoreError> {
-    let entries: Vec<Entry> = state
-        .objects
-        .iter()
-        .map(|(r, o)| Entry {
-            kind: r.kind.as_str().to_owned(),
-            name: r.name.clone(),
-            hash: o.hash.clone(),
-            path: o.location.path.clone(),
-            source: o.source.clone(),
-            document: serde_json::to_value(&o.document).expect("documents serialize"),
-        })
-        .collect();
+    save_with(store, state, &mut Entries::default())
+}
+
+/// Each object's entry as JSON from the last save, with the object it was made from: a save after
+/// one edit of 10,000 objects serializes one (a reload keeps every unchanged object's `Arc`).
+#[derive(Default)]
+pub struct Entries(HashMap<ObjectRef, (Arc<Object>, String)>);
+
+/// [`save`], serializing only the objects that are not the ones `cache` holds.
+pub fn save_with(store: &Store, state: &DesiredState, cache: &mut Entries) -> Result<(), StoreError> {
+    let mut out = String::from("[");
+    let mut next = HashMap::with_capacity(state.objects.len());
+    for (i, (r, o)) in state.objects.iter().enumerate() {
+        let json = match cache.0.remove(r) {
+            Some((was, json)) if Arc::ptr_eq(&was, o) => json,
+            _ => serde_json::to_string(&Entry {
+                kind: r.kind.as_str().to_owned(),
+                name: r.name.clone(),
+                hash: o.hash.clone(),
+                path: o.location.path.clone(),
+                source: o.source.clone(),
+                document: serde_json::to_value(&o.document).expect("documents serialize"),
+            })
+            .expect("entries serialize"),
+        };
+        out.push_str(if i == 0 { "\n" } else { ",\n" });
+        out.push_str(&json);
+        next.insert(r.clone(), (o.clone(), json));
+    }
+    out.push_str("\n]\n");
+    cache.0 = next;
     // It holds token documents, whose names may be secrets.
-    store.write_json(FILE, &entries, Secrecy::Secret)
+    store.write(FILE, out.as_bytes(), Secrecy::Secret)
 }
 
 /// A document of `kind` from its JSON form.
@@ -89,4 +110,52 @@ pub fn read(storage: &Path) -> Result<Option<DesiredState>, String> {
         );
     }
     Ok(Some(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Input, LoadCache, load_with};
+
+    #[test]
+    fn a_save_after_an_edit_reuses_the_other_entries_and_reads_back_whole() {
+        let etc = tempfile::tempdir().unwrap();
+        let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/quickstart");
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), etc.path().join(entry.file_name())).unwrap();
+        }
+        let state_dir = tempfile::tempdir().unwrap();
+        let store = Store::open(state_dir.path()).unwrap();
+        let inputs = [Input::Dir(etc.path().to_owned())];
+        let mut files = LoadCache::default();
+        let first = load_with(&inputs, &mut files).unwrap().state;
+        let mut entries = Entries::default();
+        save_with(&store, &first, &mut entries).unwrap();
+        let role = std::fs::read_to_string(etc.path().join("role.yaml")).unwrap();
+        std::fs::write(etc.path().join("role.yaml"), format!("{role}\n# edited\n")).unwrap();
+        let second = load_with(&inputs, &mut files).unwrap().state;
+        let kept = second
+            .objects
+            .iter()
+            .filter(|(r, o)| first.objects.get(*r).is_some_and(|was| Arc::ptr_eq(was, o)))
+            .count();
+        assert_eq!(
+            kept,
+            second.objects.len() - 1,
+            "one object is new, the rest are the same"
+        );
+        save_with(&store, &second, &mut entries).unwrap();
+        let read = read(state_dir.path()).unwrap().unwrap();
+        assert_eq!(read.objects.len(), second.objects.len());
+        for (r, o) in &second.objects {
+            let back = &read.objects[r];
+            assert_eq!(
+                (&back.hash, &back.source, &back.document),
+                (&o.hash, &o.source, &o.document),
+                "{r}"
+            );
+        }
+        assert!(read.objects.values().any(|o| o.source.contains("# edited")));
+    }
 }

@@ -29,6 +29,7 @@ pub struct Persist {
 #[derive(Default)]
 struct Written {
     applied: Option<Arc<DesiredState>>,
+    entries: super::inventory::Entries,
     objects: Option<BTreeMap<ObjectRef, ObjectStatus>>,
 }
 
@@ -109,7 +110,7 @@ fn write(
 ) -> Result<(), String> {
     if !written.applied.as_ref().is_some_and(|w| Arc::ptr_eq(w, applied)) {
         written.applied = None;
-        super::inventory::save(store, applied).map_err(|e| {
+        super::inventory::save_with(store, applied, &mut written.entries).map_err(|e| {
             format!(
                 "cannot save the applied state: {e}; {}; serving goes on from memory, and `tbotctl diff` \
                  without a daemon may be stale",
