@@ -97,14 +97,17 @@ fn init_logging(format: LogFormat, debug: bool) -> Option<crate::daemon::LogLeve
     }))
 }
 
+/// The daemon's blocking threads. Blocking work is short (attesting a caller from /proc, loading
+/// documents, writing records). The default allows 512 threads: a burst of reconnecting workloads
+/// then starts hundreds, which exit 10 s later, and the allocator keeps what each one touched. 16
+/// bound that churn.
+pub const MAX_BLOCKING_THREADS: usize = 16;
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // Blocking work is short (attesting a caller from /proc, loading documents, writing records).
-        // The default allows 512 threads: a burst of reconnecting workloads then starts hundreds, which
-        // exit 10 s later, and the allocator keeps what each one touched. 16 bound that churn.
-        .max_blocking_threads(16)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .expect("a tokio runtime");
     match cli.command {
