@@ -584,6 +584,27 @@ async fn a_configmap_symlink_swap_converges() {
     wait_for_id(&mut stream, "/configmap/").await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_that_is_a_symlink_follows_edits_of_its_target() {
+    // The document is a link to a file whose name is not a document's: editing the target raises
+    // an event only on the target's name, which a reload of just the named files would skip.
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_IN_MEMORY);
+    let etc = dir.path().join("etc");
+    let target = etc.join(".workload-identity.yaml.real");
+    std::fs::rename(etc.join("workload-identity.yaml"), &target).unwrap();
+    std::os::unix::fs::symlink(".workload-identity.yaml.real", etc.join("workload-identity.yaml")).unwrap();
+    let daemon = Daemon::start(dir, socket);
+    let (mut stream, _) = open_stream(&daemon).await;
+    let text = std::fs::read_to_string(&target).unwrap();
+    std::fs::write(&target, text.replace("id: \"/user/", "id: \"/linked/")).unwrap();
+    wait_for_id(&mut stream, "/linked/").await;
+    // An event on another file, then one more edit of the target: still followed.
+    std::fs::write(etc.join("notes.txt"), "not a document").unwrap();
+    let text = std::fs::read_to_string(&target).unwrap();
+    std::fs::write(&target, text.replace("id: \"/linked/", "id: \"/relinked/")).unwrap();
+    wait_for_id(&mut stream, "/relinked/").await;
+}
+
 #[test]
 fn a_refused_rejoin_stalls_until_an_edit_and_a_failed_bind_retries() {
     let daemon = quickstart("");

@@ -1,8 +1,9 @@
 //! What the file watcher says changed, and how a reload uses it: the named document files are read
 //! again and every other file is taken from the last load without being examined. Anything the
-//! watcher cannot vouch for (a Kubernetes ConfigMap's `..data` swap, a path outside the inputs, an
-//! overflow) asks for a full rescan, which also runs on a timer: a missed event costs latency,
-//! never correctness.
+//! watcher cannot vouch for (a Kubernetes ConfigMap's `..data` swap, a path outside the inputs, a
+//! path that cannot be examined, an overflow, and any event at all while a document is a symlink,
+//! whose target can change without an event on its name) asks for a full rescan, which also runs on
+//! a timer: a missed event costs latency, never correctness.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -100,8 +101,16 @@ pub(super) fn relist(
             Relevance::Document(input) => input,
         };
         let key = (input, path.clone());
-        // A file given by name stays listed even when missing: reading it says why.
-        let present = matches!(inputs[input], Input::File(_)) || std::fs::symlink_metadata(path).is_ok();
+        // A file given by name stays listed even when missing: reading it says why. Only "not
+        // found" means gone: any other failure (permissions, I/O) is left to a full load, which
+        // keeps the last good version of a file it cannot read. A new symlink needs a full load
+        // too (its target's changes are not events on its name).
+        let present = match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => return None,
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(_) => return None,
+        } || matches!(inputs[input], Input::File(_));
         match (listing.binary_search(&key), present) {
             (Ok(_), true) => {}
             (Ok(at), false) => {
@@ -166,6 +175,15 @@ mod tests {
         assert!(
             relist(&inputs, &listed, &swap).is_none(),
             "a ConfigMap swap lists again"
+        );
+        // A new symlink, and a path that cannot be examined (not "not found"), list again too.
+        std::os::unix::fs::symlink("a.yaml", dir.path().join("link.yaml")).unwrap();
+        let link = BTreeSet::from([dir.path().join("link.yaml")]);
+        assert!(relist(&inputs, &listed, &link).is_none(), "a symlink lists again");
+        let long = BTreeSet::from([dir.path().join(format!("{}.yaml", "x".repeat(300)))]);
+        assert!(
+            relist(&inputs, &listed, &long).is_none(),
+            "ENAMETOOLONG is not a removal"
         );
     }
 

@@ -35,15 +35,28 @@ pub fn is_document_name(name: &str) -> bool {
 /// Lists the document files of the inputs, in order: each directory's files sorted by name.
 /// A directory that cannot be listed is an error that ends the load (`Err`).
 pub fn discover(inputs: &[Input]) -> Result<Vec<PathBuf>, Box<Diagnostic>> {
-    Ok(listing(inputs)?.into_iter().map(|(_, path)| path).collect())
+    Ok(listing(inputs)?.files.into_iter().map(|(_, path)| path).collect())
 }
 
-/// [`discover`], each file with the index of the input it came from: sorted by (input, path).
-pub fn listing(inputs: &[Input]) -> Result<Vec<(usize, PathBuf)>, Box<Diagnostic>> {
+/// The document files of the inputs.
+pub struct Listing {
+    /// Each file with the index of the input it came from, sorted by (input, path).
+    pub files: Vec<(usize, PathBuf)>,
+    /// Whether any of them is a symlink: a change to its target is not an event on its name.
+    pub links: bool,
+}
+
+/// [`discover`], with each file's input and whether any is a symlink (from the directory entries:
+/// no `stat` per file).
+pub fn listing(inputs: &[Input]) -> Result<Listing, Box<Diagnostic>> {
     let mut files = Vec::new();
+    let mut links = false;
     for (i, input) in inputs.iter().enumerate() {
         match input {
-            Input::File(path) => files.push((i, path.clone())),
+            Input::File(path) => {
+                links |= fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+                files.push((i, path.clone()));
+            }
             Input::Dir(dir) => {
                 let entries = fs::read_dir(dir).map_err(|e| {
                     let hint = match e.kind() {
@@ -61,6 +74,7 @@ pub fn listing(inputs: &[Input]) -> Result<Vec<(usize, PathBuf)>, Box<Diagnostic
                 let mut paths: Vec<PathBuf> = entries
                     .filter_map(Result::ok)
                     .filter(|e| is_document_name(&e.file_name().to_string_lossy()))
+                    .inspect(|e| links |= e.file_type().is_ok_and(|t| t.is_symlink()))
                     .map(|e| e.path())
                     .collect();
                 paths.sort();
@@ -68,7 +82,7 @@ pub fn listing(inputs: &[Input]) -> Result<Vec<(usize, PathBuf)>, Box<Diagnostic
             }
         }
     }
-    Ok(files)
+    Ok(Listing { files, links })
 }
 
 /// Reads one document file as UTF-8 text, refusing what is not a readable regular file of at most

@@ -189,7 +189,7 @@ pub fn load_with(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<
 pub fn load_changed(inputs: &[Input], cache: &mut LoadCache, changes: &Changes) -> Result<Loaded, Box<Diagnostic>> {
     on_loader_thread(|| {
         let relisted = match (changes, &cache.listed) {
-            (Changes::Paths(paths), Some(listed)) => changes::relist(inputs, listed, paths),
+            (Changes::Paths(paths), Some(listed)) if !cache.links => changes::relist(inputs, listed, paths),
             _ => None,
         };
         match relisted {
@@ -218,6 +218,8 @@ pub struct LoadCache {
     files: HashMap<PathBuf, Arc<ReadFile>>,
     /// The document files the last load found, by input (`None` until a load listed them).
     listed: Option<Vec<(usize, PathBuf)>>,
+    /// Whether one of them is a symlink: then every event lists everything again.
+    links: bool,
 }
 
 /// Identifies one version of a file without reading it. Every write moves `ctime`, and a rename
@@ -407,7 +409,8 @@ fn read_file(path: &Path, cache: &LoadCache) -> Result<Arc<ReadFile>, Box<Diagno
 
 fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diagnostic>> {
     let listing = files::listing(inputs)?;
-    load_listing(inputs, cache, listing, None)
+    cache.links = listing.links;
+    load_listing(inputs, cache, listing.files, None)
 }
 
 /// Loads the files of `listing`. `changed: None` examines every file (its stamp vouches for the

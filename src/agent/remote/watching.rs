@@ -18,7 +18,7 @@ use super::RemoteIssuer;
 /// The first try waits a random part of [`PERIOD`], and each next one the period (±10%): every agent
 /// keeps its own random phase, so when a restarted issuer comes back the fleet arrives spread evenly
 /// over one period (about a fifth of the agents in any second) and every agent is back within one
-/// period, however long the outage was. Exponential backoff, full jitter or decorrelated jitter
+/// period of it, for any outage up to [`STEADY_FOR`]. Exponential backoff, full jitter or decorrelated jitter
 /// would front-load the return (each agent's next try is more likely soon than late) and stretch
 /// the tail. An outage longer than [`STEADY_FOR`] is a down issuer, not a restart: the period then
 /// doubles up to [`PERIOD_MAX`], so a fleet does not knock on a dead host at full rate for hours.

@@ -275,7 +275,6 @@ fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), Den
     })
 }
 
-/// Why a condition is false, or `None` when it holds.
 /// Whether the condition holds, with nothing built: most conditions checked during a label
 /// selection fail, and only the one decision asked for needs to say why.
 fn condition_holds(condition: &Condition, attributes: &Attributes) -> bool {
@@ -304,6 +303,7 @@ fn rules_pass(wi: &WorkloadIdentity, attributes: &Attributes) -> bool {
             .any(|rule| rule.conditions.iter().all(|c| condition_holds(c, attributes)))
 }
 
+/// Why a condition is false, or `None` when it holds.
 fn condition_fails(condition: &Condition, attributes: &Attributes) -> Option<String> {
     if condition_holds(condition, attributes) {
         return None;
