@@ -26,6 +26,16 @@ fn best(mut round: impl FnMut()) -> Duration {
         .unwrap()
 }
 
+/// Edits identity 1 (its SPIFFE ID gains `-edit-k`), reloads with `reload` (given the file), and
+/// checks that the edit is in.
+fn edit_then(dir: &Path, k: usize, reload: impl FnOnce(std::path::PathBuf) -> manifest::Loaded) {
+    let file = common::identity_file(dir, 1);
+    std::fs::write(&file, common::identity_text(1, 100_001, &format!("-edit-{k}"))).unwrap();
+    let loaded = reload(file);
+    let want = format!("-edit-{k}/");
+    assert!(loaded.state.objects.values().any(|o| o.source.contains(&want)));
+}
+
 fn floor(dir: &Path) {
     let inputs = [Input::Dir(dir.to_owned())];
     for path in files::discover(&inputs).unwrap() {
@@ -82,31 +92,14 @@ fn load(identities: usize) -> Vec<Row> {
     let mut k = 0;
     let reload = best(|| {
         k += 1;
-        let text = common::identity_text(1, 100_001, &format!("-edit-{k}"));
-        std::fs::write(common::identity_file(dir.path(), 1), text).unwrap();
-        let loaded = manifest::load_with(&inputs, &mut cache).unwrap();
-        assert!(
-            loaded
-                .state
-                .objects
-                .values()
-                .any(|o| o.source.contains(&format!("-edit-{k}/")))
-        );
+        edit_then(dir.path(), k, |_| manifest::load_with(&inputs, &mut cache).unwrap());
     });
     // What the daemon does on a file event: the watcher names the file, and only it is read.
     let changed = best(|| {
         k += 1;
-        let file = common::identity_file(dir.path(), 1);
-        std::fs::write(&file, common::identity_text(1, 100_001, &format!("-edit-{k}"))).unwrap();
-        let changes = manifest::Changes::Paths([file].into());
-        let loaded = manifest::load_changed(&inputs, &mut cache, &changes).unwrap();
-        assert!(
-            loaded
-                .state
-                .objects
-                .values()
-                .any(|o| o.source.contains(&format!("-edit-{k}/")))
-        );
+        edit_then(dir.path(), k, |file| {
+            manifest::load_changed(&inputs, &mut cache, &manifest::Changes::Paths([file].into())).unwrap()
+        });
     });
     let stat = best(|| {
         for path in files::discover(&inputs).unwrap() {
