@@ -20,11 +20,6 @@ pub enum Changes {
 }
 
 impl Changes {
-    /// No change seen yet.
-    pub fn none() -> Changes {
-        Changes::Paths(BTreeSet::new())
-    }
-
     /// Adds what one watcher event says.
     pub fn add(&mut self, other: Changes) {
         match (&mut *self, other) {
@@ -81,18 +76,15 @@ pub(super) fn classify(inputs: &[Input], path: &Path) -> Relevance {
     found.unwrap_or(Relevance::Rescan)
 }
 
-/// The document files of the inputs, each with the index of its input, sorted by (input, path).
-pub(super) type Listing = Vec<(usize, PathBuf)>;
-
-/// The listing after `changed`: each document path that exists now is in it (in its input's place,
-/// sorted by name), each that does not is out; and the document paths among `changed` (to read
-/// again, or to forget). `None`: something needs a full rescan.
+/// Updates `listing` (the document files of the inputs, each with its input's index, sorted by
+/// (input, path)) for `changed`, in place: each document path that exists now is in it, each that
+/// does not is out. Returns the document paths among `changed` (to read again, or to forget), or
+/// `None` when something needs a full rescan (`listing` is then half-updated: list again).
 pub(super) fn relist(
     inputs: &[Input],
-    listed: &[(usize, PathBuf)],
+    listing: &mut Vec<(usize, PathBuf)>,
     changed: &BTreeSet<PathBuf>,
-) -> Option<(Listing, BTreeSet<PathBuf>)> {
-    let mut listing = listed.to_vec();
+) -> Option<BTreeSet<PathBuf>> {
     let mut reread = BTreeSet::new();
     for path in changed {
         let input = match classify(inputs, path) {
@@ -121,7 +113,7 @@ pub(super) fn relist(
         }
         reread.insert(path.clone());
     }
-    Some((listing, reread))
+    Some(reread)
 }
 
 #[cfg(test)]
@@ -158,13 +150,13 @@ mod tests {
         for name in ["a.yaml", "c.yaml", "b.yaml"] {
             std::fs::write(dir.path().join(name), "x").unwrap();
         }
-        let listed = vec![(0, dir.path().join("a.yaml")), (0, dir.path().join("c.yaml"))];
+        let mut listing = vec![(0, dir.path().join("a.yaml")), (0, dir.path().join("c.yaml"))];
         std::fs::remove_file(dir.path().join("c.yaml")).unwrap();
         let changed: BTreeSet<PathBuf> = ["b.yaml", "c.yaml", ".b.yaml.swp"]
             .iter()
             .map(|n| dir.path().join(n))
             .collect();
-        let (listing, reread) = relist(&inputs, &listed, &changed).unwrap();
+        let reread = relist(&inputs, &mut listing, &changed).unwrap();
         assert_eq!(
             listing,
             vec![(0, dir.path().join("a.yaml")), (0, dir.path().join("b.yaml"))]
@@ -173,23 +165,26 @@ mod tests {
         assert_eq!(reread, touched, "documents only, present or gone");
         let swap = BTreeSet::from([dir.path().join("..data")]);
         assert!(
-            relist(&inputs, &listed, &swap).is_none(),
+            relist(&inputs, &mut listing.clone(), &swap).is_none(),
             "a ConfigMap swap lists again"
         );
         // A new symlink, and a path that cannot be examined (not "not found"), list again too.
         std::os::unix::fs::symlink("a.yaml", dir.path().join("link.yaml")).unwrap();
         let link = BTreeSet::from([dir.path().join("link.yaml")]);
-        assert!(relist(&inputs, &listed, &link).is_none(), "a symlink lists again");
+        assert!(
+            relist(&inputs, &mut listing.clone(), &link).is_none(),
+            "a symlink lists again"
+        );
         let long = BTreeSet::from([dir.path().join(format!("{}.yaml", "x".repeat(300)))]);
         assert!(
-            relist(&inputs, &listed, &long).is_none(),
+            relist(&inputs, &mut listing.clone(), &long).is_none(),
             "ENAMETOOLONG is not a removal"
         );
     }
 
     #[test]
     fn changes_gather_until_one_says_everything() {
-        let mut changes = Changes::none();
+        let mut changes = Changes::Paths(BTreeSet::new());
         changes.add(Changes::Paths(BTreeSet::from([PathBuf::from("/a.yaml")])));
         changes.add(Changes::Paths(BTreeSet::from([PathBuf::from("/b.yaml")])));
         assert_eq!(
@@ -197,7 +192,7 @@ mod tests {
             Changes::Paths(BTreeSet::from([PathBuf::from("/a.yaml"), PathBuf::from("/b.yaml")]))
         );
         changes.add(Changes::Everything);
-        changes.add(Changes::none());
+        changes.add(Changes::Paths(BTreeSet::new()));
         assert_eq!(changes, Changes::Everything);
     }
 }

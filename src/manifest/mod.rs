@@ -188,13 +188,16 @@ pub fn load_with(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<
 /// listed yet.
 pub fn load_changed(inputs: &[Input], cache: &mut LoadCache, changes: &Changes) -> Result<Loaded, Box<Diagnostic>> {
     on_loader_thread(|| {
-        let relisted = match (changes, &cache.listed) {
-            (Changes::Paths(paths), Some(listed)) if !cache.links => changes::relist(inputs, listed, paths),
+        // Taken out: updated in place, and left out (so the next load lists everything) if this
+        // one fails.
+        let mut listing = cache.listed.take();
+        let reread = match (changes, &mut listing) {
+            (Changes::Paths(paths), Some(listing)) if !cache.links => changes::relist(inputs, listing, paths),
             _ => None,
         };
-        match relisted {
-            Some((listing, reread)) => load_listing(inputs, cache, listing, Some(&reread)),
-            None => load_here(inputs, cache),
+        match (listing, reread) {
+            (Some(listing), Some(reread)) => load_listing(inputs, cache, listing, Some(&reread)),
+            _ => load_here(inputs, cache),
         }
     })
 }

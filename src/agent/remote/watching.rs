@@ -60,7 +60,7 @@ impl Retry {
 
 /// A uniform draw in [0, 1).
 fn unit() -> f64 {
-    ((crate::agent::bot::jitter(1.0) / 2.0).clamp(0.0, 1.0)).min(1.0 - f64::EPSILON)
+    (crate::agent::bot::jitter(1.0) / 2.0).clamp(0.0, 1.0 - f64::EPSILON)
 }
 
 pub(super) async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {

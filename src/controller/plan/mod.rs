@@ -2,6 +2,7 @@
 //! actions of the hot-reload table (docs/architecture.md), each with the objects that caused it. The watcher, `tbotctl apply` and
 //! `tbotctl diff` all use this one function.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
 mod action;
@@ -230,20 +231,20 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
     loop {
         let order = match (new.peek(), old.peek()) {
             (None, None) => break,
-            (Some(_), None) => std::cmp::Ordering::Less,
-            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
             (Some((a, _)), Some((b, _))) => a.cmp(b),
         };
         match order {
-            std::cmp::Ordering::Less => {
+            Ordering::Less => {
                 let (r, _) = new.next().expect("peeked");
                 out.changes.push((r.clone(), Change::Create));
             }
-            std::cmp::Ordering::Greater => {
+            Ordering::Greater => {
                 let (r, _) = old.next().expect("peeked");
                 deletes.push((r.clone(), Change::Delete));
             }
-            std::cmp::Ordering::Equal => {
+            Ordering::Equal => {
                 let ((r, o), (_, was)) = (new.next().expect("peeked"), old.next().expect("peeked"));
                 if !std::sync::Arc::ptr_eq(o, was) && was.hash != o.hash {
                     out.changes.push((r.clone(), Change::Update));
