@@ -11,6 +11,9 @@
 //!   issuer's CPU and memory at rest and while every SVID is renewed, and edit → every agent
 //!   notified. 5,000 agents; `TBOT_BENCH_AGENTS=N` runs the scale part with N (each agent is an
 //!   open file in this process and in the issuer's, which inherits this process's limit).
+//!   `TBOT_BENCH_PAUSE=1` holds the fleet at rest for 90 s after the memory reading and prints the
+//!   issuer's pid, for a profiler: `heaptrack` around the issuer, killed then, reports what it
+//!   holds at rest as "leaked".
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -469,6 +472,13 @@ async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
     issue_all(agents.clone()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rest0, rest_rss) = host.usage();
+    if std::env::var_os("TBOT_BENCH_PAUSE").is_some() {
+        eprintln!(
+            "at rest for 90 s: issuer pid {}, {rest_rss:.1} MiB resident",
+            host.child.id()
+        );
+        tokio::time::sleep(Duration::from_secs(90)).await;
+    }
     let window = scale.pick(10.0, 1.0);
     tokio::time::sleep(Duration::from_secs_f64(window)).await;
     let (rest1, _) = host.usage();

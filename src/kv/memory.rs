@@ -27,14 +27,47 @@ struct Watcher {
     tx: mpsc::Sender<WatchItem>,
 }
 
+/// An event of the history. A put shares its entry with `keys` while that is the key's value, so
+/// a key that has not changed since is held once, not twice.
+enum Past {
+    Put(Arc<Entry>),
+    Delete { key: String, mod_revision: i64 },
+}
+
+impl Past {
+    fn key(&self) -> &str {
+        match self {
+            Past::Put(entry) => &entry.key,
+            Past::Delete { key, .. } => key,
+        }
+    }
+
+    fn revision(&self) -> i64 {
+        match self {
+            Past::Put(entry) => entry.mod_revision,
+            Past::Delete { mod_revision, .. } => *mod_revision,
+        }
+    }
+
+    fn event(&self) -> Event {
+        match self {
+            Past::Put(entry) => Event::Put(Entry::clone(entry)),
+            Past::Delete { key, mod_revision } => Event::Delete {
+                key: key.clone(),
+                mod_revision: *mod_revision,
+            },
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     revision: i64,
     /// Watches may start at this revision or later; the history before it is gone.
     compacted: i64,
-    keys: BTreeMap<String, Entry>,
+    keys: BTreeMap<String, Arc<Entry>>,
     /// Every event after `compacted`, oldest first.
-    history: Vec<Event>,
+    history: Vec<Past>,
     watchers: Vec<Watcher>,
     leases: HashMap<i64, Lease>,
     next_lease: i64,
@@ -79,13 +112,13 @@ impl MemoryKv {
                     let revision = inner.revision;
                     inner.keys.insert(
                         name.clone(),
-                        Entry {
+                        Arc::new(Entry {
                             key: name,
                             value,
                             create_revision: revision,
                             mod_revision: revision,
                             lease: 0,
-                        },
+                        }),
                     );
                 }
             }
@@ -158,24 +191,24 @@ impl Inner {
     /// Applies ops as one revision and tells the watchers.
     fn apply(&mut self, ops: Vec<Op>) {
         let revision = self.revision + 1;
-        let mut events = Vec::new();
+        let first = self.history.len();
         for op in ops {
             match op {
                 Op::Put { key, value, lease } => {
                     let create_revision = self.keys.get(&key).map_or(revision, |e| e.create_revision);
-                    let entry = Entry {
+                    let entry = Arc::new(Entry {
                         key: key.clone(),
                         value,
                         create_revision,
                         mod_revision: revision,
                         lease,
-                    };
+                    });
                     self.keys.insert(key, entry.clone());
-                    events.push(Event::Put(entry));
+                    self.history.push(Past::Put(entry));
                 }
                 Op::Delete(key) => {
                     if self.keys.remove(&key).is_some() {
-                        events.push(Event::Delete {
+                        self.history.push(Past::Delete {
                             key,
                             mod_revision: revision,
                         });
@@ -183,18 +216,18 @@ impl Inner {
                 }
             }
         }
-        if events.is_empty() {
+        if self.history.len() == first {
             return;
         }
         self.revision = revision;
-        self.history.extend(events.iter().cloned());
+        let events: Vec<Event> = self.history[first..].iter().map(Past::event).collect();
         if self.history.len() > HISTORY {
             // Cut at a revision boundary: a revision's events are kept whole or not at all.
             let mut cut = self.history.len() - HISTORY / 2;
             while cut < self.history.len() && self.history[cut].revision() == self.history[cut - 1].revision() {
                 cut += 1;
             }
-            self.compacted = self.history.get(cut).map_or(self.revision + 1, Event::revision);
+            self.compacted = self.history.get(cut).map_or(self.revision + 1, Past::revision);
             self.history.drain(..cut);
         }
         self.watchers.retain(|w| {
@@ -256,7 +289,7 @@ impl Kv for MemoryKv {
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let mut inner = self.lock();
         inner.expire();
-        Ok(inner.keys.get(key).cloned())
+        Ok(inner.keys.get(key).map(|e| Entry::clone(e)))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Entry>, i64), StoreError> {
@@ -266,7 +299,7 @@ impl Kv for MemoryKv {
             .keys
             .range(prefix.to_owned()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, e)| e.clone())
+            .map(|(_, e)| Entry::clone(e))
             .collect();
         Ok((entries, inner.revision))
     }
@@ -306,7 +339,7 @@ impl Kv for MemoryKv {
                 .history
                 .iter()
                 .filter(|e| e.revision() >= from && e.key().starts_with(prefix))
-                .cloned(),
+                .map(Past::event),
         );
         let (tx, rx) = mpsc::channel(replay.len() + 1024);
         for batch in replay {

@@ -208,6 +208,7 @@ where
             Some(Next::Data(frame)) => {
                 self.last_data_frame = Some(frame);
                 debug_assert!(self.is_empty());
+                self.release();
                 ControlFlow::Break
             }
             Some(Next::Continuation(frame)) => {
@@ -218,13 +219,29 @@ where
                 }
                 ControlFlow::Continue
             }
-            None => ControlFlow::Break,
+            None => {
+                self.release();
+                ControlFlow::Break
+            }
+        }
+    }
+
+    /// tbot patch (see TBOT-PATCH.md): everything buffered is written, so the buffer goes back to
+    /// the allocator; `buffer` takes a new one for the next frame. An idle connection (most of an
+    /// issuer's, and a Workload API stream between rotations) holds no write buffer.
+    fn release(&mut self) {
+        if self.buf.get_ref().capacity() > 0 {
+            *self.buf.get_mut() = BytesMut::new();
         }
     }
 
     fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         // Ensure that we have enough capacity to accept the write.
         assert!(self.has_capacity());
+        // tbot patch: the buffer released when it was last drained.
+        if self.buf.get_ref().capacity() == 0 {
+            self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+        }
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
 
@@ -309,9 +326,11 @@ where
     }
 
     fn has_capacity(&self) -> bool {
+        // tbot patch: a released buffer (capacity 0) is made again by `buffer`.
         self.next.is_none()
-            && (self.buf.get_ref().capacity() - self.buf.get_ref().len()
-                >= self.min_buffer_capacity)
+            && (self.buf.get_ref().capacity() == 0
+                || self.buf.get_ref().capacity() - self.buf.get_ref().len()
+                    >= self.min_buffer_capacity)
     }
 
     fn is_empty(&self) -> bool {

@@ -158,7 +158,10 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // tbot patch (see TBOT-PATCH.md): no 4 KiB up front. Huffman-decoded strings are
+            // split off this buffer and kept by the dynamic table, so the first 4 KiB stayed
+            // allocated for as long as the connection was open; it now grows to what is decoded.
+            buffer: BytesMut::new(),
         }
     }
 

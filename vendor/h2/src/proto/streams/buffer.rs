@@ -82,6 +82,12 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                // tbot patch (see TBOT-PATCH.md): the last queued frame of the connection is
+                // gone, so its slab goes back to the allocator instead of being kept for the
+                // connection's life (no key into an empty slab is held: every deque is empty).
+                if buf.slab.is_empty() {
+                    buf.slab = Slab::new();
+                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());

@@ -406,6 +406,12 @@ impl<'a> Ptr<'a> {
         // Remove the stream state
         let stream = self.store.slab.remove(self.key.index.0 as usize);
         assert_eq!(stream.id, self.key.stream_id);
+        // tbot patch (see TBOT-PATCH.md): give back the slots of streams that have ended, so a
+        // connection that once had several streams and now has one (an agent's `Watch`) keeps
+        // room for one. Only vacant slots at the end go, so no live stream's key changes.
+        if self.store.slab.capacity() > 2 * self.store.slab.len().max(1) {
+            self.store.slab.shrink_to_fit();
+        }
         stream.id
     }
 
