@@ -5,15 +5,13 @@
 //! status has one writer), and writes are tried again every 5 s until one succeeds. Serving never
 //! depends on these files.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::status::{ObjectStatus, StatusReader, StatusTable};
+use super::status::{SavedStatus, StatusReader};
 use crate::error::Explain;
 use crate::manifest::DesiredState;
-use crate::resource::ObjectRef;
 use crate::store::Store;
 
 /// How often a failing write is tried again.
@@ -30,7 +28,7 @@ pub struct Persist {
 struct Written {
     applied: Option<Arc<DesiredState>>,
     entries: super::inventory::Entries,
-    objects: Option<BTreeMap<ObjectRef, ObjectStatus>>,
+    status: SavedStatus,
 }
 
 impl Persist {
@@ -119,15 +117,12 @@ fn write(
         })?;
         written.applied = Some(applied.clone());
     }
-    let objects = {
-        let status = status.get();
-        if written.objects.as_ref() == Some(&status.table.objects) {
-            return Ok(());
-        }
-        status.table.objects.clone()
+    // Only the text is made under the status lock; the write is not.
+    let Some(text) = status.get().table.status_file(&mut written.status) else {
+        return Ok(());
     };
-    written.objects = None;
-    StatusTable::save(store, &objects).map_err(|e| format!("cannot save the status: {e}; {}", e.hint()))?;
-    written.objects = Some(objects);
-    Ok(())
+    written
+        .status
+        .write(store, &text)
+        .map_err(|e| format!("cannot save the status: {e}; {}", e.hint()))
 }
