@@ -1,10 +1,11 @@
 //! Start-up, in numbered phases. Each phase's ordering rule is written once, at the phase:
 //!
-//! 1. **Load** the documents: any error stops the start (a daemon never starts on a broken
-//!    directory; after start, a broken file keeps its last good version instead). Then the sockets
-//!    it will serve must be free, before anything is created or a token spent.
-//! 2. **Signals and the watcher**, before anything serves: a SIGHUP right after start reloads, and
-//!    an edit made the moment a socket answers is not missed.
+//! 1. **Watch, then load** the documents: the watcher starts first, so an edit made while they
+//!    load raises an event (and the first event after start needs no full listing). Any error
+//!    stops the start (a daemon never starts on a broken directory; after start, a broken file
+//!    keeps its last good version instead). Then the sockets it will serve must be free, before
+//!    anything is created or a token spent.
+//! 2. **Signals**, before anything serves: a SIGHUP right after start reloads.
 //! 3. **Stores**: the issuer's, the agent's, and where the records go. One directory is opened (and
 //!    locked) once.
 //! 4. **The issuer** (single host, issuer host) or the **client of the remote issuer** (an agent):
@@ -64,11 +65,9 @@ pub(super) struct Signals {
 }
 
 /// Phase 1: the documents, all valid.
-fn load(options: &StartOptions) -> Result<(Vec<Input>, manifest::LoadCache, manifest::Loaded), ExitCode> {
-    let mut inputs: Vec<Input> = options.config_dirs.iter().cloned().map(Input::Dir).collect();
-    inputs.extend(options.config_file.iter().cloned().map(Input::File));
+fn load(inputs: &[Input]) -> Result<(manifest::LoadCache, manifest::Loaded), ExitCode> {
     let mut cache = manifest::LoadCache::default();
-    let loaded = manifest::load_with(&inputs, &mut cache).map_err(|diagnostic| {
+    let loaded = manifest::load_with(inputs, &mut cache).map_err(|diagnostic| {
         eprint!("{}", render::diagnostic(&diagnostic));
         ExitCode::from(2)
     })?;
@@ -81,7 +80,7 @@ fn load(options: &StartOptions) -> Result<(Vec<Input>, manifest::LoadCache, mani
             "fix the documents (`tbotctl validate` shows the same) and start again",
         ));
     }
-    Ok((inputs, cache, loaded))
+    Ok((cache, loaded))
 }
 
 /// Phase 1, last: the sockets this daemon will serve must not be another live process's. Checked
@@ -216,8 +215,12 @@ pub(super) fn poke_on<T: Send + Sync + 'static>(mut rx: watch::Receiver<T>, poke
 
 /// Runs phases 1 to 9. `Err` is the exit code of a start that stopped.
 pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
-    // 1. Load.
-    let (inputs, load_cache, loaded) = load(options)?;
+    // 1. Watch, then load.
+    let mut inputs: Vec<Input> = options.config_dirs.iter().cloned().map(Input::Dir).collect();
+    inputs.extend(options.config_file.iter().cloned().map(Input::File));
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let watcher = Box::new(crate::controller::watch::watch_inputs(&inputs, events_tx));
+    let (load_cache, loaded) = load(&inputs)?;
     let telemetry = super::Telemetry::register();
     let role = HostRole::of(loaded.state.objects.keys().map(|r| r.kind));
     let config = agent_config(&loaded.state).cloned();
@@ -233,14 +236,12 @@ pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     }
     sockets_free(&loaded.state, config.as_ref(), options.oneshot)?;
 
-    // 2. Signals and the watcher.
+    // 2. Signals.
     let mut signals = Signals {
         term: signal(SignalKind::terminate()).expect("a SIGTERM handler"),
         int: signal(SignalKind::interrupt()).expect("a SIGINT handler"),
         hup: signal(SignalKind::hangup()).expect("a SIGHUP handler"),
     };
-    let (events_tx, events) = mpsc::unbounded_channel();
-    let watcher = Box::new(crate::controller::watch::watch_inputs(&inputs, events_tx));
 
     // 3. Stores.
     let opened = stores::Opened::open(config.as_ref(), issuer_spec.as_ref()).map_err(|e| fail(&e, &e.hint()))?;

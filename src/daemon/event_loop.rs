@@ -32,9 +32,6 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
     }
     let mut storage = daemon.persist.failures();
     let mut resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
-    // The documents were loaded before the watcher started: an edit in between raised no event, so
-    // the first event-driven reload looks at everything.
-    let mut listed_since_watching = false;
     loop {
         let retry_sleep = async {
             match retry_at {
@@ -54,10 +51,6 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
                     m.inc();
                     changes.add(more);
                 }
-                if !listed_since_watching {
-                    changes = Changes::Everything;
-                    listed_since_watching = true;
-                }
                 // Only what the watcher named is read again; everything else stays as loaded.
                 notify::reloading();
                 retry_at = daemon.reconcile(&changes).await;
@@ -74,7 +67,6 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
                 continue;
             }
             Some(done) = reloads.recv() => {
-                listed_since_watching = true;
                 retry_at = daemon.reconcile(&Changes::Everything).await;
                 let _ = done.send(());
                 continue;
@@ -84,7 +76,6 @@ pub(super) async fn run(booted: Booted) -> ExitCode {
         }
         resync = tokio::time::Instant::now() + RESYNC.mul_f64(jitter(0.2));
         notify::reloading();
-        listed_since_watching = true;
         retry_at = daemon.reconcile(&Changes::Everything).await;
         notify::ready();
     }
