@@ -97,8 +97,8 @@ pub(super) fn run(parsed: &[Parsed], sources: &Sources, unloaded: &[Unloaded], c
 
 fn duplicates(ctx: &mut Ctx) -> BTreeSet<usize> {
     // Keyed by borrowed names: a reload of 10,000 documents builds no string here.
-    let mut first: std::collections::HashMap<(Kind, &str), usize> =
-        std::collections::HashMap::with_capacity(ctx.parsed.len());
+    let mut first: std::collections::HashMap<(Kind, &str), usize, foldhash::fast::RandomState> =
+        std::collections::HashMap::with_capacity_and_hasher(ctx.parsed.len(), Default::default());
     let mut shadowed = BTreeSet::new();
     for i in 0..ctx.parsed.len() {
         let document = ctx.parsed[i].document;
@@ -181,7 +181,10 @@ fn singletons(ctx: &mut Ctx, complete_dir: Option<&Path>) {
 fn references(ctx: &mut Ctx) {
     let bots = ctx.names(Kind::Bot);
     let roles = ctx.names(Kind::Role);
-    let identities = ctx.names(Kind::WorkloadIdentity);
+    // Built only for an agent config's service that selects by name: a reload of 10,000
+    // identities selected by labels does not sort their names.
+    let identities = std::cell::OnceCell::new();
+    let identities = || identities.get_or_init(|| ctx.names(Kind::WorkloadIdentity));
     // On an agent of a remote issuer, the identities live on the issuer.
     let remote = ctx.role() == HostRole::Agent;
     let mut found = Vec::new();
@@ -203,14 +206,14 @@ fn references(ctx: &mut Ctx) {
             Document::AgentConfig(agent) => {
                 for (j, service) in agent.services.iter().enumerate().filter(|_| !remote) {
                     if let Some(name) = &service.selector.name {
-                        if !identities.contains(&**name) && !ctx.maybe_unloaded(Kind::WorkloadIdentity, Some(name)) {
+                        if !identities().contains(&**name) && !ctx.maybe_unloaded(Kind::WorkloadIdentity, Some(name)) {
                             found.push((
                                 i,
                                 dangling(
                                     &format!("/services/{j}/selector/name"),
                                     "workload_identity",
                                     name,
-                                    &identities,
+                                    identities(),
                                 ),
                             ));
                         }

@@ -218,7 +218,7 @@ fn on_loader_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 /// What earlier loads read, by file.
 #[derive(Default)]
 pub struct LoadCache {
-    files: HashMap<PathBuf, Arc<ReadFile>>,
+    files: HashMap<PathBuf, Arc<ReadFile>, foldhash::fast::RandomState>,
     /// The document files the last load found, by input (`None` until a load listed them).
     listed: Option<Vec<(usize, PathBuf)>>,
     /// Whether one of them is a symlink: then every event lists everything again.
@@ -434,7 +434,8 @@ fn load_listing(
             _ => None,
         };
         match cached.map_or_else(|| read_file(path, cache), Ok) {
-            Ok(file) => read.push((path.clone(), file)),
+            // Borrowed from the listing: a reload of 10,000 files copies no path.
+            Ok(file) => read.push((path.as_path(), file)),
             Err(diagnostic) => {
                 diagnostics.push(*diagnostic);
                 unloaded.push(Unloaded::ANYTHING);
@@ -453,11 +454,13 @@ fn load_listing(
             for path in changed {
                 cache.files.remove(path);
             }
-            cache
-                .files
-                .extend(read.into_iter().filter(|(p, _)| changed.contains(p)));
+            cache.files.extend(
+                read.into_iter()
+                    .filter(|(p, _)| changed.contains(*p))
+                    .map(|(p, f)| (p.to_owned(), f)),
+            );
         }
-        None => cache.files = read.into_iter().collect(),
+        None => cache.files = read.into_iter().map(|(p, f)| (p.to_owned(), f)).collect(),
     }
     cache.listed = Some(listing);
     Ok(loaded)
@@ -474,7 +477,7 @@ pub fn load_bytes(path: &Path, bytes: Vec<u8>) -> Loaded {
         },
         Ok(text) => {
             let file = Arc::new(parse_file(path, Stamp::UNKNOWN, true, text));
-            assemble(&[(path.to_owned(), file)], Vec::new(), Vec::new(), None)
+            assemble(&[(path, file)], Vec::new(), Vec::new(), None)
         }
     };
     on_loader_thread(run)
@@ -482,13 +485,13 @@ pub fn load_bytes(path: &Path, bytes: Vec<u8>) -> Loaded {
 
 /// The state and diagnostics of files already read and parsed.
 fn assemble(
-    read: &[(PathBuf, Arc<ReadFile>)],
+    read: &[(&Path, Arc<ReadFile>)],
     mut diagnostics: Vec<Diagnostic>,
     mut unloaded: Vec<Unloaded>,
     complete_dir: Option<&Path>,
 ) -> Loaded {
     let sources = Sources {
-        paths: read.iter().map(|(p, _)| p.as_path()).collect(),
+        paths: read.iter().map(|(p, _)| *p).collect(),
         texts: read.iter().map(|(_, f)| f.text.as_str()).collect(),
     };
     let mut parsed = Vec::new();
@@ -505,13 +508,16 @@ fn assemble(
     let outcome = checks::run(&parsed, &sources, &unloaded, complete_dir);
     diagnostics.extend(outcome.diagnostics);
     diagnostics.sort_by(|a, b| a.location.cmp(&b.location));
-    let mut state = DesiredState::default();
+    // Built in one go (sorted, then bulk-loaded) rather than by 10,000 inserts; of two documents
+    // with one name the later wins, as an insert would have it (the checks shadow the others).
     let documents = read.iter().flat_map(|(_, f)| f.documents.iter());
-    for (i, d) in documents.enumerate() {
-        if !outcome.shadowed.contains(&i) {
-            state.objects.insert(d.object.document.object_ref(), d.object.clone());
-        }
-    }
+    let state = DesiredState {
+        objects: documents
+            .enumerate()
+            .filter(|(i, _)| !outcome.shadowed.contains(i))
+            .map(|(_, d)| (d.object.document.object_ref(), d.object.clone()))
+            .collect(),
+    };
     Loaded {
         state,
         diagnostics,
