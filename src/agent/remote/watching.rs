@@ -40,9 +40,19 @@ impl Retry {
         }
     }
 
-    /// Connected (or a new identity or target): the next loss starts afresh.
+    /// A new identity or target: the next loss starts afresh.
     pub(super) fn reset(&mut self) {
         *self = Retry::new();
+    }
+
+    /// A stream that was up for `up_for` ended. One that held for a [`PERIOD`] was a recovery: the
+    /// next loss starts afresh. A shorter one (an issuer that answers and drops again, over and
+    /// over) continues the outage, so its retries slow down as a down issuer's do instead of
+    /// starting over at a random part of the period every time.
+    pub(super) fn ended(&mut self, up_for: Duration) {
+        if up_for >= PERIOD {
+            self.reset();
+        }
     }
 
     /// How long to wait before the next try, `unit` in [0, 1) being a fresh random draw.
@@ -70,11 +80,11 @@ pub(super) async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
         let Some(issuer) = weak.upgrade() else { return };
         let mut epoch = issuer.epoch.subscribe();
         let started = *epoch.borrow_and_update();
-        let was_up = match issuer.watch_once(&mut revision, &mut epoch).await {
-            Ok(was_up) => was_up,
+        let up_for = match issuer.watch_once(&mut revision, &mut epoch).await {
+            Ok(up_since) => up_since.map_or(Duration::ZERO, |at| at.elapsed()),
             Err(e) => {
                 issuer.set_link(false, e.explain());
-                false
+                Duration::ZERO
             }
         };
         // A new identity (a renewal) or target: reconnect at once with it. Compared by value:
@@ -84,9 +94,7 @@ pub(super) async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
             retry.reset();
             continue;
         }
-        if was_up {
-            retry.reset();
-        }
+        retry.ended(up_for);
         let wait = retry.next(tokio::time::Instant::now(), unit());
         drop(issuer);
         tokio::select! {
@@ -97,21 +105,22 @@ pub(super) async fn watch_loop(weak: std::sync::Weak<RemoteIssuer>) {
 }
 
 impl RemoteIssuer {
-    /// One `Watch` stream, until it ends or the identity/target changes. Returns whether it was up.
+    /// One `Watch` stream, until it ends or the identity/target changes. Returns when it came up
+    /// (its first message), if it did.
     pub(super) async fn watch_once(
         self: &Arc<Self>,
         revision: &mut u64,
         epoch: &mut watch::Receiver<u64>,
-    ) -> Result<bool, IssuerError> {
+    ) -> Result<Option<tokio::time::Instant>, IssuerError> {
         let mut client = WorkloadIdentityServiceClient::new(self.channel()?);
         let request = proto::WatchRequest {
             policy_revision: *revision,
         };
         let mut stream = tokio::select! {
             r = client.watch(request) => r.map_err(|s| self.unreachable(&s))?.into_inner(),
-            _ = epoch.changed() => return Ok(false),
+            _ = epoch.changed() => return Ok(None),
         };
-        let mut up = false;
+        let mut up = None;
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
@@ -129,8 +138,8 @@ impl RemoteIssuer {
                     return Ok(up);
                 }
             };
-            if !up {
-                up = true;
+            if up.is_none() {
+                up = Some(tokio::time::Instant::now());
                 tracing::info!(issuer = %self.settings().address, "connected to the issuer");
                 self.set_link(true, String::new());
                 self.resend_holdings();
@@ -181,6 +190,33 @@ mod tests {
         assert_eq!(waits[4], PERIOD_MAX);
         retry.reset();
         assert_eq!(retry.next(later, 0.2), PERIOD.mul_f64(0.2), "a reconnect starts afresh");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_drops_at_once_again_and_again_slows_down_like_an_outage() {
+        let start = tokio::time::Instant::now();
+        let mut retry = Retry::new();
+        let mut at = start;
+        let mut waits = Vec::new();
+        // Each try gets a stream that is up for a second and drops.
+        for _ in 0..30 {
+            let wait = retry.next(at, 0.5);
+            waits.push(wait);
+            at += wait + Duration::from_secs(1);
+            retry.ended(Duration::from_secs(1));
+        }
+        assert!(
+            waits[1..].iter().all(|w| *w >= PERIOD.mul_f64(0.9)),
+            "no try after the first is a random part of the period: {waits:?}"
+        );
+        assert_eq!(
+            *waits.last().unwrap(),
+            PERIOD_MAX,
+            "a minute of it slows down: {waits:?}"
+        );
+        // A stream that held for a period was a recovery.
+        retry.ended(PERIOD);
+        assert_eq!(retry.next(at, 0.2), PERIOD.mul_f64(0.2));
     }
 
     #[test]
