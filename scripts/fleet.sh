@@ -226,7 +226,13 @@ Agents keep serving the SVIDs they hold while the issuer is down. They try it ag
 5 s period, each agent with its own random phase (the first try waits a random 0–5 s, each next one
 5 s ±10%), so a restarted issuer meets the fleet spread evenly over 5 s (about a fifth of the
 agents in any second, with the noise of a random draw) and every agent is back within about one
-period, however long the outage was. After a minute down the period doubles, up to 60 s.
+period, however long the outage was. After a minute down the period doubles, up to 60 s. A stream
+that drops within 5 s of coming up does not count as a recovery: an issuer that answers and drops
+again and again slows its agents down as an outage does.
+
+The issuer holds one open file per agent. `tbot start` raises its soft open-file limit to the hard
+one when it starts (the installed unit sets `LimitNOFILE=524288`); by hand, `ulimit -Hn` is the
+ceiling.
 
 Everything here shares the machine's cores: the issuer, every agent and every Python workload (and
 the script's own polling, every 20 ms). The edit figure is the time until the last of them has

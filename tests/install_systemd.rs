@@ -169,3 +169,34 @@ fn the_daemon_tells_systemd_ready_reloading_and_stopping() {
     assert_eq!(next(), "STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
+
+/// The open-file limit of a running process: (soft, hard).
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_owned(), fields[4].to_owned())
+}
+
+#[test]
+fn tbot_started_by_hand_raises_its_open_file_limit_as_the_unit_does() {
+    // A shell's soft limit (here 256) would cap an issuer at a few hundred agents.
+    let (dir, socket) = common::copy_manifests("manifests/quickstart", &common::QUICKSTART_IN_MEMORY);
+    let log = std::fs::File::create(dir.path().join("tbot.log")).unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -Sn 256 && exec \"$0\" start --config-dir \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_tbot"))
+        .arg(dir.path().join("etc"))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    common::wait_until("the daemon's socket", std::time::Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&socket).ok()
+    });
+    let (soft, hard) = open_files_limit(child.id());
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    assert_eq!(soft, hard, "the soft limit is raised to the hard one");
+    assert_ne!(soft, "256");
+}

@@ -103,6 +103,25 @@ fn init_logging(format: LogFormat, debug: bool) -> Option<crate::daemon::LogLeve
 /// bound that churn.
 pub const MAX_BLOCKING_THREADS: usize = 16;
 
+/// Raises the soft limit on open files to the hard one, as the installed unit's `LimitNOFILE` does:
+/// an issuer holds one connection per agent and a daemon one per Workload API client, and a
+/// `tbot start` run by hand inherits a shell's limit (often 1,024). Children (hooks) inherit the
+/// raised limit, as they do under the unit. Returns the limits before and after, when it moved.
+fn raise_open_files_limit() -> Option<(u64, u64)> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (current, maximum) = (limit.current?, limit.maximum?);
+    if current >= maximum {
+        return None;
+    }
+    let raised = Rlimit {
+        current: Some(maximum),
+        maximum: Some(maximum),
+    };
+    setrlimit(Resource::Nofile, raised).ok()?;
+    Some((current, maximum))
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -120,6 +139,9 @@ pub fn main() -> ExitCode {
             oneshot,
         } => {
             let log_level = init_logging(log_format, debug);
+            if let Some((was, now)) = raise_open_files_limit() {
+                tracing::debug!(was, now, "raised the open-file limit to the hard limit");
+            }
             if config_dirs.is_empty() && config.is_none() {
                 config_dirs.push(super::args::DEFAULT_DIR.into());
             }
