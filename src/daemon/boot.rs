@@ -216,8 +216,9 @@ pub(super) fn poke_on<T: Send + Sync + 'static>(mut rx: watch::Receiver<T>, poke
 /// Runs phases 1 to 9. `Err` is the exit code of a start that stopped.
 pub(super) async fn boot(options: &StartOptions) -> Result<Booted, ExitCode> {
     // 1. Watch, then load.
-    let mut inputs: Vec<Input> = options.config_dirs.iter().cloned().map(Input::Dir).collect();
-    inputs.extend(options.config_file.iter().cloned().map(Input::File));
+    let dirs = options.config_dirs.iter().cloned().map(Input::Dir);
+    let file = options.config_file.iter().cloned().map(Input::File);
+    let inputs: Vec<Input> = dirs.chain(file).map(Input::absolute).collect();
     let (events_tx, events) = mpsc::unbounded_channel();
     let watcher = Box::new(crate::controller::watch::watch_inputs(&inputs, events_tx));
     let (load_cache, loaded) = load(&inputs)?;

@@ -144,6 +144,30 @@ mod tests {
     }
 
     #[test]
+    fn a_relative_input_made_absolute_matches_the_paths_the_watcher_reports() {
+        // `tbot start --config-dir etc`: the directory spelled from the working directory.
+        let dir = tempfile::tempdir().unwrap();
+        let up: PathBuf = std::env::current_dir()
+            .unwrap()
+            .components()
+            .skip(1)
+            .map(|_| "..")
+            .collect();
+        let relative = up.join(dir.path().strip_prefix("/").unwrap());
+        assert!(relative.is_relative());
+        let inputs = [Input::Dir(relative).absolute()];
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _watcher = crate::controller::watch::watch_inputs(&inputs, tx).unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "kind: role\n").unwrap();
+        let Some(Changes::Paths(paths)) = rx.blocking_recv() else {
+            panic!("the watcher names the file it saw change")
+        };
+        for path in &paths {
+            assert_eq!(classify(&inputs, path), Relevance::Document(0), "{}", path.display());
+        }
+    }
+
+    #[test]
     fn the_listing_gains_new_files_in_order_and_loses_removed_ones() {
         let dir = tempfile::tempdir().unwrap();
         let inputs = vec![Input::Dir(dir.path().to_owned())];

@@ -20,6 +20,19 @@ pub enum Input {
     File(PathBuf),
 }
 
+impl Input {
+    /// The same input from the root, as the watcher reports changed paths (it joins a relative
+    /// path to the working directory): a relative input's changes then match it and take the fast
+    /// path instead of listing everything. `..` stays, as it does in the watcher's paths.
+    pub fn absolute(self) -> Input {
+        let absolute = |path: PathBuf| std::path::absolute(&path).unwrap_or(path);
+        match self {
+            Input::Dir(dir) => Input::Dir(absolute(dir)),
+            Input::File(file) => Input::File(absolute(file)),
+        }
+    }
+}
+
 /// Whether a directory entry's name is a document file: `*.yaml` or `*.yml`, not hidden (which also
 /// skips a ConfigMap's `..data` and `..2026_…` entries) and not an editor's leftover.
 pub fn is_document_name(name: &str) -> bool {
