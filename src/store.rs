@@ -19,7 +19,8 @@
 //! ```
 //!
 //! `storage.type: memory` keeps the same names in memory: nothing survives a restart, and no lock is
-//! taken.
+//! taken. The controller's records (`controller/`) are not kept there: they are for readers outside
+//! the process, which a memory store has none of.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -232,6 +233,11 @@ impl Store {
                 _lock: lock,
             }),
         })
+    }
+
+    /// Whether it keeps everything in memory (nothing outside the process can read it).
+    pub fn is_memory(&self) -> bool {
+        matches!(&*self.backend, Backend::Memory(_))
     }
 
     /// `directory /path` or `memory`, for messages.

@@ -394,6 +394,14 @@ async fn a_full_or_read_only_storage_is_a_condition_and_serving_goes_on() {
         while f.write_all(&[0u8; 64 * 1024]).is_ok() {}
         let _ = f.sync_all();
     }
+    // The workload identity's generation in controller/status.json.
+    let generation = || {
+        let text = std::fs::read_to_string(at.join("state/controller/status.json")).unwrap();
+        let objects: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let identity = objects.iter().find(|o| o["kind"] == "workload_identity").unwrap();
+        identity["generation"].as_u64().unwrap()
+    };
+    let before = generation();
     let id = field(&at, "workload-identity.yaml", "id: \"", "{{");
     edit(&at, "workload-identity.yaml", &format!("id: \"{id}"), "id: \"/full/");
     let out = wait_for_get(&daemon, "a full disk shows on the agent config", failing);
@@ -404,8 +412,9 @@ async fn a_full_or_read_only_storage_is_a_condition_and_serving_goes_on() {
     // Space again: the condition clears by itself (the writer retries) and the records are written.
     std::fs::remove_file(&filler).unwrap();
     wait_for_get(&daemon, "the condition clears once there is space", |out| !failing(out));
-    let status = std::fs::read_to_string(at.join("state/controller/status.json")).unwrap();
-    assert!(status.contains("/full/"), "the status on disk caught up");
+    let applied = std::fs::read_to_string(at.join("state/controller/applied.json")).unwrap();
+    assert!(applied.contains("/full/"), "the applied record on disk caught up");
+    assert_eq!(generation(), before + 1, "the status on disk caught up");
 
     // Read-only: the same, with the file system's own words.
     tmpfs.read_only();

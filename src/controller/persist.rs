@@ -3,7 +3,9 @@
 //! newest version (several reloads in a row cost one write). Whether writes fail is published on
 //! [`Persist::failures`]; the daemon shows it as the agent config's `StorageWritable` condition (the
 //! status has one writer), and writes are tried again every 5 s until one succeeds. Serving never
-//! depends on these files.
+//! depends on these files. A memory store keeps no records: they are for readers outside the
+//! process (`tbotctl diff` without a daemon, an operator), and it has none; the daemon shows the
+//! same through the admin API.
 
 use std::sync::Arc;
 
@@ -106,6 +108,9 @@ fn write(
     applied: &Arc<DesiredState>,
     written: &mut Written,
 ) -> Result<(), String> {
+    if store.is_memory() {
+        return Ok(());
+    }
     if !written.applied.as_ref().is_some_and(|w| Arc::ptr_eq(w, applied)) {
         written.applied = None;
         super::inventory::save_with(store, applied, &mut written.entries).map_err(|e| {

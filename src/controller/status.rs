@@ -118,7 +118,7 @@ impl Reason {
 
 /// A condition as shown and saved (`type`, `status`, `reason` as text: `controller/status.json`
 /// and the admin API keep their shape).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Hash, Serialize, Deserialize)]
 pub struct Condition {
     #[serde(rename = "type")]
     pub kind: String,
@@ -128,7 +128,10 @@ pub struct Condition {
     pub last_transition_time: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// An object's status. `controller/status.json` holds each object's generation and conditions;
+/// its text and applied document are `controller/applied.json`'s (they are shown through the admin
+/// API, not saved twice).
+#[derive(Debug, Clone, PartialEq, Hash, Serialize, Deserialize)]
 pub struct ObjectStatus {
     pub kind: String,
     pub name: String,
@@ -137,9 +140,10 @@ pub struct ObjectStatus {
     pub generation: u64,
     pub observed_generation: u64,
     pub conditions: Vec<Condition>,
+    #[serde(skip)]
     pub source: String,
     /// The applied document, as JSON.
-    #[serde(default)]
+    #[serde(skip)]
     pub document_json: String,
 }
 
@@ -352,11 +356,12 @@ fn take_in(status: &mut ObjectStatus, o: &crate::manifest::Object) {
     }
 }
 
-/// Each object's status as the status file last got it, with its JSON: an edit of one object of
-/// 10,000 serializes that one, not the whole table.
+/// Each object's status as the status file last got it (a fingerprint), with its JSON: an edit of
+/// one object of 10,000 serializes that one, not the whole table, and the file's text is all that
+/// is kept of each.
 #[derive(Default)]
 pub struct SavedStatus {
-    entries: std::collections::HashMap<ObjectRef, (ObjectStatus, String)>,
+    entries: std::collections::HashMap<ObjectRef, (u64, String)>,
     /// The file holds what `entries` says (a failed write leaves this false: the next save writes).
     written: bool,
 }
@@ -370,26 +375,33 @@ impl SavedStatus {
         Ok(())
     }
 
-    /// The file's text for `objects` (a JSON array, in the table's order), or `None` when it is
-    /// what was written last.
+    /// The file's text for `objects` (a JSON array, one object per line, in the table's order), or
+    /// `None` when it is what was written last.
     fn render(&mut self, objects: &BTreeMap<ObjectRef, ObjectStatus>) -> Option<String> {
+        use std::hash::BuildHasher;
+        // Fixed seeds: a fingerprint is compared with one made by an earlier render.
+        let fingerprint = |o: &ObjectStatus| foldhash::quality::FixedState::default().hash_one(o);
         let mut changed = !self.written || self.entries.len() != objects.len();
         let mut next = std::collections::HashMap::with_capacity(objects.len());
+        let mut length = 4;
         for (r, o) in objects {
+            let now = fingerprint(o);
             let entry = match self.entries.remove(r) {
-                Some((was, json)) if was == *o => (was, json),
+                Some((was, json)) if was == now => (was, json),
                 _ => {
                     changed = true;
-                    (o.clone(), serde_json::to_string_pretty(o).expect("status serializes"))
+                    (now, serde_json::to_string(o).expect("status serializes"))
                 }
             };
+            length += entry.1.len() + 2;
             next.insert(r.clone(), entry);
         }
         self.entries = next;
         if !changed {
             return None;
         }
-        let mut text = String::from("[");
+        let mut text = String::with_capacity(length);
+        text.push('[');
         for (i, r) in objects.keys().enumerate() {
             text.push_str(if i == 0 { "\n" } else { ",\n" });
             text.push_str(&self.entries[r].1);
@@ -575,6 +587,11 @@ mod tests {
         let text = table.status_file(&mut saved).expect("b changed");
         let whole: Vec<ObjectStatus> = serde_json::from_str(&text).unwrap();
         assert_eq!(whole, table.objects.values().cloned().collect::<Vec<_>>());
+        // An object's text and applied document are applied.json's: not saved here twice.
+        table.objects.get_mut(&b).unwrap().source = "kind: bot # only in applied.json".into();
+        let text = table.status_file(&mut saved).expect("b's text changed");
+        assert!(!text.contains("only in applied.json"), "{text}");
+        assert_eq!(text.lines().count(), 5, "one object per line: {text}");
         saved.write(&store, &text).unwrap();
         table.objects.remove(&b);
         let text = table.status_file(&mut saved).expect("b went");
