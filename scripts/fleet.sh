@@ -231,7 +231,7 @@ that drops within 5 s of coming up does not count as a recovery: an issuer that 
 again and again slows its agents down as an outage does.
 
 The issuer holds one open file per agent. `tbot start` raises its soft open-file limit to the hard
-one when it starts (the installed unit sets `LimitNOFILE=524288`); by hand, `ulimit -Hn` is the
+one when it starts, up to the installed unit's `LimitNOFILE=524288`; by hand, `ulimit -Hn` is the
 ceiling.
 
 Everything here shares the machine's cores: the issuer, every agent and every Python workload (and

@@ -73,7 +73,7 @@ ExecStart={exe} start {config}
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=always
 RestartSec=5
-LimitNOFILE=524288
+LimitNOFILE={open_files}
 # /run/{name} (sockets) and /var/lib/{name} (state, 0700), owned by the user.
 RuntimeDirectory={name}
 RuntimeDirectoryMode=0755
@@ -93,6 +93,7 @@ WantedBy=multi-user.target
         user = args.user,
         group = args.group,
         exe = exe.display(),
+        open_files = super::tbot::OPEN_FILES,
     )
 }
 

@@ -103,23 +103,27 @@ fn init_logging(format: LogFormat, debug: bool) -> Option<crate::daemon::LogLeve
 /// bound that churn.
 pub const MAX_BLOCKING_THREADS: usize = 16;
 
-/// Raises the soft limit on open files to the hard one, as the installed unit's `LimitNOFILE` does:
-/// an issuer holds one connection per agent and a daemon one per Workload API client, and a
-/// `tbot start` run by hand inherits a shell's limit (often 1,024). Children (hooks) inherit the
-/// raised limit, as they do under the unit. Returns the limits before and after, when it moved.
-fn raise_open_files_limit() -> Option<(u64, u64)> {
+/// The open-file limit the installed unit sets (`LimitNOFILE`).
+pub const OPEN_FILES: u64 = 524_288;
+
+/// Raises the soft limit on open files towards the hard one, up to the installed unit's
+/// `LimitNOFILE` ([`OPEN_FILES`]): an issuer holds one connection per agent and a daemon one per
+/// Workload API client, and a `tbot start` run by hand inherits a shell's limit (often 1,024).
+/// Children (hooks) inherit the raised limit, as they do under the unit. Returns the limits before
+/// and after when it moved, or why it could not.
+fn raise_open_files_limit() -> Option<Result<(u64, u64), rustix::io::Errno>> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
-    let (current, maximum) = (limit.current?, limit.maximum?);
-    if current >= maximum {
+    let current = limit.current?;
+    let target = limit.maximum.unwrap_or(OPEN_FILES).min(OPEN_FILES);
+    if current >= target {
         return None;
     }
     let raised = Rlimit {
-        current: Some(maximum),
-        maximum: Some(maximum),
+        current: Some(target),
+        maximum: limit.maximum,
     };
-    setrlimit(Resource::Nofile, raised).ok()?;
-    Some((current, maximum))
+    Some(setrlimit(Resource::Nofile, raised).map(|()| (current, target)))
 }
 
 pub fn main() -> ExitCode {
@@ -139,8 +143,14 @@ pub fn main() -> ExitCode {
             oneshot,
         } => {
             let log_level = init_logging(log_format, debug);
-            if let Some((was, now)) = raise_open_files_limit() {
-                tracing::debug!(was, now, "raised the open-file limit to the hard limit");
+            match raise_open_files_limit() {
+                Some(Ok((was, now))) => tracing::debug!(was, now, "raised the open-file limit"),
+                Some(Err(e)) => tracing::warn!(
+                    error = %e,
+                    "cannot raise the open-file limit; an issuer with many agents may run out of \
+                     files: raise it (`ulimit -n`, or LimitNOFILE in the unit) before starting"
+                ),
+                None => {}
             }
             if config_dirs.is_empty() && config.is_none() {
                 config_dirs.push(super::args::DEFAULT_DIR.into());
