@@ -386,6 +386,15 @@ async fn a_full_or_read_only_storage_is_a_condition_and_serving_goes_on() {
     let at = daemon.dir.path().to_owned();
     let failing = |out: &str| out.contains("StorageWritable: cannot save");
 
+    // The workload identity's generation in controller/status.json, once the file is written.
+    let generation = || {
+        let text = std::fs::read_to_string(at.join("state/controller/status.json")).ok()?;
+        let objects: Vec<serde_json::Value> = serde_json::from_str(&text).ok()?;
+        let identity = objects.iter().find(|o| o["kind"] == "workload_identity")?;
+        identity["generation"].as_u64()
+    };
+    let before = common::wait_until("the first status file", Duration::from_secs(20), generation);
+
     // Full: fill the tmpfs, then edit (the daemon converges and must write its records).
     let filler = at.join("state/filler");
     {
@@ -394,14 +403,6 @@ async fn a_full_or_read_only_storage_is_a_condition_and_serving_goes_on() {
         while f.write_all(&[0u8; 64 * 1024]).is_ok() {}
         let _ = f.sync_all();
     }
-    // The workload identity's generation in controller/status.json.
-    let generation = || {
-        let text = std::fs::read_to_string(at.join("state/controller/status.json")).unwrap();
-        let objects: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-        let identity = objects.iter().find(|o| o["kind"] == "workload_identity").unwrap();
-        identity["generation"].as_u64().unwrap()
-    };
-    let before = generation();
     let id = field(&at, "workload-identity.yaml", "id: \"", "{{");
     edit(&at, "workload-identity.yaml", &format!("id: \"{id}"), "id: \"/full/");
     let out = wait_for_get(&daemon, "a full disk shows on the agent config", failing);
@@ -414,7 +415,7 @@ async fn a_full_or_read_only_storage_is_a_condition_and_serving_goes_on() {
     wait_for_get(&daemon, "the condition clears once there is space", |out| !failing(out));
     let applied = std::fs::read_to_string(at.join("state/controller/applied.json")).unwrap();
     assert!(applied.contains("/full/"), "the applied record on disk caught up");
-    assert_eq!(generation(), before + 1, "the status on disk caught up");
+    assert_eq!(generation(), Some(before + 1), "the status on disk caught up");
 
     // Read-only: the same, with the file system's own words.
     tmpfs.read_only();

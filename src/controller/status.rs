@@ -131,7 +131,7 @@ pub struct Condition {
 /// An object's status. `controller/status.json` holds each object's generation and conditions;
 /// its text and applied document are `controller/applied.json`'s (they are shown through the admin
 /// API, not saved twice).
-#[derive(Debug, Clone, PartialEq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ObjectStatus {
     pub kind: String,
     pub name: String,
@@ -378,9 +378,15 @@ impl SavedStatus {
     /// The file's text for `objects` (a JSON array, one object per line, in the table's order), or
     /// `None` when it is what was written last.
     fn render(&mut self, objects: &BTreeMap<ObjectRef, ObjectStatus>) -> Option<String> {
-        use std::hash::BuildHasher;
-        // Fixed seeds: a fingerprint is compared with one made by an earlier render.
-        let fingerprint = |o: &ObjectStatus| foldhash::quality::FixedState::default().hash_one(o);
+        // What the file holds of an object (not its text or document), with fixed seeds: a
+        // fingerprint is compared with one made by an earlier render.
+        let fingerprint = |o: &ObjectStatus| {
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = foldhash::quality::FixedState::default().build_hasher();
+            (&o.kind, &o.name, &o.path, &o.hash).hash(&mut h);
+            (o.generation, o.observed_generation, &o.conditions).hash(&mut h);
+            h.finish()
+        };
         let mut changed = !self.written || self.entries.len() != objects.len();
         let mut next = std::collections::HashMap::with_capacity(objects.len());
         let mut length = 4;
@@ -587,9 +593,15 @@ mod tests {
         let text = table.status_file(&mut saved).expect("b changed");
         let whole: Vec<ObjectStatus> = serde_json::from_str(&text).unwrap();
         assert_eq!(whole, table.objects.values().cloned().collect::<Vec<_>>());
+        saved.write(&store, &text).unwrap();
         // An object's text and applied document are applied.json's: not saved here twice.
         table.objects.get_mut(&b).unwrap().source = "kind: bot # only in applied.json".into();
-        let text = table.status_file(&mut saved).expect("b's text changed");
+        assert!(
+            table.status_file(&mut saved).is_none(),
+            "the file does not hold b's text"
+        );
+        table.set(&b, ConditionType::Ready, false, Reason::Pending, "waiting");
+        let text = table.status_file(&mut saved).expect("b changed");
         assert!(!text.contains("only in applied.json"), "{text}");
         assert_eq!(text.lines().count(), 5, "one object per line: {text}");
         saved.write(&store, &text).unwrap();

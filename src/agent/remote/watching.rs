@@ -214,6 +214,8 @@ mod tests {
             PERIOD_MAX,
             "a minute of it slows down: {waits:?}"
         );
+        retry.ended(PERIOD - Duration::from_millis(1));
+        assert_eq!(retry.next(at, 0.5), PERIOD_MAX, "just short of a period is no recovery");
         // A stream that held for a period was a recovery.
         retry.ended(PERIOD);
         assert_eq!(retry.next(at, 0.2), PERIOD.mul_f64(0.2));
