@@ -5,6 +5,7 @@ mod checks;
 pub mod diagnostic;
 mod document;
 pub mod files;
+mod patch;
 pub mod render;
 pub mod schema;
 pub mod yaml;
@@ -196,7 +197,14 @@ pub fn load_changed(inputs: &[Input], cache: &mut LoadCache, changes: &Changes) 
             _ => None,
         };
         match (listing, reread) {
-            (Some(listing), Some(reread)) => load_listing(inputs, cache, listing, Some(&reread)),
+            (Some(listing), Some(reread)) => match patch::patch(cache, &reread) {
+                Some(loaded) => {
+                    cache.listed = Some(listing);
+                    cache.patched += 1;
+                    Ok(loaded)
+                }
+                None => load_listing(inputs, cache, listing, Some(&reread)),
+            },
             _ => load_here(inputs, cache),
         }
     })
@@ -223,6 +231,10 @@ pub struct LoadCache {
     listed: Option<Vec<(usize, PathBuf)>>,
     /// Whether one of them is a symlink: then every event lists everything again.
     links: bool,
+    /// What the last load made of them, for an edit that can be patched in.
+    assembled: Option<patch::Assembled>,
+    /// How many loads were patched in.
+    patched: u64,
 }
 
 /// Identifies one version of a file without reading it. Every write moves `ctime`, and a rename
@@ -411,6 +423,7 @@ fn read_file(path: &Path, cache: &LoadCache) -> Result<Arc<ReadFile>, Box<Diagno
 }
 
 fn load_here(inputs: &[Input], cache: &mut LoadCache) -> Result<Loaded, Box<Diagnostic>> {
+    cache.assembled = None;
     let listing = files::listing(inputs)?;
     cache.links = listing.links;
     load_listing(inputs, cache, listing.files, None)
@@ -446,7 +459,13 @@ fn load_listing(
         Input::Dir(dir) => Some(dir.clone()),
         Input::File(_) => None,
     });
-    let loaded = assemble(&read, diagnostics, unloaded, require_agent_config.as_deref());
+    let (loaded, cross) = assemble(&read, diagnostics, unloaded, require_agent_config.as_deref());
+    cache.assembled = Some(patch::Assembled {
+        state: loaded.state.clone(),
+        diagnostics: loaded.diagnostics.clone(),
+        files: loaded.files,
+        cross,
+    });
     match changed {
         // Only the changed entries move (a file leaves the listing only by changing); the rest of
         // the cache is what was just used.
@@ -477,19 +496,20 @@ pub fn load_bytes(path: &Path, bytes: Vec<u8>) -> Loaded {
         },
         Ok(text) => {
             let file = Arc::new(parse_file(path, Stamp::UNKNOWN, true, text));
-            assemble(&[(path, file)], Vec::new(), Vec::new(), None)
+            assemble(&[(path, file)], Vec::new(), Vec::new(), None).0
         }
     };
     on_loader_thread(run)
 }
 
-/// The state and diagnostics of files already read and parsed.
+/// The state and diagnostics of files already read and parsed, and the files the cross-document
+/// diagnostics point into.
 fn assemble(
     read: &[(&Path, Arc<ReadFile>)],
     mut diagnostics: Vec<Diagnostic>,
     mut unloaded: Vec<Unloaded>,
     complete_dir: Option<&Path>,
-) -> Loaded {
+) -> (Loaded, std::collections::HashSet<PathBuf, foldhash::fast::RandomState>) {
     let sources = Sources {
         paths: read.iter().map(|(p, _)| *p).collect(),
         texts: read.iter().map(|(_, f)| f.text.as_str()).collect(),
@@ -506,6 +526,7 @@ fn assemble(
         }));
     }
     let outcome = checks::run(&parsed, &sources, &unloaded, complete_dir);
+    let cross = patch::cross_paths(&outcome.diagnostics);
     diagnostics.extend(outcome.diagnostics);
     diagnostics.sort_by(|a, b| a.location.cmp(&b.location));
     // Built in one go (sorted, then bulk-loaded) rather than by 10,000 inserts; of two documents
@@ -518,11 +539,12 @@ fn assemble(
             .map(|(_, d)| (d.object.document.object_ref(), d.object.clone()))
             .collect(),
     };
-    Loaded {
+    let loaded = Loaded {
         state,
         diagnostics,
         files: read.len(),
-    }
+    };
+    (loaded, cross)
 }
 
 /// SHA-256 of the document's canonical JSON form.

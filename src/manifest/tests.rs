@@ -69,3 +69,104 @@ fn files_that_appear_or_go_are_seen_and_the_cache_forgets_the_gone() {
     assert!(loaded.has_errors());
     assert!(loaded.state.objects.is_empty());
 }
+
+fn identity(name: &str, label: &str, id: &str) -> String {
+    format!(
+        "kind: workload_identity\nversion: v1\nmetadata:\n  name: {name}\n  labels:\n    app: {label}\nspec:\n  rules:\n    allow:\n      - conditions:\n          - attribute: workload.unix.uid\n            eq:\n              value: \"0\"\n  spiffe:\n    id: \"{id}\"\n"
+    )
+}
+
+/// Each edit, reloaded as a file event does it, against a full load of the same directory: an edit
+/// that keeps what the cross-document checks read is patched in, and every other falls back; both
+/// give exactly what a full load gives.
+#[test]
+fn an_edit_patched_into_the_last_load_gives_what_a_full_load_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/quickstart");
+    for entry in std::fs::read_dir(&quickstart).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let file = |name: &str| dir.path().join(format!("{name}.yaml"));
+    // A second service, by labels and without a docker attestor: an identity of its labels that
+    // reads `workload.docker.*` is a warning on the agent config.
+    let mut agent = std::fs::read_to_string(file("tbot")).unwrap();
+    agent.push_str("  - type: workload-identity-api\n    name: many\n    listen: unix:///tmp/many.sock\n    selector:\n      labels:\n        app: many\n");
+    std::fs::write(file("tbot"), agent).unwrap();
+    std::fs::write(file("w1"), identity("w1", "many", "/w1")).unwrap();
+    let two = |ttl: &str| {
+        format!(
+            "{}    x509:\n      maximum_ttl: {ttl}\n---\n{}",
+            identity("w2a", "many", "/w2a"),
+            identity("w2b", "many", "/w2b")
+        )
+    };
+    std::fs::write(file("w2"), two("1h")).unwrap();
+    std::fs::write(file("w3"), identity("w3", "few", "/w3")).unwrap();
+    let inputs = [Input::Dir(dir.path().to_owned())];
+    let mut cache = LoadCache::default();
+    let first = load_with(&inputs, &mut cache).unwrap();
+    assert!(!first.has_errors(), "{:?}", first.diagnostics);
+
+    // (file, its new text, patched?)
+    let edits: Vec<(&str, String, bool)> = vec![
+        ("w1", identity("w1", "many", "/w1-edited"), true),
+        (
+            "w1",
+            format!("# one\n# two\n\n{}", identity("w1", "many", "/w1-moved")),
+            true,
+        ),
+        ("w2", two("2h"), true),
+        ("w1", identity("w1", "other", "/w1"), false),
+        ("w1", identity("w1-renamed", "many", "/w1"), false),
+        ("w3", "kind: [".to_owned(), false),
+        ("w3", identity("w3", "few", "/w3-fixed"), false),
+        ("w3", identity("w3", "few", "/w3-again"), true),
+        // A duplicate: the new file, then either of the two, points at the other.
+        ("w4", identity("w3", "few", "/w4"), false),
+        ("w4", identity("w3", "few", "/w4-edited"), false),
+        ("w3", identity("w3", "few", "/w3-edited"), false),
+        ("w4", identity("w4", "few", "/w4"), false),
+        ("w4", identity("w4", "few", "/w4-edited"), true),
+        ("w1", identity("w1", "many", "/w1-back"), false),
+        (
+            "w1",
+            identity("w1", "many", "/{{workload.docker.container.name}}"),
+            false,
+        ),
+        (
+            "w1",
+            identity("w1", "many", "/{{workload.docker.container.name}}/x"),
+            true,
+        ),
+        ("quickstart", identity("quickstart", "quickstart", "/user/x"), false),
+    ];
+    for (i, (name, text, patched)) in edits.into_iter().enumerate() {
+        std::fs::write(file(name), &text).unwrap();
+        let before = cache.patched;
+        let changes = Changes::Paths([file(name)].into());
+        let reloaded = load_changed(&inputs, &mut cache, &changes).unwrap();
+        let full = load(&inputs).unwrap();
+        assert_eq!(
+            cache.patched - before,
+            u64::from(patched),
+            "edit {i} of {name} patched: {patched}"
+        );
+        assert_eq!(reloaded.state, full.state, "edit {i} of {name}");
+        assert_eq!(reloaded.diagnostics, full.diagnostics, "edit {i} of {name}");
+        assert_eq!(reloaded.files, full.files, "edit {i} of {name}");
+    }
+    assert!(
+        load(&inputs)
+            .unwrap()
+            .diagnostics
+            .iter()
+            .any(|d| d.message.contains("`w1` reads `workload.docker.*`")),
+        "the edits reached a cross-document warning"
+    );
+    // A file removed: listed no more, and its objects gone.
+    std::fs::remove_file(file("w2")).unwrap();
+    let reloaded = load_changed(&inputs, &mut cache, &Changes::Paths([file("w2")].into())).unwrap();
+    assert_eq!(reloaded.state, load(&inputs).unwrap().state);
+    assert!(!reloaded.state.objects.keys().any(|r| r.name.starts_with("w2")));
+}
