@@ -47,9 +47,9 @@ fn to_proto(s: &status::ObjectStatus) -> ObjectStatus {
                 last_transition_time: c.last_transition_time.clone(),
             })
             .collect(),
-        source: s.source.clone(),
+        source: s.source().to_owned(),
         hash: s.hash.clone(),
-        document_json: s.document_json.clone(),
+        document_json: s.document_json(),
         instances: Vec::new(),
     }
 }

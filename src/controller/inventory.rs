@@ -2,7 +2,6 @@
 //! directory (`controller/applied.json`, never the watched directory) after each convergence, so
 //! `tbotctl diff` can compare against it when no daemon answers.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -34,31 +33,37 @@ pub fn save(store: &Store, state: &DesiredState) -> Result<(), StoreError> {
 /// Each object's entry as JSON from the last save, with the object it was made from: a save after
 /// one edit of 10,000 objects serializes one (a reload keeps every unchanged object's `Arc`).
 #[derive(Default)]
-pub struct Entries(HashMap<ObjectRef, (Arc<Object>, String)>);
+pub struct Entries(Vec<(ObjectRef, (Arc<Object>, String))>);
 
 /// [`save`], serializing only the objects that are not the ones `cache` holds.
 pub fn save_with(store: &Store, state: &DesiredState, cache: &mut Entries) -> Result<(), StoreError> {
-    let mut out = String::from("[");
-    let mut next = HashMap::with_capacity(state.objects.len());
-    for (i, (r, o)) in state.objects.iter().enumerate() {
-        let json = match cache.0.remove(r) {
-            Some((was, json)) if Arc::ptr_eq(&was, o) => json,
-            _ => serde_json::to_string(&Entry {
-                kind: r.kind.as_str().to_owned(),
-                name: r.name.clone(),
-                hash: o.hash.clone(),
-                path: o.location.path.clone(),
-                source: o.source.clone(),
-                document: serde_json::to_value(&o.document).expect("documents serialize"),
-            })
-            .expect("entries serialize"),
+    let mut length = 4;
+    super::sorted::remake(&mut cache.0, &state.objects, |r, o, kept| {
+        let entry = match kept {
+            Some((was, json)) if Arc::ptr_eq(&was, o) => (was, json),
+            _ => {
+                let json = serde_json::to_string(&Entry {
+                    kind: r.kind.as_str().to_owned(),
+                    name: r.name.clone(),
+                    hash: o.hash.clone(),
+                    path: o.location.path.clone(),
+                    source: o.source.clone(),
+                    document: serde_json::to_value(&o.document).expect("documents serialize"),
+                })
+                .expect("entries serialize");
+                (o.clone(), json)
+            }
         };
+        length += entry.1.len() + 2;
+        entry
+    });
+    let mut out = String::with_capacity(length);
+    out.push('[');
+    for (i, (_, (_, json))) in cache.0.iter().enumerate() {
         out.push_str(if i == 0 { "\n" } else { ",\n" });
-        out.push_str(&json);
-        next.insert(r.clone(), (o.clone(), json));
+        out.push_str(json);
     }
     out.push_str("\n]\n");
-    cache.0 = next;
     // It holds token documents, whose names may be secrets.
     store.write(FILE, out.as_bytes(), Secrecy::Secret)
 }

@@ -7,6 +7,7 @@ pub mod notify;
 pub mod persist;
 pub mod plan;
 pub mod retry;
+mod sorted;
 pub mod status;
 pub mod watch;
 

@@ -78,6 +78,20 @@ pub struct DesiredState {
 }
 
 impl DesiredState {
+    /// The objects of one kind, in name order, found without walking the others.
+    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = (&ObjectRef, &Arc<Object>)> {
+        self.objects
+            .range(ObjectRef::new(kind, String::new())..)
+            .take_while(move |(r, _)| r.kind == kind)
+    }
+
+    /// The kinds that have objects, in [`Kind::ALL`] order.
+    pub fn kinds(&self) -> impl Iterator<Item = Kind> + '_ {
+        Kind::ALL
+            .into_iter()
+            .filter(|&kind| self.of_kind(kind).next().is_some())
+    }
+
     /// How many objects of each kind, in [`Kind::ALL`] order, leaving out kinds with none.
     pub fn counts(&self) -> Vec<(Kind, usize)> {
         Kind::ALL

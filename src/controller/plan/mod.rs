@@ -72,7 +72,7 @@ impl Plan {
 }
 
 fn agent(state: &DesiredState) -> Option<&AgentConfig> {
-    state.objects.values().find_map(|o| match &o.document {
+    state.of_kind(Kind::AgentConfig).find_map(|(_, o)| match &o.document {
         Document::AgentConfig(a) => Some(a),
         _ => None,
     })
@@ -85,10 +85,10 @@ fn agent_ref() -> ObjectRef {
 /// The trust domain the documents give, and the object it comes from; none on an agent of a
 /// remote issuer (the issuer's CA is not this host's to create).
 fn trust_domain(state: &DesiredState) -> Option<(String, ObjectRef)> {
-    if HostRole::of(state.objects.keys().map(|r| r.kind)) == HostRole::Agent {
+    if HostRole::of(state.kinds()) == HostRole::Agent {
         return None;
     }
-    for (r, o) in &state.objects {
+    for (r, o) in state.of_kind(Kind::Cluster) {
         if let Document::Cluster(c) = &o.document {
             return Some((c.metadata.name.to_string(), r.clone()));
         }
@@ -100,7 +100,7 @@ fn trust_domain(state: &DesiredState) -> Option<(String, ObjectRef)> {
 
 /// The issuance log's limits as `tbotctl diff` says them.
 fn log_settings(state: &DesiredState) -> Option<String> {
-    state.objects.values().find_map(|o| match &o.document {
+    state.of_kind(Kind::Cluster).find_map(|(_, o)| match &o.document {
         Document::Cluster(c) => {
             let (history, bytes) = crate::resource::cluster::IssuanceLogSpec::limits(c.spec.issuance_log.as_ref());
             Some(format!(
@@ -116,7 +116,7 @@ fn log_settings(state: &DesiredState) -> Option<String> {
 /// The CA settings that make a new CA: the algorithm and the validity (not the rotation schedule,
 /// which the issuer follows without a new CA).
 fn ca_settings(state: &DesiredState) -> Option<String> {
-    state.objects.values().find_map(|o| match &o.document {
+    state.of_kind(Kind::Cluster).find_map(|(_, o)| match &o.document {
         Document::Cluster(c) => Some(
             c.spec
                 .ca
@@ -146,7 +146,7 @@ fn schedules(state: &DesiredState) -> Option<[(&'static str, String); 2]> {
             show(activate)
         )
     };
-    state.objects.values().find_map(|o| match &o.document {
+    state.of_kind(Kind::Cluster).find_map(|(_, o)| match &o.document {
         Document::Cluster(c) => {
             let ca = c.spec.ca.as_ref();
             let jwt = c.spec.jwt.as_ref();
@@ -172,15 +172,6 @@ fn schedules(state: &DesiredState) -> Option<[(&'static str, String); 2]> {
         }
         _ => None,
     })
-}
-
-fn identities(state: &DesiredState) -> BTreeSet<String> {
-    state
-        .objects
-        .keys()
-        .filter(|r| r.kind == Kind::WorkloadIdentity)
-        .map(|r| r.name.clone())
-        .collect()
 }
 
 /// The `workload-identity-api` services by name, with their listen address.
@@ -330,7 +321,7 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
                         a.onboarding.insecure,
                     )
                 };
-                let remote = HostRole::of(desired.objects.keys().map(|r| r.kind)) == HostRole::Agent;
+                let remote = HostRole::of(desired.kinds()) == HostRole::Agent;
                 if terms(old) != terms(new) || (!remote && trust(old) != trust(new)) {
                     causes.push(agent_ref());
                 } else if trust(old) != trust(new) {
@@ -452,23 +443,39 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
         }
     }
 
-    // Identities.
-    let (ids_new, ids_old) = (identities(desired), identities(before));
-    for id in &ids_new {
-        let r = ObjectRef::new(Kind::WorkloadIdentity, id.clone());
-        if !ids_old.contains(id) {
-            step(Action::Issue { identity: id.clone() }, vec![r]);
-        } else if changed.contains_key(&r) {
-            step(Action::Reissue { identity: id.clone() }, vec![r]);
-        } else if !redecide_all.is_empty() {
-            step(Action::Reissue { identity: id.clone() }, redecide_all.clone());
+    // Identities: both states' identities walked side by side (each in name order); only those to
+    // act on are named.
+    let mut revokes = Vec::new();
+    let (mut new, mut old) = (
+        desired.of_kind(Kind::WorkloadIdentity).map(|(r, _)| r).peekable(),
+        before.of_kind(Kind::WorkloadIdentity).map(|(r, _)| r).peekable(),
+    );
+    loop {
+        let order = match (new.peek(), old.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(a), Some(b)) => a.cmp(b),
+        };
+        match order {
+            Ordering::Less => {
+                let r = new.next().expect("peeked");
+                step(Action::Issue { identity: r.name.clone() }, vec![r.clone()]);
+            }
+            Ordering::Greater => revokes.push(old.next().expect("peeked")),
+            Ordering::Equal => {
+                let r = new.next().expect("peeked");
+                old.next();
+                if changed.contains_key(r) {
+                    step(Action::Reissue { identity: r.name.clone() }, vec![r.clone()]);
+                } else if !redecide_all.is_empty() {
+                    step(Action::Reissue { identity: r.name.clone() }, redecide_all.clone());
+                }
+            }
         }
     }
-    for id in ids_old.difference(&ids_new) {
-        step(
-            Action::Revoke { identity: id.clone() },
-            vec![ObjectRef::new(Kind::WorkloadIdentity, id.clone())],
-        );
+    for r in revokes {
+        step(Action::Revoke { identity: r.name.clone() }, vec![r.clone()]);
     }
 
     // Settings that need a restart.
@@ -484,7 +491,7 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
         }
     }
     let issuers = |state: &'_ DesiredState| {
-        state.objects.iter().find_map(|(r, o)| match &o.document {
+        state.of_kind(Kind::Issuer).find_map(|(r, o)| match &o.document {
             Document::Issuer(i) => Some((r.clone(), i.spec.clone())),
             _ => None,
         })

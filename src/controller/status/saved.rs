@@ -12,7 +12,8 @@ use crate::store::{Secrecy, Store, StoreError};
 /// is kept of each.
 #[derive(Default)]
 pub struct SavedStatus {
-    entries: std::collections::HashMap<ObjectRef, (u64, String)>,
+    /// In the table's order.
+    entries: Vec<(ObjectRef, (u64, String))>,
     /// The file holds what `entries` says (a failed write leaves this false: the next save writes).
     written: bool,
 }
@@ -39,11 +40,10 @@ impl SavedStatus {
             h.finish()
         };
         let mut changed = !self.written || self.entries.len() != objects.len();
-        let mut next = std::collections::HashMap::with_capacity(objects.len());
         let mut length = 4;
-        for (r, o) in objects {
+        crate::controller::sorted::remake(&mut self.entries, objects, |_, o, kept| {
             let now = fingerprint(o);
-            let entry = match self.entries.remove(r) {
+            let entry = match kept {
                 Some((was, json)) if was == now => (was, json),
                 _ => {
                     changed = true;
@@ -51,17 +51,16 @@ impl SavedStatus {
                 }
             };
             length += entry.1.len() + 2;
-            next.insert(r.clone(), entry);
-        }
-        self.entries = next;
+            entry
+        });
         if !changed {
             return None;
         }
         let mut text = String::with_capacity(length);
         text.push('[');
-        for (i, r) in objects.keys().enumerate() {
+        for (i, (_, (_, json))) in self.entries.iter().enumerate() {
             text.push_str(if i == 0 { "\n" } else { ",\n" });
-            text.push_str(&self.entries[r].1);
+            text.push_str(json);
         }
         text.push_str("\n]\n");
         Some(text)

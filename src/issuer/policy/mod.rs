@@ -2,6 +2,7 @@
 //! roles and workload identities by name. Built from a validated `DesiredState`; swapped whole on reload.
 
 pub mod decide;
+mod index;
 pub mod rbac;
 
 use std::collections::BTreeMap;
@@ -50,6 +51,9 @@ pub struct Policy {
     pub roles: BTreeMap<String, Role>,
     /// Shared with the loaded state, not copied: a reload of 10,000 identities copies none.
     pub identities: BTreeMap<String, Identity>,
+    /// The same identities by the values their rules require (built with them; nothing changes
+    /// either after [`Policy::from_state`]).
+    pub by_rules: index::RuleIndex,
     /// The `revocation` documents, by name.
     pub revocations: BTreeMap<String, crate::resource::revocation::Revocation>,
 }
@@ -95,6 +99,7 @@ impl Policy {
             tokens: BTreeMap::new(),
             roles: BTreeMap::new(),
             identities: BTreeMap::new(),
+            by_rules: index::RuleIndex::default(),
             revocations: BTreeMap::new(),
         };
         for object in state.objects.values() {
@@ -141,13 +146,16 @@ impl Policy {
                 Document::Revocation(r) => {
                     policy.revocations.insert(r.metadata.name.to_string(), r.clone());
                 }
-                Document::WorkloadIdentity(identity) => {
-                    policy
-                        .identities
-                        .insert(identity.metadata.name.to_string(), Identity(object.clone()));
-                }
+                // Taken below, in one go.
+                Document::WorkloadIdentity(_) => {}
             }
         }
+        // In name order already: built in one go rather than by 10,000 inserts.
+        policy.identities = state
+            .of_kind(crate::resource::Kind::WorkloadIdentity)
+            .map(|(r, object)| (r.name.clone(), Identity(object.clone())))
+            .collect();
+        policy.by_rules = index::RuleIndex::of(policy.identities.values());
         policy.trust_domain = trust_domain.or(from_agent).ok_or_else(|| {
             IssuerError::Invalid(
                 "no trust domain: add a `cluster` document, or set `proxy_server` in the agent config".into(),

@@ -241,12 +241,13 @@ pub fn select(
     attributes: &Attributes,
 ) -> Result<Vec<Decision>, Denial> {
     let mut out = Vec::new();
-    for (name, wi) in &policy.identities {
+    // Only the identities whose rules might pass (see `policy::index`), in name order.
+    for wi in policy.by_rules.candidates(attributes) {
         // The cheap tests first: most identities a broad selector names are not this caller's.
         if !labels.iter().all(|(k, v)| wi.metadata.labels.get(k) == Some(v)) || !rules_pass(wi, attributes) {
             continue;
         }
-        if let Ok(decision) = decide(policy, bot_name, name, attributes) {
+        if let Ok(decision) = decide(policy, bot_name, &wi.metadata.name, attributes) {
             out.push(decision);
         }
     }

@@ -217,3 +217,69 @@ fn label_selectors_pick_only_identities_the_bot_may_issue() {
     let none = select(&p, "b", &[("app".to_owned(), "y".to_owned())].into(), &workload(1)).unwrap();
     assert!(none.is_empty());
 }
+
+/// The rule index only narrows: for callers of every kind, a label selection picks exactly what
+/// testing each identity in turn picks.
+#[test]
+fn a_selection_through_the_rule_index_picks_what_testing_every_identity_picks() {
+    let identities = [
+        ("open", "{}"),
+        (
+            "uid-1",
+            "{allow: [{conditions: [{attribute: workload.unix.uid, eq: {value: '1'}}]}]}",
+        ),
+        (
+            "uid-1-or-gid-5",
+            "{allow: [{conditions: [{attribute: workload.unix.uid, eq: {value: '1'}}]}, {conditions: [{attribute: workload.unix.gid, eq: {value: '5'}}]}]}",
+        ),
+        (
+            "uid-2-twice",
+            "{allow: [{conditions: [{attribute: workload.unix.uid, eq: {value: '2'}}]}, {conditions: [{attribute: workload.unix.uid, eq: {value: '2'}}, {attribute: workload.unix.gid, eq: {value: '5'}}]}]}",
+        ),
+        (
+            "not-root",
+            "{allow: [{conditions: [{attribute: workload.unix.uid, not_eq: {value: '0'}}]}]}",
+        ),
+        (
+            "in-then-eq",
+            "{allow: [{conditions: [{attribute: workload.unix.uid, in: {values: ['1', '2']}}, {attribute: workload.unix.gid, eq: {value: '5'}}]}]}",
+        ),
+        (
+            "eq-or-open-rule",
+            "{allow: [{conditions: [{attribute: workload.unix.uid, eq: {value: '9'}}]}, {conditions: [{attribute: workload.unix.attested, not_eq: {value: 'false'}}]}]}",
+        ),
+        (
+            "team-red",
+            "{allow: [{conditions: [{attribute: user.traits.team, eq: {value: Red}}]}]}",
+        ),
+        (
+            "team-green",
+            "{allow: [{conditions: [{attribute: user.traits.team, eq: {value: Green}}]}]}",
+        ),
+    ];
+    let mut text = String::from(
+        "kind: cluster\nversion: v1\nmetadata: {name: example.org}\nspec: {}\n---\nkind: role\nversion: v7\nmetadata: {name: r}\nspec:\n  allow:\n    workload_identity_labels: {app: x}\n    rules: [{resources: [workload_identity], verbs: [read, list]}]\n---\nkind: bot\nversion: v1\nmetadata: {name: b}\nspec:\n  roles: [r]\n  traits: [{name: team, values: [Blue, Red]}]\n",
+    );
+    for (name, rules) in identities {
+        text.push_str(&format!(
+            "---\nkind: workload_identity\nversion: v1\nmetadata: {{name: {name}, labels: {{app: x}}}}\nspec:\n  rules: {rules}\n  spiffe: {{id: /{name}}}\n"
+        ));
+    }
+    let policy = policy_from_text(&text);
+    let labels = BTreeMap::from([("app".to_owned(), "x".to_owned())]);
+    let mut picked_any = 0;
+    for (uid, gid) in [(0, 0), (1, 0), (2, 0), (2, 5), (9, 1), (3, 5), (1, 5)] {
+        let mut attributes = workload(uid);
+        attributes.set("workload.unix.gid", gid);
+        let names = |decisions: Vec<Decision>| decisions.into_iter().map(|d| d.spiffe_id).collect::<Vec<_>>();
+        let indexed = names(select(&policy, "b", &labels, &attributes).unwrap());
+        let every: Vec<Decision> = policy
+            .identities
+            .keys()
+            .filter_map(|name| decide(&policy, "b", name, &attributes).ok())
+            .collect();
+        assert_eq!(indexed, names(every), "uid {uid}, gid {gid}");
+        picked_any += indexed.len();
+    }
+    assert!(picked_any > 7, "the callers pass more than the open identity");
+}
