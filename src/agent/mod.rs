@@ -50,7 +50,7 @@ pub struct Agent {
 #[derive(Default)]
 struct Redecided {
     all: u64,
-    by_identity: std::collections::HashMap<String, u64>,
+    by_identity: std::collections::HashMap<String, u64, foldhash::fast::RandomState>,
 }
 
 /// Cached resolutions by selector and workload attributes, for one (policy, bot identity) epoch.
@@ -58,12 +58,12 @@ struct Redecided {
 struct Resolutions {
     policy: u64,
     bot: Option<Arc<BotIdentity>>,
-    by_selector: std::collections::HashMap<IdentitySelector, Answers>,
+    by_selector: std::collections::HashMap<IdentitySelector, Answers, foldhash::fast::RandomState>,
     /// The answers of the epoch before (a renewal, a policy event): asked only when the issuer
     /// cannot be reached, so a new process right after a renewal or a reconnect is still served
     /// during an outage (its SVID comes from the cache, which the re-decision already revoked if the
     /// documents took it away).
-    previous: std::collections::HashMap<IdentitySelector, Answers>,
+    previous: std::collections::HashMap<IdentitySelector, Answers, foldhash::fast::RandomState>,
     /// Moves on every [`Agent::forget_resolutions`]: an answer asked for before must not be kept.
     forgotten: u64,
 }
@@ -73,7 +73,7 @@ struct Resolutions {
 #[derive(Default)]
 struct Answers {
     decided_on: Option<Vec<String>>,
-    by_attributes: std::collections::HashMap<Attributes, Vec<Resolved>>,
+    by_attributes: std::collections::HashMap<Attributes, Vec<Resolved>, foldhash::fast::RandomState>,
 }
 
 impl Answers {

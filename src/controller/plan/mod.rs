@@ -460,22 +460,42 @@ pub fn plan(desired: &DesiredState, actual: Option<&DesiredState>) -> Plan {
         match order {
             Ordering::Less => {
                 let r = new.next().expect("peeked");
-                step(Action::Issue { identity: r.name.clone() }, vec![r.clone()]);
+                step(
+                    Action::Issue {
+                        identity: r.name.clone(),
+                    },
+                    vec![r.clone()],
+                );
             }
             Ordering::Greater => revokes.push(old.next().expect("peeked")),
             Ordering::Equal => {
                 let r = new.next().expect("peeked");
                 old.next();
                 if changed.contains_key(r) {
-                    step(Action::Reissue { identity: r.name.clone() }, vec![r.clone()]);
+                    step(
+                        Action::Reissue {
+                            identity: r.name.clone(),
+                        },
+                        vec![r.clone()],
+                    );
                 } else if !redecide_all.is_empty() {
-                    step(Action::Reissue { identity: r.name.clone() }, redecide_all.clone());
+                    step(
+                        Action::Reissue {
+                            identity: r.name.clone(),
+                        },
+                        redecide_all.clone(),
+                    );
                 }
             }
         }
     }
     for r in revokes {
-        step(Action::Revoke { identity: r.name.clone() }, vec![r.clone()]);
+        step(
+            Action::Revoke {
+                identity: r.name.clone(),
+            },
+            vec![r.clone()],
+        );
     }
 
     // Settings that need a restart.
