@@ -47,6 +47,8 @@ pub struct JwtKey {
     pair: EcdsaKeyPair,
     kid: String,
     jwk: Value,
+    /// The token's encoded header `{alg: ES256, kid, typ: JWT}`, the same for every token.
+    header: String,
     rng: SystemRandom,
     not_after: i64,
 }
@@ -67,10 +69,13 @@ impl JwtKey {
             "alg": "ES256",
             "use": "jwt-svid",
         });
+        let header = json!({"alg": "ES256", "kid": kid, "typ": "JWT"});
+        let header = B64.encode(serde_json::to_vec(&header).expect("json"));
         Ok(JwtKey {
             pair,
             kid,
             jwk,
+            header,
             rng: SystemRandom::new(),
             not_after,
         })
@@ -98,10 +103,9 @@ impl JwtKey {
 
     /// Signs `claims` into a compact JWS with header `{alg: ES256, kid, typ: JWT}`.
     pub fn sign(&self, claims: &Value) -> Result<String, IssuerError> {
-        let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
         let mut token = format!(
             "{}.{}",
-            B64.encode(serde_json::to_vec(&header).expect("json")),
+            self.header,
             B64.encode(serde_json::to_vec(claims).expect("json"))
         );
         let signature = self
