@@ -47,7 +47,8 @@ pub(super) fn cross_paths(diagnostics: &[Diagnostic]) -> HashSet<PathBuf, foldha
 }
 
 /// The load after the document files `changed` (all still listed) were edited, when the edit can be
-/// patched into the last load; `None` (and `cache` untouched) when it needs a full assembly.
+/// patched into the last load; `None` when it needs a full assembly (the files read meanwhile are
+/// left in `cache.files`, for it).
 pub(super) fn patch(cache: &mut LoadCache, changed: &BTreeSet<PathBuf>) -> Option<Loaded> {
     let last = cache.assembled.as_ref()?;
     let mut fresh: Vec<(&PathBuf, Arc<ReadFile>)> = Vec::with_capacity(changed.len());
