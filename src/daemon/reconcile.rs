@@ -111,7 +111,7 @@ impl Daemon {
             Ok(loaded) => loaded,
             Err(again) => return again.into_iter().chain(self.retry.next_due()).min(),
         };
-        phases.mark("load");
+        phases.mark(if loaded.patched { "load (patched)" } else { "load" });
         let applied = self.applied();
         let mut desired = keep_last_good(&mut loaded, &applied);
         // An object waiting out its backoff keeps its applied version in this run, unless its spec

@@ -96,7 +96,7 @@ impl DesiredState {
     pub fn counts(&self) -> Vec<(Kind, usize)> {
         Kind::ALL
             .into_iter()
-            .map(|kind| (kind, self.objects.keys().filter(|r| r.kind == kind).count()))
+            .map(|kind| (kind, self.of_kind(kind).count()))
             .filter(|(_, n)| *n > 0)
             .collect()
     }
@@ -109,6 +109,8 @@ pub struct Loaded {
     pub diagnostics: Vec<Diagnostic>,
     /// How many files were read.
     pub files: usize,
+    /// Whether this load was patched into the last one (see `manifest::patch`), for the debug log.
+    pub patched: bool,
 }
 
 impl Loaded {
@@ -214,7 +216,6 @@ pub fn load_changed(inputs: &[Input], cache: &mut LoadCache, changes: &Changes) 
             (Some(listing), Some(reread)) => match patch::patch(cache, &reread) {
                 Some(loaded) => {
                     cache.listed = Some(listing);
-                    cache.patched += 1;
                     Ok(loaded)
                 }
                 None => load_listing(inputs, cache, listing, Some(&reread)),
@@ -247,8 +248,6 @@ pub struct LoadCache {
     links: bool,
     /// What the last load made of them, for an edit that can be patched in.
     assembled: Option<patch::Assembled>,
-    /// How many loads were patched in.
-    patched: u64,
 }
 
 /// Identifies one version of a file without reading it. Every write moves `ctime`, and a rename
@@ -557,6 +556,7 @@ fn assemble(
         state,
         diagnostics,
         files: read.len(),
+        patched: false,
     };
     (loaded, cross)
 }

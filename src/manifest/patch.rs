@@ -33,6 +33,7 @@ impl Assembled {
             state: self.state.clone(),
             diagnostics: self.diagnostics.clone(),
             files: self.files,
+            patched: true,
         }
     }
 }
