@@ -237,6 +237,20 @@ fn the_issuer_and_the_agent_report_each_other() {
     let on_issuer = wait_for_status(&issuer.daemon, "one agent", |s| s.contains("(1 agent connected)"));
     assert!(on_issuer.contains("example-bot/"), "{on_issuer}");
     assert!(on_issuer.contains("bot: none on this host"), "{on_issuer}");
+    // One TLS handshake: the agent's `Watch` stream is on the connection its join came on (the
+    // issuer bound it to the new bot certificate), so the join's address, port included, is the
+    // stream's.
+    let log = issuer.daemon.log();
+    let joined_from = log
+        .lines()
+        .find(|l| l.contains("bot joined"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("address=")))
+        .unwrap_or_else(|| panic!("no join address in the issuer's log: {log}"));
+    assert!(joined_from.starts_with("127.0.0.1:"), "{joined_from}");
+    assert!(
+        on_issuer.contains(joined_from),
+        "joined from {joined_from}: {on_issuer}"
+    );
     // An issuer directory without an agent config: `tbotctl` found its admin socket from the
     // `issuer` document.
     assert!(
@@ -837,6 +851,12 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
     }
     assert_eq!(code("report_plain"), "OK", "{report:#}");
     assert_eq!(code("report_anonymous"), "UNAUTHENTICATED", "{report:#}");
+    // The connection a join came on, without a client certificate, is bound to the bot certificate
+    // of its first join, and only to that one; a connection that never joined is not.
+    assert_eq!(report["join_bound"], true, "{report:#}");
+    assert_eq!(code("report_on_joined_connection"), "OK", "{report:#}");
+    assert_eq!(code("issue_on_joined_connection"), "OK", "{report:#}");
+    assert_eq!(report["second_join_bound"], false, "{report:#}");
     // Bytes that are not a message are the client's fault, not the server's.
     assert_eq!(code("undecodable_request"), "INVALID_ARGUMENT", "{report:#}");
     // What held before this round still holds: token refusals, authentication, TLS 1.3 only and

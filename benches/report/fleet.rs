@@ -7,7 +7,8 @@
 //! - edit on the issuer → new SVID on a remote agent's open stream, p50/p99;
 //! - scale: a load generator speaking the issuer protocol as many simulated agents (each its own
 //!   TLS connection, source address, bot instance and `Watch` stream), two SVIDs each: joins per
-//!   second (beside TLS 1.3 handshakes per second, the floor of a join's two handshakes), the
+//!   second (beside TLS 1.3 handshakes per second: a join is one handshake, then its `Watch` on the
+//!   same connection, which the issuer binds to the new bot certificate), the
 //!   issuer's CPU and memory at rest and while every SVID is renewed, and edit → every agent
 //!   notified. 5,000 agents; `TBOT_BENCH_AGENTS=N` runs the scale part with N (each agent is an
 //!   open file in this process and in the issuer's, which inherits this process's limit).
@@ -533,8 +534,8 @@ async fn at_scale(scale: Scale, in_process: f64) -> Vec<Row> {
         Row::rate(
             "fleet",
             format!(
-                "the same {n} joins against bare TLS (a join makes two handshakes: the join, then `Watch` \
-                 with its client certificate)"
+                "the same {n} joins against bare TLS (a join is one handshake: its `Watch` stays on the \
+                 join's connection)"
             ),
             joins_per_second,
             "TLS 1.3 handshakes on loopback (P-256 server certificate, no client certificate, each a new TCP \
@@ -600,7 +601,8 @@ pub async fn run(scale: Scale) -> Vec<Row> {
 
 /// TLS 1.3 handshakes per second on loopback, `in_flight` at once, each on a new TCP connection: a
 /// rustls server with a P-256 certificate (the issuer's kind), a rustls client that verifies it, and
-/// nothing sent after the handshake. The floor of a join, which makes two such handshakes.
+/// nothing sent after the handshake. The floor of a join, which makes one such handshake, then its
+/// join and `Watch` on the connection.
 async fn tls_handshakes(n: usize, in_flight: usize) -> f64 {
     use tokio_rustls::rustls;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());

@@ -16,7 +16,10 @@ use crate::issuer::{IssuerError, LocalIssuer};
 
 /// The crypto provider of every TLS config in tbot.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
 }
 
 /// A chain (DER, leaf first) and its PKCS#8 key, ready to serve.

@@ -233,6 +233,7 @@ pub fn bot_to_wire(c: &BotCertificate, bundle: &Bundles) -> proto::BotCertificat
         join: c.join.iter().map(|(k, v)| (k.to_owned(), v.join(","))).collect(),
         bundle: Some(bundle_to_wire(bundle)),
         instance: c.instance.clone(),
+        connection_bound: false,
     }
 }
 

@@ -78,10 +78,10 @@ pub fn issuer_request_outcome(data: &[u8]) -> Option<tonic::Code> {
     let (&which, body) = data.split_first()?;
     let (api, issuer, cert) = fuzz_issuer();
     // The TLS session of an agent that joined, as the server sees it.
-    let peer = PeerInfo {
-        address: "127.0.0.1:1".parse().expect("an address"),
-        certificate: Some(std::sync::Arc::new(cert.clone())),
-    };
+    let peer = PeerInfo::new(
+        "127.0.0.1:1".parse().expect("an address"),
+        Some(std::sync::Arc::new(cert.clone())),
+    );
     fn request<T>(message: T, peer: &PeerInfo) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);
         r.extensions_mut().insert(peer.clone());

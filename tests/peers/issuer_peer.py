@@ -127,6 +127,13 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
         ca = f.read()
     anonymous = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))
     joins = rpc.JoinServiceStub(anonymous)
+    # Another connection without a client certificate that never joins (its own subchannel, so
+    # grpc does not share `anonymous`'s connection with it).
+    stranger = grpc.secure_channel(
+        address,
+        grpc.ssl_channel_credentials(root_certificates=ca),
+        options=[("grpc.use_local_subchannel_pool", 1)],
+    )
     out = {}
 
     def join(method, token_name, public_key):
@@ -177,6 +184,15 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
     key, spki = new_key()
     bot = join("token", token, spki)
     out["join_after_malformed_key"] = {"code": "OK", "generation": bot.generation}
+    # The connection the join came on had no client certificate: the issuer says it now
+    # authenticates as the new bot certificate, and it does (no second handshake).
+    out["join_bound"] = bot.connection_bound
+    on_joined = rpc.WorkloadIdentityServiceStub(anonymous)
+    try:
+        on_joined.Report(pb.HoldingsReport(), timeout=10)
+        out["report_on_joined_connection"] = {"code": "OK"}
+    except grpc.RpcError as e:
+        out["report_on_joined_connection"] = {"code": e.code().name, "details": e.details()}
     out["join_claims"] = dict(bot.join)
     # Token refusals that held before this round, kept as regression checks.
     out["used_token"] = code_of(lambda: join("token", token, new_key()[1]))
@@ -236,7 +252,7 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
     except grpc.RpcError as e:
         out["report_plain"] = {"code": e.code().name, "details": e.details()}
     out["report_anonymous"] = code_of(
-        lambda: rpc.WorkloadIdentityServiceStub(anonymous).Report(pb.HoldingsReport(), timeout=10)
+        lambda: rpc.WorkloadIdentityServiceStub(stranger).Report(pb.HoldingsReport(), timeout=10)
     )
 
     # Bytes that are not a protobuf message, as a unary request: the client's fault.
@@ -245,9 +261,11 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
 
     # Authentication, kept as regression checks: no client certificate, and a self-signed one named
     # like the bot.
-    anonymous_workloads = rpc.WorkloadIdentityServiceStub(anonymous)
+    anonymous_workloads = rpc.WorkloadIdentityServiceStub(stranger)
     request = x509_request(identity, "workload.unix.uid", "1000", svid_spki)
     out["no_client_certificate"] = code_of(lambda: anonymous_workloads.IssueX509(request, timeout=10))
+    # The joined connection issues as its bot.
+    out["issue_on_joined_connection"] = code_of(lambda: on_joined.IssueX509(request, timeout=10))
     imitator_key = ec.generate_private_key(ec.SECP256R1())
     imitator = as_bot(self_signed(imitator_key, "bot-example-bot"), imitator_key)
     out["self_signed_certificate"] = code_of(
@@ -273,6 +291,8 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
         ed_key = ed25519.Ed25519PrivateKey.generate()
         ed_spki = ed_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         ed_bot = join("token", token2, ed_spki)
+        # A connection keeps the first certificate it had: a second join on it binds nothing.
+        out["second_join_bound"] = ed_bot.connection_bound
         next_key, next_spki = new_key()
         try:
             renewed = rpc.BotServiceStub(as_bot(ed_bot.certificate, ed_key)).Renew(

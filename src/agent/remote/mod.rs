@@ -29,7 +29,9 @@ use proto::workload_identity_service_client::WorkloadIdentityServiceClient;
 mod trust;
 mod watching;
 
-use trust::{Target, Withdrawn, connect, load_bundle, load_withdrawn, note_withdrawn, save_bundle};
+use trust::{
+    Connection, Identity, Target, Withdrawn, connect, load_bundle, load_withdrawn, note_withdrawn, save_bundle,
+};
 use watching::watch_loop;
 
 /// Where the remote issuer is and how to trust it: the agent config's `proxy_server` (or
@@ -59,10 +61,16 @@ pub struct Link {
 pub struct RemoteIssuer {
     target: RwLock<Arc<Target>>,
     /// The bot credential presented as the TLS client certificate.
-    identity: RwLock<Option<Arc<CertifiedKey>>>,
-    /// Moves when the identity or the target changes: connections made before are not reused.
+    identity: Identity,
+    /// Moves when the identity or the target changes: connections made before are not reused
+    /// (except the one a join was answered on, which the issuer bound to the new certificate).
     epoch: watch::Sender<u64>,
     channel: Mutex<Option<(u64, Channel)>>,
+    /// The last connection made.
+    connection: Arc<Mutex<Connection>>,
+    /// The connection the issuer bound to the certificate of a join answered on it, and that
+    /// certificate: presenting it keeps the connection.
+    bound: Mutex<Option<(Connection, Vec<u8>)>>,
     bundles: watch::Sender<Arc<Bundles>>,
     /// The pins of CAs seen leaving the bundle: not trusted by pin any more.
     withdrawn: Withdrawn,
@@ -86,8 +94,17 @@ struct PendingJoin {
     challenge: String,
     tx: mpsc::Sender<proto::JoinRequest>,
     responses: tonic::Streaming<proto::JoinResponse>,
+    /// The epoch of the channel the stream is on.
+    epoch: u64,
     started: std::time::Instant,
 }
+
+/// A join stream: what to send, what comes back, and the epoch of the channel it is on.
+type JoinStream = (
+    mpsc::Sender<proto::JoinRequest>,
+    tonic::Streaming<proto::JoinResponse>,
+    u64,
+);
 
 impl RemoteIssuer {
     /// A client of the issuer at `settings.address`; nothing is dialled until the first call.
@@ -110,9 +127,11 @@ impl RemoteIssuer {
         }
         Ok(Arc::new(RemoteIssuer {
             target: RwLock::new(Arc::new(target)),
-            identity: RwLock::new(None),
+            identity: Identity::default(),
             epoch: watch::channel(0).0,
             channel: Mutex::new(None),
+            connection: Arc::default(),
+            bound: Mutex::new(None),
             bundles,
             withdrawn,
             events: watch::channel(Arc::new(PolicyEvent::default())).0,
@@ -198,24 +217,46 @@ impl RemoteIssuer {
 
     /// A channel for the current identity and target, dialled lazily and kept until either changes.
     fn channel(&self) -> Result<Channel, IssuerError> {
+        self.channel_at().map(|(_, channel)| channel)
+    }
+
+    /// [`RemoteIssuer::channel`], with its epoch.
+    fn channel_at(&self) -> Result<(u64, Channel), IssuerError> {
         let epoch = *self.epoch.borrow();
         let mut slot = self.channel.lock().expect("channel poisoned");
         if let Some((at, channel)) = slot.as_ref()
             && *at == epoch
         {
-            return Ok(channel.clone());
+            return Ok((epoch, channel.clone()));
         }
         let target = self.target.read().expect("target poisoned").clone();
-        let identity = self.identity.read().expect("identity poisoned").clone();
         let local = *self.local_ip.lock().expect("local address poisoned");
-        let channel = connect(&target, identity, local)?;
+        let channel = connect(&target, self.identity.clone(), local, epoch, self.connection.clone())?;
         *slot = Some((epoch, channel.clone()));
-        Ok(channel)
+        Ok((epoch, channel))
+    }
+
+    /// Whether the channel in use is on a connection made before this agent held a certificate,
+    /// which the issuer has not bound to one.
+    fn on_anonymous_connection(&self) -> bool {
+        let made = *self.connection.lock().expect("connection note poisoned");
+        made.epoch == *self.epoch.borrow()
+            && !made.presented
+            && self.identity.read().expect("identity poisoned").is_some()
     }
 
     /// A transport failure as an `Unavailable` error that says what went wrong, naming the pin the
     /// server presented when that was it.
     fn unreachable(&self, status: &tonic::Status) -> IssuerError {
+        if status.code() == tonic::Code::Unauthenticated && self.on_anonymous_connection() {
+            // A connection the issuer did not bind at the join (it went down right after, or the
+            // issuer is older): the next call dials again, presenting the certificate.
+            self.epoch.send_modify(|e| *e += 1);
+            return IssuerError::Unavailable(
+                "the connection to the issuer was made before this agent held its bot certificate; reconnecting with it"
+                    .into(),
+            );
+        }
         let target = self.target.read().expect("target poisoned").clone();
         let refusal = target.verifier.last_refusal.lock().expect("refusal poisoned").take();
         let error = match (refusal, wire::from_status(status)) {
@@ -313,22 +354,25 @@ impl RemoteIssuer {
         });
     }
 
-    async fn open_join(
-        &self,
-    ) -> Result<(mpsc::Sender<proto::JoinRequest>, tonic::Streaming<proto::JoinResponse>), IssuerError> {
+    /// A join stream, and the epoch of the channel it is on.
+    async fn open_join(&self) -> Result<JoinStream, IssuerError> {
         let (tx, rx) = mpsc::channel(2);
-        let mut client = JoinServiceClient::new(self.channel()?);
+        let (epoch, channel) = self.channel_at()?;
+        let mut client = JoinServiceClient::new(channel);
         let responses = client
             .join(ReceiverStream::new(rx))
             .await
             .map_err(|s| self.unreachable(&s))?
             .into_inner();
-        Ok((tx, responses))
+        Ok((tx, responses, epoch))
     }
 
+    /// The certificate a join was answered with. When the issuer says it bound the connection to
+    /// it, and that connection is the channel's own, presenting it keeps the connection.
     async fn join_result(
         &self,
         responses: &mut tonic::Streaming<proto::JoinResponse>,
+        epoch: u64,
     ) -> Result<BotCertificate, IssuerError> {
         let message = responses
             .message()
@@ -336,7 +380,14 @@ impl RemoteIssuer {
             .map_err(|s| self.unreachable(&s))?
             .ok_or_else(|| IssuerError::Unavailable("the issuer ended the join without an answer".into()))?;
         match message.response {
-            Some(proto::join_response::Response::Result(cert)) => self.accept_bot(cert),
+            Some(proto::join_response::Response::Result(cert)) => {
+                let bound = cert.connection_bound;
+                let cert = self.accept_bot(cert)?;
+                let made = *self.connection.lock().expect("connection note poisoned");
+                let kept = bound && made.epoch == epoch && !made.presented;
+                *self.bound.lock().expect("bound poisoned") = kept.then(|| (made, cert.der.clone()));
+                Ok(cert)
+            }
             _ => Err(IssuerError::Unavailable(
                 "the issuer answered the join with something else than a certificate".into(),
             )),
@@ -376,7 +427,7 @@ impl Issuer for RemoteIssuer {
     /// Opens an `iam` join stream and returns the challenge the issuer made inside it; the stream
     /// waits for [`Issuer::join`] with that challenge.
     async fn challenge(&self) -> Result<String, IssuerError> {
-        let (tx, mut responses) = self.open_join().await?;
+        let (tx, mut responses, epoch) = self.open_join().await?;
         let init = proto::JoinRequest {
             request: Some(proto::join_request::Request::Init(proto::ClientInit {
                 join_method: "iam".into(),
@@ -405,6 +456,7 @@ impl Issuer for RemoteIssuer {
             challenge: c.challenge.clone(),
             tx,
             responses,
+            epoch,
             started: std::time::Instant::now(),
         });
         Ok(c.challenge)
@@ -413,7 +465,7 @@ impl Issuer for RemoteIssuer {
     async fn join(&self, request: JoinRequest) -> Result<BotCertificate, IssuerError> {
         match request.proof {
             JoinProof::Token => {
-                let (tx, mut responses) = self.open_join().await?;
+                let (tx, mut responses, epoch) = self.open_join().await?;
                 let init = proto::JoinRequest {
                     request: Some(proto::join_request::Request::Init(proto::ClientInit {
                         token_name: request.token,
@@ -425,7 +477,7 @@ impl Issuer for RemoteIssuer {
                 tx.send(init)
                     .await
                     .map_err(|_| IssuerError::Unavailable("the join stream closed".into()))?;
-                self.join_result(&mut responses).await
+                self.join_result(&mut responses, epoch).await
             }
             JoinProof::Iam {
                 challenge,
@@ -458,7 +510,7 @@ impl Issuer for RemoteIssuer {
                     .send(solution)
                     .await
                     .map_err(|_| IssuerError::Unavailable("the join stream closed".into()))?;
-                self.join_result(&mut join.responses).await
+                self.join_result(&mut join.responses, join.epoch).await
             }
         }
     }
@@ -552,9 +604,11 @@ impl Issuer for RemoteIssuer {
         if same {
             return;
         }
-        let signing = match provider()
-            .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())))
+        // A bot key is ECDSA unless made otherwise: tried first, as the generic loader tries RSA
+        // before it.
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
+        let signing = match rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der)
+            .or_else(|_| provider().key_provider.load_private_key(der))
         {
             Ok(k) => k,
             Err(e) => {
@@ -564,7 +618,14 @@ impl Issuer for RemoteIssuer {
         };
         let cert = CertifiedKey::new(vec![CertificateDer::from(certificate.to_vec())], signing);
         *self.identity.write().expect("identity poisoned") = Some(Arc::new(cert));
-        self.epoch.send_modify(|e| *e += 1);
+        // The connection a join was just answered on is bound to this certificate: it stays, and
+        // any connection made from now on presents the certificate. Any other is left.
+        let bound = self.bound.lock().expect("bound poisoned").take();
+        let made = *self.connection.lock().expect("connection note poisoned");
+        let keep = bound.is_some_and(|(on, der)| on == made && on.epoch == *self.epoch.borrow() && der == certificate);
+        if !keep {
+            self.epoch.send_modify(|e| *e += 1);
+        }
     }
 
     fn policy_events(&self) -> Option<watch::Receiver<Arc<PolicyEvent>>> {

@@ -202,23 +202,31 @@ impl Target {
     }
 }
 
-/// Dials the issuer lazily: TCP, then TLS 1.3 with ALPN h2, presenting `identity` when there is one.
+/// The bot credential presented on new connections, shared with the issuer client: a connection
+/// presents what it holds when the connection is made.
+pub(super) type Identity = Arc<std::sync::RwLock<Option<Arc<CertifiedKey>>>>;
+
+/// The last connection made to the issuer: of which channel (epoch), its number (counting every
+/// connection the client made), and whether it presented a bot certificate.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(super) struct Connection {
+    pub(super) epoch: u64,
+    pub(super) number: u64,
+    pub(super) presented: bool,
+}
+
+/// Dials the issuer lazily: TCP, then TLS 1.3 with ALPN h2, presenting the bot certificate in
+/// `identity` when there is one then; each connection is noted in `made` (the channel is `epoch`).
 pub(super) fn connect(
     target: &Target,
-    identity: Option<Arc<CertifiedKey>>,
+    identity: Identity,
     local: Option<std::net::IpAddr>,
+    epoch: u64,
+    made: Arc<Mutex<Connection>>,
 ) -> Result<Channel, IssuerError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| IssuerError::Crypto(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(target.verifier.clone());
-    let mut config = match identity {
-        Some(key) => builder.with_client_cert_resolver(Arc::new(Present(key))),
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let verifier = target.verifier.clone();
+    // The config of the last connection, kept while the credential is the same.
+    let configs: Arc<Mutex<LastConfig>> = Arc::new(Mutex::new((None, Arc::new(client_config(&verifier, None)?))));
     let (address, name) = (target.settings.address.clone(), target.server_name.clone());
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| IssuerError::Invalid(format!("`{address}` is not an address: {e}")))?
@@ -228,7 +236,8 @@ pub(super) fn connect(
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-        let (connector, address, name) = (connector.clone(), address.clone(), name.clone());
+        let (verifier, address, name) = (verifier.clone(), address.clone(), name.clone());
+        let (identity, made, configs) = (identity.clone(), made.clone(), configs.clone());
         async move {
             let tcp = match local {
                 None => tokio::net::TcpStream::connect(&address).await?,
@@ -247,10 +256,57 @@ pub(super) fn connect(
                 }
             };
             tcp.set_nodelay(true)?;
-            let tls = connector.connect(name, tcp).await?;
+            let key = identity.read().expect("identity poisoned").clone();
+            let presented = key.is_some();
+            let config = {
+                let mut last = configs.lock().expect("configs poisoned");
+                let same = match (&last.0, &key) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                };
+                if !same {
+                    let config = client_config(&verifier, key.clone()).map_err(std::io::Error::other)?;
+                    *last = (key, Arc::new(config));
+                }
+                last.1.clone()
+            };
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            let mut last = made.lock().expect("connection note poisoned");
+            if epoch >= last.epoch {
+                *last = Connection {
+                    epoch,
+                    number: last.number + 1,
+                    presented,
+                };
+            }
+            drop(last);
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     })))
+}
+
+/// The credential of a channel's last connection, and the TLS config made for it.
+type LastConfig = (Option<Arc<CertifiedKey>>, Arc<rustls::ClientConfig>);
+
+/// TLS 1.3, ALPN h2, the issuer checked by `verifier`, `key` presented when there is one.
+fn client_config(
+    verifier: &Arc<PinVerifier>,
+    key: Option<Arc<CertifiedKey>>,
+) -> Result<rustls::ClientConfig, IssuerError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IssuerError::Crypto(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone());
+    let mut config = match key {
+        Some(key) => builder.with_client_cert_resolver(Arc::new(Present(key))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // The issuer sends no session tickets (see `issuer::server::tls::server_config`).
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 /// Presents the bot certificate when the server asks for one.

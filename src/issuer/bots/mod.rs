@@ -13,6 +13,7 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
 use x509_parser::oid_registry::Oid;
 
 use crate::issuer::keys::ca::{Authority, random_serial};
@@ -143,6 +144,8 @@ pub struct VerifiedBot {
     /// The certificate's SubjectPublicKeyInfo (DER).
     pub public_key: Vec<u8>,
     pub not_after: OffsetDateTime,
+    /// The id of the CA that signed it.
+    pub signer: u32,
 }
 
 /// Checks that one of our CAs signed `der`, that it is valid now, and reads its claims and public key.
@@ -151,12 +154,29 @@ pub fn verify_bot_certificate(
     der: &[u8],
     now: OffsetDateTime,
 ) -> Result<VerifiedBot, IssuerError> {
+    let (_, cert) = parse(der)?;
+    let Some(ca) = authority.signer_of(&cert) else {
+        return Err(IssuerError::Unauthenticated(
+            "no CA of this trust domain signed it".into(),
+        ));
+    };
+    read(&cert, ca.id(), now)
+}
+
+/// What [`verify_bot_certificate`] returns for a certificate this process has just signed with CA
+/// `signer`: its signature is not checked again.
+pub fn read_signed(der: &[u8], signer: u32, now: OffsetDateTime) -> Result<VerifiedBot, IssuerError> {
+    read(&parse(der)?.1, signer, now)
+}
+
+fn parse(der: &[u8]) -> Result<(&[u8], X509Certificate<'_>), IssuerError> {
+    x509_parser::parse_x509_certificate(der)
+        .map_err(|_| IssuerError::Unauthenticated("not an X.509 certificate".into()))
+}
+
+/// The dates and claims of a bot certificate whose signature is known to be good.
+fn read(cert: &X509Certificate<'_>, signer: u32, now: OffsetDateTime) -> Result<VerifiedBot, IssuerError> {
     let unauthenticated = |why: &str| IssuerError::Unauthenticated(why.to_owned());
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|_| unauthenticated("not an X.509 certificate"))?;
-    if authority.signer_of(&cert).is_none() {
-        return Err(unauthenticated("no CA of this trust domain signed it"));
-    }
     let validity = cert.validity();
     if now < validity.not_before.to_datetime() || now > validity.not_after.to_datetime() {
         return Err(unauthenticated("it has expired or is not valid yet"));
@@ -174,6 +194,7 @@ pub fn verify_bot_certificate(
         claims,
         public_key: cert.public_key().raw.to_vec(),
         not_after: validity.not_after.to_datetime(),
+        signer,
     })
 }
 

@@ -99,6 +99,15 @@ impl Inner {
         let authority = self.lock().authority.clone();
         let minted = bots::sign_bot_certificate(&authority, claims, public_key, ttl, now())?;
         let cert = minted.made;
+        // The new agent's first calls present it: they need not verify the signature just made,
+        // unless the CA stopped being trusted meanwhile.
+        let signer = authority.active().id();
+        if let Ok(verified) = bots::read_signed(&cert.der, signer, now()) {
+            let mut state = self.lock();
+            if state.authority.trusts(signer) {
+                state.remember_verified(&cert.der, &verified);
+            }
+        }
         self.record(crate::issuer::state::issued::Issued {
             kind: crate::issuer::state::issued::IssuedKind::BotCertificate,
             serial: minted.serial,

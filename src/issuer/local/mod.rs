@@ -53,8 +53,9 @@ use self::keys::schedule;
 const CHALLENGE_TTL: time::Duration = time::Duration::minutes(5);
 /// How many `iam` challenges may wait at once (each is 32 random bytes and a timestamp).
 const MAX_CHALLENGES: usize = 10_000;
-/// Verified bot certificates remembered, so issuance does not verify a signature every time.
-const VERIFIED_CACHE: usize = 4096;
+/// Verified bot certificates remembered, so issuance does not verify a signature every time: room
+/// for every agent of a large fleet (each entry is its claims, a few hundred bytes).
+const VERIFIED_CACHE: usize = 32_768;
 /// How long the generation a renewal replaced may still issue (not renew).
 const REPLACED_GRACE: time::Duration = time::Duration::seconds(30);
 /// How long after its certificate expired a bot instance is forgotten (unless locked).
@@ -70,7 +71,8 @@ struct State {
     bots: BTreeMap<String, (BotRecord, i64)>,
     /// Replica records seen in the store, by name.
     replicas: BTreeMap<String, ReplicaRecord>,
-    verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime)>,
+    /// Verified bot certificates by SHA-256: their claims, expiry and the id of the CA that signed.
+    verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime, u32)>,
     sequence: u64,
     /// The bundles of the trust domains this one federates with.
     federated: BTreeMap<String, Arc<crate::issuer::TrustBundle>>,
@@ -316,9 +318,9 @@ impl LocalIssuer {
         self.lock().authenticate(der)
     }
 
-    /// The id of the trusted CA that signed `der` (a bot certificate), if one does.
-    pub fn signer_id(&self, der: &[u8]) -> Option<u32> {
-        self.lock().authority.signer_id(der)
+    /// [`LocalIssuer::authenticate`], with the id of the CA that signed the certificate.
+    pub fn authenticate_signed(&self, der: &[u8]) -> Result<(BotClaims, u32), IssuerError> {
+        self.lock().authenticate_signed(der)
     }
 
     /// The ids of the CAs that `asked` would withdraw from the bundles now (none if it withdraws

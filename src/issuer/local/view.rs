@@ -121,18 +121,30 @@ impl State {
     /// Verifies a bot certificate for issuance: ours, valid, not revoked, not locked, not renewed
     /// since.
     pub(super) fn authenticate(&mut self, der: &[u8]) -> Result<BotClaims, IssuerError> {
+        self.authenticate_signed(der).map(|(claims, _)| claims)
+    }
+
+    /// Remembers a verified bot certificate (its signature is not checked again while it is
+    /// valid): one seen in a call, or one this process has just signed.
+    pub(super) fn remember_verified(&mut self, der: &[u8], verified: &bots::VerifiedBot) {
+        if self.verified.len() >= VERIFIED_CACHE {
+            self.verified.clear();
+        }
+        let digest: [u8; 32] = Sha256::digest(der).into();
+        self.verified
+            .insert(digest, (verified.claims.clone(), verified.not_after, verified.signer));
+    }
+
+    /// [`State::authenticate`], with the id of the CA that signed the certificate.
+    pub(super) fn authenticate_signed(&mut self, der: &[u8]) -> Result<(BotClaims, u32), IssuerError> {
         self.not_revoked(der)?;
         let digest: [u8; 32] = Sha256::digest(der).into();
-        let claims = match self.verified.get(&digest) {
-            Some((claims, not_after)) if *not_after > now() => claims.clone(),
+        let (claims, signer) = match self.verified.get(&digest) {
+            Some((claims, not_after, signer)) if *not_after > now() => (claims.clone(), *signer),
             _ => {
                 let verified = bots::verify_bot_certificate(&self.authority, der, now())?;
-                if self.verified.len() >= VERIFIED_CACHE {
-                    self.verified.clear();
-                }
-                self.verified
-                    .insert(digest, (verified.claims.clone(), verified.not_after));
-                verified.claims
+                self.remember_verified(der, &verified);
+                (verified.claims, verified.signer)
             }
         };
         let record = self.record(&claims.instance_key());
@@ -155,7 +167,7 @@ impl State {
                 )));
             }
         }
-        Ok(claims)
+        Ok((claims, signer))
     }
 
     /// The attributes a decision reads: the caller's `workload.*` (each of its catalogue type, or

@@ -30,11 +30,10 @@ impl JoinService for IssuerApi {
                         .map(|(_, v)| v.join(","));
                     tracing::info!(bot = %cert.bot, instance = %cert.instance, method = method.unwrap_or_default(),
                         address = %peer.address, generation = cert.generation, "bot joined");
+                    let mut answer = wire::bot_to_wire(&cert, &issuer.current_bundles());
+                    answer.connection_bound = peer.bind(&cert.der);
                     Ok(proto::JoinResponse {
-                        response: Some(proto::join_response::Response::Result(wire::bot_to_wire(
-                            &cert,
-                            &issuer.current_bundles(),
-                        ))),
+                        response: Some(proto::join_response::Response::Result(answer)),
                     })
                 }
                 Err(e) => {
@@ -68,7 +67,7 @@ pub fn token_join_request(init: proto::ClientInit, peer: &PeerInfo) -> Result<Jo
         public_key: init.public_key,
         proof: JoinProof::Token,
         ttl: ttl(init.ttl_seconds),
-        current: peer.certificate.as_ref().map(|c| c.to_vec()),
+        current: peer.certificate().map(|c| c.to_vec()),
         address: peer.address.to_string(),
     })
 }
@@ -84,7 +83,7 @@ async fn run_join(
     let Some(R::Init(init)) = next_message(inbound).await?.request else {
         return Err(IssuerError::Invalid("a join starts with `init`".into()));
     };
-    let current = peer.certificate.as_ref().map(|c| c.to_vec());
+    let current = peer.certificate().map(|c| c.to_vec());
     let address = peer.address.to_string();
     match init.join_method.as_str() {
         "token" => issuer.join(token_join_request(init, peer)?).await,

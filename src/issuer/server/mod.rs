@@ -101,7 +101,7 @@ impl IssuerApi {
     /// per-certificate rate limit; the call counts as the certificate's last sign of life.
     fn bot_certificate<T>(&self, request: &Request<T>) -> Result<(Arc<Vec<u8>>, PeerInfo, String), Status> {
         let peer = peer(request)?;
-        let cert = peer.certificate.clone().ok_or_else(|| {
+        let cert = peer.certificate().ok_or_else(|| {
             status(IssuerError::Unauthenticated(
                 "this call needs the bot's certificate as the TLS client certificate: join first".into(),
             ))
@@ -274,7 +274,7 @@ impl WorkloadIdentityService for IssuerApi {
 
     async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let (cert, peer, digest) = self.bot_certificate(&request)?;
-        let claims = self.issuer.authenticate(&cert).map_err(status)?;
+        let (claims, ca) = self.issuer.authenticate_signed(&cert).map_err(status)?;
         let not_after = x509_parser::parse_x509_certificate(&cert)
             .map(|(_, c)| c.validity().not_after.to_datetime())
             .map_err(|_| Status::unauthenticated("the client certificate does not parse"))?;
@@ -285,7 +285,7 @@ impl WorkloadIdentityService for IssuerApi {
             generation: claims.generation,
             connected_at: OffsetDateTime::now_utc(),
             certificate: digest,
-            ca: self.issuer.signer_id(&cert).unwrap_or_default(),
+            ca,
             held: None,
         });
         let last_bundle = self.issuer.current_bundles();

@@ -7,7 +7,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -89,6 +89,10 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, Iss
         .with_client_cert_verifier(Arc::new(AnyClientCert(provider)))
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session tickets: an agent keeps its connection for hours, a cache of a few hundred
+    // sessions would not hold a fleet's, and a resumed session would carry the client certificate
+    // of the session it resumes. Each connection authenticates in full.
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -96,8 +100,37 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, Iss
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     pub address: SocketAddr,
-    /// The client certificate (DER), when one was presented.
-    pub certificate: Option<Arc<Vec<u8>>>,
+    /// The client certificate (DER), when one was presented in the handshake.
+    presented: Option<Arc<Vec<u8>>>,
+    /// A connection that presented none takes the bot certificate of its first join as if it had
+    /// (see [`PeerInfo::bind`]); shared by every call on the connection.
+    joined: Arc<OnceLock<Arc<Vec<u8>>>>,
+}
+
+impl PeerInfo {
+    pub fn new(address: SocketAddr, presented: Option<Arc<Vec<u8>>>) -> PeerInfo {
+        PeerInfo {
+            address,
+            presented,
+            joined: Arc::default(),
+        }
+    }
+
+    /// The bot certificate this connection authenticates as: the TLS client certificate, or the
+    /// one its join was answered with.
+    pub fn certificate(&self) -> Option<Arc<Vec<u8>>> {
+        self.presented.clone().or_else(|| self.joined.get().cloned())
+    }
+
+    /// After a join answered on this connection with `certificate`: a connection that has no
+    /// certificate yet takes it, so the new agent's calls and `Watch` need no second TLS handshake.
+    /// The joiner proved itself with the token (or signed request) on this very TLS session, which
+    /// is what presenting the certificate would prove; it could not have asked for another bot's.
+    /// Returns whether the connection took it (the answer says so, and the agent keeps the
+    /// connection only then); a connection keeps the first certificate it had, for good.
+    pub fn bind(&self, certificate: &[u8]) -> bool {
+        self.presented.is_none() && self.joined.set(Arc::new(certificate.to_vec())).is_ok()
+    }
 }
 
 /// An accepted TLS connection.
@@ -209,7 +242,7 @@ pub fn incoming(
                         let _ = tx
                             .send(Ok(TlsConn {
                                 io,
-                                info: PeerInfo { address, certificate },
+                                info: PeerInfo::new(address, certificate),
                             }))
                             .await;
                     }

@@ -103,6 +103,11 @@ impl Ca {
         }
     }
 
+    /// Its id in `ca.json`.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     /// Whether this CA signed `cert`.
     pub fn signed(&self, cert: &X509Certificate<'_>) -> bool {
         UnparsedPublicKey::new(self.verification(), &self.public_key)
@@ -325,10 +330,9 @@ impl Authority {
             .collect()
     }
 
-    /// The id of the CA that signed `der`, if one of ours did.
-    pub fn signer_id(&self, der: &[u8]) -> Option<u32> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        self.signer_of(&cert).map(|ca| ca.id)
+    /// Whether CA `id` is still trusted (one of this authority's CAs).
+    pub fn trusts(&self, id: u32) -> bool {
+        self.cas.iter().any(|ca| ca.id == id)
     }
 
     /// The CA that signed `cert`, if any of ours did.
