@@ -306,8 +306,9 @@ impl IssuanceLog {
     }
 
     /// The records `filter` keeps, oldest first: those in the store (every replica's) and those
-    /// not written yet.
+    /// not written yet. Not during a flush, whose records are in neither place until it is done.
     pub async fn list(&self, filter: &Filter) -> Result<Vec<Issued>, StoreError> {
+        let _no_flush = self.flushing.lock().await;
         let (entries, _) = self.kv.list(&self.prefix).await?;
         let mut out = Vec::new();
         for entry in entries {
@@ -390,6 +391,79 @@ mod tests {
             .map(|r| r.serial)
             .collect();
         assert_eq!(serials, ["aa", "bb"]);
+    }
+
+    /// A memory store whose writes wait until the test lets them through.
+    struct SlowWrites {
+        inner: crate::kv::MemoryKv,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::kv::Kv for SlowWrites {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn get(&self, key: &str) -> Result<Option<crate::kv::Entry>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<(Vec<crate::kv::Entry>, i64), StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn txn(&self, conditions: Vec<crate::kv::Condition>, ops: Vec<Op>) -> Result<(bool, i64), StoreError> {
+            self.gate.acquire().await.expect("gate open").forget();
+            self.inner.txn(conditions, ops).await
+        }
+        async fn watch(
+            &self,
+            prefix: &str,
+            from: i64,
+        ) -> Result<tokio::sync::mpsc::Receiver<crate::kv::WatchItem>, StoreError> {
+            self.inner.watch(prefix, from).await
+        }
+        async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
+            self.inner.grant(ttl).await
+        }
+        async fn keep_alive(&self, lease: i64) -> Result<(), StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+            self.inner.revoke(lease).await
+        }
+        async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+            self.inner.compact(revision).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listing_during_a_flush_misses_none_of_the_records_being_written() {
+        let kv = std::sync::Arc::new(SlowWrites {
+            inner: crate::kv::MemoryKv::new(),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let log = std::sync::Arc::new(IssuanceLog::open(kv.clone(), "example.org").await.unwrap());
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        for serial in ["aa", "bb", "cc"] {
+            log.record(record(serial, "web", later));
+        }
+        // The flush has taken the records and waits on the store.
+        let flush = tokio::spawn({
+            let log = log.clone();
+            async move { log.flush().await }
+        });
+        while !log.pending.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let listing = tokio::spawn({
+            let log = log.clone();
+            async move { log.list(&Filter::default()).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        kv.gate.add_permits(16);
+        flush.await.unwrap().unwrap();
+        assert_eq!(listing.await.unwrap().unwrap().len(), 3);
     }
 
     #[tokio::test]
