@@ -857,6 +857,10 @@ fn a_hostile_client_of_another_stack_changes_nothing_and_gets_clear_refusals() {
     assert_eq!(code("report_on_joined_connection"), "OK", "{report:#}");
     assert_eq!(code("issue_on_joined_connection"), "OK", "{report:#}");
     assert_eq!(report["second_join_bound"], false, "{report:#}");
+    // A join repeated by someone holding the used token and the bot's public key (taken for a retry)
+    // binds nothing: the connection cannot act as the instance.
+    assert_eq!(report["replayed_join_bound"], false, "{report:#}");
+    assert_eq!(code("report_after_replayed_join"), "UNAUTHENTICATED", "{report:#}");
     // Bytes that are not a message are the client's fault, not the server's.
     assert_eq!(code("undecodable_request"), "INVALID_ARGUMENT", "{report:#}");
     // What held before this round still holds: token refusals, authentication, TLS 1.3 only and

@@ -193,6 +193,21 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
         out["report_on_joined_connection"] = {"code": "OK"}
     except grpc.RpcError as e:
         out["report_on_joined_connection"] = {"code": e.code().name, "details": e.details()}
+    # Someone who learnt the used token and the bot's public key (it is in its certificate) repeats
+    # the join on a connection of their own: the issuer takes it for a retry whose answer was lost
+    # and signs the instance's certificate again, but that proves no hold of the key, so the
+    # connection is not bound and cannot act as the instance.
+    replay = grpc.secure_channel(
+        address,
+        grpc.ssl_channel_credentials(root_certificates=ca),
+        options=[("grpc.use_local_subchannel_pool", 1)],
+    )
+    init = pb.ClientInit(token_name=token, join_method="token", public_key=spki, ttl_seconds=3600)
+    replayed = next(iter(rpc.JoinServiceStub(replay).Join(iter([pb.JoinRequest(init=init)]), timeout=10))).result
+    out["replayed_join_bound"] = replayed.connection_bound
+    out["report_after_replayed_join"] = code_of(
+        lambda: rpc.WorkloadIdentityServiceStub(replay).Report(pb.HoldingsReport(), timeout=10)
+    )
     out["join_claims"] = dict(bot.join)
     # Token refusals that held before this round, kept as regression checks.
     out["used_token"] = code_of(lambda: join("token", token, new_key()[1]))

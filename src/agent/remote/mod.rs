@@ -66,7 +66,7 @@ pub struct RemoteIssuer {
     /// (except the one a join was answered on, which the issuer bound to the new certificate).
     epoch: watch::Sender<u64>,
     channel: Mutex<Option<(u64, Channel)>>,
-    /// The last connection made.
+    /// The last connection dialled.
     connection: Arc<Mutex<Connection>>,
     /// The connection the issuer bound to the certificate of a join answered on it, and that
     /// certificate: presenting it keeps the connection.
@@ -354,9 +354,11 @@ impl RemoteIssuer {
         });
     }
 
-    /// A join stream, and the epoch of the channel it is on.
-    async fn open_join(&self) -> Result<JoinStream, IssuerError> {
+    /// A join stream that starts with `first` (queued before the call, so that it goes out with
+    /// the request's headers), and the epoch of the channel it is on.
+    async fn open_join(&self, first: proto::JoinRequest) -> Result<JoinStream, IssuerError> {
         let (tx, rx) = mpsc::channel(2);
+        tx.try_send(first).expect("a new channel has room");
         let (epoch, channel) = self.channel_at()?;
         let mut client = JoinServiceClient::new(channel);
         let responses = client
@@ -427,16 +429,13 @@ impl Issuer for RemoteIssuer {
     /// Opens an `iam` join stream and returns the challenge the issuer made inside it; the stream
     /// waits for [`Issuer::join`] with that challenge.
     async fn challenge(&self) -> Result<String, IssuerError> {
-        let (tx, mut responses, epoch) = self.open_join().await?;
         let init = proto::JoinRequest {
             request: Some(proto::join_request::Request::Init(proto::ClientInit {
                 join_method: "iam".into(),
                 ..Default::default()
             })),
         };
-        tx.send(init)
-            .await
-            .map_err(|_| IssuerError::Unavailable("the join stream closed".into()))?;
+        let (tx, mut responses, epoch) = self.open_join(init).await?;
         let message = responses
             .message()
             .await
@@ -465,7 +464,6 @@ impl Issuer for RemoteIssuer {
     async fn join(&self, request: JoinRequest) -> Result<BotCertificate, IssuerError> {
         match request.proof {
             JoinProof::Token => {
-                let (tx, mut responses, epoch) = self.open_join().await?;
                 let init = proto::JoinRequest {
                     request: Some(proto::join_request::Request::Init(proto::ClientInit {
                         token_name: request.token,
@@ -474,9 +472,9 @@ impl Issuer for RemoteIssuer {
                         ttl_seconds: wire::seconds(request.ttl),
                     })),
                 };
-                tx.send(init)
-                    .await
-                    .map_err(|_| IssuerError::Unavailable("the join stream closed".into()))?;
+                // The sender stays open until the answer: the issuer reads an ended stream as a
+                // join given up.
+                let (_tx, mut responses, epoch) = self.open_join(init).await?;
                 self.join_result(&mut responses, epoch).await
             }
             JoinProof::Iam {

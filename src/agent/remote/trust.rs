@@ -206,8 +206,8 @@ impl Target {
 /// presents what it holds when the connection is made.
 pub(super) type Identity = Arc<std::sync::RwLock<Option<Arc<CertifiedKey>>>>;
 
-/// The last connection made to the issuer: of which channel (epoch), its number (counting every
-/// connection the client made), and whether it presented a bot certificate.
+/// The last connection dialled to the issuer: of which channel (epoch), its number (counting every
+/// connection the client dialled), and whether it presents a bot certificate.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub(super) struct Connection {
     pub(super) epoch: u64,
@@ -239,6 +239,21 @@ pub(super) fn connect(
         let (verifier, address, name) = (verifier.clone(), address.clone(), name.clone());
         let (identity, made, configs) = (identity.clone(), made.clone(), configs.clone());
         async move {
+            // Noted as the dialling starts, with the credential read under the same lock: a
+            // `present` that looks at the note after setting a new credential sees either this
+            // connection (which then presents it) or the one before.
+            let key = {
+                let mut last = made.lock().expect("connection note poisoned");
+                let key = identity.read().expect("identity poisoned").clone();
+                if epoch >= last.epoch {
+                    *last = Connection {
+                        epoch,
+                        number: last.number + 1,
+                        presented: key.is_some(),
+                    };
+                }
+                key
+            };
             let tcp = match local {
                 None => tokio::net::TcpStream::connect(&address).await?,
                 Some(ip) => {
@@ -256,8 +271,6 @@ pub(super) fn connect(
                 }
             };
             tcp.set_nodelay(true)?;
-            let key = identity.read().expect("identity poisoned").clone();
-            let presented = key.is_some();
             let config = {
                 let mut last = configs.lock().expect("configs poisoned");
                 let same = match (&last.0, &key) {
@@ -272,15 +285,6 @@ pub(super) fn connect(
                 last.1.clone()
             };
             let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
-            let mut last = made.lock().expect("connection note poisoned");
-            if epoch >= last.epoch {
-                *last = Connection {
-                    epoch,
-                    number: last.number + 1,
-                    presented,
-                };
-            }
-            drop(last);
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     })))

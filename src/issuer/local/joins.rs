@@ -55,8 +55,11 @@ impl LocalIssuer {
     /// A `token` join, after its terms were checked: consume the token and make a bot instance at
     /// generation 1, in one transaction that only one joiner of the token wins, on any replica. The
     /// same joiner retrying (the same key: its answer was lost, or the store applied a write that
-    /// timed out) gets its instance's certificate again.
-    pub(super) async fn join_token(&self, request: &JoinRequest) -> Result<BotCertificate, IssuerError> {
+    /// timed out) gets its instance's certificate again. Says whether the instance is new (made by
+    /// this join) rather than that of a retry: a retry proves no more than knowing the token and the
+    /// public key, so the connection it came on is not bound to the certificate (see
+    /// [`crate::issuer::server::tls::PeerInfo::bind`]).
+    pub async fn join_token(&self, request: &JoinRequest) -> Result<(BotCertificate, bool), IssuerError> {
         let refuse = IssuerError::JoinRefused;
         let (bot, roles, dir, expires) = {
             let state = self.lock();
@@ -118,9 +121,9 @@ impl LocalIssuer {
                 vec![Op::put(&bot_file, json(&record)), consumed_op],
             )
             .await?;
-        let instance = if won {
+        let (instance, new) = if won {
             self.lock().remember(key, record, revision);
-            instance
+            (instance, true)
         } else {
             // Used: by this same joiner (the same key, the instance untouched since), or by another.
             let (used, _) = backing
@@ -141,7 +144,7 @@ impl LocalIssuer {
                 )));
             }
             self.lock().remember(key, record, revision);
-            instance
+            (instance, false)
         };
         let claims = BotClaims {
             bot,
@@ -151,7 +154,8 @@ impl LocalIssuer {
             join: [("join.meta.join_method".to_owned(), "token".to_owned())].into(),
             instance,
         };
-        self.inner.sign_bot(&claims, &request.public_key, request.ttl)
+        let cert = self.inner.sign_bot(&claims, &request.public_key, request.ttl)?;
+        Ok((cert, new))
     }
 
     /// Renews a `token` bot: checks and moves the instance's generation by compare-and-swap on its

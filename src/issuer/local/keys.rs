@@ -101,8 +101,8 @@ impl Inner {
         let cert = minted.made;
         // The new agent's first calls present it: they need not verify the signature just made,
         // unless the CA stopped being trusted meanwhile.
-        let signer = authority.active().id();
-        if let Ok(verified) = bots::read_signed(&cert.der, signer, now()) {
+        let signer = authority.active();
+        if let Ok(verified) = bots::read_signed(&cert.der, signer.id(), now()) {
             let mut state = self.lock();
             if state.authority.trusts(signer) {
                 state.remember_verified(&cert.der, &verified);

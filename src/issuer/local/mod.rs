@@ -458,7 +458,7 @@ impl Issuer for LocalIssuer {
 
     async fn join(&self, request: JoinRequest) -> Result<BotCertificate, IssuerError> {
         match &request.proof {
-            JoinProof::Token => self.join_token(&request).await,
+            JoinProof::Token => self.join_token(&request).await.map(|(cert, _)| cert),
             JoinProof::Iam {
                 challenge,
                 request: signed,

@@ -2,10 +2,11 @@
 //! the same stream. Refusals are logged by source (`limits::RefusalLog`), joins at INFO.
 
 use super::*;
+use futures_util::StreamExt;
 
 #[tonic::async_trait]
 impl JoinService for IssuerApi {
-    type JoinStream = ReceiverStream<Result<proto::JoinResponse, Status>>;
+    type JoinStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<proto::JoinResponse, Status>> + Send>>;
 
     async fn join(
         &self,
@@ -17,12 +18,12 @@ impl JoinService for IssuerApi {
             return Err(status(e));
         }
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, mut rx) = mpsc::channel(2);
         let issuer = self.issuer.clone();
         let refusals = self.refusals.clone();
         tokio::spawn(async move {
             let answer = match run_join(&issuer, &mut inbound, &tx, &peer).await {
-                Ok(cert) => {
+                Ok((cert, bindable)) => {
                     let method = cert
                         .join
                         .iter()
@@ -31,7 +32,7 @@ impl JoinService for IssuerApi {
                     tracing::info!(bot = %cert.bot, instance = %cert.instance, method = method.unwrap_or_default(),
                         address = %peer.address, generation = cert.generation, "bot joined");
                     let mut answer = wire::bot_to_wire(&cert, &issuer.current_bundles());
-                    answer.connection_bound = peer.bind(&cert.der);
+                    answer.connection_bound = bindable && peer.bind(&cert.der);
                     Ok(proto::JoinResponse {
                         response: Some(proto::join_response::Response::Result(answer)),
                     })
@@ -43,7 +44,18 @@ impl JoinService for IssuerApi {
             };
             let _ = tx.send(answer).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // The response starts with its first message (a `token` join's answer, an `iam` join's
+        // challenge), so that the headers, the message and, for a `token` join, the end of the
+        // stream go out together; a refusal is the call's status.
+        let first = match rx.recv().await {
+            Some(Ok(first)) => first,
+            Some(Err(refused)) => return Err(refused),
+            None => return Err(Status::internal("the join ended without an answer")),
+        };
+        let rest = ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(
+            futures_util::stream::once(std::future::ready(Ok(first))).chain(rest),
+        )))
     }
 }
 
@@ -73,12 +85,15 @@ pub fn token_join_request(init: proto::ClientInit, peer: &PeerInfo) -> Result<Jo
 }
 
 /// One join: `token` in one step; `iam` with a challenge made here, never stored anywhere else.
+/// Says whether the connection may be bound to the certificate: not for a `token` join's retry,
+/// which proves no more than knowing the token and the public key. An `iam` join makes a new
+/// instance, or keeps the one of the certificate this connection already authenticates as.
 async fn run_join(
     issuer: &LocalIssuer,
     inbound: &mut Streaming<proto::JoinRequest>,
     tx: &mpsc::Sender<Result<proto::JoinResponse, Status>>,
     peer: &PeerInfo,
-) -> Result<crate::issuer::BotCertificate, IssuerError> {
+) -> Result<(crate::issuer::BotCertificate, bool), IssuerError> {
     use proto::join_request::Request as R;
     let Some(R::Init(init)) = next_message(inbound).await?.request else {
         return Err(IssuerError::Invalid("a join starts with `init`".into()));
@@ -86,7 +101,7 @@ async fn run_join(
     let current = peer.certificate().map(|c| c.to_vec());
     let address = peer.address.to_string();
     match init.join_method.as_str() {
-        "token" => issuer.join(token_join_request(init, peer)?).await,
+        "token" => issuer.join_token(&token_join_request(init, peer)?).await,
         "iam" => {
             let mut bytes = [0u8; 32];
             aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
@@ -132,7 +147,10 @@ async fn run_join(
                 current,
                 address,
             };
-            issuer.join_iam(&request, &challenge, &signed, false).await
+            issuer
+                .join_iam(&request, &challenge, &signed, false)
+                .await
+                .map(|cert| (cert, true))
         }
         other => Err(IssuerError::Invalid(format!(
             "join method {:?} is not one of `token`, `iam`",

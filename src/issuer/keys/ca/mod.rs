@@ -330,9 +330,10 @@ impl Authority {
             .collect()
     }
 
-    /// Whether CA `id` is still trusted (one of this authority's CAs).
-    pub fn trusts(&self, id: u32) -> bool {
-        self.cas.iter().any(|ca| ca.id == id)
+    /// Whether `ca` (of this authority or an earlier copy of it) is still trusted: one of this
+    /// authority's CAs, with the same id and key.
+    pub fn trusts(&self, ca: &Ca) -> bool {
+        self.cas.iter().any(|c| c.id == ca.id && c.public_key == ca.public_key)
     }
 
     /// The CA that signed `cert`, if any of ours did.
