@@ -103,17 +103,19 @@ impl JwtKey {
 
     /// Signs `claims` into a compact JWS with header `{alg: ES256, kid, typ: JWT}`.
     pub fn sign(&self, claims: &Value) -> Result<String, IssuerError> {
-        let mut token = format!(
-            "{}.{}",
-            self.header,
-            B64.encode(serde_json::to_vec(claims).expect("json"))
-        );
+        let payload = serde_json::to_vec(claims).expect("json");
+        // One allocation for the whole token: the header, the payload and the 64-byte signature
+        // (86 characters) in base64.
+        let mut token = String::with_capacity(self.header.len() + 2 + payload.len().div_ceil(3) * 4 + 86);
+        token.push_str(&self.header);
+        token.push('.');
+        B64.encode_string(&payload, &mut token);
         let signature = self
             .pair
             .sign(&self.rng, token.as_bytes())
             .map_err(|_| IssuerError::Crypto("cannot sign a JWT-SVID".into()))?;
         token.push('.');
-        token.push_str(&B64.encode(signature.as_ref()));
+        B64.encode_string(signature.as_ref(), &mut token);
         Ok(token)
     }
 }
