@@ -472,8 +472,8 @@ impl Issuer for RemoteIssuer {
                         ttl_seconds: wire::seconds(request.ttl),
                     })),
                 };
-                // The sender stays open until the answer: the issuer reads an ended stream as a
-                // join given up.
+                // `init` is all a `token` join sends; the sender is kept until the answer only so
+                // that the request stream ends with the call.
                 let (_tx, mut responses, epoch) = self.open_join(init).await?;
                 self.join_result(&mut responses, epoch).await
             }

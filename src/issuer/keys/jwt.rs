@@ -104,8 +104,8 @@ impl JwtKey {
     /// Signs `claims` into a compact JWS with header `{alg: ES256, kid, typ: JWT}`.
     pub fn sign(&self, claims: &Value) -> Result<String, IssuerError> {
         let payload = serde_json::to_vec(claims).expect("json");
-        // One allocation for the whole token: the header, the payload and the 64-byte signature
-        // (86 characters) in base64.
+        // The token in one string sized for all of it: the header, the payload and the 64-byte
+        // signature (86 characters) in base64.
         let mut token = String::with_capacity(self.header.len() + 2 + payload.len().div_ceil(3) * 4 + 86);
         token.push_str(&self.header);
         token.push('.');
