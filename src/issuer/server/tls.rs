@@ -122,12 +122,14 @@ impl PeerInfo {
         self.presented.clone().or_else(|| self.joined.get().cloned())
     }
 
-    /// After a join answered on this connection with `certificate`: a connection that has no
-    /// certificate yet takes it, so the new agent's calls and `Watch` need no second TLS handshake.
-    /// The joiner proved itself with the token (or signed request) on this very TLS session, which
-    /// is what presenting the certificate would prove; it could not have asked for another bot's.
-    /// Returns whether the connection took it (the answer says so, and the agent keeps the
-    /// connection only then); a connection keeps the first certificate it had, for good.
+    /// After a join that made a new bot instance was answered on this connection with
+    /// `certificate`: a connection that has no certificate yet takes it, so the new agent's calls
+    /// and `Watch` need no second TLS handshake. The joiner proved itself with the token (or signed
+    /// request) on this very TLS session and the instance is its own: the connection can do nothing
+    /// it could not do by joining with a key of its own. A join does not prove that the joiner
+    /// holds the key, so a join that hands out an existing instance (a `token` join's retry) must
+    /// not call this. Returns whether the connection took it (the answer says so, and the agent
+    /// keeps the connection only then); a connection keeps the first certificate it had, for good.
     pub fn bind(&self, certificate: &[u8]) -> bool {
         self.presented.is_none() && self.joined.set(Arc::new(certificate.to_vec())).is_ok()
     }
