@@ -225,8 +225,8 @@ pub(super) fn connect(
     made: Arc<Mutex<Connection>>,
 ) -> Result<Channel, IssuerError> {
     let verifier = target.verifier.clone();
-    // The config of the last connection, kept while the credential is the same.
-    let configs: Arc<Mutex<LastConfig>> = Arc::new(Mutex::new((None, Arc::new(client_config(&verifier, None)?))));
+    // Checked here once, so that a connection cannot fail on it.
+    client_config(&verifier, None)?;
     let (address, name) = (target.settings.address.clone(), target.server_name.clone());
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| IssuerError::Invalid(format!("`{address}` is not an address: {e}")))?
@@ -237,7 +237,7 @@ pub(super) fn connect(
         .tcp_nodelay(true);
     Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
         let (verifier, address, name) = (verifier.clone(), address.clone(), name.clone());
-        let (identity, made, configs) = (identity.clone(), made.clone(), configs.clone());
+        let (identity, made) = (identity.clone(), made.clone());
         async move {
             // Noted as the dialling starts, with the credential read under the same lock: a
             // `present` that looks at the note after setting a new credential sees either this
@@ -271,27 +271,15 @@ pub(super) fn connect(
                 }
             };
             tcp.set_nodelay(true)?;
-            let config = {
-                let mut last = configs.lock().expect("configs poisoned");
-                let same = match (&last.0, &key) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                    _ => false,
-                };
-                if !same {
-                    let config = client_config(&verifier, key.clone()).map_err(std::io::Error::other)?;
-                    *last = (key, Arc::new(config));
-                }
-                last.1.clone()
-            };
-            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            // Made for each connection (a few microseconds), with the credential it presents.
+            let config = client_config(&verifier, key).map_err(std::io::Error::other)?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     })))
 }
-
-/// The credential of a channel's last connection, and the TLS config made for it.
-type LastConfig = (Option<Arc<CertifiedKey>>, Arc<rustls::ClientConfig>);
 
 /// TLS 1.3, ALPN h2, the issuer checked by `verifier`, `key` presented when there is one.
 fn client_config(

@@ -127,10 +127,14 @@ impl State {
     /// Remembers a verified bot certificate (its signature is not checked again while it is
     /// valid): one seen in a call, or one this process has just signed.
     pub(super) fn remember_verified(&mut self, der: &[u8], verified: &bots::VerifiedBot) {
+        self.remember_digest(Sha256::digest(der).into(), verified);
+    }
+
+    /// [`State::remember_verified`] by the certificate's SHA-256.
+    fn remember_digest(&mut self, digest: [u8; 32], verified: &bots::VerifiedBot) {
         if self.verified.len() >= VERIFIED_CACHE {
             self.verified.clear();
         }
-        let digest: [u8; 32] = Sha256::digest(der).into();
         self.verified
             .insert(digest, (verified.claims.clone(), verified.not_after, verified.signer));
     }
@@ -143,7 +147,7 @@ impl State {
             Some((claims, not_after, signer)) if *not_after > now() => (claims.clone(), *signer),
             _ => {
                 let verified = bots::verify_bot_certificate(&self.authority, der, now())?;
-                self.remember_verified(der, &verified);
+                self.remember_digest(digest, &verified);
                 (verified.claims, verified.signer)
             }
         };

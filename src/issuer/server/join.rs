@@ -50,7 +50,11 @@ impl JoinService for IssuerApi {
         let first = match rx.recv().await {
             Some(Ok(first)) => first,
             Some(Err(refused)) => return Err(refused),
-            None => return Err(Status::internal("the join ended without an answer")),
+            None => {
+                return Err(Status::internal(
+                    "the issuer's join task ended without an answer; join again, and report it if it repeats",
+                ));
+            }
         };
         let rest = ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(
