@@ -37,7 +37,9 @@ struct FrameDecoder {
 
     max_continuation_frames: usize,
 
-    partial: Option<Partial>,
+    // tbot patch (see TBOT-PATCH.md): boxed, since a header block split over CONTINUATION
+    // frames is rare and every connection carried the 336 bytes inline while idle.
+    partial: Option<Box<Partial>>,
 }
 
 /// Partially loaded headers frame
@@ -216,11 +218,11 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             } else {
                 tracing::trace!("loaded partial header block");
                 // Defer returning the frame
-                decoder.partial = Some(Partial {
+                decoder.partial = Some(Box::new(Partial {
                     frame: Continuable::$frame(frame),
                     buf: payload,
                     continuation_frames_count: 0,
-                });
+                }));
 
                 return Ok(None);
             }

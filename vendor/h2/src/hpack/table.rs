@@ -149,6 +149,15 @@ impl Table {
             return Index::Indexed(n, header);
         }
 
+        // tbot patch (see TBOT-PATCH.md): nothing enters the dynamic table. Each connection's
+        // encoder table (and the peer decoder's copy of it) held about half a KiB of header
+        // strings for the connection's life, and an issuer holds a connection per agent. A
+        // header goes out as a literal without indexing, its name from the static table where it
+        // is there. Never inserting is always allowed (RFC 7541, 6.2.2); size updates still go.
+        if !INDEX_DYNAMIC {
+            return Index::new(statik, header);
+        }
+
         // Don't index large headers
         if header.len() * 4 > self.max_size * 3 {
             return Index::new(statik, header);
@@ -628,6 +637,9 @@ impl Table {
         self.size
     }
 }
+
+/// tbot patch (see TBOT-PATCH.md): `false` keeps every header out of the dynamic table.
+const INDEX_DYNAMIC: bool = false;
 
 impl Index {
     fn new(v: Option<(usize, bool)>, e: Header) -> Index {

@@ -960,13 +960,15 @@ fn serve_connection<B, IO, S, E>(
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
     E: HttpServerConnExec<S::Future, B> + Send + Sync + 'static,
 {
+    // tbot patch (see TBOT-PATCH.md): the connection is made and boxed before the task, so the
+    // task does not keep the (moved-out) socket, service and builder beside it while it serves.
+    let mut conn = Box::pin(builder.serve_connection(hyper_io, hyper_svc).into_owned());
+    drop(builder);
     tokio::spawn(async move {
         {
             let mut sig = pin!(Fuse {
                 inner: watcher.as_mut().map(|w| w.changed()),
             });
-
-            let mut conn = pin!(builder.serve_connection(hyper_io, hyper_svc));
 
             let mut connection_timeout = pin!(Fuse {
                 inner: Some(connection_timeout_future(
