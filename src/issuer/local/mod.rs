@@ -72,7 +72,7 @@ struct State {
     /// Replica records seen in the store, by name.
     replicas: BTreeMap<String, ReplicaRecord>,
     /// Verified bot certificates by SHA-256: their claims, expiry and the id of the CA that signed.
-    verified: HashMap<[u8; 32], (BotClaims, OffsetDateTime, u32)>,
+    verified: HashMap<[u8; 32], (Arc<BotClaims>, OffsetDateTime, u32)>,
     sequence: u64,
     /// The bundles of the trust domains this one federates with.
     federated: BTreeMap<String, Arc<crate::issuer::TrustBundle>>,
@@ -314,12 +314,12 @@ impl LocalIssuer {
         }
     }
 
-    pub fn authenticate(&self, der: &[u8]) -> Result<BotClaims, IssuerError> {
+    pub fn authenticate(&self, der: &[u8]) -> Result<Arc<BotClaims>, IssuerError> {
         self.lock().authenticate(der)
     }
 
     /// [`LocalIssuer::authenticate`], with the id of the CA that signed the certificate.
-    pub fn authenticate_signed(&self, der: &[u8]) -> Result<(BotClaims, u32), IssuerError> {
+    pub fn authenticate_signed(&self, der: &[u8]) -> Result<(Arc<BotClaims>, u32), IssuerError> {
         self.lock().authenticate_signed(der)
     }
 

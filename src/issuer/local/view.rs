@@ -88,10 +88,6 @@ impl State {
         }
     }
 
-    pub(super) fn record(&self, key: &str) -> BotRecord {
-        self.bots.get(key).map(|(r, _)| r.clone()).unwrap_or_default()
-    }
-
     /// Takes a record read from or written to the store, unless memory already has a newer one.
     pub(super) fn remember(&mut self, key: String, record: BotRecord, revision: i64) -> bool {
         if self.bots.get(&key).is_some_and(|(_, known)| *known >= revision) {
@@ -120,7 +116,7 @@ impl State {
 
     /// Verifies a bot certificate for issuance: ours, valid, not revoked, not locked, not renewed
     /// since.
-    pub(super) fn authenticate(&mut self, der: &[u8]) -> Result<BotClaims, IssuerError> {
+    pub(super) fn authenticate(&mut self, der: &[u8]) -> Result<Arc<BotClaims>, IssuerError> {
         self.authenticate_signed(der).map(|(claims, _)| claims)
     }
 
@@ -135,27 +131,35 @@ impl State {
         if self.verified.len() >= VERIFIED_CACHE {
             self.verified.clear();
         }
-        self.verified
-            .insert(digest, (verified.claims.clone(), verified.not_after, verified.signer));
+        self.verified.insert(
+            digest,
+            (Arc::new(verified.claims.clone()), verified.not_after, verified.signer),
+        );
     }
 
     /// [`State::authenticate`], with the id of the CA that signed the certificate.
-    pub(super) fn authenticate_signed(&mut self, der: &[u8]) -> Result<(BotClaims, u32), IssuerError> {
+    /// The claims are shared with the cache of verified certificates: a call copies nothing.
+    pub(super) fn authenticate_signed(&mut self, der: &[u8]) -> Result<(Arc<BotClaims>, u32), IssuerError> {
         self.not_revoked(der)?;
         let digest: [u8; 32] = Sha256::digest(der).into();
-        let (claims, signer) = match self.verified.get(&digest) {
-            Some((claims, not_after, signer)) if *not_after > now() => (claims.clone(), *signer),
-            _ => {
+        let cached = match self.verified.get(&digest) {
+            Some((claims, not_after, signer)) if *not_after > now() => Some((claims.clone(), *signer)),
+            _ => None,
+        };
+        let (claims, signer) = match cached {
+            Some(hit) => hit,
+            None => {
                 let verified = bots::verify_bot_certificate(&self.authority, der, now())?;
                 self.remember_digest(digest, &verified);
-                (verified.claims, verified.signer)
+                (Arc::new(verified.claims), verified.signer)
             }
         };
-        let record = self.record(&claims.instance_key());
-        if let Some(reason) = record.locked {
+        let default = BotRecord::default();
+        let record = self.bots.get(&claims.instance_key()).map_or(&default, |(r, _)| r);
+        if let Some(reason) = &record.locked {
             return Err(IssuerError::Locked {
-                bot: claims.bot,
-                reason,
+                bot: claims.bot.clone(),
+                reason: reason.clone(),
             });
         }
         if is_token(&claims) {
@@ -208,7 +212,7 @@ impl State {
         der: &[u8],
         identity: &str,
         workload: &Attributes,
-    ) -> Result<(Decision, BotClaims), IssuerError> {
+    ) -> Result<(Decision, Arc<BotClaims>), IssuerError> {
         let claims = self.authenticate(der)?;
         let attrs = self.attributes(&claims, workload)?;
         let decision = decide::decide(&self.policy, &claims.bot, identity, &attrs)?;

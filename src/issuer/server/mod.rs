@@ -284,7 +284,7 @@ impl WorkloadIdentityService for IssuerApi {
             address: peer.address,
             generation: claims.generation,
             connected_at: OffsetDateTime::now_utc(),
-            certificate: digest,
+            certificate: digest.into(),
             ca,
             held: None,
         });

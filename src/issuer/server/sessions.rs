@@ -17,7 +17,7 @@ pub struct AgentSession {
     pub generation: u64,
     pub connected_at: OffsetDateTime,
     /// SHA-256 (hex) of the certificate the stream was opened with: calls with it count as seen.
-    pub(super) certificate: String,
+    pub(super) certificate: Arc<str>,
     /// The id of the CA that signed that certificate.
     pub ca: u32,
     /// What the agent last reported holding, by signing key (`None`: nothing reported on this
@@ -45,10 +45,18 @@ pub struct Sessions {
     /// `tbot_issuer_api_agents_connected`.
     connected: crate::telemetry::Gauge,
     next: AtomicU64,
-    open: Mutex<BTreeMap<u64, AgentSession>>,
+    open: Mutex<Open>,
     last_seen: Mutex<HashMap<String, OffsetDateTime>>,
     /// By `bot/instance`.
     refused: Mutex<BTreeMap<String, Refusal>>,
+}
+
+/// The open sessions by id (the order they opened in), and the ids by certificate digest: a
+/// `Report` finds its sessions without reading every agent's.
+#[derive(Default)]
+struct Open {
+    by_id: BTreeMap<u64, AgentSession>,
+    by_certificate: HashMap<Arc<str>, Vec<u64>>,
 }
 
 impl Sessions {
@@ -66,8 +74,9 @@ impl Sessions {
         self.open
             .lock()
             .expect("sessions poisoned")
+            .by_id
             .values()
-            .map(|s| (s.clone(), seen.get(&s.certificate).copied().unwrap_or(s.connected_at)))
+            .map(|s| (s.clone(), seen.get(&*s.certificate).copied().unwrap_or(s.connected_at)))
             .collect()
     }
 
@@ -83,8 +92,12 @@ impl Sessions {
     /// Keeps what the agent with `certificate` (its digest) reports holding, with its open streams.
     /// Only a report newer than the one kept replaces it (reports and their resends may cross).
     pub(super) fn hold(&self, certificate: &str, held: crate::issuer::Holdings) {
-        for session in self.open.lock().expect("sessions poisoned").values_mut() {
-            if session.certificate == certificate && session.held.as_ref().is_none_or(|h| h.sequence <= held.sequence) {
+        let mut open = self.open.lock().expect("sessions poisoned");
+        let Open { by_id, by_certificate } = &mut *open;
+        for id in by_certificate.get(certificate).into_iter().flatten() {
+            if let Some(session) = by_id.get_mut(id)
+                && session.held.as_ref().is_none_or(|h| h.sequence <= held.sequence)
+            {
                 session.held = Some(held.clone());
             }
         }
@@ -95,7 +108,7 @@ impl Sessions {
     pub fn agents(&self) -> Vec<AgentSession> {
         let open = self.open.lock().expect("sessions poisoned");
         let mut latest: BTreeMap<(&str, &str), &AgentSession> = BTreeMap::new();
-        for session in open.values() {
+        for session in open.by_id.values() {
             latest.insert((&session.bot, &session.instance), session);
         }
         latest.into_values().cloned().collect()
@@ -130,7 +143,14 @@ impl Sessions {
 
     /// The session of `guard` was refused: its stream ends, and the instance is listed as refused.
     pub(super) fn refused(&self, guard: &SessionGuard, reason: &str) {
-        let Some(session) = self.open.lock().expect("sessions poisoned").get(&guard.id).cloned() else {
+        let Some(session) = self
+            .open
+            .lock()
+            .expect("sessions poisoned")
+            .by_id
+            .get(&guard.id)
+            .cloned()
+        else {
             return;
         };
         tracing::warn!(bot = %session.bot, instance = %session.instance, address = %session.address, %reason,
@@ -157,14 +177,8 @@ impl Sessions {
         let mut seen = self.last_seen.lock().expect("sessions poisoned");
         // Renewed certificates leave their digests behind: keep only those of open streams.
         if seen.len() > 100_000 {
-            let open: std::collections::HashSet<String> = self
-                .open
-                .lock()
-                .expect("sessions poisoned")
-                .values()
-                .map(|s| s.certificate.clone())
-                .collect();
-            seen.retain(|digest, _| open.contains(digest));
+            let open = self.open.lock().expect("sessions poisoned");
+            seen.retain(|digest, _| open.by_certificate.contains_key(digest.as_str()));
         }
         match seen.get_mut(certificate) {
             Some(at) => *at = OffsetDateTime::now_utc(),
@@ -182,7 +196,14 @@ impl Sessions {
                 refused.remove(&format!("{}/{}", session.bot, session.instance));
             }
         }
-        self.open.lock().expect("sessions poisoned").insert(id, session);
+        {
+            let mut open = self.open.lock().expect("sessions poisoned");
+            open.by_certificate
+                .entry(session.certificate.clone())
+                .or_default()
+                .push(id);
+            open.by_id.insert(id, session);
+        }
         self.connected.inc();
         SessionGuard {
             sessions: self.clone(),
@@ -220,7 +241,75 @@ pub(super) struct SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.sessions.open.lock().expect("sessions poisoned").remove(&self.id);
+        let mut open = self.sessions.open.lock().expect("sessions poisoned");
+        if let Some(session) = open.by_id.remove(&self.id)
+            && let Some(ids) = open.by_certificate.get_mut(&session.certificate)
+        {
+            ids.retain(|id| *id != self.id);
+            if ids.is_empty() {
+                open.by_certificate.remove(&session.certificate);
+            }
+        }
+        drop(open);
         self.sessions.connected.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(instance: &str, certificate: &str) -> AgentSession {
+        AgentSession {
+            bot: "web".into(),
+            instance: instance.into(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            generation: 1,
+            connected_at: OffsetDateTime::now_utc(),
+            certificate: certificate.into(),
+            ca: 1,
+            held: None,
+        }
+    }
+
+    fn held(sequence: u64) -> crate::issuer::Holdings {
+        crate::issuer::Holdings {
+            bot: "pin".into(),
+            sequence,
+            ..Default::default()
+        }
+    }
+
+    fn sequences(sessions: &Sessions) -> Vec<(String, Option<u64>)> {
+        let open = sessions.open.lock().unwrap();
+        open.by_id
+            .values()
+            .map(|s| (s.instance.clone(), s.held.as_ref().map(|h| h.sequence)))
+            .collect()
+    }
+
+    #[test]
+    fn a_report_reaches_every_stream_of_its_certificate_and_no_other() {
+        let sessions = Arc::new(Sessions::default());
+        let first = sessions.open(session("a", "aa"));
+        let _second = sessions.open(session("a", "aa"));
+        let _other = sessions.open(session("b", "bb"));
+        sessions.hold("aa", held(2));
+        assert_eq!(
+            sequences(&sessions),
+            [("a".into(), Some(2)), ("a".into(), Some(2)), ("b".into(), None)]
+        );
+        // An older report that arrives late is not kept.
+        sessions.hold("aa", held(1));
+        assert_eq!(sequences(&sessions)[0].1, Some(2));
+
+        // A closed stream leaves the index; the other stream of the certificate still hears.
+        drop(first);
+        sessions.hold("aa", held(3));
+        assert_eq!(sequences(&sessions), [("a".into(), Some(3)), ("b".into(), None)]);
+        drop(_second);
+        let open = sessions.open.lock().unwrap();
+        assert!(!open.by_certificate.contains_key("aa"), "an empty entry is removed");
+        assert_eq!(open.by_certificate.len(), 1);
     }
 }
