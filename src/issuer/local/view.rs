@@ -123,18 +123,17 @@ impl State {
     /// Remembers a verified bot certificate (its signature is not checked again while it is
     /// valid): one seen in a call, or one this process has just signed.
     pub(super) fn remember_verified(&mut self, der: &[u8], verified: &bots::VerifiedBot) {
-        self.remember_digest(Sha256::digest(der).into(), verified);
+        let claims = Arc::new(verified.claims.clone());
+        self.remember_digest(Sha256::digest(der).into(), claims, verified);
     }
 
     /// [`State::remember_verified`] by the certificate's SHA-256.
-    fn remember_digest(&mut self, digest: [u8; 32], verified: &bots::VerifiedBot) {
+    fn remember_digest(&mut self, digest: [u8; 32], claims: Arc<BotClaims>, verified: &bots::VerifiedBot) {
         if self.verified.len() >= VERIFIED_CACHE {
             self.verified.clear();
         }
-        self.verified.insert(
-            digest,
-            (Arc::new(verified.claims.clone()), verified.not_after, verified.signer),
-        );
+        self.verified
+            .insert(digest, (claims, verified.not_after, verified.signer));
     }
 
     /// [`State::authenticate`], with the id of the CA that signed the certificate.
@@ -150,8 +149,9 @@ impl State {
             Some(hit) => hit,
             None => {
                 let verified = bots::verify_bot_certificate(&self.authority, der, now())?;
-                self.remember_digest(digest, &verified);
-                (Arc::new(verified.claims), verified.signer)
+                let claims = Arc::new(verified.claims.clone());
+                self.remember_digest(digest, claims.clone(), &verified);
+                (claims, verified.signer)
             }
         };
         let default = BotRecord::default();

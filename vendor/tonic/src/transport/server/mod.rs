@@ -963,7 +963,6 @@ fn serve_connection<B, IO, S, E>(
     // tbot patch (see TBOT-PATCH.md): the connection is made and boxed before the task, so the
     // task does not keep the (moved-out) socket, service and builder beside it while it serves.
     let mut conn = Box::pin(builder.serve_connection(hyper_io, hyper_svc).into_owned());
-    drop(builder);
     tokio::spawn(async move {
         {
             let mut sig = pin!(Fuse {
