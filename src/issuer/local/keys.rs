@@ -105,7 +105,7 @@ impl Inner {
         if let Ok(verified) = bots::read_signed(&cert.der, signer.id(), now()) {
             let mut state = self.lock();
             if state.authority.trusts(signer) {
-                state.remember_verified(&cert.der, &verified);
+                state.remember_verified(&cert.der, verified);
             }
         }
         self.record(crate::issuer::state::issued::Issued {

@@ -122,18 +122,19 @@ impl State {
 
     /// Remembers a verified bot certificate (its signature is not checked again while it is
     /// valid): one seen in a call, or one this process has just signed.
-    pub(super) fn remember_verified(&mut self, der: &[u8], verified: &bots::VerifiedBot) {
-        let claims = Arc::new(verified.claims.clone());
-        self.remember_digest(Sha256::digest(der).into(), claims, verified);
+    pub(super) fn remember_verified(&mut self, der: &[u8], verified: bots::VerifiedBot) {
+        self.remember_digest(Sha256::digest(der).into(), verified);
     }
 
-    /// [`State::remember_verified`] by the certificate's SHA-256.
-    fn remember_digest(&mut self, digest: [u8; 32], claims: Arc<BotClaims>, verified: &bots::VerifiedBot) {
+    /// [`State::remember_verified`] by the certificate's SHA-256; the claims, shared with the cache.
+    fn remember_digest(&mut self, digest: [u8; 32], verified: bots::VerifiedBot) -> Arc<BotClaims> {
         if self.verified.len() >= VERIFIED_CACHE {
             self.verified.clear();
         }
+        let claims = Arc::new(verified.claims);
         self.verified
-            .insert(digest, (claims, verified.not_after, verified.signer));
+            .insert(digest, (claims.clone(), verified.not_after, verified.signer));
+        claims
     }
 
     /// [`State::authenticate`], with the id of the CA that signed the certificate.
@@ -149,9 +150,8 @@ impl State {
             Some(hit) => hit,
             None => {
                 let verified = bots::verify_bot_certificate(&self.authority, der, now())?;
-                let claims = Arc::new(verified.claims.clone());
-                self.remember_digest(digest, claims.clone(), &verified);
-                (claims, verified.signer)
+                let signer = verified.signer;
+                (self.remember_digest(digest, verified), signer)
             }
         };
         let default = BotRecord::default();
