@@ -28,7 +28,9 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("
 /// SIGKILL. `tests/crash_safety.rs` uses it to crash inside the windows a random kill rarely hits:
 /// - `join-answered`: the issuer consumed the token and signed; the agent has not saved the answer;
 /// - `renew-answered`: the issuer moved the bot's generation; the agent has not saved the answer;
-/// - `identity-half-saved`: the new bot certificate is saved, its key not yet.
+/// - `identity-half-saved`: the new bot certificate is saved, its key not yet;
+/// - `store-logged`: the issuer's `directory` store has its transactions in the log on disk, and
+///   has neither applied nor answered them nor written their files.
 pub fn failpoint(name: &str) {
     static POINT: std::sync::OnceLock<Option<(String, u32)>> = std::sync::OnceLock::new();
     static HITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

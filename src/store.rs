@@ -6,6 +6,7 @@
 //! ```text
 //! <path>/                          0700
 //!   lock                           held (flock) by the running daemon; holds its pid
+//!   issuer.<n>.wal                 the issuer's log: changes not yet in its files (`kv::wal`), 0600
 //!   issuer/<trust domain>/
 //!     ca.json                      the CAs: which is active, which are retiring and until when
 //!     ca-<n>.der                   CA certificate n (DER)
@@ -133,6 +134,19 @@ pub struct Owner {
 /// name is never followed) with `mode` (set again: `open` applies the umask) and `owner`, written,
 /// fsynced, renamed over `path`, and the directory fsynced. On failure, says which step failed.
 pub fn replace_file(path: &Path, bytes: &[u8], mode: u32, owner: Owner) -> Result<(), (&'static str, io::Error)> {
+    place_file(path, bytes, mode, owner, true)
+}
+
+/// [`replace_file`], with its two fsyncs only when `durable`. Without them, a crash may leave the old
+/// content, the new, or (on some file systems) an empty file: only for a writer that makes the
+/// files durable together afterwards ([`Store::sync`]) and can write them again after a crash.
+fn place_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Owner,
+    durable: bool,
+) -> Result<(), (&'static str, io::Error)> {
     let dir = path.parent().expect("a file inside a directory");
     let file_name = path.file_name().expect("a file name").to_string_lossy();
     let temp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
@@ -153,13 +167,16 @@ pub fn replace_file(path: &Path, bytes: &[u8], mode: u32, owner: Owner) -> Resul
             std::os::unix::fs::fchown(&file, owner.uid, owner.gid)?;
         }
         file.write_all(bytes)?;
-        file.sync_all()
+        if durable { file.sync_all() } else { Ok(()) }
     };
     if let Err(e) = write() {
         let _ = fs::remove_file(&temp);
         return Err(("write", e));
     }
     fs::rename(&temp, path).map_err(|e| ("rename into place", e))?;
+    if !durable {
+        return Ok(());
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| ("sync the directory of", e))
@@ -284,8 +301,38 @@ impl Store {
             })
     }
 
+    /// The directory, for a store on disk.
+    pub fn root(&self) -> Option<&Path> {
+        match &*self.backend {
+            Backend::Directory { root, .. } => Some(root),
+            Backend::Memory(_) => None,
+        }
+    }
+
     /// Writes a file atomically: a reader (or a crash) sees the old content or the new, never a mix.
     pub fn write(&self, name: &str, bytes: &[u8], secrecy: Secrecy) -> Result<(), StoreError> {
+        self.put(name, bytes, secrecy, true)
+    }
+
+    /// Writes a file as [`Store::write`] does, without waiting for the disk: readers see the old
+    /// content or the new, but a crash before the next [`Store::sync`] may lose or empty it. For a
+    /// writer that can write it again after a crash (the issuer store's log).
+    pub fn write_unsynced(&self, name: &str, bytes: &[u8], secrecy: Secrecy) -> Result<(), StoreError> {
+        self.put(name, bytes, secrecy, false)
+    }
+
+    /// Makes every write to the directory's file system so far durable (`syncfs(2)`): one flush for
+    /// many [`Store::write_unsynced`] files. Nothing to do for a memory store.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let Backend::Directory { root, .. } = &*self.backend else {
+            return Ok(());
+        };
+        File::open(root)
+            .and_then(|dir| rustix::fs::syncfs(&dir).map_err(io::Error::from))
+            .map_err(io_error("sync the file system of", root))
+    }
+
+    fn put(&self, name: &str, bytes: &[u8], secrecy: Secrecy, durable: bool) -> Result<(), StoreError> {
         let root = match &*self.backend {
             Backend::Memory(files) => {
                 files
@@ -307,7 +354,7 @@ impl Store {
             Secrecy::Secret => 0o600,
             Secrecy::Public => 0o644,
         };
-        replace_file(&path, bytes, mode, Owner::default()).map_err(|(action, e)| io_error(action, &path)(e))
+        place_file(&path, bytes, mode, Owner::default(), durable).map_err(|(action, e)| io_error(action, &path)(e))
     }
 
     /// Removes a file; a missing one is fine.

@@ -273,7 +273,15 @@ fn renewing_quickstart() -> (tempfile::TempDir, PathBuf) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_between_the_issuers_answer_and_its_saving_is_recovered() {
     // `identity-half-saved@2`: the first renewal's certificate is saved, its key not yet.
-    for point in ["join-answered", "renew-answered", "identity-half-saved@2"] {
+    // `store-logged@N`: the issuer's Nth log write is on disk, and nothing after it: no file, no
+    // answer. At start these are the CA, the JWT key, the join, then what follows the join. The
+    // restart replays the log.
+    let points = ["join-answered", "renew-answered", "identity-half-saved@2"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain((1..=4).map(|n| format!("store-logged@{n}")));
+    for point in points {
+        let point = point.as_str();
         let (dir, socket) = renewing_quickstart();
         let mut daemon = Daemon::spawn(dir, socket, &[("TBOT_FAILPOINT", point)]);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -360,6 +368,52 @@ impl Drop for Tmpfs {
                 .status();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_issuer_stores_writes_and_its_log_loses_nothing_after() {
+    use tbot::kv::{Kv, MemoryKv, Op};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let Some(tmpfs) = Tmpfs::mount(&state, "1m") else {
+        return;
+    };
+    let open = || MemoryKv::directory(Store::open(&state).unwrap(), "issuer/").unwrap();
+    let kv = open();
+    kv.txn(vec![], vec![Op::put("issuer/x/before.json", "{}")])
+        .await
+        .unwrap();
+    let filler = state.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 64 * 1024]).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // Larger than what is left of the log's last page: the append cannot fit.
+    let big = vec![b'x'; 64 * 1024];
+    let err = kv
+        .txn(vec![], vec![Op::put("issuer/x/full.json", big.clone())])
+        .await
+        .expect_err("a full disk fails the write");
+    let message = format!("{err} ({})", tbot::error::Explain::hint(&err));
+    assert!(message.contains("No space left on device"), "{message}");
+    assert!(message.contains(".wal"), "names the log: {message}");
+    assert!(message.contains("free space"), "says what to do: {message}");
+    assert_eq!(kv.get("issuer/x/full.json").await.unwrap(), None, "nothing applied");
+
+    // Space again: the next write goes through, after the part of the failed one is cut away.
+    std::fs::remove_file(&filler).unwrap();
+    kv.txn(vec![], vec![Op::put("issuer/x/after.json", big.clone())])
+        .await
+        .unwrap();
+    drop(kv);
+    let kv = open();
+    let (entries, _) = kv.list("issuer/").await.unwrap();
+    let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["issuer/x/after.json", "issuer/x/before.json"]);
+    drop(kv);
+    drop(tmpfs);
 }
 
 /// Polls `tbotctl get` until its output satisfies `want`.

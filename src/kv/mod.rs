@@ -13,6 +13,7 @@
 mod etcd;
 mod memory;
 pub mod seal;
+mod wal;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,6 +143,11 @@ pub trait Kv: Send + Sync + 'static {
 
     /// Forgets the history before `revision` (watches from before it fail with `Compacted`).
     async fn compact(&self, revision: i64) -> Result<(), StoreError>;
+
+    /// Its owner is done with it: finish what is in flight and let go of what it holds now (a
+    /// storage directory and its lock), although tasks may still hold references. Writes after
+    /// it fail.
+    fn close(&self) {}
 }
 
 /// A shared store.

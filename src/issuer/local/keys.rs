@@ -125,14 +125,17 @@ impl Inner {
     }
 
     /// Records the expiry of something the active CA signed (see [`Authority::note_issued`]). When a
-    /// write is due: a store in this process is written at once; a shared one in the background, so
-    /// that issuance never waits for (or fails with) etcd.
+    /// write is due: a store in this process decides it at once (a `directory` store puts it in line
+    /// for its log, where it is written even though this call does not wait); a shared one in the
+    /// background, so that issuance never waits for (or fails with) etcd.
     pub(super) fn note_issued(self: &Arc<Self>, not_after: OffsetDateTime) {
         let due = self.lock().authority.note_issued(not_after);
         if !due {
             return;
         }
-        // A store in this process answers at once: write now, as part of the call.
+        // A store in this process decides at once: write now, as part of the call. (A `directory`
+        // store answers once its log is on disk: the write is in line by then, and the follower's
+        // watch of `ca.json` brings the saved revision into memory.)
         if self.backing.local {
             use futures_util::FutureExt;
             if let Some(Err(e)) = self.save_authority().now_or_never() {

@@ -127,12 +127,15 @@ pub struct LocalIssuer {
 }
 
 impl Drop for LocalIssuer {
+    /// Stops its tasks and closes its store: an aborted task may hold the issuer's state until it
+    /// is next polled, but the storage directory is free when this returns.
     fn drop(&mut self) {
         for task in [&self.follower, &self.schedule, &self.flusher] {
             if let Some(task) = task.lock().expect("task poisoned").take() {
                 task.abort();
             }
         }
+        self.inner.backing.kv.close();
     }
 }
 

@@ -1,0 +1,359 @@
+//! The `directory` backend's write-ahead log: a committed transaction is one record appended to
+//! `<scope>.<generation>.wal` beside the scope's directory (`issuer.1.wal`), and every transaction
+//! waiting at that moment shares one `fdatasync`. The files under the scope are written from memory
+//! afterwards, many at a time with one `syncfs`, while appends go on in the next generation; only
+//! then are the older logs removed. Opening replays the logs over the files, so a crash at any
+//! point loses no transaction that was answered, and applies a transaction's writes all or none (a
+//! torn last record is one nobody was answered for).
+//!
+//! A record: the payload's length (u32, little-endian), the first 8 bytes of its SHA-256, and the
+//! payload, one operation after another: `1`, key length (u32), key, value length (u32), value for
+//! a put; `2`, key length, key for a delete.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::{Entry, Op};
+use crate::store::{Secrecy, Store, StoreError};
+
+const PUT: u8 = 1;
+const DELETE: u8 = 2;
+const HEADER: usize = 12;
+
+/// The log of one scope: files `<scope>.<generation>.wal` in the storage directory, appended to
+/// in the newest. Bringing the files up to date starts a new generation, so that appends go on
+/// meanwhile; the older ones go once the files are durable ([`Cleanup`]).
+pub(super) struct Log {
+    root: PathBuf,
+    stem: String,
+    generation: u64,
+    file: File,
+    /// Bytes of whole records in the file.
+    len: u64,
+    /// A failed append may have left part of a record at the end: cut it before the next one.
+    torn: bool,
+}
+
+/// Brings the files up to date with the logs before a generation, then removes those logs.
+pub(super) struct Cleanup {
+    root: PathBuf,
+    stem: String,
+    below: u64,
+}
+
+/// How a key is written to its file.
+pub(super) fn secrecy(key: &str) -> Secrecy {
+    if key.ends_with(".key") {
+        Secrecy::Secret
+    } else {
+        Secrecy::Public
+    }
+}
+
+/// Whether an operation of a transaction belongs in the files (and so in the log): keys under the
+/// scope, without a lease (a leased key lives as long as this process at most).
+pub(super) fn on_disk(op: &Op, scope: &str) -> bool {
+    match op {
+        Op::Put { key, lease, .. } => *lease == 0 && key.starts_with(scope),
+        Op::Delete(key) => key.starts_with(scope),
+    }
+}
+
+/// Appends the record of `ops`' writes to the files (none when there are none) to `out`.
+pub(super) fn encode(ops: &[Op], scope: &str, out: &mut Vec<u8>) {
+    let mut payload = Vec::new();
+    let field = |payload: &mut Vec<u8>, bytes: &[u8]| {
+        payload.extend_from_slice(
+            &u32::try_from(bytes.len())
+                .expect("a key or value under 4 GiB")
+                .to_le_bytes(),
+        );
+        payload.extend_from_slice(bytes);
+    };
+    for op in ops.iter().filter(|op| on_disk(op, scope)) {
+        match op {
+            Op::Put { key, value, .. } => {
+                payload.push(PUT);
+                field(&mut payload, key.as_bytes());
+                field(&mut payload, value);
+            }
+            Op::Delete(key) => {
+                payload.push(DELETE);
+                field(&mut payload, key.as_bytes());
+            }
+        }
+    }
+    if payload.is_empty() {
+        return;
+    }
+    out.extend_from_slice(
+        &u32::try_from(payload.len())
+            .expect("a record under 4 GiB")
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(&Sha256::digest(&payload)[..8]);
+    out.extend_from_slice(&payload);
+}
+
+/// One write of a record: the key and its new value (`None`: deleted).
+type KeyWrite = (String, Option<Vec<u8>>);
+
+/// The records of a log, in order, up to the first that is incomplete or does not match its sum;
+/// and how many bytes they take.
+fn decode(bytes: &[u8]) -> (Vec<Vec<KeyWrite>>, usize) {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while let Some(record) = decode_one(&bytes[at..]) {
+        let (writes, used) = record;
+        records.push(writes);
+        at += used;
+    }
+    (records, at)
+}
+
+fn decode_one(bytes: &[u8]) -> Option<(Vec<KeyWrite>, usize)> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let payload = bytes.get(HEADER..HEADER.checked_add(len)?)?;
+    if Sha256::digest(payload)[..8] != bytes[4..HEADER] {
+        return None;
+    }
+    let mut writes = Vec::new();
+    let mut rest = payload;
+    let take = |rest: &mut &[u8], n: usize| -> Option<Vec<u8>> {
+        let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+        *rest = tail;
+        Some(head.to_vec())
+    };
+    while let Some((&tag, tail)) = rest.split_first() {
+        rest = tail;
+        let n = u32::from_le_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
+        let key = String::from_utf8(take(&mut rest, n)?).ok()?;
+        let value = match tag {
+            PUT => {
+                let n = u32::from_le_bytes(take(&mut rest, 4)?.try_into().ok()?) as usize;
+                Some(take(&mut rest, n)?)
+            }
+            DELETE => None,
+            _ => return None,
+        };
+        writes.push((key, value));
+    }
+    Some((writes, HEADER + len))
+}
+
+/// The generations of `stem`'s logs in `root`, oldest first.
+fn generations(root: &Path, stem: &str) -> io::Result<Vec<u64>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(root)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(generation) = name
+            .strip_prefix(stem)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|rest| rest.strip_suffix(".wal"))
+            .and_then(|n| n.parse().ok())
+        {
+            found.push(generation);
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+fn log_path(root: &Path, stem: &str, generation: u64) -> PathBuf {
+    root.join(format!("{stem}.{generation}.wal"))
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |error| StoreError::Io { action, path, error }
+}
+
+impl Log {
+    /// Opens the logs of `scope` in `store`'s directory, replays them in order over `files` (the
+    /// scope's files as read), writes what they changed to the files, removes them and starts a new
+    /// one. A torn last record (a crash during its write, never answered) is dropped with a warning.
+    pub(super) fn open(store: &Store, scope: &str, files: &mut BTreeMap<String, Vec<u8>>) -> Result<Log, StoreError> {
+        let root = store.root().expect("a log is kept in a directory").to_owned();
+        let stem = scope.trim_end_matches('/').to_owned();
+        let found = generations(&root, &stem).map_err(io_error("list", &root))?;
+        let mut changed: BTreeMap<String, Option<Arc<Entry>>> = BTreeMap::new();
+        for &generation in &found {
+            let path = log_path(&root, &stem, generation);
+            let bytes = std::fs::read(&path).map_err(io_error("read", &path))?;
+            let (records, used) = decode(&bytes);
+            if used < bytes.len() {
+                tracing::warn!(
+                    log = %path.display(),
+                    bytes = bytes.len() - used,
+                    "dropping the incomplete record at the end of the store's log: a write the process stopped in, never answered"
+                );
+            }
+            for (key, value) in records.into_iter().flatten() {
+                match &value {
+                    Some(value) => files.insert(key.clone(), value.clone()),
+                    None => files.remove(&key),
+                };
+                let entry = value.map(|value| {
+                    Arc::new(Entry {
+                        key: key.clone(),
+                        value,
+                        create_revision: 0,
+                        mod_revision: 0,
+                        lease: 0,
+                    })
+                });
+                changed.insert(key, entry);
+            }
+        }
+        let generation = found.last().map_or(1, |last| last + 1);
+        if !found.is_empty() {
+            let cleanup = Cleanup {
+                root: root.clone(),
+                stem: stem.clone(),
+                below: generation,
+            };
+            cleanup.run(store, &changed)?;
+        }
+        let path = log_path(&root, &stem, generation);
+        let file = create(&path)?;
+        Ok(Log {
+            root,
+            stem,
+            generation,
+            file,
+            len: 0,
+            torn: false,
+        })
+    }
+
+    /// Appends records and waits for the disk: once this returns, they survive a crash.
+    pub(super) fn append(&mut self, records: &[u8]) -> io::Result<()> {
+        let result = (|| {
+            if self.torn {
+                self.file.set_len(self.len)?;
+                self.torn = false;
+            }
+            self.file.write_all(records)?;
+            self.file.sync_data()
+        })();
+        match result {
+            Ok(()) => self.len += records.len() as u64,
+            Err(_) => self.torn = true,
+        }
+        result
+    }
+
+    /// The file appended to now, for messages.
+    pub(super) fn path(&self) -> PathBuf {
+        log_path(&self.root, &self.stem, self.generation)
+    }
+
+    /// Bytes in the newest log.
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Starts the next generation: appends go to a new, empty log from now on.
+    pub(super) fn rotate(&mut self) -> Result<(), StoreError> {
+        let path = log_path(&self.root, &self.stem, self.generation + 1);
+        self.file = create(&path)?;
+        self.generation += 1;
+        self.len = 0;
+        self.torn = false;
+        Ok(())
+    }
+
+    /// What brings the files up to date with the logs before this one.
+    pub(super) fn cleanup(&self) -> Cleanup {
+        Cleanup {
+            root: self.root.clone(),
+            stem: self.stem.clone(),
+            below: self.generation,
+        }
+    }
+}
+
+/// Creates an empty log (`0600`: it holds private keys) and makes its name durable.
+fn create(path: &Path) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error("create", path))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io_error("set the mode of", path))?;
+    let dir = path.parent().expect("a log inside the storage directory");
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("sync the directory of", path))?;
+    Ok(file)
+}
+
+impl Cleanup {
+    /// Writes `changed` (each key's value now; `None`, or a leased key: no file) to the files,
+    /// makes them durable with one `syncfs`, then removes the logs before `below`. On failure the
+    /// logs keep everything.
+    pub(super) fn run(&self, store: &Store, changed: &BTreeMap<String, Option<Arc<Entry>>>) -> Result<(), StoreError> {
+        for (key, entry) in changed {
+            match entry {
+                Some(entry) if entry.lease == 0 => store.write_unsynced(key, &entry.value, secrecy(key))?,
+                _ => store.remove(key)?,
+            }
+        }
+        store.sync()?;
+        for generation in generations(&self.root, &self.stem).map_err(io_error("list", &self.root))? {
+            if generation < self.below {
+                let path = log_path(&self.root, &self.stem, generation);
+                std::fs::remove_file(&path).map_err(io_error("remove", &path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_and_a_torn_or_damaged_tail_is_dropped() {
+        let mut log = Vec::new();
+        encode(
+            &[
+                Op::put("issuer/a", "1"),
+                Op::Delete("issuer/b".into()),
+                Op::put("other/c", "x"),
+            ],
+            "issuer/",
+            &mut log,
+        );
+        encode(&[Op::put("other/only", "x")], "issuer/", &mut log);
+        let first = log.len();
+        encode(&[Op::put("issuer/a", "2")], "issuer/", &mut log);
+        let (records, used) = decode(&log);
+        assert_eq!(used, log.len());
+        assert_eq!(
+            records,
+            [
+                vec![
+                    ("issuer/a".to_owned(), Some(b"1".to_vec())),
+                    ("issuer/b".to_owned(), None)
+                ],
+                vec![("issuer/a".to_owned(), Some(b"2".to_vec()))]
+            ]
+        );
+        // A record cut short, or with a byte changed, ends the log there.
+        assert_eq!(decode(&log[..log.len() - 1]), (records[..1].to_vec(), first));
+        let mut damaged = log.clone();
+        *damaged.last_mut().unwrap() ^= 1;
+        assert_eq!(decode(&damaged).1, first);
+    }
+}
