@@ -66,6 +66,42 @@ pub enum StoreError {
     /// A sealed private key does not open with this replica's key encryption key.
     #[error("cannot open the sealed key `{key}` in {store}: {reason}")]
     Sealed { key: String, store: String, reason: String },
+    /// The store was closed: the issuer that used it has stopped (or its log writer failed).
+    #[error("the store ({store}) is closed: the issuer that used it has stopped")]
+    Closed { store: String },
+}
+
+impl StoreError {
+    /// The same error again (an I/O error's kind and words), for each of several calls it fails.
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Locked { path, holder } => StoreError::Locked {
+                path: path.clone(),
+                holder: holder.clone(),
+            },
+            StoreError::Io { action, path, error } => StoreError::Io {
+                action,
+                path: path.clone(),
+                error: io::Error::new(error.kind(), error.to_string()),
+            },
+            StoreError::Corrupt { path, reason } => StoreError::Corrupt {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            StoreError::Unavailable { store, reason } => StoreError::Unavailable {
+                store: store.clone(),
+                reason: reason.clone(),
+            },
+            StoreError::Compacted { revision } => StoreError::Compacted { revision: *revision },
+            StoreError::LeaseExpired { lease } => StoreError::LeaseExpired { lease: *lease },
+            StoreError::Sealed { key, store, reason } => StoreError::Sealed {
+                key: key.clone(),
+                store: store.clone(),
+                reason: reason.clone(),
+            },
+            StoreError::Closed { store } => StoreError::Closed { store: store.clone() },
+        }
+    }
 }
 
 impl crate::error::Explain for StoreError {
@@ -84,6 +120,10 @@ impl crate::error::Explain for StoreError {
             StoreError::Sealed { .. } => {
                 "give this replica the same `key_encryption_key_file` as the replica that created the CA (the same \
                  32 bytes on every replica)"
+            }
+            StoreError::Closed { .. } => {
+                "the issuer is stopping or was replaced; if this shows while tbot serves, restart it (the log on disk \
+                 keeps every answered change)"
             }
         })
     }

@@ -443,6 +443,12 @@ fn private_keys_never_appear_in_debug_logs_or_tbotctl_output() {
     .iter()
     .map(|k| state.join(k))
     .collect();
+    // The issuer's files follow its log within about a second.
+    for key in &keys {
+        common::wait_until(&format!("{} on disk", key.display()), Duration::from_secs(10), || {
+            key.exists().then_some(())
+        });
+    }
     let log = daemon.log();
     assert!(log.len() > 1000, "a debug log was written");
     for key in keys {

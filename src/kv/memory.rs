@@ -9,9 +9,9 @@
 //! still waiting for the disk on top (so that of two joins with one token, one wins), and waits in
 //! line: one writer thread appends the records of every waiting transaction with one `fdatasync`,
 //! then applies them, in order, and answers them. Readers and watches see a write only once it is
-//! on disk. When the writer is idle (or the log passes 4 MiB), it starts a new log, and another
-//! thread writes the changed files from memory, many at a time with one `syncfs`, then removes the
-//! older logs.
+//! on disk. When the writer is idle (at most once a second), or the log passes 4 MiB, it starts a
+//! new log, and another thread writes the changed files from memory, many at a time with one
+//! `syncfs`, then removes the older logs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -98,6 +98,8 @@ struct Journal {
     dirty: BTreeSet<String>,
     /// The store is being dropped: write what waits, bring the files up to date, and stop.
     closing: bool,
+    /// The writer has stopped (closed, or it failed): nothing more is decided.
+    stopped: bool,
     /// The last attempt to bring the files up to date has ended (for the writer thread).
     checkpointed: Option<Checkpointed>,
 }
@@ -240,19 +242,17 @@ impl MemoryKv {
             return Err(self.closed());
         };
         for op in ops.iter().filter(|op| wal::on_disk(op, &disk.scope)) {
-            match op {
-                Op::Put { key, value, .. } => store.write(key, value, wal::secrecy(key))?,
-                Op::Delete(key) => store.remove(key)?,
+            let (Op::Put { key, .. } | Op::Delete(key)) = op;
+            match wal::file_of(op) {
+                Some(value) => store.write(key, value, wal::secrecy(key))?,
+                None => store.remove(key)?,
             }
         }
         Ok(())
     }
 
     fn closed(&self) -> StoreError {
-        StoreError::Unavailable {
-            store: self.describe(),
-            reason: "it was closed (its issuer stopped)".into(),
-        }
+        StoreError::Closed { store: self.describe() }
     }
 }
 
@@ -279,7 +279,8 @@ struct Checkpoint {
 }
 
 /// Starts the threads of a `directory` store on disk: the log's writer, and the files' writer it
-/// hands each [`Checkpoint`] to.
+/// hands each [`Checkpoint`] to. Should either stop (closed, or a panic), the store stops deciding
+/// transactions, and those waiting fail.
 fn start_writers(
     shared: &Arc<Mutex<Inner>>,
     wake: &Arc<Condvar>,
@@ -293,12 +294,17 @@ fn start_writers(
         .name("tbot-store-files".into())
         .spawn(move || {
             for Checkpoint { cleanup, changed } in queue {
-                let result = cleanup
-                    .run(&store, &changed)
-                    .map_err(|e| (changed.into_keys().collect(), e));
-                if let Ok(mut inner) = files_shared.lock()
-                    && let Some(journal) = inner.journal.as_mut()
-                {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cleanup.run(&store, &changed)));
+                let result = match ran {
+                    Ok(result) => result,
+                    Err(_) => Err(StoreError::Unavailable {
+                        store: store.describe(),
+                        reason: "writing its files panicked".into(),
+                    }),
+                };
+                let result = result.map_err(|e| (changed.into_keys().collect(), e));
+                let mut inner = files_shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(journal) = inner.journal.as_mut() {
                     journal.checkpointed = Some(result);
                 }
                 files_wake.notify_all();
@@ -308,16 +314,35 @@ fn start_writers(
     std::thread::Builder::new()
         .name("tbot-store-log".into())
         .spawn(move || {
-            write_log(&shared, &wake, &scope, log, &checkpoints);
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_log(&shared, &wake, &scope, log, &checkpoints)
+            }));
+            // Whatever ended it: nothing more is decided, and whatever waits is told.
+            let mut inner = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(journal) = inner.journal.as_mut() {
+                journal.stopped = true;
+                for waiting in journal.waiting.drain(..) {
+                    let _ = waiting.done.send(Err(StoreError::Closed {
+                        store: format!("its log writer stopped{}", if ran.is_err() { " (a panic)" } else { "" }),
+                    }));
+                }
+                journal.overlay.clear();
+                journal.records.clear();
+            }
+            drop(inner);
             drop(checkpoints);
             let _ = files.join();
         })
 }
 
+/// Files are brought up to date at most this often while the log is short (a burst of changes
+/// costs one `syncfs`, not one each).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
 /// The log writer of a `directory` store on disk: appends the records of every waiting
-/// transaction at once, then applies and answers them. When nothing waits (or the log is long), it
-/// starts a new log and has the files' writer bring the files up to date with the older ones; after
-/// a failure, again a second later. Returns once closed and idle.
+/// transaction at once, then applies and answers them. When nothing waits (or the log is long), at
+/// most once a second, it starts a new log and has the files' writer bring the files up to date
+/// with the older ones; after a failure, again a second later. Returns once closed and idle.
 fn write_log(
     shared: &Mutex<Inner>,
     wake: &Condvar,
@@ -330,7 +355,8 @@ fn write_log(
     let mut running = false;
     // A failed attempt left older logs: the next one covers them too, without a new log.
     let mut behind = false;
-    let mut retry_at: Option<std::time::Instant> = None;
+    // When the files may next be brought up to date (a second after the last attempt began).
+    let mut next_at = std::time::Instant::now();
     let mut warned = false;
     loop {
         let journal = inner.journal.as_mut().expect("a store with a log has a journal");
@@ -338,30 +364,41 @@ fn write_log(
             running = false;
             behind = result.is_err();
             match result {
-                Ok(()) => (retry_at, warned) = (None, false),
+                Ok(()) => warned = false,
                 Err((keys, e)) => {
                     if !std::mem::replace(&mut warned, true) {
                         tracing::warn!(error = %e, hint = %crate::error::Explain::hint(&e),
                             "cannot bring the store's files up to date from its log; the log keeps every change, and this is tried again each second");
                     }
                     journal.dirty.extend(keys);
-                    retry_at = Some(std::time::Instant::now() + Duration::from_secs(1));
                 }
             }
         }
         let waiting = journal.waiting.len();
+        let now = std::time::Instant::now();
         let due = !running
             && !journal.dirty.is_empty()
-            && (waiting == 0 || log.len() >= LOG_LIMIT)
-            && retry_at.is_none_or(|at| std::time::Instant::now() >= at);
+            && ((waiting == 0 && (now >= next_at || journal.closing)) || log.len() >= LOG_LIMIT);
         if due {
-            if !behind && let Err(e) = log.rotate() {
-                journal.checkpointed = Some(Err((Vec::new(), e)));
-                continue;
+            next_at = now + CHECKPOINT_EVERY;
+            if !behind {
+                // Only this thread appends: the new log can be made without the lock.
+                drop(inner);
+                let rotated = log.rotate();
+                inner = lock();
+                if let Err(e) = rotated {
+                    inner
+                        .journal
+                        .as_mut()
+                        .expect("a store with a log has a journal")
+                        .checkpointed = Some(Err((Vec::new(), e)));
+                    continue;
+                }
+                behind = true;
             }
-            behind = true;
             let cleanup = log.cleanup();
-            let changed: BTreeMap<String, Option<Arc<Entry>>> = std::mem::take(&mut journal.dirty)
+            let dirty = std::mem::take(&mut inner.journal.as_mut().expect("a store with a log has a journal").dirty);
+            let changed: BTreeMap<String, Option<Arc<Entry>>> = dirty
                 .into_iter()
                 .map(|key| {
                     let entry = inner.keys.get(&key).cloned();
@@ -371,8 +408,11 @@ fn write_log(
             match checkpoints.send(Checkpoint { cleanup, changed }) {
                 Ok(()) => running = true,
                 Err(unsent) => {
-                    let journal = inner.journal.as_mut().expect("a store with a log has a journal");
-                    journal.checkpointed = Some(Err((
+                    inner
+                        .journal
+                        .as_mut()
+                        .expect("a store with a log has a journal")
+                        .checkpointed = Some(Err((
                         unsent.0.changed.into_keys().collect(),
                         StoreError::Unavailable {
                             store: log.path().display().to_string(),
@@ -385,24 +425,33 @@ fn write_log(
         }
         if waiting > 0 {
             let records = std::mem::take(&mut journal.records);
-            drop(inner);
-            let written = log.append(&records);
-            if written.is_ok() {
-                crate::failpoint("store-logged");
-            }
-            inner = lock();
-            inner.complete(waiting, written, scope, &log.path());
+            let written = if records.is_empty() {
+                // Only refusals, or writes of no file: nothing to wait for.
+                Ok(())
+            } else {
+                drop(inner);
+                let written = log.append(&records).map_err(|error| StoreError::Io {
+                    action: "append to",
+                    path: log.path(),
+                    error,
+                });
+                if written.is_ok() {
+                    crate::failpoint("store-logged");
+                }
+                inner = lock();
+                written
+            };
+            inner.complete(waiting, written, scope);
             continue;
         }
-        if journal.closing && !running && (journal.dirty.is_empty() || retry_at.is_some()) {
+        if journal.closing && !running && (journal.dirty.is_empty() || behind) {
             return;
         }
-        inner = match retry_at {
-            Some(at) if !running && !journal.dirty.is_empty() => {
-                let wait = at.saturating_duration_since(std::time::Instant::now());
-                wake.wait_timeout(inner, wait).expect("kv poisoned").0
-            }
-            _ => wake.wait(inner).expect("kv poisoned"),
+        inner = if !running && !journal.dirty.is_empty() {
+            let wait = next_at.saturating_duration_since(now);
+            wake.wait_timeout(inner, wait).expect("kv poisoned").0
+        } else {
+            wake.wait(inner).expect("kv poisoned")
         };
     }
 }
@@ -424,30 +473,29 @@ impl Inner {
 
     /// After the log write of the first `count` waiting transactions: applies and answers them, or
     /// fails them and every transaction decided after them (which may depend on them).
-    fn complete(&mut self, count: usize, written: std::io::Result<()>, scope: &str, log: &std::path::Path) {
+    fn complete(&mut self, count: usize, written: Result<(), StoreError>, scope: &str) {
         let mut journal = self.journal.take().expect("a store with a log has a journal");
         let batch: Vec<Waiting> = journal.waiting.drain(..count).collect();
         match written {
             Ok(()) => {
                 for waiting in batch {
                     let applied = waiting.ops.is_some();
-                    if let Some(ops) = waiting.ops {
+                    if let Some(mut ops) = waiting.ops {
                         for op in ops.iter().filter(|op| wal::on_disk(op, scope)) {
                             let (Op::Put { key, .. } | Op::Delete(key)) = op;
                             journal.dirty.insert(key.clone());
                         }
+                        // A lease that ended while the put waited takes the key with it at once.
+                        ops.retain(|op| !matches!(op, Op::Put { lease, .. } if *lease != 0 && !self.leases.contains_key(lease)));
                         self.apply(ops);
                     }
                     let _ = waiting.done.send(Ok((applied, self.revision)));
                 }
             }
             Err(error) => {
+                // Those decided after them may depend on them: none of them happened.
                 for waiting in batch.into_iter().chain(journal.waiting.drain(..)) {
-                    let _ = waiting.done.send(Err(StoreError::Io {
-                        action: "append to",
-                        path: log.to_owned(),
-                        error: std::io::Error::new(error.kind(), error.to_string()),
-                    }));
+                    let _ = waiting.done.send(Err(error.duplicate()));
                 }
                 journal.records.clear();
             }
@@ -605,7 +653,7 @@ impl Kv for MemoryKv {
     async fn txn(&self, conditions: Vec<Condition>, ops: Vec<Op>) -> Result<(bool, i64), StoreError> {
         let done = {
             let mut inner = self.lock();
-            if inner.journal.as_ref().is_some_and(|j| j.closing) {
+            if inner.journal.as_ref().is_some_and(|j| j.closing || j.stopped) {
                 return Err(self.closed());
             }
             inner.expire();
@@ -627,7 +675,7 @@ impl Kv for MemoryKv {
                 {
                     let (done, answer) = oneshot::channel();
                     if held {
-                        wal::encode(&ops, scope, &mut journal.records);
+                        wal::encode(&ops, scope, &mut journal.records)?;
                         for op in &ops {
                             match op {
                                 Op::Put { key, .. } => journal.overlay.insert(key.clone(), true),
@@ -753,10 +801,11 @@ mod tests {
             &[Op::put("issuer/x/a.json", "new"), Op::Delete("issuer/x/b.json".into())],
             "issuer/",
             &mut log,
-        );
-        wal::encode(&[Op::put("issuer/x/ca-1.key", "secret")], "issuer/", &mut log);
+        )
+        .unwrap();
+        wal::encode(&[Op::put("issuer/x/ca-1.key", "secret")], "issuer/", &mut log).unwrap();
         let mut torn = Vec::new();
-        wal::encode(&[Op::put("issuer/x/never.json", "x")], "issuer/", &mut torn);
+        wal::encode(&[Op::put("issuer/x/never.json", "x")], "issuer/", &mut torn).unwrap();
         log.extend_from_slice(&torn[..torn.len() / 2]);
         std::fs::write(dir.path().join("issuer.1.wal"), &log).unwrap();
 
@@ -779,6 +828,50 @@ mod tests {
         }
         assert_eq!(file("issuer.1.wal"), None);
         assert_eq!(file("issuer.2.wal").unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_older_log_or_a_key_outside_the_scope_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let mut whole = Vec::new();
+        wal::encode(&[Op::put("issuer/x/a.json", "1")], "issuer/", &mut whole).unwrap();
+        // A newer log follows a damaged one: what was after the damage is lost, so say so.
+        std::fs::write(dir.path().join("issuer.1.wal"), &whole[..whole.len() - 1]).unwrap();
+        std::fs::write(dir.path().join("issuer.2.wal"), &whole).unwrap();
+        let err = MemoryKv::directory(Store::open(dir.path()).unwrap(), "issuer/")
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("issuer.1.wal"), "{err}");
+        // A record that names a file outside the scope.
+        let mut outside = Vec::new();
+        wal::encode(&[Op::put("issuer/../lock", "x")], "issuer/", &mut outside).unwrap();
+        std::fs::remove_file(dir.path().join("issuer.1.wal")).unwrap();
+        std::fs::write(dir.path().join("issuer.2.wal"), &outside).unwrap();
+        let err = MemoryKv::directory(Store::open(dir.path()).unwrap(), "issuer/")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("outside `issuer/`"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_closed_directory_store_refuses_writes_and_lets_go_of_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = open(dir.path());
+        kv.txn(vec![], vec![Op::put("issuer/x/a.json", "1")]).await.unwrap();
+        kv.close();
+        let err = kv.txn(vec![], vec![Op::put("issuer/x/b.json", "2")]).await.unwrap_err();
+        assert!(matches!(err, StoreError::Closed { .. }), "{err}");
+        assert_eq!(
+            kv.get("issuer/x/a.json").await.unwrap().unwrap().value,
+            b"1",
+            "reads go on"
+        );
+        // The directory is free while this store still exists.
+        let again = open(dir.path());
+        assert_eq!(again.get("issuer/x/a.json").await.unwrap().unwrap().value, b"1");
+        assert_eq!(again.get("issuer/x/b.json").await.unwrap(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,8 @@
 //! The issuer's state store: a key-value store with revisions, conditional transactions, ordered
 //! watches and leases, behind one trait with three backends:
 //! - `memory`: in this process, gone at exit (tests, benches);
-//! - `directory`: the memory engine, with every key written through to a file under the storage
-//!   directory (one process; the directory's lock keeps a second one out);
+//! - `directory`: the memory engine, with every key in a file under the storage directory, kept
+//!   through a write-ahead log (`wal`; one process: the directory's lock keeps a second one out);
 //! - `etcd`: a real etcd cluster (v3 API), shared by every issuer replica of a trust domain.
 //!
 //! Keys are relative names such as `issuer/example.teleport.sh/ca.json`; the etcd backend puts its

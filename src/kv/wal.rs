@@ -56,49 +56,64 @@ pub(super) fn secrecy(key: &str) -> Secrecy {
     }
 }
 
-/// Whether an operation of a transaction belongs in the files (and so in the log): keys under the
-/// scope, without a lease (a leased key lives as long as this process at most).
+/// Whether an operation of a transaction changes the files (and so goes in the log): any write of
+/// a key under the scope. A put with a lease removes the key's file: a leased key lives as long as
+/// this process at most.
 pub(super) fn on_disk(op: &Op, scope: &str) -> bool {
     match op {
-        Op::Put { key, lease, .. } => *lease == 0 && key.starts_with(scope),
-        Op::Delete(key) => key.starts_with(scope),
+        Op::Put { key, .. } | Op::Delete(key) => key.starts_with(scope),
     }
 }
 
-/// Appends the record of `ops`' writes to the files (none when there are none) to `out`.
-pub(super) fn encode(ops: &[Op], scope: &str, out: &mut Vec<u8>) {
+/// What `op` leaves in the key's file: its value, or no file.
+pub(super) fn file_of(op: &Op) -> Option<&[u8]> {
+    match op {
+        Op::Put { value, lease: 0, .. } => Some(value),
+        _ => None,
+    }
+}
+
+/// Appends the record of `ops`' changes to the files (none when there are none) to `out`; refuses
+/// a key or value of 4 GiB or more, which a record cannot hold.
+pub(super) fn encode(ops: &[Op], scope: &str, out: &mut Vec<u8>) -> Result<(), StoreError> {
     let mut payload = Vec::new();
-    let field = |payload: &mut Vec<u8>, bytes: &[u8]| {
-        payload.extend_from_slice(
-            &u32::try_from(bytes.len())
-                .expect("a key or value under 4 GiB")
-                .to_le_bytes(),
-        );
+    let too_big = |what: &str, key: &str| StoreError::Corrupt {
+        path: PathBuf::from(key),
+        reason: format!("its {what} is too large for the store's log (4 GiB or more)"),
+    };
+    let field = |payload: &mut Vec<u8>, bytes: &[u8]| -> Option<()> {
+        payload.extend_from_slice(&u32::try_from(bytes.len()).ok()?.to_le_bytes());
         payload.extend_from_slice(bytes);
+        Some(())
     };
     for op in ops.iter().filter(|op| on_disk(op, scope)) {
-        match op {
-            Op::Put { key, value, .. } => {
+        let (Op::Put { key, .. } | Op::Delete(key)) = op;
+        match file_of(op) {
+            Some(value) => {
                 payload.push(PUT);
-                field(&mut payload, key.as_bytes());
-                field(&mut payload, value);
+                field(&mut payload, key.as_bytes()).ok_or_else(|| too_big("name", key))?;
+                field(&mut payload, value).ok_or_else(|| too_big("value", key))?;
             }
-            Op::Delete(key) => {
+            None => {
                 payload.push(DELETE);
-                field(&mut payload, key.as_bytes());
+                field(&mut payload, key.as_bytes()).ok_or_else(|| too_big("name", key))?;
             }
         }
     }
     if payload.is_empty() {
-        return;
+        return Ok(());
     }
-    out.extend_from_slice(
-        &u32::try_from(payload.len())
-            .expect("a record under 4 GiB")
-            .to_le_bytes(),
-    );
+    let len = u32::try_from(payload.len()).map_err(|_| too_big("transaction", ""))?;
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&payload)[..8]);
     out.extend_from_slice(&payload);
+    Ok(())
+}
+
+/// Whether a key read from a log names a file under the scope, and nothing outside it.
+fn within(key: &str, scope: &str) -> bool {
+    key.strip_prefix(scope)
+        .is_some_and(|rest| rest.split('/').all(|part| !matches!(part, "" | "." | "..")))
 }
 
 /// One write of a record: the key and its new value (`None`: deleted).
@@ -188,12 +203,26 @@ impl Log {
             let path = log_path(&root, &stem, generation);
             let bytes = std::fs::read(&path).map_err(io_error("read", &path))?;
             let (records, used) = decode(&bytes);
+            let corrupt = |reason: String| StoreError::Corrupt {
+                path: path.clone(),
+                reason,
+            };
             if used < bytes.len() {
+                // Only the newest log can end in a write the process stopped in: an older one was
+                // whole when the next began.
+                if Some(&generation) != found.last() {
+                    return Err(corrupt(format!(
+                        "its record at byte {used} is damaged, and a newer log follows it"
+                    )));
+                }
                 tracing::warn!(
                     log = %path.display(),
                     bytes = bytes.len() - used,
                     "dropping the incomplete record at the end of the store's log: a write the process stopped in, never answered"
                 );
+            }
+            if let Some((key, _)) = records.iter().flatten().find(|(key, _)| !within(key, scope)) {
+                return Err(corrupt(format!("it names `{key}`, outside `{scope}`")));
             }
             for (key, value) in records.into_iter().flatten() {
                 match &value {
@@ -233,21 +262,33 @@ impl Log {
         })
     }
 
-    /// Appends records and waits for the disk: once this returns, they survive a crash.
+    /// Appends records and waits for the disk: once this returns, they survive a crash. On
+    /// failure the part written is cut away (now, or before the next append or rotation), so the
+    /// failed records are not replayed. (Unless the process dies first: a transaction answered
+    /// with a failure of the log may still come back, as with any storage.)
     pub(super) fn append(&mut self, records: &[u8]) -> io::Result<()> {
-        let result = (|| {
-            if self.torn {
-                self.file.set_len(self.len)?;
-                self.torn = false;
-            }
+        let result = self.cut().and_then(|()| {
             self.file.write_all(records)?;
             self.file.sync_data()
-        })();
+        });
         match result {
             Ok(()) => self.len += records.len() as u64,
-            Err(_) => self.torn = true,
+            Err(_) => {
+                self.torn = true;
+                let _ = self.cut();
+            }
         }
         result
+    }
+
+    /// Cuts away what a failed append left after the whole records.
+    fn cut(&mut self) -> io::Result<()> {
+        if self.torn {
+            self.file.set_len(self.len)?;
+            self.file.sync_data()?;
+            self.torn = false;
+        }
+        Ok(())
     }
 
     /// The file appended to now, for messages.
@@ -260,9 +301,12 @@ impl Log {
         self.len
     }
 
-    /// Starts the next generation: appends go to a new, empty log from now on.
+    /// Starts the next generation: appends go to a new, empty log from now on. This one must end
+    /// with a whole record first.
     pub(super) fn rotate(&mut self) -> Result<(), StoreError> {
         let path = log_path(&self.root, &self.stem, self.generation + 1);
+        self.cut()
+            .map_err(io_error("cut the failed write from", &self.path()))?;
         self.file = create(&path)?;
         self.generation += 1;
         self.len = 0;
@@ -280,7 +324,8 @@ impl Log {
     }
 }
 
-/// Creates an empty log (`0600`: it holds private keys) and makes its name durable.
+/// Creates an empty log (`0600`: it holds private keys) and makes its name durable; on failure
+/// leaves no file behind to be in the next attempt's way.
 fn create(path: &Path) -> Result<File, StoreError> {
     let file = OpenOptions::new()
         .append(true)
@@ -288,12 +333,19 @@ fn create(path: &Path) -> Result<File, StoreError> {
         .mode(0o600)
         .open(path)
         .map_err(io_error("create", path))?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io_error("set the mode of", path))?;
     let dir = path.parent().expect("a log inside the storage directory");
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error("sync the directory of", path))?;
+    let ready = file
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io_error("set the mode of", path))
+        .and_then(|()| {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_error("sync the directory of", path))
+        });
+    if let Err(e) = ready {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     Ok(file)
 }
 
@@ -326,26 +378,35 @@ mod tests {
     #[test]
     fn records_read_back_and_a_torn_or_damaged_tail_is_dropped() {
         let mut log = Vec::new();
+        let leased = Op::Put {
+            key: "issuer/l".into(),
+            value: b"v".to_vec(),
+            lease: 7,
+        };
         encode(
             &[
                 Op::put("issuer/a", "1"),
                 Op::Delete("issuer/b".into()),
                 Op::put("other/c", "x"),
+                leased,
             ],
             "issuer/",
             &mut log,
-        );
-        encode(&[Op::put("other/only", "x")], "issuer/", &mut log);
+        )
+        .unwrap();
+        encode(&[Op::put("other/only", "x")], "issuer/", &mut log).unwrap();
         let first = log.len();
-        encode(&[Op::put("issuer/a", "2")], "issuer/", &mut log);
+        encode(&[Op::put("issuer/a", "2")], "issuer/", &mut log).unwrap();
         let (records, used) = decode(&log);
         assert_eq!(used, log.len());
+        // A leased put removes the key's file.
         assert_eq!(
             records,
             [
                 vec![
                     ("issuer/a".to_owned(), Some(b"1".to_vec())),
-                    ("issuer/b".to_owned(), None)
+                    ("issuer/b".to_owned(), None),
+                    ("issuer/l".to_owned(), None)
                 ],
                 vec![("issuer/a".to_owned(), Some(b"2".to_vec()))]
             ]
@@ -355,5 +416,22 @@ mod tests {
         let mut damaged = log.clone();
         *damaged.last_mut().unwrap() ^= 1;
         assert_eq!(decode(&damaged).1, first);
+    }
+
+    #[test]
+    fn a_logged_key_must_stay_under_the_scope() {
+        for key in ["issuer/x/a.json", "issuer/x/bots/b@1.json"] {
+            assert!(within(key, "issuer/"), "{key}");
+        }
+        for key in [
+            "other/a",
+            "issuer/../lock",
+            "issuer/x/../../etc",
+            "issuer//a",
+            "issuer/./a",
+            "issuer/",
+        ] {
+            assert!(!within(key, "issuer/"), "{key}");
+        }
     }
 }

@@ -115,9 +115,9 @@ impl LocalIssuer {
             .txn(
                 vec![Condition::Absent(token_file.clone())],
                 // The instance first, the token's record last: a store that writes the two one
-                // after the other (the directory store) and is killed between them leaves an
-                // unused token (and an instance nothing can use, pruned later), never a used token
-                // without the instance its retry needs.
+                // after the other and is killed between them leaves an unused token (and an
+                // instance nothing can use, pruned later), never a used token without the instance
+                // its retry needs. (The directory store logs both as one record: all or none.)
                 vec![Op::put(&bot_file, json(&record)), consumed_op],
             )
             .await?;

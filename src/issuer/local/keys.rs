@@ -125,36 +125,35 @@ impl Inner {
     }
 
     /// Records the expiry of something the active CA signed (see [`Authority::note_issued`]). When a
-    /// write is due: a store in this process decides it at once (a `directory` store puts it in line
-    /// for its log, where it is written even though this call does not wait); a shared one in the
-    /// background, so that issuance never waits for (or fails with) etcd.
+    /// write is due (one at a time): a store in this process decides it at once, as part of the call
+    /// (memory answers at once; a `directory` store puts it in line for its log, and the rest of the
+    /// save finishes in the background); a shared one in the background, so that issuance never
+    /// waits for (or fails with) etcd.
     pub(super) fn note_issued(self: &Arc<Self>, not_after: OffsetDateTime) {
         let due = self.lock().authority.note_issued(not_after);
-        if !due {
+        if !due || self.saving.swap(true, Ordering::SeqCst) {
             return;
         }
-        // A store in this process decides at once: write now, as part of the call. (A `directory`
-        // store answers once its log is on disk: the write is in line by then, and the follower's
-        // watch of `ca.json` brings the saved revision into memory.)
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let weak = Arc::downgrade(self);
+        let mut save = Box::pin(async move {
+            let Some(inner) = weak.upgrade() else { return };
+            if let Err(e) = inner.save_authority().await {
+                tracing::warn!(error = %e, "cannot record the CA's issued-until in the store; retrying at the next issuance");
+            }
+            inner.saving.store(false, Ordering::SeqCst);
+        });
         if self.backing.local {
             use futures_util::FutureExt;
-            if let Some(Err(e)) = self.save_authority().now_or_never() {
-                tracing::warn!(error = %e, "cannot record the CA's issued-until; retrying at the next issuance");
+            if (&mut save).now_or_never().is_some() {
+                return;
             }
-            return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if !self.saving.swap(true, Ordering::SeqCst) {
-            let inner = Arc::downgrade(self);
-            runtime.spawn(async move {
-                let Some(inner) = inner.upgrade() else { return };
-                if let Err(e) = inner.save_authority().await {
-                    tracing::warn!(error = %e, "cannot record the CA's issued-until in the store; retrying at the next issuance");
-                }
-                inner.saving.store(false, Ordering::SeqCst);
-            });
+        match runtime {
+            Some(runtime) => drop(runtime.spawn(save)),
+            // Driven by hand, without a runtime: what is in line is written; the rest waits for
+            // the next issuance.
+            None => self.saving.store(false, Ordering::SeqCst),
         }
     }
 

@@ -128,7 +128,8 @@ pub struct LocalIssuer {
 
 impl Drop for LocalIssuer {
     /// Stops its tasks and closes its store: an aborted task may hold the issuer's state until it
-    /// is next polled, but the storage directory is free when this returns.
+    /// is next polled, but the store has let go of the storage directory when this returns (its
+    /// lock goes with it unless another part of the daemon, such as the agent, holds it too).
     fn drop(&mut self) {
         for task in [&self.follower, &self.schedule, &self.flusher] {
             if let Some(task) = task.lock().expect("task poisoned").take() {

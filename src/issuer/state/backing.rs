@@ -17,7 +17,8 @@ use crate::store::{Store, StoreError};
 pub struct Backing {
     pub kv: SharedKv,
     pub kek: Option<Arc<Kek>>,
-    /// The store is in this process (memory, directory): its calls complete at once.
+    /// The store is in this process (memory, directory): a call is decided at once (a directory
+    /// store's write then waits for its log on disk), and nothing is shared with another replica.
     pub local: bool,
 }
 
