@@ -235,6 +235,11 @@ impl JwtKeys {
         }
     }
 
+    /// The id of the key that signs.
+    pub fn active_id(&self) -> u32 {
+        self.active
+    }
+
     /// The key that signs.
     pub fn active(&self) -> &JwtKey {
         let at = self.records.iter().position(|r| r.id == self.active).unwrap_or(0);

@@ -16,6 +16,15 @@ use crate::issuer::{BotCertificate, IssuerError};
 use crate::kv::{Condition, Op};
 
 use super::{CONFLICT_RETRIES, INSTANCE_RETENTION, Inner, LocalIssuer, State, now};
+
+/// Whether two decisions are the same step: the same kind (a later `activate_at` is the same
+/// preparation), and the same key for an activation.
+fn same_step(a: Step, b: Step) -> bool {
+    match (a, b) {
+        (Step::Activate { id: x }, Step::Activate { id: y }) => x == y,
+        _ => std::mem::discriminant(&a) == std::mem::discriminant(&b),
+    }
+}
 use crate::error::Explain;
 
 /// How long a rotation by hand retries a store that does not answer.
@@ -300,21 +309,38 @@ impl LocalIssuer {
     /// replaced keys (see [`ByHand`]).
     /// A shared store that does not answer for a moment (an etcd leader election after a member
     /// loss) is retried for up to [`BY_HAND_RETRY`]: the operator's command waits instead of failing.
+    ///
+    /// The step is decided once, on the keys as they are at the call. When another writer (the
+    /// schedule, another replica) moves the keys first, the retry takes the same step or none: a
+    /// `--force` that meant "activate the prepared key" never becomes "retire the old keys early".
+    /// A step another writer already took (the same key activated) counts as done; any other
+    /// change refuses, asking to look again.
     pub async fn rotate_by_hand(&self, jwt: bool, asked: ByHand) -> Result<Step, IssuerError> {
         let deadline = tokio::time::Instant::now() + BY_HAND_RETRY;
+        let first: std::sync::Mutex<Option<Step>> = std::sync::Mutex::new(None);
+        let decide = |state: &State| -> Result<Option<Step>, Refused> {
+            let (step, active) = if jwt {
+                (state.jwt.by_hand(asked, now()), state.jwt.active_id())
+            } else {
+                (state.authority.by_hand(asked, now()), state.authority.active_id())
+            };
+            let mut first = first.lock().expect("step poisoned");
+            let Some(decided) = *first else {
+                let step = step?;
+                *first = Some(step);
+                return Ok(Some(step));
+            };
+            match step {
+                Ok(step) if same_step(decided, step) => Ok(Some(step)),
+                _ if decided == (Step::Activate { id: active }) => Ok(None),
+                _ => Err(Refused(format!(
+                    "the keys changed while this ran (another writer took a step first), so `{decided:?}` was not \
+                     taken: look at `tbotctl status` and ask again"
+                ))),
+            }
+        };
         let step = loop {
-            let taken = self
-                .inner
-                .step(jwt, |state| {
-                    if jwt {
-                        state.jwt.by_hand(asked, now())
-                    } else {
-                        state.authority.by_hand(asked, now())
-                    }
-                    .map(Some)
-                })
-                .await;
-            match taken {
+            match self.inner.step(jwt, decide).await {
                 Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, "the store does not answer; retrying the rotation by hand");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -322,7 +348,8 @@ impl LocalIssuer {
                 other => break other?,
             }
         };
-        Ok(step.expect("a rotation by hand always decides a step"))
+        let decided = *first.lock().expect("step poisoned");
+        Ok(step.or(decided).expect("a rotation by hand always decides a step"))
     }
 
     /// Takes the CAs and JWT keys as the store has them now: a step by hand on this replica decides

@@ -178,6 +178,11 @@ impl Authority {
             .expect("an authority always has its active CA")
     }
 
+    /// The id of the CA that signs.
+    pub fn active_id(&self) -> u32 {
+        self.active
+    }
+
     /// The position of the active CA in [`Authority::cas`].
     pub fn active_index(&self) -> usize {
         self.cas.iter().position(|ca| ca.id == self.active).unwrap_or(0)
