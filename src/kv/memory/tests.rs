@@ -1,0 +1,196 @@
+use super::*;
+
+fn open(dir: &std::path::Path) -> MemoryKv {
+    MemoryKv::directory(Store::open(dir).unwrap(), "issuer/").unwrap()
+}
+
+#[tokio::test]
+async fn a_directory_log_is_replayed_over_the_files_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .write("issuer/x/a.json", b"old", crate::store::Secrecy::Public)
+            .unwrap();
+        store
+            .write("issuer/x/b.json", b"gone", crate::store::Secrecy::Public)
+            .unwrap();
+    }
+    // What a process killed before bringing its files up to date leaves, with the half-written
+    // record of a transaction it never answered.
+    let mut log = Vec::new();
+    wal::encode(
+        &[Op::put("issuer/x/a.json", "new"), Op::Delete("issuer/x/b.json".into())],
+        "issuer/",
+        &mut log,
+    )
+    .unwrap();
+    wal::encode(&[Op::put("issuer/x/ca-1.key", "secret")], "issuer/", &mut log).unwrap();
+    let mut torn = Vec::new();
+    wal::encode(&[Op::put("issuer/x/never.json", "x")], "issuer/", &mut torn).unwrap();
+    log.extend_from_slice(&torn[..torn.len() / 2]);
+    std::fs::write(dir.path().join("issuer.1.wal"), &log).unwrap();
+
+    let kv = open(dir.path());
+    let (entries, _) = kv.list("issuer/").await.unwrap();
+    let found: Vec<(&str, &[u8])> = entries.iter().map(|e| (e.key.as_str(), &e.value[..])).collect();
+    assert_eq!(
+        found,
+        [("issuer/x/a.json", &b"new"[..]), ("issuer/x/ca-1.key", b"secret")]
+    );
+    // The files say the same, and the log is a new, empty one.
+    let file = |name: &str| std::fs::read(dir.path().join(name)).ok();
+    assert_eq!(file("issuer/x/a.json").as_deref(), Some(&b"new"[..]));
+    assert_eq!(file("issuer/x/b.json"), None);
+    assert_eq!(file("issuer/x/never.json"), None);
+    use std::os::unix::fs::PermissionsExt;
+    for (name, mode) in [("issuer/x/ca-1.key", 0o600), ("issuer.2.wal", 0o600)] {
+        let meta = std::fs::metadata(dir.path().join(name)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+    }
+    assert_eq!(file("issuer.1.wal"), None);
+    assert_eq!(file("issuer.2.wal").unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn a_damaged_older_log_or_a_key_outside_the_scope_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    let mut whole = Vec::new();
+    wal::encode(&[Op::put("issuer/x/a.json", "1")], "issuer/", &mut whole).unwrap();
+    // A newer log follows a damaged one: what was after the damage is lost, so say so.
+    std::fs::write(dir.path().join("issuer.1.wal"), &whole[..whole.len() - 1]).unwrap();
+    std::fs::write(dir.path().join("issuer.2.wal"), &whole).unwrap();
+    let err = MemoryKv::directory(Store::open(dir.path()).unwrap(), "issuer/")
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("issuer.1.wal"), "{err}");
+    // A record that names a file outside the scope.
+    let mut outside = Vec::new();
+    wal::encode(&[Op::put("issuer/../lock", "x")], "issuer/", &mut outside).unwrap();
+    std::fs::remove_file(dir.path().join("issuer.1.wal")).unwrap();
+    std::fs::write(dir.path().join("issuer.2.wal"), &outside).unwrap();
+    let err = MemoryKv::directory(Store::open(dir.path()).unwrap(), "issuer/")
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("outside `issuer/`"), "{err}");
+}
+
+#[tokio::test]
+async fn a_closed_directory_store_refuses_writes_and_lets_go_of_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = open(dir.path());
+    kv.txn(vec![], vec![Op::put("issuer/x/a.json", "1")]).await.unwrap();
+    kv.close();
+    let err = kv.txn(vec![], vec![Op::put("issuer/x/b.json", "2")]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Closed { .. }), "{err}");
+    assert_eq!(
+        kv.get("issuer/x/a.json").await.unwrap().unwrap().value,
+        b"1",
+        "reads go on"
+    );
+    // The directory is free while this store still exists.
+    let again = open(dir.path());
+    assert_eq!(again.get("issuer/x/a.json").await.unwrap().unwrap().value, b"1");
+    assert_eq!(again.get("issuer/x/b.json").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_transactions_in_line_together_decide_in_order_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = Arc::new(open(dir.path()));
+    // Creates of one key race; every other write is its own key. Those decided while others
+    // wait for the disk are decided against the waiting writes.
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let kv = kv.clone();
+            tokio::spawn(async move {
+                let race = "issuer/x/tokens/t.json".to_owned();
+                let won = kv
+                    .txn(
+                        vec![Condition::Absent(race.clone())],
+                        vec![Op::put(&race, format!("{i}"))],
+                    )
+                    .await
+                    .unwrap()
+                    .0;
+                kv.txn(vec![], vec![Op::put(format!("issuer/x/bots/b@{i}.json"), "{}")])
+                    .await
+                    .unwrap();
+                won
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for task in tasks {
+        winners += usize::from(task.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+    let (entries, revision) = kv.list("issuer/").await.unwrap();
+    assert_eq!(entries.len(), 201);
+    assert_eq!(revision, 201, "one revision per applied transaction");
+    drop(kv);
+    let kv = open(dir.path());
+    assert_eq!(kv.list("issuer/").await.unwrap().0, {
+        let mut again = entries.clone();
+        for (n, e) in again.iter_mut().enumerate() {
+            e.create_revision = n as i64 + 1;
+            e.mod_revision = n as i64 + 1;
+        }
+        again
+    });
+}
+
+#[tokio::test]
+async fn a_directory_transaction_dropped_once_decided_is_still_written() {
+    use futures_util::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let kv = open(dir.path());
+    // Polled once (as `note_issued` does), then dropped.
+    let _ = kv.txn(vec![], vec![Op::put("issuer/x/ca.json", "{}")]).now_or_never();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kv.get("issuer/x/ca.json").await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "never written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(kv);
+    assert_eq!(std::fs::read(dir.path().join("issuer/x/ca.json")).unwrap(), b"{}");
+}
+
+#[tokio::test]
+async fn history_is_trimmed_at_revision_boundaries() {
+    let kv = MemoryKv::new();
+    // Revisions of two events each, past the history bound.
+    for i in 0..(HISTORY / 2 + 10) {
+        kv.txn(
+            vec![],
+            vec![Op::put(format!("a/{i}"), "x"), Op::put(format!("b/{i}"), "y")],
+        )
+        .await
+        .unwrap();
+    }
+    let inner = kv.lock();
+    assert!(inner.history.len() <= HISTORY);
+    let first = inner.history[0].revision();
+    assert_eq!(first, inner.compacted);
+    assert_eq!(
+        inner.history.iter().filter(|e| e.revision() == first).count(),
+        2,
+        "the oldest revision kept is whole"
+    );
+}
+
+#[tokio::test]
+async fn a_watch_replays_more_history_than_its_live_buffer() {
+    let kv = MemoryKv::new();
+    for i in 0..3000 {
+        kv.txn(vec![], vec![Op::put(format!("k/{i}"), "x")]).await.unwrap();
+    }
+    let mut rx = kv.watch("k/", 1).await.unwrap();
+    let mut seen = 0;
+    while let Ok(item) = rx.try_recv() {
+        seen += item.unwrap().len();
+    }
+    assert_eq!(seen, 3000, "every revision of the history is replayed");
+}
