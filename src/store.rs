@@ -69,6 +69,10 @@ pub enum StoreError {
     /// The store was closed: the issuer that used it has stopped (or its log writer failed).
     #[error("the store ({store}) is closed: the issuer that used it has stopped")]
     Closed { store: String },
+    /// One of a directory store's writer threads stopped (a panic): its log keeps every answered
+    /// change.
+    #[error("the store ({store}) cannot write: its {thread} stopped")]
+    Stopped { store: String, thread: &'static str },
 }
 
 impl StoreError {
@@ -100,6 +104,10 @@ impl StoreError {
                 reason: reason.clone(),
             },
             StoreError::Closed { store } => StoreError::Closed { store: store.clone() },
+            StoreError::Stopped { store, thread } => StoreError::Stopped {
+                store: store.clone(),
+                thread,
+            },
         }
     }
 }
@@ -120,6 +128,10 @@ impl crate::error::Explain for StoreError {
             StoreError::Sealed { .. } => {
                 "give this replica the same `key_encryption_key_file` as the replica that created the CA (the same \
                  32 bytes on every replica)"
+            }
+            StoreError::Stopped { .. } => {
+                "restart tbot: the start writes the files from the log on disk, which keeps every answered change; \
+                 the log above says why the thread stopped (please report it)"
             }
             StoreError::Closed { .. } => {
                 "the issuer is stopping or was replaced; if this shows while tbot serves, restart it (the log on disk \

@@ -399,8 +399,16 @@ impl Kv for MemoryKv {
     async fn txn(&self, conditions: Vec<Condition>, ops: Vec<Op>) -> Result<(bool, i64), StoreError> {
         let done = {
             let mut inner = self.lock();
-            if inner.journal.as_ref().is_some_and(|j| j.closing || j.stopped) {
-                return Err(self.closed());
+            if let Some(journal) = inner.journal.as_ref() {
+                if journal.closing {
+                    return Err(self.closed());
+                }
+                if journal.stopped {
+                    return Err(StoreError::Stopped {
+                        store: self.describe(),
+                        thread: "log writer",
+                    });
+                }
             }
             inner.expire();
             let held = conditions.iter().all(|c| inner.holds(c));
@@ -446,9 +454,9 @@ impl Kv for MemoryKv {
         };
         // Decided and in line: it is written (and applied) even if this call is dropped now.
         done.await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable {
+            Err(StoreError::Stopped {
                 store: self.describe(),
-                reason: "its log writer stopped".into(),
+                thread: "log writer",
             })
         })
     }

@@ -62,6 +62,7 @@ pub(super) fn start_writers(
     log: Log,
 ) -> std::io::Result<JoinHandle<()>> {
     let (checkpoints, queue) = std::sync::mpsc::channel::<Checkpoint>();
+    let described = store.describe();
     let (files_shared, files_wake) = (shared.clone(), wake.clone());
     let files = std::thread::Builder::new()
         .name("tbot-store-files".into())
@@ -70,9 +71,9 @@ pub(super) fn start_writers(
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cleanup.run(&store, &changed)));
                 let result = match ran {
                     Ok(result) => result,
-                    Err(_) => Err(StoreError::Unavailable {
+                    Err(_) => Err(StoreError::Stopped {
                         store: store.describe(),
-                        reason: "writing its files panicked".into(),
+                        thread: "files' writer (a panic while writing them)",
                     }),
                 };
                 let result = result.map_err(|e| (changed.into_keys().collect(), e));
@@ -95,8 +96,13 @@ pub(super) fn start_writers(
             if let Some(journal) = inner.journal.as_mut() {
                 journal.stopped = true;
                 for waiting in journal.waiting.drain(..) {
-                    let _ = waiting.done.send(Err(StoreError::Closed {
-                        store: format!("its log writer stopped{}", if ran.is_err() { " (a panic)" } else { "" }),
+                    let store = described.clone();
+                    let _ = waiting.done.send(Err(match ran {
+                        Ok(()) => StoreError::Closed { store },
+                        Err(_) => StoreError::Stopped {
+                            store,
+                            thread: "log writer (a panic)",
+                        },
                     }));
                 }
                 journal.overlay.clear();
@@ -187,9 +193,9 @@ fn write_log(
                         .expect("a store with a log has a journal")
                         .checkpointed = Some(Err((
                         unsent.0.changed.into_keys().collect(),
-                        StoreError::Unavailable {
+                        StoreError::Stopped {
                             store: log.path().display().to_string(),
-                            reason: "the thread that writes its files stopped".into(),
+                            thread: "files' writer",
                         },
                     )));
                 }
