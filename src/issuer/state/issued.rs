@@ -11,7 +11,7 @@
 //! [`MAX_BYTES`] (the oldest go first, with a WARN); records not yet written when the process dies
 //! are only in its log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -105,8 +105,10 @@ pub struct IssuanceLog {
     prefix: String,
     /// This process, in the names of its keys.
     writer: String,
-    /// Not yet written.
-    pending: Mutex<Vec<Issued>>,
+    /// Not yet written, oldest first: a queue, so that dropping the oldest at the cap and taking a
+    /// key's worth at a flush cost what they take, not what stays (with the store away for long,
+    /// both happen on a full queue).
+    pending: Mutex<VecDeque<Issued>>,
     /// Every key of the log this process knows of (those there at its start, and its own since),
     /// with its size: what [`IssuanceLog::prune`] looks at.
     keys: Mutex<BTreeMap<String, usize>>,
@@ -163,7 +165,7 @@ impl IssuanceLog {
             kv,
             prefix,
             writer: crate::hex(&writer),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(VecDeque::new()),
             keys: Mutex::new(keys),
             flushing: tokio::sync::Mutex::new(()),
             expiries: Mutex::new(expiries),
@@ -190,7 +192,7 @@ impl IssuanceLog {
                 .insert(issued.serial.clone(), issued.not_after);
         }
         let mut pending = self.pending.lock().expect("issuance log poisoned");
-        pending.push(issued);
+        pending.push_back(issued);
         if pending.len() > MAX_PENDING {
             let dropped = pending.len() - MAX_PENDING;
             pending.drain(..dropped);
@@ -225,7 +227,7 @@ impl IssuanceLog {
             // As many records as fit in one key (at least one).
             let mut value = Vec::new();
             let mut taken = 0;
-            for record in &batch {
+            for record in batch.iter() {
                 let before = value.len();
                 serde_json::to_writer(&mut value, record).expect("a record serializes");
                 value.push(b'\n');
@@ -235,8 +237,8 @@ impl IssuanceLog {
                 }
                 taken += 1;
             }
-            let last = batch[..taken]
-                .iter()
+            let last = batch
+                .range(..taken)
                 .map(|r| r.not_after.unix_timestamp())
                 .max()
                 .unwrap_or(0);
@@ -393,10 +395,11 @@ mod tests {
         assert_eq!(serials, ["aa", "bb"]);
     }
 
-    /// A memory store whose writes wait until the test lets them through.
+    /// A memory store whose writes wait until the test lets them through, and fail while `down`.
     struct SlowWrites {
         inner: crate::kv::MemoryKv,
         gate: tokio::sync::Semaphore,
+        down: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -412,6 +415,12 @@ mod tests {
         }
         async fn txn(&self, conditions: Vec<crate::kv::Condition>, ops: Vec<Op>) -> Result<(bool, i64), StoreError> {
             self.gate.acquire().await.expect("gate open").forget();
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Unavailable {
+                    store: self.describe(),
+                    reason: "down for the test".into(),
+                });
+            }
             self.inner.txn(conditions, ops).await
         }
         async fn watch(
@@ -435,11 +444,61 @@ mod tests {
         }
     }
 
+    /// With the store away, the log keeps the newest [`MAX_PENDING`] records; a failed flush puts its
+    /// batch back before what came since; when the store is back, one flush writes them all, in as
+    /// many keys as they need. (The queue makes each drop and each key's
+    /// worth cost what it takes: on a `Vec` this flush moved the whole rest once per key.)
+    #[tokio::test]
+    async fn with_the_store_away_the_oldest_go_first_and_the_rest_are_written_in_order() {
+        let kv = std::sync::Arc::new(SlowWrites {
+            inner: crate::kv::MemoryKv::new(),
+            gate: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
+            down: true.into(),
+        });
+        let log = IssuanceLog::open(kv.clone(), "example.org").await.unwrap();
+        let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        for i in 0..MAX_PENDING + 3 {
+            log.record(record(&format!("{i:08x}"), "web", later));
+        }
+        let err = log.flush().await.unwrap_err();
+        assert!(err.to_string().contains("down for the test"), "{err}");
+        log.record(record("ffffffff", "web", later));
+        assert_eq!(
+            log.pending.lock().unwrap().len(),
+            MAX_PENDING,
+            "the cap holds after a failed flush"
+        );
+
+        kv.down.store(false, std::sync::atomic::Ordering::Relaxed);
+        log.flush().await.unwrap();
+        assert!(log.pending.lock().unwrap().is_empty());
+        let (keys, _) = crate::kv::Kv::list(&kv.inner, "issuer/example.org@issued/")
+            .await
+            .unwrap();
+        assert!(keys.len() > 1, "{} keys: the records need more than one", keys.len());
+        let mut serials = Vec::new();
+        for key in &keys {
+            for line in key.value.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                serials.push(serde_json::from_slice::<Issued>(line).unwrap().serial);
+            }
+        }
+        let expected: Vec<String> = (4..MAX_PENDING + 3)
+            .map(|i| format!("{i:08x}"))
+            .chain(["ffffffff".to_owned()])
+            .collect();
+        // The keys' names do not sort in writing order (their part number is not padded); readers
+        // sort by `issued_at`.
+        serials.sort();
+        assert_eq!(serials.len(), expected.len());
+        assert!(serials == expected, "the wrong records were dropped or written");
+    }
+
     #[tokio::test]
     async fn a_listing_during_a_flush_misses_none_of_the_records_being_written() {
         let kv = std::sync::Arc::new(SlowWrites {
             inner: crate::kv::MemoryKv::new(),
             gate: tokio::sync::Semaphore::new(0),
+            down: false.into(),
         });
         let log = std::sync::Arc::new(IssuanceLog::open(kv.clone(), "example.org").await.unwrap());
         let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
