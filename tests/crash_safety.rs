@@ -378,8 +378,7 @@ async fn a_full_disk_fails_the_issuer_stores_writes_and_its_log_loses_nothing_af
     let Some(tmpfs) = Tmpfs::mount(&state, "1m") else {
         return;
     };
-    let open = || MemoryKv::directory(Store::open(&state).unwrap(), "issuer/").unwrap();
-    let kv = open();
+    let kv = MemoryKv::directory(Store::open(&state).unwrap(), "issuer/").unwrap();
     kv.txn(vec![], vec![Op::put("issuer/x/before.json", "{}")])
         .await
         .unwrap();
@@ -388,9 +387,11 @@ async fn a_full_disk_fails_the_issuer_stores_writes_and_its_log_loses_nothing_af
         use std::io::Write as _;
         let mut f = std::fs::File::create(&filler).unwrap();
         while f.write_all(&[0u8; 64 * 1024]).is_ok() {}
+        // Half of the big write below fits: it fails with its first half in the log.
+        f.set_len(f.metadata().unwrap().len() - 32 * 1024).unwrap();
         let _ = f.sync_all();
     }
-    // Larger than what is left of the log's last page: the append cannot fit.
+    // Larger than the space left: the append fails part way.
     let big = vec![b'x'; 64 * 1024];
     let err = kv
         .txn(vec![], vec![Op::put("issuer/x/full.json", big.clone())])
@@ -407,12 +408,30 @@ async fn a_full_disk_fails_the_issuer_stores_writes_and_its_log_loses_nothing_af
     kv.txn(vec![], vec![Op::put("issuer/x/after.json", big.clone())])
         .await
         .unwrap();
+    // A crash now: the directory as the disk holds it, copied while the store is open (closing it
+    // brings the files up to date and removes the log, which would hide a failed write's bytes
+    // left in the log). The log must replay to both writes, not stop at the failed one.
+    let crashed = dir.path().join("crashed");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&state)
+        .arg(&crashed)
+        .status()
+        .unwrap();
+    assert!(copied.success());
     drop(kv);
-    let kv = open();
-    let (entries, _) = kv.list("issuer/").await.unwrap();
-    let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
-    assert_eq!(keys, ["issuer/x/after.json", "issuer/x/before.json"]);
-    drop(kv);
+    for at in [&state, &crashed] {
+        let kv = MemoryKv::directory(Store::open(at).unwrap(), "issuer/").unwrap();
+        let (entries, _) = kv.list("issuer/").await.unwrap();
+        let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["issuer/x/after.json", "issuer/x/before.json"],
+            "{}",
+            at.display()
+        );
+        assert_eq!(entries[0].value, big, "{}", at.display());
+    }
     drop(tmpfs);
 }
 
