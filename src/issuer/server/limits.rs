@@ -42,31 +42,77 @@ pub const CALLS_PER_INSTANCE: Rate = Rate {
 pub struct Buckets {
     what: &'static str,
     rate: Rate,
-    table: Mutex<HashMap<String, (f64, Instant)>>,
+    table: Mutex<Table<String, (f64, Instant)>>,
 }
 
+/// The most sources a table of limits holds.
 const MAX_KEYS: usize = 100_000;
+/// A full table looks for entries to forget at most this often: a flood of new sources costs one
+/// pass over the table per interval, not one per request.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Entries by source, bounded: at [`MAX_KEYS`] it forgets what can be forgotten (at most every
+/// [`SWEEP_EVERY`]), and while still full it has no room for a source it does not hold.
+struct Table<K, V> {
+    entries: HashMap<K, V>,
+    swept: Option<Instant>,
+}
+
+impl<K, V> Default for Table<K, V> {
+    fn default() -> Self {
+        Table {
+            entries: HashMap::new(),
+            swept: None,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> Table<K, V> {
+    /// Whether `key` has an entry or room for one now; `forget` says which entries may go.
+    fn room_for<Q>(&mut self, key: &Q, now: Instant, mut forget: impl FnMut(&V) -> bool) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        if self.entries.len() < MAX_KEYS || self.entries.contains_key(key) {
+            return true;
+        }
+        if self.swept.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY) {
+            self.entries.retain(|_, v| !forget(v));
+            self.swept = Some(now);
+        }
+        self.entries.len() < MAX_KEYS
+    }
+}
 
 impl Buckets {
     pub fn new(what: &'static str, rate: Rate) -> Buckets {
         Buckets {
             what,
             rate,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
         }
     }
 
     /// Takes one token for `key`, or says which limit refused.
     pub fn take(&self, key: &str) -> Result<(), IssuerError> {
-        let now = Instant::now();
+        self.take_at(key, Instant::now())
+    }
+
+    fn take_at(&self, key: &str, now: Instant) -> Result<(), IssuerError> {
         let mut table = self.table.lock().expect("buckets poisoned");
-        if table.len() >= MAX_KEYS {
-            let rate = self.rate;
-            table.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * rate.per_second < rate.burst
-            });
+        let rate = self.rate;
+        // A full bucket is what a new one would be: forgetting it changes nothing.
+        let full = |&(tokens, at): &(f64, Instant)| {
+            tokens + now.duration_since(at).as_secs_f64() * rate.per_second >= rate.burst
+        };
+        if !table.room_for(key, now, full) {
+            return Err(IssuerError::Limited(format!(
+                "rate limit: {MAX_KEYS} sources are limited at once, none of them idle; `{key}` is refused until some are (at most {} s); retry",
+                SWEEP_EVERY.as_secs()
+            )));
         }
-        let (tokens, at) = table.entry(key.to_owned()).or_insert((self.rate.burst, now));
+        let (tokens, at) = table.entries.entry(key.to_owned()).or_insert((self.rate.burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate.per_second).min(self.rate.burst);
         *at = now;
         if *tokens < 1.0 {
@@ -110,6 +156,53 @@ mod tests {
         b.take("10.0.0.2").expect("another address has its own bucket");
     }
 
+    /// A flood of sources fills the table: a new source is refused, naming the limit, instead of
+    /// growing it; a full table is looked through once per interval, not once per request; known
+    /// sources are served meanwhile; once the buckets have refilled, a new source is served again.
+    #[test]
+    fn a_flood_of_sources_is_bounded_and_costs_one_pass_per_interval() {
+        let b = Buckets::new("joins", JOINS_PER_ADDRESS);
+        let start = Instant::now();
+        for i in 0..MAX_KEYS {
+            b.take_at(&format!("k{i}"), start).unwrap();
+        }
+        let e = b.take_at("new", start).unwrap_err().to_string();
+        assert!(e.contains("100000 sources are limited at once"), "{e}");
+        assert!(e.contains("retry"), "{e}");
+        assert_eq!(b.table.lock().unwrap().swept, Some(start));
+        let soon = start + SWEEP_EVERY / 2;
+        assert!(b.take_at("new", soon).is_err());
+        assert_eq!(b.table.lock().unwrap().swept, Some(start), "one pass per interval");
+        assert_eq!(b.table.lock().unwrap().entries.len(), MAX_KEYS);
+        b.take_at("k7", soon).expect("a known source is served");
+        // 200 at 50/s: every bucket is full again 20 ms after its take; the next pass forgets them.
+        b.take_at("new", start + SWEEP_EVERY).unwrap();
+        assert_eq!(b.table.lock().unwrap().entries.len(), 1);
+    }
+
+    /// The same bound for the refusal log: while it is full of sources logged within the interval,
+    /// a new source gets no line (its refusal still happens), and a known one is held as before.
+    #[test]
+    fn a_flood_of_refused_sources_gets_no_new_lines_until_the_interval_is_over() {
+        let log = RefusalLog::default();
+        let start = Instant::now();
+        let address = |i: usize| std::net::SocketAddr::from((std::net::Ipv6Addr::from(i as u128), 4000));
+        for i in 0..MAX_KEYS {
+            assert_eq!(log.due_at(address(i), start), Some(0));
+        }
+        let new = address(MAX_KEYS);
+        assert_eq!(log.due_at(new, start), None, "no line for a new source while full");
+        assert_eq!(log.due_at(address(1), start), None);
+        assert_eq!(
+            log.table.lock().unwrap().entries[&address(1).ip()].1,
+            1,
+            "held for its next line"
+        );
+        assert_eq!(log.table.lock().unwrap().entries.len(), MAX_KEYS);
+        assert_eq!(log.due_at(new, start + REFUSAL_LOG_EVERY), Some(0));
+        assert_eq!(log.table.lock().unwrap().entries.len(), 1);
+    }
+
     #[test]
     fn refusals_from_one_source_are_logged_once_per_interval() {
         let log = RefusalLog::default();
@@ -119,7 +212,7 @@ mod tests {
             log.refused(address, &e);
         }
         let table = log.table.lock().unwrap();
-        assert_eq!(table[&address.ip()].1, 49, "one line, 49 held for the next");
+        assert_eq!(table.entries[&address.ip()].1, 49, "one line, 49 held for the next");
     }
 }
 
@@ -129,7 +222,7 @@ mod tests {
 #[derive(Default)]
 pub struct RefusalLog {
     /// By source address: when it was last logged, and the refusals not logged since.
-    table: Mutex<HashMap<std::net::IpAddr, (Option<Instant>, u64)>>,
+    table: Mutex<Table<std::net::IpAddr, (Option<Instant>, u64)>>,
 }
 
 /// How often one source's refusals are logged at most.
@@ -168,12 +261,19 @@ impl RefusalLog {
 
     /// Whether a line for `address` is due now, and how many refusals were held since the last.
     fn due(&self, address: std::net::SocketAddr) -> Option<u64> {
-        let now = Instant::now();
+        self.due_at(address, Instant::now())
+    }
+
+    fn due_at(&self, address: std::net::SocketAddr, now: Instant) -> Option<u64> {
         let mut table = self.table.lock().expect("refusal log poisoned");
-        if table.len() >= MAX_KEYS {
-            table.retain(|_, (at, _)| at.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY));
+        // An entry may go once its interval is over (its held count is lost: a flood from this
+        // many sources is in the lines already written). While the table is full of sources
+        // logged within the interval, a new source gets no line.
+        let over = |&(at, _): &(Option<Instant>, u64)| at.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_EVERY);
+        if !table.room_for(&address.ip(), now, over) {
+            return None;
         }
-        let (at, held) = table.entry(address.ip()).or_insert((None, 0));
+        let (at, held) = table.entries.entry(address.ip()).or_insert((None, 0));
         if at.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
             *held += 1;
             return None;
