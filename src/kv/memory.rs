@@ -31,6 +31,11 @@ use crate::store::{Store, StoreError};
 
 /// History kept for watches that start in the past; older revisions are compacted away.
 const HISTORY: usize = 20_000;
+/// ... and at most this many bytes of keys and values. A value the store no longer holds lives on
+/// in the history until it is cut: without this bound, 20,000 events of the issuance log's keys
+/// (up to 512 KiB each) or of `ca.json` saves could hold gigabytes. A watch that resumes before
+/// the cut is told `Compacted` and lists again, as on etcd.
+const HISTORY_BYTES: usize = 64 << 20;
 
 struct Lease {
     ttl: Duration,
@@ -64,6 +69,14 @@ impl Past {
         }
     }
 
+    /// What the event holds: its key, and a put's value.
+    fn bytes(&self) -> usize {
+        match self {
+            Past::Put(entry) => entry.key.len() + entry.value.len(),
+            Past::Delete { key, .. } => key.len(),
+        }
+    }
+
     fn event(&self) -> Event {
         match self {
             Past::Put(entry) => Event::Put(Entry::clone(entry)),
@@ -83,6 +96,8 @@ struct Inner {
     keys: BTreeMap<String, Arc<Entry>>,
     /// Every event after `compacted`, oldest first.
     history: Vec<Past>,
+    /// What `history` holds ([`Past::bytes`]).
+    history_bytes: usize,
     watchers: Vec<Watcher>,
     leases: HashMap<i64, Lease>,
     next_lease: i64,
@@ -275,10 +290,12 @@ impl Inner {
                         lease,
                     });
                     self.keys.insert(key, entry.clone());
+                    self.history_bytes += entry.key.len() + entry.value.len();
                     self.history.push(Past::Put(entry));
                 }
                 Op::Delete(key) => {
                     if self.keys.remove(&key).is_some() {
+                        self.history_bytes += key.len();
                         self.history.push(Past::Delete {
                             key,
                             mod_revision: revision,
@@ -292,14 +309,20 @@ impl Inner {
         }
         self.revision = revision;
         let events: Vec<Event> = self.history[first..].iter().map(Past::event).collect();
-        if self.history.len() > HISTORY {
-            // Cut at a revision boundary: a revision's events are kept whole or not at all.
-            let mut cut = self.history.len() - HISTORY / 2;
-            while cut < self.history.len() && self.history[cut].revision() == self.history[cut - 1].revision() {
+        if self.history.len() > HISTORY || self.history_bytes > HISTORY_BYTES {
+            // Keep the newest half of each bound, cut at a revision boundary: a revision's events
+            // are kept whole or not at all.
+            let mut cut = self.history.len().saturating_sub(HISTORY / 2);
+            let mut kept = self.history_bytes - self.history[..cut].iter().map(Past::bytes).sum::<usize>();
+            while cut < self.history.len()
+                && (kept > HISTORY_BYTES / 2 || self.history[cut].revision() == self.history[cut - 1].revision())
+            {
+                kept -= self.history[cut].bytes();
                 cut += 1;
             }
             self.compacted = self.history.get(cut).map_or(self.revision + 1, Past::revision);
             self.history.drain(..cut);
+            self.history_bytes = kept;
         }
         self.watchers.retain(|w| {
             let mine: Vec<Event> = events
@@ -523,6 +546,7 @@ impl Kv for MemoryKv {
             inner.compacted = revision.min(inner.revision);
             let compacted = inner.compacted;
             inner.history.retain(|e| e.revision() >= compacted);
+            inner.history_bytes = inner.history.iter().map(Past::bytes).sum();
         }
         Ok(())
     }

@@ -181,6 +181,46 @@ async fn history_is_trimmed_at_revision_boundaries() {
     );
 }
 
+/// Values the store no longer holds live on in the history only up to a bound in bytes: 200
+/// rewrites of a 1 MiB key keep at most `HISTORY_BYTES` (they held 200 MiB before); a watch from
+/// before the cut is told to list again, and one from after replays every revision it asks for.
+#[tokio::test]
+async fn history_holds_at_most_its_bound_in_bytes() {
+    let kv = MemoryKv::new();
+    let value = vec![b'x'; 1 << 20];
+    for _ in 0..200 {
+        kv.txn(vec![], vec![Op::put("log/big", value.clone())]).await.unwrap();
+        kv.txn(vec![], vec![Op::put("log/small", "y")]).await.unwrap();
+    }
+    let (compacted, revision) = {
+        let inner = kv.lock();
+        assert!(inner.history_bytes <= HISTORY_BYTES, "{} bytes", inner.history_bytes);
+        assert_eq!(
+            inner.history_bytes,
+            inner.history.iter().map(Past::bytes).sum::<usize>()
+        );
+        assert!(inner.compacted > 1);
+        assert_eq!(inner.history[0].revision(), inner.compacted);
+        (inner.compacted, inner.revision)
+    };
+    let mut rx = kv.watch("log/", 1).await.unwrap();
+    match rx.recv().await.unwrap() {
+        Err(StoreError::Compacted { revision }) => assert_eq!(revision, compacted),
+        other => panic!("a watch from before the cut: {:?}", other.map(|e| e.len())),
+    }
+    let mut rx = kv.watch("log/", compacted).await.unwrap();
+    let mut seen = 0;
+    while let Ok(item) = rx.try_recv() {
+        seen += item.unwrap().len();
+    }
+    assert_eq!(seen as i64, revision - compacted + 1, "every revision since the cut");
+    assert_eq!(
+        kv.get("log/big").await.unwrap().unwrap().value,
+        value,
+        "the live value stays"
+    );
+}
+
 #[tokio::test]
 async fn a_watch_replays_more_history_than_its_live_buffer() {
     let kv = MemoryKv::new();
