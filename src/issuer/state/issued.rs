@@ -121,6 +121,18 @@ pub struct IssuanceLog {
     limits: Mutex<(time::Duration, usize)>,
 }
 
+/// Drops the oldest unwritten records past [`MAX_PENDING`], saying so.
+fn cap(pending: &mut VecDeque<Issued>) {
+    if pending.len() > MAX_PENDING {
+        let dropped = pending.len() - MAX_PENDING;
+        pending.drain(..dropped);
+        tracing::warn!(
+            dropped,
+            "the store has not taken the issuance log for a while: its oldest unwritten records are dropped (they are in this log at INFO)"
+        );
+    }
+}
+
 /// The store prefix of a trust domain's log (`@` is in no trust domain name, so it is never a
 /// trust domain's own directory).
 pub fn prefix_of(trust_domain: &str) -> String {
@@ -193,14 +205,7 @@ impl IssuanceLog {
         }
         let mut pending = self.pending.lock().expect("issuance log poisoned");
         pending.push_back(issued);
-        if pending.len() > MAX_PENDING {
-            let dropped = pending.len() - MAX_PENDING;
-            pending.drain(..dropped);
-            tracing::warn!(
-                dropped,
-                "the store has not taken the issuance log for a while: its oldest unwritten records are dropped (they are in this log at INFO)"
-            );
-        }
+        cap(&mut pending);
     }
 
     /// What the keys of the log this process knows of take in the store.
@@ -249,6 +254,7 @@ impl IssuanceLog {
                 let mut pending = self.pending.lock().expect("issuance log poisoned");
                 let newer = std::mem::replace(&mut *pending, batch);
                 pending.extend(newer);
+                cap(&mut pending);
                 return Err(e);
             }
             self.keys.lock().expect("issuance log poisoned").insert(key, size);
@@ -444,53 +450,72 @@ mod tests {
         }
     }
 
-    /// With the store away, the log keeps the newest [`MAX_PENDING`] records; a failed flush puts its
-    /// batch back before what came since; when the store is back, one flush writes them all, in as
-    /// many keys as they need. (The queue makes each drop and each key's
-    /// worth cost what it takes: on a `Vec` this flush moved the whole rest once per key.)
+    /// With the store away, the log keeps the newest [`MAX_PENDING`] records. A flush that writes
+    /// its first key and then fails puts the rest of its batch back before what was recorded
+    /// meanwhile; when the store is back, the next flush writes them all: every record once, in the
+    /// order recorded.
     #[tokio::test]
     async fn with_the_store_away_the_oldest_go_first_and_the_rest_are_written_in_order() {
+        use std::sync::atomic::Ordering::Relaxed;
         let kv = std::sync::Arc::new(SlowWrites {
             inner: crate::kv::MemoryKv::new(),
-            gate: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
-            down: true.into(),
+            gate: tokio::sync::Semaphore::new(0),
+            down: false.into(),
         });
-        let log = IssuanceLog::open(kv.clone(), "example.org").await.unwrap();
+        let log = std::sync::Arc::new(IssuanceLog::open(kv.clone(), "example.org").await.unwrap());
         let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
         for i in 0..MAX_PENDING + 3 {
             log.record(record(&format!("{i:08x}"), "web", later));
         }
-        let err = log.flush().await.unwrap_err();
-        assert!(err.to_string().contains("down for the test"), "{err}");
+        assert_eq!(log.pending.lock().unwrap().len(), MAX_PENDING);
+        let flush = tokio::spawn({
+            let log = log.clone();
+            async move { log.flush().await }
+        });
+        while !log.pending.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Recorded while the flush waits on the store.
         log.record(record("ffffffff", "web", later));
-        assert_eq!(
-            log.pending.lock().unwrap().len(),
-            MAX_PENDING,
-            "the cap holds after a failed flush"
-        );
+        // The first key goes through; the second fails.
+        kv.gate.add_permits(1);
+        let prefix = "issuer/example.org@issued/";
+        while crate::kv::Kv::list(&kv.inner, prefix).await.unwrap().0.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        kv.down.store(true, Relaxed);
+        kv.gate.add_permits(1);
+        let err = flush.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("down for the test"), "{err}");
+        {
+            let pending = log.pending.lock().unwrap();
+            assert!(
+                pending.len() < MAX_PENDING,
+                "the first key was written: {}",
+                pending.len()
+            );
+            assert_eq!(pending.back().unwrap().serial, "ffffffff", "what came since goes last");
+        }
 
-        kv.down.store(false, std::sync::atomic::Ordering::Relaxed);
+        kv.down.store(false, Relaxed);
+        kv.gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
         log.flush().await.unwrap();
         assert!(log.pending.lock().unwrap().is_empty());
-        let (keys, _) = crate::kv::Kv::list(&kv.inner, "issuer/example.org@issued/")
-            .await
-            .unwrap();
-        assert!(keys.len() > 1, "{} keys: the records need more than one", keys.len());
+        let (mut keys, _) = crate::kv::Kv::list(&kv.inner, prefix).await.unwrap();
+        assert!(keys.len() > 2, "{} keys: the records need more than two", keys.len());
+        keys.sort_by_key(|k| k.mod_revision);
         let mut serials = Vec::new();
         for key in &keys {
             for line in key.value.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 serials.push(serde_json::from_slice::<Issued>(line).unwrap().serial);
             }
         }
-        let expected: Vec<String> = (4..MAX_PENDING + 3)
+        let expected: Vec<String> = (3..MAX_PENDING + 3)
             .map(|i| format!("{i:08x}"))
             .chain(["ffffffff".to_owned()])
             .collect();
-        // The keys' names do not sort in writing order (their part number is not padded); readers
-        // sort by `issued_at`.
-        serials.sort();
         assert_eq!(serials.len(), expected.len());
-        assert!(serials == expected, "the wrong records were dropped or written");
+        assert!(serials == expected, "the wrong records were written, or out of order");
     }
 
     #[tokio::test]
