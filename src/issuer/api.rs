@@ -80,7 +80,7 @@ impl crate::error::Explain for IssuerError {
                 "tbot retries with backoff; check that the issuer runs and that `proxy_server` reaches it".into()
             }
             IssuerError::Limited(_) => {
-                "tbot retries later; raise the limit on the issuer if this is normal load".into()
+                "tbot retries later by itself; the issuer's limits are fixed (the message names the one reached): if this is normal load, spread the agents' work over time".into()
             }
             IssuerError::Unauthenticated(_) => {
                 "the agent rejoins by itself; if it keeps failing, rejoin with a new token".into()

@@ -38,7 +38,7 @@ pub const CALLS_PER_INSTANCE: Rate = Rate {
     per_second: 500.0,
 };
 
-/// Token buckets by key; the table forgets full buckets when it grows.
+/// Token buckets by key, in a bounded [`Table`] (a full bucket is the one forgotten).
 pub struct Buckets {
     what: &'static str,
     rate: Rate,
@@ -52,22 +52,27 @@ const MAX_KEYS: usize = 100_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Entries by source, bounded: at [`MAX_KEYS`] it forgets what can be forgotten (at most every
-/// [`SWEEP_EVERY`]), and while still full it has no room for a source it does not hold.
+/// [`SWEEP_EVERY`]), and while still full it has no room for a source it does not hold. A sweep
+/// that leaves it full says so at WARN, with how many new sources found no room since the last.
 struct Table<K, V> {
+    /// What it limits, for the WARN.
+    what: &'static str,
     entries: HashMap<K, V>,
     swept: Option<Instant>,
-}
-
-impl<K, V> Default for Table<K, V> {
-    fn default() -> Self {
-        Table {
-            entries: HashMap::new(),
-            swept: None,
-        }
-    }
+    /// New sources that found no room since the last WARN.
+    turned_away: u64,
 }
 
 impl<K: std::hash::Hash + Eq, V> Table<K, V> {
+    fn new(what: &'static str) -> Self {
+        Table {
+            what,
+            entries: HashMap::new(),
+            swept: None,
+            turned_away: 0,
+        }
+    }
+
     /// Whether `key` has an entry or room for one now; `forget` says which entries may go.
     fn room_for<Q>(&mut self, key: &Q, now: Instant, mut forget: impl FnMut(&V) -> bool) -> bool
     where
@@ -80,8 +85,22 @@ impl<K: std::hash::Hash + Eq, V> Table<K, V> {
         if self.swept.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY) {
             self.entries.retain(|_, v| !forget(v));
             self.swept = Some(now);
+            if self.entries.len() >= MAX_KEYS {
+                tracing::warn!(
+                    table = self.what,
+                    turned_away = self.turned_away,
+                    "{MAX_KEYS} sources are active at once in the issuer's {} table (a flood from many addresses?): new sources are turned away until some go idle; {} were since the last line",
+                    self.what,
+                    self.turned_away
+                );
+                self.turned_away = 0;
+            }
         }
-        self.entries.len() < MAX_KEYS
+        let room = self.entries.len() < MAX_KEYS;
+        if !room {
+            self.turned_away += 1;
+        }
+        room
     }
 }
 
@@ -90,7 +109,7 @@ impl Buckets {
         Buckets {
             what,
             rate,
-            table: Mutex::new(Table::default()),
+            table: Mutex::new(Table::new(what)),
         }
     }
 
@@ -108,8 +127,8 @@ impl Buckets {
         };
         if !table.room_for(key, now, full) {
             return Err(IssuerError::Limited(format!(
-                "rate limit: {MAX_KEYS} sources are limited at once, none of them idle; `{key}` is refused until some are (at most {} s); retry",
-                SWEEP_EVERY.as_secs()
+                "rate limit: the issuer tracks at most {MAX_KEYS} sources of {} at once and they are all active (a flood of new sources?); `{key}` is refused until some go idle (looked for once a second)",
+                self.what
             )));
         }
         let (tokens, at) = table.entries.entry(key.to_owned()).or_insert((self.rate.burst, now));
@@ -136,93 +155,20 @@ pub fn check_len(field: &str, len: usize, max: usize) -> Result<(), IssuerError>
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_bucket_refuses_past_its_burst_and_names_the_limit() {
-        let b = Buckets::new(
-            "joins",
-            Rate {
-                burst: 2.0,
-                per_second: 0.001,
-            },
-        );
-        b.take("10.0.0.1").unwrap();
-        b.take("10.0.0.1").unwrap();
-        let e = b.take("10.0.0.1").unwrap_err().to_string();
-        assert!(e.contains("at most 0.001 joins per second"), "{e}");
-        b.take("10.0.0.2").expect("another address has its own bucket");
-    }
-
-    /// A flood of sources fills the table: a new source is refused, naming the limit, instead of
-    /// growing it; a full table is looked through once per interval, not once per request; known
-    /// sources are served meanwhile; once the buckets have refilled, a new source is served again.
-    #[test]
-    fn a_flood_of_sources_is_bounded_and_costs_one_pass_per_interval() {
-        let b = Buckets::new("joins", JOINS_PER_ADDRESS);
-        let start = Instant::now();
-        for i in 0..MAX_KEYS {
-            b.take_at(&format!("k{i}"), start).unwrap();
-        }
-        let e = b.take_at("new", start).unwrap_err().to_string();
-        assert!(e.contains("100000 sources are limited at once"), "{e}");
-        assert!(e.contains("retry"), "{e}");
-        assert_eq!(b.table.lock().unwrap().swept, Some(start));
-        let soon = start + SWEEP_EVERY / 2;
-        assert!(b.take_at("new", soon).is_err());
-        assert_eq!(b.table.lock().unwrap().swept, Some(start), "one pass per interval");
-        assert_eq!(b.table.lock().unwrap().entries.len(), MAX_KEYS);
-        b.take_at("k7", soon).expect("a known source is served");
-        // 200 at 50/s: every bucket is full again 20 ms after its take; the next pass forgets them.
-        b.take_at("new", start + SWEEP_EVERY).unwrap();
-        assert_eq!(b.table.lock().unwrap().entries.len(), 1);
-    }
-
-    /// The same bound for the refusal log: while it is full of sources logged within the interval,
-    /// a new source gets no line (its refusal still happens), and a known one is held as before.
-    #[test]
-    fn a_flood_of_refused_sources_gets_no_new_lines_until_the_interval_is_over() {
-        let log = RefusalLog::default();
-        let start = Instant::now();
-        let address = |i: usize| std::net::SocketAddr::from((std::net::Ipv6Addr::from(i as u128), 4000));
-        for i in 0..MAX_KEYS {
-            assert_eq!(log.due_at(address(i), start), Some(0));
-        }
-        let new = address(MAX_KEYS);
-        assert_eq!(log.due_at(new, start), None, "no line for a new source while full");
-        assert_eq!(log.due_at(address(1), start), None);
-        assert_eq!(
-            log.table.lock().unwrap().entries[&address(1).ip()].1,
-            1,
-            "held for its next line"
-        );
-        assert_eq!(log.table.lock().unwrap().entries.len(), MAX_KEYS);
-        assert_eq!(log.due_at(new, start + REFUSAL_LOG_EVERY), Some(0));
-        assert_eq!(log.table.lock().unwrap().entries.len(), 1);
-    }
-
-    #[test]
-    fn refusals_from_one_source_are_logged_once_per_interval() {
-        let log = RefusalLog::default();
-        let address: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        let e = IssuerError::Invalid("join method \"x\\n2026 INFO forged\" is not one".into());
-        for _ in 0..50 {
-            log.refused(address, &e);
-        }
-        let table = log.table.lock().unwrap();
-        assert_eq!(table.entries[&address.ip()].1, 49, "one line, 49 held for the next");
-    }
-}
-
 /// Logs refusals (joins, or malformed requests of bots: one log each) at most once per source address every [`REFUSAL_LOG_EVERY`], with how many
 /// were refused since: one source cannot fill the log (or hide other lines) by failing fast. Every
 /// string a client sent is shown escaped: a newline or a terminal escape is printed, not acted on.
-#[derive(Default)]
 pub struct RefusalLog {
     /// By source address: when it was last logged, and the refusals not logged since.
     table: Mutex<Table<std::net::IpAddr, (Option<Instant>, u64)>>,
+}
+
+impl Default for RefusalLog {
+    fn default() -> Self {
+        RefusalLog {
+            table: Mutex::new(Table::new("refusal log")),
+        }
+    }
 }
 
 /// How often one source's refusals are logged at most.
@@ -280,5 +226,85 @@ impl RefusalLog {
         }
         *at = Some(now);
         Some(std::mem::take(held))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_refuses_past_its_burst_and_names_the_limit() {
+        let b = Buckets::new(
+            "joins",
+            Rate {
+                burst: 2.0,
+                per_second: 0.001,
+            },
+        );
+        b.take("10.0.0.1").unwrap();
+        b.take("10.0.0.1").unwrap();
+        let e = b.take("10.0.0.1").unwrap_err().to_string();
+        assert!(e.contains("at most 0.001 joins per second"), "{e}");
+        b.take("10.0.0.2").expect("another address has its own bucket");
+    }
+
+    /// A flood of sources fills the table: a new source is refused, naming the limit, instead of
+    /// growing it; a full table is looked through once per interval, not once per request; known
+    /// sources are served meanwhile; once the buckets have refilled, a new source is served again.
+    #[test]
+    fn a_flood_of_sources_is_bounded_and_costs_one_pass_per_interval() {
+        let b = Buckets::new("joins", JOINS_PER_ADDRESS);
+        let start = Instant::now();
+        for i in 0..MAX_KEYS {
+            b.take_at(&format!("k{i}"), start).unwrap();
+        }
+        let e = b.take_at("new", start).unwrap_err().to_string();
+        assert!(e.contains("at most 100000 sources of joins at once"), "{e}");
+        assert_eq!(b.table.lock().unwrap().turned_away, 1);
+        assert_eq!(b.table.lock().unwrap().swept, Some(start));
+        let soon = start + SWEEP_EVERY / 2;
+        assert!(b.take_at("new", soon).is_err());
+        assert_eq!(b.table.lock().unwrap().swept, Some(start), "one pass per interval");
+        assert_eq!(b.table.lock().unwrap().entries.len(), MAX_KEYS);
+        b.take_at("k7", soon).expect("a known source is served");
+        // 200 at 50/s: every bucket is full again 20 ms after its take; the next pass forgets them.
+        b.take_at("new", start + SWEEP_EVERY).unwrap();
+        assert_eq!(b.table.lock().unwrap().entries.len(), 1);
+    }
+
+    /// The same bound for the refusal log: while it is full of sources logged within the interval,
+    /// a new source gets no line (its refusal still happens), and a known one is held as before.
+    #[test]
+    fn a_flood_of_refused_sources_gets_no_new_lines_until_the_interval_is_over() {
+        let log = RefusalLog::default();
+        let start = Instant::now();
+        let address = |i: usize| std::net::SocketAddr::from((std::net::Ipv6Addr::from(i as u128), 4000));
+        for i in 0..MAX_KEYS {
+            assert_eq!(log.due_at(address(i), start), Some(0));
+        }
+        let new = address(MAX_KEYS);
+        assert_eq!(log.due_at(new, start), None, "no line for a new source while full");
+        assert_eq!(log.due_at(address(1), start), None);
+        assert_eq!(
+            log.table.lock().unwrap().entries[&address(1).ip()].1,
+            1,
+            "held for its next line"
+        );
+        assert_eq!(log.table.lock().unwrap().entries.len(), MAX_KEYS);
+        assert_eq!(log.due_at(new, start + REFUSAL_LOG_EVERY), Some(0));
+        assert_eq!(log.table.lock().unwrap().entries.len(), 1);
+    }
+
+    #[test]
+    fn refusals_from_one_source_are_logged_once_per_interval() {
+        let log = RefusalLog::default();
+        let address: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let e = IssuerError::Invalid("join method \"x\\n2026 INFO forged\" is not one".into());
+        for _ in 0..50 {
+            log.refused(address, &e);
+        }
+        let table = log.table.lock().unwrap();
+        assert_eq!(table.entries[&address.ip()].1, 49, "one line, 49 held for the next");
     }
 }
