@@ -382,6 +382,19 @@ async fn a_full_disk_fails_the_issuer_stores_writes_and_its_log_loses_nothing_af
     kv.txn(vec![], vec![Op::put("issuer/x/before.json", "{}")])
         .await
         .unwrap();
+    // The checkpoint after it done (the file written, one log left): the next may come only a
+    // second later, after the writes below and the copy.
+    let logs = || {
+        std::fs::read_dir(&state)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".wal"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(state.join("issuer/x/before.json").exists() && logs() == 1) {
+        assert!(Instant::now() < deadline, "the first checkpoint did not finish");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let filler = state.join("filler");
     {
         use std::io::Write as _;
@@ -412,13 +425,11 @@ async fn a_full_disk_fails_the_issuer_stores_writes_and_its_log_loses_nothing_af
     // brings the files up to date and removes the log, which would hide a failed write's bytes
     // left in the log). The log must replay to both writes, not stop at the failed one.
     let crashed = dir.path().join("crashed");
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&state)
-        .arg(&crashed)
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    copy_as_a_crash_leaves_it(&state, &crashed);
+    assert!(
+        !crashed.join("issuer/x/after.json").exists(),
+        "a checkpoint ran before the copy, so the log was not tested; the steps above take far less than its second"
+    );
     drop(kv);
     for at in [&state, &crashed] {
         let kv = MemoryKv::directory(Store::open(at).unwrap(), "issuer/").unwrap();
@@ -433,6 +444,31 @@ async fn a_full_disk_fails_the_issuer_stores_writes_and_its_log_loses_nothing_af
         assert_eq!(entries[0].value, big, "{}", at.display());
     }
     drop(tmpfs);
+}
+
+/// Copies a directory store's files while it runs, as a crash would leave them: the logs first,
+/// then the rest (a checkpoint writes the files before it removes a log, so a log gone meanwhile
+/// is in the files copied after it); a file renamed or removed meanwhile is skipped.
+fn copy_as_a_crash_leaves_it(from: &Path, to: &Path) {
+    fn copy(from: &Path, to: &Path, logs: bool) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let (source, target) = (entry.path(), to.join(entry.file_name()));
+            let is_log = entry.file_name().to_string_lossy().ends_with(".wal");
+            match entry.file_type() {
+                Ok(t) if t.is_dir() && !logs => copy(&source, &target, false),
+                Ok(t) if t.is_file() && is_log == logs => match std::fs::copy(&source, &target) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => panic!("copying {}: {e}", source.display()),
+                },
+                _ => {}
+            }
+        }
+    }
+    copy(from, to, true);
+    copy(from, to, false);
 }
 
 /// Polls `tbotctl get` until its output satisfies `want`.
