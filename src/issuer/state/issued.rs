@@ -450,6 +450,17 @@ mod tests {
         }
     }
 
+    /// A log on a store whose writes wait for the test's permits.
+    async fn gated() -> (std::sync::Arc<SlowWrites>, std::sync::Arc<IssuanceLog>) {
+        let kv = std::sync::Arc::new(SlowWrites {
+            inner: crate::kv::MemoryKv::new(),
+            gate: tokio::sync::Semaphore::new(0),
+            down: false.into(),
+        });
+        let log = std::sync::Arc::new(IssuanceLog::open(kv.clone(), "example.org").await.unwrap());
+        (kv, log)
+    }
+
     /// With the store away, the log keeps the newest [`MAX_PENDING`] records. A flush that writes
     /// its first key and then fails puts the rest of its batch back before what was recorded
     /// meanwhile; when the store is back, the next flush writes them all: every record once, in the
@@ -457,12 +468,7 @@ mod tests {
     #[tokio::test]
     async fn with_the_store_away_the_oldest_go_first_and_the_rest_are_written_in_order() {
         use std::sync::atomic::Ordering::Relaxed;
-        let kv = std::sync::Arc::new(SlowWrites {
-            inner: crate::kv::MemoryKv::new(),
-            gate: tokio::sync::Semaphore::new(0),
-            down: false.into(),
-        });
-        let log = std::sync::Arc::new(IssuanceLog::open(kv.clone(), "example.org").await.unwrap());
+        let (kv, log) = gated().await;
         let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
         for i in 0..MAX_PENDING + 3 {
             log.record(record(&format!("{i:08x}"), "web", later));
@@ -520,12 +526,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_listing_during_a_flush_misses_none_of_the_records_being_written() {
-        let kv = std::sync::Arc::new(SlowWrites {
-            inner: crate::kv::MemoryKv::new(),
-            gate: tokio::sync::Semaphore::new(0),
-            down: false.into(),
-        });
-        let log = std::sync::Arc::new(IssuanceLog::open(kv.clone(), "example.org").await.unwrap());
+        let (kv, log) = gated().await;
         let later = OffsetDateTime::now_utc() + time::Duration::hours(1);
         for serial in ["aa", "bb", "cc"] {
             log.record(record(serial, "web", later));
