@@ -40,7 +40,6 @@ pub const CALLS_PER_INSTANCE: Rate = Rate {
 
 /// Token buckets by key, in a bounded [`Table`] (a full bucket is the one forgotten).
 pub struct Buckets {
-    what: &'static str,
     rate: Rate,
     table: Mutex<Table<String, (f64, Instant)>>,
 }
@@ -55,8 +54,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// [`SWEEP_EVERY`]), and while still full it has no room for a source it does not hold. A sweep
 /// that leaves it full says so at WARN, with how many new sources found no room since the last.
 struct Table<K, V> {
-    /// What it limits, for the WARN.
+    /// What it holds, and what becomes of a new source with no room: for the WARN.
     what: &'static str,
+    turned: &'static str,
     entries: HashMap<K, V>,
     swept: Option<Instant>,
     /// New sources that found no room since the last WARN.
@@ -64,9 +64,10 @@ struct Table<K, V> {
 }
 
 impl<K: std::hash::Hash + Eq, V> Table<K, V> {
-    fn new(what: &'static str) -> Self {
+    fn new(what: &'static str, turned: &'static str) -> Self {
         Table {
             what,
+            turned,
             entries: HashMap::new(),
             swept: None,
             turned_away: 0,
@@ -89,8 +90,9 @@ impl<K: std::hash::Hash + Eq, V> Table<K, V> {
                 tracing::warn!(
                     table = self.what,
                     turned_away = self.turned_away,
-                    "{MAX_KEYS} sources are active at once in the issuer's {} table (a flood from many addresses?): new sources are turned away until some go idle; {} were since the last line",
+                    "{MAX_KEYS} sources are active at once in the issuer's table of {} (a flood from many sources?): new ones {} until some go idle; {} since the last line",
                     self.what,
+                    self.turned,
                     self.turned_away
                 );
                 self.turned_away = 0;
@@ -107,9 +109,8 @@ impl<K: std::hash::Hash + Eq, V> Table<K, V> {
 impl Buckets {
     pub fn new(what: &'static str, rate: Rate) -> Buckets {
         Buckets {
-            what,
             rate,
-            table: Mutex::new(Table::new(what)),
+            table: Mutex::new(Table::new(what, "are refused")),
         }
     }
 
@@ -128,7 +129,7 @@ impl Buckets {
         if !table.room_for(key, now, full) {
             return Err(IssuerError::Limited(format!(
                 "rate limit: the issuer tracks at most {MAX_KEYS} sources of {} at once and they are all active (a flood of new sources?); `{key}` is refused until some go idle (looked for once a second)",
-                self.what
+                table.what
             )));
         }
         let (tokens, at) = table.entries.entry(key.to_owned()).or_insert((self.rate.burst, now));
@@ -137,7 +138,7 @@ impl Buckets {
         if *tokens < 1.0 {
             return Err(IssuerError::Limited(format!(
                 "rate limit: at most {} {} per second (bursts of {}) from `{key}`; slow down and retry",
-                self.rate.per_second, self.what, self.rate.burst
+                self.rate.per_second, table.what, self.rate.burst
             )));
         }
         *tokens -= 1.0;
@@ -166,7 +167,7 @@ pub struct RefusalLog {
 impl Default for RefusalLog {
     fn default() -> Self {
         RefusalLog {
-            table: Mutex::new(Table::new("refusal log")),
+            table: Mutex::new(Table::new("refusals logged", "get no log line")),
         }
     }
 }
