@@ -66,7 +66,7 @@ pub enum StoreError {
     /// A sealed private key does not open with this replica's key encryption key.
     #[error("cannot open the sealed key `{key}` in {store}: {reason}")]
     Sealed { key: String, store: String, reason: String },
-    /// The store was closed: the issuer that used it has stopped (or its log writer failed).
+    /// The store was closed: the issuer that used it has stopped.
     #[error("the store ({store}) is closed: the issuer that used it has stopped")]
     Closed { store: String },
     /// One of a directory store's writer threads stopped (a panic): its log keeps every answered

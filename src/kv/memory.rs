@@ -290,16 +290,18 @@ impl Inner {
                         lease,
                     });
                     self.keys.insert(key, entry.clone());
-                    self.history_bytes += entry.key.len() + entry.value.len();
-                    self.history.push(Past::Put(entry));
+                    let past = Past::Put(entry);
+                    self.history_bytes += past.bytes();
+                    self.history.push(past);
                 }
                 Op::Delete(key) => {
                     if self.keys.remove(&key).is_some() {
-                        self.history_bytes += key.len();
-                        self.history.push(Past::Delete {
+                        let past = Past::Delete {
                             key,
                             mod_revision: revision,
-                        });
+                        };
+                        self.history_bytes += past.bytes();
+                        self.history.push(past);
                     }
                 }
             }

@@ -17,15 +17,17 @@ use crate::kv::{Condition, Op};
 
 use super::{CONFLICT_RETRIES, INSTANCE_RETENTION, Inner, LocalIssuer, State, now};
 
+use crate::error::Explain;
+
 /// Whether two decisions are the same step: the same kind (a later `activate_at` is the same
-/// preparation), and the same key for an activation.
+/// preparation), and the same key for an activation (also one made by a taint).
 fn same_step(a: Step, b: Step) -> bool {
     match (a, b) {
         (Step::Activate { id: x }, Step::Activate { id: y }) => x == y,
+        (Step::Taint { activate: x }, Step::Taint { activate: y }) => x == y,
         _ => std::mem::discriminant(&a) == std::mem::discriminant(&b),
     }
 }
-use crate::error::Explain;
 
 /// How long a rotation by hand retries a store that does not answer.
 const BY_HAND_RETRY: Duration = Duration::from_secs(15);
@@ -334,8 +336,8 @@ impl LocalIssuer {
                 Ok(step) if same_step(decided, step) => Ok(Some(step)),
                 _ if decided == (Step::Activate { id: active }) => Ok(None),
                 _ => Err(Refused(format!(
-                    "the keys changed while this ran (another writer took a step first), so `{decided:?}` was not \
-                     taken: look at `tbotctl status` and ask again"
+                    "the keys changed while this ran (another writer, or this command's earlier try whose answer \
+                     was lost), so `{decided:?}` was not taken again: look at `tbotctl status` before asking again"
                 ))),
             }
         };

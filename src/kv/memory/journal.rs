@@ -157,7 +157,9 @@ fn write_log(
         let now = std::time::Instant::now();
         let due = !running
             && !journal.dirty.is_empty()
-            && ((waiting == 0 && (now >= next_at || journal.closing)) || log.len() >= LOG_LIMIT);
+            // A full log does not wait for idle, but a failed attempt still waits its second.
+            && ((waiting == 0 && (now >= next_at || journal.closing))
+                || (log.len() >= LOG_LIMIT && (now >= next_at || !behind)));
         if due {
             next_at = now + CHECKPOINT_EVERY;
             if !behind {
