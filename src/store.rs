@@ -73,6 +73,18 @@ pub enum StoreError {
     /// change.
     #[error("the store ({store}) cannot write: its {thread} stopped")]
     Stopped { store: String, thread: &'static str },
+    /// A panic (a bug in tbot) while the store was `during` something; on a directory store its
+    /// log keeps every answered change.
+    #[error("the store ({store}) failed while {during}: a panic (a bug in tbot)")]
+    Panicked { store: String, during: &'static str },
+    /// A name that would not stay inside the store (empty, absolute, `.` or `..`), or a value too
+    /// large for its log: tbot chose it, so a bug; refused before anything was written.
+    #[error("the store ({store}) refuses `{name}`: {reason}")]
+    Refused {
+        store: String,
+        name: String,
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -108,6 +120,15 @@ impl StoreError {
                 store: store.clone(),
                 thread,
             },
+            StoreError::Panicked { store, during } => StoreError::Panicked {
+                store: store.clone(),
+                during,
+            },
+            StoreError::Refused { store, name, reason } => StoreError::Refused {
+                store: store.clone(),
+                name: name.clone(),
+                reason: reason.clone(),
+            },
         }
     }
 }
@@ -133,6 +154,14 @@ impl crate::error::Explain for StoreError {
                 "restart tbot: the start writes the files from the log on disk, which keeps every answered change; \
                  the log above says why the thread stopped (please report it)"
             }
+            StoreError::Panicked { .. } => {
+                "restart tbot (a directory store's start writes the files from its log, which keeps every answered \
+                 change); the log above has the panic: please report it"
+            }
+            StoreError::Refused { .. } => {
+                "nothing was written; tbot chose this name or value itself, so this is a bug in tbot: please report \
+                 this message"
+            }
             StoreError::Closed { .. } => {
                 "the issuer is stopping or was replaced; if this shows while tbot serves, restart it (the log on disk \
                  keeps every answered change)"
@@ -146,6 +175,18 @@ impl crate::error::Explain for StoreError {
             self,
             StoreError::Io { .. } | StoreError::Unavailable { .. } | StoreError::Compacted { .. }
         )
+    }
+}
+
+/// Why `name` cannot name a file of a store, if it cannot: it must be a relative path of plain
+/// parts (none empty, `.` or `..`), which stays inside the store's directory.
+pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
+    if name.contains('\0') {
+        Some("it holds a NUL byte")
+    } else if name.split('/').any(|part| matches!(part, "" | "." | "..")) {
+        Some("it is empty, absolute, or has an empty, `.` or `..` part: it would not stay inside the store")
+    } else {
+        None
     }
 }
 
@@ -317,6 +358,19 @@ impl Store {
         }
     }
 
+    /// Refuses a name that would not stay inside the store ([`name_problem`]), on either backend,
+    /// so that a test on memory refuses what a directory would.
+    fn check(&self, name: &str) -> Result<(), StoreError> {
+        match name_problem(name) {
+            None => Ok(()),
+            Some(reason) => Err(StoreError::Refused {
+                store: self.describe(),
+                name: name.escape_debug().to_string(),
+                reason: reason.to_owned(),
+            }),
+        }
+    }
+
     /// Where a name lives on disk (for messages), or `memory:NAME`.
     pub fn path_of(&self, name: &str) -> PathBuf {
         match &*self.backend {
@@ -327,6 +381,7 @@ impl Store {
 
     /// Reads a file; `None` when it does not exist.
     pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check(name)?;
         match &*self.backend {
             Backend::Memory(files) => Ok(files.lock().expect("store poisoned").get(name).cloned()),
             Backend::Directory { root, .. } => {
@@ -385,6 +440,7 @@ impl Store {
     }
 
     fn put(&self, name: &str, bytes: &[u8], secrecy: Secrecy, durable: bool) -> Result<(), StoreError> {
+        self.check(name)?;
         let root = match &*self.backend {
             Backend::Memory(files) => {
                 files
@@ -411,6 +467,7 @@ impl Store {
 
     /// Removes a file; a missing one is fine.
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        self.check(name)?;
         match &*self.backend {
             Backend::Memory(files) => {
                 files.lock().expect("store poisoned").remove(name);
@@ -426,6 +483,7 @@ impl Store {
     /// The names of the files directly inside `dir` (`issuer/x/bots`), sorted; none when it does
     /// not exist. Temporary files of writes in progress are not listed.
     pub fn list(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        self.check(dir.trim_end_matches('/'))?;
         let prefix = format!("{}/", dir.trim_end_matches('/'));
         match &*self.backend {
             Backend::Memory(files) => Ok(files
@@ -445,6 +503,7 @@ impl Store {
     /// The subdirectories directly inside `dir`, as names like `issuer/x/bots` (memory stores: the
     /// prefixes that have files below them).
     pub fn list_dirs(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        self.check(dir.trim_end_matches('/'))?;
         let prefix = format!("{}/", dir.trim_end_matches('/'));
         match &*self.backend {
             Backend::Memory(files) => {
@@ -515,6 +574,43 @@ mod tests {
         store.write("bots.json", b"{not json", Secrecy::Public).unwrap();
         let err = store.read_json::<serde_json::Value>("bots.json").unwrap_err();
         assert!(err.to_string().contains("bots.json is damaged"), "{err}");
+    }
+
+    #[test]
+    fn a_name_that_would_leave_the_store_is_refused_on_either_backend_and_nothing_is_written() {
+        let outer = tempfile::tempdir().unwrap();
+        let inside = outer.path().join("store");
+        for store in [Store::open(&inside).unwrap(), Store::memory()] {
+            for name in ["../escaped", "/tmp/absolute", "a//b", "a/./b", "a/..", "", "a/b\0c"] {
+                let err = store.write(name, b"x", Secrecy::Public).unwrap_err();
+                assert!(matches!(err, StoreError::Refused { .. }), "{name:?}: {err}");
+                assert!(
+                    err.to_string().contains("would not stay inside the store") || name.contains('\0'),
+                    "{err}"
+                );
+                assert!(!err.is_transient() && err.hint().contains("bug in tbot"), "{err}");
+                for refused in [
+                    store.read(name).map(|_| ()),
+                    store.remove(name),
+                    store.list(name).map(|_| ()),
+                    store.list_dirs(name).map(|_| ()),
+                ] {
+                    assert!(
+                        matches!(refused, Err(StoreError::Refused { .. })),
+                        "{name:?}: {refused:?}"
+                    );
+                }
+            }
+            // Plain names, and a directory listed with its trailing `/`, still work.
+            store.write("a/b.json", b"1", Secrecy::Public).unwrap();
+            assert_eq!(store.list("a/").unwrap(), ["a/b.json"]);
+        }
+        assert!(!outer.path().join("escaped").exists());
+        let left: Vec<_> = fs::read_dir(outer.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["store"], "nothing was written beside the store");
     }
 
     #[test]

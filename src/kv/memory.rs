@@ -164,7 +164,7 @@ impl MemoryKv {
             None => None,
         };
         {
-            let mut inner = kv.lock();
+            let mut inner = kv.lock()?;
             for (name, value) in files {
                 inner.revision += 1;
                 let revision = inner.revision;
@@ -203,8 +203,21 @@ impl MemoryKv {
         Ok(kv)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().expect("kv poisoned")
+    /// The keys, or `Panicked` once a panic while changing them left them in doubt (a directory
+    /// store's log keeps every answered change, for the restart).
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        self.inner.lock().map_err(|_| StoreError::Panicked {
+            store: self.describe(),
+            during: "changing its keys in memory",
+        })
+    }
+
+    fn refused(&self, refusal: wal::Refusal) -> StoreError {
+        StoreError::Refused {
+            store: self.describe(),
+            name: refusal.key,
+            reason: refusal.reason,
+        }
     }
 
     /// Expires leases in the background, so their keys go (and watches see it) without a write.
@@ -217,7 +230,8 @@ impl MemoryKv {
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let Some(inner) = weak.upgrade() else { return };
-                inner.lock().expect("kv poisoned").expire();
+                let Ok(mut inner) = inner.lock() else { return };
+                inner.expire();
             }
         });
     }
@@ -404,13 +418,13 @@ impl Kv for MemoryKv {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock()?;
         inner.expire();
         Ok(inner.keys.get(key).map(|e| Entry::clone(e)))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<Entry>, i64), StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock()?;
         inner.expire();
         let entries = inner
             .keys
@@ -422,8 +436,11 @@ impl Kv for MemoryKv {
     }
 
     async fn txn(&self, conditions: Vec<Condition>, ops: Vec<Op>) -> Result<(bool, i64), StoreError> {
+        if let Some(Disk { scope, .. }) = &self.disk {
+            wal::check(&ops, scope).map_err(|r| self.refused(r))?;
+        }
         let done = {
-            let mut inner = self.lock();
+            let mut inner = self.lock()?;
             if let Some(journal) = inner.journal.as_ref() {
                 if journal.closing {
                     return Err(self.closed());
@@ -454,7 +471,7 @@ impl Kv for MemoryKv {
                 {
                     let (done, answer) = oneshot::channel();
                     if held {
-                        wal::encode(&ops, scope, &mut journal.records)?;
+                        wal::encode(&ops, scope, &mut journal.records).map_err(|r| self.refused(r))?;
                         for op in &ops {
                             match op {
                                 Op::Put { key, .. } => journal.overlay.insert(key.clone(), true),
@@ -487,7 +504,7 @@ impl Kv for MemoryKv {
     }
 
     async fn watch(&self, prefix: &str, from: i64) -> Result<mpsc::Receiver<WatchItem>, StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock()?;
         if from < inner.compacted {
             let (tx, rx) = mpsc::channel(1);
             let _ = tx.try_send(Err(StoreError::Compacted {
@@ -516,7 +533,7 @@ impl Kv for MemoryKv {
     }
 
     async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock()?;
         let id = inner.next_lease;
         inner.next_lease += 1;
         inner.leases.insert(
@@ -530,7 +547,7 @@ impl Kv for MemoryKv {
     }
 
     async fn keep_alive(&self, lease: i64) -> Result<(), StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock()?;
         inner.expire();
         let l = inner.leases.get_mut(&lease).ok_or(StoreError::LeaseExpired { lease })?;
         l.deadline = Instant::now() + l.ttl;
@@ -538,12 +555,12 @@ impl Kv for MemoryKv {
     }
 
     async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
-        self.lock().end_lease(lease);
+        self.lock()?.end_lease(lease);
         Ok(())
     }
 
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock()?;
         if revision > inner.compacted {
             inner.compacted = revision.min(inner.revision);
             let compacted = inner.compacted;

@@ -73,12 +73,34 @@ pub(super) fn file_of(op: &Op) -> Option<&[u8]> {
     }
 }
 
+/// Why a log refuses a write: the key, and the reason (tbot chose the key or value: a bug).
+#[derive(Debug)]
+pub(super) struct Refusal {
+    pub(super) key: String,
+    pub(super) reason: String,
+}
+
+/// Refuses a write of `ops` to a key under the scope that names no file inside it (the check
+/// [`Log::open`] makes of every key it reads back: one such key would stop the store from opening).
+pub(super) fn check(ops: &[Op], scope: &str) -> Result<(), Refusal> {
+    for op in ops.iter().filter(|op| on_disk(op, scope)) {
+        let (Op::Put { key, .. } | Op::Delete(key)) = op;
+        if let Some(why) = crate::store::name_problem(&key[scope.len()..]) {
+            return Err(Refusal {
+                key: key.escape_debug().to_string(),
+                reason: format!("as a file of `{scope}`, {why}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Appends the record of `ops`' changes to the files (none when there are none) to `out`; refuses
 /// a key or value of 4 GiB or more, which a record cannot hold.
-pub(super) fn encode(ops: &[Op], scope: &str, out: &mut Vec<u8>) -> Result<(), StoreError> {
+pub(super) fn encode(ops: &[Op], scope: &str, out: &mut Vec<u8>) -> Result<(), Refusal> {
     let mut payload = Vec::new();
-    let too_big = |what: &str, key: &str| StoreError::Corrupt {
-        path: PathBuf::from(key),
+    let too_big = |what: &str, key: &str| Refusal {
+        key: key.escape_debug().to_string(),
         reason: format!("its {what} is too large for the store's log (4 GiB or more)"),
     };
     let field = |payload: &mut Vec<u8>, bytes: &[u8]| -> Option<()> {
@@ -103,17 +125,25 @@ pub(super) fn encode(ops: &[Op], scope: &str, out: &mut Vec<u8>) -> Result<(), S
     if payload.is_empty() {
         return Ok(());
     }
-    let len = u32::try_from(payload.len()).map_err(|_| too_big("transaction", ""))?;
+    let len = u32::try_from(payload.len()).map_err(|_| too_big("transaction", ops_first_key(ops)))?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&payload)[..8]);
     out.extend_from_slice(&payload);
     Ok(())
 }
 
+/// The first key `ops` write (to name a transaction in a message).
+fn ops_first_key(ops: &[Op]) -> &str {
+    ops.first().map_or("", |op| {
+        let (Op::Put { key, .. } | Op::Delete(key)) = op;
+        key.as_str()
+    })
+}
+
 /// Whether a key read from a log names a file under the scope, and nothing outside it.
 fn within(key: &str, scope: &str) -> bool {
     key.strip_prefix(scope)
-        .is_some_and(|rest| rest.split('/').all(|part| !matches!(part, "" | "." | "..")))
+        .is_some_and(|rest| crate::store::name_problem(rest).is_none())
 }
 
 /// One write of a record: the key and its new value (`None`: deleted).

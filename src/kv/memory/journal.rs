@@ -71,9 +71,11 @@ pub(super) fn start_writers(
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cleanup.run(&store, &changed)));
                 let result = match ran {
                     Ok(result) => result,
-                    Err(_) => Err(StoreError::Stopped {
+                    // The thread goes on: the log keeps the changes, and the next checkpoint
+                    // tries them again.
+                    Err(_) => Err(StoreError::Panicked {
                         store: store.describe(),
-                        thread: "files' writer (a panic while writing them)",
+                        during: "bringing its files up to date from its log",
                     }),
                 };
                 let result = result.map_err(|e| (changed.into_keys().collect(), e));

@@ -96,6 +96,52 @@ async fn a_closed_directory_store_refuses_writes_and_lets_go_of_the_directory() 
     assert_eq!(again.get("issuer/x/b.json").await.unwrap(), None);
 }
 
+#[tokio::test]
+async fn a_key_that_names_no_file_inside_the_scope_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = open(dir.path());
+    kv.txn(vec![], vec![Op::put("issuer/x/a.json", "1")]).await.unwrap();
+    let (_, before) = kv.list("").await.unwrap();
+    for key in ["issuer/../lock", "issuer//a", "issuer/x/./a", "issuer/"] {
+        // With a good write beside it: the whole transaction is refused.
+        let ops = vec![Op::put("issuer/x/b.json", "2"), Op::put(key, "x")];
+        let err = kv.txn(vec![], ops).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Refused { name, .. } if name == key),
+            "{key}: {err}"
+        );
+        let err = kv.txn(vec![], vec![Op::Delete(key.into())]).await.unwrap_err();
+        assert!(matches!(err, StoreError::Refused { .. }), "{key}: {err}");
+    }
+    assert_eq!(kv.list("").await.unwrap().1, before, "no revision was spent");
+    assert_eq!(kv.get("issuer/x/b.json").await.unwrap(), None);
+    kv.txn(vec![], vec![Op::put("issuer/x/c.json", "3")]).await.unwrap();
+    kv.close();
+    drop(kv);
+    // Nothing refused reached the log: the store opens, with the writes that were made.
+    let again = open(dir.path());
+    assert_eq!(again.get("issuer/x/c.json").await.unwrap().unwrap().value, b"3");
+    assert_eq!(again.get("issuer/x/b.json").await.unwrap(), None);
+    assert!(std::fs::read(dir.path().join("lock")).is_ok_and(|held| held != b"x"));
+}
+
+#[tokio::test]
+async fn after_a_panic_that_held_the_keys_every_call_is_refused_as_a_panic() {
+    let kv = MemoryKv::new();
+    kv.txn(vec![], vec![Op::put("a", "1")]).await.unwrap();
+    let inner = kv.inner.clone();
+    let _ = std::thread::spawn(move || {
+        let _held = inner.lock().unwrap();
+        panic!("a bug while changing the keys");
+    })
+    .join();
+    let err = kv.get("a").await.unwrap_err();
+    assert!(matches!(err, StoreError::Panicked { .. }), "{err}");
+    assert!(err.to_string().contains("a panic (a bug in tbot)"), "{err}");
+    let err = kv.txn(vec![], vec![Op::put("a", "2")]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Panicked { .. }), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_transactions_in_line_together_decide_in_order_and_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,7 +216,7 @@ async fn history_is_trimmed_at_revision_boundaries() {
         .await
         .unwrap();
     }
-    let inner = kv.lock();
+    let inner = kv.lock().unwrap();
     assert!(inner.history.len() <= HISTORY);
     let first = inner.history[0].revision();
     assert_eq!(first, inner.compacted);
@@ -193,7 +239,7 @@ async fn history_holds_at_most_its_bound_in_bytes() {
         kv.txn(vec![], vec![Op::put("log/small", "y")]).await.unwrap();
     }
     let (compacted, revision) = {
-        let inner = kv.lock();
+        let inner = kv.lock().unwrap();
         assert!(inner.history_bytes <= HISTORY_BYTES, "{} bytes", inner.history_bytes);
         assert_eq!(
             inner.history_bytes,
