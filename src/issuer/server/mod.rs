@@ -353,7 +353,7 @@ impl WatchState {
             // An agent that saw another revision before (a reconnect, an issuer restart) may have
             // missed changes: it re-decides everything.
             let all = self.seen_revision != 0 && self.seen_revision != revision;
-            return Some(Ok(self.update(revision, Vec::new(), all)));
+            return Some(Ok(self.update(revision, Vec::new(), all, true)));
         };
         loop {
             tokio::select! {
@@ -378,7 +378,7 @@ impl WatchState {
                         self.sessions.refused(&self._guard, &e.to_string());
                         return Some(Err(status(e)));
                     }
-                    return Some(Ok(self.update(last, Vec::new(), false)));
+                    return Some(Ok(self.update(last, Vec::new(), false, true)));
                 }
                 changed = self.events.changed() => {
                     changed.ok()?;
@@ -387,7 +387,12 @@ impl WatchState {
                     self.sent = Some(revision);
                     // Coalesced events (two edits between two sends) lose the first's identities.
                     let all = event.all || revision != last + 1;
-                    return Some(Ok(self.update(revision, event.identities.iter().cloned().collect(), all)));
+                    // The bundle only when it changed since last sent (then the bundle's own
+                    // message follows, with its checks): the agent never hears of an edit before
+                    // a bundle the issuer had when it sent it.
+                    let changed = **self.bundles.borrow() != *self.last_bundle;
+                    let identities = event.identities.iter().cloned().collect();
+                    return Some(Ok(self.update(revision, identities, all, changed)));
                 }
                 changed = self.locks.changed() => {
                     changed.ok()?;
@@ -405,9 +410,11 @@ impl WatchState {
         }
     }
 
-    fn update(&self, revision: u64, identities: Vec<String>, all: bool) -> proto::WatchUpdate {
+    /// A message of the stream; `with_bundle`: with the bundle (an agent keeps the last it was
+    /// sent when a message has none).
+    fn update(&self, revision: u64, identities: Vec<String>, all: bool, with_bundle: bool) -> proto::WatchUpdate {
         proto::WatchUpdate {
-            bundle: Some(wire::bundle_to_wire(&self.bundles.borrow())),
+            bundle: with_bundle.then(|| wire::bundle_to_wire(&self.bundles.borrow())),
             policy_revision: revision,
             identities,
             all,
@@ -500,4 +507,101 @@ pub async fn serve(
         }
     });
     Ok(Serving { address, sessions })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::issuer::Issuer;
+    use crate::issuer::keys::rotation::ByHand;
+    use crate::store::Store;
+    use crate::testing::examples::{EXAMPLE_DOCUMENTS, policy_from_text};
+
+    /// A `Watch` stream's state for an agent of bot `b`, as the API opens it.
+    fn watching(issuer: &Arc<LocalIssuer>) -> WatchState {
+        let sessions = Arc::new(Sessions::default());
+        let guard = sessions.open(AgentSession {
+            bot: "b".into(),
+            instance: "i".into(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            generation: 1,
+            connected_at: OffsetDateTime::now_utc(),
+            certificate: "c".into(),
+            ca: 1,
+            held: None,
+        });
+        WatchState {
+            bundles: issuer.bundles(),
+            events: issuer.policy_events(),
+            locks: issuer.locks(),
+            issuer: issuer.clone(),
+            certificate: Arc::new(Vec::new()),
+            base: 0,
+            sent: None,
+            seen_revision: 0,
+            until: tokio::time::Instant::now() + Duration::from_secs(3600),
+            ended: false,
+            last_bundle: issuer.current_bundles(),
+            sessions,
+            _guard: guard,
+        }
+    }
+
+    async fn next(state: &mut WatchState) -> proto::WatchUpdate {
+        tokio::time::timeout(Duration::from_secs(5), state.next())
+            .await
+            .expect("a message")
+            .expect("the stream goes on")
+            .expect("no refusal")
+    }
+
+    fn cas(update: &proto::WatchUpdate) -> Option<usize> {
+        update.bundle.as_ref().map(|b| b.x509_authorities.len())
+    }
+
+    #[tokio::test]
+    async fn an_edit_is_sent_without_the_bundle_unless_the_bundle_changed_since_last_sent() {
+        let issuer = Arc::new(
+            LocalIssuer::open(Store::memory(), policy_from_text(EXAMPLE_DOCUMENTS))
+                .await
+                .unwrap(),
+        );
+        let mut state = watching(&issuer);
+        assert_eq!(
+            cas(&next(&mut state).await),
+            Some(1),
+            "the first message has the bundle"
+        );
+
+        // An edit that leaves the bundle as it was: a few bytes, not the whole bundle again.
+        issuer.announce(["wi".to_owned()].into());
+        let edit = next(&mut state).await;
+        assert_eq!(
+            (cas(&edit), edit.identities.as_slice()),
+            (None, ["wi".to_owned()].as_slice())
+        );
+
+        // A bundle change is sent with the bundle.
+        let rotate = ByHand::Rotate {
+            grace: Duration::from_secs(3600),
+            force: false,
+        };
+        issuer.rotate_by_hand(false, rotate).await.unwrap();
+        assert_eq!(cas(&next(&mut state).await), Some(2));
+
+        // Both at once: whichever message comes first carries the new bundle, so the agent never
+        // re-decides for an edit before it has the bundle the issuer had then.
+        issuer.rotate_by_hand(true, rotate).await.unwrap();
+        issuer.announce(["db".to_owned()].into());
+        let first = next(&mut state).await;
+        assert!(
+            first.bundle.as_ref().is_some_and(|b| b.jwt_keys.len() == 2),
+            "{first:?}"
+        );
+        let second = next(&mut state).await;
+        assert!(
+            first.identities == ["db"] || second.identities == ["db"],
+            "{first:?} {second:?}"
+        );
+    }
 }
