@@ -102,15 +102,20 @@ impl BotClaims {
     /// The join's attributes for templates and rules; a `token` join's token name is not one (it is
     /// the secret: a certificate of an earlier version may still carry it).
     pub fn join_attributes(&self) -> Attributes {
-        let token = self.join.get("join.meta.join_method").is_some_and(|m| m == "token");
         let mut attrs = Attributes::new();
+        self.add_join_attributes(&mut attrs);
+        attrs
+    }
+
+    /// Sets the join's attributes ([`BotClaims::join_attributes`]) in `attrs`, with no map between.
+    pub fn add_join_attributes(&self, attrs: &mut Attributes) {
+        let token = self.join.get("join.meta.join_method").is_some_and(|m| m == "token");
         for (k, v) in self.join.iter() {
             if token && k == TOKEN_NAME_CLAIM {
                 continue;
             }
             attrs.set(k.clone(), v);
         }
-        attrs
     }
 }
 

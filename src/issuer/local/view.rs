@@ -203,7 +203,7 @@ impl State {
                 attrs.set_many(format!("user.traits.{}", t.name), t.values.clone());
             }
         }
-        attrs.extend(&claims.join_attributes());
+        claims.add_join_attributes(&mut attrs);
         Ok(attrs)
     }
 

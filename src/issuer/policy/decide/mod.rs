@@ -347,17 +347,40 @@ fn condition_fails(condition: &Condition, attributes: &Attributes) -> Option<Str
     None
 }
 
+/// The field of a workload identity a template fills, named (`spiffe.x509.dns_sans[0]`) only when
+/// it cannot be rendered.
+#[derive(Clone, Copy)]
+enum Field<'a> {
+    Id,
+    Hint,
+    DnsSan(usize),
+    Subject(&'static str),
+    Claim(&'a str),
+}
+
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Id => f.write_str("spiffe.id"),
+            Field::Hint => f.write_str("spiffe.hint"),
+            Field::DnsSan(i) => write!(f, "spiffe.x509.dns_sans[{i}]"),
+            Field::Subject(name) => write!(f, "spiffe.x509.subject_template.{name}"),
+            Field::Claim(key) => write!(f, "spiffe.jwt.extra_claims.{key}"),
+        }
+    }
+}
+
 fn render_field(
     wi: &WorkloadIdentity,
-    field: &str,
+    field: Field<'_>,
     template: &Template,
     attributes: &Attributes,
 ) -> Result<String, Denial> {
     let mut failure = None;
     // In a SPIFFE ID a value fills one segment: it never adds a `/`. In a DNS SAN it fills one
     // label: it never adds a label or a wildcard.
-    let one_segment = field == "spiffe.id";
-    let one_label = field.starts_with("spiffe.x509.dns_sans");
+    let one_segment = matches!(field, Field::Id);
+    let one_label = matches!(field, Field::DnsSan(_));
     let out = template.render(|a| match attributes.single(a) {
         Ok(v) if one_segment && v.contains('/') => {
             failure.get_or_insert(Unrenderable::Slash {
@@ -379,7 +402,7 @@ fn render_field(
     });
     out.map_err(|fallback| Denial::Render {
         identity: wi.metadata.name.to_string(),
-        field: field.to_owned(),
+        field: field.to_string(),
         why: failure.unwrap_or(Unrenderable::Template(fallback)),
     })
 }
@@ -395,7 +418,7 @@ fn is_dns_label(value: &str) -> bool {
 fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> Result<Decision, Denial> {
     let spiffe = &wi.spec.spiffe;
     let name: &str = &wi.metadata.name;
-    let path = render_field(wi, "spiffe.id", &spiffe.id, attributes)?;
+    let path = render_field(wi, Field::Id, &spiffe.id, attributes)?;
     check_id(td, &path).map_err(|why| Denial::SpiffeId {
         identity: name.to_owned(),
         path: path.clone(),
@@ -404,7 +427,7 @@ fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> R
     let hint = spiffe
         .hint
         .as_ref()
-        .map(|t| render_field(wi, "spiffe.hint", t, attributes))
+        .map(|t| render_field(wi, Field::Hint, t, attributes))
         .transpose()?;
     let x509 = spiffe.x509.as_ref();
     let mut dns_sans = Vec::new();
@@ -414,7 +437,7 @@ fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> R
         .iter()
         .enumerate()
     {
-        let san = render_field(wi, &format!("spiffe.x509.dns_sans[{i}]"), t, attributes)?;
+        let san = render_field(wi, Field::DnsSan(i), t, attributes)?;
         check_dns_name(&san).map_err(|why| Denial::DnsSan {
             identity: name.to_owned(),
             san: san.clone(),
@@ -424,9 +447,9 @@ fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> R
     }
     let mut subject = Subject::default();
     if let Some(st) = x509.and_then(|x| x.subject_template.as_ref()) {
-        let field = |f: &str, t: &Option<Template>| {
+        let field = |f: &'static str, t: &Option<Template>| {
             t.as_ref()
-                .map(|t| render_field(wi, &format!("spiffe.x509.subject_template.{f}"), t, attributes))
+                .map(|t| render_field(wi, Field::Subject(f), t, attributes))
                 .transpose()
         };
         subject.common_name = field("common_name", &st.common_name)?;
@@ -469,12 +492,7 @@ fn render_claim(wi: &WorkloadIdentity, key: &str, value: &Value, attributes: &At
                 key: key.to_owned(),
                 why: why.to_string(),
             })?;
-            Value::String(render_field(
-                wi,
-                &format!("spiffe.jwt.extra_claims.{key}"),
-                &template,
-                attributes,
-            )?)
+            Value::String(render_field(wi, Field::Claim(key), &template, attributes)?)
         }
         Value::Array(items) => Value::Array(
             items
