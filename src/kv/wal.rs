@@ -125,16 +125,16 @@ pub(super) fn encode(ops: &[Op], scope: &str, out: &mut Vec<u8>) -> Result<(), R
     if payload.is_empty() {
         return Ok(());
     }
-    let len = u32::try_from(payload.len()).map_err(|_| too_big("transaction", ops_first_key(ops)))?;
+    let len = u32::try_from(payload.len()).map_err(|_| too_big("transaction", first_key(ops, scope)))?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&Sha256::digest(&payload)[..8]);
     out.extend_from_slice(&payload);
     Ok(())
 }
 
-/// The first key `ops` write (to name a transaction in a message).
-fn ops_first_key(ops: &[Op]) -> &str {
-    ops.first().map_or("", |op| {
+/// The first key under the scope that `ops` write (to name a transaction in a message).
+fn first_key<'a>(ops: &'a [Op], scope: &str) -> &'a str {
+    ops.iter().find(|op| on_disk(op, scope)).map_or("", |op| {
         let (Op::Put { key, .. } | Op::Delete(key)) = op;
         key.as_str()
     })

@@ -39,6 +39,13 @@ impl TrustDomain {
             };
             return Err(why);
         }
+        if s == "." || s == ".." {
+            // Allowed characters, but no domain; and the issuer keeps its state in a directory of
+            // this name, which would be its parent's or its own.
+            return Err(format!(
+                "the trust domain `{s}` names no domain; use a name such as `example.org`"
+            ));
+        }
         Ok(TrustDomain(s.to_owned()))
     }
 
@@ -168,6 +175,9 @@ mod tests {
         assert!(TrustDomain::parse("Example.com").unwrap_err().contains("lowercase"));
         assert!(TrustDomain::parse("a:443").is_err());
         assert!(TrustDomain::parse("").is_err());
+        assert!(TrustDomain::parse("..").unwrap_err().contains("names no domain"));
+        assert!(TrustDomain::parse(".").is_err());
+        assert!(TrustDomain::parse("a..b").is_ok());
     }
 
     #[test]

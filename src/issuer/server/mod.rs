@@ -274,6 +274,8 @@ impl WorkloadIdentityService for IssuerApi {
 
     async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let (cert, peer, digest) = self.bot_certificate(&request)?;
+        // Read before the check: a CA withdrawn after it is seen leaving by the first message.
+        let last_bundle = self.issuer.current_bundles();
         let (claims, ca) = self.issuer.authenticate_signed(&cert).map_err(status)?;
         let not_after = x509_parser::parse_x509_certificate(&cert)
             .map(|(_, c)| c.validity().not_after.to_datetime())
@@ -288,7 +290,6 @@ impl WorkloadIdentityService for IssuerApi {
             ca,
             held: None,
         });
-        let last_bundle = self.issuer.current_bundles();
         let seen_revision = request.into_inner().policy_revision;
         let state = WatchState {
             bundles: self.issuer.bundles(),
@@ -347,8 +348,13 @@ impl WatchState {
         let Some(last) = self.sent else {
             let event = self.events.borrow_and_update().clone();
             let revision = self.base + event.revision;
-            self.bundles.borrow_and_update();
+            let now = self.bundles.borrow_and_update().clone();
             self.locks.borrow_and_update();
+            // The certificate was checked when the stream opened, against `last_bundle`: a CA
+            // withdrawn or a revocation since then is checked here, as on any bundle change.
+            if let Some(refused) = self.accept_bundle(now) {
+                return Some(Err(refused));
+            }
             self.sent = Some(revision);
             // An agent that saw another revision before (a reconnect, an issuer restart) may have
             // missed changes: it re-decides everything.
@@ -360,39 +366,15 @@ impl WatchState {
                 changed = self.bundles.changed() => {
                     changed.ok()?;
                     let now = self.bundles.borrow_and_update().clone();
-                    // A CA withdrawn (a forced retire) may be the one that signed this agent's
-                    // certificate, and a new revocation may name it: then the stream ends with the
-                    // refusal, and the agent says so.
-                    let withdrawn = self.last_bundle.x509_authorities.iter().any(|ca| !now.x509_authorities.contains(ca));
-                    let revoked = self.last_bundle.revoked != now.revoked;
-                    self.last_bundle = now;
-                    let refused = if withdrawn {
-                        self.issuer.authenticate(&self.certificate).err()
-                    } else if revoked {
-                        self.issuer.revoked_or_locked(&self.certificate)
-                    } else {
-                        None
-                    };
-                    if let Some(e) = refused {
-                        self.ended = true;
-                        self.sessions.refused(&self._guard, &e.to_string());
-                        return Some(Err(status(e)));
+                    if let Some(refused) = self.accept_bundle(now) {
+                        return Some(Err(refused));
                     }
                     return Some(Ok(self.update(last, Vec::new(), false, true)));
                 }
                 changed = self.events.changed() => {
                     changed.ok()?;
                     let event = self.events.borrow_and_update().clone();
-                    let revision = self.base + event.revision;
-                    self.sent = Some(revision);
-                    // Coalesced events (two edits between two sends) lose the first's identities.
-                    let all = event.all || revision != last + 1;
-                    // The bundle only when it changed since last sent (then the bundle's own
-                    // message follows, with its checks): the agent never hears of an edit before
-                    // a bundle the issuer had when it sent it.
-                    let changed = **self.bundles.borrow() != *self.last_bundle;
-                    let identities = event.identities.iter().cloned().collect();
-                    return Some(Ok(self.update(revision, identities, all, changed)));
+                    return Some(Ok(self.policy_update(last, &event)));
                 }
                 changed = self.locks.changed() => {
                     changed.ok()?;
@@ -400,14 +382,53 @@ impl WatchState {
                     // A locked instance hears nothing more (nor a revoked certificate, which is
                     // refused before the lock is looked at).
                     if let Some(e) = self.issuer.revoked_or_locked(&self.certificate) {
-                        self.ended = true;
-                        self.sessions.refused(&self._guard, &e.to_string());
-                        return Some(Err(status(e)));
+                        return Some(Err(self.refuse(e)));
                     }
                 }
                 _ = tokio::time::sleep_until(self.until) => return None,
             }
         }
+    }
+
+    /// Takes `now` as the bundle to send, after checking the certificate against what changed
+    /// since `last_bundle`: a CA withdrawn (a forced retire) may be the one that signed it, and a
+    /// new revocation may name it. Then the stream ends with the refusal, and the agent says so.
+    fn accept_bundle(&mut self, now: Arc<Bundles>) -> Option<Status> {
+        let withdrawn = self
+            .last_bundle
+            .x509_authorities
+            .iter()
+            .any(|ca| !now.x509_authorities.contains(ca));
+        let revoked = self.last_bundle.revoked != now.revoked;
+        self.last_bundle = now;
+        let refused = if withdrawn {
+            self.issuer.authenticate(&self.certificate).err()
+        } else if revoked {
+            self.issuer.revoked_or_locked(&self.certificate)
+        } else {
+            None
+        };
+        refused.map(|e| self.refuse(e))
+    }
+
+    /// Ends the stream with `e`, recorded on the agent's session.
+    fn refuse(&mut self, e: IssuerError) -> Status {
+        self.ended = true;
+        self.sessions.refused(&self._guard, &e.to_string());
+        status(e)
+    }
+
+    /// The message of a policy change after revision `last`. It carries the bundle only when the
+    /// bundle changed since the stream last sent it (the bundle's own message follows, with its
+    /// checks): an agent never hears of an edit before a bundle the issuer had when it sent it.
+    fn policy_update(&mut self, last: u64, event: &PolicyEvent) -> proto::WatchUpdate {
+        let revision = self.base + event.revision;
+        self.sent = Some(revision);
+        // Coalesced events (two edits between two sends) lose the first's identities.
+        let all = event.all || revision != last + 1;
+        // Every publication is a new `Arc`: the same one is the bundle last sent.
+        let changed = !Arc::ptr_eq(&self.bundles.borrow(), &self.last_bundle);
+        self.update(revision, event.identities.iter().cloned().collect(), all, changed)
     }
 
     /// A message of the stream; `with_bundle`: with the bundle (an agent keeps the last it was
@@ -510,98 +531,4 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::issuer::Issuer;
-    use crate::issuer::keys::rotation::ByHand;
-    use crate::store::Store;
-    use crate::testing::examples::{EXAMPLE_DOCUMENTS, policy_from_text};
-
-    /// A `Watch` stream's state for an agent of bot `b`, as the API opens it.
-    fn watching(issuer: &Arc<LocalIssuer>) -> WatchState {
-        let sessions = Arc::new(Sessions::default());
-        let guard = sessions.open(AgentSession {
-            bot: "b".into(),
-            instance: "i".into(),
-            address: "127.0.0.1:1".parse().unwrap(),
-            generation: 1,
-            connected_at: OffsetDateTime::now_utc(),
-            certificate: "c".into(),
-            ca: 1,
-            held: None,
-        });
-        WatchState {
-            bundles: issuer.bundles(),
-            events: issuer.policy_events(),
-            locks: issuer.locks(),
-            issuer: issuer.clone(),
-            certificate: Arc::new(Vec::new()),
-            base: 0,
-            sent: None,
-            seen_revision: 0,
-            until: tokio::time::Instant::now() + Duration::from_secs(3600),
-            ended: false,
-            last_bundle: issuer.current_bundles(),
-            sessions,
-            _guard: guard,
-        }
-    }
-
-    async fn next(state: &mut WatchState) -> proto::WatchUpdate {
-        tokio::time::timeout(Duration::from_secs(5), state.next())
-            .await
-            .expect("a message")
-            .expect("the stream goes on")
-            .expect("no refusal")
-    }
-
-    fn cas(update: &proto::WatchUpdate) -> Option<usize> {
-        update.bundle.as_ref().map(|b| b.x509_authorities.len())
-    }
-
-    #[tokio::test]
-    async fn an_edit_is_sent_without_the_bundle_unless_the_bundle_changed_since_last_sent() {
-        let issuer = Arc::new(
-            LocalIssuer::open(Store::memory(), policy_from_text(EXAMPLE_DOCUMENTS))
-                .await
-                .unwrap(),
-        );
-        let mut state = watching(&issuer);
-        assert_eq!(
-            cas(&next(&mut state).await),
-            Some(1),
-            "the first message has the bundle"
-        );
-
-        // An edit that leaves the bundle as it was: a few bytes, not the whole bundle again.
-        issuer.announce(["wi".to_owned()].into());
-        let edit = next(&mut state).await;
-        assert_eq!(
-            (cas(&edit), edit.identities.as_slice()),
-            (None, ["wi".to_owned()].as_slice())
-        );
-
-        // A bundle change is sent with the bundle.
-        let rotate = ByHand::Rotate {
-            grace: Duration::from_secs(3600),
-            force: false,
-        };
-        issuer.rotate_by_hand(false, rotate).await.unwrap();
-        assert_eq!(cas(&next(&mut state).await), Some(2));
-
-        // Both at once: whichever message comes first carries the new bundle, so the agent never
-        // re-decides for an edit before it has the bundle the issuer had then.
-        issuer.rotate_by_hand(true, rotate).await.unwrap();
-        issuer.announce(["db".to_owned()].into());
-        let first = next(&mut state).await;
-        assert!(
-            first.bundle.as_ref().is_some_and(|b| b.jwt_keys.len() == 2),
-            "{first:?}"
-        );
-        let second = next(&mut state).await;
-        assert!(
-            first.identities == ["db"] || second.identities == ["db"],
-            "{first:?} {second:?}"
-        );
-    }
-}
+mod tests;
