@@ -10,8 +10,9 @@
 //!   second (beside TLS 1.3 handshakes per second: a join is one handshake, then its `Watch` on the
 //!   same connection, which the issuer binds to the new bot certificate), the
 //!   issuer's CPU and memory at rest and while every SVID is renewed, and edit → every agent
-//!   notified. 5,000 agents; `TBOT_BENCH_AGENTS=N` runs the scale part with N (each agent is an
-//!   open file in this process and in the issuer's, which inherits this process's limit).
+//!   notified. 20,000 agents, or as many as the hard open-file limit allows (each agent is an
+//!   open file in this process and in the issuer's, which inherits this process's limit: 19,488
+//!   where it is 20,000); `TBOT_BENCH_AGENTS=N` runs the scale part with N.
 //!   `TBOT_BENCH_PAUSE=1` holds the fleet at rest for 90 s after the memory reading and prints the
 //!   issuer's pid, for a profiler: `heaptrack` around the issuer, killed then, reports what it
 //!   holds at rest as "leaked".
@@ -401,16 +402,35 @@ async fn agent_paths(scale: Scale, host: &IssuerHost) -> Vec<Row> {
     rows
 }
 
+/// Agents the scale part runs by default: the issue's 20,000, or as many as the hard open-file
+/// limit lets both processes hold.
+const AGENTS: usize = 20_000;
+
+/// Open files a process needs besides one per agent.
+const SPARE_FILES: usize = 512;
+
 /// Many simulated agents against one issuer.
-/// How many simulated agents the scale part runs (`TBOT_BENCH_AGENTS`, default 5,000).
+/// How many simulated agents the scale part runs (`TBOT_BENCH_AGENTS`; by default [`AGENTS`], or
+/// fewer when the hard open-file limit is lower, said on stderr).
 fn agents_at_scale(scale: Scale) -> usize {
-    let n = std::env::var("TBOT_BENCH_AGENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000);
     // Each agent is one connection in this process and one in the issuer's, which inherits this
     // process's limit: raise the soft open-file limit to the hard one, and say when it cannot fit.
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let n = std::env::var("TBOT_BENCH_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let fit = limit
+                .maximum
+                .map_or(AGENTS, |m| (m as usize).saturating_sub(SPARE_FILES));
+            if fit < AGENTS {
+                eprintln!(
+                    "the scale part runs {fit} agents, not {AGENTS}: the hard open-file limit here is {}",
+                    fit + SPARE_FILES
+                );
+            }
+            fit.min(AGENTS)
+        });
     if let (Some(current), Some(maximum)) = (limit.current, limit.maximum)
         && current < maximum
     {
@@ -420,11 +440,11 @@ fn agents_at_scale(scale: Scale) -> usize {
         };
         let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, raised);
     }
-    if let Some(maximum) = limit.maximum.filter(|m| (n as u64) + 512 > *m) {
+    if let Some(maximum) = limit.maximum.filter(|m| (n + SPARE_FILES) as u64 > *m) {
         eprintln!(
             "{n} agents need about {} open files in this process and in the issuer's; the hard limit here \
              is {maximum}",
-            n + 512
+            n + SPARE_FILES
         );
     }
     scale.pick(n, 40)

@@ -392,7 +392,7 @@ const SECTION_NOTES: [(&str, &str); 10] = [
     ),
     (
         "fleet",
-        "the real `tbot start` as an issuer host and agents of it over the issuer API (TLS 1.3 on loopback): remote issuance against in-process minting; a remote agent's first `FetchX509SVID` message against a single-host daemon's; edit on the issuer → new SVID on a remote agent's stream; and a load generator speaking the issuer protocol as 5,000 simulated agents (each its own TLS connection, source address, bot instance and `Watch` stream) holding 10,000 SVIDs: joins per second (beside TLS 1.3 handshakes per second on the same loopback), the issuer's CPU and memory at rest and during renewals, edit → every agent notified (`TBOT_BENCH_AGENTS=N` for another number of agents)",
+        "the real `tbot start` as an issuer host and agents of it over the issuer API (TLS 1.3 on loopback): remote issuance against in-process minting; a remote agent's first `FetchX509SVID` message against a single-host daemon's; edit on the issuer → new SVID on a remote agent's stream; and a load generator speaking the issuer protocol as 20,000 simulated agents, or as many as the hard open-file limit allows (each its own TLS connection, source address, bot instance and `Watch` stream), holding two SVIDs each: joins per second (beside TLS 1.3 handshakes per second on the same loopback), the issuer's CPU and memory at rest and during renewals, edit → every agent notified (`TBOT_BENCH_AGENTS=N` for another number of agents)",
     ),
     (
         "ha",
