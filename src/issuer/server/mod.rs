@@ -333,8 +333,8 @@ struct WatchState {
     until: tokio::time::Instant,
     /// After an error the stream ends.
     ended: bool,
-    /// The bundle when last sent (shared, not copied): when a CA leaves, the certificate is checked
-    /// again.
+    /// The bundle the certificate was last checked against (shared, not copied), which the first
+    /// message and each bundle message send: when a CA leaves, the certificate is checked again.
     last_bundle: Arc<Bundles>,
     sessions: Arc<Sessions>,
     _guard: SessionGuard,
@@ -351,15 +351,19 @@ impl WatchState {
             let now = self.bundles.borrow_and_update().clone();
             self.locks.borrow_and_update();
             // The certificate was checked when the stream opened, against `last_bundle`: a CA
-            // withdrawn or a revocation since then is checked here, as on any bundle change.
+            // withdrawn, a revocation or a lock since then is checked here (later ones wake the
+            // loop below).
             if let Some(refused) = self.accept_bundle(now) {
                 return Some(Err(refused));
+            }
+            if let Some(e) = self.issuer.revoked_or_locked(&self.certificate) {
+                return Some(Err(self.refuse(e)));
             }
             self.sent = Some(revision);
             // An agent that saw another revision before (a reconnect, an issuer restart) may have
             // missed changes: it re-decides everything.
             let all = self.seen_revision != 0 && self.seen_revision != revision;
-            return Some(Ok(self.update(revision, Vec::new(), all, true)));
+            return Some(Ok(update(revision, Vec::new(), all, Some(&self.last_bundle))));
         };
         loop {
             tokio::select! {
@@ -369,7 +373,7 @@ impl WatchState {
                     if let Some(refused) = self.accept_bundle(now) {
                         return Some(Err(refused));
                     }
-                    return Some(Ok(self.update(last, Vec::new(), false, true)));
+                    return Some(Ok(update(last, Vec::new(), false, Some(&self.last_bundle))));
                 }
                 changed = self.events.changed() => {
                     changed.ok()?;
@@ -426,20 +430,21 @@ impl WatchState {
         self.sent = Some(revision);
         // Coalesced events (two edits between two sends) lose the first's identities.
         let all = event.all || revision != last + 1;
-        // Every publication is a new `Arc`: the same one is the bundle last sent.
-        let changed = !Arc::ptr_eq(&self.bundles.borrow(), &self.last_bundle);
-        self.update(revision, event.identities.iter().cloned().collect(), all, changed)
+        // Every publication is a new `Arc`: the same one is the bundle last checked and sent.
+        let current = self.bundles.borrow().clone();
+        let changed = !Arc::ptr_eq(&current, &self.last_bundle);
+        let identities = event.identities.iter().cloned().collect();
+        update(revision, identities, all, changed.then_some(&*current))
     }
+}
 
-    /// A message of the stream; `with_bundle`: with the bundle (an agent keeps the last it was
-    /// sent when a message has none).
-    fn update(&self, revision: u64, identities: Vec<String>, all: bool, with_bundle: bool) -> proto::WatchUpdate {
-        proto::WatchUpdate {
-            bundle: with_bundle.then(|| wire::bundle_to_wire(&self.bundles.borrow())),
-            policy_revision: revision,
-            identities,
-            all,
-        }
+/// A message of a `Watch` stream, with `bundle` or without (the agent keeps the last it was sent).
+fn update(revision: u64, identities: Vec<String>, all: bool, bundle: Option<&Bundles>) -> proto::WatchUpdate {
+    proto::WatchUpdate {
+        bundle: bundle.map(wire::bundle_to_wire),
+        policy_revision: revision,
+        identities,
+        all,
     }
 }
 

@@ -137,4 +137,35 @@ async fn a_ca_withdrawn_between_a_streams_opening_and_its_first_message_ends_it(
         .expect_err("the certificate's CA is gone");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     assert!(state.next().await.is_none(), "the stream has ended");
+    assert_eq!(state.sessions.refusals().len(), 1, "the instance is listed as refused");
+}
+
+#[tokio::test]
+async fn an_instance_locked_between_a_streams_opening_and_its_first_message_hears_nothing() {
+    let issuer = issuer().await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let bot = issuer
+        .join(JoinRequest {
+            token: "t".into(),
+            public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
+            proof: JoinProof::Token,
+            ttl: Duration::from_secs(3600),
+            current: None,
+            address: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut state = watching(&issuer, bot.der.clone());
+    issuer
+        .set_lock(&bot.bot, &bot.instance, Some("a leaked key".into()))
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), state.next())
+        .await
+        .unwrap()
+        .expect("an answer")
+        .expect_err("the instance is locked");
+    assert!(refused.message().contains("a leaked key"), "{refused:?}");
+    assert!(state.next().await.is_none(), "the stream has ended");
+    assert_eq!(state.sessions.refusals().len(), 1);
 }
