@@ -54,6 +54,22 @@ async fn issuer() -> Arc<LocalIssuer> {
     )
 }
 
+/// A bot instance joined with the token `t`.
+async fn joined(issuer: &LocalIssuer) -> crate::issuer::BotCertificate {
+    let key = rcgen::KeyPair::generate().unwrap();
+    issuer
+        .join(JoinRequest {
+            token: "t".into(),
+            public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
+            proof: JoinProof::Token,
+            ttl: Duration::from_secs(3600),
+            current: None,
+            address: String::new(),
+        })
+        .await
+        .unwrap()
+}
+
 const PREPARE: ByHand = ByHand::Rotate {
     grace: Duration::from_secs(3600),
     force: false,
@@ -111,18 +127,7 @@ async fn an_edit_is_sent_without_the_bundle_unless_the_bundle_changed_since_last
 #[tokio::test]
 async fn a_ca_withdrawn_between_a_streams_opening_and_its_first_message_ends_it() {
     let issuer = issuer().await;
-    let key = rcgen::KeyPair::generate().unwrap();
-    let bot = issuer
-        .join(JoinRequest {
-            token: "t".into(),
-            public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
-            proof: JoinProof::Token,
-            ttl: Duration::from_secs(3600),
-            current: None,
-            address: String::new(),
-        })
-        .await
-        .unwrap();
+    let bot = joined(&issuer).await;
     // The stream is opened (its certificate checked) with the first CA in the bundle...
     let mut state = watching(&issuer, bot.der.clone());
     // ...which a forced retire withdraws before the first message.
@@ -143,18 +148,7 @@ async fn a_ca_withdrawn_between_a_streams_opening_and_its_first_message_ends_it(
 #[tokio::test]
 async fn an_instance_locked_between_a_streams_opening_and_its_first_message_hears_nothing() {
     let issuer = issuer().await;
-    let key = rcgen::KeyPair::generate().unwrap();
-    let bot = issuer
-        .join(JoinRequest {
-            token: "t".into(),
-            public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
-            proof: JoinProof::Token,
-            ttl: Duration::from_secs(3600),
-            current: None,
-            address: String::new(),
-        })
-        .await
-        .unwrap();
+    let bot = joined(&issuer).await;
     let mut state = watching(&issuer, bot.der.clone());
     issuer
         .set_lock(&bot.bot, &bot.instance, Some("a leaked key".into()))
