@@ -102,6 +102,7 @@ impl Store {
     }
 
     pub fn insert(&mut self, id: StreamId, val: Stream) -> Ptr<'_> {
+        reserve_lean(&mut self.slab);
         let index = SlabIndex(self.slab.insert(val) as u32);
         assert!(self.ids.insert(id, index).is_none());
 
@@ -464,12 +465,22 @@ impl<'a> OccupiedEntry<'a> {
     }
 }
 
+/// tbot patch (see TBOT-PATCH.md): a full slab of fewer than four streams grows by one slot, not to
+/// four (a `Vec`'s least capacity), so a connection that carries one long-lived stream holds one
+/// slot, not four (two once another call has shared it). Larger slabs grow as a `Vec` does.
+fn reserve_lean(slab: &mut slab::Slab<Stream>) {
+    if slab.len() == slab.capacity() && slab.len() < 4 {
+        slab.reserve_exact(1);
+    }
+}
+
 // ===== impl VacantEntry =====
 
 impl<'a> VacantEntry<'a> {
     pub fn insert(self, value: Stream) -> Key {
         // Insert the value in the slab
         let stream_id = value.id;
+        reserve_lean(self.slab);
         let index = SlabIndex(self.slab.insert(value) as u32);
 
         // Insert the handle in the ID map
