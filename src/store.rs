@@ -20,7 +20,8 @@
 //! ```
 //!
 //! `storage.type: memory` keeps the same names in memory: nothing survives a restart, and no lock is
-//! taken. The controller's records (`controller/`) are not kept there: they are for readers outside
+//! taken. The issuer's keys (`issuer/`) are not among them: its store engine (`kv::MemoryKv`)
+//! holds them itself. The controller's records (`controller/`) are not kept there: they are for readers outside
 //! the process, which a memory store has none of.
 
 use std::collections::BTreeMap;

@@ -13,7 +13,7 @@
 //! new log, and another thread writes the changed files from memory, many at a time with one
 //! `syncfs`, then removes the older logs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -88,12 +88,78 @@ impl Past {
     }
 }
 
+/// The keys, each found by the key its entry holds (a map keyed by a copy of it held every key
+/// twice: a key or more per bot instance).
+#[derive(Default)]
+struct Keys(BTreeSet<ByKey>);
+
+/// An entry, ordered and found by its key.
+struct ByKey(Arc<Entry>);
+
+impl std::borrow::Borrow<str> for ByKey {
+    fn borrow(&self) -> &str {
+        &self.0.key
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
+impl PartialOrd for ByKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.key.cmp(&other.0.key)
+    }
+}
+
+impl Keys {
+    fn get(&self, key: &str) -> Option<&Arc<Entry>> {
+        self.0.get(key).map(|k| &k.0)
+    }
+
+    fn contains_key(&self, key: &str) -> bool {
+        self.0.contains(key)
+    }
+
+    /// Puts the entry under its key, in place of what was there.
+    fn insert(&mut self, entry: Arc<Entry>) {
+        self.0.replace(ByKey(entry));
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Arc<Entry>> {
+        self.0.take(key).map(|k| k.0)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.0.iter().map(|k| &k.0)
+    }
+
+    /// The entries whose keys start with `prefix`, in key order.
+    fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Arc<Entry>> {
+        use std::ops::Bound;
+        self.0
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |k| k.0.key.starts_with(prefix))
+            .map(|k| &k.0)
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     revision: i64,
     /// Watches may start at this revision or later; the history before it is gone.
     compacted: i64,
-    keys: BTreeMap<String, Arc<Entry>>,
+    keys: Keys,
     /// Every event after `compacted`, oldest first.
     history: Vec<Past>,
     /// What `history` holds ([`Past::bytes`]).
@@ -144,7 +210,9 @@ impl MemoryKv {
 
     /// The `directory` backend: the keys under `scope` (such as `issuer/`) are the files of that
     /// name in `store`'s directory. Loads them now, with the log replayed over them (see the module
-    /// docs); keeps them from now on. On a memory [`Store`], writes its files at once instead.
+    /// docs); keeps them from now on. A memory [`Store`] is only read here: its keys then live in
+    /// this store alone (copying every write into it held each value twice, the issuance log's
+    /// among them, for no reader).
     pub fn directory(store: Store, scope: &str) -> Result<MemoryKv, StoreError> {
         let mut kv = MemoryKv::new();
         let mut names = Vec::new();
@@ -168,16 +236,13 @@ impl MemoryKv {
             for (name, value) in files {
                 inner.revision += 1;
                 let revision = inner.revision;
-                inner.keys.insert(
-                    name.clone(),
-                    Arc::new(Entry {
-                        key: name,
-                        value,
-                        create_revision: revision,
-                        mod_revision: revision,
-                        lease: 0,
-                    }),
-                );
+                inner.keys.insert(Arc::new(Entry {
+                    key: name,
+                    value,
+                    create_revision: revision,
+                    mod_revision: revision,
+                    lease: 0,
+                }));
             }
             // Nothing before this open can be replayed.
             inner.compacted = inner.revision + 1;
@@ -236,28 +301,17 @@ impl MemoryKv {
         });
     }
 
-    /// Writes the changed keys to a memory [`Store`] behind this one (before they count as
-    /// committed). A store on disk has a log instead.
-    fn write_through(&self, ops: &[Op]) -> Result<(), StoreError> {
-        let Some(disk) = &self.disk else {
-            return Ok(());
-        };
-        let store = disk.store.lock().expect("kv poisoned");
-        let Some(store) = store.as_ref() else {
-            return Err(self.closed());
-        };
-        for op in ops.iter().filter(|op| wal::on_disk(op, &disk.scope)) {
-            let (Op::Put { key, .. } | Op::Delete(key)) = op;
-            match wal::file_of(op) {
-                Some(value) => store.write(key, value, wal::secrecy(key))?,
-                None => store.remove(key)?,
-            }
-        }
-        Ok(())
-    }
-
     fn closed(&self) -> StoreError {
         StoreError::Closed { store: self.describe() }
+    }
+
+    /// A store over a [`Store`] (a memory one here: a directory's log refuses on its own) takes no
+    /// write once closed, as [`Kv::close`] says.
+    fn refuse_once_closed(&self) -> Result<(), StoreError> {
+        match &self.disk {
+            Some(disk) if disk.store.lock().map_or(true, |s| s.is_none()) => Err(self.closed()),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -297,13 +351,13 @@ impl Inner {
                 Op::Put { key, value, lease } => {
                     let create_revision = self.keys.get(&key).map_or(revision, |e| e.create_revision);
                     let entry = Arc::new(Entry {
-                        key: key.clone(),
+                        key,
                         value,
                         create_revision,
                         mod_revision: revision,
                         lease,
                     });
-                    self.keys.insert(key, entry.clone());
+                    self.keys.insert(entry.clone());
                     let past = Past::Put(entry);
                     self.history_bytes += past.bytes();
                     self.history.push(past);
@@ -324,7 +378,21 @@ impl Inner {
             return;
         }
         self.revision = revision;
-        let events: Vec<Event> = self.history[first..].iter().map(Past::event).collect();
+        // Each watcher gets the events under its prefix; a value is copied only for a watcher that
+        // wants it (the issuance log's keys, up to 512 KiB each, are watched by none).
+        let fresh = &self.history[first..];
+        self.watchers.retain(|w| {
+            let mine: Vec<Event> = fresh
+                .iter()
+                .filter(|p| p.key().starts_with(&w.prefix))
+                .map(Past::event)
+                .collect();
+            if mine.is_empty() {
+                return !w.tx.is_closed();
+            }
+            // A watcher that cannot keep up is dropped: its channel closes, and it lists again.
+            w.tx.try_send(Ok(mine)).is_ok()
+        });
         if self.history.len() > HISTORY || self.history_bytes > HISTORY_BYTES {
             // Keep the newest half of each bound, cut at a revision boundary: a revision's events
             // are kept whole or not at all.
@@ -340,18 +408,6 @@ impl Inner {
             self.history.drain(..cut);
             self.history_bytes = kept;
         }
-        self.watchers.retain(|w| {
-            let mine: Vec<Event> = events
-                .iter()
-                .filter(|e| e.key().starts_with(&w.prefix))
-                .cloned()
-                .collect();
-            if mine.is_empty() {
-                return !w.tx.is_closed();
-            }
-            // A watcher that cannot keep up is dropped: its channel closes, and it lists again.
-            w.tx.try_send(Ok(mine)).is_ok()
-        });
     }
 
     /// Drops expired leases and their keys.
@@ -426,12 +482,7 @@ impl Kv for MemoryKv {
     async fn list(&self, prefix: &str) -> Result<(Vec<Entry>, i64), StoreError> {
         let mut inner = self.lock()?;
         inner.expire();
-        let entries = inner
-            .keys
-            .range(prefix.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(_, e)| Entry::clone(e))
-            .collect();
+        let entries = inner.keys.under(prefix).map(|e| Entry::clone(e)).collect();
         Ok((entries, inner.revision))
     }
 
@@ -488,7 +539,7 @@ impl Kv for MemoryKv {
                 }
                 _ if !held => return Ok((false, inner.revision)),
                 _ => {
-                    self.write_through(&ops)?;
+                    self.refuse_once_closed()?;
                     inner.apply(ops);
                     return Ok((true, inner.revision));
                 }

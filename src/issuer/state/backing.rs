@@ -115,7 +115,10 @@ impl Backing {
     }
 }
 
-/// JSON as the store keeps it.
+/// JSON as the store keeps it: compact, and no larger than it is (a memory or directory store
+/// holds every value in memory, one per bot instance among them).
 pub fn json<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec_pretty(value).expect("state serializes")
+    let mut bytes = serde_json::to_vec(value).expect("state serializes");
+    bytes.shrink_to_fit();
+    bytes
 }

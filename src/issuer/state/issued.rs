@@ -115,10 +115,21 @@ pub struct IssuanceLog {
     /// One flush at a time.
     flushing: tokio::sync::Mutex<()>,
     /// When each certificate this process knows of expires, by serial (those in the store at its
-    /// start, and its own since): a revocation ends when what it names has expired.
-    expiries: Mutex<std::collections::HashMap<String, OffsetDateTime>>,
+    /// start, and its own since): a revocation ends when what it names has expired. Keyed by the
+    /// serial's value ([`serial_value`]): two or three entries per agent, no string each.
+    expiries: Mutex<std::collections::HashMap<u128, OffsetDateTime>>,
     /// The history kept and the size cap (see [`IssuanceLog::set_limits`]).
     limits: Mutex<(time::Duration, usize)>,
+}
+
+/// A certificate serial (hex) as a number: every serial tbot signs is 128 bits
+/// ([`crate::issuer::keys::ca::random_serial`]). Anything else (not hex, longer) is no certificate
+/// of this issuer, whose expiry it therefore does not know.
+fn serial_value(serial: &str) -> Option<u128> {
+    if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(serial, 16).ok()
 }
 
 /// Drops the oldest unwritten records past [`MAX_PENDING`], saying so.
@@ -165,8 +176,9 @@ impl IssuanceLog {
             for line in entry.value.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 if let Ok(r) = serde_json::from_slice::<Issued>(line)
                     && r.kind != IssuedKind::JwtSvid
+                    && let Some(serial) = serial_value(&r.serial)
                 {
-                    expiries.insert(r.serial, r.not_after);
+                    expiries.insert(serial, r.not_after);
                 }
             }
         }
@@ -197,11 +209,13 @@ impl IssuanceLog {
             not_after = %crate::rfc3339(issued.not_after),
             "issued"
         );
-        if issued.kind != IssuedKind::JwtSvid {
+        if issued.kind != IssuedKind::JwtSvid
+            && let Some(serial) = serial_value(&issued.serial)
+        {
             self.expiries
                 .lock()
                 .expect("issuance log poisoned")
-                .insert(issued.serial.clone(), issued.not_after);
+                .insert(serial, issued.not_after);
         }
         let mut pending = self.pending.lock().expect("issuance log poisoned");
         pending.push_back(issued);
@@ -213,12 +227,14 @@ impl IssuanceLog {
         self.keys.lock().expect("issuance log poisoned").values().sum()
     }
 
-    /// When the certificate with this serial (lower-case hex) expires, if this process knows it.
+    /// When the certificate with this serial (hex, either case, leading zeros or not) expires, if
+    /// this process knows it.
     pub fn expiry(&self, serial: &str) -> Option<OffsetDateTime> {
+        let serial = serial_value(serial)?;
         self.expiries
             .lock()
             .expect("issuance log poisoned")
-            .get(serial)
+            .get(&serial)
             .copied()
     }
 
@@ -248,6 +264,9 @@ impl IssuanceLog {
                 .max()
                 .unwrap_or(0);
             let key = format!("{}{written:013}-{last:010}-{}-{part}", self.prefix, self.writer);
+            // The store keeps the value as it is given: without the room it grew into (up to as
+            // much again), which a memory or directory store would hold until the key goes.
+            value.shrink_to_fit();
             let size = value.len();
             if let Err(e) = self.kv.txn(Vec::new(), vec![Op::put(&key, value)]).await {
                 // Kept for the next flush, before what came since: the store may be back by then.
@@ -359,6 +378,30 @@ mod tests {
             audience: Vec::new(),
             issued_at: OffsetDateTime::now_utc(),
             not_after,
+        }
+    }
+
+    /// The expiry of a certificate is found by its serial as a revocation spells it (lower- or
+    /// upper-case, with leading zeros) and as a record wrote it; what no serial of this issuer can
+    /// be is not found, at open or after, so a revocation of it stays.
+    #[tokio::test]
+    async fn an_expiry_is_found_by_the_serials_value_and_a_serial_no_issuer_made_has_none() {
+        let kv: SharedKv = std::sync::Arc::new(crate::kv::MemoryKv::new());
+        let log = IssuanceLog::open(kv.clone(), "example.org").await.unwrap();
+        let end = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let ours = "40a1b2c3d4e5f60718293a4b5c6d7e8f";
+        log.record(record(ours, "web", end));
+        log.record(record("4000000000000000000000000000000000", "web", end));
+        log.record(record("not hex", "web", end));
+        log.flush().await.unwrap();
+        for log in [&log, &IssuanceLog::open(kv, "example.org").await.unwrap()] {
+            assert_eq!(log.expiry(ours), Some(end));
+            assert_eq!(log.expiry(&ours.to_uppercase()), Some(end));
+            assert_eq!(log.expiry(&format!("00{ours}")), Some(end));
+            assert_eq!(log.expiry("40a1"), None);
+            assert_eq!(log.expiry("4000000000000000000000000000000000"), None, "over 128 bits");
+            assert_eq!(log.expiry("not hex"), None);
+            assert_eq!(log.expiry(""), None);
         }
     }
 

@@ -96,6 +96,25 @@ async fn a_closed_directory_store_refuses_writes_and_lets_go_of_the_directory() 
     assert_eq!(again.get("issuer/x/b.json").await.unwrap(), None);
 }
 
+/// `storage.type: memory`: the memory `Store` is read at open and holds no copy of what is
+/// written after; closed, the store refuses writes as a directory's does.
+#[tokio::test]
+async fn a_store_on_memory_keeps_its_keys_itself_and_refuses_writes_once_closed() {
+    let store = Store::memory();
+    store
+        .write("issuer/x/old.json", b"0", crate::store::Secrecy::Public)
+        .unwrap();
+    let kv = MemoryKv::directory(store.clone(), "issuer/").unwrap();
+    assert_eq!(kv.get("issuer/x/old.json").await.unwrap().unwrap().value, b"0");
+    kv.txn(vec![], vec![Op::put("issuer/x/a.json", "1")]).await.unwrap();
+    assert_eq!(kv.get("issuer/x/a.json").await.unwrap().unwrap().value, b"1");
+    assert_eq!(store.read("issuer/x/a.json").unwrap(), None, "no second copy");
+    kv.close();
+    let err = kv.txn(vec![], vec![Op::put("issuer/x/b.json", "2")]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Closed { .. }), "{err}");
+    assert_eq!(kv.get("issuer/x/b.json").await.unwrap(), None);
+}
+
 #[tokio::test]
 async fn a_key_that_names_no_file_inside_the_scope_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
