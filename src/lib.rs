@@ -61,8 +61,13 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Lower-case hex of the SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&sha256(bytes))
+}
+
+/// SHA-256.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest;
-    hex(&sha2::Sha256::digest(bytes))
+    sha2::Sha256::digest(bytes).into()
 }
 
 /// A time as RFC 3339 in whole seconds (`2026-12-04T18:00:56Z`): the one format tbot shows times in.

@@ -80,7 +80,7 @@ pub fn issuer_request_outcome(data: &[u8]) -> Option<tonic::Code> {
     // The TLS session of an agent that joined, as the server sees it.
     let peer = PeerInfo::new(
         "127.0.0.1:1".parse().expect("an address"),
-        Some(std::sync::Arc::new(cert.clone())),
+        Some(std::sync::Arc::from(cert.as_slice())),
     );
     fn request<T>(message: T, peer: &PeerInfo) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);

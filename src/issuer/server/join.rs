@@ -13,7 +13,7 @@ impl JoinService for IssuerApi {
         request: Request<Streaming<proto::JoinRequest>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
         let peer = peer(&request)?;
-        if let Err(e) = self.joins.take(&peer.address.ip().to_string()) {
+        if let Err(e) = self.joins.take(&peer.address.ip()) {
             self.refusals.refused(peer.address, &e);
             return Err(status(e));
         }

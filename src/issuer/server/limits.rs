@@ -38,10 +38,11 @@ pub const CALLS_PER_INSTANCE: Rate = Rate {
     per_second: 500.0,
 };
 
-/// Token buckets by key, in a bounded [`Table`] (a full bucket is the one forgotten).
-pub struct Buckets {
+/// Token buckets by key (a source address, a certificate's digest), in a bounded [`Table`] (a full
+/// bucket is the one forgotten).
+pub struct Buckets<K> {
     rate: Rate,
-    table: Mutex<Table<String, (f64, Instant)>>,
+    table: Mutex<Table<K, (f64, Instant)>>,
 }
 
 /// The most sources a table of limits holds.
@@ -106,8 +107,8 @@ impl<K: std::hash::Hash + Eq, V> Table<K, V> {
     }
 }
 
-impl Buckets {
-    pub fn new(what: &'static str, rate: Rate) -> Buckets {
+impl<K: std::hash::Hash + Eq + Clone + std::fmt::Display> Buckets<K> {
+    pub fn new(what: &'static str, rate: Rate) -> Buckets<K> {
         Buckets {
             rate,
             table: Mutex::new(Table::new(what, "are refused")),
@@ -115,11 +116,11 @@ impl Buckets {
     }
 
     /// Takes one token for `key`, or says which limit refused.
-    pub fn take(&self, key: &str) -> Result<(), IssuerError> {
+    pub fn take(&self, key: &K) -> Result<(), IssuerError> {
         self.take_at(key, Instant::now())
     }
 
-    fn take_at(&self, key: &str, now: Instant) -> Result<(), IssuerError> {
+    fn take_at(&self, key: &K, now: Instant) -> Result<(), IssuerError> {
         let mut table = self.table.lock().expect("buckets poisoned");
         let rate = self.rate;
         // A full bucket is what a new one would be: forgetting it changes nothing.
@@ -132,7 +133,7 @@ impl Buckets {
                 table.what
             )));
         }
-        let (tokens, at) = table.entries.entry(key.to_owned()).or_insert((self.rate.burst, now));
+        let (tokens, at) = table.entries.entry(key.clone()).or_insert((self.rate.burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate.per_second).min(self.rate.burst);
         *at = now;
         if *tokens < 1.0 {
@@ -236,18 +237,19 @@ mod tests {
 
     #[test]
     fn a_bucket_refuses_past_its_burst_and_names_the_limit() {
-        let b = Buckets::new(
+        let b: Buckets<String> = Buckets::new(
             "joins",
             Rate {
                 burst: 2.0,
                 per_second: 0.001,
             },
         );
-        b.take("10.0.0.1").unwrap();
-        b.take("10.0.0.1").unwrap();
-        let e = b.take("10.0.0.1").unwrap_err().to_string();
+        b.take(&"10.0.0.1".to_owned()).unwrap();
+        b.take(&"10.0.0.1".to_owned()).unwrap();
+        let e = b.take(&"10.0.0.1".to_owned()).unwrap_err().to_string();
         assert!(e.contains("at most 0.001 joins per second"), "{e}");
-        b.take("10.0.0.2").expect("another address has its own bucket");
+        b.take(&"10.0.0.2".to_owned())
+            .expect("another address has its own bucket");
     }
 
     /// A flood of sources fills the table: a new source is refused, naming the limit, instead of
@@ -255,22 +257,22 @@ mod tests {
     /// sources are served meanwhile; once the buckets have refilled, a new source is served again.
     #[test]
     fn a_flood_of_sources_is_bounded_and_costs_one_pass_per_interval() {
-        let b = Buckets::new("joins", JOINS_PER_ADDRESS);
+        let b: Buckets<String> = Buckets::new("joins", JOINS_PER_ADDRESS);
         let start = Instant::now();
         for i in 0..MAX_KEYS {
             b.take_at(&format!("k{i}"), start).unwrap();
         }
-        let e = b.take_at("new", start).unwrap_err().to_string();
+        let e = b.take_at(&"new".to_owned(), start).unwrap_err().to_string();
         assert!(e.contains("at most 100000 sources of joins at once"), "{e}");
         assert_eq!(b.table.lock().unwrap().turned_away, 1);
         assert_eq!(b.table.lock().unwrap().swept, Some(start));
         let soon = start + SWEEP_EVERY / 2;
-        assert!(b.take_at("new", soon).is_err());
+        assert!(b.take_at(&"new".to_owned(), soon).is_err());
         assert_eq!(b.table.lock().unwrap().swept, Some(start), "one pass per interval");
         assert_eq!(b.table.lock().unwrap().entries.len(), MAX_KEYS);
-        b.take_at("k7", soon).expect("a known source is served");
+        b.take_at(&"k7".to_owned(), soon).expect("a known source is served");
         // 200 at 50/s: every bucket is full again 20 ms after its take; the next pass forgets them.
-        b.take_at("new", start + SWEEP_EVERY).unwrap();
+        b.take_at(&"new".to_owned(), start + SWEEP_EVERY).unwrap();
         assert_eq!(b.table.lock().unwrap().entries.len(), 1);
     }
 

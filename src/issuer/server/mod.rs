@@ -11,8 +11,8 @@ mod sessions;
 pub mod tls;
 
 pub use join::token_join_request;
-use sessions::SessionGuard;
 pub use sessions::{AgentSession, Sessions, add_held};
+use sessions::{CertDigest, SessionGuard};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,8 +42,10 @@ const JOIN_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct IssuerApi {
     issuer: Arc<LocalIssuer>,
     sessions: Arc<Sessions>,
-    joins: Arc<Buckets>,
-    calls: Arc<Buckets>,
+    /// By source address.
+    joins: Arc<Buckets<std::net::IpAddr>>,
+    /// By bot certificate.
+    calls: Arc<Buckets<CertDigest>>,
     refusals: Arc<limits::RefusalLog>,
     /// Malformed requests of authenticated bots.
     malformed: Arc<limits::RefusalLog>,
@@ -97,16 +99,16 @@ fn status(e: IssuerError) -> Status {
 }
 
 impl IssuerApi {
-    /// The bot certificate of the caller's TLS session (and its SHA-256, hex), after the
+    /// The bot certificate of the caller's TLS session (and its SHA-256), after the
     /// per-certificate rate limit; the call counts as the certificate's last sign of life.
-    fn bot_certificate<T>(&self, request: &Request<T>) -> Result<(Arc<Vec<u8>>, PeerInfo, String), Status> {
+    fn bot_certificate<T>(&self, request: &Request<T>) -> Result<(Arc<[u8]>, PeerInfo, CertDigest), Status> {
         let peer = peer(request)?;
         let cert = peer.certificate().ok_or_else(|| {
             status(IssuerError::Unauthenticated(
                 "this call needs the bot's certificate as the TLS client certificate: join first".into(),
             ))
         })?;
-        let digest = crate::sha256_hex(&cert);
+        let digest = CertDigest::of(&cert);
         self.calls.take(&digest).map_err(status)?;
         self.sessions.seen(&digest);
         Ok((cert, peer, digest))
@@ -286,7 +288,7 @@ impl WorkloadIdentityService for IssuerApi {
             address: peer.address,
             generation: claims.generation,
             connected_at: OffsetDateTime::now_utc(),
-            certificate: digest.into(),
+            certificate: digest,
             ca,
             held: None,
         });
@@ -324,7 +326,7 @@ struct WatchState {
     locks: watch::Receiver<u64>,
     issuer: Arc<LocalIssuer>,
     /// The certificate the stream was opened with: when an instance is locked, it is checked again.
-    certificate: Arc<Vec<u8>>,
+    certificate: Arc<[u8]>,
     base: u64,
     /// The revision last sent (`None` before the first message).
     sent: Option<u64>,

@@ -8,6 +8,29 @@ use std::sync::{Arc, Mutex};
 
 use time::OffsetDateTime;
 
+/// The SHA-256 of a bot certificate (DER), shown in hex: how calls with one certificate are told
+/// apart (kept as its 32 bytes: one per connected agent in several tables).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CertDigest([u8; 32]);
+
+impl CertDigest {
+    pub fn of(der: &[u8]) -> CertDigest {
+        CertDigest(crate::sha256(der))
+    }
+}
+
+impl std::fmt::Display for CertDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::hex(&self.0))
+    }
+}
+
+impl std::fmt::Debug for CertDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 /// An agent with an open `Watch` stream.
 #[derive(Debug, Clone)]
 pub struct AgentSession {
@@ -16,8 +39,8 @@ pub struct AgentSession {
     pub address: SocketAddr,
     pub generation: u64,
     pub connected_at: OffsetDateTime,
-    /// SHA-256 (hex) of the certificate the stream was opened with: calls with it count as seen.
-    pub(super) certificate: Arc<str>,
+    /// SHA-256 of the certificate the stream was opened with: calls with it count as seen.
+    pub(super) certificate: CertDigest,
     /// The id of the CA that signed that certificate.
     pub ca: u32,
     /// What the agent last reported holding, by signing key (`None`: nothing reported on this
@@ -46,17 +69,19 @@ pub struct Sessions {
     connected: crate::telemetry::Gauge,
     next: AtomicU64,
     open: Mutex<Open>,
-    last_seen: Mutex<HashMap<String, OffsetDateTime>>,
+    last_seen: Mutex<HashMap<CertDigest, OffsetDateTime>>,
     /// By `bot/instance`.
     refused: Mutex<BTreeMap<String, Refusal>>,
 }
 
 /// The open sessions by id (the order they opened in), and the ids by certificate digest: a
-/// `Report` finds its sessions without reading every agent's.
+/// `Report` finds its sessions without reading every agent's. Each session is boxed: ids only grow,
+/// so the B-tree's nodes stay about half full, and a node holding sessions inline cost twice their
+/// size.
 #[derive(Default)]
 struct Open {
-    by_id: BTreeMap<u64, AgentSession>,
-    by_certificate: HashMap<Arc<str>, Vec<u64>>,
+    by_id: BTreeMap<u64, Box<AgentSession>>,
+    by_certificate: HashMap<CertDigest, Vec<u64>>,
 }
 
 impl Sessions {
@@ -76,7 +101,12 @@ impl Sessions {
             .expect("sessions poisoned")
             .by_id
             .values()
-            .map(|s| (s.clone(), seen.get(&*s.certificate).copied().unwrap_or(s.connected_at)))
+            .map(|s| {
+                (
+                    AgentSession::clone(s),
+                    seen.get(&s.certificate).copied().unwrap_or(s.connected_at),
+                )
+            })
             .collect()
     }
 
@@ -91,7 +121,7 @@ impl Sessions {
 
     /// Keeps what the agent with `certificate` (its digest) reports holding, with its open streams.
     /// Only a report newer than the one kept replaces it (reports and their resends may cross).
-    pub(super) fn hold(&self, certificate: &str, held: crate::issuer::Holdings) {
+    pub(super) fn hold(&self, certificate: &CertDigest, held: crate::issuer::Holdings) {
         let mut open = self.open.lock().expect("sessions poisoned");
         let Open { by_id, by_certificate } = &mut *open;
         for id in by_certificate.get(certificate).into_iter().flatten() {
@@ -149,7 +179,7 @@ impl Sessions {
             .expect("sessions poisoned")
             .by_id
             .get(&guard.id)
-            .cloned()
+            .map(|s| AgentSession::clone(s))
         else {
             return;
         };
@@ -173,17 +203,17 @@ impl Sessions {
         );
     }
 
-    pub(super) fn seen(&self, certificate: &str) {
+    pub(super) fn seen(&self, certificate: &CertDigest) {
         let mut seen = self.last_seen.lock().expect("sessions poisoned");
         // Renewed certificates leave their digests behind: keep only those of open streams.
         if seen.len() > 100_000 {
             let open = self.open.lock().expect("sessions poisoned");
-            seen.retain(|digest, _| open.by_certificate.contains_key(digest.as_str()));
+            seen.retain(|digest, _| open.by_certificate.contains_key(digest));
         }
         match seen.get_mut(certificate) {
             Some(at) => *at = OffsetDateTime::now_utc(),
             None => {
-                seen.insert(certificate.to_owned(), OffsetDateTime::now_utc());
+                seen.insert(*certificate, OffsetDateTime::now_utc());
             }
         }
     }
@@ -198,11 +228,12 @@ impl Sessions {
         }
         {
             let mut open = self.open.lock().expect("sessions poisoned");
+            // Most certificates have one stream: room for one id.
             open.by_certificate
-                .entry(session.certificate.clone())
-                .or_default()
+                .entry(session.certificate)
+                .or_insert_with(|| Vec::with_capacity(1))
                 .push(id);
-            open.by_id.insert(id, session);
+            open.by_id.insert(id, Box::new(session));
         }
         self.connected.inc();
         SessionGuard {
@@ -259,14 +290,14 @@ impl Drop for SessionGuard {
 mod tests {
     use super::*;
 
-    fn session(instance: &str, certificate: &str) -> AgentSession {
+    fn session(instance: &str, certificate: &[u8]) -> AgentSession {
         AgentSession {
             bot: "web".into(),
             instance: instance.into(),
             address: "127.0.0.1:1".parse().unwrap(),
             generation: 1,
             connected_at: OffsetDateTime::now_utc(),
-            certificate: certificate.into(),
+            certificate: CertDigest::of(certificate),
             ca: 1,
             held: None,
         }
@@ -291,25 +322,28 @@ mod tests {
     #[test]
     fn a_report_reaches_every_stream_of_its_certificate_and_no_other() {
         let sessions = Arc::new(Sessions::default());
-        let first = sessions.open(session("a", "aa"));
-        let _second = sessions.open(session("a", "aa"));
-        let _other = sessions.open(session("b", "bb"));
-        sessions.hold("aa", held(2));
+        let first = sessions.open(session("a", b"aa"));
+        let _second = sessions.open(session("a", b"aa"));
+        let _other = sessions.open(session("b", b"bb"));
+        sessions.hold(&CertDigest::of(b"aa"), held(2));
         assert_eq!(
             sequences(&sessions),
             [("a".into(), Some(2)), ("a".into(), Some(2)), ("b".into(), None)]
         );
         // An older report that arrives late is not kept.
-        sessions.hold("aa", held(1));
+        sessions.hold(&CertDigest::of(b"aa"), held(1));
         assert_eq!(sequences(&sessions)[0].1, Some(2));
 
         // A closed stream leaves the index; the other stream of the certificate still hears.
         drop(first);
-        sessions.hold("aa", held(3));
+        sessions.hold(&CertDigest::of(b"aa"), held(3));
         assert_eq!(sequences(&sessions), [("a".into(), Some(3)), ("b".into(), None)]);
         drop(_second);
         let open = sessions.open.lock().unwrap();
-        assert!(!open.by_certificate.contains_key("aa"), "an empty entry is removed");
+        assert!(
+            !open.by_certificate.contains_key(&CertDigest::of(b"aa")),
+            "an empty entry is removed"
+        );
         assert_eq!(open.by_certificate.len(), 1);
     }
 }

@@ -13,7 +13,7 @@ fn watching(issuer: &Arc<LocalIssuer>, certificate: Vec<u8>) -> WatchState {
         address: "127.0.0.1:1".parse().unwrap(),
         generation: 1,
         connected_at: OffsetDateTime::now_utc(),
-        certificate: "c".into(),
+        certificate: CertDigest::of(&certificate),
         ca: 1,
         held: None,
     });
@@ -22,7 +22,7 @@ fn watching(issuer: &Arc<LocalIssuer>, certificate: Vec<u8>) -> WatchState {
         events: issuer.policy_events(),
         locks: issuer.locks(),
         issuer: issuer.clone(),
-        certificate: Arc::new(certificate),
+        certificate: Arc::from(certificate),
         base: 0,
         sent: None,
         seen_revision: 0,

@@ -101,14 +101,14 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig, Iss
 pub struct PeerInfo {
     pub address: SocketAddr,
     /// The client certificate (DER), when one was presented in the handshake.
-    presented: Option<Arc<Vec<u8>>>,
+    presented: Option<Arc<[u8]>>,
     /// A connection that presented none takes the bot certificate of its first join as if it had
     /// (see [`PeerInfo::bind`]); shared by every call on the connection.
-    joined: Arc<OnceLock<Arc<Vec<u8>>>>,
+    joined: Arc<OnceLock<Arc<[u8]>>>,
 }
 
 impl PeerInfo {
-    pub fn new(address: SocketAddr, presented: Option<Arc<Vec<u8>>>) -> PeerInfo {
+    pub fn new(address: SocketAddr, presented: Option<Arc<[u8]>>) -> PeerInfo {
         PeerInfo {
             address,
             presented,
@@ -118,7 +118,7 @@ impl PeerInfo {
 
     /// The bot certificate this connection authenticates as: the TLS client certificate, or the
     /// one its join was answered with.
-    pub fn certificate(&self) -> Option<Arc<Vec<u8>>> {
+    pub fn certificate(&self) -> Option<Arc<[u8]>> {
         self.presented.clone().or_else(|| self.joined.get().cloned())
     }
 
@@ -131,7 +131,7 @@ impl PeerInfo {
     /// not call this. Returns whether the connection took it (the answer says so, and the agent
     /// keeps the connection only then); a connection keeps the first certificate it had, for good.
     pub fn bind(&self, certificate: &[u8]) -> bool {
-        self.presented.is_none() && self.joined.set(Arc::new(certificate.to_vec())).is_ok()
+        self.presented.is_none() && self.joined.set(Arc::from(certificate)).is_ok()
     }
 }
 
@@ -240,7 +240,7 @@ pub fn incoming(
                             .1
                             .peer_certificates()
                             .and_then(|c| c.first())
-                            .map(|c| Arc::new(c.to_vec()));
+                            .map(|c| Arc::from(c.as_ref()));
                         let _ = tx
                             .send(Ok(TlsConn {
                                 io,
