@@ -29,7 +29,15 @@ const PRIVATE_ROOMS: &[(&str, &[&str])] = &[
 ];
 
 /// What `src/lib.rs` defines itself, reached as `crate::<name>`.
-const ROOT_ITEMS: &[&str] = &["hex", "sha256_hex", "sha256", "failpoint", "error_chain", "rfc3339", "VERSION"];
+const ROOT_ITEMS: &[&str] = &[
+    "hex",
+    "sha256_hex",
+    "sha256",
+    "failpoint",
+    "error_chain",
+    "rfc3339",
+    "VERSION",
+];
 
 fn floor(module: &str) -> Option<usize> {
     let module = if ROOT_ITEMS.contains(&module) { "root" } else { module };
