@@ -69,19 +69,45 @@ pub struct Sessions {
     connected: crate::telemetry::Gauge,
     next: AtomicU64,
     open: Mutex<Open>,
-    last_seen: Mutex<HashMap<CertDigest, OffsetDateTime>>,
     /// By `bot/instance`.
     refused: Mutex<BTreeMap<String, Refusal>>,
 }
 
-/// The open sessions by id (the order they opened in), and the ids by certificate digest: a
-/// `Report` finds its sessions without reading every agent's. Each session is boxed: ids only grow,
-/// so the B-tree's nodes stay about half full, and a node holding sessions inline cost twice their
-/// size.
+/// The open sessions by id (the order they opened in), and by certificate digest their ids and
+/// when the certificate last called: a `Report` finds its sessions without reading every agent's.
+/// Each session is boxed: ids only grow, so the B-tree's nodes stay about half full, and a node
+/// holding sessions inline cost twice their size.
 #[derive(Default)]
 struct Open {
     by_id: BTreeMap<u64, Box<AgentSession>>,
-    by_certificate: HashMap<CertDigest, Vec<u64>>,
+    by_certificate: HashMap<CertDigest, Streams>,
+}
+
+/// The open streams of one certificate (most have one, which takes no allocation), and when a call
+/// last came with it. A certificate with no open stream is not kept: only sessions are listed.
+struct Streams {
+    first: u64,
+    more: Vec<u64>,
+    seen: OffsetDateTime,
+}
+
+impl Streams {
+    fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.first).chain(self.more.iter().copied())
+    }
+
+    /// Forgets stream `id`; whether none is left.
+    fn close(&mut self, id: u64) -> bool {
+        if self.first != id {
+            self.more.retain(|other| *other != id);
+            return false;
+        }
+        if self.more.is_empty() {
+            return true;
+        }
+        self.first = self.more.remove(0);
+        false
+    }
 }
 
 impl Sessions {
@@ -95,17 +121,15 @@ impl Sessions {
 
     /// Every connected agent with when it last called, oldest connection first.
     pub fn list(&self) -> Vec<(AgentSession, OffsetDateTime)> {
-        let seen = self.last_seen.lock().expect("sessions poisoned");
-        self.open
-            .lock()
-            .expect("sessions poisoned")
-            .by_id
+        let open = self.open.lock().expect("sessions poisoned");
+        open.by_id
             .values()
             .map(|s| {
-                (
-                    AgentSession::clone(s),
-                    seen.get(&s.certificate).copied().unwrap_or(s.connected_at),
-                )
+                let seen = open
+                    .by_certificate
+                    .get(&s.certificate)
+                    .map_or(s.connected_at, |c| c.seen);
+                (AgentSession::clone(s), seen)
             })
             .collect()
     }
@@ -124,8 +148,8 @@ impl Sessions {
     pub(super) fn hold(&self, certificate: &CertDigest, held: crate::issuer::Holdings) {
         let mut open = self.open.lock().expect("sessions poisoned");
         let Open { by_id, by_certificate } = &mut *open;
-        for id in by_certificate.get(certificate).into_iter().flatten() {
-            if let Some(session) = by_id.get_mut(id)
+        for id in by_certificate.get(certificate).into_iter().flat_map(Streams::ids) {
+            if let Some(session) = by_id.get_mut(&id)
                 && session.held.as_ref().is_none_or(|h| h.sequence <= held.sequence)
             {
                 session.held = Some(held.clone());
@@ -203,18 +227,11 @@ impl Sessions {
         );
     }
 
+    /// A call came with `certificate`: its open streams' agent was seen now.
     pub(super) fn seen(&self, certificate: &CertDigest) {
-        let mut seen = self.last_seen.lock().expect("sessions poisoned");
-        // Renewed certificates leave their digests behind: keep only those of open streams.
-        if seen.len() > 100_000 {
-            let open = self.open.lock().expect("sessions poisoned");
-            seen.retain(|digest, _| open.by_certificate.contains_key(digest));
-        }
-        match seen.get_mut(certificate) {
-            Some(at) => *at = OffsetDateTime::now_utc(),
-            None => {
-                seen.insert(*certificate, OffsetDateTime::now_utc());
-            }
+        let mut open = self.open.lock().expect("sessions poisoned");
+        if let Some(streams) = open.by_certificate.get_mut(certificate) {
+            streams.seen = OffsetDateTime::now_utc();
         }
     }
 
@@ -228,11 +245,21 @@ impl Sessions {
         }
         {
             let mut open = self.open.lock().expect("sessions poisoned");
-            // Most certificates have one stream: room for one id.
-            open.by_certificate
-                .entry(session.certificate)
-                .or_insert_with(|| Vec::with_capacity(1))
-                .push(id);
+            let now = OffsetDateTime::now_utc();
+            match open.by_certificate.entry(session.certificate) {
+                std::collections::hash_map::Entry::Occupied(mut streams) => {
+                    let streams = streams.get_mut();
+                    streams.more.push(id);
+                    streams.seen = now;
+                }
+                std::collections::hash_map::Entry::Vacant(vacant) => {
+                    vacant.insert(Streams {
+                        first: id,
+                        more: Vec::new(),
+                        seen: now,
+                    });
+                }
+            }
             open.by_id.insert(id, Box::new(session));
         }
         self.connected.inc();
@@ -274,12 +301,12 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         let mut open = self.sessions.open.lock().expect("sessions poisoned");
         if let Some(session) = open.by_id.remove(&self.id)
-            && let Some(ids) = open.by_certificate.get_mut(&session.certificate)
+            && open
+                .by_certificate
+                .get_mut(&session.certificate)
+                .is_some_and(|streams| streams.close(self.id))
         {
-            ids.retain(|id| *id != self.id);
-            if ids.is_empty() {
-                open.by_certificate.remove(&session.certificate);
-            }
+            open.by_certificate.remove(&session.certificate);
         }
         drop(open);
         self.sessions.connected.dec();
@@ -345,5 +372,34 @@ mod tests {
             "an empty entry is removed"
         );
         assert_eq!(open.by_certificate.len(), 1);
+    }
+
+    /// A call with a certificate is when its streams' agent was last seen; a certificate with no
+    /// open stream is not kept, and a closed stream leaves the others of its certificate.
+    #[test]
+    fn a_call_is_seen_on_the_streams_of_its_certificate_only() {
+        let sessions = Arc::new(Sessions::default());
+        let first = sessions.open(session("a", b"aa"));
+        let second = sessions.open(session("a", b"aa"));
+        let _other = sessions.open(session("b", b"bb"));
+        let before = sessions.list();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        sessions.seen(&CertDigest::of(b"aa"));
+        sessions.seen(&CertDigest::of(b"never opened"));
+        let after = sessions.list();
+        assert!(
+            after[0].1 > before[0].1 && after[1].1 > before[1].1,
+            "both streams of `aa` seen"
+        );
+        assert_eq!(after[2].1, before[2].1, "`bb` not seen");
+        assert_eq!(
+            sessions.open.lock().unwrap().by_certificate.len(),
+            2,
+            "no entry for a certificate without a stream"
+        );
+        drop(first);
+        assert_eq!(sessions.list()[0].1, after[1].1, "the second stream keeps the time");
+        drop(second);
+        assert_eq!(sessions.list().len(), 1);
     }
 }
