@@ -13,7 +13,7 @@
 //! new log, and another thread writes the changed files from memory, many at a time with one
 //! `syncfs`, then removes the older logs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -22,8 +22,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 mod journal;
+mod keys;
 
 use journal::{Journal, Waiting, start_writers};
+use keys::Keys;
 
 use super::wal::{self, Log};
 use super::{Condition, Entry, Event, Kv, Op, WatchItem};
@@ -85,72 +87,6 @@ impl Past {
                 mod_revision: *mod_revision,
             },
         }
-    }
-}
-
-/// The keys, each found by the key its entry holds (a map keyed by a copy of it held every key
-/// twice: a key or more per bot instance).
-#[derive(Default)]
-struct Keys(BTreeSet<ByKey>);
-
-/// An entry, ordered and found by its key.
-struct ByKey(Arc<Entry>);
-
-impl std::borrow::Borrow<str> for ByKey {
-    fn borrow(&self) -> &str {
-        &self.0.key
-    }
-}
-
-impl PartialEq for ByKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.key == other.0.key
-    }
-}
-
-impl Eq for ByKey {}
-
-impl PartialOrd for ByKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.key.cmp(&other.0.key)
-    }
-}
-
-impl Keys {
-    fn get(&self, key: &str) -> Option<&Arc<Entry>> {
-        self.0.get(key).map(|k| &k.0)
-    }
-
-    fn contains_key(&self, key: &str) -> bool {
-        self.0.contains(key)
-    }
-
-    /// Puts the entry under its key, in place of what was there.
-    fn insert(&mut self, entry: Arc<Entry>) {
-        self.0.replace(ByKey(entry));
-    }
-
-    fn remove(&mut self, key: &str) -> Option<Arc<Entry>> {
-        self.0.take(key).map(|k| k.0)
-    }
-
-    fn values(&self) -> impl Iterator<Item = &Arc<Entry>> {
-        self.0.iter().map(|k| &k.0)
-    }
-
-    /// The entries whose keys start with `prefix`, in key order.
-    fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Arc<Entry>> {
-        use std::ops::Bound;
-        self.0
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(move |k| k.0.key.starts_with(prefix))
-            .map(|k| &k.0)
     }
 }
 
