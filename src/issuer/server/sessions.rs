@@ -346,12 +346,21 @@ mod tests {
             .collect()
     }
 
+    /// Sessions with two streams of instance `a` (certificate `aa`) and one of `b` (`bb`), in
+    /// that order.
+    fn two_of_aa_and_one_of_bb() -> (Arc<Sessions>, [SessionGuard; 3]) {
+        let sessions = Arc::new(Sessions::default());
+        let guards = [
+            sessions.open(session("a", b"aa")),
+            sessions.open(session("a", b"aa")),
+            sessions.open(session("b", b"bb")),
+        ];
+        (sessions, guards)
+    }
+
     #[test]
     fn a_report_reaches_every_stream_of_its_certificate_and_no_other() {
-        let sessions = Arc::new(Sessions::default());
-        let first = sessions.open(session("a", b"aa"));
-        let _second = sessions.open(session("a", b"aa"));
-        let _other = sessions.open(session("b", b"bb"));
+        let (sessions, [first, _second, _other]) = two_of_aa_and_one_of_bb();
         sessions.hold(&CertDigest::of(b"aa"), held(2));
         assert_eq!(
             sequences(&sessions),
@@ -378,10 +387,7 @@ mod tests {
     /// open stream is not kept, and a closed stream leaves the others of its certificate.
     #[test]
     fn a_call_is_seen_on_the_streams_of_its_certificate_only() {
-        let sessions = Arc::new(Sessions::default());
-        let first = sessions.open(session("a", b"aa"));
-        let second = sessions.open(session("a", b"aa"));
-        let _other = sessions.open(session("b", b"bb"));
+        let (sessions, [first, second, _other]) = two_of_aa_and_one_of_bb();
         let before = sessions.list();
         std::thread::sleep(std::time::Duration::from_millis(5));
         sessions.seen(&CertDigest::of(b"aa"));
