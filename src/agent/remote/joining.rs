@@ -25,9 +25,10 @@ pub(super) struct PendingJoin {
     started: std::time::Instant,
 }
 
-/// A join stream: what to send, what comes back, and the epoch of the channel it is on.
+/// A join stream: what to send (if more is to be sent), what comes back, and the epoch of the
+/// channel it is on.
 pub(super) type JoinStream = (
-    mpsc::Sender<proto::JoinRequest>,
+    Option<mpsc::Sender<proto::JoinRequest>>,
     tonic::Streaming<proto::JoinResponse>,
     u64,
 );
@@ -42,7 +43,8 @@ impl RemoteIssuer {
                 ..Default::default()
             })),
         };
-        let (tx, mut responses, epoch) = self.open_join(init).await?;
+        let (tx, mut responses, epoch) = self.open_join(init, true).await?;
+        let tx = tx.expect("an `iam` join stream stays open");
         let message = responses
             .message()
             .await
@@ -80,9 +82,10 @@ impl RemoteIssuer {
                         ttl_seconds: wire::seconds(request.ttl),
                     })),
                 };
-                // `init` is all a `token` join sends; the sender is kept until the answer only so
-                // that the request stream ends with the call.
-                let (_tx, mut responses, epoch) = self.open_join(init).await?;
+                // `init` is all a `token` join sends: the request stream ends with it, so that
+                // the call closes with the answer, and neither side resets the stream.
+                let (tx, mut responses, epoch) = self.open_join(init, false).await?;
+                debug_assert!(tx.is_none());
                 self.join_result(&mut responses, epoch).await
             }
             JoinProof::Iam {
@@ -122,10 +125,12 @@ impl RemoteIssuer {
     }
 
     /// A join stream that starts with `first` (queued before the call, so that it goes out with
-    /// the request's headers), and the epoch of the channel it is on.
-    async fn open_join(&self, first: proto::JoinRequest) -> Result<JoinStream, IssuerError> {
+    /// the request's headers), and the epoch of the channel it is on. Unless `more` is to be
+    /// sent, the request stream ends with `first`, and no sender is returned.
+    async fn open_join(&self, first: proto::JoinRequest, more: bool) -> Result<JoinStream, IssuerError> {
         let (tx, rx) = mpsc::channel(2);
         tx.try_send(first).expect("a new channel has room");
+        let tx = more.then_some(tx);
         let (epoch, channel) = self.channel_at()?;
         let mut client = JoinServiceClient::new(channel);
         let responses = client

@@ -46,7 +46,9 @@ impl JoinService for IssuerApi {
         });
         // The response starts with its first message (a `token` join's answer, an `iam` join's
         // challenge), so that the headers, the message and, for a `token` join, the end of the
-        // stream go out together; a refusal is the call's status.
+        // stream go out together; a refusal is the call's status. A certificate is always the
+        // join's last message: the stream then ends with it, without waiting for the join task to
+        // let go of its sender (which would put the end of the stream in a write of its own).
         let first = match rx.recv().await {
             Some(Ok(first)) => first,
             Some(Err(refused)) => return Err(refused),
@@ -56,10 +58,12 @@ impl JoinService for IssuerApi {
                 ));
             }
         };
-        let rest = ReceiverStream::new(rx);
-        Ok(Response::new(Box::pin(
-            futures_util::stream::once(std::future::ready(Ok(first))).chain(rest),
-        )))
+        let last = matches!(first.response, Some(proto::join_response::Response::Result(_)));
+        let first = futures_util::stream::once(std::future::ready(Ok(first)));
+        if last {
+            return Ok(Response::new(Box::pin(first)));
+        }
+        Ok(Response::new(Box::pin(first.chain(ReceiverStream::new(rx)))))
     }
 }
 

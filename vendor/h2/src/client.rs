@@ -148,7 +148,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
 /// Initializes new HTTP/2 streams on a connection by sending a request.
@@ -1313,19 +1313,13 @@ where
 
 // ===== impl Connection =====
 
-async fn bind_connection<T>(io: &mut T) -> Result<(), crate::Error>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    tracing::debug!("binding client connection");
-
-    let msg: &'static [u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    io.write_all(msg).await.map_err(crate::Error::from_io)?;
-
-    tracing::debug!("client connection bound");
-
-    Ok(())
-}
+/// The client connection preface.
+///
+/// tbot patch (see TBOT-PATCH.md): upstream writes it to the socket on its own, before the
+/// SETTINGS frame; here it is buffered in the codec ahead of that frame, so that the preface, the
+/// SETTINGS, the connection's WINDOW_UPDATE and the first request go out in one write (one TLS
+/// record and one TCP segment instead of two or three).
+const CLIENT_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<T, B> Connection<T, B>
 where
@@ -1333,13 +1327,13 @@ where
     B: Buf,
 {
     async fn handshake2(
-        mut io: T,
+        io: T,
         builder: Builder,
     ) -> Result<(SendRequest<B>, Connection<T, B>), crate::Error> {
-        bind_connection(&mut io).await?;
-
         // Create the codec
         let mut codec = Codec::new(io);
+        tracing::debug!("binding client connection");
+        codec.buffer_preface(CLIENT_PREFACE);
 
         if let Some(max) = builder.settings.max_frame_size() {
             codec.set_max_recv_frame_size(max as usize);

@@ -312,17 +312,11 @@ impl<B: Buf + fmt::Debug> fmt::Debug for SendPushedResponse<B> {
 
 /// Stages of an in-progress handshake.
 enum Handshaking<T, B: Buf> {
-    /// State 1. Connection is flushing pending SETTINGS frame.
-    Flushing(Instrumented<Flush<T, Prioritized<B>>>),
-    /// State 2. Connection is waiting for the client preface.
+    /// State 1 (tbot patch: the upstream state that flushed the SETTINGS frame before reading the
+    /// preface is gone, see `ReadPreface`). Connection is waiting for the client preface.
     ReadingPreface(Instrumented<ReadPreface<T, Prioritized<B>>>),
     /// State 3. Handshake is done, polling again would panic.
     Done,
-}
-
-/// Flush a Sink
-struct Flush<T, B> {
-    codec: Option<Codec<T, B>>,
 }
 
 /// Read the client connection preface
@@ -402,8 +396,14 @@ where
             .expect("invalid SETTINGS frame");
 
         // Create the handshake future.
-        let state =
-            Handshaking::Flushing(Flush::new(codec).instrument(tracing::trace_span!("flush")));
+        //
+        // tbot patch (see TBOT-PATCH.md): the SETTINGS frame stays buffered while the preface is
+        // read, and is flushed only if the read has to wait. A client sends its preface without
+        // waiting for the server's, so it usually arrives with the TLS handshake's last flight:
+        // the SETTINGS then go out with the SETTINGS ACK and the first response, in one write.
+        let state = Handshaking::ReadingPreface(
+            ReadPreface::new(codec).instrument(tracing::trace_span!("read_preface")),
+        );
 
         drop(entered);
 
@@ -1407,30 +1407,6 @@ impl<B: Buf> SendPushedResponse<B> {
     }
 }
 
-// ===== impl Flush =====
-
-impl<T, B: Buf> Flush<T, B> {
-    fn new(codec: Codec<T, B>) -> Self {
-        Flush { codec: Some(codec) }
-    }
-}
-
-impl<T, B> Future for Flush<T, B>
-where
-    T: AsyncWrite + Unpin,
-    B: Buf,
-{
-    type Output = Result<Codec<T, B>, crate::Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // Flush the codec
-        ready!(self.codec.as_mut().unwrap().flush(cx)).map_err(crate::Error::from_io)?;
-
-        // Return the codec
-        Poll::Ready(Ok(self.codec.take().unwrap()))
-    }
-}
-
 impl<T, B: Buf> ReadPreface<T, B> {
     fn new(codec: Codec<T, B>) -> Self {
         ReadPreface {
@@ -1446,7 +1422,7 @@ impl<T, B: Buf> ReadPreface<T, B> {
 
 impl<T, B> Future for ReadPreface<T, B>
 where
-    T: AsyncRead + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
     B: Buf,
 {
     type Output = Result<Codec<T, B>, crate::Error>;
@@ -1457,8 +1433,15 @@ where
 
         while rem > 0 {
             let mut buf = ReadBuf::new(&mut buf[..rem]);
-            ready!(Pin::new(self.inner_mut()).poll_read(cx, &mut buf))
-                .map_err(crate::Error::from_io)?;
+            if Pin::new(self.inner_mut())
+                .poll_read(cx, &mut buf)
+                .map_err(crate::Error::from_io)?
+                .is_pending()
+            {
+                // tbot patch: the preface is not here yet, so the buffered SETTINGS go out now.
+                ready!(self.codec.as_mut().unwrap().flush(cx)).map_err(crate::Error::from_io)?;
+                return Poll::Pending;
+            }
             let n = buf.filled().len();
             if n == 0 {
                 return Poll::Ready(Err(crate::Error::from_io(io::Error::new(
@@ -1497,24 +1480,6 @@ where
 
         loop {
             match &mut self.state {
-                Handshaking::Flushing(flush) => {
-                    // We're currently flushing a pending SETTINGS frame. Poll the
-                    // flush future, and, if it's completed, advance our state to wait
-                    // for the client preface.
-                    let codec = match Pin::new(flush).poll(cx)? {
-                        Poll::Pending => {
-                            tracing::trace!(flush.poll = %"Pending");
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(flushed) => {
-                            tracing::trace!(flush.poll = %"Ready");
-                            flushed
-                        }
-                    };
-                    self.state = Handshaking::ReadingPreface(
-                        ReadPreface::new(codec).instrument(tracing::trace_span!("read_preface")),
-                    );
-                }
                 Handshaking::ReadingPreface(read) => {
                     let codec = ready!(Pin::new(read).poll(cx)?);
 
@@ -1786,7 +1751,6 @@ where
     #[inline]
     fn fmt(&self, f: &mut fmt::Formatter) -> Result<(), fmt::Error> {
         match *self {
-            Handshaking::Flushing(_) => f.write_str("Flushing(_)"),
             Handshaking::ReadingPreface(_) => f.write_str("ReadingPreface(_)"),
             Handshaking::Done => f.write_str("Done"),
         }

@@ -49,9 +49,6 @@ struct Encoder<B> {
 
     /// Chain payloads bigger than this.
     chain_threshold: usize,
-
-    /// Min buffer required to attempt to write a frame
-    min_buffer_capacity: usize,
 }
 
 #[derive(Debug)]
@@ -71,12 +68,22 @@ const DEFAULT_BUFFER_CAPACITY: usize = 2 * 1_024;
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
 /// the max frame size can't be less than 16kb, so not even close).
-const CHAIN_THRESHOLD: usize = 256;
+///
+/// tbot patch (see TBOT-PATCH.md): 16 KiB instead of 256 bytes, with or without vectored I/O. A
+/// chained payload takes the codec's one `next` slot, so nothing more is buffered until it is
+/// written: a response's trailers (and a reset) went out in a write of their own after its
+/// DATA. A copied payload leaves room for them. Here a frame's bytes are copied again anyway
+/// (TLS encrypts them into its own buffer), and a gRPC message is a few KiB.
+const CHAIN_THRESHOLD: usize = 16 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is **not** enabled.
 /// A larger value in this scenario will reduce the number of small and
 /// fragmented data being sent, and hereby improve the throughput.
-const CHAIN_THRESHOLD_WITHOUT_VECTORED_IO: usize = 1024;
+const CHAIN_THRESHOLD_WITHOUT_VECTORED_IO: usize = 16 * 1_024;
+
+/// tbot patch (see TBOT-PATCH.md): frames are buffered until this much waits to be written
+/// (upstream: until less than a chain threshold is left of the 16 KiB buffer).
+const FLUSH_THRESHOLD: usize = 16 * 1_024;
 
 // TODO: Make generic
 impl<T, B> FramedWrite<T, B>
@@ -100,7 +107,6 @@ where
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
                 chain_threshold,
-                min_buffer_capacity: chain_threshold + frame::HEADER_LEN,
             },
         }
     }
@@ -134,6 +140,15 @@ where
     /// accepted.
     pub fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
         self.encoder.buffer(item)
+    }
+
+    /// tbot patch (see TBOT-PATCH.md): buffers the client connection preface, so that it goes out
+    /// with the SETTINGS frame (and whatever else is buffered before the first flush) in one write.
+    pub fn buffer_preface(&mut self, preface: &[u8]) {
+        if self.encoder.buf.get_ref().capacity() == 0 {
+            self.encoder.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+        }
+        self.encoder.buf.get_mut().extend_from_slice(preface);
     }
 
     /// Flush buffered data to the wire
@@ -326,11 +341,9 @@ where
     }
 
     fn has_capacity(&self) -> bool {
-        // tbot patch: a released buffer (capacity 0) is made again by `buffer`.
-        self.next.is_none()
-            && (self.buf.get_ref().capacity() == 0
-                || self.buf.get_ref().capacity() - self.buf.get_ref().len()
-                    >= self.min_buffer_capacity)
+        // tbot patch: the buffer grows (a released one, of capacity 0, is made again by `buffer`),
+        // and takes frames until `FLUSH_THRESHOLD` bytes wait in it.
+        self.next.is_none() && self.buf.get_ref().len() < FLUSH_THRESHOLD
     }
 
     fn is_empty(&self) -> bool {

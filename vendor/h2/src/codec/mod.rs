@@ -157,6 +157,11 @@ where
         self.framed_write().buffer(item)
     }
 
+    /// tbot patch (see TBOT-PATCH.md): buffers the client connection preface before anything else.
+    pub fn buffer_preface(&mut self, preface: &[u8]) {
+        self.framed_write().buffer_preface(preface)
+    }
+
     /// Flush buffered data to the wire
     pub fn flush(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         self.framed_write().flush(cx)

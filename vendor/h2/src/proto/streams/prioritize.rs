@@ -141,6 +141,13 @@ impl Prioritize {
         self.pending_open.push(stream);
     }
 
+    /// tbot patch (see TBOT-PATCH.md): whether a new local stream may open at once, without
+    /// waiting in the open queue for the connection task: no earlier stream waits there (so
+    /// HEADERS still go out in stream-id order) and the peer's concurrency limit leaves room.
+    pub fn may_open_now(&self, counts: &Counts) -> bool {
+        self.pending_open.is_empty() && counts.can_inc_num_send_streams()
+    }
+
     /// Send a data frame
     pub fn send_data<B>(
         &mut self,

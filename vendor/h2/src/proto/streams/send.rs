@@ -145,8 +145,16 @@ impl Send {
 
         let mut pending_open = false;
         if counts.peer().is_local_init(frame.stream_id()) && !stream.is_pending_push {
-            self.prioritize.queue_open(stream);
-            pending_open = true;
+            // tbot patch (see TBOT-PATCH.md): a stream that may open now opens here, so that it
+            // can be given send capacity at once and its first DATA is queued behind its HEADERS
+            // before the connection task writes them: a request's HEADERS and DATA in one write.
+            // Upstream queues every new stream until the connection task opens it.
+            if self.prioritize.may_open_now(counts) {
+                counts.inc_num_send_streams(stream);
+            } else {
+                self.prioritize.queue_open(stream);
+                pending_open = true;
+            }
         }
 
         // Queue the frame for sending
