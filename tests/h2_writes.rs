@@ -155,7 +155,7 @@ async fn a_servers_settings_go_with_its_settings_ack_and_a_whole_response_in_one
     );
 
     // And the client reads all of it.
-    let driving = tokio::spawn(async move { client.await });
+    let driving = tokio::spawn(client);
     let response = response.await.unwrap();
     let mut body = response.into_body();
     let mut got = 0;
@@ -180,7 +180,7 @@ async fn a_server_flushes_its_settings_when_the_clients_preface_is_not_there_yet
     );
     // The client still connects.
     let (mut send, client) = h2::client::handshake(client_end).await.unwrap();
-    let driving = tokio::spawn(async move { client.await });
+    let driving = tokio::spawn(client);
     let (response, _) = send.send_request(request(), true).unwrap();
     let mut server = handshake.await.unwrap();
     let (_, mut respond) = server.accept().await.unwrap().unwrap();

@@ -19,6 +19,6 @@ pub mod tls;
 pub mod wire;
 
 pub use api::*;
-pub use local::{LocalIssuer, PolicyEvent};
+pub use local::{Authenticated, LocalIssuer, PolicyEvent};
 pub use policy::Policy;
 pub use policy::decide::{Attributes, Decision};

@@ -214,9 +214,13 @@ impl Workloads {
         // A fetch that found no daemon at all (restarted: its socket is gone) has no status to
         // disagree with: `tbotctl status` cannot be healthy then either.
         let no_daemon = |f: &&Fetch| {
-            f.outcome
-                .as_ref()
-                .is_err_and(|e| e.contains("does not exist") || e.contains("onnection refused"))
+            f.outcome.as_ref().is_err_and(|e| {
+                // The socket gone, in the words of each client: ours, and grpcio's two (py-spiffe
+                // says `No such file or directory` when the path is missing).
+                e.contains("does not exist")
+                    || e.contains("onnection refused")
+                    || e.contains("No such file or directory")
+            })
         };
         for f in fetches.iter().filter(|f| f.outcome.is_err()).filter(|f| !no_daemon(f)) {
             let near = |at: Instant| at + AGREE >= f.at && at <= f.ended + AGREE;

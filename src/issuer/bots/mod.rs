@@ -222,10 +222,21 @@ pub fn verify_bot_certificate(
     read(&cert, ca.id(), now)
 }
 
-/// What [`verify_bot_certificate`] returns for a certificate this process has just signed with CA
-/// `signer`: its signature is not checked again.
-pub fn read_signed(der: &[u8], signer: u32, now: OffsetDateTime) -> Result<VerifiedBot, IssuerError> {
-    read(&parse(der)?.1, signer, now)
+/// What [`verify_bot_certificate`] returns for the certificate [`sign_bot_certificate`] has just
+/// signed for `claims` and `public_key` with CA `signer`, from what was signed: nothing is parsed
+/// again. The certificate holds its expiry in whole seconds.
+pub fn verified_at_signing(
+    claims: &BotClaims,
+    public_key: &[u8],
+    not_after: OffsetDateTime,
+    signer: u32,
+) -> VerifiedBot {
+    VerifiedBot {
+        claims: claims.clone(),
+        public_key: public_key.to_vec(),
+        not_after: not_after.replace_nanosecond(0).expect("0 is a valid nanosecond"),
+        signer,
+    }
 }
 
 fn parse(der: &[u8]) -> Result<(&[u8], X509Certificate<'_>), IssuerError> {
@@ -425,6 +436,38 @@ mod tests {
         let key = bot_record_key("issuer/x", &instance_key("web-bot", "00ff"));
         assert_eq!(key, "issuer/x/bots/web-bot@00ff.json");
         assert_eq!(instance_of_record("issuer/x", &key).unwrap(), "web-bot/00ff");
+    }
+
+    #[tokio::test]
+    async fn what_is_remembered_at_signing_is_what_verifying_the_certificate_reads() {
+        let backing = Backing::local(crate::store::Store::memory()).unwrap();
+        let domain = crate::resource::spiffe_id::TrustDomain::parse("example.org").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let authority = Authority::load_or_create(&backing, &domain, &Default::default(), now)
+            .await
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let claims = BotClaims {
+            bot: "web".into(),
+            roles: vec!["r".into()],
+            generation: 4,
+            join: [
+                ("join.meta.join_method".to_owned(), "iam".to_owned()),
+                ("join.iam.account".to_owned(), "1".to_owned()),
+            ]
+            .into(),
+            instance: "00ff".into(),
+        };
+        // A time with a fraction of a second, as an issuer's clock gives.
+        let now = now.replace_nanosecond(123_456_789).unwrap();
+        let signed = sign_bot_certificate(&authority, &claims, &spki, Duration::from_secs(3600), now).unwrap();
+        let read = verify_bot_certificate(&authority, &signed.made.der, now).unwrap();
+        let remembered = verified_at_signing(&claims, &spki, signed.made.not_after, authority.active().id());
+        assert_eq!(remembered.claims, read.claims);
+        assert_eq!(remembered.public_key, read.public_key);
+        assert_eq!(remembered.not_after, read.not_after);
+        assert_eq!(remembered.signer, read.signer);
     }
 
     #[test]

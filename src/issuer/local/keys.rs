@@ -113,12 +113,12 @@ impl Inner {
         // The new agent's first calls present it: they need not verify the signature just made,
         // unless the CA stopped being trusted meanwhile.
         let signer = authority.active();
-        if let Ok(verified) = bots::read_signed(&cert.der, signer.id(), now()) {
-            let mut state = self.lock();
-            if state.authority.trusts(signer) {
-                state.remember_verified(&cert.der, verified);
-            }
+        let verified = bots::verified_at_signing(claims, public_key, cert.not_after, signer.id());
+        let mut state = self.lock();
+        if state.authority.trusts(signer) {
+            state.remember_verified(&cert.der, verified);
         }
+        drop(state);
         self.record(crate::issuer::state::issued::Issued {
             kind: crate::issuer::state::issued::IssuedKind::BotCertificate,
             serial: minted.serial,

@@ -21,6 +21,8 @@ mod locks;
 mod revocations;
 mod view;
 
+pub use self::view::Authenticated;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -323,7 +325,7 @@ impl LocalIssuer {
     }
 
     /// [`LocalIssuer::authenticate`], with the id of the CA that signed the certificate.
-    pub fn authenticate_signed(&self, der: &[u8]) -> Result<(Arc<BotClaims>, u32), IssuerError> {
+    pub fn authenticate_signed(&self, der: &[u8]) -> Result<Authenticated, IssuerError> {
         self.lock().authenticate_signed(der)
     }
 

@@ -11,6 +11,15 @@ use crate::issuer::{Bundles, IssuerError};
 use super::{Crls, State, VERIFIED_CACHE, dir_of, is_token, now};
 use std::sync::Arc;
 
+/// A bot certificate found good for a call: what it claims, the id of the CA that signed it, and
+/// when it expires.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub claims: Arc<BotClaims>,
+    pub signer: u32,
+    pub not_after: time::OffsetDateTime,
+}
+
 impl State {
     /// Checks a public key a bot sent before anything is recorded or signed for it.
     pub(super) fn check_key(&self, spki: &[u8]) -> Result<(), IssuerError> {
@@ -117,7 +126,7 @@ impl State {
     /// Verifies a bot certificate for issuance: ours, valid, not revoked, not locked, not renewed
     /// since.
     pub(super) fn authenticate(&mut self, der: &[u8]) -> Result<Arc<BotClaims>, IssuerError> {
-        self.authenticate_signed(der).map(|(claims, _)| claims)
+        self.authenticate_signed(der).map(|a| a.claims)
     }
 
     /// Remembers a verified bot certificate (its signature is not checked again while it is
@@ -137,21 +146,21 @@ impl State {
         claims
     }
 
-    /// [`State::authenticate`], with the id of the CA that signed the certificate.
+    /// [`State::authenticate`], with the id of the CA that signed the certificate and its expiry.
     /// The claims are shared with the cache of verified certificates: a call copies nothing.
-    pub(super) fn authenticate_signed(&mut self, der: &[u8]) -> Result<(Arc<BotClaims>, u32), IssuerError> {
+    pub(super) fn authenticate_signed(&mut self, der: &[u8]) -> Result<Authenticated, IssuerError> {
         self.not_revoked(der)?;
         let digest: [u8; 32] = Sha256::digest(der).into();
         let cached = match self.verified.get(&digest) {
-            Some((claims, not_after, signer)) if *not_after > now() => Some((claims.clone(), *signer)),
+            Some((claims, not_after, signer)) if *not_after > now() => Some((claims.clone(), *signer, *not_after)),
             _ => None,
         };
-        let (claims, signer) = match cached {
+        let (claims, signer, not_after) = match cached {
             Some(hit) => hit,
             None => {
                 let verified = bots::verify_bot_certificate(&self.authority, der, now())?;
-                let signer = verified.signer;
-                (self.remember_digest(digest, verified), signer)
+                let (signer, not_after) = (verified.signer, verified.not_after);
+                (self.remember_digest(digest, verified), signer, not_after)
             }
         };
         let default = BotRecord::default();
@@ -175,7 +184,11 @@ impl State {
                 )));
             }
         }
-        Ok((claims, signer))
+        Ok(Authenticated {
+            claims,
+            signer,
+            not_after,
+        })
     }
 
     /// The attributes a decision reads: the caller's `workload.*` (each of its catalogue type, or

@@ -27,8 +27,8 @@ use self::tls::PeerInfo;
 use crate::aws::SignedRequest;
 use crate::issuer::wire::{self, proto};
 use crate::issuer::{
-    Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, LocalIssuer, PolicyEvent,
-    RenewRequest, X509Request,
+    Authenticated, Bundles, IdentitySelector, Issuer, IssuerError, JoinProof, JoinRequest, JwtRequest, LocalIssuer,
+    PolicyEvent, RenewRequest, X509Request,
 };
 use proto::bot_service_server::{BotService, BotServiceServer};
 use proto::join_service_server::{JoinService, JoinServiceServer};
@@ -278,10 +278,11 @@ impl WorkloadIdentityService for IssuerApi {
         let (cert, peer, digest) = self.bot_certificate(&request)?;
         // Read before the check: a CA withdrawn after it is seen leaving by the first message.
         let last_bundle = self.issuer.current_bundles();
-        let (claims, ca) = self.issuer.authenticate_signed(&cert).map_err(status)?;
-        let not_after = x509_parser::parse_x509_certificate(&cert)
-            .map(|(_, c)| c.validity().not_after.to_datetime())
-            .map_err(|_| Status::unauthenticated("the client certificate does not parse"))?;
+        let Authenticated {
+            claims,
+            signer: ca,
+            not_after,
+        } = self.issuer.authenticate_signed(&cert).map_err(status)?;
         let guard = self.sessions.open(AgentSession {
             bot: claims.bot.clone(),
             instance: claims.instance.clone(),
