@@ -109,13 +109,19 @@ impl BotClaims {
 
     /// Sets the join's attributes ([`BotClaims::join_attributes`]) in `attrs`, with no map between.
     pub fn add_join_attributes(&self, attrs: &mut Attributes) {
-        let token = self.join.get("join.meta.join_method").is_some_and(|m| m == "token");
-        for (k, v) in self.join.iter() {
-            if token && k == TOKEN_NAME_CLAIM {
-                continue;
+        for (k, _) in self.join.iter() {
+            if let Some(v) = self.join_attribute(k) {
+                attrs.set(k.clone(), v);
             }
-            attrs.set(k.clone(), v);
         }
+    }
+
+    /// One of the join's attributes ([`BotClaims::join_attributes`]) by name.
+    pub fn join_attribute(&self, name: &str) -> Option<&String> {
+        if name == TOKEN_NAME_CLAIM && self.join.get("join.meta.join_method").is_some_and(|m| m == "token") {
+            return None;
+        }
+        self.join.get(name)
     }
 }
 

@@ -102,7 +102,7 @@ impl JwtKey {
     }
 
     /// Signs `claims` into a compact JWS with header `{alg: ES256, kid, typ: JWT}`.
-    pub fn sign(&self, claims: &Value) -> Result<String, IssuerError> {
+    pub fn sign(&self, claims: &impl Serialize) -> Result<String, IssuerError> {
         let payload = serde_json::to_vec(claims).expect("json");
         // The token in one string sized for all of it: the header, the payload and the 64-byte
         // signature (86 characters) in base64.

@@ -8,12 +8,14 @@ use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType,
     SubjectPublicKeyInfo,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::issuer::keys::ca::{Authority, random_serial};
 use crate::issuer::keys::jwt::JwtKey;
 use crate::issuer::{Decision, IssuerError, JwtSvid, X509Svid};
+use crate::resource::workload_identity::RESERVED_CLAIMS;
 
 fn invalid(e: impl std::fmt::Display) -> IssuerError {
     IssuerError::Invalid(e.to_string())
@@ -97,23 +99,19 @@ pub fn jwt_svid(
     let expires = (now + ttl.min(decision.jwt_max_ttl)).min(key.not_after());
     let mut jti = [0u8; 16];
     aws_lc_rs::rand::fill(&mut jti).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
-    let mut claims = decision.extra_claims.clone();
-    claims.insert("sub".into(), json!(decision.spiffe_id));
-    claims.insert(
-        "aud".into(),
-        match audience {
-            [one] => json!(one),
-            many => json!(many),
-        },
-    );
-    claims.insert("exp".into(), json!(expires.unix_timestamp()));
-    claims.insert("iat".into(), json!(now.unix_timestamp()));
     let jti = crate::hex(&jti);
-    claims.insert("jti".into(), json!(jti));
-    if let Some(iss) = issuer {
-        claims.insert("iss".into(), json!(iss));
-    }
-    let token = key.sign(&Value::Object(claims))?;
+    let token = key.sign(&Claims {
+        sub: &decision.spiffe_id,
+        aud: match audience {
+            [one] => Audience::One(one),
+            many => Audience::Many(many),
+        },
+        exp: expires.unix_timestamp(),
+        iat: now.unix_timestamp(),
+        jti: &jti,
+        iss: issuer,
+        extra: ExtraClaims(&decision.extra_claims),
+    })?;
     Ok(Minted {
         made: JwtSvid {
             identity: decision.identity.clone(),
@@ -124,6 +122,42 @@ pub fn jwt_svid(
         },
         serial: jti,
     })
+}
+
+/// A JWT-SVID's claims, written as they are (no JSON value built first).
+#[derive(Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    aud: Audience<'a>,
+    exp: i64,
+    iat: i64,
+    jti: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    #[serde(flatten)]
+    extra: ExtraClaims<'a>,
+}
+
+/// `aud`: a string for one audience, as most verifiers expect, an array for several.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Audience<'a> {
+    One(&'a str),
+    Many(&'a [String]),
+}
+
+/// The identity's `extra_claims`, without any claim tbot sets itself: the document check refuses
+/// those names already, and a token never carries a claim twice.
+struct ExtraClaims<'a>(&'a serde_json::Map<String, Value>);
+
+impl Serialize for ExtraClaims<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            self.0
+                .iter()
+                .filter(|(name, _)| !RESERVED_CLAIMS.contains(&name.as_str())),
+        )
+    }
 }
 
 /// A serving certificate with its CA certificate and its key (PKCS#8 DER), all DER.
@@ -226,4 +260,40 @@ pub fn end_entity(params: &mut rcgen::CertificateParams, public_key: &[u8]) {
     params
         .custom_extensions
         .push(rcgen::CustomExtension::from_oid_content(SUBJECT_KEY_IDENTIFIER, ski));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(audience: &[String], extra: &serde_json::Map<String, Value>) -> String {
+        serde_json::to_string(&Claims {
+            sub: "spiffe://example.org/web",
+            aud: match audience {
+                [one] => Audience::One(one),
+                many => Audience::Many(many),
+            },
+            exp: 20,
+            iat: 10,
+            jti: "00ff",
+            iss: None,
+            extra: ExtraClaims(extra),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_claims_are_written_once_each_and_an_extra_claim_never_replaces_one_tbot_sets() {
+        let extra = serde_json::json!({"sub": "spiffe://example.org/admin", "exp": 99, "team": "a"});
+        let text = written(&["db".to_owned()], extra.as_object().unwrap());
+        assert_eq!(
+            text,
+            r#"{"sub":"spiffe://example.org/web","aud":"db","exp":20,"iat":10,"jti":"00ff","team":"a"}"#
+        );
+        let text = written(&["db".to_owned(), "cache".to_owned()], &Default::default());
+        assert_eq!(
+            text,
+            r#"{"sub":"spiffe://example.org/web","aud":["db","cache"],"exp":20,"iat":10,"jti":"00ff"}"#
+        );
+    }
 }

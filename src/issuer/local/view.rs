@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::issuer::bots::{self, BotClaims, BotRecord};
-use crate::issuer::policy::decide::{self, Attributes, Decision};
+use crate::issuer::policy::decide::{self, Attributes, Caller, Decision};
 use crate::issuer::state::issued::{Issued, IssuedKind};
 use crate::issuer::{Bundles, IssuerError};
 
@@ -192,8 +192,13 @@ impl State {
     }
 
     /// The attributes a decision reads: the caller's `workload.*` (each of its catalogue type, or
-    /// the request is refused naming it), the bot's `user.*`, the join's `join.*`.
-    pub(super) fn attributes(&self, claims: &BotClaims, workload: &Attributes) -> Result<Attributes, IssuerError> {
+    /// the request is refused naming it), the bot's `user.*`, the join's `join.*`, each read
+    /// where it is kept.
+    pub(super) fn attributes<'a>(
+        &'a self,
+        claims: &'a BotClaims,
+        workload: &'a Attributes,
+    ) -> Result<Caller<'a>, IssuerError> {
         for (name, values) in workload.iter() {
             if let Some(why) = crate::resource::template::workload_value_problem(name, values) {
                 // The name and values are the bot's: shown escaped, never raw.
@@ -204,20 +209,7 @@ impl State {
                 )));
             }
         }
-        let mut attrs = workload.workload_only();
-        attrs.set("user.name", format!("bot-{}", claims.bot));
-        attrs.set("user.bot_name", &claims.bot);
-        attrs.set("user.is_bot", true);
-        if let Some(bot) = self.policy.bots.get(&claims.bot) {
-            for (k, v) in &bot.metadata.labels {
-                attrs.set(format!("user.labels.{k}"), v);
-            }
-            for t in &bot.spec.traits {
-                attrs.set_many(format!("user.traits.{}", t.name), t.values.clone());
-            }
-        }
-        claims.add_join_attributes(&mut attrs);
-        Ok(attrs)
+        Ok(Caller::new(workload, claims, self.policy.bots.get(&claims.bot)))
     }
 
     pub(super) fn decide(

@@ -10,7 +10,7 @@
 use std::hash::BuildHasher;
 
 use super::Identity;
-use super::decide::Attributes;
+use super::decide::Lookup;
 use crate::resource::template::Attribute;
 
 /// Fixed seeds: the same value always files the same way.
@@ -59,7 +59,7 @@ impl RuleIndex {
     }
 
     /// The identities a caller with `attributes` might pass, by name, each once.
-    pub fn candidates(&self, attributes: &Attributes) -> Vec<&Identity> {
+    pub fn candidates(&self, attributes: &dyn Lookup) -> Vec<&Identity> {
         let mut out: Vec<&Identity> = self.always.iter().collect();
         for (attribute, filed) in &self.by_eq {
             for value in attributes.get(attribute).unwrap_or_default() {

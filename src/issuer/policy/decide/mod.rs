@@ -14,6 +14,8 @@ use crate::resource::spiffe_id::{TrustDomain, check_id};
 use crate::resource::template::{Attribute, Template};
 use crate::resource::workload_identity::{Condition, WorkloadIdentity};
 
+pub use caller::{Caller, Lookup};
+
 /// The default and largest `x509.maximum_ttl`.
 pub const DEFAULT_X509_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const LIMIT_X509_MAX_TTL: Duration = Duration::from_secs(14 * 24 * 3600);
@@ -89,18 +91,6 @@ impl Attributes {
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
-    }
-
-    /// The one value of an attribute, for templates: unset or several values is an error.
-    fn single(&self, attribute: &Attribute) -> Result<&str, Unrenderable> {
-        match self.get(attribute) {
-            None | Some([]) => Err(Unrenderable::Unset(attribute.to_string())),
-            Some([one]) => Ok(one),
-            Some(many) => Err(Unrenderable::Several {
-                attribute: attribute.to_string(),
-                count: many.len(),
-            }),
-        }
     }
 }
 
@@ -218,7 +208,7 @@ impl crate::error::Explain for Denial {
 
 /// Decides `identity` for a caller of `bot_name` with `attributes` (the workload's, the bot's and
 /// its join's, already merged).
-pub fn decide(policy: &Policy, bot_name: &str, identity: &str, attributes: &Attributes) -> Result<Decision, Denial> {
+pub fn decide(policy: &Policy, bot_name: &str, identity: &str, attributes: &dyn Lookup) -> Result<Decision, Denial> {
     let bot = policy
         .bots
         .get(bot_name)
@@ -238,7 +228,7 @@ pub fn select(
     policy: &Policy,
     bot_name: &str,
     labels: &BTreeMap<String, String>,
-    attributes: &Attributes,
+    attributes: &dyn Lookup,
 ) -> Result<Vec<Decision>, Denial> {
     let mut out = Vec::new();
     // Only the identities whose rules might pass (see `policy::index`), in name order.
@@ -258,7 +248,7 @@ pub fn select(
 }
 
 /// `rules.allow`: no rules allow everyone; otherwise some rule must have all its conditions true.
-fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), Denial> {
+fn check_rules(wi: &WorkloadIdentity, attributes: &dyn Lookup) -> Result<(), Denial> {
     let rules = &wi.spec.rules.allow;
     if rules.is_empty() {
         return Ok(());
@@ -278,7 +268,7 @@ fn check_rules(wi: &WorkloadIdentity, attributes: &Attributes) -> Result<(), Den
 
 /// Whether the condition holds, with nothing built: most conditions checked during a label
 /// selection fail, and only the one decision asked for needs to say why.
-fn condition_holds(condition: &Condition, attributes: &Attributes) -> bool {
+fn condition_holds(condition: &Condition, attributes: &dyn Lookup) -> bool {
     let Some(values) = attributes.get(&condition.attribute) else {
         return false;
     };
@@ -296,7 +286,7 @@ fn condition_holds(condition: &Condition, attributes: &Attributes) -> bool {
 }
 
 /// Whether some rule of `wi` lets the caller through (no rules: everyone), with nothing built.
-fn rules_pass(wi: &WorkloadIdentity, attributes: &Attributes) -> bool {
+fn rules_pass(wi: &WorkloadIdentity, attributes: &dyn Lookup) -> bool {
     let rules = &wi.spec.rules.allow;
     rules.is_empty()
         || rules
@@ -305,7 +295,7 @@ fn rules_pass(wi: &WorkloadIdentity, attributes: &Attributes) -> bool {
 }
 
 /// Why a condition is false, or `None` when it holds.
-fn condition_fails(condition: &Condition, attributes: &Attributes) -> Option<String> {
+fn condition_fails(condition: &Condition, attributes: &dyn Lookup) -> Option<String> {
     if condition_holds(condition, attributes) {
         return None;
     }
@@ -374,7 +364,7 @@ fn render_field(
     wi: &WorkloadIdentity,
     field: Field<'_>,
     template: &Template,
-    attributes: &Attributes,
+    attributes: &dyn Lookup,
 ) -> Result<String, Denial> {
     let mut failure = None;
     // In a SPIFFE ID a value fills one segment: it never adds a `/`. In a DNS SAN it fills one
@@ -415,7 +405,7 @@ fn is_dns_label(value: &str) -> bool {
         && !value.ends_with('-')
 }
 
-fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> Result<Decision, Denial> {
+fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &dyn Lookup) -> Result<Decision, Denial> {
     let spiffe = &wi.spec.spiffe;
     let name: &str = &wi.metadata.name;
     let path = render_field(wi, Field::Id, &spiffe.id, attributes)?;
@@ -484,7 +474,7 @@ fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &Attributes) -> R
 }
 
 /// Extra claims: strings are templates; arrays and objects are rendered inside; other values stay.
-fn render_claim(wi: &WorkloadIdentity, key: &str, value: &Value, attributes: &Attributes) -> Result<Value, Denial> {
+fn render_claim(wi: &WorkloadIdentity, key: &str, value: &Value, attributes: &dyn Lookup) -> Result<Value, Denial> {
     Ok(match value {
         Value::String(s) if s.contains("{{") => {
             let template = Template::parse(s).map_err(|why| Denial::Claim {
@@ -529,6 +519,7 @@ fn check_dns_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+mod caller;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]
