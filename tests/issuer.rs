@@ -89,6 +89,11 @@ fn x509_request(bot_cert: &[u8], key: &KeyPair, uid: u32) -> X509Request {
 fn check_x509_svid(leaf: &[u8], key: &KeyPair, bundle: &[Vec<u8>], spiffe_id: &str) {
     let (rest, cert) = parse_x509_certificate(leaf).expect("the leaf parses");
     assert!(rest.is_empty());
+    assert_eq!(
+        cert.public_key().raw,
+        key.subject_public_key_info(),
+        "the certificate certifies the key sent, byte for byte"
+    );
     let uris: Vec<String> = cert
         .subject_alternative_name()
         .unwrap()
@@ -843,10 +848,30 @@ async fn a_join_or_renewal_with_a_malformed_key_changes_nothing() {
         let (_, cert) = parse_x509_certificate(&ca).unwrap();
         cert.tbs_certificate.subject_pki.raw.to_vec()
     };
-    let mut request = x509_request(&renewed.der, &next, 1000);
-    request.public_key = ca_spki;
-    let refused = issuer.issue_x509(request).await.unwrap_err().to_string();
-    assert!(refused.contains("a key the issuer holds itself"), "{refused}");
+    // Nor for the JWT signing key (its point from the JWKS, in a P-256 SubjectPublicKeyInfo).
+    let jwt_spki = {
+        use base64::Engine;
+        let jwk = &issuer.current_bundles().jwt_keys[0];
+        let coordinate = |c: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(jwk[c].as_str().unwrap())
+                .unwrap()
+        };
+        // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING { 04 || x || y } }
+        let mut spki = vec![
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+            0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00, 0x04,
+        ];
+        spki.extend(coordinate("x"));
+        spki.extend(coordinate("y"));
+        spki
+    };
+    for spki in [ca_spki, jwt_spki] {
+        let mut request = x509_request(&renewed.der, &next, 1000);
+        request.public_key = spki;
+        let refused = issuer.issue_x509(request).await.unwrap_err().to_string();
+        assert!(refused.contains("a key the issuer holds itself"), "{refused}");
+    }
 }
 
 #[tokio::test]

@@ -81,11 +81,6 @@ impl JwtKey {
         })
     }
 
-    /// The signing key's public half as [`crate::issuer::keys::public::check`] compares it.
-    pub fn held_key(&self) -> crate::issuer::keys::public::Key {
-        crate::issuer::keys::public::Key::P256(self.pair.public_key().as_ref().to_vec())
-    }
-
     /// The key id every JWT-SVID it signs carries in its header.
     pub fn kid(&self) -> &str {
         &self.kid
@@ -248,8 +243,12 @@ impl JwtKeys {
 
     /// Every published key as a JWK (prepared, active and retiring).
     /// Every published key's public half (see [`JwtKey::held_key`]).
-    pub fn held_keys(&self) -> impl Iterator<Item = crate::issuer::keys::public::Key> + '_ {
-        self.keys.iter().map(|k| k.held_key())
+    /// Whether `key` (as [`crate::issuer::keys::public::check`] reads it) is one of these keys.
+    pub fn holds(&self, key: &crate::issuer::keys::public::Key) -> bool {
+        use crate::issuer::keys::public::Key;
+        self.keys
+            .iter()
+            .any(|k| matches!(key, Key::P256(point) if point.as_slice() == k.pair.public_key().as_ref()))
     }
 
     pub fn jwks(&self) -> Vec<Value> {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, PublicKeyData, SanType,
     SubjectPublicKeyInfo,
 };
 use serde::Serialize;
@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use crate::issuer::keys::ca::{Authority, random_serial};
 use crate::issuer::keys::jwt::JwtKey;
+use crate::issuer::keys::public::Key;
 use crate::issuer::{Decision, IssuerError, JwtSvid, X509Svid};
 use crate::resource::workload_identity::RESERVED_CLAIMS;
 
@@ -27,17 +28,17 @@ pub struct Minted<T> {
     pub serial: String,
 }
 
-/// Signs an X509-SVID for `public_key` (SPKI DER). The lifetime is `ttl` capped by the identity's
-/// `x509.maximum_ttl` and by the CA's own expiry.
+/// Signs an X509-SVID for `public_key` (SPKI DER), which [`crate::issuer::keys::public::check`]
+/// read as `checked`. The lifetime is `ttl` capped by the identity's `x509.maximum_ttl` and by the
+/// CA's own expiry.
 pub fn x509_svid(
     authority: &Authority,
     decision: &Decision,
     public_key: &[u8],
+    checked: &Key,
     ttl: Duration,
     now: OffsetDateTime,
 ) -> Result<Minted<X509Svid>, IssuerError> {
-    let key = SubjectPublicKeyInfo::from_der(public_key)
-        .map_err(|e| invalid(format!("the public key is not a DER SubjectPublicKeyInfo: {e}")))?;
     let ca = authority.active();
     let not_after = (now + ttl.min(decision.x509_max_ttl)).min(ca.not_after());
     let mut params = CertificateParams::default();
@@ -68,9 +69,16 @@ pub fn x509_svid(
     params.serial_number = Some(serial);
     params.not_before = now - time::Duration::minutes(1);
     params.not_after = not_after;
-    let cert = params
-        .signed_by(&key, ca.issuer())
-        .map_err(|e| IssuerError::Crypto(e.to_string()))?;
+    let cert = match checked {
+        // The point as checked, in the form rcgen writes back: no second parse.
+        Key::P256(point) => params.signed_by(&P256Point(point), ca.issuer()),
+        _ => {
+            let key = SubjectPublicKeyInfo::from_der(public_key)
+                .map_err(|e| invalid(format!("the public key is not a DER SubjectPublicKeyInfo: {e}")))?;
+            params.signed_by(&key, ca.issuer())
+        }
+    }
+    .map_err(|e| IssuerError::Crypto(e.to_string()))?;
     Ok(Minted {
         made: X509Svid {
             identity: decision.identity.clone(),
@@ -81,6 +89,20 @@ pub fn x509_svid(
         },
         serial: serial_hex,
     })
+}
+
+/// An uncompressed P-256 point (`04 || x || y`) that [`crate::issuer::keys::public::check`]
+/// accepted, as rcgen certifies it: `id-ecPublicKey` with the `prime256v1` curve.
+struct P256Point<'a>(&'a [u8]);
+
+impl PublicKeyData for P256Point<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
 }
 
 /// Signs a JWT-SVID for `audience`. The lifetime is `ttl` capped by the identity's `jwt.maximum_ttl`

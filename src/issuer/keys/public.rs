@@ -13,15 +13,11 @@
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_ASN1, ED25519, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey,
 };
+use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519};
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::issuer::IssuerError;
-
-const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
-const P256: &str = "1.2.840.10045.3.1.7";
-const ED25519_OID: &str = "1.3.101.112";
-const RSA: &str = "1.2.840.113549.1.1.1";
 
 /// A public key in its one accepted form: what [`check`] compares against the keys the issuer holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,61 +59,55 @@ pub fn parse(spki: &[u8]) -> Result<Key, IssuerError> {
             .map(drop)
             .map_err(|e| invalid(&format!("is not a valid key of its algorithm ({e})")))
     };
-    match parsed.algorithm.algorithm.to_id_string().as_str() {
-        EC_PUBLIC_KEY => {
-            let curve = parsed
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| p.as_oid().ok())
-                .map(|oid| oid.to_id_string());
-            if curve.as_deref() != Some(P256) {
-                return Err(invalid("is an EC key of another curve than P-256"));
-            }
-            if bits.len() != 65 || bits[0] != 0x04 {
-                return Err(invalid(
-                    "is not an uncompressed P-256 point (65 bytes starting with 04)",
-                ));
-            }
-            valid(&ECDSA_P256_SHA256_ASN1, bits)?;
-            Ok(Key::P256(bits.to_vec()))
+    let algorithm = &parsed.algorithm.algorithm;
+    if *algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = parsed.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        if curve != Some(OID_EC_P256) {
+            return Err(invalid("is an EC key of another curve than P-256"));
         }
-        ED25519_OID => {
-            if bits.len() != 32 {
-                return Err(invalid(&format!("is an Ed25519 key of {} bytes, not 32", bits.len())));
-            }
-            valid(&ED25519, bits)?;
-            Ok(Key::Ed25519(bits.to_vec()))
+        if bits.len() != 65 || bits[0] != 0x04 {
+            return Err(invalid(
+                "is not an uncompressed P-256 point (65 bytes starting with 04)",
+            ));
         }
-        RSA => {
-            let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = parsed.parsed() else {
-                return Err(invalid("is not an RSA public key (modulus, exponent)"));
-            };
-            let trim = |b: &[u8]| b.iter().skip_while(|&&x| x == 0).copied().collect::<Vec<u8>>();
-            let key = Key::Rsa {
-                modulus: trim(rsa.modulus),
-                exponent: trim(rsa.exponent),
-                bits: rsa.key_size(),
-            };
-            if !(2048..=8192).contains(&rsa.key_size()) {
-                return Err(invalid(&format!(
-                    "is an RSA key of {} bits; an RSA key has 2048 to 8192 bits",
-                    rsa.key_size()
-                )));
-            }
-            // aws-lc checks the modulus size when it verifies, not when it parses.
-            valid(&RSA_PKCS1_2048_8192_SHA256, bits)?;
-            Ok(key)
+        valid(&ECDSA_P256_SHA256_ASN1, bits)?;
+        Ok(Key::P256(bits.to_vec()))
+    } else if *algorithm == OID_SIG_ED25519 {
+        if bits.len() != 32 {
+            return Err(invalid(&format!("is an Ed25519 key of {} bytes, not 32", bits.len())));
         }
-        other => Err(invalid(&format!(
-            "has algorithm {other}; use an ECDSA P-256 or Ed25519 key"
-        ))),
+        valid(&ED25519, bits)?;
+        Ok(Key::Ed25519(bits.to_vec()))
+    } else if *algorithm == OID_PKCS1_RSAENCRYPTION {
+        let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = parsed.parsed() else {
+            return Err(invalid("is not an RSA public key (modulus, exponent)"));
+        };
+        let trim = |b: &[u8]| b.iter().skip_while(|&&x| x == 0).copied().collect::<Vec<u8>>();
+        let key = Key::Rsa {
+            modulus: trim(rsa.modulus),
+            exponent: trim(rsa.exponent),
+            bits: rsa.key_size(),
+        };
+        if !(2048..=8192).contains(&rsa.key_size()) {
+            return Err(invalid(&format!(
+                "is an RSA key of {} bits; an RSA key has 2048 to 8192 bits",
+                rsa.key_size()
+            )));
+        }
+        // aws-lc checks the modulus size when it verifies, not when it parses.
+        valid(&RSA_PKCS1_2048_8192_SHA256, bits)?;
+        Ok(key)
+    } else {
+        Err(invalid(&format!(
+            "has algorithm {}; use an ECDSA P-256 or Ed25519 key",
+            algorithm.to_id_string()
+        )))
     }
 }
 
 /// Checks `spki` (DER) is a public key the issuer signs for: a real key in its accepted form, an RSA
-/// key only with `accept_rsa`, and none of `held` (the keys the issuer holds itself).
-pub fn check(spki: &[u8], held: &[Key], accept_rsa: bool) -> Result<(), IssuerError> {
+/// key only with `accept_rsa`, and not one the issuer holds itself (`held`). Returns the key.
+pub fn check(spki: &[u8], accept_rsa: bool, held: impl Fn(&Key) -> bool) -> Result<Key, IssuerError> {
     let key = parse(spki)?;
     if matches!(key, Key::Rsa { .. }) && !accept_rsa {
         return Err(invalid(
@@ -125,12 +115,12 @@ pub fn check(spki: &[u8], held: &[Key], accept_rsa: bool) -> Result<(), IssuerEr
              Ed25519 key (or set `cluster.spec.ca.accept_rsa_keys: true`)",
         ));
     }
-    if held.contains(&key) {
+    if held(&key) {
         return Err(invalid(
             "is a key the issuer holds itself (a CA's, or one it signs or serves with)",
         ));
     }
-    Ok(())
+    Ok(key)
 }
 
 /// Checks that the holder of the key of `spki` (a bot certificate's SubjectPublicKeyInfo) signed
@@ -138,13 +128,16 @@ pub fn check(spki: &[u8], held: &[Key], accept_rsa: bool) -> Result<(), IssuerEr
 pub fn verify(spki: &[u8], message: &[u8], signature: &[u8]) -> Result<(), IssuerError> {
     let unreadable = || IssuerError::Unauthenticated("the certificate's public key cannot be read".into());
     let (_, parsed) = SubjectPublicKeyInfo::from_der(spki).map_err(|_| unreadable())?;
-    let algorithm: &'static dyn aws_lc_rs::signature::VerificationAlgorithm =
-        match parsed.algorithm.algorithm.to_id_string().as_str() {
-            EC_PUBLIC_KEY => &ECDSA_P256_SHA256_ASN1,
-            ED25519_OID => &ED25519,
-            RSA => &RSA_PKCS1_2048_8192_SHA256,
-            _ => return Err(unreadable()),
-        };
+    let oid = &parsed.algorithm.algorithm;
+    let algorithm: &'static dyn aws_lc_rs::signature::VerificationAlgorithm = if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        &ECDSA_P256_SHA256_ASN1
+    } else if *oid == OID_SIG_ED25519 {
+        &ED25519
+    } else if *oid == OID_PKCS1_RSAENCRYPTION {
+        &RSA_PKCS1_2048_8192_SHA256
+    } else {
+        return Err(unreadable());
+    };
     UnparsedPublicKey::new(algorithm, parsed.subject_public_key.data.as_ref())
         .verify(message, signature)
         .map_err(|_| IssuerError::Unauthenticated("the renewal was not signed with the certificate's key".into()))
@@ -182,16 +175,16 @@ mod tests {
     #[test]
     fn only_real_keys_pass() {
         let good = rcgen::KeyPair::generate().unwrap().subject_public_key_info();
-        assert!(check(&good, &[], false).is_ok());
+        assert!(check(&good, false, |_| false).is_ok());
         let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
             .unwrap()
             .subject_public_key_info();
-        assert!(check(&ed, &[], false).is_ok());
+        assert!(check(&ed, false, |_| false).is_ok());
         // A point not on the curve, a 2-byte key, random bytes.
         let mut off_curve = vec![0x04];
         off_curve.extend([7u8; 64]);
         for bad in [ec_spki(&off_curve), ec_spki(&[0x04, 0x01]), vec![0x5a; 64]] {
-            let why = check(&bad, &[], false).unwrap_err().to_string();
+            let why = check(&bad, false, |_| false).unwrap_err().to_string();
             assert!(why.contains("the public key"), "{why}");
         }
         // A 31-byte Ed25519 key.
@@ -199,7 +192,7 @@ mod tests {
         short.truncate(ed.len() - 1);
         short[1] -= 1;
         short[ed.len() - 34] -= 1;
-        assert!(check(&short, &[], false).is_err());
+        assert!(check(&short, false, |_| false).is_err());
         // A CA's own key.
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -207,23 +200,23 @@ mod tests {
         let ca = params.self_signed(&ca_key).unwrap();
         let (_, parsed) = x509_parser::parse_x509_certificate(ca.der()).unwrap();
         let held = parse(parsed.public_key().raw).unwrap();
-        let why = check(&ca_key.subject_public_key_info(), &[held], false).unwrap_err();
+        let why = check(&ca_key.subject_public_key_info(), false, |k| *k == held).unwrap_err();
         assert!(why.to_string().contains("a key the issuer holds"), "{why}");
         // The same point compressed, and a whole SubjectPublicKeyInfo inside the bit string.
         let point = parsed.public_key().subject_public_key.data.to_vec();
         let mut compressed = vec![0x02 + (point[64] & 1)];
         compressed.extend(&point[1..33]);
-        assert!(check(&ec_spki(&compressed), &[], false).is_err());
+        assert!(check(&ec_spki(&compressed), false, |_| false).is_err());
         let nested = ec_spki_long(&ca_key.subject_public_key_info());
-        assert!(check(&nested, &[], false).is_err());
+        assert!(check(&nested, false, |_| false).is_err());
         // RSA only where the cluster allows it, and then of 2048 bits or more.
         let rsa = rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
             .unwrap()
             .subject_public_key_info();
-        let why = check(&rsa, &[], false).unwrap_err().to_string();
+        let why = check(&rsa, false, |_| false).unwrap_err().to_string();
         assert!(why.contains("accept_rsa_keys"), "{why}");
-        assert!(check(&rsa, &[], true).is_ok());
-        let why = check(&rsa_spki_of_bits(1024), &[], true).unwrap_err().to_string();
+        assert!(check(&rsa, true, |_| false).is_ok());
+        let why = check(&rsa_spki_of_bits(1024), true, |_| false).unwrap_err().to_string();
         assert!(why.contains("1024 bits"), "{why}");
     }
 

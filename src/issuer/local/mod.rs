@@ -540,8 +540,15 @@ impl Issuer for LocalIssuer {
         let (svid, record) = {
             let mut state = self.lock();
             let (decision, claims) = state.decide(&request.bot_certificate, &request.identity, &request.workload)?;
-            state.check_key(&request.public_key)?;
-            let minted = mint::x509_svid(&state.authority, &decision, &request.public_key, request.ttl, now())?;
+            let key = state.check_key(&request.public_key)?;
+            let minted = mint::x509_svid(
+                &state.authority,
+                &decision,
+                &request.public_key,
+                &key,
+                request.ttl,
+                now(),
+            )?;
             let kind = IssuedKind::X509Svid;
             let record = state.issued(
                 kind,

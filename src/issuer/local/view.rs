@@ -21,14 +21,14 @@ pub struct Authenticated {
 }
 
 impl State {
-    /// Checks a public key a bot sent before anything is recorded or signed for it.
-    pub(super) fn check_key(&self, spki: &[u8]) -> Result<(), IssuerError> {
-        let held: Vec<crate::issuer::keys::public::Key> = (self.authority.cas().iter())
-            .filter_map(|ca| ca.held_key().cloned())
-            .chain(self.jwt.held_keys())
-            .chain(self.served.iter().cloned())
-            .collect();
-        crate::issuer::keys::public::check(spki, &held, self.policy.accept_rsa_keys)
+    /// Checks a public key a bot sent before anything is recorded or signed for it; the key as
+    /// checked.
+    pub(super) fn check_key(&self, spki: &[u8]) -> Result<crate::issuer::keys::public::Key, IssuerError> {
+        crate::issuer::keys::public::check(spki, self.policy.accept_rsa_keys, |key| {
+            self.authority.cas().iter().any(|ca| ca.held_key() == Some(key))
+                || self.jwt.holds(key)
+                || self.served.contains(key)
+        })
     }
 
     /// Remembers the key of a serving certificate or endpoint SVID this process minted.
