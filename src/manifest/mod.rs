@@ -37,13 +37,16 @@ pub struct Object {
     /// The `workload.*` attributes a `workload_identity`'s rules and templates read (sorted; empty
     /// for other kinds), worked out once: the checks, label selection and every issuance record ask.
     pub reads: Vec<String>,
+    /// A `workload_identity`'s JWT claim templates, parsed once (by their text, sorted): every
+    /// JWT-SVID renders them.
+    pub claim_templates: Vec<(String, crate::resource::template::Template)>,
 }
 
 impl Object {
     pub fn new(document: Document, location: Location, hash: String, source: String) -> Object {
-        let reads = match &document {
-            Document::WorkloadIdentity(wi) => wi.workload_attributes_read(),
-            _ => Vec::new(),
+        let (reads, claim_templates) = match &document {
+            Document::WorkloadIdentity(wi) => (wi.workload_attributes_read(), wi.parse_claim_templates()),
+            _ => (Vec::new(), Vec::new()),
         };
         Object {
             document,
@@ -51,6 +54,7 @@ impl Object {
             hash,
             source,
             reads,
+            claim_templates,
         }
     }
 }

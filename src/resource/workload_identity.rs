@@ -178,6 +178,16 @@ impl WorkloadIdentity {
         names.into_iter().filter(|n| n.starts_with("workload.")).collect()
     }
 
+    /// The templates among its `jwt.extra_claims` (a string with `{{`), parsed, sorted by their
+    /// text: what [`crate::manifest::Object`] keeps so that no issuance parses them.
+    pub fn parse_claim_templates(&self) -> Vec<(String, Template)> {
+        let mut out = std::collections::BTreeMap::new();
+        for value in self.spec.spiffe.jwt.iter().flat_map(|jwt| jwt.extra_claims.values()) {
+            collect_claim_templates(value, &mut out);
+        }
+        out.into_iter().collect()
+    }
+
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         check_id_template(&mut out, &self.spec.spiffe.id);
@@ -285,6 +295,22 @@ const TEMPLATE_HINT: &str =
 /// Escapes one JSON pointer segment.
 pub fn escape_pointer(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
+}
+
+/// Every string of `value` (a claim, or an array or object of them) that is a template, parsed,
+/// by its text.
+fn collect_claim_templates(value: &serde_json::Value, out: &mut std::collections::BTreeMap<String, Template>) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains("{{") => {
+            if let Ok(t) = Template::parse(s) {
+                out.insert(s.clone(), t);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_claim_templates(v, out)),
+        Value::Object(map) => map.values().for_each(|v| collect_claim_templates(v, out)),
+        _ => {}
+    }
 }
 
 fn collect_claim_attributes(value: &serde_json::Value, names: &mut std::collections::BTreeSet<String>) {

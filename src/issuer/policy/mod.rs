@@ -67,6 +67,11 @@ impl Identity {
     pub fn reads(&self) -> &[String] {
         &self.0.reads
     }
+
+    /// Its JWT claim templates, parsed when it was loaded, sorted by their text.
+    pub fn claim_templates(&self) -> &[(String, crate::resource::template::Template)] {
+        &self.0.claim_templates
+    }
 }
 
 impl std::ops::Deref for Identity {

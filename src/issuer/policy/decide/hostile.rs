@@ -193,7 +193,7 @@ fn no_hostile_value_renders_another_identitys_spiffe_id() {
                     attributes.set(other.clone(), ordinary(other));
                 }
                 attributes.set(attacked.clone(), &value);
-                let Ok(decision) = render(&td, wi, &attributes) else {
+                let Ok(decision) = render(&td, wi, &wi.parse_claim_templates(), &attributes) else {
                     refused_by_the_render += 1;
                     continue;
                 };

@@ -219,7 +219,7 @@ pub fn decide(policy: &Policy, bot_name: &str, identity: &str, attributes: &dyn 
         .ok_or_else(|| Denial::NoIdentity(identity.to_owned()))?;
     rbac::may_issue(policy, bot, wi)?;
     check_rules(wi, attributes)?;
-    render(&policy.trust_domain, wi, attributes)
+    render(&policy.trust_domain, wi, wi.claim_templates(), attributes)
 }
 
 /// The identities a label selector picks for this caller: every identity carrying all `labels` that
@@ -405,7 +405,14 @@ fn is_dns_label(value: &str) -> bool {
         && !value.ends_with('-')
 }
 
-fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &dyn Lookup) -> Result<Decision, Denial> {
+/// Renders what `wi` gives a caller; `parsed` holds its claim templates already parsed, by their
+/// text (any other is parsed here).
+fn render(
+    td: &TrustDomain,
+    wi: &WorkloadIdentity,
+    parsed: &[(String, Template)],
+    attributes: &dyn Lookup,
+) -> Result<Decision, Denial> {
     let spiffe = &wi.spec.spiffe;
     let name: &str = &wi.metadata.name;
     let path = render_field(wi, Field::Id, &spiffe.id, attributes)?;
@@ -449,7 +456,7 @@ fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &dyn Lookup) -> R
     let mut extra_claims = Map::new();
     if let Some(jwt) = &spiffe.jwt {
         for (key, value) in &jwt.extra_claims {
-            extra_claims.insert(key.clone(), render_claim(wi, key, value, attributes)?);
+            extra_claims.insert(key.clone(), render_claim(wi, parsed, key, value, attributes)?);
         }
     }
     let cap = |ttl: Option<Duration>, default: Duration, limit: Duration| ttl.unwrap_or(default).min(limit);
@@ -474,25 +481,40 @@ fn render(td: &TrustDomain, wi: &WorkloadIdentity, attributes: &dyn Lookup) -> R
 }
 
 /// Extra claims: strings are templates; arrays and objects are rendered inside; other values stay.
-fn render_claim(wi: &WorkloadIdentity, key: &str, value: &Value, attributes: &dyn Lookup) -> Result<Value, Denial> {
+fn render_claim(
+    wi: &WorkloadIdentity,
+    parsed: &[(String, Template)],
+    key: &str,
+    value: &Value,
+    attributes: &dyn Lookup,
+) -> Result<Value, Denial> {
     Ok(match value {
         Value::String(s) if s.contains("{{") => {
-            let template = Template::parse(s).map_err(|why| Denial::Claim {
-                identity: wi.metadata.name.to_string(),
-                key: key.to_owned(),
-                why: why.to_string(),
-            })?;
+            let known = parsed.binary_search_by(|(text, _)| text.as_str().cmp(s));
+            let template = match known {
+                Ok(at) => std::borrow::Cow::Borrowed(&parsed[at].1),
+                Err(_) => std::borrow::Cow::Owned(Template::parse(s).map_err(|why| Denial::Claim {
+                    identity: wi.metadata.name.to_string(),
+                    key: key.to_owned(),
+                    why: why.to_string(),
+                })?),
+            };
             Value::String(render_field(wi, Field::Claim(key), &template, attributes)?)
         }
         Value::Array(items) => Value::Array(
             items
                 .iter()
-                .map(|v| render_claim(wi, key, v, attributes))
+                .map(|v| render_claim(wi, parsed, key, v, attributes))
                 .collect::<Result<_, _>>()?,
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), render_claim(wi, &format!("{key}.{k}"), v, attributes)?)))
+                .map(|(k, v)| {
+                    Ok((
+                        k.clone(),
+                        render_claim(wi, parsed, &format!("{key}.{k}"), v, attributes)?,
+                    ))
+                })
                 .collect::<Result<_, Denial>>()?,
         ),
         other => other.clone(),

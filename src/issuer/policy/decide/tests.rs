@@ -152,6 +152,17 @@ fn templates_render_attributes_through_lower_and_upper() {
         Value::Object(d.extra_claims),
         serde_json::json!({"who": "b", "nested": {"uid": "42"}, "n": 1})
     );
+    // Parsed when the document was loaded, nested ones too: no issuance parses them.
+    let parsed: Vec<&str> = p
+        .identities
+        .values()
+        .next()
+        .unwrap()
+        .claim_templates()
+        .iter()
+        .map(|(text, _)| text.as_str())
+        .collect();
+    assert_eq!(parsed, ["{{user.bot_name}}", "{{workload.unix.uid}}"]);
 }
 
 #[test]
