@@ -363,29 +363,6 @@ impl LocalIssuer {
         Ok(minted)
     }
 
-    /// The bot instances (all, or one bot's), by instance key.
-    pub fn instances(&self, bot: Option<&str>) -> Vec<(String, BotRecord)> {
-        let state = self.lock();
-        state
-            .bots
-            .iter()
-            .filter(|(key, (record, _))| {
-                bot.is_none_or(|b| record.info.as_ref().map_or(key.as_str() == b, |i| i.bot == b))
-            })
-            .map(|(k, (r, _))| (k.clone(), r.clone()))
-            .collect()
-    }
-
-    /// The issuer replicas recorded in the store (with their heartbeats), by name.
-    pub fn replicas(&self) -> Vec<ReplicaRecord> {
-        self.lock().replicas.values().cloned().collect()
-    }
-
-    /// One replica's record, as the store has it.
-    pub fn replica(&self, name: &str) -> Option<ReplicaRecord> {
-        self.lock().replicas.get(name).cloned()
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.lock()
     }

@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use crate::issuer::bots::{self, BotClaims, BotRecord};
 use crate::issuer::policy::decide::{self, Attributes, Caller, Decision};
 use crate::issuer::state::issued::{Issued, IssuedKind};
+use crate::issuer::state::replicas::ReplicaRecord;
 use crate::issuer::{Bundles, IssuerError};
 
 use super::{Crls, State, VERIFIED_CACHE, dir_of, is_token, now};
@@ -272,5 +273,31 @@ impl State {
             IssuerError::JoinRefused(format!("the token names bot `{bot}`, and there is no bot by that name"))
         })?;
         Ok(doc.spec.roles.iter().map(|r| r.to_string()).collect())
+    }
+}
+
+/// What the admin API and `tbotctl` read of the bot instances and the replicas.
+impl super::LocalIssuer {
+    /// The bot instances (all, or one bot's), by instance key.
+    pub fn instances(&self, bot: Option<&str>) -> Vec<(String, BotRecord)> {
+        let state = self.lock();
+        state
+            .bots
+            .iter()
+            .filter(|(key, (record, _))| {
+                bot.is_none_or(|b| record.info.as_ref().map_or(key.as_str() == b, |i| i.bot == b))
+            })
+            .map(|(k, (r, _))| (k.clone(), r.clone()))
+            .collect()
+    }
+
+    /// The issuer replicas recorded in the store (with their heartbeats), by name.
+    pub fn replicas(&self) -> Vec<ReplicaRecord> {
+        self.lock().replicas.values().cloned().collect()
+    }
+
+    /// One replica's record, as the store has it.
+    pub fn replica(&self, name: &str) -> Option<ReplicaRecord> {
+        self.lock().replicas.get(name).cloned()
     }
 }
