@@ -169,11 +169,9 @@ impl WorkloadIdentity {
                 .flat_map(|r| r.conditions.iter())
                 .map(|c| c.attribute.to_string()),
         );
-        if let Some(jwt) = &spiffe.jwt {
-            // Claims are templates only where they contain `{{`; read them all to be safe.
-            for value in jwt.extra_claims.values() {
-                collect_claim_attributes(value, &mut names);
-            }
+        // Claims are templates only where they contain `{{`.
+        for (_, template) in self.parse_claim_templates() {
+            names.extend(template.attributes().map(|a| a.to_string()));
         }
         names.into_iter().filter(|n| n.starts_with("workload.")).collect()
     }
@@ -309,20 +307,6 @@ fn collect_claim_templates(value: &serde_json::Value, out: &mut std::collections
         }
         Value::Array(items) => items.iter().for_each(|v| collect_claim_templates(v, out)),
         Value::Object(map) => map.values().for_each(|v| collect_claim_templates(v, out)),
-        _ => {}
-    }
-}
-
-fn collect_claim_attributes(value: &serde_json::Value, names: &mut std::collections::BTreeSet<String>) {
-    use serde_json::Value;
-    match value {
-        Value::String(s) if s.contains("{{") => {
-            if let Ok(t) = Template::parse(s) {
-                names.extend(t.attributes().map(|a| a.to_string()));
-            }
-        }
-        Value::Array(items) => items.iter().for_each(|v| collect_claim_attributes(v, names)),
-        Value::Object(map) => map.values().for_each(|v| collect_claim_attributes(v, names)),
         _ => {}
     }
 }

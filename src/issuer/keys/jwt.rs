@@ -241,8 +241,6 @@ impl JwtKeys {
         &self.keys[at]
     }
 
-    /// Every published key as a JWK (prepared, active and retiring).
-    /// Every published key's public half (see [`JwtKey::held_key`]).
     /// Whether `key` (as [`crate::issuer::keys::public::check`] reads it) is one of these keys.
     pub fn holds(&self, key: &crate::issuer::keys::public::Key) -> bool {
         use crate::issuer::keys::public::Key;
@@ -251,6 +249,7 @@ impl JwtKeys {
             .any(|k| matches!(key, Key::P256(point) if point.as_slice() == k.pair.public_key().as_ref()))
     }
 
+    /// Every published key as a JWK (prepared, active and retiring).
     pub fn jwks(&self) -> Vec<Value> {
         self.keys.iter().map(|k| k.jwk().clone()).collect()
     }

@@ -124,10 +124,7 @@ pub fn jwt_svid(
     let jti = crate::hex(&jti);
     let token = key.sign(&Claims {
         sub: &decision.spiffe_id,
-        aud: match audience {
-            [one] => Audience::One(one),
-            many => Audience::Many(many),
-        },
+        aud: Audience::of(audience),
         exp: expires.unix_timestamp(),
         iat: now.unix_timestamp(),
         jti: &jti,
@@ -166,6 +163,15 @@ struct Claims<'a> {
 enum Audience<'a> {
     One(&'a str),
     Many(&'a [String]),
+}
+
+impl Audience<'_> {
+    fn of(audience: &[String]) -> Audience<'_> {
+        match audience {
+            [one] => Audience::One(one),
+            many => Audience::Many(many),
+        }
+    }
 }
 
 /// The identity's `extra_claims`, without any claim tbot sets itself: the document check refuses
@@ -291,10 +297,7 @@ mod tests {
     fn written(audience: &[String], extra: &serde_json::Map<String, Value>) -> String {
         serde_json::to_string(&Claims {
             sub: "spiffe://example.org/web",
-            aud: match audience {
-                [one] => Audience::One(one),
-                many => Audience::Many(many),
-            },
+            aud: Audience::of(audience),
             exp: 20,
             iat: 10,
             jti: "00ff",
