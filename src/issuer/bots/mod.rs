@@ -327,7 +327,7 @@ pub fn instance_key(bot: &str, instance: &str) -> String {
 /// A new instance ID: 16 random hex digits.
 pub fn new_instance_id() -> Result<String, IssuerError> {
     let mut bytes = [0u8; 8];
-    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+    crate::issuer::keys::unique(&mut bytes)?;
     Ok(crate::hex(&bytes))
 }
 

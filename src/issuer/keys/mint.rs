@@ -120,7 +120,7 @@ pub fn jwt_svid(
     }
     let expires = (now + ttl.min(decision.jwt_max_ttl)).min(key.not_after());
     let mut jti = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut jti).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+    crate::issuer::keys::unique(&mut jti)?;
     let jti = crate::hex(&jti);
     let token = key.sign(&Claims {
         sub: &decision.spiffe_id,

@@ -425,7 +425,7 @@ impl LocalIssuer {
 impl Issuer for LocalIssuer {
     async fn challenge(&self) -> Result<String, IssuerError> {
         let mut bytes = [0u8; 32];
-        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+        crate::issuer::keys::random(&mut bytes)?;
         let challenge = base64::engine::general_purpose::STANDARD.encode(bytes);
         let mut challenges = self.inner.challenges.lock().expect("challenges poisoned");
         let now = now();

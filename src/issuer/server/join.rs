@@ -112,7 +112,7 @@ async fn run_join(
         "token" => issuer.join_token(&token_join_request(init, peer)?).await,
         "iam" => {
             let mut bytes = [0u8; 32];
-            aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+            crate::issuer::keys::random(&mut bytes)?;
             let challenge = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
             let sent = tx
                 .send(Ok(proto::JoinResponse {

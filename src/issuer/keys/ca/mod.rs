@@ -455,7 +455,7 @@ pub fn generate_key(algorithm: KeyAlgorithm) -> Result<KeyPair, IssuerError> {
 /// A random positive 128-bit serial number.
 pub fn random_serial() -> Result<SerialNumber, IssuerError> {
     let mut bytes = [0u8; 16];
-    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| IssuerError::Crypto("the random generator failed".into()))?;
+    crate::issuer::keys::unique(&mut bytes)?;
     bytes[0] &= 0x7f;
     bytes[0] |= 0x40;
     Ok(SerialNumber::from_slice(&bytes))
