@@ -382,26 +382,38 @@ impl Template {
         })
     }
 
-    /// Renders the template with `value` giving each attribute's value; an attribute that is not set
-    /// is an error naming it.
-    pub fn render(&self, mut value: impl FnMut(&Attribute) -> Option<String>) -> Result<String, Unset> {
-        let mut out = String::new();
+    /// Renders the template with `value` giving each attribute's value (borrowed or owned); an
+    /// attribute that is not set is an error naming it.
+    pub fn render<V: AsRef<str>>(&self, mut value: impl FnMut(&Attribute) -> Option<V>) -> Result<String, Unset> {
+        let mut out = String::with_capacity(self.source.len());
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
-                Part::Expr(expr) => out.push_str(&eval(expr, &mut value)?),
+                Part::Expr(expr) => eval(expr, &mut value, &mut out)?,
             }
         }
         Ok(out)
     }
 }
 
-fn eval(expr: &Expr, value: &mut impl FnMut(&Attribute) -> Option<String>) -> Result<String, Unset> {
+/// Appends what `expr` renders to `out`.
+fn eval<V: AsRef<str>>(
+    expr: &Expr,
+    value: &mut impl FnMut(&Attribute) -> Option<V>,
+    out: &mut String,
+) -> Result<(), Unset> {
     match expr {
-        Expr::Attribute(a) => value(a).ok_or_else(|| Unset(a.to_string())),
-        Expr::Lower(e) => eval(e, value).map(|s| s.to_lowercase()),
-        Expr::Upper(e) => eval(e, value).map(|s| s.to_uppercase()),
+        Expr::Attribute(a) => out.push_str(value(a).ok_or_else(|| Unset(a.to_string()))?.as_ref()),
+        Expr::Lower(e) | Expr::Upper(e) => {
+            let mut inner = String::new();
+            eval(e, value, &mut inner)?;
+            out.push_str(&match expr {
+                Expr::Lower(_) => inner.to_lowercase(),
+                _ => inner.to_uppercase(),
+            });
+        }
     }
+    Ok(())
 }
 
 fn check_literal(literal: &str) -> Result<(), TemplateError> {
@@ -435,13 +447,7 @@ mod tests {
         let attrs: Vec<String> = t.attributes().map(|a| a.to_string()).collect();
         assert_eq!(attrs, ["workload.systemd.service", "user.traits.team"]);
         let rendered = t
-            .render(|a| {
-                Some(if a.base == "user.traits" {
-                    "Blue".into()
-                } else {
-                    "web".into()
-                })
-            })
+            .render(|a| Some(if a.base == "user.traits" { "Blue" } else { "web" }))
             .unwrap();
         assert_eq!(rendered, "/svc/web/blue");
     }
@@ -482,7 +488,7 @@ mod tests {
     fn rendering_names_an_unset_attribute() {
         let t = Template::parse("/svc/{{workload.systemd.service}}").unwrap();
         assert!(
-            t.render(|_| None)
+            t.render(|_| None::<&str>)
                 .unwrap_err()
                 .to_string()
                 .contains("workload.systemd.service")

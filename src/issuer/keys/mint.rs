@@ -33,7 +33,7 @@ pub struct Minted<T> {
 /// CA's own expiry.
 pub fn x509_svid(
     authority: &Authority,
-    decision: &Decision,
+    decision: Decision,
     public_key: &[u8],
     checked: &Key,
     ttl: Duration,
@@ -81,9 +81,9 @@ pub fn x509_svid(
     .map_err(|e| IssuerError::Crypto(e.to_string()))?;
     Ok(Minted {
         made: X509Svid {
-            identity: decision.identity.clone(),
-            spiffe_id: decision.spiffe_id.clone(),
-            hint: decision.hint.clone(),
+            identity: decision.identity,
+            spiffe_id: decision.spiffe_id,
+            hint: decision.hint,
             certificate: cert.der().to_vec(),
             not_after,
         },
@@ -110,7 +110,7 @@ impl PublicKeyData for P256Point<'_> {
 pub fn jwt_svid(
     key: &JwtKey,
     issuer: Option<&str>,
-    decision: &Decision,
+    decision: Decision,
     audience: &[String],
     ttl: Duration,
     now: OffsetDateTime,
@@ -133,9 +133,9 @@ pub fn jwt_svid(
     })?;
     Ok(Minted {
         made: JwtSvid {
-            identity: decision.identity.clone(),
-            spiffe_id: decision.spiffe_id.clone(),
-            hint: decision.hint.clone(),
+            identity: decision.identity,
+            spiffe_id: decision.spiffe_id,
+            hint: decision.hint,
             token,
             expires,
         },

@@ -59,12 +59,15 @@ impl Inner {
 
     /// Records what was issued: in the issuance log, and counted.
     pub(super) fn record(&self, record: crate::issuer::state::issued::Issued) {
-        let metrics = self.metrics();
-        match record.kind {
-            IssuedKind::X509Svid => metrics.x509_signed.inc(),
-            IssuedKind::JwtSvid => metrics.jwt_signed.inc(),
-            IssuedKind::BotCertificate => metrics.bots_signed.inc(),
-        };
+        {
+            // Counted in place: a copy of the metrics is seven reference counts up and down.
+            let metrics = self.metrics.read().expect("metrics poisoned");
+            match record.kind {
+                IssuedKind::X509Svid => metrics.x509_signed.inc(),
+                IssuedKind::JwtSvid => metrics.jwt_signed.inc(),
+                IssuedKind::BotCertificate => metrics.bots_signed.inc(),
+            };
+        }
         self.issued.record(record);
     }
 }

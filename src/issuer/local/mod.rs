@@ -520,7 +520,7 @@ impl Issuer for LocalIssuer {
             let key = state.check_key(&request.public_key)?;
             let minted = mint::x509_svid(
                 &state.authority,
-                &decision,
+                decision,
                 &request.public_key,
                 &key,
                 request.ttl,
@@ -530,7 +530,7 @@ impl Issuer for LocalIssuer {
             let record = state.issued(
                 kind,
                 &claims,
-                &decision,
+                (&minted.made.identity, &minted.made.spiffe_id),
                 &request.workload,
                 minted.serial,
                 minted.made.not_after,
@@ -549,7 +549,7 @@ impl Issuer for LocalIssuer {
             let minted = mint::jwt_svid(
                 state.jwt.active(),
                 state.policy.jwt_issuer.as_deref(),
-                &decision,
+                decision,
                 &request.audience,
                 request.ttl,
                 now(),
@@ -558,7 +558,7 @@ impl Issuer for LocalIssuer {
             let mut record = state.issued(
                 kind,
                 &claims,
-                &decision,
+                (&minted.made.identity, &minted.made.spiffe_id),
                 &request.workload,
                 minted.serial,
                 minted.made.expires,

@@ -225,13 +225,13 @@ impl State {
         Ok((decision, claims))
     }
 
-    /// An issuance log record of an SVID `minted` for `claims`' bot instance: the workload
-    /// attributes recorded are those the identity reads.
+    /// An issuance log record of an SVID of `(identity, SPIFFE ID)` for `claims`' bot instance:
+    /// the workload attributes recorded are those the identity reads.
     pub(super) fn issued(
         &self,
         kind: IssuedKind,
         claims: &BotClaims,
-        decision: &Decision,
+        (identity, spiffe_id): (&str, &str),
         workload: &Attributes,
         serial: String,
         not_after: time::OffsetDateTime,
@@ -239,7 +239,7 @@ impl State {
         let reads = self
             .policy
             .identities
-            .get(&decision.identity)
+            .get(identity)
             .map(|wi| wi.reads())
             .unwrap_or_default();
         let read = |name: &str| {
@@ -253,10 +253,10 @@ impl State {
         Issued {
             kind,
             serial,
-            spiffe_id: decision.spiffe_id.clone(),
+            spiffe_id: spiffe_id.to_owned(),
             bot: claims.bot.clone(),
             instance: claims.instance.clone(),
-            identity: decision.identity.clone(),
+            identity: identity.to_owned(),
             attributes: workload
                 .iter()
                 .filter(|(name, _)| read(name))

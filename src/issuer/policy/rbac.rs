@@ -35,13 +35,14 @@ fn covers_workload_identity(resources: &[String]) -> bool {
 
 /// Whether a role side grants both `read` and `list` on `workload_identity`.
 fn grants_read_list(conditions: &RoleConditions) -> bool {
-    let verbs: Vec<Verb> = conditions
-        .rules
-        .iter()
-        .filter(|rule| covers_workload_identity(&rule.resources))
-        .flat_map(|rule| rule.verbs.iter().copied())
-        .collect();
-    let has = |verb| verbs.iter().any(|v| *v == verb || *v == Verb::All);
+    let has = |verb| {
+        conditions
+            .rules
+            .iter()
+            .filter(|rule| covers_workload_identity(&rule.resources))
+            .flat_map(|rule| rule.verbs.iter())
+            .any(|v| *v == verb || *v == Verb::All)
+    };
     has(Verb::Read) && has(Verb::List)
 }
 

@@ -384,7 +384,7 @@ fn render_field(
             });
             None
         }
-        Ok(v) => Some(v.to_owned()),
+        Ok(v) => Some(v),
         Err(why) => {
             failure.get_or_insert(why);
             None
