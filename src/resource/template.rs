@@ -407,10 +407,12 @@ fn eval<V: AsRef<str>>(
         Expr::Lower(e) | Expr::Upper(e) => {
             let mut inner = String::new();
             eval(e, value, &mut inner)?;
-            out.push_str(&match expr {
-                Expr::Lower(_) => inner.to_lowercase(),
-                _ => inner.to_uppercase(),
-            });
+            let cased = if matches!(expr, Expr::Lower(_)) {
+                inner.to_lowercase()
+            } else {
+                inner.to_uppercase()
+            };
+            out.push_str(&cased);
         }
     }
     Ok(())

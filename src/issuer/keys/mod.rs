@@ -25,11 +25,12 @@ thread_local! {
 }
 
 /// `buf` filled with random bytes for values that are published and must be unpredictable and
-/// never repeat, but are not secrets: certificate serial numbers and JWT `jti`s. They come from
-/// the same generator as [`random`]'s, drawn [`POOL`] bytes at a time into a pool of this thread:
-/// aws-lc's generator costs about 0.5 µs a call whatever the size up to 1 KiB (it reseeds from the
-/// CPU on every call), a tenth of an issuance's work besides its signature. Each byte is handed
-/// out once and zeroed as it is. tbot never forks without exec, so no two processes share a pool.
+/// never repeat, but are not secrets: certificate serial numbers, JWT `jti`s, bot instance IDs.
+/// They come from the same generator as [`random`]'s, drawn [`POOL`] bytes at a time into a pool
+/// of this thread: aws-lc's generator costs about 0.5 µs a call whatever the size up to 1 KiB (it
+/// mixes the CPU's own random numbers into every call), about a seventh of an issuance's work
+/// besides its signature. Each byte is handed out once and zeroed as it is. tbot never forks
+/// without exec, so no two processes share a pool.
 pub fn unique(buf: &mut [u8]) -> Result<(), IssuerError> {
     if buf.len() > POOL {
         return random(buf);
