@@ -41,6 +41,37 @@ impl Key {
     }
 }
 
+/// The three key algorithms the issuer reads, by a SubjectPublicKeyInfo's algorithm OID.
+#[derive(Clone, Copy)]
+enum Algorithm {
+    P256,
+    Ed25519,
+    Rsa,
+}
+
+impl Algorithm {
+    fn of(oid: &x509_parser::oid_registry::Oid<'_>) -> Option<Algorithm> {
+        if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+            Some(Algorithm::P256)
+        } else if *oid == OID_SIG_ED25519 {
+            Some(Algorithm::Ed25519)
+        } else if *oid == OID_PKCS1_RSAENCRYPTION {
+            Some(Algorithm::Rsa)
+        } else {
+            None
+        }
+    }
+
+    /// How aws-lc verifies a signature of a key of this algorithm.
+    fn verification(self) -> &'static dyn aws_lc_rs::signature::VerificationAlgorithm {
+        match self {
+            Algorithm::P256 => &ECDSA_P256_SHA256_ASN1,
+            Algorithm::Ed25519 => &ED25519,
+            Algorithm::Rsa => &RSA_PKCS1_2048_8192_SHA256,
+        }
+    }
+}
+
 fn invalid(why: &str) -> IssuerError {
     IssuerError::Invalid(format!("the public key {why}"))
 }
@@ -54,54 +85,59 @@ pub fn parse(spki: &[u8]) -> Result<Key, IssuerError> {
         return Err(invalid("has bytes after its SubjectPublicKeyInfo"));
     }
     let bits = parsed.subject_public_key.data.as_ref();
-    let valid = |algorithm, bytes: &[u8]| {
-        ParsedPublicKey::new(algorithm, bytes)
+    let oid = &parsed.algorithm.algorithm;
+    let Some(algorithm) = Algorithm::of(oid) else {
+        return Err(invalid(&format!(
+            "has algorithm {}; use an ECDSA P-256 or Ed25519 key",
+            oid.to_id_string()
+        )));
+    };
+    let valid = |bytes: &[u8]| {
+        ParsedPublicKey::new(algorithm.verification(), bytes)
             .map(drop)
             .map_err(|e| invalid(&format!("is not a valid key of its algorithm ({e})")))
     };
-    let algorithm = &parsed.algorithm.algorithm;
-    if *algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = parsed.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
-        if curve != Some(OID_EC_P256) {
-            return Err(invalid("is an EC key of another curve than P-256"));
+    match algorithm {
+        Algorithm::P256 => {
+            let curve = parsed.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+            if curve != Some(OID_EC_P256) {
+                return Err(invalid("is an EC key of another curve than P-256"));
+            }
+            if bits.len() != 65 || bits[0] != 0x04 {
+                return Err(invalid(
+                    "is not an uncompressed P-256 point (65 bytes starting with 04)",
+                ));
+            }
+            valid(bits)?;
+            Ok(Key::P256(bits.to_vec()))
         }
-        if bits.len() != 65 || bits[0] != 0x04 {
-            return Err(invalid(
-                "is not an uncompressed P-256 point (65 bytes starting with 04)",
-            ));
+        Algorithm::Ed25519 => {
+            if bits.len() != 32 {
+                return Err(invalid(&format!("is an Ed25519 key of {} bytes, not 32", bits.len())));
+            }
+            valid(bits)?;
+            Ok(Key::Ed25519(bits.to_vec()))
         }
-        valid(&ECDSA_P256_SHA256_ASN1, bits)?;
-        Ok(Key::P256(bits.to_vec()))
-    } else if *algorithm == OID_SIG_ED25519 {
-        if bits.len() != 32 {
-            return Err(invalid(&format!("is an Ed25519 key of {} bytes, not 32", bits.len())));
+        Algorithm::Rsa => {
+            let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = parsed.parsed() else {
+                return Err(invalid("is not an RSA public key (modulus, exponent)"));
+            };
+            let trim = |b: &[u8]| b.iter().skip_while(|&&x| x == 0).copied().collect::<Vec<u8>>();
+            let key = Key::Rsa {
+                modulus: trim(rsa.modulus),
+                exponent: trim(rsa.exponent),
+                bits: rsa.key_size(),
+            };
+            if !(2048..=8192).contains(&rsa.key_size()) {
+                return Err(invalid(&format!(
+                    "is an RSA key of {} bits; an RSA key has 2048 to 8192 bits",
+                    rsa.key_size()
+                )));
+            }
+            // aws-lc checks the modulus size when it verifies, not when it parses.
+            valid(bits)?;
+            Ok(key)
         }
-        valid(&ED25519, bits)?;
-        Ok(Key::Ed25519(bits.to_vec()))
-    } else if *algorithm == OID_PKCS1_RSAENCRYPTION {
-        let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = parsed.parsed() else {
-            return Err(invalid("is not an RSA public key (modulus, exponent)"));
-        };
-        let trim = |b: &[u8]| b.iter().skip_while(|&&x| x == 0).copied().collect::<Vec<u8>>();
-        let key = Key::Rsa {
-            modulus: trim(rsa.modulus),
-            exponent: trim(rsa.exponent),
-            bits: rsa.key_size(),
-        };
-        if !(2048..=8192).contains(&rsa.key_size()) {
-            return Err(invalid(&format!(
-                "is an RSA key of {} bits; an RSA key has 2048 to 8192 bits",
-                rsa.key_size()
-            )));
-        }
-        // aws-lc checks the modulus size when it verifies, not when it parses.
-        valid(&RSA_PKCS1_2048_8192_SHA256, bits)?;
-        Ok(key)
-    } else {
-        Err(invalid(&format!(
-            "has algorithm {}; use an ECDSA P-256 or Ed25519 key",
-            algorithm.to_id_string()
-        )))
     }
 }
 
@@ -128,17 +164,8 @@ pub fn check(spki: &[u8], accept_rsa: bool, held: impl Fn(&Key) -> bool) -> Resu
 pub fn verify(spki: &[u8], message: &[u8], signature: &[u8]) -> Result<(), IssuerError> {
     let unreadable = || IssuerError::Unauthenticated("the certificate's public key cannot be read".into());
     let (_, parsed) = SubjectPublicKeyInfo::from_der(spki).map_err(|_| unreadable())?;
-    let oid = &parsed.algorithm.algorithm;
-    let algorithm: &'static dyn aws_lc_rs::signature::VerificationAlgorithm = if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        &ECDSA_P256_SHA256_ASN1
-    } else if *oid == OID_SIG_ED25519 {
-        &ED25519
-    } else if *oid == OID_PKCS1_RSAENCRYPTION {
-        &RSA_PKCS1_2048_8192_SHA256
-    } else {
-        return Err(unreadable());
-    };
-    UnparsedPublicKey::new(algorithm, parsed.subject_public_key.data.as_ref())
+    let algorithm = Algorithm::of(&parsed.algorithm.algorithm).ok_or_else(unreadable)?;
+    UnparsedPublicKey::new(algorithm.verification(), parsed.subject_public_key.data.as_ref())
         .verify(message, signature)
         .map_err(|_| IssuerError::Unauthenticated("the renewal was not signed with the certificate's key".into()))
 }
