@@ -10,7 +10,9 @@ Usage:
 Prints one JSON object. Nothing here is tbot code: it is what Envoy's own message definitions say.
 """
 
+import faulthandler
 import json
+import os
 import queue
 import sys
 import threading
@@ -26,6 +28,7 @@ from google.rpc import status_pb2
 
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 QUIET = 1.0
+STREAM_DEADLINE = 60
 
 
 def node(major=1, minor=40):
@@ -98,7 +101,8 @@ class Stream:
     def __init__(self, socket):
         self.requests = queue.Queue()
         self.responses = queue.Queue()
-        self.call = stub(socket).StreamSecrets(iter(self.requests.get, None))
+        # A deadline, so that no step can wait forever: longer than any step's own wait.
+        self.call = stub(socket).StreamSecrets(iter(self.requests.get, None), timeout=STREAM_DEADLINE)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -120,6 +124,7 @@ class Stream:
 
     def close(self):
         self.requests.put(None)
+        self.call.cancel()
 
 
 def outcome(item):
@@ -165,7 +170,7 @@ def protocol(socket, spiffe_id):
     s.close()
     # DeltaSecrets is not served.
     try:
-        call = stub(socket).DeltaSecrets(iter([discovery_pb2.DeltaDiscoveryRequest(type_url=SECRET)]))
+        call = stub(socket).DeltaSecrets(iter([discovery_pb2.DeltaDiscoveryRequest(type_url=SECRET)]), timeout=10)
         next(call)
         steps["delta"] = {"error": None}
     except grpc.RpcError as e:
@@ -226,6 +231,9 @@ def fields():
 
 
 def main():
+    # A hang names its line: every thread's stack on stderr, then exit 1, well before the test's own
+    # limit. The longest wait here is a rotation's (its SECONDS) plus a few 10 s reads.
+    faulthandler.dump_traceback_later(120, exit=True)
     command, args = sys.argv[1], sys.argv[2:]
     if command == "fields":
         result = fields()
@@ -239,7 +247,10 @@ def main():
         result = rotation(args[0], float(args[1]))
     else:
         raise SystemExit(f"unknown command {command}")
-    print(json.dumps(result, indent=1, sort_keys=True))
+    print(json.dumps(result, indent=1, sort_keys=True), flush=True)
+    # Not through the interpreter's shutdown: grpcio can hang there on a channel that still has a
+    # call in flight (grpc/grpc#4969 and its kin), which is grpcio's, not what these tests check.
+    os._exit(0)
 
 
 if __name__ == "__main__":
