@@ -226,6 +226,12 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// The allocator of the `tbot` binary (see src/bin/tbot.rs), so that what runs in this process (the
+/// Workload API, the issuer, minting, and the load generators and floors beside them) runs as it
+/// does in the product.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let Some(options) = options() else { return };
     let runs = |name: &str| options.only.is_empty() || options.only.iter().any(|o| o == name);
