@@ -256,7 +256,8 @@ struct X509Watch {
 
 pub(super) type Changes = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = ()> + Send>>;
 
-/// A caller's SVID slots and the trust bundle, subscribed to: `changes` yields on a change of any.
+/// A caller's SVID slots and the trust bundle, subscribed to: `changes` yields on a change of any
+/// after the subscription (what they hold when subscribed is read with [`Svids::made`]).
 pub(super) struct Svids {
     pub slots: Vec<watch::Receiver<Slot>>,
     pub bundles: watch::Receiver<Arc<Bundles>>,
@@ -278,9 +279,12 @@ impl Svids {
         let bundles = agent.bundles();
         let mut changes: StreamMap<usize, Changes> = StreamMap::new();
         for (i, slot) in slots.iter().enumerate() {
-            changes.insert(i, Box::pin(WatchStream::new(slot.clone()).map(|_| ())));
+            changes.insert(i, Box::pin(WatchStream::from_changes(slot.clone()).map(|_| ())));
         }
-        changes.insert(usize::MAX, Box::pin(WatchStream::new(bundles.clone()).map(|_| ())));
+        changes.insert(
+            usize::MAX,
+            Box::pin(WatchStream::from_changes(bundles.clone()).map(|_| ())),
+        );
         Ok(Svids {
             slots,
             bundles,
@@ -346,22 +350,23 @@ impl Watch for X509Watch {
     /// At once on open, then on every change.
     async fn next(&mut self) -> Option<Result<X509svidResponse, Status>> {
         loop {
-            let Some(svids) = self.svids.as_mut() else {
-                // (Re-)resolve: at open, and whenever the documents or the service's config change.
-                match Svids::subscribe(&self.follow, self.first.take()).await {
+            match self.svids.as_mut() {
+                // (Re-)resolve: at open, and whenever the documents or the service's config change;
+                // what the new subscription holds is answered at once.
+                None => match Svids::subscribe(&self.follow, self.first.take()).await {
                     Ok(svids) => self.svids = Some(svids),
                     Err(status) => return Some(Err(status)),
-                }
-                continue;
-            };
-            match self.follow.wake(svids.changes.next()).await {
-                Woke::Data(_) => {}
-                Woke::Resolve => {
-                    self.svids = None;
-                    continue;
-                }
-                Woke::Stop => return None,
+                },
+                Some(svids) => match self.follow.wake(svids.changes.next()).await {
+                    Woke::Data(_) => {}
+                    Woke::Resolve => {
+                        self.svids = None;
+                        continue;
+                    }
+                    Woke::Stop => return None,
+                },
             }
+            let svids = self.svids.as_ref().expect("subscribed");
             // Several watches may fire for one change: send each distinct state once.
             let made = svids.made();
             if self.last_sent.as_ref().is_some_and(|last| last.same_as(&made)) {
