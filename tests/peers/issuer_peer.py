@@ -14,7 +14,6 @@ Usage (the test venv from scripts/test.sh has the packages):
 
 import base64
 import importlib
-import json
 import os
 import queue
 import socket
@@ -27,6 +26,8 @@ import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from peer_exit import finish, watchdog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FORGED = "2026-12-04T00:00:00.000000Z  INFO tbot::daemon: bot joined bot=admin"
@@ -332,11 +333,12 @@ def hostile(address, ca_pem, token, identity, iam_token, svc_identity, token2=No
 
 def main(argv):
     command, args = argv[1], argv[2:]
+    watchdog(300)
     if command == "hostile":
         result = hostile(*args)
     else:
         raise SystemExit(f"unknown command {command}; see the usage at the top of this file")
-    print(json.dumps(result, indent=1, sort_keys=True))
+    finish(result)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,6 @@ Usage:
 Prints one JSON object. Nothing here is tbot code: it is what Envoy's own message definitions say.
 """
 
-import faulthandler
-import json
-import os
 import queue
 import sys
 import threading
@@ -25,6 +22,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from envoy.type.v3 import semantic_version_pb2
 from google.rpc import status_pb2
+
+from peer_exit import finish, watchdog
 
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 QUIET = 1.0
@@ -231,9 +230,8 @@ def fields():
 
 
 def main():
-    # A hang names its line: every thread's stack on stderr, then exit 1, well before the test's own
-    # limit. The longest wait here is a rotation's (its SECONDS) plus a few 10 s reads.
-    faulthandler.dump_traceback_later(120, exit=True)
+    # The longest wait here is a rotation's (its SECONDS) plus a few 10 s reads.
+    watchdog(120)
     command, args = sys.argv[1], sys.argv[2:]
     if command == "fields":
         result = fields()
@@ -247,10 +245,7 @@ def main():
         result = rotation(args[0], float(args[1]))
     else:
         raise SystemExit(f"unknown command {command}")
-    print(json.dumps(result, indent=1, sort_keys=True), flush=True)
-    # Not through the interpreter's shutdown: grpcio can hang there on a channel that still has a
-    # call in flight (grpc/grpc#4969 and its kin), which is grpcio's, not what these tests check.
-    os._exit(0)
+    finish(result)
 
 
 if __name__ == "__main__":

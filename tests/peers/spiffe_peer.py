@@ -16,10 +16,11 @@ Usage (the test venv from scripts/test.sh has the packages):
                                      (PyJWT's verdict on TOKEN with the JWT bundle the socket serves now)
 """
 
-import json
 import sys
 
 import grpc
+
+from peer_exit import finish, watchdog
 
 HEADER = (("workload.spiffe.io", "true"),)
 # The `:authority` values gRPC clients send on a unix socket: grpcio's default (the percent-encoded
@@ -314,9 +315,10 @@ def watch(socket):
 
 def main(argv):
     command, args = argv[1], argv[2:]
-    if command == "watch":
+    if command == "watch":  # until it is killed
         watch(args[0])
         return
+    watchdog(300)
     if command == "authorities":
         result = authorities(*args)
     elif command == "pyspiffe":
@@ -335,7 +337,7 @@ def main(argv):
         result = jwt_check(*args)
     else:
         raise SystemExit(f"unknown command {command}; see the usage at the top of this file")
-    print(json.dumps(result, indent=1, sort_keys=True))
+    finish(result)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import time
 
 from cryptography import x509
 
+from peer_exit import finish, watchdog
+
 
 def verifies(leaf, cas):
     """Whether one of `cas` issued `leaf` (name and signature) and `leaf` is valid now."""
@@ -160,6 +162,7 @@ def bundle(path):
 
 def main(argv):
     command, args = argv[1], argv[2:]
+    watchdog(300)
     if command == "rotation":
         result = rotation(args[0], float(args[1]), args[2])
     elif command == "federation":
@@ -168,7 +171,7 @@ def main(argv):
         result = bundle(args[0])
     else:
         raise SystemExit(f"unknown command {command}; see the usage at the top of this file")
-    print(json.dumps(result, indent=1, sort_keys=True))
+    finish(result)
 
 
 if __name__ == "__main__":
