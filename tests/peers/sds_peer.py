@@ -100,7 +100,8 @@ class Stream:
     def __init__(self, socket):
         self.requests = queue.Queue()
         self.responses = queue.Queue()
-        # A deadline, so that no step can wait forever: longer than any step's own wait.
+        # A deadline, so that no step can wait forever: longer than any step's own wait (10 s reads;
+        # tests/sds.rs's rotation waits 20 s).
         self.call = stub(socket).StreamSecrets(iter(self.requests.get, None), timeout=STREAM_DEADLINE)
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -230,7 +231,7 @@ def fields():
 
 
 def main():
-    # The longest wait here is a rotation's (its SECONDS) plus a few 10 s reads.
+    # The longest wait here is a rotation's (its SECONDS, 20 in tests/sds.rs) plus a few 10 s reads.
     watchdog(120)
     command, args = sys.argv[1], sys.argv[2:]
     if command == "fields":
