@@ -107,6 +107,19 @@ struct Inner {
     journal: Option<Journal>,
 }
 
+/// How long [`Kv::close`] waits for the writer thread to finish.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether `thread` ended within `wait` (it is left to end on its own if not).
+fn joined_within(thread: JoinHandle<()>, wait: Duration) -> bool {
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = thread.join();
+        let _ = done_tx.send(());
+    });
+    done.recv_timeout(wait).is_ok()
+}
+
 /// The in-process store; with a [`Store`] directory behind it, the `directory` backend.
 pub struct MemoryKv {
     inner: Arc<Mutex<Inner>>,
@@ -390,7 +403,8 @@ impl Kv for MemoryKv {
 
     /// Lets the writer finish (what waits is written, and the files are brought up to date), then
     /// lets go of the directory: its lock goes with the last holder, not with the last task that
-    /// still holds this store. Writes after it fail; reads go on from memory.
+    /// still holds this store. Writes after it fail; reads go on from memory. On a disk that hangs,
+    /// it waits [`CLOSE_WAIT`] for the writer, then goes on without it, so the daemon still stops.
     fn close(&self) {
         let writer = self.writer.lock().map(|mut w| w.take()).unwrap_or(None);
         if let Some(writer) = writer {
@@ -400,7 +414,15 @@ impl Kv for MemoryKv {
                 journal.closing = true;
             }
             self.wake.notify_all();
-            let _ = writer.join();
+            if !joined_within(writer, CLOSE_WAIT) {
+                tracing::error!(
+                    store = %self.describe(),
+                    seconds = CLOSE_WAIT.as_secs(),
+                    "the store's log writer did not finish in time (is the disk hung?); closing without it. \
+                     No write it had not confirmed was acknowledged, and what it confirmed is in the log, \
+                     which the next start replays: check the disk (`dmesg`) before starting again"
+                );
+            }
         }
         if let Some(disk) = &self.disk
             && let Ok(mut store) = disk.store.lock()

@@ -299,3 +299,19 @@ async fn a_watch_replays_more_history_than_its_live_buffer() {
     }
     assert_eq!(seen, 3000, "every revision of the history is replayed");
 }
+
+/// Closing waits for the writer thread, but not forever: a writer stuck on a hung disk is left
+/// behind after the wait.
+#[test]
+fn joined_within_waits_for_a_thread_that_ends_and_gives_up_on_one_that_does_not() {
+    let quick = std::thread::spawn(|| {});
+    assert!(joined_within(quick, Duration::from_secs(10)));
+    let (release, stuck) = std::sync::mpsc::channel::<()>();
+    let hung = std::thread::spawn(move || {
+        let _ = stuck.recv();
+    });
+    let started = std::time::Instant::now();
+    assert!(!joined_within(hung, Duration::from_millis(100)));
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    drop(release);
+}
