@@ -395,17 +395,21 @@ async fn a_full_disk_fails_the_issuer_stores_writes_and_its_log_loses_nothing_af
         assert!(Instant::now() < deadline, "the first checkpoint did not finish");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // tmpfs allocates whole pages (4 KiB here, 64 KiB on some kernels): what is freed below is
+    // whole pages, and the big write twice that.
+    let page = rustix::fs::statvfs(&state).unwrap().f_bsize as usize;
+    let half = (32 * 1024usize).div_ceil(page) * page;
     let filler = state.join("filler");
     {
         use std::io::Write as _;
         let mut f = std::fs::File::create(&filler).unwrap();
         while f.write_all(&[0u8; 64 * 1024]).is_ok() {}
         // Half of the big write below fits: it fails with its first half in the log.
-        f.set_len(f.metadata().unwrap().len() - 32 * 1024).unwrap();
+        f.set_len(f.metadata().unwrap().len() - half as u64).unwrap();
         let _ = f.sync_all();
     }
     // Larger than the space left: the append fails part way.
-    let big = vec![b'x'; 64 * 1024];
+    let big = vec![b'x'; 2 * half];
     let err = kv
         .txn(vec![], vec![Op::put("issuer/x/full.json", big.clone())])
         .await
