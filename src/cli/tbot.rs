@@ -97,10 +97,10 @@ fn init_logging(format: LogFormat, debug: bool) -> Option<crate::daemon::LogLeve
     }))
 }
 
-/// The daemon's blocking threads. Blocking work is short (attesting a caller from /proc, loading
-/// documents, writing records). The default allows 512 threads: a burst of reconnecting workloads
-/// then starts hundreds, which exit 10 s later, and the allocator keeps what each one touched. 16
-/// bound that churn.
+/// The daemon's blocking threads. Blocking work is short (loading documents, writing records;
+/// attesting a caller from /proc runs on threads of its own, and here only when none of those takes
+/// it in time). The default allows 512 threads: a burst then starts hundreds, which exit 10 s later,
+/// and the allocator keeps what each one touched. 16 bound that churn.
 pub const MAX_BLOCKING_THREADS: usize = 16;
 
 /// The open-file limit the installed unit sets (`LimitNOFILE`).
