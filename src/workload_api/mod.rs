@@ -4,6 +4,7 @@
 pub mod client;
 pub mod codec;
 mod denial;
+mod follow;
 pub mod jwt;
 pub mod listener;
 pub mod metrics;

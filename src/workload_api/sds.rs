@@ -11,8 +11,9 @@ use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::follow::{Follow, Woke};
 use super::listener::attested;
-use super::server::{Follow, Made, OpenStream, Stream, Svids, Watch, Woke, WorkloadApi, into_stream, issued};
+use super::server::{Made, OpenStream, Stream, Svids, Watch, WorkloadApi, into_stream, issued};
 use crate::agent::{Slot, X509Material};
 use crate::issuer::{Bundles, Resolved};
 

@@ -12,12 +12,12 @@ use tokio_stream::{StreamExt, StreamMap};
 use tonic::{Request, Response, Status};
 
 use super::denial::{check_header, status};
+use super::follow::{Follow, Turns, Woke, resolve_for};
 use super::listener::{Attested, attested};
 use super::metrics::WorkloadApiMetrics;
 use super::proto::spiffe_workload_api_server::SpiffeWorkloadApi;
 use super::proto::*;
 use crate::agent::{Agent, Slot, X509Material};
-use crate::error::Explain;
 use crate::issuer::{Bundles, IdentitySelector, Resolved};
 
 /// What a service decides by: its selector and the lifetime of the SVIDs it serves. Swapped live.
@@ -30,23 +30,11 @@ pub struct ServiceConfig {
 /// One `workload-identity-api` service.
 #[derive(Clone)]
 pub struct WorkloadApi {
-    agent: Arc<Agent>,
-    config: watch::Receiver<ServiceConfig>,
+    pub(super) agent: Arc<Agent>,
+    pub(super) config: watch::Receiver<ServiceConfig>,
     /// What ends an open stream or makes it resolve its caller again, in one channel.
-    turns: watch::Receiver<Turns>,
+    pub(super) turns: watch::Receiver<Turns>,
     pub(super) metrics: WorkloadApiMetrics,
-}
-
-/// An open stream resolves its caller again when the documents change (the agent's policy
-/// generation moves) or the service's selector or lifetime does, and ends when the service stops
-/// (`stop` becomes `true` or its sender goes). The three are forwarded into this one value, so an
-/// open stream waits on one channel for them instead of three: every stream registers and drops a
-/// waiter on each channel it waits on, each time it waits.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Turns {
-    /// Moves on every change of the policy or of the service's config.
-    resolve: u64,
-    stopped: bool,
 }
 
 impl WorkloadApi {
@@ -58,11 +46,7 @@ impl WorkloadApi {
         stop: watch::Receiver<bool>,
         metrics: WorkloadApiMetrics,
     ) -> WorkloadApi {
-        let (turns_tx, turns) = watch::channel(Turns {
-            resolve: 0,
-            stopped: *stop.borrow(),
-        });
-        tokio::spawn(forward_turns(agent.policy_changes(), config.clone(), stop, turns_tx));
+        let turns = super::follow::start_turns(agent.policy_changes(), config.clone(), stop);
         WorkloadApi {
             agent,
             config,
@@ -70,57 +54,6 @@ impl WorkloadApi {
             metrics,
         }
     }
-}
-
-/// Forwards into `turns` until the service stops or no stream can be opened any more.
-async fn forward_turns(
-    mut policy: watch::Receiver<u64>,
-    mut config: watch::Receiver<ServiceConfig>,
-    mut stop: watch::Receiver<bool>,
-    turns: watch::Sender<Turns>,
-) {
-    let resolve = |turns: &watch::Sender<Turns>| turns.send_modify(|t| t.resolve += 1);
-    loop {
-        if *stop.borrow_and_update() {
-            break;
-        }
-        tokio::select! {
-            Ok(()) = policy.changed() => resolve(&turns),
-            Ok(()) = config.changed() => resolve(&turns),
-            changed = stop.changed() => if changed.is_err() { break },
-            // Every `WorkloadApi` (and so every stream) is gone.
-            () = turns.closed() => return,
-        }
-    }
-    turns.send_modify(|t| t.stopped = true);
-}
-
-/// The identities the service's current selector gives a caller, and their lifetime.
-async fn resolve_for(
-    agent: &Agent,
-    config: &watch::Receiver<ServiceConfig>,
-    workload: &Attested,
-) -> Result<(Vec<Resolved>, Duration), Status> {
-    let ServiceConfig { selector, ttl } = config.borrow().clone();
-    let resolved = agent.resolve(&selector, &workload.attributes).await.map_err(|e| {
-        if e.is_transient() {
-            status(e)
-        } else {
-            let denied = status(e);
-            Status::permission_denied(format!(
-                "{}; the caller was attested as: {}",
-                denied.message(),
-                super::denial::attested_summary(workload)
-            ))
-        }
-    })?;
-    if resolved.is_empty() {
-        return Err(Status::permission_denied(format!(
-            "no workload identity of this service matches the caller; check the service's selector and the identities' rules (`tbotctl get workload_identity`); the caller was attested as: {}",
-            super::denial::attested_summary(workload)
-        )));
-    }
-    Ok((resolved, ttl))
 }
 
 fn bundle_key(bundles: &Bundles) -> String {
@@ -203,58 +136,6 @@ fn x509_response(
         crl: bundles.crls.to_vec(),
         federated_bundles: federated_x509(bundles),
     }))
-}
-
-/// A caller as an open stream follows it: who it is, and what makes the stream resolve it again (an
-/// edit of the documents, the service's selector or lifetime) or end (the daemon stopping).
-pub(super) struct Follow {
-    agent: Arc<Agent>,
-    config: watch::Receiver<ServiceConfig>,
-    workload: Arc<Attested>,
-    turns: watch::Receiver<Turns>,
-}
-
-/// Why [`Follow::wake`] returned.
-pub(super) enum Woke<T> {
-    /// The stream's own data changed.
-    Data(T),
-    /// The caller must be resolved again.
-    Resolve,
-    /// The daemon is stopping.
-    Stop,
-}
-
-impl Follow {
-    /// Starts following: changes from now on count.
-    pub(super) fn new(api: &WorkloadApi, workload: Arc<Attested>) -> Follow {
-        let mut turns = api.turns.clone();
-        turns.mark_unchanged();
-        Follow {
-            agent: api.agent.clone(),
-            config: api.config.clone(),
-            workload,
-            turns,
-        }
-    }
-
-    pub(super) async fn resolve(&self) -> Result<(Vec<Resolved>, Duration), Status> {
-        resolve_for(&self.agent, &self.config, &self.workload).await
-    }
-
-    /// Waits for `data`, a reason to resolve the caller again, or the daemon's stop.
-    pub(super) async fn wake<T>(&mut self, data: impl std::future::Future<Output = Option<T>>) -> Woke<T> {
-        // A stream opened as the service stopped: no change of `turns` is left to wait for.
-        if self.turns.borrow().stopped {
-            return Woke::Stop;
-        }
-        tokio::select! {
-            Some(d) = data => Woke::Data(d),
-            changed = self.turns.changed() => match changed {
-                Ok(()) if !self.turns.borrow().stopped => Woke::Resolve,
-                _ => Woke::Stop,
-            },
-        }
-    }
 }
 
 /// An open stream's state: tonic polls it through [`into_stream`].
@@ -617,84 +498,4 @@ fn to_prost(value: Value) -> prost_types::Value {
         }),
     };
     prost_types::Value { kind: Some(kind) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(ttl: u64) -> ServiceConfig {
-        ServiceConfig {
-            selector: IdentitySelector::Name("svc".into()),
-            ttl: Duration::from_secs(ttl),
-        }
-    }
-
-    /// The next change of `turns`, within 5 s.
-    async fn next(turns: &mut watch::Receiver<Turns>) -> Turns {
-        let changed = tokio::time::timeout(Duration::from_secs(5), turns.changed());
-        changed
-            .await
-            .expect("turns did not move within 5 s")
-            .expect("turns closed");
-        *turns.borrow_and_update()
-    }
-
-    /// A policy change and a config change each make streams resolve again; stopping ends them.
-    #[tokio::test]
-    async fn turns_move_on_policy_and_config_and_stop_on_stop() {
-        let (policy_tx, policy) = watch::channel(0u64);
-        let (config_tx, config_rx) = watch::channel(config(60));
-        let (stop_tx, stop) = watch::channel(false);
-        let (turns_tx, mut turns) = watch::channel(Turns::default());
-        let forwarder = tokio::spawn(forward_turns(policy, config_rx, stop, turns_tx));
-
-        policy_tx.send(1).unwrap();
-        assert_eq!(
-            next(&mut turns).await,
-            Turns {
-                resolve: 1,
-                stopped: false
-            }
-        );
-
-        config_tx.send(config(120)).unwrap();
-        assert_eq!(
-            next(&mut turns).await,
-            Turns {
-                resolve: 2,
-                stopped: false
-            }
-        );
-
-        stop_tx.send(true).unwrap();
-        assert_eq!(
-            next(&mut turns).await,
-            Turns {
-                resolve: 2,
-                stopped: true
-            }
-        );
-        forwarder.await.unwrap();
-        assert!(turns.changed().await.is_err(), "the forwarder is gone once stopped");
-    }
-
-    /// The service's stop sender going away (its owner dropped) stops the streams too, as the
-    /// stop itself does.
-    #[tokio::test]
-    async fn a_dropped_stop_sender_or_a_stop_before_start_stops_the_streams() {
-        let (_policy_tx, policy) = watch::channel(0u64);
-        let (_config_tx, config_rx) = watch::channel(config(60));
-        let (stop_tx, stop) = watch::channel(false);
-        let (turns_tx, mut turns) = watch::channel(Turns::default());
-        let forwarder = tokio::spawn(forward_turns(policy.clone(), config_rx.clone(), stop, turns_tx));
-        drop(stop_tx);
-        assert!(next(&mut turns).await.stopped);
-        forwarder.await.unwrap();
-
-        let (_stop_tx, stop) = watch::channel(true);
-        let (turns_tx, turns) = watch::channel(Turns::default());
-        forward_turns(policy, config_rx, stop, turns_tx).await;
-        assert!(turns.borrow().stopped);
-    }
 }
