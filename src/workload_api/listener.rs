@@ -174,13 +174,7 @@ async fn accept_or_stop<T>(
     }
 }
 
-/// Host attestations (reading `/proc`, opening the executable) run on a few threads of their own,
-/// twice the cores (at least 2, at most 16), fed from one queue: during a burst of reconnecting
-/// workloads each thread takes one caller after another without sleeping in between, where tokio's
-/// blocking pool woke a thread for each caller, up to its 16, and on 2 cores those wake-ups and
-/// switches cost more than the attestations. Measured on the first message during a burst of 1,000
-/// connections, seven runs each: p99 53-70 ms (median 63 ms) here, 67-90 ms (median 76 ms) on the
-/// blocking pool.
+/// A caller queued for the attestation threads ([`attestors`]).
 struct Job {
     peer: Peer,
     settings: AttestSettings,
@@ -201,6 +195,13 @@ fn attestor_threads() -> usize {
     (2 * cores).clamp(2, 16)
 }
 
+/// Host attestations (reading `/proc`, opening the executable) run on a few threads of their own,
+/// twice the cores (at least 2, at most 16), fed from one queue: during a burst of reconnecting
+/// workloads each thread takes one caller after another without sleeping in between, where tokio's
+/// blocking pool woke a thread for each caller, up to its 16, and on 2 cores those wake-ups and
+/// switches cost more than the attestations. Measured on the first message during a burst of 1,000
+/// connections, seven runs each: p99 53-70 ms (median 63 ms) here, 67-90 ms (median 76 ms) on the
+/// blocking pool.
 fn attestors() -> &'static std::sync::mpsc::Sender<Job> {
     static QUEUE: OnceLock<std::sync::mpsc::Sender<Job>> = OnceLock::new();
     QUEUE.get_or_init(|| {
@@ -224,7 +225,10 @@ fn attestors() -> &'static std::sync::mpsc::Sender<Job> {
                     }
                 });
             if let Err(e) = spawned {
-                tracing::warn!(error = %e, "could not start an attestation thread; attesting on tokio's blocking pool");
+                tracing::warn!(
+                    error = %e,
+                    "could not start an attestation thread: with none running, each caller waits a second and is then attested on tokio's blocking pool; check the process's thread limit (`ulimit -u`, systemd's TasksMax)"
+                );
             }
         }
         queue
