@@ -78,6 +78,14 @@ pub enum StoreError {
     /// log keeps every answered change.
     #[error("the store ({store}) failed while {during}: a panic (a bug in tbot)")]
     Panicked { store: String, during: &'static str },
+    /// A directory store's log is this far behind (its disk is slow or hung): new transactions are
+    /// refused, not queued without bound, until it catches up. Nothing was written.
+    #[error("the store ({store}) is behind its disk: {transactions} transactions ({} KiB) wait to be written", bytes / 1024)]
+    Behind {
+        store: String,
+        bytes: usize,
+        transactions: usize,
+    },
     /// A name that would not stay inside the store (empty, absolute, `.` or `..`), or a value too
     /// large for its log: tbot chose it, so a bug; refused before anything was written.
     #[error("the store ({store}) refuses `{name}`: {reason}")]
@@ -125,6 +133,15 @@ impl StoreError {
                 store: store.clone(),
                 during,
             },
+            StoreError::Behind {
+                store,
+                bytes,
+                transactions,
+            } => StoreError::Behind {
+                store: store.clone(),
+                bytes: *bytes,
+                transactions: *transactions,
+            },
             StoreError::Refused { store, name, reason } => StoreError::Refused {
                 store: store.clone(),
                 name: name.clone(),
@@ -147,6 +164,10 @@ impl crate::error::Explain for StoreError {
                 "tbot retries by itself; check that the store answers and has quorum (`etcdctl endpoint health`)"
             }
             StoreError::Compacted { .. } | StoreError::LeaseExpired { .. } => "tbot lists the store again by itself",
+            StoreError::Behind { .. } => {
+                "tbot retries by itself, and the store takes writes again once its log catches up; the disk under the \
+                 storage directory is not keeping up: check it (`dmesg`, `iostat -x 1`)"
+            }
             StoreError::Sealed { .. } => {
                 "give this replica the same `key_encryption_key_file` as the replica that created the CA (the same \
                  32 bytes on every replica)"
@@ -174,7 +195,10 @@ impl crate::error::Explain for StoreError {
     fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Io { .. } | StoreError::Unavailable { .. } | StoreError::Compacted { .. }
+            StoreError::Io { .. }
+                | StoreError::Unavailable { .. }
+                | StoreError::Compacted { .. }
+                | StoreError::Behind { .. }
         )
     }
 }

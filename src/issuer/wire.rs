@@ -10,6 +10,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use tonic::{Code, Status};
 
+use crate::error::Explain;
 use crate::issuer::{Attributes, BotCertificate, Bundles, IssuerError, JwtSvid, Resolution, Resolved, X509Svid};
 
 /// The generated messages, clients and servers.
@@ -24,6 +25,9 @@ const BOT_KEY: &str = "tbot-bot";
 /// An issuer error as a gRPC status.
 pub fn to_status(error: &IssuerError) -> Status {
     let (code, tag) = match error {
+        // A store that may answer on a retry (behind its disk, unreachable, out of space) is the
+        // issuer being unavailable for now, as gRPC means it; anything else is its failure.
+        IssuerError::Store(e) if e.is_transient() => (Code::Unavailable, "unavailable"),
         IssuerError::Store(_) | IssuerError::Corrupt { .. } => (Code::Internal, "internal"),
         IssuerError::Crypto(_) => (Code::Internal, "crypto"),
         IssuerError::JoinRefused(_) => (Code::PermissionDenied, "join-refused"),
@@ -330,5 +334,35 @@ pub fn jwt_from_wire(s: proto::JwtSvid) -> Result<JwtSvid, IssuerError> {
 pub fn labels(map: &BTreeMap<String, String>) -> proto::Labels {
     proto::Labels {
         labels: map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    /// A store that may answer on a retry travels as `UNAVAILABLE`, and the agent retries; a store
+    /// that will not is the issuer's failure (`INTERNAL`). Both keep the store's words.
+    #[test]
+    fn a_transient_store_error_is_the_issuer_unavailable_and_any_other_its_failure() {
+        let behind = IssuerError::Store(StoreError::Behind {
+            store: "directory /var/lib/tbot".into(),
+            bytes: 64 << 20,
+            transactions: 64,
+        });
+        let status = to_status(&behind);
+        assert_eq!(status.code(), Code::Unavailable);
+        let seen = from_status(&status);
+        assert!(seen.is_transient(), "{seen}");
+        assert!(seen.to_string().contains("is behind its disk"), "{seen}");
+
+        let stopped = IssuerError::Store(StoreError::Stopped {
+            store: "directory /var/lib/tbot".into(),
+            thread: "log writer",
+        });
+        let status = to_status(&stopped);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(from_status(&status).to_string().contains("the issuer failed"));
     }
 }

@@ -478,6 +478,7 @@ impl Kv for MemoryKv {
                 (Some(journal), Some(Disk { scope, .. }))
                     if !journal.waiting.is_empty() || (held && ops.iter().any(|op| wal::on_disk(op, scope))) =>
                 {
+                    journal.admit(|| self.describe())?;
                     let (done, answer) = oneshot::channel();
                     if held {
                         wal::encode(&ops, scope, &mut journal.records).map_err(|r| self.refused(r))?;

@@ -29,6 +29,59 @@ pub(super) struct Journal {
     pub(super) stopped: bool,
     /// The last attempt to bring the files up to date has ended (for the writer thread).
     pub(super) checkpointed: Option<Checkpointed>,
+    /// When a refusal for being behind was last logged, and how many were refused since.
+    warned_behind: Option<std::time::Instant>,
+    refused_behind: u64,
+    /// Tests hold the writer, as a hung disk would.
+    #[cfg(test)]
+    pub(super) held: bool,
+}
+
+/// A `directory` store refuses new transactions while this many bytes of log records wait for the
+/// disk, or this many transactions: each waiting one holds its writes in memory until the log
+/// writer gets to it, and a caller that gave up (a client's timeout) and tried again adds another.
+/// Without a bound, a hung or slow disk under a busy issuer grows its memory without end; with it,
+/// callers are told the store is behind (a transient error: agents retry later) and nothing more
+/// is held. At the issuer's highest measured write rate the bound is seconds of writes.
+pub(super) const BEHIND_BYTES: usize = 64 << 20;
+const BEHIND_TRANSACTIONS: usize = 100_000;
+/// A store that stays behind says so at most this often.
+const BEHIND_WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl Journal {
+    /// Whether one more transaction may wait for the disk: refused with [`StoreError::Behind`] past
+    /// [`BEHIND_BYTES`] or [`BEHIND_TRANSACTIONS`]. `store` names the store.
+    pub(super) fn admit(&mut self, store: impl FnOnce() -> String) -> Result<(), StoreError> {
+        let (bytes, transactions) = (self.records.len(), self.waiting.len());
+        if bytes < BEHIND_BYTES && transactions < BEHIND_TRANSACTIONS {
+            return Ok(());
+        }
+        let error = StoreError::Behind {
+            store: store(),
+            bytes,
+            transactions,
+        };
+        self.refused_behind += 1;
+        let now = std::time::Instant::now();
+        if self
+            .warned_behind
+            .is_none_or(|at| now.duration_since(at) >= BEHIND_WARN_EVERY)
+        {
+            self.warned_behind = Some(now);
+            tracing::warn!(error = %error, refused = self.refused_behind, hint = %crate::error::Explain::hint(&error),
+                "refusing new writes until the store's log catches up with its disk");
+            self.refused_behind = 0;
+        }
+        Err(error)
+    }
+
+    /// Whether the writer must leave the waiting transactions alone (a test's hung disk).
+    fn held(&self) -> bool {
+        #[cfg(test)]
+        return self.held;
+        #[cfg(not(test))]
+        false
+    }
 }
 
 pub(super) struct Waiting {
@@ -206,7 +259,7 @@ fn write_log(
             }
             continue;
         }
-        if waiting > 0 {
+        if waiting > 0 && !journal.held() {
             let records = std::mem::take(&mut journal.records);
             let written = if records.is_empty() {
                 // Only refusals, or writes of no file: nothing to wait for.

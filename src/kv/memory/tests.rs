@@ -223,6 +223,57 @@ async fn a_directory_transaction_dropped_once_decided_is_still_written() {
     assert_eq!(std::fs::read(dir.path().join("issuer/x/ca.json")).unwrap(), b"{}");
 }
 
+/// A hung disk under a busy store: transactions wait for it up to a bound, then are refused as
+/// `Behind` (transient; nothing written) instead of holding ever more memory. Once the disk
+/// answers, every transaction that was let in is written, and the store takes writes again.
+#[tokio::test]
+async fn a_store_behind_its_disk_refuses_writes_past_its_bound_and_keeps_every_one_it_took() {
+    use crate::error::Explain;
+    use futures_util::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let kv = open(dir.path());
+    kv.lock().unwrap().journal.as_mut().unwrap().held = true;
+    let value = vec![b'x'; 1 << 20];
+    let mut taken = 0;
+    let err = loop {
+        // Decided and in line, then dropped, as by a caller that timed out and will try again.
+        let ops = vec![Op::put(format!("issuer/x/{taken}.json"), value.clone())];
+        match kv.txn(vec![], ops).now_or_never() {
+            None => taken += 1,
+            Some(Err(e)) => break e,
+            Some(Ok(_)) => panic!("written while the disk is held"),
+        }
+        assert!(taken <= 100, "never refused");
+    };
+    assert_eq!(taken, journal::BEHIND_BYTES >> 20, "refused past the bound, not before");
+    assert!(matches!(err, StoreError::Behind { transactions: 64, .. }), "{err}");
+    assert!(err.is_transient(), "agents retry later");
+    assert!(err.to_string().contains("is behind its disk"), "{err}");
+    assert!(err.hint().contains("dmesg"), "{}", err.hint());
+    // A small write too: the bound is on what waits, not on the write.
+    let small = kv.txn(vec![], vec![Op::put("issuer/x/small.json", "1")]).now_or_never();
+    assert!(matches!(small, Some(Err(StoreError::Behind { .. }))), "{small:?}");
+
+    kv.lock().unwrap().journal.as_mut().unwrap().held = false;
+    kv.wake.notify_all();
+    let last = format!("issuer/x/{}.json", taken - 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while kv.get(&last).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "what was let in is never written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kv.txn(vec![], vec![Op::put("issuer/x/after.json", "2")]).await.unwrap();
+    drop(kv);
+    let again = open(dir.path());
+    let (entries, _) = again.list("issuer/x/").await.unwrap();
+    assert_eq!(entries.len(), taken + 1, "every write let in, and the one after");
+    assert_eq!(
+        again.get("issuer/x/small.json").await.unwrap(),
+        None,
+        "refused: not written"
+    );
+}
+
 #[tokio::test]
 async fn history_is_trimmed_at_revision_boundaries() {
     let kv = MemoryKv::new();
