@@ -149,8 +149,12 @@ impl Inner {
         let weak = Arc::downgrade(self);
         let mut save = Box::pin(async move {
             let Some(inner) = weak.upgrade() else { return };
-            if let Err(e) = inner.save_authority().await {
-                tracing::warn!(error = %e, "cannot record the CA's issued-until in the store; retrying at the next issuance");
+            match inner.save_authority().await {
+                // A store behind its disk says so itself, at most every 10 s: not once per issuance.
+                Ok(()) | Err(IssuerError::Store(crate::store::StoreError::Behind { .. })) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record the CA's issued-until in the store; retrying at the next issuance")
+                }
             }
             inner.saving.store(false, Ordering::SeqCst);
         });
