@@ -363,6 +363,10 @@ mod tests {
         });
         let status = to_status(&stopped);
         assert_eq!(status.code(), Code::Internal);
-        assert!(from_status(&status).to_string().contains("the issuer failed"));
+        let seen = from_status(&status).to_string();
+        assert!(
+            seen.contains("the issuer failed") && seen.contains("its log writer stopped"),
+            "{seen}"
+        );
     }
 }

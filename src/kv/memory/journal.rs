@@ -42,7 +42,8 @@ pub(super) struct Journal {
 /// writer gets to it, and a caller that gave up (a client's timeout) and tried again adds another.
 /// Without a bound, a hung or slow disk under a busy issuer grows its memory without end; with it,
 /// callers are told the store is behind (a transient error: agents retry later) and nothing more
-/// is held. At the issuer's highest measured write rate the bound is seconds of writes.
+/// is held. A healthy disk never comes near it: the writer takes everything waiting at each
+/// `fdatasync`.
 pub(super) const BEHIND_BYTES: usize = 64 << 20;
 const BEHIND_TRANSACTIONS: usize = 100_000;
 /// A store that stays behind says so at most this often.
