@@ -237,12 +237,16 @@ fn attestors() -> &'static std::sync::mpsc::Sender<Job> {
 
 /// Attests `peer` on the host here and now (blocking).
 fn attest_now(peer: Peer, settings: &AttestSettings) -> Result<Attributes, AttestError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attest::attest(peer, settings))).unwrap_or_else(|_| {
-        Err(AttestError::Proc {
-            pid: peer.pid,
-            reason: "attestation panicked".into(),
-        })
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attest::attest(peer, settings)))
+        .unwrap_or_else(|_| Err(panicked(peer)))
+}
+
+/// An attestation of `peer` that panicked (a bug in tbot), or whose answer was lost with it.
+fn panicked(peer: Peer) -> AttestError {
+    AttestError::Proc {
+        pid: peer.pid,
+        reason: "attestation panicked".into(),
+    }
 }
 
 /// Attests `peer` on the host (its process, its executable, its systemd unit) on the attestation
@@ -256,24 +260,19 @@ async fn attest_host(peer: Peer, settings: &AttestSettings) -> Result<Attributes
         taken: taken.clone(),
         answer,
     };
-    let panicked = || {
-        Err(AttestError::Proc {
-            pid: peer.pid,
-            reason: "attestation panicked".into(),
-        })
-    };
+    let lost = || Err(panicked(peer));
     if attestors().send(job).is_ok() {
         match tokio::time::timeout(ATTESTATION_QUEUED, &mut answered).await {
-            Ok(done) => return done.unwrap_or_else(|_| panicked()),
+            Ok(done) => return done.unwrap_or_else(|_| lost()),
             // A pool thread has it: its answer comes.
-            Err(_) if taken.swap(true, Ordering::AcqRel) => return answered.await.unwrap_or_else(|_| panicked()),
+            Err(_) if taken.swap(true, Ordering::AcqRel) => return answered.await.unwrap_or_else(|_| lost()),
             Err(_) => {}
         }
     }
     let settings = settings.clone();
     tokio::task::spawn_blocking(move || attest_now(peer, &settings))
         .await
-        .unwrap_or_else(|_| panicked())
+        .unwrap_or_else(|_| lost())
 }
 
 /// Accepts unix connections and attests each one (off the accept loop) before tonic sees it.
